@@ -1,0 +1,241 @@
+//! Deterministic tests of the channel state machine: two ends wired back to
+//! back in memory, no sockets, no sleeps.
+
+use super::*;
+use crate::frame::{ConnId, Request, Response};
+
+/// Moves every queued byte from `a` to `b` and back until both are quiet.
+pub(crate) fn pump(a: &mut Channel, b: &mut Channel) {
+    loop {
+        let mut moved = false;
+        if let Some(bytes) = a.poll_transmit() {
+            let _ = b.handle_input(&bytes);
+            moved = true;
+        }
+        if let Some(bytes) = b.poll_transmit() {
+            let _ = a.handle_input(&bytes);
+            moved = true;
+        }
+        if !moved {
+            return;
+        }
+    }
+}
+
+fn events(ch: &mut Channel) -> Vec<Event> {
+    std::iter::from_fn(|| ch.poll_event()).collect()
+}
+
+pub(crate) fn open_pair(window: u32) -> (Channel, Channel) {
+    let mut node = Channel::node(ChannelConfig::new("tok").node("n1", 2).window(window));
+    let mut srv = Channel::io_server(ChannelConfig::new("tok").window(window));
+    pump(&mut node, &mut srv);
+    assert_eq!(
+        events(&mut srv),
+        vec![Event::NodeAuthenticated {
+            node: "n1".into(),
+            weight: 2
+        }]
+    );
+    srv.welcome(7);
+    pump(&mut node, &mut srv);
+    assert_eq!(events(&mut node), vec![Event::Welcome { node_id: 7 }]);
+    (node, srv)
+}
+
+fn closed_reason(evs: &[Event]) -> Option<String> {
+    evs.iter().find_map(|e| match e {
+        Event::Closed { error } => Some(error.to_string()),
+        _ => None,
+    })
+}
+
+#[test]
+fn wrong_token_is_refused_with_a_reason() {
+    let mut node = Channel::node(ChannelConfig::new("wrong").node("n1", 1));
+    let mut srv = Channel::io_server(ChannelConfig::new("right"));
+    pump(&mut node, &mut srv);
+    // The node already rejects the server's proof (mutual auth).
+    let reason = closed_reason(&events(&mut node)).unwrap();
+    assert!(reason.contains("did not prove the token"), "{reason}");
+    assert!(closed_reason(&events(&mut srv)).unwrap().contains("peer closed"));
+    assert!(node.is_closed() && srv.is_closed());
+}
+
+#[test]
+fn a_node_that_forges_the_proof_is_refused() {
+    let mut srv = Channel::io_server(ChannelConfig::new("right"));
+    let mut out = BytesMut::new();
+    codec::encode(
+        &Frame::Hello {
+            min_version: 1,
+            max_version: 1,
+            node: "evil".into(),
+            weight: 1,
+            window: 1024,
+            nonce: [0; NONCE_LEN],
+        },
+        &mut out,
+    );
+    codec::encode(&Frame::Auth { proof: [0; NONCE_LEN] }, &mut out);
+    assert_eq!(srv.handle_input(&out), Err(ChannelError::BadToken));
+    assert!(srv.is_closed());
+    let goaway = srv.poll_transmit().unwrap();
+    assert!(String::from_utf8_lossy(&goaway).contains("did not prove the token"));
+}
+
+#[test]
+fn version_mismatch_closes_with_both_ranges() {
+    let mut cfg = ChannelConfig::new("tok").node("n1", 1);
+    cfg.min_version = 2;
+    cfg.max_version = 3;
+    let mut node = Channel::node(cfg);
+    let mut srv = Channel::io_server(ChannelConfig::new("tok"));
+    pump(&mut node, &mut srv);
+    let reason = closed_reason(&events(&mut srv)).unwrap();
+    assert_eq!(
+        reason,
+        "version mismatch: node speaks 2..=3, io-server speaks 1..=1"
+    );
+    assert!(closed_reason(&events(&mut node)).unwrap().contains("version mismatch"));
+}
+
+#[test]
+fn garbage_and_unknown_tags_close_the_channel_without_panicking() {
+    for garbage in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &[0, 0, 0, 2, 1, 0xee][..],
+        &[0, 0, 0, 3, 9, 0x41, 0][..],
+    ] {
+        let (_node, mut srv) = open_pair(1024);
+        let err = srv.handle_input(garbage).unwrap_err();
+        assert!(srv.is_closed(), "{err}");
+        assert!(closed_reason(&events(&mut srv)).is_some());
+    }
+}
+
+#[test]
+fn requests_and_responses_carry_their_ids() {
+    let (mut node, mut srv) = open_pair(1024);
+    let conn = node.make_connection().unwrap();
+    let addr = "127.0.0.1:80".parse().unwrap();
+    let req = node
+        .request(Request::Connect { conn, addr })
+        .unwrap();
+    pump(&mut node, &mut srv);
+    assert_eq!(
+        events(&mut srv),
+        vec![Event::Request {
+            req,
+            request: Request::Connect { conn, addr }
+        }]
+    );
+    srv.respond(req, Response::Status { errno: 111, addr: None });
+    pump(&mut node, &mut srv);
+    assert_eq!(
+        events(&mut node),
+        vec![Event::Response {
+            req,
+            response: Response::Status { errno: 111, addr: None }
+        }]
+    );
+}
+
+#[test]
+fn a_node_may_not_send_io_server_frames() {
+    let (mut node, mut srv) = open_pair(1024);
+    let mut out = BytesMut::new();
+    codec::encode(&Frame::ConnectionClosed { conn: 1, errno: 0 }, &mut out);
+    assert!(matches!(
+        srv.handle_input(&out),
+        Err(ChannelError::Unexpected { .. })
+    ));
+    pump(&mut node, &mut srv);
+    assert!(node.is_closed());
+}
+
+#[test]
+fn sending_past_the_granted_credit_is_a_protocol_error() {
+    let (_node, mut srv) = open_pair(100);
+    let conn: ConnId = 2;
+    srv.open_connection(conn).unwrap();
+    let mut out = BytesMut::new();
+    codec::encode_data(conn, &[0; 101], &mut out);
+    let err = srv.handle_input(&out).unwrap_err();
+    assert!(matches!(err, ChannelError::Credit { conn: 2, .. }), "{err}");
+}
+
+/// The heart of §2.2: a stopped reader stalls only its own connection.
+#[test]
+fn slow_reader_does_not_stall_other_connections() {
+    let (mut node, mut srv) = open_pair(4096);
+    let a = srv.accept_connection(2, "192.0.2.1:1".parse().unwrap(), "192.0.2.9:80".parse().unwrap()).unwrap();
+    let b = srv.accept_connection(2, "192.0.2.2:1".parse().unwrap(), "192.0.2.9:80".parse().unwrap()).unwrap();
+    pump(&mut node, &mut srv);
+    events(&mut node);
+    let payload = |i: usize| (i % 251) as u8;
+    let total = 1 << 20;
+    let (mut sent_a, mut sent_b) = (0, 0);
+    let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+    // Node reads b always, never a.
+    for _ in 0..10_000 {
+        for (conn, sent) in [(a, &mut sent_a), (b, &mut sent_b)] {
+            let chunk: Vec<u8> = (*sent..(*sent + 1500).min(total)).map(payload).collect();
+            *sent += srv.send_message(conn, &chunk).unwrap();
+        }
+        pump(&mut node, &mut srv);
+        for e in events(&mut node) {
+            if let Event::MessageReceived { conn, data } = e {
+                if conn == b {
+                    got_b.extend_from_slice(&data);
+                    node.consumed(b, data.len());
+                } else {
+                    got_a.extend_from_slice(&data);
+                }
+            }
+        }
+        if sent_b == total {
+            break;
+        }
+    }
+    assert_eq!(sent_b, total, "b kept full throughput");
+    assert_eq!(got_a.len(), 4096, "a stopped at exactly its window");
+    assert_eq!(sent_a, 4096);
+    // The stalled reader resumes: every byte arrives intact, in order.
+    let mut consumed_a = 0;
+    for _ in 0..10_000 {
+        node.consumed(a, got_a.len() - consumed_a);
+        consumed_a = got_a.len();
+        let chunk: Vec<u8> = (sent_a..(sent_a + 1500).min(total)).map(payload).collect();
+        sent_a += srv.send_message(a, &chunk).unwrap();
+        pump(&mut node, &mut srv);
+        for e in events(&mut node) {
+            if let Event::MessageReceived { conn, data } = e {
+                assert_eq!(conn, a);
+                got_a.extend_from_slice(&data);
+            }
+        }
+        if got_a.len() == total {
+            break;
+        }
+    }
+    assert!(got_a.iter().enumerate().all(|(i, &x)| x == payload(i)));
+    assert!(got_b.iter().enumerate().all(|(i, &x)| x == payload(i)));
+    assert_eq!(got_a.len(), total);
+}
+
+#[test]
+fn a_blocked_sender_is_told_buffer_available() {
+    let (mut node, mut srv) = open_pair(1000);
+    let conn = node.make_connection().unwrap();
+    srv.open_connection(conn).unwrap();
+    assert_eq!(node.send_message(conn, &[1; 1500]).unwrap(), 1000);
+    assert_eq!(node.send_message(conn, &[1; 1]).unwrap(), 0);
+    pump(&mut node, &mut srv);
+    events(&mut srv);
+    srv.consumed(conn, 600);
+    pump(&mut node, &mut srv);
+    assert_eq!(events(&mut node), vec![Event::BufferAvailable { conn }]);
+    assert_eq!(node.send_window(conn), 600);
+    assert_eq!(node.stats().credit_stalls, 1);
+}

@@ -1,0 +1,134 @@
+//! The async shell around a [`Channel`]: one reader task and one writer task
+//! per channel, over any [`TransportRead`]/[`TransportWrite`] pair.
+//!
+//! The channel sits behind a mutex in a [`FabricHandle`]; callers make the
+//! Forwarding Protocol calls with [`FabricHandle::with`], which wakes the
+//! writer when bytes are queued. Callbacks arrive on an unbounded event
+//! receiver; its size is bounded by the credits the channel grants.
+
+use crate::channel::{Channel, Event};
+use crate::transport::{TransportRead, TransportWrite};
+use bytes::BytesMut;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+
+/// A node that has not authenticated within this time is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Shared {
+    channel: Mutex<Channel>,
+    wake_writer: Notify,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+/// A cloneable handle to a running channel.
+#[derive(Clone)]
+pub struct FabricHandle {
+    shared: Arc<Shared>,
+}
+
+impl FabricHandle {
+    fn lock(&self) -> MutexGuard<'_, Channel> {
+        // A panic while holding the lock cannot leave the channel half
+        // updated in a way later calls rely on; keep serving.
+        self.shared
+            .channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the channel, delivers the events it raised and flushes
+    /// whatever it queued.
+    pub fn with<T>(&self, f: impl FnOnce(&mut Channel) -> T) -> T {
+        let mut ch = self.lock();
+        let r = f(&mut ch);
+        while let Some(e) = ch.poll_event() {
+            let _ = self.shared.events.send(e);
+        }
+        let wake = ch.pending_transmit() > 0 || ch.is_closed();
+        drop(ch);
+        if wake {
+            self.shared.wake_writer.notify_one();
+        }
+        r
+    }
+}
+
+/// Starts the reader and writer tasks of `channel` on the current tokio
+/// runtime and returns the handle and the event stream.
+pub fn spawn<R: TransportRead, W: TransportWrite>(
+    channel: Channel,
+    reader: R,
+    writer: W,
+) -> (FabricHandle, mpsc::UnboundedReceiver<Event>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let handle = FabricHandle {
+        shared: Arc::new(Shared {
+            channel: Mutex::new(channel),
+            wake_writer: Notify::new(),
+            events: tx,
+        }),
+    };
+    // The node's Hello is already queued.
+    handle.shared.wake_writer.notify_one();
+    tokio::spawn(read_loop(handle.clone(), reader));
+    tokio::spawn(write_loop(handle.clone(), writer));
+    tokio::spawn(handshake_deadline(handle.clone()));
+    (handle, rx)
+}
+
+async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R) {
+    let mut buf = BytesMut::new();
+    loop {
+        let r = reader.read(&mut buf).await;
+        let done = handle.with(|ch| {
+            match r {
+                Ok(0) => ch.transport_closed("the peer closed the fabric connection"),
+                Ok(_) => {
+                    if let Err(e) = ch.handle_input(&buf) {
+                        tracing::warn!(reason = %e, "closing fabric channel");
+                    }
+                }
+                Err(e) => ch.transport_closed(&format!("fabric read failed: {e}")),
+            }
+            buf.clear();
+            ch.is_closed()
+        });
+        if done {
+            return;
+        }
+    }
+}
+
+async fn write_loop<W: TransportWrite>(handle: FabricHandle, mut writer: W) {
+    loop {
+        handle.shared.wake_writer.notified().await;
+        loop {
+            let (bytes, closed) = handle.with(|ch| (ch.poll_transmit(), ch.is_closed()));
+            match bytes {
+                Some(b) => {
+                    if let Err(e) = writer.write(b).await {
+                        tracing::debug!(error = %e, "fabric write failed");
+                        handle.with(|ch| ch.transport_closed(&format!("fabric write failed: {e}")));
+                        return;
+                    }
+                }
+                None if closed => {
+                    let _ = writer.shutdown().await;
+                    return;
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+async fn handshake_deadline(handle: FabricHandle) {
+    tokio::time::sleep(HANDSHAKE_TIMEOUT).await;
+    handle.with(|ch| {
+        if !ch.is_open() && !ch.is_closed() {
+            ch.close("authentication did not complete within 10 s");
+        }
+    });
+}

@@ -1,0 +1,21 @@
+//! `saps-fabric`: the Forwarding Protocol of SAPS (paper §2.1.1) between the
+//! io-server and its application nodes.
+//!
+//! * [`frame`] — one type per row of Figure 3, plus channel frames.
+//! * [`codec`] — the length-prefixed, versioned binary encoding.
+//! * [`credit`] — Appendix A flow control, per connection and direction.
+//! * [`auth`] — token challenge-response.
+//! * [`channel`] — the sans-IO state machine of one node channel.
+//! * [`transport`] — the byte transports under it (unix, tcp, in-memory,
+//!   rdma behind the `rdma` feature) and the async [`driver`].
+
+pub mod auth;
+pub mod channel;
+pub mod codec;
+pub mod credit;
+pub mod driver;
+pub mod frame;
+pub mod transport;
+
+pub use channel::{CallError, Channel, ChannelConfig, ChannelError, ChannelStats, Event, Role};
+pub use frame::{ConnId, Frame, ReqId, Request, Response, ShutdownHow};

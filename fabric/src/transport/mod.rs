@@ -1,0 +1,233 @@
+//! Byte transports under a channel: `unix:`, `tcp://`, in-memory, and
+//! `rdma://` (cargo feature `rdma`).
+//!
+//! A transport carries the channel's bytes in order and reliably; it knows
+//! nothing of frames or connections. The shape is two halves, a
+//! [`TransportRead`] that fills a buffer and a [`TransportWrite`] that takes
+//! whole chunks of frames, so that a message-oriented transport (RDMA with
+//! registered buffers, where a send completion frees a buffer) fits as well as
+//! a byte stream: its `write` waits for a free registered buffer, which is the
+//! transport-level `buffer_available`.
+
+use bytes::{Bytes, BytesMut};
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+
+#[cfg(feature = "rdma")]
+pub mod rdma;
+
+/// The receiving half of a transport.
+pub trait TransportRead: Send + 'static {
+    /// Appends received bytes to `buf`. `Ok(0)` means the peer closed.
+    fn read(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send;
+}
+
+/// The sending half of a transport.
+pub trait TransportWrite: Send + 'static {
+    /// Sends `bytes` (one or more whole frames), in order after earlier writes.
+    fn write(&mut self, bytes: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Closes the sending direction.
+    fn shutdown(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// Any tokio byte stream (unix socket, TCP socket, in-memory duplex).
+pub trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncStream for T {}
+
+/// Reads of a stream transport ask for at least this much room.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// The reading half of a stream transport.
+pub struct StreamReader(ReadHalf<Box<dyn AsyncStream>>);
+/// The writing half of a stream transport.
+pub struct StreamWriter(WriteHalf<Box<dyn AsyncStream>>);
+
+/// Splits a byte stream into transport halves.
+pub fn stream<S: AsyncStream>(s: S) -> (StreamReader, StreamWriter) {
+    let (r, w) = tokio::io::split(Box::new(s) as Box<dyn AsyncStream>);
+    (StreamReader(r), StreamWriter(w))
+}
+
+impl TransportRead for StreamReader {
+    async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        buf.reserve(READ_CHUNK);
+        self.0.read_buf(buf).await
+    }
+}
+
+impl TransportWrite for StreamWriter {
+    async fn write(&mut self, bytes: Bytes) -> io::Result<()> {
+        self.0.write_all(&bytes).await
+    }
+    async fn shutdown(&mut self) -> io::Result<()> {
+        self.0.shutdown().await
+    }
+}
+
+/// An in-memory transport pair (embedded mode and tests).
+pub fn memory_pair() -> ((StreamReader, StreamWriter), (StreamReader, StreamWriter)) {
+    let (a, b) = tokio::io::duplex(READ_CHUNK);
+    (stream(a), stream(b))
+}
+
+/// A fabric address: `unix:/path`, `tcp://host:port` or `rdma://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FabricUrl {
+    Unix(PathBuf),
+    Tcp(String),
+    Rdma(String),
+}
+
+/// A fabric URL that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    #[error("fabric URL `{0}` must start with unix:, tcp:// or rdma://")]
+    Scheme(String),
+    #[error("fabric URL `{0}` needs host:port")]
+    HostPort(String),
+    #[error("fabric URL `{0}` needs a path after unix:")]
+    Path(String),
+}
+
+impl std::str::FromStr for FabricUrl {
+    type Err = UrlError;
+    fn from_str(s: &str) -> Result<Self, UrlError> {
+        let host_port = |rest: &str| {
+            if rest.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) {
+                Ok(rest.to_string())
+            } else {
+                Err(UrlError::HostPort(s.to_string()))
+            }
+        };
+        if let Some(path) = s.strip_prefix("unix:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err(UrlError::Path(s.to_string()));
+            }
+            Ok(FabricUrl::Unix(path.into()))
+        } else if let Some(rest) = s.strip_prefix("tcp://") {
+            host_port(rest).map(FabricUrl::Tcp)
+        } else if let Some(rest) = s.strip_prefix("rdma://") {
+            host_port(rest).map(FabricUrl::Rdma)
+        } else {
+            Err(UrlError::Scheme(s.to_string()))
+        }
+    }
+}
+
+impl std::fmt::Display for FabricUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FabricUrl::Unix(p) => write!(f, "unix:{}", p.display()),
+            FabricUrl::Tcp(a) => write!(f, "tcp://{a}"),
+            FabricUrl::Rdma(a) => write!(f, "rdma://{a}"),
+        }
+    }
+}
+
+/// The error for `rdma://` in a build without the `rdma` feature.
+pub fn rdma_unavailable() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "rdma:// needs a build with `--features rdma` (this binary was built without it)",
+    )
+}
+
+/// Connects a node to an io-server over a stream fabric.
+pub async fn connect_stream(url: &FabricUrl) -> io::Result<(StreamReader, StreamWriter)> {
+    match url {
+        FabricUrl::Unix(path) => Ok(stream(tokio::net::UnixStream::connect(path).await?)),
+        FabricUrl::Tcp(addr) => {
+            let s = tokio::net::TcpStream::connect(addr.as_str()).await?;
+            s.set_nodelay(true)?;
+            Ok(stream(s))
+        }
+        FabricUrl::Rdma(_) => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "rdma:// is not a stream fabric",
+        )),
+    }
+}
+
+/// A listening stream fabric on the io-server.
+pub enum StreamListener {
+    Unix(tokio::net::UnixListener, PathBuf),
+    Tcp(tokio::net::TcpListener),
+}
+
+impl StreamListener {
+    /// Binds `url`. A unix socket is created mode 0600 (only its owner may
+    /// connect); a stale socket file left by a dead io-server is replaced.
+    pub async fn bind(url: &FabricUrl) -> io::Result<Self> {
+        match url {
+            FabricUrl::Unix(path) => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("{} is in use by a running io-server", path.display()),
+                    ));
+                }
+                let _ = std::fs::remove_file(path);
+                let l = tokio::net::UnixListener::bind(path)?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+                Ok(StreamListener::Unix(l, path.clone()))
+            }
+            FabricUrl::Tcp(addr) => Ok(StreamListener::Tcp(
+                tokio::net::TcpListener::bind(addr.as_str()).await?,
+            )),
+            FabricUrl::Rdma(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "rdma:// is not a stream fabric",
+            )),
+        }
+    }
+
+    /// Accepts one node; returns its transport halves and a printable peer.
+    pub async fn accept(&self) -> io::Result<((StreamReader, StreamWriter), String)> {
+        match self {
+            StreamListener::Unix(l, path) => {
+                let (s, _) = l.accept().await?;
+                Ok((stream(s), format!("unix:{}", path.display())))
+            }
+            StreamListener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                s.set_nodelay(true)?;
+                Ok((stream(s), peer.to_string()))
+            }
+        }
+    }
+
+    /// The bound address, as a URL.
+    pub fn local_url(&self) -> io::Result<FabricUrl> {
+        match self {
+            StreamListener::Unix(_, p) => Ok(FabricUrl::Unix(p.clone())),
+            StreamListener::Tcp(l) => Ok(FabricUrl::Tcp(l.local_addr()?.to_string())),
+        }
+    }
+}
+
+impl Drop for StreamListener {
+    fn drop(&mut self) {
+        if let StreamListener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_and_print() {
+        for s in ["unix:/run/saps.sock", "tcp://0.0.0.0:7700", "rdma://10.0.0.1:7701", "tcp://[::1]:7700"] {
+            assert_eq!(s.parse::<FabricUrl>().unwrap().to_string(), s);
+        }
+        for bad in ["http://x:1", "tcp://nohost", "tcp://:80", "unix:", "rdma://h:99999"] {
+            assert!(bad.parse::<FabricUrl>().is_err(), "{bad}");
+        }
+    }
+}
