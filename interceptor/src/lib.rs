@@ -1,0 +1,1 @@
+//! SAPS interceptor (placeholder, being built).

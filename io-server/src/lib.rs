@@ -1,0 +1,1 @@
+//! The SAPS io-server (placeholder, being built).
