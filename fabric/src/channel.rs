@@ -155,7 +155,9 @@ enum State {
     /// io-server: waiting for the node's Hello.
     AwaitHello,
     /// Node: Hello sent with this nonce.
-    AwaitChallenge { nonce: [u8; NONCE_LEN] },
+    AwaitChallenge {
+        nonce: [u8; NONCE_LEN],
+    },
     /// io-server: Challenge sent; waiting for the node's proof.
     AwaitAuth {
         node_nonce: [u8; NONCE_LEN],
@@ -384,7 +386,8 @@ impl Channel {
                 }
                 self.peer_window = u64::from(window);
                 let server_nonce = auth::nonce();
-                let proof = auth::prove(&self.config.token, Prover::IoServer, &nonce, &server_nonce);
+                let proof =
+                    auth::prove(&self.config.token, Prover::IoServer, &nonce, &server_nonce);
                 self.emit(&Frame::Challenge {
                     version,
                     window: self.config.window,
@@ -467,8 +470,7 @@ impl Channel {
                     c.recv
                         .on_received(data.len() as u64)
                         .map_err(|violation| ChannelError::Credit { conn, violation })?;
-                    self.events
-                        .push_back(Event::MessageReceived { conn, data });
+                    self.events.push_back(Event::MessageReceived { conn, data });
                 }
             }
             Frame::Credit { conn, limit } => {

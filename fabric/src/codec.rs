@@ -269,7 +269,10 @@ pub fn decode(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Frame>, Dec
     }
     let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     if len > max_frame {
-        return Err(DecodeError::Oversized { len, max: max_frame });
+        return Err(DecodeError::Oversized {
+            len,
+            max: max_frame,
+        });
     }
     if len < 2 {
         return Err(DecodeError::Runt(len));
@@ -308,7 +311,9 @@ fn decode_body(mut b: Bytes) -> Result<Frame, DecodeError> {
         },
         tag::AUTH => Frame::Auth { proof: r.nonce()? },
         tag::WELCOME => Frame::Welcome { node_id: r.u32()? },
-        tag::GOAWAY => Frame::GoAway { reason: r.string()? },
+        tag::GOAWAY => Frame::GoAway {
+            reason: r.string()?,
+        },
         tag::BIND..=tag::GETOPT => {
             let req = r.u32()?;
             let conn = r.u64()?;
@@ -592,7 +597,10 @@ mod tests {
                 peer: v4,
                 local: v6,
             },
-            Frame::ConnectionClosed { conn: 1, errno: 104 },
+            Frame::ConnectionClosed {
+                conn: 1,
+                errno: 104,
+            },
             Frame::Close { conn: 1 },
             Frame::Data {
                 conn: 1,
@@ -627,7 +635,11 @@ mod tests {
             encode(&f, &mut full);
             for cut in 0..full.len() {
                 let mut part = BytesMut::from(&full[..cut]);
-                assert_eq!(decode(&mut part, DEFAULT_MAX_FRAME), Ok(None), "{f:?} cut {cut}");
+                assert_eq!(
+                    decode(&mut part, DEFAULT_MAX_FRAME),
+                    Ok(None),
+                    "{f:?} cut {cut}"
+                );
                 assert_eq!(part.len(), cut);
             }
             // A frame whose length field lies (body shortened) is malformed.

@@ -117,7 +117,9 @@ impl RecvCredit {
     /// Records `n` octets consumed by the application. Returns the new limit
     /// to report when Appendix A's rule says so.
     pub fn on_consumed(&mut self, n: u64) -> Option<u64> {
-        self.consumed = (self.consumed + n).min(self.received);
+        // Saturating: a caller claiming more than was received (even
+        // `usize::MAX`) is capped at `A_r`, never an overflow.
+        self.consumed = self.consumed.saturating_add(n).min(self.received);
         // A_r + E_r > L_r + B_r/2
         let candidate = self.received + self.free();
         if candidate > self.reported + self.buffer / 2 {
@@ -149,11 +151,24 @@ mod tests {
     fn receiver_reports_after_half_a_buffer_is_consumed() {
         let mut r = RecvCredit::new(100);
         r.on_received(100).unwrap();
-        assert_eq!(r.on_received(1), Err(CreditViolation { received: 101, limit: 100 }));
+        assert_eq!(
+            r.on_received(1),
+            Err(CreditViolation {
+                received: 101,
+                limit: 100
+            })
+        );
         assert_eq!(r.on_consumed(50), None, "50 > 50 is false");
         assert_eq!(r.on_consumed(1), Some(151));
         r.on_received(51).unwrap();
         assert_eq!(r.free(), 0);
-        assert_eq!(r.on_consumed(200), Some(251), "consumption is capped at A_r");
+        assert_eq!(
+            r.on_consumed(200),
+            Some(251),
+            "consumption is capped at A_r"
+        );
+        r.on_received(10).unwrap();
+        assert_eq!(r.on_consumed(u64::MAX), None, "no overflow past A_r");
+        assert_eq!(r.buffered(), 0);
     }
 }

@@ -147,15 +147,27 @@ pub enum Frame {
         proof: [u8; NONCE_LEN],
     },
     /// Node → io-server: the node's proof of the token.
-    Auth { proof: [u8; NONCE_LEN] },
+    Auth {
+        proof: [u8; NONCE_LEN],
+    },
     /// io-server → node: authenticated; the node's id on this io-server.
-    Welcome { node_id: u32 },
+    Welcome {
+        node_id: u32,
+    },
     /// Either side: the channel is closing, and why.
-    GoAway { reason: String },
+    GoAway {
+        reason: String,
+    },
     /// Node → io-server: a Figure 3 request.
-    Request { req: ReqId, request: Request },
+    Request {
+        req: ReqId,
+        request: Request,
+    },
     /// io-server → node: the answer to request `req`.
-    Response { req: ReqId, response: Response },
+    Response {
+        req: ReqId,
+        response: Response,
+    },
     /// io-server → node: a client connection for the listener `listener`.
     ConnectionAccepted {
         listener: ConnId,
@@ -165,20 +177,39 @@ pub enum Frame {
     },
     /// io-server → node: the TCP connection ended (`errno` 0: closed), or
     /// an asynchronous error to report at the next call (§2.3).
-    ConnectionClosed { conn: ConnId, errno: i32 },
+    ConnectionClosed {
+        conn: ConnId,
+        errno: i32,
+    },
     /// Node → io-server: the virtual socket is gone; drop the connection.
-    Close { conn: ConnId },
+    Close {
+        conn: ConnId,
+    },
     /// Stream bytes, within the receiver's credit.
-    Data { conn: ConnId, data: Bytes },
+    Data {
+        conn: ConnId,
+        data: Bytes,
+    },
     /// End of the stream in this direction (after all `Data`).
-    Fin { conn: ConnId },
+    Fin {
+        conn: ConnId,
+    },
     /// Receiver → sender: you may send until `limit` octets in total (`L_r`).
-    Credit { conn: ConnId, limit: u64 },
+    Credit {
+        conn: ConnId,
+        limit: u64,
+    },
     /// Node → io-server: the node's new weight (0 drains).
-    Weight { weight: u32 },
+    Weight {
+        weight: u32,
+    },
     /// Liveness probe and its answer.
-    Ping { token: u64 },
-    Pong { token: u64 },
+    Ping {
+        token: u64,
+    },
+    Pong {
+        token: u64,
+    },
 }
 
 impl Frame {

@@ -8,14 +8,17 @@
 //! * [`channel`] — the sans-IO state machine of one node channel.
 //! * [`transport`] — the byte transports under it (unix, tcp, in-memory,
 //!   rdma behind the `rdma` feature) and the async [`driver`].
+//! * [`endpoint`] — per-connection routing and stream relays over the driver.
 
 pub mod auth;
 pub mod channel;
 pub mod codec;
 pub mod credit;
 pub mod driver;
+pub mod endpoint;
 pub mod frame;
 pub mod transport;
 
 pub use channel::{CallError, Channel, ChannelConfig, ChannelError, ChannelStats, Event, Role};
+pub use endpoint::{Endpoint, EndpointError, EndpointEvent, RelayOutcome};
 pub use frame::{ConnId, Frame, ReqId, Request, Response, ShutdownHow};

@@ -1,1 +1,301 @@
-//! The SAPS io-server (placeholder, being built).
+//! `saps-io-server`: the SAPS io-server, the gateway daemon that owns the
+//! single address (SAPS paper §2, DESIGN.md "The picture").
+//!
+//! Clients connect to one IP address; the io-server runs TCP on the host's
+//! stack and serves any number of application nodes over the fabric, one
+//! channel per node (`node.rs`). Ports that nodes listen on form listener
+//! groups (`group.rs`) whose [`scheduler`] picks a node per client; stream
+//! data is relayed within the Appendix A credits by
+//! [`saps_fabric::Endpoint::relay`]. [`control`] serves `io-server status`
+//! and `io-server weight`.
+//!
+//! Files by concern: [`config`] (flags and TOML), [`allow`]
+//! (`--allow-ports`), `state.rs` (nodes, counters), [`status`] (the
+//! `ipvsadm`-like report), `sys` (the raw socket calls).
+
+pub mod allow;
+pub mod config;
+pub mod control;
+mod group;
+mod node;
+pub mod scheduler;
+mod state;
+pub mod status;
+mod sys;
+
+pub use config::{Config, SchedulerKind, Stack};
+pub use status::Status;
+
+use saps_fabric::transport::{FabricUrl, StreamListener, TransportRead, TransportWrite};
+use state::{NodeId, State};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Notify};
+
+/// Everything that can stop the io-server from starting or a control
+/// command from completing.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config file {path}: {source}")]
+    ConfigRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    ConfigParse { path: PathBuf, message: String },
+    #[error("no token: pass --token-file PATH (a file holding the secret every node must prove)")]
+    NoToken,
+    #[error("cannot read the token file {path}: {source}")]
+    TokenRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the token is empty: put the shared secret in the token file")]
+    EmptyToken,
+    #[error(transparent)]
+    FabricUrl(#[from] saps_fabric::transport::UrlError),
+    #[error("{url}: no RDMA device found (this io-server was built without RDMA support; use unix: or tcp:// instead)")]
+    NoRdma { url: String },
+    #[error("cannot listen for nodes on {url}: {source}")]
+    FabricBind { url: String, source: std::io::Error },
+    #[error("--stack smoltcp is not built in this version; use --stack kernel (the default)")]
+    SmoltcpNotBuilt,
+    #[error("cannot create the control socket {path}: {source}")]
+    ControlBind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot serve metrics on {addr}: {source}")]
+    MetricsBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot reach the io-server's control socket {path}: {source} (is the io-server running, and is this its --control path?)")]
+    ControlConnect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Command(String),
+}
+
+/// State shared by every task of one io-server.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub token: Vec<u8>,
+    state: Mutex<State>,
+    /// Becomes true when a graceful shutdown starts.
+    pub shutdown: watch::Sender<bool>,
+    /// Signalled whenever a relayed connection ends.
+    pub conns_changed: Notify,
+    pub started: Instant,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets a node's weight (0 drains it) and lets queued clients go.
+    pub fn set_weight(self: &Arc<Self>, id: NodeId, weight: u32) -> bool {
+        let keys: Vec<_> = {
+            let mut st = self.lock();
+            let Some(node) = st.nodes.get_mut(&id) else {
+                return false;
+            };
+            node.weight = weight;
+            tracing::info!(node = id, name = %node.name, weight, "weight changed");
+            st.groups.map.keys().copied().collect()
+        };
+        for key in keys {
+            group::drain_queue(self, key);
+        }
+        true
+    }
+
+    /// A node's channel closed: its sockets leave their groups.
+    pub fn remove_node(self: &Arc<Self>, id: NodeId) {
+        let keys: Vec<_> = {
+            let mut st = self.lock();
+            st.nodes.remove(&id);
+            st.groups.unbind(id, None);
+            st.groups.map.keys().copied().collect()
+        };
+        for key in keys {
+            group::drain_queue(self, key);
+        }
+    }
+}
+
+/// A running io-server.
+pub struct IoServer {
+    shared: Arc<Shared>,
+    fabric: Vec<FabricUrl>,
+}
+
+impl IoServer {
+    /// Binds the `--fabric` listeners, the control socket and the metrics
+    /// address, and starts serving on the current tokio runtime.
+    pub async fn start(config: Config) -> Result<IoServer, Error> {
+        if config.stack == Stack::Smoltcp {
+            return Err(Error::SmoltcpNotBuilt);
+        }
+        let token = config.load_token()?;
+        let mut listeners = Vec::new();
+        for url in &config.fabric {
+            let parsed: FabricUrl = url.parse()?;
+            if matches!(parsed, FabricUrl::Rdma(_)) {
+                return Err(Error::NoRdma { url: url.clone() });
+            }
+            let l = StreamListener::bind(&parsed)
+                .await
+                .map_err(|source| Error::FabricBind {
+                    url: url.clone(),
+                    source,
+                })?;
+            listeners.push(l);
+        }
+        let control = match &config.control {
+            Some(path) => Some(control::bind(path)?),
+            None => None,
+        };
+        let metrics = match config.metrics {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::MetricsBind { addr, source })?,
+            ),
+            None => None,
+        };
+        let shared = Arc::new(Shared {
+            config,
+            token,
+            state: Mutex::new(State::default()),
+            shutdown: watch::Sender::new(false),
+            conns_changed: Notify::new(),
+            started: Instant::now(),
+        });
+        let mut fabric = Vec::new();
+        for l in listeners {
+            if let Ok(url) = l.local_url() {
+                tracing::info!(%url, "listening for nodes");
+                fabric.push(url);
+            }
+            tokio::spawn(fabric_loop(shared.clone(), l));
+        }
+        if let Some(l) = control {
+            tokio::spawn(control::serve(shared.clone(), l));
+        }
+        if let Some(l) = metrics {
+            tokio::spawn(status::serve_metrics(shared.clone(), l));
+        }
+        Ok(IoServer { shared, fabric })
+    }
+
+    /// The fabric addresses nodes connect to (ports resolved).
+    pub fn fabric_urls(&self) -> &[FabricUrl] {
+        &self.fabric
+    }
+
+    /// Serves one node over any transport (the embedded mode uses
+    /// `memory_pair()`); returns when its channel closes.
+    pub async fn attach<R: TransportRead, W: TransportWrite>(&self, r: R, w: W) {
+        node::serve(self.shared.clone(), r, w, "embedded".into()).await
+    }
+
+    /// The current `io-server status` report.
+    pub fn status(&self) -> Status {
+        Status::collect(&self.shared)
+    }
+
+    /// Sets the weight of node `name` (0 drains it). False if no such node.
+    pub fn set_weight(&self, name: &str, weight: u32) -> bool {
+        control::set_weight(&self.shared, name, weight)
+    }
+
+    /// Graceful shutdown: stop accepting clients and nodes, let open
+    /// connections finish within `deadline`, then close every node channel.
+    /// Returns how many connections were still open at the deadline.
+    pub async fn shutdown(&self, deadline: Duration) -> usize {
+        self.shared.shutdown.send_replace(true);
+        let (queued, live) = {
+            let mut st = self.shared.lock();
+            let queued: usize = st
+                .groups
+                .map
+                .values_mut()
+                .map(|g| std::mem::take(&mut g.queue).len())
+                .sum();
+            (queued, st.live_connections())
+        };
+        tracing::info!(live, queued, "shutting down: no new connections");
+        let end = tokio::time::Instant::now() + deadline;
+        let cut = loop {
+            let changed = self.shared.conns_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let live = self.shared.lock().live_connections();
+            if live == 0 {
+                break 0;
+            }
+            if tokio::time::timeout_at(end, changed).await.is_err() {
+                break live;
+            }
+        };
+        let nodes: Vec<_> = self
+            .shared
+            .lock()
+            .nodes
+            .values()
+            .map(|n| n.ep.clone())
+            .collect();
+        for ep in nodes {
+            ep.handle()
+                .with(|ch| ch.close("the io-server is shutting down"));
+        }
+        tracing::info!(cut, "shutdown complete");
+        cut
+    }
+}
+
+/// Accepts nodes on one fabric listener until shutdown.
+async fn fabric_loop(shared: Arc<Shared>, listener: StreamListener) {
+    accept_until_shutdown(
+        &shared,
+        "fabric",
+        || listener.accept(),
+        |((r, w), peer)| {
+            tokio::spawn(node::serve(shared.clone(), r, w, peer));
+        },
+    )
+    .await
+}
+
+/// Runs `accept` until shutdown starts, handing each success to `each`.
+/// Failures (EMFILE and friends) are logged and retried after a pause
+/// rather than in a busy loop.
+pub(crate) async fn accept_until_shutdown<T, F, Fut>(
+    shared: &Shared,
+    what: &str,
+    mut accept: F,
+    mut each: impl FnMut(T),
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<T>>,
+{
+    let mut stop = shared.shutdown.subscribe();
+    loop {
+        let r = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            r = accept() => r,
+        };
+        match r {
+            Ok(v) => each(v),
+            Err(e) => {
+                tracing::warn!(what, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

@@ -1,1 +1,192 @@
-fn main() {}
+//! `saps-run -- PROGRAM [ARGS]...`: runs an unmodified program whose TCP
+//! sockets are virtual sockets served by a SAPS io-server (DESIGN.md,
+//! "Virtual TCP sockets").
+//!
+//! With `--io-server URL` the node joins a remote io-server over the fabric;
+//! without it an io-server runs in-process on the host's own stack, joined
+//! over the in-memory transport. The supervisor serves every process of the
+//! program's tree; saps-run exits with the program's status and forwards
+//! the signals it receives to it.
+
+mod cli;
+mod trace;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use cli::Args;
+use saps_fabric::endpoint::{Endpoint, EndpointEvent};
+use saps_fabric::transport::{self, FabricUrl, StreamReader, StreamWriter};
+use saps_fabric::{Channel, ChannelConfig};
+use saps_interceptor::launch::Target;
+use saps_interceptor::supervisor::{Supervisor, SupervisorConfig};
+use std::os::fd::AsFd;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long to wait for the io-server to welcome the node.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging();
+    match run(args) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("saps-run: {e:#}");
+            ExitCode::from(125)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(args: Args) -> Result<u8> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("saps-run")
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let (endpoint, events, _server) = rt.block_on(join(&args))?;
+    let tracer = cli::tracer(&args)?;
+    let (target, notifier) = match Target::spawn(args.program.as_os_str(), &args.args) {
+        Ok(t) => t,
+        Err(e @ saps_interceptor::Error::Exec { .. }) => {
+            // Like a shell: 127 for a program that cannot be run.
+            eprintln!("saps-run: {e}");
+            return Ok(127);
+        }
+        Err(e) => return Err(e).context("starting the program"),
+    };
+    let target = Arc::new(target);
+    let supervisor = Supervisor::new(
+        notifier,
+        endpoint,
+        rt.handle().clone(),
+        SupervisorConfig {
+            loopback: args.loopback.into(),
+            tracer: tracer.clone().map(|t| t as _),
+        },
+    );
+    rt.spawn(supervisor.clone().serve_events(events));
+    forward_signals(&rt, &target);
+    supervisor.run(target.as_fd());
+    let status = target.wait().context("waiting for the program")?;
+    if let Some(t) = tracer {
+        t.finish();
+    }
+    rt.shutdown_timeout(Duration::from_millis(200));
+    Ok(status.exit_code().clamp(0, 255) as u8)
+}
+
+/// Joins the io-server (remote, or an embedded one started here) and waits
+/// for its Welcome.
+async fn join(
+    args: &Args,
+) -> Result<(
+    Endpoint,
+    tokio::sync::mpsc::UnboundedReceiver<EndpointEvent>,
+    Option<Arc<saps_io_server::IoServer>>,
+)> {
+    let (token, (r, w), server) = match &args.io_server {
+        Some(url) => {
+            let token = read_token(args)?;
+            (token, connect(url).await?, None)
+        }
+        None => {
+            let token = random_token();
+            let config = args.embedded_config(&token)?;
+            let server = Arc::new(
+                saps_io_server::IoServer::start(config)
+                    .await
+                    .context("starting the embedded io-server")?,
+            );
+            let (node_end, server_end) = transport::memory_pair();
+            let s = server.clone();
+            tokio::spawn(async move { s.attach(server_end.0, server_end.1).await });
+            (token.into_bytes(), node_end, Some(server))
+        }
+    };
+    let channel = Channel::node(ChannelConfig::new(token).node(args.node_name(), args.weight));
+    let (endpoint, mut events) = Endpoint::spawn(channel, r, w);
+    let welcome = tokio::time::timeout(JOIN_TIMEOUT, async {
+        while let Some(ev) = events.recv().await {
+            match ev {
+                EndpointEvent::Welcome { node_id } => return Ok(node_id),
+                EndpointEvent::Closed { error } => {
+                    bail!("the io-server refused this node: {error}")
+                }
+                _ => {}
+            }
+        }
+        bail!("the io-server closed the fabric connection")
+    })
+    .await
+    .map_err(|_| anyhow!("the io-server did not answer within {JOIN_TIMEOUT:?}"))??;
+    tracing::info!(node_id = welcome, "joined the io-server");
+    Ok((endpoint, events, server))
+}
+
+async fn connect(url: &str) -> Result<(StreamReader, StreamWriter)> {
+    let url: FabricUrl = url.parse().with_context(|| format!("--io-server {url}"))?;
+    transport::connect_stream(&url)
+        .await
+        .with_context(|| format!("connecting to the io-server at {url}"))
+}
+
+fn read_token(args: &Args) -> Result<Vec<u8>> {
+    let path = args
+        .token_file
+        .as_ref()
+        .ok_or_else(|| anyhow!("--io-server needs --token-file (the fabric's shared token)"))?;
+    let t = std::fs::read(path)
+        .with_context(|| format!("reading the token file {}", path.display()))?;
+    let t = t.trim_ascii().to_vec();
+    if t.is_empty() {
+        bail!("the token file {} is empty", path.display());
+    }
+    Ok(t)
+}
+
+/// The embedded io-server and its node share a token no one else knows.
+fn random_token() -> String {
+    let mut t = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut t);
+    }
+    t.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Signals sent to saps-run reach the program.
+fn forward_signals(rt: &tokio::runtime::Runtime, target: &Arc<Target>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    for sig in [
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGWINCH,
+    ] {
+        let target = target.clone();
+        let _g = rt.enter();
+        let Ok(mut stream) = signal(SignalKind::from_raw(sig)) else {
+            continue;
+        };
+        rt.spawn(async move {
+            while stream.recv().await.is_some() {
+                let _ = target.signal(sig);
+            }
+        });
+    }
+}

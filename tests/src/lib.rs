@@ -1,1 +1,248 @@
-//! Helpers shared by the end-to-end tests.
+//! Helpers shared by the end-to-end tests: the built binaries, child
+//! processes that die with the test, polling with a deadline, and network
+//! namespaces the tests make themselves (so a client's address is not
+//! loopback).
+
+use std::io::Read;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The workspace's target directory.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+    }
+}
+
+/// A binary of the workspace (`saps-run`, `io-server`), built once per
+/// test process in the debug profile.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "saps-run", "-p", "saps-io-server"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building saps-run and io-server failed");
+    });
+    target_dir().join("debug").join(name)
+}
+
+/// Whether a program is installed; tests needing it print why they skip.
+pub fn have(program: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        eprintln!("SKIPPED: `{program}` is not installed (bash .ci/run installs it)");
+    }
+    found
+}
+
+/// A port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral port")
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// A child process killed (with its process group) when dropped, whose
+/// output is collected in files so it never blocks on a full pipe.
+pub struct Proc {
+    child: Option<Child>,
+    out: tempfile::NamedTempFile,
+    err: tempfile::NamedTempFile,
+}
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Proc {
+        use std::os::unix::process::CommandExt;
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let err = tempfile::NamedTempFile::new().unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.reopen().unwrap())
+            .stderr(err.reopen().unwrap())
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        Proc {
+            child: Some(child),
+            out,
+            err,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    pub fn stdout(&self) -> String {
+        read_all(self.out.path())
+    }
+
+    pub fn stderr(&self) -> String {
+        read_all(self.err.path())
+    }
+
+    /// Sends `sig` to the process (not its group).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) with a pid we spawned and a valid signal number.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Waits for exit within `timeout`; the exit code, or 128 + signal.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let status = wait_for(timeout, || child.try_wait().ok().flatten())?;
+        self.child = None;
+        use std::os::unix::process::ExitStatusExt;
+        Some(
+            status
+                .code()
+                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+        )
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on the process group we created.
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+}
+
+fn read_all(p: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(p) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}
+
+/// Runs a command to completion, capturing its output.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+}
+
+/// `curl` with a bounded time; returns (exit code, stdout, stderr).
+pub fn curl(args: &[&str]) -> (i32, String, String) {
+    let o = run(Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args));
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Polls until `url` answers with HTTP 200.
+pub fn wait_http(url: &str, timeout: Duration) -> bool {
+    wait_for(timeout, || {
+        let (code, out, _) = curl(&["-o", "/dev/null", "-w", "%{http_code}", url]);
+        (code == 0 && out == "200").then_some(())
+    })
+    .is_some()
+}
+
+/// A network namespace joined to the host by a veth pair: the host end is
+/// `host_ip`, the namespace end `ns_ip`. Removed when dropped.
+pub struct Netns {
+    pub name: String,
+    pub host_ip: Ipv4Addr,
+    pub ns_ip: Ipv4Addr,
+    veth: String,
+}
+
+impl Netns {
+    /// Makes one, or `None` (with a printed reason) where namespaces are
+    /// not available.
+    pub fn new() -> Option<Netns> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let (hi, lo) = ((200 + n % 50) as u8, (std::process::id() % 250) as u8);
+        let name = format!("saps-t{}-{n}", std::process::id());
+        let veth = format!("sv{}x{n}", std::process::id() % 100000);
+        let host_ip = Ipv4Addr::new(10, hi, lo, 1);
+        let ns_ip = Ipv4Addr::new(10, hi, lo, 2);
+        let ns = Netns {
+            name: name.clone(),
+            host_ip,
+            ns_ip,
+            veth: veth.clone(),
+        };
+        let steps = [
+            format!("ip netns add {name}"),
+            format!("ip link add {veth} type veth peer name {veth}p"),
+            format!("ip link set {veth}p netns {name}"),
+            format!("ip addr add {host_ip}/30 dev {veth}"),
+            format!("ip link set {veth} up"),
+            format!("ip -n {name} addr add {ns_ip}/30 dev {veth}p"),
+            format!("ip -n {name} link set {veth}p up"),
+            format!("ip -n {name} link set lo up"),
+        ];
+        for s in &steps {
+            let o = run(Command::new("sh").args(["-c", s]));
+            if !o.status.success() {
+                eprintln!(
+                    "SKIPPED: cannot make a network namespace ({s}: {})",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                return None;
+            }
+        }
+        Some(ns)
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run(Command::new("ip").args(["link", "del", &self.veth]));
+        let _ = run(Command::new("ip").args(["netns", "del", &self.name]));
+    }
+}

@@ -58,7 +58,9 @@ fn wrong_token_is_refused_with_a_reason() {
     // The node already rejects the server's proof (mutual auth).
     let reason = closed_reason(&events(&mut node)).unwrap();
     assert!(reason.contains("did not prove the token"), "{reason}");
-    assert!(closed_reason(&events(&mut srv)).unwrap().contains("peer closed"));
+    assert!(closed_reason(&events(&mut srv))
+        .unwrap()
+        .contains("peer closed"));
     assert!(node.is_closed() && srv.is_closed());
 }
 
@@ -77,7 +79,12 @@ fn a_node_that_forges_the_proof_is_refused() {
         },
         &mut out,
     );
-    codec::encode(&Frame::Auth { proof: [0; NONCE_LEN] }, &mut out);
+    codec::encode(
+        &Frame::Auth {
+            proof: [0; NONCE_LEN],
+        },
+        &mut out,
+    );
     assert_eq!(srv.handle_input(&out), Err(ChannelError::BadToken));
     assert!(srv.is_closed());
     let goaway = srv.poll_transmit().unwrap();
@@ -97,7 +104,9 @@ fn version_mismatch_closes_with_both_ranges() {
         reason,
         "version mismatch: node speaks 2..=3, io-server speaks 1..=1"
     );
-    assert!(closed_reason(&events(&mut node)).unwrap().contains("version mismatch"));
+    assert!(closed_reason(&events(&mut node))
+        .unwrap()
+        .contains("version mismatch"));
 }
 
 #[test]
@@ -119,9 +128,7 @@ fn requests_and_responses_carry_their_ids() {
     let (mut node, mut srv) = open_pair(1024);
     let conn = node.make_connection().unwrap();
     let addr = "127.0.0.1:80".parse().unwrap();
-    let req = node
-        .request(Request::Connect { conn, addr })
-        .unwrap();
+    let req = node.request(Request::Connect { conn, addr }).unwrap();
     pump(&mut node, &mut srv);
     assert_eq!(
         events(&mut srv),
@@ -130,13 +137,22 @@ fn requests_and_responses_carry_their_ids() {
             request: Request::Connect { conn, addr }
         }]
     );
-    srv.respond(req, Response::Status { errno: 111, addr: None });
+    srv.respond(
+        req,
+        Response::Status {
+            errno: 111,
+            addr: None,
+        },
+    );
     pump(&mut node, &mut srv);
     assert_eq!(
         events(&mut node),
         vec![Event::Response {
             req,
-            response: Response::Status { errno: 111, addr: None }
+            response: Response::Status {
+                errno: 111,
+                addr: None
+            }
         }]
     );
 }
@@ -169,8 +185,20 @@ fn sending_past_the_granted_credit_is_a_protocol_error() {
 #[test]
 fn slow_reader_does_not_stall_other_connections() {
     let (mut node, mut srv) = open_pair(4096);
-    let a = srv.accept_connection(2, "192.0.2.1:1".parse().unwrap(), "192.0.2.9:80".parse().unwrap()).unwrap();
-    let b = srv.accept_connection(2, "192.0.2.2:1".parse().unwrap(), "192.0.2.9:80".parse().unwrap()).unwrap();
+    let a = srv
+        .accept_connection(
+            2,
+            "192.0.2.1:1".parse().unwrap(),
+            "192.0.2.9:80".parse().unwrap(),
+        )
+        .unwrap();
+    let b = srv
+        .accept_connection(
+            2,
+            "192.0.2.2:1".parse().unwrap(),
+            "192.0.2.9:80".parse().unwrap(),
+        )
+        .unwrap();
     pump(&mut node, &mut srv);
     events(&mut node);
     let payload = |i: usize| (i % 251) as u8;

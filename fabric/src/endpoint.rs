@@ -1,0 +1,940 @@
+//! The async endpoint over [`driver::spawn`]: routes a channel's callbacks
+//! per SAPS connection and relays byte streams within the Appendix A credits.
+//!
+//! Both ends use it: the io-server relays client TCP sockets, the node's
+//! supervisor relays the application's socket pairs. One router task takes
+//! the channel's events in order and hands each connection's
+//! `message_received`/`Fin`/`connection_closed`/`buffer_available` (§2.1.1)
+//! to that connection's [`Endpoint::relay`], so a connection whose stream
+//! stops reading waits on its own credit and never stalls another (§2.2).
+//! Everything else (authentication, Figure 3 requests and responses, accepted
+//! connections) comes out as an [`EndpointEvent`] or answers
+//! [`Endpoint::request`].
+
+use crate::channel::MAX_DATA;
+use crate::channel::{CallError, Channel, ChannelError, Event};
+use crate::driver::{self, FabricHandle};
+use crate::frame::{ConnId, ReqId, Request, Response};
+use crate::transport::{TransportRead, TransportWrite};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tracing::Instrument;
+
+/// Linux errno values the relay reports (the fabric carries Linux errnos).
+pub mod errno {
+    pub const EIO: i32 = 5;
+    pub const EPIPE: i32 = 32;
+    pub const ECONNABORTED: i32 = 103;
+    pub const ECONNRESET: i32 = 104;
+    pub const ENOTCONN: i32 = 107;
+    pub const ETIMEDOUT: i32 = 110;
+    pub const ECONNREFUSED: i32 = 111;
+}
+
+/// The errno to report for a local I/O error.
+pub fn io_errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(match e.kind() {
+        io::ErrorKind::BrokenPipe => errno::EPIPE,
+        io::ErrorKind::ConnectionReset => errno::ECONNRESET,
+        io::ErrorKind::ConnectionAborted => errno::ECONNABORTED,
+        io::ErrorKind::NotConnected => errno::ENOTCONN,
+        io::ErrorKind::TimedOut => errno::ETIMEDOUT,
+        io::ErrorKind::ConnectionRefused => errno::ECONNREFUSED,
+        _ => errno::EIO,
+    })
+}
+
+/// What the owner of an [`Endpoint`] hears about; per-connection stream
+/// events go to that connection's relay instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointEvent {
+    /// io-server side: the node proved the token.
+    NodeAuthenticated { node: String, weight: u32 },
+    /// Node side: the io-server welcomed us.
+    Welcome { node_id: u32 },
+    /// io-server side: a Figure 3 request; answer with [`Endpoint::respond`].
+    Request { req: ReqId, request: Request },
+    /// Node side: a client connection for one of our listeners. Its data is
+    /// held until [`Endpoint::relay`] attaches to `conn`.
+    ConnectionAccepted {
+        listener: ConnId,
+        conn: ConnId,
+        peer: SocketAddr,
+        local: SocketAddr,
+    },
+    /// The peer closed (or reported an error on) a connection with no relay
+    /// attached, e.g. a listener or a bound socket.
+    ConnectionClosed { conn: ConnId, errno: i32 },
+    /// io-server side: the node announced a new weight.
+    WeightChanged { weight: u32 },
+    /// The channel closed; the endpoint is finished.
+    Closed { error: ChannelError },
+}
+
+/// Errors of [`Endpoint::request`].
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("the fabric channel closed: {0}")]
+    Closed(String),
+    #[error(transparent)]
+    Call(#[from] CallError),
+}
+
+/// How a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayOutcome {
+    /// Octets read from the stream and sent on the connection.
+    pub bytes_in: u64,
+    /// Octets received on the connection and written to the stream.
+    pub bytes_out: u64,
+    /// 0: both directions finished cleanly; else the peer's or the local errno.
+    pub errno: i32,
+}
+
+/// A stream event of one connection.
+#[derive(Debug)]
+enum ConnEvent {
+    Data(Bytes),
+    Fin,
+    Credit,
+    Closed(i32),
+}
+
+/// The router's side of an attached relay.
+struct Attached {
+    inbound: mpsc::UnboundedSender<ConnEvent>,
+    credit: Arc<Notify>,
+    /// Fired on an abortive close so a relay blocked on its stream ends at once.
+    abort: Option<oneshot::Sender<i32>>,
+}
+
+impl Attached {
+    fn deliver(&mut self, ev: ConnEvent) {
+        match ev {
+            ConnEvent::Credit => self.credit.notify_one(),
+            ConnEvent::Closed(e) if e != 0 => {
+                if let Some(abort) = self.abort.take() {
+                    let _ = abort.send(e);
+                }
+            }
+            ev => {
+                let _ = self.inbound.send(ev);
+            }
+        }
+    }
+}
+
+/// Counters of one relayed connection.
+#[derive(Debug, Default)]
+struct Counters {
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    /// The peer's `B_r` for this connection (the send window before any send).
+    peer_window: u64,
+}
+
+enum Route {
+    /// Known connection without a relay yet: events wait here (bounded by
+    /// the credit we granted).
+    Held(Vec<ConnEvent>),
+    Relayed(Attached, Arc<Counters>),
+}
+
+#[derive(Default)]
+struct Router {
+    pending: HashMap<ReqId, oneshot::Sender<Response>>,
+    conns: HashMap<ConnId, Route>,
+    closed: Option<String>,
+}
+
+impl Router {
+    fn expect(&mut self, conn: ConnId) {
+        self.conns.entry(conn).or_insert(Route::Held(Vec::new()));
+    }
+
+    /// Routes a stream event; returns false when no relay is attached.
+    fn deliver(&mut self, conn: ConnId, ev: ConnEvent) -> bool {
+        match self.conns.get_mut(&conn) {
+            Some(Route::Relayed(a, _)) => {
+                a.deliver(ev);
+                true
+            }
+            Some(Route::Held(q)) => {
+                if !matches!(ev, ConnEvent::Credit) {
+                    q.push(ev);
+                }
+                false
+            }
+            // Late events for a connection already finished.
+            None => false,
+        }
+    }
+}
+
+struct Inner {
+    handle: FabricHandle,
+    router: Mutex<Router>,
+}
+
+/// A running channel with per-connection routing. Cheap to clone.
+#[derive(Clone)]
+pub struct Endpoint {
+    inner: Arc<Inner>,
+}
+
+impl Endpoint {
+    /// Starts the channel's driver and the router on the current runtime.
+    pub fn spawn<R: TransportRead, W: TransportWrite>(
+        channel: Channel,
+        r: R,
+        w: W,
+    ) -> (Endpoint, mpsc::UnboundedReceiver<EndpointEvent>) {
+        let (handle, events) = driver::spawn(channel, r, w);
+        let ep = Endpoint {
+            inner: Arc::new(Inner {
+                handle,
+                router: Mutex::new(Router::default()),
+            }),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(route(ep.clone(), events, tx));
+        (ep, rx)
+    }
+
+    fn router(&self) -> MutexGuard<'_, Router> {
+        self.inner.router.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn handle(&self) -> &FabricHandle {
+        &self.inner.handle
+    }
+
+    /// Node: sends a Figure 3 request and waits for its Response.
+    pub async fn request(&self, request: Request) -> Result<Response, EndpointError> {
+        let rx = {
+            // The router lock is held across the send so the response cannot
+            // be routed before its waiter is registered.
+            let mut router = self.router();
+            if let Some(reason) = &router.closed {
+                return Err(EndpointError::Closed(reason.clone()));
+            }
+            let req = self.inner.handle.with(|ch| ch.request(request))?;
+            let (tx, rx) = oneshot::channel();
+            router.pending.insert(req, tx);
+            rx
+        };
+        rx.await.map_err(|_| {
+            let reason = self.router().closed.clone();
+            EndpointError::Closed(reason.unwrap_or_else(|| "no response".into()))
+        })
+    }
+
+    /// io-server: answers request `req`.
+    pub fn respond(&self, req: ReqId, response: Response) {
+        self.inner.handle.with(|ch| ch.respond(req, response));
+    }
+
+    /// `make_connection`: a new connection whose events are held for a relay.
+    pub fn make_connection(&self) -> Result<ConnId, CallError> {
+        let mut router = self.router();
+        let conn = self.inner.handle.with(|ch| ch.make_connection())?;
+        router.expect(conn);
+        Ok(conn)
+    }
+
+    /// io-server: registers the node's connection `conn` after a successful Connect.
+    pub fn open_connection(&self, conn: ConnId) -> Result<(), CallError> {
+        let mut router = self.router();
+        self.inner.handle.with(|ch| ch.open_connection(conn))?;
+        router.expect(conn);
+        Ok(())
+    }
+
+    /// io-server: announces a client connection to the node's `listener`.
+    pub fn accept_connection(
+        &self,
+        listener: ConnId,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<ConnId, CallError> {
+        let mut router = self.router();
+        let conn = self
+            .inner
+            .handle
+            .with(|ch| ch.accept_connection(listener, peer, local))?;
+        router.expect(conn);
+        Ok(conn)
+    }
+
+    /// `close_connection`; also forgets events held for `conn`.
+    pub fn close_connection(&self, conn: ConnId, errno: i32) {
+        let mut router = self.router();
+        router.conns.remove(&conn);
+        self.inner
+            .handle
+            .with(|ch| ch.close_connection(conn, errno));
+    }
+
+    /// io-server: reports an asynchronous error on `conn` (§2.3).
+    pub fn report_error(&self, conn: ConnId, errno: i32) {
+        self.inner.handle.with(|ch| ch.report_error(conn, errno));
+    }
+
+    /// Octets sent on `conn` that the peer has not yet acknowledged as
+    /// consumed (`A_s` minus the consumption implied by the last credit,
+    /// `L_s - B_r`). Appendix A reports credit after half a buffer, so this
+    /// over-counts by less than `B_r / 2`. 0 for a connection not relayed.
+    pub fn pending_bytes(&self, conn: ConnId) -> u64 {
+        let window = match self.router().conns.get(&conn) {
+            Some(Route::Relayed(_, c)) => c.peer_window,
+            _ => return 0,
+        };
+        let available = self.inner.handle.with(|ch| ch.send_window(conn)) as u64;
+        window.saturating_sub(available)
+    }
+
+    /// Octets relayed on `conn` so far: (read from the stream, written to it).
+    pub fn relayed_bytes(&self, conn: ConnId) -> (u64, u64) {
+        match self.router().conns.get(&conn) {
+            Some(Route::Relayed(_, c)) => (
+                c.bytes_in.load(Ordering::Relaxed),
+                c.bytes_out.load(Ordering::Relaxed),
+            ),
+            _ => (0, 0),
+        }
+    }
+
+    /// Copies `stream` <-> `conn` until both directions are finished, the
+    /// peer closes the connection, or the stream fails; then closes `conn`.
+    ///
+    /// Reads from `stream` only within the send window (`L_s - A_s`), writes
+    /// received data fully before crediting it with `consumed`, turns the
+    /// peer's Fin into `shutdown` of the stream and the stream's EOF into
+    /// `send_fin`.
+    pub async fn relay<S>(&self, conn: ConnId, stream: S) -> RelayOutcome
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        self.relay_with(conn, stream, |_| {}).await
+    }
+
+    /// [`Endpoint::relay`] for a TCP socket: when the peer resets the
+    /// connection the socket is closed with `SO_LINGER` 0, so the client
+    /// sees RST rather than FIN.
+    pub async fn relay_tcp(&self, conn: ConnId, stream: tokio::net::TcpStream) -> RelayOutcome {
+        self.relay_with(conn, stream, |s| {
+            if let Err(e) = s.set_zero_linger() {
+                tracing::debug!(error = %e, "SO_LINGER 0 failed");
+            }
+        })
+        .await
+    }
+
+    async fn relay_with<S, F>(&self, conn: ConnId, stream: S, abortive: F) -> RelayOutcome
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+        F: FnOnce(&S),
+    {
+        let span = tracing::debug_span!("relay", conn);
+        let Some((inbound, credit, abort, counters)) = self.attach(conn) else {
+            return RelayOutcome {
+                bytes_in: 0,
+                bytes_out: 0,
+                errno: errno::ENOTCONN,
+            };
+        };
+        let (rd, wr) = tokio::io::split(stream);
+        let (end, rd, wr) = Pump {
+            ep: self,
+            conn,
+            counters: &counters,
+        }
+        .run(rd, wr, inbound, &credit, abort)
+        .instrument(span)
+        .await;
+        let stream = rd.unsplit(wr);
+        let errno = match end {
+            End::Done => 0,
+            End::Peer(e) | End::Local(e) => e,
+        };
+        if matches!(end, End::Peer(e) if e != 0) {
+            abortive(&stream);
+        }
+        drop(stream);
+        self.close_connection(conn, errno);
+        tracing::debug!(conn, errno, "relay finished");
+        RelayOutcome {
+            bytes_in: counters.bytes_in.load(Ordering::Relaxed),
+            bytes_out: counters.bytes_out.load(Ordering::Relaxed),
+            errno,
+        }
+    }
+
+    /// Attaches a relay to `conn`, replaying the events held for it.
+    #[allow(clippy::type_complexity)]
+    fn attach(
+        &self,
+        conn: ConnId,
+    ) -> Option<(
+        mpsc::UnboundedReceiver<ConnEvent>,
+        Arc<Notify>,
+        oneshot::Receiver<i32>,
+        Arc<Counters>,
+    )> {
+        let mut router = self.router();
+        let (known, peer_window) = self
+            .inner
+            .handle
+            .with(|ch| (ch.has_connection(conn), ch.send_window(conn) as u64));
+        let held = match router.conns.remove(&conn) {
+            Some(Route::Held(q)) => q,
+            Some(relayed @ Route::Relayed(..)) => {
+                router.conns.insert(conn, relayed);
+                tracing::warn!(conn, "a relay is already attached to this connection");
+                return None;
+            }
+            None if known => Vec::new(),
+            None => return None,
+        };
+        if router.closed.is_some() || (!known && held.is_empty()) {
+            return None;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (abort_tx, abort_rx) = oneshot::channel();
+        let credit = Arc::new(Notify::new());
+        let counters = Arc::new(Counters {
+            peer_window,
+            ..Counters::default()
+        });
+        let mut attached = Attached {
+            inbound: tx,
+            credit: credit.clone(),
+            abort: Some(abort_tx),
+        };
+        for ev in held {
+            attached.deliver(ev);
+        }
+        router
+            .conns
+            .insert(conn, Route::Relayed(attached, counters.clone()));
+        Some((rx, credit, abort_rx, counters))
+    }
+}
+
+/// Why a relay stopped.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    Done,
+    Peer(i32),
+    Local(i32),
+}
+
+/// How the peer-to-stream direction stopped.
+enum DownEnd {
+    /// Fin written through and the other direction already done.
+    Finished,
+    Closed(i32),
+}
+
+/// One relay's two directions.
+struct Pump<'a> {
+    ep: &'a Endpoint,
+    conn: ConnId,
+    counters: &'a Counters,
+}
+
+impl Pump<'_> {
+    async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &self,
+        mut rd: tokio::io::ReadHalf<S>,
+        mut wr: tokio::io::WriteHalf<S>,
+        mut inbound: mpsc::UnboundedReceiver<ConnEvent>,
+        credit: &Notify,
+        mut abort: oneshot::Receiver<i32>,
+    ) -> (End, tokio::io::ReadHalf<S>, tokio::io::WriteHalf<S>) {
+        let up_done = AtomicBool::new(false);
+        let fin_seen = AtomicBool::new(false);
+        let end = {
+            let up = self.upstream(&mut rd, credit);
+            let down = self.downstream(&mut wr, &mut inbound, &up_done, &fin_seen);
+            tokio::pin!(up, down);
+            let mut abort_live = true;
+            loop {
+                tokio::select! {
+                    r = &mut up, if !up_done.load(Ordering::Relaxed) => match r {
+                        Ok(()) => {
+                            up_done.store(true, Ordering::Relaxed);
+                            if fin_seen.load(Ordering::Relaxed) {
+                                break End::Done;
+                            }
+                        }
+                        Err(e) => break End::Local(io_errno(&e)),
+                    },
+                    r = &mut down => break match r {
+                        Ok(DownEnd::Finished) => End::Done,
+                        Ok(DownEnd::Closed(e)) => End::Peer(e),
+                        Err(e) => End::Local(io_errno(&e)),
+                    },
+                    r = &mut abort, if abort_live => {
+                        abort_live = false;
+                        if let Ok(e) = r {
+                            break End::Peer(e);
+                        }
+                    }
+                }
+            }
+        };
+        (end, rd, wr)
+    }
+
+    /// Stream -> connection, never past the peer's credit.
+    async fn upstream<R: AsyncRead + Unpin>(&self, rd: &mut R, credit: &Notify) -> io::Result<()> {
+        let handle = self.ep.handle();
+        let conn = self.conn;
+        let mut buf = vec![0u8; MAX_DATA];
+        loop {
+            let window = loop {
+                let (window, known) =
+                    handle.with(|ch| (ch.send_window(conn), ch.has_connection(conn)));
+                if !known {
+                    // The peer dropped the connection (or the channel
+                    // closed): that news is on its way to the other
+                    // direction, which ends the relay.
+                    std::future::pending::<()>().await;
+                }
+                if window > 0 {
+                    break window;
+                }
+                credit.notified().await;
+            };
+            let n = rd.read(&mut buf[..window.min(MAX_DATA)]).await?;
+            if n == 0 {
+                let _ = handle.with(|ch| ch.send_fin(conn));
+                return Ok(());
+            }
+            // Only this task sends on `conn`, so the window still holds.
+            if handle.with(|ch| ch.send_message(conn, &buf[..n])).is_err() {
+                std::future::pending::<()>().await;
+            }
+            self.counters
+                .bytes_in
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Connection -> stream: each Data is written fully, then credited.
+    async fn downstream<W: AsyncWrite + Unpin>(
+        &self,
+        wr: &mut W,
+        inbound: &mut mpsc::UnboundedReceiver<ConnEvent>,
+        up_done: &AtomicBool,
+        fin_seen: &AtomicBool,
+    ) -> io::Result<DownEnd> {
+        let handle = self.ep.handle();
+        loop {
+            match inbound.recv().await {
+                Some(ConnEvent::Data(data)) => {
+                    wr.write_all(&data).await?;
+                    handle.with(|ch| ch.consumed(self.conn, data.len()));
+                    self.counters
+                        .bytes_out
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                Some(ConnEvent::Fin) => {
+                    wr.shutdown().await?;
+                    fin_seen.store(true, Ordering::Relaxed);
+                    if up_done.load(Ordering::Relaxed) {
+                        return Ok(DownEnd::Finished);
+                    }
+                }
+                Some(ConnEvent::Closed(e)) => return Ok(DownEnd::Closed(e)),
+                Some(ConnEvent::Credit) => {}
+                None => return Ok(DownEnd::Closed(errno::ECONNABORTED)),
+            }
+        }
+    }
+}
+
+/// The router task: one per endpoint, in channel order.
+async fn route(
+    ep: Endpoint,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    tx: mpsc::UnboundedSender<EndpointEvent>,
+) {
+    while let Some(ev) = events.recv().await {
+        let mut router = ep.router();
+        let out = match ev {
+            Event::NodeAuthenticated { node, weight } => {
+                Some(EndpointEvent::NodeAuthenticated { node, weight })
+            }
+            Event::Welcome { node_id } => Some(EndpointEvent::Welcome { node_id }),
+            Event::Request { req, request } => Some(EndpointEvent::Request { req, request }),
+            Event::WeightChanged { weight } => Some(EndpointEvent::WeightChanged { weight }),
+            Event::Response { req, response } => {
+                match router.pending.remove(&req) {
+                    Some(waiter) => {
+                        let _ = waiter.send(response);
+                    }
+                    None => tracing::debug!(req, "response nobody waits for"),
+                }
+                None
+            }
+            Event::ConnectionAccepted {
+                listener,
+                conn,
+                peer,
+                local,
+            } => {
+                router.expect(conn);
+                Some(EndpointEvent::ConnectionAccepted {
+                    listener,
+                    conn,
+                    peer,
+                    local,
+                })
+            }
+            Event::MessageReceived { conn, data } => {
+                router.deliver(conn, ConnEvent::Data(data));
+                None
+            }
+            Event::Fin { conn } => {
+                router.deliver(conn, ConnEvent::Fin);
+                None
+            }
+            Event::BufferAvailable { conn } => {
+                router.deliver(conn, ConnEvent::Credit);
+                None
+            }
+            Event::ConnectionClosed { conn, errno } => (!router
+                .deliver(conn, ConnEvent::Closed(errno)))
+            .then_some(EndpointEvent::ConnectionClosed { conn, errno }),
+            Event::Closed { error } => {
+                router.closed = Some(error.to_string());
+                router.pending.clear();
+                for (_, route) in router.conns.drain() {
+                    if let Route::Relayed(mut a, _) = route {
+                        a.deliver(ConnEvent::Closed(errno::ECONNABORTED));
+                    }
+                }
+                drop(router);
+                let _ = tx.send(EndpointEvent::Closed { error });
+                return;
+            }
+        };
+        drop(router);
+        if let Some(out) = out {
+            let _ = tx.send(out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::ChannelConfig;
+    use crate::transport::memory_pair;
+    use std::time::Duration;
+    use tokio::net::UnixStream;
+    use tokio::time::timeout;
+
+    const WINDOW: u32 = 64 * 1024;
+    const LIMIT: Duration = Duration::from_secs(10);
+
+    struct Pair {
+        server: Endpoint,
+        server_rx: mpsc::UnboundedReceiver<EndpointEvent>,
+        node: Endpoint,
+        node_rx: mpsc::UnboundedReceiver<EndpointEvent>,
+    }
+
+    async fn next(rx: &mut mpsc::UnboundedReceiver<EndpointEvent>) -> EndpointEvent {
+        timeout(LIMIT, rx.recv())
+            .await
+            .expect("event in time")
+            .expect("event")
+    }
+
+    /// An io-server and a node endpoint, authenticated, over memory.
+    async fn pair() -> Pair {
+        let ((sr, sw), (nr, nw)) = memory_pair();
+        let server_ch = Channel::io_server(ChannelConfig::new("t").window(WINDOW));
+        let node_ch = Channel::node(ChannelConfig::new("t").node("n1", 1).window(WINDOW));
+        let (server, mut server_rx) = Endpoint::spawn(server_ch, sr, sw);
+        let (node, mut node_rx) = Endpoint::spawn(node_ch, nr, nw);
+        assert!(matches!(
+            next(&mut server_rx).await,
+            EndpointEvent::NodeAuthenticated { ref node, weight: 1 } if node == "n1"
+        ));
+        server.handle().with(|ch| ch.welcome(7));
+        assert_eq!(
+            next(&mut node_rx).await,
+            EndpointEvent::Welcome { node_id: 7 }
+        );
+        Pair {
+            server,
+            server_rx,
+            node,
+            node_rx,
+        }
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// The io-server accepts a client connection for listener 2; returns
+    /// (io-server conn, node conn).
+    async fn accept(p: &mut Pair) -> ConnId {
+        let conn = p
+            .server
+            .accept_connection(2, addr(40000), addr(80))
+            .unwrap();
+        match next(&mut p.node_rx).await {
+            EndpointEvent::ConnectionAccepted {
+                listener: 2,
+                conn: c,
+                ..
+            } => assert_eq!(c, conn),
+            other => panic!("expected ConnectionAccepted, got {other:?}"),
+        }
+        conn
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn request_gets_its_response() {
+        let mut p = pair().await;
+        let node = p.node.clone();
+        let asked = tokio::spawn(async move {
+            node.request(Request::Listen {
+                conn: 4,
+                backlog: 8,
+            })
+            .await
+        });
+        let EndpointEvent::Request { req, request } = next(&mut p.server_rx).await else {
+            panic!("expected a request");
+        };
+        assert_eq!(
+            request,
+            Request::Listen {
+                conn: 4,
+                backlog: 8
+            }
+        );
+        let answer = Response::Status {
+            errno: 98,
+            addr: None,
+        };
+        p.server.respond(req, answer.clone());
+        assert_eq!(asked.await.unwrap().unwrap(), answer);
+    }
+
+    #[tokio::test]
+    async fn request_fails_when_the_channel_closes() {
+        let mut p = pair().await;
+        let node = p.node.clone();
+        let asked = tokio::spawn(async move {
+            node.request(Request::Listen {
+                conn: 4,
+                backlog: 8,
+            })
+            .await
+        });
+        assert!(matches!(
+            next(&mut p.server_rx).await,
+            EndpointEvent::Request { .. }
+        ));
+        p.server.handle().with(|ch| ch.close("test over"));
+        let err = timeout(LIMIT, asked).await.unwrap().unwrap().unwrap_err();
+        assert!(
+            matches!(err, EndpointError::Closed(ref r) if r.contains("test over")),
+            "{err}"
+        );
+        assert!(matches!(
+            next(&mut p.node_rx).await,
+            EndpointEvent::Closed { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn relay_copies_both_ways_with_half_close() {
+        let mut p = pair().await;
+        let conn = accept(&mut p).await;
+        // Client <-> io-server relay over a duplex; node relay <-> app over a UnixStream pair.
+        let (mut client, client_side) = tokio::io::duplex(8192);
+        let (mut app, app_side) = UnixStream::pair().unwrap();
+        let (s, n) = (p.server.clone(), p.node.clone());
+        let server_relay = tokio::spawn(async move { s.relay(conn, client_side).await });
+        let node_relay = tokio::spawn(async move { n.relay(conn, app_side).await });
+
+        let request = pattern(1 << 20, 1);
+        let reply = pattern(300_000, 2);
+        let (req2, rep2) = (request.clone(), reply.clone());
+        let app_task = tokio::spawn(async move {
+            let mut got = Vec::new();
+            app.read_to_end(&mut got).await.unwrap();
+            assert!(got == req2, "app received the request intact");
+            app.write_all(&rep2).await.unwrap();
+            app.shutdown().await.unwrap();
+        });
+        let (mut cr, mut cw) = tokio::io::split(&mut client);
+        let write = async {
+            cw.write_all(&request).await.unwrap();
+            cw.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let read = cr.read_to_end(&mut got);
+        timeout(LIMIT, async { tokio::join!(write, read) })
+            .await
+            .unwrap()
+            .1
+            .unwrap();
+        assert!(got == reply, "client received the reply intact");
+        timeout(LIMIT, app_task).await.unwrap().unwrap();
+        let so = timeout(LIMIT, server_relay).await.unwrap().unwrap();
+        let no = timeout(LIMIT, node_relay).await.unwrap().unwrap();
+        assert_eq!(
+            so,
+            RelayOutcome {
+                bytes_in: request.len() as u64,
+                bytes_out: reply.len() as u64,
+                errno: 0
+            }
+        );
+        assert_eq!(
+            no,
+            RelayOutcome {
+                bytes_in: reply.len() as u64,
+                bytes_out: request.len() as u64,
+                errno: 0
+            }
+        );
+        assert_eq!(p.server.handle().with(|ch| ch.connection_count()), 0);
+    }
+
+    #[tokio::test]
+    async fn stalled_reader_does_not_stall_another_connection() {
+        let mut p = pair().await;
+        let stalled = accept(&mut p).await;
+        let live = accept(&mut p).await;
+        let mut relays = Vec::new();
+        let mut clients = Vec::new();
+        let mut apps = Vec::new();
+        for conn in [stalled, live] {
+            let (client, client_side) = tokio::io::duplex(8192);
+            let (app, app_side) = UnixStream::pair().unwrap();
+            let (s, n) = (p.server.clone(), p.node.clone());
+            relays.push(tokio::spawn(
+                async move { s.relay(conn, client_side).await },
+            ));
+            relays.push(tokio::spawn(async move { n.relay(conn, app_side).await }));
+            clients.push(client);
+            apps.push(app);
+        }
+        let mut live_app = apps.pop().unwrap();
+        let _stalled_app = apps.pop().unwrap(); // never read
+        let mut live_client = clients.pop().unwrap();
+        let mut stalled_client = clients.pop().unwrap();
+        // The stalled client writes until everything between it and the app is full.
+        let flood = tokio::spawn(async move {
+            let chunk = vec![7u8; 64 * 1024];
+            loop {
+                if stalled_client.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        // The io-server never holds more than the node's window for it.
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        while p.server.pending_bytes(stalled) < u64::from(WINDOW) / 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "stalled conn never filled"
+            );
+            tokio::task::yield_now().await;
+        }
+        let data = pattern(2 << 20, 3);
+        let expect = data.clone();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; expect.len()];
+            live_app.read_exact(&mut got).await.unwrap();
+            assert!(got == expect);
+        });
+        timeout(LIMIT, live_client.write_all(&data))
+            .await
+            .unwrap()
+            .unwrap();
+        timeout(LIMIT, reader).await.unwrap().unwrap();
+        assert!(p.server.pending_bytes(stalled) <= u64::from(WINDOW));
+        assert!(
+            !flood.is_finished(),
+            "the stalled client is blocked, not failed"
+        );
+        flood.abort();
+    }
+
+    #[tokio::test]
+    async fn connection_closed_errno_reaches_the_relay() {
+        let mut p = pair().await;
+        let conn = accept(&mut p).await;
+        let (mut app, app_side) = UnixStream::pair().unwrap();
+        let n = p.node.clone();
+        let node_relay = tokio::spawn(async move { n.relay(conn, app_side).await });
+        p.server.close_connection(conn, errno::ECONNRESET);
+        let out = timeout(LIMIT, node_relay).await.unwrap().unwrap();
+        assert_eq!(out.errno, errno::ECONNRESET);
+        let mut buf = [0u8; 16];
+        assert_eq!(
+            timeout(LIMIT, app.read(&mut buf)).await.unwrap().unwrap(),
+            0,
+            "app sees the end"
+        );
+        assert_eq!(
+            p.node.handle().with(|ch| ch.connection_count()),
+            0,
+            "node closed it too"
+        );
+    }
+
+    #[tokio::test]
+    async fn data_before_the_relay_attaches_is_held() {
+        let mut p = pair().await;
+        let conn = accept(&mut p).await;
+        p.server
+            .handle()
+            .with(|ch| ch.send_message(conn, b"hello"))
+            .unwrap();
+        p.server.handle().with(|ch| ch.send_fin(conn)).unwrap();
+        // Let the router see the data before attaching.
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        while p.node.handle().with(|ch| ch.buffered(conn)) < 5 {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::task::yield_now().await;
+        }
+        let (mut app, app_side) = UnixStream::pair().unwrap();
+        let n = p.node.clone();
+        let relay = tokio::spawn(async move { n.relay(conn, app_side).await });
+        let mut got = Vec::new();
+        timeout(LIMIT, app.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, b"hello");
+        drop(app);
+        p.server.close_connection(conn, 0);
+        let out = timeout(LIMIT, relay).await.unwrap().unwrap();
+        assert_eq!((out.bytes_out, out.errno), (5, 0));
+    }
+}

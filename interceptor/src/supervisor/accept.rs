@@ -1,0 +1,278 @@
+//! `accept`/`accept4` on a virtual listener, and the other half: delivering
+//! the io-server's `ConnectionAccepted` to the listener's AF_UNIX socket `L`.
+//!
+//! For each accepted client connection the supervisor connects a socket of
+//! its own, bound to an abstract name carrying the SAPS connection tag, to
+//! `L`: so `L` polls readable exactly when a connection is pending, and
+//! epoll/select-driven servers work unchanged. The trapped accept takes the
+//! connection off `L` (through `pidfd_getfd`), checks with `SO_PEERCRED` that
+//! the supervisor made it, writes the client's real address into the
+//! caller's buffer, and installs the socket with `ADDFD`. A connection whose
+//! delivery fails (bad address buffer, interrupted call) is kept for the
+//! next accept, never lost.
+
+use super::connect::spawn_relay;
+use super::socket::{set_nonblocking, unix_socket};
+use super::{defer, inode_of, lock, Arrival, Call, Outcome, Shared};
+use crate::fds;
+use crate::notify::{AddFd, Reply};
+use crate::vsock::{Inode, State, VirtualSocket};
+use nix::sys::socket::{self as so, sockopt, UnixAddr};
+use saps_fabric::ConnId;
+use std::net::{SocketAddr, SocketAddrV6};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often a blocked accept checks that its caller is still waiting.
+const LIVENESS_CHECK: Duration = Duration::from_millis(200);
+/// How long a connection may wait for room in a full `L` backlog.
+const BACKLOG_WAIT: Duration = Duration::from_secs(5);
+
+/// `ConnectionAccepted(listener, conn, peer, local)` from the io-server.
+pub(crate) fn deliver(
+    sh: &Arc<Shared>,
+    listener: ConnId,
+    conn: ConnId,
+    peer: SocketAddr,
+    local: SocketAddr,
+) {
+    let Some(l_name) = lock(&sh.listeners).get(&listener).cloned() else {
+        tracing::warn!(
+            listener,
+            conn,
+            "connection for an unknown listener; refusing it"
+        );
+        sh.endpoint.close_connection(conn, libc::ECONNREFUSED);
+        return;
+    };
+    lock(&sh.arrivals).insert(conn, Arrival { peer, local });
+    let sh2 = sh.clone();
+    sh.rt.spawn(async move {
+        match connect_to_listener(&sh2, conn, &l_name).await {
+            Ok(c) => spawn_relay(&sh2, conn, c),
+            Err(e) => {
+                tracing::warn!(
+                    listener,
+                    conn,
+                    errno = e,
+                    "cannot hand the connection to the program"
+                );
+                lock(&sh2.arrivals).remove(&conn);
+                sh2.endpoint.close_connection(conn, libc::ECONNREFUSED);
+            }
+        }
+    });
+}
+
+/// Connects a socket named after `conn` to `L`, waiting (bounded) while
+/// `L`'s backlog is full.
+async fn connect_to_listener(sh: &Shared, conn: ConnId, l_name: &[u8]) -> Result<OwnedFd, i32> {
+    let c = unix_socket(true)?;
+    let me = UnixAddr::new_abstract(&sh.abstract_name("c", conn)).map_err(|e| e as i32)?;
+    so::bind(c.as_raw_fd(), &me).map_err(|e| e as i32)?;
+    let l = UnixAddr::new_abstract(l_name).map_err(|e| e as i32)?;
+    let deadline = tokio::time::Instant::now() + BACKLOG_WAIT;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match so::connect(c.as_raw_fd(), &l) {
+            Ok(()) => return Ok(c),
+            Err(nix::errno::Errno::EAGAIN) if tokio::time::Instant::now() < deadline => {
+                // The program is not accepting fast enough: back off.
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e as i32),
+        }
+    }
+}
+
+/// The tag in a supervisor connection's abstract name (`…-c-<conn>`).
+fn conn_from_name(sh: &Shared, a: &OwnedFd) -> Option<ConnId> {
+    let addr: UnixAddr = so::getpeername(a.as_raw_fd()).ok()?;
+    let name = addr.as_abstract()?;
+    let s = std::str::from_utf8(name).ok()?;
+    s.strip_prefix(&sh.prefix)?
+        .strip_prefix("-c-")?
+        .parse()
+        .ok()
+}
+
+/// `accept(fd, addr, addrlen)` / `accept4(…, flags)`.
+pub(crate) fn accept(sh: &Arc<Shared>, call: &mut Call, flags: i32) -> Outcome {
+    let Some((ino, vs)) = sh.lookup(call) else {
+        return Outcome::Reply(Reply::Continue);
+    };
+    if vs.state != State::Listening {
+        return Outcome::Reply(Reply::Errno(libc::EINVAL));
+    }
+    if flags & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) != 0 {
+        return Outcome::Reply(Reply::Errno(libc::EINVAL));
+    }
+    call.note.action = "accept";
+    match take(sh, call, ino) {
+        Ok(Some((a, conn))) => return hand_over(sh, call, ino, &vs, a, conn, flags),
+        Ok(None) => {}
+        Err(e) => return Outcome::Reply(Reply::Errno(e)),
+    }
+    if sh.nonblocking(call) {
+        return Outcome::Reply(Reply::Errno(libc::EAGAIN));
+    }
+    defer(move |sh, mut call| async move {
+        let outcome = wait_and_take(&sh, &mut call, ino, &vs, flags).await;
+        (call, outcome)
+    })
+}
+
+/// A blocking accept: waits for `L` to become readable, checking now and
+/// then that the caller was not interrupted.
+async fn wait_and_take(
+    sh: &Arc<Shared>,
+    call: &mut Call,
+    ino: Inode,
+    vs: &VirtualSocket,
+    flags: i32,
+) -> Outcome {
+    loop {
+        if !sh.notifier.id_valid(call.n.id) {
+            return Outcome::Reply(Reply::Errno(libc::EINTR));
+        }
+        match take(sh, call, ino) {
+            Ok(Some((a, conn))) => return hand_over(sh, call, ino, vs, a, conn, flags),
+            Ok(None) => {}
+            Err(e) => return Outcome::Reply(Reply::Errno(e)),
+        }
+        let Ok(l) = listener_dup(call) else {
+            return Outcome::Reply(Reply::Errno(libc::EBADF));
+        };
+        let Ok(afd) = crate::sys::async_readable(l) else {
+            return Outcome::Reply(Reply::Errno(libc::EBADF));
+        };
+        // Readable or not, look again: the dup is dropped at once so a
+        // close by the program is not hidden for long.
+        let _ = tokio::time::timeout(LIVENESS_CHECK, afd.readable()).await;
+    }
+}
+
+/// The program's `L`, duplicated for the time of one call.
+fn listener_dup(call: &Call) -> Result<OwnedFd, i32> {
+    let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(libc::EBADF);
+    let pidfd = fds::open_pidfd(call.pid()).map_err(errno)?;
+    fds::get_fd(pidfd.as_fd(), call.fd()).map_err(errno)
+}
+
+/// Takes one pending connection for the listener `ino`: one kept from a
+/// failed delivery, else one off `L`. `None`: nothing pending.
+fn take(sh: &Shared, call: &Call, ino: Inode) -> Result<Option<(OwnedFd, ConnId)>, i32> {
+    if let Some(x) = lock(&sh.stash).get_mut(&ino).and_then(|q| q.pop_front()) {
+        return Ok(Some(x));
+    }
+    let l = listener_dup(call)?;
+    let _guard = lock(&sh.accept_lock);
+    loop {
+        let mut pfd = [nix::poll::PollFd::new(
+            l.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::ZERO) {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e as i32),
+        }
+        let a = match crate::sys::accept4(l.as_fd(), libc::SOCK_CLOEXEC) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
+            Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
+        };
+        let ours = so::getsockopt(&a, sockopt::PeerCredentials)
+            .is_ok_and(|c| c.pid() == std::process::id() as i32);
+        match conn_from_name(sh, &a) {
+            Some(conn) if ours => return Ok(Some((a, conn))),
+            _ => tracing::warn!(
+                pid = call.pid(),
+                "dropping a connection to a virtual listener not made by the supervisor"
+            ),
+        }
+    }
+}
+
+/// Writes the client's address, installs the connection in the program
+/// and answers the call with its fd; on failure keeps the connection.
+fn hand_over(
+    sh: &Arc<Shared>,
+    call: &mut Call,
+    l_ino: Inode,
+    listener: &VirtualSocket,
+    a: OwnedFd,
+    conn: ConnId,
+    flags: i32,
+) -> Outcome {
+    let arrival = lock(&sh.arrivals).get(&conn).copied();
+    let (peer, local) = match arrival {
+        Some(Arrival { peer, local }) => (
+            in_family(listener.domain, peer),
+            in_family(listener.domain, local),
+        ),
+        None => {
+            let u = crate::vsock::unspecified(listener.domain);
+            (u, u)
+        }
+    };
+    call.note.conn = Some(conn);
+    let keep = |a: OwnedFd, errno: i32| {
+        lock(&sh.stash)
+            .entry(l_ino)
+            .or_default()
+            .push_front((a, conn));
+        Outcome::Reply(Reply::Errno(errno))
+    };
+    let (addr_ptr, len_ptr) = (call.arg(1), call.arg(2));
+    if addr_ptr != 0 && sh.write_addr(call, addr_ptr, len_ptr, &peer).is_err() {
+        return keep(a, libc::EFAULT);
+    }
+    if flags & libc::SOCK_NONBLOCK != 0 {
+        let _ = set_nonblocking(&a);
+    }
+    let a_ino = match inode_of(&a) {
+        Ok(i) => i,
+        Err(e) => return keep(a, e),
+    };
+    sh.table().insert(
+        a_ino,
+        VirtualSocket::accepted(listener.domain, conn, peer, local),
+    );
+    let add = AddFd {
+        target_fd: None,
+        cloexec: flags & libc::SOCK_CLOEXEC != 0,
+        send: true,
+    };
+    let installed = if sh.notifier.id_valid(call.n.id) {
+        sh.notifier
+            .add_fd(call.n.id, a.as_fd(), add)
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EBADF))
+    } else {
+        Err(libc::EINTR)
+    };
+    match installed {
+        Ok(fd) => {
+            lock(&sh.arrivals).remove(&conn);
+            Outcome::Answered(fd as i64)
+        }
+        Err(e) => {
+            sh.table().remove(a_ino);
+            keep(a, e)
+        }
+    }
+}
+
+/// An IPv4 client of an AF_INET6 listener is seen as `::ffff:a.b.c.d`.
+fn in_family(domain: i32, addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(v4) if domain == libc::AF_INET6 => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
+        a => a,
+    }
+}

@@ -1,0 +1,471 @@
+//! The supervisor: services the target's trapped socket syscalls with the
+//! SAPS paper's Figure 3 request/wait protocol against the io-server.
+//!
+//! One thread receives notifications and answers what it can at once
+//! (`socket`, `getsockname`, `setsockopt`, a ready `accept` …). Calls that
+//! wait for the io-server (`bind`, `listen`, `connect`, a blocking `accept`)
+//! become tasks on the tokio runtime that answer when done, so one process
+//! waiting never holds up another. The data path never comes here: it is
+//! relayed between the kernel sockets inside the target and the fabric by
+//! [`Endpoint::relay`].
+//!
+//! * `socket.rs` — socket, bind, listen, shutdown; making a socket native.
+//! * `connect.rs` — blocking and non-blocking connect.
+//! * `accept.rs` — accept/accept4 and delivering connections to `L`.
+//! * `sockopt.rs` — set/getsockopt, getsockname, getpeername.
+
+mod accept;
+mod connect;
+mod socket;
+mod sockopt;
+
+use crate::memory::TargetMemory;
+use crate::notify::{AddFd, Notification, Notifier, Reply};
+use crate::vsock::{Inode, VirtualSocket, VsockTable};
+use crate::{fds, sockaddr};
+use saps_fabric::endpoint::{Endpoint, EndpointEvent};
+use saps_fabric::{ConnId, Request, Response};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+/// How loopback addresses are treated (`--loopback`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Loopback {
+    /// 127.0.0.0/8 and ::1 binds and connects stay on the node (default).
+    #[default]
+    Local,
+    /// They go through the io-server like any other address.
+    Cluster,
+}
+
+/// What one trapped call came to, for `--trace`.
+#[derive(Debug, Clone)]
+pub struct CallRecord {
+    pub pid: i32,
+    pub nr: i64,
+    pub args: [u64; 6],
+    /// Decoded argument details captured while the call was serviced
+    /// (addresses, option values), for the tracer.
+    pub detail: Detail,
+    pub result: Reply,
+    pub start: SystemTime,
+    pub duration: Duration,
+    /// What SAPS did: the virtual socket, the connection, the listener.
+    pub note: Note,
+}
+
+/// Arguments read from target memory while servicing a call.
+#[derive(Debug, Clone, Default)]
+pub struct Detail {
+    /// The address argument (bind/connect) or result (accept/getsockname).
+    pub addr: Option<SocketAddr>,
+    /// The option value (setsockopt) or result (getsockopt).
+    pub value: Option<Vec<u8>>,
+    /// A value-result length as passed in (accept/getsockname/getsockopt) …
+    pub len_in: Option<u32>,
+    /// … and as written back.
+    pub len: Option<u32>,
+}
+
+/// The SAPS annotation of a call.
+#[derive(Debug, Clone, Default)]
+pub struct Note {
+    pub inode: Option<Inode>,
+    pub conn: Option<ConnId>,
+    /// What happened, e.g. "virtual", "native (loopback)".
+    pub action: &'static str,
+}
+
+/// Receives one record per serviced call (the `--trace` mode).
+pub trait Tracer: Send + Sync {
+    fn record(&self, call: &CallRecord);
+}
+
+/// Options of a supervisor.
+#[derive(Clone, Default)]
+pub struct SupervisorConfig {
+    pub loopback: Loopback,
+    pub tracer: Option<Arc<dyn Tracer>>,
+}
+
+/// The result of servicing a call synchronously.
+pub(crate) enum Outcome {
+    /// Answer with this.
+    Reply(Reply),
+    /// Already answered (`ADDFD` with `SEND` answers the call itself).
+    Answered(i64),
+    /// Wait for the io-server (or a connection) in a task that answers.
+    Defer(Deferred),
+}
+
+type Deferred = Box<
+    dyn FnOnce(Arc<Shared>, Call) -> Pin<Box<dyn Future<Output = (Call, Outcome)> + Send>> + Send,
+>;
+
+/// Services the rest of a call in a task on the runtime.
+pub(crate) fn defer<F, Fut>(f: F) -> Outcome
+where
+    F: FnOnce(Arc<Shared>, Call) -> Fut + Send + 'static,
+    Fut: Future<Output = (Call, Outcome)> + Send + 'static,
+{
+    Outcome::Defer(Box::new(move |sh, call| Box::pin(f(sh, call))))
+}
+
+/// A connection accepted by the io-server, waiting for the program's accept.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Arrival {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+pub(crate) struct Shared {
+    pub notifier: Notifier,
+    pub endpoint: Endpoint,
+    pub rt: tokio::runtime::Handle,
+    pub config: SupervisorConfig,
+    pub table: Mutex<VsockTable>,
+    /// Listener connection tag → abstract name of its `L`.
+    pub listeners: Mutex<HashMap<ConnId, Vec<u8>>>,
+    /// Connections delivered to an `L`, by tag, until accepted.
+    pub arrivals: Mutex<HashMap<ConnId, Arrival>>,
+    /// Connections taken off an `L` but not delivered (the accept failed with
+    /// EFAULT or was interrupted), by the `L` inode: the next accept gets them.
+    pub stash: Mutex<HashMap<Inode, VecDeque<(OwnedFd, ConnId)>>>,
+    /// Serialises "is a connection pending on L? take it" between tasks.
+    pub accept_lock: Mutex<()>,
+    /// Prefix of the abstract socket names this supervisor makes.
+    pub prefix: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The node's supervisor, shared by every process of the target.
+#[derive(Clone)]
+pub struct Supervisor {
+    shared: Arc<Shared>,
+}
+
+/// The context of one notification being serviced.
+pub(crate) struct Call {
+    pub n: Notification,
+    pub start: Instant,
+    pub wall: SystemTime,
+    pub detail: Detail,
+    pub note: Note,
+}
+
+impl Call {
+    pub fn mem(&self) -> TargetMemory {
+        TargetMemory::new(self.n.pid)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.n.pid
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.n.args[0] as RawFd
+    }
+
+    pub fn arg(&self, i: usize) -> u64 {
+        self.n.args[i]
+    }
+}
+
+impl Supervisor {
+    /// A supervisor answering notifications from `notifier`, talking to the
+    /// io-server through `endpoint`. The endpoint's events must be fed to
+    /// [`Supervisor::serve_events`].
+    pub fn new(
+        notifier: Notifier,
+        endpoint: Endpoint,
+        rt: tokio::runtime::Handle,
+        config: SupervisorConfig,
+    ) -> Self {
+        Supervisor {
+            shared: Arc::new(Shared {
+                notifier,
+                endpoint,
+                rt,
+                config,
+                table: Mutex::default(),
+                listeners: Mutex::default(),
+                arrivals: Mutex::default(),
+                stash: Mutex::default(),
+                accept_lock: Mutex::new(()),
+                prefix: format!("saps-{}-{:x}", std::process::id(), rand_tag()),
+            }),
+        }
+    }
+
+    /// Number of live virtual sockets (for status and tests).
+    pub fn virtual_sockets(&self) -> usize {
+        lock(&self.shared.table).len()
+    }
+
+    /// Services notifications until `stop` becomes readable (e.g. the
+    /// target's pidfd when it exits) or every filtered process is gone.
+    pub fn run(&self, stop: BorrowedFd<'_>) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        loop {
+            let mut fds = [
+                PollFd::new(self.shared.notifier.as_fd(), PollFlags::POLLIN),
+                PollFd::new(stop, PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "poll on the seccomp listener failed");
+                    return;
+                }
+            }
+            let nrev = fds[0].revents().unwrap_or(PollFlags::empty());
+            let srev = fds[1].revents().unwrap_or(PollFlags::empty());
+            if !srev.is_empty() {
+                return;
+            }
+            if nrev.contains(PollFlags::POLLIN) {
+                match self.shared.notifier.recv() {
+                    Ok(n) => self.handle(n),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "receiving a seccomp notification failed");
+                        return;
+                    }
+                }
+            } else if nrev.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
+                // Every process under the filter has exited.
+                return;
+            }
+        }
+    }
+
+    /// Handles the io-server's callbacks for this node: connections accepted
+    /// for our listeners are delivered to the listener's `L`.
+    pub async fn serve_events(
+        self,
+        mut events: tokio::sync::mpsc::UnboundedReceiver<EndpointEvent>,
+    ) {
+        while let Some(ev) = events.recv().await {
+            match ev {
+                EndpointEvent::ConnectionAccepted {
+                    listener,
+                    conn,
+                    peer,
+                    local,
+                } => accept::deliver(&self.shared, listener, conn, peer, local),
+                EndpointEvent::ConnectionClosed { conn, errno } => {
+                    tracing::debug!(conn, errno, "connection closed before it was relayed");
+                    lock(&self.shared.arrivals).remove(&conn);
+                }
+                EndpointEvent::Closed { error } => {
+                    tracing::error!(%error, "the fabric channel to the io-server closed");
+                    return;
+                }
+                other => tracing::debug!(event = ?other, "fabric event"),
+            }
+        }
+    }
+
+    fn handle(&self, n: Notification) {
+        let mut call = Call {
+            n,
+            start: Instant::now(),
+            wall: SystemTime::now(),
+            detail: Detail::default(),
+            note: Note::default(),
+        };
+        let sh = &self.shared;
+        let outcome = match call.n.nr as i64 {
+            libc::SYS_socket => socket::socket(sh, &mut call),
+            libc::SYS_bind => socket::bind(sh, &mut call),
+            libc::SYS_listen => socket::listen(sh, &mut call),
+            libc::SYS_shutdown => socket::shutdown(sh, &mut call),
+            libc::SYS_connect => connect::connect(sh, &mut call),
+            libc::SYS_accept => accept::accept(sh, &mut call, 0),
+            libc::SYS_accept4 => {
+                let flags = call.arg(3) as i32;
+                accept::accept(sh, &mut call, flags)
+            }
+            libc::SYS_setsockopt => sockopt::setsockopt(sh, &mut call),
+            libc::SYS_getsockopt => sockopt::getsockopt(sh, &mut call),
+            libc::SYS_getsockname => sockopt::getname(sh, &mut call, false),
+            libc::SYS_getpeername => sockopt::getname(sh, &mut call, true),
+            _ => Outcome::Reply(Reply::Continue),
+        };
+        sh.finish(call, outcome);
+    }
+}
+
+impl Shared {
+    /// Answers a call (unless a task will) and traces it.
+    pub(crate) fn finish(self: &Arc<Self>, call: Call, outcome: Outcome) {
+        let result = match outcome {
+            Outcome::Defer(task) => {
+                let me = self.clone();
+                self.rt.spawn(async move {
+                    let (call, outcome) = task(me.clone(), call).await;
+                    me.finish(call, outcome);
+                });
+                return;
+            }
+            Outcome::Answered(v) => Reply::Value(v),
+            Outcome::Reply(r) => {
+                if let Err(e) = self.notifier.respond(call.n.id, r.clone()) {
+                    tracing::debug!(error = %e, pid = call.n.pid, "answering a call failed (target interrupted?)");
+                }
+                r
+            }
+        };
+        if let Some(t) = &self.config.tracer {
+            t.record(&CallRecord {
+                pid: call.pid() as i32,
+                nr: call.n.nr as i64,
+                args: call.n.args,
+                detail: call.detail,
+                result,
+                start: call.wall,
+                duration: call.start.elapsed(),
+                note: call.note,
+            });
+        }
+    }
+
+    pub(crate) fn table(&self) -> MutexGuard<'_, VsockTable> {
+        lock(&self.table)
+    }
+
+    /// The virtual socket behind the call's fd argument, if it is one.
+    pub(crate) fn lookup(&self, call: &mut Call) -> Option<(Inode, VirtualSocket)> {
+        let ino = fds::socket_inode(call.pid(), call.fd()).ok().flatten()?;
+        let vs = self.table().get(ino)?.clone();
+        call.note.inode = Some(ino);
+        call.note.conn = vs.conn;
+        Some((ino, vs))
+    }
+
+    /// Sends a Figure 3 request and waits for its answer; a dead channel
+    /// answers `ENETDOWN`.
+    pub(crate) async fn request(&self, req: Request) -> Response {
+        match self.endpoint.request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "io-server request failed");
+                Response::Status {
+                    errno: libc::ENETDOWN,
+                    addr: None,
+                }
+            }
+        }
+    }
+
+    /// The connection tag of `vs`, allocating one on first use.
+    pub(crate) fn conn_of(&self, vs: &mut VirtualSocket) -> Result<ConnId, i32> {
+        if let Some(c) = vs.conn {
+            return Ok(c);
+        }
+        let c = self
+            .endpoint
+            .make_connection()
+            .map_err(|_| libc::ENETDOWN)?;
+        vs.conn = Some(c);
+        Ok(c)
+    }
+
+    /// Installs `obj` over the call's fd number (`ADDFD` + `SETFD`), keeping
+    /// the fd's close-on-exec flag, after checking the call is still live.
+    pub(crate) fn replace_fd(&self, call: &Call, obj: BorrowedFd<'_>) -> Result<(), i32> {
+        let cloexec = fds::fd_cloexec(call.pid(), call.fd()).unwrap_or(false);
+        if !self.notifier.id_valid(call.n.id) {
+            return Err(libc::EINTR);
+        }
+        self.notifier
+            .add_fd(
+                call.n.id,
+                obj,
+                AddFd {
+                    target_fd: Some(call.fd()),
+                    cloexec,
+                    send: false,
+                },
+            )
+            .map(|_| ())
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EBADF))
+    }
+
+    /// Whether the fd of the call is in non-blocking mode.
+    pub(crate) fn nonblocking(&self, call: &Call) -> bool {
+        fds::fd_flags(call.pid(), call.fd()).is_ok_and(|f| f & libc::O_NONBLOCK != 0)
+    }
+
+    /// Whether a loopback address stays on the node.
+    pub(crate) fn stays_local(&self, addr: &SocketAddr) -> bool {
+        self.config.loopback == Loopback::Local && addr.ip().is_loopback()
+    }
+
+    /// An abstract AF_UNIX name of this supervisor.
+    pub(crate) fn abstract_name(&self, kind: &str, conn: ConnId) -> Vec<u8> {
+        format!("{}-{kind}-{conn}", self.prefix).into_bytes()
+    }
+
+    /// Writes `addr` into the caller's (addr, addrlen) value-result pair
+    /// with the kernel's truncation rules, recording both lengths.
+    pub(crate) fn write_addr(
+        &self,
+        call: &mut Call,
+        ptr: u64,
+        len_ptr: u64,
+        addr: &SocketAddr,
+    ) -> Result<(), i32> {
+        let mem = call.mem();
+        call.detail.addr = Some(*addr);
+        call.detail.len_in = mem.read_u32(len_ptr).ok();
+        sockaddr::write_to_target(&mem, ptr, len_ptr, addr)?;
+        call.detail.len = Some(sockaddr::encode(addr).len() as u32);
+        Ok(())
+    }
+
+    /// Reads a sockaddr argument; errors are the errno to return.
+    pub(crate) fn read_sockaddr(
+        &self,
+        call: &mut Call,
+        ptr: u64,
+        len: u64,
+    ) -> Result<SocketAddr, i32> {
+        match sockaddr::read_from_target(&call.mem(), ptr, len)? {
+            sockaddr::Decoded::Inet(addr) => {
+                call.detail.addr = Some(addr);
+                Ok(addr)
+            }
+            sockaddr::Decoded::Unspec => Err(libc::EAFNOSUPPORT),
+        }
+    }
+}
+
+/// A tag that keeps two supervisors' abstract names apart.
+fn rand_tag() -> u32 {
+    let mut b = [0u8; 4];
+    let _ = getrandom_fill(&mut b);
+    u32::from_ne_bytes(b)
+}
+
+fn getrandom_fill(b: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(b)
+}
+
+/// Owned fd helpers shared by the handlers.
+pub(crate) fn inode_of(fd: impl AsFd) -> Result<Inode, i32> {
+    nix::sys::stat::fstat(fd.as_fd().as_raw_fd())
+        .map(|st| st.st_ino)
+        .map_err(|e| e as i32)
+}

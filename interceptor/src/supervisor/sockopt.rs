@@ -1,0 +1,202 @@
+//! `setsockopt`/`getsockopt` (Figure 3: SetOpt/GetOpt) and
+//! `getsockname`/`getpeername` of virtual sockets.
+//!
+//! Options are remembered on the virtual socket: `SO_REUSEADDR`,
+//! `SO_REUSEPORT` and `IPV6_V6ONLY` shape the Bind on the io-server; on an
+//! established connection the options that belong to the TCP socket
+//! (`TCP_*`, `SO_KEEPALIVE`, `SO_LINGER`, buffer sizes) are sent to the
+//! io-server in the background — the call does not wait for the gateway —
+//! and `TCP_INFO` is asked of it. `SO_ERROR` reports the asynchronous error
+//! of §2.3 and clears it.
+
+use super::{defer, Call, Outcome, Shared};
+use crate::notify::Reply;
+use crate::vsock::{State, VirtualSocket};
+use bytes::Bytes;
+use saps_fabric::{Request, Response};
+use std::sync::Arc;
+
+/// Longest option value read from or written to the program.
+const MAX_OPT: u32 = 256;
+
+/// Options that belong to the real TCP socket on the io-server.
+fn on_gateway(level: i32, name: i32) -> bool {
+    level == libc::IPPROTO_TCP
+        || (level == libc::SOL_SOCKET
+            && matches!(
+                name,
+                libc::SO_KEEPALIVE | libc::SO_LINGER | libc::SO_RCVBUF | libc::SO_SNDBUF
+            ))
+}
+
+pub(crate) fn setsockopt(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
+    let Some((ino, vs)) = sh.lookup(call) else {
+        return Outcome::Reply(Reply::Continue);
+    };
+    let (level, name, ptr, len) = (
+        call.arg(1) as i32,
+        call.arg(2) as i32,
+        call.arg(3),
+        call.arg(4) as u32,
+    );
+    if len > MAX_OPT {
+        return Outcome::Reply(Reply::Errno(libc::EINVAL));
+    }
+    let value = match call.mem().read(ptr, len as usize) {
+        Ok(v) => v,
+        Err(_) => return Outcome::Reply(Reply::Errno(libc::EFAULT)),
+    };
+    if is_int_option(level, name) && value.len() < 4 {
+        return Outcome::Reply(Reply::Errno(libc::EINVAL));
+    }
+    call.detail.value = Some(value.clone());
+    call.note.action = "virtual";
+    let conn = vs.conn;
+    let established = matches!(vs.state, State::Connected { .. } | State::Connecting { .. });
+    if let Some(v) = sh.table().get_mut(ino) {
+        v.options.set(level, name, &value);
+    }
+    if let (Some(conn), true) = (conn, established && on_gateway(level, name)) {
+        let sh2 = sh.clone();
+        let value = Bytes::from(value);
+        sh.rt.spawn(async move {
+            let r = sh2
+                .request(Request::SetOpt {
+                    conn,
+                    level,
+                    name,
+                    value,
+                })
+                .await;
+            if r.errno() != 0 {
+                tracing::debug!(
+                    conn,
+                    level,
+                    name,
+                    errno = r.errno(),
+                    "io-server refused an option"
+                );
+            }
+        });
+    }
+    Outcome::Reply(Reply::Value(0))
+}
+
+/// Options whose value is an `int`.
+fn is_int_option(level: i32, name: i32) -> bool {
+    !(level == libc::SOL_SOCKET && name == libc::SO_LINGER)
+        && !(level == libc::IPPROTO_TCP && name == libc::TCP_CONGESTION)
+}
+
+pub(crate) fn getsockopt(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
+    let Some((ino, vs)) = sh.lookup(call) else {
+        return Outcome::Reply(Reply::Continue);
+    };
+    let (level, name, len_ptr) = (call.arg(1) as i32, call.arg(2) as i32, call.arg(4));
+    let mem = call.mem();
+    let len = match mem.read_u32(len_ptr) {
+        Ok(l) => l,
+        Err(_) => return Outcome::Reply(Reply::Errno(libc::EFAULT)),
+    };
+    if (len as i32) < 0 {
+        return Outcome::Reply(Reply::Errno(libc::EINVAL));
+    }
+    call.note.action = "virtual";
+    call.detail.len_in = Some(len);
+    if level == libc::IPPROTO_TCP && name == libc::TCP_INFO {
+        if let (Some(conn), State::Connected { .. }) = (vs.conn, &vs.state) {
+            return defer(move |sh, mut call| async move {
+                let req = Request::GetOpt {
+                    conn,
+                    level,
+                    name,
+                    len: len.min(MAX_OPT),
+                };
+                let reply = match sh.request(req).await {
+                    Response::OptValue { errno: 0, value } => write_value(&mut call, &value, len),
+                    r => Reply::Errno(r.errno()),
+                };
+                (call, Outcome::Reply(reply))
+            });
+        }
+    }
+    let value = match local_value(sh, ino, &vs, level, name) {
+        Ok(v) => v,
+        Err(e) => return Outcome::Reply(Reply::Errno(e)),
+    };
+    Outcome::Reply(write_value(call, &value, len))
+}
+
+/// The value of an option answered by the supervisor itself.
+fn local_value(
+    sh: &Shared,
+    ino: u64,
+    vs: &VirtualSocket,
+    level: i32,
+    name: i32,
+) -> Result<Vec<u8>, i32> {
+    let int = |v: i32| Ok(v.to_ne_bytes().to_vec());
+    if level == libc::SOL_SOCKET {
+        match name {
+            libc::SO_ERROR => {
+                let e = sh
+                    .table()
+                    .get_mut(ino)
+                    .map_or(0, |v| std::mem::take(&mut v.error));
+                return int(e);
+            }
+            libc::SO_TYPE => return int(libc::SOCK_STREAM),
+            libc::SO_DOMAIN => return int(vs.domain),
+            libc::SO_PROTOCOL => return int(libc::IPPROTO_TCP),
+            libc::SO_ACCEPTCONN => return int((vs.state == State::Listening) as i32),
+            _ => {}
+        }
+    }
+    if let Some(v) = vs.options.get(level, name) {
+        return Ok(v.to_vec());
+    }
+    match (level, name) {
+        (libc::SOL_SOCKET, libc::SO_RCVBUF) => int(131_072),
+        (libc::SOL_SOCKET, libc::SO_SNDBUF) => int(16_384),
+        (libc::SOL_SOCKET, libc::SO_LINGER) => Ok(vec![0; 8]),
+        (libc::IPPROTO_TCP, libc::TCP_MAXSEG) => int(1448),
+        (libc::IPPROTO_TCP, libc::TCP_CONGESTION) => Ok(b"cubic\0".to_vec()),
+        (libc::SOL_SOCKET | libc::IPPROTO_TCP | libc::IPPROTO_IP | libc::IPPROTO_IPV6, _) => int(0),
+        _ => Err(libc::ENOPROTOOPT),
+    }
+}
+
+/// Writes `value` (truncated to the caller's `len`) and the length used.
+fn write_value(call: &mut Call, value: &[u8], len: u32) -> Reply {
+    let n = value.len().min(len as usize);
+    let mem = call.mem();
+    if mem.write(call.arg(3), &value[..n]).is_err() || mem.write_u32(call.arg(4), n as u32).is_err()
+    {
+        return Reply::Errno(libc::EFAULT);
+    }
+    call.detail.value = Some(value[..n].to_vec());
+    call.detail.len = Some(n as u32);
+    Reply::Value(0)
+}
+
+/// `getsockname(fd, addr, len)` / `getpeername(fd, addr, len)`: the virtual
+/// addresses — the gateway's address and the client's real one.
+pub(crate) fn getname(sh: &Arc<Shared>, call: &mut Call, peer: bool) -> Outcome {
+    let Some((_, vs)) = sh.lookup(call) else {
+        return Outcome::Reply(Reply::Continue);
+    };
+    let addr = if peer {
+        match vs.peer_addr() {
+            Some(a) => a,
+            None => return Outcome::Reply(Reply::Errno(libc::ENOTCONN)),
+        }
+    } else {
+        vs.local_addr()
+    };
+    call.note.action = "virtual";
+    let (ptr, len_ptr) = (call.arg(1), call.arg(2));
+    Outcome::Reply(match sh.write_addr(call, ptr, len_ptr, &addr) {
+        Ok(()) => Reply::Value(0),
+        Err(e) => Reply::Errno(e),
+    })
+}

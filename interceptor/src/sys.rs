@@ -1,0 +1,365 @@
+//! The only `unsafe` code of the crate: thin wrappers over the raw syscalls
+//! that neither `nix` nor `libc` wrap safely — `seccomp(2)` with
+//! `SECCOMP_FILTER_FLAG_NEW_LISTENER`, the `SECCOMP_IOCTL_NOTIF_*` ioctls,
+//! `pidfd_open`/`pidfd_getfd`/`pidfd_send_signal`, `waitid(P_PIDFD)`, and the
+//! fork-to-exec path of the launcher (DESIGN.md "Dependencies": between `fork`
+//! and `exec` the child makes only raw, async-signal-safe syscalls).
+//!
+//! Everything here is a small function returning `io::Result`; the typed API
+//! lives in `notify`, `fds` and `launch`.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::raw::c_char;
+
+use crate::error::ChildStage;
+
+/// `SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP` (linux/seccomp.h, kernel ≥ 6.6);
+/// `libc` does not define it.
+pub const SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: u64 = 1;
+
+/// Turns a `-1`-style return into `io::Result`.
+fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Takes ownership of an fd the kernel just returned to us.
+fn owned(ret: libc::c_long) -> io::Result<OwnedFd> {
+    let fd = check(ret)? as RawFd;
+    // SAFETY: `fd` is a fresh descriptor returned by the kernel to this
+    // process and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Issues one seccomp listener ioctl whose argument is `arg`; callers pair
+/// each request with the struct type its number encodes.
+fn notif_ioctl<T>(listener: BorrowedFd<'_>, request: libc::Ioctl, arg: &mut T) -> io::Result<i64> {
+    // SAFETY: `arg` is a live, initialised, exclusively borrowed value of the
+    // type (and so the size) that `request` encodes.
+    let ret = unsafe { libc::ioctl(listener.as_raw_fd(), request, arg as *mut T) };
+    check(ret as libc::c_long)
+}
+
+/// `SECCOMP_IOCTL_NOTIF_RECV`. The buffer is zeroed first: the kernel answers
+/// `EINVAL` otherwise.
+pub fn notif_recv(listener: BorrowedFd<'_>) -> io::Result<libc::seccomp_notif> {
+    // SAFETY: `seccomp_notif` is plain integers, for which all-zero is valid.
+    let mut notif: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+    notif_ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_RECV, &mut notif)?;
+    Ok(notif)
+}
+
+/// `SECCOMP_IOCTL_NOTIF_SEND`.
+pub fn notif_send(listener: BorrowedFd<'_>, mut resp: libc::seccomp_notif_resp) -> io::Result<()> {
+    notif_ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_SEND, &mut resp).map(drop)
+}
+
+/// `SECCOMP_IOCTL_NOTIF_ID_VALID`.
+pub fn notif_id_valid(listener: BorrowedFd<'_>, mut id: u64) -> io::Result<()> {
+    notif_ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &mut id).map(drop)
+}
+
+/// `SECCOMP_IOCTL_NOTIF_ADDFD`; returns the fd number in the target.
+pub fn notif_addfd(
+    listener: BorrowedFd<'_>,
+    mut addfd: libc::seccomp_notif_addfd,
+) -> io::Result<i32> {
+    notif_ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_ADDFD, &mut addfd).map(|fd| fd as i32)
+}
+
+/// `SECCOMP_IOCTL_NOTIF_SET_FLAGS` (the only flag is `SYNC_WAKE_UP`).
+/// Unlike the other listener ioctls the kernel takes the flags *by value*,
+/// although the ioctl number encodes a pointer to a u64.
+pub fn notif_set_flags(listener: BorrowedFd<'_>, flags: u64) -> io::Result<()> {
+    // SAFETY: integer argument only; the kernel reads no memory.
+    let ret = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS,
+            flags as libc::c_ulong,
+        )
+    };
+    check(ret as libc::c_long).map(drop)
+}
+
+/// `pidfd_open(pid, 0)`.
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: integer arguments only.
+    owned(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })
+}
+
+/// `pidfd_getfd(pidfd, fd, 0)`: a duplicate of the target's `fd`.
+pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: integer arguments only.
+    owned(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) })
+}
+
+/// `pidfd_send_signal(pidfd, sig, NULL, 0)`.
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: i32) -> io::Result<()> {
+    // SAFETY: a NULL siginfo is documented to mean "as kill(2) would".
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    check(ret).map(drop)
+}
+
+/// `waitid(P_PIDFD, pidfd, WEXITED | flags)`: `None` if `WNOHANG` was given
+/// and the process has not exited, else `(si_code, si_status)`.
+pub fn waitid_pidfd(pidfd: BorrowedFd<'_>, flags: i32) -> io::Result<Option<(i32, i32)>> {
+    loop {
+        // SAFETY: `siginfo_t` is plain data; all-zero is valid and is what
+        // `WNOHANG` leaves when no child changed state.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a live, writable siginfo_t.
+        let ret = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED | flags,
+            )
+        };
+        match check(ret as libc::c_long) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+            // SAFETY: the kernel filled `info` for a child event; si_pid is
+            // zero when WNOHANG found nothing.
+            Ok(_) if unsafe { info.si_pid() } == 0 => return Ok(None),
+            // SAFETY: as above, `info` describes an exited child.
+            Ok(_) => return Ok(Some((info.si_code, unsafe { info.si_status() }))),
+        }
+    }
+}
+
+/// Receives one fd sent with `SCM_RIGHTS` over `sock`; `None` on EOF.
+pub fn recv_fd(sock: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut byte = [0u8; 1];
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!(RawFd);
+    loop {
+        let msg = match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => other?,
+        };
+        for cmsg in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                // SAFETY: SCM_RIGHTS installed these fds in this process just
+                // now; nobody else owns them.
+                let mut owned: Vec<OwnedFd> = fds
+                    .into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+                    .collect();
+                return Ok(owned.pop());
+            }
+        }
+        return Ok(None);
+    }
+}
+
+/// Everything the child needs between `fork` and `exec`, built in the parent
+/// so that the child never allocates.
+pub struct ChildPlan {
+    /// The BPF program to load with `SECCOMP_FILTER_FLAG_NEW_LISTENER`.
+    pub filter: Vec<libc::sock_filter>,
+    /// Paths to try with `execve`, in order (the parent resolved `PATH`).
+    pub candidates: Vec<CString>,
+    /// NULL-terminated `argv`, pointing into `argv_owned`.
+    argv: Vec<*const c_char>,
+    /// NULL-terminated `envp`, pointing into `envp_owned`.
+    envp: Vec<*const c_char>,
+    _argv_owned: Vec<CString>,
+    _envp_owned: Vec<CString>,
+}
+
+impl ChildPlan {
+    /// Builds the pointer arrays for `execve`.
+    pub fn new(
+        filter: Vec<libc::sock_filter>,
+        candidates: Vec<CString>,
+        argv: Vec<CString>,
+        envp: Vec<CString>,
+    ) -> Self {
+        let ptrs = |v: &[CString]| {
+            v.iter()
+                .map(|s| s.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect()
+        };
+        ChildPlan {
+            filter,
+            candidates,
+            argv: ptrs(&argv),
+            envp: ptrs(&envp),
+            _argv_owned: argv,
+            _envp_owned: envp,
+        }
+    }
+}
+
+/// Forks a child that loads `plan.filter` with a new listener, sends the
+/// listener over `sock` and execs; on any failure it writes
+/// `[stage: u32, errno: u32]` to `err_pipe` and exits with 127. Returns the
+/// child's pid in the parent.
+pub fn fork_filtered(
+    plan: &ChildPlan,
+    sock: BorrowedFd<'_>,
+    err_pipe: BorrowedFd<'_>,
+) -> io::Result<libc::pid_t> {
+    // SAFETY: fork in a possibly multi-threaded process: the child only runs
+    // `child_after_fork`, which makes raw async-signal-safe syscalls on data
+    // prepared before the fork and never returns.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        0 => child_after_fork(plan, sock.as_raw_fd(), err_pipe.as_raw_fd()),
+        pid => Ok(pid),
+    }
+}
+
+fn child_after_fork(plan: &ChildPlan, sock: RawFd, err_pipe: RawFd) -> ! {
+    let fail = |stage: ChildStage| -> ! {
+        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0) as u32;
+        let mut msg = [0u8; 8];
+        msg[..4].copy_from_slice(&(stage as u32).to_ne_bytes());
+        msg[4..].copy_from_slice(&errno.to_ne_bytes());
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; `msg` is live.
+        unsafe {
+            libc::write(err_pipe, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127)
+        }
+    };
+    // SAFETY: raw async-signal-safe syscalls on stack data and on `plan`,
+    // which the parent built before forking and does not touch meanwhile.
+    unsafe {
+        // The target starts like any exec'd program: empty signal mask and a
+        // default SIGPIPE (the Rust runtime ignores SIGPIPE).
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            fail(ChildStage::NoNewPrivs);
+        }
+        let prog = libc::sock_fprog {
+            len: plan.filter.len() as u16,
+            filter: plan.filter.as_ptr().cast_mut(),
+        };
+        let listener = libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+            &prog as *const libc::sock_fprog,
+        );
+        if listener < 0 {
+            fail(ChildStage::Seccomp);
+        }
+        if send_fd_raw(sock, listener as RawFd) < 0 {
+            fail(ChildStage::SendListener);
+        }
+        libc::close(listener as RawFd);
+
+        let mut errno = libc::ENOENT;
+        for path in &plan.candidates {
+            libc::execve(path.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr());
+            let e = *libc::__errno_location();
+            // execvp(3)'s rules: remember EACCES, skip path entries that do
+            // not hold the program, stop at any other error.
+            match e {
+                libc::EACCES => errno = e,
+                libc::ENOENT
+                | libc::ENOTDIR
+                | libc::ESTALE
+                | libc::ELOOP
+                | libc::ENODEV
+                | libc::ETIMEDOUT => {}
+                _ => {
+                    errno = e;
+                    break;
+                }
+            }
+        }
+        *libc::__errno_location() = errno;
+        fail(ChildStage::Exec)
+    }
+}
+
+/// `sendmsg` of one fd with `SCM_RIGHTS`, without allocating.
+///
+/// # Safety
+/// Only raw syscalls on stack buffers; callable between fork and exec.
+unsafe fn send_fd_raw(sock: RawFd, fd: RawFd) -> isize {
+    // Aligned room for one cmsghdr carrying one int.
+    let mut cbuf = [0u64; 4];
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut msg: libc::msghdr = std::mem::zeroed();
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as _;
+    let cmsg = libc::CMSG_FIRSTHDR(&msg);
+    (*cmsg).cmsg_level = libc::SOL_SOCKET;
+    (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+    (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+    std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+    libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL)
+}
+
+/// `accept4(2)` on a listener of ours, returning an owned fd.
+pub fn accept4(listener: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
+    // SAFETY: NULL address and length pointers are allowed by accept4(2).
+    let ret = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            flags,
+        )
+    };
+    owned(ret as libc::c_long)
+}
+
+/// `setsockopt(2)` with a raw option value, for replaying the options a
+/// program set on a virtual socket onto a real one.
+pub fn setsockopt_raw(fd: BorrowedFd<'_>, level: i32, name: i32, value: &[u8]) -> io::Result<()> {
+    // SAFETY: `value` is a live buffer of exactly the length passed.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
+        )
+    };
+    check(ret as libc::c_long).map(drop)
+}
+
+/// Registers an fd of ours with the tokio reactor for readability.
+pub fn async_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the `OwnedFd` moves into the `AsyncFd`, so it stays open and
+    // refers to the same file description for the AsyncFd's whole life.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}

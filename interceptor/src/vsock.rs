@@ -1,0 +1,247 @@
+//! The virtual-socket table (DESIGN.md, "Virtual TCP sockets").
+//!
+//! Every AF_INET/AF_INET6 stream socket of the target is a real kernel object
+//! inside it — first an unconnected AF_UNIX placeholder, then the socketpair
+//! end `S` of a connection or the AF_UNIX listener `L` — and is known here by
+//! that object's inode, which survives `dup`, `fork`, `exec` and SCM_RIGHTS.
+//! An fd whose inode is not in the table is a real socket: its syscalls
+//! continue natively.
+
+use saps_fabric::ConnId;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// The inode of a socket object (`socket:[INO]`).
+pub type Inode = u64;
+
+/// Where a virtual socket is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// After `socket()` (and perhaps `bind()`): still the placeholder.
+    Fresh,
+    /// Non-blocking `connect()` in flight: `S` is installed, its filler
+    /// keeps it from polling writable until the io-server answers.
+    Connecting { peer: SocketAddr },
+    /// An established connection (connected or accepted).
+    Connected { peer: SocketAddr, local: SocketAddr },
+    /// `listen()` done: the fd is the AF_UNIX listener `L`.
+    Listening,
+}
+
+/// One virtual TCP socket (the paper's `VirtualSocket`).
+#[derive(Debug, Clone)]
+pub struct VirtualSocket {
+    /// `AF_INET` or `AF_INET6`, as the program asked.
+    pub domain: i32,
+    /// The SAPS connection tag, once the io-server knows the socket.
+    pub conn: Option<ConnId>,
+    /// The address bound on the io-server (port 0 resolved).
+    pub bound: Option<SocketAddr>,
+    pub state: State,
+    /// An asynchronous error for the next `getsockopt(SO_ERROR)` (§2.3).
+    pub error: i32,
+    /// Options the program set, replayed where they apply.
+    pub options: Options,
+}
+
+impl VirtualSocket {
+    pub fn new(domain: i32) -> Self {
+        VirtualSocket {
+            domain,
+            conn: None,
+            bound: None,
+            state: State::Fresh,
+            error: 0,
+            options: Options::default(),
+        }
+    }
+
+    /// A socket accepted from a listener.
+    pub fn accepted(domain: i32, conn: ConnId, peer: SocketAddr, local: SocketAddr) -> Self {
+        VirtualSocket {
+            conn: Some(conn),
+            bound: Some(local),
+            state: State::Connected { peer, local },
+            ..VirtualSocket::new(domain)
+        }
+    }
+
+    /// What `getsockname()` says.
+    pub fn local_addr(&self) -> SocketAddr {
+        match &self.state {
+            State::Connected { local, .. } => *local,
+            _ => self.bound.unwrap_or_else(|| unspecified(self.domain)),
+        }
+    }
+
+    /// What `getpeername()` says; `None` is `ENOTCONN`.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        match &self.state {
+            State::Connected { peer, .. } => Some(*peer),
+            _ => None,
+        }
+    }
+}
+
+/// `0.0.0.0:0` or `[::]:0`.
+pub fn unspecified(domain: i32) -> SocketAddr {
+    if domain == libc::AF_INET6 {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+    }
+}
+
+/// Socket options set by the program, by `(level, name)`.
+#[derive(Debug, Clone, Default)]
+pub struct Options(BTreeMap<(i32, i32), Vec<u8>>);
+
+impl Options {
+    pub fn set(&mut self, level: i32, name: i32, value: &[u8]) {
+        self.0.insert((level, name), value.to_vec());
+    }
+
+    pub fn get(&self, level: i32, name: i32) -> Option<&[u8]> {
+        self.0.get(&(level, name)).map(Vec::as_slice)
+    }
+
+    /// Whether an int-valued option is set to non-zero.
+    pub fn is_on(&self, level: i32, name: i32) -> bool {
+        self.get(level, name)
+            .is_some_and(|v| v.iter().take(4).any(|&b| b != 0))
+    }
+
+    /// The options that decide how a bind behaves on the io-server.
+    pub fn bind_flags(&self) -> u32 {
+        use saps_fabric::frame::bind_flags::*;
+        let mut f = 0;
+        if self.is_on(libc::SOL_SOCKET, libc::SO_REUSEADDR) {
+            f |= REUSEADDR;
+        }
+        if self.is_on(libc::SOL_SOCKET, libc::SO_REUSEPORT) {
+            f |= REUSEPORT;
+        }
+        if self.is_on(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) {
+            f |= V6ONLY;
+        }
+        f
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (i32, i32, &[u8])> {
+        self.0.iter().map(|(&(l, n), v)| (l, n, v.as_slice()))
+    }
+}
+
+/// The table, keyed by inode.
+#[derive(Debug, Default)]
+pub struct VsockTable {
+    by_inode: HashMap<Inode, VirtualSocket>,
+    /// Connection tag → inode, to forget a socket when its connection ends.
+    by_conn: HashMap<ConnId, Inode>,
+}
+
+impl VsockTable {
+    pub fn get(&self, ino: Inode) -> Option<&VirtualSocket> {
+        self.by_inode.get(&ino)
+    }
+
+    pub fn get_mut(&mut self, ino: Inode) -> Option<&mut VirtualSocket> {
+        self.by_inode.get_mut(&ino)
+    }
+
+    pub fn insert(&mut self, ino: Inode, vs: VirtualSocket) {
+        if let Some(c) = vs.conn {
+            self.by_conn.insert(c, ino);
+        }
+        self.by_inode.insert(ino, vs);
+    }
+
+    pub fn remove(&mut self, ino: Inode) -> Option<VirtualSocket> {
+        let vs = self.by_inode.remove(&ino)?;
+        if let Some(c) = vs.conn {
+            if self.by_conn.get(&c) == Some(&ino) {
+                self.by_conn.remove(&c);
+            }
+        }
+        Some(vs)
+    }
+
+    /// The socket of connection `conn`.
+    pub fn by_conn_mut(&mut self, conn: ConnId) -> Option<&mut VirtualSocket> {
+        let ino = *self.by_conn.get(&conn)?;
+        self.by_inode.get_mut(&ino)
+    }
+
+    /// Forgets the socket of connection `conn`.
+    pub fn remove_conn(&mut self, conn: ConnId) -> Option<VirtualSocket> {
+        let ino = *self.by_conn.get(&conn)?;
+        self.remove(ino)
+    }
+
+    /// The object behind the fd changed (`ADDFD` with `SETFD`): move the
+    /// entry to the new object's inode.
+    pub fn rekey(&mut self, old: Inode, new: Inode, vs: VirtualSocket) {
+        self.remove(old);
+        self.insert(new, vs);
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_inode.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_inode.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use saps_fabric::frame::bind_flags;
+
+    #[test]
+    fn bind_flags_follow_the_options_set() {
+        let mut o = Options::default();
+        assert_eq!(o.bind_flags(), 0);
+        o.set(libc::SOL_SOCKET, libc::SO_REUSEADDR, &1i32.to_ne_bytes());
+        o.set(libc::SOL_SOCKET, libc::SO_REUSEPORT, &0i32.to_ne_bytes());
+        assert_eq!(o.bind_flags(), bind_flags::REUSEADDR);
+        o.set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &1i32.to_ne_bytes());
+        assert_eq!(o.bind_flags(), bind_flags::REUSEADDR | bind_flags::V6ONLY);
+    }
+
+    #[test]
+    fn rekey_moves_the_entry_to_the_new_object() {
+        let mut t = VsockTable::default();
+        t.insert(10, VirtualSocket::new(libc::AF_INET));
+        let mut vs = t.get(10).unwrap().clone();
+        vs.state = State::Listening;
+        t.rekey(10, 11, vs);
+        assert!(t.get(10).is_none());
+        assert_eq!(t.get(11).unwrap().state, State::Listening);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn a_socket_is_found_and_forgotten_by_its_connection() {
+        let mut t = VsockTable::default();
+        let peer: SocketAddr = "192.0.2.7:5555".parse().unwrap();
+        t.insert(20, VirtualSocket::accepted(libc::AF_INET, 9, peer, peer));
+        t.by_conn_mut(9).unwrap().error = libc::ECONNRESET;
+        assert_eq!(t.get(20).unwrap().error, libc::ECONNRESET);
+        assert!(t.remove_conn(9).is_some());
+        assert!(t.is_empty() && t.by_conn_mut(9).is_none());
+    }
+
+    #[test]
+    fn addresses_of_a_fresh_and_an_accepted_socket() {
+        let fresh = VirtualSocket::new(libc::AF_INET6);
+        assert_eq!(fresh.local_addr(), "[::]:0".parse().unwrap());
+        assert_eq!(fresh.peer_addr(), None);
+        let peer: SocketAddr = "192.0.2.7:5555".parse().unwrap();
+        let local: SocketAddr = "198.51.100.1:80".parse().unwrap();
+        let a = VirtualSocket::accepted(libc::AF_INET, 3, peer, local);
+        assert_eq!(a.peer_addr(), Some(peer));
+        assert_eq!(a.local_addr(), local);
+    }
+}

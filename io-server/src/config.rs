@@ -1,0 +1,187 @@
+//! The io-server's settings (DESIGN.md "Interfaces"). The same struct is the
+//! clap flags and the TOML file of `--config`; flags given on the command
+//! line override the file.
+
+use crate::allow::AllowPorts;
+use clap::{Args, ValueEnum};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+
+/// Default control socket of `io-server status` / `io-server weight`.
+pub const DEFAULT_CONTROL: &str = "/run/saps-io-server.ctl";
+/// Default grace period of a graceful shutdown, in seconds.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: u64 = 30;
+
+/// `--scheduler`: how a listener group picks a member per client connection.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedulerKind {
+    /// Round robin: members in turn.
+    #[default]
+    Rr,
+    /// Weighted round robin: in proportion to the weights.
+    Wrr,
+    /// Least connection: fewest live connections.
+    Lc,
+    /// Weighted least connection: fewest live connections per weight.
+    Wlc,
+    /// Modified WLC (CSSNS): fewest bytes still to deliver per weight.
+    Mwlc,
+    /// Source hashing: a client address always goes to the same member.
+    Sh,
+}
+
+impl SchedulerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SchedulerKind::Rr => "rr",
+            SchedulerKind::Wrr => "wrr",
+            SchedulerKind::Lc => "lc",
+            SchedulerKind::Wlc => "wlc",
+            SchedulerKind::Mwlc => "mwlc",
+            SchedulerKind::Sh => "sh",
+        }
+    }
+}
+
+/// `--stack`: which TCP/IP stack serves clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stack {
+    /// The host's Linux TCP stack.
+    #[default]
+    Kernel,
+    /// smoltcp on a TAP device (not built in this version).
+    Smoltcp,
+}
+
+/// Everything the io-server needs to start.
+#[derive(Debug, Clone, Args, serde::Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// Where application nodes connect: unix:/PATH, tcp://HOST:PORT or
+    /// rdma://HOST:PORT. Repeat for several.
+    #[arg(long = "fabric", value_name = "URL")]
+    pub fabric: Vec<String>,
+    /// The single address: client-facing listeners bind it and outbound
+    /// connections leave from it.
+    #[arg(long, value_name = "IP", default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    pub address: IpAddr,
+    /// How each listener group picks a node for a new client connection.
+    #[arg(long, value_enum, value_name = "NAME", default_value_t)]
+    pub scheduler: SchedulerKind,
+    /// The TCP/IP stack that serves clients.
+    #[arg(long, value_enum, value_name = "STACK", default_value_t)]
+    pub stack: Stack,
+    /// TAP device for `--stack smoltcp`.
+    #[arg(long, value_name = "NAME")]
+    pub tap: Option<String>,
+    /// File holding the shared token nodes must prove (surrounding
+    /// whitespace is ignored).
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// The token itself (embedded use and config files; on the command
+    /// line use --token-file so it does not show in `ps`).
+    #[arg(skip)]
+    pub token: Option<String>,
+    /// Ports nodes may bind and listen on, e.g. 80,443,8000-9000
+    /// (default: any). Others get EACCES.
+    #[arg(long, value_name = "RANGES")]
+    pub allow_ports: Option<AllowPorts>,
+    /// Unix socket for `io-server status` and `io-server weight`
+    /// [default: /run/saps-io-server.ctl].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Serve the status as plain-text metrics over HTTP on this address.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// On SIGTERM, how long open connections may take to finish.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT)]
+    pub shutdown_timeout: u64,
+    /// Receive buffer (Appendix A's B_r) per connection and direction, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = saps_fabric::channel::DEFAULT_WINDOW)]
+    pub window: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            fabric: Vec::new(),
+            address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            scheduler: SchedulerKind::default(),
+            stack: Stack::default(),
+            tap: None,
+            token_file: None,
+            token: None,
+            allow_ports: None,
+            control: None,
+            metrics: None,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            window: saps_fabric::channel::DEFAULT_WINDOW,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, crate::Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| crate::Error::ConfigRead {
+            path: path.into(),
+            source: e,
+        })?;
+        toml::from_str(&text).map_err(|e| crate::Error::ConfigParse {
+            path: path.into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The token from `token` or `token_file`, trimmed.
+    pub fn load_token(&self) -> Result<Vec<u8>, crate::Error> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(path)) => {
+                std::fs::read_to_string(path).map_err(|e| crate::Error::TokenRead {
+                    path: path.clone(),
+                    source: e,
+                })?
+            }
+            (None, None) => return Err(crate::Error::NoToken),
+        };
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(crate::Error::EmptyToken);
+        }
+        Ok(token.as_bytes().to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_sets_every_field() {
+        let c: Config = toml::from_str(
+            r#"
+            fabric = ["unix:/run/saps.sock", "tcp://0.0.0.0:7700"]
+            address = "192.0.2.10"
+            scheduler = "wrr"
+            token = "secret"
+            allow-ports = "80,8000-9000"
+            control = "/run/x.ctl"
+            shutdown-timeout = 5
+            window = 65536
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.fabric.len(), 2);
+        assert_eq!(c.scheduler, SchedulerKind::Wrr);
+        assert_eq!(c.address.to_string(), "192.0.2.10");
+        assert!(c.allow_ports.unwrap().allows(8080));
+        assert_eq!((c.shutdown_timeout, c.window), (5, 65536));
+        let e = toml::from_str::<Config>("schedular = \"rr\"").unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+}

@@ -1,0 +1,122 @@
+//! The control socket (`--control PATH`, mode 0600): one command per
+//! connection, one line each way and then the report.
+//!
+//! * `status` — the [`Status`] report;
+//! * `weight NODE N` — sets node `NODE`'s weight (name or id) to `N`; 0 drains.
+//!
+//! Answers start with `ok` / `error:` on failures so scripts can check.
+
+use crate::{Error, Shared, Status};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Longest command line accepted.
+const MAX_LINE: u64 = 4096;
+
+/// Binds the control socket, replacing a stale one.
+pub(crate) fn bind(path: &Path) -> Result<UnixListener, Error> {
+    let err = |source| Error::ControlBind {
+        path: path.into(),
+        source,
+    };
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another io-server is answering on it",
+        )));
+    }
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(l)
+}
+
+pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener) {
+    crate::accept_until_shutdown(
+        &shared,
+        "control",
+        || listener.accept(),
+        |(s, _)| {
+            tokio::spawn(answer(shared.clone(), s));
+        },
+    )
+    .await;
+    // Shut down: leave no stale socket file behind.
+    if let Some(path) = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+    {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+async fn answer(shared: Arc<Shared>, s: UnixStream) {
+    let (r, mut w) = s.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(r.take(MAX_LINE));
+    let read = reader.read_line(&mut line);
+    if tokio::time::timeout(std::time::Duration::from_secs(5), read)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let reply = execute(&shared, line.trim());
+    let _ = w.write_all(reply.as_bytes()).await;
+}
+
+/// Runs one control command and returns the text to send back.
+fn execute(shared: &Arc<Shared>, line: &str) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["status"] => Status::collect(shared).to_string(),
+        ["weight", node, n] => match n.parse::<u32>() {
+            Ok(w) if set_weight(shared, node, w) => format!("ok: weight of {node} is now {w}\n"),
+            Ok(_) => format!("error: no node named {node} (see `io-server status`)\n"),
+            Err(_) => format!(
+                "error: weight must be a number from 0 to {}, not `{n}`\n",
+                u32::MAX
+            ),
+        },
+        _ => format!("error: unknown command `{line}` (try `status` or `weight NODE N`)\n"),
+    }
+}
+
+/// Sets the weight of the node called `name` (or with that id).
+pub(crate) fn set_weight(shared: &Arc<Shared>, name: &str, weight: u32) -> bool {
+    let id = {
+        let st = shared.lock();
+        st.nodes
+            .iter()
+            .find(|(id, n)| n.name == name || id.to_string() == name)
+            .map(|(&id, _)| id)
+    };
+    id.is_some_and(|id| shared.set_weight(id, weight))
+}
+
+/// Client side: sends `command` to the io-server at `path` and returns its answer.
+pub async fn request(path: &Path, command: &str) -> Result<String, Error> {
+    let mut s = UnixStream::connect(path)
+        .await
+        .map_err(|source| Error::ControlConnect {
+            path: path.into(),
+            source,
+        })?;
+    let io = |source| Error::ControlConnect {
+        path: path.into(),
+        source,
+    };
+    s.write_all(format!("{command}\n").as_bytes())
+        .await
+        .map_err(io)?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await.map_err(io)?;
+    if let Some(msg) = reply.strip_prefix("error: ") {
+        return Err(Error::Command(msg.trim_end().to_string()));
+    }
+    Ok(reply)
+}

@@ -1,0 +1,293 @@
+//! Listener groups (DESIGN.md "Figure 3" and "Schedulers"): every port that
+//! nodes listen on is one real listening socket on the single address, and
+//! its members are the `(node, listener)` pairs that listen on it. Each
+//! accepted client connection goes to the member the group's scheduler
+//! picks; when no member is eligible (none yet, or all draining) the client
+//! waits in the group's queue and is dispatched when one becomes eligible.
+//!
+//! Binds follow the kernel's rules within one node: a second bind of a port
+//! the same node already holds fails with `EADDRINUSE` unless both sockets
+//! set `SO_REUSEPORT`. Different nodes binding one port share it.
+
+use crate::scheduler::{self, Candidate, Scheduler};
+use crate::state::{NodeId, Traffic};
+use crate::sys::{self, Errno};
+use crate::Shared;
+use saps_fabric::frame::bind_flags;
+use saps_fabric::ConnId;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// Clients waiting for an eligible member, per group; beyond this new
+/// clients are closed (like a full listen backlog).
+pub const MAX_QUEUED: usize = 1024;
+
+/// One node socket bound to the port.
+#[derive(Debug)]
+struct Bound {
+    node: NodeId,
+    conn: ConnId,
+    flags: u32,
+}
+
+/// A listening member of the group.
+pub(crate) struct Member {
+    pub node: NodeId,
+    pub listener: ConnId,
+    pub traffic: Traffic,
+}
+
+/// One port on the single address.
+pub(crate) struct Group {
+    /// The real socket while bound but not yet listening.
+    socket: Option<std::net::TcpListener>,
+    accept_task: Option<JoinHandle<()>>,
+    binds: Vec<Bound>,
+    pub members: Vec<Member>,
+    scheduler: Box<dyn Scheduler>,
+    pub queue: VecDeque<(TcpStream, SocketAddr)>,
+    /// Every connection the group accepted, by whichever member.
+    pub traffic: Traffic,
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Some(t) = &self.accept_task {
+            t.abort();
+        }
+    }
+}
+
+/// All groups, keyed by their real address.
+#[derive(Default)]
+pub(crate) struct Groups {
+    pub map: HashMap<SocketAddr, Group>,
+}
+
+impl Groups {
+    /// Binds `conn` of `node` to `addr` (port 0: a free port). Returns the
+    /// group's real address.
+    pub fn bind(
+        &mut self,
+        node: NodeId,
+        conn: ConnId,
+        addr: SocketAddr,
+        flags: u32,
+        kind: crate::config::SchedulerKind,
+    ) -> Result<SocketAddr, Errno> {
+        if addr.port() != 0 {
+            if let Some(g) = self.map.get_mut(&addr) {
+                let reuseport = flags & bind_flags::REUSEPORT != 0;
+                let clash = g.binds.iter().any(|b| {
+                    b.node == node && !(reuseport && b.flags & bind_flags::REUSEPORT != 0)
+                });
+                if clash {
+                    return Err(libc::EADDRINUSE);
+                }
+                g.binds.push(Bound { node, conn, flags });
+                return Ok(addr);
+            }
+        }
+        let socket = sys::bound_socket(addr)?;
+        let real = socket
+            .local_addr()
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
+        self.map.insert(
+            real,
+            Group {
+                socket: Some(socket),
+                accept_task: None,
+                binds: vec![Bound { node, conn, flags }],
+                members: Vec::new(),
+                scheduler: scheduler::new(kind),
+                queue: VecDeque::new(),
+                traffic: Traffic::default(),
+            },
+        );
+        Ok(real)
+    }
+
+    /// Makes the bound `conn` a member. Returns the real listener when this
+    /// is the group's first `listen`, for the caller to run its accept loop.
+    pub fn listen(
+        &mut self,
+        key: SocketAddr,
+        node: NodeId,
+        conn: ConnId,
+        backlog: u32,
+    ) -> Result<Option<TcpListener>, Errno> {
+        let g = self.map.get_mut(&key).ok_or(libc::EINVAL)?;
+        if g.members
+            .iter()
+            .any(|m| m.node == node && m.listener == conn)
+        {
+            return Ok(None); // listen() again only changes the backlog
+        }
+        let listener = match g.socket.take() {
+            Some(s) => {
+                if let Err(e) = sys::listen(&s, backlog) {
+                    g.socket = Some(s);
+                    return Err(e);
+                }
+                Some(
+                    TcpListener::from_std(s)
+                        .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?,
+                )
+            }
+            None => None,
+        };
+        g.members.push(Member {
+            node,
+            listener: conn,
+            traffic: Traffic::default(),
+        });
+        Ok(listener)
+    }
+
+    /// Starts the accept loop of a group that just began listening.
+    pub fn set_accept_task(&mut self, key: SocketAddr, task: JoinHandle<()>) {
+        match self.map.get_mut(&key) {
+            Some(g) => g.accept_task = Some(task),
+            None => task.abort(),
+        }
+    }
+
+    /// Drops `node`'s socket `conn` (or all of its sockets with `None`);
+    /// a group nobody binds any more closes its port.
+    pub fn unbind(&mut self, node: NodeId, conn: Option<ConnId>) {
+        let hit = |n: NodeId, c: ConnId| n == node && conn.is_none_or(|x| x == c);
+        for g in self.map.values_mut() {
+            g.binds.retain(|b| !hit(b.node, b.conn));
+            g.members.retain(|m| !hit(m.node, m.listener));
+        }
+        self.map.retain(|_, g| !g.binds.is_empty());
+    }
+
+    /// Asks the group's scheduler for a member; `load` gives each member's
+    /// weight and bytes in flight.
+    pub fn pick(
+        &mut self,
+        key: SocketAddr,
+        client: std::net::IpAddr,
+        load: impl Fn(&Member) -> (u32, u64),
+    ) -> Option<(NodeId, ConnId)> {
+        let g = self.map.get_mut(&key)?;
+        let candidates: Vec<Candidate> = g
+            .members
+            .iter()
+            .map(|m| {
+                let (weight, pending) = load(m);
+                Candidate {
+                    key: (u64::from(m.node) << 40) ^ m.listener,
+                    weight,
+                    active: m.traffic.live.len() as u64,
+                    pending,
+                }
+            })
+            .collect();
+        let i = g.scheduler.pick(&candidates, client)?;
+        Some((g.members[i].node, g.members[i].listener))
+    }
+
+    pub fn member_mut(
+        &mut self,
+        key: SocketAddr,
+        node: NodeId,
+        listener: ConnId,
+    ) -> Option<&mut Member> {
+        self.map
+            .get_mut(&key)?
+            .members
+            .iter_mut()
+            .find(|m| m.node == node && m.listener == listener)
+    }
+}
+
+/// Accepts clients on a group's port until shutdown or the group closes.
+pub(crate) async fn accept_loop(shared: Arc<Shared>, key: SocketAddr, listener: TcpListener) {
+    let what = key.to_string();
+    crate::accept_until_shutdown(
+        &shared,
+        &what,
+        || listener.accept(),
+        |(stream, peer)| {
+            let _ = stream.set_nodelay(true);
+            dispatch(&shared, key, stream, peer);
+        },
+    )
+    .await
+}
+
+/// Hands a client connection to the member the scheduler picks, or queues it.
+pub(crate) fn dispatch(shared: &Arc<Shared>, key: SocketAddr, stream: TcpStream, peer: SocketAddr) {
+    let mut guard = shared.lock();
+    let st = &mut *guard;
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    loop {
+        let picked = {
+            let nodes = &st.nodes;
+            st.groups
+                .pick(key, peer.ip(), |m| match nodes.get(&m.node) {
+                    Some(n) => (n.weight, n.in_flight(&m.traffic)),
+                    None => (0, 0),
+                })
+        };
+        let Some((node_id, listener)) = picked else {
+            let Some(g) = st.groups.map.get_mut(&key) else {
+                return;
+            };
+            if g.queue.len() < MAX_QUEUED {
+                tracing::debug!(%key, %peer, "no eligible member: client queued");
+                g.queue.push_back((stream, peer));
+            } else {
+                tracing::warn!(%key, %peer, "group queue full: client closed");
+            }
+            return;
+        };
+        let Some(node) = st.nodes.get(&node_id) else {
+            st.groups.unbind(node_id, None);
+            continue;
+        };
+        let ep = node.ep.clone();
+        match ep.accept_connection(listener, peer, local) {
+            Ok(conn) => {
+                tracing::debug!(%key, %peer, node = node_id, conn, "client dispatched");
+                let member = Some((key, listener));
+                crate::state::start_relay(shared, st, node_id, member, conn, stream);
+                return;
+            }
+            // The node's channel closed; its removal is on the way.
+            Err(_) => st.groups.unbind(node_id, None),
+        }
+    }
+}
+
+/// Dispatches queued clients of `key` while a member is eligible.
+pub(crate) fn drain_queue(shared: &Arc<Shared>, key: SocketAddr) {
+    for _ in 0..MAX_QUEUED {
+        let next = {
+            let mut st = shared.lock();
+            let eligible = {
+                let nodes = &st.nodes;
+                st.groups.map.get(&key).is_some_and(|g| {
+                    g.members
+                        .iter()
+                        .any(|m| nodes.get(&m.node).is_some_and(|n| n.weight > 0))
+                })
+            };
+            match st.groups.map.get_mut(&key) {
+                Some(g) if eligible => g.queue.pop_front(),
+                _ => None,
+            }
+        };
+        match next {
+            Some((stream, peer)) => dispatch(shared, key, stream, peer),
+            None => return,
+        }
+    }
+}

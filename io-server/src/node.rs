@@ -1,0 +1,318 @@
+//! One task per node channel: the handshake, then every Figure 3 request
+//! of that node serviced on the host's real TCP stack (DESIGN.md "Figure 3,
+//! as messages on the fabric").
+//!
+//! `bind`/`listen` reserve and listen on the real port of the single
+//! address (the group's socket); `connect` opens a real outbound TCP
+//! connection from the single address and answers with the real errno;
+//! `setsockopt`/`getsockopt` reach the real TCP socket. A node whose channel
+//! fails (wrong token, garbage, disconnect) is dropped with its reason
+//! logged; its listeners leave their groups and nothing else is touched.
+
+use crate::group;
+use crate::state::{start_relay, NodeEntry, NodeId, Socket};
+use crate::sys;
+use crate::Shared;
+use saps_fabric::endpoint::io_errno;
+use saps_fabric::transport::{TransportRead, TransportWrite};
+use saps_fabric::{
+    Channel, ChannelConfig, ConnId, Endpoint, EndpointEvent, ReqId, Request, Response,
+};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use tracing::Instrument;
+
+/// Serves one node over `r`/`w` until its channel closes.
+pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
+    shared: Arc<Shared>,
+    r: R,
+    w: W,
+    peer: String,
+) {
+    let config = ChannelConfig::new(shared.token.clone()).window(shared.config.window);
+    let (ep, mut events) = Endpoint::spawn(Channel::io_server(config), r, w);
+    let (name, weight) = match events.recv().await {
+        Some(EndpointEvent::NodeAuthenticated { node, weight }) => (node, weight),
+        Some(EndpointEvent::Closed { error }) => {
+            tracing::warn!(%peer, reason = %error, "node refused");
+            return;
+        }
+        other => {
+            tracing::warn!(%peer, event = ?other, "node refused: unexpected first event");
+            return;
+        }
+    };
+    let id = {
+        let mut st = shared.lock();
+        st.next_node += 1;
+        let id = st.next_node;
+        st.nodes.insert(
+            id,
+            NodeEntry {
+                name: name.clone(),
+                peer: peer.clone(),
+                ep: ep.clone(),
+                weight,
+                traffic: Default::default(),
+                sockets: Default::default(),
+            },
+        );
+        id
+    };
+    ep.handle().with(|ch| ch.welcome(id));
+    let span = tracing::info_span!("node", id, name = %name);
+    async {
+        tracing::info!(%peer, weight, "node joined");
+        let node = Node {
+            shared: shared.clone(),
+            ep,
+            id,
+        };
+        while let Some(ev) = events.recv().await {
+            match ev {
+                EndpointEvent::Request { req, request } => node.request(req, request),
+                EndpointEvent::WeightChanged { weight } => {
+                    shared.set_weight(id, weight);
+                }
+                EndpointEvent::ConnectionClosed { conn, .. } => node.socket_closed(conn),
+                EndpointEvent::Closed { error } => {
+                    tracing::info!(reason = %error, "node left");
+                    break;
+                }
+                other => tracing::debug!(event = ?other, "ignored"),
+            }
+        }
+        shared.remove_node(id);
+    }
+    .instrument(span)
+    .await
+}
+
+struct Node {
+    shared: Arc<Shared>,
+    ep: Endpoint,
+    id: NodeId,
+}
+
+fn status(r: Result<Option<SocketAddr>, i32>) -> Response {
+    match r {
+        Ok(addr) => Response::Status { errno: 0, addr },
+        Err(errno) => Response::Status { errno, addr: None },
+    }
+}
+
+impl Node {
+    fn request(&self, req: ReqId, request: Request) {
+        tracing::debug!(req, ?request, "request");
+        let response = match request {
+            Request::Bind { conn, addr, flags } => status(self.bind(conn, addr, flags).map(Some)),
+            Request::Listen { conn, backlog } => status(self.listen(conn, backlog).map(Some)),
+            Request::Connect { conn, addr } => return self.connect(req, conn, addr),
+            Request::Shutdown { conn, .. } => {
+                // FIN travels in the data path (EOF on the node's socket
+                // pair); only the answer is needed here.
+                let known = self.with_socket(conn, |s| s.tcp.is_some()).unwrap_or(false);
+                status(if known { Ok(None) } else { Err(libc::ENOTCONN) })
+            }
+            Request::SetOpt {
+                conn,
+                level,
+                name,
+                value,
+            } => status(self.set_opt(conn, level, name, value).map(|_| None)),
+            Request::GetOpt {
+                conn,
+                level,
+                name,
+                len,
+            } => match self.get_opt(conn, level, name, len) {
+                Ok(value) => Response::OptValue {
+                    errno: 0,
+                    value: value.into(),
+                },
+                Err(errno) => Response::OptValue {
+                    errno,
+                    value: Default::default(),
+                },
+            },
+        };
+        if response.errno() != 0 {
+            tracing::debug!(req, errno = response.errno(), "request failed");
+        }
+        self.ep.respond(req, response);
+    }
+
+    fn with_socket<T>(&self, conn: ConnId, f: impl FnOnce(&mut Socket) -> T) -> Option<T> {
+        let mut st = self.shared.lock();
+        st.nodes.get_mut(&self.id)?.sockets.get_mut(&conn).map(f)
+    }
+
+    /// Checks `--allow-ports`; a refusal is logged and answers EACCES.
+    fn allowed(&self, port: u16) -> Result<(), i32> {
+        match &self.shared.config.allow_ports {
+            Some(allow) if !allow.allows(port) => {
+                tracing::warn!(port, allowed = %allow, "bind refused: port not in --allow-ports (EACCES)");
+                Err(libc::EACCES)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn bind(&self, conn: ConnId, addr: SocketAddr, flags: u32) -> Result<SocketAddr, i32> {
+        let address = self.shared.config.address;
+        let ip = addr.ip();
+        if !(ip.is_unspecified() || ip.is_loopback() || ip == address) {
+            return Err(libc::EADDRNOTAVAIL);
+        }
+        if addr.port() != 0 {
+            self.allowed(addr.port())?;
+        }
+        let mut st = self.shared.lock();
+        let kind = self.shared.config.scheduler;
+        let node = st.nodes.get(&self.id).ok_or(libc::ENOTCONN)?;
+        if node.sockets.get(&conn).is_some_and(|s| s.group.is_some()) {
+            return Err(libc::EINVAL);
+        }
+        let real = st.groups.bind(
+            self.id,
+            conn,
+            SocketAddr::new(address, addr.port()),
+            flags,
+            kind,
+        )?;
+        let node = st.nodes.get_mut(&self.id).ok_or(libc::ENOTCONN)?;
+        node.sockets.entry(conn).or_default().group = Some(real);
+        tracing::info!(port = real.port(), "bound");
+        Ok(SocketAddr::new(ip, real.port()))
+    }
+
+    fn listen(&self, conn: ConnId, backlog: u32) -> Result<SocketAddr, i32> {
+        let bound = self.with_socket(conn, |s| s.group).flatten();
+        let key = match bound {
+            Some(key) => key,
+            // listen() without bind() binds a free port, as the kernel does.
+            None => {
+                let any = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0);
+                let addr = self.bind(conn, any, 0)?;
+                SocketAddr::new(self.shared.config.address, addr.port())
+            }
+        };
+        if let Err(e) = self.allowed(key.port()) {
+            self.socket_closed(conn);
+            return Err(e);
+        }
+        let listener = self
+            .shared
+            .lock()
+            .groups
+            .listen(key, self.id, conn, backlog)?;
+        if let Some(listener) = listener {
+            let task = tokio::spawn(group::accept_loop(self.shared.clone(), key, listener));
+            self.shared.lock().groups.set_accept_task(key, task);
+        }
+        tracing::info!(port = key.port(), "listening");
+        group::drain_queue(&self.shared, key);
+        Ok(key)
+    }
+
+    /// Outbound connect from the single address, answered when it is
+    /// established or has failed.
+    fn connect(&self, req: ReqId, conn: ConnId, addr: SocketAddr) {
+        let shared = self.shared.clone();
+        let (ep, id) = (self.ep.clone(), self.id);
+        let opts = self
+            .with_socket(conn, |s| std::mem::take(&mut s.opts))
+            .unwrap_or_default();
+        tokio::spawn(
+            async move {
+                let result = open(shared.config.address, addr, &opts).await;
+                let mut st = shared.lock();
+                let response = match result {
+                    Ok(stream) => match ep.open_connection(conn) {
+                        Ok(()) => {
+                            let local = stream.local_addr().ok();
+                            tracing::info!(%addr, ?local, "connected");
+                            start_relay(&shared, &mut st, id, None, conn, stream);
+                            status(Ok(local))
+                        }
+                        Err(_) => return, // the node is gone
+                    },
+                    Err(e) => {
+                        tracing::info!(%addr, error = %e, "connect failed");
+                        status(Err(io_errno(&e)))
+                    }
+                };
+                drop(st);
+                ep.respond(req, response);
+            }
+            .in_current_span(),
+        );
+    }
+
+    fn set_opt(&self, conn: ConnId, level: i32, name: i32, value: bytes::Bytes) -> Result<(), i32> {
+        let mut st = self.shared.lock();
+        let node = st.nodes.get_mut(&self.id).ok_or(libc::ENOTCONN)?;
+        let s = node.sockets.entry(conn).or_default();
+        match &s.tcp {
+            Some(fd) => sys::setsockopt(fd.as_fd(), level, name, &value),
+            // Not connected yet: remembered and applied by connect.
+            None => {
+                s.opts.retain(|(l, n, _)| (*l, *n) != (level, name));
+                s.opts.push((level, name, value));
+                Ok(())
+            }
+        }
+    }
+
+    fn get_opt(&self, conn: ConnId, level: i32, name: i32, len: u32) -> Result<Vec<u8>, i32> {
+        self.with_socket(conn, |s| match &s.tcp {
+            Some(fd) => sys::getsockopt(fd.as_fd(), level, name, len),
+            None => s
+                .opts
+                .iter()
+                .find(|(l, n, _)| (*l, *n) == (level, name))
+                .map(|(_, _, v)| v.to_vec())
+                .ok_or(libc::ENOPROTOOPT),
+        })
+        .unwrap_or(Err(libc::ENOTCONN))
+    }
+
+    /// The node closed a socket that has no relay (a bound or listening
+    /// one): it leaves its group.
+    fn socket_closed(&self, conn: ConnId) {
+        let mut st = self.shared.lock();
+        let Some(node) = st.nodes.get_mut(&self.id) else {
+            return;
+        };
+        if node.sockets.get(&conn).is_some_and(|s| s.tcp.is_some()) {
+            return; // relayed: the relay handles it
+        }
+        if node.sockets.remove(&conn).and_then(|s| s.group).is_some() {
+            st.groups.unbind(self.id, Some(conn));
+        }
+    }
+}
+
+/// A TCP connection to `to`, leaving from `from` (unless unspecified),
+/// with the node's pending socket options applied first.
+async fn open(
+    from: IpAddr,
+    to: SocketAddr,
+    opts: &[(i32, i32, bytes::Bytes)],
+) -> std::io::Result<tokio::net::TcpStream> {
+    let sock = match to {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    if !from.is_unspecified() && from.is_ipv4() == to.is_ipv4() {
+        sock.bind(SocketAddr::new(from, 0))?;
+    }
+    for (level, name, value) in opts {
+        sys::setsockopt(sock.as_fd(), *level, *name, value)
+            .map_err(std::io::Error::from_raw_os_error)?;
+    }
+    let stream = sock.connect(to).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}

@@ -1,0 +1,151 @@
+//! The io-server's shared state: the registered nodes, the listener groups
+//! and the traffic counters behind `io-server status`.
+
+use crate::group::Groups;
+use crate::Shared;
+use saps_fabric::{ConnId, Endpoint, RelayOutcome};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+/// A node's id on this io-server (sent in Welcome).
+pub type NodeId = u32;
+
+/// Connection counters of a node, a group or a group member.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// Live relayed connections, by (node, connection).
+    pub live: HashSet<(NodeId, ConnId)>,
+    /// Connections ever relayed.
+    pub total: u64,
+    /// Bytes of finished connections; live ones are asked from the endpoint.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl Traffic {
+    fn start(&mut self, id: (NodeId, ConnId)) {
+        self.live.insert(id);
+        self.total += 1;
+    }
+
+    fn finish(&mut self, id: (NodeId, ConnId), out: &RelayOutcome) {
+        if self.live.remove(&id) {
+            self.bytes_in += out.bytes_in;
+            self.bytes_out += out.bytes_out;
+        }
+    }
+}
+
+/// One node socket the io-server holds state for.
+#[derive(Debug, Default)]
+pub struct Socket {
+    /// The group it is bound in.
+    pub group: Option<SocketAddr>,
+    /// A duplicate of the connected TCP socket, for SetOpt/GetOpt. Dropped
+    /// when the relay ends, which is when the socket really closes.
+    pub tcp: Option<OwnedFd>,
+    /// Options set before there was a TCP socket; applied on connect.
+    pub opts: Vec<(i32, i32, bytes::Bytes)>,
+}
+
+/// A registered node.
+pub struct NodeEntry {
+    pub name: String,
+    pub peer: String,
+    pub ep: Endpoint,
+    /// The scheduling weight; 0 drains.
+    pub weight: u32,
+    pub traffic: Traffic,
+    pub sockets: HashMap<ConnId, Socket>,
+}
+
+impl NodeEntry {
+    /// `C_i` of MWLC: bytes still to deliver on `t`'s live connections of
+    /// this node, both ways (client data the node has not consumed, node
+    /// data not yet written to the client).
+    pub fn in_flight(&self, t: &Traffic) -> u64 {
+        t.live.iter().map(|&(_, c)| self.conn_in_flight(c)).sum()
+    }
+
+    /// Bytes still to deliver on one relayed connection.
+    pub fn conn_in_flight(&self, conn: ConnId) -> u64 {
+        self.ep.pending_bytes(conn) + self.ep.handle().with(|ch| ch.buffered(conn))
+    }
+}
+
+#[derive(Default)]
+pub struct State {
+    pub nodes: BTreeMap<NodeId, NodeEntry>,
+    pub next_node: NodeId,
+    pub groups: Groups,
+}
+
+impl State {
+    /// Live connections of every node.
+    pub fn live_connections(&self) -> usize {
+        self.nodes.values().map(|n| n.traffic.live.len()).sum()
+    }
+}
+
+/// Records a relayed connection of `node` (accepted for `member`, or
+/// outbound) and runs its relay; the counters are settled when it ends.
+pub(crate) fn start_relay(
+    shared: &Arc<Shared>,
+    st: &mut State,
+    node_id: NodeId,
+    member: Option<(SocketAddr, ConnId)>,
+    conn: ConnId,
+    stream: TcpStream,
+) {
+    let Some(node) = st.nodes.get_mut(&node_id) else {
+        return;
+    };
+    let id = (node_id, conn);
+    node.traffic.start(id);
+    let sock = node.sockets.entry(conn).or_default();
+    sock.tcp = stream.as_fd().try_clone_to_owned().ok();
+    let ep = node.ep.clone();
+    if let Some((key, listener)) = member {
+        if let Some(g) = st.groups.map.get_mut(&key) {
+            g.traffic.start(id);
+        }
+        if let Some(m) = st.groups.member_mut(key, node_id, listener) {
+            m.traffic.start(id);
+        }
+    }
+    let shared = shared.clone();
+    let span = tracing::debug_span!("conn", node = node_id, conn);
+    tokio::spawn(
+        async move {
+            let peer = stream.peer_addr().ok();
+            let out = ep.relay_tcp(conn, stream).await;
+            tracing::debug!(
+                ?peer,
+                bytes_in = out.bytes_in,
+                bytes_out = out.bytes_out,
+                errno = out.errno,
+                "connection finished"
+            );
+            let mut st = shared.lock();
+            if let Some(node) = st.nodes.get_mut(&node_id) {
+                node.traffic.finish(id, &out);
+                node.sockets.remove(&conn);
+            }
+            if let Some((key, listener)) = member {
+                if let Some(g) = st.groups.map.get_mut(&key) {
+                    g.traffic.finish(id, &out);
+                }
+                if let Some(m) = st.groups.member_mut(key, node_id, listener) {
+                    m.traffic.finish(id, &out);
+                }
+            }
+            drop(st);
+            shared.conns_changed.notify_waiters();
+        }
+        .instrument(span),
+    );
+}

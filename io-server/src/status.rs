@@ -1,0 +1,220 @@
+//! The `io-server status` report: nodes, listener groups, weights,
+//! active/total connections and bytes in/out, laid out like
+//! `ipvsadm -L -n --stats` (a group is a virtual service, its members the
+//! real servers). `--metrics` serves the same report over HTTP.
+
+use crate::config::SchedulerKind;
+use crate::state::{NodeEntry, State, Traffic};
+use crate::Shared;
+use saps_fabric::ConnId;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Counters of a node, group or member.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    /// Live connections.
+    pub active: u64,
+    /// Connections since start.
+    pub total: u64,
+    /// Client → node bytes.
+    pub bytes_in: u64,
+    /// Node → client bytes.
+    pub bytes_out: u64,
+    /// Bytes still to deliver on live connections (MWLC's `C_i`): what the
+    /// io-server holds or has sent but the other side has not yet taken.
+    pub in_flight: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeStatus {
+    pub id: u32,
+    pub name: String,
+    pub peer: String,
+    pub weight: u32,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemberStatus {
+    pub node_id: u32,
+    pub node: String,
+    pub listener: ConnId,
+    pub weight: u32,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GroupStatus {
+    pub addr: SocketAddr,
+    /// Clients waiting for an eligible member.
+    pub queued: usize,
+    pub counters: Counters,
+    pub members: Vec<MemberStatus>,
+}
+
+/// A snapshot of the whole io-server.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    pub address: IpAddr,
+    pub scheduler: SchedulerKind,
+    pub uptime_secs: u64,
+    pub nodes: Vec<NodeStatus>,
+    pub groups: Vec<GroupStatus>,
+}
+
+/// Counters of `t`, with the live connections' bytes asked from their endpoints.
+fn counters(nodes: &BTreeMap<u32, NodeEntry>, t: &Traffic) -> Counters {
+    let mut c = Counters {
+        active: t.live.len() as u64,
+        total: t.total,
+        bytes_in: t.bytes_in,
+        bytes_out: t.bytes_out,
+        in_flight: 0,
+    };
+    for &(node, conn) in &t.live {
+        if let Some(n) = nodes.get(&node) {
+            let (i, o) = n.ep.relayed_bytes(conn);
+            c.bytes_in += i;
+            c.bytes_out += o;
+            c.in_flight += n.conn_in_flight(conn);
+        }
+    }
+    c
+}
+
+impl Status {
+    pub(crate) fn collect(shared: &Arc<Shared>) -> Status {
+        let st: std::sync::MutexGuard<'_, State> = shared.lock();
+        let nodes = st
+            .nodes
+            .iter()
+            .map(|(&id, n)| NodeStatus {
+                id,
+                name: n.name.clone(),
+                peer: n.peer.clone(),
+                weight: n.weight,
+                counters: counters(&st.nodes, &n.traffic),
+            })
+            .collect();
+        let mut groups: Vec<GroupStatus> = st
+            .groups
+            .map
+            .iter()
+            .filter(|(_, g)| !g.members.is_empty() || !g.queue.is_empty())
+            .map(|(&addr, g)| GroupStatus {
+                addr,
+                queued: g.queue.len(),
+                counters: counters(&st.nodes, &g.traffic),
+                members: g
+                    .members
+                    .iter()
+                    .map(|m| {
+                        let node = st.nodes.get(&m.node);
+                        MemberStatus {
+                            node_id: m.node,
+                            node: node.map_or_else(String::new, |n| n.name.clone()),
+                            listener: m.listener,
+                            weight: node.map_or(0, |n| n.weight),
+                            counters: counters(&st.nodes, &m.traffic),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        groups.sort_by_key(|g| g.addr);
+        Status {
+            address: shared.config.address,
+            scheduler: shared.config.scheduler,
+            uptime_secs: shared.started.elapsed().as_secs(),
+            nodes,
+            groups,
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "SAPS io-server {} (address {}, scheduler {}, {} node(s), up {}s)",
+            env!("CARGO_PKG_VERSION"),
+            self.address,
+            self.scheduler.name(),
+            self.nodes.len(),
+            self.uptime_secs
+        )?;
+        let row = |f: &mut fmt::Formatter<'_>, label: String, weight: String, c: &Counters| {
+            writeln!(
+                f,
+                "{label:<34} {weight:>6} {:>10} {:>10} {:>14} {:>14} {:>10}",
+                c.active, c.total, c.bytes_in, c.bytes_out, c.in_flight
+            )
+        };
+        writeln!(
+            f,
+            "{:<34} {:>6} {:>10} {:>10} {:>14} {:>14} {:>10}",
+            "Prot LocalAddress:Port Scheduler",
+            "Weight",
+            "ActiveConn",
+            "Conns",
+            "InBytes",
+            "OutBytes",
+            "InFlight"
+        )?;
+        writeln!(f, "  -> Node (id/listener)")?;
+        for g in &self.groups {
+            let queued = if g.queued > 0 {
+                format!(" queued {}", g.queued)
+            } else {
+                String::new()
+            };
+            row(
+                f,
+                format!("TCP  {} {}{queued}", g.addr, self.scheduler.name()),
+                String::new(),
+                &g.counters,
+            )?;
+            for m in &g.members {
+                row(
+                    f,
+                    format!("  -> {} ({}/{})", m.node, m.node_id, m.listener),
+                    m.weight.to_string(),
+                    &m.counters,
+                )?;
+            }
+        }
+        writeln!(f)?;
+        writeln!(f, "Nodes")?;
+        for n in &self.nodes {
+            row(
+                f,
+                format!("  {} ({}) from {}", n.name, n.id, n.peer),
+                n.weight.to_string(),
+                &n.counters,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// `--metrics`: answers every HTTP request with the status report.
+pub(crate) async fn serve_metrics(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
+    crate::accept_until_shutdown(&shared, "metrics", || listener.accept(), |(mut s, _)| {
+        let body = Status::collect(&shared).to_string();
+        tokio::spawn(async move {
+            let mut req = [0u8; 1024];
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut req)).await;
+            let head = format!(
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(body.as_bytes()).await;
+        });
+    })
+    .await
+}

@@ -1,0 +1,166 @@
+//! The command line of `saps-run` (DESIGN.md, "Interfaces").
+
+use clap::{Parser, ValueEnum};
+use saps_interceptor::supervisor::Loopback;
+use std::ffi::OsString;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::trace::{TraceFormat, TraceOptions, TraceWriter};
+
+/// Run PROGRAM with its TCP sockets served by a SAPS io-server: the program
+/// listens and connects on the cluster's single address, sees real client
+/// addresses, and needs no changes.
+#[derive(Debug, Parser)]
+#[command(name = "saps-run", version, about, long_about = None)]
+#[command(
+    after_help = "Without --io-server, an io-server runs inside saps-run on this \
+host's own TCP stack:\n  saps-run -- python3 -m http.server 8000\n\
+Joining a gateway's io-server:\n  saps-run --io-server tcp://gw:7700 --token-file /etc/saps/token --node web1 -- nginx"
+)]
+pub struct Args {
+    /// The io-server to join (unix:/path, tcp://host:port, rdma://host:port).
+    /// Default: an embedded io-server on this host.
+    #[arg(long, value_name = "URL", env = "SAPS_IO_SERVER")]
+    pub io_server: Option<String>,
+
+    /// This node's name on the io-server (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+
+    /// This node's scheduling weight (0 drains: no new connections).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub weight: u32,
+
+    /// File holding the fabric's shared token (needed with --io-server).
+    #[arg(long, value_name = "PATH", env = "SAPS_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// Loopback binds and connects stay on this node (local) or go through
+    /// the io-server like any other address (cluster).
+    #[arg(long, value_enum, default_value_t = LoopbackArg::Local)]
+    pub loopback: LoopbackArg,
+
+    /// Embedded io-server only: the address client connections arrive on
+    /// and outbound connections leave from.
+    #[arg(long, value_name = "IP", default_value = "0.0.0.0")]
+    pub address: IpAddr,
+
+    /// Embedded io-server only: ports the program may listen on (e.g.
+    /// "80,443,8000-9000"; default: all).
+    #[arg(long, value_name = "RANGES")]
+    pub allow_ports: Option<String>,
+
+    /// Print one line per trapped syscall, in strace's notation, with what
+    /// SAPS did with it.
+    #[arg(long)]
+    pub trace: bool,
+
+    /// Write the trace to FILE instead of standard error.
+    #[arg(short = 'o', long = "output", value_name = "FILE", requires = "trace")]
+    pub output: Option<PathBuf>,
+
+    /// With -o: one file per process, FILE.PID (like strace -ff).
+    #[arg(long = "ff", requires = "output")]
+    pub per_pid: bool,
+
+    /// Trace output format.
+    #[arg(long, value_enum, default_value_t = TraceFormat::Text, requires = "trace")]
+    pub trace_format: TraceFormat,
+
+    /// Which calls to trace, like strace: -e trace=connect,accept.
+    #[arg(short = 'e', value_name = "EXPR", requires = "trace")]
+    pub filter: Option<String>,
+
+    /// Absolute timestamps with microseconds on each line (like strace -tt).
+    #[arg(long = "tt", requires = "trace")]
+    pub timestamps: bool,
+
+    /// Leave out the SAPS annotations: pure strace output.
+    #[arg(long, requires = "trace")]
+    pub no_annotate: bool,
+
+    /// On exit, print a summary of calls, errors and time per syscall
+    /// (like strace -c).
+    #[arg(short = 'c', long = "summary", requires = "trace")]
+    pub summary: bool,
+
+    /// The program to run.
+    #[arg(required = true, value_name = "PROGRAM")]
+    pub program: OsString,
+
+    /// Its arguments.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
+    pub args: Vec<OsString>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LoopbackArg {
+    Local,
+    Cluster,
+}
+
+impl From<LoopbackArg> for Loopback {
+    fn from(l: LoopbackArg) -> Self {
+        match l {
+            LoopbackArg::Local => Loopback::Local,
+            LoopbackArg::Cluster => Loopback::Cluster,
+        }
+    }
+}
+
+impl Args {
+    pub fn node_name(&self) -> String {
+        self.node.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "node".into())
+        })
+    }
+
+    /// The configuration of the embedded io-server.
+    pub fn embedded_config(&self, token: &str) -> anyhow::Result<saps_io_server::Config> {
+        let allow_ports = match &self.allow_ports {
+            Some(r) => Some(
+                r.parse()
+                    .map_err(|e| anyhow::anyhow!("--allow-ports {r}: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(saps_io_server::Config {
+            address: self.address,
+            token: Some(token.to_owned()),
+            allow_ports,
+            ..Default::default()
+        })
+    }
+}
+
+/// The tracer `--trace` asks for.
+pub fn tracer(args: &Args) -> anyhow::Result<Option<Arc<TraceWriter>>> {
+    if !args.trace {
+        return Ok(None);
+    }
+    let opts = TraceOptions {
+        format: args.trace_format,
+        output: args.output.clone(),
+        per_pid: args.per_pid,
+        filter: args
+            .filter
+            .as_deref()
+            .map(|e| {
+                e.parse::<crate::trace::TraceFilter>()
+                    .map_err(|err| anyhow::anyhow!("-e {e}: {err}"))
+            })
+            .transpose()?,
+        timestamps: args.timestamps,
+        annotate: !args.no_annotate,
+        summary: args.summary,
+    };
+    Ok(Some(Arc::new(TraceWriter::new(opts)?)))
+}

@@ -1,0 +1,154 @@
+//! nginx and Apache httpd (prefork and event MPMs), unmodified, serving a
+//! 1 KiB and a 10 MiB file through SAPS; wrk runs with zero errors.
+
+use saps_tests::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// How long wrk loads each server.
+const WRK_SECONDS: &str = "10s";
+
+/// `www/1k.bin` and `www/10m.bin` with known contents; returns their bytes.
+fn site(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let small: Vec<u8> = (0..1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    let big: Vec<u8> = (0..10 * 1024 * 1024u32)
+        .map(|i| (i * 13 % 253) as u8)
+        .collect();
+    std::fs::write(www.join("1k.bin"), &small).unwrap();
+    std::fs::write(www.join("10m.bin"), &big).unwrap();
+    // Apache's children run as www-data.
+    for p in [dir, &www] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    (small, big)
+}
+
+fn fetch(url: &str, out: &Path) -> Vec<u8> {
+    let (code, _, err) = curl(&["-o", out.to_str().unwrap(), url]);
+    assert_eq!(code, 0, "curl {url}: {err}");
+    std::fs::read(out).unwrap()
+}
+
+/// Serves both files through `server` (started with its port) and loads it
+/// with wrk.
+fn check_server(name: &str, dir: &Path, port: u16, server: &Proc) {
+    let (small, big) = (
+        std::fs::read(dir.join("www/1k.bin")).unwrap(),
+        std::fs::read(dir.join("www/10m.bin")).unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    assert!(
+        wait_http(&format!("{base}/1k.bin"), Duration::from_secs(30)),
+        "{name} never answered; saps-run stderr:\n{}",
+        server.stderr()
+    );
+    let out = dir.join("fetched");
+    assert!(
+        fetch(&format!("{base}/1k.bin"), &out) == small,
+        "{name}: 1 KiB file differs"
+    );
+    assert!(
+        fetch(&format!("{base}/10m.bin"), &out) == big,
+        "{name}: 10 MiB file differs"
+    );
+    if !have("wrk") {
+        return;
+    }
+    let o = run(Command::new("wrk").args([
+        "-t2",
+        "-c50",
+        "-d",
+        WRK_SECONDS,
+        "--timeout",
+        "5s",
+        &format!("{base}/1k.bin"),
+    ]));
+    let report = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{name}: wrk failed: {report}");
+    assert!(
+        !report.contains("Socket errors") && !report.contains("Non-2xx"),
+        "{name}: wrk saw errors:\n{report}"
+    );
+    assert!(report.contains("Requests/sec"), "{report}");
+    eprintln!("{name} through SAPS:\n{report}");
+}
+
+#[test]
+fn nginx_serves_through_saps() {
+    if !have("nginx") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    site(d);
+    let port = free_port();
+    let conf = format!(
+        "daemon off; master_process on; worker_processes 2; user root;\n\
+         pid {d}/nginx.pid; error_log {d}/error.log;\n\
+         events {{ worker_connections 1024; use epoll; }}\n\
+         http {{ access_log {d}/access.log; sendfile on; keepalive_requests 100000;\n\
+           client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;\n\
+           uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+           server {{ listen {port}; root {d}/www; }} }}\n",
+        d = d.display()
+    );
+    std::fs::write(d.join("nginx.conf"), conf).unwrap();
+    let server = Proc::spawn(Command::new(bin("saps-run")).args([
+        "--address",
+        "127.0.0.1",
+        "--",
+        "nginx",
+        "-c",
+        d.join("nginx.conf").to_str().unwrap(),
+        "-e",
+        d.join("error.log").to_str().unwrap(),
+    ]));
+    check_server("nginx", d, port, &server);
+}
+
+fn apache(mpm: &str) {
+    if !have("apache2") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    site(d);
+    let port = free_port();
+    let m = "/usr/lib/apache2/modules";
+    let conf = format!(
+        "ServerRoot {d}\nServerName localhost\nListen {port}\nPidFile {d}/httpd.pid\n\
+         LoadModule mpm_{mpm}_module {m}/mod_mpm_{mpm}.so\n\
+         LoadModule authz_core_module {m}/mod_authz_core.so\n\
+         LoadModule mime_module {m}/mod_mime.so\n\
+         User www-data\nGroup www-data\nErrorLog {d}/error.log\n\
+         Mutex file:{d} default\nTypesConfig /etc/mime.types\n\
+         EnableSendfile On\nMaxKeepAliveRequests 0\n\
+         DocumentRoot {d}/www\n<Directory {d}/www>\n Require all granted\n</Directory>\n",
+        d = d.display()
+    );
+    std::fs::write(d.join("httpd.conf"), conf).unwrap();
+    let server = Proc::spawn(Command::new(bin("saps-run")).args([
+        "--address",
+        "127.0.0.1",
+        "--",
+        "apache2",
+        "-f",
+        d.join("httpd.conf").to_str().unwrap(),
+        "-DFOREGROUND",
+    ]));
+    check_server(&format!("apache2 ({mpm})"), d, port, &server);
+}
+
+#[test]
+fn apache_prefork_serves_through_saps() {
+    apache("prefork");
+}
+
+#[test]
+fn apache_event_serves_through_saps() {
+    apache("event");
+}
