@@ -26,9 +26,26 @@ fn parse_socket_link(link: &str) -> Option<u64> {
 }
 
 /// A pidfd for `pid` (a process of the target tree), for [`get_fd`].
+/// Notifications carry thread ids; a thread that is not its process's
+/// leader is opened through its thread group id.
 pub fn open_pidfd(pid: u32) -> io::Result<OwnedFd> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
-    sys::pidfd_open(pid)
+    let as_pid = |p: u32| libc::pid_t::try_from(p).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH));
+    match sys::pidfd_open(as_pid(pid)?) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::ENOENT) => {
+            sys::pidfd_open(as_pid(thread_group(pid)?)?)
+        }
+        r => r,
+    }
+}
+
+/// The thread group (process) id of thread `tid`.
+pub fn thread_group(tid: u32) -> io::Result<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))
 }
 
 /// A duplicate of the target's `fd` (`pidfd_getfd`). Keep it no longer than

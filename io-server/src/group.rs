@@ -44,6 +44,8 @@ pub(crate) struct Member {
 pub(crate) struct Group {
     /// The real socket while bound but not yet listening.
     socket: Option<std::net::TcpListener>,
+    /// The listening socket, shared with the accept loop.
+    listening: Option<Arc<TcpListener>>,
     accept_task: Option<JoinHandle<()>>,
     binds: Vec<Bound>,
     pub members: Vec<Member>,
@@ -55,6 +57,15 @@ pub(crate) struct Group {
 
 impl Drop for Group {
     fn drop(&mut self) {
+        // Free the port now, not when the aborted accept loop is dropped:
+        // a program that closes its listener and binds the port again
+        // (iperf3 does, per test) must not see EADDRINUSE.
+        if let Some(l) = &self.listening {
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&**l),
+                nix::sys::socket::Shutdown::Both,
+            );
+        }
         if let Some(t) = &self.accept_task {
             t.abort();
         }
@@ -99,6 +110,7 @@ impl Groups {
             real,
             Group {
                 socket: Some(socket),
+                listening: None,
                 accept_task: None,
                 binds: vec![Bound { node, conn, flags }],
                 members: Vec::new(),
@@ -118,7 +130,7 @@ impl Groups {
         node: NodeId,
         conn: ConnId,
         backlog: u32,
-    ) -> Result<Option<TcpListener>, Errno> {
+    ) -> Result<Option<Arc<TcpListener>>, Errno> {
         let g = self.map.get_mut(&key).ok_or(libc::EINVAL)?;
         if g.members
             .iter()
@@ -132,10 +144,12 @@ impl Groups {
                     g.socket = Some(s);
                     return Err(e);
                 }
-                Some(
+                let l = Arc::new(
                     TcpListener::from_std(s)
                         .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?,
-                )
+                );
+                g.listening = Some(l.clone());
+                Some(l)
             }
             None => None,
         };
@@ -207,7 +221,7 @@ impl Groups {
 }
 
 /// Accepts clients on a group's port until shutdown or the group closes.
-pub(crate) async fn accept_loop(shared: Arc<Shared>, key: SocketAddr, listener: TcpListener) {
+pub(crate) async fn accept_loop(shared: Arc<Shared>, key: SocketAddr, listener: Arc<TcpListener>) {
     let what = key.to_string();
     crate::accept_until_shutdown(
         &shared,

@@ -29,7 +29,9 @@ pub fn bound_socket(addr: SocketAddr) -> Result<std::net::TcpListener, Errno> {
 
 /// `listen(2)` on a socket from [`bound_socket`].
 pub fn listen(sock: &std::net::TcpListener, backlog: u32) -> Result<(), Errno> {
-    let backlog = Backlog::new(backlog.clamp(1, i32::MAX as u32) as i32).map_err(|e| e as i32)?;
+    // The kernel clamps a large backlog to somaxconn; nix refuses values
+    // at or above its MAXCONN, so clamp here the same way.
+    let backlog = Backlog::new(backlog.clamp(1, i32::MAX as u32) as i32).unwrap_or(Backlog::MAXCONN);
     socket::listen(sock, backlog).map_err(|e| e as i32)
 }
 

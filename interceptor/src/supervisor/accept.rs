@@ -49,7 +49,7 @@ pub(crate) fn deliver(
     lock(&sh.arrivals).insert(conn, Arrival { peer, local });
     let sh2 = sh.clone();
     sh.rt.spawn(async move {
-        match connect_to_listener(&sh2, conn, &l_name).await {
+        match connect_to_listener(&sh2, conn, &l_name.name).await {
             Ok(c) => spawn_relay(&sh2, conn, c),
             Err(e) => {
                 tracing::warn!(

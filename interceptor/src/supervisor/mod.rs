@@ -116,6 +116,18 @@ where
     Outcome::Defer(Box::new(move |sh, call| Box::pin(f(sh, call))))
 }
 
+/// A virtual listener: where its `L` is and which port it holds.
+#[derive(Debug, Clone)]
+pub(crate) struct Listener {
+    /// The abstract AF_UNIX name `L` is bound to.
+    pub name: Vec<u8>,
+    pub port: u16,
+}
+
+/// How often listeners the program closed are looked for. `close` is not
+/// trapped, so a closed listener is noticed by probing its name.
+const LISTENER_SWEEP: Duration = Duration::from_secs(1);
+
 /// A connection accepted by the io-server, waiting for the program's accept.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Arrival {
@@ -129,8 +141,8 @@ pub(crate) struct Shared {
     pub rt: tokio::runtime::Handle,
     pub config: SupervisorConfig,
     pub table: Mutex<VsockTable>,
-    /// Listener connection tag → abstract name of its `L`.
-    pub listeners: Mutex<HashMap<ConnId, Vec<u8>>>,
+    /// Listener connection tag → its `L`.
+    pub listeners: Mutex<HashMap<ConnId, Listener>>,
     /// Connections delivered to an `L`, by tag, until accepted.
     pub arrivals: Mutex<HashMap<ConnId, Arrival>>,
     /// Connections taken off an `L` but not delivered (the accept failed with
@@ -255,7 +267,18 @@ impl Supervisor {
         self,
         mut events: tokio::sync::mpsc::UnboundedReceiver<EndpointEvent>,
     ) {
-        while let Some(ev) = events.recv().await {
+        let mut sweep = tokio::time::interval(LISTENER_SWEEP);
+        loop {
+            let ev = tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => ev,
+                    None => return,
+                },
+                _ = sweep.tick() => {
+                    self.shared.reap_listeners(None);
+                    continue;
+                }
+            };
             match ev {
                 EndpointEvent::ConnectionAccepted {
                     listener,
@@ -412,6 +435,23 @@ impl Shared {
         self.config.loopback == Loopback::Local && addr.ip().is_loopback()
     }
 
+    /// Forgets the listeners (of `port`, or all) whose `L` the program has
+    /// closed, and tells the io-server, so the port can be bound again and
+    /// no client is handed to a listener that is gone.
+    pub(crate) fn reap_listeners(&self, port: Option<u16>) {
+        let dead: Vec<ConnId> = lock(&self.listeners)
+            .iter()
+            .filter(|(_, l)| port.is_none_or(|p| p == l.port) && !listener_alive(&l.name))
+            .map(|(&c, _)| c)
+            .collect();
+        for conn in dead {
+            tracing::debug!(conn, "the program closed a listener");
+            lock(&self.listeners).remove(&conn);
+            self.table().remove_conn(conn);
+            self.endpoint.close_connection(conn, 0);
+        }
+    }
+
     /// An abstract AF_UNIX name of this supervisor.
     pub(crate) fn abstract_name(&self, kind: &str, conn: ConnId) -> Vec<u8> {
         format!("{}-{kind}-{conn}", self.prefix).into_bytes()
@@ -448,6 +488,19 @@ impl Shared {
             }
             sockaddr::Decoded::Unspec => Err(libc::EAFNOSUPPORT),
         }
+    }
+}
+
+/// Whether the `L` bound to abstract `name` still exists: its name is
+/// taken exactly as long as the socket is open somewhere.
+fn listener_alive(name: &[u8]) -> bool {
+    use nix::sys::socket::{bind, UnixAddr};
+    let Ok(probe) = socket::unix_socket(false) else {
+        return true;
+    };
+    match UnixAddr::new_abstract(name) {
+        Ok(addr) => bind(probe.as_raw_fd(), &addr) == Err(nix::errno::Errno::EADDRINUSE),
+        Err(_) => true,
     }
 }
 

@@ -115,6 +115,8 @@ pub(crate) fn bind(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     };
     call.note.conn = Some(conn);
     call.note.action = "virtual";
+    // A listener of this port the program closed must not keep it bound.
+    sh.reap_listeners(Some(addr.port()));
     let flags = vs.options.bind_flags();
     defer(move |sh, call| async move {
         let resp = sh.request(Request::Bind { conn, addr, flags }).await;
@@ -171,7 +173,7 @@ pub(crate) fn listen(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
         if resp.errno() != 0 {
             return (call, Outcome::Reply(Reply::Errno(resp.errno())));
         }
-        let reply = match install_listener(&sh, &call, conn, backlog, nonblock) {
+        let reply = match install_listener(&sh, &call, conn, backlog, nonblock, vs.bound.map_or(0, |a| a.port())) {
             Ok(l_ino) => {
                 vs.state = State::Listening;
                 sh.table().rekey(ino, l_ino, vs);
@@ -193,6 +195,7 @@ fn install_listener(
     conn: saps_fabric::ConnId,
     backlog: u32,
     nonblock: bool,
+    port: u16,
 ) -> Result<Inode, i32> {
     let l = unix_socket(nonblock)?;
     let name = sh.abstract_name("l", conn);
@@ -205,7 +208,7 @@ fn install_listener(
     .map_err(|e| e as i32)?;
     let l_ino = inode_of(&l)?;
     sh.replace_fd(call, l.as_fd())?;
-    super::lock(&sh.listeners).insert(conn, name);
+    super::lock(&sh.listeners).insert(conn, super::Listener { name, port });
     Ok(l_ino)
 }
 
