@@ -494,11 +494,10 @@ impl Channel {
                 self.events.push_back(Event::WeightChanged { weight });
             }
             Frame::Close { conn } if role == Role::IoServer => {
-                // Also for tags with no data state (a bound or listening
-                // virtual socket): the io-server must release what it holds.
-                self.conns.remove(&conn);
-                self.events
-                    .push_back(Event::ConnectionClosed { conn, errno: 0 });
+                if self.conns.remove(&conn).is_some() {
+                    self.events
+                        .push_back(Event::ConnectionClosed { conn, errno: 0 });
+                }
             }
             Frame::Response { req, response } if role == Role::Node => {
                 self.events.push_back(Event::Response { req, response });

@@ -61,10 +61,7 @@ impl Drop for Group {
         // a program that closes its listener and binds the port again
         // (iperf3 does, per test) must not see EADDRINUSE.
         if let Some(l) = &self.listening {
-            let _ = nix::sys::socket::shutdown(
-                std::os::fd::AsRawFd::as_raw_fd(&**l),
-                nix::sys::socket::Shutdown::Both,
-            );
+            close_listener(l);
         }
         if let Some(t) = &self.accept_task {
             t.abort();
@@ -232,7 +229,18 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, key: SocketAddr, listener: 
             dispatch(&shared, key, stream, peer);
         },
     )
-    .await
+    .await;
+    // The group may still hold the socket: stop listening now.
+    close_listener(&listener);
+}
+
+/// Stops a listening socket at once (the port is free and new clients are
+/// refused) whoever still holds a reference to it.
+fn close_listener(l: &TcpListener) {
+    let _ = nix::sys::socket::shutdown(
+        std::os::fd::AsRawFd::as_raw_fd(l),
+        nix::sys::socket::Shutdown::Both,
+    );
 }
 
 /// Hands a client connection to the member the scheduler picks, or queues it.

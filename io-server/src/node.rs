@@ -106,7 +106,15 @@ impl Node {
     fn request(&self, req: ReqId, request: Request) {
         tracing::debug!(req, ?request, "request");
         let response = match request {
-            Request::Bind { conn, addr, flags } => status(self.bind(conn, addr, flags).map(Some)),
+            Request::Bind { conn, addr, flags } => {
+                let r = self.bind(conn, addr, flags);
+                if r.is_ok() {
+                    // Known to the channel, so the node's Close of this
+                    // virtual socket reaches socket_closed and frees the port.
+                    let _ = self.ep.open_connection(conn);
+                }
+                status(r.map(Some))
+            }
             Request::Listen { conn, backlog } => status(self.listen(conn, backlog).map(Some)),
             Request::Connect { conn, addr } => return self.connect(req, conn, addr),
             Request::Shutdown { conn, .. } => {
