@@ -29,9 +29,12 @@ fn parse_socket_link(link: &str) -> Option<u64> {
 /// Notifications carry thread ids; a thread that is not its process's
 /// leader is opened through its thread group id.
 pub fn open_pidfd(pid: u32) -> io::Result<OwnedFd> {
-    let as_pid = |p: u32| libc::pid_t::try_from(p).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH));
+    let as_pid =
+        |p: u32| libc::pid_t::try_from(p).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH));
     match sys::pidfd_open(as_pid(pid)?) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::ENOENT) => {
+        Err(e)
+            if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::ENOENT) =>
+        {
             sys::pidfd_open(as_pid(thread_group(pid)?)?)
         }
         r => r,

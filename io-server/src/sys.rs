@@ -31,7 +31,8 @@ pub fn bound_socket(addr: SocketAddr) -> Result<std::net::TcpListener, Errno> {
 pub fn listen(sock: &std::net::TcpListener, backlog: u32) -> Result<(), Errno> {
     // The kernel clamps a large backlog to somaxconn; nix refuses values
     // at or above its MAXCONN, so clamp here the same way.
-    let backlog = Backlog::new(backlog.clamp(1, i32::MAX as u32) as i32).unwrap_or(Backlog::MAXCONN);
+    let backlog =
+        Backlog::new(backlog.clamp(1, i32::MAX as u32) as i32).unwrap_or(Backlog::MAXCONN);
     socket::listen(sock, backlog).map_err(|e| e as i32)
 }
 

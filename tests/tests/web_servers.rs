@@ -132,8 +132,16 @@ fn apache(mpm: &str) {
          User www-data\nGroup www-data\nErrorLog {d}/error.log\n\
          Mutex file:{d} default\nTypesConfig /etc/mime.types\n\
          EnableSendfile On\nMaxKeepAliveRequests 0\n\
-         DocumentRoot {d}/www\n<Directory {d}/www>\n Require all granted\n</Directory>\n",
-        d = d.display()
+         DocumentRoot {d}/www\n<Directory {d}/www>\n Require all granted\n</Directory>\n{pool}",
+        d = d.display(),
+        pool = if mpm == "prefork" {
+            // One process per keep-alive connection: start enough for wrk's
+            // 50, or new ones are forked at 1, 2, 4 … per second and the
+            // first requests time out — without SAPS as well.
+            "StartServers 64\nMinSpareServers 64\nMaxSpareServers 128\n"
+        } else {
+            ""
+        },
     );
     std::fs::write(d.join("httpd.conf"), conf).unwrap();
     let server = Proc::spawn(Command::new(bin("saps-run")).args([

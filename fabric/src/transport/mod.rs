@@ -95,7 +95,10 @@ impl std::str::FromStr for FabricUrl {
     type Err = UrlError;
     fn from_str(s: &str) -> Result<Self, UrlError> {
         let host_port = |rest: &str| {
-            if rest.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) {
+            if rest
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            {
                 Ok(rest.to_string())
             } else {
                 Err(UrlError::HostPort(s.to_string()))
@@ -223,10 +226,21 @@ mod tests {
 
     #[test]
     fn urls_parse_and_print() {
-        for s in ["unix:/run/saps.sock", "tcp://0.0.0.0:7700", "rdma://10.0.0.1:7701", "tcp://[::1]:7700"] {
+        for s in [
+            "unix:/run/saps.sock",
+            "tcp://0.0.0.0:7700",
+            "rdma://10.0.0.1:7701",
+            "tcp://[::1]:7700",
+        ] {
             assert_eq!(s.parse::<FabricUrl>().unwrap().to_string(), s);
         }
-        for bad in ["http://x:1", "tcp://nohost", "tcp://:80", "unix:", "rdma://h:99999"] {
+        for bad in [
+            "http://x:1",
+            "tcp://nohost",
+            "tcp://:80",
+            "unix:",
+            "rdma://h:99999",
+        ] {
             assert!(bad.parse::<FabricUrl>().is_err(), "{bad}");
         }
     }

@@ -332,7 +332,7 @@ impl Supervisor {
 impl Shared {
     /// Answers a call (unless a task will) and traces it.
     pub(crate) fn finish(self: &Arc<Self>, call: Call, outcome: Outcome) {
-        let result = match outcome {
+        let (result, answer) = match outcome {
             Outcome::Defer(task) => {
                 let me = self.clone();
                 self.rt.spawn(async move {
@@ -341,14 +341,11 @@ impl Shared {
                 });
                 return;
             }
-            Outcome::Answered(v) => Reply::Value(v),
-            Outcome::Reply(r) => {
-                if let Err(e) = self.notifier.respond(call.n.id, r.clone()) {
-                    tracing::debug!(error = %e, pid = call.n.pid, "answering a call failed (target interrupted?)");
-                }
-                r
-            }
+            Outcome::Answered(v) => (Reply::Value(v), None),
+            Outcome::Reply(r) => (r, Some(r)),
         };
+        let id = call.n.id;
+        // Trace before answering, so a process's lines are in call order.
         if let Some(t) = &self.config.tracer {
             t.record(&CallRecord {
                 pid: call.pid() as i32,
@@ -360,6 +357,11 @@ impl Shared {
                 duration: call.start.elapsed(),
                 note: call.note,
             });
+        }
+        if let Some(r) = answer {
+            if let Err(e) = self.notifier.respond(id, r) {
+                tracing::debug!(error = %e, "answering a call failed (target interrupted?)");
+            }
         }
     }
 

@@ -173,7 +173,14 @@ pub(crate) fn listen(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
         if resp.errno() != 0 {
             return (call, Outcome::Reply(Reply::Errno(resp.errno())));
         }
-        let reply = match install_listener(&sh, &call, conn, backlog, nonblock, vs.bound.map_or(0, |a| a.port())) {
+        let reply = match install_listener(
+            &sh,
+            &call,
+            conn,
+            backlog,
+            nonblock,
+            vs.bound.map_or(0, |a| a.port()),
+        ) {
             Ok(l_ino) => {
                 vs.state = State::Listening;
                 sh.table().rekey(ino, l_ino, vs);

@@ -49,6 +49,10 @@ pub(crate) fn setsockopt(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     if is_int_option(level, name) && value.len() < 4 {
         return Outcome::Reply(Reply::Errno(libc::EINVAL));
     }
+    if (level, name) == (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) && vs.bound.is_some() {
+        // The kernel refuses to change it once bound.
+        return Outcome::Reply(Reply::Errno(libc::EINVAL));
+    }
     call.detail.value = Some(value.clone());
     call.note.action = "virtual";
     let conn = vs.conn;
@@ -84,8 +88,10 @@ pub(crate) fn setsockopt(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
 
 /// Options whose value is an `int`.
 fn is_int_option(level: i32, name: i32) -> bool {
-    !(level == libc::SOL_SOCKET && name == libc::SO_LINGER)
-        && !(level == libc::IPPROTO_TCP && name == libc::TCP_CONGESTION)
+    !matches!(
+        (level, name),
+        (libc::SOL_SOCKET, libc::SO_LINGER) | (libc::IPPROTO_TCP, libc::TCP_CONGESTION)
+    )
 }
 
 pub(crate) fn getsockopt(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
@@ -188,7 +194,10 @@ pub(crate) fn getname(sh: &Arc<Shared>, call: &mut Call, peer: bool) -> Outcome 
     let addr = if peer {
         match vs.peer_addr() {
             Some(a) => a,
-            None => return Outcome::Reply(Reply::Errno(libc::ENOTCONN)),
+            None => {
+                call.detail.len_in = call.mem().read_u32(call.arg(2)).ok();
+                return Outcome::Reply(Reply::Errno(libc::ENOTCONN));
+            }
         }
     } else {
         vs.local_addr()

@@ -19,7 +19,7 @@ mod json;
 mod summary;
 mod text;
 
-pub use filter::{FilterError, TraceFilter};
+pub use filter::TraceFilter;
 
 use saps_interceptor::supervisor::{CallRecord, Tracer};
 use std::collections::HashMap;
@@ -116,13 +116,8 @@ impl TraceWriter {
             TraceFormat::Text => st.summary.render(self.opts.annotate),
             TraceFormat::Json => format!("{}\n", st.summary.to_json()),
         };
-        match &mut st.sink {
-            Sink::File(f) => report(f.write_all(table.as_bytes()), "the trace summary"),
-            // strace -c -ff also prints its table on standard error.
-            Sink::Stderr | Sink::PerPid { .. } => report(
-                std::io::stderr().write_all(table.as_bytes()),
-                "the trace summary",
-            ),
+        if let Err(e) = st.sink.write(None, table.as_bytes()) {
+            tracing::warn!(error = %e, "writing the trace summary failed");
         }
     }
 
@@ -145,11 +140,7 @@ impl Tracer for TraceWriter {
         let out = match self.opts.format {
             TraceFormat::Json => format!("{}\n", json::record(call, &d)),
             TraceFormat::Text => {
-                let prefix = match &st.sink {
-                    Sink::Stderr if call.pid != first => Prefix::Bracketed,
-                    Sink::Stderr | Sink::PerPid { .. } => Prefix::None,
-                    Sink::File(_) => Prefix::Plain,
-                };
+                let prefix = st.sink.prefix(call.pid, first);
                 let style = Style {
                     timestamps: self.opts.timestamps,
                     annotate: self.opts.annotate,
@@ -157,13 +148,7 @@ impl Tracer for TraceWriter {
                 text::format(call, &d, prefix, style)
             }
         };
-        let res = match &mut st.sink {
-            Sink::Stderr => std::io::stderr().write_all(out.as_bytes()),
-            Sink::File(f) => f.write_all(out.as_bytes()),
-            Sink::PerPid { base, files } => {
-                per_pid_file(base, files, call.pid).and_then(|f| f.write_all(out.as_bytes()))
-            }
-        };
+        let res = st.sink.write(Some(call.pid), out.as_bytes());
         if let Err(e) = res {
             if !std::mem::replace(&mut st.failed, true) {
                 tracing::warn!(error = %e, "writing the trace failed; further errors are not reported");
@@ -174,6 +159,30 @@ impl Tracer for TraceWriter {
 
 fn create(path: &std::path::Path) -> anyhow::Result<File> {
     File::create(path).map_err(|e| anyhow::anyhow!("-o {}: {e}", path.display()))
+}
+
+impl Sink {
+    /// strace -f's pid prefix here: `[pid N]` on standard error for all
+    /// but the `first` process, `N` on every line of one file, none per pid.
+    fn prefix(&self, pid: i32, first: i32) -> Prefix {
+        match self {
+            Sink::Stderr if pid != first => Prefix::Bracketed,
+            Sink::Stderr | Sink::PerPid { .. } => Prefix::None,
+            Sink::File(_) => Prefix::Plain,
+        }
+    }
+
+    /// Writes the lines of process `pid` (`None`: the summary, which goes
+    /// to standard error when there is no single file).
+    fn write(&mut self, pid: Option<i32>, bytes: &[u8]) -> std::io::Result<()> {
+        match (self, pid) {
+            (Sink::File(f), _) => f.write_all(bytes),
+            (Sink::PerPid { base, files }, Some(pid)) => {
+                per_pid_file(base, files, pid)?.write_all(bytes)
+            }
+            (Sink::Stderr | Sink::PerPid { .. }, _) => std::io::stderr().write_all(bytes),
+        }
+    }
 }
 
 /// `FILE.PID`, created on the process's first call (strace -ff).
@@ -190,12 +199,6 @@ fn per_pid_file<'a>(
             name.push(format!(".{pid}"));
             Ok(v.insert(File::create(name)?))
         }
-    }
-}
-
-fn report(res: std::io::Result<()>, what: &str) {
-    if let Err(e) = res {
-        tracing::warn!(error = %e, "writing {what} failed");
     }
 }
 

@@ -122,6 +122,14 @@ fn lines_match_strace_argument_for_argument() {
             "accept4(3, {sa_family=AF_INET, sin_port=htons(34252), sin_addr=inet_addr(\"127.0.0.1\")}, [16], SOCK_CLOEXEC) = 5 <0.000026>",
         ),
         (
+            rec(1, SYS_accept4, &[3, 0, 0, SOCK_NONBLOCK as u64], Reply::Value(5), Detail::default(), 0),
+            "accept4(3, NULL, NULL, SOCK_NONBLOCK)   = 5 <0.000000>",
+        ),
+        (
+            rec(1, SYS_accept, &[3, 0, 0], Reply::Errno(EAGAIN), Detail::default(), 0),
+            "accept(3, NULL, NULL)                   = -1 EAGAIN (Resource temporarily unavailable) <0.000000>",
+        ),
+        (
             rec(1, SYS_getsockopt, &[4, 1, 4, 0x7ffd_0000, 0x7ffd_0100], Reply::Value(0), int_value(0, Some(4)), 11),
             "getsockopt(4, SOL_SOCKET, SO_ERROR, [0], [4]) = 0 <0.000011>",
         ),
@@ -205,6 +213,20 @@ fn pid_prefixes_and_clock_match_strace() {
         line(&socket, Prefix::Plain, tt),
         "20041 08:26:13.405804 socket(AF_INET6, SOCK_STREAM|SOCK_CLOEXEC, IPPROTO_IP) = 3 <0.000057>\n"
     );
+}
+
+#[test]
+fn pid_prefix_follows_the_destination_like_strace_f() {
+    assert_eq!(Sink::Stderr.prefix(10, 10), Prefix::None);
+    assert_eq!(Sink::Stderr.prefix(11, 10), Prefix::Bracketed);
+    let path = scratch("prefix");
+    let file = Sink::File(File::create(&path).unwrap());
+    assert_eq!(file.prefix(10, 10), Prefix::Plain);
+    let per_pid = Sink::PerPid {
+        base: path,
+        files: HashMap::new(),
+    };
+    assert_eq!(per_pid.prefix(11, 10), Prefix::None);
 }
 
 #[test]

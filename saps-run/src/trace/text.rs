@@ -9,6 +9,7 @@
 //! prints, so tools that parse strace output can skip it.
 
 use super::decode::{Decoded, Outcome};
+use saps_interceptor::notify::Reply;
 use saps_interceptor::supervisor::CallRecord;
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -81,7 +82,7 @@ fn annotation(call: &CallRecord) -> String {
         let _ = write!(s, " conn={conn}");
     }
     let action = match call.note.action {
-        "" if matches!(call.result, saps_interceptor::notify::Reply::Continue) => "native",
+        "" if matches!(call.result, Reply::Continue) => "native",
         a => a,
     };
     if !action.is_empty() {
