@@ -17,6 +17,7 @@ pub mod credit;
 pub mod driver;
 pub mod endpoint;
 pub mod frame;
+pub mod handoff;
 pub mod transport;
 
 pub use channel::{CallError, Channel, ChannelConfig, ChannelError, ChannelStats, Event, Role};

@@ -275,6 +275,10 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, key: SocketAddr, stream: TcpStream,
             st.groups.unbind(node_id, None);
             continue;
         };
+        if let Some(tx) = node.handoff.clone().filter(|t| t.is_open()) {
+            hand_off(st, &tx, key, node_id, listener, stream, peer, local);
+            return;
+        }
         let ep = node.ep.clone();
         match ep.accept_connection(listener, peer, local) {
             Ok(conn) => {
@@ -286,6 +290,42 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, key: SocketAddr, stream: TcpStream,
             // The node's channel closed; its removal is on the way.
             Err(_) => st.groups.unbind(node_id, None),
         }
+    }
+}
+
+/// Zero-relay: gives the accepted socket itself to a same-host node.
+#[allow(clippy::too_many_arguments)]
+fn hand_off(
+    st: &mut crate::state::State,
+    tx: &saps_fabric::handoff::HandoffSender,
+    key: SocketAddr,
+    node_id: NodeId,
+    listener: ConnId,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) {
+    let socket = match stream.into_std() {
+        Ok(s) => std::os::fd::OwnedFd::from(s),
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "cannot hand the connection over");
+            return;
+        }
+    };
+    let h = saps_fabric::handoff::HandedOff { listener, peer, local, socket };
+    if tx.send(h).is_err() {
+        tracing::warn!(%peer, "the node stopped taking connections; client closed");
+        return;
+    }
+    tracing::debug!(%key, %peer, node = node_id, "client handed off (zero-relay)");
+    if let Some(n) = st.nodes.get_mut(&node_id) {
+        n.traffic.handed_off();
+    }
+    if let Some(g) = st.groups.map.get_mut(&key) {
+        g.traffic.handed_off();
+    }
+    if let Some(m) = st.groups.member_mut(key, node_id, listener) {
+        m.traffic.handed_off();
     }
 }
 

@@ -201,7 +201,19 @@ impl IoServer {
     /// Serves one node over any transport (the embedded mode uses
     /// `memory_pair()`); returns when its channel closes.
     pub async fn attach<R: TransportRead, W: TransportWrite>(&self, r: R, w: W) {
-        node::serve(self.shared.clone(), r, w, "embedded".into()).await
+        node::serve(self.shared.clone(), r, w, "embedded".into(), None).await
+    }
+
+    /// Like [`IoServer::attach`] for a node in this process: accepted
+    /// client sockets are handed to it through `handoff` instead of being
+    /// relayed (zero-relay). They are scheduled and counted as usual.
+    pub async fn attach_local<R: TransportRead, W: TransportWrite>(
+        &self,
+        r: R,
+        w: W,
+        handoff: saps_fabric::handoff::HandoffSender,
+    ) {
+        node::serve(self.shared.clone(), r, w, "embedded".into(), Some(handoff)).await
     }
 
     /// The current `io-server status` report.
@@ -266,7 +278,7 @@ async fn fabric_loop(shared: Arc<Shared>, listener: StreamListener) {
         "fabric",
         || listener.accept(),
         |((r, w), peer)| {
-            tokio::spawn(node::serve(shared.clone(), r, w, peer));
+            tokio::spawn(node::serve(shared.clone(), r, w, peer, None));
         },
     )
     .await

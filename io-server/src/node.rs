@@ -29,6 +29,7 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
     r: R,
     w: W,
     peer: String,
+    handoff: Option<saps_fabric::handoff::HandoffSender>,
 ) {
     let config = ChannelConfig::new(shared.token.clone()).window(shared.config.window);
     let (ep, mut events) = Endpoint::spawn(Channel::io_server(config), r, w);
@@ -56,6 +57,7 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
                 weight,
                 traffic: Default::default(),
                 sockets: Default::default(),
+                handoff,
             },
         );
         id

@@ -19,8 +19,11 @@ pub type NodeId = u32;
 pub struct Traffic {
     /// Live relayed connections, by (node, connection).
     pub live: HashSet<(NodeId, ConnId)>,
-    /// Connections ever relayed.
+    /// Connections ever relayed or handed off.
     pub total: u64,
+    /// Connections handed to a same-host node (zero-relay): they are in
+    /// `total` but never live here, and their bytes are not counted.
+    pub handed_off: u64,
     /// Bytes of finished connections; live ones are asked from the endpoint.
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -30,6 +33,12 @@ impl Traffic {
     fn start(&mut self, id: (NodeId, ConnId)) {
         self.live.insert(id);
         self.total += 1;
+    }
+
+    /// A connection handed to a same-host node: counted, never relayed.
+    pub fn handed_off(&mut self) {
+        self.total += 1;
+        self.handed_off += 1;
     }
 
     fn finish(&mut self, id: (NodeId, ConnId), out: &RelayOutcome) {
@@ -61,6 +70,8 @@ pub struct NodeEntry {
     pub weight: u32,
     pub traffic: Traffic,
     pub sockets: HashMap<ConnId, Socket>,
+    /// Same-host node: accepted sockets are handed to it, not relayed.
+    pub handoff: Option<saps_fabric::handoff::HandoffSender>,
 }
 
 impl NodeEntry {

@@ -52,6 +52,12 @@ pub struct Args {
     #[arg(long, value_name = "RANGES")]
     pub allow_ports: Option<String>,
 
+    /// Embedded io-server only: hand each accepted client's TCP socket to
+    /// the program itself, so no byte is relayed (on), or relay every byte
+    /// through the io-server as with a remote one (off).
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
+    pub zero_relay: Switch,
+
     /// Print one line per trapped syscall, in strace's notation, with what
     /// SAPS did with it.
     #[arg(long)]
@@ -97,6 +103,12 @@ pub struct Args {
         value_name = "ARGS"
     )]
     pub args: Vec<OsString>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -13,7 +13,8 @@ mod trace;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use cli::Args;
+use cli::{Args, Switch};
+use saps_fabric::handoff::{self, HandoffReceiver};
 use saps_fabric::endpoint::{Endpoint, EndpointEvent};
 use saps_fabric::transport::{self, FabricUrl, StreamReader, StreamWriter};
 use saps_fabric::{Channel, ChannelConfig};
@@ -56,7 +57,7 @@ fn run(args: Args) -> Result<u8> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let (endpoint, events, _server) = rt.block_on(join(&args))?;
+    let (endpoint, events, handoffs, _server) = rt.block_on(join(&args))?;
     let tracer = cli::tracer(&args)?;
     let (target, notifier) = match Target::spawn(args.program.as_os_str(), &args.args) {
         Ok(t) => t,
@@ -78,6 +79,9 @@ fn run(args: Args) -> Result<u8> {
         },
     );
     rt.spawn(supervisor.clone().serve_events(events));
+    if let Some(rx) = handoffs {
+        rt.spawn(supervisor.clone().serve_handoffs(rx));
+    }
     forward_signals(&rt, &target);
     supervisor.run(target.as_fd());
     let status = target.wait().context("waiting for the program")?;
@@ -95,12 +99,13 @@ async fn join(
 ) -> Result<(
     Endpoint,
     tokio::sync::mpsc::UnboundedReceiver<EndpointEvent>,
+    Option<HandoffReceiver>,
     Option<Arc<saps_io_server::IoServer>>,
 )> {
-    let (token, (r, w), server) = match &args.io_server {
+    let (token, (r, w), handoffs, server) = match &args.io_server {
         Some(url) => {
             let token = read_token(args)?;
-            (token, connect(url).await?, None)
+            (token, connect(url).await?, None, None)
         }
         None => {
             let token = random_token();
@@ -110,10 +115,20 @@ async fn join(
                     .await
                     .context("starting the embedded io-server")?,
             );
-            let (node_end, server_end) = transport::memory_pair();
+            let (node_end, (r, w)) = transport::memory_pair();
             let s = server.clone();
-            tokio::spawn(async move { s.attach(server_end.0, server_end.1).await });
-            (token.into_bytes(), node_end, Some(server))
+            let handoffs = match args.zero_relay {
+                Switch::On => {
+                    let (tx, rx) = handoff::channel();
+                    tokio::spawn(async move { s.attach_local(r, w, tx).await });
+                    Some(rx)
+                }
+                Switch::Off => {
+                    tokio::spawn(async move { s.attach(r, w).await });
+                    None
+                }
+            };
+            (token.into_bytes(), node_end, handoffs, Some(server))
         }
     };
     let channel = Channel::node(ChannelConfig::new(token).node(args.node_name(), args.weight));
@@ -133,7 +148,7 @@ async fn join(
     .await
     .map_err(|_| anyhow!("the io-server did not answer within {JOIN_TIMEOUT:?}"))??;
     tracing::info!(node_id = welcome, "joined the io-server");
-    Ok((endpoint, events, server))
+    Ok((endpoint, events, handoffs, server))
 }
 
 async fn connect(url: &str) -> Result<(StreamReader, StreamWriter)> {

@@ -5,8 +5,9 @@ use saps_tests::*;
 use std::process::Command;
 use std::time::Duration;
 
-#[test]
-fn iperf3_server_completes_in_both_directions() {
+/// iperf3 closes and reopens its listener for every test: the second run
+/// also proves the port is released when the program closes a listener.
+fn iperf3_server_completes_in_both_directions(zero_relay: &str) {
     if !have("iperf3") {
         return;
     }
@@ -14,6 +15,8 @@ fn iperf3_server_completes_in_both_directions() {
     let server = Proc::spawn(Command::new(bin("saps-run")).args([
         "--address",
         "127.0.0.1",
+        "--zero-relay",
+        zero_relay,
         "--",
         "iperf3",
         "-s",
@@ -52,10 +55,20 @@ fn iperf3_server_completes_in_both_directions() {
             .expect("bits_per_second in the report");
         assert!(bps > 0.0);
         eprintln!(
-            "iperf3 reverse={reverse}: {:.2} Gbit/s through SAPS",
+            "iperf3 reverse={reverse} zero-relay={zero_relay}: {:.2} Gbit/s through SAPS",
             bps / 1e9
         );
     }
+}
+
+#[test]
+fn iperf3_relayed_completes_in_both_directions() {
+    iperf3_server_completes_in_both_directions("off");
+}
+
+#[test]
+fn iperf3_zero_relay_completes_in_both_directions() {
+    iperf3_server_completes_in_both_directions("on");
 }
 
 #[test]

@@ -37,12 +37,22 @@ fn python_http_server_serves_a_file_through_the_embedded_io_server() {
     assert_eq!(body, "hello through one address\n");
 }
 
-#[test]
-fn python_sees_the_clients_real_address() {
+/// The client is in another network namespace, so its address is not
+/// loopback: python must log exactly that address.
+fn python_sees_the_clients_real_address(zero_relay: &str) {
     let Some(ns) = Netns::new() else { return };
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let server = python_server(dir.path(), port, &["--address", &ns.host_ip.to_string()]);
+    let server = python_server(
+        dir.path(),
+        port,
+        &[
+            "--address",
+            &ns.host_ip.to_string(),
+            "--zero-relay",
+            zero_relay,
+        ],
+    );
     let url = format!("http://{}:{port}/hello.txt", ns.host_ip);
     let got = wait_for(Duration::from_secs(20), || {
         let o = run(ns.command("curl").args(["-sS", "--max-time", "5", &url]));
@@ -69,6 +79,16 @@ fn python_sees_the_clients_real_address() {
         "python should log the client's address {}: {logged}",
         ns.ns_ip
     );
+}
+
+#[test]
+fn python_sees_the_clients_real_address_relayed() {
+    python_sees_the_clients_real_address("off");
+}
+
+#[test]
+fn python_sees_the_clients_real_address_zero_relay() {
+    python_sees_the_clients_real_address("on");
 }
 
 #[test]

@@ -34,12 +34,13 @@ c.sendall(b"still here " + peer[0].encode())
 c.close()
 "#;
 
-#[test]
-fn bad_pointers_get_efault_and_the_connection_survives() {
+fn bad_pointers_get_efault_and_the_connection_survives(zero_relay: &str) {
     let port = free_port();
     let p = Proc::spawn(Command::new(bin("saps-run")).args([
         "--address",
         "127.0.0.1",
+        "--zero-relay",
+        zero_relay,
         "--",
         "python3",
         "-c",
@@ -73,6 +74,16 @@ fn bad_pointers_get_efault_and_the_connection_survives() {
             .unwrap_or_else(|| panic!("no {call} line in {out}"));
         assert_eq!(line, format!("{call} {efault}"), "{out}");
     }
+}
+
+#[test]
+fn bad_pointers_get_efault_and_the_connection_survives_relayed() {
+    bad_pointers_get_efault_and_the_connection_survives("off");
+}
+
+#[test]
+fn bad_pointers_get_efault_and_the_connection_survives_zero_relay() {
+    bad_pointers_get_efault_and_the_connection_survives("on");
 }
 
 #[test]

@@ -82,8 +82,7 @@ fn check_server(name: &str, dir: &Path, port: u16, server: &Proc) {
     eprintln!("{name} through SAPS:\n{report}");
 }
 
-#[test]
-fn nginx_serves_through_saps() {
+fn nginx(zero_relay: &str) {
     if !have("nginx") {
         return;
     }
@@ -105,6 +104,8 @@ fn nginx_serves_through_saps() {
     let server = Proc::spawn(Command::new(bin("saps-run")).args([
         "--address",
         "127.0.0.1",
+        "--zero-relay",
+        zero_relay,
         "--",
         "nginx",
         "-c",
@@ -112,10 +113,25 @@ fn nginx_serves_through_saps() {
         "-e",
         d.join("error.log").to_str().unwrap(),
     ]));
-    check_server("nginx", d, port, &server);
+    check_server(
+        &format!("nginx (zero-relay {zero_relay})"),
+        d,
+        port,
+        &server,
+    );
 }
 
-fn apache(mpm: &str) {
+#[test]
+fn nginx_serves_through_saps_relayed() {
+    nginx("off");
+}
+
+#[test]
+fn nginx_serves_through_saps_zero_relay() {
+    nginx("on");
+}
+
+fn apache(mpm: &str, zero_relay: &str) {
     if !have("apache2") {
         return;
     }
@@ -147,21 +163,28 @@ fn apache(mpm: &str) {
     let server = Proc::spawn(Command::new(bin("saps-run")).args([
         "--address",
         "127.0.0.1",
+        "--zero-relay",
+        zero_relay,
         "--",
         "apache2",
         "-f",
         d.join("httpd.conf").to_str().unwrap(),
         "-DFOREGROUND",
     ]));
-    check_server(&format!("apache2 ({mpm})"), d, port, &server);
+    check_server(
+        &format!("apache2 ({mpm}, zero-relay {zero_relay})"),
+        d,
+        port,
+        &server,
+    );
 }
 
 #[test]
-fn apache_prefork_serves_through_saps() {
-    apache("prefork");
+fn apache_prefork_serves_through_saps_relayed() {
+    apache("prefork", "off");
 }
 
 #[test]
-fn apache_event_serves_through_saps() {
-    apache("event");
+fn apache_event_serves_through_saps_zero_relay() {
+    apache("event", "on");
 }

@@ -65,6 +65,35 @@ pub(crate) fn deliver(
     });
 }
 
+/// Zero-relay: a TCP socket handed over by a same-host io-server. A
+/// stand-in connection to `L` makes it pending exactly like a relayed one;
+/// the accept installs the TCP socket itself.
+pub(crate) fn deliver_handoff(sh: &Arc<Shared>, h: saps_fabric::handoff::HandedOff) {
+    use std::sync::atomic::Ordering;
+    let Some(l) = lock(&sh.listeners).get(&h.listener).cloned() else {
+        tracing::warn!(listener = h.listener, "handed-off connection for an unknown listener; closing it");
+        return;
+    };
+    let id = sh.next_handed.fetch_add(1, Ordering::Relaxed);
+    lock(&sh.arrivals).insert(id, Arrival { peer: h.peer, local: h.local });
+    lock(&sh.handed).insert(id, (h.socket, None));
+    let sh2 = sh.clone();
+    sh.rt.spawn(async move {
+        match connect_to_listener(&sh2, id, &l.name).await {
+            Ok(c) => {
+                if let Some(e) = lock(&sh2.handed).get_mut(&id) {
+                    e.1 = Some(c);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(errno = e, "cannot hand the connection to the program");
+                lock(&sh2.arrivals).remove(&id);
+                lock(&sh2.handed).remove(&id);
+            }
+        }
+    });
+}
+
 /// Connects a socket named after `conn` to `L`, waiting (bounded) while
 /// `L`'s backlog is full.
 async fn connect_to_listener(sh: &Shared, conn: ConnId, l_name: &[u8]) -> Result<OwnedFd, i32> {
@@ -232,9 +261,24 @@ fn hand_over(
     if addr_ptr != 0 && sh.write_addr(call, addr_ptr, len_ptr, &peer).is_err() {
         return keep(a, libc::EFAULT);
     }
-    if flags & libc::SOCK_NONBLOCK != 0 {
-        let _ = set_nonblocking(&a);
+    // Zero-relay: the program gets the TCP socket itself, a real socket
+    // the supervisor need not know again.
+    let handed = lock(&sh.handed).remove(&conn).map(|(tcp, _standin)| tcp);
+    if let Some(tcp) = handed {
+        let _ = set_nonblocking(&tcp, flags & libc::SOCK_NONBLOCK != 0);
+        call.note.action = "accept (zero-relay)";
+        return match install(sh, call, tcp.as_fd(), flags) {
+            Ok(fd) => {
+                lock(&sh.arrivals).remove(&conn);
+                Outcome::Answered(fd as i64)
+            }
+            Err(e) => {
+                lock(&sh.handed).insert(conn, (tcp, None));
+                keep(a, e)
+            }
+        };
     }
+    let _ = set_nonblocking(&a, flags & libc::SOCK_NONBLOCK != 0);
     let a_ino = match inode_of(&a) {
         Ok(i) => i,
         Err(e) => return keep(a, e),
@@ -243,18 +287,7 @@ fn hand_over(
         a_ino,
         VirtualSocket::accepted(listener.domain, conn, peer, local),
     );
-    let add = AddFd {
-        target_fd: None,
-        cloexec: flags & libc::SOCK_CLOEXEC != 0,
-        send: true,
-    };
-    let installed = if sh.notifier.id_valid(call.n.id) {
-        sh.notifier
-            .add_fd(call.n.id, a.as_fd(), add)
-            .map_err(|e| e.raw_os_error().unwrap_or(libc::EBADF))
-    } else {
-        Err(libc::EINTR)
-    };
+    let installed = install(sh, call, a.as_fd(), flags);
     match installed {
         Ok(fd) => {
             lock(&sh.arrivals).remove(&conn);
@@ -265,6 +298,21 @@ fn hand_over(
             keep(a, e)
         }
     }
+}
+
+/// Installs `obj` as the result of the accept call (`ADDFD` with `SEND`).
+fn install(sh: &Shared, call: &Call, obj: std::os::fd::BorrowedFd<'_>, flags: i32) -> Result<i32, i32> {
+    if !sh.notifier.id_valid(call.n.id) {
+        return Err(libc::EINTR);
+    }
+    let add = AddFd {
+        target_fd: None,
+        cloexec: flags & libc::SOCK_CLOEXEC != 0,
+        send: true,
+    };
+    sh.notifier
+        .add_fd(call.n.id, obj, add)
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::EBADF))
 }
 
 /// An IPv4 client of an AF_INET6 listener is seen as `::ffff:a.b.c.d`.

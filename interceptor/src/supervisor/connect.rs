@@ -99,7 +99,7 @@ fn pair(nonblock: bool) -> Result<(OwnedFd, OwnedFd), i32> {
     )
     .map_err(|e| e as i32)?;
     if nonblock {
-        set_nonblocking(&s).map_err(|e| e as i32)?;
+        set_nonblocking(&s, true).map_err(|e| e as i32)?;
     }
     Ok((s, p))
 }

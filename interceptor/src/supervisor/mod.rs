@@ -148,6 +148,12 @@ pub(crate) struct Shared {
     /// Connections taken off an `L` but not delivered (the accept failed with
     /// EFAULT or was interrupted), by the `L` inode: the next accept gets them.
     pub stash: Mutex<HashMap<Inode, VecDeque<(OwnedFd, ConnId)>>>,
+    /// Zero-relay: TCP sockets handed over by a same-host io-server, by
+    /// local tag, each with the socket that stands for it on `L` until the
+    /// program accepts it.
+    pub handed: Mutex<HashMap<ConnId, (OwnedFd, Option<OwnedFd>)>>,
+    /// Local tags of handed-over connections (apart from the fabric's).
+    pub next_handed: std::sync::atomic::AtomicU64,
     /// Serialises "is a connection pending on L? take it" between tasks.
     pub accept_lock: Mutex<()>,
     /// Prefix of the abstract socket names this supervisor makes.
@@ -211,6 +217,8 @@ impl Supervisor {
                 listeners: Mutex::default(),
                 arrivals: Mutex::default(),
                 stash: Mutex::default(),
+                handed: Mutex::default(),
+                next_handed: std::sync::atomic::AtomicU64::new(1 << 62),
                 accept_lock: Mutex::new(()),
                 prefix: format!("saps-{}-{:x}", std::process::id(), rand_tag()),
             }),
@@ -296,6 +304,14 @@ impl Supervisor {
                 }
                 other => tracing::debug!(event = ?other, "fabric event"),
             }
+        }
+    }
+
+    /// Takes the TCP sockets a same-host io-server hands over (zero-relay)
+    /// and queues each on its listener's `L` like a relayed connection.
+    pub async fn serve_handoffs(self, mut rx: saps_fabric::handoff::HandoffReceiver) {
+        while let Some(h) = rx.recv().await {
+            accept::deliver_handoff(&self.shared, h);
         }
     }
 

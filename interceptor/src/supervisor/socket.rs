@@ -237,14 +237,11 @@ pub(crate) fn shutdown(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     })
 }
 
-/// Sets `O_NONBLOCK` on an object before the program gets it.
-pub(crate) fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
+/// Sets or clears `O_NONBLOCK` on an object before the program gets it.
+pub(crate) fn set_nonblocking(fd: &OwnedFd, on: bool) -> nix::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
     let raw = fd.as_raw_fd();
-    let fl = fcntl(raw, FcntlArg::F_GETFL)?;
-    fcntl(
-        raw,
-        FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) | OFlag::O_NONBLOCK),
-    )
-    .map(|_| ())
+    let mut fl = OFlag::from_bits_truncate(fcntl(raw, FcntlArg::F_GETFL)?);
+    fl.set(OFlag::O_NONBLOCK, on);
+    fcntl(raw, FcntlArg::F_SETFL(fl)).map(|_| ())
 }
