@@ -178,6 +178,34 @@ impl VsockTable {
         self.remove(ino)
     }
 
+    /// Gives the socket of connection `old` the tag `new` (a listener
+    /// registered again on a new channel).
+    pub fn retag(&mut self, old: ConnId, new: ConnId) {
+        if let Some(ino) = self.by_conn.remove(&old) {
+            if let Some(vs) = self.by_inode.get_mut(&ino) {
+                vs.conn = Some(new);
+                self.by_conn.insert(new, ino);
+            }
+        }
+    }
+
+    /// The channel to the io-server was lost: forget every connection of
+    /// it. Listeners stay (they are registered again); sockets not yet
+    /// connected lose their tag, and their bind is made again on the new
+    /// channel when they listen or connect.
+    pub fn forget_connections(&mut self) {
+        self.by_inode.retain(|_, vs| match vs.state {
+            State::Listening => true,
+            State::Fresh => {
+                vs.conn = None;
+                true
+            }
+            State::Connecting { .. } | State::Connected { .. } => false,
+        });
+        let by_inode = &self.by_inode;
+        self.by_conn.retain(|_, ino| by_inode.contains_key(ino));
+    }
+
     /// The object behind the fd changed (`ADDFD` with `SETFD`): move the
     /// entry to the new object's inode.
     pub fn rekey(&mut self, old: Inode, new: Inode, vs: VirtualSocket) {
@@ -220,6 +248,27 @@ mod tests {
         assert!(t.get(10).is_none());
         assert_eq!(t.get(11).unwrap().state, State::Listening);
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn losing_the_channel_keeps_listeners_and_retags_them() {
+        let mut t = VsockTable::default();
+        let peer: SocketAddr = "192.0.2.7:5555".parse().unwrap();
+        t.insert(1, VirtualSocket::accepted(libc::AF_INET, 3, peer, peer));
+        let mut l = VirtualSocket::new(libc::AF_INET);
+        l.conn = Some(4);
+        l.state = State::Listening;
+        t.insert(2, l);
+        let mut fresh = VirtualSocket::new(libc::AF_INET);
+        fresh.conn = Some(6);
+        t.insert(3, fresh);
+        t.forget_connections();
+        assert!(t.get(1).is_none() && t.by_conn_mut(3).is_none());
+        assert_eq!(t.get(3).unwrap().conn, None);
+        t.retag(4, 8);
+        assert!(t.by_conn_mut(4).is_none());
+        assert_eq!(t.by_conn_mut(8).unwrap().state, State::Listening);
+        assert_eq!(t.len(), 2);
     }
 
     #[test]

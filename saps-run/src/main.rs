@@ -8,12 +8,9 @@
 //! program's tree; saps-run exits with the program's status and forwards
 //! the signals it receives to it.
 
-mod cli;
-mod trace;
-
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use cli::{Args, Switch};
+use saps_run::cli::{self, Args, Switch};
 use saps_fabric::handoff::{self, HandoffReceiver};
 use saps_fabric::endpoint::{Endpoint, EndpointEvent};
 use saps_fabric::transport::{self, FabricUrl, StreamReader, StreamWriter};
@@ -78,7 +75,8 @@ fn run(args: Args) -> Result<u8> {
             tracer: tracer.clone().map(|t| t as _),
         },
     );
-    rt.spawn(supervisor.clone().serve_events(events));
+    let args = Arc::new(args);
+    rt.spawn(stay_joined(args.clone(), supervisor.clone(), events));
     if let Some(rx) = handoffs {
         rt.spawn(supervisor.clone().serve_handoffs(rx));
     }
@@ -92,45 +90,53 @@ fn run(args: Args) -> Result<u8> {
     Ok(status.exit_code().clamp(0, 255) as u8)
 }
 
+type Events = tokio::sync::mpsc::UnboundedReceiver<EndpointEvent>;
+
 /// Joins the io-server (remote, or an embedded one started here) and waits
 /// for its Welcome.
 async fn join(
     args: &Args,
 ) -> Result<(
     Endpoint,
-    tokio::sync::mpsc::UnboundedReceiver<EndpointEvent>,
+    Events,
     Option<HandoffReceiver>,
     Option<Arc<saps_io_server::IoServer>>,
 )> {
-    let (token, (r, w), handoffs, server) = match &args.io_server {
-        Some(url) => {
-            let token = read_token(args)?;
-            (token, connect(url).await?, None, None)
+    if let Some(url) = &args.io_server {
+        let token = read_token(args)?;
+        let (endpoint, events) = handshake(args, token, connect(url).await?).await?;
+        return Ok((endpoint, events, None, None));
+    }
+    let token = random_token();
+    let config = args.embedded_config(&token)?;
+    let server = Arc::new(
+        saps_io_server::IoServer::start(config)
+            .await
+            .context("starting the embedded io-server")?,
+    );
+    let (node_end, (r, w)) = transport::memory_pair();
+    let s = server.clone();
+    let handoffs = match args.zero_relay {
+        Switch::On => {
+            let (tx, rx) = handoff::channel();
+            tokio::spawn(async move { s.attach_local(r, w, tx).await });
+            Some(rx)
         }
-        None => {
-            let token = random_token();
-            let config = args.embedded_config(&token)?;
-            let server = Arc::new(
-                saps_io_server::IoServer::start(config)
-                    .await
-                    .context("starting the embedded io-server")?,
-            );
-            let (node_end, (r, w)) = transport::memory_pair();
-            let s = server.clone();
-            let handoffs = match args.zero_relay {
-                Switch::On => {
-                    let (tx, rx) = handoff::channel();
-                    tokio::spawn(async move { s.attach_local(r, w, tx).await });
-                    Some(rx)
-                }
-                Switch::Off => {
-                    tokio::spawn(async move { s.attach(r, w).await });
-                    None
-                }
-            };
-            (token.into_bytes(), node_end, handoffs, Some(server))
+        Switch::Off => {
+            tokio::spawn(async move { s.attach(r, w).await });
+            None
         }
     };
+    let (endpoint, events) = handshake(args, token.into_bytes(), node_end).await?;
+    Ok((endpoint, events, handoffs, Some(server)))
+}
+
+/// Opens the node's channel over `(r, w)` and waits for the Welcome.
+async fn handshake(
+    args: &Args,
+    token: Vec<u8>,
+    (r, w): (StreamReader, StreamWriter),
+) -> Result<(Endpoint, Events)> {
     let channel = Channel::node(ChannelConfig::new(token).node(args.node_name(), args.weight));
     let (endpoint, mut events) = Endpoint::spawn(channel, r, w);
     let welcome = tokio::time::timeout(JOIN_TIMEOUT, async {
@@ -148,7 +154,38 @@ async fn join(
     .await
     .map_err(|_| anyhow!("the io-server did not answer within {JOIN_TIMEOUT:?}"))??;
     tracing::info!(node_id = welcome, "joined the io-server");
-    Ok((endpoint, events, handoffs, server))
+    Ok((endpoint, events))
+}
+
+/// Serves the io-server's events; with a remote io-server, joins it again
+/// whenever the channel is lost (an io-server restart), re-registering the
+/// program's listeners.
+async fn stay_joined(args: Arc<Args>, supervisor: Supervisor, mut events: Events) {
+    loop {
+        supervisor.clone().serve_events(events).await;
+        let (Some(url), Ok(token)) = (&args.io_server, read_token(&args)) else {
+            return;
+        };
+        tracing::warn!(%url, "lost the io-server; joining again");
+        let mut pause = Duration::from_millis(100);
+        events = loop {
+            let joined = match connect(url).await {
+                Ok(t) => handshake(&args, token.clone(), t).await,
+                Err(e) => Err(e),
+            };
+            match joined {
+                Ok((endpoint, events)) => {
+                    supervisor.rejoin(endpoint).await;
+                    break events;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "joining the io-server again failed");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+    }
 }
 
 async fn connect(url: &str) -> Result<(StreamReader, StreamWriter)> {

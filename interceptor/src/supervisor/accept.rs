@@ -43,7 +43,7 @@ pub(crate) fn deliver(
             conn,
             "connection for an unknown listener; refusing it"
         );
-        sh.endpoint.close_connection(conn, libc::ECONNREFUSED);
+        sh.ep().close_connection(conn, libc::ECONNREFUSED);
         return;
     };
     lock(&sh.arrivals).insert(conn, Arrival { peer, local });
@@ -59,7 +59,7 @@ pub(crate) fn deliver(
                     "cannot hand the connection to the program"
                 );
                 lock(&sh2.arrivals).remove(&conn);
-                sh2.endpoint.close_connection(conn, libc::ECONNREFUSED);
+                sh2.ep().close_connection(conn, libc::ECONNREFUSED);
             }
         }
     });

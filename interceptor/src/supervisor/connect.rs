@@ -133,7 +133,7 @@ fn established(
         Err(e) => return Reply::Errno(e),
     };
     if let Err(e) = sh.replace_fd(call, s.as_fd()) {
-        sh.endpoint.close_connection(conn, 0);
+        sh.ep().close_connection(conn, 0);
         return Reply::Errno(e);
     }
     let local = local.unwrap_or_else(|| crate::vsock::unspecified(vs.domain));
@@ -163,7 +163,7 @@ async fn finish_nonblocking(
             let Ok(mut p) = to_tokio(p) else { return };
             let mut filler = [0u8; FILLER];
             if p.read_exact(&mut filler).await.is_err() {
-                sh.endpoint.close_connection(conn, 0);
+                sh.ep().close_connection(conn, 0);
                 return;
             }
             let local = addr.unwrap_or_else(|| crate::vsock::unspecified(vs.domain));
@@ -198,7 +198,7 @@ pub(crate) fn spawn_relay(sh: &Arc<Shared>, conn: ConnId, p: OwnedFd) {
             Ok(p) => relay(&sh2, conn, p).await,
             Err(e) => {
                 tracing::warn!(conn, error = %e, "cannot relay");
-                sh2.endpoint.close_connection(conn, libc::EIO);
+                sh2.ep().close_connection(conn, libc::EIO);
             }
         }
     });
@@ -207,7 +207,12 @@ pub(crate) fn spawn_relay(sh: &Arc<Shared>, conn: ConnId, p: OwnedFd) {
 /// Relays until the connection ends, then forgets the virtual socket: the
 /// connection is over, whatever the program still holds.
 async fn relay(sh: &Arc<Shared>, conn: ConnId, p: tokio::net::UnixStream) {
-    let out = sh.endpoint.relay(conn, p).await;
+    let generation = sh.generation();
+    let out = sh.ep().relay(conn, p).await;
+    if sh.generation() != generation {
+        // The node rejoined meanwhile: this tag may be reused already.
+        return;
+    }
     tracing::debug!(
         conn,
         bytes_in = out.bytes_in,

@@ -116,12 +116,15 @@ where
     Outcome::Defer(Box::new(move |sh, call| Box::pin(f(sh, call))))
 }
 
-/// A virtual listener: where its `L` is and which port it holds.
+/// A virtual listener: where its `L` is and what it asked the io-server
+/// for, to ask again after a rejoin.
 #[derive(Debug, Clone)]
 pub(crate) struct Listener {
     /// The abstract AF_UNIX name `L` is bound to.
     pub name: Vec<u8>,
-    pub port: u16,
+    pub addr: SocketAddr,
+    pub flags: u32,
+    pub backlog: u32,
 }
 
 /// How often listeners the program closed are looked for. `close` is not
@@ -137,7 +140,11 @@ pub(crate) struct Arrival {
 
 pub(crate) struct Shared {
     pub notifier: Notifier,
-    pub endpoint: Endpoint,
+    /// The channel to the io-server; replaced when the node rejoins.
+    endpoint: Mutex<Endpoint>,
+    /// Bumped at each rejoin: work of an older channel must not touch
+    /// the state of the new one.
+    pub generation: std::sync::atomic::AtomicU64,
     pub rt: tokio::runtime::Handle,
     pub config: SupervisorConfig,
     pub table: Mutex<VsockTable>,
@@ -210,7 +217,8 @@ impl Supervisor {
         Supervisor {
             shared: Arc::new(Shared {
                 notifier,
-                endpoint,
+                endpoint: Mutex::new(endpoint),
+                generation: std::sync::atomic::AtomicU64::new(0),
                 rt,
                 config,
                 table: Mutex::default(),
@@ -307,6 +315,42 @@ impl Supervisor {
         }
     }
 
+    /// The node joined the io-server again over `endpoint` (after the old
+    /// channel closed): connections of the old channel are gone, and every
+    /// listener the program still holds is registered again, so the
+    /// program's listening sockets keep working across an io-server restart.
+    pub async fn rejoin(&self, endpoint: Endpoint) {
+        use std::sync::atomic::Ordering;
+        let sh = &self.shared;
+        *lock(&sh.endpoint) = endpoint.clone();
+        sh.generation.fetch_add(1, Ordering::AcqRel);
+        lock(&sh.arrivals).clear();
+        sh.table().forget_connections();
+        let old: Vec<(ConnId, Listener)> = lock(&sh.listeners).drain().collect();
+        for (old_conn, l) in old {
+            if !listener_alive(&l.name) {
+                sh.table().remove_conn(old_conn);
+                continue;
+            }
+            let Ok(conn) = endpoint.make_connection() else {
+                return;
+            };
+            let bind = Request::Bind { conn, addr: l.addr, flags: l.flags };
+            let listen = Request::Listen { conn, backlog: l.backlog };
+            let mut errno = sh.request(bind).await.errno();
+            if errno == 0 {
+                errno = sh.request(listen).await.errno();
+            }
+            if errno != 0 {
+                tracing::warn!(addr = %l.addr, errno, "could not listen again after rejoining");
+                continue;
+            }
+            tracing::info!(addr = %l.addr, "listening again after rejoining");
+            sh.table().retag(old_conn, conn);
+            lock(&sh.listeners).insert(conn, l);
+        }
+    }
+
     /// Takes the TCP sockets a same-host io-server hands over (zero-relay)
     /// and queues each on its listener's `L` like a relayed connection.
     pub async fn serve_handoffs(self, mut rx: saps_fabric::handoff::HandoffReceiver) {
@@ -381,6 +425,15 @@ impl Shared {
         }
     }
 
+    /// The current channel to the io-server.
+    pub(crate) fn ep(&self) -> Endpoint {
+        lock(&self.endpoint).clone()
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub(crate) fn table(&self) -> MutexGuard<'_, VsockTable> {
         lock(&self.table)
     }
@@ -397,7 +450,7 @@ impl Shared {
     /// Sends a Figure 3 request and waits for its answer; a dead channel
     /// answers `ENETDOWN`.
     pub(crate) async fn request(&self, req: Request) -> Response {
-        match self.endpoint.request(req).await {
+        match self.ep().request(req).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "io-server request failed");
@@ -415,7 +468,7 @@ impl Shared {
             return Ok(c);
         }
         let c = self
-            .endpoint
+            .ep()
             .make_connection()
             .map_err(|_| libc::ENETDOWN)?;
         vs.conn = Some(c);
@@ -459,14 +512,14 @@ impl Shared {
     pub(crate) fn reap_listeners(&self, port: Option<u16>) {
         let dead: Vec<ConnId> = lock(&self.listeners)
             .iter()
-            .filter(|(_, l)| port.is_none_or(|p| p == l.port) && !listener_alive(&l.name))
+            .filter(|(_, l)| port.is_none_or(|p| p == l.addr.port()) && !listener_alive(&l.name))
             .map(|(&c, _)| c)
             .collect();
         for conn in dead {
             tracing::debug!(conn, "the program closed a listener");
             lock(&self.listeners).remove(&conn);
             self.table().remove_conn(conn);
-            self.endpoint.close_connection(conn, 0);
+            self.ep().close_connection(conn, 0);
         }
     }
 

@@ -82,7 +82,7 @@ pub(crate) fn make_native(sh: &Shared, call: &mut Call, ino: Inode, vs: &Virtual
     }
     sh.table().remove(ino);
     if let Some(conn) = vs.conn {
-        sh.endpoint.close_connection(conn, 0);
+        sh.ep().close_connection(conn, 0);
     }
     call.note.action = "native (loopback)";
     Reply::Continue
@@ -153,6 +153,9 @@ pub(crate) fn listen(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
         State::Fresh => {}
         _ => return Outcome::Reply(Reply::Errno(libc::EINVAL)),
     }
+    // Not bound yet on this channel: bind first, as the kernel would
+    // (port 0), or again after the node rejoined the io-server.
+    let needs_bind = vs.conn.is_none() || vs.bound.is_none();
     let conn = match sh.conn_of(&mut vs) {
         Ok(c) => c,
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
@@ -161,8 +164,8 @@ pub(crate) fn listen(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     call.note.action = "virtual listener";
     let nonblock = sh.nonblocking(call);
     defer(move |sh, call| async move {
-        if vs.bound.is_none() {
-            let addr = crate::vsock::unspecified(vs.domain);
+        if needs_bind {
+            let addr = vs.bound.unwrap_or_else(|| crate::vsock::unspecified(vs.domain));
             let flags = vs.options.bind_flags();
             match sh.request(Request::Bind { conn, addr, flags }).await {
                 Response::Status { errno: 0, addr: a } => vs.bound = Some(a.unwrap_or(addr)),
@@ -179,7 +182,7 @@ pub(crate) fn listen(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
             conn,
             backlog,
             nonblock,
-            vs.bound.map_or(0, |a| a.port()),
+            &vs,
         ) {
             Ok(l_ino) => {
                 vs.state = State::Listening;
@@ -187,7 +190,7 @@ pub(crate) fn listen(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
                 Reply::Value(0)
             }
             Err(e) => {
-                sh.endpoint.close_connection(conn, 0);
+                sh.ep().close_connection(conn, 0);
                 Reply::Errno(e)
             }
         };
@@ -202,7 +205,7 @@ fn install_listener(
     conn: saps_fabric::ConnId,
     backlog: u32,
     nonblock: bool,
-    port: u16,
+    vs: &VirtualSocket,
 ) -> Result<Inode, i32> {
     let l = unix_socket(nonblock)?;
     let name = sh.abstract_name("l", conn);
@@ -215,7 +218,13 @@ fn install_listener(
     .map_err(|e| e as i32)?;
     let l_ino = inode_of(&l)?;
     sh.replace_fd(call, l.as_fd())?;
-    super::lock(&sh.listeners).insert(conn, super::Listener { name, port });
+    let listener = super::Listener {
+        name,
+        addr: vs.bound.unwrap_or_else(|| crate::vsock::unspecified(vs.domain)),
+        flags: vs.options.bind_flags(),
+        backlog,
+    };
+    super::lock(&sh.listeners).insert(conn, listener);
     Ok(l_ino)
 }
 
