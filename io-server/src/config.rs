@@ -62,7 +62,8 @@ pub enum Stack {
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Config {
     /// Where application nodes connect: unix:/PATH, tcp://HOST:PORT or
-    /// rdma://HOST:PORT. Repeat for several.
+    /// rdma://HOST:PORT (rdma needs a build with --features rdma). Repeat
+    /// for several.
     #[arg(long = "fabric", value_name = "URL")]
     pub fabric: Vec<String>,
     /// The single address: client-facing listeners bind it and outbound

@@ -9,11 +9,12 @@
 //! [`saps_fabric::Endpoint::relay`]. [`control`] serves `io-server status`
 //! and `io-server weight`.
 //!
-//! Files by concern: [`config`] (flags and TOML), [`allow`]
-//! (`--allow-ports`), `state.rs` (nodes, counters), [`status`] (the
-//! `ipvsadm`-like report), `sys` (the raw socket calls).
+//! Files by concern: [`cli`] (the command line), [`config`] (flags and
+//! TOML), [`allow`] (`--allow-ports`), `state.rs` (nodes, counters),
+//! [`status`] (the `ipvsadm`-like report), `sys` (the raw socket calls).
 
 pub mod allow;
+pub mod cli;
 pub mod config;
 pub mod control;
 mod group;
@@ -55,8 +56,6 @@ pub enum Error {
     EmptyToken,
     #[error(transparent)]
     FabricUrl(#[from] saps_fabric::transport::UrlError),
-    #[error("{url}: no RDMA device found (this io-server was built without RDMA support; use unix: or tcp:// instead)")]
-    NoRdma { url: String },
     #[error("cannot listen for nodes on {url}: {source}")]
     FabricBind { url: String, source: std::io::Error },
     #[error("--stack smoltcp is not built in this version; use --stack kernel (the default)")]
@@ -145,9 +144,6 @@ impl IoServer {
         let mut listeners = Vec::new();
         for url in &config.fabric {
             let parsed: FabricUrl = url.parse()?;
-            if matches!(parsed, FabricUrl::Rdma(_)) {
-                return Err(Error::NoRdma { url: url.clone() });
-            }
             let l = StreamListener::bind(&parsed)
                 .await
                 .map_err(|source| Error::FabricBind {

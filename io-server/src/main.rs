@@ -1,77 +1,12 @@
 //! `io-server`: the SAPS gateway daemon (thin CLI over `saps_io_server`).
 
-use clap::parser::ValueSource;
-use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory, FromArgMatches};
+use saps_io_server::cli::{overlay, Cli, Command};
 use saps_io_server::config::DEFAULT_CONTROL;
 use saps_io_server::{control, Config, IoServer};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-
-/// The SAPS io-server: owns the single IP address that clients connect to,
-/// runs TCP on this host, and serves application nodes (started with
-/// `saps-run`) over the fabric. Ports that several nodes listen on are
-/// load-balanced by the scheduler.
-#[derive(Debug, Parser)]
-#[command(
-    name = "io-server",
-    version,
-    after_help = "Examples:\n  io-server --fabric unix:/run/saps.sock --fabric tcp://0.0.0.0:7700 \\\n            --address 192.0.2.10 --token-file /etc/saps/token --control /run/saps-io-server.ctl\n  io-server status\n  io-server weight web1 0      # drain node web1\n\nLogs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more detail."
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Option<Command>,
-    /// Read settings from this TOML file (keys as the long flags, e.g.
-    /// `scheduler = "wrr"`); flags on the command line override it.
-    #[arg(long = "config", value_name = "FILE", id = "config_file")]
-    config_file: Option<PathBuf>,
-    #[command(flatten)]
-    config: Config,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Print nodes, listener groups, weights and traffic (like `ipvsadm -L -n --stats`).
-    Status {
-        /// The io-server's control socket.
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
-    },
-    /// Change a node's weight at run time; 0 drains it (no new connections).
-    Weight {
-        /// The node's name (as given to saps-run --node) or id.
-        node: String,
-        /// The new weight.
-        weight: u32,
-        /// The io-server's control socket.
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
-    },
-}
-
-/// Takes from `cli` every setting given on the command line, over `file`.
-fn overlay(mut file: Config, cli: Config, m: &ArgMatches) -> Config {
-    let given = |id: &str| m.value_source(id) == Some(ValueSource::CommandLine);
-    macro_rules! take {
-        ($($field:ident),*) => {
-            $( if given(stringify!($field)) { file.$field = cli.$field; } )*
-        };
-    }
-    take!(
-        fabric,
-        address,
-        scheduler,
-        stack,
-        tap,
-        token_file,
-        allow_ports,
-        control,
-        metrics,
-        shutdown_timeout,
-        window
-    );
-    file
-}
 
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();

@@ -101,8 +101,6 @@ fn cli_help_and_errors_are_clear() {
     let token = dir.path().join("token");
     std::fs::write(&token, "  s3cret\n").unwrap();
     let token = token.to_str().unwrap();
-    let (ok, err) = io_server(&["--fabric", "rdma://10.0.0.1:7701", "--token-file", token]);
-    assert!(!ok && err.contains("no RDMA device found"), "{err}");
     let (ok, err) = io_server(&["--fabric", "unix:/tmp/x.sock"]);
     assert!(!ok && err.contains("no token"), "{err}");
     let (ok, err) = io_server(&[

@@ -9,18 +9,31 @@ use std::sync::Arc;
 
 use crate::trace::{TraceFormat, TraceOptions, TraceWriter};
 
-/// Run PROGRAM with its TCP sockets served by a SAPS io-server: the program
-/// listens and connects on the cluster's single address, sees real client
-/// addresses, and needs no changes.
+/// Run a program with its TCP sockets served by a SAPS io-server.
+///
+/// saps-run starts PROGRAM under a seccomp filter that traps its
+/// connection-management calls (socket, bind, listen, accept, connect,
+/// shutdown, getsockopt, ...) and serves them with virtual TCP sockets from
+/// an io-server: the program listens and connects on the cluster's single
+/// address, sees its clients' real addresses, and needs no changes. Reads
+/// and writes are never trapped.
+///
+/// With --io-server this node joins a gateway's io-server over the fabric;
+/// without it an io-server runs inside saps-run on this host's own TCP
+/// stack. Every process of the program's tree is served. saps-run forwards
+/// the signals it receives to PROGRAM and exits with PROGRAM's exit status,
+/// or with 125 when saps-run itself fails.
+///
+/// Logs go to standard error; set RUST_LOG (e.g. RUST_LOG=debug) for more.
 #[derive(Debug, Parser)]
-#[command(name = "saps-run", version, about, long_about = None)]
-#[command(
-    after_help = "Without --io-server, an io-server runs inside saps-run on this \
-host's own TCP stack:\n  saps-run -- python3 -m http.server 8000\n\
-Joining a gateway's io-server:\n  saps-run --io-server tcp://gw:7700 --token-file /etc/saps/token --node web1 -- nginx"
-)]
+#[command(name = "saps-run", version)]
+#[command(after_help = "Examples:
+  saps-run -- python3 -m http.server 8000
+  saps-run --io-server tcp://gw:7700 --token-file /etc/saps/token --node web1 -- nginx
+  saps-run --trace -e trace=connect,accept -- curl -s http://example.com/")]
 pub struct Args {
-    /// The io-server to join (unix:/path, tcp://host:port, rdma://host:port).
+    /// The io-server to join: unix:/PATH, tcp://HOST:PORT or
+    /// rdma://HOST:PORT (rdma needs a build with --features rdma).
     /// Default: an embedded io-server on this host.
     #[arg(long, value_name = "URL", env = "SAPS_IO_SERVER")]
     pub io_server: Option<String>,
@@ -39,7 +52,7 @@ pub struct Args {
 
     /// Loopback binds and connects stay on this node (local) or go through
     /// the io-server like any other address (cluster).
-    #[arg(long, value_enum, default_value_t = LoopbackArg::Local)]
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = LoopbackArg::Local)]
     pub loopback: LoopbackArg,
 
     /// Embedded io-server only: the address client connections arrive on
@@ -72,7 +85,7 @@ pub struct Args {
     pub per_pid: bool,
 
     /// Trace output format.
-    #[arg(long, value_enum, default_value_t = TraceFormat::Text, requires = "trace")]
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = TraceFormat::Text, requires = "trace")]
     pub trace_format: TraceFormat,
 
     /// Which calls to trace, like strace: -e trace=connect,accept.
@@ -113,7 +126,9 @@ pub enum Switch {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LoopbackArg {
+    /// 127.0.0.0/8 and ::1 stay on this node, as without SAPS.
     Local,
+    /// Loopback goes through the io-server like any other address.
     Cluster,
 }
 

@@ -10,13 +10,13 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use saps_run::cli::{self, Args, Switch};
-use saps_fabric::handoff::{self, HandoffReceiver};
 use saps_fabric::endpoint::{Endpoint, EndpointEvent};
+use saps_fabric::handoff::{self, HandoffReceiver};
 use saps_fabric::transport::{self, FabricUrl, StreamReader, StreamWriter};
 use saps_fabric::{Channel, ChannelConfig};
 use saps_interceptor::launch::Target;
 use saps_interceptor::supervisor::{Supervisor, SupervisorConfig};
+use saps_run::cli::{self, Args, Switch};
 use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -73,6 +73,8 @@ fn run(args: Args) -> Result<u8> {
         SupervisorConfig {
             loopback: args.loopback.into(),
             tracer: tracer.clone().map(|t| t as _),
+            io_server: args.io_server.as_deref().unwrap_or("embedded").into(),
+            node: args.node_name().into(),
         },
     );
     let args = Arc::new(args);

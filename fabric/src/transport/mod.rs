@@ -8,6 +8,11 @@
 //! registered buffers, where a send completion frees a buffer) fits as well as
 //! a byte stream: its `write` waits for a free registered buffer, which is the
 //! transport-level `buffer_available`.
+//!
+//! [`connect_stream`] and [`StreamListener`] open any [`FabricUrl`]; their
+//! [`StreamReader`]/[`StreamWriter`] carry either a byte stream or, in a
+//! build with the `rdma` feature, an RDMA channel, so the node and the
+//! io-server run one driver type whatever the URL says.
 
 use bytes::{Bytes, BytesMut};
 use std::future::Future;
@@ -39,30 +44,59 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncStream for T {}
 /// Reads of a stream transport ask for at least this much room.
 const READ_CHUNK: usize = 256 * 1024;
 
-/// The reading half of a stream transport.
-pub struct StreamReader(ReadHalf<Box<dyn AsyncStream>>);
-/// The writing half of a stream transport.
-pub struct StreamWriter(WriteHalf<Box<dyn AsyncStream>>);
+/// The reading half of a fabric connection (a byte stream, or RDMA).
+pub struct StreamReader(Reader);
+/// The writing half of a fabric connection (a byte stream, or RDMA).
+pub struct StreamWriter(Writer);
+
+enum Reader {
+    Stream(ReadHalf<Box<dyn AsyncStream>>),
+    #[cfg(feature = "rdma")]
+    Rdma(rdma::RdmaReader<rdma::hw::IbVerbs>),
+}
+
+enum Writer {
+    Stream(WriteHalf<Box<dyn AsyncStream>>),
+    #[cfg(feature = "rdma")]
+    Rdma(rdma::RdmaWriter<rdma::hw::IbVerbs>),
+}
 
 /// Splits a byte stream into transport halves.
 pub fn stream<S: AsyncStream>(s: S) -> (StreamReader, StreamWriter) {
     let (r, w) = tokio::io::split(Box::new(s) as Box<dyn AsyncStream>);
-    (StreamReader(r), StreamWriter(w))
+    (
+        StreamReader(Reader::Stream(r)),
+        StreamWriter(Writer::Stream(w)),
+    )
 }
 
 impl TransportRead for StreamReader {
     async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        buf.reserve(READ_CHUNK);
-        self.0.read_buf(buf).await
+        match &mut self.0 {
+            Reader::Stream(r) => {
+                buf.reserve(READ_CHUNK);
+                r.read_buf(buf).await
+            }
+            #[cfg(feature = "rdma")]
+            Reader::Rdma(r) => r.read(buf).await,
+        }
     }
 }
 
 impl TransportWrite for StreamWriter {
     async fn write(&mut self, bytes: Bytes) -> io::Result<()> {
-        self.0.write_all(&bytes).await
+        match &mut self.0 {
+            Writer::Stream(w) => w.write_all(&bytes).await,
+            #[cfg(feature = "rdma")]
+            Writer::Rdma(w) => w.write(bytes).await,
+        }
     }
     async fn shutdown(&mut self) -> io::Result<()> {
-        self.0.shutdown().await
+        match &mut self.0 {
+            Writer::Stream(w) => w.shutdown().await,
+            #[cfg(feature = "rdma")]
+            Writer::Rdma(w) => w.shutdown().await,
+        }
     }
 }
 
@@ -134,11 +168,11 @@ impl std::fmt::Display for FabricUrl {
 pub fn rdma_unavailable() -> io::Error {
     io::Error::new(
         io::ErrorKind::Unsupported,
-        "rdma:// needs a build with `--features rdma` (this binary was built without it)",
+        "rdma:// needs a build with --features rdma (this binary was built without it)",
     )
 }
 
-/// Connects a node to an io-server over a stream fabric.
+/// Connects a node to an io-server over any fabric URL.
 pub async fn connect_stream(url: &FabricUrl) -> io::Result<(StreamReader, StreamWriter)> {
     match url {
         FabricUrl::Unix(path) => Ok(stream(tokio::net::UnixStream::connect(path).await?)),
@@ -147,10 +181,54 @@ pub async fn connect_stream(url: &FabricUrl) -> io::Result<(StreamReader, Stream
             s.set_nodelay(true)?;
             Ok(stream(s))
         }
-        FabricUrl::Rdma(_) => Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "rdma:// is not a stream fabric",
-        )),
+        FabricUrl::Rdma(_) => rdma_url::connect(url).await,
+    }
+}
+
+/// `rdma://` under [`connect_stream`] and [`StreamListener::bind`]: the
+/// RDMA transport on the first device ("no RDMA device found (…)" without
+/// one), or [`rdma_unavailable`] in a build without the `rdma` feature.
+#[cfg(feature = "rdma")]
+mod rdma_url {
+    use super::{rdma, FabricUrl, Reader, StreamListener, StreamReader, StreamWriter, Writer};
+    use std::io;
+
+    type Halves = (
+        rdma::RdmaReader<rdma::hw::IbVerbs>,
+        rdma::RdmaWriter<rdma::hw::IbVerbs>,
+    );
+
+    fn fabric_halves((r, w): Halves) -> (StreamReader, StreamWriter) {
+        (StreamReader(Reader::Rdma(r)), StreamWriter(Writer::Rdma(w)))
+    }
+
+    pub async fn connect(url: &FabricUrl) -> io::Result<(StreamReader, StreamWriter)> {
+        Ok(fabric_halves(rdma::rdma_connect(url).await?))
+    }
+
+    pub async fn bind(url: &FabricUrl) -> io::Result<StreamListener> {
+        Ok(StreamListener::Rdma(rdma::RdmaListener::bind(url).await?))
+    }
+
+    pub async fn accept(
+        l: &rdma::RdmaListener<rdma::IbDevice>,
+    ) -> io::Result<((StreamReader, StreamWriter), String)> {
+        let (halves, peer) = l.accept().await?;
+        Ok((fabric_halves(halves), peer))
+    }
+}
+
+#[cfg(not(feature = "rdma"))]
+mod rdma_url {
+    use super::{rdma_unavailable, FabricUrl, StreamListener, StreamReader, StreamWriter};
+    use std::io;
+
+    pub async fn connect(_: &FabricUrl) -> io::Result<(StreamReader, StreamWriter)> {
+        Err(rdma_unavailable())
+    }
+
+    pub async fn bind(_: &FabricUrl) -> io::Result<StreamListener> {
+        Err(rdma_unavailable())
     }
 }
 
@@ -158,6 +236,8 @@ pub async fn connect_stream(url: &FabricUrl) -> io::Result<(StreamReader, Stream
 pub enum StreamListener {
     Unix(tokio::net::UnixListener, PathBuf),
     Tcp(tokio::net::TcpListener),
+    #[cfg(feature = "rdma")]
+    Rdma(rdma::RdmaListener<rdma::IbDevice>),
 }
 
 impl StreamListener {
@@ -181,10 +261,7 @@ impl StreamListener {
             FabricUrl::Tcp(addr) => Ok(StreamListener::Tcp(
                 tokio::net::TcpListener::bind(addr.as_str()).await?,
             )),
-            FabricUrl::Rdma(_) => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "rdma:// is not a stream fabric",
-            )),
+            FabricUrl::Rdma(_) => rdma_url::bind(url).await,
         }
     }
 
@@ -200,6 +277,8 @@ impl StreamListener {
                 s.set_nodelay(true)?;
                 Ok((stream(s), peer.to_string()))
             }
+            #[cfg(feature = "rdma")]
+            StreamListener::Rdma(l) => rdma_url::accept(l).await,
         }
     }
 
@@ -208,6 +287,8 @@ impl StreamListener {
         match self {
             StreamListener::Unix(_, p) => Ok(FabricUrl::Unix(p.clone())),
             StreamListener::Tcp(l) => Ok(FabricUrl::Tcp(l.local_addr()?.to_string())),
+            #[cfg(feature = "rdma")]
+            StreamListener::Rdma(l) => Ok(l.local_url()?),
         }
     }
 }
@@ -242,6 +323,36 @@ mod tests {
             "rdma://h:99999",
         ] {
             assert!(bad.parse::<FabricUrl>().is_err(), "{bad}");
+        }
+    }
+
+    /// `rdma://` reaches the RDMA transport in a build with the feature
+    /// (which finds no device on a host without RDMA) and names the build
+    /// that is needed without it; never "not a stream fabric".
+    #[tokio::test]
+    async fn rdma_urls_fail_with_the_reason_of_this_build() {
+        if cfg!(feature = "rdma")
+            && std::fs::read_dir("/sys/class/infiniband").is_ok_and(|mut d| d.next().is_some())
+        {
+            return;
+        }
+        let url: FabricUrl = "rdma://127.0.0.1:1".parse().unwrap();
+        let connect = connect_stream(&url).await.err().expect("no RDMA here");
+        let bind = StreamListener::bind(&url)
+            .await
+            .err()
+            .expect("no RDMA here");
+        for err in [connect, bind] {
+            if cfg!(feature = "rdma") {
+                assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+                assert!(
+                    err.to_string().starts_with("no RDMA device found ("),
+                    "{err}"
+                );
+            } else {
+                assert_eq!(err.kind(), io::ErrorKind::Unsupported, "{err}");
+                assert_eq!(err.to_string(), rdma_unavailable().to_string());
+            }
         }
     }
 }

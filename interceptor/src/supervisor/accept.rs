@@ -250,6 +250,7 @@ fn hand_over(
         }
     };
     call.note.conn = Some(conn);
+    call.note.group = listener.bound;
     let keep = |a: OwnedFd, errno: i32| {
         lock(&sh.stash)
             .entry(l_ino)

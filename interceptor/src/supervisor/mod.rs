@@ -79,6 +79,12 @@ pub struct Note {
     pub conn: Option<ConnId>,
     /// What happened, e.g. "virtual", "native (loopback)".
     pub action: &'static str,
+    /// The listener group (the address it listens on), for bind, listen
+    /// and accept.
+    pub group: Option<SocketAddr>,
+    /// Which io-server and as which node.
+    pub io_server: Option<Arc<str>>,
+    pub node: Option<Arc<str>>,
 }
 
 /// Receives one record per serviced call (the `--trace` mode).
@@ -91,6 +97,10 @@ pub trait Tracer: Send + Sync {
 pub struct SupervisorConfig {
     pub loopback: Loopback,
     pub tracer: Option<Arc<dyn Tracer>>,
+    /// The io-server joined ("embedded" or its URL) and this node's name,
+    /// for the trace annotations.
+    pub io_server: Arc<str>,
+    pub node: Arc<str>,
 }
 
 /// The result of servicing a call synchronously.
@@ -407,6 +417,9 @@ impl Shared {
         let id = call.n.id;
         // Trace before answering, so a process's lines are in call order.
         if let Some(t) = &self.config.tracer {
+            let mut call = call;
+            call.note.io_server = Some(self.config.io_server.clone());
+            call.note.node = Some(self.config.node.clone());
             t.record(&CallRecord {
                 pid: call.pid() as i32,
                 nr: call.n.nr as i64,

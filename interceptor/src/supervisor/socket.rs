@@ -162,6 +162,7 @@ pub(crate) fn listen(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     };
     call.note.conn = Some(conn);
     call.note.action = "virtual listener";
+    call.note.group = vs.bound;
     let nonblock = sh.nonblocking(call);
     defer(move |sh, call| async move {
         if needs_bind {

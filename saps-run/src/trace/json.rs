@@ -5,7 +5,8 @@
 //! {"ts":"2026-11-25T08:26:13.405804Z","pid":1234,"syscall":"connect",
 //!  "args":["3","{sa_family=AF_INET, …}","16"],"retval":-1,"errno":111,
 //!  "errno_name":"ECONNREFUSED","duration_us":146,
-//!  "saps":{"inode":123456,"conn":7,"action":"virtual"}}
+//!  "saps":{"inode":123456,"conn":7,"action":"virtual","group":"0.0.0.0:80",
+//!          "io_server":"embedded","node":"web1"}}
 //! ```
 //!
 //! `args` holds the same strings as the text format. `retval` is `null`
@@ -36,6 +37,9 @@ pub(crate) fn record(call: &CallRecord, d: &Decoded) -> Value {
             "inode": call.note.inode,
             "conn": call.note.conn,
             "action": call.note.action,
+            "group": call.note.group.map(|g| g.to_string()),
+            "io_server": call.note.io_server.as_deref(),
+            "node": call.note.node.as_deref(),
         },
     })
 }

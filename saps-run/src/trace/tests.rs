@@ -255,6 +255,7 @@ fn native_calls_print_unknown_result_and_annotations_follow_their_line() {
         inode: Some(123_456),
         conn: Some(7),
         action: "virtual",
+        ..Note::default()
     };
     let text = line(&call, Prefix::None, annotated);
     assert_eq!(
@@ -350,6 +351,9 @@ fn json_lines_parse_and_carry_the_documented_fields() {
         inode: Some(99),
         conn: Some(7),
         action: "virtual",
+        group: Some("0.0.0.0:80".parse().unwrap()),
+        io_server: Some("embedded".into()),
+        node: Some("web1".into()),
     };
     let text = format!("{}", json::record(&call, &decode::decode(&call)));
     assert!(!text.contains('\n'));
@@ -371,7 +375,8 @@ fn json_lines_parse_and_carry_the_documented_fields() {
     assert_eq!(v["duration_us"], 146);
     assert_eq!(
         v["saps"],
-        serde_json::json!({"inode": 99, "conn": 7, "action": "virtual"})
+        serde_json::json!({"inode": 99, "conn": 7, "action": "virtual",
+            "group": "0.0.0.0:80", "io_server": "embedded", "node": "web1"})
     );
 
     call.result = Reply::Continue;

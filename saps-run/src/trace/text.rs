@@ -72,7 +72,8 @@ pub(crate) fn format(call: &CallRecord, d: &Decoded, prefix: Prefix, style: Styl
     s
 }
 
-/// `  # saps: inode=123456 conn=7 virtual` (absent parts left out).
+/// `  # saps: inode=123456 conn=7 virtual group=0.0.0.0:80 io-server=embedded
+/// node=web1` (absent parts left out).
 fn annotation(call: &CallRecord) -> String {
     let mut s = String::from("  # saps:");
     if let Some(ino) = call.note.inode {
@@ -87,6 +88,12 @@ fn annotation(call: &CallRecord) -> String {
     };
     if !action.is_empty() {
         let _ = write!(s, " {action}");
+    }
+    if let Some(g) = call.note.group {
+        let _ = write!(s, " group={g}");
+    }
+    if let (Some(io), Some(node)) = (&call.note.io_server, &call.note.node) {
+        let _ = write!(s, " io-server={io} node={node}");
     }
     s.push('\n');
     s
