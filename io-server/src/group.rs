@@ -312,7 +312,12 @@ fn hand_off(
             return;
         }
     };
-    let h = saps_fabric::handoff::HandedOff { listener, peer, local, socket };
+    let h = saps_fabric::handoff::HandedOff {
+        listener,
+        peer,
+        local,
+        socket,
+    };
     if tx.send(h).is_err() {
         tracing::warn!(%peer, "the node stopped taking connections; client closed");
         return;

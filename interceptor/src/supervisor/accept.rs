@@ -71,11 +71,20 @@ pub(crate) fn deliver(
 pub(crate) fn deliver_handoff(sh: &Arc<Shared>, h: saps_fabric::handoff::HandedOff) {
     use std::sync::atomic::Ordering;
     let Some(l) = lock(&sh.listeners).get(&h.listener).cloned() else {
-        tracing::warn!(listener = h.listener, "handed-off connection for an unknown listener; closing it");
+        tracing::warn!(
+            listener = h.listener,
+            "handed-off connection for an unknown listener; closing it"
+        );
         return;
     };
     let id = sh.next_handed.fetch_add(1, Ordering::Relaxed);
-    lock(&sh.arrivals).insert(id, Arrival { peer: h.peer, local: h.local });
+    lock(&sh.arrivals).insert(
+        id,
+        Arrival {
+            peer: h.peer,
+            local: h.local,
+        },
+    );
     lock(&sh.handed).insert(id, (h.socket, None));
     let sh2 = sh.clone();
     sh.rt.spawn(async move {
@@ -302,7 +311,12 @@ fn hand_over(
 }
 
 /// Installs `obj` as the result of the accept call (`ADDFD` with `SEND`).
-fn install(sh: &Shared, call: &Call, obj: std::os::fd::BorrowedFd<'_>, flags: i32) -> Result<i32, i32> {
+fn install(
+    sh: &Shared,
+    call: &Call,
+    obj: std::os::fd::BorrowedFd<'_>,
+    flags: i32,
+) -> Result<i32, i32> {
     if !sh.notifier.id_valid(call.n.id) {
         return Err(libc::EINTR);
     }

@@ -345,8 +345,15 @@ impl Supervisor {
             let Ok(conn) = endpoint.make_connection() else {
                 return;
             };
-            let bind = Request::Bind { conn, addr: l.addr, flags: l.flags };
-            let listen = Request::Listen { conn, backlog: l.backlog };
+            let bind = Request::Bind {
+                conn,
+                addr: l.addr,
+                flags: l.flags,
+            };
+            let listen = Request::Listen {
+                conn,
+                backlog: l.backlog,
+            };
             let mut errno = sh.request(bind).await.errno();
             if errno == 0 {
                 errno = sh.request(listen).await.errno();
@@ -480,10 +487,7 @@ impl Shared {
         if let Some(c) = vs.conn {
             return Ok(c);
         }
-        let c = self
-            .ep()
-            .make_connection()
-            .map_err(|_| libc::ENETDOWN)?;
+        let c = self.ep().make_connection().map_err(|_| libc::ENETDOWN)?;
         vs.conn = Some(c);
         Ok(c)
     }

@@ -166,7 +166,9 @@ pub(crate) fn listen(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     let nonblock = sh.nonblocking(call);
     defer(move |sh, call| async move {
         if needs_bind {
-            let addr = vs.bound.unwrap_or_else(|| crate::vsock::unspecified(vs.domain));
+            let addr = vs
+                .bound
+                .unwrap_or_else(|| crate::vsock::unspecified(vs.domain));
             let flags = vs.options.bind_flags();
             match sh.request(Request::Bind { conn, addr, flags }).await {
                 Response::Status { errno: 0, addr: a } => vs.bound = Some(a.unwrap_or(addr)),
@@ -177,14 +179,7 @@ pub(crate) fn listen(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
         if resp.errno() != 0 {
             return (call, Outcome::Reply(Reply::Errno(resp.errno())));
         }
-        let reply = match install_listener(
-            &sh,
-            &call,
-            conn,
-            backlog,
-            nonblock,
-            &vs,
-        ) {
+        let reply = match install_listener(&sh, &call, conn, backlog, nonblock, &vs) {
             Ok(l_ino) => {
                 vs.state = State::Listening;
                 sh.table().rekey(ino, l_ino, vs);
@@ -221,7 +216,9 @@ fn install_listener(
     sh.replace_fd(call, l.as_fd())?;
     let listener = super::Listener {
         name,
-        addr: vs.bound.unwrap_or_else(|| crate::vsock::unspecified(vs.domain)),
+        addr: vs
+            .bound
+            .unwrap_or_else(|| crate::vsock::unspecified(vs.domain)),
         flags: vs.options.bind_flags(),
         backlog,
     };
