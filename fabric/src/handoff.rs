@@ -67,7 +67,12 @@ mod tests {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let peer: SocketAddr = "192.0.2.1:4000".parse().unwrap();
         let local: SocketAddr = "198.51.100.1:80".parse().unwrap();
-        let h = HandedOff { listener: 2, peer, local, socket: a.into() };
+        let h = HandedOff {
+            listener: 2,
+            peer,
+            local,
+            socket: a.into(),
+        };
         tx.send(h).unwrap();
         let got = rx.recv().await.unwrap();
         assert_eq!((got.listener, got.peer, got.local), (2, peer, local));
