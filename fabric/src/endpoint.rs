@@ -10,6 +10,10 @@
 //! Everything else (authentication, Figure 3 requests and responses, accepted
 //! connections) comes out as an [`EndpointEvent`] or answers
 //! [`Endpoint::request`].
+//!
+//! An idle relay holds no read buffer (a gateway holds tens of thousands of
+//! idle connections; docs/benchmarks.md "Scale"): reads borrow a per-thread
+//! scratch buffer for the one poll that reads.
 
 use crate::channel::MAX_DATA;
 use crate::channel::{CallError, Channel, ChannelError, Event};
@@ -17,12 +21,16 @@ use crate::driver::{self, FabricHandle};
 use crate::frame::{ConnId, ReqId, Request, Response};
 use crate::transport::{TransportRead, TransportWrite};
 use bytes::Bytes;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::task::{ready, Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::Instrument;
 
@@ -327,9 +335,14 @@ impl Endpoint {
     /// [`Endpoint::relay`] for a TCP socket: when the peer resets the
     /// connection the socket is closed with `SO_LINGER` 0, so the client
     /// sees RST rather than FIN.
-    pub async fn relay_tcp(&self, conn: ConnId, stream: tokio::net::TcpStream) -> RelayOutcome {
-        self.relay_with(conn, stream, |s| {
-            if let Err(e) = s.set_zero_linger() {
+    ///
+    /// The socket is shared so its owner can still set and read socket
+    /// options while it is relayed, without a second descriptor (a
+    /// duplicate per connection would halve how many fit under `ulimit -n`).
+    /// It closes when the last `Arc` is dropped.
+    pub async fn relay_tcp(&self, conn: ConnId, stream: Arc<TcpStream>) -> RelayOutcome {
+        self.relay_with(conn, SharedTcp(stream), |s| {
+            if let Err(e) = s.0.set_zero_linger() {
                 tracing::debug!(error = %e, "SO_LINGER 0 failed");
             }
         })
@@ -442,6 +455,93 @@ enum DownEnd {
     Closed(i32),
 }
 
+/// A TCP socket shared behind an `Arc`, read and written through its
+/// readiness (tokio implements the I/O traits only for an owned stream).
+struct SharedTcp(Arc<TcpStream>);
+
+impl AsyncRead for SharedTcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        // Each WouldBlock clears the readiness, so the next poll parks.
+        loop {
+            ready!(self.0.poll_read_ready(cx))?;
+            let want = buf.remaining();
+            let mut got = 0;
+            // A short read drained the socket (epoll): report WouldBlock to
+            // `try_io` so it clears the readiness now, as tokio's own
+            // poll_read does, instead of paying a recv that fails next time.
+            let r = self.0.try_io(Interest::READABLE, || {
+                got = self.0.try_read(buf.initialize_unfilled())?;
+                if got > 0 && got < want {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            });
+            match r {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && got == 0 => {}
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Poll::Ready(Err(e)),
+                _ => {
+                    buf.advance(got);
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SharedTcp {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&*self.0).shutdown(std::net::Shutdown::Write))
+    }
+}
+
+/// What one read of the stream did.
+enum Chunk {
+    Eof,
+    /// This many octets were sent on the connection.
+    Sent(usize),
+    /// The channel no longer takes data for the connection.
+    Refused,
+}
+
+thread_local! {
+    /// The read buffer of every relay polled on this thread; a relay only
+    /// holds it during one `poll_read`, never across a wait.
+    static SCRATCH: Cell<Option<Box<[u8]>>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with this thread's scratch buffer of [`MAX_DATA`] octets (a
+/// fresh one should `f` run inside another `with_scratch`).
+fn with_scratch<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
+    let mut buf = SCRATCH
+        .take()
+        .unwrap_or_else(|| vec![0u8; MAX_DATA].into_boxed_slice());
+    let out = f(&mut buf);
+    SCRATCH.set(Some(buf));
+    out
+}
+
 /// One relay's two directions.
 struct Pump<'a> {
     ep: &'a Endpoint,
@@ -494,10 +594,13 @@ impl Pump<'_> {
     }
 
     /// Stream -> connection, never past the peer's credit.
+    ///
+    /// No buffer is kept across the wait for data (an idle connection costs
+    /// no buffer): each read borrows this thread's scratch buffer for the
+    /// one poll that reads, and the octets go into the channel in that poll.
     async fn upstream<R: AsyncRead + Unpin>(&self, rd: &mut R, credit: &Notify) -> io::Result<()> {
         let handle = self.ep.handle();
         let conn = self.conn;
-        let mut buf = vec![0u8; MAX_DATA];
         loop {
             let window = loop {
                 let (window, known) =
@@ -513,18 +616,36 @@ impl Pump<'_> {
                 }
                 credit.notified().await;
             };
-            let n = rd.read(&mut buf[..window.min(MAX_DATA)]).await?;
-            if n == 0 {
-                let _ = handle.with(|ch| ch.send_fin(conn));
-                return Ok(());
+            let limit = window.min(MAX_DATA);
+            let chunk = std::future::poll_fn(|cx| {
+                with_scratch(|buf| {
+                    let mut rb = ReadBuf::new(&mut buf[..limit]);
+                    ready!(Pin::new(&mut *rd).poll_read(cx, &mut rb))?;
+                    let data = rb.filled();
+                    Poll::Ready(Ok::<_, io::Error>(match data.len() {
+                        0 => Chunk::Eof,
+                        // Only this task sends on `conn`, so the window still holds.
+                        n => match handle.with(|ch| ch.send_message(conn, data)) {
+                            Ok(_) => Chunk::Sent(n),
+                            Err(_) => Chunk::Refused,
+                        },
+                    }))
+                })
+            })
+            .await?;
+            match chunk {
+                Chunk::Eof => {
+                    let _ = handle.with(|ch| ch.send_fin(conn));
+                    return Ok(());
+                }
+                Chunk::Sent(n) => {
+                    self.counters
+                        .bytes_in
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                // The connection is going away; the other direction ends the relay.
+                Chunk::Refused => std::future::pending::<()>().await,
             }
-            // Only this task sends on `conn`, so the window still holds.
-            if handle.with(|ch| ch.send_message(conn, &buf[..n])).is_err() {
-                std::future::pending::<()>().await;
-            }
-            self.counters
-                .bytes_in
-                .fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 
@@ -640,6 +761,7 @@ mod tests {
     use crate::channel::ChannelConfig;
     use crate::transport::memory_pair;
     use std::time::Duration;
+    use tokio::io::AsyncReadExt;
     use tokio::net::UnixStream;
     use tokio::time::timeout;
 
@@ -883,6 +1005,68 @@ mod tests {
             "the stalled client is blocked, not failed"
         );
         flood.abort();
+    }
+
+    #[test]
+    fn relays_on_one_thread_share_one_read_buffer() {
+        let first = with_scratch(|b| (b.as_ptr(), b.len()));
+        let (again, nested) = with_scratch(|b| (b.as_ptr(), with_scratch(|n| n.as_ptr())));
+        assert_eq!(
+            first,
+            (again, MAX_DATA),
+            "the buffer is reused, not reallocated"
+        );
+        assert_ne!(nested, again, "a nested use gets its own buffer");
+        assert_eq!(with_scratch(|b| b.as_ptr()), first.0);
+    }
+
+    #[tokio::test]
+    async fn relay_tcp_shares_the_socket_with_its_owner_and_half_closes() {
+        let mut p = pair().await;
+        let conn = accept(&mut p).await;
+        let listener = tokio::net::TcpListener::bind(addr(0)).await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let server_side = Arc::new(listener.accept().await.unwrap().0);
+        let owner = server_side.clone();
+        let (mut app, app_side) = UnixStream::pair().unwrap();
+        let (s, n) = (p.server.clone(), p.node.clone());
+        let server_relay = tokio::spawn(async move { s.relay_tcp(conn, server_side).await });
+        let node_relay = tokio::spawn(async move { n.relay(conn, app_side).await });
+        // The owner sets an option on the socket while it is relayed.
+        owner.set_nodelay(true).unwrap();
+        assert!(owner.nodelay().unwrap());
+        let request = pattern(200_000, 4);
+        let (mut cr, mut cw) = client.split();
+        let write = async {
+            cw.write_all(&request).await.unwrap();
+            cw.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let app_read = app.read_to_end(&mut got);
+        timeout(LIMIT, async { tokio::join!(write, app_read) })
+            .await
+            .unwrap()
+            .1
+            .unwrap();
+        assert!(got == request, "the app received the client's bytes intact");
+        app.write_all(b"bye").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        timeout(LIMIT, cr.read_to_end(&mut reply))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply, b"bye", "the app's FIN reached the client as EOF");
+        let so = timeout(LIMIT, server_relay).await.unwrap().unwrap();
+        timeout(LIMIT, node_relay).await.unwrap().unwrap();
+        assert_eq!((so.bytes_in, so.bytes_out, so.errno), (200_000, 3, 0));
+        assert_eq!(
+            Arc::strong_count(&owner),
+            1,
+            "the relay let go of the socket"
+        );
     }
 
     #[tokio::test]

@@ -250,12 +250,16 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, key: SocketAddr, stream: TcpStream,
     let Ok(local) = stream.local_addr() else {
         return;
     };
+    // Bytes in flight cost a walk over the member's live connections; only
+    // MWLC looks at them, so only MWLC pays for them.
+    let mwlc = shared.config.scheduler == crate::SchedulerKind::Mwlc;
     loop {
         let picked = {
             let nodes = &st.nodes;
             st.groups
                 .pick(key, peer.ip(), |m| match nodes.get(&m.node) {
-                    Some(n) => (n.weight, n.in_flight(&m.traffic)),
+                    Some(n) if mwlc => (n.weight, n.in_flight(&m.traffic)),
+                    Some(n) => (n.weight, 0),
                     None => (0, 0),
                 })
         };

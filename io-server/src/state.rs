@@ -6,7 +6,6 @@ use crate::Shared;
 use saps_fabric::{ConnId, Endpoint, RelayOutcome};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::Instrument;
@@ -54,9 +53,9 @@ impl Traffic {
 pub struct Socket {
     /// The group it is bound in.
     pub group: Option<SocketAddr>,
-    /// A duplicate of the connected TCP socket, for SetOpt/GetOpt. Dropped
-    /// when the relay ends, which is when the socket really closes.
-    pub tcp: Option<OwnedFd>,
+    /// The connected TCP socket, shared with its relay, for SetOpt/GetOpt.
+    /// Dropped when the relay ends, which is when the socket really closes.
+    pub tcp: Option<Arc<TcpStream>>,
     /// Options set before there was a TCP socket; applied on connect.
     pub opts: Vec<(i32, i32, bytes::Bytes)>,
 }
@@ -118,7 +117,8 @@ pub(crate) fn start_relay(
     let id = (node_id, conn);
     node.traffic.start(id);
     let sock = node.sockets.entry(conn).or_default();
-    sock.tcp = stream.as_fd().try_clone_to_owned().ok();
+    let stream = Arc::new(stream);
+    sock.tcp = Some(stream.clone());
     let ep = node.ep.clone();
     if let Some((key, listener)) = member {
         if let Some(g) = st.groups.map.get_mut(&key) {
