@@ -300,6 +300,8 @@ pub(crate) async fn accept_until_shutdown<T, F, Fut>(
         };
         match r {
             Ok(v) => each(v),
+            // The listening socket was shut down (its group is gone).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return,
             Err(e) => {
                 tracing::warn!(what, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;

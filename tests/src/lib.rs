@@ -47,12 +47,25 @@ pub fn have(program: &str) -> bool {
     found
 }
 
-/// A port free on 127.0.0.1 right now.
+/// A port free on 127.0.0.1 right now, below the kernel's ephemeral
+/// range: a port from that range may be taken by an outgoing connection
+/// (the tests make many) before the server under test binds it.
 pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding an ephemeral port")
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768)
+        .clamp(12000, 65535);
+    let span = low - 10000;
+    let start = std::process::id() * 97 % span;
+    for _ in 0..span {
+        let port = 10000 + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if TcpListener::bind((Ipv4Addr::UNSPECIFIED, port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free port below {low}")
 }
 
 /// Polls `f` until it returns `Some` or `timeout` passes.

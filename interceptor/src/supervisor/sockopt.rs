@@ -19,9 +19,12 @@ use std::sync::Arc;
 /// Longest option value read from or written to the program.
 const MAX_OPT: u32 = 256;
 
-/// Options that belong to the real TCP socket on the io-server.
+/// Options that belong to the real TCP socket on the io-server. Not
+/// `TCP_NODELAY` (the io-server sets it on every client connection) nor
+/// `TCP_CORK` (the relay decides how bytes are batched): Apache corks around
+/// every response, and a SetOpt per request would cost a fabric message.
 fn on_gateway(level: i32, name: i32) -> bool {
-    level == libc::IPPROTO_TCP
+    (level == libc::IPPROTO_TCP && !matches!(name, libc::TCP_NODELAY | libc::TCP_CORK))
         || (level == libc::SOL_SOCKET
             && matches!(
                 name,
