@@ -102,12 +102,21 @@ impl Notifier {
     /// (its thread was interrupted or killed): try again after the next
     /// readiness. `EINTR` is retried here.
     pub fn recv(&self) -> io::Result<Notification> {
-        let n = loop {
-            match sys::notif_recv(self.fd.as_fd()) {
+        loop {
+            match self.recv_interruptible() {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                other => break other?,
+                other => return other,
             }
-        };
+        }
+    }
+
+    /// Like [`Notifier::recv`], but a signal makes it return
+    /// `ErrorKind::Interrupted` (how a supervisor blocked here is stopped).
+    /// Blocking in the ioctl itself, rather than in `poll`, is what lets
+    /// `SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP` wake this thread on the
+    /// target's CPU.
+    pub fn recv_interruptible(&self) -> io::Result<Notification> {
+        let n = sys::notif_recv(self.fd.as_fd())?;
         Ok(Notification {
             id: n.id,
             pid: n.pid,

@@ -363,3 +363,40 @@ pub fn async_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedF
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
 }
+
+/// The signal that interrupts the supervisor thread's blocking
+/// `SECCOMP_IOCTL_NOTIF_RECV` when it must stop.
+pub fn wakeup_signal() -> i32 {
+    libc::SIGRTMIN() + 3
+}
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// Installs a no-op handler for [`wakeup_signal`] without `SA_RESTART`,
+/// so the signal makes a blocked ioctl return `EINTR`.
+pub fn install_wakeup_handler() -> io::Result<()> {
+    // SAFETY: a zeroed sigaction with a valid handler function and an empty
+    // mask is a valid argument; the handler does nothing, so it is
+    // async-signal-safe.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = ignore_signal as *const () as libc::sighandler_t;
+        libc::sigemptyset(&mut sa.sa_mask);
+        check(libc::sigaction(wakeup_signal(), &sa, std::ptr::null_mut()) as libc::c_long).map(drop)
+    }
+}
+
+/// The calling thread, for [`wake_thread`].
+pub fn current_thread() -> libc::pthread_t {
+    // SAFETY: pthread_self has no preconditions.
+    unsafe { libc::pthread_self() }
+}
+
+/// Interrupts a blocking call of `thread` with [`wakeup_signal`].
+pub fn wake_thread(thread: libc::pthread_t) {
+    // SAFETY: `thread` is a live thread of this process: the caller keeps
+    // signalling only until that thread acknowledged it is leaving.
+    unsafe {
+        libc::pthread_kill(thread, wakeup_signal());
+    }
+}

@@ -14,7 +14,6 @@
 use super::connect::spawn_relay;
 use super::socket::{set_nonblocking, unix_socket};
 use super::{defer, inode_of, lock, Arrival, Call, Outcome, Shared};
-use crate::fds;
 use crate::notify::{AddFd, Reply};
 use crate::vsock::{Inode, State, VirtualSocket};
 use nix::sys::socket::{self as so, sockopt, UnixAddr};
@@ -180,7 +179,7 @@ async fn wait_and_take(
             Ok(None) => {}
             Err(e) => return Outcome::Reply(Reply::Errno(e)),
         }
-        let Ok(l) = listener_dup(call) else {
+        let Ok(l) = listener_dup(sh, call) else {
             return Outcome::Reply(Reply::Errno(libc::EBADF));
         };
         let Ok(afd) = crate::sys::async_readable(l) else {
@@ -193,10 +192,9 @@ async fn wait_and_take(
 }
 
 /// The program's `L`, duplicated for the time of one call.
-fn listener_dup(call: &Call) -> Result<OwnedFd, i32> {
-    let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(libc::EBADF);
-    let pidfd = fds::open_pidfd(call.pid()).map_err(errno)?;
-    fds::get_fd(pidfd.as_fd(), call.fd()).map_err(errno)
+fn listener_dup(sh: &Shared, call: &Call) -> Result<OwnedFd, i32> {
+    sh.target_fd(call)
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::EBADF))
 }
 
 /// Takes one pending connection for the listener `ino`: one kept from a
@@ -205,7 +203,7 @@ fn take(sh: &Shared, call: &Call, ino: Inode) -> Result<Option<(OwnedFd, ConnId)
     if let Some(x) = lock(&sh.stash).get_mut(&ino).and_then(|q| q.pop_front()) {
         return Ok(Some(x));
     }
-    let l = listener_dup(call)?;
+    let l = listener_dup(sh, call)?;
     let _guard = lock(&sh.accept_lock);
     loop {
         let mut pfd = [nix::poll::PollFd::new(

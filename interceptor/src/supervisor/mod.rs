@@ -137,6 +137,10 @@ pub(crate) struct Listener {
     pub backlog: u32,
 }
 
+/// pidfds kept at most (one per thread of the target seen); beyond, the
+/// cache starts again.
+const MAX_PIDFDS: usize = 4096;
+
 /// How often listeners the program closed are looked for. `close` is not
 /// trapped, so a closed listener is noticed by probing its name.
 const LISTENER_SWEEP: Duration = Duration::from_secs(1);
@@ -171,6 +175,8 @@ pub(crate) struct Shared {
     pub handed: Mutex<HashMap<ConnId, (OwnedFd, Option<OwnedFd>)>>,
     /// Local tags of handed-over connections (apart from the fabric's).
     pub next_handed: std::sync::atomic::AtomicU64,
+    /// pidfds of the target's threads, by thread id.
+    pub pidfds: Mutex<HashMap<u32, Arc<OwnedFd>>>,
     /// Serialises "is a connection pending on L? take it" between tasks.
     pub accept_lock: Mutex<()>,
     /// Prefix of the abstract socket names this supervisor makes.
@@ -237,6 +243,7 @@ impl Supervisor {
                 stash: Mutex::default(),
                 handed: Mutex::default(),
                 next_handed: std::sync::atomic::AtomicU64::new(1 << 62),
+                pidfds: Mutex::default(),
                 accept_lock: Mutex::new(()),
                 prefix: format!("saps-{}-{:x}", std::process::id(), rand_tag()),
             }),
@@ -249,42 +256,62 @@ impl Supervisor {
     }
 
     /// Services notifications until `stop` becomes readable (e.g. the
-    /// target's pidfd when it exits) or every filtered process is gone.
+    /// target's pidfd when it exits). The thread blocks in the listener's
+    /// receive ioctl (so the kernel's synchronous wake-up applies); a helper
+    /// thread watching `stop` interrupts it with a signal.
     pub fn run(&self, stop: BorrowedFd<'_>) {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        loop {
-            let mut fds = [
-                PollFd::new(self.shared.notifier.as_fd(), PollFlags::POLLIN),
-                PollFd::new(stop, PollFlags::POLLIN),
-            ];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => {
-                    tracing::error!(error = %e, "poll on the seccomp listener failed");
-                    return;
-                }
-            }
-            let nrev = fds[0].revents().unwrap_or(PollFlags::empty());
-            let srev = fds[1].revents().unwrap_or(PollFlags::empty());
-            if !srev.is_empty() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = match stop.try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch the program");
                 return;
             }
-            if nrev.contains(PollFlags::POLLIN) {
-                match self.shared.notifier.recv() {
-                    Ok(n) => self.handle(n),
-                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "receiving a seccomp notification failed");
-                        return;
+        };
+        if let Err(e) = crate::sys::install_wakeup_handler() {
+            tracing::error!(error = %e, "cannot install the supervisor's wake-up signal");
+            return;
+        }
+        let stopping = Arc::new(AtomicBool::new(false));
+        let left = Arc::new(AtomicBool::new(false));
+        let me = crate::sys::current_thread();
+        let waker = {
+            let (stopping, left) = (stopping.clone(), left.clone());
+            std::thread::spawn(move || {
+                use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+                loop {
+                    let mut fds = [PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
+                    match poll(&mut fds, PollTimeout::NONE) {
+                        Err(nix::errno::Errno::EINTR) => continue,
+                        _ => break,
                     }
                 }
-            } else if nrev.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
-                // Every process under the filter has exited.
-                return;
+                stopping.store(true, Ordering::Release);
+                // The signal may land just before the ioctl is entered:
+                // repeat until the supervisor thread has left (bounded).
+                for _ in 0..10_000 {
+                    if left.load(Ordering::Acquire) {
+                        return;
+                    }
+                    crate::sys::wake_thread(me);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        while !stopping.load(Ordering::Acquire) {
+            match self.shared.notifier.recv_interruptible() {
+                Ok(n) => self.handle(n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // The call was interrupted or its process died.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "receiving a seccomp notification failed");
+                    break;
+                }
             }
         }
+        left.store(true, Ordering::Release);
+        let _ = waker.join();
     }
 
     /// Handles the io-server's callbacks for this node: connections accepted
@@ -458,9 +485,47 @@ impl Shared {
         lock(&self.table)
     }
 
+    /// A pidfd of thread `tid`, kept for the next calls of that thread.
+    pub(crate) fn pidfd(&self, tid: u32) -> std::io::Result<Arc<OwnedFd>> {
+        if let Some(p) = lock(&self.pidfds).get(&tid) {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(fds::open_pidfd(tid)?);
+        let mut cache = lock(&self.pidfds);
+        if cache.len() >= MAX_PIDFDS {
+            cache.clear();
+        }
+        cache.insert(tid, p.clone());
+        Ok(p)
+    }
+
+    /// A duplicate of the call's fd argument, for the time of the call.
+    pub(crate) fn target_fd(&self, call: &Call) -> std::io::Result<OwnedFd> {
+        self.with_pidfd(call.pid(), |p| fds::get_fd(p, call.fd()))
+    }
+
+    /// Runs `f` with a cached pidfd of `tid`; a stale one (the thread died
+    /// and its id was reused) is replaced once.
+    fn with_pidfd<T>(
+        &self,
+        tid: u32,
+        f: impl Fn(BorrowedFd<'_>) -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
+        match f(self.pidfd(tid)?.as_fd()) {
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                lock(&self.pidfds).remove(&tid);
+                f(self.pidfd(tid)?.as_fd())
+            }
+            r => r,
+        }
+    }
+
     /// The virtual socket behind the call's fd argument, if it is one.
     pub(crate) fn lookup(&self, call: &mut Call) -> Option<(Inode, VirtualSocket)> {
-        let ino = fds::socket_inode(call.pid(), call.fd()).ok().flatten()?;
+        let ino = self
+            .with_pidfd(call.pid(), |p| fds::socket_inode_via(p, call.fd()))
+            .ok()
+            .flatten()?;
         let vs = self.table().get(ino)?.clone();
         call.note.inode = Some(ino);
         call.note.conn = vs.conn;
