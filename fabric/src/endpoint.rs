@@ -828,6 +828,27 @@ mod tests {
         conn
     }
 
+    /// Writes `data` to `w` and shuts it down while reading `r` to its end;
+    /// returns what `r` gave.
+    async fn send_and_read_all<W, R>(mut w: W, data: &[u8], mut r: R) -> Vec<u8>
+    where
+        W: tokio::io::AsyncWrite + Unpin,
+        R: tokio::io::AsyncRead + Unpin,
+    {
+        let write = async {
+            w.write_all(data).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let read = r.read_to_end(&mut got);
+        timeout(LIMIT, async { tokio::join!(write, read) })
+            .await
+            .unwrap()
+            .1
+            .unwrap();
+        got
+    }
+
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -911,18 +932,8 @@ mod tests {
             app.write_all(&rep2).await.unwrap();
             app.shutdown().await.unwrap();
         });
-        let (mut cr, mut cw) = tokio::io::split(&mut client);
-        let write = async {
-            cw.write_all(&request).await.unwrap();
-            cw.shutdown().await.unwrap();
-        };
-        let mut got = Vec::new();
-        let read = cr.read_to_end(&mut got);
-        timeout(LIMIT, async { tokio::join!(write, read) })
-            .await
-            .unwrap()
-            .1
-            .unwrap();
+        let (cr, cw) = tokio::io::split(&mut client);
+        let got = send_and_read_all(cw, &request, cr).await;
         assert!(got == reply, "client received the reply intact");
         timeout(LIMIT, app_task).await.unwrap().unwrap();
         let so = timeout(LIMIT, server_relay).await.unwrap().unwrap();
@@ -1038,18 +1049,8 @@ mod tests {
         owner.set_nodelay(true).unwrap();
         assert!(owner.nodelay().unwrap());
         let request = pattern(200_000, 4);
-        let (mut cr, mut cw) = client.split();
-        let write = async {
-            cw.write_all(&request).await.unwrap();
-            cw.shutdown().await.unwrap();
-        };
-        let mut got = Vec::new();
-        let app_read = app.read_to_end(&mut got);
-        timeout(LIMIT, async { tokio::join!(write, app_read) })
-            .await
-            .unwrap()
-            .1
-            .unwrap();
+        let (mut cr, cw) = client.split();
+        let got = send_and_read_all(cw, &request, &mut app).await;
         assert!(got == request, "the app received the client's bytes intact");
         app.write_all(b"bye").await.unwrap();
         app.shutdown().await.unwrap();

@@ -10,6 +10,10 @@
 //!   rdma behind the `rdma` feature) and the async [`driver`].
 //! * [`endpoint`] — per-connection routing and stream relays over the driver.
 
+// Unit tests share helpers written against the public API (`saps_fabric::…`).
+#[cfg(test)]
+extern crate self as saps_fabric;
+
 pub mod auth;
 pub mod channel;
 pub mod codec;

@@ -34,6 +34,15 @@ pub fn bin(name: &str) -> PathBuf {
     target_dir().join("debug").join(name)
 }
 
+/// `saps-run --address 127.0.0.1 --zero-relay MODE -- PROGRAM ARGS…` on the
+/// embedded io-server.
+pub fn saps_run_local(zero_relay: &str, program: &[&str]) -> Command {
+    let mut c = Command::new(bin("saps-run"));
+    c.args(["--address", "127.0.0.1", "--zero-relay", zero_relay, "--"])
+        .args(program);
+    c
+}
+
 /// Whether a program is installed; tests needing it print why they skip.
 pub fn have(program: &str) -> bool {
     let found = Command::new("sh")

@@ -12,17 +12,10 @@ fn iperf3_server_completes_in_both_directions(zero_relay: &str) {
         return;
     }
     let port = free_port();
-    let server = Proc::spawn(Command::new(bin("saps-run")).args([
-        "--address",
-        "127.0.0.1",
-        "--zero-relay",
+    let server = Proc::spawn(&mut saps_run_local(
         zero_relay,
-        "--",
-        "iperf3",
-        "-s",
-        "-p",
-        &port.to_string(),
-    ]));
+        &["iperf3", "-s", "-p", &port.to_string()],
+    ));
     for reverse in [false, true] {
         // The first attempts may come before the server listens.
         let report = wait_for(Duration::from_secs(30), || {

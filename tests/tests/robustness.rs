@@ -36,17 +36,10 @@ c.close()
 
 fn bad_pointers_get_efault_and_the_connection_survives(zero_relay: &str) {
     let port = free_port();
-    let p = Proc::spawn(Command::new(bin("saps-run")).args([
-        "--address",
-        "127.0.0.1",
-        "--zero-relay",
+    let p = Proc::spawn(&mut saps_run_local(
         zero_relay,
-        "--",
-        "python3",
-        "-c",
-        ODD_PROGRAM,
-        &port.to_string(),
-    ]));
+        &["python3", "-c", ODD_PROGRAM, &port.to_string()],
+    ));
     assert!(
         wait_for(Duration::from_secs(20), || p
             .stdout()

@@ -101,18 +101,16 @@ fn nginx(zero_relay: &str) {
         d = d.display()
     );
     std::fs::write(d.join("nginx.conf"), conf).unwrap();
-    let server = Proc::spawn(Command::new(bin("saps-run")).args([
-        "--address",
-        "127.0.0.1",
-        "--zero-relay",
+    let server = Proc::spawn(&mut saps_run_local(
         zero_relay,
-        "--",
-        "nginx",
-        "-c",
-        d.join("nginx.conf").to_str().unwrap(),
-        "-e",
-        d.join("error.log").to_str().unwrap(),
-    ]));
+        &[
+            "nginx",
+            "-c",
+            d.join("nginx.conf").to_str().unwrap(),
+            "-e",
+            d.join("error.log").to_str().unwrap(),
+        ],
+    ));
     check_server(
         &format!("nginx (zero-relay {zero_relay})"),
         d,
@@ -160,17 +158,15 @@ fn apache(mpm: &str, zero_relay: &str) {
         },
     );
     std::fs::write(d.join("httpd.conf"), conf).unwrap();
-    let server = Proc::spawn(Command::new(bin("saps-run")).args([
-        "--address",
-        "127.0.0.1",
-        "--zero-relay",
+    let server = Proc::spawn(&mut saps_run_local(
         zero_relay,
-        "--",
-        "apache2",
-        "-f",
-        d.join("httpd.conf").to_str().unwrap(),
-        "-DFOREGROUND",
-    ]));
+        &[
+            "apache2",
+            "-f",
+            d.join("httpd.conf").to_str().unwrap(),
+            "-DFOREGROUND",
+        ],
+    ));
     check_server(
         &format!("apache2 ({mpm}, zero-relay {zero_relay})"),
         d,

@@ -4,27 +4,12 @@
 use super::*;
 use crate::frame::{ConnId, Request, Response};
 
-/// Moves every queued byte from `a` to `b` and back until both are quiet.
-pub(crate) fn pump(a: &mut Channel, b: &mut Channel) {
-    loop {
-        let mut moved = false;
-        if let Some(bytes) = a.poll_transmit() {
-            let _ = b.handle_input(&bytes);
-            moved = true;
-        }
-        if let Some(bytes) = b.poll_transmit() {
-            let _ = a.handle_input(&bytes);
-            moved = true;
-        }
-        if !moved {
-            return;
-        }
-    }
-}
-
-fn events(ch: &mut Channel) -> Vec<Event> {
-    std::iter::from_fn(|| ch.poll_event()).collect()
-}
+// The same helpers the integration tests, the benchmark and the fuzz
+// targets use.
+#[allow(dead_code)]
+#[path = "../../tests/common/sans_io.rs"]
+mod sans_io;
+pub(crate) use sans_io::{drain as events, pump};
 
 pub(crate) fn open_pair(window: u32) -> (Channel, Channel) {
     let mut node = Channel::node(ChannelConfig::new("tok").node("n1", 2).window(window));

@@ -45,12 +45,10 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     if sh.stays_local(&addr) && vs.bound.is_none() {
         return Outcome::Reply(make_native(sh, call, ino, &vs));
     }
-    let conn = match sh.conn_of(&mut vs) {
+    let conn = match sh.tag(call, &mut vs, "virtual") {
         Ok(c) => c,
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
     };
-    call.note.conn = Some(conn);
-    call.note.action = "virtual";
     let nonblock = sh.nonblocking(call);
     let (s, p) = match pair(nonblock) {
         Ok(x) => x,

@@ -547,6 +547,20 @@ impl Shared {
         }
     }
 
+    /// The tag of `vs` (allocated on first use), noted on the call with
+    /// what SAPS does with it.
+    pub(crate) fn tag(
+        &self,
+        call: &mut Call,
+        vs: &mut VirtualSocket,
+        action: &'static str,
+    ) -> Result<ConnId, i32> {
+        let conn = self.conn_of(vs)?;
+        call.note.conn = Some(conn);
+        call.note.action = action;
+        Ok(conn)
+    }
+
     /// The connection tag of `vs`, allocating one on first use.
     pub(crate) fn conn_of(&self, vs: &mut VirtualSocket) -> Result<ConnId, i32> {
         if let Some(c) = vs.conn {

@@ -109,12 +109,10 @@ pub(crate) fn bind(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     if sh.stays_local(&addr) {
         return Outcome::Reply(make_native(sh, call, ino, &vs));
     }
-    let conn = match sh.conn_of(&mut vs) {
+    let conn = match sh.tag(call, &mut vs, "virtual") {
         Ok(c) => c,
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
     };
-    call.note.conn = Some(conn);
-    call.note.action = "virtual";
     // A listener of this port the program closed must not keep it bound.
     sh.reap_listeners(Some(addr.port()));
     let flags = vs.options.bind_flags();
@@ -156,12 +154,10 @@ pub(crate) fn listen(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     // Not bound yet on this channel: bind first, as the kernel would
     // (port 0), or again after the node rejoined the io-server.
     let needs_bind = vs.conn.is_none() || vs.bound.is_none();
-    let conn = match sh.conn_of(&mut vs) {
+    let conn = match sh.tag(call, &mut vs, "virtual listener") {
         Ok(c) => c,
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
     };
-    call.note.conn = Some(conn);
-    call.note.action = "virtual listener";
     call.note.group = vs.bound;
     let nonblock = sh.nonblocking(call);
     defer(move |sh, call| async move {
