@@ -849,6 +849,18 @@ mod tests {
         got
     }
 
+    /// The node sends `Listen { conn: 4, backlog: 8 }` in a task.
+    fn ask_listen(p: &Pair) -> tokio::task::JoinHandle<Result<Response, EndpointError>> {
+        let node = p.node.clone();
+        tokio::spawn(async move {
+            node.request(Request::Listen {
+                conn: 4,
+                backlog: 8,
+            })
+            .await
+        })
+    }
+
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -858,14 +870,7 @@ mod tests {
     #[tokio::test]
     async fn request_gets_its_response() {
         let mut p = pair().await;
-        let node = p.node.clone();
-        let asked = tokio::spawn(async move {
-            node.request(Request::Listen {
-                conn: 4,
-                backlog: 8,
-            })
-            .await
-        });
+        let asked = ask_listen(&p);
         let EndpointEvent::Request { req, request } = next(&mut p.server_rx).await else {
             panic!("expected a request");
         };
@@ -887,14 +892,7 @@ mod tests {
     #[tokio::test]
     async fn request_fails_when_the_channel_closes() {
         let mut p = pair().await;
-        let node = p.node.clone();
-        let asked = tokio::spawn(async move {
-            node.request(Request::Listen {
-                conn: 4,
-                backlog: 8,
-            })
-            .await
-        });
+        let asked = ask_listen(&p);
         assert!(matches!(
             next(&mut p.server_rx).await,
             EndpointEvent::Request { .. }

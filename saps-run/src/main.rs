@@ -213,12 +213,10 @@ fn read_token(args: &Args) -> Result<Vec<u8>> {
 
 /// The embedded io-server and its node share a token no one else knows.
 fn random_token() -> String {
-    let mut t = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut t);
-    }
-    t.iter().map(|b| format!("{b:02x}")).collect()
+    saps_fabric::auth::nonce()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Signals sent to saps-run reach the program.

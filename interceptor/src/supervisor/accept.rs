@@ -174,19 +174,25 @@ async fn wait_and_take(
         if !sh.notifier.id_valid(call.n.id) {
             return Outcome::Reply(Reply::Errno(libc::EINTR));
         }
-        match take(sh, call, ino) {
+        if let Some((a, conn)) = take_stashed(sh, ino) {
+            return hand_over(sh, call, ino, vs, a, conn, flags);
+        }
+        // One duplicate of `L` per round, both to take from and to wait on;
+        // it is dropped at the end of the round so a close by the program
+        // is not hidden for long.
+        let l = match listener_dup(sh, call) {
+            Ok(l) => l,
+            Err(e) => return Outcome::Reply(Reply::Errno(e)),
+        };
+        match take_from(sh, call, l.as_fd()) {
             Ok(Some((a, conn))) => return hand_over(sh, call, ino, vs, a, conn, flags),
             Ok(None) => {}
             Err(e) => return Outcome::Reply(Reply::Errno(e)),
         }
-        let Ok(l) = listener_dup(sh, call) else {
-            return Outcome::Reply(Reply::Errno(libc::EBADF));
-        };
         let Ok(afd) = crate::sys::async_readable(l) else {
             return Outcome::Reply(Reply::Errno(libc::EBADF));
         };
-        // Readable or not, look again: the dup is dropped at once so a
-        // close by the program is not hidden for long.
+        // Readable or not, look again.
         let _ = tokio::time::timeout(LIVENESS_CHECK, afd.readable()).await;
     }
 }
@@ -200,23 +206,33 @@ fn listener_dup(sh: &Shared, call: &Call) -> Result<OwnedFd, i32> {
 /// Takes one pending connection for the listener `ino`: one kept from a
 /// failed delivery, else one off `L`. `None`: nothing pending.
 fn take(sh: &Shared, call: &Call, ino: Inode) -> Result<Option<(OwnedFd, ConnId)>, i32> {
-    if let Some(x) = lock(&sh.stash).get_mut(&ino).and_then(|q| q.pop_front()) {
-        return Ok(Some(x));
+    match take_stashed(sh, ino) {
+        Some(x) => Ok(Some(x)),
+        None => take_from(sh, call, listener_dup(sh, call)?.as_fd()),
     }
-    let l = listener_dup(sh, call)?;
+}
+
+/// A connection kept from a failed delivery to the listener `ino`.
+fn take_stashed(sh: &Shared, ino: Inode) -> Option<(OwnedFd, ConnId)> {
+    lock(&sh.stash).get_mut(&ino).and_then(|q| q.pop_front())
+}
+
+/// Takes one pending connection off `l` (the program's `L`), if any.
+fn take_from(
+    sh: &Shared,
+    call: &Call,
+    l: std::os::fd::BorrowedFd<'_>,
+) -> Result<Option<(OwnedFd, ConnId)>, i32> {
     let _guard = lock(&sh.accept_lock);
     loop {
-        let mut pfd = [nix::poll::PollFd::new(
-            l.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-        )];
+        let mut pfd = [nix::poll::PollFd::new(l, nix::poll::PollFlags::POLLIN)];
         match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::ZERO) {
             Ok(0) => return Ok(None),
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e as i32),
         }
-        let a = match crate::sys::accept4(l.as_fd(), libc::SOCK_CLOEXEC) {
+        let a = match crate::sys::accept4(l, libc::SOCK_CLOEXEC) {
             Ok(fd) => fd,
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(None),
             Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,

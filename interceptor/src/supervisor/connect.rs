@@ -22,9 +22,6 @@ use tokio::io::AsyncReadExt;
 
 /// Bytes written through S so that it does not poll writable.
 const FILLER: usize = 2048;
-/// `SO_SNDBUF` of a connected S (the kernel default for AF_UNIX).
-const SNDBUF: usize = 212_992;
-
 pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     let Some((ino, mut vs)) = sh.lookup(call) else {
         return Outcome::Reply(Reply::Continue);
@@ -70,8 +67,8 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
         });
     }
     // Non-blocking: S goes in now, held back by the filler.
-    let s_ino = match hold_back(&s).and_then(|_| inode_of(&s)) {
-        Ok(i) => i,
+    let (sndbuf, s_ino) = match hold_back(&s).and_then(|b| Ok((b, inode_of(&s)?))) {
+        Ok(x) => x,
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
     };
     if let Err(e) = sh.replace_fd(call, s.as_fd()) {
@@ -82,7 +79,7 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     let task = sh.clone();
     sh.rt.spawn(async move {
         let resp = task.request(Request::Connect { conn, addr }).await;
-        finish_nonblocking(&task, s_ino, vs, conn, addr, resp, s, p).await;
+        finish_nonblocking(&task, s_ino, vs, conn, addr, resp, (s, sndbuf), p).await;
     });
     Outcome::Reply(Reply::Errno(libc::EINPROGRESS))
 }
@@ -102,12 +99,15 @@ fn pair(nonblock: bool) -> Result<(OwnedFd, OwnedFd), i32> {
     Ok((s, p))
 }
 
-/// Makes S look like a socket in SYN_SENT (see the module docs).
-fn hold_back(s: &OwnedFd) -> Result<(), i32> {
+/// Makes S look like a socket in SYN_SENT (see the module docs); returns
+/// the `SO_SNDBUF` to restore once the connection is established.
+fn hold_back(s: &OwnedFd) -> Result<usize, i32> {
+    let sndbuf = so::getsockopt(s, sockopt::SndBuf).map_err(|e| e as i32)?;
     so::setsockopt(s, sockopt::SndBuf, &1).map_err(|e| e as i32)?;
     let n = nix::unistd::write(s, &[0u8; FILLER]).map_err(|e| e as i32)?;
     if n == FILLER {
-        Ok(())
+        // What to restore: the kernel reports twice what is set.
+        Ok(sndbuf / 2)
     } else {
         Err(libc::ENOBUFS)
     }
@@ -150,13 +150,13 @@ async fn finish_nonblocking(
     conn: ConnId,
     peer: SocketAddr,
     resp: Response,
-    s: OwnedFd,
+    (s, sndbuf): (OwnedFd, usize),
     p: OwnedFd,
 ) {
     match resp {
         Response::Status { errno: 0, addr } => {
             // Restore S's send buffer, then let it become writable.
-            let _ = so::setsockopt(&s, sockopt::SndBuf, &SNDBUF);
+            let _ = so::setsockopt(&s, sockopt::SndBuf, &sndbuf);
             drop(s);
             let Ok(mut p) = to_tokio(p) else { return };
             let mut filler = [0u8; FILLER];

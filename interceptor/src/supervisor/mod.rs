@@ -200,9 +200,18 @@ pub(crate) struct Call {
     pub wall: SystemTime,
     pub detail: Detail,
     pub note: Note,
+    /// The fd argument's flags (`/proc/PID/fdinfo`), read once per call.
+    flags: std::sync::OnceLock<Option<i32>>,
 }
 
 impl Call {
+    /// The flags of the call's fd argument (`O_NONBLOCK`, `O_CLOEXEC` …).
+    pub fn fd_flags(&self) -> Option<i32> {
+        *self
+            .flags
+            .get_or_init(|| fds::fd_flags(self.pid(), self.fd()).ok())
+    }
+
     pub fn mem(&self) -> TargetMemory {
         TargetMemory::new(self.n.pid)
     }
@@ -410,6 +419,7 @@ impl Supervisor {
             wall: SystemTime::now(),
             detail: Detail::default(),
             note: Note::default(),
+            flags: std::sync::OnceLock::new(),
         };
         let sh = &self.shared;
         let outcome = match call.n.nr as i64 {
@@ -574,7 +584,7 @@ impl Shared {
     /// Installs `obj` over the call's fd number (`ADDFD` + `SETFD`), keeping
     /// the fd's close-on-exec flag, after checking the call is still live.
     pub(crate) fn replace_fd(&self, call: &Call, obj: BorrowedFd<'_>) -> Result<(), i32> {
-        let cloexec = fds::fd_cloexec(call.pid(), call.fd()).unwrap_or(false);
+        let cloexec = call.fd_flags().is_some_and(|f| f & libc::O_CLOEXEC != 0);
         if !self.notifier.id_valid(call.n.id) {
             return Err(libc::EINTR);
         }
@@ -594,7 +604,7 @@ impl Shared {
 
     /// Whether the fd of the call is in non-blocking mode.
     pub(crate) fn nonblocking(&self, call: &Call) -> bool {
-        fds::fd_flags(call.pid(), call.fd()).is_ok_and(|f| f & libc::O_NONBLOCK != 0)
+        call.fd_flags().is_some_and(|f| f & libc::O_NONBLOCK != 0)
     }
 
     /// Whether a loopback address stays on the node.
@@ -673,14 +683,8 @@ fn listener_alive(name: &[u8]) -> bool {
 
 /// A tag that keeps two supervisors' abstract names apart.
 fn rand_tag() -> u32 {
-    let mut b = [0u8; 4];
-    let _ = getrandom_fill(&mut b);
-    u32::from_ne_bytes(b)
-}
-
-fn getrandom_fill(b: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(b)
+    let n = saps_fabric::auth::nonce();
+    u32::from_ne_bytes([n[0], n[1], n[2], n[3]])
 }
 
 /// Owned fd helpers shared by the handlers.
