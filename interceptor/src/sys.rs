@@ -265,7 +265,13 @@ fn child_after_fork(plan: &ChildPlan, sock: RawFd, err_pipe: RawFd) -> ! {
         let listener = libc::syscall(
             libc::SYS_seccomp,
             libc::SECCOMP_SET_MODE_FILTER,
-            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+            // SPEC_ALLOW: the filter intercepts, it does not confine, so it
+            // must not switch on the Speculative Store Bypass mitigation that
+            // kernels booted with `spec_store_bypass_disable=seccomp` force
+            // on every filtered task (a program would then run slower under
+            // saps-run than directly for a reason that has nothing to do
+            // with SAPS).
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER | libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW,
             &prog as *const libc::sock_fprog,
         );
         if listener < 0 {

@@ -224,10 +224,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, key: SocketAddr, listener: 
         &shared,
         &what,
         || listener.accept(),
-        |(stream, peer)| {
-            let _ = stream.set_nodelay(true);
-            dispatch(&shared, key, stream, peer);
-        },
+        |(stream, peer)| dispatch(&shared, key, stream, peer),
     )
     .await;
     // The group may still hold the socket: stop listening now.
@@ -283,6 +280,9 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, key: SocketAddr, stream: TcpStream,
             hand_off(st, &tx, key, node_id, listener, stream, peer, local);
             return;
         }
+        // The relay writes what the node sends as soon as it comes; a socket
+        // handed off above keeps the options the program gave its listener.
+        let _ = stream.set_nodelay(true);
         let ep = node.ep.clone();
         match ep.accept_connection(listener, peer, local) {
             Ok(conn) => {

@@ -15,6 +15,12 @@ use std::time::{Duration, Instant};
 
 /// The program: a listener with SO_REUSEADDR, a client connecting to it,
 /// accept, the name queries, SO_ERROR and a half close.
+/// Debian's interpreter, by absolute path: a `python3` found on `PATH` may be
+/// a version manager's shim (pyenv's is a bash script that forks helpers and,
+/// without `HOME`, looks users up over a unix socket), whose extra processes
+/// and syscalls are not the program under test.
+const PYTHON: &str = "/usr/bin/python3";
+
 const PROGRAM: &str = r#"
 import socket
 srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -158,16 +164,22 @@ fn trace_lines_equal_strace_for_the_same_program() {
     let native = dir.join("strace.txt");
     let saps = dir.join("saps.txt");
 
+    // Both runs get a HOME: without one, python's startup looks the user
+    // up through nscd's unix socket, and only part of that (the `connect`,
+    // not the AF_UNIX `socket`) traps, so the two traces would differ for a
+    // reason outside the program under test.
     run(
         Command::new("strace")
+            .env("HOME", &dir)
             .args(["-f", "-tt", "-T", "-e", "trace=network", "-o"])
             .arg(&native)
-            .arg("python3")
+            .arg(PYTHON)
             .arg(&program),
         "strace python3",
     );
     run(
         Command::new(env!("CARGO_BIN_EXE_saps-run"))
+            .env("HOME", &dir)
             .args([
                 "--trace",
                 "--tt",
@@ -182,7 +194,7 @@ fn trace_lines_equal_strace_for_the_same_program() {
             ])
             .arg(&saps)
             .arg("--")
-            .arg("python3")
+            .arg(PYTHON)
             .arg(&program),
         "saps-run --trace python3",
     );

@@ -43,6 +43,12 @@ pub fn saps_run_local(zero_relay: &str, program: &[&str]) -> Command {
     c
 }
 
+/// Debian's interpreter, by absolute path: a `python3` found on `PATH` may be
+/// a version manager's shim (pyenv's is a bash script that forks helpers and,
+/// without `HOME`, looks users up over a unix socket), whose extra processes
+/// and syscalls are not the program under test.
+pub const PYTHON: &str = "/usr/bin/python3";
+
 /// Whether a program is installed; tests needing it print why they skip.
 pub fn have(program: &str) -> bool {
     let found = Command::new("sh")

@@ -53,7 +53,7 @@ fn python_node(d: &Path, name: &str, port: u16) -> Proc {
                 "--node",
                 name,
                 "--",
-                "python3",
+                PYTHON,
                 "-m",
                 "http.server",
                 &port.to_string(),

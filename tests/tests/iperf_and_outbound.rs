@@ -71,7 +71,7 @@ fn curl_under_saps_run_reaches_a_server_in_another_namespace() {
     std::fs::write(dir.path().join("index.html"), "from the namespace\n").unwrap();
     let port = free_port();
     let _server = Proc::spawn(
-        ns.command("python3")
+        ns.command(PYTHON)
             .args([
                 "-m",
                 "http.server",

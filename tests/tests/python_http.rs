@@ -9,14 +9,7 @@ fn python_server(dir: &std::path::Path, port: u16, extra: &[&str]) -> Proc {
     std::fs::write(dir.join("hello.txt"), "hello through one address\n").unwrap();
     let mut cmd = Command::new(bin("saps-run"));
     cmd.args(extra)
-        .args([
-            "--",
-            "python3",
-            "-u",
-            "-m",
-            "http.server",
-            &port.to_string(),
-        ])
+        .args(["--", PYTHON, "-u", "-m", "http.server", &port.to_string()])
         .current_dir(dir);
     Proc::spawn(&mut cmd)
 }

@@ -38,7 +38,7 @@ fn bad_pointers_get_efault_and_the_connection_survives(zero_relay: &str) {
     let port = free_port();
     let p = Proc::spawn(&mut saps_run_local(
         zero_relay,
-        &["python3", "-c", ODD_PROGRAM, &port.to_string()],
+        &[PYTHON, "-c", ODD_PROGRAM, &port.to_string()],
     ));
     assert!(
         wait_for(Duration::from_secs(20), || p
@@ -91,7 +91,7 @@ a, b = socket.socketpair()
 a.sendall(b"x"); assert b.recv(1) == b"x"
 print("ok")
 "#;
-    let o = run(Command::new(bin("saps-run")).args(["--", "python3", "-c", script]));
+    let o = run(Command::new(bin("saps-run")).args(["--", PYTHON, "-c", script]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "ok\n");
 }
