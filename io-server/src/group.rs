@@ -5,6 +5,12 @@
 //! picks; when no member is eligible (none yet, or all draining) the client
 //! waits in the group's queue and is dispatched when one becomes eligible.
 //!
+//! A port whose last listener closes stays open for [`RELISTEN_GRACE`]:
+//! a program that closes its listening socket and opens a new one on the
+//! same port (iperf3 does between tests) takes the port over, and clients
+//! that arrive in between wait in the queue instead of being refused. Past
+//! the grace the port closes and clients still waiting are closed.
+//!
 //! Binds follow the kernel's rules within one node: a second bind of a port
 //! the same node already holds fails with `EADDRINUSE` unless both sockets
 //! set `SO_REUSEPORT`. Different nodes binding one port share it.
@@ -24,6 +30,10 @@ use tokio::task::JoinHandle;
 /// Clients waiting for an eligible member, per group; beyond this new
 /// clients are closed (like a full listen backlog).
 pub const MAX_QUEUED: usize = 1024;
+
+/// How long a listening port outlives its last listener, for a new
+/// listener to take it over without a window in which clients are refused.
+pub const RELISTEN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One node socket bound to the port.
 #[derive(Debug)]
@@ -53,6 +63,9 @@ pub(crate) struct Group {
     pub queue: VecDeque<(TcpStream, SocketAddr)>,
     /// Every connection the group accepted, by whichever member.
     pub traffic: Traffic,
+    /// Set while nobody binds the port but it is kept listening for
+    /// [`RELISTEN_GRACE`]; the value tells one orphaning from the next.
+    orphaned: Option<u64>,
 }
 
 impl Drop for Group {
@@ -73,6 +86,7 @@ impl Drop for Group {
 #[derive(Default)]
 pub(crate) struct Groups {
     pub map: HashMap<SocketAddr, Group>,
+    orphanings: u64,
 }
 
 impl Groups {
@@ -95,6 +109,7 @@ impl Groups {
                 if clash {
                     return Err(libc::EADDRINUSE);
                 }
+                g.orphaned = None;
                 g.binds.push(Bound { node, conn, flags });
                 return Ok(addr);
             }
@@ -114,6 +129,7 @@ impl Groups {
                 scheduler: scheduler::new(kind),
                 queue: VecDeque::new(),
                 traffic: Traffic::default(),
+                orphaned: None,
             },
         );
         Ok(real)
@@ -166,15 +182,40 @@ impl Groups {
         }
     }
 
-    /// Drops `node`'s socket `conn` (or all of its sockets with `None`);
-    /// a group nobody binds any more closes its port.
-    pub fn unbind(&mut self, node: NodeId, conn: Option<ConnId>) {
+    /// Drops `node`'s socket `conn` (or all of its sockets with `None`).
+    /// A group nobody binds any more closes its port, unless it was
+    /// listening: then it is orphaned, and the returned `(port, orphaning)`
+    /// pairs are for [`expire_orphans`] to close after the grace.
+    #[must_use]
+    pub fn unbind(&mut self, node: NodeId, conn: Option<ConnId>) -> Vec<(SocketAddr, u64)> {
         let hit = |n: NodeId, c: ConnId| n == node && conn.is_none_or(|x| x == c);
-        for g in self.map.values_mut() {
+        let mut orphans = Vec::new();
+        for (key, g) in self.map.iter_mut() {
+            let had = !g.binds.is_empty();
             g.binds.retain(|b| !hit(b.node, b.conn));
             g.members.retain(|m| !hit(m.node, m.listener));
+            if had && g.binds.is_empty() && g.listening.is_some() {
+                self.orphanings += 1;
+                g.orphaned = Some(self.orphanings);
+                orphans.push((*key, self.orphanings));
+            }
         }
-        self.map.retain(|_, g| !g.binds.is_empty());
+        self.map
+            .retain(|_, g| !g.binds.is_empty() || g.orphaned.is_some());
+        orphans
+    }
+
+    /// Closes the port of group `key` if it is still the orphan it became
+    /// at `orphaning` (nobody took it over).
+    fn close_orphan(&mut self, key: SocketAddr, orphaning: u64) {
+        if self
+            .map
+            .get(&key)
+            .is_some_and(|g| g.binds.is_empty() && g.orphaned == Some(orphaning))
+        {
+            tracing::debug!(%key, "no listener took the port over: closed");
+            self.map.remove(&key);
+        }
     }
 
     /// Asks the group's scheduler for a member; `load` gives each member's
@@ -215,6 +256,22 @@ impl Groups {
             .iter_mut()
             .find(|m| m.node == node && m.listener == listener)
     }
+}
+
+/// Closes the ports orphaned by an [`Groups::unbind`] that nobody takes
+/// over within [`RELISTEN_GRACE`].
+pub(crate) fn expire_orphans(shared: &Arc<Shared>, orphans: Vec<(SocketAddr, u64)>) {
+    if orphans.is_empty() {
+        return;
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(RELISTEN_GRACE).await;
+        let mut st = shared.lock();
+        for (key, orphaning) in orphans {
+            st.groups.close_orphan(key, orphaning);
+        }
+    });
 }
 
 /// Accepts clients on a group's port until shutdown or the group closes.
@@ -273,7 +330,7 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, key: SocketAddr, stream: TcpStream,
             return;
         };
         let Some(node) = st.nodes.get(&node_id) else {
-            st.groups.unbind(node_id, None);
+            expire_orphans(shared, st.groups.unbind(node_id, None));
             continue;
         };
         if let Some(tx) = node.handoff.clone().filter(|t| t.is_open()) {
@@ -292,7 +349,7 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, key: SocketAddr, stream: TcpStream,
                 return;
             }
             // The node's channel closed; its removal is on the way.
-            Err(_) => st.groups.unbind(node_id, None),
+            Err(_) => expire_orphans(shared, st.groups.unbind(node_id, None)),
         }
     }
 }

@@ -118,7 +118,8 @@ impl Shared {
         let keys: Vec<_> = {
             let mut st = self.lock();
             st.nodes.remove(&id);
-            st.groups.unbind(id, None);
+            let orphans = st.groups.unbind(id, None);
+            group::expire_orphans(self, orphans);
             st.groups.map.keys().copied().collect()
         };
         for key in keys {

@@ -299,7 +299,9 @@ impl Node {
             return; // relayed: the relay handles it
         }
         if node.sockets.remove(&conn).and_then(|s| s.group).is_some() {
-            st.groups.unbind(self.id, Some(conn));
+            let orphans = st.groups.unbind(self.id, Some(conn));
+            drop(st);
+            group::expire_orphans(&self.shared, orphans);
         }
     }
 }

@@ -137,3 +137,60 @@ async fn a_dead_node_leaves_its_group_and_queued_clients_go_to_the_next() {
         .unwrap();
     assert_eq!(&buf, b"hi");
 }
+
+/// A program that closes its listener and opens a new one on the same port
+/// (iperf3 does between tests): a client that arrives in between is not
+/// refused; it waits and the new listener serves it.
+#[tokio::test]
+async fn a_client_arriving_while_a_listener_is_recreated_is_served_by_the_new_one() {
+    let server = server(config(SchedulerKind::Rr)).await;
+    let a = attach(&server, "a", 1, TOKEN).await.unwrap();
+    let (old, addr) = a.listen(0, 0).await.unwrap();
+    a.ep.close_connection(old, 0);
+    wait_until("the closed listener to leave its group", || {
+        server.status().groups.iter().all(|g| g.members.is_empty())
+    })
+    .await;
+    let mut client = tokio::time::timeout(LIMIT, tokio::net::TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .expect("the port still takes clients between the two listeners");
+    a.listen(addr.port(), 0)
+        .await
+        .expect("the new listener takes the port over");
+    let node = a.run("a", App::Echo, Default::default());
+    client.write_all(b"waited").await.unwrap();
+    let mut buf = [0u8; 6];
+    tokio::time::timeout(LIMIT, client.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"waited");
+    assert_eq!(node.count(), 1);
+}
+
+/// When no listener takes the port over within the grace, the port
+/// closes: the client that waited is closed and new clients are refused.
+#[tokio::test]
+async fn a_port_nobody_listens_on_again_closes_after_the_grace() {
+    let server = server(config(SchedulerKind::Rr)).await;
+    let a = attach(&server, "a", 1, TOKEN).await.unwrap();
+    let (old, addr) = a.listen(0, 0).await.unwrap();
+    a.ep.close_connection(old, 0);
+    wait_until("the closed listener to leave its group", || {
+        server.status().groups.iter().all(|g| g.members.is_empty())
+    })
+    .await;
+    let mut waiting = tokio::time::timeout(LIMIT, tokio::net::TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .expect("accepted within the grace");
+    let mut buf = [0u8; 1];
+    let got = tokio::time::timeout(LIMIT, waiting.read(&mut buf))
+        .await
+        .expect("the waiting client is closed after the grace");
+    assert!(matches!(got, Ok(0) | Err(_)), "no data for it: {got:?}");
+    assert!(server.status().groups.is_empty());
+    let err = tokio::net::TcpStream::connect(addr).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+}
