@@ -97,7 +97,8 @@ pub fn read_from_target(mem: &TargetMemory, addr_ptr: u64, addrlen: u64) -> Resu
 /// Copies `addr` out to the `(addr_ptr, len_ptr)` result arguments with the
 /// kernel's `move_addr_to_user` semantics: read the caller's buffer length,
 /// write `min(len, actual)` bytes (truncating silently), store the actual
-/// length. Errors are errnos: `EINVAL` for a negative length, `EFAULT`.
+/// length; returns the caller's buffer length. Errors are errnos: `EINVAL`
+/// for a negative length, `EFAULT`.
 /// (`accept` with a NULL `addr` skips this entirely; that is the caller's
 /// check.)
 pub fn write_to_target(
@@ -105,16 +106,17 @@ pub fn write_to_target(
     addr_ptr: u64,
     len_ptr: u64,
     addr: &SocketAddr,
-) -> Result<(), i32> {
+) -> Result<u32, i32> {
     let bytes = encode(addr);
-    let len = mem.read_u32(len_ptr).map_err(|_| libc::EFAULT)? as i32;
-    let len = usize::try_from(len)
+    let len_in = mem.read_u32(len_ptr).map_err(|_| libc::EFAULT)?;
+    let len = usize::try_from(len_in as i32)
         .map_err(|_| libc::EINVAL)?
         .min(bytes.len());
     mem.write(addr_ptr, &bytes[..len])
         .map_err(|_| libc::EFAULT)?;
     mem.write_u32(len_ptr, bytes.len() as u32)
-        .map_err(|_| libc::EFAULT)
+        .map_err(|_| libc::EFAULT)?;
+    Ok(len_in)
 }
 
 #[cfg(test)]

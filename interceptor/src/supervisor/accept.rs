@@ -206,8 +206,11 @@ fn listener_dup(sh: &Shared, call: &Call) -> Result<OwnedFd, i32> {
 /// Takes one pending connection for the listener `ino`: one kept from a
 /// failed delivery, else one off `L`. `None`: nothing pending.
 fn take(sh: &Shared, call: &Call, ino: Inode) -> Result<Option<(OwnedFd, ConnId)>, i32> {
-    match take_stashed(sh, ino) {
-        Some(x) => Ok(Some(x)),
+    if let Some(x) = take_stashed(sh, ino) {
+        return Ok(Some(x));
+    }
+    match &call.dup {
+        Some(l) => take_from(sh, call, l.as_fd()),
         None => take_from(sh, call, listener_dup(sh, call)?.as_fd()),
     }
 }
@@ -238,8 +241,7 @@ fn take_from(
             Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
             Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
         };
-        let ours = so::getsockopt(&a, sockopt::PeerCredentials)
-            .is_ok_and(|c| c.pid() == std::process::id() as i32);
+        let ours = so::getsockopt(&a, sockopt::PeerCredentials).is_ok_and(|c| c.pid() == sh.pid);
         match conn_from_name(sh, &a) {
             Some(conn) if ours => return Ok(Some((a, conn))),
             _ => tracing::warn!(
@@ -289,7 +291,10 @@ fn hand_over(
     // the supervisor need not know again.
     let handed = lock(&sh.handed).remove(&conn).map(|(tcp, _standin)| tcp);
     if let Some(tcp) = handed {
-        let _ = set_nonblocking(&tcp, flags & libc::SOCK_NONBLOCK != 0);
+        // The io-server's sockets are non-blocking already.
+        if flags & libc::SOCK_NONBLOCK == 0 {
+            let _ = set_nonblocking(&tcp, false);
+        }
         call.note.action = "accept (zero-relay)";
         return match install(sh, call, tcp.as_fd(), flags) {
             Ok(fd) => {

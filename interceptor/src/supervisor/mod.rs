@@ -181,6 +181,9 @@ pub(crate) struct Shared {
     pub accept_lock: Mutex<()>,
     /// Prefix of the abstract socket names this supervisor makes.
     pub prefix: String,
+    /// This process's id (`SO_PEERCRED` of the supervisor's own sockets),
+    /// read once: `getpid` is a syscall.
+    pub pid: i32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -202,6 +205,11 @@ pub(crate) struct Call {
     pub note: Note,
     /// The fd argument's flags (`/proc/PID/fdinfo`), read once per call.
     flags: std::sync::OnceLock<Option<i32>>,
+    /// The supervisor's duplicate of the fd argument, taken by `lookup` and
+    /// reused for the rest of the call (the listener of an accept, the file
+    /// status flags); dropped before the call waits in a task, so a close
+    /// by the program is not hidden.
+    pub dup: Option<OwnedFd>,
 }
 
 impl Call {
@@ -255,6 +263,7 @@ impl Supervisor {
                 pidfds: Mutex::default(),
                 accept_lock: Mutex::new(()),
                 prefix: format!("saps-{}-{:x}", std::process::id(), rand_tag()),
+                pid: std::process::id() as i32,
             }),
         }
     }
@@ -420,6 +429,7 @@ impl Supervisor {
             detail: Detail::default(),
             note: Note::default(),
             flags: std::sync::OnceLock::new(),
+            dup: None,
         };
         let sh = &self.shared;
         let outcome = match call.n.nr as i64 {
@@ -449,6 +459,8 @@ impl Shared {
         let (result, answer) = match outcome {
             Outcome::Defer(task) => {
                 let me = self.clone();
+                let mut call = call;
+                call.dup = None;
                 self.rt.spawn(async move {
                     let (call, outcome) = task(me.clone(), call).await;
                     me.finish(call, outcome);
@@ -532,11 +544,12 @@ impl Shared {
 
     /// The virtual socket behind the call's fd argument, if it is one.
     pub(crate) fn lookup(&self, call: &mut Call) -> Option<(Inode, VirtualSocket)> {
-        let ino = self
-            .with_pidfd(call.pid(), |p| fds::socket_inode_via(p, call.fd()))
-            .ok()
-            .flatten()?;
+        let (dup, ino) = self
+            .with_pidfd(call.pid(), |p| fds::socket_dup_inode(p, call.fd()))
+            .ok()?;
+        let ino = ino?;
         let vs = self.table().get(ino)?.clone();
+        call.dup = Some(dup);
         call.note.inode = Some(ino);
         call.note.conn = vs.conn;
         Some((ino, vs))
@@ -604,6 +617,13 @@ impl Shared {
 
     /// Whether the fd of the call is in non-blocking mode.
     pub(crate) fn nonblocking(&self, call: &Call) -> bool {
+        // O_NONBLOCK belongs to the open file, which the duplicate shares:
+        // one fcntl instead of reading /proc/PID/fdinfo.
+        if let Some(d) = &call.dup {
+            if let Ok(f) = nix::fcntl::fcntl(d.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL) {
+                return f & libc::O_NONBLOCK != 0;
+            }
+        }
         call.fd_flags().is_some_and(|f| f & libc::O_NONBLOCK != 0)
     }
 
@@ -645,8 +665,14 @@ impl Shared {
     ) -> Result<(), i32> {
         let mem = call.mem();
         call.detail.addr = Some(*addr);
-        call.detail.len_in = mem.read_u32(len_ptr).ok();
-        sockaddr::write_to_target(&mem, ptr, len_ptr, addr)?;
+        match sockaddr::write_to_target(&mem, ptr, len_ptr, addr) {
+            Ok(len_in) => call.detail.len_in = Some(len_in),
+            Err(e) => {
+                // The trace still shows a length that was readable.
+                call.detail.len_in = mem.read_u32(len_ptr).ok();
+                return Err(e);
+            }
+        }
         call.detail.len = Some(sockaddr::encode(addr).len() as u32);
         Ok(())
     }
