@@ -285,6 +285,28 @@ impl Channel {
             return Ok(());
         }
         self.inbuf.extend_from_slice(bytes);
+        self.decode_input()
+    }
+
+    /// [`Channel::handle_input`] for octets in a buffer the caller gives
+    /// up: when no partial frame is pending (the common case) the buffer
+    /// itself becomes the input, so the payloads of its Data frames reach
+    /// the relays without being copied again. `buf` is left empty.
+    pub fn handle_input_buf(&mut self, buf: &mut BytesMut) -> Result<(), ChannelError> {
+        if self.is_closed() {
+            buf.clear();
+            return Ok(());
+        }
+        if self.inbuf.is_empty() {
+            std::mem::swap(&mut self.inbuf, buf);
+        } else {
+            self.inbuf.extend_from_slice(buf);
+        }
+        buf.clear();
+        self.decode_input()
+    }
+
+    fn decode_input(&mut self) -> Result<(), ChannelError> {
         loop {
             let frame = match codec::decode(&mut self.inbuf, self.config.max_frame) {
                 Ok(Some(f)) => f,

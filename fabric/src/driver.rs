@@ -86,7 +86,7 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R) {
             match r {
                 Ok(0) => ch.transport_closed("the peer closed the fabric connection"),
                 Ok(_) => {
-                    if let Err(e) = ch.handle_input(&buf) {
+                    if let Err(e) = ch.handle_input_buf(&mut buf) {
                         tracing::warn!(reason = %e, "closing fabric channel");
                     }
                 }

@@ -252,3 +252,42 @@ fn a_blocked_sender_is_told_buffer_available() {
     assert_eq!(node.send_window(conn), 600);
     assert_eq!(node.stats().credit_stalls, 1);
 }
+
+#[test]
+fn input_given_up_in_buffers_is_decoded_across_any_split() {
+    // Three Data frames cut at every byte offset into two buffers: the
+    // first buffer becomes the input (nothing pending), the second is
+    // appended to the partial frame it left; the payloads arrive whole.
+    let frames = || {
+        let (mut node, mut srv) = open_pair(64 * 1024);
+        let conn = srv
+            .accept_connection(
+                2,
+                "192.0.2.1:1".parse().unwrap(),
+                "192.0.2.9:80".parse().unwrap(),
+            )
+            .unwrap();
+        pump(&mut node, &mut srv);
+        events(&mut node);
+        for m in [&b"first"[..], b"", b"third message"] {
+            srv.send_message(conn, m).unwrap();
+        }
+        (node, srv.poll_transmit().unwrap())
+    };
+    let len = frames().1.len();
+    for cut in 0..=len {
+        let (mut node, wire) = frames();
+        let mut got = Vec::new();
+        for part in [&wire[..cut], &wire[cut..]] {
+            let mut buf = BytesMut::from(part);
+            node.handle_input_buf(&mut buf).unwrap();
+            assert!(buf.is_empty(), "the buffer is given up");
+            for e in events(&mut node) {
+                if let Event::MessageReceived { data, .. } = e {
+                    got.extend_from_slice(&data);
+                }
+            }
+        }
+        assert_eq!(got, b"firstthird message", "cut at {cut}");
+    }
+}
