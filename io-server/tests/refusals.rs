@@ -138,19 +138,27 @@ async fn a_dead_node_leaves_its_group_and_queued_clients_go_to_the_next() {
     assert_eq!(&buf, b"hi");
 }
 
-/// A program that closes its listener and opens a new one on the same port
-/// (iperf3 does between tests): a client that arrives in between is not
-/// refused; it waits and the new listener serves it.
-#[tokio::test]
-async fn a_client_arriving_while_a_listener_is_recreated_is_served_by_the_new_one() {
-    let server = server(config(SchedulerKind::Rr)).await;
-    let a = attach(&server, "a", 1, TOKEN).await.unwrap();
+/// A node whose only listener of a port has just been closed.
+async fn listener_closed(
+    server: &std::sync::Arc<saps_io_server::IoServer>,
+) -> (Pending, std::net::SocketAddr) {
+    let a = attach(server, "a", 1, TOKEN).await.unwrap();
     let (old, addr) = a.listen(0, 0).await.unwrap();
     a.ep.close_connection(old, 0);
     wait_until("the closed listener to leave its group", || {
         server.status().groups.iter().all(|g| g.members.is_empty())
     })
     .await;
+    (a, addr)
+}
+
+/// A program that closes its listener and opens a new one on the same port
+/// (iperf3 does between tests): a client that arrives in between is not
+/// refused; it waits and the new listener serves it.
+#[tokio::test]
+async fn a_client_arriving_while_a_listener_is_recreated_is_served_by_the_new_one() {
+    let server = server(config(SchedulerKind::Rr)).await;
+    let (a, addr) = listener_closed(&server).await;
     let mut client = tokio::time::timeout(LIMIT, tokio::net::TcpStream::connect(addr))
         .await
         .unwrap()
@@ -174,13 +182,7 @@ async fn a_client_arriving_while_a_listener_is_recreated_is_served_by_the_new_on
 #[tokio::test]
 async fn a_port_nobody_listens_on_again_closes_after_the_grace() {
     let server = server(config(SchedulerKind::Rr)).await;
-    let a = attach(&server, "a", 1, TOKEN).await.unwrap();
-    let (old, addr) = a.listen(0, 0).await.unwrap();
-    a.ep.close_connection(old, 0);
-    wait_until("the closed listener to leave its group", || {
-        server.status().groups.iter().all(|g| g.members.is_empty())
-    })
-    .await;
+    let (_node, addr) = listener_closed(&server).await;
     let mut waiting = tokio::time::timeout(LIMIT, tokio::net::TcpStream::connect(addr))
         .await
         .unwrap()
