@@ -12,8 +12,8 @@ Every setup serves the same programs on loopback: nginx (a 1 KiB and a
 Table 3 ping-pong). The setups are: direct (no proxy), haproxy in TCP mode
 in front of them, saps-run with its embedded io-server (relayed, and
 zero-relay when saps-run offers `--zero-relay`), and a standalone io-server
-with one node over a unix fabric, two nodes over unix, and one node over
-tcp. Every load is bounded in time; every process started here is killed,
+with one node over a unix fabric (relayed, and zero-relay through the
+io-server's hand-off socket), two nodes over unix, and one node over tcp. Every load is bounded in time; every process started here is killed,
 with its whole tree, on exit, error or Ctrl-C.
 """
 
@@ -351,7 +351,7 @@ class Bench:
         d = self.dir(f"{kind}-{app}")
         www = os.path.join(d, "www")
         try:
-            if kind in ("unix-1", "unix-2", "tcp-1"):
+            if kind in ("unix-1", "unix-2", "tcp-1", "unix-1-zr"):
                 p = self.cluster(s, kind, d, app)
             else:
                 make_site(d, "a")
@@ -404,6 +404,9 @@ class Bench:
         wait_until("io-server control socket", 30,
                    lambda: os.path.exists(control), self.procs, io)
         names = ["a", "b"] if kind == "unix-2" else ["a"]
+        # Nodes relay unless the setup is the same-host zero-relay one.
+        relay = (() if not self.zero_relay else
+                 ("--zero-relay", "on" if kind == "unix-1-zr" else "off"))
         first = None
         for name in names:
             nd = os.path.join(d, name)
@@ -416,7 +419,7 @@ class Bench:
                                   full=(app == "bundle" and name == "a"))
             p = self.spawn(s, f"node-{name}", [
                 self.saps_run, "--io-server", fabric, "--token-file", self.token,
-                "--node", name, "--", *program], cwd=os.path.join(nd, "www"))
+                "--node", name, *relay, "--", *program], cwd=os.path.join(nd, "www"))
             s.nodes.append(p.pid)
             first = first or p
         return first
@@ -550,6 +553,7 @@ MAIN_SETUPS = [
     ("embedded", "SAPS embedded (relayed)"),
     ("zero-relay", "SAPS embedded, --zero-relay on"),
     ("unix-1", "SAPS io-server + 1 node, unix"),
+    ("unix-1-zr", "SAPS io-server + 1 node, unix, --zero-relay on"),
     ("unix-2", "SAPS io-server + 2 nodes, unix"),
     ("tcp-1", "SAPS io-server + 1 node, tcp"),
 ]
@@ -688,7 +692,8 @@ class Run:
 
     def all(self, only):
         main = [(k, l) for k, l in MAIN_SETUPS
-                if (k != "zero-relay" or self.b.zero_relay) and (not only or k in only)]
+                if (k not in ("zero-relay", "unix-1-zr") or self.b.zero_relay)
+                and (not only or k in only)]
         tracing = [("direct", "nginx, direct"),
                    ("strace", "nginx under strace -f -e trace=network"),
                    ("default", "nginx under saps-run"),
@@ -794,8 +799,10 @@ def report(results, command, quick, zero_relay, load_before, load_after, errors,
            "better; for ms, µs and CPU lower is better).\n"]
     if zero_relay:
         out.append(f"saps-run's `--zero-relay` defaults to `{zero_relay}` in this build; "
-                   "the relayed embedded row passes `--zero-relay off`, the tracing "
-                   "and other-server rows run saps-run with its defaults.\n")
+                   "the relayed embedded row and the io-server rows pass `--zero-relay "
+                   "off` (but for the one marked `--zero-relay on`, where the node takes "
+                   "its clients' sockets through the io-server's hand-off socket), the "
+                   "tracing and other-server rows run saps-run with its defaults.\n")
     else:
         out.append("saps-run had no `--zero-relay` flag in this build: no zero-relay row.\n")
     if results["main"]:
@@ -845,7 +852,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 s loads (about 3 minutes)")
     ap.add_argument("--only", default="",
                     help="comma-separated setups (direct,haproxy,embedded,zero-relay,"
-                         "unix-1,unix-2,tcp-1,tracing,servers)")
+                         "unix-1,unix-1-zr,unix-2,tcp-1,tracing,servers)")
     ap.add_argument("--doc", help="markdown file to write the report into")
     ap.add_argument("--keep", action="store_true",
                     help="keep the work directory (configs, logs) even without errors")

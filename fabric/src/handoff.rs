@@ -6,6 +6,11 @@
 //! the program, so no byte is copied at all. The io-server still schedules
 //! and counts the connection. This is the in-process side channel that
 //! carries the sockets; the fabric's frames are not involved.
+//!
+//! A node on the same host as a separate io-server, joined over a `unix:`
+//! fabric, gets the same through [`side`]: a `SOCK_SEQPACKET` socket next to
+//! the fabric socket (`PATH.handoff`) that carries each socket with
+//! `SCM_RIGHTS`.
 
 use crate::frame::ConnId;
 use std::net::SocketAddr;
@@ -56,6 +61,8 @@ impl HandoffReceiver {
         self.0.recv().await
     }
 }
+
+pub mod side;
 
 #[cfg(test)]
 mod tests {

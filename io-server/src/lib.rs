@@ -27,6 +27,7 @@ mod sys;
 pub use config::{Config, SchedulerKind, Stack};
 pub use status::Status;
 
+use saps_fabric::handoff::side;
 use saps_fabric::transport::{FabricUrl, StreamListener, TransportRead, TransportWrite};
 use state::{NodeId, State};
 use std::path::PathBuf;
@@ -143,6 +144,7 @@ impl IoServer {
         }
         let token = config.load_token()?;
         let mut listeners = Vec::new();
+        let mut sides = Vec::new();
         for url in &config.fabric {
             let parsed: FabricUrl = url.parse()?;
             let l = StreamListener::bind(&parsed)
@@ -152,6 +154,16 @@ impl IoServer {
                     source,
                 })?;
             listeners.push(l);
+            // Same-host nodes on a unix fabric may take accepted sockets
+            // themselves (zero-relay) through PATH.handoff.
+            if let FabricUrl::Unix(path) = &parsed {
+                let side = side::path_for(path);
+                let l = side::SideListener::bind(&side).map_err(|source| Error::FabricBind {
+                    url: format!("unix:{}", side.display()),
+                    source,
+                })?;
+                sides.push(l);
+            }
         }
         let control = match &config.control {
             Some(path) => Some(control::bind(path)?),
@@ -181,6 +193,9 @@ impl IoServer {
             }
             tokio::spawn(fabric_loop(shared.clone(), l));
         }
+        for l in sides {
+            tokio::spawn(handoff_loop(shared.clone(), l));
+        }
         if let Some(l) = control {
             tokio::spawn(control::serve(shared.clone(), l));
         }
@@ -198,7 +213,7 @@ impl IoServer {
     /// Serves one node over any transport (the embedded mode uses
     /// `memory_pair()`); returns when its channel closes.
     pub async fn attach<R: TransportRead, W: TransportWrite>(&self, r: R, w: W) {
-        node::serve(self.shared.clone(), r, w, "embedded".into(), None).await
+        node::serve(self.shared.clone(), r, w, "embedded".into(), None, None).await
     }
 
     /// Like [`IoServer::attach`] for a node in this process: accepted
@@ -210,7 +225,15 @@ impl IoServer {
         w: W,
         handoff: saps_fabric::handoff::HandoffSender,
     ) {
-        node::serve(self.shared.clone(), r, w, "embedded".into(), Some(handoff)).await
+        node::serve(
+            self.shared.clone(),
+            r,
+            w,
+            "embedded".into(),
+            Some(handoff),
+            None,
+        )
+        .await
     }
 
     /// The current `io-server status` report.
@@ -273,12 +296,66 @@ async fn fabric_loop(shared: Arc<Shared>, listener: StreamListener) {
     accept_until_shutdown(
         &shared,
         "fabric",
-        || listener.accept(),
-        |((r, w), peer)| {
-            tokio::spawn(node::serve(shared.clone(), r, w, peer, None));
+        || listener.accept_node(),
+        |((r, w), peer, pid)| {
+            tokio::spawn(node::serve(shared.clone(), r, w, peer, None, pid));
         },
     )
     .await
+}
+
+/// Accepts same-host nodes' hand-off sockets until shutdown.
+async fn handoff_loop(shared: Arc<Shared>, listener: side::SideListener) {
+    accept_until_shutdown(
+        &shared,
+        "hand-off",
+        || listener.accept(),
+        |(sock, pid)| {
+            tokio::spawn(claim_handoff(shared.clone(), sock, pid));
+        },
+    )
+    .await
+}
+
+/// Gives node `id` its hand-off socket if `pid` is the process whose unix
+/// fabric connection got that id; accepted client sockets then go to it
+/// instead of being relayed, until either end closes the socket.
+async fn claim_handoff(shared: Arc<Shared>, sock: side::SideSocket, pid: i32) {
+    let id = match tokio::time::timeout(saps_fabric::driver::HANDSHAKE_TIMEOUT, sock.recv_hello())
+        .await
+    {
+        Ok(Ok(Some(id))) => id,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::warn!(pid, error = %e, "hand-off claim refused");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(pid, "hand-off claim refused: no node id within 10 s");
+            return;
+        }
+    };
+    let rx = {
+        let mut st = shared.lock();
+        let node = state::NodeId::try_from(id).ok();
+        match node.and_then(|id| st.nodes.get_mut(&id)) {
+            Some(n) if n.pid == Some(pid) => {
+                let (tx, rx) = saps_fabric::handoff::channel();
+                n.handoff = Some(tx);
+                tracing::info!(node = id, name = %n.name, "same-host node: zero-relay");
+                rx
+            }
+            _ => {
+                tracing::warn!(
+                    node = id,
+                    pid,
+                    "hand-off claim refused: that node did not join from this process over a unix fabric"
+                );
+                return;
+            }
+        }
+    };
+    side::forward(rx, sock).await;
 }
 
 /// Runs `accept` until shutdown starts, handing each success to `each`.

@@ -30,6 +30,7 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
     w: W,
     peer: String,
     handoff: Option<saps_fabric::handoff::HandoffSender>,
+    pid: Option<i32>,
 ) {
     let config = ChannelConfig::new(shared.token.clone()).window(shared.config.window);
     let (ep, mut events) = Endpoint::spawn(Channel::io_server(config), r, w);
@@ -58,6 +59,7 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
                 traffic: Default::default(),
                 sockets: Default::default(),
                 handoff,
+                pid,
             },
         );
         id

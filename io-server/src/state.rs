@@ -71,6 +71,9 @@ pub struct NodeEntry {
     pub sockets: HashMap<ConnId, Socket>,
     /// Same-host node: accepted sockets are handed to it, not relayed.
     pub handoff: Option<saps_fabric::handoff::HandoffSender>,
+    /// The node's process, when its fabric is a unix socket: only that
+    /// process may claim the node's hand-off socket.
+    pub pid: Option<i32>,
 }
 
 impl NodeEntry {

@@ -27,6 +27,9 @@ pub struct Counters {
     /// Bytes still to deliver on live connections (MWLC's `C_i`): what the
     /// io-server holds or has sent but the other side has not yet taken.
     pub in_flight: u64,
+    /// Connections handed to a same-host node as sockets (zero-relay); no
+    /// byte of theirs is counted in `bytes_in`/`bytes_out`.
+    pub handed_off: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -36,6 +39,8 @@ pub struct NodeStatus {
     pub peer: String,
     pub weight: u32,
     pub counters: Counters,
+    /// Accepted sockets go to this node itself (zero-relay).
+    pub zero_relay: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -74,6 +79,7 @@ fn counters(nodes: &BTreeMap<u32, NodeEntry>, t: &Traffic) -> Counters {
         bytes_in: t.bytes_in,
         bytes_out: t.bytes_out,
         in_flight: 0,
+        handed_off: t.handed_off,
     };
     for &(node, conn) in &t.live {
         if let Some(n) = nodes.get(&node) {
@@ -98,6 +104,7 @@ impl Status {
                 peer: n.peer.clone(),
                 weight: n.weight,
                 counters: counters(&st.nodes, &n.traffic),
+                zero_relay: n.handoff.as_ref().is_some_and(|h| h.is_open()),
             })
             .collect();
         let mut groups: Vec<GroupStatus> = st
@@ -192,7 +199,13 @@ impl fmt::Display for Status {
         for n in &self.nodes {
             row(
                 f,
-                format!("  {} ({}) from {}", n.name, n.id, n.peer),
+                format!(
+                    "  {} ({}) from {}{}",
+                    n.name,
+                    n.id,
+                    n.peer,
+                    if n.zero_relay { ", zero-relay" } else { "" }
+                ),
                 n.weight.to_string(),
                 &n.counters,
             )?;

@@ -196,3 +196,25 @@ async fn a_port_nobody_listens_on_again_closes_after_the_grace() {
     let err = tokio::net::TcpStream::connect(addr).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
 }
+
+/// A same-host hand-off socket (zero-relay over a unix fabric) is given
+/// only to the process whose unix fabric connection got the claimed node
+/// id: here node 1 joined in memory, so a claim for it is refused and the
+/// socket closed, and the node stays relayed.
+#[tokio::test]
+async fn a_handoff_claim_from_another_process_is_refused() {
+    use saps_fabric::handoff::side;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("fabric.sock");
+    let mut cfg = config(SchedulerKind::Rr);
+    cfg.fabric = vec![format!("unix:{}", sock.display())];
+    let server = server(cfg).await;
+    let _a = attach(&server, "a", 1, TOKEN).await.unwrap();
+    let claim = side::SideSocket::connect(&side::path_for(&sock)).expect("hand-off socket");
+    claim.send_hello(1).await.unwrap();
+    let answer = tokio::time::timeout(LIMIT, claim.recv())
+        .await
+        .expect("the io-server answers the claim");
+    assert!(matches!(answer, Ok(None)), "closed: {answer:?}");
+    assert!(!server.status().nodes[0].zero_relay);
+}

@@ -65,9 +65,10 @@ pub struct Args {
     #[arg(long, value_name = "RANGES")]
     pub allow_ports: Option<String>,
 
-    /// Embedded io-server only: hand each accepted client's TCP socket to
-    /// the program itself, so no byte is relayed (on), or relay every byte
-    /// through the io-server as with a remote one (off).
+    /// Hand each accepted client's TCP socket to the program itself, so no
+    /// byte is relayed (on), or relay every byte through the io-server (off).
+    /// Applies to the embedded io-server and to one on this host reached
+    /// over a unix: fabric; a tcp:// or rdma:// one always relays.
     #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
     pub zero_relay: Switch,
 

@@ -11,7 +11,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use saps_fabric::endpoint::{Endpoint, EndpointEvent};
-use saps_fabric::handoff::{self, HandoffReceiver};
+use saps_fabric::handoff::{self, side, HandoffReceiver, HandoffSender};
 use saps_fabric::transport::{self, FabricUrl, StreamReader, StreamWriter};
 use saps_fabric::{Channel, ChannelConfig};
 use saps_interceptor::launch::Target;
@@ -78,7 +78,17 @@ fn run(args: Args) -> Result<u8> {
         },
     );
     let args = Arc::new(args);
-    rt.spawn(stay_joined(args.clone(), supervisor.clone(), events));
+    let (handoff_tx, handoffs) = match handoffs {
+        Handoffs::Embedded(rx) => (None, Some(rx)),
+        Handoffs::Side(tx, rx) => (Some(tx), Some(rx)),
+        Handoffs::None => (None, None),
+    };
+    rt.spawn(stay_joined(
+        args.clone(),
+        supervisor.clone(),
+        events,
+        handoff_tx,
+    ));
     if let Some(rx) = handoffs {
         rt.spawn(supervisor.clone().serve_handoffs(rx));
     }
@@ -94,6 +104,16 @@ fn run(args: Args) -> Result<u8> {
 
 type Events = tokio::sync::mpsc::UnboundedReceiver<EndpointEvent>;
 
+/// Where zero-relay sockets come from.
+enum Handoffs {
+    /// The embedded io-server, in this process.
+    Embedded(HandoffReceiver),
+    /// A same-host io-server over `PATH.handoff`; the sender is fed again
+    /// after each rejoin.
+    Side(HandoffSender, HandoffReceiver),
+    None,
+}
+
 /// Joins the io-server (remote, or an embedded one started here) and waits
 /// for its Welcome.
 async fn join(
@@ -101,13 +121,21 @@ async fn join(
 ) -> Result<(
     Endpoint,
     Events,
-    Option<HandoffReceiver>,
+    Handoffs,
     Option<Arc<saps_io_server::IoServer>>,
 )> {
     if let Some(url) = &args.io_server {
         let token = read_token(args)?;
-        let (endpoint, events) = handshake(args, token, connect(url).await?).await?;
-        return Ok((endpoint, events, None, None));
+        let (endpoint, events, node_id) = handshake(args, token, connect(url).await?).await?;
+        let handoffs = match side_path(args) {
+            Some(path) => {
+                let (tx, rx) = handoff::channel();
+                claim_handoff(&path, node_id, tx.clone()).await;
+                Handoffs::Side(tx, rx)
+            }
+            None => Handoffs::None,
+        };
+        return Ok((endpoint, events, handoffs, None));
     }
     let token = random_token();
     let config = args.embedded_config(&token)?;
@@ -122,15 +150,46 @@ async fn join(
         Switch::On => {
             let (tx, rx) = handoff::channel();
             tokio::spawn(async move { s.attach_local(r, w, tx).await });
-            Some(rx)
+            Handoffs::Embedded(rx)
         }
         Switch::Off => {
             tokio::spawn(async move { s.attach(r, w).await });
-            None
+            Handoffs::None
         }
     };
-    let (endpoint, events) = handshake(args, token.into_bytes(), node_end).await?;
+    let (endpoint, events, _) = handshake(args, token.into_bytes(), node_end).await?;
     Ok((endpoint, events, handoffs, Some(server)))
+}
+
+/// The hand-off socket of a same-host io-server (`unix:` fabric) when
+/// zero-relay is on.
+fn side_path(args: &Args) -> Option<std::path::PathBuf> {
+    match (
+        args.zero_relay,
+        args.io_server.as_deref()?.parse::<FabricUrl>(),
+    ) {
+        (Switch::On, Ok(FabricUrl::Unix(path))) => Some(side::path_for(&path)),
+        _ => None,
+    }
+}
+
+/// Claims node `node_id`'s zero-relay sockets on the io-server's hand-off
+/// socket; they reach `tx` until the io-server closes it. Without it (an
+/// io-server that does not offer one) the node's connections are relayed.
+async fn claim_handoff(path: &std::path::Path, node_id: u32, tx: HandoffSender) {
+    let side = match side::SideSocket::connect(path) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "no hand-off socket: relaying every byte");
+            return;
+        }
+    };
+    if let Err(e) = side.send_hello(u64::from(node_id)).await {
+        tracing::warn!(error = %e, "hand-off claim failed: relaying every byte");
+        return;
+    }
+    tracing::info!(path = %path.display(), "zero-relay through the io-server's hand-off socket");
+    tokio::spawn(side::receive(side, tx));
 }
 
 /// Opens the node's channel over `(r, w)` and waits for the Welcome.
@@ -138,7 +197,7 @@ async fn handshake(
     args: &Args,
     token: Vec<u8>,
     (r, w): (StreamReader, StreamWriter),
-) -> Result<(Endpoint, Events)> {
+) -> Result<(Endpoint, Events, u32)> {
     let channel = Channel::node(ChannelConfig::new(token).node(args.node_name(), args.weight));
     let (endpoint, mut events) = Endpoint::spawn(channel, r, w);
     let welcome = tokio::time::timeout(JOIN_TIMEOUT, async {
@@ -156,13 +215,18 @@ async fn handshake(
     .await
     .map_err(|_| anyhow!("the io-server did not answer within {JOIN_TIMEOUT:?}"))??;
     tracing::info!(node_id = welcome, "joined the io-server");
-    Ok((endpoint, events))
+    Ok((endpoint, events, welcome))
 }
 
 /// Serves the io-server's events; with a remote io-server, joins it again
 /// whenever the channel is lost (an io-server restart), re-registering the
 /// program's listeners.
-async fn stay_joined(args: Arc<Args>, supervisor: Supervisor, mut events: Events) {
+async fn stay_joined(
+    args: Arc<Args>,
+    supervisor: Supervisor,
+    mut events: Events,
+    handoffs: Option<HandoffSender>,
+) {
     loop {
         supervisor.clone().serve_events(events).await;
         let (Some(url), Ok(token)) = (&args.io_server, read_token(&args)) else {
@@ -176,8 +240,11 @@ async fn stay_joined(args: Arc<Args>, supervisor: Supervisor, mut events: Events
                 Err(e) => Err(e),
             };
             match joined {
-                Ok((endpoint, events)) => {
+                Ok((endpoint, events, node_id)) => {
                     supervisor.rejoin(endpoint).await;
+                    if let (Some(tx), Some(path)) = (&handoffs, side_path(&args)) {
+                        claim_handoff(&path, node_id, tx.clone()).await;
+                    }
                     break events;
                 }
                 Err(e) => {

@@ -1,6 +1,8 @@
 //! Application nodes behind a standalone io-server: two nodes share one
-//! port (the single address of the cluster), and a node survives an
-//! io-server restart.
+//! port (the single address of the cluster), one taking its clients'
+//! sockets itself through the hand-off socket (zero-relay, the default on
+//! a unix fabric), the other relayed; and a node survives an io-server
+//! restart.
 
 use saps_tests::*;
 use std::path::Path;
@@ -37,9 +39,9 @@ fn io_server(d: &Path) -> Proc {
     io
 }
 
-/// `saps-run --node NAME -- python3 -m http.server PORT` serving
-/// `DIR/NAME/who` = "node NAME".
-fn python_node(d: &Path, name: &str, port: u16) -> Proc {
+/// `saps-run --node NAME --zero-relay ZR -- python3 -m http.server PORT`
+/// serving `DIR/NAME/who` = "node NAME".
+fn python_node(d: &Path, name: &str, zero_relay: &str, port: u16) -> Proc {
     let www = d.join(name);
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(www.join("who"), format!("node {name}\n")).unwrap();
@@ -52,6 +54,8 @@ fn python_node(d: &Path, name: &str, port: u16) -> Proc {
                 d.join("token").to_str().unwrap(),
                 "--node",
                 name,
+                "--zero-relay",
+                zero_relay,
                 "--",
                 PYTHON,
                 "-m",
@@ -68,7 +72,10 @@ fn two_python_nodes_share_one_port_behind_one_io_server() {
     let d = dir.path();
     let io = io_server(d);
     let port = free_port();
-    let nodes: Vec<Proc> = ["a", "b"].iter().map(|n| python_node(d, n, port)).collect();
+    let nodes: Vec<Proc> = [("a", "on"), ("b", "off")]
+        .iter()
+        .map(|(n, zr)| python_node(d, n, zr, port))
+        .collect();
     let url = format!("http://127.0.0.1:{port}/who");
     // Both nodes have joined the group once each has answered; round robin
     // then alternates, so a few requests reach both.
@@ -87,22 +94,58 @@ fn two_python_nodes_share_one_port_behind_one_io_server() {
         nodes[0].stderr(),
         nodes[1].stderr()
     );
+    let table = status(d);
+    // Node a took its clients' sockets: served, but no byte relayed. Node
+    // b's clients were relayed.
+    let a = node_row(&table, "a");
+    assert!(a.zero_relay && a.conns > 0 && a.bytes_in == 0, "{table}");
+    let b = node_row(&table, "b");
+    assert!(!b.zero_relay && b.conns > 0 && b.bytes_in > 0, "{table}");
+}
+
+/// `io-server status` of the io-server in `d`.
+fn status(d: &Path) -> String {
     let status = run(Command::new(bin("io-server")).args([
         "status",
         "--control",
         d.join("control.sock").to_str().unwrap(),
     ]));
-    let table = String::from_utf8_lossy(&status.stdout);
     assert!(
         status.status.success(),
         "{}",
         String::from_utf8_lossy(&status.stderr)
     );
-    for name in ["a", "b"] {
-        assert!(
-            table.split_whitespace().any(|w| w == name),
-            "status lists node {name}:\n{table}"
-        );
+    String::from_utf8_lossy(&status.stdout).into_owned()
+}
+
+struct NodeRow {
+    zero_relay: bool,
+    conns: u64,
+    bytes_in: u64,
+}
+
+/// Node `name`'s line under "Nodes": `NAME (ID) from PEER[, zero-relay]
+/// WEIGHT ACTIVE CONNS IN OUT INFLIGHT`.
+fn node_row(table: &str, name: &str) -> NodeRow {
+    let line = table
+        .split("\nNodes\n")
+        .nth(1)
+        .and_then(|nodes| {
+            nodes
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(name))
+        })
+        .unwrap_or_else(|| panic!("status lists node {name}:\n{table}"));
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .rev()
+        .take(6)
+        .map(|w| w.parse().expect("a number"))
+        .collect();
+    NodeRow {
+        zero_relay: line.contains(", zero-relay"),
+        conns: n[3],
+        bytes_in: n[2],
     }
 }
 
@@ -112,7 +155,7 @@ fn a_node_rejoins_a_restarted_io_server_and_serves_again() {
     let d = dir.path();
     let mut first = io_server(d);
     let port = free_port();
-    let mut node = python_node(d, "a", port);
+    let mut node = python_node(d, "a", "on", port);
     let url = format!("http://127.0.0.1:{port}/who");
     assert!(
         wait_http(&url, Duration::from_secs(30)),
@@ -131,4 +174,7 @@ fn a_node_rejoins_a_restarted_io_server_and_serves_again() {
         second.stderr()
     );
     assert!(node.running(), "saps-run and python kept running");
+    // The node claimed its hand-off socket again on the new io-server.
+    let table = status(d);
+    assert!(node_row(&table, "a").zero_relay, "{table}");
 }

@@ -267,18 +267,31 @@ impl StreamListener {
 
     /// Accepts one node; returns its transport halves and a printable peer.
     pub async fn accept(&self) -> io::Result<((StreamReader, StreamWriter), String)> {
+        self.accept_node()
+            .await
+            .map(|(halves, peer, _)| (halves, peer))
+    }
+
+    /// [`StreamListener::accept`], plus the pid of the node's process when
+    /// the fabric is a unix socket (same host: `SO_PEERCRED`).
+    pub async fn accept_node(
+        &self,
+    ) -> io::Result<((StreamReader, StreamWriter), String, Option<i32>)> {
         match self {
             StreamListener::Unix(l, path) => {
                 let (s, _) = l.accept().await?;
-                Ok((stream(s), format!("unix:{}", path.display())))
+                let pid = s.peer_cred().ok().and_then(|c| c.pid());
+                Ok((stream(s), format!("unix:{}", path.display()), pid))
             }
             StreamListener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 s.set_nodelay(true)?;
-                Ok((stream(s), peer.to_string()))
+                Ok((stream(s), peer.to_string(), None))
             }
             #[cfg(feature = "rdma")]
-            StreamListener::Rdma(l) => rdma_url::accept(l).await,
+            StreamListener::Rdma(l) => rdma_url::accept(l)
+                .await
+                .map(|(halves, peer)| (halves, peer, None)),
         }
     }
 

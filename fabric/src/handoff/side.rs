@@ -1,0 +1,345 @@
+//! Zero-relay between processes on one host: the io-server's handed-off
+//! sockets travel to a node over a unix `SOCK_SEQPACKET` socket with
+//! `SCM_RIGHTS`.
+//!
+//! Next to a `unix:PATH` fabric listener the io-server listens on
+//! `PATH.handoff` (mode 0600, like the fabric socket). A node that joined
+//! over that fabric connects to it and sends its node id (8 octets, from
+//! the Welcome); the io-server accepts the claim only from the process
+//! whose fabric connection got that id (`SO_PEERCRED` of both sockets), so
+//! one node cannot take another's clients. From then on each message is one
+//! client: [`HEADER_LEN`] octets (listener, peer, local) with the socket
+//! attached. Either end closing the socket ends the hand-off; the
+//! io-server then relays that node's connections over the fabric again.
+
+use super::{HandedOff, HandoffReceiver, HandoffSender};
+use nix::sys::socket::{
+    self as so, sockopt, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType, UnixAddr,
+};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+/// One encoded address: family (4 or 6), 16 octets of IP, port.
+const ADDR_LEN: usize = 19;
+/// Octets of one hand-off message: listener id, peer, local.
+pub const HEADER_LEN: usize = 8 + 2 * ADDR_LEN;
+
+/// The hand-off socket that goes with the fabric socket `fabric`.
+pub fn path_for(fabric: &Path) -> PathBuf {
+    let mut p = fabric.as_os_str().to_owned();
+    p.push(".handoff");
+    p.into()
+}
+
+fn put_addr(out: &mut [u8], a: SocketAddr) {
+    let (family, ip) = match a.ip() {
+        IpAddr::V4(v4) => (4, v4.to_ipv6_mapped()),
+        IpAddr::V6(v6) => (6, v6),
+    };
+    out[0] = family;
+    out[1..17].copy_from_slice(&ip.octets());
+    out[17..19].copy_from_slice(&a.port().to_be_bytes());
+}
+
+fn get_addr(b: &[u8]) -> Option<SocketAddr> {
+    let octets: [u8; 16] = b[1..17].try_into().ok()?;
+    let ip = Ipv6Addr::from(octets);
+    let ip = match b[0] {
+        4 => IpAddr::V4(ip.to_ipv4_mapped()?),
+        6 => IpAddr::V6(ip),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, u16::from_be_bytes([b[17], b[18]])))
+}
+
+/// Encodes the header of one hand-off message.
+pub fn encode(listener: u64, peer: SocketAddr, local: SocketAddr) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..8].copy_from_slice(&listener.to_be_bytes());
+    put_addr(&mut h[8..8 + ADDR_LEN], peer);
+    put_addr(&mut h[8 + ADDR_LEN..], local);
+    h
+}
+
+/// Decodes a header: (listener, peer, local); `None` if malformed.
+pub fn decode(h: &[u8]) -> Option<(u64, SocketAddr, SocketAddr)> {
+    if h.len() != HEADER_LEN {
+        return None;
+    }
+    let listener = u64::from_be_bytes(h[..8].try_into().ok()?);
+    Some((
+        listener,
+        get_addr(&h[8..8 + ADDR_LEN])?,
+        get_addr(&h[8 + ADDR_LEN..])?,
+    ))
+}
+
+fn errno(e: nix::errno::Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+/// Registers an fd of ours with the tokio reactor.
+fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the `OwnedFd` moves into the `AsyncFd`, so it stays open and
+    // refers to the same file description for the AsyncFd's whole life.
+    unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
+}
+
+fn seqpacket() -> io::Result<OwnedFd> {
+    so::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(errno)
+}
+
+/// The io-server's listening hand-off socket.
+pub struct SideListener {
+    fd: AsyncFd<OwnedFd>,
+    path: PathBuf,
+}
+
+impl SideListener {
+    /// Listens on `path` (mode 0600), replacing a stale socket file.
+    pub fn bind(path: &Path) -> io::Result<Self> {
+        let fd = seqpacket()?;
+        let _ = std::fs::remove_file(path);
+        so::bind(fd.as_raw_fd(), &UnixAddr::new(path).map_err(errno)?).map_err(errno)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        so::listen(&fd, Backlog::new(64).map_err(errno)?).map_err(errno)?;
+        Ok(SideListener {
+            fd: register(fd, Interest::READABLE)?,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Accepts one node's hand-off socket and the pid of its process.
+    pub async fn accept(&self) -> io::Result<(SideSocket, i32)> {
+        let fd = self
+            .fd
+            .async_io(Interest::READABLE, |l| {
+                so::accept4(
+                    l.as_raw_fd(),
+                    SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+                )
+                .map_err(errno)
+            })
+            .await?;
+        // SAFETY: accept4 just returned this fd; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let pid = so::getsockopt(&fd, sockopt::PeerCredentials)
+            .map_err(errno)?
+            .pid();
+        Ok((
+            SideSocket(register(fd, Interest::READABLE | Interest::WRITABLE)?),
+            pid,
+        ))
+    }
+}
+
+impl Drop for SideListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// One end of a hand-off socket.
+pub struct SideSocket(AsyncFd<OwnedFd>);
+
+impl SideSocket {
+    /// A node connects to the io-server's hand-off socket at `path`.
+    pub fn connect(path: &Path) -> io::Result<Self> {
+        let fd = seqpacket()?;
+        so::connect(fd.as_raw_fd(), &UnixAddr::new(path).map_err(errno)?).map_err(errno)?;
+        Ok(SideSocket(register(
+            fd,
+            Interest::READABLE | Interest::WRITABLE,
+        )?))
+    }
+
+    async fn send_with(&self, data: &[u8], fd: Option<RawFd>) -> io::Result<()> {
+        let iov = [IoSlice::new(data)];
+        let fds = fd.map(|f| [f]);
+        self.0
+            .async_io(Interest::WRITABLE, |s| {
+                let rights;
+                let cmsgs: &[ControlMessage] = match &fds {
+                    Some(f) => {
+                        rights = [ControlMessage::ScmRights(f)];
+                        &rights
+                    }
+                    None => &[],
+                };
+                so::sendmsg::<()>(s.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+                    .map_err(errno)
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Node: claims the hand-off of node `id`.
+    pub async fn send_hello(&self, id: u64) -> io::Result<()> {
+        self.send_with(&id.to_be_bytes(), None).await
+    }
+
+    /// io-server: the node id the other end claims; `None` if it closed.
+    pub async fn recv_hello(&self) -> io::Result<Option<u64>> {
+        let mut b = [0u8; 8];
+        let (n, _) = self.recv_with(&mut b).await?;
+        match n {
+            0 => Ok(None),
+            8 => Ok(Some(u64::from_be_bytes(b))),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bad hand-off hello",
+            )),
+        }
+    }
+
+    /// io-server: sends one handed-off socket (closed here once sent).
+    pub async fn send(&self, h: HandedOff) -> io::Result<()> {
+        let header = encode(h.listener, h.peer, h.local);
+        self.send_with(&header, Some(h.socket.as_raw_fd())).await
+    }
+
+    /// Node: the next handed-off socket; `None` once the io-server closed.
+    pub async fn recv(&self) -> io::Result<Option<HandedOff>> {
+        let mut b = [0u8; HEADER_LEN + 1];
+        let (n, socket) = self.recv_with(&mut b).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+        let (listener, peer, local) = decode(&b[..n]).ok_or_else(|| bad("bad hand-off header"))?;
+        let socket = socket.ok_or_else(|| bad("hand-off message without a socket"))?;
+        Ok(Some(HandedOff {
+            listener,
+            peer,
+            local,
+            socket,
+        }))
+    }
+
+    /// One message into `buf`: (length, the fd it carried).
+    async fn recv_with(&self, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+        self.0
+            .async_io(Interest::READABLE, |s| {
+                let mut iov = [IoSliceMut::new(buf)];
+                let mut space = nix::cmsg_space!([RawFd; 1]);
+                let msg = so::recvmsg::<()>(
+                    s.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut space),
+                    MsgFlags::MSG_CMSG_CLOEXEC,
+                )
+                .map_err(errno)?;
+                let mut fd = None;
+                for c in msg.cmsgs().map_err(errno)? {
+                    if let ControlMessageOwned::ScmRights(fds) = c {
+                        for f in fds {
+                            // SAFETY: the kernel installed `f` in this
+                            // process for this message; nothing else owns
+                            // it. Extra fds (never sent by the io-server)
+                            // are closed by their drop.
+                            let owned = unsafe { OwnedFd::from_raw_fd(f) };
+                            fd.get_or_insert(owned);
+                        }
+                    }
+                }
+                Ok((msg.bytes, fd))
+            })
+            .await
+    }
+}
+
+/// io-server: sends every socket handed to `rx` over `side` until either
+/// end closes; a socket that cannot be sent is closed (its client sees the
+/// connection end).
+pub async fn forward(mut rx: HandoffReceiver, side: SideSocket) {
+    while let Some(h) = rx.recv().await {
+        if let Err(e) = side.send(h).await {
+            tracing::warn!(error = %e, "hand-off socket failed; relaying again");
+            return;
+        }
+    }
+}
+
+/// Node: passes every socket received on `side` to `tx` until the
+/// io-server closes it.
+pub async fn receive(side: SideSocket, tx: HandoffSender) {
+    loop {
+        match side.recv().await {
+            Ok(Some(h)) => {
+                if tx.send(h).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "hand-off socket failed");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_and_malformed_ones_are_refused() {
+        let peer: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        let local: SocketAddr = "[2001:db8::1]:80".parse().unwrap();
+        let h = encode(7, peer, local);
+        assert_eq!(decode(&h), Some((7, peer, local)));
+        assert_eq!(decode(&h[..HEADER_LEN - 1]), None);
+        let mut bad = h;
+        bad[8] = 5;
+        assert_eq!(decode(&bad), None);
+    }
+
+    #[tokio::test]
+    async fn a_socket_crosses_with_its_addresses_and_a_close_ends_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = path_for(&dir.path().join("fabric.sock"));
+        let listener = SideListener::bind(&path).unwrap();
+        let node = SideSocket::connect(&path).unwrap();
+        let (server, pid) = listener.accept().await.unwrap();
+        assert_eq!(pid, std::process::id() as i32);
+        node.send_hello(42).await.unwrap();
+        assert_eq!(server.recv_hello().await.unwrap(), Some(42));
+
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let peer: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        let local: SocketAddr = "198.51.100.1:80".parse().unwrap();
+        server
+            .send(HandedOff {
+                listener: 3,
+                peer,
+                local,
+                socket: a.into(),
+            })
+            .await
+            .unwrap();
+        let got = node.recv().await.unwrap().expect("one hand-off");
+        assert_eq!((got.listener, got.peer, got.local), (3, peer, local));
+        // The received fd is the same socket: what is written to it
+        // reaches the other end of the pair.
+        let mut s = std::os::unix::net::UnixStream::from(got.socket);
+        std::io::Write::write_all(&mut s, b"hi").unwrap();
+        let mut buf = [0u8; 2];
+        std::io::Read::read_exact(&mut &b, &mut buf).unwrap();
+        assert_eq!(&buf, b"hi");
+        drop(server);
+        assert!(node.recv().await.unwrap().is_none());
+    }
+}
