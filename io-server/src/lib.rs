@@ -156,13 +156,18 @@ impl IoServer {
             listeners.push(l);
             // Same-host nodes on a unix fabric may take accepted sockets
             // themselves (zero-relay) through PATH.handoff.
+            // Without it (a path too long for one more suffix, say) those
+            // nodes are relayed, as over tcp.
             if let FabricUrl::Unix(path) = &parsed {
                 let side = side::path_for(path);
-                let l = side::SideListener::bind(&side).map_err(|source| Error::FabricBind {
-                    url: format!("unix:{}", side.display()),
-                    source,
-                })?;
-                sides.push(l);
+                match side::SideListener::bind(&side) {
+                    Ok(l) => sides.push(l),
+                    Err(e) => tracing::warn!(
+                        path = %side.display(),
+                        error = %e,
+                        "no hand-off socket: same-host nodes will be relayed"
+                    ),
+                }
             }
         }
         let control = match &config.control {
