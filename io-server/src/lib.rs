@@ -360,6 +360,10 @@ async fn claim_handoff(shared: Arc<Shared>, sock: side::SideSocket, pid: i32) {
             }
         }
     };
+    if let Err(e) = sock.send_ack().await {
+        tracing::warn!(node = id, error = %e, "hand-off socket failed; relaying");
+        return;
+    }
     side::forward(rx, sock).await;
 }
 

@@ -184,9 +184,26 @@ async fn claim_handoff(path: &std::path::Path, node_id: u32, tx: HandoffSender) 
             return;
         }
     };
-    if let Err(e) = side.send_hello(u64::from(node_id)).await {
-        tracing::warn!(error = %e, "hand-off claim failed: relaying every byte");
-        return;
+    // The program starts serving only once the io-server took the claim,
+    // so its first clients already come as sockets.
+    let claimed = async {
+        side.send_hello(u64::from(node_id)).await?;
+        side.recv_ack().await
+    };
+    match tokio::time::timeout(JOIN_TIMEOUT, claimed).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
+            tracing::warn!("the io-server refused the hand-off claim: relaying every byte");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "hand-off claim failed: relaying every byte");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("no answer to the hand-off claim: relaying every byte");
+            return;
+        }
     }
     tracing::info!(path = %path.display(), "zero-relay through the io-server's hand-off socket");
     tokio::spawn(side::receive(side, tx));
@@ -241,10 +258,12 @@ async fn stay_joined(
             };
             match joined {
                 Ok((endpoint, events, node_id)) => {
-                    supervisor.rejoin(endpoint).await;
+                    // Claimed first, so clients of the listeners registered
+                    // again come as sockets from the start.
                     if let (Some(tx), Some(path)) = (&handoffs, side_path(&args)) {
                         claim_handoff(&path, node_id, tx.clone()).await;
                     }
+                    supervisor.rejoin(endpoint).await;
                     break events;
                 }
                 Err(e) => {

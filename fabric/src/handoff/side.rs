@@ -7,7 +7,9 @@
 //! over that fabric connects to it and sends its node id (8 octets, from
 //! the Welcome); the io-server accepts the claim only from the process
 //! whose fabric connection got that id (`SO_PEERCRED` of both sockets), so
-//! one node cannot take another's clients. From then on each message is one
+//! one node cannot take another's clients, and answers an accepted claim
+//! with one octet (1) before anything else, so the node serves only once
+//! its clients will come as sockets. From then on each message is one
 //! client: [`HEADER_LEN`] octets (listener, peer, local) with the socket
 //! attached. Either end closing the socket ends the hand-off; the
 //! io-server then relays that node's connections over the fabric again.
@@ -204,6 +206,19 @@ impl SideSocket {
         }
     }
 
+    /// io-server: accepts the node's claim.
+    pub async fn send_ack(&self) -> io::Result<()> {
+        self.send_with(&[1], None).await
+    }
+
+    /// Node: whether the io-server accepted the claim (false: it closed
+    /// the socket, refusing it).
+    pub async fn recv_ack(&self) -> io::Result<bool> {
+        let mut b = [0u8; 1];
+        let (n, _) = self.recv_with(&mut b).await?;
+        Ok(n == 1 && b[0] == 1)
+    }
+
     /// io-server: sends one handed-off socket (closed here once sent).
     pub async fn send(&self, h: HandedOff) -> io::Result<()> {
         let header = encode(h.listener, h.peer, h.local);
@@ -317,6 +332,8 @@ mod tests {
         assert_eq!(pid, std::process::id() as i32);
         node.send_hello(42).await.unwrap();
         assert_eq!(server.recv_hello().await.unwrap(), Some(42));
+        server.send_ack().await.unwrap();
+        assert!(node.recv_ack().await.unwrap());
 
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let peer: SocketAddr = "192.0.2.1:4000".parse().unwrap();
