@@ -20,18 +20,25 @@ fn target_dir() -> PathBuf {
 }
 
 /// A binary of the workspace (`saps-run`, `io-server`), built once per
-/// test process in the debug profile.
+/// test process in the debug profile, in a target directory of its own
+/// (`TARGET/e2e`): `cargo test --workspace` builds the same binaries with
+/// other features (dev-dependencies unify), and both builds copy their
+/// result to `TARGET/debug/NAME`, so that path may hold the other, older
+/// build's binary.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
+    let dir = target_dir().join("e2e");
     BUILT.get_or_init(|| {
         let status = Command::new(env!("CARGO"))
             .args(["build", "-q", "-p", "saps-run", "-p", "saps-io-server"])
+            .arg("--target-dir")
+            .arg(&dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("running cargo build");
         assert!(status.success(), "building saps-run and io-server failed");
     });
-    target_dir().join("debug").join(name)
+    dir.join("debug").join(name)
 }
 
 /// `saps-run --address 127.0.0.1 --zero-relay MODE -- PROGRAM ARGS…` on the

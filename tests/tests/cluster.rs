@@ -98,7 +98,12 @@ fn two_python_nodes_share_one_port_behind_one_io_server() {
     // Node a took its clients' sockets: served, but no byte relayed. Node
     // b's clients were relayed.
     let a = node_row(&table, "a");
-    assert!(a.zero_relay && a.conns > 0 && a.bytes_in == 0, "{table}");
+    assert!(
+        a.zero_relay && a.conns > 0 && a.bytes_in == 0,
+        "{table}\nnode a: {}\nio-server: {}",
+        nodes[0].stderr(),
+        io.stderr()
+    );
     let b = node_row(&table, "b");
     assert!(!b.zero_relay && b.conns > 0 && b.bytes_in > 0, "{table}");
 }
