@@ -11,6 +11,11 @@ const CLOEXEC: u64 = libc::SOCK_CLOEXEC as u64;
 /// 2026-11-25T08:26:13.405804Z.
 const START: Duration = Duration::new(1_795_595_173, 405_804_000);
 
+/// A call that returned `value`, with nothing decoded beyond its arguments.
+fn ok(pid: i32, nr: i64, args: &[u64], value: i64, us: u64) -> CallRecord {
+    rec(pid, nr, args, Reply::Value(value), Detail::default(), us)
+}
+
 fn rec(pid: i32, nr: i64, args: &[u64], result: Reply, detail: Detail, us: u64) -> CallRecord {
     let mut a = [0u64; 6];
     a[..args.len()].copy_from_slice(args);
@@ -197,14 +202,7 @@ fn pid_prefixes_and_clock_match_strace() {
         line(&bad, Prefix::Plain, PURE),
         "20785 connect(4, 0x1, 16)               = -1 EFAULT (Bad address) <0.000014>\n"
     );
-    let socket = rec(
-        20041,
-        libc::SYS_socket,
-        &[10, 1 | CLOEXEC, 0],
-        Reply::Value(3),
-        Detail::default(),
-        57,
-    );
+    let socket = ok(20041, libc::SYS_socket, &[10, 1 | CLOEXEC, 0], 3, 57);
     let tt = Style {
         timestamps: true,
         annotate: false,
@@ -408,30 +406,9 @@ fn options(output: PathBuf, per_pid: bool, filter: Option<&str>) -> TraceOptions
 fn output_file_gets_pid_prefixes_filter_and_summary() {
     let path = scratch("one");
     let w = TraceWriter::new(options(path.clone(), false, Some("trace=listen,shutdown"))).unwrap();
-    w.record(&rec(
-        100,
-        libc::SYS_listen,
-        &[3, 5],
-        Reply::Value(0),
-        Detail::default(),
-        14,
-    ));
-    w.record(&rec(
-        100,
-        libc::SYS_socket,
-        &[2, 1, 0],
-        Reply::Value(4),
-        Detail::default(),
-        1,
-    ));
-    w.record(&rec(
-        101,
-        libc::SYS_shutdown,
-        &[4, 1],
-        Reply::Value(0),
-        Detail::default(),
-        33,
-    ));
+    w.record(&ok(100, libc::SYS_listen, &[3, 5], 0, 14));
+    w.record(&ok(100, libc::SYS_socket, &[2, 1, 0], 4, 1));
+    w.record(&ok(101, libc::SYS_shutdown, &[4, 1], 0, 33));
     w.finish();
     let out = std::fs::read_to_string(&path).unwrap();
     let lines: Vec<&str> = out.lines().collect();
@@ -457,22 +434,8 @@ fn per_pid_files_hold_each_process_unprefixed() {
     let mut opts = options(path.clone(), true, None);
     opts.summary = false;
     let w = TraceWriter::new(opts).unwrap();
-    w.record(&rec(
-        200,
-        libc::SYS_listen,
-        &[3, 5],
-        Reply::Value(0),
-        Detail::default(),
-        14,
-    ));
-    w.record(&rec(
-        201,
-        libc::SYS_listen,
-        &[6, 1],
-        Reply::Value(0),
-        Detail::default(),
-        14,
-    ));
+    w.record(&ok(200, libc::SYS_listen, &[3, 5], 0, 14));
+    w.record(&ok(201, libc::SYS_listen, &[6, 1], 0, 14));
     w.finish();
     let read = |pid: i32| std::fs::read_to_string(format!("{}.{pid}", path.display())).unwrap();
     assert_eq!(
