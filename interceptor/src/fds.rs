@@ -17,14 +17,9 @@ pub fn socket_inode(pid: u32, fd: RawFd) -> io::Result<Option<u64>> {
     Ok(parse_socket_link(&link.to_string_lossy()))
 }
 
-/// Like [`socket_inode`], through a pidfd of the process: `pidfd_getfd` and
-/// `fstat` cost about half of the `/proc` path walk.
-pub fn socket_inode_via(pidfd: BorrowedFd<'_>, fd: RawFd) -> io::Result<Option<u64>> {
-    Ok(socket_dup_inode(pidfd, fd)?.1)
-}
-
-/// [`socket_inode_via`] that also returns the duplicate it took, for the
-/// caller to reuse.
+/// Like [`socket_inode`], through a pidfd of the process (`pidfd_getfd` and
+/// `fstat` cost about half of the `/proc` path walk); also returns the
+/// duplicate it took, for the caller to reuse.
 pub fn socket_dup_inode(pidfd: BorrowedFd<'_>, fd: RawFd) -> io::Result<(OwnedFd, Option<u64>)> {
     let dup = get_fd(pidfd, fd)?;
     let st = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&dup))?;
