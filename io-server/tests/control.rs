@@ -5,7 +5,6 @@ mod common;
 use common::*;
 use saps_io_server::{control, SchedulerKind};
 use std::process::Command;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_weight_over_the_control_socket() {
@@ -18,9 +17,7 @@ async fn status_and_weight_over_the_control_socket() {
     .await;
     let (a, b, addr) = two_nodes(&server, (3, App::Echo), (1, App::Echo)).await;
     let mut s = connect_one(addr, None, &[&a, &b]).await;
-    s.write_all(b"12345").await.unwrap();
-    let mut buf = [0u8; 5];
-    s.read_exact(&mut buf).await.unwrap();
+    echoes(&mut s, b"12345").await;
     let text = control::request(&ctl, "status").await.unwrap();
     println!("{text}");
     assert!(text.contains(&format!("TCP  {addr} wrr")), "{text}");
@@ -59,9 +56,7 @@ async fn graceful_shutdown_stops_accepting_and_lets_connections_finish() {
     })
     .await;
     // The open connection still works, then finishes.
-    open.write_all(b"bye").await.unwrap();
-    let mut buf = [0u8; 3];
-    open.read_exact(&mut buf).await.unwrap();
+    echoes(&mut open, b"bye").await;
     drop(open);
     let cut = tokio::time::timeout(LIMIT, shutdown)
         .await

@@ -12,13 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// The good node still serves clients.
 async fn still_serves(node: &TestNode, addr: std::net::SocketAddr) {
     let mut s = connect_one(addr, None, &[node]).await;
-    s.write_all(b"ok?").await.unwrap();
-    let mut buf = [0u8; 3];
-    tokio::time::timeout(LIMIT, s.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&buf, b"ok?");
+    echoes(&mut s, b"ok?").await;
 }
 
 async fn good_node(
@@ -129,13 +123,7 @@ async fn a_dead_node_leaves_its_group_and_queued_clients_go_to_the_next() {
     let b = b.run("b", App::Echo, Default::default());
     assert!(server.set_weight("b", 1));
     wait_until("the queued client to reach b", || b.count() == 1).await;
-    client.write_all(b"hi").await.unwrap();
-    let mut buf = [0u8; 2];
-    tokio::time::timeout(LIMIT, client.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&buf, b"hi");
+    echoes(&mut client, b"hi").await;
 }
 
 /// A node whose only listener of a port has just been closed.
@@ -167,13 +155,7 @@ async fn a_client_arriving_while_a_listener_is_recreated_is_served_by_the_new_on
         .await
         .expect("the new listener takes the port over");
     let node = a.run("a", App::Echo, Default::default());
-    client.write_all(b"waited").await.unwrap();
-    let mut buf = [0u8; 6];
-    tokio::time::timeout(LIMIT, client.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&buf, b"waited");
+    echoes(&mut client, b"waited").await;
     assert_eq!(node.count(), 1);
 }
 

@@ -85,14 +85,7 @@ async fn weight_zero_drains_a_node_and_its_open_connections_finish() {
     );
     // The drained node's open connection still works.
     for s in &mut open {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        s.write_all(b"still here").await.unwrap();
-        let mut buf = [0u8; 10];
-        tokio::time::timeout(LIMIT, s.read_exact(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(&buf, b"still here");
+        echoes(s, b"still here").await;
     }
     assert!(server.set_weight("a", 1));
     drop(connect_one(addr, None, &[&a, &b]).await);

@@ -188,6 +188,19 @@ pub async fn two_nodes(
     )
 }
 
+/// Writes `msg` on `s` and reads it back within [`LIMIT`] (the node
+/// behind it echoes).
+pub async fn echoes(s: &mut tokio::net::TcpStream, msg: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(msg).await.unwrap();
+    let mut buf = vec![0u8; msg.len()];
+    tokio::time::timeout(LIMIT, s.read_exact(&mut buf))
+        .await
+        .expect("the echo within the limit")
+        .unwrap();
+    assert_eq!(buf, msg);
+}
+
 /// Opens one client connection and waits until some node has accepted it.
 pub async fn connect_one(
     addr: SocketAddr,
