@@ -336,7 +336,11 @@ async fn claim_handoff(shared: Arc<Shared>, sock: side::SideSocket, pid: i32) {
             return;
         }
         Err(_) => {
-            tracing::warn!(pid, "hand-off claim refused: no node id within 10 s");
+            tracing::warn!(
+                pid,
+                timeout = ?saps_fabric::driver::HANDSHAKE_TIMEOUT,
+                "hand-off claim refused: no node id in time"
+            );
             return;
         }
     };
