@@ -95,3 +95,101 @@ print("ok")
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "ok\n");
 }
+
+/// Listens, closes the listener (untrapped: the supervisor learns of it
+/// only when it next looks), waits for the test's go (a file) and listens
+/// on the same port again, as iperf3 does between tests.
+const RELISTEN_PROGRAM: &str = r#"
+import os, socket, sys, time
+port, go = int(sys.argv[1]), sys.argv[2]
+def listener():
+    l = socket.socket()
+    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind(("0.0.0.0", port))
+    l.listen(8)
+    return l
+l = listener()
+print("listening", flush=True)
+c, _ = l.accept()
+c.sendall(b"first")
+c.close()
+l.close()
+print("closed", flush=True)
+deadline = time.monotonic() + 20
+while not os.path.exists(go) and time.monotonic() < deadline:
+    time.sleep(0.005)
+l = listener()
+c, peer = l.accept()
+c.sendall(b"second " + c.recv(16))
+c.close()
+"#;
+
+fn read_reply(port: u16, send: &[u8]) -> std::io::Result<String> {
+    use std::io::Write;
+    let mut c = TcpStream::connect(("127.0.0.1", port))?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    c.write_all(send)?;
+    let mut got = String::new();
+    c.read_to_string(&mut got)?;
+    Ok(got)
+}
+
+/// A client that arrives between the program closing a listener and
+/// listening on the same port again is served by the new listener, even
+/// when the io-server sent it to the old one before anyone knew it closed.
+fn a_client_between_close_and_relisten_reaches_the_new_listener(zero_relay: &str) {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let mut cmd = saps_run_local(
+        zero_relay,
+        &[
+            PYTHON,
+            "-c",
+            RELISTEN_PROGRAM,
+            &port.to_string(),
+            go.to_str().unwrap(),
+        ],
+    );
+    // Debug logs say where the client waits.
+    cmd.env("RUST_LOG", "saps_interceptor=debug,saps_io_server=debug");
+    let p = Proc::spawn(&mut cmd);
+    let said = |what: &'static str| {
+        wait_for(Duration::from_secs(20), || {
+            p.stdout().contains(what).then_some(())
+        })
+        .unwrap_or_else(|| panic!("no {what:?}: {}\n{}", p.stdout(), p.stderr()))
+    };
+    said("listening");
+    assert_eq!(read_reply(port, b"").unwrap(), "first");
+    said("closed");
+    // On its way to the closed listener (the io-server still has it).
+    let client = std::thread::spawn(move || read_reply(port, b"again"));
+    // It waits either on the node, which found the old listener closed,
+    // or in the io-server, which learnt of the close first.
+    wait_for(Duration::from_secs(20), || {
+        let e = p.stderr();
+        (e.contains("connection waits for a listener on its address")
+            || e.contains("no eligible member: client queued"))
+        .then_some(())
+    })
+    .unwrap_or_else(|| panic!("the client waits nowhere: {}", p.stderr()));
+    std::fs::write(&go, b"").unwrap();
+    let got = client.join().unwrap();
+    assert_eq!(
+        got.as_deref().ok(),
+        Some("second again"),
+        "{got:?}\n{}",
+        p.stderr()
+    );
+}
+
+#[test]
+fn a_client_between_close_and_relisten_reaches_the_new_listener_relayed() {
+    a_client_between_close_and_relisten_reaches_the_new_listener("off");
+}
+
+#[test]
+fn a_client_between_close_and_relisten_reaches_the_new_listener_zero_relay() {
+    a_client_between_close_and_relisten_reaches_the_new_listener("on");
+}

@@ -36,32 +36,8 @@ pub(crate) fn deliver(
     peer: SocketAddr,
     local: SocketAddr,
 ) {
-    let Some(l_name) = lock(&sh.listeners).get(&listener).cloned() else {
-        tracing::warn!(
-            listener,
-            conn,
-            "connection for an unknown listener; refusing it"
-        );
-        sh.ep().close_connection(conn, libc::ECONNREFUSED);
-        return;
-    };
     lock(&sh.arrivals).insert(conn, Arrival { peer, local });
-    let sh2 = sh.clone();
-    sh.rt.spawn(async move {
-        match connect_to_listener(&sh2, conn, &l_name.name).await {
-            Ok(c) => spawn_relay(&sh2, conn, c),
-            Err(e) => {
-                tracing::warn!(
-                    listener,
-                    conn,
-                    errno = e,
-                    "cannot hand the connection to the program"
-                );
-                lock(&sh2.arrivals).remove(&conn);
-                sh2.ep().close_connection(conn, libc::ECONNREFUSED);
-            }
-        }
-    });
+    place(sh, listener, conn, Kind::Relayed);
 }
 
 /// Zero-relay: a TCP socket handed over by a same-host io-server. A
@@ -69,13 +45,6 @@ pub(crate) fn deliver(
 /// the accept installs the TCP socket itself.
 pub(crate) fn deliver_handoff(sh: &Arc<Shared>, h: saps_fabric::handoff::HandedOff) {
     use std::sync::atomic::Ordering;
-    let Some(l) = lock(&sh.listeners).get(&h.listener).cloned() else {
-        tracing::warn!(
-            listener = h.listener,
-            "handed-off connection for an unknown listener; closing it"
-        );
-        return;
-    };
     let id = sh.next_handed.fetch_add(1, Ordering::Relaxed);
     lock(&sh.arrivals).insert(
         id,
@@ -85,21 +54,178 @@ pub(crate) fn deliver_handoff(sh: &Arc<Shared>, h: saps_fabric::handoff::HandedO
         },
     );
     lock(&sh.handed).insert(id, (h.socket, None));
+    place(sh, h.listener, id, Kind::Handed);
+}
+
+/// How a connection waiting for the program's accept reaches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// Relayed over the fabric: its stand-in on `L` is the program's end.
+    Relayed,
+    /// Zero-relay: the handed-over TCP socket (in `handed`) is.
+    Handed,
+}
+
+/// A connection for a listener the program closed, waiting (up to
+/// [`RELISTEN_GRACE`]) for the program to listen on the address again.
+#[derive(Debug)]
+pub(crate) struct Orphan {
+    pub addr: SocketAddr,
+    pub id: ConnId,
+    pub kind: Kind,
+}
+
+/// As long as the io-server keeps a port whose last listener closed: the
+/// program closing a listener and making a new one (iperf3 does, after
+/// every test) loses no client that was on its way meanwhile.
+pub(crate) const RELISTEN_GRACE: Duration = Duration::from_secs(1);
+
+/// Listeners the program closed kept in `retired`, for connections the
+/// io-server sent before it learnt of the close.
+const RETIRED_KEPT: usize = 256;
+
+/// Where a connection for a listener goes.
+enum Route {
+    /// This listener's `L`.
+    To(super::Listener),
+    /// The listener was closed and none listens on its address now.
+    Wait(SocketAddr),
+    /// Not a listener of this node.
+    Unknown,
+}
+
+fn route(sh: &Shared, listener: ConnId) -> Route {
+    let listeners = lock(&sh.listeners);
+    if let Some(l) = listeners.get(&listener) {
+        return Route::To(l.clone());
+    }
+    let Some(addr) = lock(&sh.retired)
+        .iter()
+        .find(|(c, _)| *c == listener)
+        .map(|&(_, a)| a)
+    else {
+        return Route::Unknown;
+    };
+    // The program listens on that address again: its new listener takes it.
+    match listeners.values().find(|l| l.addr == addr) {
+        Some(l) => Route::To(l.clone()),
+        None => Route::Wait(addr),
+    }
+}
+
+/// Queues connection `id` on `listener`'s `L` (or on whichever listener
+/// now serves its address), in a task.
+pub(crate) fn place(sh: &Arc<Shared>, listener: ConnId, id: ConnId, kind: Kind) {
     let sh2 = sh.clone();
     sh.rt.spawn(async move {
-        match connect_to_listener(&sh2, id, &l.name).await {
-            Ok(c) => {
-                if let Some(e) = lock(&sh2.handed).get_mut(&id) {
-                    e.1 = Some(c);
+        // A second round when `L` turns out closed before the sweep saw it.
+        for round in 0..2 {
+            let l = match route(&sh2, listener) {
+                Route::To(l) => l,
+                Route::Wait(addr) => return park(&sh2, Orphan { addr, id, kind }),
+                Route::Unknown => {
+                    tracing::warn!(listener, "connection for an unknown listener; closing it");
+                    return give_up(&sh2, id, kind);
+                }
+            };
+            match connect_to_listener(&sh2, id, &l.name).await {
+                Ok(c) => return settle(&sh2, id, kind, c),
+                Err(libc::ECONNREFUSED) if round == 0 => sh2.reap_listeners(Some(l.addr.port())),
+                Err(e) => {
+                    tracing::warn!(
+                        listener,
+                        errno = e,
+                        "cannot hand the connection to the program"
+                    );
+                    return give_up(&sh2, id, kind);
                 }
             }
-            Err(e) => {
-                tracing::warn!(errno = e, "cannot hand the connection to the program");
-                lock(&sh2.arrivals).remove(&id);
-                lock(&sh2.handed).remove(&id);
+        }
+        give_up(&sh2, id, kind);
+    });
+}
+
+/// The connection is pending on `L` through its stand-in `c`.
+fn settle(sh: &Arc<Shared>, id: ConnId, kind: Kind, c: OwnedFd) {
+    match kind {
+        Kind::Relayed => spawn_relay(sh, id, c),
+        Kind::Handed => {
+            if let Some(e) = lock(&sh.handed).get_mut(&id) {
+                e.1 = Some(c);
             }
         }
+    }
+}
+
+/// Refuses a connection nobody will accept.
+fn give_up(sh: &Shared, id: ConnId, kind: Kind) {
+    lock(&sh.arrivals).remove(&id);
+    match kind {
+        Kind::Relayed => sh.ep().close_connection(id, libc::ECONNREFUSED),
+        // Dropping the socket closes it.
+        Kind::Handed => drop(lock(&sh.handed).remove(&id)),
+    }
+}
+
+/// Keeps a connection whose listener was closed for a new listener on the
+/// same address, for [`RELISTEN_GRACE`].
+fn park(sh: &Arc<Shared>, orphan: Orphan) {
+    let (id, kind) = (orphan.id, orphan.kind);
+    {
+        // Under the orphans' lock: a listener installed after this look
+        // adopts the orphan (`adopt_orphans` takes the lock after it is
+        // in `listeners`), one installed before is found here.
+        let mut orphans = lock(&sh.orphans);
+        let now = lock(&sh.listeners)
+            .iter()
+            .find(|(_, l)| l.addr == orphan.addr)
+            .map(|(&c, _)| c);
+        if let Some(listener) = now {
+            drop(orphans);
+            return place(sh, listener, id, kind);
+        }
+        tracing::debug!(addr = %orphan.addr, id, "connection waits for a listener on its address");
+        orphans.push(orphan);
+    }
+    let sh2 = sh.clone();
+    sh.rt.spawn(async move {
+        tokio::time::sleep(RELISTEN_GRACE).await;
+        let expired = {
+            let mut o = lock(&sh2.orphans);
+            let before = o.len();
+            o.retain(|x| x.id != id);
+            o.len() != before
+        };
+        if expired {
+            tracing::debug!(id, "no listener came back; closing the connection");
+            give_up(&sh2, id, kind);
+        }
     });
+}
+
+/// The program listens on `addr` again (as `listener`): connections kept
+/// for that address go to it.
+pub(crate) fn adopt_orphans(sh: &Arc<Shared>, listener: ConnId, addr: SocketAddr) {
+    let adopted: Vec<Orphan> = {
+        let mut o = lock(&sh.orphans);
+        let (mine, rest) = std::mem::take(&mut *o)
+            .into_iter()
+            .partition(|x| x.addr == addr);
+        *o = rest;
+        mine
+    };
+    for x in adopted {
+        place(sh, listener, x.id, x.kind);
+    }
+}
+
+/// Remembers a closed listener's address (bounded).
+pub(crate) fn retire(sh: &Shared, listener: ConnId, addr: SocketAddr) {
+    let mut r = lock(&sh.retired);
+    if r.len() >= RETIRED_KEPT {
+        r.pop_front();
+    }
+    r.push_back((listener, addr));
 }
 
 /// Connects a socket named after `conn` to `L`, waiting (bounded) while

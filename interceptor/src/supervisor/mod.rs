@@ -175,6 +175,10 @@ pub(crate) struct Shared {
     pub handed: Mutex<HashMap<ConnId, (OwnedFd, Option<OwnedFd>)>>,
     /// Local tags of handed-over connections (apart from the fabric's).
     pub next_handed: std::sync::atomic::AtomicU64,
+    /// Listeners the program closed, newest last, with their addresses.
+    pub retired: Mutex<VecDeque<(ConnId, SocketAddr)>>,
+    /// Connections waiting for a listener on the address of a closed one.
+    pub orphans: Mutex<Vec<accept::Orphan>>,
     /// pidfds of the target's threads, by thread id.
     pub pidfds: Mutex<HashMap<u32, Arc<OwnedFd>>>,
     /// Serialises "is a connection pending on L? take it" between tasks.
@@ -260,6 +264,8 @@ impl Supervisor {
                 stash: Mutex::default(),
                 handed: Mutex::default(),
                 next_handed: std::sync::atomic::AtomicU64::new(1 << 62),
+                retired: Mutex::default(),
+                orphans: Mutex::default(),
                 pidfds: Mutex::default(),
                 accept_lock: Mutex::new(()),
                 prefix: format!("saps-{}-{:x}", std::process::id(), rand_tag()),
@@ -380,6 +386,13 @@ impl Supervisor {
         *lock(&sh.endpoint) = endpoint.clone();
         sh.generation.fetch_add(1, Ordering::AcqRel);
         lock(&sh.arrivals).clear();
+        // Tags of the old channel mean nothing on the new one.
+        lock(&sh.retired).clear();
+        for o in std::mem::take(&mut *lock(&sh.orphans)) {
+            if o.kind == accept::Kind::Handed {
+                lock(&sh.handed).remove(&o.id);
+            }
+        }
         sh.table().forget_connections();
         let old: Vec<(ConnId, Listener)> = lock(&sh.listeners).drain().collect();
         for (old_conn, l) in old {
@@ -643,7 +656,9 @@ impl Shared {
             .collect();
         for conn in dead {
             tracing::debug!(conn, "the program closed a listener");
-            lock(&self.listeners).remove(&conn);
+            if let Some(l) = lock(&self.listeners).remove(&conn) {
+                accept::retire(self, conn, l.addr);
+            }
             self.table().remove_conn(conn);
             self.ep().close_connection(conn, 0);
         }

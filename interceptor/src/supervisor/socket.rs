@@ -192,7 +192,7 @@ pub(crate) fn listen(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
 
 /// Makes `L`, bound to an abstract name, and puts it over the call's fd.
 fn install_listener(
-    sh: &Shared,
+    sh: &Arc<Shared>,
     call: &Call,
     conn: saps_fabric::ConnId,
     backlog: u32,
@@ -218,7 +218,9 @@ fn install_listener(
         flags: vs.options.bind_flags(),
         backlog,
     };
+    let addr = listener.addr;
     super::lock(&sh.listeners).insert(conn, listener);
+    super::accept::adopt_orphans(sh, conn, addr);
     Ok(l_ino)
 }
 
