@@ -81,7 +81,8 @@ pub fn overlay(mut file: Config, cli: Config, m: &ArgMatches) -> Config {
         control,
         metrics,
         shutdown_timeout,
-        window
+        window,
+        threads
     );
     file
 }

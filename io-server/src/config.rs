@@ -104,6 +104,11 @@ pub struct Config {
     /// Receive buffer (Appendix A's B_r) per connection and direction, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = saps_fabric::channel::DEFAULT_WINDOW)]
     pub window: u32,
+    /// Event-loop threads. One serves best on a small gateway (threads of
+    /// one loop wake each other for every hand-over of work); give more
+    /// where the gateway has cores to spare for relaying.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: u16,
 }
 
 impl Default for Config {
@@ -121,6 +126,7 @@ impl Default for Config {
             metrics: None,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             window: saps_fabric::channel::DEFAULT_WINDOW,
+            threads: 1,
         }
     }
 }
@@ -174,6 +180,7 @@ mod tests {
             control = "/run/x.ctl"
             shutdown-timeout = 5
             window = 65536
+            threads = 4
             "#,
         )
         .unwrap();
@@ -181,7 +188,7 @@ mod tests {
         assert_eq!(c.scheduler, SchedulerKind::Wrr);
         assert_eq!(c.address.to_string(), "192.0.2.10");
         assert!(c.allow_ports.unwrap().allows(8080));
-        assert_eq!((c.shutdown_timeout, c.window), (5, 65536));
+        assert_eq!((c.shutdown_timeout, c.window, c.threads), (5, 65536, 4));
         let e = toml::from_str::<Config>("schedular = \"rr\"").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
     }

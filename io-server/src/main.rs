@@ -22,14 +22,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("io-server: error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli, &matches)) {
+    match start(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Every error message already names its cause: one line.
@@ -39,32 +32,34 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
-    let control_path = |c: Option<PathBuf>| {
-        c.or_else(|| cli.config.control.clone())
+/// A control command, or the daemon on a runtime of `--threads` workers.
+fn start(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
+    let runtime = |threads: u16| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.into())
+            .thread_name("io-server")
+            .enable_all()
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
+    };
+    let control_path = |c: &Option<PathBuf>| {
+        c.clone()
+            .or_else(|| cli.config.control.clone())
             .unwrap_or_else(|| DEFAULT_CONTROL.into())
     };
-    match cli.command {
-        Some(Command::Status { ref control }) => {
-            print!(
-                "{}",
-                control::request(&control_path(control.clone()), "status").await?
-            );
-            return Ok(());
-        }
+    let command = match &cli.command {
+        Some(Command::Status { control }) => Some((control_path(control), "status".to_string())),
         Some(Command::Weight {
-            ref node,
+            node,
             weight,
-            ref control,
-        }) => {
-            let cmd = format!("weight {node} {weight}");
-            print!(
-                "{}",
-                control::request(&control_path(control.clone()), &cmd).await?
-            );
-            return Ok(());
-        }
-        None => {}
+            control,
+        }) => Some((control_path(control), format!("weight {node} {weight}"))),
+        None => None,
+    };
+    if let Some((path, cmd)) = command {
+        let reply = runtime(1)?.block_on(control::request(&path, &cmd))?;
+        print!("{reply}");
+        return Ok(());
     }
     let mut config = match &cli.config_file {
         Some(path) => overlay(Config::from_file(path)?, cli.config, matches),
@@ -74,6 +69,10 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
         anyhow::bail!("no --fabric given: nodes could not reach this io-server (e.g. --fabric unix:/run/saps.sock or --fabric tcp://0.0.0.0:7700)");
     }
     config.control.get_or_insert_with(|| DEFAULT_CONTROL.into());
+    runtime(config.threads)?.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
     let grace = Duration::from_secs(config.shutdown_timeout);
     let server = IoServer::start(config).await?;
     tracing::info!("io-server ready");

@@ -72,6 +72,12 @@ pub struct Args {
     #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
     pub zero_relay: Switch,
 
+    /// Event-loop threads of the supervisor (and of the embedded
+    /// io-server). One serves best unless relaying needs more than a core:
+    /// threads of one loop wake each other for every hand-over of work.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: u16,
+
     /// Print one line per trapped syscall, in strace's notation, with what
     /// SAPS did with it.
     #[arg(long)]

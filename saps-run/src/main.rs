@@ -49,7 +49,7 @@ fn init_logging() {
 
 fn run(args: Args) -> Result<u8> {
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(args.threads.into())
         .thread_name("saps-run")
         .enable_all()
         .build()
