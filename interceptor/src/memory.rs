@@ -81,6 +81,31 @@ impl TargetMemory {
         }
     }
 
+    /// Writes each `(addr, bytes)` in turn with one system call (an
+    /// address and its length, say); a fault in any is a [`Fault`] for
+    /// the first part not written in full.
+    pub fn write_parts(&self, parts: &[(u64, &[u8])]) -> Result<(), Fault> {
+        let parts: Vec<(u64, &[u8])> = parts.iter().copied().filter(|p| !p.1.is_empty()).collect();
+        let remote = parts
+            .iter()
+            .map(|&(addr, b)| Self::remote(addr, b.len()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let local: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p.1)).collect();
+        let total: usize = parts.iter().map(|p| p.1.len()).sum();
+        let written = process_vm_writev(self.pid, &local, &remote).unwrap_or_default();
+        if written == total {
+            return Ok(());
+        }
+        let mut at = 0;
+        for &(addr, b) in &parts {
+            if written < at + b.len() {
+                return Err(Fault { addr, len: b.len() });
+            }
+            at += b.len();
+        }
+        Ok(())
+    }
+
     /// Reads a native-endian `u32` (a `socklen_t`, an `int` option value).
     pub fn read_u32(&self, addr: u64) -> Result<u32, Fault> {
         let bytes = self.read(addr, 4)?;
@@ -109,6 +134,22 @@ mod tests {
         assert_eq!(me().read_u32(addr), Ok(0x1122_3344));
         me().write_u32(addr, 7).unwrap();
         assert_eq!(std::hint::black_box(&word), &7);
+    }
+
+    #[test]
+    fn parts_are_written_in_one_call_and_a_bad_one_is_named() {
+        let (mut a, mut b) = ([0u8; 4], [0u8; 2]);
+        let (pa, pb) = (a.as_mut_ptr() as u64, b.as_mut_ptr() as u64);
+        me().write_parts(&[(pa, &[1, 2, 3, 4]), (pb, &[5, 6])])
+            .unwrap();
+        assert_eq!(std::hint::black_box(&a), &[1, 2, 3, 4]);
+        assert_eq!(std::hint::black_box(&b), &[5, 6]);
+        let e = me().write_parts(&[(pa, &[9]), (8, &[1, 2])]).unwrap_err();
+        assert_eq!(e, Fault { addr: 8, len: 2 });
+        assert!(
+            me().write_parts(&[(0, &[])]).is_ok(),
+            "empty parts are skipped"
+        );
     }
 
     #[test]

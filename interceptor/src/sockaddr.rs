@@ -112,9 +112,8 @@ pub fn write_to_target(
     let len = usize::try_from(len_in as i32)
         .map_err(|_| libc::EINVAL)?
         .min(bytes.len());
-    mem.write(addr_ptr, &bytes[..len])
-        .map_err(|_| libc::EFAULT)?;
-    mem.write_u32(len_ptr, bytes.len() as u32)
+    let full = (bytes.len() as u32).to_ne_bytes();
+    mem.write_parts(&[(addr_ptr, &bytes[..len]), (len_ptr, &full)])
         .map_err(|_| libc::EFAULT)?;
     Ok(len_in)
 }

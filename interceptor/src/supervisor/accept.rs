@@ -18,8 +18,9 @@ use crate::notify::{AddFd, Reply};
 use crate::vsock::{Inode, State, VirtualSocket};
 use nix::sys::socket::{self as so, sockopt, UnixAddr};
 use saps_fabric::ConnId;
+use std::collections::VecDeque;
 use std::net::{SocketAddr, SocketAddrV6};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,7 +54,7 @@ pub(crate) fn deliver_handoff(sh: &Arc<Shared>, h: saps_fabric::handoff::HandedO
             local: h.local,
         },
     );
-    lock(&sh.handed).insert(id, (h.socket, None));
+    lock(&sh.handed).insert(id, h.socket);
     place(sh, h.listener, id, Kind::Handed);
 }
 
@@ -86,8 +87,8 @@ const RETIRED_KEPT: usize = 256;
 
 /// Where a connection for a listener goes.
 enum Route {
-    /// This listener's `L`.
-    To(super::Listener),
+    /// This listener (its tag and `L`).
+    To(ConnId, super::Listener),
     /// The listener was closed and none listens on its address now.
     Wait(SocketAddr),
     /// Not a listener of this node.
@@ -97,7 +98,7 @@ enum Route {
 fn route(sh: &Shared, listener: ConnId) -> Route {
     let listeners = lock(&sh.listeners);
     if let Some(l) = listeners.get(&listener) {
-        return Route::To(l.clone());
+        return Route::To(listener, l.clone());
     }
     let Some(addr) = lock(&sh.retired)
         .iter()
@@ -107,8 +108,8 @@ fn route(sh: &Shared, listener: ConnId) -> Route {
         return Route::Unknown;
     };
     // The program listens on that address again: its new listener takes it.
-    match listeners.values().find(|l| l.addr == addr) {
-        Some(l) => Route::To(l.clone()),
+    match listeners.iter().find(|(_, l)| l.addr == addr) {
+        Some((&c, l)) => Route::To(c, l.clone()),
         None => Route::Wait(addr),
     }
 }
@@ -120,16 +121,19 @@ pub(crate) fn place(sh: &Arc<Shared>, listener: ConnId, id: ConnId, kind: Kind) 
     sh.rt.spawn(async move {
         // A second round when `L` turns out closed before the sweep saw it.
         for round in 0..2 {
-            let l = match route(&sh2, listener) {
-                Route::To(l) => l,
+            let (lconn, l) = match route(&sh2, listener) {
+                Route::To(c, l) => (c, l),
                 Route::Wait(addr) => return park(&sh2, Orphan { addr, id, kind }),
                 Route::Unknown => {
                     tracing::warn!(listener, "connection for an unknown listener; closing it");
                     return give_up(&sh2, id, kind);
                 }
             };
-            match connect_to_listener(&sh2, id, &l.name).await {
-                Ok(c) => return settle(&sh2, id, kind, c),
+            if kind == Kind::Handed {
+                return enqueue(&sh2, lconn, &l, id).await;
+            }
+            match connect_to_listener(&sh2, "c", id, &l.name).await {
+                Ok(c) => return spawn_relay(&sh2, id, c),
                 Err(libc::ECONNREFUSED) if round == 0 => sh2.reap_listeners(Some(l.addr.port())),
                 Err(e) => {
                     tracing::warn!(
@@ -145,14 +149,158 @@ pub(crate) fn place(sh: &Arc<Shared>, listener: ConnId, id: ConnId, kind: Kind) 
     });
 }
 
-/// The connection is pending on `L` through its stand-in `c`.
-fn settle(sh: &Arc<Shared>, id: ConnId, kind: Kind, c: OwnedFd) {
-    match kind {
-        Kind::Relayed => spawn_relay(sh, id, c),
-        Kind::Handed => {
-            if let Some(e) = lock(&sh.handed).get_mut(&id) {
-                e.1 = Some(c);
+/// Zero-relay connections waiting for the program's accept on one
+/// listener. One stand-in connection on `L`, the marker, keeps `L`
+/// readable while any wait, so a burst of clients costs one stand-in, not
+/// one each, and an accept takes the next socket straight from the queue.
+#[derive(Default)]
+pub(crate) struct Ready {
+    /// Local tags (keys of `handed`), oldest first.
+    queue: VecDeque<ConnId>,
+    marker: Marker,
+}
+
+#[derive(Default)]
+enum Marker {
+    #[default]
+    Absent,
+    Connecting,
+    /// Pending on `L`; the supervisor's end is kept open.
+    OnL {
+        _end: OwnedFd,
+    },
+}
+
+/// Queues a handed-over connection on listener `lconn` and makes sure its
+/// marker is on `L`.
+async fn enqueue(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, id: ConnId) {
+    if needs_marker(sh, lconn, |q| q.push_back(id)) {
+        connect_marker(sh, lconn, l).await;
+    }
+}
+
+/// Adds to `lconn`'s queue with `add`; true when the caller must put the
+/// marker on `L` (it is then marked as connecting).
+fn needs_marker(sh: &Shared, lconn: ConnId, add: impl FnOnce(&mut VecDeque<ConnId>)) -> bool {
+    let mut ready = lock(&sh.ready);
+    let r = ready.entry(lconn).or_default();
+    add(&mut r.queue);
+    let absent = matches!(r.marker, Marker::Absent);
+    if absent {
+        r.marker = Marker::Connecting;
+    }
+    absent
+}
+
+async fn connect_marker(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener) {
+    match connect_to_listener(sh, "m", lconn, &l.name).await {
+        Ok(c) => {
+            let mut ready = lock(&sh.ready);
+            if let Some(r) = ready.get_mut(&lconn) {
+                if matches!(r.marker, Marker::Connecting) {
+                    // Emptied meanwhile: the marker's pending connection is
+                    // a spurious wake-up, dropped by the next accept.
+                    r.marker = if r.queue.is_empty() {
+                        Marker::Absent
+                    } else {
+                        Marker::OnL { _end: c }
+                    };
+                }
             }
+        }
+        Err(e) => {
+            let queued = lock(&sh.ready).remove(&lconn).map(|r| r.queue);
+            let queued = queued.unwrap_or_default();
+            if e == libc::ECONNREFUSED {
+                // `L` was closed: its connections go where its address
+                // is served now, or wait for that.
+                sh.reap_listeners(Some(l.addr.port()));
+                if !lock(&sh.listeners).contains_key(&lconn) {
+                    for id in queued {
+                        place(sh, lconn, id, Kind::Handed);
+                    }
+                    return;
+                }
+            }
+            tracing::warn!(
+                listener = lconn,
+                errno = e,
+                "cannot hand connections to the program"
+            );
+            for id in queued {
+                give_up(sh, id, Kind::Handed);
+            }
+        }
+    }
+}
+
+/// The next queued connection of listener `lconn`. Taking the last one
+/// also takes the marker off `l` (`L`), so `L` polls readable no longer;
+/// a relayed stand-in found before it is stashed, and the marker stays.
+fn pop_ready(
+    sh: &Shared,
+    call: &Call,
+    lconn: ConnId,
+    l: BorrowedFd<'_>,
+    ino: Inode,
+) -> Option<ConnId> {
+    let mut ready = lock(&sh.ready);
+    let r = ready.get_mut(&lconn)?;
+    let id = r.queue.pop_front()?;
+    if r.queue.is_empty() && matches!(r.marker, Marker::OnL { .. }) {
+        match take_one(sh, call, l) {
+            // A relayed stand-in ahead of the marker: the next accept
+            // takes it, and the marker keeps `L` readable until then.
+            Ok(Some(Pending::Standin(a, conn))) => {
+                lock(&sh.stash).entry(ino).or_default().push_back((a, conn));
+            }
+            // Taken off (or another accept took it already).
+            Ok(Some(Pending::Marker(_))) | Ok(None) | Err(_) => r.marker = Marker::Absent,
+        }
+    }
+    Some(id)
+}
+
+/// A queued connection whose delivery failed goes back to the front.
+fn requeue(sh: &Arc<Shared>, lconn: ConnId, id: ConnId) {
+    if !needs_marker(sh, lconn, |q| q.push_front(id)) {
+        return;
+    }
+    // The marker went with the last one: put it back.
+    let Some(l) = lock(&sh.listeners).get(&lconn).cloned() else {
+        let queued = lock(&sh.ready).remove(&lconn).map(|r| r.queue);
+        for id in queued.unwrap_or_default() {
+            give_up(sh, id, Kind::Handed);
+        }
+        return;
+    };
+    let sh2 = sh.clone();
+    sh.rt
+        .spawn(async move { connect_marker(&sh2, lconn, &l).await });
+}
+
+/// Closes a listener's queue: its connections wait for a new listener on
+/// `addr` (the program closed `L`).
+pub(crate) fn orphan_queue(sh: &Arc<Shared>, lconn: ConnId, addr: SocketAddr) {
+    let queued = lock(&sh.ready).remove(&lconn).map(|r| r.queue);
+    for id in queued.unwrap_or_default() {
+        park(
+            sh,
+            Orphan {
+                addr,
+                id,
+                kind: Kind::Handed,
+            },
+        );
+    }
+}
+
+/// Forgets every queue (the node joined the io-server again).
+pub(crate) fn clear_queues(sh: &Shared) {
+    let queues: Vec<Ready> = lock(&sh.ready).drain().map(|(_, r)| r).collect();
+    for r in queues {
+        for id in r.queue {
+            give_up(sh, id, Kind::Handed);
         }
     }
 }
@@ -228,11 +376,17 @@ pub(crate) fn retire(sh: &Shared, listener: ConnId, addr: SocketAddr) {
     r.push_back((listener, addr));
 }
 
-/// Connects a socket named after `conn` to `L`, waiting (bounded) while
-/// `L`'s backlog is full.
-async fn connect_to_listener(sh: &Shared, conn: ConnId, l_name: &[u8]) -> Result<OwnedFd, i32> {
+/// Connects a socket named `…-KIND-TAG` to `L`, waiting (bounded) while
+/// `L`'s backlog is full: a connection's stand-in (`c`) or a listener's
+/// marker (`m`).
+async fn connect_to_listener(
+    sh: &Shared,
+    kind: &str,
+    tag: ConnId,
+    l_name: &[u8],
+) -> Result<OwnedFd, i32> {
     let c = unix_socket(true)?;
-    let me = UnixAddr::new_abstract(&sh.abstract_name("c", conn)).map_err(|e| e as i32)?;
+    let me = UnixAddr::new_abstract(&sh.abstract_name(kind, tag)).map_err(|e| e as i32)?;
     so::bind(c.as_raw_fd(), &me).map_err(|e| e as i32)?;
     let l = UnixAddr::new_abstract(l_name).map_err(|e| e as i32)?;
     let deadline = tokio::time::Instant::now() + BACKLOG_WAIT;
@@ -250,15 +404,35 @@ async fn connect_to_listener(sh: &Shared, conn: ConnId, l_name: &[u8]) -> Result
     }
 }
 
-/// The tag in a supervisor connection's abstract name (`…-c-<conn>`).
-fn conn_from_name(sh: &Shared, a: &OwnedFd) -> Option<ConnId> {
+/// What a supervisor connection's abstract name (`…-c-<conn>`,
+/// `…-m-<listener>`) says it is.
+fn standin_of(sh: &Shared, a: OwnedFd) -> Option<Pending> {
     let addr: UnixAddr = so::getpeername(a.as_raw_fd()).ok()?;
     let name = addr.as_abstract()?;
     let s = std::str::from_utf8(name).ok()?;
-    s.strip_prefix(&sh.prefix)?
-        .strip_prefix("-c-")?
-        .parse()
-        .ok()
+    let rest = s.strip_prefix(&sh.prefix)?;
+    if let Some(lconn) = rest.strip_prefix("-m-") {
+        return Some(Pending::Marker(lconn.parse().ok()?));
+    }
+    let conn = rest.strip_prefix("-c-")?.parse().ok()?;
+    Some(Pending::Standin(a, conn))
+}
+
+/// What `L` held.
+enum Pending {
+    /// A connection's stand-in (for a relayed one, the program's end).
+    Standin(OwnedFd, ConnId),
+    /// The marker of a listener (its tag; see [`Ready`]).
+    Marker(ConnId),
+}
+
+/// A connection taken for an accept.
+enum Taken {
+    /// Its stand-in, off `L`.
+    Standin(OwnedFd, ConnId),
+    /// A handed-over socket from the ready queue of a listener: (its
+    /// tag, the socket's local tag).
+    Queued(ConnId, ConnId),
 }
 
 /// `accept(fd, addr, addrlen)` / `accept4(…, flags)`.
@@ -273,8 +447,16 @@ pub(crate) fn accept(sh: &Arc<Shared>, call: &mut Call, flags: i32) -> Outcome {
         return Outcome::Reply(Reply::Errno(libc::EINVAL));
     }
     call.note.action = "accept";
-    match take(sh, call, ino) {
-        Ok(Some((a, conn))) => return hand_over(sh, call, ino, &vs, a, conn, flags),
+    let taken = match call.dup.take() {
+        Some(l) => {
+            let t = take(sh, call, ino, &vs, l.as_fd());
+            call.dup = Some(l);
+            t
+        }
+        None => listener_dup(sh, call).and_then(|l| take(sh, call, ino, &vs, l.as_fd())),
+    };
+    match taken {
+        Ok(Some(t)) => return hand_over(sh, call, ino, &vs, t, flags),
         Ok(None) => {}
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
     }
@@ -300,9 +482,6 @@ async fn wait_and_take(
         if !sh.notifier.id_valid(call.n.id) {
             return Outcome::Reply(Reply::Errno(libc::EINTR));
         }
-        if let Some((a, conn)) = take_stashed(sh, ino) {
-            return hand_over(sh, call, ino, vs, a, conn, flags);
-        }
         // One duplicate of `L` per round, both to take from and to wait on;
         // it is dropped at the end of the round so a close by the program
         // is not hidden for long.
@@ -310,8 +489,8 @@ async fn wait_and_take(
             Ok(l) => l,
             Err(e) => return Outcome::Reply(Reply::Errno(e)),
         };
-        match take_from(sh, call, l.as_fd()) {
-            Ok(Some((a, conn))) => return hand_over(sh, call, ino, vs, a, conn, flags),
+        match take(sh, call, ino, vs, l.as_fd()) {
+            Ok(Some(t)) => return hand_over(sh, call, ino, vs, t, flags),
             Ok(None) => {}
             Err(e) => return Outcome::Reply(Reply::Errno(e)),
         }
@@ -329,29 +508,46 @@ fn listener_dup(sh: &Shared, call: &Call) -> Result<OwnedFd, i32> {
         .map_err(|e| e.raw_os_error().unwrap_or(libc::EBADF))
 }
 
-/// Takes one pending connection for the listener `ino`: one kept from a
-/// failed delivery, else one off `L`. `None`: nothing pending.
-fn take(sh: &Shared, call: &Call, ino: Inode) -> Result<Option<(OwnedFd, ConnId)>, i32> {
-    if let Some(x) = take_stashed(sh, ino) {
-        return Ok(Some(x));
-    }
-    match &call.dup {
-        Some(l) => take_from(sh, call, l.as_fd()),
-        None => take_from(sh, call, listener_dup(sh, call)?.as_fd()),
-    }
-}
-
-/// A connection kept from a failed delivery to the listener `ino`.
-fn take_stashed(sh: &Shared, ino: Inode) -> Option<(OwnedFd, ConnId)> {
-    lock(&sh.stash).get_mut(&ino).and_then(|q| q.pop_front())
-}
-
-/// Takes one pending connection off `l` (the program's `L`), if any.
-fn take_from(
+/// Takes one pending connection for the listener `vs` (inode `ino`, `L`
+/// is `l`): one kept from a failed delivery, else the next handed-over
+/// socket, else one off `L`. `None`: nothing pending.
+fn take(
     sh: &Shared,
     call: &Call,
-    l: std::os::fd::BorrowedFd<'_>,
-) -> Result<Option<(OwnedFd, ConnId)>, i32> {
+    ino: Inode,
+    vs: &VirtualSocket,
+    l: BorrowedFd<'_>,
+) -> Result<Option<Taken>, i32> {
+    if let Some((a, conn)) = lock(&sh.stash).get_mut(&ino).and_then(|q| q.pop_front()) {
+        return Ok(Some(Taken::Standin(a, conn)));
+    }
+    if let Some(lconn) = vs.conn {
+        while let Some(id) = pop_ready(sh, call, lconn, l, ino) {
+            // A socket closed under it (rejoin) is skipped.
+            if lock(&sh.handed).contains_key(&id) {
+                return Ok(Some(Taken::Queued(lconn, id)));
+            }
+        }
+    }
+    loop {
+        match take_one(sh, call, l)? {
+            Some(Pending::Standin(a, conn)) => return Ok(Some(Taken::Standin(a, conn))),
+            // A marker left over from an emptied queue: a spurious wake-up.
+            Some(Pending::Marker(lconn)) => {
+                if let Some(r) = lock(&sh.ready).get_mut(&lconn) {
+                    if r.queue.is_empty() && matches!(r.marker, Marker::OnL { .. }) {
+                        r.marker = Marker::Absent;
+                    }
+                }
+            }
+            None => return Ok(None),
+        }
+    }
+}
+
+/// Takes one pending connection off `l` (the program's `L`), if any,
+/// dropping any the supervisor did not make.
+fn take_one(sh: &Shared, call: &Call, l: BorrowedFd<'_>) -> Result<Option<Pending>, i32> {
     let _guard = lock(&sh.accept_lock);
     loop {
         let mut pfd = [nix::poll::PollFd::new(l, nix::poll::PollFlags::POLLIN)];
@@ -368,8 +564,8 @@ fn take_from(
             Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
         };
         let ours = so::getsockopt(&a, sockopt::PeerCredentials).is_ok_and(|c| c.pid() == sh.pid);
-        match conn_from_name(sh, &a) {
-            Some(conn) if ours => return Ok(Some((a, conn))),
+        match standin_of(sh, a) {
+            Some(p) if ours => return Ok(Some(p)),
             _ => tracing::warn!(
                 pid = call.pid(),
                 "dropping a connection to a virtual listener not made by the supervisor"
@@ -385,10 +581,12 @@ fn hand_over(
     call: &mut Call,
     l_ino: Inode,
     listener: &VirtualSocket,
-    a: OwnedFd,
-    conn: ConnId,
+    taken: Taken,
     flags: i32,
 ) -> Outcome {
+    let conn = match &taken {
+        Taken::Standin(_, conn) | Taken::Queued(_, conn) => *conn,
+    };
     let arrival = lock(&sh.arrivals).get(&conn).copied();
     let (peer, local) = match arrival {
         Some(Arrival { peer, local }) => (
@@ -402,41 +600,49 @@ fn hand_over(
     };
     call.note.conn = Some(conn);
     call.note.group = listener.bound;
-    let keep = |a: OwnedFd, errno: i32| {
-        lock(&sh.stash)
-            .entry(l_ino)
-            .or_default()
-            .push_front((a, conn));
+    let keep = |taken: Taken, errno: i32| {
+        match taken {
+            Taken::Standin(a, conn) => lock(&sh.stash)
+                .entry(l_ino)
+                .or_default()
+                .push_front((a, conn)),
+            Taken::Queued(lconn, id) => requeue(sh, lconn, id),
+        }
         Outcome::Reply(Reply::Errno(errno))
     };
     let (addr_ptr, len_ptr) = (call.arg(1), call.arg(2));
     if addr_ptr != 0 && sh.write_addr(call, addr_ptr, len_ptr, &peer).is_err() {
-        return keep(a, libc::EFAULT);
+        return keep(taken, libc::EFAULT);
     }
-    // Zero-relay: the program gets the TCP socket itself, a real socket
-    // the supervisor need not know again.
-    let handed = lock(&sh.handed).remove(&conn).map(|(tcp, _standin)| tcp);
-    if let Some(tcp) = handed {
-        // The io-server's sockets are non-blocking already.
-        if flags & libc::SOCK_NONBLOCK == 0 {
-            let _ = set_nonblocking(&tcp, false);
+    let a = match taken {
+        Taken::Standin(a, _) => a,
+        Taken::Queued(lconn, id) => {
+            // Zero-relay: the program gets the TCP socket itself, a real
+            // socket the supervisor need not know again.
+            let Some(tcp) = lock(&sh.handed).remove(&id) else {
+                return Outcome::Reply(Reply::Errno(libc::ECONNABORTED));
+            };
+            // The io-server's sockets are non-blocking already.
+            if flags & libc::SOCK_NONBLOCK == 0 {
+                let _ = set_nonblocking(&tcp, false);
+            }
+            call.note.action = "accept (zero-relay)";
+            return match install(sh, call, tcp.as_fd(), flags) {
+                Ok(fd) => {
+                    lock(&sh.arrivals).remove(&id);
+                    Outcome::Answered(fd as i64)
+                }
+                Err(e) => {
+                    lock(&sh.handed).insert(id, tcp);
+                    keep(Taken::Queued(lconn, id), e)
+                }
+            };
         }
-        call.note.action = "accept (zero-relay)";
-        return match install(sh, call, tcp.as_fd(), flags) {
-            Ok(fd) => {
-                lock(&sh.arrivals).remove(&conn);
-                Outcome::Answered(fd as i64)
-            }
-            Err(e) => {
-                lock(&sh.handed).insert(conn, (tcp, None));
-                keep(a, e)
-            }
-        };
-    }
+    };
     let _ = set_nonblocking(&a, flags & libc::SOCK_NONBLOCK != 0);
     let a_ino = match inode_of(&a) {
         Ok(i) => i,
-        Err(e) => return keep(a, e),
+        Err(e) => return keep(Taken::Standin(a, conn), e),
     };
     sh.table().insert(
         a_ino,
@@ -450,7 +656,7 @@ fn hand_over(
         }
         Err(e) => {
             sh.table().remove(a_ino);
-            keep(a, e)
+            keep(Taken::Standin(a, conn), e)
         }
     }
 }
@@ -462,17 +668,19 @@ fn install(
     obj: std::os::fd::BorrowedFd<'_>,
     flags: i32,
 ) -> Result<i32, i32> {
-    if !sh.notifier.id_valid(call.n.id) {
-        return Err(libc::EINTR);
-    }
     let add = AddFd {
         target_fd: None,
         cloexec: flags & libc::SOCK_CLOEXEC != 0,
         send: true,
     };
+    // ENOENT: the call was interrupted (or its process died) meanwhile;
+    // the kernel checks that, so no ID_VALID round trip first.
     sh.notifier
         .add_fd(call.n.id, obj, add)
-        .map_err(|e| e.raw_os_error().unwrap_or(libc::EBADF))
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOENT) | None => libc::EINTR,
+            Some(e) => e,
+        })
 }
 
 /// An IPv4 client of an AF_INET6 listener is seen as `::ffff:a.b.c.d`.

@@ -172,7 +172,10 @@ pub(crate) struct Shared {
     /// Zero-relay: TCP sockets handed over by a same-host io-server, by
     /// local tag, each with the socket that stands for it on `L` until the
     /// program accepts it.
-    pub handed: Mutex<HashMap<ConnId, (OwnedFd, Option<OwnedFd>)>>,
+    pub handed: Mutex<HashMap<ConnId, OwnedFd>>,
+    /// Zero-relay: each listener's handed-over sockets waiting for an
+    /// accept, by listener tag.
+    pub ready: Mutex<HashMap<ConnId, accept::Ready>>,
     /// Local tags of handed-over connections (apart from the fabric's).
     pub next_handed: std::sync::atomic::AtomicU64,
     /// Listeners the program closed, newest last, with their addresses.
@@ -263,6 +266,7 @@ impl Supervisor {
                 arrivals: Mutex::default(),
                 stash: Mutex::default(),
                 handed: Mutex::default(),
+                ready: Mutex::default(),
                 next_handed: std::sync::atomic::AtomicU64::new(1 << 62),
                 retired: Mutex::default(),
                 orphans: Mutex::default(),
@@ -393,6 +397,7 @@ impl Supervisor {
                 lock(&sh.handed).remove(&o.id);
             }
         }
+        accept::clear_queues(sh);
         sh.table().forget_connections();
         let old: Vec<(ConnId, Listener)> = lock(&sh.listeners).drain().collect();
         for (old_conn, l) in old {
@@ -648,7 +653,7 @@ impl Shared {
     /// Forgets the listeners (of `port`, or all) whose `L` the program has
     /// closed, and tells the io-server, so the port can be bound again and
     /// no client is handed to a listener that is gone.
-    pub(crate) fn reap_listeners(&self, port: Option<u16>) {
+    pub(crate) fn reap_listeners(self: &Arc<Self>, port: Option<u16>) {
         let dead: Vec<ConnId> = lock(&self.listeners)
             .iter()
             .filter(|(_, l)| port.is_none_or(|p| p == l.addr.port()) && !listener_alive(&l.name))
@@ -658,6 +663,7 @@ impl Shared {
             tracing::debug!(conn, "the program closed a listener");
             if let Some(l) = lock(&self.listeners).remove(&conn) {
                 accept::retire(self, conn, l.addr);
+                accept::orphan_queue(self, conn, l.addr);
             }
             self.table().remove_conn(conn);
             self.ep().close_connection(conn, 0);
