@@ -193,3 +193,90 @@ fn a_client_between_close_and_relisten_reaches_the_new_listener_relayed() {
 fn a_client_between_close_and_relisten_reaches_the_new_listener_zero_relay() {
     a_client_between_close_and_relisten_reaches_the_new_listener("on");
 }
+
+/// Accepts `n` clients on a non-blocking listener as select() reports
+/// them, answers each, then checks that the next accept is EAGAIN; says
+/// "bogus" for anything accepted that is not a client.
+const BURST_PROGRAM: &str = r#"
+import select, socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", port))
+l.listen(128)
+l.setblocking(False)
+print("listening", flush=True)
+clients = []
+while len(clients) < n:
+    select.select([l], [], [], 20)
+    try:
+        c, peer = l.accept()
+    except BlockingIOError:
+        continue
+    if peer[0] != "127.0.0.1":
+        print("bogus", peer, flush=True)
+    clients.append(c)
+for c in clients:
+    c.setblocking(True)
+    c.sendall(c.recv(16) + b" from " + c.getpeername()[0].encode())
+    c.close()
+# The queue is empty: nothing more may be accepted, however select()
+# reports the listener for a moment.
+select.select([l], [], [], 0.2)
+try:
+    c, peer = l.accept()
+    print("bogus", peer, flush=True)
+except BlockingIOError:
+    print("drained", flush=True)
+"#;
+
+/// Many clients arriving at once are all accepted, each once, with its
+/// address, and then the listener has nothing more (in zero-relay mode the
+/// sockets wait in a queue behind one marker connection on the listener's
+/// `L`, which the program must never be given).
+fn a_burst_of_clients_is_accepted_once_each(zero_relay: &str) {
+    const N: usize = 40;
+    let port = free_port();
+    let p = Proc::spawn(&mut saps_run_local(
+        zero_relay,
+        &[
+            PYTHON,
+            "-c",
+            BURST_PROGRAM,
+            &port.to_string(),
+            &N.to_string(),
+        ],
+    ));
+    wait_for(Duration::from_secs(20), || {
+        p.stdout().contains("listening").then_some(())
+    })
+    .unwrap_or_else(|| panic!("not listening: {}\n{}", p.stdout(), p.stderr()));
+    let clients: Vec<_> = (0..N)
+        .map(|i| std::thread::spawn(move || read_reply(port, format!("c{i}").as_bytes())))
+        .collect();
+    for (i, c) in clients.into_iter().enumerate() {
+        let got = c.join().unwrap();
+        assert_eq!(
+            got.as_deref().ok(),
+            Some(format!("c{i} from 127.0.0.1").as_str()),
+            "{got:?}\n{}",
+            p.stderr()
+        );
+    }
+    let out = wait_for(Duration::from_secs(10), || {
+        let o = p.stdout();
+        o.contains("drained").then_some(o)
+    })
+    .unwrap_or_else(|| panic!("{}\n{}", p.stdout(), p.stderr()));
+    assert!(!out.contains("bogus"), "{out}");
+}
+
+#[test]
+fn a_burst_of_clients_is_accepted_once_each_relayed() {
+    a_burst_of_clients_is_accepted_once_each("off");
+}
+
+#[test]
+fn a_burst_of_clients_is_accepted_once_each_zero_relay() {
+    a_burst_of_clients_is_accepted_once_each("on");
+}
