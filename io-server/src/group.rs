@@ -23,8 +23,13 @@ use saps_fabric::frame::bind_flags;
 use saps_fabric::ConnId;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::net::TcpStream;
 use std::sync::Arc;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::unix::AsyncFd;
+
+/// A group's listening socket, watched by the runtime; clients are
+/// accepted with [`sys::accept`].
+type Listening = AsyncFd<std::net::TcpListener>;
 use tokio::task::JoinHandle;
 
 /// Clients waiting for an eligible member, per group; beyond this new
@@ -55,7 +60,7 @@ pub(crate) struct Group {
     /// The real socket while bound but not yet listening.
     socket: Option<std::net::TcpListener>,
     /// The listening socket, shared with the accept loop.
-    listening: Option<Arc<TcpListener>>,
+    listening: Option<Arc<Listening>>,
     accept_task: Option<JoinHandle<()>>,
     binds: Vec<Bound>,
     pub members: Vec<Member>,
@@ -143,7 +148,7 @@ impl Groups {
         node: NodeId,
         conn: ConnId,
         backlog: u32,
-    ) -> Result<Option<Arc<TcpListener>>, Errno> {
+    ) -> Result<Option<Arc<Listening>>, Errno> {
         let g = self.map.get_mut(&key).ok_or(libc::EINVAL)?;
         if g.members
             .iter()
@@ -158,7 +163,7 @@ impl Groups {
                     return Err(e);
                 }
                 let l = Arc::new(
-                    TcpListener::from_std(s)
+                    sys::register_listener(s)
                         .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?,
                 );
                 g.listening = Some(l.clone());
@@ -275,12 +280,12 @@ pub(crate) fn expire_orphans(shared: &Arc<Shared>, orphans: Vec<(SocketAddr, u64
 }
 
 /// Accepts clients on a group's port until shutdown or the group closes.
-pub(crate) async fn accept_loop(shared: Arc<Shared>, key: SocketAddr, listener: Arc<TcpListener>) {
+pub(crate) async fn accept_loop(shared: Arc<Shared>, key: SocketAddr, listener: Arc<Listening>) {
     let what = key.to_string();
     crate::accept_until_shutdown(
         &shared,
         &what,
-        || listener.accept(),
+        || accept(&listener),
         |(stream, peer)| dispatch(&shared, key, stream, peer),
     )
     .await;
@@ -288,9 +293,19 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, key: SocketAddr, listener: 
     close_listener(&listener);
 }
 
+/// The next client of `l`, once the runtime reports it readable.
+async fn accept(l: &Listening) -> std::io::Result<(TcpStream, SocketAddr)> {
+    loop {
+        let mut ready = l.readable().await?;
+        if let Ok(r) = ready.try_io(|l| sys::accept(l.get_ref())) {
+            return r;
+        }
+    }
+}
+
 /// Stops a listening socket at once (the port is free and new clients are
 /// refused) whoever still holds a reference to it.
-fn close_listener(l: &TcpListener) {
+fn close_listener(l: &Listening) {
     let _ = nix::sys::socket::shutdown(
         std::os::fd::AsRawFd::as_raw_fd(l),
         nix::sys::socket::Shutdown::Both,
@@ -301,8 +316,15 @@ fn close_listener(l: &TcpListener) {
 pub(crate) fn dispatch(shared: &Arc<Shared>, key: SocketAddr, stream: TcpStream, peer: SocketAddr) {
     let mut guard = shared.lock();
     let st = &mut *guard;
-    let Ok(local) = stream.local_addr() else {
-        return;
+    // The group's address is the client's destination unless it is a
+    // wildcard one.
+    let local = if key.ip().is_unspecified() {
+        match stream.local_addr() {
+            Ok(a) => a,
+            Err(_) => return,
+        }
+    } else {
+        key
     };
     // Bytes in flight cost a walk over the member's live connections; only
     // MWLC looks at them, so only MWLC pays for them.
@@ -343,6 +365,14 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, key: SocketAddr, stream: TcpStream,
         let ep = node.ep.clone();
         match ep.accept_connection(listener, peer, local) {
             Ok(conn) => {
+                let stream = match tokio::net::TcpStream::from_std(stream) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "cannot relay the connection");
+                        ep.close_connection(conn, libc::ECONNABORTED);
+                        return;
+                    }
+                };
                 tracing::debug!(%key, %peer, node = node_id, conn, "client dispatched");
                 let member = Some((key, listener));
                 crate::state::start_relay(shared, st, node_id, member, conn, stream);
@@ -366,13 +396,7 @@ fn hand_off(
     peer: SocketAddr,
     local: SocketAddr,
 ) {
-    let socket = match stream.into_std() {
-        Ok(s) => std::os::fd::OwnedFd::from(s),
-        Err(e) => {
-            tracing::warn!(%peer, error = %e, "cannot hand the connection over");
-            return;
-        }
-    };
+    let socket = std::os::fd::OwnedFd::from(stream);
     let h = saps_fabric::handoff::HandedOff {
         listener,
         peer,

@@ -63,3 +63,55 @@ pub fn getsockopt(fd: BorrowedFd<'_>, level: i32, name: i32, len: u32) -> Result
     buf.truncate(n as usize);
     Ok(buf)
 }
+
+/// `accept4(2)` of one client on a non-blocking listener: a non-blocking
+/// socket and the client's address. Unlike tokio's `accept` it does not
+/// register the socket with the runtime, which a socket handed to a node
+/// (zero-relay) never needs.
+pub fn accept(l: &std::net::TcpListener) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    // SAFETY: all zeroes is a valid (empty) sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `storage` and `len` are valid for writes and `len` holds the
+    // storage's size; the fd returned is new and owned by nobody else.
+    let fd = unsafe {
+        libc::accept4(
+            l.as_raw_fd(),
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by accept4 and is owned here alone.
+    let stream = unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: the kernel filled `len` octets of `storage`.
+    let peer = unsafe {
+        <SockaddrStorage as nix::sys::socket::SockaddrLike>::from_raw(
+            (&storage as *const libc::sockaddr_storage).cast(),
+            Some(len),
+        )
+    };
+    let peer = peer
+        .and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+                .or_else(|| {
+                    a.as_sockaddr_in6()
+                        .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+                })
+        })
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT))?;
+    Ok((stream, peer))
+}
+
+/// Watches a listening socket with the runtime's reactor.
+pub fn register_listener(
+    l: std::net::TcpListener,
+) -> std::io::Result<tokio::io::unix::AsyncFd<std::net::TcpListener>> {
+    // SAFETY: the listener moves into the `AsyncFd`, so its fd stays open
+    // and names the same socket for the AsyncFd's whole life.
+    unsafe { tokio::io::unix::AsyncFd::register(l) }.map_err(|e| e.into_parts().1)
+}

@@ -195,8 +195,9 @@ fn a_client_between_close_and_relisten_reaches_the_new_listener_zero_relay() {
 }
 
 /// Accepts `n` clients on a non-blocking listener as select() reports
-/// them, answers each, then checks that the next accept is EAGAIN; says
-/// "bogus" for anything accepted that is not a client.
+/// them, answers each, then checks that the listener polls unreadable and
+/// the next accept is EAGAIN; says "bogus" for anything accepted that is
+/// not a client and "spurious" for a readable listener with nothing in it.
 const BURST_PROGRAM: &str = r#"
 import select, socket, sys
 port, n = int(sys.argv[1]), int(sys.argv[2])
@@ -220,9 +221,11 @@ for c in clients:
     c.setblocking(True)
     c.sendall(c.recv(16) + b" from " + c.getpeername()[0].encode())
     c.close()
-# The queue is empty: nothing more may be accepted, however select()
-# reports the listener for a moment.
-select.select([l], [], [], 0.2)
+# Nothing waits any more: the listener must not poll readable (a program
+# that selects and then blocks in accept, as iperf3 does, would hang) ...
+if select.select([l], [], [], 0.2)[0]:
+    print("spurious", flush=True)
+# ... nor give anything.
 try:
     c, peer = l.accept()
     print("bogus", peer, flush=True)
@@ -268,7 +271,7 @@ fn a_burst_of_clients_is_accepted_once_each(zero_relay: &str) {
         o.contains("drained").then_some(o)
     })
     .unwrap_or_else(|| panic!("{}\n{}", p.stdout(), p.stderr()));
-    assert!(!out.contains("bogus"), "{out}");
+    assert!(!out.contains("bogus") && !out.contains("spurious"), "{out}");
 }
 
 #[test]
@@ -279,4 +282,74 @@ fn a_burst_of_clients_is_accepted_once_each_relayed() {
 #[test]
 fn a_burst_of_clients_is_accepted_once_each_zero_relay() {
     a_burst_of_clients_is_accepted_once_each("on");
+}
+
+/// Serves `n` clients one after another with select() and a blocking
+/// accept, as iperf3 does; before answering each it says "spurious" if
+/// the listener polls readable (no other client exists at that moment).
+const SEQUENTIAL_PROGRAM: &str = r#"
+import select, socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", port))
+l.listen(8)
+print("listening", flush=True)
+for i in range(n):
+    select.select([l], [], [], 20)
+    c, peer = l.accept()
+    data = c.recv(16)
+    if select.select([l], [], [], 0.005)[0]:
+        print("spurious", i, flush=True)
+    c.sendall(data)
+    c.close()
+print("done", flush=True)
+"#;
+
+/// A listener polls readable exactly when a client waits: clients one
+/// at a time never leave it readable with nothing to accept (in zero-relay
+/// mode the marker connection must leave `L` with the last queued socket).
+fn sequential_clients_leave_no_spurious_readiness(zero_relay: &str) {
+    const N: usize = 200;
+    let port = free_port();
+    let p = Proc::spawn(&mut saps_run_local(
+        zero_relay,
+        &[
+            PYTHON,
+            "-c",
+            SEQUENTIAL_PROGRAM,
+            &port.to_string(),
+            &N.to_string(),
+        ],
+    ));
+    wait_for(Duration::from_secs(20), || {
+        p.stdout().contains("listening").then_some(())
+    })
+    .unwrap_or_else(|| panic!("not listening: {}\n{}", p.stdout(), p.stderr()));
+    for i in 0..N {
+        let msg = format!("c{i}");
+        let got = read_reply(port, msg.as_bytes());
+        assert_eq!(
+            got.as_deref().ok(),
+            Some(msg.as_str()),
+            "{got:?}\n{}",
+            p.stdout()
+        );
+    }
+    let out = wait_for(Duration::from_secs(10), || {
+        let o = p.stdout();
+        o.contains("done").then_some(o)
+    })
+    .unwrap_or_else(|| panic!("{}\n{}", p.stdout(), p.stderr()));
+    assert!(!out.contains("spurious"), "{out}");
+}
+
+#[test]
+fn sequential_clients_leave_no_spurious_readiness_relayed() {
+    sequential_clients_leave_no_spurious_readiness("off");
+}
+
+#[test]
+fn sequential_clients_leave_no_spurious_readiness_zero_relay() {
+    sequential_clients_leave_no_spurious_readiness("on");
 }

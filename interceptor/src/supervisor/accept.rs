@@ -174,32 +174,62 @@ enum Marker {
 /// Queues a handed-over connection on listener `lconn` and makes sure its
 /// marker is on `L`.
 async fn enqueue(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, id: ConnId) {
-    if needs_marker(sh, lconn, |q| q.push_back(id)) {
-        connect_marker(sh, lconn, l).await;
-    }
+    let r = add_to_queue(sh, lconn, &l.name, |q| q.push_back(id));
+    marker_outcome(sh, lconn, l, r).await;
 }
 
-/// Adds to `lconn`'s queue with `add`; true when the caller must put the
-/// marker on `L` (it is then marked as connecting).
-fn needs_marker(sh: &Shared, lconn: ConnId, add: impl FnOnce(&mut VecDeque<ConnId>)) -> bool {
+/// Adds to `lconn`'s queue with `add` and, if the marker is not on `L`,
+/// connects it there at once, under the queue's lock: so an accept never
+/// sees a queue whose marker is still on its way (it could not take that
+/// marker off again, and `L` would poll readable with nothing to accept,
+/// which a program that selects and then blocks in `accept` would not
+/// survive). `Err(EAGAIN)`: `L`'s backlog is full and the marker is left
+/// to [`connect_marker`].
+fn add_to_queue(
+    sh: &Shared,
+    lconn: ConnId,
+    l_name: &[u8],
+    add: impl FnOnce(&mut VecDeque<ConnId>),
+) -> Result<(), i32> {
     let mut ready = lock(&sh.ready);
     let r = ready.entry(lconn).or_default();
     add(&mut r.queue);
-    let absent = matches!(r.marker, Marker::Absent);
-    if absent {
-        r.marker = Marker::Connecting;
+    if !matches!(r.marker, Marker::Absent) {
+        return Ok(());
     }
-    absent
+    let c = standin_socket(sh, "m", lconn)?;
+    match connect_once(&c, l_name) {
+        Ok(()) => {
+            r.marker = Marker::OnL { _end: c };
+            Ok(())
+        }
+        Err(libc::EAGAIN) => {
+            r.marker = Marker::Connecting;
+            Err(libc::EAGAIN)
+        }
+        Err(e) => Err(e),
+    }
 }
 
+/// Finishes what [`add_to_queue`] left: waits for room on `L`, or gives
+/// the queue up if `L` is gone.
+async fn marker_outcome(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, r: Result<(), i32>) {
+    match r {
+        Ok(()) => {}
+        Err(libc::EAGAIN) => connect_marker(sh, lconn, l).await,
+        Err(e) => marker_failed(sh, lconn, l, e),
+    }
+}
+
+/// The marker, when `L`'s backlog was full: retried until there is room.
+/// Only here can a queue be emptied while its marker is on its way; that
+/// marker is then a spurious wake-up, dropped by the next accept.
 async fn connect_marker(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener) {
     match connect_to_listener(sh, "m", lconn, &l.name).await {
         Ok(c) => {
             let mut ready = lock(&sh.ready);
             if let Some(r) = ready.get_mut(&lconn) {
                 if matches!(r.marker, Marker::Connecting) {
-                    // Emptied meanwhile: the marker's pending connection is
-                    // a spurious wake-up, dropped by the next accept.
                     r.marker = if r.queue.is_empty() {
                         Marker::Absent
                     } else {
@@ -208,75 +238,74 @@ async fn connect_marker(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener) {
                 }
             }
         }
-        Err(e) => {
-            let queued = lock(&sh.ready).remove(&lconn).map(|r| r.queue);
-            let queued = queued.unwrap_or_default();
-            if e == libc::ECONNREFUSED {
-                // `L` was closed: its connections go where its address
-                // is served now, or wait for that.
-                sh.reap_listeners(Some(l.addr.port()));
-                if !lock(&sh.listeners).contains_key(&lconn) {
-                    for id in queued {
-                        place(sh, lconn, id, Kind::Handed);
-                    }
-                    return;
-                }
-            }
-            tracing::warn!(
-                listener = lconn,
-                errno = e,
-                "cannot hand connections to the program"
-            );
-            for id in queued {
-                give_up(sh, id, Kind::Handed);
-            }
-        }
+        Err(e) => marker_failed(sh, lconn, l, e),
     }
 }
 
-/// The next queued connection of listener `lconn`. Taking the last one
-/// also takes the marker off `l` (`L`), so `L` polls readable no longer;
-/// a relayed stand-in found before it is stashed, and the marker stays.
-fn pop_ready(
-    sh: &Shared,
-    call: &Call,
-    lconn: ConnId,
-    l: BorrowedFd<'_>,
-    ino: Inode,
-) -> Option<ConnId> {
-    let mut ready = lock(&sh.ready);
-    let r = ready.get_mut(&lconn)?;
-    let id = r.queue.pop_front()?;
-    if r.queue.is_empty() && matches!(r.marker, Marker::OnL { .. }) {
-        match take_one(sh, call, l) {
-            // A relayed stand-in ahead of the marker: the next accept
-            // takes it, and the marker keeps `L` readable until then.
-            Ok(Some(Pending::Standin(a, conn))) => {
-                lock(&sh.stash).entry(ino).or_default().push_back((a, conn));
+/// The marker could not reach `L`: a closed `L` sends its queue where the
+/// address is served now (or to wait for that); otherwise it is refused.
+fn marker_failed(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, e: i32) {
+    let queued = lock(&sh.ready).remove(&lconn).map(|r| r.queue);
+    let queued = queued.unwrap_or_default();
+    if e == libc::ECONNREFUSED {
+        sh.reap_listeners(Some(l.addr.port()));
+        if !lock(&sh.listeners).contains_key(&lconn) {
+            for id in queued {
+                place(sh, lconn, id, Kind::Handed);
             }
-            // Taken off (or another accept took it already).
-            Ok(Some(Pending::Marker(_))) | Ok(None) | Err(_) => r.marker = Marker::Absent,
+            return;
         }
     }
-    Some(id)
+    tracing::warn!(
+        listener = lconn,
+        errno = e,
+        "cannot hand connections to the program"
+    );
+    for id in queued {
+        give_up(sh, id, Kind::Handed);
+    }
+}
+
+/// The next queued connection of listener `lconn`.
+fn pop_ready(sh: &Shared, lconn: ConnId) -> Option<ConnId> {
+    lock(&sh.ready).get_mut(&lconn)?.queue.pop_front()
+}
+
+/// Takes the marker of listener `lconn` off `l` (`L`) once nothing waits
+/// for an accept: neither a queued socket nor a stashed stand-in of `L`
+/// (inode `ino`). A relayed stand-in found ahead of the marker is stashed,
+/// and the marker stays until the accept that takes it.
+fn drop_marker_if_idle(sh: &Shared, call: &Call, lconn: ConnId, l: BorrowedFd<'_>, ino: Inode) {
+    let mut ready = lock(&sh.ready);
+    let Some(r) = ready.get_mut(&lconn) else {
+        return;
+    };
+    if !r.queue.is_empty() || !matches!(r.marker, Marker::OnL { .. }) {
+        return;
+    }
+    if lock(&sh.stash).get(&ino).is_some_and(|q| !q.is_empty()) {
+        return;
+    }
+    match take_one(sh, call, l) {
+        Ok(Some(Pending::Standin(a, conn))) => {
+            lock(&sh.stash).entry(ino).or_default().push_back((a, conn));
+        }
+        // Taken off (or another accept took it already).
+        Ok(Some(Pending::Marker(_))) | Ok(None) | Err(_) => r.marker = Marker::Absent,
+    }
 }
 
 /// A queued connection whose delivery failed goes back to the front.
 fn requeue(sh: &Arc<Shared>, lconn: ConnId, id: ConnId) {
-    if !needs_marker(sh, lconn, |q| q.push_front(id)) {
-        return;
-    }
-    // The marker went with the last one: put it back.
     let Some(l) = lock(&sh.listeners).get(&lconn).cloned() else {
-        let queued = lock(&sh.ready).remove(&lconn).map(|r| r.queue);
-        for id in queued.unwrap_or_default() {
-            give_up(sh, id, Kind::Handed);
-        }
-        return;
+        return give_up(sh, id, Kind::Handed);
     };
-    let sh2 = sh.clone();
-    sh.rt
-        .spawn(async move { connect_marker(&sh2, lconn, &l).await });
+    let r = add_to_queue(sh, lconn, &l.name, |q| q.push_front(id));
+    if r.is_err() {
+        let sh2 = sh.clone();
+        sh.rt
+            .spawn(async move { marker_outcome(&sh2, lconn, &l, r).await });
+    }
 }
 
 /// Closes a listener's queue: its connections wait for a new listener on
@@ -385,23 +414,34 @@ async fn connect_to_listener(
     tag: ConnId,
     l_name: &[u8],
 ) -> Result<OwnedFd, i32> {
-    let c = unix_socket(true)?;
-    let me = UnixAddr::new_abstract(&sh.abstract_name(kind, tag)).map_err(|e| e as i32)?;
-    so::bind(c.as_raw_fd(), &me).map_err(|e| e as i32)?;
-    let l = UnixAddr::new_abstract(l_name).map_err(|e| e as i32)?;
+    let c = standin_socket(sh, kind, tag)?;
     let deadline = tokio::time::Instant::now() + BACKLOG_WAIT;
     let mut pause = Duration::from_millis(1);
     loop {
-        match so::connect(c.as_raw_fd(), &l) {
+        match connect_once(&c, l_name) {
             Ok(()) => return Ok(c),
-            Err(nix::errno::Errno::EAGAIN) if tokio::time::Instant::now() < deadline => {
+            Err(libc::EAGAIN) if tokio::time::Instant::now() < deadline => {
                 // The program is not accepting fast enough: back off.
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(50));
             }
-            Err(e) => return Err(e as i32),
+            Err(e) => return Err(e),
         }
     }
+}
+
+/// A non-blocking AF_UNIX socket bound to the abstract name `…-KIND-TAG`.
+fn standin_socket(sh: &Shared, kind: &str, tag: ConnId) -> Result<OwnedFd, i32> {
+    let c = unix_socket(true)?;
+    let me = UnixAddr::new_abstract(&sh.abstract_name(kind, tag)).map_err(|e| e as i32)?;
+    so::bind(c.as_raw_fd(), &me).map_err(|e| e as i32)?;
+    Ok(c)
+}
+
+/// One non-blocking connect of `c` to `L`; `EAGAIN`: its backlog is full.
+fn connect_once(c: &OwnedFd, l_name: &[u8]) -> Result<(), i32> {
+    let l = UnixAddr::new_abstract(l_name).map_err(|e| e as i32)?;
+    so::connect(c.as_raw_fd(), &l).map_err(|e| e as i32)
 }
 
 /// What a supervisor connection's abstract name (`…-c-<conn>`,
@@ -518,16 +558,22 @@ fn take(
     vs: &VirtualSocket,
     l: BorrowedFd<'_>,
 ) -> Result<Option<Taken>, i32> {
-    if let Some((a, conn)) = lock(&sh.stash).get_mut(&ino).and_then(|q| q.pop_front()) {
+    let stashed = lock(&sh.stash).get_mut(&ino).and_then(|q| q.pop_front());
+    if let Some((a, conn)) = stashed {
+        if let Some(lconn) = vs.conn {
+            drop_marker_if_idle(sh, call, lconn, l, ino);
+        }
         return Ok(Some(Taken::Standin(a, conn)));
     }
     if let Some(lconn) = vs.conn {
-        while let Some(id) = pop_ready(sh, call, lconn, l, ino) {
+        while let Some(id) = pop_ready(sh, lconn) {
             // A socket closed under it (rejoin) is skipped.
             if lock(&sh.handed).contains_key(&id) {
+                drop_marker_if_idle(sh, call, lconn, l, ino);
                 return Ok(Some(Taken::Queued(lconn, id)));
             }
         }
+        drop_marker_if_idle(sh, call, lconn, l, ino);
     }
     loop {
         match take_one(sh, call, l)? {
