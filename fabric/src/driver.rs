@@ -41,10 +41,22 @@ impl FabricHandle {
     /// Runs `f` on the channel, delivers the events it raised and flushes
     /// whatever it queued.
     pub fn with<T>(&self, f: impl FnOnce(&mut Channel) -> T) -> T {
+        let events = &self.shared.events;
+        self.run(f, |e| {
+            let _ = events.send(e);
+        })
+    }
+
+    /// [`FabricHandle::with`], keeping the events raised in `raised`.
+    fn with_raised<T>(&self, raised: &mut Vec<Event>, f: impl FnOnce(&mut Channel) -> T) -> T {
+        self.run(f, |e| raised.push(e))
+    }
+
+    fn run<T>(&self, f: impl FnOnce(&mut Channel) -> T, mut raised: impl FnMut(Event)) -> T {
         let mut ch = self.lock();
         let r = f(&mut ch);
         while let Some(e) = ch.poll_event() {
-            let _ = self.shared.events.send(e);
+            raised(e);
         }
         let wake = ch.pending_transmit() > 0 || ch.is_closed();
         drop(ch);
@@ -63,26 +75,60 @@ pub fn spawn<R: TransportRead, W: TransportWrite>(
     writer: W,
 ) -> (FabricHandle, mpsc::UnboundedReceiver<Event>) {
     let (tx, rx) = mpsc::unbounded_channel();
+    let sink = tx.clone();
+    let handle = spawn_inner(channel, reader, writer, tx, move |e| {
+        let _ = sink.send(e);
+    });
+    (handle, rx)
+}
+
+/// [`spawn`], but the events raised by input from the peer (all of them
+/// but a `Closed` that a local call causes) go to `sink`, called by the
+/// reader task itself in channel order, rather than through the returned
+/// stream: a receiver that routes them at once saves a task wake-up per
+/// frame.
+pub fn spawn_with_sink<R: TransportRead, W: TransportWrite>(
+    channel: Channel,
+    reader: R,
+    writer: W,
+    sink: impl FnMut(Event) + Send + 'static,
+) -> (FabricHandle, mpsc::UnboundedReceiver<Event>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (spawn_inner(channel, reader, writer, tx, sink), rx)
+}
+
+fn spawn_inner<R: TransportRead, W: TransportWrite>(
+    channel: Channel,
+    reader: R,
+    writer: W,
+    events: mpsc::UnboundedSender<Event>,
+    sink: impl FnMut(Event) + Send + 'static,
+) -> FabricHandle {
     let handle = FabricHandle {
         shared: Arc::new(Shared {
             channel: Mutex::new(channel),
             wake_writer: Notify::new(),
-            events: tx,
+            events,
         }),
     };
     // The node's Hello is already queued.
     handle.shared.wake_writer.notify_one();
-    tokio::spawn(read_loop(handle.clone(), reader));
+    tokio::spawn(read_loop(handle.clone(), reader, sink));
     tokio::spawn(write_loop(handle.clone(), writer));
     tokio::spawn(handshake_deadline(handle.clone()));
-    (handle, rx)
+    handle
 }
 
-async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R) {
+async fn read_loop<R: TransportRead>(
+    handle: FabricHandle,
+    mut reader: R,
+    mut sink: impl FnMut(Event),
+) {
     let mut buf = BytesMut::new();
+    let mut raised = Vec::new();
     loop {
         let r = reader.read(&mut buf).await;
-        let done = handle.with(|ch| {
+        let done = handle.with_raised(&mut raised, |ch| {
             match r {
                 Ok(0) => ch.transport_closed("the peer closed the fabric connection"),
                 Ok(_) => {
@@ -95,6 +141,10 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R) {
             buf.clear();
             ch.is_closed()
         });
+        // Outside the channel's lock: the sink may call into the channel.
+        for e in raised.drain(..) {
+            sink(e);
+        }
         if done {
             return;
         }

@@ -187,7 +187,11 @@ impl Router {
 
 struct Inner {
     handle: FabricHandle,
-    router: Mutex<Router>,
+    router: Arc<Mutex<Router>>,
+}
+
+fn lock_router(r: &Mutex<Router>) -> MutexGuard<'_, Router> {
+    r.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A running channel with per-connection routing. Cheap to clone.
@@ -203,20 +207,26 @@ impl Endpoint {
         r: R,
         w: W,
     ) -> (Endpoint, mpsc::UnboundedReceiver<EndpointEvent>) {
-        let (handle, events) = driver::spawn(channel, r, w);
-        let ep = Endpoint {
-            inner: Arc::new(Inner {
-                handle,
-                router: Mutex::new(Router::default()),
-            }),
-        };
+        let router = Arc::new(Mutex::new(Router::default()));
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(route(ep.clone(), events, tx));
+        // The reader task routes what the peer sends itself (no hop through
+        // the router task per frame); the router task gets the rest.
+        let sink = {
+            let (router, tx) = (router.clone(), tx.clone());
+            move |ev| {
+                route_one(&router, &tx, ev);
+            }
+        };
+        let (handle, events) = driver::spawn_with_sink(channel, r, w, sink);
+        tokio::spawn(route(router.clone(), events, tx));
+        let ep = Endpoint {
+            inner: Arc::new(Inner { handle, router }),
+        };
         (ep, rx)
     }
 
     fn router(&self) -> MutexGuard<'_, Router> {
-        self.inner.router.lock().unwrap_or_else(|e| e.into_inner())
+        lock_router(&self.inner.router)
     }
 
     pub fn handle(&self) -> &FabricHandle {
@@ -682,77 +692,95 @@ impl Pump<'_> {
     }
 }
 
-/// The router task: one per endpoint, in channel order.
+/// The router task: routes the events the reader task does not (a
+/// `Closed` raised by a local call).
 async fn route(
-    ep: Endpoint,
+    router: Arc<Mutex<Router>>,
     mut events: mpsc::UnboundedReceiver<Event>,
     tx: mpsc::UnboundedSender<EndpointEvent>,
 ) {
     while let Some(ev) = events.recv().await {
-        let mut router = ep.router();
-        let out = match ev {
-            Event::NodeAuthenticated { node, weight } => {
-                Some(EndpointEvent::NodeAuthenticated { node, weight })
-            }
-            Event::Welcome { node_id } => Some(EndpointEvent::Welcome { node_id }),
-            Event::Request { req, request } => Some(EndpointEvent::Request { req, request }),
-            Event::WeightChanged { weight } => Some(EndpointEvent::WeightChanged { weight }),
-            Event::Response { req, response } => {
-                match router.pending.remove(&req) {
-                    Some(waiter) => {
-                        let _ = waiter.send(response);
-                    }
-                    None => tracing::debug!(req, "response nobody waits for"),
+        if route_one(&router, &tx, ev) {
+            return;
+        }
+    }
+}
+
+/// Routes one channel event: stream events to their connection's relay,
+/// responses to their waiter, the rest to the endpoint's owner. True once
+/// the channel closed.
+fn route_one(
+    router: &Mutex<Router>,
+    tx: &mpsc::UnboundedSender<EndpointEvent>,
+    ev: Event,
+) -> bool {
+    let mut router = lock_router(router);
+    let out = match ev {
+        Event::NodeAuthenticated { node, weight } => {
+            Some(EndpointEvent::NodeAuthenticated { node, weight })
+        }
+        Event::Welcome { node_id } => Some(EndpointEvent::Welcome { node_id }),
+        Event::Request { req, request } => Some(EndpointEvent::Request { req, request }),
+        Event::WeightChanged { weight } => Some(EndpointEvent::WeightChanged { weight }),
+        Event::Response { req, response } => {
+            match router.pending.remove(&req) {
+                Some(waiter) => {
+                    let _ = waiter.send(response);
                 }
-                None
+                None => tracing::debug!(req, "response nobody waits for"),
             }
-            Event::ConnectionAccepted {
+            None
+        }
+        Event::ConnectionAccepted {
+            listener,
+            conn,
+            peer,
+            local,
+        } => {
+            router.expect(conn);
+            Some(EndpointEvent::ConnectionAccepted {
                 listener,
                 conn,
                 peer,
                 local,
-            } => {
-                router.expect(conn);
-                Some(EndpointEvent::ConnectionAccepted {
-                    listener,
-                    conn,
-                    peer,
-                    local,
-                })
-            }
-            Event::MessageReceived { conn, data } => {
-                router.deliver(conn, ConnEvent::Data(data));
-                None
-            }
-            Event::Fin { conn } => {
-                router.deliver(conn, ConnEvent::Fin);
-                None
-            }
-            Event::BufferAvailable { conn } => {
-                router.deliver(conn, ConnEvent::Credit);
-                None
-            }
-            Event::ConnectionClosed { conn, errno } => (!router
-                .deliver(conn, ConnEvent::Closed(errno)))
-            .then_some(EndpointEvent::ConnectionClosed { conn, errno }),
-            Event::Closed { error } => {
-                router.closed = Some(error.to_string());
-                router.pending.clear();
-                for (_, route) in router.conns.drain() {
-                    if let Route::Relayed(mut a, _) = route {
-                        a.deliver(ConnEvent::Closed(errno::ECONNABORTED));
-                    }
-                }
-                drop(router);
-                let _ = tx.send(EndpointEvent::Closed { error });
-                return;
-            }
-        };
-        drop(router);
-        if let Some(out) = out {
-            let _ = tx.send(out);
+            })
         }
+        Event::MessageReceived { conn, data } => {
+            router.deliver(conn, ConnEvent::Data(data));
+            None
+        }
+        Event::Fin { conn } => {
+            router.deliver(conn, ConnEvent::Fin);
+            None
+        }
+        Event::BufferAvailable { conn } => {
+            router.deliver(conn, ConnEvent::Credit);
+            None
+        }
+        Event::ConnectionClosed { conn, errno } => (!router
+            .deliver(conn, ConnEvent::Closed(errno)))
+        .then_some(EndpointEvent::ConnectionClosed { conn, errno }),
+        Event::Closed { error } => {
+            if router.closed.is_some() {
+                return true;
+            }
+            router.closed = Some(error.to_string());
+            router.pending.clear();
+            for (_, route) in router.conns.drain() {
+                if let Route::Relayed(mut a, _) = route {
+                    a.deliver(ConnEvent::Closed(errno::ECONNABORTED));
+                }
+            }
+            drop(router);
+            let _ = tx.send(EndpointEvent::Closed { error });
+            return true;
+        }
+    };
+    drop(router);
+    if let Some(out) = out {
+        let _ = tx.send(out);
     }
+    false
 }
 
 #[cfg(test)]
