@@ -709,11 +709,7 @@ async fn route(
 /// Routes one channel event: stream events to their connection's relay,
 /// responses to their waiter, the rest to the endpoint's owner. True once
 /// the channel closed.
-fn route_one(
-    router: &Mutex<Router>,
-    tx: &mpsc::UnboundedSender<EndpointEvent>,
-    ev: Event,
-) -> bool {
+fn route_one(router: &Mutex<Router>, tx: &mpsc::UnboundedSender<EndpointEvent>, ev: Event) -> bool {
     let mut router = lock_router(router);
     let out = match ev {
         Event::NodeAuthenticated { node, weight } => {

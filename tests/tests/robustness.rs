@@ -134,6 +134,26 @@ fn read_reply(port: u16, send: &[u8]) -> std::io::Result<String> {
     Ok(got)
 }
 
+/// Waits (bounded) until `p` printed `what`; all it printed by then.
+fn said(p: &Proc, what: &str) -> String {
+    wait_for(Duration::from_secs(20), || {
+        let o = p.stdout();
+        o.contains(what).then_some(o)
+    })
+    .unwrap_or_else(|| panic!("no {what:?}: {}\n{}", p.stdout(), p.stderr()))
+}
+
+/// The python `program` under saps-run, given `port` and `arg`, once it
+/// says "listening".
+fn serve_python(zero_relay: &str, program: &str, port: u16, arg: &str) -> Proc {
+    let p = Proc::spawn(&mut saps_run_local(
+        zero_relay,
+        &[PYTHON, "-c", program, &port.to_string(), arg],
+    ));
+    said(&p, "listening");
+    p
+}
+
 /// A client that arrives between the program closing a listener and
 /// listening on the same port again is served by the new listener, even
 /// when the io-server sent it to the old one before anyone knew it closed.
@@ -154,15 +174,9 @@ fn a_client_between_close_and_relisten_reaches_the_new_listener(zero_relay: &str
     // Debug logs say where the client waits.
     cmd.env("RUST_LOG", "saps_interceptor=debug,saps_io_server=debug");
     let p = Proc::spawn(&mut cmd);
-    let said = |what: &'static str| {
-        wait_for(Duration::from_secs(20), || {
-            p.stdout().contains(what).then_some(())
-        })
-        .unwrap_or_else(|| panic!("no {what:?}: {}\n{}", p.stdout(), p.stderr()))
-    };
-    said("listening");
+    said(&p, "listening");
     assert_eq!(read_reply(port, b"").unwrap(), "first");
-    said("closed");
+    said(&p, "closed");
     // On its way to the closed listener (the io-server still has it).
     let client = std::thread::spawn(move || read_reply(port, b"again"));
     // It waits either on the node, which found the old listener closed,
@@ -240,20 +254,7 @@ except BlockingIOError:
 fn a_burst_of_clients_is_accepted_once_each(zero_relay: &str) {
     const N: usize = 40;
     let port = free_port();
-    let p = Proc::spawn(&mut saps_run_local(
-        zero_relay,
-        &[
-            PYTHON,
-            "-c",
-            BURST_PROGRAM,
-            &port.to_string(),
-            &N.to_string(),
-        ],
-    ));
-    wait_for(Duration::from_secs(20), || {
-        p.stdout().contains("listening").then_some(())
-    })
-    .unwrap_or_else(|| panic!("not listening: {}\n{}", p.stdout(), p.stderr()));
+    let p = serve_python(zero_relay, BURST_PROGRAM, port, &N.to_string());
     let clients: Vec<_> = (0..N)
         .map(|i| std::thread::spawn(move || read_reply(port, format!("c{i}").as_bytes())))
         .collect();
@@ -266,11 +267,7 @@ fn a_burst_of_clients_is_accepted_once_each(zero_relay: &str) {
             p.stderr()
         );
     }
-    let out = wait_for(Duration::from_secs(10), || {
-        let o = p.stdout();
-        o.contains("drained").then_some(o)
-    })
-    .unwrap_or_else(|| panic!("{}\n{}", p.stdout(), p.stderr()));
+    let out = said(&p, "drained");
     assert!(!out.contains("bogus") && !out.contains("spurious"), "{out}");
 }
 
@@ -312,20 +309,7 @@ print("done", flush=True)
 fn sequential_clients_leave_no_spurious_readiness(zero_relay: &str) {
     const N: usize = 200;
     let port = free_port();
-    let p = Proc::spawn(&mut saps_run_local(
-        zero_relay,
-        &[
-            PYTHON,
-            "-c",
-            SEQUENTIAL_PROGRAM,
-            &port.to_string(),
-            &N.to_string(),
-        ],
-    ));
-    wait_for(Duration::from_secs(20), || {
-        p.stdout().contains("listening").then_some(())
-    })
-    .unwrap_or_else(|| panic!("not listening: {}\n{}", p.stdout(), p.stderr()));
+    let p = serve_python(zero_relay, SEQUENTIAL_PROGRAM, port, &N.to_string());
     for i in 0..N {
         let msg = format!("c{i}");
         let got = read_reply(port, msg.as_bytes());
@@ -336,11 +320,7 @@ fn sequential_clients_leave_no_spurious_readiness(zero_relay: &str) {
             p.stdout()
         );
     }
-    let out = wait_for(Duration::from_secs(10), || {
-        let o = p.stdout();
-        o.contains("done").then_some(o)
-    })
-    .unwrap_or_else(|| panic!("{}\n{}", p.stdout(), p.stderr()));
+    let out = said(&p, "done");
     assert!(!out.contains("spurious"), "{out}");
 }
 

@@ -1,24 +1,24 @@
-//! `accept`/`accept4` on a virtual listener, and the other half: delivering
-//! the io-server's `ConnectionAccepted` to the listener's AF_UNIX socket `L`.
+//! `accept`/`accept4` on a virtual listener.
 //!
-//! For each accepted client connection the supervisor connects a socket of
-//! its own, bound to an abstract name carrying the SAPS connection tag, to
-//! `L`: so `L` polls readable exactly when a connection is pending, and
-//! epoll/select-driven servers work unchanged. The trapped accept takes the
-//! connection off `L` (through `pidfd_getfd`), checks with `SO_PEERCRED` that
-//! the supervisor made it, writes the client's real address into the
-//! caller's buffer, and installs the socket with `ADDFD`. A connection whose
-//! delivery fails (bad address buffer, interrupted call) is kept for the
-//! next accept, never lost.
+//! A connection is pending on the listener's AF_UNIX socket `L` (see
+//! `arrival.rs`): relayed, as a stand-in connection bound to an abstract
+//! name carrying its SAPS tag, which becomes the program's socket; handed
+//! over (zero-relay), in the listener's ready queue, behind one marker
+//! connection on `L`. So `L` polls readable exactly when a connection is
+//! pending, and epoll/select-driven servers work unchanged. The trapped
+//! accept takes the next connection (off `L` through a duplicate of the
+//! program's fd, checking with `SO_PEERCRED` that the supervisor made it),
+//! writes the client's real address into the caller's buffer, and installs
+//! the socket with `ADDFD`. A connection whose delivery fails (bad address
+//! buffer, interrupted call) is kept for the next accept, never lost.
 
-use super::connect::spawn_relay;
-use super::socket::{set_nonblocking, unix_socket};
+use super::arrival::{drop_marker_if_idle, marker_taken, pop_ready, requeue};
+use super::socket::set_nonblocking;
 use super::{defer, inode_of, lock, Arrival, Call, Outcome, Shared};
 use crate::notify::{AddFd, Reply};
 use crate::vsock::{Inode, State, VirtualSocket};
 use nix::sys::socket::{self as so, sockopt, UnixAddr};
 use saps_fabric::ConnId;
-use std::collections::VecDeque;
 use std::net::{SocketAddr, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -26,423 +26,6 @@ use std::time::Duration;
 
 /// How often a blocked accept checks that its caller is still waiting.
 const LIVENESS_CHECK: Duration = Duration::from_millis(200);
-/// How long a connection may wait for room in a full `L` backlog.
-const BACKLOG_WAIT: Duration = Duration::from_secs(5);
-
-/// `ConnectionAccepted(listener, conn, peer, local)` from the io-server.
-pub(crate) fn deliver(
-    sh: &Arc<Shared>,
-    listener: ConnId,
-    conn: ConnId,
-    peer: SocketAddr,
-    local: SocketAddr,
-) {
-    lock(&sh.arrivals).insert(conn, Arrival { peer, local });
-    place(sh, listener, conn, Kind::Relayed);
-}
-
-/// Zero-relay: a TCP socket handed over by a same-host io-server. A
-/// stand-in connection to `L` makes it pending exactly like a relayed one;
-/// the accept installs the TCP socket itself.
-pub(crate) fn deliver_handoff(sh: &Arc<Shared>, h: saps_fabric::handoff::HandedOff) {
-    use std::sync::atomic::Ordering;
-    let id = sh.next_handed.fetch_add(1, Ordering::Relaxed);
-    lock(&sh.arrivals).insert(
-        id,
-        Arrival {
-            peer: h.peer,
-            local: h.local,
-        },
-    );
-    lock(&sh.handed).insert(id, h.socket);
-    place(sh, h.listener, id, Kind::Handed);
-}
-
-/// How a connection waiting for the program's accept reaches it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
-    /// Relayed over the fabric: its stand-in on `L` is the program's end.
-    Relayed,
-    /// Zero-relay: the handed-over TCP socket (in `handed`) is.
-    Handed,
-}
-
-/// A connection for a listener the program closed, waiting (up to
-/// [`RELISTEN_GRACE`]) for the program to listen on the address again.
-#[derive(Debug)]
-pub(crate) struct Orphan {
-    pub addr: SocketAddr,
-    pub id: ConnId,
-    pub kind: Kind,
-}
-
-/// As long as the io-server keeps a port whose last listener closed: the
-/// program closing a listener and making a new one (iperf3 does, after
-/// every test) loses no client that was on its way meanwhile.
-pub(crate) const RELISTEN_GRACE: Duration = Duration::from_secs(1);
-
-/// Listeners the program closed kept in `retired`, for connections the
-/// io-server sent before it learnt of the close.
-const RETIRED_KEPT: usize = 256;
-
-/// Where a connection for a listener goes.
-enum Route {
-    /// This listener (its tag and `L`).
-    To(ConnId, super::Listener),
-    /// The listener was closed and none listens on its address now.
-    Wait(SocketAddr),
-    /// Not a listener of this node.
-    Unknown,
-}
-
-fn route(sh: &Shared, listener: ConnId) -> Route {
-    let listeners = lock(&sh.listeners);
-    if let Some(l) = listeners.get(&listener) {
-        return Route::To(listener, l.clone());
-    }
-    let Some(addr) = lock(&sh.retired)
-        .iter()
-        .find(|(c, _)| *c == listener)
-        .map(|&(_, a)| a)
-    else {
-        return Route::Unknown;
-    };
-    // The program listens on that address again: its new listener takes it.
-    match listeners.iter().find(|(_, l)| l.addr == addr) {
-        Some((&c, l)) => Route::To(c, l.clone()),
-        None => Route::Wait(addr),
-    }
-}
-
-/// Queues connection `id` on `listener`'s `L` (or on whichever listener
-/// now serves its address), in a task.
-pub(crate) fn place(sh: &Arc<Shared>, listener: ConnId, id: ConnId, kind: Kind) {
-    let sh2 = sh.clone();
-    sh.rt.spawn(async move {
-        // A second round when `L` turns out closed before the sweep saw it.
-        for round in 0..2 {
-            let (lconn, l) = match route(&sh2, listener) {
-                Route::To(c, l) => (c, l),
-                Route::Wait(addr) => return park(&sh2, Orphan { addr, id, kind }),
-                Route::Unknown => {
-                    tracing::warn!(listener, "connection for an unknown listener; closing it");
-                    return give_up(&sh2, id, kind);
-                }
-            };
-            if kind == Kind::Handed {
-                return enqueue(&sh2, lconn, &l, id).await;
-            }
-            match connect_to_listener(&sh2, "c", id, &l.name).await {
-                Ok(c) => return spawn_relay(&sh2, id, c),
-                Err(libc::ECONNREFUSED) if round == 0 => sh2.reap_listeners(Some(l.addr.port())),
-                Err(e) => {
-                    tracing::warn!(
-                        listener,
-                        errno = e,
-                        "cannot hand the connection to the program"
-                    );
-                    return give_up(&sh2, id, kind);
-                }
-            }
-        }
-        give_up(&sh2, id, kind);
-    });
-}
-
-/// Zero-relay connections waiting for the program's accept on one
-/// listener. One stand-in connection on `L`, the marker, keeps `L`
-/// readable while any wait, so a burst of clients costs one stand-in, not
-/// one each, and an accept takes the next socket straight from the queue.
-#[derive(Default)]
-pub(crate) struct Ready {
-    /// Local tags (keys of `handed`), oldest first.
-    queue: VecDeque<ConnId>,
-    marker: Marker,
-}
-
-#[derive(Default)]
-enum Marker {
-    #[default]
-    Absent,
-    Connecting,
-    /// Pending on `L`; the supervisor's end is kept open.
-    OnL {
-        _end: OwnedFd,
-    },
-}
-
-/// Queues a handed-over connection on listener `lconn` and makes sure its
-/// marker is on `L`.
-async fn enqueue(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, id: ConnId) {
-    let r = add_to_queue(sh, lconn, &l.name, |q| q.push_back(id));
-    marker_outcome(sh, lconn, l, r).await;
-}
-
-/// Adds to `lconn`'s queue with `add` and, if the marker is not on `L`,
-/// connects it there at once, under the queue's lock: so an accept never
-/// sees a queue whose marker is still on its way (it could not take that
-/// marker off again, and `L` would poll readable with nothing to accept,
-/// which a program that selects and then blocks in `accept` would not
-/// survive). `Err(EAGAIN)`: `L`'s backlog is full and the marker is left
-/// to [`connect_marker`].
-fn add_to_queue(
-    sh: &Shared,
-    lconn: ConnId,
-    l_name: &[u8],
-    add: impl FnOnce(&mut VecDeque<ConnId>),
-) -> Result<(), i32> {
-    let mut ready = lock(&sh.ready);
-    let r = ready.entry(lconn).or_default();
-    add(&mut r.queue);
-    if !matches!(r.marker, Marker::Absent) {
-        return Ok(());
-    }
-    let c = standin_socket(sh, "m", lconn)?;
-    match connect_once(&c, l_name) {
-        Ok(()) => {
-            r.marker = Marker::OnL { _end: c };
-            Ok(())
-        }
-        Err(libc::EAGAIN) => {
-            r.marker = Marker::Connecting;
-            Err(libc::EAGAIN)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// Finishes what [`add_to_queue`] left: waits for room on `L`, or gives
-/// the queue up if `L` is gone.
-async fn marker_outcome(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, r: Result<(), i32>) {
-    match r {
-        Ok(()) => {}
-        Err(libc::EAGAIN) => connect_marker(sh, lconn, l).await,
-        Err(e) => marker_failed(sh, lconn, l, e),
-    }
-}
-
-/// The marker, when `L`'s backlog was full: retried until there is room.
-/// Only here can a queue be emptied while its marker is on its way; that
-/// marker is then a spurious wake-up, dropped by the next accept.
-async fn connect_marker(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener) {
-    match connect_to_listener(sh, "m", lconn, &l.name).await {
-        Ok(c) => {
-            let mut ready = lock(&sh.ready);
-            if let Some(r) = ready.get_mut(&lconn) {
-                if matches!(r.marker, Marker::Connecting) {
-                    r.marker = if r.queue.is_empty() {
-                        Marker::Absent
-                    } else {
-                        Marker::OnL { _end: c }
-                    };
-                }
-            }
-        }
-        Err(e) => marker_failed(sh, lconn, l, e),
-    }
-}
-
-/// The marker could not reach `L`: a closed `L` sends its queue where the
-/// address is served now (or to wait for that); otherwise it is refused.
-fn marker_failed(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, e: i32) {
-    let queued = lock(&sh.ready).remove(&lconn).map(|r| r.queue);
-    let queued = queued.unwrap_or_default();
-    if e == libc::ECONNREFUSED {
-        sh.reap_listeners(Some(l.addr.port()));
-        if !lock(&sh.listeners).contains_key(&lconn) {
-            for id in queued {
-                place(sh, lconn, id, Kind::Handed);
-            }
-            return;
-        }
-    }
-    tracing::warn!(
-        listener = lconn,
-        errno = e,
-        "cannot hand connections to the program"
-    );
-    for id in queued {
-        give_up(sh, id, Kind::Handed);
-    }
-}
-
-/// The next queued connection of listener `lconn`.
-fn pop_ready(sh: &Shared, lconn: ConnId) -> Option<ConnId> {
-    lock(&sh.ready).get_mut(&lconn)?.queue.pop_front()
-}
-
-/// Takes the marker of listener `lconn` off `l` (`L`) once nothing waits
-/// for an accept: neither a queued socket nor a stashed stand-in of `L`
-/// (inode `ino`). A relayed stand-in found ahead of the marker is stashed,
-/// and the marker stays until the accept that takes it.
-fn drop_marker_if_idle(sh: &Shared, call: &Call, lconn: ConnId, l: BorrowedFd<'_>, ino: Inode) {
-    let mut ready = lock(&sh.ready);
-    let Some(r) = ready.get_mut(&lconn) else {
-        return;
-    };
-    if !r.queue.is_empty() || !matches!(r.marker, Marker::OnL { .. }) {
-        return;
-    }
-    if lock(&sh.stash).get(&ino).is_some_and(|q| !q.is_empty()) {
-        return;
-    }
-    match take_one(sh, call, l) {
-        Ok(Some(Pending::Standin(a, conn))) => {
-            lock(&sh.stash).entry(ino).or_default().push_back((a, conn));
-        }
-        // Taken off (or another accept took it already).
-        Ok(Some(Pending::Marker(_))) | Ok(None) | Err(_) => r.marker = Marker::Absent,
-    }
-}
-
-/// A queued connection whose delivery failed goes back to the front.
-fn requeue(sh: &Arc<Shared>, lconn: ConnId, id: ConnId) {
-    let Some(l) = lock(&sh.listeners).get(&lconn).cloned() else {
-        return give_up(sh, id, Kind::Handed);
-    };
-    let r = add_to_queue(sh, lconn, &l.name, |q| q.push_front(id));
-    if r.is_err() {
-        let sh2 = sh.clone();
-        sh.rt
-            .spawn(async move { marker_outcome(&sh2, lconn, &l, r).await });
-    }
-}
-
-/// Closes a listener's queue: its connections wait for a new listener on
-/// `addr` (the program closed `L`).
-pub(crate) fn orphan_queue(sh: &Arc<Shared>, lconn: ConnId, addr: SocketAddr) {
-    let queued = lock(&sh.ready).remove(&lconn).map(|r| r.queue);
-    for id in queued.unwrap_or_default() {
-        park(
-            sh,
-            Orphan {
-                addr,
-                id,
-                kind: Kind::Handed,
-            },
-        );
-    }
-}
-
-/// Forgets every queue (the node joined the io-server again).
-pub(crate) fn clear_queues(sh: &Shared) {
-    let queues: Vec<Ready> = lock(&sh.ready).drain().map(|(_, r)| r).collect();
-    for r in queues {
-        for id in r.queue {
-            give_up(sh, id, Kind::Handed);
-        }
-    }
-}
-
-/// Refuses a connection nobody will accept.
-fn give_up(sh: &Shared, id: ConnId, kind: Kind) {
-    lock(&sh.arrivals).remove(&id);
-    match kind {
-        Kind::Relayed => sh.ep().close_connection(id, libc::ECONNREFUSED),
-        // Dropping the socket closes it.
-        Kind::Handed => drop(lock(&sh.handed).remove(&id)),
-    }
-}
-
-/// Keeps a connection whose listener was closed for a new listener on the
-/// same address, for [`RELISTEN_GRACE`].
-fn park(sh: &Arc<Shared>, orphan: Orphan) {
-    let (id, kind) = (orphan.id, orphan.kind);
-    {
-        // Under the orphans' lock: a listener installed after this look
-        // adopts the orphan (`adopt_orphans` takes the lock after it is
-        // in `listeners`), one installed before is found here.
-        let mut orphans = lock(&sh.orphans);
-        let now = lock(&sh.listeners)
-            .iter()
-            .find(|(_, l)| l.addr == orphan.addr)
-            .map(|(&c, _)| c);
-        if let Some(listener) = now {
-            drop(orphans);
-            return place(sh, listener, id, kind);
-        }
-        tracing::debug!(addr = %orphan.addr, id, "connection waits for a listener on its address");
-        orphans.push(orphan);
-    }
-    let sh2 = sh.clone();
-    sh.rt.spawn(async move {
-        tokio::time::sleep(RELISTEN_GRACE).await;
-        let expired = {
-            let mut o = lock(&sh2.orphans);
-            let before = o.len();
-            o.retain(|x| x.id != id);
-            o.len() != before
-        };
-        if expired {
-            tracing::debug!(id, "no listener came back; closing the connection");
-            give_up(&sh2, id, kind);
-        }
-    });
-}
-
-/// The program listens on `addr` again (as `listener`): connections kept
-/// for that address go to it.
-pub(crate) fn adopt_orphans(sh: &Arc<Shared>, listener: ConnId, addr: SocketAddr) {
-    let adopted: Vec<Orphan> = {
-        let mut o = lock(&sh.orphans);
-        let (mine, rest) = std::mem::take(&mut *o)
-            .into_iter()
-            .partition(|x| x.addr == addr);
-        *o = rest;
-        mine
-    };
-    for x in adopted {
-        place(sh, listener, x.id, x.kind);
-    }
-}
-
-/// Remembers a closed listener's address (bounded).
-pub(crate) fn retire(sh: &Shared, listener: ConnId, addr: SocketAddr) {
-    let mut r = lock(&sh.retired);
-    if r.len() >= RETIRED_KEPT {
-        r.pop_front();
-    }
-    r.push_back((listener, addr));
-}
-
-/// Connects a socket named `…-KIND-TAG` to `L`, waiting (bounded) while
-/// `L`'s backlog is full: a connection's stand-in (`c`) or a listener's
-/// marker (`m`).
-async fn connect_to_listener(
-    sh: &Shared,
-    kind: &str,
-    tag: ConnId,
-    l_name: &[u8],
-) -> Result<OwnedFd, i32> {
-    let c = standin_socket(sh, kind, tag)?;
-    let deadline = tokio::time::Instant::now() + BACKLOG_WAIT;
-    let mut pause = Duration::from_millis(1);
-    loop {
-        match connect_once(&c, l_name) {
-            Ok(()) => return Ok(c),
-            Err(libc::EAGAIN) if tokio::time::Instant::now() < deadline => {
-                // The program is not accepting fast enough: back off.
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(50));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// A non-blocking AF_UNIX socket bound to the abstract name `…-KIND-TAG`.
-fn standin_socket(sh: &Shared, kind: &str, tag: ConnId) -> Result<OwnedFd, i32> {
-    let c = unix_socket(true)?;
-    let me = UnixAddr::new_abstract(&sh.abstract_name(kind, tag)).map_err(|e| e as i32)?;
-    so::bind(c.as_raw_fd(), &me).map_err(|e| e as i32)?;
-    Ok(c)
-}
-
-/// One non-blocking connect of `c` to `L`; `EAGAIN`: its backlog is full.
-fn connect_once(c: &OwnedFd, l_name: &[u8]) -> Result<(), i32> {
-    let l = UnixAddr::new_abstract(l_name).map_err(|e| e as i32)?;
-    so::connect(c.as_raw_fd(), &l).map_err(|e| e as i32)
-}
 
 /// What a supervisor connection's abstract name (`…-c-<conn>`,
 /// `…-m-<listener>`) says it is.
@@ -459,7 +42,7 @@ fn standin_of(sh: &Shared, a: OwnedFd) -> Option<Pending> {
 }
 
 /// What `L` held.
-enum Pending {
+pub(crate) enum Pending {
     /// A connection's stand-in (for a relayed one, the program's end).
     Standin(OwnedFd, ConnId),
     /// The marker of a listener (its tag; see [`Ready`]).
@@ -579,13 +162,7 @@ fn take(
         match take_one(sh, call, l)? {
             Some(Pending::Standin(a, conn)) => return Ok(Some(Taken::Standin(a, conn))),
             // A marker left over from an emptied queue: a spurious wake-up.
-            Some(Pending::Marker(lconn)) => {
-                if let Some(r) = lock(&sh.ready).get_mut(&lconn) {
-                    if r.queue.is_empty() && matches!(r.marker, Marker::OnL { .. }) {
-                        r.marker = Marker::Absent;
-                    }
-                }
-            }
+            Some(Pending::Marker(lconn)) => marker_taken(sh, lconn),
             None => return Ok(None),
         }
     }
@@ -593,7 +170,11 @@ fn take(
 
 /// Takes one pending connection off `l` (the program's `L`), if any,
 /// dropping any the supervisor did not make.
-fn take_one(sh: &Shared, call: &Call, l: BorrowedFd<'_>) -> Result<Option<Pending>, i32> {
+pub(crate) fn take_one(
+    sh: &Shared,
+    call: &Call,
+    l: BorrowedFd<'_>,
+) -> Result<Option<Pending>, i32> {
     let _guard = lock(&sh.accept_lock);
     loop {
         let mut pfd = [nix::poll::PollFd::new(l, nix::poll::PollFlags::POLLIN)];

@@ -11,10 +11,13 @@
 //!
 //! * `socket.rs` — socket, bind, listen, shutdown; making a socket native.
 //! * `connect.rs` — blocking and non-blocking connect.
-//! * `accept.rs` — accept/accept4 and delivering connections to `L`.
+//! * `accept.rs` — accept/accept4.
+//! * `arrival.rs` — where connections wait for an accept: stand-ins on `L`,
+//!   the zero-relay queue, connections for a listener the program closed.
 //! * `sockopt.rs` — set/getsockopt, getsockname, getpeername.
 
 mod accept;
+mod arrival;
 mod connect;
 mod socket;
 mod sockopt;
@@ -175,13 +178,13 @@ pub(crate) struct Shared {
     pub handed: Mutex<HashMap<ConnId, OwnedFd>>,
     /// Zero-relay: each listener's handed-over sockets waiting for an
     /// accept, by listener tag.
-    pub ready: Mutex<HashMap<ConnId, accept::Ready>>,
+    pub ready: Mutex<HashMap<ConnId, arrival::Ready>>,
     /// Local tags of handed-over connections (apart from the fabric's).
     pub next_handed: std::sync::atomic::AtomicU64,
     /// Listeners the program closed, newest last, with their addresses.
     pub retired: Mutex<VecDeque<(ConnId, SocketAddr)>>,
     /// Connections waiting for a listener on the address of a closed one.
-    pub orphans: Mutex<Vec<accept::Orphan>>,
+    pub orphans: Mutex<Vec<arrival::Orphan>>,
     /// pidfds of the target's threads, by thread id.
     pub pidfds: Mutex<HashMap<u32, Arc<OwnedFd>>>,
     /// Serialises "is a connection pending on L? take it" between tasks.
@@ -366,7 +369,7 @@ impl Supervisor {
                     conn,
                     peer,
                     local,
-                } => accept::deliver(&self.shared, listener, conn, peer, local),
+                } => arrival::deliver(&self.shared, listener, conn, peer, local),
                 EndpointEvent::ConnectionClosed { conn, errno } => {
                     tracing::debug!(conn, errno, "connection closed before it was relayed");
                     lock(&self.shared.arrivals).remove(&conn);
@@ -393,11 +396,11 @@ impl Supervisor {
         // Tags of the old channel mean nothing on the new one.
         lock(&sh.retired).clear();
         for o in std::mem::take(&mut *lock(&sh.orphans)) {
-            if o.kind == accept::Kind::Handed {
+            if o.kind == arrival::Kind::Handed {
                 lock(&sh.handed).remove(&o.id);
             }
         }
-        accept::clear_queues(sh);
+        arrival::clear_queues(sh);
         sh.table().forget_connections();
         let old: Vec<(ConnId, Listener)> = lock(&sh.listeners).drain().collect();
         for (old_conn, l) in old {
@@ -435,7 +438,7 @@ impl Supervisor {
     /// and queues each on its listener's `L` like a relayed connection.
     pub async fn serve_handoffs(self, mut rx: saps_fabric::handoff::HandoffReceiver) {
         while let Some(h) = rx.recv().await {
-            accept::deliver_handoff(&self.shared, h);
+            arrival::deliver_handoff(&self.shared, h);
         }
     }
 
@@ -662,8 +665,8 @@ impl Shared {
         for conn in dead {
             tracing::debug!(conn, "the program closed a listener");
             if let Some(l) = lock(&self.listeners).remove(&conn) {
-                accept::retire(self, conn, l.addr);
-                accept::orphan_queue(self, conn, l.addr);
+                arrival::retire(self, conn, l.addr);
+                arrival::orphan_queue(self, conn, l.addr);
             }
             self.table().remove_conn(conn);
             self.ep().close_connection(conn, 0);

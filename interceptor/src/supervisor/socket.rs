@@ -220,7 +220,7 @@ fn install_listener(
     };
     let addr = listener.addr;
     super::lock(&sh.listeners).insert(conn, listener);
-    super::accept::adopt_orphans(sh, conn, addr);
+    super::arrival::adopt_orphans(sh, conn, addr);
     Ok(l_ino)
 }
 
