@@ -1,22 +1,23 @@
 //! `accept`/`accept4` on a virtual listener.
 //!
-//! A connection is pending on the listener's AF_UNIX socket `L` (see
-//! `arrival.rs`): relayed, as a stand-in connection bound to an abstract
-//! name carrying its SAPS tag, which becomes the program's socket; handed
-//! over (zero-relay), in the listener's ready queue, behind one marker
-//! connection on `L`. So `L` polls readable exactly when a connection is
-//! pending, and epoll/select-driven servers work unchanged. The trapped
-//! accept takes the next connection (off `L` through a duplicate of the
-//! program's fd, checking with `SO_PEERCRED` that the supervisor made it),
-//! writes the client's real address into the caller's buffer, and installs
-//! the socket with `ADDFD`. A connection whose delivery fails (bad address
-//! buffer, interrupted call) is kept for the next accept, never lost.
+//! Connections for a listener wait in its ready queue (`arrival.rs`):
+//! relayed ones as the program's end of a socket pair, zero-relay ones as
+//! the handed-over TCP socket, behind one marker connection on the
+//! listener's AF_UNIX socket `L`. So `L` polls readable exactly when a
+//! connection waits, and epoll/select-driven servers work unchanged. The
+//! trapped accept takes the next connection from the queue, writes the
+//! client's real address into the caller's buffer and installs the socket
+//! with `ADDFD`; the accept that empties the queue takes the marker off
+//! `L` (through a duplicate of the program's fd, checking with
+//! `SO_PEERCRED` that the supervisor made it). A connection whose delivery
+//! fails (bad address buffer, interrupted call) goes back to the head of
+//! the queue, never lost.
 
-use super::arrival::{drop_marker_if_idle, marker_taken, pop_ready, requeue};
+use super::arrival::{drop_marker_if_idle, marker_taken, pop_ready, requeue, Kind};
 use super::socket::set_nonblocking;
 use super::{defer, inode_of, lock, Arrival, Call, Outcome, Shared};
 use crate::notify::{AddFd, Reply};
-use crate::vsock::{Inode, State, VirtualSocket};
+use crate::vsock::{State, VirtualSocket};
 use nix::sys::socket::{self as so, sockopt, UnixAddr};
 use saps_fabric::ConnId;
 use std::net::{SocketAddr, SocketAddrV6};
@@ -27,40 +28,20 @@ use std::time::Duration;
 /// How often a blocked accept checks that its caller is still waiting.
 const LIVENESS_CHECK: Duration = Duration::from_millis(200);
 
-/// What a supervisor connection's abstract name (`…-c-<conn>`,
-/// `…-m-<listener>`) says it is.
-fn standin_of(sh: &Shared, a: OwnedFd) -> Option<Pending> {
+/// The listener whose marker `a` is (by its abstract name `…-m-<tag>`).
+fn marker_of(sh: &Shared, a: &OwnedFd) -> Option<ConnId> {
     let addr: UnixAddr = so::getpeername(a.as_raw_fd()).ok()?;
     let name = addr.as_abstract()?;
     let s = std::str::from_utf8(name).ok()?;
-    let rest = s.strip_prefix(&sh.prefix)?;
-    if let Some(lconn) = rest.strip_prefix("-m-") {
-        return Some(Pending::Marker(lconn.parse().ok()?));
-    }
-    let conn = rest.strip_prefix("-c-")?.parse().ok()?;
-    Some(Pending::Standin(a, conn))
-}
-
-/// What `L` held.
-pub(crate) enum Pending {
-    /// A connection's stand-in (for a relayed one, the program's end).
-    Standin(OwnedFd, ConnId),
-    /// The marker of a listener (its tag; see [`Ready`]).
-    Marker(ConnId),
-}
-
-/// A connection taken for an accept.
-enum Taken {
-    /// Its stand-in, off `L`.
-    Standin(OwnedFd, ConnId),
-    /// A handed-over socket from the ready queue of a listener: (its
-    /// tag, the socket's local tag).
-    Queued(ConnId, ConnId),
+    s.strip_prefix(&sh.prefix)?
+        .strip_prefix("-m-")?
+        .parse()
+        .ok()
 }
 
 /// `accept(fd, addr, addrlen)` / `accept4(…, flags)`.
 pub(crate) fn accept(sh: &Arc<Shared>, call: &mut Call, flags: i32) -> Outcome {
-    let Some((ino, vs)) = sh.lookup(call) else {
+    let Some((_, vs)) = sh.lookup(call) else {
         return Outcome::Reply(Reply::Continue);
     };
     if vs.state != State::Listening {
@@ -72,14 +53,14 @@ pub(crate) fn accept(sh: &Arc<Shared>, call: &mut Call, flags: i32) -> Outcome {
     call.note.action = "accept";
     let taken = match call.dup.take() {
         Some(l) => {
-            let t = take(sh, call, ino, &vs, l.as_fd());
+            let t = take(sh, call, &vs, l.as_fd());
             call.dup = Some(l);
             t
         }
-        None => listener_dup(sh, call).and_then(|l| take(sh, call, ino, &vs, l.as_fd())),
+        None => listener_dup(sh, call).and_then(|l| take(sh, call, &vs, l.as_fd())),
     };
     match taken {
-        Ok(Some(t)) => return hand_over(sh, call, ino, &vs, t, flags),
+        Ok(Some((lconn, id))) => return hand_over(sh, call, &vs, lconn, id, flags),
         Ok(None) => {}
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
     }
@@ -87,7 +68,7 @@ pub(crate) fn accept(sh: &Arc<Shared>, call: &mut Call, flags: i32) -> Outcome {
         return Outcome::Reply(Reply::Errno(libc::EAGAIN));
     }
     defer(move |sh, mut call| async move {
-        let outcome = wait_and_take(&sh, &mut call, ino, &vs, flags).await;
+        let outcome = wait_and_take(&sh, &mut call, &vs, flags).await;
         (call, outcome)
     })
 }
@@ -97,7 +78,6 @@ pub(crate) fn accept(sh: &Arc<Shared>, call: &mut Call, flags: i32) -> Outcome {
 async fn wait_and_take(
     sh: &Arc<Shared>,
     call: &mut Call,
-    ino: Inode,
     vs: &VirtualSocket,
     flags: i32,
 ) -> Outcome {
@@ -112,8 +92,8 @@ async fn wait_and_take(
             Ok(l) => l,
             Err(e) => return Outcome::Reply(Reply::Errno(e)),
         };
-        match take(sh, call, ino, vs, l.as_fd()) {
-            Ok(Some(t)) => return hand_over(sh, call, ino, vs, t, flags),
+        match take(sh, call, vs, l.as_fd()) {
+            Ok(Some((lconn, id))) => return hand_over(sh, call, vs, lconn, id, flags),
             Ok(None) => {}
             Err(e) => return Outcome::Reply(Reply::Errno(e)),
         }
@@ -131,50 +111,37 @@ fn listener_dup(sh: &Shared, call: &Call) -> Result<OwnedFd, i32> {
         .map_err(|e| e.raw_os_error().unwrap_or(libc::EBADF))
 }
 
-/// Takes one pending connection for the listener `vs` (inode `ino`, `L`
-/// is `l`): one kept from a failed delivery, else the next handed-over
-/// socket, else one off `L`. `None`: nothing pending.
+/// Takes the next connection queued for the listener `vs` (`L` is `l`):
+/// (the listener's tag, the connection's). `None`: nothing waits; a stale
+/// marker found on `L` meanwhile is taken off (a spurious wake-up).
 fn take(
     sh: &Shared,
     call: &Call,
-    ino: Inode,
     vs: &VirtualSocket,
     l: BorrowedFd<'_>,
-) -> Result<Option<Taken>, i32> {
-    let stashed = lock(&sh.stash).get_mut(&ino).and_then(|q| q.pop_front());
-    if let Some((a, conn)) = stashed {
-        if let Some(lconn) = vs.conn {
-            drop_marker_if_idle(sh, call, lconn, l, ino);
-        }
-        return Ok(Some(Taken::Standin(a, conn)));
-    }
-    if let Some(lconn) = vs.conn {
-        while let Some(id) = pop_ready(sh, lconn) {
-            // A socket closed under it (rejoin) is skipped.
-            if lock(&sh.handed).contains_key(&id) {
-                drop_marker_if_idle(sh, call, lconn, l, ino);
-                return Ok(Some(Taken::Queued(lconn, id)));
-            }
-        }
-        drop_marker_if_idle(sh, call, lconn, l, ino);
-    }
-    loop {
-        match take_one(sh, call, l)? {
-            Some(Pending::Standin(a, conn)) => return Ok(Some(Taken::Standin(a, conn))),
-            // A marker left over from an emptied queue: a spurious wake-up.
-            Some(Pending::Marker(lconn)) => marker_taken(sh, lconn),
-            None => return Ok(None),
+) -> Result<Option<(ConnId, ConnId)>, i32> {
+    let Some(lconn) = vs.conn else {
+        return Ok(None);
+    };
+    while let Some(id) = pop_ready(sh, lconn) {
+        // A socket closed under it (rejoin) is skipped.
+        if lock(&sh.waiting).contains_key(&id) {
+            drop_marker_if_idle(sh, call, lconn, l);
+            return Ok(Some((lconn, id)));
         }
     }
+    drop_marker_if_idle(sh, call, lconn, l);
+    while let Some(marker) = take_one(sh, call, l)? {
+        marker_taken(sh, marker);
+    }
+    Ok(None)
 }
 
-/// Takes one pending connection off `l` (the program's `L`), if any,
-/// dropping any the supervisor did not make.
-pub(crate) fn take_one(
-    sh: &Shared,
-    call: &Call,
-    l: BorrowedFd<'_>,
-) -> Result<Option<Pending>, i32> {
+/// Takes one pending connection off `l` (the program's `L`): a marker of
+/// the supervisor's (its listener's tag), or `None` once `L` is empty.
+/// Any other connection (the program's own, or a stranger's that found
+/// the abstract name) is dropped.
+pub(crate) fn take_one(sh: &Shared, call: &Call, l: BorrowedFd<'_>) -> Result<Option<ConnId>, i32> {
     let _guard = lock(&sh.accept_lock);
     loop {
         let mut pfd = [nix::poll::PollFd::new(l, nix::poll::PollFlags::POLLIN)];
@@ -191,8 +158,8 @@ pub(crate) fn take_one(
             Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
         };
         let ours = so::getsockopt(&a, sockopt::PeerCredentials).is_ok_and(|c| c.pid() == sh.pid);
-        match standin_of(sh, a) {
-            Some(p) if ours => return Ok(Some(p)),
+        match marker_of(sh, &a) {
+            Some(lconn) if ours => return Ok(Some(lconn)),
             _ => tracing::warn!(
                 pid = call.pid(),
                 "dropping a connection to a virtual listener not made by the supervisor"
@@ -201,20 +168,18 @@ pub(crate) fn take_one(
     }
 }
 
-/// Writes the client's address, installs the connection in the program
-/// and answers the call with its fd; on failure keeps the connection.
+/// Writes the client's address, installs connection `id` (queued for the
+/// listener `lconn`) in the program and answers the call with its fd; on
+/// failure puts the connection back at the head of the queue.
 fn hand_over(
     sh: &Arc<Shared>,
     call: &mut Call,
-    l_ino: Inode,
     listener: &VirtualSocket,
-    taken: Taken,
+    lconn: ConnId,
+    id: ConnId,
     flags: i32,
 ) -> Outcome {
-    let conn = match &taken {
-        Taken::Standin(_, conn) | Taken::Queued(_, conn) => *conn,
-    };
-    let arrival = lock(&sh.arrivals).get(&conn).copied();
+    let arrival = lock(&sh.arrivals).get(&id).copied();
     let (peer, local) = match arrival {
         Some(Arrival { peer, local }) => (
             in_family(listener.domain, peer),
@@ -225,65 +190,56 @@ fn hand_over(
             (u, u)
         }
     };
-    call.note.conn = Some(conn);
+    call.note.conn = Some(id);
     call.note.group = listener.bound;
-    let keep = |taken: Taken, errno: i32| {
-        match taken {
-            Taken::Standin(a, conn) => lock(&sh.stash)
-                .entry(l_ino)
-                .or_default()
-                .push_front((a, conn)),
-            Taken::Queued(lconn, id) => requeue(sh, lconn, id),
-        }
+    let Some((sock, kind)) = lock(&sh.waiting).remove(&id) else {
+        return Outcome::Reply(Reply::Errno(libc::ECONNABORTED));
+    };
+    let keep = |sock: OwnedFd, errno: i32| {
+        lock(&sh.waiting).insert(id, (sock, kind));
+        requeue(sh, lconn, id);
         Outcome::Reply(Reply::Errno(errno))
     };
     let (addr_ptr, len_ptr) = (call.arg(1), call.arg(2));
     if addr_ptr != 0 && sh.write_addr(call, addr_ptr, len_ptr, &peer).is_err() {
-        return keep(taken, libc::EFAULT);
+        return keep(sock, libc::EFAULT);
     }
-    let a = match taken {
-        Taken::Standin(a, _) => a,
-        Taken::Queued(lconn, id) => {
+    let nonblock = flags & libc::SOCK_NONBLOCK != 0;
+    let mut table_entry = None;
+    match kind {
+        Kind::Handed => {
             // Zero-relay: the program gets the TCP socket itself, a real
-            // socket the supervisor need not know again.
-            let Some(tcp) = lock(&sh.handed).remove(&id) else {
-                return Outcome::Reply(Reply::Errno(libc::ECONNABORTED));
-            };
-            // The io-server's sockets are non-blocking already.
-            if flags & libc::SOCK_NONBLOCK == 0 {
-                let _ = set_nonblocking(&tcp, false);
+            // socket the supervisor need not know again. The io-server's
+            // sockets are non-blocking already.
+            if !nonblock {
+                let _ = set_nonblocking(&sock, false);
             }
             call.note.action = "accept (zero-relay)";
-            return match install(sh, call, tcp.as_fd(), flags) {
-                Ok(fd) => {
-                    lock(&sh.arrivals).remove(&id);
-                    Outcome::Answered(fd as i64)
-                }
-                Err(e) => {
-                    lock(&sh.handed).insert(id, tcp);
-                    keep(Taken::Queued(lconn, id), e)
-                }
-            };
         }
-    };
-    let _ = set_nonblocking(&a, flags & libc::SOCK_NONBLOCK != 0);
-    let a_ino = match inode_of(&a) {
-        Ok(i) => i,
-        Err(e) => return keep(Taken::Standin(a, conn), e),
-    };
-    sh.table().insert(
-        a_ino,
-        VirtualSocket::accepted(listener.domain, conn, peer, local),
-    );
-    let installed = install(sh, call, a.as_fd(), flags);
-    match installed {
+        Kind::Relayed => {
+            // The program's end of the socket pair, a virtual socket.
+            let _ = set_nonblocking(&sock, nonblock);
+            let ino = match inode_of(&sock) {
+                Ok(i) => i,
+                Err(e) => return keep(sock, e),
+            };
+            sh.table().insert(
+                ino,
+                VirtualSocket::accepted(listener.domain, id, peer, local),
+            );
+            table_entry = Some(ino);
+        }
+    }
+    match install(sh, call, sock.as_fd(), flags) {
         Ok(fd) => {
-            lock(&sh.arrivals).remove(&conn);
+            lock(&sh.arrivals).remove(&id);
             Outcome::Answered(fd as i64)
         }
         Err(e) => {
-            sh.table().remove(a_ino);
-            keep(Taken::Standin(a, conn), e)
+            if let Some(ino) = table_entry {
+                sh.table().remove(ino);
+            }
+            keep(sock, e)
         }
     }
 }

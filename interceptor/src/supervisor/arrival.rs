@@ -1,22 +1,21 @@
 //! Where a connection from the io-server waits until the program accepts
 //! it: the other half of `accept.rs`.
 //!
-//! * Relayed (`ConnectionAccepted`): a stand-in connection, bound to an
-//!   abstract name carrying the SAPS tag, is connected to the listener's
-//!   `L`; it is the program's end of the connection, and the relay runs on
-//!   the supervisor's end.
-//! * Handed over (zero-relay): the TCP socket waits in the listener's ready
-//!   queue, behind one marker connection on `L` that keeps `L` readable
-//!   while the queue is not empty.
-//! * For a listener the program has closed (close is not trapped), a
-//!   connection goes to the listener now serving the same address, or
-//!   waits [`RELISTEN_GRACE`] for one.
+//! Each listener has a ready queue. A relayed connection
+//! (`ConnectionAccepted`) gets a socket pair: the relay runs on one end at
+//! once, the other waits in the queue for the program. A handed-over one
+//! (zero-relay) waits as the TCP socket itself. One marker connection on
+//! the listener's `L` keeps `L` readable while the queue is not empty, so
+//! a burst of clients costs one stand-in connection, not one each.
+//!
+//! For a listener the program has closed (close is not trapped), a
+//! connection goes to the listener now serving the same address, or waits
+//! [`RELISTEN_GRACE`] for one.
 
-use super::accept::{take_one, Pending};
+use super::accept::take_one;
 use super::connect::spawn_relay;
 use super::socket::unix_socket;
 use super::{lock, Arrival, Call, Shared};
-use crate::vsock::Inode;
 use nix::sys::socket::{self as so, UnixAddr};
 use saps_fabric::ConnId;
 use std::collections::VecDeque;
@@ -40,9 +39,9 @@ pub(crate) fn deliver(
     place(sh, listener, conn, Kind::Relayed);
 }
 
-/// Zero-relay: a TCP socket handed over by a same-host io-server. A
-/// stand-in connection to `L` makes it pending exactly like a relayed one;
-/// the accept installs the TCP socket itself.
+/// Zero-relay: a TCP socket handed over by a same-host io-server. It waits
+/// in the listener's queue like a relayed connection; the accept installs
+/// the TCP socket itself.
 pub(crate) fn deliver_handoff(sh: &Arc<Shared>, h: saps_fabric::handoff::HandedOff) {
     use std::sync::atomic::Ordering;
     let id = sh.next_handed.fetch_add(1, Ordering::Relaxed);
@@ -53,16 +52,17 @@ pub(crate) fn deliver_handoff(sh: &Arc<Shared>, h: saps_fabric::handoff::HandedO
             local: h.local,
         },
     );
-    lock(&sh.handed).insert(id, h.socket);
+    lock(&sh.waiting).insert(id, (h.socket, Kind::Handed));
     place(sh, h.listener, id, Kind::Handed);
 }
 
 /// How a connection waiting for the program's accept reaches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
-    /// Relayed over the fabric: its stand-in on `L` is the program's end.
+    /// Relayed over the fabric: the program gets one end of a socket pair
+    /// whose other end the relay holds.
     Relayed,
-    /// Zero-relay: the handed-over TCP socket (in `handed`) is.
+    /// Zero-relay: the program gets the handed-over TCP socket itself.
     Handed,
 }
 
@@ -113,48 +113,59 @@ fn route(sh: &Shared, listener: ConnId) -> Route {
     }
 }
 
-/// Queues connection `id` on `listener`'s `L` (or on whichever listener
-/// now serves its address), in a task.
+/// Queues connection `id` for `listener` (or for whichever listener now
+/// serves its address), in a task. A relayed connection gets its socket
+/// pair and its relay the first time it is queued.
 pub(crate) fn place(sh: &Arc<Shared>, listener: ConnId, id: ConnId, kind: Kind) {
     let sh2 = sh.clone();
     sh.rt.spawn(async move {
-        // A second round when `L` turns out closed before the sweep saw it.
-        for round in 0..2 {
-            let (lconn, l) = match route(&sh2, listener) {
-                Route::To(c, l) => (c, l),
-                Route::Wait(addr) => return park(&sh2, Orphan { addr, id, kind }),
-                Route::Unknown => {
-                    tracing::warn!(listener, "connection for an unknown listener; closing it");
-                    return give_up(&sh2, id, kind);
-                }
-            };
-            if kind == Kind::Handed {
-                return enqueue(&sh2, lconn, &l, id).await;
+        let (lconn, l) = match route(&sh2, listener) {
+            Route::To(c, l) => (c, l),
+            Route::Wait(addr) => return park(&sh2, Orphan { addr, id, kind }),
+            Route::Unknown => {
+                tracing::warn!(listener, "connection for an unknown listener; closing it");
+                return give_up(&sh2, id, kind);
             }
-            match connect_to_listener(&sh2, "c", id, &l.name).await {
-                Ok(c) => return spawn_relay(&sh2, id, c),
-                Err(libc::ECONNREFUSED) if round == 0 => sh2.reap_listeners(Some(l.addr.port())),
+        };
+        if kind == Kind::Relayed && !lock(&sh2.waiting).contains_key(&id) {
+            match pair() {
+                Ok((program_end, relay_end)) => {
+                    lock(&sh2.waiting).insert(id, (program_end, Kind::Relayed));
+                    spawn_relay(&sh2, id, relay_end);
+                }
                 Err(e) => {
                     tracing::warn!(
                         listener,
                         errno = e,
-                        "cannot hand the connection to the program"
+                        "cannot make the connection's socket pair"
                     );
                     return give_up(&sh2, id, kind);
                 }
             }
         }
-        give_up(&sh2, id, kind);
+        enqueue(&sh2, lconn, &l, id).await;
     });
 }
 
-/// Zero-relay connections waiting for the program's accept on one
-/// listener. One stand-in connection on `L`, the marker, keeps `L`
-/// readable while any wait, so a burst of clients costs one stand-in, not
-/// one each, and an accept takes the next socket straight from the queue.
+/// A relayed connection's socket pair: (the program's end, the relay's).
+fn pair() -> Result<(OwnedFd, OwnedFd), i32> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType};
+    so::socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| e as i32)
+}
+
+/// The connections waiting for the program's accept on one listener. One
+/// stand-in connection on `L`, the marker, keeps `L` readable while any
+/// wait, so a burst of clients costs one stand-in, not one each, and an
+/// accept takes the next socket straight from the queue.
 #[derive(Default)]
 pub(crate) struct Ready {
-    /// Local tags (keys of `handed`), oldest first.
+    /// Tags (keys of `waiting`), oldest first.
     queue: VecDeque<ConnId>,
     marker: Marker,
 }
@@ -170,8 +181,8 @@ enum Marker {
     },
 }
 
-/// Queues a handed-over connection on listener `lconn` and makes sure its
-/// marker is on `L`.
+/// Queues a connection on listener `lconn` and makes sure its marker is
+/// on `L`.
 async fn enqueue(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, id: ConnId) {
     let r = add_to_queue(sh, lconn, &l.name, |q| q.push_back(id));
     marker_outcome(sh, lconn, l, r).await;
@@ -250,7 +261,7 @@ fn marker_failed(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, e: i32) {
         sh.reap_listeners(Some(l.addr.port()));
         if !lock(&sh.listeners).contains_key(&lconn) {
             for id in queued {
-                place(sh, lconn, id, Kind::Handed);
+                place(sh, lconn, id, kind_of(sh, id));
             }
             return;
         }
@@ -261,8 +272,13 @@ fn marker_failed(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, e: i32) {
         "cannot hand connections to the program"
     );
     for id in queued {
-        give_up(sh, id, Kind::Handed);
+        give_up(sh, id, kind_of(sh, id));
     }
+}
+
+/// How a queued connection reaches the program (relayed if it is gone).
+fn kind_of(sh: &Shared, id: ConnId) -> Kind {
+    lock(&sh.waiting).get(&id).map_or(Kind::Relayed, |w| w.1)
 }
 
 /// The next queued connection of listener `lconn`.
@@ -270,33 +286,17 @@ pub(crate) fn pop_ready(sh: &Shared, lconn: ConnId) -> Option<ConnId> {
     lock(&sh.ready).get_mut(&lconn)?.queue.pop_front()
 }
 
-/// Takes the marker of listener `lconn` off `l` (`L`) once nothing waits
-/// for an accept: neither a queued socket nor a stashed stand-in of `L`
-/// (inode `ino`). A relayed stand-in found ahead of the marker is stashed,
-/// and the marker stays until the accept that takes it.
-pub(crate) fn drop_marker_if_idle(
-    sh: &Shared,
-    call: &Call,
-    lconn: ConnId,
-    l: BorrowedFd<'_>,
-    ino: Inode,
-) {
+/// Takes the marker of listener `lconn` off `l` (`L`) once its queue is
+/// empty, so `L` polls readable no longer.
+pub(crate) fn drop_marker_if_idle(sh: &Shared, call: &Call, lconn: ConnId, l: BorrowedFd<'_>) {
     let mut ready = lock(&sh.ready);
     let Some(r) = ready.get_mut(&lconn) else {
         return;
     };
-    if !r.queue.is_empty() || !matches!(r.marker, Marker::OnL { .. }) {
-        return;
-    }
-    if lock(&sh.stash).get(&ino).is_some_and(|q| !q.is_empty()) {
-        return;
-    }
-    match take_one(sh, call, l) {
-        Ok(Some(Pending::Standin(a, conn))) => {
-            lock(&sh.stash).entry(ino).or_default().push_back((a, conn));
-        }
-        // Taken off (or another accept took it already).
-        Ok(Some(Pending::Marker(_))) | Ok(None) | Err(_) => r.marker = Marker::Absent,
+    if r.queue.is_empty() && matches!(r.marker, Marker::OnL { .. }) {
+        // Taken off now (or by another accept already): either way gone.
+        let _ = take_one(sh, call, l);
+        r.marker = Marker::Absent;
     }
 }
 
@@ -313,7 +313,7 @@ pub(crate) fn marker_taken(sh: &Shared, lconn: ConnId) {
 /// A queued connection whose delivery failed goes back to the front.
 pub(crate) fn requeue(sh: &Arc<Shared>, lconn: ConnId, id: ConnId) {
     let Some(l) = lock(&sh.listeners).get(&lconn).cloned() else {
-        return give_up(sh, id, Kind::Handed);
+        return give_up(sh, id, kind_of(sh, id));
     };
     let r = add_to_queue(sh, lconn, &l.name, |q| q.push_front(id));
     if r.is_err() {
@@ -328,14 +328,8 @@ pub(crate) fn requeue(sh: &Arc<Shared>, lconn: ConnId, id: ConnId) {
 pub(crate) fn orphan_queue(sh: &Arc<Shared>, lconn: ConnId, addr: SocketAddr) {
     let queued = lock(&sh.ready).remove(&lconn).map(|r| r.queue);
     for id in queued.unwrap_or_default() {
-        park(
-            sh,
-            Orphan {
-                addr,
-                id,
-                kind: Kind::Handed,
-            },
-        );
+        let kind = kind_of(sh, id);
+        park(sh, Orphan { addr, id, kind });
     }
 }
 
@@ -344,7 +338,7 @@ pub(crate) fn clear_queues(sh: &Shared) {
     let queues: Vec<Ready> = lock(&sh.ready).drain().map(|(_, r)| r).collect();
     for r in queues {
         for id in r.queue {
-            give_up(sh, id, Kind::Handed);
+            give_up(sh, id, kind_of(sh, id));
         }
     }
 }
@@ -352,10 +346,10 @@ pub(crate) fn clear_queues(sh: &Shared) {
 /// Refuses a connection nobody will accept.
 fn give_up(sh: &Shared, id: ConnId, kind: Kind) {
     lock(&sh.arrivals).remove(&id);
-    match kind {
-        Kind::Relayed => sh.ep().close_connection(id, libc::ECONNREFUSED),
-        // Dropping the socket closes it.
-        Kind::Handed => drop(lock(&sh.handed).remove(&id)),
+    // Dropping the socket closes it.
+    drop(lock(&sh.waiting).remove(&id));
+    if kind == Kind::Relayed {
+        sh.ep().close_connection(id, libc::ECONNREFUSED);
     }
 }
 
@@ -421,8 +415,7 @@ pub(crate) fn retire(sh: &Shared, listener: ConnId, addr: SocketAddr) {
 }
 
 /// Connects a socket named `…-KIND-TAG` to `L`, waiting (bounded) while
-/// `L`'s backlog is full: a connection's stand-in (`c`) or a listener's
-/// marker (`m`).
+/// `L`'s backlog is full (a listener's marker: kind `m`).
 async fn connect_to_listener(
     sh: &Shared,
     kind: &str,

@@ -12,8 +12,9 @@
 //! * `socket.rs` — socket, bind, listen, shutdown; making a socket native.
 //! * `connect.rs` — blocking and non-blocking connect.
 //! * `accept.rs` — accept/accept4.
-//! * `arrival.rs` — where connections wait for an accept: stand-ins on `L`,
-//!   the zero-relay queue, connections for a listener the program closed.
+//! * `arrival.rs` — where connections wait for an accept: the listeners'
+//!   ready queues and their markers on `L`, connections for a listener the
+//!   program closed.
 //! * `sockopt.rs` — set/getsockopt, getsockname, getpeername.
 
 mod accept;
@@ -169,15 +170,12 @@ pub(crate) struct Shared {
     pub listeners: Mutex<HashMap<ConnId, Listener>>,
     /// Connections delivered to an `L`, by tag, until accepted.
     pub arrivals: Mutex<HashMap<ConnId, Arrival>>,
-    /// Connections taken off an `L` but not delivered (the accept failed with
-    /// EFAULT or was interrupted), by the `L` inode: the next accept gets them.
-    pub stash: Mutex<HashMap<Inode, VecDeque<(OwnedFd, ConnId)>>>,
-    /// Zero-relay: TCP sockets handed over by a same-host io-server, by
-    /// local tag, each with the socket that stands for it on `L` until the
-    /// program accepts it.
-    pub handed: Mutex<HashMap<ConnId, OwnedFd>>,
-    /// Zero-relay: each listener's handed-over sockets waiting for an
-    /// accept, by listener tag.
+    /// Sockets waiting in a listener's ready queue for the program's
+    /// accept, by tag: a TCP socket handed over by a same-host io-server
+    /// (zero-relay), or the program's end of a relayed connection's socket
+    /// pair.
+    pub waiting: Mutex<HashMap<ConnId, (OwnedFd, arrival::Kind)>>,
+    /// Each listener's ready queue, by listener tag.
     pub ready: Mutex<HashMap<ConnId, arrival::Ready>>,
     /// Local tags of handed-over connections (apart from the fabric's).
     pub next_handed: std::sync::atomic::AtomicU64,
@@ -267,8 +265,7 @@ impl Supervisor {
                 table: Mutex::default(),
                 listeners: Mutex::default(),
                 arrivals: Mutex::default(),
-                stash: Mutex::default(),
-                handed: Mutex::default(),
+                waiting: Mutex::default(),
                 ready: Mutex::default(),
                 next_handed: std::sync::atomic::AtomicU64::new(1 << 62),
                 retired: Mutex::default(),
@@ -396,9 +393,7 @@ impl Supervisor {
         // Tags of the old channel mean nothing on the new one.
         lock(&sh.retired).clear();
         for o in std::mem::take(&mut *lock(&sh.orphans)) {
-            if o.kind == arrival::Kind::Handed {
-                lock(&sh.handed).remove(&o.id);
-            }
+            lock(&sh.waiting).remove(&o.id);
         }
         arrival::clear_queues(sh);
         sh.table().forget_connections();
