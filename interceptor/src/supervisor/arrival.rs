@@ -333,13 +333,14 @@ pub(crate) fn orphan_queue(sh: &Arc<Shared>, lconn: ConnId, addr: SocketAddr) {
     }
 }
 
-/// Forgets every queue (the node joined the io-server again).
+/// Forgets every queue (the node joined the io-server again). Their
+/// sockets are closed; nothing is said on the new channel, where the old
+/// channel's tags mean nothing (its relays end with the old channel).
 pub(crate) fn clear_queues(sh: &Shared) {
     let queues: Vec<Ready> = lock(&sh.ready).drain().map(|(_, r)| r).collect();
-    for r in queues {
-        for id in r.queue {
-            give_up(sh, id, kind_of(sh, id));
-        }
+    for id in queues.into_iter().flat_map(|r| r.queue) {
+        lock(&sh.arrivals).remove(&id);
+        drop(lock(&sh.waiting).remove(&id));
     }
 }
 
