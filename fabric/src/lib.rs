@@ -24,6 +24,13 @@ pub mod frame;
 pub mod handoff;
 pub mod transport;
 
+/// How long a listening port outlives the program's last listener on it,
+/// on both ends of the fabric: the io-server keeps the port open and its
+/// clients queued, and a node keeps the clients it was sent for the closed
+/// listener, so a program that closes its listener and makes a new one on
+/// the same address (iperf3 does after every test) loses none of them.
+pub const RELISTEN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub use channel::{CallError, Channel, ChannelConfig, ChannelError, ChannelStats, Event, Role};
 pub use endpoint::{Endpoint, EndpointError, EndpointEvent, RelayOutcome};
 pub use frame::{ConnId, Frame, ReqId, Request, Response, ShutdownHow};

@@ -21,24 +21,21 @@ use crate::sys::{self, Errno};
 use crate::Shared;
 use saps_fabric::frame::bind_flags;
 use saps_fabric::ConnId;
+use saps_fabric::RELISTEN_GRACE;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::net::TcpStream;
 use std::sync::Arc;
 use tokio::io::unix::AsyncFd;
+use tokio::task::JoinHandle;
 
 /// A group's listening socket, watched by the runtime; clients are
 /// accepted with [`sys::accept`].
 type Listening = AsyncFd<std::net::TcpListener>;
-use tokio::task::JoinHandle;
 
 /// Clients waiting for an eligible member, per group; beyond this new
 /// clients are closed (like a full listen backlog).
 pub const MAX_QUEUED: usize = 1024;
-
-/// How long a listening port outlives its last listener, for a new
-/// listener to take it over without a window in which clients are refused.
-pub const RELISTEN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One node socket bound to the port.
 #[derive(Debug)]

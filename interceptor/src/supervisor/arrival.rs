@@ -13,11 +13,11 @@
 //! [`RELISTEN_GRACE`] for one.
 
 use super::accept::take_one;
-use super::connect::spawn_relay;
+use super::connect::{pair, spawn_relay};
 use super::socket::unix_socket;
 use super::{lock, Arrival, Call, Shared};
 use nix::sys::socket::{self as so, UnixAddr};
-use saps_fabric::ConnId;
+use saps_fabric::{ConnId, RELISTEN_GRACE};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
@@ -75,11 +75,6 @@ pub(crate) struct Orphan {
     pub kind: Kind,
 }
 
-/// As long as the io-server keeps a port whose last listener closed: the
-/// program closing a listener and making a new one (iperf3 does, after
-/// every test) loses no client that was on its way meanwhile.
-pub(crate) const RELISTEN_GRACE: Duration = Duration::from_secs(1);
-
 /// Listeners the program closed kept in `retired`, for connections the
 /// io-server sent before it learnt of the close.
 const RETIRED_KEPT: usize = 256;
@@ -128,7 +123,7 @@ pub(crate) fn place(sh: &Arc<Shared>, listener: ConnId, id: ConnId, kind: Kind) 
             }
         };
         if kind == Kind::Relayed && !lock(&sh2.waiting).contains_key(&id) {
-            match pair() {
+            match pair(false) {
                 Ok((program_end, relay_end)) => {
                     lock(&sh2.waiting).insert(id, (program_end, Kind::Relayed));
                     spawn_relay(&sh2, id, relay_end);
@@ -147,18 +142,6 @@ pub(crate) fn place(sh: &Arc<Shared>, listener: ConnId, id: ConnId, kind: Kind) 
     });
 }
 
-/// A relayed connection's socket pair: (the program's end, the relay's).
-fn pair() -> Result<(OwnedFd, OwnedFd), i32> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType};
-    so::socketpair(
-        AddressFamily::Unix,
-        SockType::Stream,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|e| e as i32)
-}
-
 /// The connections waiting for the program's accept on one listener. One
 /// stand-in connection on `L`, the marker, keeps `L` readable while any
 /// wait, so a burst of clients costs one stand-in, not one each, and an
@@ -168,6 +151,13 @@ pub(crate) struct Ready {
     /// Tags (keys of `waiting`), oldest first.
     queue: VecDeque<ConnId>,
     marker: Marker,
+}
+
+impl Ready {
+    /// The marker is on `L` with nothing behind it.
+    fn idle_marker(&self) -> bool {
+        self.queue.is_empty() && matches!(self.marker, Marker::OnL { .. })
+    }
 }
 
 #[derive(Default)]
@@ -207,7 +197,7 @@ fn add_to_queue(
     if !matches!(r.marker, Marker::Absent) {
         return Ok(());
     }
-    let c = standin_socket(sh, "m", lconn)?;
+    let c = marker_socket(sh, lconn)?;
     match connect_once(&c, l_name) {
         Ok(()) => {
             r.marker = Marker::OnL { _end: c };
@@ -235,7 +225,7 @@ async fn marker_outcome(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, r:
 /// Only here can a queue be emptied while its marker is on its way; that
 /// marker is then a spurious wake-up, dropped by the next accept.
 async fn connect_marker(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener) {
-    match connect_to_listener(sh, "m", lconn, &l.name).await {
+    match connect_when_room(sh, lconn, &l.name).await {
         Ok(c) => {
             let mut ready = lock(&sh.ready);
             if let Some(r) = ready.get_mut(&lconn) {
@@ -293,7 +283,7 @@ pub(crate) fn drop_marker_if_idle(sh: &Shared, call: &Call, lconn: ConnId, l: Bo
     let Some(r) = ready.get_mut(&lconn) else {
         return;
     };
-    if r.queue.is_empty() && matches!(r.marker, Marker::OnL { .. }) {
+    if r.idle_marker() {
         // Taken off now (or by another accept already): either way gone.
         let _ = take_one(sh, call, l);
         r.marker = Marker::Absent;
@@ -304,7 +294,7 @@ pub(crate) fn drop_marker_if_idle(sh: &Shared, call: &Call, lconn: ConnId, l: Bo
 /// an emptied queue): if the queue is empty, the marker is no longer there.
 pub(crate) fn marker_taken(sh: &Shared, lconn: ConnId) {
     if let Some(r) = lock(&sh.ready).get_mut(&lconn) {
-        if r.queue.is_empty() && matches!(r.marker, Marker::OnL { .. }) {
+        if r.idle_marker() {
             r.marker = Marker::Absent;
         }
     }
@@ -415,15 +405,10 @@ pub(crate) fn retire(sh: &Shared, listener: ConnId, addr: SocketAddr) {
     r.push_back((listener, addr));
 }
 
-/// Connects a socket named `…-KIND-TAG` to `L`, waiting (bounded) while
-/// `L`'s backlog is full (a listener's marker: kind `m`).
-async fn connect_to_listener(
-    sh: &Shared,
-    kind: &str,
-    tag: ConnId,
-    l_name: &[u8],
-) -> Result<OwnedFd, i32> {
-    let c = standin_socket(sh, kind, tag)?;
+/// Connects listener `lconn`'s marker to `L`, waiting (bounded) while
+/// `L`'s backlog is full.
+async fn connect_when_room(sh: &Shared, lconn: ConnId, l_name: &[u8]) -> Result<OwnedFd, i32> {
+    let c = marker_socket(sh, lconn)?;
     let deadline = tokio::time::Instant::now() + BACKLOG_WAIT;
     let mut pause = Duration::from_millis(1);
     loop {
@@ -439,10 +424,11 @@ async fn connect_to_listener(
     }
 }
 
-/// A non-blocking AF_UNIX socket bound to the abstract name `…-KIND-TAG`.
-fn standin_socket(sh: &Shared, kind: &str, tag: ConnId) -> Result<OwnedFd, i32> {
+/// Listener `lconn`'s marker: a non-blocking AF_UNIX socket bound to the
+/// abstract name `…-m-<lconn>` (see `accept::marker_of`).
+fn marker_socket(sh: &Shared, lconn: ConnId) -> Result<OwnedFd, i32> {
     let c = unix_socket(true)?;
-    let me = UnixAddr::new_abstract(&sh.abstract_name(kind, tag)).map_err(|e| e as i32)?;
+    let me = UnixAddr::new_abstract(&sh.abstract_name("m", lconn)).map_err(|e| e as i32)?;
     so::bind(c.as_raw_fd(), &me).map_err(|e| e as i32)?;
     Ok(c)
 }

@@ -85,7 +85,7 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
 }
 
 /// The socketpair (S, P): S for the program, P for the relay.
-fn pair(nonblock: bool) -> Result<(OwnedFd, OwnedFd), i32> {
+pub(crate) fn pair(nonblock: bool) -> Result<(OwnedFd, OwnedFd), i32> {
     let (s, p) = so::socketpair(
         AddressFamily::Unix,
         SockType::Stream,
