@@ -100,15 +100,8 @@ print("ok")
 /// only when it next looks), waits for the test's go (a file) and listens
 /// on the same port again, as iperf3 does between tests.
 const RELISTEN_PROGRAM: &str = r#"
-import os, socket, sys, time
-port, go = int(sys.argv[1]), sys.argv[2]
-def listener():
-    l = socket.socket()
-    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    l.bind(("0.0.0.0", port))
-    l.listen(8)
-    return l
-l = listener()
+go = arg
+l = listener(8)
 print("listening", flush=True)
 c, _ = l.accept()
 c.sendall(b"first")
@@ -118,7 +111,7 @@ print("closed", flush=True)
 deadline = time.monotonic() + 20
 while not os.path.exists(go) and time.monotonic() < deadline:
     time.sleep(0.005)
-l = listener()
+l = listener(8)
 c, peer = l.accept()
 c.sendall(b"second " + c.recv(16))
 c.close()
@@ -143,13 +136,32 @@ fn said(p: &Proc, what: &str) -> String {
     .unwrap_or_else(|| panic!("no {what:?}: {}\n{}", p.stdout(), p.stderr()))
 }
 
-/// The python `program` under saps-run, given `port` and `arg`, once it
-/// says "listening".
-fn serve_python(zero_relay: &str, program: &str, port: u16, arg: &str) -> Proc {
-    let p = Proc::spawn(&mut saps_run_local(
+/// What the python programs below start with: their port and argument
+/// (`port`, `arg`) and `listener(backlog)` on that port.
+const PRELUDE: &str = r#"
+import os, select, socket, sys, time
+port, arg = int(sys.argv[1]), sys.argv[2]
+def listener(backlog):
+    l = socket.socket()
+    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind(("0.0.0.0", port))
+    l.listen(backlog)
+    return l
+"#;
+
+/// saps-run running the python program `body` (after [`PRELUDE`]) with
+/// `port` and `arg`.
+fn python_under_saps(zero_relay: &str, body: &str, port: u16, arg: &str) -> Command {
+    let program = format!("{PRELUDE}{body}");
+    saps_run_local(
         zero_relay,
-        &[PYTHON, "-c", program, &port.to_string(), arg],
-    ));
+        &[PYTHON, "-c", &program, &port.to_string(), arg],
+    )
+}
+
+/// [`python_under_saps`], started, once the program says "listening".
+fn serve_python(zero_relay: &str, body: &str, port: u16, arg: &str) -> Proc {
+    let p = Proc::spawn(&mut python_under_saps(zero_relay, body, port, arg));
     said(&p, "listening");
     p
 }
@@ -161,16 +173,7 @@ fn a_client_between_close_and_relisten_reaches_the_new_listener(zero_relay: &str
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let go = dir.path().join("go");
-    let mut cmd = saps_run_local(
-        zero_relay,
-        &[
-            PYTHON,
-            "-c",
-            RELISTEN_PROGRAM,
-            &port.to_string(),
-            go.to_str().unwrap(),
-        ],
-    );
+    let mut cmd = python_under_saps(zero_relay, RELISTEN_PROGRAM, port, go.to_str().unwrap());
     // Debug logs say where the client waits.
     cmd.env("RUST_LOG", "saps_interceptor=debug,saps_io_server=debug");
     let p = Proc::spawn(&mut cmd);
@@ -213,12 +216,8 @@ fn a_client_between_close_and_relisten_reaches_the_new_listener_zero_relay() {
 /// the next accept is EAGAIN; says "bogus" for anything accepted that is
 /// not a client and "spurious" for a readable listener with nothing in it.
 const BURST_PROGRAM: &str = r#"
-import select, socket, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
-l = socket.socket()
-l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.bind(("0.0.0.0", port))
-l.listen(128)
+n = int(arg)
+l = listener(128)
 l.setblocking(False)
 print("listening", flush=True)
 clients = []
@@ -285,12 +284,8 @@ fn a_burst_of_clients_is_accepted_once_each_zero_relay() {
 /// accept, as iperf3 does; before answering each it says "spurious" if
 /// the listener polls readable (no other client exists at that moment).
 const SEQUENTIAL_PROGRAM: &str = r#"
-import select, socket, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
-l = socket.socket()
-l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.bind(("0.0.0.0", port))
-l.listen(8)
+n = int(arg)
+l = listener(8)
 print("listening", flush=True)
 for i in range(n):
     select.select([l], [], [], 20)

@@ -28,6 +28,14 @@ pub(crate) fn open_pair(window: u32) -> (Channel, Channel) {
     (node, srv)
 }
 
+/// io-server end: a client of 192.0.2.9:80 from 192.0.2.`host` for the
+/// node's listener 2.
+fn client(srv: &mut Channel, host: u8) -> ConnId {
+    let peer = std::net::SocketAddr::from(([192, 0, 2, host], 1));
+    srv.accept_connection(2, peer, "192.0.2.9:80".parse().unwrap())
+        .unwrap()
+}
+
 fn closed_reason(evs: &[Event]) -> Option<String> {
     evs.iter().find_map(|e| match e {
         Event::Closed { error } => Some(error.to_string()),
@@ -170,20 +178,8 @@ fn sending_past_the_granted_credit_is_a_protocol_error() {
 #[test]
 fn slow_reader_does_not_stall_other_connections() {
     let (mut node, mut srv) = open_pair(4096);
-    let a = srv
-        .accept_connection(
-            2,
-            "192.0.2.1:1".parse().unwrap(),
-            "192.0.2.9:80".parse().unwrap(),
-        )
-        .unwrap();
-    let b = srv
-        .accept_connection(
-            2,
-            "192.0.2.2:1".parse().unwrap(),
-            "192.0.2.9:80".parse().unwrap(),
-        )
-        .unwrap();
+    let a = client(&mut srv, 1);
+    let b = client(&mut srv, 2);
     pump(&mut node, &mut srv);
     events(&mut node);
     let payload = |i: usize| (i % 251) as u8;
@@ -260,13 +256,7 @@ fn input_given_up_in_buffers_is_decoded_across_any_split() {
     // appended to the partial frame it left; the payloads arrive whole.
     let frames = || {
         let (mut node, mut srv) = open_pair(64 * 1024);
-        let conn = srv
-            .accept_connection(
-                2,
-                "192.0.2.1:1".parse().unwrap(),
-                "192.0.2.9:80".parse().unwrap(),
-            )
-            .unwrap();
+        let conn = client(&mut srv, 1);
         pump(&mut node, &mut srv);
         events(&mut node);
         for m in [&b"first"[..], b"", b"third message"] {
