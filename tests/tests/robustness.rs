@@ -280,6 +280,98 @@ fn a_burst_of_clients_is_accepted_once_each_zero_relay() {
     a_burst_of_clients_is_accepted_once_each("on");
 }
 
+/// Two processes share the listener as nginx's workers do: each waits in
+/// its own epoll with `EPOLLEXCLUSIVE`, accepts one client when woken and
+/// answers it, then stops polling. The kernel wakes one exclusive waiter
+/// per connection made to the listener, so the second process is woken
+/// only if the connections behind the first make their own wake-ups. The
+/// parent then serves whoever is left.
+const EXCLUSIVE_PROGRAM: &str = r#"
+n = int(arg)
+l = listener(128)
+l.setblocking(False)
+r, w = os.pipe()
+kids = []
+for k in range(2):
+    pid = os.fork()
+    if pid == 0:
+        ep = select.epoll()
+        ep.register(l.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        os.write(w, b"w")
+        while True:
+            ep.poll(30)
+            try:
+                c, peer = l.accept()
+                break
+            except BlockingIOError:
+                continue
+        c.setblocking(True)
+        c.sendall(c.recv(16) + b" by " + str(k).encode())
+        c.close()
+        os.write(w, b"d")
+        os._exit(0)
+    kids.append(pid)
+# Both wait before the first client comes.
+assert os.read(r, 1) + os.read(r, 1) == b"ww"
+print("listening", flush=True)
+done = 0
+while done < 2 and select.select([r], [], [], 10)[0]:
+    os.read(r, 1)
+    done += 1
+print("children done", done, flush=True)
+for pid in kids:
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
+l.setblocking(True)
+for i in range(n - done):
+    c, peer = l.accept()
+    c.sendall(c.recv(16) + b" by parent")
+    c.close()
+"#;
+
+/// A burst of clients wakes every process waiting on the listener with
+/// `EPOLLEXCLUSIVE`, not only the first: the connections queued behind
+/// the first one must not sleep behind a single wake-up.
+fn a_burst_wakes_each_exclusive_waiter(zero_relay: &str) {
+    const N: usize = 40;
+    let port = free_port();
+    let p = serve_python(zero_relay, EXCLUSIVE_PROGRAM, port, &N.to_string());
+    let clients: Vec<_> = (0..N)
+        .map(|i| std::thread::spawn(move || read_reply(port, format!("c{i}").as_bytes())))
+        .collect();
+    let replies: Vec<String> = clients
+        .into_iter()
+        .map(|c| c.join().unwrap().unwrap_or_else(|e| format!("error {e}")))
+        .collect();
+    for (i, got) in replies.iter().enumerate() {
+        assert!(
+            got.starts_with(&format!("c{i} by ")),
+            "{got:?}\n{}",
+            p.stderr()
+        );
+    }
+    for who in ["by 0", "by 1"] {
+        assert_eq!(
+            replies.iter().filter(|r| r.ends_with(who)).count(),
+            1,
+            "{replies:?}\n{}",
+            p.stdout()
+        );
+    }
+}
+
+#[test]
+fn a_burst_wakes_each_exclusive_waiter_relayed() {
+    a_burst_wakes_each_exclusive_waiter("off");
+}
+
+#[test]
+fn a_burst_wakes_each_exclusive_waiter_zero_relay() {
+    a_burst_wakes_each_exclusive_waiter("on");
+}
+
 /// Serves `n` clients one after another with select() and a blocking
 /// accept, as iperf3 does; before answering each it says "spurious" if
 /// the listener polls readable (no other client exists at that moment).

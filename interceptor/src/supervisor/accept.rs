@@ -13,31 +13,20 @@
 //! fails (bad address buffer, interrupted call) goes back to the head of
 //! the queue, never lost.
 
-use super::arrival::{drop_marker_if_idle, marker_taken, pop_ready, requeue, Kind};
+use super::arrival::{next_queued, rearm, requeue, Kind};
 use super::socket::set_nonblocking;
 use super::{defer, inode_of, lock, Arrival, Call, Outcome, Shared};
 use crate::notify::{AddFd, Reply};
 use crate::vsock::{State, VirtualSocket};
-use nix::sys::socket::{self as so, sockopt, UnixAddr};
+use nix::sys::socket::{self as so, sockopt};
 use saps_fabric::ConnId;
 use std::net::{SocketAddr, SocketAddrV6};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 /// How often a blocked accept checks that its caller is still waiting.
 const LIVENESS_CHECK: Duration = Duration::from_millis(200);
-
-/// The listener whose marker `a` is (by its abstract name `…-m-<tag>`).
-fn marker_of(sh: &Shared, a: &OwnedFd) -> Option<ConnId> {
-    let addr: UnixAddr = so::getpeername(a.as_raw_fd()).ok()?;
-    let name = addr.as_abstract()?;
-    let s = std::str::from_utf8(name).ok()?;
-    s.strip_prefix(&sh.prefix)?
-        .strip_prefix("-m-")?
-        .parse()
-        .ok()
-}
 
 /// `accept(fd, addr, addrlen)` / `accept4(…, flags)`.
 pub(crate) fn accept(sh: &Arc<Shared>, call: &mut Call, flags: i32) -> Outcome {
@@ -112,10 +101,9 @@ fn listener_dup(sh: &Shared, call: &Call) -> Result<OwnedFd, i32> {
 }
 
 /// Takes the next connection queued for the listener `vs` (`L` is `l`):
-/// (the listener's tag, the connection's). `None`: nothing waits; a stale
-/// marker found on `L` meanwhile is taken off (a spurious wake-up).
+/// (the listener's tag, the connection's). `None`: nothing waits.
 fn take(
-    sh: &Shared,
+    sh: &Arc<Shared>,
     call: &Call,
     vs: &VirtualSocket,
     l: BorrowedFd<'_>,
@@ -123,48 +111,35 @@ fn take(
     let Some(lconn) = vs.conn else {
         return Ok(None);
     };
-    while let Some(id) = pop_ready(sh, lconn) {
-        // A socket closed under it (rejoin) is skipped.
-        if lock(&sh.waiting).contains_key(&id) {
-            drop_marker_if_idle(sh, call, lconn, l);
-            return Ok(Some((lconn, id)));
-        }
-    }
-    drop_marker_if_idle(sh, call, lconn, l);
-    while let Some(marker) = take_one(sh, call, l)? {
-        marker_taken(sh, marker);
-    }
-    Ok(None)
+    Ok(next_queued(sh, call, lconn, l)?.map(|id| (lconn, id)))
 }
 
-/// Takes one pending connection off `l` (the program's `L`): a marker of
-/// the supervisor's (its listener's tag), or `None` once `L` is empty.
-/// Any other connection (the program's own, or a stranger's that found
-/// the abstract name) is dropped.
-pub(crate) fn take_one(sh: &Shared, call: &Call, l: BorrowedFd<'_>) -> Result<Option<ConnId>, i32> {
+/// Takes one marker off `l` (the program's `L`): `false` once `L` is
+/// empty. A connection the supervisor did not make (the program's own, or
+/// a stranger's that found the abstract name) is dropped on the way.
+pub(crate) fn take_one(sh: &Shared, call: &Call, l: BorrowedFd<'_>) -> Result<bool, i32> {
     let _guard = lock(&sh.accept_lock);
     loop {
         let mut pfd = [nix::poll::PollFd::new(l, nix::poll::PollFlags::POLLIN)];
         match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::ZERO) {
-            Ok(0) => return Ok(None),
+            Ok(0) => return Ok(false),
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e as i32),
         }
         let a = match crate::sys::accept4(l, libc::SOCK_CLOEXEC) {
             Ok(fd) => fd,
-            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(false),
             Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
             Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
         };
-        let ours = so::getsockopt(&a, sockopt::PeerCredentials).is_ok_and(|c| c.pid() == sh.pid);
-        match marker_of(sh, &a) {
-            Some(lconn) if ours => return Ok(Some(lconn)),
-            _ => tracing::warn!(
-                pid = call.pid(),
-                "dropping a connection to a virtual listener not made by the supervisor"
-            ),
+        if so::getsockopt(&a, sockopt::PeerCredentials).is_ok_and(|c| c.pid() == sh.pid) {
+            return Ok(true);
         }
+        tracing::warn!(
+            pid = call.pid(),
+            "dropping a connection to a virtual listener not made by the supervisor"
+        );
     }
 }
 
@@ -233,6 +208,7 @@ fn hand_over(
     match install(sh, call, sock.as_fd(), flags) {
         Ok(fd) => {
             lock(&sh.arrivals).remove(&id);
+            rearm(sh, lconn);
             Outcome::Answered(fd as i64)
         }
         Err(e) => {

@@ -20,7 +20,7 @@ use nix::sys::socket::{self as so, UnixAddr};
 use saps_fabric::{ConnId, RELISTEN_GRACE};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -142,49 +142,62 @@ pub(crate) fn place(sh: &Arc<Shared>, listener: ConnId, id: ConnId, kind: Kind) 
     });
 }
 
-/// The connections waiting for the program's accept on one listener. One
-/// stand-in connection on `L`, the marker, keeps `L` readable while any
-/// wait, so a burst of clients costs one stand-in, not one each, and an
-/// accept takes the next socket straight from the queue.
+/// The connections waiting for the program's accept on one listener, and
+/// their marker: one stand-in connection on `L` while any wait, so `L`
+/// polls readable exactly then, and a burst of clients costs one stand-in
+/// per accept, not one each.
+///
+/// An accept that leaves connections behind replaces the marker with a new
+/// one rather than leaving it: each new connection to `L` wakes a waiter,
+/// as each client of a TCP listener does. Programs whose processes share
+/// `L` with `EPOLLEXCLUSIVE` (nginx) depend on that: the kernel wakes one
+/// of them per connection made to `L`, and with the marker left in place
+/// the others slept through a burst while one process accepted it all.
 #[derive(Default)]
 pub(crate) struct Ready {
     /// Tags (keys of `waiting`), oldest first.
     queue: VecDeque<ConnId>,
-    marker: Marker,
+    /// `L`'s abstract name.
+    name: Vec<u8>,
+    /// The marker is pending on `L`.
+    on_l: bool,
+    /// A task waits for room in `L`'s backlog ([`connect_marker`]).
+    retrying: bool,
 }
 
 impl Ready {
-    /// The marker is on `L` with nothing behind it.
-    fn idle_marker(&self) -> bool {
-        self.queue.is_empty() && matches!(self.marker, Marker::OnL { .. })
+    /// Connects the marker if connections wait and it is not on `L`,
+    /// under the queue's lock: so an accept never sees a queued connection
+    /// whose marker is still on its way (it could not take that marker
+    /// off again, and `L` would poll readable with nothing to accept,
+    /// which a program that selects and then blocks in `accept` would not
+    /// survive). `Err(EAGAIN)`: `L`'s backlog is full; the caller starts
+    /// [`connect_marker`].
+    fn fill(&mut self) -> Result<(), i32> {
+        if self.on_l || self.retrying || self.queue.is_empty() {
+            return Ok(());
+        }
+        match connect_marker_once(&self.name) {
+            Ok(()) => {
+                self.on_l = true;
+                Ok(())
+            }
+            Err(libc::EAGAIN) => {
+                self.retrying = true;
+                Err(libc::EAGAIN)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
-#[derive(Default)]
-enum Marker {
-    #[default]
-    Absent,
-    Connecting,
-    /// Pending on `L`; the supervisor's end is kept open.
-    OnL {
-        _end: OwnedFd,
-    },
-}
-
-/// Queues a connection on listener `lconn` and makes sure its marker is
-/// on `L`.
+/// Queues a connection on listener `lconn` and connects its marker.
 async fn enqueue(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, id: ConnId) {
     let r = add_to_queue(sh, lconn, &l.name, |q| q.push_back(id));
     marker_outcome(sh, lconn, l, r).await;
 }
 
-/// Adds to `lconn`'s queue with `add` and, if the marker is not on `L`,
-/// connects it there at once, under the queue's lock: so an accept never
-/// sees a queue whose marker is still on its way (it could not take that
-/// marker off again, and `L` would poll readable with nothing to accept,
-/// which a program that selects and then blocks in `accept` would not
-/// survive). `Err(EAGAIN)`: `L`'s backlog is full and the marker is left
-/// to [`connect_marker`].
+/// Changes `lconn`'s queue with `add`, then [`Ready::fill`]s its marker.
 fn add_to_queue(
     sh: &Shared,
     lconn: ConnId,
@@ -193,22 +206,11 @@ fn add_to_queue(
 ) -> Result<(), i32> {
     let mut ready = lock(&sh.ready);
     let r = ready.entry(lconn).or_default();
+    if r.name != l_name {
+        r.name = l_name.to_vec();
+    }
     add(&mut r.queue);
-    if !matches!(r.marker, Marker::Absent) {
-        return Ok(());
-    }
-    let c = marker_socket(sh, lconn)?;
-    match connect_once(&c, l_name) {
-        Ok(()) => {
-            r.marker = Marker::OnL { _end: c };
-            Ok(())
-        }
-        Err(libc::EAGAIN) => {
-            r.marker = Marker::Connecting;
-            Err(libc::EAGAIN)
-        }
-        Err(e) => Err(e),
-    }
+    r.fill()
 }
 
 /// Finishes what [`add_to_queue`] left: waits for room on `L`, or gives
@@ -221,24 +223,23 @@ async fn marker_outcome(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, r:
     }
 }
 
-/// The marker, when `L`'s backlog was full: retried until there is room.
-/// Only here can a queue be emptied while its marker is on its way; that
-/// marker is then a spurious wake-up, dropped by the next accept.
+/// A marker, when `L`'s backlog was full and none was on it: retried
+/// until there is room. Only here can a queue be
+/// emptied while a marker is on its way; that marker is then a spurious
+/// wake-up, taken off by the next accept.
 async fn connect_marker(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener) {
-    match connect_when_room(sh, lconn, &l.name).await {
-        Ok(c) => {
-            let mut ready = lock(&sh.ready);
-            if let Some(r) = ready.get_mut(&lconn) {
-                if matches!(r.marker, Marker::Connecting) {
-                    r.marker = if r.queue.is_empty() {
-                        Marker::Absent
-                    } else {
-                        Marker::OnL { _end: c }
-                    };
-                }
-            }
+    let r = connect_when_room(&l.name).await;
+    let mut ready = lock(&sh.ready);
+    let Some(q) = ready.get_mut(&lconn) else {
+        return;
+    };
+    q.retrying = false;
+    match r {
+        Ok(()) => q.on_l = true,
+        Err(e) => {
+            drop(ready);
+            marker_failed(sh, lconn, l, e);
         }
-        Err(e) => marker_failed(sh, lconn, l, e),
     }
 }
 
@@ -271,45 +272,86 @@ fn kind_of(sh: &Shared, id: ConnId) -> Kind {
     lock(&sh.waiting).get(&id).map_or(Kind::Relayed, |w| w.1)
 }
 
-/// The next queued connection of listener `lconn`.
-pub(crate) fn pop_ready(sh: &Shared, lconn: ConnId) -> Option<ConnId> {
-    lock(&sh.ready).get_mut(&lconn)?.queue.pop_front()
-}
-
-/// Takes the marker of listener `lconn` off `l` (`L`) once its queue is
-/// empty, so `L` polls readable no longer.
-pub(crate) fn drop_marker_if_idle(sh: &Shared, call: &Call, lconn: ConnId, l: BorrowedFd<'_>) {
+/// The next connection queued for listener `lconn` (the program's `L` is
+/// `l`). The marker is taken off `L`; [`rearm`] connects a new one if
+/// more wait. `None`: nothing waits, and stale markers found on `L`
+/// are taken off (a spurious wake-up). Under the queue's lock, so no
+/// marker connected meanwhile is taken for a stale one.
+pub(crate) fn next_queued(
+    sh: &Arc<Shared>,
+    call: &Call,
+    lconn: ConnId,
+    l: BorrowedFd<'_>,
+) -> Result<Option<ConnId>, i32> {
     let mut ready = lock(&sh.ready);
     let Some(r) = ready.get_mut(&lconn) else {
-        return;
+        while take_one(sh, call, l)? {}
+        return Ok(None);
     };
-    if r.idle_marker() {
-        // Taken off now (or by another accept already): either way gone.
-        let _ = take_one(sh, call, l);
-        r.marker = Marker::Absent;
+    // A socket closed under it (rejoin) is skipped.
+    let next =
+        std::iter::from_fn(|| r.queue.pop_front()).find(|id| lock(&sh.waiting).contains_key(id));
+    if next.is_none() {
+        while take_one(sh, call, l)? {}
+        r.on_l = false;
+        return Ok(None);
     }
+    if r.on_l {
+        take_one(sh, call, l)?;
+        r.on_l = false;
+    }
+    Ok(next)
 }
 
-/// An accept took listener `lconn`'s marker off `L` (one left over from
-/// an emptied queue): if the queue is empty, the marker is no longer there.
-pub(crate) fn marker_taken(sh: &Shared, lconn: ConnId) {
-    if let Some(r) = lock(&sh.ready).get_mut(&lconn) {
-        if r.idle_marker() {
-            r.marker = Marker::Absent;
-        }
+/// After an accept has answered its caller: a new marker on `L` if
+/// connections still wait (see [`Ready`]). Not before the answer: the
+/// waiter it wakes would take the CPU from the supervisor while the
+/// accepting process waits for it.
+pub(crate) fn rearm(sh: &Arc<Shared>, lconn: ConnId) {
+    let filled = lock(&sh.ready).get_mut(&lconn).map_or(Ok(()), Ready::fill);
+    if filled.is_err() {
+        marker_later(sh, lconn, filled);
     }
 }
 
 /// A queued connection whose delivery failed goes back to the front.
 pub(crate) fn requeue(sh: &Arc<Shared>, lconn: ConnId, id: ConnId) {
-    let Some(l) = lock(&sh.listeners).get(&lconn).cloned() else {
-        return give_up(sh, id, kind_of(sh, id));
+    refill(sh, lconn, |q| q.push_front(id));
+}
+
+/// Changes `lconn`'s queue with `add` and connects its marker if needed.
+fn refill(sh: &Arc<Shared>, lconn: ConnId, add: impl FnOnce(&mut VecDeque<ConnId>)) {
+    let l = lock(&sh.listeners).get(&lconn).cloned();
+    let Some(l) = l else {
+        let mut queued = VecDeque::new();
+        add(&mut queued);
+        for id in queued {
+            give_up(sh, id, kind_of(sh, id));
+        }
+        return;
     };
-    let r = add_to_queue(sh, lconn, &l.name, |q| q.push_front(id));
+    let r = add_to_queue(sh, lconn, &l.name, add);
     if r.is_err() {
-        let sh2 = sh.clone();
-        sh.rt
-            .spawn(async move { marker_outcome(&sh2, lconn, &l, r).await });
+        marker_later(sh, lconn, r);
+    }
+}
+
+/// What [`Ready::fill`] could not do at once, in a task: wait for room
+/// in `L`'s backlog, or give the queue up if `L` is gone.
+fn marker_later(sh: &Arc<Shared>, lconn: ConnId, r: Result<(), i32>) {
+    let l = lock(&sh.listeners).get(&lconn).cloned();
+    match l {
+        Some(l) => {
+            let sh2 = sh.clone();
+            sh.rt
+                .spawn(async move { marker_outcome(&sh2, lconn, &l, r).await });
+        }
+        None => {
+            let queued = lock(&sh.ready).remove(&lconn).map(|r| r.queue);
+            for id in queued.unwrap_or_default() {
+                give_up(sh, id, kind_of(sh, id));
+            }
+        }
     }
 }
 
@@ -405,15 +447,14 @@ pub(crate) fn retire(sh: &Shared, listener: ConnId, addr: SocketAddr) {
     r.push_back((listener, addr));
 }
 
-/// Connects listener `lconn`'s marker to `L`, waiting (bounded) while
-/// `L`'s backlog is full.
-async fn connect_when_room(sh: &Shared, lconn: ConnId, l_name: &[u8]) -> Result<OwnedFd, i32> {
-    let c = marker_socket(sh, lconn)?;
+/// Connects a marker to `L`, waiting (bounded) while `L`'s backlog is
+/// full.
+async fn connect_when_room(l_name: &[u8]) -> Result<(), i32> {
     let deadline = tokio::time::Instant::now() + BACKLOG_WAIT;
     let mut pause = Duration::from_millis(1);
     loop {
-        match connect_once(&c, l_name) {
-            Ok(()) => return Ok(c),
+        match connect_marker_once(l_name) {
+            Ok(()) => return Ok(()),
             Err(libc::EAGAIN) if tokio::time::Instant::now() < deadline => {
                 // The program is not accepting fast enough: back off.
                 tokio::time::sleep(pause).await;
@@ -424,17 +465,12 @@ async fn connect_when_room(sh: &Shared, lconn: ConnId, l_name: &[u8]) -> Result<
     }
 }
 
-/// Listener `lconn`'s marker: a non-blocking AF_UNIX socket bound to the
-/// abstract name `…-m-<lconn>` (see `accept::marker_of`).
-fn marker_socket(sh: &Shared, lconn: ConnId) -> Result<OwnedFd, i32> {
+/// One non-blocking connect of a new marker to `L`; `EAGAIN`: its backlog
+/// is full. The supervisor's end is closed at once: the connection stays
+/// pending on `L` (and acceptable) until an accept takes it off, which
+/// knows it by its peer's credentials (`accept::take_one`).
+fn connect_marker_once(l_name: &[u8]) -> Result<(), i32> {
     let c = unix_socket(true)?;
-    let me = UnixAddr::new_abstract(&sh.abstract_name("m", lconn)).map_err(|e| e as i32)?;
-    so::bind(c.as_raw_fd(), &me).map_err(|e| e as i32)?;
-    Ok(c)
-}
-
-/// One non-blocking connect of `c` to `L`; `EAGAIN`: its backlog is full.
-fn connect_once(c: &OwnedFd, l_name: &[u8]) -> Result<(), i32> {
     let l = UnixAddr::new_abstract(l_name).map_err(|e| e as i32)?;
     so::connect(c.as_raw_fd(), &l).map_err(|e| e as i32)
 }
