@@ -340,7 +340,7 @@ mod tests {
             libc::SYS_sendto,
             libc::SYS_recvfrom,
             libc::SYS_close,
-            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
         ] {
             assert_eq!(native(&p, nr, 3, 0), ALLOW, "nr {nr}");
         }
