@@ -332,6 +332,19 @@ impl Channel {
         (!self.out.is_empty()).then(|| self.out.split().freeze())
     }
 
+    /// [`Channel::poll_transmit`], giving up the whole output buffer rather
+    /// than a view of it, for a transport that hands the chunk on as it is
+    /// (in memory): its reader then owns the buffer and decodes it in
+    /// place. The next buffer starts with the same capacity, so a busy
+    /// channel does not grow it (and copy what it holds) again.
+    pub fn poll_transmit_owned(&mut self) -> Option<Bytes> {
+        if self.out.is_empty() {
+            return None;
+        }
+        let next = BytesMut::with_capacity(self.out.capacity());
+        Some(std::mem::replace(&mut self.out, next).freeze())
+    }
+
     /// Bytes queued for the transport.
     pub fn pending_transmit(&self) -> usize {
         self.out.len()

@@ -152,10 +152,18 @@ async fn read_loop<R: TransportRead>(
 }
 
 async fn write_loop<W: TransportWrite>(handle: FabricHandle, mut writer: W) {
+    let owned = writer.hands_chunks_on();
     loop {
         handle.shared.wake_writer.notified().await;
         loop {
-            let (bytes, closed) = handle.with(|ch| (ch.poll_transmit(), ch.is_closed()));
+            let (bytes, closed) = handle.with(|ch| {
+                let bytes = if owned {
+                    ch.poll_transmit_owned()
+                } else {
+                    ch.poll_transmit()
+                };
+                (bytes, ch.is_closed())
+            });
             match bytes {
                 Some(b) => {
                     if let Err(e) = writer.write(b).await {

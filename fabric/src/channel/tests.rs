@@ -281,3 +281,35 @@ fn input_given_up_in_buffers_is_decoded_across_any_split() {
         assert_eq!(got, b"firstthird message", "cut at {cut}");
     }
 }
+
+/// An owned chunk is the only view of its buffer, so an in-memory reader
+/// decodes it in place: the payload it delivers lies in the chunk the
+/// writer sent. The next output buffer keeps the capacity.
+#[test]
+fn owned_transmit_gives_the_buffer_up_and_keeps_its_capacity() {
+    let (mut node, mut srv) = open_pair(1 << 20);
+    let conn = client(&mut srv, 9);
+    pump(&mut node, &mut srv);
+    events(&mut node);
+    srv.send_message(conn, &[7; 3000]).unwrap();
+    let capacity = srv.pending_transmit();
+    let chunk = srv.poll_transmit_owned().unwrap();
+    assert!(srv.poll_transmit_owned().is_none());
+    let mut buf = chunk.try_into_mut().expect("the only view of its buffer");
+    let (start, end) = (buf.as_ptr() as usize, buf.as_ptr() as usize + buf.len());
+    node.handle_input_buf(&mut buf).unwrap();
+    let data = events(&mut node)
+        .into_iter()
+        .find_map(|e| match e {
+            Event::MessageReceived { data, .. } => Some(data),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(&data[..], &[7; 3000][..]);
+    let at = data.as_ptr() as usize;
+    assert!(start <= at && at + data.len() <= end, "decoded in place");
+    srv.send_message(conn, &[8; 10]).unwrap();
+    let next = srv.poll_transmit_owned().unwrap();
+    assert!(next.len() < capacity);
+    assert!(next.try_into_mut().unwrap().capacity() >= capacity);
+}
