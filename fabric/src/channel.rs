@@ -684,6 +684,35 @@ impl Channel {
         Ok(n)
     }
 
+    /// [`Channel::send_message`] with the payload written straight into
+    /// the channel's output by `fill` (a socket's read): at most `limit`
+    /// octets, the send window and [`MAX_DATA`]. `None`: the window is
+    /// shut, and `fill` was not called.
+    pub fn send_message_with<T>(
+        &mut self,
+        conn: ConnId,
+        limit: usize,
+        fill: impl FnOnce(&mut tokio::io::ReadBuf<'_>) -> T,
+    ) -> Result<Option<(usize, T)>, CallError> {
+        self.open_check()?;
+        let c = self
+            .conns
+            .get_mut(&conn)
+            .ok_or(CallError::UnknownConnection(conn))?;
+        if c.fin_sent {
+            return Err(CallError::AfterFin(conn));
+        }
+        let room = limit.min(c.send.available() as usize).min(MAX_DATA);
+        if room == 0 {
+            self.stats.credit_stalls += 1;
+            return Ok(None);
+        }
+        let (n, t) = codec::encode_data_with(conn, room, &mut self.out, fill);
+        c.send.on_sent(n as u64);
+        self.stats.bytes_sent += n as u64;
+        Ok(Some((n, t)))
+    }
+
     /// Octets `conn` may send now (`L_s - A_s`).
     pub fn send_window(&self, conn: ConnId) -> usize {
         self.conns

@@ -10,6 +10,7 @@
 use crate::frame::{ConnId, Frame, Request, Response, ShutdownHow, NONCE_LEN};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use tokio::io::ReadBuf;
 
 /// The one wire-format version this build speaks.
 pub const WIRE_VERSION: u8 = 1;
@@ -178,6 +179,38 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
     }
     let len = (out.len() - start - 4) as u32;
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Appends a `Data` frame whose payload `fill` writes straight into `out`,
+/// at most `limit` octets: a relay reads a socket into the frame itself,
+/// with no copy through a buffer of its own. Returns how many octets
+/// `fill` wrote (nothing is appended for none) and what `fill` returned.
+pub fn encode_data_with<T>(
+    conn: ConnId,
+    limit: usize,
+    out: &mut BytesMut,
+    fill: impl FnOnce(&mut ReadBuf<'_>) -> T,
+) -> (usize, T) {
+    out.reserve(DATA_OVERHEAD + limit);
+    let start = out.len();
+    out.put_u32(0);
+    out.put_u8(WIRE_VERSION);
+    put_conn(out, tag::DATA, conn);
+    let head = out.len();
+    let (n, t) = {
+        let mut rb = ReadBuf::uninit(&mut out.spare_capacity_mut()[..limit]);
+        let t = fill(&mut rb);
+        (rb.filled().len(), t)
+    };
+    if n == 0 {
+        out.truncate(start);
+        return (0, t);
+    }
+    // SAFETY: a `ReadBuf` only reports as filled octets that were written
+    // (initialised), and its buffer is the start of `out`'s spare capacity.
+    unsafe { out.set_len(head + n) };
+    out[start..start + 4].copy_from_slice(&((2 + 8 + n) as u32).to_be_bytes());
+    (n, t)
 }
 
 /// Appends a `Data` frame without building a [`Frame`] (the hot path).

@@ -12,16 +12,14 @@
 //! [`Endpoint::request`].
 //!
 //! An idle relay holds no read buffer (a gateway holds tens of thousands of
-//! idle connections; docs/benchmarks.md "Scale"): reads borrow a per-thread
-//! scratch buffer for the one poll that reads.
+//! idle connections; docs/benchmarks.md "Scale"): a read goes straight into
+//! a Data frame in the channel's output buffer.
 
-use crate::channel::MAX_DATA;
 use crate::channel::{CallError, Channel, ChannelError, Event};
 use crate::driver::{self, FabricHandle};
 use crate::frame::{ConnId, ReqId, Request, Response};
 use crate::transport::{TransportRead, TransportWrite};
 use bytes::Bytes;
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
@@ -535,23 +533,6 @@ enum Chunk {
     Refused,
 }
 
-thread_local! {
-    /// The read buffer of every relay polled on this thread; a relay only
-    /// holds it during one `poll_read`, never across a wait.
-    static SCRATCH: Cell<Option<Box<[u8]>>> = const { Cell::new(None) };
-}
-
-/// Runs `f` with this thread's scratch buffer of [`MAX_DATA`] octets (a
-/// fresh one should `f` run inside another `with_scratch`).
-fn with_scratch<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
-    let mut buf = SCRATCH
-        .take()
-        .unwrap_or_else(|| vec![0u8; MAX_DATA].into_boxed_slice());
-    let out = f(&mut buf);
-    SCRATCH.set(Some(buf));
-    out
-}
-
 /// One relay's two directions.
 struct Pump<'a> {
     ep: &'a Endpoint,
@@ -606,8 +587,8 @@ impl Pump<'_> {
     /// Stream -> connection, never past the peer's credit.
     ///
     /// No buffer is kept across the wait for data (an idle connection costs
-    /// no buffer): each read borrows this thread's scratch buffer for the
-    /// one poll that reads, and the octets go into the channel in that poll.
+    /// no buffer): each read goes straight into a Data frame in the
+    /// channel's output, in the poll that reads.
     async fn upstream<R: AsyncRead + Unpin>(&self, rd: &mut R, credit: &Notify) -> io::Result<()> {
         let handle = self.ep.handle();
         let conn = self.conn;
@@ -626,21 +607,20 @@ impl Pump<'_> {
                 }
                 credit.notified().await;
             };
-            let limit = window.min(MAX_DATA);
             let chunk = std::future::poll_fn(|cx| {
-                with_scratch(|buf| {
-                    let mut rb = ReadBuf::new(&mut buf[..limit]);
-                    ready!(Pin::new(&mut *rd).poll_read(cx, &mut rb))?;
-                    let data = rb.filled();
-                    Poll::Ready(Ok::<_, io::Error>(match data.len() {
-                        0 => Chunk::Eof,
-                        // Only this task sends on `conn`, so the window still holds.
-                        n => match handle.with(|ch| ch.send_message(conn, data)) {
-                            Ok(_) => Chunk::Sent(n),
-                            Err(_) => Chunk::Refused,
-                        },
-                    }))
-                })
+                // Only this task sends on `conn`, so the window still holds.
+                let sent = handle.with(|ch| {
+                    ch.send_message_with(conn, window, |rb| Pin::new(&mut *rd).poll_read(cx, rb))
+                });
+                Poll::Ready(Ok::<_, io::Error>(match sent {
+                    Ok(Some((_, Poll::Pending))) => return Poll::Pending,
+                    Ok(Some((_, Poll::Ready(Err(e))))) => return Poll::Ready(Err(e)),
+                    Ok(Some((0, Poll::Ready(Ok(()))))) => Chunk::Eof,
+                    Ok(Some((n, Poll::Ready(Ok(()))))) => Chunk::Sent(n),
+                    // The window shut meanwhile: wait for credit again.
+                    Ok(None) => Chunk::Sent(0),
+                    Err(_) => Chunk::Refused,
+                }))
             })
             .await?;
             match chunk {
@@ -1038,19 +1018,6 @@ mod tests {
             "the stalled client is blocked, not failed"
         );
         flood.abort();
-    }
-
-    #[test]
-    fn relays_on_one_thread_share_one_read_buffer() {
-        let first = with_scratch(|b| (b.as_ptr(), b.len()));
-        let (again, nested) = with_scratch(|b| (b.as_ptr(), with_scratch(|n| n.as_ptr())));
-        assert_eq!(
-            first,
-            (again, MAX_DATA),
-            "the buffer is reused, not reallocated"
-        );
-        assert_ne!(nested, again, "a nested use gets its own buffer");
-        assert_eq!(with_scratch(|b| b.as_ptr()), first.0);
     }
 
     #[tokio::test]

@@ -313,3 +313,35 @@ fn owned_transmit_gives_the_buffer_up_and_keeps_its_capacity() {
     assert!(next.len() < capacity);
     assert!(next.try_into_mut().unwrap().capacity() >= capacity);
 }
+
+/// A read straight into a Data frame sends what it read, within the
+/// window: a read of nothing queues nothing, and a shut window does not
+/// read at all.
+#[test]
+fn a_read_into_the_frame_sends_what_it_read_within_the_window() {
+    let (mut node, mut srv) = open_pair(1000);
+    let conn = node.make_connection().unwrap();
+    srv.open_connection(conn).unwrap();
+    pump(&mut node, &mut srv);
+    events(&mut srv);
+    let before = node.pending_transmit();
+    let nothing = node.send_message_with(conn, 5000, |rb| rb.remaining());
+    assert_eq!(nothing.unwrap(), Some((0, 1000)), "room is the window");
+    assert_eq!(node.pending_transmit(), before);
+    let sent = node.send_message_with(conn, 5000, |rb| rb.put_slice(&[5; 600]));
+    assert_eq!(sent.unwrap().map(|(n, _)| n), Some(600));
+    let rest = node.send_message_with(conn, 5000, |rb| rb.put_slice(&vec![6; rb.remaining()]));
+    assert_eq!(rest.unwrap().map(|(n, _)| n), Some(400));
+    let shut = node.send_message_with(conn, 10, |_| unreachable!("no room to read into"));
+    assert_eq!(shut.unwrap(), None);
+    pump(&mut node, &mut srv);
+    let got: Vec<u8> = events(&mut srv)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::MessageReceived { data, .. } => Some(data.to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(got, [[5; 600].as_slice(), &[6; 400]].concat());
+}
