@@ -13,7 +13,7 @@
 //! fails (bad address buffer, interrupted call) goes back to the head of
 //! the queue, never lost.
 
-use super::arrival::{next_queued, rearm, requeue, Kind};
+use super::arrival::{next_queued, requeue, Kind};
 use super::socket::set_nonblocking;
 use super::{defer, inode_of, lock, Arrival, Call, Outcome, Shared};
 use crate::notify::{AddFd, Reply};
@@ -208,7 +208,6 @@ fn hand_over(
     match install(sh, call, sock.as_fd(), flags) {
         Ok(fd) => {
             lock(&sh.arrivals).remove(&id);
-            rearm(sh, lconn);
             Outcome::Answered(fd as i64)
         }
         Err(e) => {

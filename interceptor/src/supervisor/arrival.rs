@@ -144,15 +144,17 @@ pub(crate) fn place(sh: &Arc<Shared>, listener: ConnId, id: ConnId, kind: Kind) 
 
 /// The connections waiting for the program's accept on one listener, and
 /// their marker: one stand-in connection on `L` while any wait, so `L`
-/// polls readable exactly then, and a burst of clients costs one stand-in
-/// per accept, not one each.
+/// polls readable exactly then, and a burst of clients costs one stand-in,
+/// not one each. The accept that empties the queue takes the marker off.
 ///
-/// An accept that leaves connections behind replaces the marker with a new
-/// one rather than leaving it: each new connection to `L` wakes a waiter,
-/// as each client of a TCP listener does. Programs whose processes share
-/// `L` with `EPOLLEXCLUSIVE` (nginx) depend on that: the kernel wakes one
-/// of them per connection made to `L`, and with the marker left in place
-/// the others slept through a burst while one process accepted it all.
+/// Known limit: programs whose processes share `L` with `EPOLLEXCLUSIVE`
+/// (nginx's workers) get one wake-up per marker, not per connection. A
+/// process asleep when a burst arrives behind the marker sleeps until the
+/// queue empties, while another accepts the burst alone. Renewing the
+/// marker on accepts that leave connections behind (every accept, or every
+/// 2 ms) woke the sleeper but made the burst slower to accept: nginx's
+/// c400 p99 through embedded zero-relay went from 23–70 ms to 470–530 ms
+/// (docs/benchmarks.md, "The accept burst").
 #[derive(Default)]
 pub(crate) struct Ready {
     /// Tags (keys of `waiting`), oldest first.
@@ -273,8 +275,7 @@ fn kind_of(sh: &Shared, id: ConnId) -> Kind {
 }
 
 /// The next connection queued for listener `lconn` (the program's `L` is
-/// `l`). The marker is taken off `L`; [`rearm`] connects a new one if
-/// more wait. `None`: nothing waits, and stale markers found on `L`
+/// `l`); the marker is taken off `L` with the last one. `None`: nothing waits, and stale markers found on `L`
 /// are taken off (a spurious wake-up). Under the queue's lock, so no
 /// marker connected meanwhile is taken for a stale one.
 pub(crate) fn next_queued(
@@ -296,22 +297,11 @@ pub(crate) fn next_queued(
         r.on_l = false;
         return Ok(None);
     }
-    if r.on_l {
+    if r.on_l && r.queue.is_empty() {
         take_one(sh, call, l)?;
         r.on_l = false;
     }
     Ok(next)
-}
-
-/// After an accept has answered its caller: a new marker on `L` if
-/// connections still wait (see [`Ready`]). Not before the answer: the
-/// waiter it wakes would take the CPU from the supervisor while the
-/// accepting process waits for it.
-pub(crate) fn rearm(sh: &Arc<Shared>, lconn: ConnId) {
-    let filled = lock(&sh.ready).get_mut(&lconn).map_or(Ok(()), Ready::fill);
-    if filled.is_err() {
-        marker_later(sh, lconn, filled);
-    }
 }
 
 /// A queued connection whose delivery failed goes back to the front.
