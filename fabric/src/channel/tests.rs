@@ -284,15 +284,17 @@ fn input_given_up_in_buffers_is_decoded_across_any_split() {
 
 /// An owned chunk is the only view of its buffer, so an in-memory reader
 /// decodes it in place: the payload it delivers lies in the chunk the
-/// writer sent. The next output buffer keeps the capacity.
+/// writer sent. The next output buffer keeps the capacity; a small chunk
+/// is a view, as `poll_transmit` gives.
 #[test]
-fn owned_transmit_gives_the_buffer_up_and_keeps_its_capacity() {
+fn owned_transmit_gives_large_buffers_up_and_keeps_their_capacity() {
     let (mut node, mut srv) = open_pair(1 << 20);
     let conn = client(&mut srv, 9);
     pump(&mut node, &mut srv);
     events(&mut node);
-    srv.send_message(conn, &[7; 3000]).unwrap();
-    let capacity = srv.pending_transmit();
+    let big = vec![7; OWNED_MIN + 1000];
+    srv.send_message(conn, &big).unwrap();
+    let length = srv.pending_transmit();
     let chunk = srv.poll_transmit_owned().unwrap();
     assert!(srv.poll_transmit_owned().is_none());
     let mut buf = chunk.try_into_mut().expect("the only view of its buffer");
@@ -305,13 +307,19 @@ fn owned_transmit_gives_the_buffer_up_and_keeps_its_capacity() {
             _ => None,
         })
         .unwrap();
-    assert_eq!(&data[..], &[7; 3000][..]);
+    assert_eq!(data[..], big[..]);
     let at = data.as_ptr() as usize;
     assert!(start <= at && at + data.len() <= end, "decoded in place");
     srv.send_message(conn, &[8; 10]).unwrap();
+    let small = srv.poll_transmit_owned().unwrap();
+    assert!(small.len() < 100);
+    assert!(
+        small.try_into_mut().is_err(),
+        "a view of the channel's buffer"
+    );
+    srv.send_message(conn, &big).unwrap();
     let next = srv.poll_transmit_owned().unwrap();
-    assert!(next.len() < capacity);
-    assert!(next.try_into_mut().unwrap().capacity() >= capacity);
+    assert!(next.try_into_mut().unwrap().capacity() >= length);
 }
 
 /// A read straight into a Data frame sends what it read, within the

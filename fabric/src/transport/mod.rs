@@ -57,7 +57,7 @@ pub struct StreamWriter(Writer);
 
 enum Reader {
     Stream(ReadHalf<Box<dyn AsyncStream>>),
-    Memory(tokio::sync::mpsc::Receiver<Bytes>),
+    Memory(MemoryReader),
     #[cfg(feature = "rdma")]
     Rdma(rdma::RdmaReader<rdma::hw::IbVerbs>),
 }
@@ -86,20 +86,42 @@ impl TransportRead for StreamReader {
                 buf.reserve(READ_CHUNK);
                 r.read_buf(buf).await
             }
-            Reader::Memory(rx) => Ok(match rx.recv().await {
-                None => 0,
-                Some(b) => {
-                    let n = b.len();
-                    if buf.is_empty() {
-                        // The writer's buffer itself when it is the only
-                        // view of it; a copy otherwise.
-                        *buf = b.try_into_mut().unwrap_or_else(|b| BytesMut::from(&b[..]));
-                    } else {
-                        buf.extend_from_slice(&b);
-                    }
-                    n
+            Reader::Memory(m) => {
+                let first = match m.held.take() {
+                    Some(b) => b,
+                    None => match m.rx.recv().await {
+                        Some(b) => b,
+                        None => return Ok(0),
+                    },
+                };
+                let mut n = first.len();
+                if buf.is_empty() {
+                    // The writer's buffer itself when it is the only view
+                    // of it; a copy otherwise.
+                    *buf = first
+                        .try_into_mut()
+                        .unwrap_or_else(|b| BytesMut::from(&b[..]));
+                } else {
+                    buf.extend_from_slice(&first);
                 }
-            }),
+                // Small chunks already waiting join this read (one pass of
+                // the reader for many small writes, as a pipe gives); a
+                // large one waits for the next read rather than be copied.
+                while buf.len() < READ_CHUNK {
+                    match m.rx.try_recv() {
+                        Ok(b) if b.len() <= MEMORY_JOIN => {
+                            n += b.len();
+                            buf.extend_from_slice(&b);
+                        }
+                        Ok(b) => {
+                            m.held = Some(b);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                Ok(n)
+            }
             #[cfg(feature = "rdma")]
             Reader::Rdma(r) => r.read(buf).await,
         }
@@ -139,13 +161,23 @@ impl TransportWrite for StreamWriter {
 /// Chunks an in-memory transport holds before its writer waits.
 const MEMORY_CHUNKS: usize = 16;
 
+/// Chunks up to this size are joined into the read before them.
+const MEMORY_JOIN: usize = 4096;
+
+/// The reading half of an in-memory transport.
+struct MemoryReader {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    /// A chunk taken while joining small ones, for the next read.
+    held: Option<Bytes>,
+}
+
 /// An in-memory transport pair (embedded mode and tests). Each write's
 /// chunk is handed to the reader as it is, not copied through a pipe.
 pub fn memory_pair() -> ((StreamReader, StreamWriter), (StreamReader, StreamWriter)) {
     let half = || {
         let (tx, rx) = tokio::sync::mpsc::channel(MEMORY_CHUNKS);
         (
-            StreamReader(Reader::Memory(rx)),
+            StreamReader(Reader::Memory(MemoryReader { rx, held: None })),
             StreamWriter(Writer::Memory(Some(tx))),
         )
     };
@@ -421,9 +453,10 @@ mod tests {
     }
 
     /// The in-memory transport hands a chunk to its reader as it is (the
-    /// same buffer, when the reader's is empty), appends one to octets
-    /// already held, reads its writer's shutdown as the end, and refuses a
-    /// write once the reader is gone.
+    /// same buffer, when the reader's is empty), joins small chunks already
+    /// waiting to it but keeps a large one for the next read, reads its
+    /// writer's shutdown as the end, and refuses a write once the reader
+    /// is gone.
     #[tokio::test]
     async fn memory_chunks_reach_the_reader_uncopied_and_in_order() {
         let ((mut ar, mut aw), (mut br, bw)) = memory_pair();
@@ -433,11 +466,14 @@ mod tests {
         aw.write(first).await.unwrap();
         aw.write(Bytes::new()).await.unwrap();
         aw.write(Bytes::from_static(b", second")).await.unwrap();
+        let large = Bytes::from(vec![b'x'; MEMORY_JOIN + 1]);
+        aw.write(large.clone()).await.unwrap();
         let mut buf = BytesMut::new();
-        assert_eq!(br.read(&mut buf).await.unwrap(), 11);
+        assert_eq!(br.read(&mut buf).await.unwrap(), 19);
         assert_eq!(buf.as_ptr(), at, "the writer's buffer itself");
-        assert_eq!(br.read(&mut buf).await.unwrap(), 8);
         assert_eq!(&buf[..], b"first frame, second");
+        assert_eq!(br.read(&mut buf).await.unwrap(), large.len());
+        assert_eq!(&buf[19..], &large[..]);
         aw.shutdown().await.unwrap();
         assert_eq!(br.read(&mut buf).await.unwrap(), 0);
         assert_eq!(
