@@ -181,8 +181,13 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
 }
 
+/// Spare room in the output buffer that [`encode_data_with`] reads into
+/// without asking for more.
+const READ_FLOOR: usize = 16 * 1024;
+
 /// Appends a `Data` frame whose payload `fill` writes straight into `out`,
-/// at most `limit` octets: a relay reads a socket into the frame itself,
+/// at most `limit` octets (fewer when `out` has [`READ_FLOOR`] octets of
+/// room but not `limit`): a relay reads a socket into the frame itself,
 /// with no copy through a buffer of its own. Returns how many octets
 /// `fill` wrote (nothing is appended for none) and what `fill` returned.
 pub fn encode_data_with<T>(
@@ -191,7 +196,16 @@ pub fn encode_data_with<T>(
     out: &mut BytesMut,
     fill: impl FnOnce(&mut ReadBuf<'_>) -> T,
 ) -> (usize, T) {
-    out.reserve(DATA_OVERHEAD + limit);
+    // Read into the room already there when it is ample: reserving a full
+    // `limit` for every read made a new buffer whenever the last chunk was
+    // still on its way to the transport, for reads of a few hundred octets.
+    let spare = out.capacity() - out.len();
+    let limit = if spare >= DATA_OVERHEAD + READ_FLOOR {
+        limit.min(spare - DATA_OVERHEAD)
+    } else {
+        out.reserve(DATA_OVERHEAD + limit);
+        limit
+    };
     let start = out.len();
     out.put_u32(0);
     out.put_u8(WIRE_VERSION);
@@ -533,6 +547,31 @@ impl Reader {
 mod tests {
     use super::*;
     use crate::frame::bind_flags;
+
+    /// A read into a frame uses the room the buffer has when that is ample
+    /// (no new buffer), asks for `limit` when it is not, and frames only
+    /// what was read.
+    #[test]
+    fn a_read_into_a_frame_uses_ample_room_and_frames_what_it_read() {
+        let mut out = BytesMut::with_capacity(DATA_OVERHEAD + READ_FLOOR + 100);
+        let at = out.as_ptr();
+        let (n, room) = encode_data_with(3, 64 * 1024, &mut out, |rb| {
+            let room = rb.remaining();
+            rb.put_slice(b"abc");
+            room
+        });
+        assert_eq!((n, room), (3, READ_FLOOR + 100));
+        assert_eq!(out.as_ptr(), at, "no new buffer");
+        let mut small = BytesMut::new();
+        let (_, room) = encode_data_with(3, 5000, &mut small, |rb| rb.remaining());
+        assert_eq!(room, 5000);
+        assert!(small.is_empty(), "nothing read, nothing framed");
+        match decode(&mut out, 1 << 20).unwrap() {
+            Some(Frame::Data { conn: 3, data }) => assert_eq!(&data[..], b"abc"),
+            f => panic!("{f:?}"),
+        }
+        assert!(out.is_empty());
+    }
 
     fn samples() -> Vec<Frame> {
         let v4: SocketAddr = "192.0.2.7:8080".parse().unwrap();
