@@ -675,27 +675,39 @@ impl Channel {
     /// `send_message`: queues as much of `data` as the peer's credit allows
     /// and returns how much. 0 means wait for `BufferAvailable`.
     pub fn send_message(&mut self, conn: ConnId, data: &[u8]) -> Result<usize, CallError> {
-        self.open_check()?;
-        let c = self
-            .conns
-            .get_mut(&conn)
-            .ok_or(CallError::UnknownConnection(conn))?;
-        if c.fin_sent {
-            return Err(CallError::AfterFin(conn));
-        }
-        let n = data.len().min(c.send.available() as usize);
+        let n = data.len().min(self.send_room(conn)?);
         if n == 0 {
             if !data.is_empty() {
                 self.stats.credit_stalls += 1;
             }
             return Ok(0);
         }
-        c.send.on_sent(n as u64);
         for chunk in data[..n].chunks(MAX_DATA) {
             codec::encode_data(conn, chunk, &mut self.out);
         }
-        self.stats.bytes_sent += n as u64;
+        self.sent(conn, n);
         Ok(n)
+    }
+
+    /// Octets `conn` may send now; an error if it may not send at all.
+    fn send_room(&self, conn: ConnId) -> Result<usize, CallError> {
+        self.open_check()?;
+        let c = self
+            .conns
+            .get(&conn)
+            .ok_or(CallError::UnknownConnection(conn))?;
+        if c.fin_sent {
+            return Err(CallError::AfterFin(conn));
+        }
+        Ok(c.send.available() as usize)
+    }
+
+    /// Counts `n` octets queued on `conn` against its credit.
+    fn sent(&mut self, conn: ConnId, n: usize) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.send.on_sent(n as u64);
+        }
+        self.stats.bytes_sent += n as u64;
     }
 
     /// [`Channel::send_message`] with the payload written straight into
@@ -708,22 +720,13 @@ impl Channel {
         limit: usize,
         fill: impl FnOnce(&mut tokio::io::ReadBuf<'_>) -> T,
     ) -> Result<Option<(usize, T)>, CallError> {
-        self.open_check()?;
-        let c = self
-            .conns
-            .get_mut(&conn)
-            .ok_or(CallError::UnknownConnection(conn))?;
-        if c.fin_sent {
-            return Err(CallError::AfterFin(conn));
-        }
-        let room = limit.min(c.send.available() as usize).min(MAX_DATA);
+        let room = limit.min(self.send_room(conn)?).min(MAX_DATA);
         if room == 0 {
             self.stats.credit_stalls += 1;
             return Ok(None);
         }
         let (n, t) = codec::encode_data_with(conn, room, &mut self.out, fill);
-        c.send.on_sent(n as u64);
-        self.stats.bytes_sent += n as u64;
+        self.sent(conn, n);
         Ok(Some((n, t)))
     }
 
