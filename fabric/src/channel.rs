@@ -39,8 +39,9 @@ pub enum Role {
 pub const OWNED_MIN: usize = 16 * 1024;
 
 /// Most capacity a new output buffer starts with after
-/// [`Channel::poll_transmit_owned`]: room for two full Data frames. A
-/// larger one is allocated (mapped) and freed (unmapped) per chunk.
+/// [`Channel::poll_transmit_owned`]: room for two full Data frames, so a
+/// buffer that once grew large is not allocated that large for every
+/// chunk after.
 pub const OWNED_CAPACITY: usize = 2 * (MAX_DATA + codec::DATA_OVERHEAD);
 
 /// Settings of one channel end.
@@ -347,9 +348,9 @@ impl Channel {
     /// place. Only for chunks of [`OWNED_MIN`] octets or more: for smaller
     /// ones a fresh buffer per chunk cost more than the reader's copy (the
     /// fabric microbenchmark's 1 KiB messages in memory went from about
-    /// 1 400 to 800–1 000 MB/s). The next buffer starts with the same capacity (up to
-    /// [`OWNED_CAPACITY`]), so a busy channel does not grow it (and copy
-    /// what it holds) again for every chunk.
+    /// 1 400 to 800–1 000 MB/s). The next buffer starts with the same
+    /// capacity (up to [`OWNED_CAPACITY`]), so a busy channel does not grow
+    /// it (and copy what it holds) again for every chunk.
     pub fn poll_transmit_owned(&mut self) -> Option<Bytes> {
         if self.out.len() < OWNED_MIN {
             // Small: the reader's copy costs less than a new buffer.

@@ -18,7 +18,6 @@ use super::socket::set_nonblocking;
 use super::{defer, inode_of, lock, Arrival, Call, Outcome, Shared};
 use crate::notify::{AddFd, Reply};
 use crate::vsock::{State, VirtualSocket};
-use nix::sys::socket::{self as so, sockopt};
 use saps_fabric::ConnId;
 use std::net::{SocketAddr, SocketAddrV6};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -103,7 +102,7 @@ fn listener_dup(sh: &Shared, call: &Call) -> Result<OwnedFd, i32> {
 /// Takes the next connection queued for the listener `vs` (`L` is `l`):
 /// (the listener's tag, the connection's). `None`: nothing waits.
 fn take(
-    sh: &Arc<Shared>,
+    sh: &Shared,
     call: &Call,
     vs: &VirtualSocket,
     l: BorrowedFd<'_>,
@@ -112,35 +111,6 @@ fn take(
         return Ok(None);
     };
     Ok(next_queued(sh, call, lconn, l)?.map(|id| (lconn, id)))
-}
-
-/// Takes one marker off `l` (the program's `L`): `false` once `L` is
-/// empty. A connection the supervisor did not make (the program's own, or
-/// a stranger's that found the abstract name) is dropped on the way.
-pub(crate) fn take_one(sh: &Shared, call: &Call, l: BorrowedFd<'_>) -> Result<bool, i32> {
-    let _guard = lock(&sh.accept_lock);
-    loop {
-        let mut pfd = [nix::poll::PollFd::new(l, nix::poll::PollFlags::POLLIN)];
-        match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::ZERO) {
-            Ok(0) => return Ok(false),
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e as i32),
-        }
-        let a = match crate::sys::accept4(l, libc::SOCK_CLOEXEC) {
-            Ok(fd) => fd,
-            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(false),
-            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
-            Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
-        };
-        if so::getsockopt(&a, sockopt::PeerCredentials).is_ok_and(|c| c.pid() == sh.pid) {
-            return Ok(true);
-        }
-        tracing::warn!(
-            pid = call.pid(),
-            "dropping a connection to a virtual listener not made by the supervisor"
-        );
-    }
 }
 
 /// Writes the client's address, installs connection `id` (queued for the

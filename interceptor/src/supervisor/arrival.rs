@@ -12,11 +12,10 @@
 //! connection goes to the listener now serving the same address, or waits
 //! [`RELISTEN_GRACE`] for one.
 
-use super::accept::take_one;
 use super::connect::{pair, spawn_relay};
 use super::socket::unix_socket;
 use super::{lock, Arrival, Call, Shared};
-use nix::sys::socket::{self as so, UnixAddr};
+use nix::sys::socket::{self as so, sockopt, UnixAddr};
 use saps_fabric::{ConnId, RELISTEN_GRACE};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -159,8 +158,6 @@ pub(crate) fn place(sh: &Arc<Shared>, listener: ConnId, id: ConnId, kind: Kind) 
 pub(crate) struct Ready {
     /// Tags (keys of `waiting`), oldest first.
     queue: VecDeque<ConnId>,
-    /// `L`'s abstract name.
-    name: Vec<u8>,
     /// The marker is pending on `L`.
     on_l: bool,
     /// A task waits for room in `L`'s backlog ([`connect_marker`]).
@@ -175,11 +172,11 @@ impl Ready {
     /// which a program that selects and then blocks in `accept` would not
     /// survive). `Err(EAGAIN)`: `L`'s backlog is full; the caller starts
     /// [`connect_marker`].
-    fn fill(&mut self) -> Result<(), i32> {
+    fn fill(&mut self, l_name: &[u8]) -> Result<(), i32> {
         if self.on_l || self.retrying || self.queue.is_empty() {
             return Ok(());
         }
-        match connect_marker_once(&self.name) {
+        match connect_marker_once(l_name) {
             Ok(()) => {
                 self.on_l = true;
                 Ok(())
@@ -208,11 +205,8 @@ fn add_to_queue(
 ) -> Result<(), i32> {
     let mut ready = lock(&sh.ready);
     let r = ready.entry(lconn).or_default();
-    if r.name != l_name {
-        r.name = l_name.to_vec();
-    }
     add(&mut r.queue);
-    r.fill()
+    r.fill(l_name)
 }
 
 /// Finishes what [`add_to_queue`] left: waits for room on `L`, or gives
@@ -225,10 +219,9 @@ async fn marker_outcome(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, r:
     }
 }
 
-/// A marker, when `L`'s backlog was full and none was on it: retried
-/// until there is room. Only here can a queue be
-/// emptied while a marker is on its way; that marker is then a spurious
-/// wake-up, taken off by the next accept.
+/// The marker, when `L`'s backlog was full: retried until there is room.
+/// Only here can a queue be emptied while a marker is on its way; that
+/// marker is then a spurious wake-up, taken off by the next accept.
 async fn connect_marker(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener) {
     let r = connect_when_room(&l.name).await;
     let mut ready = lock(&sh.ready);
@@ -275,73 +268,71 @@ fn kind_of(sh: &Shared, id: ConnId) -> Kind {
 }
 
 /// The next connection queued for listener `lconn` (the program's `L` is
-/// `l`); the marker is taken off `L` with the last one. `None`: nothing waits, and stale markers found on `L`
-/// are taken off (a spurious wake-up). Under the queue's lock, so no
-/// marker connected meanwhile is taken for a stale one.
+/// `l`); the marker is taken off `L` with the last one. `None`: nothing
+/// waits, and stale markers found on `L` are taken off (a spurious
+/// wake-up). Under the queue's lock, so no marker connected meanwhile is
+/// taken for a stale one.
 pub(crate) fn next_queued(
-    sh: &Arc<Shared>,
+    sh: &Shared,
     call: &Call,
     lconn: ConnId,
     l: BorrowedFd<'_>,
 ) -> Result<Option<ConnId>, i32> {
     let mut ready = lock(&sh.ready);
-    let Some(r) = ready.get_mut(&lconn) else {
-        while take_one(sh, call, l)? {}
-        return Ok(None);
-    };
+    let r = ready.entry(lconn).or_default();
     // A socket closed under it (rejoin) is skipped.
     let next =
         std::iter::from_fn(|| r.queue.pop_front()).find(|id| lock(&sh.waiting).contains_key(id));
     if next.is_none() {
         while take_one(sh, call, l)? {}
         r.on_l = false;
-        return Ok(None);
-    }
-    if r.on_l && r.queue.is_empty() {
+    } else if r.on_l && r.queue.is_empty() {
         take_one(sh, call, l)?;
         r.on_l = false;
     }
     Ok(next)
 }
 
-/// A queued connection whose delivery failed goes back to the front.
-pub(crate) fn requeue(sh: &Arc<Shared>, lconn: ConnId, id: ConnId) {
-    refill(sh, lconn, |q| q.push_front(id));
-}
-
-/// Changes `lconn`'s queue with `add` and connects its marker if needed.
-fn refill(sh: &Arc<Shared>, lconn: ConnId, add: impl FnOnce(&mut VecDeque<ConnId>)) {
-    let l = lock(&sh.listeners).get(&lconn).cloned();
-    let Some(l) = l else {
-        let mut queued = VecDeque::new();
-        add(&mut queued);
-        for id in queued {
-            give_up(sh, id, kind_of(sh, id));
+/// Takes one marker off `l` (the program's `L`): `false` once `L` is
+/// empty. A connection the supervisor did not make (the program's own, or
+/// a stranger's that found the abstract name) is dropped on the way. Only
+/// under the ready queues' lock, which keeps two accepts from both seeing
+/// one pending connection and one of them blocking in `accept4`.
+fn take_one(sh: &Shared, call: &Call, l: BorrowedFd<'_>) -> Result<bool, i32> {
+    loop {
+        let mut pfd = [nix::poll::PollFd::new(l, nix::poll::PollFlags::POLLIN)];
+        match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::ZERO) {
+            Ok(0) => return Ok(false),
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e as i32),
         }
-        return;
-    };
-    let r = add_to_queue(sh, lconn, &l.name, add);
-    if r.is_err() {
-        marker_later(sh, lconn, r);
+        let a = match crate::sys::accept4(l, libc::SOCK_CLOEXEC) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
+            Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
+        };
+        if so::getsockopt(&a, sockopt::PeerCredentials).is_ok_and(|c| c.pid() == sh.pid) {
+            return Ok(true);
+        }
+        tracing::warn!(
+            pid = call.pid(),
+            "dropping a connection to a virtual listener not made by the supervisor"
+        );
     }
 }
 
-/// What [`Ready::fill`] could not do at once, in a task: wait for room
-/// in `L`'s backlog, or give the queue up if `L` is gone.
-fn marker_later(sh: &Arc<Shared>, lconn: ConnId, r: Result<(), i32>) {
-    let l = lock(&sh.listeners).get(&lconn).cloned();
-    match l {
-        Some(l) => {
-            let sh2 = sh.clone();
-            sh.rt
-                .spawn(async move { marker_outcome(&sh2, lconn, &l, r).await });
-        }
-        None => {
-            let queued = lock(&sh.ready).remove(&lconn).map(|r| r.queue);
-            for id in queued.unwrap_or_default() {
-                give_up(sh, id, kind_of(sh, id));
-            }
-        }
+/// A queued connection whose delivery failed goes back to the front.
+pub(crate) fn requeue(sh: &Arc<Shared>, lconn: ConnId, id: ConnId) {
+    let Some(l) = lock(&sh.listeners).get(&lconn).cloned() else {
+        return give_up(sh, id, kind_of(sh, id));
+    };
+    let r = add_to_queue(sh, lconn, &l.name, |q| q.push_front(id));
+    if r.is_err() {
+        let sh2 = sh.clone();
+        sh.rt
+            .spawn(async move { marker_outcome(&sh2, lconn, &l, r).await });
     }
 }
 

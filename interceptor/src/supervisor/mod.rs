@@ -185,8 +185,6 @@ pub(crate) struct Shared {
     pub orphans: Mutex<Vec<arrival::Orphan>>,
     /// pidfds of the target's threads, by thread id.
     pub pidfds: Mutex<HashMap<u32, Arc<OwnedFd>>>,
-    /// Serialises "is a connection pending on L? take it" between tasks.
-    pub accept_lock: Mutex<()>,
     /// Prefix of the abstract socket names this supervisor makes.
     pub prefix: String,
     /// This process's id (`SO_PEERCRED` of the supervisor's own sockets),
@@ -271,7 +269,6 @@ impl Supervisor {
                 retired: Mutex::default(),
                 orphans: Mutex::default(),
                 pidfds: Mutex::default(),
-                accept_lock: Mutex::new(()),
                 prefix: format!("saps-{}-{:x}", std::process::id(), rand_tag()),
                 pid: std::process::id() as i32,
             }),
