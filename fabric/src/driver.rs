@@ -155,6 +155,11 @@ async fn write_loop<W: TransportWrite>(handle: FabricHandle, mut writer: W) {
     let owned = writer.hands_chunks_on();
     loop {
         handle.shared.wake_writer.notified().await;
+        // Let every task already woken in this pass of the event loop add
+        // its frames first (tokio runs a task woken by a running task next,
+        // so without this each relay's frame would go out in a write of its
+        // own): one write, and one wake-up of the peer, per batch.
+        tokio::task::yield_now().await;
         loop {
             let (bytes, closed) = handle.with(|ch| {
                 let bytes = if owned {
@@ -189,4 +194,100 @@ async fn handshake_deadline(handle: FabricHandle) {
             ch.close("authentication did not complete within 10 s");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::ChannelConfig;
+    use crate::frame::ConnId;
+    use crate::transport::{memory_pair, StreamWriter};
+    use bytes::Bytes;
+    use std::io;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A transport writer that counts its writes.
+    struct Counting {
+        inner: StreamWriter,
+        writes: Arc<AtomicUsize>,
+    }
+
+    impl TransportWrite for Counting {
+        async fn write(&mut self, bytes: Bytes) -> io::Result<()> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            self.inner.write(bytes).await
+        }
+        async fn shutdown(&mut self) -> io::Result<()> {
+            self.inner.shutdown().await
+        }
+        fn hands_chunks_on(&self) -> bool {
+            self.inner.hands_chunks_on()
+        }
+    }
+
+    async fn next(rx: &mut mpsc::UnboundedReceiver<Event>) -> Event {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("an event in time")
+            .expect("the driver runs")
+    }
+
+    // One worker: tokio runs a task woken by a running task next (its LIFO
+    // slot), which is what would give each sender's frame a write of its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn frames_queued_in_one_pass_go_out_in_one_write() {
+        const SENDERS: usize = 20;
+        let ((sr, sw), (nr, nw)) = memory_pair();
+        let writes = Arc::new(AtomicUsize::new(0));
+        let sw = Counting {
+            inner: sw,
+            writes: writes.clone(),
+        };
+        let (server, mut server_ev) = spawn(Channel::io_server(ChannelConfig::new("t")), sr, sw);
+        let node_ch = Channel::node(ChannelConfig::new("t").node("n1", 1));
+        let (_node, mut node_ev) = spawn(node_ch, nr, nw);
+        assert!(matches!(
+            next(&mut server_ev).await,
+            Event::NodeAuthenticated { .. }
+        ));
+        server.with(|ch| ch.welcome(1));
+        assert!(matches!(next(&mut node_ev).await, Event::Welcome { .. }));
+        let addr = SocketAddr::from(([127, 0, 0, 1], 80));
+        let conns: Vec<ConnId> = (0..SENDERS)
+            .map(|_| {
+                server
+                    .with(|ch| ch.accept_connection(2, addr, addr))
+                    .unwrap()
+            })
+            .collect();
+        for _ in 0..SENDERS {
+            assert!(matches!(
+                next(&mut node_ev).await,
+                Event::ConnectionAccepted { .. }
+            ));
+        }
+        let before = writes.load(Ordering::SeqCst);
+        // All senders become runnable in the same pass of the worker.
+        let s = server.clone();
+        tokio::spawn(async move {
+            for conn in conns {
+                let s = s.clone();
+                tokio::spawn(async move { s.with(|ch| ch.send_message(conn, b"x")).unwrap() });
+            }
+        })
+        .await
+        .unwrap();
+        for _ in 0..SENDERS {
+            assert!(matches!(
+                next(&mut node_ev).await,
+                Event::MessageReceived { .. }
+            ));
+        }
+        let batches = writes.load(Ordering::SeqCst) - before;
+        assert!(
+            batches <= 2,
+            "{SENDERS} frames queued together took {batches} writes"
+        );
+    }
 }

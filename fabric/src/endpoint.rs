@@ -521,6 +521,24 @@ impl AsyncWrite for SharedTcp {
         }
     }
 
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
@@ -654,14 +672,35 @@ impl Pump<'_> {
         fin_seen: &AtomicBool,
     ) -> io::Result<DownEnd> {
         let handle = self.ep.handle();
+        // Data already queued behind the first goes out in the same write
+        // (one syscall and one wake-up of the reader for a fabric read's
+        // worth of frames); the event that ends a batch waits here.
+        let mut next = None;
+        let mut batch = Vec::new();
         loop {
-            match inbound.recv().await {
+            let ev = match next.take() {
+                Some(ev) => Some(ev),
+                None => inbound.recv().await,
+            };
+            match ev {
                 Some(ConnEvent::Data(data)) => {
-                    wr.write_all(&data).await?;
-                    handle.with(|ch| ch.consumed(self.conn, data.len()));
+                    batch.push(data);
+                    while batch.len() < MAX_BATCH {
+                        match inbound.try_recv() {
+                            Ok(ConnEvent::Data(more)) => batch.push(more),
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let n = write_all_vectored(wr, &batch).await?;
+                    batch.clear();
+                    handle.with(|ch| ch.consumed(self.conn, n));
                     self.counters
                         .bytes_out
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                        .fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Some(ConnEvent::Fin) => {
                     wr.shutdown().await?;
@@ -676,6 +715,44 @@ impl Pump<'_> {
             }
         }
     }
+}
+
+/// At most this many Data frames go into one vectored write (`IOV_MAX`
+/// is far larger; this bounds what one write holds back from the credit).
+const MAX_BATCH: usize = 16;
+
+/// Writes every octet of `bufs` in order, vectored where the stream allows;
+/// returns how many were written.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    bufs: &[Bytes],
+) -> io::Result<usize> {
+    let total = bufs.iter().map(Bytes::len).sum();
+    if bufs.len() == 1 || !wr.is_write_vectored() {
+        for b in bufs {
+            wr.write_all(b).await?;
+        }
+        return Ok(total);
+    }
+    let (mut first, mut skip) = (0, 0);
+    while first < bufs.len() {
+        let slices: Vec<io::IoSlice<'_>> = std::iter::once(&bufs[first][skip..])
+            .chain(bufs[first + 1..].iter().map(|b| &b[..]))
+            .map(io::IoSlice::new)
+            .collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        // Step past what was written: whole buffers, then into one.
+        n += skip;
+        while first < bufs.len() && n >= bufs[first].len() {
+            n -= bufs[first].len();
+            first += 1;
+        }
+        skip = n;
+    }
+    Ok(total)
 }
 
 /// The router task: routes the events the reader task does not (a
@@ -875,6 +952,68 @@ mod tests {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
             .collect()
+    }
+
+    /// A vectored writer that takes at most 7 octets per call.
+    struct Trickle(Vec<u8>, usize);
+
+    impl Trickle {
+        fn take(&mut self, bufs: &[io::IoSlice<'_>]) -> usize {
+            self.1 += 1;
+            let mut room = 7;
+            for b in bufs {
+                let n = b.len().min(room);
+                self.0.extend_from_slice(&b[..n]);
+                room -= n;
+            }
+            7 - room
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(self.take(&[io::IoSlice::new(buf)])))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(self.take(bufs)))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_survives_short_vectored_writes_in_order() {
+        let bufs: Vec<Bytes> = [&b"abc"[..], b"", b"defghijklmno", b"p", b"qrstuvwxyz0123"]
+            .iter()
+            .map(|b| Bytes::copy_from_slice(b))
+            .collect();
+        let mut w = Trickle(Vec::new(), 0);
+        let n = write_all_vectored(&mut w, &bufs).await.unwrap();
+        assert_eq!(n, 30);
+        assert_eq!(w.0, b"abcdefghijklmnopqrstuvwxyz0123");
+        assert_eq!(
+            w.1, 5,
+            "each write took as much as it could, across buffers"
+        );
     }
 
     #[tokio::test]
