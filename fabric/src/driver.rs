@@ -159,7 +159,7 @@ async fn write_loop<W: TransportWrite>(handle: FabricHandle, mut writer: W) {
         // its frames first (tokio runs a task woken by a running task next,
         // so without this each relay's frame would go out in a write of its
         // own): one write, and one wake-up of the peer, per batch.
-        tokio::task::yield_now().await;
+        to_the_back_of_the_run_queue().await;
         loop {
             let (bytes, closed) = handle.with(|ch| {
                 let bytes = if owned {
@@ -185,6 +185,23 @@ async fn write_loop<W: TransportWrite>(handle: FabricHandle, mut writer: W) {
             }
         }
     }
+}
+
+/// Returns after the tasks already runnable have run. A task that wakes
+/// itself goes to the back of tokio's run queue, with no poll of the I/O
+/// driver in between (`tokio::task::yield_now` defers until after one,
+/// an `epoll_wait` per batch).
+async fn to_the_back_of_the_run_queue() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 async fn handshake_deadline(handle: FabricHandle) {
