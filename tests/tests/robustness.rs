@@ -247,9 +247,9 @@ except BlockingIOError:
 "#;
 
 /// Many clients arriving at once are all accepted, each once, with its
-/// address, and then the listener has nothing more (in zero-relay mode the
-/// sockets wait in a queue behind one marker connection on the listener's
-/// `L`, which the program must never be given).
+/// address, and then the listener has nothing more (the connections wait
+/// in a queue behind a few marker connections on the listener's `L`,
+/// which the program must never be given).
 fn a_burst_of_clients_is_accepted_once_each(zero_relay: &str) {
     const N: usize = 40;
     let port = free_port();
@@ -278,6 +278,71 @@ fn a_burst_of_clients_is_accepted_once_each_relayed() {
 #[test]
 fn a_burst_of_clients_is_accepted_once_each_zero_relay() {
     a_burst_of_clients_is_accepted_once_each("on");
+}
+
+/// Two processes wait on one listener with `EPOLLEXCLUSIVE`, as nginx's
+/// workers do; each says "woken" when its epoll_wait returns and accepts
+/// nothing until the test's "go" file exists, so the queue only grows.
+/// Then both accept and answer with their role.
+const EXCLUSIVE_PROGRAM: &str = r#"
+go = arg
+l = listener(128)
+l.setblocking(False)
+role = "child" if os.fork() == 0 else "parent"
+ep = select.epoll()
+ep.register(l.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+print("listening" if role == "parent" else "waiting child", flush=True)
+if ep.poll(30):
+    print(f"woken {role}", flush=True)
+deadline = time.monotonic() + 30
+while not os.path.exists(go) and time.monotonic() < deadline:
+    time.sleep(0.005)
+while True:
+    ep.poll(30)
+    try:
+        c, _ = l.accept()
+    except BlockingIOError:
+        continue
+    c.setblocking(True)
+    c.sendall(c.recv(16) + b" from " + role.encode())
+    c.close()
+"#;
+
+/// A burst of clients wakes more than one process waiting on the listener
+/// with `EPOLLEXCLUSIVE` (one marker on `L` for the whole burst woke just
+/// one: nginx's first worker took every connection of wrk's burst).
+fn a_burst_wakes_more_than_one_exclusive_waiter(zero_relay: &str) {
+    const N: usize = 12;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let p = serve_python(zero_relay, EXCLUSIVE_PROGRAM, port, go.to_str().unwrap());
+    said(&p, "waiting child");
+    let clients: Vec<_> = (0..N)
+        .map(|i| std::thread::spawn(move || read_reply(port, format!("c{i}").as_bytes())))
+        .collect();
+    said(&p, "woken parent");
+    said(&p, "woken child");
+    std::fs::write(&go, b"").unwrap();
+    for (i, c) in clients.into_iter().enumerate() {
+        let got = c.join().unwrap();
+        let got = got.as_deref().unwrap_or("");
+        assert!(
+            [format!("c{i} from parent"), format!("c{i} from child")].contains(&got.to_string()),
+            "{got:?}\n{}",
+            p.stderr()
+        );
+    }
+}
+
+#[test]
+fn a_burst_wakes_more_than_one_exclusive_waiter_relayed() {
+    a_burst_wakes_more_than_one_exclusive_waiter("off");
+}
+
+#[test]
+fn a_burst_wakes_more_than_one_exclusive_waiter_zero_relay() {
+    a_burst_wakes_more_than_one_exclusive_waiter("on");
 }
 
 /// Serves `n` clients one after another with select() and a blocking

@@ -2,13 +2,13 @@
 //!
 //! Connections for a listener wait in its ready queue (`arrival.rs`):
 //! relayed ones as the program's end of a socket pair, zero-relay ones as
-//! the handed-over TCP socket, behind one marker connection on the
-//! listener's AF_UNIX socket `L`. So `L` polls readable exactly when a
+//! the handed-over TCP socket, behind marker connections on the
+//! listener's AF_UNIX socket `L` (a few per burst, never more than wait). So `L` polls readable exactly when a
 //! connection waits, and epoll/select-driven servers work unchanged. The
 //! trapped accept takes the next connection from the queue, writes the
 //! client's real address into the caller's buffer and installs the socket
-//! with `ADDFD`; the accept that empties the queue takes the marker off
-//! `L` (through a duplicate of the program's fd, checking with
+//! with `ADDFD`; an accept that leaves fewer connections than markers
+//! takes one off `L` (through a duplicate of the program's fd, checking with
 //! `SO_PEERCRED` that the supervisor made it). A connection whose delivery
 //! fails (bad address buffer, interrupted call) goes back to the head of
 //! the queue, never lost.

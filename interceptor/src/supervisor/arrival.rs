@@ -4,9 +4,11 @@
 //! Each listener has a ready queue. A relayed connection
 //! (`ConnectionAccepted`) gets a socket pair: the relay runs on one end at
 //! once, the other waits in the queue for the program. A handed-over one
-//! (zero-relay) waits as the TCP socket itself. One marker connection on
-//! the listener's `L` keeps `L` readable while the queue is not empty, so
-//! a burst of clients costs one stand-in connection, not one each.
+//! (zero-relay) waits as the TCP socket itself. Marker connections on the
+//! listener's `L` keep `L` readable while the queue is not empty: one for
+//! a short queue, one more for every [`MARKER_STEP`] connections queued
+//! (up to [`MAX_MARKERS`]), so a burst of clients costs a few stand-in
+//! connections, not one each, and still wakes more than one process.
 //!
 //! For a listener the program has closed (close is not trapped), a
 //! connection goes to the listener now serving the same address, or waits
@@ -141,52 +143,66 @@ pub(crate) fn place(sh: &Arc<Shared>, listener: ConnId, id: ConnId, kind: Kind) 
     });
 }
 
+/// A queue this long gets one more marker on `L`.
+const MARKER_STEP: usize = 4;
+/// Markers on one `L` at most: a wake-up for each of that many processes
+/// asleep on it (a program's acceptors are about as many as its cores).
+const MAX_MARKERS: usize = 4;
+
+/// How many markers `queued` connections keep on `L`.
+fn markers_for(queued: usize) -> usize {
+    queued.div_ceil(MARKER_STEP).min(MAX_MARKERS)
+}
+
 /// The connections waiting for the program's accept on one listener, and
-/// their marker: one stand-in connection on `L` while any wait, so `L`
-/// polls readable exactly then, and a burst of clients costs one stand-in,
-/// not one each. The accept that empties the queue takes the marker off.
+/// their markers: stand-in connections on `L` while any wait, never more
+/// than the connections queued, so `L` polls readable exactly then. A
+/// burst of clients costs a few stand-ins, not one each; accepts take
+/// markers off as the queue shrinks below their number.
 ///
-/// Known limit: programs whose processes share `L` with `EPOLLEXCLUSIVE`
-/// (nginx's workers) get one wake-up per marker, not per connection. A
-/// process asleep when a burst arrives behind the marker sleeps until the
-/// queue empties, while another accepts the burst alone. Renewing the
-/// marker on accepts that leave connections behind (every accept, or every
-/// 2 ms) woke the sleeper but made the burst slower to accept: nginx's
-/// c400 p99 through embedded zero-relay went from 23–70 ms to 470–530 ms
-/// (docs/benchmarks.md, "The accept burst").
+/// Processes that share `L` with `EPOLLEXCLUSIVE` (nginx's workers) get
+/// one wake-up per marker, not per connection: with a single marker, a
+/// process asleep when a burst arrived slept until the queue emptied while
+/// another accepted the whole burst (all 50 of wrk's connections to one
+/// nginx worker, every time). A marker per [`MARKER_STEP`] queued wakes
+/// up to [`MAX_MARKERS`] of them for a burst and none for a lone client.
+/// Renewing one marker on every accept instead woke the sleepers too, but
+/// made bursts slower to accept (docs/benchmarks.md, "The accept burst").
 #[derive(Default)]
 pub(crate) struct Ready {
     /// Tags (keys of `waiting`), oldest first.
     queue: VecDeque<ConnId>,
-    /// The marker is pending on `L`.
-    on_l: bool,
+    /// Markers pending on `L`.
+    on_l: usize,
     /// A task waits for room in `L`'s backlog ([`connect_marker`]).
     retrying: bool,
 }
 
 impl Ready {
-    /// Connects the marker if connections wait and it is not on `L`,
-    /// under the queue's lock: so an accept never sees a queued connection
-    /// whose marker is still on its way (it could not take that marker
-    /// off again, and `L` would poll readable with nothing to accept,
-    /// which a program that selects and then blocks in `accept` would not
-    /// survive). `Err(EAGAIN)`: `L`'s backlog is full; the caller starts
-    /// [`connect_marker`].
+    /// Connects the markers the queue calls for, under the queue's lock:
+    /// so an accept never sees a queued connection whose marker is still
+    /// on its way (it could not take that marker off again, and `L` would
+    /// poll readable with nothing to accept, which a program that selects
+    /// and then blocks in `accept` would not survive). `Err(EAGAIN)`: `L`'s
+    /// backlog is full and no marker is on it; the caller starts
+    /// [`connect_marker`]. With one on `L` already, `L` polls readable
+    /// anyway and the rest are not retried.
     fn fill(&mut self, l_name: &[u8]) -> Result<(), i32> {
-        if self.on_l || self.retrying || self.queue.is_empty() {
+        if self.retrying {
             return Ok(());
         }
-        match connect_marker_once(l_name) {
-            Ok(()) => {
-                self.on_l = true;
-                Ok(())
+        while self.on_l < markers_for(self.queue.len()) {
+            match connect_marker_once(l_name) {
+                Ok(()) => self.on_l += 1,
+                Err(_) if self.on_l > 0 => break,
+                Err(libc::EAGAIN) => {
+                    self.retrying = true;
+                    return Err(libc::EAGAIN);
+                }
+                Err(e) => return Err(e),
             }
-            Err(libc::EAGAIN) => {
-                self.retrying = true;
-                Err(libc::EAGAIN)
-            }
-            Err(e) => Err(e),
         }
+        Ok(())
     }
 }
 
@@ -230,7 +246,7 @@ async fn connect_marker(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener) {
     };
     q.retrying = false;
     match r {
-        Ok(()) => q.on_l = true,
+        Ok(()) => q.on_l += 1,
         Err(e) => {
             drop(ready);
             marker_failed(sh, lconn, l, e);
@@ -268,7 +284,8 @@ fn kind_of(sh: &Shared, id: ConnId) -> Kind {
 }
 
 /// The next connection queued for listener `lconn` (the program's `L` is
-/// `l`); the marker is taken off `L` with the last one. `None`: nothing
+/// `l`); markers are taken off `L` as the queue shrinks below their
+/// number, the last with the last connection. `None`: nothing
 /// waits, and stale markers found on `L` are taken off (a spurious
 /// wake-up). Under the queue's lock, so no marker connected meanwhile is
 /// taken for a stale one.
@@ -285,10 +302,14 @@ pub(crate) fn next_queued(
         std::iter::from_fn(|| r.queue.pop_front()).find(|id| lock(&sh.waiting).contains_key(id));
     if next.is_none() {
         while take_one(sh, call, l)? {}
-        r.on_l = false;
-    } else if r.on_l && r.queue.is_empty() {
-        take_one(sh, call, l)?;
-        r.on_l = false;
+        r.on_l = 0;
+    }
+    while r.on_l > r.queue.len() {
+        r.on_l -= 1;
+        if !take_one(sh, call, l)? {
+            // None left on `L` to take.
+            r.on_l = 0;
+        }
     }
     Ok(next)
 }
