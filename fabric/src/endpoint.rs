@@ -676,7 +676,6 @@ impl Pump<'_> {
         // (one syscall and one wake-up of the reader for a fabric read's
         // worth of frames); the event that ends a batch waits here.
         let mut next = None;
-        let mut batch = Vec::new();
         loop {
             let ev = match next.take() {
                 Some(ev) => Some(ev),
@@ -684,7 +683,8 @@ impl Pump<'_> {
             };
             match ev {
                 Some(ConnEvent::Data(data)) => {
-                    batch.push(data);
+                    // Made per batch: an idle relay keeps no allocation.
+                    let mut batch = vec![data];
                     while batch.len() < MAX_BATCH {
                         match inbound.try_recv() {
                             Ok(ConnEvent::Data(more)) => batch.push(more),
@@ -696,7 +696,6 @@ impl Pump<'_> {
                         }
                     }
                     let n = write_all_vectored(wr, &batch).await?;
-                    batch.clear();
                     handle.with(|ch| ch.consumed(self.conn, n));
                     self.counters
                         .bytes_out
