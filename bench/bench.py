@@ -140,6 +140,45 @@ def cpu_seconds(pids):
     return total / CLK_TCK
 
 
+def perf_counts_syscalls():
+    """Whether `perf stat` can count system calls here (Debian's linux-perf,
+    and root or a low perf_event_paranoid)."""
+    try:
+        return subprocess.run(["perf", "stat", "-x,", "-e", "raw_syscalls:sys_enter", "true"],
+                              capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+class SyscallCount:
+    """System calls made by every thread of `pids` while it runs, counted by
+    `perf stat` (attaching takes a few ms, so a count misses that much)."""
+
+    def __init__(self, pids, enabled):
+        self.p = None
+        if pids and enabled:
+            self.p = subprocess.Popen(
+                ["perf", "stat", "-x,", "-e", "raw_syscalls:sys_enter",
+                 "-p", ",".join(map(str, pids))],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def stop(self):
+        if self.p is None:
+            return None
+        self.p.send_signal(signal.SIGINT)
+        try:
+            err = self.p.communicate(timeout=20)[1]
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            return None
+        for line in err.splitlines():
+            count = line.split(",")[0]
+            if "raw_syscalls:sys_enter" in line and count.isdigit():
+                return int(count)
+        return None
+
+
 def free_ports(n):
     """`n` distinct ports that bind on 0.0.0.0 right now, taken below the
     ephemeral range, so no outgoing connection (wrk's thousands under
@@ -308,6 +347,7 @@ class Bench:
         self.zero_relay = "--zero-relay" in help_text
         m = re.search(r"--zero-relay.*?\[default: (\w+)\]", help_text, re.S)
         self.zero_relay_default = m.group(1) if m else ("unknown" if self.zero_relay else None)
+        self.perf = perf_counts_syscalls()
         self.token = os.path.join(self.work, "token")
         write(self.token, "bench token\n")
         self.n = 0
@@ -586,6 +626,12 @@ CPU_COLS = [
     ("node_10k_close", "saps-run nodes CPU s / 10k req (close)", 3, False),
     ("node_gib", "saps-run nodes CPU s / GiB", 3, False),
 ]
+SYSCALL_COLS = [
+    ("gw_sys_ka", "gateway syscalls / req (keep-alive)", 2, False),
+    ("gw_sys_close", "gateway syscalls / req (close)", 2, False),
+    ("node_sys_ka", "saps-run nodes syscalls / req (keep-alive)", 2, False),
+    ("node_sys_close", "saps-run nodes syscalls / req (close)", 2, False),
+]
 EXTRA_COLS = [
     ("ka50_rps", "keep-alive c50 req/s", 0, True),
     ("ka50_p99", "c50 p99 ms", 2, False),
@@ -607,11 +653,15 @@ class Run:
         self.iperf_secs = 2 if quick else 5
         self.errors = []
 
-    def measured(self, s, f):
-        """Runs `f()` and returns (its result, gateway CPU s, nodes CPU s)."""
+    def measured(self, s, f, syscalls=False):
+        """Runs `f()` and returns (its result, gateway CPU s, nodes CPU s,
+        gateway system calls, nodes system calls); the calls are counted
+        only with `syscalls` and where perf can (else None)."""
+        counts = [SyscallCount(pids, syscalls and self.b.perf) for pids in (s.gateway, s.nodes)]
         g0, n0 = cpu_seconds(s.gateway), cpu_seconds(s.nodes)
         r = f()
-        return r, cpu_seconds(s.gateway) - g0, cpu_seconds(s.nodes) - n0
+        g, n = cpu_seconds(s.gateway) - g0, cpu_seconds(s.nodes) - n0
+        return (r, g, n, *(c.stop() for c in counts))
 
     def http(self, label, s, row, conns, close, key, cpu_key=None):
         """wrk on the 1 KiB file, best of `self.rounds` runs (the one least
@@ -622,18 +672,23 @@ class Run:
         failed = {"rps": None, "p50": None, "p99": None, "requests": 0, "errors": 0}
         best = None
         for _ in range(self.rounds):
-            r, g, n = self.measured(s, lambda: self.attempt(
-                label, what, lambda: wrk(url, conns, self.secs, close), failed))
+            m = self.measured(s, lambda: self.attempt(
+                label, what, lambda: wrk(url, conns, self.secs, close), failed),
+                syscalls=cpu_key is not None)
+            r = m[0]
             if r["errors"]:
                 self.errors.append(f"{label}: {what}: {r['errors']} errors")
             if best is None or (r["rps"] or 0) > (best[0]["rps"] or 0):
-                best = (r, g, n)
-        r, g, n = best
+                best = m
+        r, g, n, gs, ns = best
         row[f"{key}_rps"], row[f"{key}_p50"], row[f"{key}_p99"] = r["rps"], r["p50"], r["p99"]
-        if cpu_key and r["requests"] and s.gateway:
-            row[f"gw_10k_{cpu_key}"] = g / r["requests"] * 1e4
-        if cpu_key and r["requests"] and s.nodes:
-            row[f"node_10k_{cpu_key}"] = n / r["requests"] * 1e4
+        if not (cpu_key and r["requests"]):
+            return
+        for pids, cpu, calls, who in ((s.gateway, g, gs, "gw"), (s.nodes, n, ns, "node")):
+            if pids:
+                row[f"{who}_10k_{cpu_key}"] = cpu / r["requests"] * 1e4
+            if pids and calls is not None:
+                row[f"{who}_sys_{cpu_key}"] = calls / r["requests"]
 
     def attempt(self, label, what, f, default=None):
         """Runs one workload; a failure is reported, not fatal to the run."""
@@ -657,7 +712,7 @@ class Run:
             self.http(label, s, row, 50, True, "close", "close")
             row["dl_gbps"] = self.attempt(label, "curl", lambda: curl_gbps(
                 f"{base}/10m.bin", 3 if self.quick else 7))
-            (gbps, nbytes), g, n = self.measured(s, lambda: self.attempt(
+            (gbps, nbytes), g, n, _, _ = self.measured(s, lambda: self.attempt(
                 label, "iperf3 -P 1", lambda: iperf3(s.ports["iperf"], self.iperf_secs, 1),
                 (None, 0)))
             row["ip1_gbps"] = gbps
@@ -785,6 +840,13 @@ def main_tables(out, rows):
                "The saps-run nodes (supervisors) of the io-server setups are shown "
                "apart.\n")
     out.append(table(rows, CPU_COLS, "haproxy"))
+    if any(k in r for _, _, r in rows for k, *_ in SYSCALL_COLS):
+        out.append("\n#### System calls of the gateway process\n")
+        out.append("Counted with `perf stat -e raw_syscalls:sys_enter -p PIDS` over the "
+                   "same wrk c50 runs as the CPU table, divided by the requests served: "
+                   "steadier than CPU time on shared vCPUs, since each call on loopback "
+                   "also pays for the wake-up of the process at the other end.\n")
+        out.append(table(rows, SYSCALL_COLS, "haproxy"))
 
 
 def report(results, command, quick, zero_relay, load_before, load_after, errors, secs,

@@ -695,7 +695,9 @@ impl Pump<'_> {
                             Err(_) => break,
                         }
                     }
-                    let n = write_all_vectored(wr, &batch).await?;
+                    // Boxed: this future is large and rare; inline, every
+                    // relay task (idle ones too) would be that much larger.
+                    let n = Box::pin(write_all_vectored(wr, &batch)).await?;
                     handle.with(|ch| ch.consumed(self.conn, n));
                     self.counters
                         .bytes_out
