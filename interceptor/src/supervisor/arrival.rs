@@ -12,7 +12,10 @@
 //!
 //! For a listener the program has closed (close is not trapped), a
 //! connection goes to the listener now serving the same address, or waits
-//! [`RELISTEN_GRACE`] for one.
+//! [`RELISTEN_GRACE`] for one. A connection for a listener not known yet
+//! waits as long for it: a same-host io-server's hand-off socket can
+//! deliver a client before the fabric brings the Listen response that
+//! makes the listener.
 
 use super::connect::{pair, spawn_relay};
 use super::socket::unix_socket;
@@ -67,13 +70,32 @@ pub(crate) enum Kind {
     Handed,
 }
 
-/// A connection for a listener the program closed, waiting (up to
-/// [`RELISTEN_GRACE`]) for the program to listen on the address again.
+/// A connection waiting (up to [`RELISTEN_GRACE`]) for its listener.
 #[derive(Debug)]
 pub(crate) struct Orphan {
-    pub addr: SocketAddr,
+    pub awaits: Awaits,
     pub id: ConnId,
     pub kind: Kind,
+}
+
+/// What an [`Orphan`] waits for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Awaits {
+    /// The program closed the listener: a new one on this address.
+    Address(SocketAddr),
+    /// The io-server sent it to this listener before its Listen response
+    /// reached the supervisor.
+    Listener(ConnId),
+}
+
+impl Orphan {
+    /// Whether listener `conn` on `addr` is the one this connection awaits.
+    fn served_by(&self, conn: ConnId, addr: SocketAddr) -> bool {
+        match self.awaits {
+            Awaits::Address(a) => a == addr,
+            Awaits::Listener(c) => c == conn,
+        }
+    }
 }
 
 /// Listeners the program closed kept in `retired`, for connections the
@@ -117,10 +139,13 @@ pub(crate) fn place(sh: &Arc<Shared>, listener: ConnId, id: ConnId, kind: Kind) 
     sh.rt.spawn(async move {
         let (lconn, l) = match route(&sh2, listener) {
             Route::To(c, l) => (c, l),
-            Route::Wait(addr) => return park(&sh2, Orphan { addr, id, kind }),
+            Route::Wait(addr) => {
+                let awaits = Awaits::Address(addr);
+                return park(&sh2, Orphan { awaits, id, kind });
+            }
             Route::Unknown => {
-                tracing::warn!(listener, "connection for an unknown listener; closing it");
-                return give_up(&sh2, id, kind);
+                let awaits = Awaits::Listener(listener);
+                return park(&sh2, Orphan { awaits, id, kind });
             }
         };
         if kind == Kind::Relayed && !lock(&sh2.waiting).contains_key(&id) {
@@ -363,7 +388,8 @@ pub(crate) fn orphan_queue(sh: &Arc<Shared>, lconn: ConnId, addr: SocketAddr) {
     let queued = lock(&sh.ready).remove(&lconn).map(|r| r.queue);
     for id in queued.unwrap_or_default() {
         let kind = kind_of(sh, id);
-        park(sh, Orphan { addr, id, kind });
+        let awaits = Awaits::Address(addr);
+        park(sh, Orphan { awaits, id, kind });
     }
 }
 
@@ -388,10 +414,9 @@ fn give_up(sh: &Shared, id: ConnId, kind: Kind) {
     }
 }
 
-/// Keeps a connection whose listener was closed for a new listener on the
-/// same address, for [`RELISTEN_GRACE`].
+/// Keeps a connection for the listener it awaits, for [`RELISTEN_GRACE`].
 fn park(sh: &Arc<Shared>, orphan: Orphan) {
-    let (id, kind) = (orphan.id, orphan.kind);
+    let (id, kind, awaits) = (orphan.id, orphan.kind, orphan.awaits);
     {
         // Under the orphans' lock: a listener installed after this look
         // adopts the orphan (`adopt_orphans` takes the lock after it is
@@ -399,13 +424,13 @@ fn park(sh: &Arc<Shared>, orphan: Orphan) {
         let mut orphans = lock(&sh.orphans);
         let now = lock(&sh.listeners)
             .iter()
-            .find(|(_, l)| l.addr == orphan.addr)
+            .find(|(&c, l)| orphan.served_by(c, l.addr))
             .map(|(&c, _)| c);
         if let Some(listener) = now {
             drop(orphans);
             return place(sh, listener, id, kind);
         }
-        tracing::debug!(addr = %orphan.addr, id, "connection waits for a listener on its address");
+        tracing::debug!(awaits = ?orphan.awaits, id, "connection waits for a listener on its address");
         orphans.push(orphan);
     }
     let sh2 = sh.clone();
@@ -418,7 +443,14 @@ fn park(sh: &Arc<Shared>, orphan: Orphan) {
             o.len() != before
         };
         if expired {
-            tracing::debug!(id, "no listener came back; closing the connection");
+            match awaits {
+                Awaits::Listener(listener) => {
+                    tracing::warn!(listener, "connection for an unknown listener; closing it");
+                }
+                Awaits::Address(_) => {
+                    tracing::debug!(id, "no listener came back; closing the connection");
+                }
+            }
             give_up(&sh2, id, kind);
         }
     });
@@ -431,7 +463,7 @@ pub(crate) fn adopt_orphans(sh: &Arc<Shared>, listener: ConnId, addr: SocketAddr
         let mut o = lock(&sh.orphans);
         let (mine, rest) = std::mem::take(&mut *o)
             .into_iter()
-            .partition(|x| x.addr == addr);
+            .partition(|x| x.served_by(listener, addr));
         *o = rest;
         mine
     };

@@ -422,7 +422,9 @@ impl Supervisor {
             }
             tracing::info!(addr = %l.addr, "listening again after rejoining");
             sh.table().retag(old_conn, conn);
+            let addr = l.addr;
             lock(&sh.listeners).insert(conn, l);
+            arrival::adopt_orphans(sh, conn, addr);
         }
     }
 
