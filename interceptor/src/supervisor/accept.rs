@@ -154,16 +154,11 @@ fn hand_over(
     match kind {
         Kind::Handed => {
             // Zero-relay: the program gets the TCP socket itself, a real
-            // socket the supervisor need not know again. The io-server's
-            // sockets are non-blocking already.
-            if !nonblock {
-                let _ = set_nonblocking(&sock, false);
-            }
+            // socket the supervisor need not know again.
             call.note.action = "accept (zero-relay)";
         }
         Kind::Relayed => {
             // The program's end of the socket pair, a virtual socket.
-            let _ = set_nonblocking(&sock, nonblock);
             let ino = match inode_of(&sock) {
                 Ok(i) => i,
                 Err(e) => return keep(sock, e),
@@ -175,6 +170,12 @@ fn hand_over(
             table_entry = Some(ino);
         }
     }
+    // Queued sockets are non-blocking (the io-server's, and the pairs
+    // `arrival::place` makes): a blocking accept clears that, and sets it
+    // again if the socket goes back to the queue.
+    if !nonblock {
+        let _ = set_nonblocking(&sock, false);
+    }
     match install(sh, call, sock.as_fd(), flags) {
         Ok(fd) => {
             lock(&sh.arrivals).remove(&id);
@@ -183,6 +184,9 @@ fn hand_over(
         Err(e) => {
             if let Some(ino) = table_entry {
                 sh.table().remove(ino);
+            }
+            if !nonblock {
+                let _ = set_nonblocking(&sock, true);
             }
             keep(sock, e)
         }

@@ -149,7 +149,9 @@ pub(crate) fn place(sh: &Arc<Shared>, listener: ConnId, id: ConnId, kind: Kind) 
             }
         };
         if kind == Kind::Relayed && !lock(&sh2.waiting).contains_key(&id) {
-            match pair(false) {
+            // The program's end waits non-blocking, as the io-server's
+            // sockets do; a blocking accept clears that (`accept.rs`).
+            match pair(true) {
                 Ok((program_end, relay_end)) => {
                     lock(&sh2.waiting).insert(id, (program_end, Kind::Relayed));
                     spawn_relay(&sh2, id, relay_end);

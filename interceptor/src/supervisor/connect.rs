@@ -86,15 +86,17 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
 
 /// The socketpair (S, P): S for the program, P for the relay.
 pub(crate) fn pair(nonblock: bool) -> Result<(OwnedFd, OwnedFd), i32> {
+    // Both ends non-blocking from the start (P always is, for the relay;
+    // most programs want S so too): no fcntl or ioctl per connection.
     let (s, p) = so::socketpair(
         AddressFamily::Unix,
         SockType::Stream,
         None,
-        SockFlag::SOCK_CLOEXEC,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
     )
     .map_err(|e| e as i32)?;
-    if nonblock {
-        set_nonblocking(&s, true).map_err(|e| e as i32)?;
+    if !nonblock {
+        set_nonblocking(&s, false).map_err(|e| e as i32)?;
     }
     Ok((s, p))
 }
@@ -182,10 +184,9 @@ async fn finish_nonblocking(
     }
 }
 
+/// `p` is non-blocking already ([`pair`]).
 fn to_tokio(p: OwnedFd) -> std::io::Result<tokio::net::UnixStream> {
-    let std = std::os::unix::net::UnixStream::from(p);
-    std.set_nonblocking(true)?;
-    tokio::net::UnixStream::from_std(std)
+    tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(p))
 }
 
 /// Relays P ⇄ fabric in a task.
