@@ -176,6 +176,9 @@ class SyscallCount:
             count = line.split(",")[0]
             if "raw_syscalls:sys_enter" in line and count.isdigit():
                 return int(count)
+            # The counter never ran: no thread of the process did.
+            if "raw_syscalls:sys_enter" in line and count == "<not counted>":
+                return 0
         return None
 
 
