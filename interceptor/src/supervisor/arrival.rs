@@ -400,7 +400,18 @@ pub(crate) fn orphan_queue(sh: &Arc<Shared>, lconn: ConnId, addr: SocketAddr) {
 /// channel's tags mean nothing (its relays end with the old channel).
 pub(crate) fn clear_queues(sh: &Shared) {
     let queues: Vec<Ready> = lock(&sh.ready).drain().map(|(_, r)| r).collect();
-    for id in queues.into_iter().flat_map(|r| r.queue) {
+    // Relayed connections waiting for a listener go too; a handed-over
+    // one is a real socket, whose id is the supervisor's own: it may
+    // still find its listener (their timers expire the rest).
+    let orphans: Vec<ConnId> = {
+        let mut o = lock(&sh.orphans);
+        let (relayed, kept) = std::mem::take(&mut *o)
+            .into_iter()
+            .partition(|x| x.kind == Kind::Relayed);
+        *o = kept;
+        relayed.into_iter().map(|x: Orphan| x.id).collect()
+    };
+    for id in queues.into_iter().flat_map(|r| r.queue).chain(orphans) {
         lock(&sh.arrivals).remove(&id);
         drop(lock(&sh.waiting).remove(&id));
     }
