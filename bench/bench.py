@@ -173,11 +173,13 @@ class SyscallCount:
             self.p.kill()
             return None
         for line in err.splitlines():
+            if "raw_syscalls:sys_enter" not in line:
+                continue
             count = line.split(",")[0]
-            if "raw_syscalls:sys_enter" in line and count.isdigit():
+            if count.isdigit():
                 return int(count)
             # The counter never ran: no thread of the process did.
-            if "raw_syscalls:sys_enter" in line and count == "<not counted>":
+            if count == "<not counted>":
                 return 0
         return None
 

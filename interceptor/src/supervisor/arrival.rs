@@ -190,8 +190,8 @@ fn markers_for(queued: usize) -> usize {
 /// Processes that share `L` with `EPOLLEXCLUSIVE` (nginx's workers) get
 /// one wake-up per marker, not per connection: with a single marker, a
 /// process asleep when a burst arrived slept until the queue emptied while
-/// another accepted the whole burst (all 50 of wrk's connections to one
-/// nginx worker, every time). A marker per [`MARKER_STEP`] queued wakes
+/// another accepted the whole burst (50 or more of wrk's 50 connections
+/// to one nginx worker in five runs of six). A marker per [`MARKER_STEP`] queued wakes
 /// up to [`MAX_MARKERS`] of them for a burst and none for a lone client.
 /// Renewing one marker on every accept instead woke the sleepers too, but
 /// made bursts slower to accept (docs/benchmarks.md, "The accept burst").
@@ -443,7 +443,14 @@ fn park(sh: &Arc<Shared>, orphan: Orphan) {
             drop(orphans);
             return place(sh, listener, id, kind);
         }
-        tracing::debug!(awaits = ?orphan.awaits, id, "connection waits for a listener on its address");
+        match awaits {
+            Awaits::Address(addr) => {
+                tracing::debug!(%addr, id, "connection waits for a listener on its address");
+            }
+            Awaits::Listener(listener) => {
+                tracing::debug!(listener, id, "connection waits for its listener to be made");
+            }
+        }
         orphans.push(orphan);
     }
     let sh2 = sh.clone();
