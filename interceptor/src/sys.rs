@@ -332,20 +332,6 @@ unsafe fn send_fd_raw(sock: RawFd, fd: RawFd) -> isize {
     libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL)
 }
 
-/// `accept4(2)` on a listener of ours, returning an owned fd.
-pub fn accept4(listener: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
-    // SAFETY: NULL address and length pointers are allowed by accept4(2).
-    let ret = unsafe {
-        libc::accept4(
-            listener.as_raw_fd(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            flags,
-        )
-    };
-    owned(ret as libc::c_long)
-}
-
 /// `setsockopt(2)` with a raw option value, for replaying the options a
 /// program set on a virtual socket onto a real one.
 pub fn setsockopt_raw(fd: BorrowedFd<'_>, level: i32, name: i32, value: &[u8]) -> io::Result<()> {

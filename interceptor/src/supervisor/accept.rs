@@ -2,14 +2,15 @@
 //!
 //! Connections for a listener wait in its ready queue (`arrival.rs`):
 //! relayed ones as the program's end of a socket pair, zero-relay ones as
-//! the handed-over TCP socket, behind marker connections on the
-//! listener's AF_UNIX socket `L` (a few per burst, never more than wait). So `L` polls readable exactly when a
-//! connection waits, and epoll/select-driven servers work unchanged. The
-//! trapped accept takes the next connection from the queue, writes the
-//! client's real address into the caller's buffer and installs the socket
-//! with `ADDFD`; an accept that leaves fewer connections than markers
-//! takes one off `L` (through a duplicate of the program's fd, checking with
-//! `SO_PEERCRED` that the supervisor made it). A connection whose delivery
+//! the handed-over TCP socket, behind markers on the listener's `L` (a
+//! few per burst, never more than wait): bytes the supervisor sends on
+//! `M`, the other end of `L`'s socket pair. So `L` polls readable exactly
+//! when a connection waits, and epoll/select-driven servers work
+//! unchanged. The trapped accept takes the next connection from the
+//! queue, writes the client's real address into the caller's buffer and
+//! installs the socket with `ADDFD`; an accept that leaves fewer
+//! connections than markers reads one off `L` (through a duplicate of the
+//! program's fd). A connection whose delivery
 //! fails (bad address buffer, interrupted call) goes back to the head of
 //! the queue, never lost.
 
@@ -41,11 +42,11 @@ pub(crate) fn accept(sh: &Arc<Shared>, call: &mut Call, flags: i32) -> Outcome {
     call.note.action = "accept";
     let taken = match call.dup.take() {
         Some(l) => {
-            let t = take(sh, call, &vs, l.as_fd());
+            let t = take(sh, &vs, l.as_fd());
             call.dup = Some(l);
             t
         }
-        None => listener_dup(sh, call).and_then(|l| take(sh, call, &vs, l.as_fd())),
+        None => listener_dup(sh, call).and_then(|l| take(sh, &vs, l.as_fd())),
     };
     match taken {
         Ok(Some((lconn, id))) => return hand_over(sh, call, &vs, lconn, id, flags),
@@ -80,7 +81,7 @@ async fn wait_and_take(
             Ok(l) => l,
             Err(e) => return Outcome::Reply(Reply::Errno(e)),
         };
-        match take(sh, call, vs, l.as_fd()) {
+        match take(sh, vs, l.as_fd()) {
             Ok(Some((lconn, id))) => return hand_over(sh, call, vs, lconn, id, flags),
             Ok(None) => {}
             Err(e) => return Outcome::Reply(Reply::Errno(e)),
@@ -103,14 +104,13 @@ fn listener_dup(sh: &Shared, call: &Call) -> Result<OwnedFd, i32> {
 /// (the listener's tag, the connection's). `None`: nothing waits.
 fn take(
     sh: &Shared,
-    call: &Call,
     vs: &VirtualSocket,
     l: BorrowedFd<'_>,
 ) -> Result<Option<(ConnId, ConnId)>, i32> {
     let Some(lconn) = vs.conn else {
         return Ok(None);
     };
-    Ok(next_queued(sh, call, lconn, l)?.map(|id| (lconn, id)))
+    Ok(next_queued(sh, lconn, l)?.map(|id| (lconn, id)))
 }
 
 /// Writes the client's address, installs connection `id` (queued for the

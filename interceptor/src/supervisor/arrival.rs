@@ -4,11 +4,12 @@
 //! Each listener has a ready queue. A relayed connection
 //! (`ConnectionAccepted`) gets a socket pair: the relay runs on one end at
 //! once, the other waits in the queue for the program. A handed-over one
-//! (zero-relay) waits as the TCP socket itself. Marker connections on the
-//! listener's `L` keep `L` readable while the queue is not empty: one for
+//! (zero-relay) waits as the TCP socket itself. Markers, bytes sent on `M`
+//! (the supervisor's end of the socket pair whose other end is the
+//! listener's `L`), keep `L` readable while the queue is not empty: one for
 //! a short queue, one more for every [`MARKER_STEP`] connections queued
-//! (up to [`MAX_MARKERS`]), so a burst of clients costs a few stand-in
-//! connections, not one each, and still wakes more than one process.
+//! (up to [`MAX_MARKERS`]), so a burst of clients costs a few markers, not
+//! one each, and still wakes more than one process.
 //!
 //! For a listener the program has closed (close is not trapped), a
 //! connection goes to the listener now serving the same address, or waits
@@ -18,17 +19,16 @@
 //! makes the listener.
 
 use super::connect::{pair, spawn_relay};
-use super::socket::unix_socket;
-use super::{lock, Arrival, Call, Shared};
-use nix::sys::socket::{self as so, sockopt, UnixAddr};
+use super::{lock, Arrival, Shared};
+use nix::sys::socket as so;
 use saps_fabric::{ConnId, RELISTEN_GRACE};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long a connection may wait for room in a full `L` backlog.
+/// How long a connection may wait for room in `M`'s full send buffer.
 const BACKLOG_WAIT: Duration = Duration::from_secs(5);
 
 /// `ConnectionAccepted(listener, conn, peer, local)` from the io-server.
@@ -182,9 +182,9 @@ fn markers_for(queued: usize) -> usize {
 }
 
 /// The connections waiting for the program's accept on one listener, and
-/// their markers: stand-in connections on `L` while any wait, never more
+/// their markers: bytes on `L` while any wait, never more
 /// than the connections queued, so `L` polls readable exactly then. A
-/// burst of clients costs a few stand-ins, not one each; accepts take
+/// burst of clients costs a few markers, not one each; accepts take
 /// markers off as the queue shrinks below their number.
 ///
 /// Processes that share `L` with `EPOLLEXCLUSIVE` (nginx's workers) get
@@ -201,25 +201,25 @@ pub(crate) struct Ready {
     queue: VecDeque<ConnId>,
     /// Markers pending on `L`.
     on_l: usize,
-    /// A task waits for room in `L`'s backlog ([`connect_marker`]).
+    /// A task waits for room in `M`'s buffer ([`marker_when_room`]).
     retrying: bool,
 }
 
 impl Ready {
-    /// Connects the markers the queue calls for, under the queue's lock:
+    /// Puts the markers the queue calls for on `L`, under the queue's lock:
     /// so an accept never sees a queued connection whose marker is still
     /// on its way (it could not take that marker off again, and `L` would
     /// poll readable with nothing to accept, which a program that selects
-    /// and then blocks in `accept` would not survive). `Err(EAGAIN)`: `L`'s
-    /// backlog is full and no marker is on it; the caller starts
-    /// [`connect_marker`]. With one on `L` already, `L` polls readable
+    /// and then blocks in `accept` would not survive). `Err(EAGAIN)`: `M`'s
+    /// buffer is full and no marker is on `L`; the caller starts
+    /// [`marker_when_room`]. With one on `L` already, `L` polls readable
     /// anyway and the rest are not retried.
-    fn fill(&mut self, l_name: &[u8]) -> Result<(), i32> {
+    fn fill(&mut self, m: BorrowedFd<'_>) -> Result<(), i32> {
         if self.retrying {
             return Ok(());
         }
         while self.on_l < markers_for(self.queue.len()) {
-            match connect_marker_once(l_name) {
+            match put_marker(m) {
                 Ok(()) => self.on_l += 1,
                 Err(_) if self.on_l > 0 => break,
                 Err(libc::EAGAIN) => {
@@ -233,9 +233,9 @@ impl Ready {
     }
 }
 
-/// Queues a connection on listener `lconn` and connects its marker.
+/// Queues a connection on listener `lconn` and puts its marker on `L`.
 async fn enqueue(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, id: ConnId) {
-    let r = add_to_queue(sh, lconn, &l.name, |q| q.push_back(id));
+    let r = add_to_queue(sh, lconn, l.marker.as_fd(), |q| q.push_back(id));
     marker_outcome(sh, lconn, l, r).await;
 }
 
@@ -243,13 +243,13 @@ async fn enqueue(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, id: ConnI
 fn add_to_queue(
     sh: &Shared,
     lconn: ConnId,
-    l_name: &[u8],
+    m: BorrowedFd<'_>,
     add: impl FnOnce(&mut VecDeque<ConnId>),
 ) -> Result<(), i32> {
     let mut ready = lock(&sh.ready);
     let r = ready.entry(lconn).or_default();
     add(&mut r.queue);
-    r.fill(l_name)
+    r.fill(m)
 }
 
 /// Finishes what [`add_to_queue`] left: waits for room on `L`, or gives
@@ -257,16 +257,16 @@ fn add_to_queue(
 async fn marker_outcome(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, r: Result<(), i32>) {
     match r {
         Ok(()) => {}
-        Err(libc::EAGAIN) => connect_marker(sh, lconn, l).await,
+        Err(libc::EAGAIN) => marker_when_room(sh, lconn, l).await,
         Err(e) => marker_failed(sh, lconn, l, e),
     }
 }
 
-/// The marker, when `L`'s backlog was full: retried until there is room.
+/// The marker, when `M`'s buffer was full: retried until there is room.
 /// Only here can a queue be emptied while a marker is on its way; that
 /// marker is then a spurious wake-up, taken off by the next accept.
-async fn connect_marker(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener) {
-    let r = connect_when_room(&l.name).await;
+async fn marker_when_room(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener) {
+    let r = put_when_room(l.marker.as_fd()).await;
     let mut ready = lock(&sh.ready);
     let Some(q) = ready.get_mut(&lconn) else {
         return;
@@ -318,7 +318,6 @@ fn kind_of(sh: &Shared, id: ConnId) -> Kind {
 /// taken for a stale one.
 pub(crate) fn next_queued(
     sh: &Shared,
-    call: &Call,
     lconn: ConnId,
     l: BorrowedFd<'_>,
 ) -> Result<Option<ConnId>, i32> {
@@ -328,12 +327,12 @@ pub(crate) fn next_queued(
     let next =
         std::iter::from_fn(|| r.queue.pop_front()).find(|id| lock(&sh.waiting).contains_key(id));
     if next.is_none() {
-        while take_one(sh, call, l)? {}
+        while take_one(l)? {}
         r.on_l = 0;
     }
     while r.on_l > r.queue.len() {
         r.on_l -= 1;
-        if !take_one(sh, call, l)? {
+        if !take_one(l)? {
             // None left on `L` to take.
             r.on_l = 0;
         }
@@ -342,32 +341,18 @@ pub(crate) fn next_queued(
 }
 
 /// Takes one marker off `l` (the program's `L`): `false` once `L` is
-/// empty. A connection the supervisor did not make (the program's own, or
-/// a stranger's that found the abstract name) is dropped on the way. Only
-/// under the ready queues' lock, which keeps two accepts from both seeing
-/// one pending connection and one of them blocking in `accept4`.
-fn take_one(sh: &Shared, call: &Call, l: BorrowedFd<'_>) -> Result<bool, i32> {
+/// empty. Only under the ready queues' lock, which keeps two accepts from
+/// both seeing one marker and one of them blocking in `accept4`. Only the
+/// supervisor's `M` writes to `L`: the pair has no name to connect to.
+fn take_one(l: BorrowedFd<'_>) -> Result<bool, i32> {
+    let mut byte = [0u8; 1];
     loop {
-        let mut pfd = [nix::poll::PollFd::new(l, nix::poll::PollFlags::POLLIN)];
-        match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::ZERO) {
-            Ok(0) => return Ok(false),
-            Ok(_) => {}
+        match so::recv(l.as_raw_fd(), &mut byte, so::MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => return Ok(n == 1),
             Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) => return Ok(false),
             Err(e) => return Err(e as i32),
         }
-        let a = match crate::sys::accept4(l, libc::SOCK_CLOEXEC) {
-            Ok(fd) => fd,
-            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(false),
-            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
-            Err(e) => return Err(e.raw_os_error().unwrap_or(libc::EIO)),
-        };
-        if so::getsockopt(&a, sockopt::PeerCredentials).is_ok_and(|c| c.pid() == sh.pid) {
-            return Ok(true);
-        }
-        tracing::warn!(
-            pid = call.pid(),
-            "dropping a connection to a virtual listener not made by the supervisor"
-        );
     }
 }
 
@@ -376,7 +361,7 @@ pub(crate) fn requeue(sh: &Arc<Shared>, lconn: ConnId, id: ConnId) {
     let Some(l) = lock(&sh.listeners).get(&lconn).cloned() else {
         return give_up(sh, id, kind_of(sh, id));
     };
-    let r = add_to_queue(sh, lconn, &l.name, |q| q.push_front(id));
+    let r = add_to_queue(sh, lconn, l.marker.as_fd(), |q| q.push_front(id));
     if r.is_err() {
         let sh2 = sh.clone();
         sh.rt
@@ -501,13 +486,12 @@ pub(crate) fn retire(sh: &Shared, listener: ConnId, addr: SocketAddr) {
     r.push_back((listener, addr));
 }
 
-/// Connects a marker to `L`, waiting (bounded) while `L`'s backlog is
-/// full.
-async fn connect_when_room(l_name: &[u8]) -> Result<(), i32> {
+/// Puts a marker on `L`, waiting (bounded) while `M`'s buffer is full.
+async fn put_when_room(m: BorrowedFd<'_>) -> Result<(), i32> {
     let deadline = tokio::time::Instant::now() + BACKLOG_WAIT;
     let mut pause = Duration::from_millis(1);
     loop {
-        match connect_marker_once(l_name) {
+        match put_marker(m) {
             Ok(()) => return Ok(()),
             Err(libc::EAGAIN) if tokio::time::Instant::now() < deadline => {
                 // The program is not accepting fast enough: back off.
@@ -519,12 +503,56 @@ async fn connect_when_room(l_name: &[u8]) -> Result<(), i32> {
     }
 }
 
-/// One non-blocking connect of a new marker to `L`; `EAGAIN`: its backlog
-/// is full. The supervisor's end is closed at once: the connection stays
-/// pending on `L` (and acceptable) until an accept takes it off, which
-/// knows it by its peer's credentials (`accept::take_one`).
-fn connect_marker_once(l_name: &[u8]) -> Result<(), i32> {
-    let c = unix_socket(true)?;
-    let l = UnixAddr::new_abstract(l_name).map_err(|e| e as i32)?;
-    so::connect(c.as_raw_fd(), &l).map_err(|e| e as i32)
+/// One marker, a byte sent on `M` that makes `L` readable until an accept
+/// takes it off (`take_one`). `EAGAIN`: `M`'s buffer is full;
+/// `ECONNREFUSED`: the program has closed `L`.
+fn put_marker(m: BorrowedFd<'_>) -> Result<(), i32> {
+    let flags = so::MsgFlags::MSG_DONTWAIT | so::MsgFlags::MSG_NOSIGNAL;
+    loop {
+        match so::send(m.as_raw_fd(), b"m", flags) {
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EPIPE | nix::errno::Errno::ECONNRESET) => {
+                return Err(libc::ECONNREFUSED)
+            }
+            Err(e) => return Err(e as i32),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Listener;
+    use super::*;
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    fn readable(fd: BorrowedFd<'_>) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut pfd = [PollFd::new(fd, PollFlags::POLLIN)];
+        poll(&mut pfd, PollTimeout::ZERO).unwrap() == 1
+    }
+
+    #[test]
+    fn l_is_readable_exactly_while_markers_are_on_it_and_m_sees_it_closed() {
+        let (l, m) = pair(true).unwrap();
+        let listener = Listener {
+            marker: Arc::new(m),
+            addr: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80)),
+            flags: 0,
+            backlog: 128,
+        };
+        assert!(!readable(l.as_fd()), "no marker yet");
+        put_marker(listener.marker.as_fd()).unwrap();
+        put_marker(listener.marker.as_fd()).unwrap();
+        assert!(readable(l.as_fd()));
+        assert!(take_one(l.as_fd()).unwrap());
+        assert!(readable(l.as_fd()), "one marker left");
+        assert!(take_one(l.as_fd()).unwrap());
+        assert!(!take_one(l.as_fd()).unwrap(), "both taken");
+        assert!(!readable(l.as_fd()));
+        assert!(listener.alive());
+        drop(l);
+        assert!(!listener.alive(), "the program closed L");
+        assert_eq!(put_marker(listener.marker.as_fd()), Err(libc::ECONNREFUSED));
+    }
 }

@@ -134,11 +134,29 @@ where
 /// for, to ask again after a rejoin.
 #[derive(Debug, Clone)]
 pub(crate) struct Listener {
-    /// The abstract AF_UNIX name `L` is bound to.
-    pub name: Vec<u8>,
+    /// The supervisor's end `M` of the socket pair whose other end is
+    /// `L`: markers are bytes sent on it, and it sees `L` closed (hang-up)
+    /// once the program has closed it everywhere.
+    pub marker: Arc<OwnedFd>,
     pub addr: SocketAddr,
     pub flags: u32,
     pub backlog: u32,
+}
+
+impl Listener {
+    /// Whether the program still holds `L` somewhere: until then `M`
+    /// sees no hang-up.
+    pub(crate) fn alive(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut pfd = [PollFd::new(self.marker.as_fd(), PollFlags::empty())];
+        match poll(&mut pfd, PollTimeout::ZERO) {
+            Ok(0) => true,
+            Ok(_) => !pfd[0]
+                .revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+            Err(_) => true,
+        }
+    }
 }
 
 /// pidfds kept at most (one per thread of the target seen); beyond, the
@@ -146,7 +164,7 @@ pub(crate) struct Listener {
 const MAX_PIDFDS: usize = 4096;
 
 /// How often listeners the program closed are looked for. `close` is not
-/// trapped, so a closed listener is noticed by probing its name.
+/// trapped, so a closed listener is noticed by its hang-up on `M`.
 const LISTENER_SWEEP: Duration = Duration::from_secs(1);
 
 /// A connection accepted by the io-server, waiting for the program's accept.
@@ -185,11 +203,11 @@ pub(crate) struct Shared {
     pub orphans: Mutex<Vec<arrival::Orphan>>,
     /// pidfds of the target's threads, by thread id.
     pub pidfds: Mutex<HashMap<u32, Arc<OwnedFd>>>,
-    /// Prefix of the abstract socket names this supervisor makes.
-    pub prefix: String,
-    /// This process's id (`SO_PEERCRED` of the supervisor's own sockets),
-    /// read once: `getpid` is a syscall.
-    pub pid: i32,
+    /// Listeners whose `L` the program still holds but that are not
+    /// served (listening again after a rejoin failed): their `M` is kept
+    /// until `L` is closed, since `L` would poll readable (hang-up) for
+    /// good once `M` was.
+    pub dormant: Mutex<Vec<Listener>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -269,8 +287,7 @@ impl Supervisor {
                 retired: Mutex::default(),
                 orphans: Mutex::default(),
                 pidfds: Mutex::default(),
-                prefix: format!("saps-{}-{:x}", std::process::id(), rand_tag()),
-                pid: std::process::id() as i32,
+                dormant: Mutex::default(),
             }),
         }
     }
@@ -395,12 +412,14 @@ impl Supervisor {
         arrival::clear_queues(sh);
         sh.table().forget_connections();
         let old: Vec<(ConnId, Listener)> = lock(&sh.listeners).drain().collect();
-        for (old_conn, l) in old {
-            if !listener_alive(&l.name) {
+        let mut old = old.into_iter();
+        while let Some((old_conn, l)) = old.next() {
+            if !l.alive() {
                 sh.table().remove_conn(old_conn);
                 continue;
             }
             let Ok(conn) = endpoint.make_connection() else {
+                lock(&sh.dormant).extend(std::iter::once(l).chain(old.map(|(_, l)| l)));
                 return;
             };
             let bind = Request::Bind {
@@ -418,6 +437,7 @@ impl Supervisor {
             }
             if errno != 0 {
                 tracing::warn!(addr = %l.addr, errno, "could not listen again after rejoining");
+                lock(&sh.dormant).push(l);
                 continue;
             }
             tracing::info!(addr = %l.addr, "listening again after rejoining");
@@ -653,9 +673,10 @@ impl Shared {
     pub(crate) fn reap_listeners(self: &Arc<Self>, port: Option<u16>) {
         let dead: Vec<ConnId> = lock(&self.listeners)
             .iter()
-            .filter(|(_, l)| port.is_none_or(|p| p == l.addr.port()) && !listener_alive(&l.name))
+            .filter(|(_, l)| port.is_none_or(|p| p == l.addr.port()) && !l.alive())
             .map(|(&c, _)| c)
             .collect();
+        lock(&self.dormant).retain(Listener::alive);
         for conn in dead {
             tracing::debug!(conn, "the program closed a listener");
             if let Some(l) = lock(&self.listeners).remove(&conn) {
@@ -665,11 +686,6 @@ impl Shared {
             self.table().remove_conn(conn);
             self.ep().close_connection(conn, 0);
         }
-    }
-
-    /// An abstract AF_UNIX name of this supervisor.
-    pub(crate) fn abstract_name(&self, kind: &str, conn: ConnId) -> Vec<u8> {
-        format!("{}-{kind}-{conn}", self.prefix).into_bytes()
     }
 
     /// Writes `addr` into the caller's (addr, addrlen) value-result pair
@@ -710,25 +726,6 @@ impl Shared {
             sockaddr::Decoded::Unspec => Err(libc::EAFNOSUPPORT),
         }
     }
-}
-
-/// Whether the `L` bound to abstract `name` still exists: its name is
-/// taken exactly as long as the socket is open somewhere.
-fn listener_alive(name: &[u8]) -> bool {
-    use nix::sys::socket::{bind, UnixAddr};
-    let Ok(probe) = socket::unix_socket(false) else {
-        return true;
-    };
-    match UnixAddr::new_abstract(name) {
-        Ok(addr) => bind(probe.as_raw_fd(), &addr) == Err(nix::errno::Errno::EADDRINUSE),
-        Err(_) => true,
-    }
-}
-
-/// A tag that keeps two supervisors' abstract names apart.
-fn rand_tag() -> u32 {
-    let n = saps_fabric::auth::nonce();
-    u32::from_ne_bytes([n[0], n[1], n[2], n[3]])
 }
 
 /// Owned fd helpers shared by the handlers.

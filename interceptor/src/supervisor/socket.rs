@@ -4,7 +4,7 @@
 use super::{defer, inode_of, Call, Outcome, Shared};
 use crate::notify::{AddFd, Reply};
 use crate::vsock::{Inode, State, VirtualSocket};
-use nix::sys::socket::{self as so, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{self as so, AddressFamily, SockFlag, SockType};
 use saps_fabric::{Request, Response};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -190,7 +190,8 @@ pub(crate) fn listen(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     })
 }
 
-/// Makes `L`, bound to an abstract name, and puts it over the call's fd.
+/// Makes `L`, one end of a socket pair whose other end `M` the supervisor
+/// keeps for markers, and puts it over the call's fd.
 fn install_listener(
     sh: &Arc<Shared>,
     call: &Call,
@@ -199,19 +200,11 @@ fn install_listener(
     nonblock: bool,
     vs: &VirtualSocket,
 ) -> Result<Inode, i32> {
-    let l = unix_socket(nonblock)?;
-    let name = sh.abstract_name("l", conn);
-    let addr = UnixAddr::new_abstract(&name).map_err(|e| e as i32)?;
-    so::bind(l.as_raw_fd(), &addr).map_err(|e| e as i32)?;
-    so::listen(
-        &l,
-        Backlog::new(backlog.max(128) as i32).unwrap_or(Backlog::MAXCONN),
-    )
-    .map_err(|e| e as i32)?;
+    let (l, marker) = super::connect::pair(nonblock)?;
     let l_ino = inode_of(&l)?;
     sh.replace_fd(call, l.as_fd())?;
     let listener = super::Listener {
-        name,
+        marker: Arc::new(marker),
         addr: vs
             .bound
             .unwrap_or_else(|| crate::vsock::unspecified(vs.domain)),
