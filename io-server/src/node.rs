@@ -99,6 +99,18 @@ struct Node {
     id: NodeId,
 }
 
+/// Test hook: `SAPS_TEST_LISTEN_REPLY_DELAY_MS` holds back the answer to
+/// every successful Listen that long, while the listening socket already
+/// accepts, so a test can make a client reach a node before the node knows
+/// its listener (which a same-host hand-off can do by itself).
+fn listen_reply_delay() -> Option<std::time::Duration> {
+    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        let ms = std::env::var("SAPS_TEST_LISTEN_REPLY_DELAY_MS").ok()?;
+        ms.parse().ok().map(std::time::Duration::from_millis)
+    })
+}
+
 fn status(r: Result<Option<SocketAddr>, i32>) -> Response {
     match r {
         Ok(addr) => Response::Status { errno: 0, addr },
@@ -109,6 +121,7 @@ fn status(r: Result<Option<SocketAddr>, i32>) -> Response {
 impl Node {
     fn request(&self, req: ReqId, request: Request) {
         tracing::debug!(req, ?request, "request");
+        let is_listen = matches!(request, Request::Listen { .. });
         let response = match request {
             Request::Bind { conn, addr, flags } => {
                 let r = self.bind(conn, addr, flags);
@@ -151,6 +164,15 @@ impl Node {
         };
         if response.errno() != 0 {
             tracing::debug!(req, errno = response.errno(), "request failed");
+        }
+        if let (Some(delay), true, 0) = (listen_reply_delay(), is_listen, response.errno()) {
+            // The listening socket accepts already; only the answer waits.
+            let ep = self.ep.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                ep.respond(req, response);
+            });
+            return;
         }
         self.ep.respond(req, response);
     }

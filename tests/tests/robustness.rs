@@ -393,3 +393,66 @@ fn sequential_clients_leave_no_spurious_readiness_relayed() {
 fn sequential_clients_leave_no_spurious_readiness_zero_relay() {
     sequential_clients_leave_no_spurious_readiness("on");
 }
+
+/// Listens once (the io-server holds back its answer, see below) and
+/// answers the first client.
+const EARLY_CLIENT_PROGRAM: &str = r#"
+l = listener(8)
+print("listening", flush=True)
+c, _ = l.accept()
+c.sendall(b"served " + c.recv(16))
+c.close()
+"#;
+
+/// A client that reaches the node before the node knows its listener (the
+/// io-server listens at once but answers the Listen late, as a same-host
+/// hand-off overtaking the fabric's answer does by itself) waits for the
+/// listener instead of being reset.
+fn a_client_before_the_listen_answer_is_served(zero_relay: &str) {
+    let port = free_port();
+    let mut cmd = python_under_saps(zero_relay, EARLY_CLIENT_PROGRAM, port, "");
+    cmd.env("SAPS_TEST_LISTEN_REPLY_DELAY_MS", "1000")
+        .env("RUST_LOG", "saps_interceptor=debug");
+    let p = Proc::spawn(&mut cmd);
+    // The io-server's socket accepts well before listen() returns.
+    let client = wait_for(Duration::from_secs(20), || {
+        TcpStream::connect(("127.0.0.1", port)).ok()
+    })
+    .unwrap_or_else(|| panic!("nothing listens: {}", p.stderr()));
+    assert!(
+        !p.stdout().contains("listening"),
+        "listen() returned before the client connected: {}",
+        p.stderr()
+    );
+    let got = {
+        use std::io::Write;
+        let mut c = client;
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"early").unwrap();
+        let mut got = String::new();
+        c.read_to_string(&mut got).map(|_| got)
+    };
+    assert_eq!(
+        got.as_deref().ok(),
+        Some("served early"),
+        "{got:?}\n{}",
+        p.stderr()
+    );
+    assert!(
+        p.stderr()
+            .contains("connection waits for its listener to be made"),
+        "the client did not arrive before the listener: {}",
+        p.stderr()
+    );
+    said(&p, "listening");
+}
+
+#[test]
+fn a_client_before_the_listen_answer_is_served_relayed() {
+    a_client_before_the_listen_answer_is_served("off");
+}
+
+#[test]
+fn a_client_before_the_listen_answer_is_served_zero_relay() {
+    a_client_before_the_listen_answer_is_served("on");
+}
