@@ -348,6 +348,16 @@ pub fn setsockopt_raw(fd: BorrowedFd<'_>, level: i32, name: i32, value: &[u8]) -
     check(ret as libc::c_long).map(drop)
 }
 
+/// `ioctl(SIOCOUTQ)` of a stream socket of ours: octets it sent that its
+/// peer has not read yet (for AF_UNIX, what they occupy in memory, which
+/// is 0 exactly when none wait).
+pub fn unread_by_peer(fd: BorrowedFd<'_>) -> io::Result<i32> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int through the pointer.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    check(ret as libc::c_long).map(|_| n)
+}
+
 /// Registers an fd of ours with the tokio reactor for readability.
 pub fn async_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     // SAFETY: the `OwnedFd` moves into the `AsyncFd`, so it stays open and

@@ -456,3 +456,53 @@ fn a_client_before_the_listen_answer_is_served_relayed() {
 fn a_client_before_the_listen_answer_is_served_zero_relay() {
     a_client_before_the_listen_answer_is_served("on");
 }
+
+/// Reads from its own listener once a client waits (no server does; the
+/// kernel would say ENOTCONN), then waits for the listener to poll
+/// readable and accepts.
+const READS_ITS_LISTENER: &str = r#"
+l = listener(8)
+l.setblocking(False)
+print("listening", flush=True)
+select.select([l], [], [], 20)
+try:
+    got = os.read(l.fileno(), 16)
+except OSError:
+    got = b""
+print("read", len(got), flush=True)
+r, _, _ = select.select([l], [], [], 20)
+print("readable", bool(r), flush=True)
+c, _ = l.accept()
+c.setblocking(True)
+c.sendall(b"served " + c.recv(16))
+c.close()
+"#;
+
+/// A program that reads what makes its listener readable still gets its
+/// client: the supervisor notices and makes the listener readable again.
+fn a_program_reading_its_listener_still_accepts(zero_relay: &str) {
+    let port = free_port();
+    let mut cmd = python_under_saps(zero_relay, READS_ITS_LISTENER, port, "");
+    cmd.env("RUST_LOG", "saps_interceptor=warn");
+    let p = Proc::spawn(&mut cmd);
+    said(&p, "listening");
+    let client = std::thread::spawn(move || read_reply(port, b"odd"));
+    said(&p, "readable True");
+    let got = client.join().unwrap();
+    assert_eq!(
+        got.as_deref().ok(),
+        Some("served odd"),
+        "{got:?}\n{}",
+        p.stderr()
+    );
+}
+
+#[test]
+fn a_program_reading_its_listener_still_accepts_relayed() {
+    a_program_reading_its_listener_still_accepts("off");
+}
+
+#[test]
+fn a_program_reading_its_listener_still_accepts_zero_relay() {
+    a_program_reading_its_listener_still_accepts("on");
+}

@@ -305,6 +305,41 @@ fn marker_failed(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, e: i32) {
     }
 }
 
+/// Puts back markers the program took off `L` itself (it read from its
+/// listener, which no server does, but nothing stops it): `L` would
+/// otherwise not poll readable while connections wait, and an
+/// epoll-driven program would never accept them. Run by the listener
+/// sweep; `M` has nothing unread by `L` exactly when no marker is on it.
+pub(crate) fn repair_markers(sh: &Shared) {
+    let listeners: Vec<(ConnId, Arc<std::os::fd::OwnedFd>)> = lock(&sh.listeners)
+        .iter()
+        .map(|(&c, l)| (c, l.marker.clone()))
+        .collect();
+    let mut ready = lock(&sh.ready);
+    for (lconn, m) in listeners {
+        let Some(r) = ready.get_mut(&lconn) else {
+            continue;
+        };
+        if r.on_l == 0
+            || r.retrying
+            || crate::sys::unread_by_peer(m.as_fd()).map_or(true, |n| n > 0)
+        {
+            continue;
+        }
+        tracing::warn!(
+            listener = lconn,
+            queued = r.queue.len(),
+            "the program read its listener's markers; putting them back"
+        );
+        r.on_l = 0;
+        if let Err(e) = r.fill(m.as_fd()) {
+            // The next sweep tries again (no task waits for room).
+            r.retrying = false;
+            tracing::debug!(listener = lconn, errno = e, "markers not put back");
+        }
+    }
+}
+
 /// How a queued connection reaches the program (relayed if it is gone).
 fn kind_of(sh: &Shared, id: ConnId) -> Kind {
     lock(&sh.waiting).get(&id).map_or(Kind::Relayed, |w| w.1)

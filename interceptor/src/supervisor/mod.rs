@@ -371,6 +371,7 @@ impl Supervisor {
                 },
                 _ = sweep.tick() => {
                     self.shared.reap_listeners(None);
+                    arrival::repair_markers(&self.shared);
                     continue;
                 }
             };
