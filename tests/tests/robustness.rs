@@ -7,6 +7,24 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
+/// `NAME::relayed` and `NAME::zero_relay`: the test `NAME` with
+/// `--zero-relay off` and with `on`.
+macro_rules! in_both_modes {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn relayed() {
+                super::$name("off");
+            }
+
+            #[test]
+            fn zero_relay() {
+                super::$name("on");
+            }
+        }
+    };
+}
+
 /// Garbage pointers to connect/accept/getsockname/setsockopt give EFAULT;
 /// the connection whose accept failed is not lost: the next accept gets it.
 const ODD_PROGRAM: &str = r#"
@@ -69,15 +87,7 @@ fn bad_pointers_get_efault_and_the_connection_survives(zero_relay: &str) {
     }
 }
 
-#[test]
-fn bad_pointers_get_efault_and_the_connection_survives_relayed() {
-    bad_pointers_get_efault_and_the_connection_survives("off");
-}
-
-#[test]
-fn bad_pointers_get_efault_and_the_connection_survives_zero_relay() {
-    bad_pointers_get_efault_and_the_connection_survives("on");
-}
+in_both_modes!(bad_pointers_get_efault_and_the_connection_survives);
 
 #[test]
 fn udp_and_unix_sockets_are_untouched() {
@@ -127,6 +137,12 @@ fn read_reply(port: u16, send: &[u8]) -> std::io::Result<String> {
     Ok(got)
 }
 
+/// The reply a client got is `want` (else the failure shows the program's
+/// log).
+fn assert_reply(got: std::io::Result<String>, want: &str, p: &Proc) {
+    assert_eq!(got.as_deref().ok(), Some(want), "{got:?}\n{}", p.stderr());
+}
+
 /// Waits (bounded) until `p` printed `what`; all it printed by then.
 fn said(p: &Proc, what: &str) -> String {
     wait_for(Duration::from_secs(20), || {
@@ -147,6 +163,11 @@ def listener(backlog):
     l.bind(("0.0.0.0", port))
     l.listen(backlog)
     return l
+def serve_one(l):
+    c, _ = l.accept()
+    c.setblocking(True)
+    c.sendall(b"served " + c.recv(16))
+    c.close()
 "#;
 
 /// saps-run running the python program `body` (after [`PRELUDE`]) with
@@ -193,23 +214,10 @@ fn a_client_between_close_and_relisten_reaches_the_new_listener(zero_relay: &str
     .unwrap_or_else(|| panic!("the client waits nowhere: {}", p.stderr()));
     std::fs::write(&go, b"").unwrap();
     let got = client.join().unwrap();
-    assert_eq!(
-        got.as_deref().ok(),
-        Some("second again"),
-        "{got:?}\n{}",
-        p.stderr()
-    );
+    assert_reply(got, "second again", &p);
 }
 
-#[test]
-fn a_client_between_close_and_relisten_reaches_the_new_listener_relayed() {
-    a_client_between_close_and_relisten_reaches_the_new_listener("off");
-}
-
-#[test]
-fn a_client_between_close_and_relisten_reaches_the_new_listener_zero_relay() {
-    a_client_between_close_and_relisten_reaches_the_new_listener("on");
-}
+in_both_modes!(a_client_between_close_and_relisten_reaches_the_new_listener);
 
 /// Accepts `n` clients on a non-blocking listener as select() reports
 /// them, answers each, then checks that the listener polls unreadable and
@@ -270,15 +278,7 @@ fn a_burst_of_clients_is_accepted_once_each(zero_relay: &str) {
     assert!(!out.contains("bogus") && !out.contains("spurious"), "{out}");
 }
 
-#[test]
-fn a_burst_of_clients_is_accepted_once_each_relayed() {
-    a_burst_of_clients_is_accepted_once_each("off");
-}
-
-#[test]
-fn a_burst_of_clients_is_accepted_once_each_zero_relay() {
-    a_burst_of_clients_is_accepted_once_each("on");
-}
+in_both_modes!(a_burst_of_clients_is_accepted_once_each);
 
 /// Two processes wait on one listener with `EPOLLEXCLUSIVE`, as nginx's
 /// workers do; each says "woken" when its epoll_wait returns and accepts
@@ -335,15 +335,7 @@ fn a_burst_wakes_more_than_one_exclusive_waiter(zero_relay: &str) {
     }
 }
 
-#[test]
-fn a_burst_wakes_more_than_one_exclusive_waiter_relayed() {
-    a_burst_wakes_more_than_one_exclusive_waiter("off");
-}
-
-#[test]
-fn a_burst_wakes_more_than_one_exclusive_waiter_zero_relay() {
-    a_burst_wakes_more_than_one_exclusive_waiter("on");
-}
+in_both_modes!(a_burst_wakes_more_than_one_exclusive_waiter);
 
 /// Serves `n` clients one after another with select() and a blocking
 /// accept, as iperf3 does; before answering each it says "spurious" if
@@ -384,24 +376,14 @@ fn sequential_clients_leave_no_spurious_readiness(zero_relay: &str) {
     assert!(!out.contains("spurious"), "{out}");
 }
 
-#[test]
-fn sequential_clients_leave_no_spurious_readiness_relayed() {
-    sequential_clients_leave_no_spurious_readiness("off");
-}
-
-#[test]
-fn sequential_clients_leave_no_spurious_readiness_zero_relay() {
-    sequential_clients_leave_no_spurious_readiness("on");
-}
+in_both_modes!(sequential_clients_leave_no_spurious_readiness);
 
 /// Listens once (the io-server holds back its answer, see below) and
 /// answers the first client.
 const EARLY_CLIENT_PROGRAM: &str = r#"
 l = listener(8)
 print("listening", flush=True)
-c, _ = l.accept()
-c.sendall(b"served " + c.recv(16))
-c.close()
+serve_one(l)
 "#;
 
 /// A client that reaches the node before the node knows its listener (the
@@ -432,12 +414,7 @@ fn a_client_before_the_listen_answer_is_served(zero_relay: &str) {
         let mut got = String::new();
         c.read_to_string(&mut got).map(|_| got)
     };
-    assert_eq!(
-        got.as_deref().ok(),
-        Some("served early"),
-        "{got:?}\n{}",
-        p.stderr()
-    );
+    assert_reply(got, "served early", &p);
     assert!(
         p.stderr()
             .contains("connection waits for its listener to be made"),
@@ -447,15 +424,7 @@ fn a_client_before_the_listen_answer_is_served(zero_relay: &str) {
     said(&p, "listening");
 }
 
-#[test]
-fn a_client_before_the_listen_answer_is_served_relayed() {
-    a_client_before_the_listen_answer_is_served("off");
-}
-
-#[test]
-fn a_client_before_the_listen_answer_is_served_zero_relay() {
-    a_client_before_the_listen_answer_is_served("on");
-}
+in_both_modes!(a_client_before_the_listen_answer_is_served);
 
 /// Reads from its own listener once a client waits (no server does; the
 /// kernel would say ENOTCONN), then waits for the listener to poll
@@ -472,10 +441,7 @@ except OSError:
 print("read", len(got), flush=True)
 r, _, _ = select.select([l], [], [], 20)
 print("readable", bool(r), flush=True)
-c, _ = l.accept()
-c.setblocking(True)
-c.sendall(b"served " + c.recv(16))
-c.close()
+serve_one(l)
 "#;
 
 /// A program that reads what makes its listener readable still gets its
@@ -489,20 +455,7 @@ fn a_program_reading_its_listener_still_accepts(zero_relay: &str) {
     let client = std::thread::spawn(move || read_reply(port, b"odd"));
     said(&p, "readable True");
     let got = client.join().unwrap();
-    assert_eq!(
-        got.as_deref().ok(),
-        Some("served odd"),
-        "{got:?}\n{}",
-        p.stderr()
-    );
+    assert_reply(got, "served odd", &p);
 }
 
-#[test]
-fn a_program_reading_its_listener_still_accepts_relayed() {
-    a_program_reading_its_listener_still_accepts("off");
-}
-
-#[test]
-fn a_program_reading_its_listener_still_accepts_zero_relay() {
-    a_program_reading_its_listener_still_accepts("on");
-}
+in_both_modes!(a_program_reading_its_listener_still_accepts);
