@@ -376,9 +376,10 @@ pub(crate) fn next_queued(
 }
 
 /// Takes one marker off `l` (the program's `L`): `false` once `L` is
-/// empty. Only under the ready queues' lock, which keeps two accepts from
-/// both seeing one marker and one of them blocking in `accept4`. Only the
-/// supervisor's `M` writes to `L`: the pair has no name to connect to.
+/// empty. Only under the ready queues' lock, which keeps a queue's count
+/// of markers equal to what is on `L`. Only the supervisor's `M` writes
+/// to `L` (the pair has no name to connect to); a program that reads `L`
+/// itself is caught up with by [`repair_markers`].
 fn take_one(l: BorrowedFd<'_>) -> Result<bool, i32> {
     let mut byte = [0u8; 1];
     loop {
