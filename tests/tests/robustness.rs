@@ -393,7 +393,7 @@ serve_one(l)
 fn a_client_before_the_listen_answer_is_served(zero_relay: &str) {
     let port = free_port();
     let mut cmd = python_under_saps(zero_relay, EARLY_CLIENT_PROGRAM, port, "");
-    cmd.env("SAPS_TEST_LISTEN_REPLY_DELAY_MS", "1000")
+    cmd.env("SAPS_TEST_LISTEN_REPLY_DELAY_MS", "3000")
         .env("RUST_LOG", "saps_interceptor=debug");
     let p = Proc::spawn(&mut cmd);
     // The io-server's socket accepts well before listen() returns.
