@@ -393,14 +393,24 @@ serve_one(l)
 fn a_client_before_the_listen_answer_is_served(zero_relay: &str) {
     let port = free_port();
     let mut cmd = python_under_saps(zero_relay, EARLY_CLIENT_PROGRAM, port, "");
-    cmd.env("SAPS_TEST_LISTEN_REPLY_DELAY_MS", "3000")
+    // Held back half of RELISTEN_GRACE (1 s), the longest a client waits
+    // on the node for its listener: the client, trying every 5 ms, is
+    // there long before the answer, which comes long before it gives up.
+    cmd.env("SAPS_TEST_LISTEN_REPLY_DELAY_MS", "500")
         .env("RUST_LOG", "saps_interceptor=debug");
     let p = Proc::spawn(&mut cmd);
-    // The io-server's socket accepts well before listen() returns.
-    let client = wait_for(Duration::from_secs(20), || {
-        TcpStream::connect(("127.0.0.1", port)).ok()
-    })
-    .unwrap_or_else(|| panic!("nothing listens: {}", p.stderr()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let client = loop {
+        if let Ok(c) = TcpStream::connect(("127.0.0.1", port)) {
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing listens: {}",
+            p.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
     assert!(
         !p.stdout().contains("listening"),
         "listen() returned before the client connected: {}",
