@@ -26,10 +26,6 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
-use std::time::Duration;
-
-/// How long a connection may wait for room in `M`'s full send buffer.
-const BACKLOG_WAIT: Duration = Duration::from_secs(5);
 
 /// `ConnectionAccepted(listener, conn, peer, local)` from the io-server.
 pub(crate) fn deliver(
@@ -166,7 +162,7 @@ pub(crate) fn place(sh: &Arc<Shared>, listener: ConnId, id: ConnId, kind: Kind) 
                 }
             }
         }
-        enqueue(&sh2, lconn, &l, id).await;
+        enqueue(&sh2, lconn, &l, id);
     });
 }
 
@@ -201,8 +197,6 @@ pub(crate) struct Ready {
     queue: VecDeque<ConnId>,
     /// Markers pending on `L`.
     on_l: usize,
-    /// A task waits for room in `M`'s buffer ([`marker_when_room`]).
-    retrying: bool,
 }
 
 impl Ready {
@@ -210,22 +204,16 @@ impl Ready {
     /// so an accept never sees a queued connection whose marker is still
     /// on its way (it could not take that marker off again, and `L` would
     /// poll readable with nothing to accept, which a program that selects
-    /// and then blocks in `accept` would not survive). `Err(EAGAIN)`: `M`'s
-    /// buffer is full and no marker is on `L`; the caller starts
-    /// [`marker_when_room`]. With one on `L` already, `L` polls readable
-    /// anyway and the rest are not retried.
+    /// and then blocks in `accept` would not survive). With one on `L`
+    /// already, `L` polls readable anyway and the rest are not retried.
+    /// The first always has room: with no marker on `L`, `M` has nothing
+    /// unread, and at most [`MAX_MARKERS`] bytes ever are. `Err`: `L` is
+    /// closed (`ECONNREFUSED`) or `M` failed.
     fn fill(&mut self, m: BorrowedFd<'_>) -> Result<(), i32> {
-        if self.retrying {
-            return Ok(());
-        }
         while self.on_l < markers_for(self.queue.len()) {
             match put_marker(m) {
                 Ok(()) => self.on_l += 1,
                 Err(_) if self.on_l > 0 => break,
-                Err(libc::EAGAIN) => {
-                    self.retrying = true;
-                    return Err(libc::EAGAIN);
-                }
                 Err(e) => return Err(e),
             }
         }
@@ -234,9 +222,10 @@ impl Ready {
 }
 
 /// Queues a connection on listener `lconn` and puts its marker on `L`.
-async fn enqueue(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, id: ConnId) {
-    let r = add_to_queue(sh, lconn, l.marker.as_fd(), |q| q.push_back(id));
-    marker_outcome(sh, lconn, l, r).await;
+fn enqueue(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, id: ConnId) {
+    if let Err(e) = add_to_queue(sh, lconn, l.marker.as_fd(), |q| q.push_back(id)) {
+        marker_failed(sh, lconn, l, e);
+    }
 }
 
 /// Changes `lconn`'s queue with `add`, then [`Ready::fill`]s its marker.
@@ -250,35 +239,6 @@ fn add_to_queue(
     let r = ready.entry(lconn).or_default();
     add(&mut r.queue);
     r.fill(m)
-}
-
-/// Finishes what [`add_to_queue`] left: waits for room on `L`, or gives
-/// the queue up if `L` is gone.
-async fn marker_outcome(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener, r: Result<(), i32>) {
-    match r {
-        Ok(()) => {}
-        Err(libc::EAGAIN) => marker_when_room(sh, lconn, l).await,
-        Err(e) => marker_failed(sh, lconn, l, e),
-    }
-}
-
-/// The marker, when `M`'s buffer was full: retried until there is room.
-/// Only here can a queue be emptied while a marker is on its way; that
-/// marker is then a spurious wake-up, taken off by the next accept.
-async fn marker_when_room(sh: &Arc<Shared>, lconn: ConnId, l: &super::Listener) {
-    let r = put_when_room(l.marker.as_fd()).await;
-    let mut ready = lock(&sh.ready);
-    let Some(q) = ready.get_mut(&lconn) else {
-        return;
-    };
-    q.retrying = false;
-    match r {
-        Ok(()) => q.on_l += 1,
-        Err(e) => {
-            drop(ready);
-            marker_failed(sh, lconn, l, e);
-        }
-    }
 }
 
 /// The marker could not reach `L`: a closed `L` sends its queue where the
@@ -320,10 +280,7 @@ pub(crate) fn repair_markers(sh: &Shared) {
         let Some(r) = ready.get_mut(&lconn) else {
             continue;
         };
-        if r.on_l == 0
-            || r.retrying
-            || crate::sys::unread_by_peer(m.as_fd()).map_or(true, |n| n > 0)
-        {
+        if r.on_l == 0 || crate::sys::unread_by_peer(m.as_fd()).map_or(true, |n| n > 0) {
             continue;
         }
         tracing::warn!(
@@ -333,8 +290,6 @@ pub(crate) fn repair_markers(sh: &Shared) {
         );
         r.on_l = 0;
         if let Err(e) = r.fill(m.as_fd()) {
-            // The next sweep tries again (no task waits for room).
-            r.retrying = false;
             tracing::debug!(listener = lconn, errno = e, "markers not put back");
         }
     }
@@ -397,11 +352,8 @@ pub(crate) fn requeue(sh: &Arc<Shared>, lconn: ConnId, id: ConnId) {
     let Some(l) = lock(&sh.listeners).get(&lconn).cloned() else {
         return give_up(sh, id, kind_of(sh, id));
     };
-    let r = add_to_queue(sh, lconn, l.marker.as_fd(), |q| q.push_front(id));
-    if r.is_err() {
-        let sh2 = sh.clone();
-        sh.rt
-            .spawn(async move { marker_outcome(&sh2, lconn, &l, r).await });
+    if let Err(e) = add_to_queue(sh, lconn, l.marker.as_fd(), |q| q.push_front(id)) {
+        marker_failed(sh, lconn, &l, e);
     }
 }
 
@@ -522,26 +474,8 @@ pub(crate) fn retire(sh: &Shared, listener: ConnId, addr: SocketAddr) {
     r.push_back((listener, addr));
 }
 
-/// Puts a marker on `L`, waiting (bounded) while `M`'s buffer is full.
-async fn put_when_room(m: BorrowedFd<'_>) -> Result<(), i32> {
-    let deadline = tokio::time::Instant::now() + BACKLOG_WAIT;
-    let mut pause = Duration::from_millis(1);
-    loop {
-        match put_marker(m) {
-            Ok(()) => return Ok(()),
-            Err(libc::EAGAIN) if tokio::time::Instant::now() < deadline => {
-                // The program is not accepting fast enough: back off.
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(50));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// One marker, a byte sent on `M` that makes `L` readable until an accept
-/// takes it off (`take_one`). `EAGAIN`: `M`'s buffer is full;
-/// `ECONNREFUSED`: the program has closed `L`.
+/// takes it off (`take_one`). `ECONNREFUSED`: the program has closed `L`.
 fn put_marker(m: BorrowedFd<'_>) -> Result<(), i32> {
     let flags = so::MsgFlags::MSG_DONTWAIT | so::MsgFlags::MSG_NOSIGNAL;
     loop {
