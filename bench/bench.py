@@ -184,6 +184,64 @@ class SyscallCount:
         return None
 
 
+class CpuLimit:
+    """A cgroup whose processes get at most `share` of one CPU (CFS bandwidth
+    control: `cpu.max` on cgroup v2, `cpu.cfs_quota_us` on v1), for the
+    gateway-bound runs. `CpuLimit.make` returns None and says why when this
+    machine lets no such cgroup be made (no cpu controller, not root)."""
+
+    PERIOD_US = 10000  # short, so a throttled gateway stalls at most ms
+
+    def __init__(self, path, parent):
+        self.path, self.parent = path, parent
+
+    @classmethod
+    def make(cls, share):
+        name = f"saps-bench-{os.getpid()}"
+        quota = max(1000, int(share * cls.PERIOD_US))
+        v2 = "/sys/fs/cgroup"
+        v1 = next((d for d in ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct")
+                   if os.path.exists(os.path.join(d, "cpu.cfs_quota_us"))), None)
+        try:
+            if os.path.exists(os.path.join(v2, "cgroup.controllers")):
+                with open(os.path.join(v2, "cgroup.controllers")) as f:
+                    if "cpu" not in f.read().split():
+                        return None, "cgroup v2 without the cpu controller"
+                with open(os.path.join(v2, "cgroup.subtree_control"), "w") as f:
+                    f.write("+cpu")
+                path = os.path.join(v2, name)
+                os.mkdir(path)
+                write(os.path.join(path, "cpu.max"), f"{quota} {cls.PERIOD_US}")
+                return cls(path, v2), None
+            if v1:
+                path = os.path.join(v1, name)
+                os.mkdir(path)
+                write(os.path.join(path, "cpu.cfs_period_us"), str(cls.PERIOD_US))
+                write(os.path.join(path, "cpu.cfs_quota_us"), str(quota))
+                return cls(path, v1), None
+        except OSError as e:
+            return None, f"cannot make a cpu cgroup: {e}"
+        return None, "no cgroup cpu controller mounted"
+
+    def add(self, pids):
+        for pid in pids:
+            write(os.path.join(self.path, "cgroup.procs"), str(pid))
+
+    def remove(self):
+        """Moves what is left back to the parent and deletes the cgroup."""
+        try:
+            with open(os.path.join(self.path, "cgroup.procs")) as f:
+                left = f.read().split()
+            for pid in left:
+                try:
+                    write(os.path.join(self.parent, "cgroup.procs"), pid)
+                except OSError:
+                    pass  # exited meanwhile
+            os.rmdir(self.path)
+        except OSError as e:
+            log(f"could not remove cgroup {self.path}: {e}")
+
+
 def free_ports(n):
     """`n` distinct ports that bind on 0.0.0.0 right now, taken below the
     ephemeral range, so no outgoing connection (wrk's thousands under
@@ -649,10 +707,30 @@ SERVER_COLS = [
 ]
 
 
+# The gateway-bound runs: the setups whose gateway is a process of its own.
+GATEWAY_SETUPS = [
+    ("haproxy-1", "haproxy, mode tcp, nbthread 1"),
+    ("haproxy", "haproxy, mode tcp, nbthread 2"),
+    ("unix-1", "SAPS io-server + 1 node, unix"),
+    ("tcp-1", "SAPS io-server + 1 node, tcp"),
+    ("unix-1-zr", "SAPS io-server + 1 node, unix, --zero-relay on"),
+]
+GATEWAY_COLS = [
+    ("ka50_rps", "keep-alive c50 req/s", 0, True),
+    ("ka50_p99", "c50 p99 ms", 2, False),
+    ("close_rps", "Connection: close c50 req/s", 0, True),
+    ("ip1_gbps", "iperf3 -P 1 Gbit/s", 2, True),
+    ("gw_10k_ka", "gateway CPU s / 10k req (keep-alive)", 3, False),
+    ("gw_10k_close", "gateway CPU s / 10k req (close)", 3, False),
+    ("gw_gib", "gateway CPU s / GiB", 3, False),
+]
+
+
 class Run:
-    def __init__(self, bench, quick):
+    def __init__(self, bench, quick, gateway_cpu):
         self.b = bench
         self.quick = quick
+        self.gateway_cpu = gateway_cpu
         self.secs = 3 if quick else 5
         self.rounds = 1 if quick else 2
         self.iperf_secs = 2 if quick else 5
@@ -717,21 +795,43 @@ class Run:
             self.http(label, s, row, 50, True, "close", "close")
             row["dl_gbps"] = self.attempt(label, "curl", lambda: curl_gbps(
                 f"{base}/10m.bin", 3 if self.quick else 7))
-            (gbps, nbytes), g, n, _, _ = self.measured(s, lambda: self.attempt(
-                label, "iperf3 -P 1", lambda: iperf3(s.ports["iperf"], self.iperf_secs, 1),
-                (None, 0)))
-            row["ip1_gbps"] = gbps
-            if nbytes:
-                if s.gateway:
-                    row["gw_gib"] = g / (nbytes / 2**30)
-                if s.nodes:
-                    row["node_gib"] = n / (nbytes / 2**30)
+            self.single_stream(label, s, row)
             row["ip4_gbps"] = self.attempt(label, "iperf3 -P 4", lambda: iperf3(
                 s.ports["iperf"], self.iperf_secs, 4), (None, 0))[0]
             row["rtt_mean"], row["rtt_p50"] = self.attempt(
                 label, "ping-pong",
                 lambda: ping_pong(s.ports["echo"], 2000 if self.quick else 10000),
                 (None, None))
+        finally:
+            self.b.procs.stop(s.procs)
+        return row
+
+    def single_stream(self, label, s, row):
+        """iperf3 -P 1, with the gateway's and nodes' CPU per GiB."""
+        (gbps, nbytes), g, n, _, _ = self.measured(s, lambda: self.attempt(
+            label, "iperf3 -P 1", lambda: iperf3(s.ports["iperf"], self.iperf_secs, 1),
+            (None, 0)))
+        row["ip1_gbps"] = gbps
+        if nbytes:
+            if s.gateway:
+                row["gw_gib"] = g / (nbytes / 2**30)
+            if s.nodes:
+                row["node_gib"] = n / (nbytes / 2**30)
+
+    def gateway_setup(self, kind, label, limit):
+        """The gateway process in `limit`'s cgroup (after the warm-up);
+        nginx, the nodes and the load generators run free."""
+        s = self.attempt(label, "start", lambda: self.b.start(kind))
+        row = {}
+        if s is None:
+            return row
+        try:
+            self.attempt(label, "warm-up", lambda: wrk(
+                f"http://127.0.0.1:{s.ports['http']}/1k.bin", 10, 1))
+            limit.add(s.gateway)
+            self.http(label, s, row, 50, False, "ka50", "ka")
+            self.http(label, s, row, 50, True, "close", "close")
+            self.single_stream(label, s, row)
         finally:
             self.b.procs.stop(s.procs)
         return row
@@ -769,10 +869,26 @@ class Run:
                    ("default", "apache", "apache2 (event), saps-run")]
         if not have("apache2"):
             servers = [t for t in servers if t[1] != "apache"]
-        results = {"main": [], "tracing": [], "servers": []}
+        results = {"main": [], "tracing": [], "servers": [], "gateway": [],
+                   "gateway_skipped": None}
         for k, label in main:
             log(f"{label} ...")
             results["main"].append((k, label, self.main_setup(k, label)))
+        if self.gateway_cpu and (not only or "gateway-bound" in only):
+            limit, why = CpuLimit.make(self.gateway_cpu)
+            if limit is None:
+                log(f"gateway-bound runs skipped: {why}")
+                results["gateway_skipped"] = why
+            else:
+                try:
+                    for k, label in GATEWAY_SETUPS:
+                        if k == "unix-1-zr" and not self.b.zero_relay:
+                            continue
+                        log(f"{label}, gateway limited to {self.gateway_cpu} CPU ...")
+                        results["gateway"].append(
+                            (k, label, self.gateway_setup(k, label, limit)))
+                finally:
+                    limit.remove()
         if not only or "tracing" in only:
             for k, label in tracing:
                 log(f"{label} ...")
@@ -854,8 +970,24 @@ def main_tables(out, rows):
         out.append(table(rows, SYSCALL_COLS, "haproxy"))
 
 
+def gateway_table(out, rows, share):
+    """The gateway-bound table, with ratios to the faster haproxy row."""
+    ref = max((r for r in rows if r[0].startswith("haproxy")),
+              key=lambda r: r[2].get("ka50_rps") or 0, default=None)
+    out.append(f"\n#### Gateway-bound: the gateway limited to {share:g} of a CPU\n")
+    out.append("One gateway in front of a cluster whose nodes have CPUs of their own: "
+               "after the warm-up, the gateway process (haproxy; the io-server) is put "
+               f"in a cgroup whose CFS quota is {share:g} of one CPU "
+               f"({CpuLimit.PERIOD_US // 1000} ms period), while nginx, the saps-run node "
+               "and the load generators run unlimited. Requests/s then measure what a "
+               "gateway CPU carries, the figure that decides how many gateways a "
+               "cluster needs. Ratios are to "
+               f"{ref[1] if ref else 'haproxy'}, the faster haproxy here.\n")
+    out.append(table(rows, GATEWAY_COLS, ref[0] if ref else "haproxy"))
+
+
 def report(results, command, quick, zero_relay, load_before, load_after, errors, secs,
-           rounds):
+           rounds, gateway_cpu):
     rounds = f", best of {rounds} runs" if rounds > 1 else ""
     today = datetime.date.today().isoformat()
     out = [f"### Run of {today}{' (--quick)' if quick else ''}\n",
@@ -880,6 +1012,10 @@ def report(results, command, quick, zero_relay, load_before, load_after, errors,
         out.append("saps-run had no `--zero-relay` flag in this build: no zero-relay row.\n")
     if results["main"]:
         main_tables(out, results["main"])
+    if results["gateway"]:
+        gateway_table(out, results["gateway"], gateway_cpu)
+    elif results["gateway_skipped"]:
+        out.append(f"\nGateway-bound runs skipped: {results['gateway_skipped']}.\n")
     if results["tracing"]:
         out.append("\n#### Tracing cost (issue 6): nginx, 1 KiB file, wrk c50\n")
         out.append("Ratios are to plain saps-run.\n")
@@ -925,7 +1061,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 s loads (about 3 minutes)")
     ap.add_argument("--only", default="",
                     help="comma-separated setups (direct,haproxy,haproxy-1,embedded,zero-relay,"
-                         "unix-1,unix-1-zr,unix-2,tcp-1,tracing,servers)")
+                         "unix-1,unix-1-zr,unix-2,tcp-1,tracing,servers,gateway-bound)")
+    ap.add_argument("--gateway-cpu", type=float, default=0.25, metavar="SHARE",
+                    help="the share of one CPU the gateway gets in the gateway-bound "
+                         "runs (0: no such runs)")
     ap.add_argument("--doc", help="markdown file to write the report into")
     ap.add_argument("--keep", action="store_true",
                     help="keep the work directory (configs, logs) even without errors")
@@ -950,7 +1089,7 @@ def main():
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     load_before = loadavg()
-    run = Run(bench, args.quick)
+    run = Run(bench, args.quick, args.gateway_cpu)
     started = time.monotonic()
     try:
         results = run.all({o for o in args.only.split(",") if o})
@@ -962,7 +1101,7 @@ def main():
         shutil.rmtree(bench.work, ignore_errors=True)
         log(f"done in {time.monotonic() - started:.0f} s")
     text = report(results, args.command, args.quick, bench.zero_relay_default, load_before,
-                  loadavg(), run.errors, run.secs, run.rounds)
+                  loadavg(), run.errors, run.secs, run.rounds, args.gateway_cpu)
     print(text)
     if args.doc:
         write_doc(args.doc, text)
