@@ -33,6 +33,15 @@ pub const DEFAULT_WINDOW: u32 = 1024 * 1024;
 /// and 9.6–11.4 with 256 KiB, the io-server spending 27 % less CPU per GiB.
 pub const MAX_DATA: usize = 256 * 1024;
 
+/// One piece of a channel's output ([`Channel::poll_transmit_any`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transmit {
+    /// Whole frames, or the start of one whose payload is spliced next.
+    Bytes(Bytes),
+    /// This many octets of payload, to move from the channel's pipe.
+    Spliced(usize),
+}
+
 /// Which end of the channel this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -217,6 +226,8 @@ pub struct ChannelStats {
     pub bytes_received: u64,
     /// Times a `send_message` found no credit.
     pub credit_stalls: u64,
+    /// Of `bytes_sent`, payload spliced through the channel's pipe.
+    pub bytes_spliced: u64,
 }
 
 /// One end of a node channel.
@@ -231,6 +242,9 @@ pub struct Channel {
     next_req: ReqId,
     inbuf: BytesMut,
     out: BytesMut,
+    /// Output finished before a spliced payload, in order, ahead of `out`
+    /// (empty unless payloads are spliced: see [`crate::splice`]).
+    sealed: VecDeque<Transmit>,
     events: VecDeque<Event>,
     stats: ChannelStats,
 }
@@ -270,6 +284,7 @@ impl Channel {
             next_req: 1,
             inbuf: BytesMut::new(),
             out: BytesMut::new(),
+            sealed: VecDeque::new(),
             events: VecDeque::new(),
             stats: ChannelStats::default(),
         }
@@ -345,9 +360,31 @@ impl Channel {
         self.events.pop_front()
     }
 
-    /// Bytes to write to the transport, if any.
+    /// Bytes to write to the transport, if any. Only for a channel whose
+    /// payloads are never spliced (else see [`Channel::poll_transmit_any`]).
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        (!self.out.is_empty()).then(|| self.out.split().freeze())
+        match self.sealed.pop_front() {
+            Some(Transmit::Bytes(b)) => Some(b),
+            Some(Transmit::Spliced(_)) => {
+                unreachable!("a spliced payload taken with poll_transmit")
+            }
+            None => (!self.out.is_empty()).then(|| self.out.split().freeze()),
+        }
+    }
+
+    /// What to send next: bytes, or the next spliced payload's length (the
+    /// writer moves that many octets from the channel's pipe). `owned` as
+    /// for [`Channel::poll_transmit_owned`].
+    pub fn poll_transmit_any(&mut self, owned: bool) -> Option<Transmit> {
+        if let Some(t) = self.sealed.pop_front() {
+            return Some(t);
+        }
+        let b = if owned {
+            self.poll_transmit_owned()
+        } else {
+            self.poll_transmit()
+        };
+        b.map(Transmit::Bytes)
     }
 
     /// [`Channel::poll_transmit`], giving up the whole output buffer rather
@@ -360,7 +397,7 @@ impl Channel {
     /// capacity (up to [`OWNED_CAPACITY`]), so a busy channel does not grow
     /// it (and copy what it holds) again for every chunk.
     pub fn poll_transmit_owned(&mut self) -> Option<Bytes> {
-        if self.out.len() < OWNED_MIN {
+        if !self.sealed.is_empty() || self.out.len() < OWNED_MIN {
             // Small: the reader's copy costs less than a new buffer.
             return self.poll_transmit();
         }
@@ -368,9 +405,17 @@ impl Channel {
         Some(std::mem::replace(&mut self.out, next).freeze())
     }
 
-    /// Bytes queued for the transport.
+    /// Bytes queued for the transport (spliced payloads included).
     pub fn pending_transmit(&self) -> usize {
         self.out.len()
+            + self
+                .sealed
+                .iter()
+                .map(|t| match t {
+                    Transmit::Bytes(b) => b.len(),
+                    Transmit::Spliced(n) => *n,
+                })
+                .sum::<usize>()
     }
 
     /// Closes the channel locally with `reason` (sent to the peer).
@@ -736,6 +781,34 @@ impl Channel {
         }
         let (n, t) = codec::encode_data_with(conn, room, &mut self.out, fill);
         self.sent(conn, n);
+        Ok(Some((n, t)))
+    }
+
+    /// [`Channel::send_message_with`] for a payload that `fill` splices
+    /// into the channel's pipe, at most `limit` octets, the window and
+    /// [`MAX_DATA`]: the frame's header is queued with what came before it,
+    /// then a [`Transmit::Spliced`] of the octets `fill` moved. `None`: the
+    /// window is shut, and `fill` was not called.
+    pub fn send_message_spliced<T>(
+        &mut self,
+        conn: ConnId,
+        limit: usize,
+        fill: impl FnOnce(usize) -> (usize, T),
+    ) -> Result<Option<(usize, T)>, CallError> {
+        let room = limit.min(self.send_room(conn)?).min(MAX_DATA);
+        if room == 0 {
+            self.stats.credit_stalls += 1;
+            return Ok(None);
+        }
+        let (n, t) = fill(room);
+        if n > 0 {
+            codec::encode_data_header(conn, n, &mut self.out);
+            self.sealed
+                .push_back(Transmit::Bytes(self.out.split().freeze()));
+            self.sealed.push_back(Transmit::Spliced(n));
+            self.sent(conn, n);
+            self.stats.bytes_spliced += n as u64;
+        }
         Ok(Some((n, t)))
     }
 

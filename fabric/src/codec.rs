@@ -227,12 +227,19 @@ pub fn encode_data_with<T>(
     (n, t)
 }
 
+/// Appends the header of a `Data` frame whose `len` octets of payload
+/// the transport sends after it (spliced: see [`crate::splice`]).
+pub fn encode_data_header(conn: ConnId, len: usize, out: &mut BytesMut) {
+    out.reserve(DATA_OVERHEAD);
+    out.put_u32((2 + 8 + len) as u32);
+    out.put_u8(WIRE_VERSION);
+    put_conn(out, tag::DATA, conn);
+}
+
 /// Appends a `Data` frame without building a [`Frame`] (the hot path).
 pub fn encode_data(conn: ConnId, data: &[u8], out: &mut BytesMut) {
     out.reserve(DATA_OVERHEAD + data.len());
-    out.put_u32((2 + 8 + data.len()) as u32);
-    out.put_u8(WIRE_VERSION);
-    put_conn(out, tag::DATA, conn);
+    encode_data_header(conn, data.len(), out);
     out.put_slice(data);
 }
 

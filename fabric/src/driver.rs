@@ -6,9 +6,11 @@
 //! writer when bytes are queued. Callbacks arrive on an unbounded event
 //! receiver; its size is bounded by the credits the channel grants.
 
-use crate::channel::{Channel, Event};
+use crate::channel::{Channel, Event, Transmit};
+use crate::splice::Pipe;
 use crate::transport::{TransportRead, TransportWrite};
 use bytes::BytesMut;
+use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -20,6 +22,8 @@ struct Shared {
     channel: Mutex<Channel>,
     wake_writer: Notify,
     events: mpsc::UnboundedSender<Event>,
+    /// Where spliced payloads wait for the writer (a socket transport).
+    pipe: Option<Pipe>,
 }
 
 /// A cloneable handle to a running channel.
@@ -29,6 +33,12 @@ pub struct FabricHandle {
 }
 
 impl FabricHandle {
+    /// The channel's pipe, when its transport takes spliced payloads
+    /// ([`Channel::send_message_spliced`] fills it).
+    pub fn pipe(&self) -> Option<&Pipe> {
+        self.shared.pipe.as_ref()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Channel> {
         // A panic while holding the lock cannot leave the channel half
         // updated in a way later calls rely on; keep serving.
@@ -104,11 +114,19 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
     events: mpsc::UnboundedSender<Event>,
     sink: impl FnMut(Event) + Send + 'static,
 ) -> FabricHandle {
+    let pipe = if writer.can_splice() {
+        Pipe::new()
+            .inspect_err(|e| tracing::debug!(error = %e, "no pipe: relays copy every read"))
+            .ok()
+    } else {
+        None
+    };
     let handle = FabricHandle {
         shared: Arc::new(Shared {
             channel: Mutex::new(channel),
             wake_writer: Notify::new(),
             events,
+            pipe,
         }),
     };
     // The node's Hello is already queued.
@@ -161,21 +179,21 @@ async fn write_loop<W: TransportWrite>(handle: FabricHandle, mut writer: W) {
         // own): one write, and one wake-up of the peer, per batch.
         to_the_back_of_the_run_queue().await;
         loop {
-            let (bytes, closed) = handle.with(|ch| {
-                let bytes = if owned {
-                    ch.poll_transmit_owned()
-                } else {
-                    ch.poll_transmit()
-                };
-                (bytes, ch.is_closed())
-            });
-            match bytes {
-                Some(b) => {
-                    if let Err(e) = writer.write(b).await {
-                        tracing::debug!(error = %e, "fabric write failed");
-                        handle.with(|ch| ch.transport_closed(&format!("fabric write failed: {e}")));
-                        return;
-                    }
+            let (next, closed) = handle.with(|ch| (ch.poll_transmit_any(owned), ch.is_closed()));
+            let written = match next {
+                Some(Transmit::Bytes(b)) => Some(writer.write(b).await),
+                Some(Transmit::Spliced(n)) => Some(match handle.pipe() {
+                    Some(pipe) => writer.splice(pipe, n).await,
+                    None => Err(io::ErrorKind::Unsupported.into()),
+                }),
+                None => None,
+            };
+            match written {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "fabric write failed");
+                    handle.with(|ch| ch.transport_closed(&format!("fabric write failed: {e}")));
+                    return;
                 }
                 None if closed => {
                     let _ = writer.shutdown().await;

@@ -18,11 +18,13 @@
 use crate::channel::{CallError, Channel, ChannelError, Event};
 use crate::driver::{self, FabricHandle};
 use crate::frame::{ConnId, ReqId, Request, Response};
+use crate::splice::{unread, Pipe, SPLICE_MIN};
 use crate::transport::{TransportRead, TransportWrite};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -337,7 +339,7 @@ impl Endpoint {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        self.relay_with(conn, stream, |_| {}).await
+        self.relay_with(conn, stream, None, |_| {}).await
     }
 
     /// [`Endpoint::relay`] for a TCP socket: when the peer resets the
@@ -348,8 +350,13 @@ impl Endpoint {
     /// options while it is relayed, without a second descriptor (a
     /// duplicate per connection would halve how many fit under `ulimit -n`).
     /// It closes when the last `Arc` is dropped.
+    ///
+    /// Once a read brings [`SPLICE_MIN`] octets, and while reads keep doing
+    /// so, payloads go from the socket to the fabric by `splice(2)` where
+    /// the transport allows (see [`crate::splice`]).
     pub async fn relay_tcp(&self, conn: ConnId, stream: Arc<TcpStream>) -> RelayOutcome {
-        self.relay_with(conn, SharedTcp(stream), |s| {
+        let source = stream.clone();
+        self.relay_with(conn, SharedTcp(stream), Some(&source), |s| {
             if let Err(e) = s.0.set_zero_linger() {
                 tracing::debug!(error = %e, "SO_LINGER 0 failed");
             }
@@ -357,7 +364,13 @@ impl Endpoint {
         .await
     }
 
-    async fn relay_with<S, F>(&self, conn: ConnId, stream: S, abortive: F) -> RelayOutcome
+    async fn relay_with<S, F>(
+        &self,
+        conn: ConnId,
+        stream: S,
+        splice_from: Option<&TcpStream>,
+        abortive: F,
+    ) -> RelayOutcome
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
         F: FnOnce(&S),
@@ -375,6 +388,7 @@ impl Endpoint {
             ep: self,
             conn,
             counters: &counters,
+            splice_from,
         }
         .run(rd, wr, inbound, &credit, abort)
         .instrument(span)
@@ -567,6 +581,8 @@ struct Pump<'a> {
     ep: &'a Endpoint,
     conn: ConnId,
     counters: &'a Counters,
+    /// The stream's socket, when bulk reads may be spliced from it.
+    splice_from: Option<&'a TcpStream>,
 }
 
 impl Pump<'_> {
@@ -621,6 +637,8 @@ impl Pump<'_> {
     async fn upstream<R: AsyncRead + Unpin>(&self, rd: &mut R, credit: &Notify) -> io::Result<()> {
         let handle = self.ep.handle();
         let conn = self.conn;
+        // Whether the last read was a bulk one (worth splicing the next).
+        let mut bulk = false;
         loop {
             let window = loop {
                 let (window, known) =
@@ -637,6 +655,16 @@ impl Pump<'_> {
                 credit.notified().await;
             };
             let chunk = std::future::poll_fn(|cx| {
+                if let (true, Some(tcp), Some(pipe)) = (bulk, self.splice_from, handle.pipe()) {
+                    if pipe.room() >= SPLICE_MIN {
+                        match poll_splice(cx, handle, conn, window, tcp, pipe) {
+                            Poll::Ready(Some(r)) => return Poll::Ready(r),
+                            Poll::Pending => return Poll::Pending,
+                            // The pipe is full: copy this read.
+                            Poll::Ready(None) => {}
+                        }
+                    }
+                }
                 // Only this task sends on `conn`, so the window still holds.
                 let sent = handle.with(|ch| {
                     ch.send_message_with(conn, window, |rb| Pin::new(&mut *rd).poll_read(cx, rb))
@@ -658,6 +686,7 @@ impl Pump<'_> {
                     return Ok(());
                 }
                 Chunk::Sent(n) => {
+                    bulk = n >= SPLICE_MIN;
                     self.counters
                         .bytes_in
                         .fetch_add(n as u64, Ordering::Relaxed);
@@ -719,6 +748,56 @@ impl Pump<'_> {
                 Some(ConnEvent::Credit) => {}
                 None => return Ok(DownEnd::Closed(errno::ECONNABORTED)),
             }
+        }
+    }
+}
+
+/// One read of `tcp` spliced into the channel's pipe as a Data payload
+/// (see [`crate::splice`]); `None`: the pipe is full, copy instead.
+fn poll_splice(
+    cx: &mut Context<'_>,
+    handle: &FabricHandle,
+    conn: ConnId,
+    window: usize,
+    tcp: &TcpStream,
+    pipe: &Pipe,
+) -> Poll<Option<io::Result<Chunk>>> {
+    let fd = tcp.as_raw_fd();
+    loop {
+        if let Err(e) = ready!(tcp.poll_read_ready(cx)) {
+            return Poll::Ready(Some(Err(e)));
+        }
+        // Only this task sends on `conn`, so the window still holds.
+        let sent = handle.with(|ch| {
+            ch.send_message_spliced(conn, window, |room| match pipe.fill(fd, room) {
+                Ok(n) => (n, Ok(n)),
+                Err(e) => (0, Err(e)),
+            })
+        });
+        let e = match sent {
+            Ok(Some((_, Ok(0)))) => return Poll::Ready(Some(Ok(Chunk::Eof))),
+            Ok(Some((n, Ok(_)))) => return Poll::Ready(Some(Ok(Chunk::Sent(n)))),
+            Ok(Some((_, Err(e)))) => e,
+            Ok(None) => return Poll::Ready(Some(Ok(Chunk::Sent(0)))),
+            Err(_) => return Poll::Ready(Some(Ok(Chunk::Refused))),
+        };
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) => {}
+            // A socket splice does not take: copy.
+            Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => return Poll::Ready(None),
+            _ => return Poll::Ready(Some(Err(e))),
+        }
+        // Either the socket has nothing (clear its readiness and wait) or
+        // the pipe is full (leave the readiness, the copying read takes
+        // the octets). Asked inside `try_io`: readiness that news newer
+        // than this check brought is not cleared.
+        match tcp.try_io(Interest::READABLE, || match unread(fd)? {
+            0 => Err(io::ErrorKind::WouldBlock.into()),
+            _ => Ok(()),
+        }) {
+            Ok(()) => return Poll::Ready(None),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Poll::Ready(Some(Err(e))),
         }
     }
 }
@@ -877,9 +956,18 @@ mod tests {
 
     /// An io-server and a node endpoint, authenticated, over memory.
     async fn pair() -> Pair {
-        let ((sr, sw), (nr, nw)) = memory_pair();
-        let server_ch = Channel::io_server(ChannelConfig::new("t").window(WINDOW));
-        let node_ch = Channel::node(ChannelConfig::new("t").node("n1", 1).window(WINDOW));
+        pair_over(memory_pair(), WINDOW).await
+    }
+
+    async fn pair_over(
+        ((sr, sw), (nr, nw)): (
+            (impl TransportRead, impl TransportWrite),
+            (impl TransportRead, impl TransportWrite),
+        ),
+        window: u32,
+    ) -> Pair {
+        let server_ch = Channel::io_server(ChannelConfig::new("t").window(window));
+        let node_ch = Channel::node(ChannelConfig::new("t").node("n1", 1).window(window));
         let (server, mut server_rx) = Endpoint::spawn(server_ch, sr, sw);
         let (node, mut node_rx) = Endpoint::spawn(node_ch, nr, nw);
         assert!(matches!(
@@ -1208,6 +1296,108 @@ mod tests {
             1,
             "the relay let go of the socket"
         );
+    }
+
+    /// Octets whose value depends on their position well past 256, so
+    /// that two frames swapped in order would not compare equal.
+    fn unique_pattern(len: usize, seed: u32) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn bulk_tcp_streams_are_spliced_into_a_socket_fabric_intact() {
+        // A socket transport, whose writer splices.
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        // The default window: reads of a full Data frame, which splice.
+        let mut p = pair_over(
+            (
+                crate::transport::unix_socket(a),
+                crate::transport::unix_socket(b),
+            ),
+            crate::channel::DEFAULT_WINDOW,
+        )
+        .await;
+        assert!(
+            p.server.handle().pipe().is_some(),
+            "the socket fabric has a pipe"
+        );
+        let listener = tokio::net::TcpListener::bind(addr(0)).await.unwrap();
+        // Four bulk clients at once, their frames interleaved on the
+        // channel: spliced payloads among copied ones (each stream's first
+        // read is copied, and any read that finds the pipe short of room).
+        const CLIENTS: u32 = 4;
+        const LEN: usize = 6 << 20;
+        let mut streams = Vec::new();
+        for i in 0..CLIENTS {
+            let conn = accept(&mut p).await;
+            let client = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let server_side = Arc::new(listener.accept().await.unwrap().0);
+            let (app, app_side) = UnixStream::pair().unwrap();
+            let (s, n) = (p.server.clone(), p.node.clone());
+            let relays = tokio::spawn(async move {
+                let (so, no) =
+                    tokio::join!(s.relay_tcp(conn, server_side), n.relay(conn, app_side));
+                (so, no)
+            });
+            streams.push((i, client, app, relays));
+        }
+        let checks = streams
+            .into_iter()
+            .map(|(i, mut client, mut app, relays)| async move {
+                let data = unique_pattern(LEN, i);
+                let (cr, cw) = client.split();
+                let got = send_and_read_all(cw, &data, &mut app).await;
+                assert!(
+                    got == data,
+                    "client {i}: the app received the bytes intact, in order"
+                );
+                // The app's reply goes the other way (never spliced), then EOF.
+                app.write_all(b"done").await.unwrap();
+                app.shutdown().await.unwrap();
+                let mut reply = Vec::new();
+                let mut cr = cr;
+                timeout(LIMIT, cr.read_to_end(&mut reply))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(reply, b"done");
+                drop(client);
+                let (so, _) = timeout(LIMIT, relays).await.unwrap().unwrap();
+                assert_eq!((so.bytes_in, so.bytes_out, so.errno), (LEN as u64, 4, 0));
+            });
+        futures_join_all(checks).await;
+        let stats = p.server.handle().with(|ch| ch.stats());
+        assert!(
+            stats.bytes_spliced > 0 && stats.bytes_spliced < stats.bytes_sent,
+            "both spliced and copied payloads went out: {stats:?}"
+        );
+    }
+
+    /// Runs the futures concurrently on this task.
+    async fn futures_join_all<F: std::future::Future<Output = ()>>(fs: impl Iterator<Item = F>) {
+        let mut set = Vec::new();
+        for f in fs {
+            set.push(Box::pin(f));
+        }
+        std::future::poll_fn(|cx| {
+            set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+            if set.is_empty() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     #[tokio::test]

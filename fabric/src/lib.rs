@@ -9,6 +9,7 @@
 //! * [`transport`] — the byte transports under it (unix, tcp, in-memory,
 //!   rdma behind the `rdma` feature) and the async [`driver`].
 //! * [`endpoint`] — per-connection routing and stream relays over the driver.
+//! * [`splice`] — bulk reads relayed kernel to kernel, with no copy.
 
 // Unit tests share helpers written against the public API (`saps_fabric::…`).
 #[cfg(test)]
@@ -22,6 +23,7 @@ pub mod driver;
 pub mod endpoint;
 pub mod frame;
 pub mod handoff;
+pub mod splice;
 pub mod transport;
 
 /// How long a listening port outlives the program's last listener on it,

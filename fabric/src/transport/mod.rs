@@ -41,6 +41,19 @@ pub trait TransportWrite: Send + 'static {
     fn hands_chunks_on(&self) -> bool {
         false
     }
+    /// Whether [`TransportWrite::splice`] works (a socket transport).
+    fn can_splice(&self) -> bool {
+        false
+    }
+    /// Sends exactly `len` octets taken from `pipe`, in order after
+    /// earlier writes (see [`crate::splice`]).
+    fn splice(
+        &mut self,
+        _pipe: &crate::splice::Pipe,
+        _len: usize,
+    ) -> impl Future<Output = io::Result<()>> + Send {
+        async { Err(io::ErrorKind::Unsupported.into()) }
+    }
 }
 
 /// Any tokio byte stream (unix socket, TCP socket, in-memory duplex).
@@ -57,6 +70,8 @@ pub struct StreamWriter(Writer);
 
 enum Reader {
     Stream(ReadHalf<Box<dyn AsyncStream>>),
+    /// A socket's read half (its write half splices).
+    Socket(Box<dyn AsyncRead + Unpin + Send>),
     Memory(MemoryReader),
     #[cfg(feature = "rdma")]
     Rdma(rdma::RdmaReader<rdma::hw::IbVerbs>),
@@ -64,6 +79,8 @@ enum Reader {
 
 enum Writer {
     Stream(WriteHalf<Box<dyn AsyncStream>>),
+    Unix(tokio::net::unix::OwnedWriteHalf),
+    Tcp(tokio::net::tcp::OwnedWriteHalf),
     /// `None` once shut down.
     Memory(Option<tokio::sync::mpsc::Sender<Bytes>>),
     #[cfg(feature = "rdma")]
@@ -79,10 +96,32 @@ pub fn stream<S: AsyncStream>(s: S) -> (StreamReader, StreamWriter) {
     )
 }
 
+/// A unix socket's transport halves; the writer can splice.
+pub fn unix_socket(s: tokio::net::UnixStream) -> (StreamReader, StreamWriter) {
+    let (r, w) = s.into_split();
+    (
+        StreamReader(Reader::Socket(Box::new(r))),
+        StreamWriter(Writer::Unix(w)),
+    )
+}
+
+/// A TCP socket's transport halves; the writer can splice.
+pub fn tcp_socket(s: tokio::net::TcpStream) -> (StreamReader, StreamWriter) {
+    let (r, w) = s.into_split();
+    (
+        StreamReader(Reader::Socket(Box::new(r))),
+        StreamWriter(Writer::Tcp(w)),
+    )
+}
+
 impl TransportRead for StreamReader {
     async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match &mut self.0 {
             Reader::Stream(r) => {
+                buf.reserve(READ_CHUNK);
+                r.read_buf(buf).await
+            }
+            Reader::Socket(r) => {
                 buf.reserve(READ_CHUNK);
                 r.read_buf(buf).await
             }
@@ -132,6 +171,8 @@ impl TransportWrite for StreamWriter {
     async fn write(&mut self, bytes: Bytes) -> io::Result<()> {
         match &mut self.0 {
             Writer::Stream(w) => w.write_all(&bytes).await,
+            Writer::Unix(w) => w.write_all(&bytes).await,
+            Writer::Tcp(w) => w.write_all(&bytes).await,
             // An empty chunk would read as the end.
             Writer::Memory(_) if bytes.is_empty() => Ok(()),
             Writer::Memory(tx) => match tx {
@@ -145,9 +186,41 @@ impl TransportWrite for StreamWriter {
     fn hands_chunks_on(&self) -> bool {
         matches!(self.0, Writer::Memory(_))
     }
+    fn can_splice(&self) -> bool {
+        matches!(self.0, Writer::Unix(_) | Writer::Tcp(_))
+    }
+    async fn splice(&mut self, pipe: &crate::splice::Pipe, mut len: usize) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        use tokio::io::Interest;
+        while len > 0 {
+            let moved = match &self.0 {
+                Writer::Unix(w) => {
+                    let s: &tokio::net::UnixStream = w.as_ref();
+                    s.writable().await?;
+                    s.try_io(Interest::WRITABLE, || pipe.drain(s.as_raw_fd(), len))
+                }
+                Writer::Tcp(w) => {
+                    let s: &tokio::net::TcpStream = w.as_ref();
+                    s.writable().await?;
+                    s.try_io(Interest::WRITABLE, || pipe.drain(s.as_raw_fd(), len))
+                }
+                _ => return Err(io::ErrorKind::Unsupported.into()),
+            };
+            match moved {
+                // The pipe holds every octet queued, so 0 cannot mean empty.
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => len -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
     async fn shutdown(&mut self) -> io::Result<()> {
         match &mut self.0 {
             Writer::Stream(w) => w.shutdown().await,
+            Writer::Unix(w) => w.shutdown().await,
+            Writer::Tcp(w) => w.shutdown().await,
             Writer::Memory(tx) => {
                 *tx = None;
                 Ok(())
@@ -258,11 +331,11 @@ pub fn rdma_unavailable() -> io::Error {
 /// Connects a node to an io-server over any fabric URL.
 pub async fn connect_stream(url: &FabricUrl) -> io::Result<(StreamReader, StreamWriter)> {
     match url {
-        FabricUrl::Unix(path) => Ok(stream(tokio::net::UnixStream::connect(path).await?)),
+        FabricUrl::Unix(path) => Ok(unix_socket(tokio::net::UnixStream::connect(path).await?)),
         FabricUrl::Tcp(addr) => {
             let s = tokio::net::TcpStream::connect(addr.as_str()).await?;
             s.set_nodelay(true)?;
-            Ok(stream(s))
+            Ok(tcp_socket(s))
         }
         FabricUrl::Rdma(_) => rdma_url::connect(url).await,
     }
@@ -364,12 +437,12 @@ impl StreamListener {
             StreamListener::Unix(l, path) => {
                 let (s, _) = l.accept().await?;
                 let pid = s.peer_cred().ok().and_then(|c| c.pid());
-                Ok((stream(s), format!("unix:{}", path.display()), pid))
+                Ok((unix_socket(s), format!("unix:{}", path.display()), pid))
             }
             StreamListener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 s.set_nodelay(true)?;
-                Ok((stream(s), peer.to_string(), None))
+                Ok((tcp_socket(s), peer.to_string(), None))
             }
             #[cfg(feature = "rdma")]
             StreamListener::Rdma(l) => rdma_url::accept(l)

@@ -1,0 +1,195 @@
+//! Relaying large reads without copying them through user space.
+//!
+//! A relay copies each octet twice: out of the source socket into a Data
+//! frame, and out of the frame into the fabric socket. For a bulk stream
+//! from a TCP client, a channel over a socket transport (`unix:`,
+//! `tcp://`) can do without both copies: the payload goes from the TCP
+//! socket into the channel's pipe with `splice(2)` (the pipe takes
+//! references to the socket's pages), and the writer moves it from the
+//! pipe into the fabric socket with `splice(2)` again, after the frame's
+//! header. The wire format is the same; the peer cannot tell.
+//!
+//! One pipe serves the whole channel, so the order of the octets in it is
+//! the order in which the channel queued spliced payloads: a payload is
+//! spliced in and its segment queued under the channel's lock
+//! ([`crate::Channel::send_message_spliced`]), and only the writer task
+//! takes octets out, segment by segment.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A relay splices only after a read of this much (a bulk stream): for
+/// small reads the two `splice` calls and the header's own write cost more
+/// than the copies they save, and small frames batch into one write.
+pub const SPLICE_MIN: usize = 64 * 1024;
+
+/// The pipe's size asked for (`/proc/sys/fs/pipe-max-size` is 1 MiB by
+/// default): four full Data frames.
+const PIPE_SIZE: usize = 1024 * 1024;
+
+/// The channel's pipe: its two ends and how many octets are in it.
+#[derive(Debug)]
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+    held: AtomicUsize,
+}
+
+impl Pipe {
+    /// A non-blocking pipe of up to [`PIPE_SIZE`] octets.
+    pub fn new() -> io::Result<Pipe> {
+        Self::with_size(PIPE_SIZE)
+    }
+
+    fn with_size(size: usize) -> io::Result<Pipe> {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both are open descriptors we own.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // A smaller limit only makes bulk reads fall back to copying sooner.
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+        // SAFETY: as above.
+        let capacity = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        if capacity <= 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Pipe {
+            read,
+            write,
+            capacity: capacity as usize,
+            held: AtomicUsize::new(0),
+        })
+    }
+
+    /// Octets that still fit (by count; the pipe may run out of page
+    /// slots first, which [`Pipe::fill`] reports as `WouldBlock`).
+    pub fn room(&self) -> usize {
+        self.capacity
+            .saturating_sub(self.held.load(Ordering::Acquire))
+    }
+
+    /// Moves up to `len` octets from socket `from` into the pipe: `Ok(0)`
+    /// at the socket's end of stream, `WouldBlock` when the socket has
+    /// nothing or the pipe is full (tell them apart with [`unread`]).
+    pub fn fill(&self, from: RawFd, len: usize) -> io::Result<usize> {
+        let len = len.min(self.room());
+        if len == 0 {
+            // splice would return 0, which reads as the end of stream.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = splice(from, self.write.as_raw_fd(), len)?;
+        self.held.fetch_add(n, Ordering::AcqRel);
+        Ok(n)
+    }
+
+    /// Moves up to `len` octets from the pipe into socket `to`
+    /// (`WouldBlock`: the socket's send buffer is full).
+    pub fn drain(&self, to: RawFd, len: usize) -> io::Result<usize> {
+        let n = splice(self.read.as_raw_fd(), to, len)?;
+        self.held.fetch_sub(n, Ordering::AcqRel);
+        Ok(n)
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain descriptors and no offsets (both ends are a pipe or a
+    // socket); the kernel checks the descriptors.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Octets waiting to be read on socket `fd` (`SIOCINQ`).
+pub fn unread(fd: RawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD (SIOCINQ) writes one int.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn octets_go_through_the_pipe_in_order_and_are_counted() {
+        let pipe = Pipe::new().unwrap();
+        let (mut src, src_peer) = UnixStream::pair().unwrap();
+        let (dst, mut dst_peer) = UnixStream::pair().unwrap();
+        src_peer.set_nonblocking(true).unwrap();
+        dst.set_nonblocking(true).unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        src.write_all(&data).unwrap();
+        let mut moved = 0;
+        while moved < data.len() {
+            moved += pipe.fill(src_peer.as_raw_fd(), data.len() - moved).unwrap();
+        }
+        assert_eq!(pipe.room(), pipe.capacity - data.len());
+        // Nothing left on the socket: WouldBlock, and nothing unread.
+        let e = pipe.fill(src_peer.as_raw_fd(), 10).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(unread(src_peer.as_raw_fd()).unwrap(), 0);
+        let mut got = vec![0; data.len()];
+        let mut out = 0;
+        let mut read = 0;
+        while read < data.len() {
+            if out < data.len() {
+                match pipe.drain(dst.as_raw_fd(), data.len() - out) {
+                    Ok(n) => out += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            read += dst_peer.read(&mut got[read..]).unwrap();
+        }
+        assert_eq!(got, data);
+        assert_eq!(pipe.room(), pipe.capacity);
+        drop(src);
+        assert_eq!(
+            pipe.fill(src_peer.as_raw_fd(), 10).unwrap(),
+            0,
+            "end of stream"
+        );
+    }
+
+    #[test]
+    fn a_full_pipe_blocks_while_the_socket_still_has_octets() {
+        // One page: the smallest pipe there is.
+        let pipe = Pipe::with_size(4096).unwrap();
+        let (mut src, src_peer) = UnixStream::pair().unwrap();
+        src_peer.set_nonblocking(true).unwrap();
+        src.write_all(&[7; 20_000]).unwrap();
+        let mut moved = 0;
+        let e = loop {
+            match pipe.fill(src_peer.as_raw_fd(), 20_000) {
+                Ok(n) => moved += n,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert!(moved > 0 && moved <= 4096, "{moved}");
+        // What tells a full pipe from an empty socket (endpoint::poll_splice).
+        assert_eq!(unread(src_peer.as_raw_fd()).unwrap(), 20_000 - moved);
+    }
+}
