@@ -24,13 +24,13 @@ use bytes::Bytes;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::Instrument;
 
@@ -339,7 +339,18 @@ impl Endpoint {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        self.relay_with(conn, stream, None, |_| {}).await
+        self.relay_with(conn, stream, None::<&TcpStream>, |_| {})
+            .await
+    }
+
+    /// [`Endpoint::relay`] for a unix stream socket (a node's end of a
+    /// program's connection), splicing bulk reads as
+    /// [`Endpoint::relay_tcp`] does.
+    pub async fn relay_unix(&self, conn: ConnId, stream: UnixStream) -> RelayOutcome {
+        let stream = Arc::new(stream);
+        let source = stream.clone();
+        self.relay_with(conn, Shared(stream), Some(&*source), |_| {})
+            .await
     }
 
     /// [`Endpoint::relay`] for a TCP socket: when the peer resets the
@@ -356,7 +367,7 @@ impl Endpoint {
     /// the transport allows (see [`crate::splice`]).
     pub async fn relay_tcp(&self, conn: ConnId, stream: Arc<TcpStream>) -> RelayOutcome {
         let source = stream.clone();
-        self.relay_with(conn, SharedTcp(stream), Some(&source), |s| {
+        self.relay_with(conn, Shared(stream), Some(&*source), |s| {
             if let Err(e) = s.0.set_zero_linger() {
                 tracing::debug!(error = %e, "SO_LINGER 0 failed");
             }
@@ -364,16 +375,17 @@ impl Endpoint {
         .await
     }
 
-    async fn relay_with<S, F>(
+    async fn relay_with<S, F, T>(
         &self,
         conn: ConnId,
         stream: S,
-        splice_from: Option<&TcpStream>,
+        splice_from: Option<&T>,
         abortive: F,
     ) -> RelayOutcome
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
         F: FnOnce(&S),
+        T: ReadySocket,
     {
         let span = tracing::debug_span!("relay", conn);
         let Some((inbound, credit, abort, counters)) = self.attach(conn) else {
@@ -477,11 +489,49 @@ enum DownEnd {
     Closed(i32),
 }
 
-/// A TCP socket shared behind an `Arc`, read and written through its
-/// readiness (tokio implements the I/O traits only for an owned stream).
-struct SharedTcp(Arc<TcpStream>);
+/// A tokio socket read and written through its readiness: what a relay
+/// shares with the socket's owner ([`Shared`]) and splices from.
+pub trait ReadySocket: AsFd + AsRawFd + Send + Sync + 'static {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
+    fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize>;
+}
 
-impl AsyncRead for SharedTcp {
+macro_rules! ready_socket {
+    ($t:ty) => {
+        impl ReadySocket for $t {
+            fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_read_ready(self, cx)
+            }
+            fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_write_ready(self, cx)
+            }
+            fn try_io<R>(
+                &self,
+                interest: Interest,
+                f: impl FnOnce() -> io::Result<R>,
+            ) -> io::Result<R> {
+                <$t>::try_io(self, interest, f)
+            }
+            fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+                <$t>::try_write(self, buf)
+            }
+            fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+                <$t>::try_write_vectored(self, bufs)
+            }
+        }
+    };
+}
+ready_socket!(TcpStream);
+ready_socket!(UnixStream);
+
+/// A socket shared behind an `Arc`, read and written through its
+/// readiness (tokio implements the I/O traits only for an owned stream).
+struct Shared<T>(Arc<T>);
+
+impl<T: ReadySocket> AsyncRead for Shared<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -520,12 +570,12 @@ impl AsyncRead for SharedTcp {
     }
 }
 
-impl SharedTcp {
+impl<T: ReadySocket> Shared<T> {
     /// Runs `write` once the socket is writable, until it does not block.
     fn poll_write_with(
         &self,
         cx: &mut Context<'_>,
-        mut write: impl FnMut(&TcpStream) -> io::Result<usize>,
+        mut write: impl FnMut(&T) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.0.poll_write_ready(cx))?;
@@ -537,7 +587,7 @@ impl SharedTcp {
     }
 }
 
-impl AsyncWrite for SharedTcp {
+impl<T: ReadySocket> AsyncWrite for Shared<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -577,15 +627,15 @@ enum Chunk {
 }
 
 /// One relay's two directions.
-struct Pump<'a> {
+struct Pump<'a, T> {
     ep: &'a Endpoint,
     conn: ConnId,
     counters: &'a Counters,
     /// The stream's socket, when bulk reads may be spliced from it.
-    splice_from: Option<&'a TcpStream>,
+    splice_from: Option<&'a T>,
 }
 
-impl Pump<'_> {
+impl<T: ReadySocket> Pump<'_, T> {
     async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &self,
         mut rd: tokio::io::ReadHalf<S>,
@@ -752,14 +802,14 @@ impl Pump<'_> {
     }
 }
 
-/// One read of `tcp` spliced into the channel's pipe as a Data payload
+/// One read of `tcp` (a TCP or unix socket) spliced into the channel's pipe as a Data payload
 /// (see [`crate::splice`]); `None`: the pipe is full, copy instead.
 fn poll_splice(
     cx: &mut Context<'_>,
     handle: &FabricHandle,
     conn: ConnId,
     window: usize,
-    tcp: &TcpStream,
+    tcp: &impl ReadySocket,
     pipe: &Pipe,
 ) -> Poll<Option<io::Result<Chunk>>> {
     let fd = tcp.as_raw_fd();
@@ -1313,7 +1363,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bulk_tcp_streams_are_spliced_into_a_socket_fabric_intact() {
+    async fn bulk_streams_are_spliced_into_a_socket_fabric_intact_both_ways() {
         // A socket transport, whose writer splices.
         let (a, b) = tokio::net::UnixStream::pair().unwrap();
         // The default window: reads of a full Data frame, which splice.
@@ -1346,7 +1396,7 @@ mod tests {
             let (s, n) = (p.server.clone(), p.node.clone());
             let relays = tokio::spawn(async move {
                 let (so, no) =
-                    tokio::join!(s.relay_tcp(conn, server_side), n.relay(conn, app_side));
+                    tokio::join!(s.relay_tcp(conn, server_side), n.relay_unix(conn, app_side));
                 (so, no)
             });
             streams.push((i, client, app, relays));
@@ -1361,26 +1411,27 @@ mod tests {
                     got == data,
                     "client {i}: the app received the bytes intact, in order"
                 );
-                // The app's reply goes the other way (never spliced), then EOF.
-                app.write_all(b"done").await.unwrap();
-                app.shutdown().await.unwrap();
-                let mut reply = Vec::new();
-                let mut cr = cr;
-                timeout(LIMIT, cr.read_to_end(&mut reply))
-                    .await
-                    .unwrap()
-                    .unwrap();
-                assert_eq!(reply, b"done");
+                // The app's reply, spliced by the node's relay, then EOF.
+                let reply = unique_pattern(LEN, i + 100);
+                let got = send_and_read_all(&mut app, &reply, cr).await;
+                assert!(
+                    got == reply,
+                    "client {i}: the reply arrived intact, in order"
+                );
                 drop(client);
-                let (so, _) = timeout(LIMIT, relays).await.unwrap().unwrap();
-                assert_eq!((so.bytes_in, so.bytes_out, so.errno), (LEN as u64, 4, 0));
+                let (so, no) = timeout(LIMIT, relays).await.unwrap().unwrap();
+                let all = (LEN as u64, LEN as u64, 0);
+                assert_eq!((so.bytes_in, so.bytes_out, so.errno), all);
+                assert_eq!((no.bytes_in, no.bytes_out, no.errno), all);
             });
         futures_join_all(checks).await;
-        let stats = p.server.handle().with(|ch| ch.stats());
-        assert!(
-            stats.bytes_spliced > 0 && stats.bytes_spliced < stats.bytes_sent,
-            "both spliced and copied payloads went out: {stats:?}"
-        );
+        for ep in [&p.server, &p.node] {
+            let stats = ep.handle().with(|ch| ch.stats());
+            assert!(
+                stats.bytes_spliced > 0 && stats.bytes_spliced < stats.bytes_sent,
+                "both spliced and copied payloads went out: {stats:?}"
+            );
+        }
     }
 
     /// Runs the futures concurrently on this task.

@@ -207,7 +207,7 @@ pub(crate) fn spawn_relay(sh: &Arc<Shared>, conn: ConnId, p: OwnedFd) {
 /// connection is over, whatever the program still holds.
 async fn relay(sh: &Arc<Shared>, conn: ConnId, p: tokio::net::UnixStream) {
     let generation = sh.generation();
-    let out = sh.ep().relay(conn, p).await;
+    let out = sh.ep().relay_unix(conn, p).await;
     if sh.generation() != generation {
         // The node rejoined meanwhile: this tag may be reused already.
         return;
