@@ -707,6 +707,9 @@ SERVER_COLS = [
 ]
 
 
+# Rounds of the interleaved zero-relay against direct comparison.
+INTERLEAVED_ROUNDS = 3
+
 # The gateway-bound runs: the setups whose gateway is a process of its own.
 GATEWAY_SETUPS = [
     ("haproxy-1", "haproxy, mode tcp, nbthread 1"),
@@ -836,6 +839,32 @@ class Run:
             self.b.procs.stop(s.procs)
         return row
 
+    def interleaved(self, kinds):
+        """Each of `kinds` started afresh in turn, `INTERLEAVED_ROUNDS`
+        times over: wrk c50 keep-alive and iperf3 -P 1 per start. Figures
+        that drift with the machine (builds, the other tenant of the vCPUs)
+        drift for every setup alike."""
+        runs = {k: {"rps": [], "gbps": []} for k, _ in kinds}
+        for n in range(1 if self.quick else INTERLEAVED_ROUNDS):
+            for k, label in kinds:
+                log(f"{label} (interleaved, round {n + 1}) ...")
+                s = self.attempt(label, "start", lambda k=k: self.b.start(k))
+                if s is None:
+                    continue
+                try:
+                    url = f"http://127.0.0.1:{s.ports['http']}/1k.bin"
+                    self.attempt(label, "warm-up", lambda: wrk(url, 10, 1))
+                    r = self.attempt(label, "wrk -c50", lambda: wrk(url, 50, self.secs), {})
+                    if r.get("rps"):
+                        runs[k]["rps"].append(r["rps"])
+                    g = self.attempt(label, "iperf3 -P 1", lambda: iperf3(
+                        s.ports["iperf"], self.iperf_secs, 1), (None, 0))[0]
+                    if g:
+                        runs[k]["gbps"].append(g)
+                finally:
+                    self.b.procs.stop(s.procs)
+        return [(k, label, runs[k]) for k, label in kinds]
+
     def extra_setup(self, kind, app, label, close):
         s = self.attempt(label, "start", lambda: self.b.start(kind, app))
         row = {}
@@ -870,10 +899,15 @@ class Run:
         if not have("apache2"):
             servers = [t for t in servers if t[1] != "apache"]
         results = {"main": [], "tracing": [], "servers": [], "gateway": [],
-                   "gateway_skipped": None}
+                   "gateway_skipped": None, "interleaved": []}
         for k, label in main:
             log(f"{label} ...")
             results["main"].append((k, label, self.main_setup(k, label)))
+        if self.b.zero_relay and (not only or "interleaved" in only):
+            results["interleaved"] = self.interleaved([
+                ("direct", "direct (no proxy)"),
+                ("zero-relay", "SAPS embedded, --zero-relay on"),
+                ("unix-1-zr", "SAPS io-server + 1 node, unix, --zero-relay on")])
         if self.gateway_cpu and (not only or "gateway-bound" in only):
             limit, why = CpuLimit.make(self.gateway_cpu)
             if limit is None:
@@ -970,6 +1004,33 @@ def main_tables(out, rows):
         out.append(table(rows, SYSCALL_COLS, "haproxy"))
 
 
+def interleaved_table(out, rows):
+    """Medians (and ranges) of the interleaved runs, with ratios to direct."""
+    def spread(v, decimals):
+        if not v:
+            return "–"
+        return (f"{cell(statistics.median(v), decimals)} "
+                f"({cell(min(v), decimals)}–{cell(max(v), decimals)})")
+    ref = next((r for k, _, r in rows if k == "direct"), {})
+    out.append("\n#### Zero-relay against direct, interleaved\n")
+    out.append("Each setup started afresh in turn, round after round; per start one "
+               "wrk c50 keep-alive run on the 1 KiB file and one `iperf3 -P 1`. Cells "
+               "give the median and, in brackets, the range; the ratios are of "
+               "medians to direct's.\n")
+    text = ("| setup | runs | keep-alive c50 req/s | ratio | iperf3 -P 1 Gbit/s | ratio |\n"
+            "|---|---:|---:|---:|---:|---:|\n")
+    for _, label, r in rows:
+        ratios = []
+        for key in ("rps", "gbps"):
+            if r[key] and ref.get(key) and r is not ref:
+                ratios.append(f"{statistics.median(r[key]) / statistics.median(ref[key]):.2f}×")
+            else:
+                ratios.append("–")
+        text += (f"| {label} | {len(r['rps'])} | {spread(r['rps'], 0)} | {ratios[0]} | "
+                 f"{spread(r['gbps'], 2)} | {ratios[1]} |\n")
+    out.append(text)
+
+
 def gateway_table(out, rows, share):
     """The gateway-bound table, with ratios to the faster haproxy row."""
     ref = max((r for r in rows if r[0].startswith("haproxy")),
@@ -1012,6 +1073,8 @@ def report(results, command, quick, zero_relay, load_before, load_after, errors,
         out.append("saps-run had no `--zero-relay` flag in this build: no zero-relay row.\n")
     if results["main"]:
         main_tables(out, results["main"])
+    if results["interleaved"]:
+        interleaved_table(out, results["interleaved"])
     if results["gateway"]:
         gateway_table(out, results["gateway"], gateway_cpu)
     elif results["gateway_skipped"]:
@@ -1061,7 +1124,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="3 s loads (about 3 minutes)")
     ap.add_argument("--only", default="",
                     help="comma-separated setups (direct,haproxy,haproxy-1,embedded,zero-relay,"
-                         "unix-1,unix-1-zr,unix-2,tcp-1,tracing,servers,gateway-bound)")
+                         "unix-1,unix-1-zr,unix-2,tcp-1,tracing,servers,gateway-bound,"
+                         "interleaved)")
     ap.add_argument("--gateway-cpu", type=float, default=0.25, metavar="SHARE",
                     help="the share of one CPU the gateway gets in the gateway-bound "
                          "runs (0: no such runs)")
