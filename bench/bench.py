@@ -711,22 +711,11 @@ SERVER_COLS = [
 INTERLEAVED_ROUNDS = 3
 
 # The gateway-bound runs: the setups whose gateway is a process of its own.
-GATEWAY_SETUPS = [
-    ("haproxy-1", "haproxy, mode tcp, nbthread 1"),
-    ("haproxy", "haproxy, mode tcp, nbthread 2"),
-    ("unix-1", "SAPS io-server + 1 node, unix"),
-    ("tcp-1", "SAPS io-server + 1 node, tcp"),
-    ("unix-1-zr", "SAPS io-server + 1 node, unix, --zero-relay on"),
-]
-GATEWAY_COLS = [
-    ("ka50_rps", "keep-alive c50 req/s", 0, True),
-    ("ka50_p99", "c50 p99 ms", 2, False),
-    ("close_rps", "Connection: close c50 req/s", 0, True),
-    ("ip1_gbps", "iperf3 -P 1 Gbit/s", 2, True),
-    ("gw_10k_ka", "gateway CPU s / 10k req (keep-alive)", 3, False),
-    ("gw_10k_close", "gateway CPU s / 10k req (close)", 3, False),
-    ("gw_gib", "gateway CPU s / GiB", 3, False),
-]
+LABELS = dict(MAIN_SETUPS)
+GATEWAY_SETUPS = [(k, LABELS[k]) for k in ("haproxy-1", "haproxy", "unix-1", "tcp-1", "unix-1-zr")]
+_COLS = {c[0]: c for c in HTTP_COLS + BYTES_COLS + CPU_COLS}
+GATEWAY_COLS = [_COLS[k] for k in ("ka50_rps", "ka50_p99", "close_rps", "ip1_gbps",
+                                   "gw_10k_ka", "gw_10k_close", "gw_gib")]
 
 
 class Run:
@@ -785,14 +774,25 @@ class Run:
             log(f"  {label}: {what} failed: {e}")
             return default
 
-    def main_setup(self, kind, label):
-        s = self.attempt(label, "start", lambda: self.b.start(kind))
+    def served(self, kind, label, body, app="bundle"):
+        """Starts setup `kind` serving `app`, warms it up, runs `body(s,
+        row)` and stops it; returns the row `body` filled (empty when the
+        setup did not start)."""
+        s = self.attempt(label, "start", lambda: self.b.start(kind, app))
         row = {}
         if s is None:
             return row
         try:
+            self.attempt(label, "warm-up", lambda: wrk(
+                f"http://127.0.0.1:{s.ports['http']}/1k.bin", 10, 1))
+            body(s, row)
+        finally:
+            self.b.procs.stop(s.procs)
+        return row
+
+    def main_setup(self, kind, label):
+        def body(s, row):
             base = f"http://127.0.0.1:{s.ports['http']}"
-            self.attempt(label, "warm-up", lambda: wrk(f"{base}/1k.bin", 10, 1))
             self.http(label, s, row, 50, False, "ka50", "ka")
             self.http(label, s, row, 400, False, "ka400")
             self.http(label, s, row, 50, True, "close", "close")
@@ -805,9 +805,7 @@ class Run:
                 label, "ping-pong",
                 lambda: ping_pong(s.ports["echo"], 2000 if self.quick else 10000),
                 (None, None))
-        finally:
-            self.b.procs.stop(s.procs)
-        return row
+        return self.served(kind, label, body)
 
     def single_stream(self, label, s, row):
         """iperf3 -P 1, with the gateway's and nodes' CPU per GiB."""
@@ -824,20 +822,12 @@ class Run:
     def gateway_setup(self, kind, label, limit):
         """The gateway process in `limit`'s cgroup (after the warm-up);
         nginx, the nodes and the load generators run free."""
-        s = self.attempt(label, "start", lambda: self.b.start(kind))
-        row = {}
-        if s is None:
-            return row
-        try:
-            self.attempt(label, "warm-up", lambda: wrk(
-                f"http://127.0.0.1:{s.ports['http']}/1k.bin", 10, 1))
+        def body(s, row):
             limit.add(s.gateway)
             self.http(label, s, row, 50, False, "ka50", "ka")
             self.http(label, s, row, 50, True, "close", "close")
             self.single_stream(label, s, row)
-        finally:
-            self.b.procs.stop(s.procs)
-        return row
+        return self.served(kind, label, body)
 
     def interleaved(self, kinds):
         """Each of `kinds` started afresh in turn, `INTERLEAVED_ROUNDS`
@@ -848,39 +838,27 @@ class Run:
         for n in range(1 if self.quick else INTERLEAVED_ROUNDS):
             for k, label in kinds:
                 log(f"{label} (interleaved, round {n + 1}) ...")
-                s = self.attempt(label, "start", lambda k=k: self.b.start(k))
-                if s is None:
-                    continue
-                try:
+
+                def body(s, row, label=label):
                     url = f"http://127.0.0.1:{s.ports['http']}/1k.bin"
-                    self.attempt(label, "warm-up", lambda: wrk(url, 10, 1))
                     r = self.attempt(label, "wrk -c50", lambda: wrk(url, 50, self.secs), {})
-                    if r.get("rps"):
-                        runs[k]["rps"].append(r["rps"])
-                    g = self.attempt(label, "iperf3 -P 1", lambda: iperf3(
+                    row["rps"] = r.get("rps")
+                    row["gbps"] = self.attempt(label, "iperf3 -P 1", lambda: iperf3(
                         s.ports["iperf"], self.iperf_secs, 1), (None, 0))[0]
-                    if g:
-                        runs[k]["gbps"].append(g)
-                finally:
-                    self.b.procs.stop(s.procs)
+                row = self.served(k, label, body)
+                for key in ("rps", "gbps"):
+                    if row.get(key):
+                        runs[k][key].append(row[key])
         return [(k, label, runs[k]) for k, label in kinds]
 
     def extra_setup(self, kind, app, label, close):
-        s = self.attempt(label, "start", lambda: self.b.start(kind, app))
-        row = {}
-        if s is None:
-            return row
-        try:
-            self.attempt(label, "warm-up", lambda: wrk(
-                f"http://127.0.0.1:{s.ports['http']}/1k.bin", 10, 1))
+        def body(s, row):
             # python's http.server listens with a backlog of 5: more
             # clients than that measure SYN retransmits, not the server.
             self.http(label, s, row, 10 if app == "python" else 50, False, "ka50")
             if close:
                 self.http(label, s, row, 50, True, "close")
-        finally:
-            self.b.procs.stop(s.procs)
-        return row
+        return self.served(kind, label, body, app)
 
     def all(self, only):
         main = [(k, l) for k, l in MAIN_SETUPS
@@ -904,10 +882,8 @@ class Run:
             log(f"{label} ...")
             results["main"].append((k, label, self.main_setup(k, label)))
         if self.b.zero_relay and (not only or "interleaved" in only):
-            results["interleaved"] = self.interleaved([
-                ("direct", "direct (no proxy)"),
-                ("zero-relay", "SAPS embedded, --zero-relay on"),
-                ("unix-1-zr", "SAPS io-server + 1 node, unix, --zero-relay on")])
+            results["interleaved"] = self.interleaved(
+                [(k, LABELS[k]) for k in ("direct", "zero-relay", "unix-1-zr")])
         if self.gateway_cpu and (not only or "gateway-bound" in only):
             limit, why = CpuLimit.make(self.gateway_cpu)
             if limit is None:
