@@ -39,12 +39,9 @@ fn io_server(d: &Path) -> Proc {
     io
 }
 
-/// `saps-run --node NAME --zero-relay ZR -- python3 -m http.server PORT`
-/// serving `DIR/NAME/who` = "node NAME".
-fn python_node(d: &Path, name: &str, zero_relay: &str, port: u16) -> Proc {
-    let www = d.join(name);
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::write(www.join("who"), format!("node {name}\n")).unwrap();
+/// `saps-run --node NAME --zero-relay ZR -- PROGRAM…` in `cwd`, joined to
+/// the io-server in `d`.
+fn node(d: &Path, name: &str, zero_relay: &str, cwd: &Path, program: &[&str]) -> Proc {
     Proc::spawn(
         Command::new(bin("saps-run"))
             .args([
@@ -57,12 +54,25 @@ fn python_node(d: &Path, name: &str, zero_relay: &str, port: u16) -> Proc {
                 "--zero-relay",
                 zero_relay,
                 "--",
-                PYTHON,
-                "-m",
-                "http.server",
-                &port.to_string(),
             ])
-            .current_dir(&www),
+            .args(program)
+            .current_dir(cwd),
+    )
+}
+
+/// `saps-run --node NAME --zero-relay ZR -- python3 -m http.server PORT`
+/// serving `DIR/NAME/who` = "node NAME".
+fn python_node(d: &Path, name: &str, zero_relay: &str, port: u16) -> Proc {
+    let www = d.join(name);
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("who"), format!("node {name}\n")).unwrap();
+    let port = port.to_string();
+    node(
+        d,
+        name,
+        zero_relay,
+        &www,
+        &[PYTHON, "-m", "http.server", &port],
     )
 }
 
@@ -182,4 +192,64 @@ fn a_node_rejoins_a_restarted_io_server_and_serves_again() {
     // The node claimed its hand-off socket again on the new io-server.
     let table = status(d);
     assert!(node_row(&table, "a").zero_relay, "{table}");
+}
+
+/// A python server that echoes every connection's bytes, then its FIN.
+const ECHO: &str = r#"
+import socket, sys
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", int(sys.argv[1])))
+l.listen(8)
+while True:
+    c, _ = l.accept()
+    while True:
+        d = c.recv(1 << 20)
+        if not d:
+            break
+        c.sendall(d)
+    c.shutdown(socket.SHUT_WR)
+    c.close()
+"#;
+
+/// Bulk streams both ways through a relayed node over a unix fabric, the
+/// path where both relays splice their large reads (docs/fabric.md).
+#[test]
+fn bulk_streams_through_a_relayed_node_arrive_intact_both_ways() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let _io = io_server(d);
+    let port = free_port();
+    let node = node(d, "a", "off", d, &[PYTHON, "-c", ECHO, &port.to_string()]);
+    // Random octets: frames out of order would not compare equal.
+    let mut data = vec![0; 24 << 20];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut data)
+        .unwrap();
+    for round in 0..2 {
+        // The first attempts may come before the program listens.
+        let mut c = wait_for(Duration::from_secs(30), || {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            c.write_all(b"ping").ok()?;
+            c.shutdown(std::net::Shutdown::Write).ok()?;
+            let mut b = Vec::new();
+            c.read_to_end(&mut b).ok()?;
+            (b == b"ping").then(|| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        })
+        .unwrap_or_else(|| panic!("the echo server never answered: {}", node.stderr()));
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut w = c.try_clone().unwrap();
+        let sent = data.clone();
+        let writer = std::thread::spawn(move || {
+            w.write_all(&sent).unwrap();
+            w.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let mut got = Vec::with_capacity(data.len());
+        c.read_to_end(&mut got).unwrap();
+        writer.join().unwrap();
+        assert_eq!(got.len(), data.len(), "round {round}: {}", node.stderr());
+        assert!(got == data, "round {round}: the echo came back altered");
+    }
 }
