@@ -18,13 +18,12 @@
 use crate::channel::{CallError, Channel, ChannelError, Event};
 use crate::driver::{self, FabricHandle};
 use crate::frame::{ConnId, ReqId, Request, Response};
-use crate::splice::{unread, Pipe, SPLICE_MIN};
+use crate::splice::{unread, Pipe, ReadySocket, SPLICE_MIN};
 use crate::transport::{TransportRead, TransportWrite};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -489,44 +488,6 @@ enum DownEnd {
     Closed(i32),
 }
 
-/// A tokio socket read and written through its readiness: what a relay
-/// shares with the socket's owner ([`Shared`]) and splices from.
-pub trait ReadySocket: AsFd + AsRawFd + Send + Sync + 'static {
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
-    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
-    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
-    fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
-    fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize>;
-}
-
-macro_rules! ready_socket {
-    ($t:ty) => {
-        impl ReadySocket for $t {
-            fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                <$t>::poll_read_ready(self, cx)
-            }
-            fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                <$t>::poll_write_ready(self, cx)
-            }
-            fn try_io<R>(
-                &self,
-                interest: Interest,
-                f: impl FnOnce() -> io::Result<R>,
-            ) -> io::Result<R> {
-                <$t>::try_io(self, interest, f)
-            }
-            fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-                <$t>::try_write(self, buf)
-            }
-            fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-                <$t>::try_write_vectored(self, bufs)
-            }
-        }
-    };
-}
-ready_socket!(TcpStream);
-ready_socket!(UnixStream);
-
 /// A socket shared behind an `Arc`, read and written through its
 /// readiness (tokio implements the I/O traits only for an owned stream).
 struct Shared<T>(Arc<T>);
@@ -705,9 +666,9 @@ impl<T: ReadySocket> Pump<'_, T> {
                 credit.notified().await;
             };
             let chunk = std::future::poll_fn(|cx| {
-                if let (true, Some(tcp), Some(pipe)) = (bulk, self.splice_from, handle.pipe()) {
+                if let (true, Some(socket), Some(pipe)) = (bulk, self.splice_from, handle.pipe()) {
                     if pipe.room() >= SPLICE_MIN {
-                        match poll_splice(cx, handle, conn, window, tcp, pipe) {
+                        match poll_splice(cx, handle, conn, window, socket, pipe) {
                             Poll::Ready(Some(r)) => return Poll::Ready(r),
                             Poll::Pending => return Poll::Pending,
                             // The pipe is full: copy this read.
@@ -802,19 +763,19 @@ impl<T: ReadySocket> Pump<'_, T> {
     }
 }
 
-/// One read of `tcp` (a TCP or unix socket) spliced into the channel's pipe as a Data payload
-/// (see [`crate::splice`]); `None`: the pipe is full, copy instead.
+/// One read of `socket` spliced into the channel's pipe as a Data
+/// payload (see [`crate::splice`]); `None`: the pipe is full, copy instead.
 fn poll_splice(
     cx: &mut Context<'_>,
     handle: &FabricHandle,
     conn: ConnId,
     window: usize,
-    tcp: &impl ReadySocket,
+    socket: &impl ReadySocket,
     pipe: &Pipe,
 ) -> Poll<Option<io::Result<Chunk>>> {
-    let fd = tcp.as_raw_fd();
+    let fd = socket.as_raw_fd();
     loop {
-        if let Err(e) = ready!(tcp.poll_read_ready(cx)) {
+        if let Err(e) = ready!(socket.poll_read_ready(cx)) {
             return Poll::Ready(Some(Err(e)));
         }
         // Only this task sends on `conn`, so the window still holds.
@@ -841,7 +802,7 @@ fn poll_splice(
         // the pipe is full (leave the readiness, the copying read takes
         // the octets). Asked inside `try_io`: readiness that news newer
         // than this check brought is not cleared.
-        match tcp.try_io(Interest::READABLE, || match unread(fd)? {
+        match socket.try_io(Interest::READABLE, || match unread(fd)? {
             0 => Err(io::ErrorKind::WouldBlock.into()),
             _ => Ok(()),
         }) {

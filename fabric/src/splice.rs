@@ -16,8 +16,11 @@
 //! takes octets out, segment by segment.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use tokio::io::Interest;
+use tokio::net::{TcpStream, UnixStream};
 
 /// A relay splices only after a read of this much (a bulk stream): for
 /// small reads the two `splice` calls and the header's own write cost more
@@ -95,7 +98,62 @@ impl Pipe {
         self.held.fetch_sub(n, Ordering::AcqRel);
         Ok(n)
     }
+
+    /// Moves exactly `len` octets from the pipe into `to`, waiting for
+    /// room in its send buffer as needed.
+    pub async fn drain_into(&self, to: &impl ReadySocket, mut len: usize) -> io::Result<()> {
+        while len > 0 {
+            std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?;
+            match to.try_io(Interest::WRITABLE, || self.drain(to.as_raw_fd(), len)) {
+                // The pipe holds every octet queued, so 0 cannot mean empty.
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => len -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
+
+/// A tokio socket read and written through its readiness: what a relay
+/// shares with the socket's owner, splices from, and what a socket
+/// transport splices into.
+pub trait ReadySocket: AsFd + AsRawFd + Send + Sync + 'static {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
+    fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize>;
+}
+
+macro_rules! ready_socket {
+    ($t:ty) => {
+        impl ReadySocket for $t {
+            fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_read_ready(self, cx)
+            }
+            fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_write_ready(self, cx)
+            }
+            fn try_io<R>(
+                &self,
+                interest: Interest,
+                f: impl FnOnce() -> io::Result<R>,
+            ) -> io::Result<R> {
+                <$t>::try_io(self, interest, f)
+            }
+            fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+                <$t>::try_write(self, buf)
+            }
+            fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+                <$t>::try_write_vectored(self, bufs)
+            }
+        }
+    };
+}
+ready_socket!(TcpStream);
+ready_socket!(UnixStream);
 
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: plain descriptors and no offsets (both ends are a pipe or a

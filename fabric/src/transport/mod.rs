@@ -18,7 +18,8 @@ use bytes::{Bytes, BytesMut};
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::net::{TcpStream, UnixStream};
 
 #[cfg(feature = "rdma")]
 pub mod rdma;
@@ -69,9 +70,8 @@ pub struct StreamReader(Reader);
 pub struct StreamWriter(Writer);
 
 enum Reader {
-    Stream(ReadHalf<Box<dyn AsyncStream>>),
-    /// A socket's read half (its write half splices).
-    Socket(Box<dyn AsyncRead + Unpin + Send>),
+    /// A byte stream's read half (a socket's own, or `tokio::io::split`'s).
+    Stream(Box<dyn AsyncRead + Unpin + Send>),
     Memory(MemoryReader),
     #[cfg(feature = "rdma")]
     Rdma(rdma::RdmaReader<rdma::hw::IbVerbs>),
@@ -91,7 +91,7 @@ enum Writer {
 pub fn stream<S: AsyncStream>(s: S) -> (StreamReader, StreamWriter) {
     let (r, w) = tokio::io::split(Box::new(s) as Box<dyn AsyncStream>);
     (
-        StreamReader(Reader::Stream(r)),
+        StreamReader(Reader::Stream(Box::new(r))),
         StreamWriter(Writer::Stream(w)),
     )
 }
@@ -100,7 +100,7 @@ pub fn stream<S: AsyncStream>(s: S) -> (StreamReader, StreamWriter) {
 pub fn unix_socket(s: tokio::net::UnixStream) -> (StreamReader, StreamWriter) {
     let (r, w) = s.into_split();
     (
-        StreamReader(Reader::Socket(Box::new(r))),
+        StreamReader(Reader::Stream(Box::new(r))),
         StreamWriter(Writer::Unix(w)),
     )
 }
@@ -109,7 +109,7 @@ pub fn unix_socket(s: tokio::net::UnixStream) -> (StreamReader, StreamWriter) {
 pub fn tcp_socket(s: tokio::net::TcpStream) -> (StreamReader, StreamWriter) {
     let (r, w) = s.into_split();
     (
-        StreamReader(Reader::Socket(Box::new(r))),
+        StreamReader(Reader::Stream(Box::new(r))),
         StreamWriter(Writer::Tcp(w)),
     )
 }
@@ -118,10 +118,6 @@ impl TransportRead for StreamReader {
     async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match &mut self.0 {
             Reader::Stream(r) => {
-                buf.reserve(READ_CHUNK);
-                r.read_buf(buf).await
-            }
-            Reader::Socket(r) => {
                 buf.reserve(READ_CHUNK);
                 r.read_buf(buf).await
             }
@@ -189,32 +185,12 @@ impl TransportWrite for StreamWriter {
     fn can_splice(&self) -> bool {
         matches!(self.0, Writer::Unix(_) | Writer::Tcp(_))
     }
-    async fn splice(&mut self, pipe: &crate::splice::Pipe, mut len: usize) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        use tokio::io::Interest;
-        while len > 0 {
-            let moved = match &self.0 {
-                Writer::Unix(w) => {
-                    let s: &tokio::net::UnixStream = w.as_ref();
-                    s.writable().await?;
-                    s.try_io(Interest::WRITABLE, || pipe.drain(s.as_raw_fd(), len))
-                }
-                Writer::Tcp(w) => {
-                    let s: &tokio::net::TcpStream = w.as_ref();
-                    s.writable().await?;
-                    s.try_io(Interest::WRITABLE, || pipe.drain(s.as_raw_fd(), len))
-                }
-                _ => return Err(io::ErrorKind::Unsupported.into()),
-            };
-            match moved {
-                // The pipe holds every octet queued, so 0 cannot mean empty.
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => len -= n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
+    async fn splice(&mut self, pipe: &crate::splice::Pipe, len: usize) -> io::Result<()> {
+        match &self.0 {
+            Writer::Unix(w) => pipe.drain_into(AsRef::<UnixStream>::as_ref(w), len).await,
+            Writer::Tcp(w) => pipe.drain_into(AsRef::<TcpStream>::as_ref(w), len).await,
+            _ => Err(io::ErrorKind::Unsupported.into()),
         }
-        Ok(())
     }
     async fn shutdown(&mut self) -> io::Result<()> {
         match &mut self.0 {
