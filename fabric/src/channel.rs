@@ -167,6 +167,10 @@ pub enum Event {
     ConnectionClosed { conn: ConnId, errno: i32 },
     /// `message_received`: stream bytes; call [`Channel::consumed`] once delivered.
     MessageReceived { conn: ConnId, data: Bytes },
+    /// `message_received` for `len` octets the transport's reader spliced
+    /// into the connection's pipe ([`Channel::payload_spliced`]); call
+    /// [`Channel::consumed`] once they are delivered.
+    MessageSpliced { conn: ConnId, len: usize },
     /// The peer's end of the stream: no more `MessageReceived` for `conn`.
     Fin { conn: ConnId },
     /// `buffer_available`: `conn` may send again.
@@ -211,6 +215,20 @@ impl State {
     }
 }
 
+/// A Data frame whose header is in and whose payload is still arriving.
+#[derive(Debug, Clone, Copy)]
+struct Partial {
+    conn: ConnId,
+    /// Payload octets still to come.
+    left: usize,
+}
+
+/// A Data frame at least this large is delivered piece by piece as it
+/// arrives: the start of its payload is not held back (and copied into the
+/// next read's buffer) until the rest is in, and the transport's reader
+/// may splice the rest ([`Channel::payload_pending`]).
+pub const STREAM_MIN: usize = 16 * 1024;
+
 /// Per-connection state: both directions' credits and the FIN flags.
 #[derive(Debug)]
 struct Conn {
@@ -228,6 +246,9 @@ pub struct ChannelStats {
     pub credit_stalls: u64,
     /// Of `bytes_sent`, payload spliced through the channel's pipe.
     pub bytes_spliced: u64,
+    /// Of `bytes_received`, payload the reader spliced into connections'
+    /// receive pipes.
+    pub bytes_received_spliced: u64,
 }
 
 /// One end of a node channel.
@@ -241,6 +262,8 @@ pub struct Channel {
     next_conn: ConnId,
     next_req: ReqId,
     inbuf: BytesMut,
+    /// The Data frame being received piece by piece, if any.
+    partial: Option<Partial>,
     out: BytesMut,
     /// Output finished before a spliced payload, in order, ahead of `out`
     /// (empty unless payloads are spliced: see [`crate::splice`]).
@@ -283,6 +306,7 @@ impl Channel {
             },
             next_req: 1,
             inbuf: BytesMut::new(),
+            partial: None,
             out: BytesMut::new(),
             sealed: VecDeque::new(),
             events: VecDeque::new(),
@@ -314,11 +338,7 @@ impl Channel {
     /// Feeds bytes from the transport. On a protocol error the channel
     /// closes (a `GoAway` with the reason is queued) and the error returns.
     pub fn handle_input(&mut self, bytes: &[u8]) -> Result<(), ChannelError> {
-        if self.is_closed() {
-            return Ok(());
-        }
-        self.inbuf.extend_from_slice(bytes);
-        self.decode_input()
+        self.handle_input_buf(&mut BytesMut::from(bytes))
     }
 
     /// [`Channel::handle_input`] for octets in a buffer the caller gives
@@ -329,6 +349,13 @@ impl Channel {
         if self.is_closed() {
             buf.clear();
             return Ok(());
+        }
+        if let Some(p) = self.partial {
+            let piece = buf.split_to(p.left.min(buf.len())).freeze();
+            self.payload_piece(piece);
+            if buf.is_empty() {
+                return Ok(());
+            }
         }
         if self.inbuf.is_empty() {
             std::mem::swap(&mut self.inbuf, buf);
@@ -343,7 +370,7 @@ impl Channel {
         loop {
             let frame = match codec::decode(&mut self.inbuf, self.config.max_frame) {
                 Ok(Some(f)) => f,
-                Ok(None) => return Ok(()),
+                Ok(None) => return self.begin_partial(),
                 Err(e) => return Err(self.fail(e.into())),
             };
             if let Err(e) = self.handle_frame(frame) {
@@ -352,6 +379,79 @@ impl Channel {
             if self.is_closed() {
                 return Ok(());
             }
+        }
+    }
+
+    /// When the input ends inside a large Data frame ([`STREAM_MIN`]):
+    /// its header is taken, the frame is checked against the credit as a
+    /// whole, what is in of its payload is delivered, and the rest is
+    /// awaited as such.
+    fn begin_partial(&mut self) -> Result<(), ChannelError> {
+        if !self.is_open() {
+            return Ok(());
+        }
+        let Some((conn, len)) = codec::peek_data(&self.inbuf) else {
+            return Ok(());
+        };
+        if len < STREAM_MIN {
+            return Ok(());
+        }
+        // `decode` found the frame incomplete, so its payload is not all in.
+        bytes::Buf::advance(&mut self.inbuf, codec::DATA_OVERHEAD);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if let Err(violation) = c.recv.on_received(len as u64) {
+                return Err(self.fail(ChannelError::Credit { conn, violation }));
+            }
+        }
+        self.partial = Some(Partial { conn, left: len });
+        let piece = self.inbuf.split().freeze();
+        self.payload_piece(piece);
+        Ok(())
+    }
+
+    /// Takes `n` octets of the partial frame's payload off its count; the
+    /// connection, when it is still known.
+    fn payload_taken(&mut self, n: usize) -> Option<ConnId> {
+        let p = self.partial.as_mut().expect("a partial Data frame");
+        debug_assert!(n <= p.left, "more payload than the frame has");
+        p.left -= n;
+        let conn = p.conn;
+        if p.left == 0 {
+            self.partial = None;
+        }
+        self.stats.bytes_received += n as u64;
+        // Data for a connection we already dropped is discarded.
+        self.conns.contains_key(&conn).then_some(conn)
+    }
+
+    fn payload_piece(&mut self, data: Bytes) {
+        if let Some(conn) = self.payload_taken(data.len()) {
+            if !data.is_empty() {
+                self.events.push_back(Event::MessageReceived { conn, data });
+            }
+        }
+    }
+
+    /// The connection whose Data payload the input is in the middle of,
+    /// and how many of its octets are still to come (the reader may
+    /// splice up to that many into the connection's pipe, then report
+    /// them with [`Channel::payload_spliced`]).
+    pub fn payload_pending(&self) -> Option<(ConnId, usize)> {
+        self.partial
+            .filter(|p| !self.is_closed() && self.conns.contains_key(&p.conn))
+            .map(|p| (p.conn, p.left))
+    }
+
+    /// The reader spliced `len` octets of the pending payload (at most
+    /// what [`Channel::payload_pending`] said) into the connection's pipe:
+    /// raises [`Event::MessageSpliced`].
+    pub fn payload_spliced(&mut self, len: usize) {
+        if len == 0 || self.partial.is_none() {
+            return;
+        }
+        self.stats.bytes_received_spliced += len as u64;
+        if let Some(conn) = self.payload_taken(len) {
+            self.events.push_back(Event::MessageSpliced { conn, len });
         }
     }
 

@@ -236,6 +236,20 @@ pub fn encode_data_header(conn: ConnId, len: usize, out: &mut BytesMut) {
     put_conn(out, tag::DATA, conn);
 }
 
+/// The connection and payload length of the `Data` frame `buf` starts
+/// with, once its header is in; `None` for any other frame, or before.
+/// (The length is checked against the frame limit by [`decode`], which
+/// sees the frame first.)
+pub fn peek_data(buf: &[u8]) -> Option<(ConnId, usize)> {
+    let h = buf.get(..DATA_OVERHEAD)?;
+    let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    if h[4] != WIRE_VERSION || h[5] != tag::DATA || len < 2 + 8 {
+        return None;
+    }
+    let conn = u64::from_be_bytes(h[6..14].try_into().expect("8 octets"));
+    Some((conn, len - 2 - 8))
+}
+
 /// Appends a `Data` frame without building a [`Frame`] (the hot path).
 pub fn encode_data(conn: ConnId, data: &[u8], out: &mut BytesMut) {
     out.reserve(DATA_OVERHEAD + data.len());

@@ -6,8 +6,9 @@
 //! writer when bytes are queued. Callbacks arrive on an unbounded event
 //! receiver; its size is bounded by the credits the channel grants.
 
-use crate::channel::{Channel, Event, Transmit};
-use crate::splice::Pipe;
+use crate::channel::{Channel, Event, Transmit, STREAM_MIN};
+use crate::frame::ConnId;
+use crate::splice::{Pipe, ReceivePipe};
 use crate::transport::{TransportRead, TransportWrite};
 use bytes::BytesMut;
 use std::io;
@@ -77,6 +78,26 @@ impl FabricHandle {
     }
 }
 
+/// Where the reader task delivers what the peer sends.
+pub trait Sink: Send + 'static {
+    fn event(&mut self, e: Event);
+    /// The pipe into which the rest of `conn`'s Data payload may be
+    /// spliced (see [`crate::splice`]); `None` (the default): read it.
+    fn receive_pipe(&mut self, _conn: ConnId) -> Option<Arc<ReceivePipe>> {
+        None
+    }
+}
+
+impl<F: FnMut(Event) + Send + 'static> Sink for F {
+    fn event(&mut self, e: Event) {
+        self(e)
+    }
+}
+
+/// After a splice, the next read asks for this much: the next frame's
+/// header, and not much of its payload, which is better spliced too.
+const SHORT_READ: usize = 4096;
+
 /// Starts the reader and writer tasks of `channel` on the current tokio
 /// runtime and returns the handle and the event stream.
 pub fn spawn<R: TransportRead, W: TransportWrite>(
@@ -101,7 +122,7 @@ pub fn spawn_with_sink<R: TransportRead, W: TransportWrite>(
     channel: Channel,
     reader: R,
     writer: W,
-    sink: impl FnMut(Event) + Send + 'static,
+    sink: impl Sink,
 ) -> (FabricHandle, mpsc::UnboundedReceiver<Event>) {
     let (tx, rx) = mpsc::unbounded_channel();
     (spawn_inner(channel, reader, writer, tx, sink), rx)
@@ -112,7 +133,7 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
     reader: R,
     writer: W,
     events: mpsc::UnboundedSender<Event>,
-    sink: impl FnMut(Event) + Send + 'static,
+    sink: impl Sink,
 ) -> FabricHandle {
     let pipe = if writer.can_splice() {
         Pipe::new()
@@ -137,16 +158,18 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
     handle
 }
 
-async fn read_loop<R: TransportRead>(
-    handle: FabricHandle,
-    mut reader: R,
-    mut sink: impl FnMut(Event),
-) {
+async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut sink: impl Sink) {
     let mut buf = BytesMut::new();
     let mut raised = Vec::new();
+    let splices = reader.can_splice();
+    // How much the next read may take, when it should stop short.
+    let mut limit = None;
     loop {
-        let r = reader.read(&mut buf).await;
-        let done = handle.with_raised(&mut raised, |ch| {
+        let r = match limit.take() {
+            Some(max) => reader.read_at_most(&mut buf, max).await,
+            None => reader.read(&mut buf).await,
+        };
+        let mut done = feed(&handle, &mut raised, &mut sink, |ch| {
             match r {
                 Ok(0) => ch.transport_closed("the peer closed the fabric connection"),
                 Ok(_) => {
@@ -157,16 +180,59 @@ async fn read_loop<R: TransportRead>(
                 Err(e) => ch.transport_closed(&format!("fabric read failed: {e}")),
             }
             buf.clear();
-            ch.is_closed()
         });
-        // Outside the channel's lock: the sink may call into the channel.
-        for e in raised.drain(..) {
-            sink(e);
+        // The input stopped inside a large Data payload: splice the rest
+        // into its connection's pipe, where it has one.
+        while splices && !done {
+            let Some((conn, left)) = handle.with(|ch| ch.payload_pending()) else {
+                break;
+            };
+            let Some(pipe) = sink.receive_pipe(conn).filter(|p| p.room() > 0) else {
+                break;
+            };
+            if left < STREAM_MIN {
+                // Not worth two splices: read it, and the next header.
+                limit = Some(left + SHORT_READ);
+                break;
+            }
+            let r = reader.splice_into(&pipe, left.min(pipe.room())).await;
+            let mut read_instead = false;
+            done = feed(&handle, &mut raised, &mut sink, |ch| match r {
+                Ok(Some(0)) => ch.transport_closed("the peer closed the fabric connection"),
+                Ok(Some(n)) => {
+                    ch.payload_spliced(n);
+                    limit = Some(SHORT_READ);
+                }
+                Ok(None) => read_instead = true,
+                Err(e) => ch.transport_closed(&format!("fabric read failed: {e}")),
+            });
+            if read_instead {
+                break;
+            }
         }
         if done {
             return;
         }
     }
+}
+
+/// Runs `f` on the channel and hands the events it raised to `sink`,
+/// outside the channel's lock (the sink may call into the channel); true
+/// once the channel is closed.
+fn feed(
+    handle: &FabricHandle,
+    raised: &mut Vec<Event>,
+    sink: &mut impl Sink,
+    f: impl FnOnce(&mut Channel),
+) -> bool {
+    let done = handle.with_raised(raised, |ch| {
+        f(ch);
+        ch.is_closed()
+    });
+    for e in raised.drain(..) {
+        sink.event(e);
+    }
+    done
 }
 
 async fn write_loop<W: TransportWrite>(handle: FabricHandle, mut writer: W) {

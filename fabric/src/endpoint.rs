@@ -18,7 +18,7 @@
 use crate::channel::{CallError, Channel, ChannelError, Event};
 use crate::driver::{self, FabricHandle};
 use crate::frame::{ConnId, ReqId, Request, Response};
-use crate::splice::{unread, Pipe, ReadySocket, SPLICE_MIN};
+use crate::splice::{self, Pipe, ReadySocket, ReceivePipe, SPLICE_MIN};
 use crate::transport::{TransportRead, TransportWrite};
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -108,6 +108,8 @@ pub struct RelayOutcome {
 #[derive(Debug)]
 enum ConnEvent {
     Data(Bytes),
+    /// This many octets are in the connection's receive pipe.
+    Spliced(usize, Arc<ReceivePipe>),
     Fin,
     Credit,
     Closed(i32),
@@ -119,9 +121,34 @@ struct Attached {
     credit: Arc<Notify>,
     /// Fired on an abortive close so a relay blocked on its stream ends at once.
     abort: Option<oneshot::Sender<i32>>,
+    receive: Receive,
+}
+
+/// How payloads from the fabric reach a relay's socket.
+enum Receive {
+    /// Copied (the relay has no socket to splice into, or no pipe was
+    /// to be had).
+    Copy,
+    /// Spliced through a pipe made when the first large payload comes.
+    Lazy,
+    Pipe(Arc<ReceivePipe>),
 }
 
 impl Attached {
+    /// The relay's receive pipe, made now if need be.
+    fn receive_pipe(&mut self) -> Option<Arc<ReceivePipe>> {
+        if let Receive::Lazy = self.receive {
+            self.receive = match ReceivePipe::new() {
+                Some(p) => Receive::Pipe(Arc::new(p)),
+                None => Receive::Copy,
+            };
+        }
+        match &self.receive {
+            Receive::Pipe(p) => Some(p.clone()),
+            _ => None,
+        }
+    }
+
     fn deliver(&mut self, ev: ConnEvent) {
         match ev {
             ConnEvent::Credit => self.credit.notify_one(),
@@ -184,6 +211,25 @@ impl Router {
     }
 }
 
+/// The reader task's sink: routes as it reads, and finds the receive
+/// pipes of relays that splice.
+struct RouteSink {
+    router: Arc<Mutex<Router>>,
+    tx: mpsc::UnboundedSender<EndpointEvent>,
+}
+
+impl driver::Sink for RouteSink {
+    fn event(&mut self, ev: Event) {
+        route_one(&self.router, &self.tx, ev);
+    }
+    fn receive_pipe(&mut self, conn: ConnId) -> Option<Arc<ReceivePipe>> {
+        match lock_router(&self.router).conns.get_mut(&conn) {
+            Some(Route::Relayed(a, _)) => a.receive_pipe(),
+            _ => None,
+        }
+    }
+}
+
 struct Inner {
     handle: FabricHandle,
     router: Arc<Mutex<Router>>,
@@ -210,11 +256,9 @@ impl Endpoint {
         let (tx, rx) = mpsc::unbounded_channel();
         // The reader task routes what the peer sends itself (no hop through
         // the router task per frame); the router task gets the rest.
-        let sink = {
-            let (router, tx) = (router.clone(), tx.clone());
-            move |ev| {
-                route_one(&router, &tx, ev);
-            }
+        let sink = RouteSink {
+            router: router.clone(),
+            tx: tx.clone(),
         };
         let (handle, events) = driver::spawn_with_sink(channel, r, w, sink);
         tokio::spawn(route(router.clone(), events, tx));
@@ -387,7 +431,9 @@ impl Endpoint {
         T: ReadySocket,
     {
         let span = tracing::debug_span!("relay", conn);
-        let Some((inbound, credit, abort, counters)) = self.attach(conn) else {
+        let Some((inbound, credit, abort, counters)) =
+            self.attach(conn, splice_from.is_some() && T::SPLICE_RECEIVED)
+        else {
             return RelayOutcome {
                 bytes_in: 0,
                 bytes_out: 0,
@@ -399,7 +445,7 @@ impl Endpoint {
             ep: self,
             conn,
             counters: &counters,
-            splice_from,
+            socket: splice_from,
         }
         .run(rd, wr, inbound, &credit, abort)
         .instrument(span)
@@ -422,11 +468,13 @@ impl Endpoint {
         }
     }
 
-    /// Attaches a relay to `conn`, replaying the events held for it.
+    /// Attaches a relay to `conn`, replaying the events held for it;
+    /// `splices`: the relay has a socket to splice payloads into.
     #[allow(clippy::type_complexity)]
     fn attach(
         &self,
         conn: ConnId,
+        splices: bool,
     ) -> Option<(
         mpsc::UnboundedReceiver<ConnEvent>,
         Arc<Notify>,
@@ -462,6 +510,10 @@ impl Endpoint {
             inbound: tx,
             credit: credit.clone(),
             abort: Some(abort_tx),
+            receive: match splices {
+                true => Receive::Lazy,
+                false => Receive::Copy,
+            },
         };
         for ev in held {
             attached.deliver(ev);
@@ -592,8 +644,9 @@ struct Pump<'a, T> {
     ep: &'a Endpoint,
     conn: ConnId,
     counters: &'a Counters,
-    /// The stream's socket, when bulk reads may be spliced from it.
-    splice_from: Option<&'a T>,
+    /// The stream's socket, when bulk payloads may be spliced from it and
+    /// into it.
+    socket: Option<&'a T>,
 }
 
 impl<T: ReadySocket> Pump<'_, T> {
@@ -666,7 +719,7 @@ impl<T: ReadySocket> Pump<'_, T> {
                 credit.notified().await;
             };
             let chunk = std::future::poll_fn(|cx| {
-                if let (true, Some(socket), Some(pipe)) = (bulk, self.splice_from, handle.pipe()) {
+                if let (true, Some(socket), Some(pipe)) = (bulk, self.socket, handle.pipe()) {
                     if pipe.room() >= SPLICE_MIN {
                         match poll_splice(cx, handle, conn, window, socket, pipe) {
                             Poll::Ready(Some(r)) => return Poll::Ready(r),
@@ -748,6 +801,14 @@ impl<T: ReadySocket> Pump<'_, T> {
                         .bytes_out
                         .fetch_add(n as u64, Ordering::Relaxed);
                 }
+                Some(ConnEvent::Spliced(len, pipe)) => {
+                    let socket = self.socket.ok_or(io::ErrorKind::Unsupported)?;
+                    pipe.drain_into(socket, len).await?;
+                    handle.with(|ch| ch.consumed(self.conn, len));
+                    self.counters
+                        .bytes_out
+                        .fetch_add(len as u64, Ordering::Relaxed);
+                }
                 Some(ConnEvent::Fin) => {
                     wr.shutdown().await?;
                     fin_seen.store(true, Ordering::Relaxed);
@@ -774,10 +835,7 @@ fn poll_splice(
     pipe: &Pipe,
 ) -> Poll<Option<io::Result<Chunk>>> {
     let fd = socket.as_raw_fd();
-    loop {
-        if let Err(e) = ready!(socket.poll_read_ready(cx)) {
-            return Poll::Ready(Some(Err(e)));
-        }
+    let r = ready!(splice::poll_spliced(cx, socket, || {
         // Only this task sends on `conn`, so the window still holds.
         let sent = handle.with(|ch| {
             ch.send_message_spliced(conn, window, |room| match pipe.fill(fd, room) {
@@ -785,32 +843,21 @@ fn poll_splice(
                 Err(e) => (0, Err(e)),
             })
         });
-        let e = match sent {
-            Ok(Some((_, Ok(0)))) => return Poll::Ready(Some(Ok(Chunk::Eof))),
-            Ok(Some((n, Ok(_)))) => return Poll::Ready(Some(Ok(Chunk::Sent(n)))),
-            Ok(Some((_, Err(e)))) => e,
-            Ok(None) => return Poll::Ready(Some(Ok(Chunk::Sent(0)))),
-            Err(_) => return Poll::Ready(Some(Ok(Chunk::Refused))),
-        };
-        match e.raw_os_error() {
-            Some(libc::EAGAIN) => {}
-            // A socket splice does not take: copy.
-            Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => return Poll::Ready(None),
-            _ => return Poll::Ready(Some(Err(e))),
+        match sent {
+            Ok(Some((_, Ok(0)))) => Ok(Chunk::Eof),
+            Ok(Some((n, Ok(_)))) => Ok(Chunk::Sent(n)),
+            Ok(Some((_, Err(e)))) => Err(e),
+            Ok(None) => Ok(Chunk::Sent(0)),
+            Err(_) => Ok(Chunk::Refused),
         }
-        // Either the socket has nothing (clear its readiness and wait) or
-        // the pipe is full (leave the readiness, the copying read takes
-        // the octets). Asked inside `try_io`: readiness that news newer
-        // than this check brought is not cleared.
-        match socket.try_io(Interest::READABLE, || match unread(fd)? {
-            0 => Err(io::ErrorKind::WouldBlock.into()),
-            _ => Ok(()),
-        }) {
-            Ok(()) => return Poll::Ready(None),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Poll::Ready(Some(Err(e))),
-        }
-    }
+    }));
+    Poll::Ready(match r {
+        Ok(Some(chunk)) => Some(Ok(chunk)),
+        Ok(None) => None,
+        // A socket splice does not take: copy.
+        Err(e) if splice::unspliceable(&e) => None,
+        Err(e) => Some(Err(e)),
+    })
 }
 
 /// At most this many Data frames go into one vectored write (`IOV_MAX`
@@ -902,6 +949,15 @@ fn route_one(router: &Mutex<Router>, tx: &mpsc::UnboundedSender<EndpointEvent>, 
         }
         Event::MessageReceived { conn, data } => {
             router.deliver(conn, ConnEvent::Data(data));
+            None
+        }
+        Event::MessageSpliced { conn, len } => {
+            // Only a relay with a pipe is given spliced payloads.
+            if let Some(Route::Relayed(a, _)) = router.conns.get_mut(&conn) {
+                if let Some(pipe) = a.receive_pipe() {
+                    a.deliver(ConnEvent::Spliced(len, pipe));
+                }
+            }
             None
         }
         Event::Fin { conn } => {
@@ -1393,6 +1449,82 @@ mod tests {
                 "both spliced and copied payloads went out: {stats:?}"
             );
         }
+        // Into the app's unix sockets, payloads were spliced too (and the
+        // start of each frame copied); into TCP sockets, none.
+        let node = p.node.handle().with(|ch| ch.stats());
+        assert!(
+            node.bytes_received_spliced > node.bytes_received / 2
+                && node.bytes_received_spliced < node.bytes_received,
+            "{node:?}"
+        );
+        let server = p.server.handle().with(|ch| ch.stats());
+        assert_eq!(server.bytes_received_spliced, 0, "{server:?}");
+    }
+
+    /// A program that stops reading fills its connection's receive pipe
+    /// (and then its queue), never the channel: the other connection's
+    /// payloads, spliced, keep arriving.
+    #[tokio::test]
+    async fn a_stalled_program_does_not_stall_a_spliced_connection() {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let mut p = pair_over(
+            (
+                crate::transport::unix_socket(a),
+                crate::transport::unix_socket(b),
+            ),
+            crate::channel::DEFAULT_WINDOW,
+        )
+        .await;
+        let mut clients = Vec::new();
+        let mut apps = Vec::new();
+        let mut conns = Vec::new();
+        for _ in 0..2 {
+            let conn = accept(&mut p).await;
+            let (client, client_side) = UnixStream::pair().unwrap();
+            let (app, app_side) = UnixStream::pair().unwrap();
+            let (s, n) = (p.server.clone(), p.node.clone());
+            tokio::spawn(async move { s.relay_unix(conn, client_side).await });
+            tokio::spawn(async move { n.relay_unix(conn, app_side).await });
+            clients.push(client);
+            apps.push(app);
+            conns.push(conn);
+        }
+        let (mut live_app, _stalled_app) = (apps.pop().unwrap(), apps.pop().unwrap());
+        let (mut live_client, mut stalled_client) =
+            (clients.pop().unwrap(), clients.pop().unwrap());
+        let stalled = conns[0];
+        let flood = tokio::spawn(async move {
+            let chunk = vec![7u8; 256 * 1024];
+            while stalled_client.write_all(&chunk).await.is_ok() {}
+        });
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        while p.server.pending_bytes(stalled) < u64::from(crate::channel::DEFAULT_WINDOW) / 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "stalled conn never filled"
+            );
+            tokio::task::yield_now().await;
+        }
+        let data = unique_pattern(16 << 20, 9);
+        let expect = data.clone();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; expect.len()];
+            live_app.read_exact(&mut got).await.unwrap();
+            assert!(got == expect, "the live connection's octets arrive intact");
+        });
+        timeout(LIMIT, live_client.write_all(&data))
+            .await
+            .unwrap()
+            .unwrap();
+        timeout(LIMIT, reader).await.unwrap().unwrap();
+        assert!(p.server.pending_bytes(stalled) <= u64::from(crate::channel::DEFAULT_WINDOW));
+        assert!(
+            !flood.is_finished(),
+            "the stalled client is blocked, not failed"
+        );
+        let node = p.node.handle().with(|ch| ch.stats());
+        assert!(node.bytes_received_spliced > 8 << 20, "{node:?}");
+        flood.abort();
     }
 
     /// Runs the futures concurrently on this task.

@@ -14,11 +14,21 @@
 //! spliced in and its segment queued under the channel's lock
 //! ([`crate::Channel::send_message_spliced`]), and only the writer task
 //! takes octets out, segment by segment.
+//!
+//! The other way, from the fabric socket to a connection's socket, each
+//! bulk connection has a pipe of its own ([`ReceivePipe`]): the reader
+//! task reads the header of a large Data frame, splices the rest of its
+//! payload into the connection's pipe ([`crate::Channel::payload_pending`]),
+//! and the connection's relay splices it on into its socket when that has
+//! room. A pipe per connection is what keeps a connection whose program
+//! reads slowly from holding up the others; the credit bounds what its
+//! pipe must hold to the window, and when the pipe is short of room the
+//! reader copies the payload instead.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 
@@ -30,6 +40,57 @@ pub const SPLICE_MIN: usize = 64 * 1024;
 /// The pipe's size asked for (`/proc/sys/fs/pipe-max-size` is 1 MiB by
 /// default): four full Data frames.
 const PIPE_SIZE: usize = 1024 * 1024;
+
+/// Receive pipes one process holds at most. Each 1 MiB pipe counts
+/// against the user's `/proc/sys/fs/pipe-user-pages-soft` (64 MiB by
+/// default, beyond which new pipes get two pages); past this many bulk
+/// connections, the rest copy.
+pub const MAX_RECEIVE_PIPES: usize = 16;
+
+static RECEIVE_PIPES: AtomicUsize = AtomicUsize::new(0);
+
+/// A bulk connection's pipe, for payloads from the fabric on their way to
+/// its socket; one of [`MAX_RECEIVE_PIPES`].
+#[derive(Debug)]
+pub struct ReceivePipe {
+    pipe: Pipe,
+    _slot: Slot,
+}
+
+/// One of the process's [`MAX_RECEIVE_PIPES`], given back on drop.
+#[derive(Debug)]
+struct Slot;
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        RECEIVE_PIPES.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ReceivePipe {
+    /// A new receive pipe, unless the process holds its share already or
+    /// the pipe would be too small to save anything.
+    pub fn new() -> Option<ReceivePipe> {
+        RECEIVE_PIPES
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_RECEIVE_PIPES).then_some(n + 1)
+            })
+            .ok()?;
+        let slot = Slot;
+        let pipe = Pipe::new()
+            .inspect_err(|e| tracing::debug!(error = %e, "no receive pipe: the connection copies"))
+            .ok()
+            .filter(|p| p.capacity >= 4 * SPLICE_MIN)?;
+        Some(ReceivePipe { pipe, _slot: slot })
+    }
+}
+
+impl std::ops::Deref for ReceivePipe {
+    type Target = Pipe;
+    fn deref(&self) -> &Pipe {
+        &self.pipe
+    }
+}
 
 /// The channel's pipe: its two ends and how many octets are in it.
 #[derive(Debug)]
@@ -91,6 +152,21 @@ impl Pipe {
         Ok(n)
     }
 
+    /// [`Pipe::fill`] from `socket` once it has octets: `Some(n)` (0 at
+    /// its end of stream), or `None` when the pipe is full or the socket
+    /// cannot be spliced (read it instead).
+    pub async fn fill_from(
+        &self,
+        socket: &impl ReadySocket,
+        len: usize,
+    ) -> io::Result<Option<usize>> {
+        let fd = socket.as_raw_fd();
+        match std::future::poll_fn(|cx| poll_spliced(cx, socket, || self.fill(fd, len))).await {
+            Err(e) if unspliceable(&e) => Ok(None),
+            r => r,
+        }
+    }
+
     /// Moves up to `len` octets from the pipe into socket `to`
     /// (`WouldBlock`: the socket's send buffer is full).
     pub fn drain(&self, to: RawFd, len: usize) -> io::Result<usize> {
@@ -120,6 +196,13 @@ impl Pipe {
 /// shares with the socket's owner, splices from, and what a socket
 /// transport splices into.
 pub trait ReadySocket: AsFd + AsRawFd + Send + Sync + 'static {
+    /// Whether payloads from the fabric are spliced into this kind of
+    /// socket ([`ReceivePipe`]). Not into TCP: on the bench machine,
+    /// `iperf3 -R` through an io-server went from 10.8–12.2 to
+    /// 9.7–11.7 Gbit/s with it, the io-server's CPU per GiB from 0.45–0.52
+    /// to 0.49–0.61 s (three pairs; docs/benchmarks.md): TCP's transmit of
+    /// spliced pages cost more than the copy it saved.
+    const SPLICE_RECEIVED: bool;
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
@@ -128,8 +211,9 @@ pub trait ReadySocket: AsFd + AsRawFd + Send + Sync + 'static {
 }
 
 macro_rules! ready_socket {
-    ($t:ty) => {
+    ($t:ty, $received:expr) => {
         impl ReadySocket for $t {
+            const SPLICE_RECEIVED: bool = $received;
             fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
                 <$t>::poll_read_ready(self, cx)
             }
@@ -152,8 +236,8 @@ macro_rules! ready_socket {
         }
     };
 }
-ready_socket!(TcpStream);
-ready_socket!(UnixStream);
+ready_socket!(TcpStream, false);
+ready_socket!(UnixStream, true);
 
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: plain descriptors and no offsets (both ends are a pipe or a
@@ -172,6 +256,46 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(n as usize)
+}
+
+/// Runs `fill`, a splice out of `socket`, once the socket is readable,
+/// until it does not block: `Some` of what it gave, or `None` when it
+/// blocked with octets still unread on the socket, which means the pipe
+/// is full (the socket's readiness is then left set, for a copying read).
+pub fn poll_spliced<T>(
+    cx: &mut Context<'_>,
+    socket: &impl ReadySocket,
+    mut fill: impl FnMut() -> io::Result<T>,
+) -> Poll<io::Result<Option<T>>> {
+    loop {
+        if let Err(e) = ready!(socket.poll_read_ready(cx)) {
+            return Poll::Ready(Err(e));
+        }
+        match fill() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            r => return Poll::Ready(r.map(Some)),
+        }
+        // Either the socket has nothing (clear its readiness and wait) or
+        // the pipe is full. Asked inside `try_io`: readiness that news
+        // newer than this check brought is not cleared.
+        match socket.try_io(Interest::READABLE, || match unread(socket.as_raw_fd())? {
+            0 => Err(io::ErrorKind::WouldBlock.into()),
+            _ => Ok(()),
+        }) {
+            Ok(()) => return Poll::Ready(Ok(None)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// Whether a splice failed because this pair of files cannot be spliced
+/// (copy instead), rather than because the socket failed.
+pub fn unspliceable(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+    )
 }
 
 /// Octets waiting to be read on socket `fd` (`SIOCINQ`).

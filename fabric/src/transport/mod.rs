@@ -14,7 +14,7 @@
 //! build with the `rdma` feature, an RDMA channel, so the node and the
 //! io-server run one driver type whatever the URL says.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
@@ -28,6 +28,31 @@ pub mod rdma;
 pub trait TransportRead: Send + 'static {
     /// Appends received bytes to `buf`. `Ok(0)` means the peer closed.
     fn read(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send;
+    /// [`TransportRead::read`] of at most about `max` octets, where the
+    /// transport can bound a read (after a splice: the next frame's
+    /// header, without much of its payload).
+    fn read_at_most(
+        &mut self,
+        buf: &mut BytesMut,
+        _max: usize,
+    ) -> impl Future<Output = io::Result<usize>> + Send {
+        self.read(buf)
+    }
+    /// Whether [`TransportRead::splice_into`] works (a socket transport).
+    fn can_splice(&self) -> bool {
+        false
+    }
+    /// Moves up to `len` octets of the stream into `pipe`, once there are
+    /// some: `Some(n)` (0 at the end of the stream), or `None` when they
+    /// cannot go there now (the pipe is full, or the transport cannot
+    /// splice) and should be read instead.
+    fn splice_into(
+        &mut self,
+        _pipe: &crate::splice::Pipe,
+        _len: usize,
+    ) -> impl Future<Output = io::Result<Option<usize>>> + Send {
+        async { Ok(None) }
+    }
 }
 
 /// The sending half of a transport.
@@ -70,8 +95,10 @@ pub struct StreamReader(Reader);
 pub struct StreamWriter(Writer);
 
 enum Reader {
-    /// A byte stream's read half (a socket's own, or `tokio::io::split`'s).
+    /// A byte stream's read half (`tokio::io::split`'s).
     Stream(Box<dyn AsyncRead + Unpin + Send>),
+    Unix(tokio::net::unix::OwnedReadHalf),
+    Tcp(tokio::net::tcp::OwnedReadHalf),
     Memory(MemoryReader),
     #[cfg(feature = "rdma")]
     Rdma(rdma::RdmaReader<rdma::hw::IbVerbs>),
@@ -99,28 +126,34 @@ pub fn stream<S: AsyncStream>(s: S) -> (StreamReader, StreamWriter) {
 /// A unix socket's transport halves; the writer can splice.
 pub fn unix_socket(s: tokio::net::UnixStream) -> (StreamReader, StreamWriter) {
     let (r, w) = s.into_split();
-    (
-        StreamReader(Reader::Stream(Box::new(r))),
-        StreamWriter(Writer::Unix(w)),
-    )
+    (StreamReader(Reader::Unix(r)), StreamWriter(Writer::Unix(w)))
 }
 
 /// A TCP socket's transport halves; the writer can splice.
 pub fn tcp_socket(s: tokio::net::TcpStream) -> (StreamReader, StreamWriter) {
     let (r, w) = s.into_split();
-    (
-        StreamReader(Reader::Stream(Box::new(r))),
-        StreamWriter(Writer::Tcp(w)),
-    )
+    (StreamReader(Reader::Tcp(r)), StreamWriter(Writer::Tcp(w)))
+}
+
+/// One read of at most `max` octets from a byte stream into `buf`.
+async fn read_stream(
+    r: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+    max: usize,
+) -> io::Result<usize> {
+    buf.reserve(max);
+    r.read_buf(&mut (&mut *buf).limit(max)).await
 }
 
 impl TransportRead for StreamReader {
     async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        self.read_at_most(buf, READ_CHUNK).await
+    }
+    async fn read_at_most(&mut self, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
         match &mut self.0 {
-            Reader::Stream(r) => {
-                buf.reserve(READ_CHUNK);
-                r.read_buf(buf).await
-            }
+            Reader::Stream(r) => read_stream(r, buf, max).await,
+            Reader::Unix(r) => read_stream(r, buf, max).await,
+            Reader::Tcp(r) => read_stream(r, buf, max).await,
             Reader::Memory(m) => {
                 let first = match m.held.take() {
                     Some(b) => b,
@@ -159,6 +192,20 @@ impl TransportRead for StreamReader {
             }
             #[cfg(feature = "rdma")]
             Reader::Rdma(r) => r.read(buf).await,
+        }
+    }
+    fn can_splice(&self) -> bool {
+        matches!(self.0, Reader::Unix(_) | Reader::Tcp(_))
+    }
+    async fn splice_into(
+        &mut self,
+        pipe: &crate::splice::Pipe,
+        len: usize,
+    ) -> io::Result<Option<usize>> {
+        match &self.0 {
+            Reader::Unix(r) => pipe.fill_from(AsRef::<UnixStream>::as_ref(r), len).await,
+            Reader::Tcp(r) => pipe.fill_from(AsRef::<TcpStream>::as_ref(r), len).await,
+            _ => Ok(None),
         }
     }
 }
