@@ -192,8 +192,11 @@ class CpuLimit:
 
     PERIOD_US = 10000  # short, so a throttled gateway stalls at most ms
 
-    def __init__(self, path, parent):
+    def __init__(self, path, parent, enabled_cpu=False):
         self.path, self.parent = path, parent
+        # Whether make() enabled the cpu controller for the parent's
+        # children (cgroup v2), which remove() then undoes.
+        self.enabled_cpu = enabled_cpu
 
     @classmethod
     def make(cls, share):
@@ -207,12 +210,19 @@ class CpuLimit:
                 with open(os.path.join(v2, "cgroup.controllers")) as f:
                     if "cpu" not in f.read().split():
                         return None, "cgroup v2 without the cpu controller"
-                with open(os.path.join(v2, "cgroup.subtree_control"), "w") as f:
-                    f.write("+cpu")
-                path = os.path.join(v2, name)
-                os.mkdir(path)
-                write(os.path.join(path, "cpu.max"), f"{quota} {cls.PERIOD_US}")
-                return cls(path, v2), None
+                subtree = os.path.join(v2, "cgroup.subtree_control")
+                with open(subtree) as f:
+                    enabled = "cpu" not in f.read().split()
+                if enabled:
+                    write(subtree, "+cpu")
+                limit = cls(os.path.join(v2, name), v2, enabled)
+                try:
+                    os.mkdir(limit.path)
+                    write(os.path.join(limit.path, "cpu.max"), f"{quota} {cls.PERIOD_US}")
+                except OSError:
+                    limit.remove()
+                    raise
+                return limit, None
             if v1:
                 path = os.path.join(v1, name)
                 os.mkdir(path)
@@ -238,8 +248,16 @@ class CpuLimit:
                 except OSError:
                     pass  # exited meanwhile
             os.rmdir(self.path)
+        except FileNotFoundError:
+            pass  # never made
         except OSError as e:
             log(f"could not remove cgroup {self.path}: {e}")
+        if self.enabled_cpu:
+            try:
+                write(os.path.join(self.parent, "cgroup.subtree_control"), "-cpu")
+            except OSError as e:
+                # Another cgroup under the parent uses it meanwhile.
+                log(f"left the cpu controller enabled under {self.parent}: {e}")
 
 
 def free_ports(n):

@@ -803,7 +803,8 @@ impl<T: ReadySocket> Pump<'_, T> {
                 }
                 Some(ConnEvent::Spliced(len, pipe)) => {
                     let socket = self.socket.ok_or(io::ErrorKind::Unsupported)?;
-                    pipe.drain_into(socket, len).await?;
+                    // Boxed, as the vectored write above.
+                    Box::pin(pipe.drain_into(socket, len)).await?;
                     handle.with(|ch| ch.consumed(self.conn, len));
                     self.counters
                         .bytes_out
