@@ -194,7 +194,8 @@ fn a_node_rejoins_a_restarted_io_server_and_serves_again() {
     assert!(node_row(&table, "a").zero_relay, "{table}");
 }
 
-/// A python server that echoes every connection's bytes, then its FIN.
+/// A python server that echoes every connection's bytes, then its FIN;
+/// a connection that fails midway is dropped and the next one accepted.
 const ECHO: &str = r#"
 import socket, sys
 l = socket.socket()
@@ -203,14 +204,34 @@ l.bind(("0.0.0.0", int(sys.argv[1])))
 l.listen(8)
 while True:
     c, _ = l.accept()
-    while True:
-        d = c.recv(1 << 20)
-        if not d:
-            break
-        c.sendall(d)
-    c.shutdown(socket.SHUT_WR)
+    try:
+        while True:
+            d = c.recv(1 << 20)
+            if not d:
+                break
+            c.sendall(d)
+        c.shutdown(socket.SHUT_WR)
+    except OSError as e:
+        print("echo: connection failed:", e, file=sys.stderr, flush=True)
     c.close()
 "#;
+
+/// A connection to the echo server on `port`, once it answers a ping
+/// (the first attempts may come before the program listens).
+fn echo_connection(port: u16, node: &Proc) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let c = wait_for(Duration::from_secs(30), || {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        c.write_all(b"ping").ok()?;
+        c.shutdown(std::net::Shutdown::Write).ok()?;
+        let mut b = Vec::new();
+        c.read_to_end(&mut b).ok()?;
+        (b == b"ping").then(|| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+    })
+    .unwrap_or_else(|| panic!("the echo server never answered: {}", node.stderr()));
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    c
+}
 
 /// Bulk streams both ways through a relayed node over a unix fabric, the
 /// path where both relays splice their large reads (docs/fabric.md).
@@ -229,17 +250,7 @@ fn bulk_streams_through_a_relayed_node_arrive_intact_both_ways() {
         .read_exact(&mut data)
         .unwrap();
     for round in 0..2 {
-        // The first attempts may come before the program listens.
-        let mut c = wait_for(Duration::from_secs(30), || {
-            let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-            c.write_all(b"ping").ok()?;
-            c.shutdown(std::net::Shutdown::Write).ok()?;
-            let mut b = Vec::new();
-            c.read_to_end(&mut b).ok()?;
-            (b == b"ping").then(|| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
-        })
-        .unwrap_or_else(|| panic!("the echo server never answered: {}", node.stderr()));
-        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut c = echo_connection(port, &node);
         let mut w = c.try_clone().unwrap();
         let sent = data.clone();
         let writer = std::thread::spawn(move || {
@@ -252,4 +263,63 @@ fn bulk_streams_through_a_relayed_node_arrive_intact_both_ways() {
         assert_eq!(got.len(), data.len(), "round {round}: {}", node.stderr());
         assert!(got == data, "round {round}: the echo came back altered");
     }
+}
+
+/// The io-server killed while a bulk stream runs through a relayed node
+/// (its payloads spliced into the program's socket): the client's and the
+/// program's connections end, saps-run and the program keep running, and
+/// the node serves again once an io-server is back.
+#[test]
+fn a_relayed_node_survives_its_io_server_dying_mid_stream() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut first = io_server(d);
+    let port = free_port();
+    let mut node = node(d, "a", "off", d, &[PYTHON, "-c", ECHO, &port.to_string()]);
+    let mut c = echo_connection(port, &node);
+    let mut w = c.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![0x5a; 1 << 20];
+        for _ in 0..1024 {
+            if w.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    // 8 MiB echoed: the stream is flowing through both relays.
+    let mut buf = vec![0; 1 << 20];
+    let mut echoed = 0;
+    while echoed < 8 << 20 {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "the echo ended early: {}", node.stderr());
+        echoed += n;
+    }
+    first.signal(libc::SIGKILL);
+    assert!(first.wait_timeout(Duration::from_secs(10)).is_some());
+    // The client's connection ends (end of stream or reset), and so does
+    // the writer (the read timeout bounds the wait).
+    let end = loop {
+        match c.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(_) => {}
+            Err(e) => break Err(e),
+        }
+    };
+    if let Err(e) = end {
+        use std::io::ErrorKind::{TimedOut, WouldBlock};
+        assert!(
+            !matches!(e.kind(), WouldBlock | TimedOut),
+            "the client's connection did not end: {e}"
+        );
+    }
+    writer.join().unwrap();
+    let _second = io_server(d);
+    let mut c = echo_connection(port, &node);
+    c.write_all(b"again").unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"again", "{}", node.stderr());
+    assert!(node.running(), "saps-run and the program kept running");
 }
