@@ -123,13 +123,13 @@ pub fn stream<S: AsyncStream>(s: S) -> (StreamReader, StreamWriter) {
     )
 }
 
-/// A unix socket's transport halves; the writer can splice.
+/// A unix socket's transport halves; both splice.
 pub fn unix_socket(s: tokio::net::UnixStream) -> (StreamReader, StreamWriter) {
     let (r, w) = s.into_split();
     (StreamReader(Reader::Unix(r)), StreamWriter(Writer::Unix(w)))
 }
 
-/// A TCP socket's transport halves; the writer can splice.
+/// A TCP socket's transport halves; both splice.
 pub fn tcp_socket(s: tokio::net::TcpStream) -> (StreamReader, StreamWriter) {
     let (r, w) = s.into_split();
     (StreamReader(Reader::Tcp(r)), StreamWriter(Writer::Tcp(w)))
