@@ -1285,41 +1285,60 @@ mod tests {
             clients.push(client);
             apps.push(app);
         }
-        let mut live_app = apps.pop().unwrap();
+        let live_app = apps.pop().unwrap();
         let _stalled_app = apps.pop().unwrap(); // never read
-        let mut live_client = clients.pop().unwrap();
-        let mut stalled_client = clients.pop().unwrap();
-        // The stalled client writes until everything between it and the app is full.
+        let live_client = clients.pop().unwrap();
+        let stalled_client = clients.pop().unwrap();
+        let data = pattern(2 << 20, 3);
+        stall_one_and_pass_the_other(
+            &p,
+            stalled,
+            WINDOW,
+            stalled_client,
+            live_client,
+            live_app,
+            data,
+        )
+        .await;
+    }
+
+    /// The stalled client writes until everything between it and its
+    /// (never reading) app is full; the io-server then holds at least half
+    /// the window for it and never more than the window, while `data`
+    /// passes through the live connection intact.
+    async fn stall_one_and_pass_the_other(
+        p: &Pair,
+        stalled: ConnId,
+        window: u32,
+        mut stalled_client: impl AsyncWrite + Unpin + Send + 'static,
+        mut live_client: impl AsyncWrite + Unpin,
+        mut live_app: impl AsyncRead + Unpin + Send + 'static,
+        data: Vec<u8>,
+    ) {
         let flood = tokio::spawn(async move {
             let chunk = vec![7u8; 64 * 1024];
-            loop {
-                if stalled_client.write_all(&chunk).await.is_err() {
-                    return;
-                }
-            }
+            while stalled_client.write_all(&chunk).await.is_ok() {}
         });
-        // The io-server never holds more than the node's window for it.
         let deadline = tokio::time::Instant::now() + LIMIT;
-        while p.server.pending_bytes(stalled) < u64::from(WINDOW) / 2 {
+        while p.server.pending_bytes(stalled) < u64::from(window) / 2 {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "stalled conn never filled"
             );
             tokio::task::yield_now().await;
         }
-        let data = pattern(2 << 20, 3);
         let expect = data.clone();
         let reader = tokio::spawn(async move {
             let mut got = vec![0u8; expect.len()];
             live_app.read_exact(&mut got).await.unwrap();
-            assert!(got == expect);
+            assert!(got == expect, "the live connection's octets arrive intact");
         });
         timeout(LIMIT, live_client.write_all(&data))
             .await
             .unwrap()
             .unwrap();
         timeout(LIMIT, reader).await.unwrap().unwrap();
-        assert!(p.server.pending_bytes(stalled) <= u64::from(WINDOW));
+        assert!(p.server.pending_bytes(stalled) <= u64::from(window));
         assert!(
             !flood.is_finished(),
             "the stalled client is blocked, not failed"
@@ -1380,19 +1399,23 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test]
-    async fn bulk_streams_are_spliced_into_a_socket_fabric_intact_both_ways() {
-        // A socket transport, whose writer splices.
+    /// A pair over a unix socket, a transport that splices both ways, with
+    /// the default window (reads of full Data frames, which splice).
+    async fn socket_pair() -> Pair {
         let (a, b) = tokio::net::UnixStream::pair().unwrap();
-        // The default window: reads of a full Data frame, which splice.
-        let mut p = pair_over(
+        pair_over(
             (
                 crate::transport::unix_socket(a),
                 crate::transport::unix_socket(b),
             ),
             crate::channel::DEFAULT_WINDOW,
         )
-        .await;
+        .await
+    }
+
+    #[tokio::test]
+    async fn bulk_streams_are_spliced_into_a_socket_fabric_intact_both_ways() {
+        let mut p = socket_pair().await;
         assert!(
             p.server.handle().pipe().is_some(),
             "the socket fabric has a pipe"
@@ -1467,15 +1490,7 @@ mod tests {
     /// payloads, spliced, keep arriving.
     #[tokio::test]
     async fn a_stalled_program_does_not_stall_a_spliced_connection() {
-        let (a, b) = tokio::net::UnixStream::pair().unwrap();
-        let mut p = pair_over(
-            (
-                crate::transport::unix_socket(a),
-                crate::transport::unix_socket(b),
-            ),
-            crate::channel::DEFAULT_WINDOW,
-        )
-        .await;
+        let mut p = socket_pair().await;
         let mut clients = Vec::new();
         let mut apps = Vec::new();
         let mut conns = Vec::new();
@@ -1490,42 +1505,22 @@ mod tests {
             apps.push(app);
             conns.push(conn);
         }
-        let (mut live_app, _stalled_app) = (apps.pop().unwrap(), apps.pop().unwrap());
-        let (mut live_client, mut stalled_client) =
-            (clients.pop().unwrap(), clients.pop().unwrap());
-        let stalled = conns[0];
-        let flood = tokio::spawn(async move {
-            let chunk = vec![7u8; 256 * 1024];
-            while stalled_client.write_all(&chunk).await.is_ok() {}
-        });
-        let deadline = tokio::time::Instant::now() + LIMIT;
-        while p.server.pending_bytes(stalled) < u64::from(crate::channel::DEFAULT_WINDOW) / 2 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "stalled conn never filled"
-            );
-            tokio::task::yield_now().await;
-        }
+        let (live_app, _stalled_app) = (apps.pop().unwrap(), apps.pop().unwrap());
+        let (live_client, stalled_client) = (clients.pop().unwrap(), clients.pop().unwrap());
         let data = unique_pattern(16 << 20, 9);
-        let expect = data.clone();
-        let reader = tokio::spawn(async move {
-            let mut got = vec![0u8; expect.len()];
-            live_app.read_exact(&mut got).await.unwrap();
-            assert!(got == expect, "the live connection's octets arrive intact");
-        });
-        timeout(LIMIT, live_client.write_all(&data))
-            .await
-            .unwrap()
-            .unwrap();
-        timeout(LIMIT, reader).await.unwrap().unwrap();
-        assert!(p.server.pending_bytes(stalled) <= u64::from(crate::channel::DEFAULT_WINDOW));
-        assert!(
-            !flood.is_finished(),
-            "the stalled client is blocked, not failed"
-        );
+        let window = crate::channel::DEFAULT_WINDOW;
+        stall_one_and_pass_the_other(
+            &p,
+            conns[0],
+            window,
+            stalled_client,
+            live_client,
+            live_app,
+            data,
+        )
+        .await;
         let node = p.node.handle().with(|ch| ch.stats());
         assert!(node.bytes_received_spliced > 8 << 20, "{node:?}");
-        flood.abort();
     }
 
     /// Runs the futures concurrently on this task.
