@@ -44,19 +44,61 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # ---------------------------------------------------------------- processes
 
+class CpuPlan:
+    """Which CPUs the load generators and the served side (servers,
+    proxies, SAPS) run on. Apart where this process may use four CPUs or
+    more (`--pin auto`): the upper half for this process and the load
+    generators it starts (wrk, curl, iperf3, the ping-pong client), the
+    lower half for everything `Procs.spawn` starts. Shared otherwise, or
+    with `--pin off`."""
+
+    def __init__(self, load=None, served=None, why=""):
+        self.load, self.served, self.why = load, served, why
+
+    @classmethod
+    def make(cls, mode):
+        cpus = sorted(os.sched_getaffinity(0))
+        if mode == "off":
+            return cls(why="--pin off")
+        if len(cpus) < 4:
+            return cls(why=f"only {len(cpus)} CPUs to run on")
+        half = len(cpus) // 2
+        return cls(set(cpus[half:]), set(cpus[:half]))
+
+    def apply(self):
+        """Moves this process (and so the load generators it starts) to
+        the load CPUs."""
+        if self.load:
+            os.sched_setaffinity(0, self.load)
+
+    def describe(self):
+        if not self.load:
+            return (f"the load generator (wrk, curl, iperf3, the ping-pong client) "
+                    f"shares the CPUs with the servers ({self.why}), so the figures "
+                    "also measure who gets a CPU when")
+        cpus = lambda s: ",".join(map(str, sorted(s)))
+        return (f"the load generator (wrk, curl, iperf3, the ping-pong client) runs "
+                f"on CPUs {cpus(self.load)}, the servers, proxies and SAPS on CPUs "
+                f"{cpus(self.served)}")
+
+
 class Procs:
     """Every process this run started, each in its own session, so that the
-    whole tree can be ended however the run ends."""
+    whole tree can be ended however the run ends; on `served_cpus` when
+    the CPU plan keeps them apart from the load generators."""
 
-    def __init__(self, logdir):
+    def __init__(self, logdir, served_cpus=None):
         self.logdir = logdir
         self.live = []
+        self.served_cpus = served_cpus
 
     def spawn(self, name, argv, cwd=None):
         log = open(os.path.join(self.logdir, f"{name}.log"), "ab")
+        cpus = self.served_cpus
         p = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL,
                              stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+                             start_new_session=True,
+                             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         log.close()
         p.bench_name = name
         self.live.append(p)
@@ -417,10 +459,10 @@ class Setup:
 
 
 class Bench:
-    def __init__(self, args):
+    def __init__(self, args, plan):
         self.work = tempfile.mkdtemp(prefix="saps-bench.")
         os.chmod(self.work, 0o755)
-        self.procs = Procs(self.work)
+        self.procs = Procs(self.work, plan.served)
         self.saps_run = os.path.join(args.bin_dir, "saps-run")
         self.io_server = os.path.join(args.bin_dir, "io-server")
         help_text = subprocess.run([self.saps_run, "--help"], capture_output=True,
@@ -1042,15 +1084,14 @@ def gateway_table(out, rows, share):
 
 
 def report(results, command, quick, zero_relay, load_before, load_after, errors, secs,
-           rounds, gateway_cpu):
+           rounds, gateway_cpu, plan):
     rounds = f", best of {rounds} runs" if rounds > 1 else ""
     today = datetime.date.today().isoformat()
     out = [f"### Run of {today}{' (--quick)' if quick else ''}\n",
            f"Command: `{command}`\n",
            f"Machine: {machine()}. Load average {load_before} before the run, "
-           f"{load_after} after it; the two vCPUs are shared with the load "
-           "generator (wrk, curl, iperf3, the ping-pong client) and may be "
-           "busy with other work (builds), so figures are noisy.\n",
+           f"{load_after} after it; {plan.describe()}. The CPUs may be busy "
+           "with other work (builds), so figures are noisy.\n",
            f"Each wrk load runs {secs} s with 2 threads{rounds}. Cells give the figure and, "
            "in brackets, its ratio to haproxy's with nbthread 2 (for req/s and Gbit/s "
            "higher is better; for ms, µs and CPU lower is better). nbthread 2 is "
@@ -1127,6 +1168,9 @@ def main():
     ap.add_argument("--keep", action="store_true",
                     help="keep the work directory (configs, logs) even without errors")
     ap.add_argument("--command", default="bench/run", help="the command to report")
+    ap.add_argument("--pin", choices=("auto", "off"), default="auto",
+                    help="auto: with four CPUs or more, run the load generators on the "
+                         "upper half and everything served on the lower half; off: share")
     args = ap.parse_args()
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -1136,7 +1180,10 @@ def main():
         print(f"bench: missing programs: {' '.join(missing)}", file=sys.stderr)
         return 2
 
-    bench = Bench(args)
+    plan = CpuPlan.make(args.pin)
+    plan.apply()
+    log(f"CPUs: {plan.describe()}")
+    bench = Bench(args, plan)
     atexit.register(bench.procs.stop_all)
 
     def on_signal(sig, _frame):
@@ -1159,7 +1206,7 @@ def main():
         shutil.rmtree(bench.work, ignore_errors=True)
         log(f"done in {time.monotonic() - started:.0f} s")
     text = report(results, args.command, args.quick, bench.zero_relay_default, load_before,
-                  loadavg(), run.errors, run.secs, run.rounds, args.gateway_cpu)
+                  loadavg(), run.errors, run.secs, run.rounds, args.gateway_cpu, plan)
     print(text)
     if args.doc:
         write_doc(args.doc, text)
