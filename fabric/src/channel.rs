@@ -874,11 +874,9 @@ impl Channel {
         limit: usize,
         fill: impl FnOnce(&mut tokio::io::ReadBuf<'_>) -> T,
     ) -> Result<Option<(usize, T)>, CallError> {
-        let room = limit.min(self.send_room(conn)?).min(MAX_DATA);
-        if room == 0 {
-            self.stats.credit_stalls += 1;
+        let Some(room) = self.frame_room(conn, limit)? else {
             return Ok(None);
-        }
+        };
         let (n, t) = codec::encode_data_with(conn, room, &mut self.out, fill);
         self.sent(conn, n);
         Ok(Some((n, t)))
@@ -895,11 +893,9 @@ impl Channel {
         limit: usize,
         fill: impl FnOnce(usize) -> (usize, T),
     ) -> Result<Option<(usize, T)>, CallError> {
-        let room = limit.min(self.send_room(conn)?).min(MAX_DATA);
-        if room == 0 {
-            self.stats.credit_stalls += 1;
+        let Some(room) = self.frame_room(conn, limit)? else {
             return Ok(None);
-        }
+        };
         let (n, t) = fill(room);
         if n > 0 {
             codec::encode_data_header(conn, n, &mut self.out);
@@ -910,6 +906,18 @@ impl Channel {
             self.stats.bytes_spliced += n as u64;
         }
         Ok(Some((n, t)))
+    }
+
+    /// The most one Data frame on `conn` may carry now: `limit`, the
+    /// window and [`MAX_DATA`]; `None` (a credit stall, counted) when the
+    /// window is shut.
+    fn frame_room(&mut self, conn: ConnId, limit: usize) -> Result<Option<usize>, CallError> {
+        let room = limit.min(self.send_room(conn)?).min(MAX_DATA);
+        if room == 0 {
+            self.stats.credit_stalls += 1;
+            return Ok(None);
+        }
+        Ok(Some(room))
     }
 
     /// Octets `conn` may send now (`L_s - A_s`).

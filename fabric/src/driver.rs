@@ -169,7 +169,7 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
             Some(max) => reader.read_at_most(&mut buf, max).await,
             None => reader.read(&mut buf).await,
         };
-        let mut done = feed(&handle, &mut raised, &mut sink, |ch| {
+        let (mut done, mut pending) = feed(&handle, &mut raised, &mut sink, |ch| {
             match r {
                 Ok(0) => ch.transport_closed("the peer closed the fabric connection"),
                 Ok(_) => {
@@ -184,7 +184,7 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
         // The input stopped inside a large Data payload: splice the rest
         // into its connection's pipe, where it has one.
         while splices && !done {
-            let Some((conn, left)) = handle.with(|ch| ch.payload_pending()) else {
+            let Some((conn, left)) = pending else {
                 break;
             };
             let Some(pipe) = sink.receive_pipe(conn).filter(|p| p.room() > 0) else {
@@ -197,7 +197,7 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
             }
             let r = reader.splice_into(&pipe, left.min(pipe.room())).await;
             let mut read_instead = false;
-            done = feed(&handle, &mut raised, &mut sink, |ch| match r {
+            (done, pending) = feed(&handle, &mut raised, &mut sink, |ch| match r {
                 Ok(Some(0)) => ch.transport_closed("the peer closed the fabric connection"),
                 Ok(Some(n)) => {
                     ch.payload_spliced(n);
@@ -217,22 +217,23 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
 }
 
 /// Runs `f` on the channel and hands the events it raised to `sink`,
-/// outside the channel's lock (the sink may call into the channel); true
-/// once the channel is closed.
+/// outside the channel's lock (the sink may call into the channel).
+/// Returns whether the channel is closed and, asked under the same lock,
+/// the Data payload the input stopped inside ([`Channel::payload_pending`]).
 fn feed(
     handle: &FabricHandle,
     raised: &mut Vec<Event>,
     sink: &mut impl Sink,
     f: impl FnOnce(&mut Channel),
-) -> bool {
-    let done = handle.with_raised(raised, |ch| {
+) -> (bool, Option<(ConnId, usize)>) {
+    let r = handle.with_raised(raised, |ch| {
         f(ch);
-        ch.is_closed()
+        (ch.is_closed(), ch.payload_pending())
     });
     for e in raised.drain(..) {
         sink.event(e);
     }
-    done
+    r
 }
 
 async fn write_loop<W: TransportWrite>(handle: FabricHandle, mut writer: W) {

@@ -422,7 +422,7 @@ impl Endpoint {
         &self,
         conn: ConnId,
         stream: S,
-        splice_from: Option<&T>,
+        socket: Option<&T>,
         abortive: F,
     ) -> RelayOutcome
     where
@@ -432,7 +432,7 @@ impl Endpoint {
     {
         let span = tracing::debug_span!("relay", conn);
         let Some((inbound, credit, abort, counters)) =
-            self.attach(conn, splice_from.is_some() && T::SPLICE_RECEIVED)
+            self.attach(conn, socket.is_some() && T::SPLICE_RECEIVED)
         else {
             return RelayOutcome {
                 bytes_in: 0,
@@ -445,7 +445,7 @@ impl Endpoint {
             ep: self,
             conn,
             counters: &counters,
-            socket: splice_from,
+            socket,
         }
         .run(rd, wr, inbound, &credit, abort)
         .instrument(span)

@@ -92,7 +92,9 @@ impl std::ops::Deref for ReceivePipe {
     }
 }
 
-/// The channel's pipe: its two ends and how many octets are in it.
+/// A pipe that spliced payloads pass through (a channel's, or a
+/// connection's [`ReceivePipe`]): its two ends and how many octets are
+/// in it.
 #[derive(Debug)]
 pub struct Pipe {
     read: OwnedFd,
