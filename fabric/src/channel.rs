@@ -14,12 +14,18 @@ use crate::codec::{self, DecodeError, DEFAULT_MAX_FRAME};
 use crate::credit::{CreditViolation, RecvCredit, SendCredit};
 use crate::frame::{ConnId, Frame, ReqId, Request, Response, NONCE_LEN};
 use bytes::{Bytes, BytesMut};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 
-/// Protocol versions this build speaks.
+/// Protocol versions this build speaks. Version 2 adds the node's
+/// `Accepted` notification (the io-server re-dispatches a node's
+/// connections its program had not accepted when its channel ends) and
+/// the tracked hand-off header (`handoff::side`); a version 1 peer gets
+/// neither, and its connections are reset with it as before.
 pub const MIN_VERSION: u8 = 1;
-pub const MAX_VERSION: u8 = 1;
+pub const MAX_VERSION: u8 = 2;
+/// The first protocol version with [`Frame::Accepted`].
+pub const ACCEPTED_VERSION: u8 = 2;
 /// Default per-connection receive buffer `B_r`. A relayed stream moves at
 /// most `B_r` per credit round trip (two relays and the fabric on the way
 /// back); on the bench machine iperf3 -P 1 through a node gave 8.1, 8.9 and
@@ -165,6 +171,9 @@ pub enum Event {
     },
     /// `connection_closed`: the peer dropped the connection (`errno` 0: plain close).
     ConnectionClosed { conn: ConnId, errno: i32 },
+    /// io-server end: the node's program accepted `conn` (a relayed
+    /// connection, or one handed over with [`Channel::hand_connection`]).
+    Accepted { conn: ConnId },
     /// `message_received`: stream bytes; call [`Channel::consumed`] once delivered.
     MessageReceived { conn: ConnId, data: Bytes },
     /// `message_received` for `len` octets the transport's reader spliced
@@ -259,6 +268,11 @@ pub struct Channel {
     /// The peer's `B_r`: our initial `L_s` for every connection.
     peer_window: u64,
     conns: HashMap<ConnId, Conn>,
+    /// io-server end: ids of connections handed over as sockets whose
+    /// `Accepted` or `Close` has not come yet.
+    handed: HashSet<ConnId>,
+    /// The protocol version agreed in the handshake (0 before).
+    version: u8,
     next_conn: ConnId,
     next_req: ReqId,
     inbuf: BytesMut,
@@ -300,6 +314,8 @@ impl Channel {
             state,
             peer_window: 0,
             conns: HashMap::new(),
+            handed: HashSet::new(),
+            version: 0,
             next_conn: match role {
                 Role::Node => 2,
                 Role::IoServer => 1,
@@ -328,6 +344,17 @@ impl Channel {
 
     pub fn stats(&self) -> ChannelStats {
         self.stats
+    }
+
+    /// The protocol version the handshake agreed on (0 before it did).
+    pub fn version(&self) -> u8 {
+        self.version
+    }
+
+    /// Whether the peer speaks [`Frame::Accepted`]: a node that does tells
+    /// the io-server when its program accepts each connection.
+    pub fn notifies_accepts(&self) -> bool {
+        self.version >= ACCEPTED_VERSION
     }
 
     /// Number of live connections in the table.
@@ -530,6 +557,7 @@ impl Channel {
         if !self.is_closed() {
             self.state = State::Closed;
             self.conns.clear();
+            self.handed.clear();
             self.events.push_back(Event::Closed {
                 error: ChannelError::Local(reason.to_string()),
             });
@@ -544,6 +572,7 @@ impl Channel {
         }
         self.state = State::Closed;
         self.conns.clear();
+        self.handed.clear();
         self.events.push_back(Event::Closed {
             error: error.clone(),
         });
@@ -588,6 +617,7 @@ impl Channel {
                     });
                 }
                 self.peer_window = u64::from(window);
+                self.version = version;
                 let server_nonce = auth::nonce();
                 let proof =
                     auth::prove(&self.config.token, Prover::IoServer, &nonce, &server_nonce);
@@ -628,6 +658,7 @@ impl Channel {
                 }
                 let proof = auth::prove(token, Prover::Node, nonce, &server_nonce);
                 self.peer_window = u64::from(window);
+                self.version = version;
                 self.emit(&Frame::Auth { proof });
                 self.state = State::AwaitWelcome;
                 Ok(())
@@ -697,10 +728,22 @@ impl Channel {
                 self.events.push_back(Event::WeightChanged { weight });
             }
             Frame::Close { conn } if role == Role::IoServer => {
-                if self.conns.remove(&conn).is_some() {
+                if self.conns.remove(&conn).is_some() || self.handed.remove(&conn) {
                     self.events
                         .push_back(Event::ConnectionClosed { conn, errno: 0 });
                 }
+            }
+            Frame::Accepted { conn } if role == Role::IoServer && self.notifies_accepts() => {
+                // A late one (the connection is gone already) is dropped.
+                if self.conns.contains_key(&conn) || self.handed.remove(&conn) {
+                    self.events.push_back(Event::Accepted { conn });
+                }
+            }
+            frame @ Frame::Accepted { .. } if role == Role::IoServer => {
+                return Err(ChannelError::Unexpected {
+                    frame: frame.name(),
+                    state: "on a version 1 channel",
+                });
             }
             Frame::Response { req, response } if role == Role::Node => {
                 self.events.push_back(Event::Response { req, response });
@@ -797,6 +840,34 @@ impl Channel {
             local,
         });
         Ok(conn)
+    }
+
+    /// io-server end: an id for a client connection handed to the node as
+    /// a socket (zero-relay), whose [`Frame::Accepted`] or `Close` the
+    /// node sends with it ([`Event::Accepted`], or
+    /// [`Event::ConnectionClosed`]). Ids come from the same sequence as
+    /// every connection's, so they are never reused on the channel.
+    pub fn hand_connection(&mut self) -> Result<ConnId, CallError> {
+        self.open_check()?;
+        let conn = self.next_conn;
+        self.next_conn += 2;
+        self.handed.insert(conn);
+        Ok(conn)
+    }
+
+    /// io-server end: forgets a handed-over id whose socket never left.
+    pub fn forget_handed(&mut self, conn: ConnId) {
+        self.handed.remove(&conn);
+    }
+
+    /// Node end: the program accepted `conn` (a relayed connection's tag,
+    /// or the io-server's id of a handed-over one). Sends
+    /// [`Frame::Accepted`] where the io-server speaks it; a no-op on a
+    /// version 1 or closed channel.
+    pub fn accepted(&mut self, conn: ConnId) {
+        if self.role == Role::Node && self.is_open() && self.notifies_accepts() {
+            self.emit(&Frame::Accepted { conn });
+        }
     }
 
     /// `close_connection`: drops `conn`. A node sends `Close`; the

@@ -6,6 +6,14 @@
 //! ip | port: u16 [| flowinfo: u32 | scope_id: u32]`. Decoding checks every
 //! length against explicit limits before it allocates, rejects unknown tags,
 //! unknown versions and trailing bytes, and never panics on any input.
+//!
+//! The `version` octet of every frame is the version of this framing, and
+//! has stayed 1. What a peer may send is the *protocol* version that
+//! `Hello`/`Challenge` negotiate ([`crate::channel::MAX_VERSION`]): version
+//! 2 adds the `Accepted` frame (tag 0x36), which a channel that settled on
+//! version 1 refuses as unexpected, and which a node never sends on one
+//! (an older decoder would not know the tag). This codec decodes every
+//! tag it knows whatever the channel's version; the channel checks.
 
 use crate::frame::{ConnId, Frame, Request, Response, ShutdownHow, NONCE_LEN};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -43,6 +51,8 @@ mod tag {
     pub const DATA: u8 = 0x33;
     pub const FIN: u8 = 0x34;
     pub const CREDIT: u8 = 0x35;
+    /// Protocol version 2.
+    pub const ACCEPTED_BY_PROGRAM: u8 = 0x36;
     pub const WEIGHT: u8 = 0x40;
     pub const PING: u8 = 0x41;
     pub const PONG: u8 = 0x42;
@@ -155,6 +165,7 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
             out.put_i32(*errno);
         }
         Frame::Close { conn } => put_conn(out, tag::CLOSE, *conn),
+        Frame::Accepted { conn } => put_conn(out, tag::ACCEPTED_BY_PROGRAM, *conn),
         Frame::Data { conn, data } => {
             put_conn(out, tag::DATA, *conn);
             out.put_slice(data);
@@ -449,6 +460,7 @@ fn decode_body(mut b: Bytes) -> Result<Frame, DecodeError> {
             errno: r.i32()?,
         },
         tag::CLOSE => Frame::Close { conn: r.u64()? },
+        tag::ACCEPTED_BY_PROGRAM => Frame::Accepted { conn: r.u64()? },
         tag::DATA => {
             let conn = r.u64()?;
             let data = std::mem::take(&mut r.b);
@@ -482,6 +494,7 @@ fn tag_name(t: u8) -> Option<&'static str> {
         tag::ACCEPTED => "ConnectionAccepted",
         tag::CLOSED => "ConnectionClosed",
         tag::CLOSE => "Close",
+        tag::ACCEPTED_BY_PROGRAM => "Accepted",
         tag::DATA => "Data",
         tag::FIN => "Fin",
         tag::CREDIT => "Credit",
@@ -695,6 +708,7 @@ mod tests {
                 errno: 104,
             },
             Frame::Close { conn: 1 },
+            Frame::Accepted { conn: 3 },
             Frame::Data {
                 conn: 1,
                 data: Bytes::from_static(b"hello"),
@@ -766,6 +780,36 @@ mod tests {
         );
         let mut b = BytesMut::from(&[0, 0, 0, 1, 1][..]);
         assert_eq!(decode(&mut b, DEFAULT_MAX_FRAME), Err(DecodeError::Runt(1)));
+    }
+
+    /// `Accepted` (protocol version 2) is one small frame: the framing's
+    /// version octet stays 1, the tag is 0x36, the body the connection.
+    #[test]
+    fn accepted_is_fourteen_octets_in_the_version_1_framing() {
+        let mut b = BytesMut::new();
+        encode(&Frame::Accepted { conn: 0x0102 }, &mut b);
+        assert_eq!(
+            &b[..],
+            &[0, 0, 0, 10, WIRE_VERSION, 0x36, 0, 0, 0, 0, 0, 0, 1, 2][..]
+        );
+        assert_eq!(WIRE_VERSION, 1);
+        // A body that is not exactly one u64 is malformed.
+        let mut short = BytesMut::from(&[0, 0, 0, 9, 1, 0x36, 0, 0, 0, 0, 0, 0, 1][..]);
+        assert!(matches!(
+            decode(&mut short, DEFAULT_MAX_FRAME),
+            Err(DecodeError::Malformed {
+                frame: "Accepted",
+                what: "truncated"
+            })
+        ));
+        let mut long = BytesMut::from(&[0, 0, 0, 11, 1, 0x36, 0, 0, 0, 0, 0, 0, 0, 1, 9][..]);
+        assert!(matches!(
+            decode(&mut long, DEFAULT_MAX_FRAME),
+            Err(DecodeError::Malformed {
+                frame: "Accepted",
+                what: "trailing bytes"
+            })
+        ));
     }
 
     #[test]

@@ -14,6 +14,18 @@
 //! An idle relay holds no read buffer (a gateway holds tens of thousands of
 //! idle connections; docs/benchmarks.md "Scale"): a read goes straight into
 //! a Data frame in the channel's output buffer.
+//!
+//! Re-dispatch (issue 17): on a protocol version 2 channel the io-server
+//! keeps each client connection it gives a node until the node says its
+//! program accepted it ([`Endpoint::accepted`] on the node). A relayed
+//! one keeps the client's octets sent before that ([`preaccept`]), and
+//! [`Endpoint::relay_client`] gives the socket and those octets back when
+//! the channel ends first; a handed-over one is the io-server's business
+//! (its duplicate of the socket), told by [`EndpointEvent::Accepted`].
+
+mod preaccept;
+pub use preaccept::{Replay, PRE_ACCEPT_MAX};
+use preaccept::{PreAccept, Step};
 
 use crate::channel::{CallError, Channel, ChannelError, Event};
 use crate::driver::{self, FabricHandle};
@@ -25,7 +37,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
@@ -80,6 +92,12 @@ pub enum EndpointEvent {
     ConnectionClosed { conn: ConnId, errno: i32 },
     /// io-server side: the node announced a new weight.
     WeightChanged { weight: u32 },
+    /// io-server side: the node's program accepted `conn`, a connection
+    /// handed over as a socket ([`Endpoint::hand_connection`]). A node
+    /// that closes its copy unaccepted says so with a
+    /// [`EndpointEvent::ConnectionClosed`] of it instead. (For a relayed
+    /// connection the relay itself is told.)
+    Accepted { conn: ConnId },
     /// The channel closed; the endpoint is finished.
     Closed { error: ChannelError },
 }
@@ -91,6 +109,22 @@ pub enum EndpointError {
     Closed(String),
     #[error(transparent)]
     Call(#[from] CallError),
+}
+
+/// How the relay of a client connection the io-server accepted for a node
+/// ended ([`Endpoint::relay_client`]).
+#[derive(Debug)]
+pub enum ClientRelayEnd {
+    /// As [`Endpoint::relay_tcp`]: the socket is closed.
+    Finished(RelayOutcome),
+    /// The node's channel ended before its program accepted the
+    /// connection: the client's socket, open and untouched, and what was
+    /// read from it, to give to another node.
+    Unaccepted {
+        stream: Arc<TcpStream>,
+        replay: Replay,
+        outcome: RelayOutcome,
+    },
 }
 
 /// How a relay ended.
@@ -171,6 +205,64 @@ struct Counters {
     bytes_out: AtomicU64,
     /// The peer's `B_r` for this connection (the send window before any send).
     peer_window: u64,
+    /// io-server: kept for re-dispatch until the node's program accepts it.
+    track: Option<Arc<Track>>,
+}
+
+impl Counters {
+    /// Whether the node's program accepted the connection (always, for
+    /// one not tracked).
+    fn accepted(&self) -> bool {
+        self.track.as_ref().is_none_or(|t| t.settled())
+    }
+}
+
+/// io-server: a connection kept for re-dispatch until the node's program
+/// accepts it, counted in [`Endpoint::unaccepted`] until it is settled
+/// (accepted, or its relay ended), at the latest when it is dropped.
+#[derive(Debug)]
+struct Track {
+    settled: AtomicBool,
+    count: Arc<AtomicUsize>,
+}
+
+impl Track {
+    fn new(count: &Arc<AtomicUsize>) -> Arc<Track> {
+        count.fetch_add(1, Ordering::AcqRel);
+        Arc::new(Track {
+            settled: AtomicBool::new(false),
+            count: count.clone(),
+        })
+    }
+
+    /// Settles it; true for the first call only (so at the end of a
+    /// relay: true when the program never accepted the connection).
+    fn settle(&self) -> bool {
+        let first = !self.settled.swap(true, Ordering::AcqRel);
+        if first {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
+        first
+    }
+
+    fn settled(&self) -> bool {
+        self.settled.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Track {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
+
+/// io-server: how a connection announced to the node starts, until its
+/// relay attaches.
+#[derive(Debug)]
+struct Start {
+    /// Octets (and FIN) a node that died before accepting it was sent.
+    replay: Replay,
+    track: Option<Arc<Track>>,
 }
 
 enum Route {
@@ -185,6 +277,14 @@ struct Router {
     pending: HashMap<ReqId, oneshot::Sender<Response>>,
     conns: HashMap<ConnId, Route>,
     closed: Option<String>,
+    /// io-server: connections announced with a replay or kept for
+    /// re-dispatch, until their relay attaches.
+    starts: HashMap<ConnId, Start>,
+    /// Node: the id the io-server's Welcome gave us.
+    node_id: Option<u32>,
+    /// Node: connections handed over as sockets and not yet accepted, by
+    /// local id: the io-server's id of each (`None`: not kept by it).
+    handed: HashMap<ConnId, Option<ConnId>>,
 }
 
 impl Router {
@@ -233,6 +333,8 @@ impl driver::Sink for RouteSink {
 struct Inner {
     handle: FabricHandle,
     router: Arc<Mutex<Router>>,
+    /// io-server: tracked connections not yet accepted ([`Track`]).
+    unaccepted: Arc<AtomicUsize>,
 }
 
 fn lock_router(r: &Mutex<Router>) -> MutexGuard<'_, Router> {
@@ -263,7 +365,11 @@ impl Endpoint {
         let (handle, events) = driver::spawn_with_sink(channel, r, w, sink);
         tokio::spawn(route(router.clone(), events, tx));
         let ep = Endpoint {
-            inner: Arc::new(Inner { handle, router }),
+            inner: Arc::new(Inner {
+                handle,
+                router,
+                unaccepted: Arc::default(),
+            }),
         };
         (ep, rx)
     }
@@ -324,19 +430,140 @@ impl Endpoint {
         peer: SocketAddr,
         local: SocketAddr,
     ) -> Result<ConnId, CallError> {
+        self.accept_connection_with(listener, peer, local, &Replay::default(), false)
+    }
+
+    /// io-server: [`Endpoint::accept_connection`] for a client whose
+    /// relay ([`Endpoint::relay_client`]) first sends `replay` (what a
+    /// node that died before accepting it was sent). `track`: keep it for
+    /// re-dispatch until the node's program accepts it, where the node
+    /// says so (protocol version 2; else it is not kept).
+    pub fn accept_connection_with(
+        &self,
+        listener: ConnId,
+        peer: SocketAddr,
+        local: SocketAddr,
+        replay: &Replay,
+        track: bool,
+    ) -> Result<ConnId, CallError> {
         let mut router = self.router();
-        let conn = self
-            .inner
-            .handle
-            .with(|ch| ch.accept_connection(listener, peer, local))?;
+        let (conn, notifies) = self.inner.handle.with(|ch| {
+            let conn = ch.accept_connection(listener, peer, local)?;
+            Ok::<_, CallError>((conn, ch.notifies_accepts()))
+        })?;
         router.expect(conn);
+        let track = (track && notifies).then(|| Track::new(&self.inner.unaccepted));
+        if track.is_some() || !replay.is_empty() || replay.fin {
+            let replay = replay.clone();
+            router.starts.insert(conn, Start { replay, track });
+        }
         Ok(conn)
+    }
+
+    /// io-server: connections kept for re-dispatch whose program has not
+    /// accepted them yet (relayed ones; handed-over ones are the caller's).
+    pub fn unaccepted(&self) -> usize {
+        self.inner.unaccepted.load(Ordering::Acquire)
+    }
+
+    /// Whether the channel is open.
+    pub fn is_open(&self) -> bool {
+        self.inner.handle.with(|ch| ch.is_open())
+    }
+
+    /// Whether the peer tells the io-server of each accept (protocol
+    /// version 2).
+    pub fn notifies_accepts(&self) -> bool {
+        self.inner.handle.with(|ch| ch.notifies_accepts())
+    }
+
+    /// io-server: an id for a client handed to the node as a socket,
+    /// whose [`EndpointEvent::Accepted`] (or `ConnectionClosed`, the node
+    /// closed it unaccepted) comes with it; see
+    /// [`Channel::hand_connection`].
+    pub fn hand_connection(&self) -> Result<ConnId, CallError> {
+        self.inner.handle.with(|ch| ch.hand_connection())
+    }
+
+    /// io-server: the socket of `conn` ([`Endpoint::hand_connection`])
+    /// never left; forget the id.
+    pub fn forget_handed(&self, conn: ConnId) {
+        self.inner.handle.with(|ch| ch.forget_handed(conn));
+    }
+
+    /// Node: records a connection handed over as a socket, known here as
+    /// `local`; `server` is the io-server's id of it (0: the io-server does
+    /// not keep it) and `node` the node id it was handed to. False when the
+    /// io-server keeps it for a channel that has ended (this one closed,
+    /// or an earlier one): it gives the connection to another node, and
+    /// the caller must close this copy.
+    pub fn handed(&self, local: ConnId, server: ConnId, node: u32) -> bool {
+        let mut router = self.router();
+        if server != 0 {
+            let ours = router.node_id == Some(node) && self.inner.handle.with(|ch| ch.is_open());
+            if !ours {
+                return false;
+            }
+        }
+        router.handed.insert(local, (server != 0).then_some(server));
+        true
+    }
+
+    /// Node: whether the program may be given the connection `id` (a
+    /// relayed one's tag, or the local id of a `handed` one). Not once the
+    /// channel it came on has ended: the io-server gives it to another
+    /// node (unless it did not keep it, a version 1 io-server's handed
+    /// socket). Ask before installing it, then say [`Endpoint::accepted`].
+    pub fn may_accept(&self, id: ConnId, handed: bool) -> bool {
+        let router = self.router();
+        let open = || self.inner.handle.with(|ch| ch.is_open());
+        match handed {
+            true => match router.handed.get(&id) {
+                Some(None) => true,
+                Some(Some(_)) => open(),
+                // Recorded on an earlier channel (the node rejoined).
+                None => false,
+            },
+            false => open(),
+        }
+    }
+
+    /// Node: the program accepted `id` (as for [`Endpoint::may_accept`]):
+    /// tells the io-server ([`crate::Frame::Accepted`]), which then no
+    /// longer keeps it for another node. One small frame, sent with
+    /// whatever else is queued.
+    pub fn accepted(&self, id: ConnId, handed: bool) {
+        let server = match handed {
+            true => {
+                let entry = self.router().handed.remove(&id);
+                match entry {
+                    Some(Some(server)) => server,
+                    _ => return,
+                }
+            }
+            false => id,
+        };
+        self.inner.handle.with(|ch| {
+            if handed || ch.has_connection(server) {
+                ch.accepted(server);
+            }
+        });
+    }
+
+    /// Node: the handed-over connection `local` is closed unaccepted
+    /// (nobody will accept it): the io-server closes its copy too.
+    pub fn close_handed(&self, local: ConnId) {
+        let entry = self.router().handed.remove(&local);
+        if let Some(Some(server)) = entry {
+            self.inner.handle.with(|ch| ch.close_connection(server, 0));
+        }
     }
 
     /// `close_connection`; also forgets events held for `conn`.
     pub fn close_connection(&self, conn: ConnId, errno: i32) {
         let mut router = self.router();
         router.conns.remove(&conn);
+        router.starts.remove(&conn);
         self.inner
             .handle
             .with(|ch| ch.close_connection(conn, errno));
@@ -418,6 +645,72 @@ impl Endpoint {
         .await
     }
 
+    /// io-server: [`Endpoint::relay_tcp`] for a client connection
+    /// announced with [`Endpoint::accept_connection_with`]: its replay
+    /// goes first; while it is kept for re-dispatch (until the node's
+    /// program accepts it) at most [`PRE_ACCEPT_MAX`] octets (or the
+    /// node's window) are read from the client, and kept; and if the
+    /// node's channel ends before the accept, the socket is given back
+    /// open with everything the client sent
+    /// ([`ClientRelayEnd::Unaccepted`]) rather than closed.
+    pub async fn relay_client(&self, conn: ConnId, stream: Arc<TcpStream>) -> ClientRelayEnd {
+        let source = stream.clone();
+        let (end, stream, counters, pre) = match self.run_relay(conn, Shared(stream), Some(&*source)).await {
+            Relayed::Ran {
+                end,
+                stream,
+                counters,
+                pre,
+            } => (end, stream, counters, pre),
+            Relayed::NotAttached { stream, start } => {
+                drop(source);
+                let outcome = RelayOutcome {
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    errno: errno::ENOTCONN,
+                };
+                // The channel closed before the relay began: the node
+                // cannot have accepted the connection.
+                if let Some(Start {
+                    replay,
+                    track: Some(track),
+                }) = start
+                {
+                    if track.settle() && !self.is_open() {
+                        return ClientRelayEnd::Unaccepted {
+                            stream: stream.0,
+                            replay,
+                            outcome,
+                        };
+                    }
+                }
+                return ClientRelayEnd::Finished(outcome);
+            }
+        };
+        // Settled here at the latest; true: never accepted.
+        let unaccepted = counters.track.as_ref().is_some_and(|t| t.settle());
+        if unaccepted && self.router().closed.is_some() {
+            drop(source);
+            self.close_connection(conn, 0);
+            let outcome = RelayOutcome {
+                bytes_in: counters.bytes_in.load(Ordering::Relaxed),
+                bytes_out: counters.bytes_out.load(Ordering::Relaxed),
+                errno: errno::ECONNABORTED,
+            };
+            tracing::debug!(conn, "the node left before accepting the connection");
+            return ClientRelayEnd::Unaccepted {
+                stream: stream.0,
+                replay: pre.map(PreAccept::into_replay).unwrap_or_default(),
+                outcome,
+            };
+        }
+        ClientRelayEnd::Finished(self.finish_relay(conn, end, stream, &counters, |s| {
+            if let Err(e) = s.0.set_zero_linger() {
+                tracing::debug!(error = %e, "SO_LINGER 0 failed");
+            }
+        }))
+    }
+
     async fn relay_with<S, F, T>(
         &self,
         conn: ConnId,
@@ -430,27 +723,63 @@ impl Endpoint {
         F: FnOnce(&S),
         T: ReadySocket,
     {
-        let span = tracing::debug_span!("relay", conn);
-        let Some((inbound, credit, abort, counters)) =
-            self.attach(conn, socket.is_some() && T::SPLICE_RECEIVED)
-        else {
-            return RelayOutcome {
+        match self.run_relay(conn, stream, socket).await {
+            Relayed::Ran {
+                end,
+                stream,
+                counters,
+                ..
+            } => self.finish_relay(conn, end, stream, &counters, abortive),
+            Relayed::NotAttached { .. } => RelayOutcome {
                 bytes_in: 0,
                 bytes_out: 0,
                 errno: errno::ENOTCONN,
-            };
+            },
+        }
+    }
+
+    /// Runs the relay of `conn` until it stops; the stream is given back
+    /// open.
+    async fn run_relay<S, T>(&self, conn: ConnId, stream: S, socket: Option<&T>) -> Relayed<S>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+        T: ReadySocket,
+    {
+        let span = tracing::debug_span!("relay", conn);
+        let a = match self.attach(conn, socket.is_some() && T::SPLICE_RECEIVED) {
+            Ok(a) => a,
+            Err(start) => return Relayed::NotAttached { stream, start },
         };
+        let pre = a.pre.map(|p| Mutex::new(Some(p)));
         let (rd, wr) = tokio::io::split(stream);
         let (end, rd, wr) = Pump {
             ep: self,
             conn,
-            counters: &counters,
+            counters: &a.counters,
             socket,
+            pre: pre.as_ref(),
         }
-        .run(rd, wr, inbound, &credit, abort)
+        .run(rd, wr, a.inbound, &a.credit, a.abort)
         .instrument(span)
         .await;
-        let stream = rd.unsplit(wr);
+        Relayed::Ran {
+            end,
+            stream: rd.unsplit(wr),
+            counters: a.counters,
+            pre: pre.and_then(|p| p.into_inner().unwrap_or_else(|e| e.into_inner())),
+        }
+    }
+
+    /// Closes the stream of a relay that ran (abortively when the peer
+    /// reset the connection) and the connection.
+    fn finish_relay<S, F: FnOnce(&S)>(
+        &self,
+        conn: ConnId,
+        end: End,
+        stream: S,
+        counters: &Counters,
+        abortive: F,
+    ) -> RelayOutcome {
         let errno = match end {
             End::Done => 0,
             End::Peer(e) | End::Local(e) => e,
@@ -469,19 +798,12 @@ impl Endpoint {
     }
 
     /// Attaches a relay to `conn`, replaying the events held for it;
-    /// `splices`: the relay has a socket to splice payloads into.
-    #[allow(clippy::type_complexity)]
-    fn attach(
-        &self,
-        conn: ConnId,
-        splices: bool,
-    ) -> Option<(
-        mpsc::UnboundedReceiver<ConnEvent>,
-        Arc<Notify>,
-        oneshot::Receiver<i32>,
-        Arc<Counters>,
-    )> {
+    /// `splices`: the relay has a socket to splice payloads into. Refused
+    /// (with how the connection was to start, if it was announced so)
+    /// for an unknown connection or a closed channel.
+    fn attach(&self, conn: ConnId, splices: bool) -> Result<Attachment, Option<Start>> {
         let mut router = self.router();
+        let start = router.starts.remove(&conn);
         let (known, peer_window) = self
             .inner
             .handle
@@ -491,19 +813,29 @@ impl Endpoint {
             Some(relayed @ Route::Relayed(..)) => {
                 router.conns.insert(conn, relayed);
                 tracing::warn!(conn, "a relay is already attached to this connection");
-                return None;
+                return Err(None);
             }
             None if known => Vec::new(),
-            None => return None,
+            None => return Err(start),
         };
         if router.closed.is_some() || (!known && held.is_empty()) {
-            return None;
+            return Err(start);
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let (abort_tx, abort_rx) = oneshot::channel();
         let credit = Arc::new(Notify::new());
+        let (pre, track) = match start {
+            Some(Start { replay, track }) => {
+                let tracked = track.as_ref().is_some_and(|t| !t.settled());
+                let pre = (tracked || !replay.is_empty() || replay.fin)
+                    .then(|| PreAccept::new(replay, tracked, preaccept::cap(peer_window)));
+                (pre, track)
+            }
+            None => (None, None),
+        };
         let counters = Arc::new(Counters {
             peer_window,
+            track,
             ..Counters::default()
         });
         let mut attached = Attached {
@@ -521,8 +853,39 @@ impl Endpoint {
         router
             .conns
             .insert(conn, Route::Relayed(attached, counters.clone()));
-        Some((rx, credit, abort_rx, counters))
+        Ok(Attachment {
+            inbound: rx,
+            credit,
+            abort: abort_rx,
+            counters,
+            pre,
+        })
     }
+}
+
+/// A relay attached to its connection.
+struct Attachment {
+    inbound: mpsc::UnboundedReceiver<ConnEvent>,
+    credit: Arc<Notify>,
+    abort: oneshot::Receiver<i32>,
+    counters: Arc<Counters>,
+    /// io-server: the connection starts with a replay, or is kept until
+    /// the node's program accepts it.
+    pre: Option<PreAccept>,
+}
+
+/// What [`Endpoint::run_relay`] did.
+enum Relayed<S> {
+    /// The relay ran and stopped; the stream is back, open.
+    Ran {
+        end: End,
+        stream: S,
+        counters: Arc<Counters>,
+        /// What is kept of a connection not accepted yet.
+        pre: Option<PreAccept>,
+    },
+    /// No relay could attach (unknown connection, or a closed channel).
+    NotAttached { stream: S, start: Option<Start> },
 }
 
 /// Why a relay stopped.
@@ -647,6 +1010,14 @@ struct Pump<'a, T> {
     /// The stream's socket, when bulk payloads may be spliced from it and
     /// into it.
     socket: Option<&'a T>,
+    /// io-server: the replay to send first, and the client's octets kept
+    /// until the node's program accepts the connection; `None` inside
+    /// once that is over.
+    pre: Option<&'a Mutex<Option<PreAccept>>>,
+}
+
+fn lock_pre(pre: &Mutex<Option<PreAccept>>) -> MutexGuard<'_, Option<PreAccept>> {
+    pre.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<T: ReadySocket> Pump<'_, T> {
@@ -699,6 +1070,11 @@ impl<T: ReadySocket> Pump<'_, T> {
     /// no buffer): each read goes straight into a Data frame in the
     /// channel's output, in the poll that reads.
     async fn upstream<R: AsyncRead + Unpin>(&self, rd: &mut R, credit: &Notify) -> io::Result<()> {
+        if let Some(pre) = self.pre {
+            if self.pre_accept(rd, credit, pre).await? {
+                return Ok(());
+            }
+        }
         let handle = self.ep.handle();
         let conn = self.conn;
         // Whether the last read was a bulk one (worth splicing the next).
@@ -757,6 +1133,121 @@ impl<T: ReadySocket> Pump<'_, T> {
                 }
                 // The connection is going away; the other direction ends the relay.
                 Chunk::Refused => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    /// Stream -> connection while the connection starts with a replay or
+    /// is kept until the node's program accepts it ([`preaccept`]): the
+    /// replay goes first, then reads, each kept (in the poll that reads
+    /// it, so a relay stopped at any await has lost nothing) and at most
+    /// the pre-accept cap of them. Never spliced. `Ok(true)`: the client's
+    /// FIN went out, nothing more goes this way.
+    async fn pre_accept<R: AsyncRead + Unpin>(
+        &self,
+        rd: &mut R,
+        credit: &Notify,
+        pre: &Mutex<Option<PreAccept>>,
+    ) -> io::Result<bool> {
+        let handle = self.ep.handle();
+        let conn = self.conn;
+        loop {
+            let (window, known) = handle.with(|ch| (ch.send_window(conn), ch.has_connection(conn)));
+            if !known {
+                // As in `upstream`: the other direction ends the relay.
+                std::future::pending::<()>().await;
+            }
+            let step = {
+                let mut g = lock_pre(pre);
+                let Some(p) = g.as_mut() else {
+                    return Ok(false);
+                };
+                if self.counters.accepted() {
+                    p.accept();
+                }
+                p.next(window)
+            };
+            match step {
+                Step::Send(n) => {
+                    let sent = {
+                        let mut g = lock_pre(pre);
+                        let p = g.as_mut().expect("pre-accept state");
+                        let r = handle.with(|ch| ch.send_message(conn, &p.unsent()[..n]));
+                        if let Ok(k) = r {
+                            p.sent(k);
+                        }
+                        r
+                    };
+                    match sent {
+                        Ok(k) => {
+                            self.counters
+                                .bytes_in
+                                .fetch_add(k as u64, Ordering::Relaxed);
+                        }
+                        Err(_) => std::future::pending::<()>().await,
+                    }
+                }
+                Step::Fin => {
+                    let mut g = lock_pre(pre);
+                    if let Some(p) = g.as_mut() {
+                        p.fin_sent();
+                    }
+                    drop(g);
+                    let _ = handle.with(|ch| ch.send_fin(conn));
+                    return Ok(true);
+                }
+                Step::Finished => return Ok(true),
+                Step::Done => {
+                    // Accepted and all sent: nothing is kept any more.
+                    *lock_pre(pre) = None;
+                    return Ok(false);
+                }
+                // Credit, or the accept, wakes this.
+                Step::Wait => credit.notified().await,
+                Step::Read(limit) => {
+                    let read = std::future::poll_fn(|cx| {
+                        let sent = handle.with(|ch| {
+                            ch.send_message_with(conn, limit, |rb| {
+                                let r = Pin::new(&mut *rd).poll_read(cx, rb);
+                                if let Poll::Ready(Ok(())) = r {
+                                    let mut g = lock_pre(pre);
+                                    if let Some(p) = g.as_mut() {
+                                        p.read(rb.filled());
+                                    }
+                                }
+                                r
+                            })
+                        });
+                        Poll::Ready(Ok::<_, io::Error>(match sent {
+                            Ok(Some((_, Poll::Pending))) => return Poll::Pending,
+                            Ok(Some((_, Poll::Ready(Err(e))))) => return Poll::Ready(Err(e)),
+                            Ok(Some((0, Poll::Ready(Ok(()))))) => Chunk::Eof,
+                            Ok(Some((n, Poll::Ready(Ok(()))))) => Chunk::Sent(n),
+                            Ok(None) => Chunk::Sent(0),
+                            Err(_) => Chunk::Refused,
+                        }))
+                    });
+                    // An accept while the client is quiet ends the
+                    // pre-accept phase (and frees what is kept) at once.
+                    let chunk = tokio::select! {
+                        chunk = read => chunk?,
+                        _ = credit.notified() => continue,
+                    };
+                    match chunk {
+                        Chunk::Eof => {
+                            let mut g = lock_pre(pre);
+                            if let Some(p) = g.as_mut() {
+                                p.eof();
+                            }
+                        }
+                        Chunk::Sent(n) => {
+                            self.counters
+                                .bytes_in
+                                .fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Chunk::Refused => std::future::pending::<()>().await,
+                    }
+                }
             }
         }
     }
@@ -922,7 +1413,10 @@ fn route_one(router: &Mutex<Router>, tx: &mpsc::UnboundedSender<EndpointEvent>, 
         Event::NodeAuthenticated { node, weight } => {
             Some(EndpointEvent::NodeAuthenticated { node, weight })
         }
-        Event::Welcome { node_id } => Some(EndpointEvent::Welcome { node_id }),
+        Event::Welcome { node_id } => {
+            router.node_id = Some(node_id);
+            Some(EndpointEvent::Welcome { node_id })
+        }
         Event::Request { req, request } => Some(EndpointEvent::Request { req, request }),
         Event::WeightChanged { weight } => Some(EndpointEvent::WeightChanged { weight }),
         Event::Response { req, response } => {
@@ -972,6 +1466,27 @@ fn route_one(router: &Mutex<Router>, tx: &mpsc::UnboundedSender<EndpointEvent>, 
         Event::ConnectionClosed { conn, errno } => (!router
             .deliver(conn, ConnEvent::Closed(errno)))
         .then_some(EndpointEvent::ConnectionClosed { conn, errno }),
+        Event::Accepted { conn } => {
+            let router = &mut *router;
+            match router.conns.get_mut(&conn) {
+                // A relayed connection: its relay stops keeping it.
+                Some(Route::Relayed(a, c)) => {
+                    if let Some(t) = &c.track {
+                        t.settle();
+                    }
+                    a.credit.notify_one();
+                    None
+                }
+                Some(Route::Held(_)) => {
+                    if let Some(t) = router.starts.get(&conn).and_then(|s| s.track.as_ref()) {
+                        t.settle();
+                    }
+                    None
+                }
+                // Handed over as a socket: the owner keeps that.
+                None => Some(EndpointEvent::Accepted { conn }),
+            }
+        }
         Event::Closed { error } => {
             if router.closed.is_some() {
                 return true;

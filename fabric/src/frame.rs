@@ -182,7 +182,19 @@ pub enum Frame {
         errno: i32,
     },
     /// Node → io-server: the virtual socket is gone; drop the connection.
+    /// For a connection handed over as a socket (zero-relay) and not yet
+    /// accepted, `conn` is the io-server's id of it ([`Frame::Accepted`]):
+    /// the node closed its copy, and the io-server closes its own.
     Close {
+        conn: ConnId,
+    },
+    /// Node → io-server (protocol version 2): the program accepted `conn`
+    /// (its `accept()` returned it). Until then the connection is the
+    /// io-server's to give to another node if this node's channel ends;
+    /// from then on it is the node's. `conn` is a relayed connection's
+    /// tag, or the io-server's id of a handed-over one
+    /// ([`crate::handoff::HandedOff::conn`]).
+    Accepted {
         conn: ConnId,
     },
     /// Stream bytes, within the receiver's credit.
@@ -226,6 +238,7 @@ impl Frame {
             Frame::ConnectionAccepted { .. } => "ConnectionAccepted",
             Frame::ConnectionClosed { .. } => "ConnectionClosed",
             Frame::Close { .. } => "Close",
+            Frame::Accepted { .. } => "Accepted",
             Frame::Data { .. } => "Data",
             Frame::Fin { .. } => "Fin",
             Frame::Credit { .. } => "Credit",

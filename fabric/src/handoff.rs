@@ -28,6 +28,14 @@ pub struct HandedOff {
     pub local: SocketAddr,
     /// The accepted TCP socket.
     pub socket: OwnedFd,
+    /// The io-server's id of the connection, when it keeps its own copy
+    /// of the socket until the node says its program accepted it
+    /// ([`crate::Frame::Accepted`]) and gives it to another node if this
+    /// one's channel ends first; 0: not kept (a version 1 node).
+    pub conn: ConnId,
+    /// The node id (Welcome) it was handed to, with `conn`: a node that
+    /// has joined again since must not accept it.
+    pub node: u32,
 }
 
 /// The io-server's end.
@@ -79,6 +87,8 @@ mod tests {
             peer,
             local,
             socket: a.into(),
+            conn: 0,
+            node: 0,
         };
         tx.send(h).unwrap();
         let got = rx.recv().await.unwrap();

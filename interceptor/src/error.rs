@@ -56,6 +56,8 @@ pub enum ChildStage {
     SendListener = 3,
     /// `execve`.
     Exec = 4,
+    /// `prctl(PR_SET_PDEATHSIG)`.
+    DeathSignal = 5,
 }
 
 impl ChildStage {
@@ -66,6 +68,7 @@ impl ChildStage {
             Self::Seccomp,
             Self::SendListener,
             Self::Exec,
+            Self::DeathSignal,
         ]
         .into_iter()
         .find(|s| *s as u32 == v)

@@ -1,19 +1,26 @@
 //! Starting the target program under the filter (DESIGN.md "Dependencies":
 //! build the BPF in the parent; between `fork` and `exec` the child only
-//! makes raw syscalls — `prctl(PR_SET_NO_NEW_PRIVS)`, `seccomp` with
-//! `SECCOMP_FILTER_FLAG_NEW_LISTENER`, `sendmsg` of the listener — then
-//! `execve`s).
+//! makes raw syscalls — `prctl(PR_SET_PDEATHSIG)`, `prctl(PR_SET_NO_NEW_PRIVS)`,
+//! `seccomp` with `SECCOMP_FILTER_FLAG_NEW_LISTENER`, `sendmsg` of the
+//! listener — then `execve`s).
 //!
 //! [`Target::spawn`] returns once the child has exec'd (or failed to), so an
 //! exec error is reported synchronously, like a shell would. The supervisor
-//! must serve every process of the tree (the filter is inherited) and reap
-//! grandchildren itself (e.g. as `PR_SET_CHILD_SUBREAPER`); the main process's
-//! status, from [`Target::wait`], is what `saps-run` exits with.
+//! must serve every process of the tree (the filter is inherited) until the
+//! last one has exited: a caller that made itself a subreaper
+//! ([`become_subreaper`]) before spawning hands the reaping of the whole
+//! tree to a thread with [`Target::reap_tree`], whose [`Tree`] becomes
+//! readable when the tree is gone and can signal what remains of it. The
+//! main process's status, from [`Target::wait`], is what `saps-run` exits
+//! with.
 
+use std::collections::{HashMap, VecDeque};
 use std::ffi::{CString, OsStr, OsString};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
@@ -32,6 +39,17 @@ pub enum ExitStatus {
 }
 
 impl ExitStatus {
+    /// From `waitid`'s `si_code` and `si_status`.
+    fn from_waitid(code: i32, status: i32) -> Self {
+        match code {
+            libc::CLD_EXITED => ExitStatus::Code(status),
+            _ => ExitStatus::Signal {
+                signal: status,
+                core_dumped: code == libc::CLD_DUMPED,
+            },
+        }
+    }
+
     /// The status a shell would report: the code, or 128 + the signal.
     pub fn exit_code(&self) -> i32 {
         match *self {
@@ -46,11 +64,48 @@ impl ExitStatus {
 pub struct Target {
     pid: u32,
     pidfd: OwnedFd,
+    /// Who reaps the main process, and its status once reaped.
+    main: Arc<MainSlot>,
+}
+
+/// Who reaps the main process.
+#[derive(Clone, Copy, Debug)]
+enum Reaping {
+    /// [`Target::wait`]/[`Target::try_wait`], through the pidfd.
+    ByCaller,
+    /// The tree's reaper thread ([`Target::reap_tree`]).
+    ByReaper,
+    /// The reaper thread ended without seeing the main process (it failed):
+    /// [`Target::wait`] tries the pidfd.
+    ReaperGone,
+    /// Done: its status.
+    Reaped(ExitStatus),
+}
+
+#[derive(Debug)]
+struct MainSlot {
+    state: Mutex<Reaping>,
+    changed: Condvar,
+}
+
+impl MainSlot {
+    fn lock(&self) -> MutexGuard<'_, Reaping> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set(&self, r: Reaping) {
+        *self.lock() = r;
+        self.changed.notify_all();
+    }
 }
 
 impl Target {
     /// Runs `program` (searched in `PATH` like `execvp`) with `args` under
     /// the default filter; returns the target and the listener of its filter.
+    ///
+    /// The main process gets `SIGKILL` when its parent dies
+    /// (`PR_SET_PDEATHSIG`), which the kernel ties to the *thread* that
+    /// called this: that thread must outlive the target.
     pub fn spawn(program: &OsStr, args: &[OsString]) -> Result<(Target, Notifier)> {
         Self::spawn_with(program, args, &FilterOptions::default())
     }
@@ -104,6 +159,10 @@ impl Target {
         let target = Target {
             pid: pid as u32,
             pidfd,
+            main: Arc::new(MainSlot {
+                state: Mutex::new(Reaping::ByCaller),
+                changed: Condvar::new(),
+            }),
         };
 
         let listener = sys::recv_fd(parent_sock.as_fd())
@@ -143,27 +202,100 @@ impl Target {
         self.pid
     }
 
-    /// Blocks until the main process exits and reaps it.
+    /// Blocks until the main process exits and reaps it (or, once
+    /// [`Target::reap_tree`] runs, until its reaper has); the status again
+    /// on later calls.
     pub fn wait(&self) -> Result<ExitStatus> {
+        {
+            let mut state = self.main.lock();
+            loop {
+                match *state {
+                    Reaping::Reaped(status) => return Ok(status),
+                    Reaping::ByReaper => {
+                        state = self
+                            .main
+                            .changed
+                            .wait(state)
+                            .unwrap_or_else(PoisonError::into_inner)
+                    }
+                    Reaping::ByCaller | Reaping::ReaperGone => break,
+                }
+            }
+        }
         // Without WNOHANG the kernel always reports a status.
         Ok(self.wait_flags(0)?.unwrap_or(ExitStatus::Code(0)))
     }
 
     /// Reaps the main process if it has exited (poll [`Target::as_fd`] for
-    /// readability to know when).
+    /// readability to know when); with [`Target::reap_tree`], the status its
+    /// reaper recorded, if any yet.
     pub fn try_wait(&self) -> Result<Option<ExitStatus>> {
-        self.wait_flags(libc::WNOHANG)
+        let state = *self.main.lock();
+        match state {
+            Reaping::Reaped(status) => Ok(Some(status)),
+            Reaping::ByReaper => Ok(None),
+            Reaping::ByCaller | Reaping::ReaperGone => self.wait_flags(libc::WNOHANG),
+        }
     }
 
     fn wait_flags(&self, flags: i32) -> Result<Option<ExitStatus>> {
         let status = sys::waitid_pidfd(self.pidfd.as_fd(), flags).map_err(Error::io("waitid"))?;
-        Ok(status.map(|(code, status)| match code {
-            libc::CLD_EXITED => ExitStatus::Code(status),
-            _ => ExitStatus::Signal {
-                signal: status,
-                core_dumped: code == libc::CLD_DUMPED,
-            },
-        }))
+        let status = status.map(|(code, status)| ExitStatus::from_waitid(code, status));
+        if let Some(s) = status {
+            self.main.set(Reaping::Reaped(s));
+        }
+        Ok(status)
+    }
+
+    /// Whether the main process has exited (reaped or not): its pidfd is
+    /// readable.
+    pub fn has_exited(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+    }
+
+    /// Resolves once the main process has exited (reaped or not); needs a
+    /// tokio runtime with IO enabled.
+    pub async fn exited(&self) -> Result<()> {
+        let fd = self
+            .pidfd
+            .try_clone()
+            .map_err(Error::io("dup of the pidfd"))?;
+        let fd = sys::async_readable(fd).map_err(Error::io("watching the pidfd"))?;
+        let _ready = fd
+            .readable()
+            .await
+            .map_err(Error::io("watching the pidfd"))?;
+        Ok(())
+    }
+
+    /// Starts a thread that reaps every child of this process — the main
+    /// process, and the orphans of its tree that the kernel reparents to a
+    /// subreaper ([`become_subreaper`], which must have been called before
+    /// [`Target::spawn`]) — until none is left. [`Target::wait`] then
+    /// returns the main status the thread recorded.
+    ///
+    /// The thread reaps with `waitid(P_ALL)`: this process must have no
+    /// children of its own besides the target, and nothing else may wait
+    /// for them. Call it before anyone waits for the target.
+    pub fn reap_tree(&self) -> Result<Tree> {
+        let (done_read, done_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| Error::io("pipe2")(e.into()))?;
+        let previous = std::mem::replace(&mut *self.main.lock(), Reaping::ByReaper);
+        if let Reaping::Reaped(status) = previous {
+            // Already reaped by the caller: the reaper reaps the rest.
+            self.main.set(Reaping::Reaped(status));
+        }
+        let (main, pid) = (self.main.clone(), self.pid as libc::pid_t);
+        let spawned = std::thread::Builder::new()
+            .name("saps-reaper".into())
+            .spawn(move || reap_until_none(pid, &main, done_write));
+        if let Err(e) = spawned {
+            self.main.set(previous);
+            return Err(Error::io("starting the reaper thread")(e));
+        }
+        Ok(Tree { done: done_read })
     }
 
     /// Sends `sig` to the main process (saps-run forwards its signals).
@@ -177,6 +309,181 @@ impl AsFd for Target {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.pidfd.as_fd()
     }
+}
+
+/// Makes this process a child subreaper (`PR_SET_CHILD_SUBREAPER`): the
+/// descendants the target's processes orphan (a daemon that forked and let
+/// its parent exit) are reparented to this process, so that
+/// [`Target::reap_tree`] sees and reaps them. Call it before
+/// [`Target::spawn`].
+pub fn become_subreaper() -> Result<()> {
+    sys::set_child_subreaper().map_err(Error::io("prctl(PR_SET_CHILD_SUBREAPER)"))
+}
+
+/// The reaper thread of [`Target::reap_tree`]: reaps every child until none
+/// is left, records the main process's status, then closes `done` (also
+/// when it fails or panics: the write end drops with the thread).
+fn reap_until_none(main_pid: libc::pid_t, main: &MainSlot, done: OwnedFd) {
+    let mut seen_main = false;
+    loop {
+        match sys::wait_any() {
+            Ok(Some((pid, code, status))) => {
+                let status = ExitStatus::from_waitid(code, status);
+                if pid == main_pid {
+                    seen_main = true;
+                    main.set(Reaping::Reaped(status));
+                } else {
+                    tracing::debug!(pid, ?status, "reaped a process of the program's tree");
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::error!(error = %e, "reaping the program's processes failed");
+                break;
+            }
+        }
+    }
+    if !seen_main {
+        let mut state = main.lock();
+        if matches!(*state, Reaping::ByReaper) {
+            *state = Reaping::ReaperGone;
+            main.changed.notify_all();
+        }
+    }
+    let _ = std::fs::File::from(done).write_all(&[1]);
+}
+
+/// The target's whole process tree, reaped by a thread of its own
+/// ([`Target::reap_tree`]). Readable ([`AsFd`]) once the last process of
+/// the tree has exited and been reaped.
+#[derive(Debug)]
+pub struct Tree {
+    done: OwnedFd,
+}
+
+impl Tree {
+    /// Whether the whole tree has exited.
+    pub fn is_done(&self) -> bool {
+        self.wait_done(Duration::ZERO)
+    }
+
+    /// Waits up to `timeout` for the whole tree to exit; whether it has.
+    pub fn wait_done(&self, timeout: Duration) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ms = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(self.done.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, ms) {
+                Ok(n) if n > 0 => return true,
+                Err(nix::errno::Errno::EINTR) if !left.is_zero() => continue,
+                _ if Instant::now() < deadline => continue,
+                _ => return false,
+            }
+        }
+    }
+
+    /// Sends `sig` to every live descendant of this process (the main
+    /// process included if it still runs); returns how many got it.
+    ///
+    /// Descendants are found from the parent pids of every process in
+    /// `/proc` (`/proc/PID/task/TID/children` needs `CONFIG_PROC_CHILDREN`,
+    /// which not every kernel has), parents before children. A process is
+    /// signalled through a pidfd opened *before* its parent was checked
+    /// again, and only if both it and that parent were still unreaped after
+    /// the check, so a recycled pid never gets the signal. A process forked
+    /// while the walk runs may be missed; [`Tree::kill`] walks again until
+    /// nothing is left.
+    pub fn signal(&self, sig: i32) -> usize {
+        let me = std::process::id() as libc::pid_t;
+        let mut children: HashMap<libc::pid_t, Vec<libc::pid_t>> = HashMap::new();
+        for (pid, ppid) in processes() {
+            children.entry(ppid).or_default().push(pid);
+        }
+        let mut queue: VecDeque<(libc::pid_t, libc::pid_t, Option<Arc<OwnedFd>>)> = children
+            .get(&me)
+            .into_iter()
+            .flatten()
+            .map(|&pid| (pid, me, None))
+            .collect();
+        let alive = |fd: &OwnedFd| sys::pidfd_send_signal(fd.as_fd(), 0).is_ok();
+        let mut signalled = 0;
+        while let Some((pid, parent, parent_fd)) = queue.pop_front() {
+            let Ok(fd) = sys::pidfd_open(pid) else {
+                continue;
+            };
+            // Read after the pidfd was opened: if the process is still
+            // unreaped afterwards, this is its parent, not a recycled pid's.
+            let Some(ppid) = parent_pid(pid) else {
+                continue;
+            };
+            let parent_still = parent_fd.as_deref().is_none_or(alive);
+            let ours = ppid == me || (ppid == parent && parent_still);
+            if !ours || !alive(&fd) {
+                continue;
+            }
+            if sys::pidfd_send_signal(fd.as_fd(), sig).is_ok() {
+                signalled += 1;
+            }
+            let fd = Arc::new(fd);
+            for &child in children.get(&pid).into_iter().flatten() {
+                queue.push_back((child, pid, Some(fd.clone())));
+            }
+        }
+        signalled
+    }
+
+    /// `SIGKILL`s every descendant, again and again until the whole tree
+    /// has been reaped or `timeout` has passed; whether it was.
+    pub fn kill(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.is_done() {
+                return true;
+            }
+            self.signal(libc::SIGKILL);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.wait_done(left.min(Duration::from_millis(20))) {
+                return true;
+            }
+            if left.is_zero() {
+                return false;
+            }
+        }
+    }
+}
+
+/// Readable once the whole tree has exited.
+impl AsFd for Tree {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.done.as_fd()
+    }
+}
+
+/// `(pid, parent pid)` of every process in `/proc`.
+fn processes() -> Vec<(libc::pid_t, libc::pid_t)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let pid = e.ok()?.file_name().to_str()?.parse().ok()?;
+        Some((pid, parent_pid(pid)?))
+    })
+    .collect()
+}
+
+/// The parent pid in `/proc/PID/stat` (the field after the state, which
+/// follows the command name's last `)`).
+fn parent_pid(pid: libc::pid_t) -> Option<libc::pid_t> {
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    parse_ppid(&stat)
+}
+
+fn parse_ppid(stat: &[u8]) -> Option<libc::pid_t> {
+    let end = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(&stat[end + 1..]).ok()?;
+    rest.split_ascii_whitespace().nth(1)?.parse().ok()
 }
 
 fn cstring(s: &OsStr) -> Result<CString> {
@@ -219,6 +526,13 @@ mod tests {
             exec_candidates(OsStr::from_bytes(b"a\0b")),
             Err(Error::NulByte(_))
         ));
+    }
+
+    #[test]
+    fn ppid_follows_the_last_parenthesis() {
+        assert_eq!(parse_ppid(b"42 (a) b) c) S 7 42 42 0"), Some(7));
+        assert_eq!(parse_ppid(b"1 (init) S 0 1 1"), Some(0));
+        assert_eq!(parse_ppid(b"1 (trunc"), None);
     }
 
     #[test]

@@ -9,11 +9,13 @@
 //! * [`notify`] — the listener: receive, answer, `ADDFD`.
 //! * [`memory`] — `process_vm_readv/writev` with faults as values.
 //! * [`fds`] — socket inodes, fd flags, `pidfd_getfd`.
+//! * [`diag`] — whether a socket object still exists (`sock_diag`).
 //! * [`sockaddr`], [`sockopt`] — argument formats and names.
 //! * [`vsock`] — the virtual-socket table, keyed by inode.
 //! * [`supervisor`] — Figure 3: servicing the trapped calls against the io-server.
 //! * `sys` — the only `unsafe` code: raw syscalls and ioctls.
 
+pub mod diag;
 pub mod error;
 pub mod fds;
 pub mod filter;

@@ -1,9 +1,10 @@
 //! The only `unsafe` code of the crate: thin wrappers over the raw syscalls
 //! that neither `nix` nor `libc` wrap safely — `seccomp(2)` with
 //! `SECCOMP_FILTER_FLAG_NEW_LISTENER`, the `SECCOMP_IOCTL_NOTIF_*` ioctls,
-//! `pidfd_open`/`pidfd_getfd`/`pidfd_send_signal`, `waitid(P_PIDFD)`, and the
-//! fork-to-exec path of the launcher (DESIGN.md "Dependencies": between `fork`
-//! and `exec` the child makes only raw, async-signal-safe syscalls).
+//! `pidfd_open`/`pidfd_getfd`/`pidfd_send_signal`, `waitid(P_PIDFD)` and
+//! `waitid(P_ALL)`, `prctl(PR_SET_CHILD_SUBREAPER)`, and the fork-to-exec
+//! path of the launcher (DESIGN.md "Dependencies": between `fork` and `exec`
+//! the child makes only raw, async-signal-safe syscalls).
 //!
 //! Everything here is a small function returning `io::Result`; the typed API
 //! lives in `notify`, `fds` and `launch`.
@@ -142,6 +143,38 @@ pub fn waitid_pidfd(pidfd: BorrowedFd<'_>, flags: i32) -> io::Result<Option<(i32
     }
 }
 
+/// `waitid(P_ALL, 0, WEXITED | __WALL)`: reaps one exited child of this
+/// process (any thread's), blocking until one exits. `None` when the process
+/// has no child left (`ECHILD`), else `(pid, si_code, si_status)`.
+pub fn wait_any() -> io::Result<Option<(libc::pid_t, i32, i32)>> {
+    loop {
+        // SAFETY: `siginfo_t` is plain data; all-zero is valid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a live, writable siginfo_t.
+        let ret = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::__WALL) };
+        match check(ret as libc::c_long) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.raw_os_error() == Some(libc::ECHILD) => return Ok(None),
+            Err(e) => return Err(e),
+            // SAFETY: without WNOHANG the kernel filled `info` for an exited
+            // child.
+            Ok(_) => {
+                return Ok(Some(unsafe {
+                    (info.si_pid(), info.si_code, info.si_status())
+                }))
+            }
+        }
+    }
+}
+
+/// `prctl(PR_SET_CHILD_SUBREAPER, 1)`: orphaned descendants of this process
+/// are reparented to it rather than to init.
+pub fn set_child_subreaper() -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    let ret = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) };
+    check(ret as libc::c_long).map(drop)
+}
+
 /// Receives one fd sent with `SCM_RIGHTS` over `sock`; `None` on EOF.
 pub fn recv_fd(sock: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
@@ -213,27 +246,33 @@ impl ChildPlan {
     }
 }
 
-/// Forks a child that loads `plan.filter` with a new listener, sends the
-/// listener over `sock` and execs; on any failure it writes
-/// `[stage: u32, errno: u32]` to `err_pipe` and exits with 127. Returns the
-/// child's pid in the parent.
+/// Forks a child that asks for `SIGKILL` when its parent dies, loads
+/// `plan.filter` with a new listener, sends the listener over `sock` and
+/// execs; on any failure it writes `[stage: u32, errno: u32]` to `err_pipe`
+/// and exits with 127. Returns the child's pid in the parent.
+///
+/// The kernel sends the parent-death signal when the *thread* that forked
+/// exits (prctl(2)), so the calling thread must live as long as the child is
+/// meant to.
 pub fn fork_filtered(
     plan: &ChildPlan,
     sock: BorrowedFd<'_>,
     err_pipe: BorrowedFd<'_>,
 ) -> io::Result<libc::pid_t> {
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
     // SAFETY: fork in a possibly multi-threaded process: the child only runs
     // `child_after_fork`, which makes raw async-signal-safe syscalls on data
     // prepared before the fork and never returns.
     let pid = unsafe { libc::fork() };
     match pid {
         -1 => Err(io::Error::last_os_error()),
-        0 => child_after_fork(plan, sock.as_raw_fd(), err_pipe.as_raw_fd()),
+        0 => child_after_fork(plan, parent, sock.as_raw_fd(), err_pipe.as_raw_fd()),
         pid => Ok(pid),
     }
 }
 
-fn child_after_fork(plan: &ChildPlan, sock: RawFd, err_pipe: RawFd) -> ! {
+fn child_after_fork(plan: &ChildPlan, parent: libc::pid_t, sock: RawFd, err_pipe: RawFd) -> ! {
     let fail = |stage: ChildStage| -> ! {
         let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0) as u32;
         let mut msg = [0u8; 8];
@@ -254,6 +293,23 @@ fn child_after_fork(plan: &ChildPlan, sock: RawFd, err_pipe: RawFd) -> ! {
         libc::sigemptyset(&mut set);
         libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+
+        // The program dies with the supervisor's process. A parent that
+        // died before the prctl took effect is seen in getppid (we were
+        // reparented): give up then, nobody is left to serve us.
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        ) != 0
+        {
+            fail(ChildStage::DeathSignal);
+        }
+        if libc::getppid() != parent {
+            libc::_exit(127);
+        }
 
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             fail(ChildStage::NoNewPrivs);

@@ -14,11 +14,17 @@
 //! Binds follow the kernel's rules within one node: a second bind of a port
 //! the same node already holds fails with `EADDRINUSE` unless both sockets
 //! set `SO_REUSEPORT`. Different nodes binding one port share it.
+//!
+//! A client whose node left before its program accepted it comes back
+//! through [`redispatch`] (issue 17, `unaccepted.rs`) and is dispatched
+//! again like a new one, by the same scheduler, with what it already sent
+//! ([`Replay`]); with no member left it waits in the queue like any client.
 
 use crate::scheduler::{self, Candidate, Scheduler};
 use crate::state::{NodeId, Traffic};
 use crate::sys::{self, Errno};
 use crate::Shared;
+use saps_fabric::endpoint::Replay;
 use saps_fabric::frame::bind_flags;
 use saps_fabric::ConnId;
 use saps_fabric::RELISTEN_GRACE;
@@ -36,6 +42,14 @@ type Listening = AsyncFd<std::net::TcpListener>;
 /// Clients waiting for an eligible member, per group; beyond this new
 /// clients are closed (like a full listen backlog).
 pub const MAX_QUEUED: usize = 1024;
+
+/// A client waiting for an eligible member.
+pub(crate) struct Queued {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    /// What it sent to a node that left before accepting it.
+    pub replay: Replay,
+}
 
 /// One node socket bound to the port.
 #[derive(Debug)]
@@ -62,9 +76,12 @@ pub(crate) struct Group {
     binds: Vec<Bound>,
     pub members: Vec<Member>,
     scheduler: Box<dyn Scheduler>,
-    pub queue: VecDeque<(TcpStream, SocketAddr)>,
+    pub queue: VecDeque<Queued>,
     /// Every connection the group accepted, by whichever member.
     pub traffic: Traffic,
+    /// Clients dispatched again because their node left before its
+    /// program accepted them.
+    pub redispatched: u64,
     /// Set while nobody binds the port but it is kept listening for
     /// [`RELISTEN_GRACE`]; the value tells one orphaning from the next.
     orphaned: Option<u64>,
@@ -131,6 +148,7 @@ impl Groups {
                 scheduler: scheduler::new(kind),
                 queue: VecDeque::new(),
                 traffic: Traffic::default(),
+                redispatched: 0,
                 orphaned: None,
             },
         );
@@ -283,7 +301,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, key: SocketAddr, listener: 
         &shared,
         &what,
         || accept(&listener),
-        |(stream, peer)| dispatch(&shared, key, stream, peer),
+        |(stream, peer)| dispatch(&shared, key, stream, peer, Replay::default()),
     )
     .await;
     // The group may still hold the socket: stop listening now.
@@ -309,8 +327,39 @@ fn close_listener(l: &Listening) {
     );
 }
 
-/// Hands a client connection to the member the scheduler picks, or queues it.
-pub(crate) fn dispatch(shared: &Arc<Shared>, key: SocketAddr, stream: TcpStream, peer: SocketAddr) {
+/// A client whose node left before its program accepted it (its channel
+/// ended): dispatched again to the group it came to, with what it sent
+/// (`replay`). The socket is made non-blocking again (a node may have
+/// cleared that on the description it shared).
+pub(crate) fn redispatch(
+    shared: &Arc<Shared>,
+    key: SocketAddr,
+    stream: TcpStream,
+    peer: SocketAddr,
+    replay: Replay,
+) {
+    if let Err(e) = stream.set_nonblocking(true) {
+        tracing::warn!(%peer, error = %e, "cannot dispatch the client again; closed");
+        return;
+    }
+    tracing::info!(%key, %peer, replay = replay.data.len(), fin = replay.fin, "client of a node that left: dispatched again");
+    if let Some(g) = shared.lock().groups.map.get_mut(&key) {
+        g.redispatched += 1;
+    }
+    dispatch(shared, key, stream, peer, replay);
+}
+
+/// Hands a client connection to the member the scheduler picks, or queues
+/// it. `replay`: what it sent to a node that left before accepting it,
+/// sent first (such a client is relayed: octets read from its socket
+/// cannot be handed over with it).
+pub(crate) fn dispatch(
+    shared: &Arc<Shared>,
+    key: SocketAddr,
+    stream: TcpStream,
+    peer: SocketAddr,
+    replay: Replay,
+) {
     let mut guard = shared.lock();
     let st = &mut *guard;
     // The group's address is the client's destination unless it is a
@@ -342,7 +391,11 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, key: SocketAddr, stream: TcpStream,
             };
             if g.queue.len() < MAX_QUEUED {
                 tracing::debug!(%key, %peer, "no eligible member: client queued");
-                g.queue.push_back((stream, peer));
+                g.queue.push_back(Queued {
+                    stream,
+                    peer,
+                    replay,
+                });
             } else {
                 tracing::warn!(%key, %peer, "group queue full: client closed");
             }
@@ -352,15 +405,27 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, key: SocketAddr, stream: TcpStream,
             expire_orphans(shared, st.groups.unbind(node_id, None));
             continue;
         };
-        if let Some(tx) = node.handoff.clone().filter(|t| t.is_open()) {
-            hand_off(st, &tx, key, node_id, listener, stream, peer, local);
-            return;
+        // Kept for re-dispatch until its program accepts it (issue 17),
+        // where the node says so and has room.
+        let track = node.notifies_accepts
+            && crate::unaccepted::room(node.ep.unaccepted(), node.handed.len());
+        if replay.is_empty() {
+            if let Some(tx) = node.handoff.clone().filter(|t| t.is_open()) {
+                if !node.ep.is_open() {
+                    // Its channel ended; it is on its way out.
+                    expire_orphans(shared, st.groups.unbind(node_id, None));
+                    continue;
+                }
+                let at = Dispatched { key, listener, peer };
+                hand_off(st, &tx, at, node_id, track, stream, local);
+                return;
+            }
         }
         // The relay writes what the node sends as soon as it comes; a socket
         // handed off above keeps the options the program gave its listener.
         let _ = stream.set_nodelay(true);
         let ep = node.ep.clone();
-        match ep.accept_connection(listener, peer, local) {
+        match ep.accept_connection_with(listener, peer, local, &replay, track) {
             Ok(conn) => {
                 let stream = match tokio::net::TcpStream::from_std(stream) {
                     Ok(s) => s,
@@ -370,8 +435,8 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, key: SocketAddr, stream: TcpStream,
                         return;
                     }
                 };
-                tracing::debug!(%key, %peer, node = node_id, conn, "client dispatched");
-                let member = Some((key, listener));
+                tracing::debug!(%key, %peer, node = node_id, conn, track, "client dispatched");
+                let member = Some(Dispatched { key, listener, peer });
                 crate::state::start_relay(shared, st, node_id, member, conn, stream);
                 return;
             }
@@ -381,38 +446,95 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, key: SocketAddr, stream: TcpStream,
     }
 }
 
+/// Where an accepted client went: its group, the member's listener, and
+/// the client.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dispatched {
+    pub key: SocketAddr,
+    pub listener: ConnId,
+    pub peer: SocketAddr,
+}
+
 /// Zero-relay: gives the accepted socket itself to a same-host node.
-#[allow(clippy::too_many_arguments)]
+/// `track`: keep a duplicate of it until the node says its program
+/// accepted it, to give it to another member if the node leaves first.
 fn hand_off(
     st: &mut crate::state::State,
     tx: &saps_fabric::handoff::HandoffSender,
-    key: SocketAddr,
+    at: Dispatched,
     node_id: NodeId,
-    listener: ConnId,
+    track: bool,
     stream: TcpStream,
-    peer: SocketAddr,
     local: SocketAddr,
 ) {
+    let Dispatched {
+        key,
+        listener,
+        peer,
+    } = at;
+    let Some(node) = st.nodes.get_mut(&node_id) else {
+        return;
+    };
+    // Kept before it is sent, under the state's lock, so that the
+    // hand-off task (which looks for it before sending) and the node's
+    // Accepted (which can only follow the send) both find it.
+    let conn = match track {
+        true => keep_copy(node, &stream, key, peer),
+        false => 0,
+    };
     let socket = std::os::fd::OwnedFd::from(stream);
     let h = saps_fabric::handoff::HandedOff {
         listener,
         peer,
         local,
         socket,
+        conn,
+        node: node_id,
     };
     if tx.send(h).is_err() {
+        if conn != 0 {
+            drop(node.handed.settle(conn));
+            node.ep.forget_handed(conn);
+        }
         tracing::warn!(%peer, "the node stopped taking connections; client closed");
         return;
     }
-    tracing::debug!(%key, %peer, node = node_id, "client handed off (zero-relay)");
-    if let Some(n) = st.nodes.get_mut(&node_id) {
-        n.traffic.handed_off();
-    }
+    tracing::debug!(%key, %peer, node = node_id, conn, "client handed off (zero-relay)");
+    node.traffic.handed_off();
     if let Some(g) = st.groups.map.get_mut(&key) {
         g.traffic.handed_off();
     }
     if let Some(m) = st.groups.member_mut(key, node_id, listener) {
         m.traffic.handed_off();
+    }
+}
+
+/// Keeps a duplicate of `stream` for `node` until its program accepts
+/// it; the connection's id, or 0 where none could be kept.
+fn keep_copy(
+    node: &mut crate::state::NodeEntry,
+    stream: &TcpStream,
+    key: SocketAddr,
+    peer: SocketAddr,
+) -> ConnId {
+    let copy = match std::os::fd::AsFd::as_fd(stream).try_clone_to_owned() {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "no copy of the handed socket kept");
+            return 0;
+        }
+    };
+    match node.ep.hand_connection() {
+        Ok(conn) => {
+            let copy = crate::unaccepted::HandedCopy {
+                socket: copy,
+                key,
+                peer,
+            };
+            node.handed.keep(conn, copy);
+            conn
+        }
+        Err(_) => 0,
     }
 }
 
@@ -435,7 +557,7 @@ pub(crate) fn drain_queue(shared: &Arc<Shared>, key: SocketAddr) {
             }
         };
         match next {
-            Some((stream, peer)) => dispatch(shared, key, stream, peer),
+            Some(q) => dispatch(shared, key, q.stream, q.peer, q.replay),
             None => return,
         }
     }

@@ -23,6 +23,7 @@ pub mod scheduler;
 mod state;
 pub mod status;
 mod sys;
+mod unaccepted;
 
 pub use config::{Config, SchedulerKind, Stack};
 pub use status::Status;
@@ -114,15 +115,27 @@ impl Shared {
         true
     }
 
-    /// A node's channel closed: its sockets leave their groups.
+    /// A node's channel closed: its sockets leave their groups, and the
+    /// clients it was given whose program had not accepted them go to the
+    /// other members (issue 17; its relayed ones come back through their
+    /// relays, `state::start_relay`).
     pub fn remove_node(self: &Arc<Self>, id: NodeId) {
-        let keys: Vec<_> = {
+        let (keys, handed) = {
             let mut st = self.lock();
-            st.nodes.remove(&id);
+            let handed = st
+                .nodes
+                .remove(&id)
+                .map(|mut n| n.handed.take_all())
+                .unwrap_or_default();
             let orphans = st.groups.unbind(id, None);
             group::expire_orphans(self, orphans);
-            st.groups.map.keys().copied().collect()
+            (st.groups.map.keys().copied().collect::<Vec<_>>(), handed)
         };
+        for copy in handed {
+            let stream = std::net::TcpStream::from(copy.socket);
+            let replay = saps_fabric::endpoint::Replay::default();
+            group::redispatch(self, copy.key, stream, copy.peer, replay);
+        }
         for key in keys {
             group::drain_queue(self, key);
         }
@@ -368,7 +381,35 @@ async fn claim_handoff(shared: Arc<Shared>, sock: side::SideSocket, pid: i32) {
         tracing::warn!(node = id, error = %e, "hand-off socket failed; relaying");
         return;
     }
-    side::forward(rx, sock).await;
+    forward_handoffs(&shared, id, rx, sock).await;
+}
+
+/// Sends every socket handed to node `id` over its hand-off socket until
+/// either end closes, like [`side::forward`], but not one whose copy the
+/// io-server no longer keeps for it: the node left meanwhile and the
+/// client went to another member (`remove_node`).
+async fn forward_handoffs(
+    shared: &Shared,
+    id: u64,
+    mut rx: saps_fabric::handoff::HandoffReceiver,
+    sock: side::SideSocket,
+) {
+    let node = NodeId::try_from(id).unwrap_or_default();
+    while let Some(h) = rx.recv().await {
+        if h.conn != 0 {
+            let kept = {
+                let st = shared.lock();
+                st.nodes.get(&node).is_some_and(|n| n.handed.contains(h.conn))
+            };
+            if !kept {
+                continue;
+            }
+        }
+        if let Err(e) = sock.send(h).await {
+            tracing::warn!(error = %e, "hand-off socket failed; relaying again");
+            return;
+        }
+    }
 }
 
 /// Runs `accept` until shutdown starts, handing each success to `each`.

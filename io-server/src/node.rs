@@ -60,6 +60,8 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
                 sockets: Default::default(),
                 handoff,
                 pid,
+                notifies_accepts: ep.notifies_accepts(),
+                handed: Default::default(),
             },
         );
         id
@@ -80,6 +82,7 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
                     shared.set_weight(id, weight);
                 }
                 EndpointEvent::ConnectionClosed { conn, .. } => node.socket_closed(conn),
+                EndpointEvent::Accepted { conn } => node.handed_accepted(conn),
                 EndpointEvent::Closed { error } => {
                     tracing::info!(reason = %error, "node left");
                     break;
@@ -312,13 +315,33 @@ impl Node {
         .unwrap_or(Err(libc::ENOTCONN))
     }
 
+    /// The program accepted a connection handed over as a socket: it is
+    /// the node's now, and the io-server's copy is closed.
+    fn handed_accepted(&self, conn: ConnId) {
+        let copy = {
+            let mut st = self.shared.lock();
+            let node = st.nodes.get_mut(&self.id);
+            node.and_then(|n| n.handed.settle(conn))
+        };
+        if copy.is_none() {
+            tracing::debug!(conn, "Accepted for a connection not kept");
+        }
+    }
+
     /// The node closed a socket that has no relay (a bound or listening
-    /// one): it leaves its group.
+    /// one): it leaves its group. A handed-over connection it closed
+    /// unaccepted: the io-server's copy is closed too (the client sees the
+    /// connection end, as it did before copies were kept).
     fn socket_closed(&self, conn: ConnId) {
         let mut st = self.shared.lock();
         let Some(node) = st.nodes.get_mut(&self.id) else {
             return;
         };
+        if let Some(copy) = node.handed.settle(conn) {
+            drop(st);
+            drop(copy);
+            return;
+        }
         if node.sockets.get(&conn).is_some_and(|s| s.tcp.is_some()) {
             return; // relayed: the relay handles it
         }

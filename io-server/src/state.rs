@@ -1,8 +1,9 @@
 //! The io-server's shared state: the registered nodes, the listener groups
 //! and the traffic counters behind `io-server status`.
 
-use crate::group::Groups;
+use crate::group::{Dispatched, Groups};
 use crate::Shared;
+use saps_fabric::endpoint::ClientRelayEnd;
 use saps_fabric::{ConnId, Endpoint, RelayOutcome};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -74,6 +75,12 @@ pub struct NodeEntry {
     /// The node's process, when its fabric is a unix socket: only that
     /// process may claim the node's hand-off socket.
     pub pid: Option<i32>,
+    /// The node says when its program accepts a connection (protocol
+    /// version 2): its connections are kept for re-dispatch until then.
+    pub notifies_accepts: bool,
+    /// Handed-over connections its program has not accepted yet, with the
+    /// io-server's copy of each socket (`unaccepted.rs`).
+    pub handed: crate::unaccepted::Handed,
 }
 
 impl NodeEntry {
@@ -106,11 +113,13 @@ impl State {
 
 /// Records a relayed connection of `node` (accepted for `member`, or
 /// outbound) and runs its relay; the counters are settled when it ends.
+/// An accepted client whose node leaves before its program accepts it is
+/// dispatched again ([`crate::group::redispatch`]).
 pub(crate) fn start_relay(
     shared: &Arc<Shared>,
     st: &mut State,
     node_id: NodeId,
-    member: Option<(SocketAddr, ConnId)>,
+    member: Option<Dispatched>,
     conn: ConnId,
     stream: TcpStream,
 ) {
@@ -123,7 +132,7 @@ pub(crate) fn start_relay(
     let stream = Arc::new(stream);
     sock.tcp = Some(stream.clone());
     let ep = node.ep.clone();
-    if let Some((key, listener)) = member {
+    if let Some(Dispatched { key, listener, .. }) = member {
         if let Some(g) = st.groups.map.get_mut(&key) {
             g.traffic.start(id);
         }
@@ -138,7 +147,17 @@ pub(crate) fn start_relay(
             // The peer's address is in the "client dispatched" line of
             // this conn (a getpeername per connection only to log it cost
             // a system call).
-            let out = ep.relay_tcp(conn, stream).await;
+            let (out, back) = match member {
+                Some(_) => match ep.relay_client(conn, stream).await {
+                    ClientRelayEnd::Finished(out) => (out, None),
+                    ClientRelayEnd::Unaccepted {
+                        stream,
+                        replay,
+                        outcome,
+                    } => (outcome, Some((stream, replay))),
+                },
+                None => (ep.relay_tcp(conn, stream).await, None),
+            };
             tracing::debug!(
                 bytes_in = out.bytes_in,
                 bytes_out = out.bytes_out,
@@ -150,7 +169,7 @@ pub(crate) fn start_relay(
                 node.traffic.finish(id, &out);
                 node.sockets.remove(&conn);
             }
-            if let Some((key, listener)) = member {
+            if let Some(Dispatched { key, listener, .. }) = member {
                 if let Some(g) = st.groups.map.get_mut(&key) {
                     g.traffic.finish(id, &out);
                 }
@@ -160,7 +179,26 @@ pub(crate) fn start_relay(
             }
             drop(st);
             shared.conns_changed.notify_waiters();
+            if let (Some((stream, replay)), Some(m)) = (back, member) {
+                // The node's copy of the socket went with its entry above.
+                match own_stream(stream) {
+                    Ok(stream) => crate::group::redispatch(&shared, m.key, stream, m.peer, replay),
+                    Err(e) => tracing::warn!(peer = %m.peer, error = %e, "cannot dispatch the client again; closed"),
+                }
+            }
         }
         .instrument(span),
     );
+}
+
+/// The client socket a relay gave back, as a socket of its own again
+/// (out of the runtime's reactor); a duplicate if it is still shared.
+fn own_stream(stream: Arc<TcpStream>) -> std::io::Result<std::net::TcpStream> {
+    match Arc::try_unwrap(stream) {
+        Ok(s) => s.into_std(),
+        Err(shared) => {
+            let fd = std::os::fd::AsFd::as_fd(&*shared).try_clone_to_owned()?;
+            Ok(std::net::TcpStream::from(fd))
+        }
+    }
 }

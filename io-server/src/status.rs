@@ -41,6 +41,9 @@ pub struct NodeStatus {
     pub counters: Counters,
     /// Accepted sockets go to this node itself (zero-relay).
     pub zero_relay: bool,
+    /// Connections given to it that its program has not accepted yet,
+    /// kept for re-dispatch should it leave (`unaccepted.rs`).
+    pub unaccepted: usize,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -57,6 +60,9 @@ pub struct GroupStatus {
     pub addr: SocketAddr,
     /// Clients waiting for an eligible member.
     pub queued: usize,
+    /// Clients dispatched again because their node left before its
+    /// program accepted them.
+    pub redispatched: u64,
     pub counters: Counters,
     pub members: Vec<MemberStatus>,
 }
@@ -105,6 +111,7 @@ impl Status {
                 weight: n.weight,
                 counters: counters(&st.nodes, &n.traffic),
                 zero_relay: n.handoff.as_ref().is_some_and(|h| h.is_open()),
+                unaccepted: n.ep.unaccepted() + n.handed.len(),
             })
             .collect();
         let mut groups: Vec<GroupStatus> = st
@@ -115,6 +122,7 @@ impl Status {
             .map(|(&addr, g)| GroupStatus {
                 addr,
                 queued: g.queue.len(),
+                redispatched: g.redispatched,
                 counters: counters(&st.nodes, &g.traffic),
                 members: g
                     .members
@@ -174,11 +182,14 @@ impl fmt::Display for Status {
         )?;
         writeln!(f, "  -> Node (id/listener)")?;
         for g in &self.groups {
-            let queued = if g.queued > 0 {
+            let mut queued = if g.queued > 0 {
                 format!(" queued {}", g.queued)
             } else {
                 String::new()
             };
+            if g.redispatched > 0 {
+                queued += &format!(" redispatched {}", g.redispatched);
+            }
             row(
                 f,
                 format!("TCP  {} {}{queued}", g.addr, self.scheduler.name()),

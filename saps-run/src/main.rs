@@ -5,8 +5,10 @@
 //! With `--io-server URL` the node joins a remote io-server over the fabric;
 //! without it an io-server runs in-process on the host's own stack, joined
 //! over the in-memory transport. The supervisor serves every process of the
-//! program's tree; saps-run exits with the program's status and forwards
-//! the signals it receives to it.
+//! program's tree until the last one has exited (saps-run is their
+//! subreaper); saps-run exits with the main process's status and forwards
+//! the signals it receives to it, or to the rest of the tree once the main
+//! process has exited (docs/interceptor.md, "The program's process tree").
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
@@ -14,7 +16,7 @@ use saps_fabric::endpoint::{Endpoint, EndpointEvent};
 use saps_fabric::handoff::{self, side, HandoffReceiver, HandoffSender};
 use saps_fabric::transport::{self, FabricUrl, StreamReader, StreamWriter};
 use saps_fabric::{Channel, ChannelConfig};
-use saps_interceptor::launch::Target;
+use saps_interceptor::launch::{self, Target, Tree};
 use saps_interceptor::supervisor::{Supervisor, SupervisorConfig};
 use saps_run::cli::{self, Args, Switch};
 use std::os::fd::AsFd;
@@ -24,6 +26,18 @@ use std::time::Duration;
 
 /// How long to wait for the io-server to welcome the node.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the rest of the program's tree has, after a terminating signal
+/// reached it (the main process having exited), before it gets `SIGKILL`.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// How long killing the tree may take before saps-run gives up on it.
+const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Signals whose forwarding means "stop": once the main process has
+/// exited, what remains of the tree gets them and, [`STOP_GRACE`] later,
+/// `SIGKILL`. `SIGHUP`, `SIGUSR1` … ask daemons to reload or reopen logs.
+const TERMINATING: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT];
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -56,6 +70,10 @@ fn run(args: Args) -> Result<u8> {
         .context("starting the runtime")?;
     let (endpoint, events, handoffs, _server) = rt.block_on(join(&args))?;
     let tracer = cli::tracer(&args)?;
+    // Before the spawn: a daemon's orphans must come to us, not to init.
+    launch::become_subreaper().context("becoming the program's subreaper")?;
+    // On this (the main) thread, which lives as long as saps-run: the
+    // program's parent-death signal follows the thread that forked it.
     let (target, notifier) = match Target::spawn(args.program.as_os_str(), &args.args) {
         Ok(t) => t,
         Err(e @ saps_interceptor::Error::Exec { .. }) => {
@@ -65,6 +83,17 @@ fn run(args: Args) -> Result<u8> {
         }
         Err(e) => return Err(e).context("starting the program"),
     };
+    let tree = match target.reap_tree() {
+        Ok(tree) => Arc::new(tree),
+        Err(e) => {
+            let _ = target.signal(libc::SIGKILL);
+            let _ = target.wait();
+            return Err(e).context("watching the program");
+        }
+    };
+    // From here on, whichever way run() returns (an error, a panic), the
+    // tree goes down with saps-run.
+    let _guard = KillOnDrop(tree.clone());
     let target = Arc::new(target);
     let supervisor = Supervisor::new(
         notifier,
@@ -92,8 +121,15 @@ fn run(args: Args) -> Result<u8> {
     if let Some(rx) = handoffs {
         rt.spawn(supervisor.clone().serve_handoffs(rx));
     }
-    forward_signals(&rt, &target);
-    supervisor.run(target.as_fd());
+    let (stopping, stopped) = tokio::sync::watch::channel(None);
+    forward_signals(&rt, &target, &tree, &Arc::new(stopping));
+    rt.spawn(stop_the_rest(target.clone(), tree.clone(), stopped));
+    supervisor.run(tree.as_fd());
+    if !tree.is_done() {
+        // The supervisor gave up: its program would get ENOSYS from every
+        // trapped call. `_guard` kills it.
+        bail!("the supervisor stopped serving the program; killing it");
+    }
     let status = target.wait().context("waiting for the program")?;
     if let Some(t) = tracer {
         t.finish();
@@ -305,8 +341,34 @@ fn random_token() -> String {
         .collect()
 }
 
-/// Signals sent to saps-run reach the program.
-fn forward_signals(rt: &tokio::runtime::Runtime, target: &Arc<Target>) {
+/// `SIGKILL`s what remains of the program's tree when dropped.
+struct KillOnDrop(Arc<Tree>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if !self.0.is_done() && !self.0.kill(KILL_TIMEOUT) {
+            eprintln!("saps-run: processes of the program survived SIGKILL for {KILL_TIMEOUT:?}");
+        }
+    }
+}
+
+/// A terminating signal saps-run forwarded, and whether it went to the rest
+/// of the tree (the main process had exited) or to the main process.
+#[derive(Clone, Copy, Debug)]
+struct Stopping {
+    signal: i32,
+    to_tree: bool,
+}
+
+/// Signals sent to saps-run reach the main process, or every process left
+/// in its tree once it has exited. The first terminating one is recorded
+/// in `stopping` for [`stop_the_rest`].
+fn forward_signals(
+    rt: &tokio::runtime::Runtime,
+    target: &Arc<Target>,
+    tree: &Arc<Tree>,
+    stopping: &Arc<tokio::sync::watch::Sender<Option<Stopping>>>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     for sig in [
         libc::SIGTERM,
@@ -317,15 +379,77 @@ fn forward_signals(rt: &tokio::runtime::Runtime, target: &Arc<Target>) {
         libc::SIGUSR2,
         libc::SIGWINCH,
     ] {
-        let target = target.clone();
+        let (target, tree, stopping) = (target.clone(), tree.clone(), stopping.clone());
         let _g = rt.enter();
         let Ok(mut stream) = signal(SignalKind::from_raw(sig)) else {
             continue;
         };
         rt.spawn(async move {
             while stream.recv().await.is_some() {
-                let _ = target.signal(sig);
+                let to_tree = target.has_exited();
+                if to_tree {
+                    let n = tree.signal(sig);
+                    tracing::info!(
+                        signal = sig,
+                        processes = n,
+                        "forwarded to the program's remaining processes"
+                    );
+                } else {
+                    let _ = target.signal(sig);
+                }
+                if TERMINATING.contains(&sig) {
+                    stopping.send_if_modified(|s| {
+                        let first = s.is_none();
+                        if first {
+                            *s = Some(Stopping {
+                                signal: sig,
+                                to_tree,
+                            });
+                        }
+                        first
+                    });
+                }
             }
         });
     }
+}
+
+/// Once the main process has exited and a terminating signal has been
+/// forwarded (before or after), the rest of the tree gets that signal too,
+/// like the units of a service manager being stopped, and [`STOP_GRACE`]
+/// later `SIGKILL`. Without such a signal the rest runs on (a daemon).
+async fn stop_the_rest(
+    target: Arc<Target>,
+    tree: Arc<Tree>,
+    mut stopped: tokio::sync::watch::Receiver<Option<Stopping>>,
+) {
+    if let Err(e) = target.exited().await {
+        tracing::error!(error = %e, "cannot watch the main process");
+        return;
+    }
+    let stopping = loop {
+        let now = *stopped.borrow_and_update();
+        if let Some(s) = now {
+            break s;
+        }
+        if stopped.changed().await.is_err() {
+            return;
+        }
+    };
+    if !stopping.to_tree {
+        let n = tree.signal(stopping.signal);
+        tracing::info!(
+            signal = stopping.signal,
+            processes = n,
+            "the main process has exited: signalled the rest of the program"
+        );
+    }
+    tokio::time::sleep(STOP_GRACE).await;
+    if tree.is_done() {
+        return;
+    }
+    tracing::warn!(
+        "the program's processes outlived {STOP_GRACE:?} after a terminating signal: killing them"
+    );
+    let _ = tokio::task::spawn_blocking(move || tree.kill(KILL_TIMEOUT)).await;
 }

@@ -11,7 +11,13 @@
 //! with one octet (1) before anything else, so the node serves only once
 //! its clients will come as sockets. From then on each message is one
 //! client: [`HEADER_LEN`] octets (listener, peer, local) with the socket
-//! attached. Either end closing the socket ends the hand-off; the
+//! attached, or, to a node whose fabric channel speaks protocol version 2,
+//! [`HEADER_LEN_V2`] octets: the same, then the io-server's id of the
+//! connection (u64) and the node id it was sent to (u32), when the
+//! io-server keeps a copy of the socket until the node's `Accepted`
+//! (issue 17). A node reads both lengths; an io-server sends the longer
+//! one only to a node that spoke version 2, so either end may be the
+//! older. Either end closing the socket ends the hand-off; the
 //! io-server then relays that node's connections over the fabric again.
 
 use super::{HandedOff, HandoffReceiver, HandoffSender};
@@ -30,6 +36,8 @@ use tokio::io::Interest;
 const ADDR_LEN: usize = 19;
 /// Octets of one hand-off message: listener id, peer, local.
 pub const HEADER_LEN: usize = 8 + 2 * ADDR_LEN;
+/// With the io-server's id of the connection and the node id (version 2).
+pub const HEADER_LEN_V2: usize = HEADER_LEN + 8 + 4;
 
 /// The hand-off socket that goes with the fabric socket `fabric`.
 pub fn path_for(fabric: &Path) -> PathBuf {
@@ -68,17 +76,50 @@ pub fn encode(listener: u64, peer: SocketAddr, local: SocketAddr) -> [u8; HEADER
     h
 }
 
-/// Decodes a header: (listener, peer, local); `None` if malformed.
-pub fn decode(h: &[u8]) -> Option<(u64, SocketAddr, SocketAddr)> {
-    if h.len() != HEADER_LEN {
-        return None;
-    }
-    let listener = u64::from_be_bytes(h[..8].try_into().ok()?);
-    Some((
-        listener,
-        get_addr(&h[8..8 + ADDR_LEN])?,
-        get_addr(&h[8 + ADDR_LEN..])?,
-    ))
+/// Encodes the header of a hand-off message the io-server keeps a copy
+/// of, as connection `conn`, sent to node `node`.
+pub fn encode_v2(
+    listener: u64,
+    peer: SocketAddr,
+    local: SocketAddr,
+    conn: u64,
+    node: u32,
+) -> [u8; HEADER_LEN_V2] {
+    let mut h = [0u8; HEADER_LEN_V2];
+    h[..HEADER_LEN].copy_from_slice(&encode(listener, peer, local));
+    h[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&conn.to_be_bytes());
+    h[HEADER_LEN + 8..].copy_from_slice(&node.to_be_bytes());
+    h
+}
+
+/// A decoded header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub listener: u64,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// 0 in a version 1 header.
+    pub conn: u64,
+    pub node: u32,
+}
+
+/// Decodes a header of either length; `None` if malformed.
+pub fn decode(h: &[u8]) -> Option<Header> {
+    let (conn, node) = match h.len() {
+        HEADER_LEN => (0, 0),
+        HEADER_LEN_V2 => (
+            u64::from_be_bytes(h[HEADER_LEN..HEADER_LEN + 8].try_into().ok()?),
+            u32::from_be_bytes(h[HEADER_LEN + 8..].try_into().ok()?),
+        ),
+        _ => return None,
+    };
+    Some(Header {
+        listener: u64::from_be_bytes(h[..8].try_into().ok()?),
+        peer: get_addr(&h[8..8 + ADDR_LEN])?,
+        local: get_addr(&h[8 + ADDR_LEN..HEADER_LEN])?,
+        conn,
+        node,
+    })
 }
 
 fn errno(e: nix::errno::Errno) -> io::Error {
@@ -219,27 +260,35 @@ impl SideSocket {
         Ok(n == 1 && b[0] == 1)
     }
 
-    /// io-server: sends one handed-off socket (closed here once sent).
+    /// io-server: sends one handed-off socket (closed here once sent),
+    /// with the version 2 header when the io-server keeps a copy of it.
     pub async fn send(&self, h: HandedOff) -> io::Result<()> {
-        let header = encode(h.listener, h.peer, h.local);
-        self.send_with(&header, Some(h.socket.as_raw_fd())).await
+        let fd = Some(h.socket.as_raw_fd());
+        if h.conn == 0 {
+            let header = encode(h.listener, h.peer, h.local);
+            return self.send_with(&header, fd).await;
+        }
+        let header = encode_v2(h.listener, h.peer, h.local, h.conn, h.node);
+        self.send_with(&header, fd).await
     }
 
     /// Node: the next handed-off socket; `None` once the io-server closed.
     pub async fn recv(&self) -> io::Result<Option<HandedOff>> {
-        let mut b = [0u8; HEADER_LEN + 1];
+        let mut b = [0u8; HEADER_LEN_V2 + 1];
         let (n, socket) = self.recv_with(&mut b).await?;
         if n == 0 {
             return Ok(None);
         }
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
-        let (listener, peer, local) = decode(&b[..n]).ok_or_else(|| bad("bad hand-off header"))?;
+        let h = decode(&b[..n]).ok_or_else(|| bad("bad hand-off header"))?;
         let socket = socket.ok_or_else(|| bad("hand-off message without a socket"))?;
         Ok(Some(HandedOff {
-            listener,
-            peer,
-            local,
+            listener: h.listener,
+            peer: h.peer,
+            local: h.local,
             socket,
+            conn: h.conn,
+            node: h.node,
         }))
     }
 
@@ -315,11 +364,31 @@ mod tests {
         let peer: SocketAddr = "192.0.2.1:4000".parse().unwrap();
         let local: SocketAddr = "[2001:db8::1]:80".parse().unwrap();
         let h = encode(7, peer, local);
-        assert_eq!(decode(&h), Some((7, peer, local)));
+        let v1 = Header {
+            listener: 7,
+            peer,
+            local,
+            conn: 0,
+            node: 0,
+        };
+        assert_eq!(decode(&h), Some(v1));
         assert_eq!(decode(&h[..HEADER_LEN - 1]), None);
         let mut bad = h;
         bad[8] = 5;
         assert_eq!(decode(&bad), None);
+        // Version 2: the same, then the io-server's id and the node id.
+        let h2 = encode_v2(7, peer, local, 0x1_0000_0003, 9);
+        assert_eq!(&h2[..HEADER_LEN], &h[..]);
+        let v2 = Header {
+            conn: 0x1_0000_0003,
+            node: 9,
+            ..v1
+        };
+        assert_eq!(decode(&h2), Some(v2));
+        assert_eq!(decode(&h2[..HEADER_LEN_V2 - 1]), None);
+        let mut long = h2.to_vec();
+        long.push(0);
+        assert_eq!(decode(&long), None);
     }
 
     #[tokio::test]
@@ -344,11 +413,14 @@ mod tests {
                 peer,
                 local,
                 socket: a.into(),
+                conn: 0,
+                node: 0,
             })
             .await
             .unwrap();
         let got = node.recv().await.unwrap().expect("one hand-off");
         assert_eq!((got.listener, got.peer, got.local), (3, peer, local));
+        assert_eq!((got.conn, got.node), (0, 0), "a version 1 header");
         // The received fd is the same socket: what is written to it
         // reaches the other end of the pair.
         let mut s = std::os::unix::net::UnixStream::from(got.socket);
@@ -356,6 +428,21 @@ mod tests {
         let mut buf = [0u8; 2];
         std::io::Read::read_exact(&mut &b, &mut buf).unwrap();
         assert_eq!(&buf, b"hi");
+        // One the io-server keeps a copy of carries its id and the node's.
+        let (c, _d) = std::os::unix::net::UnixStream::pair().unwrap();
+        server
+            .send(HandedOff {
+                listener: 3,
+                peer,
+                local,
+                socket: c.into(),
+                conn: 5,
+                node: 42,
+            })
+            .await
+            .unwrap();
+        let got = node.recv().await.unwrap().expect("a tracked hand-off");
+        assert_eq!((got.listener, got.conn, got.node), (3, 5, 42));
         drop(server);
         assert!(node.recv().await.unwrap().is_none());
     }

@@ -20,6 +20,7 @@
 mod accept;
 mod arrival;
 mod connect;
+mod locks;
 mod socket;
 mod sockopt;
 
@@ -34,7 +35,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use locks::{Guard, Rank, Ranked};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// How loopback addresses are treated (`--loopback`).
@@ -177,41 +179,41 @@ pub(crate) struct Arrival {
 pub(crate) struct Shared {
     pub notifier: Notifier,
     /// The channel to the io-server; replaced when the node rejoins.
-    endpoint: Mutex<Endpoint>,
+    endpoint: Ranked<Endpoint>,
     /// Bumped at each rejoin: work of an older channel must not touch
     /// the state of the new one.
     pub generation: std::sync::atomic::AtomicU64,
     pub rt: tokio::runtime::Handle,
     pub config: SupervisorConfig,
-    pub table: Mutex<VsockTable>,
+    pub table: Ranked<VsockTable>,
     /// Listener connection tag → its `L`.
-    pub listeners: Mutex<HashMap<ConnId, Listener>>,
+    pub listeners: Ranked<HashMap<ConnId, Listener>>,
     /// Connections delivered to an `L`, by tag, until accepted.
-    pub arrivals: Mutex<HashMap<ConnId, Arrival>>,
+    pub arrivals: Ranked<HashMap<ConnId, Arrival>>,
     /// Sockets waiting in a listener's ready queue for the program's
     /// accept, by tag: a TCP socket handed over by a same-host io-server
     /// (zero-relay), or the program's end of a relayed connection's socket
     /// pair.
-    pub waiting: Mutex<HashMap<ConnId, (OwnedFd, arrival::Kind)>>,
+    pub waiting: Ranked<HashMap<ConnId, (OwnedFd, arrival::Kind)>>,
     /// Each listener's ready queue, by listener tag.
-    pub ready: Mutex<HashMap<ConnId, arrival::Ready>>,
+    pub ready: Ranked<HashMap<ConnId, arrival::Ready>>,
     /// Local tags of handed-over connections (apart from the fabric's).
     pub next_handed: std::sync::atomic::AtomicU64,
     /// Listeners the program closed, newest last, with their addresses.
-    pub retired: Mutex<VecDeque<(ConnId, SocketAddr)>>,
+    pub retired: Ranked<VecDeque<(ConnId, SocketAddr)>>,
     /// Connections waiting for a listener on the address of a closed one.
-    pub orphans: Mutex<Vec<arrival::Orphan>>,
+    pub orphans: Ranked<Vec<arrival::Orphan>>,
     /// pidfds of the target's threads, by thread id.
-    pub pidfds: Mutex<HashMap<u32, Arc<OwnedFd>>>,
+    pub pidfds: Ranked<HashMap<u32, Arc<OwnedFd>>>,
     /// Listeners whose `L` the program still holds but that are not
     /// served (listening again after a rejoin failed): their `M` is kept
     /// until `L` is closed, since `L` would poll readable (hang-up) for
     /// good once `M` was.
-    pub dormant: Mutex<Vec<Listener>>,
+    pub dormant: Ranked<Vec<Listener>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+fn lock<T>(m: &Ranked<T>) -> Guard<'_, T> {
+    m.lock()
 }
 
 /// The node's supervisor, shared by every process of the target.
@@ -274,20 +276,20 @@ impl Supervisor {
         Supervisor {
             shared: Arc::new(Shared {
                 notifier,
-                endpoint: Mutex::new(endpoint),
+                endpoint: Ranked::new(Rank::Endpoint, endpoint),
                 generation: std::sync::atomic::AtomicU64::new(0),
                 rt,
                 config,
-                table: Mutex::default(),
-                listeners: Mutex::default(),
-                arrivals: Mutex::default(),
-                waiting: Mutex::default(),
-                ready: Mutex::default(),
+                table: Ranked::default_with(Rank::Table),
+                listeners: Ranked::default_with(Rank::Listeners),
+                arrivals: Ranked::default_with(Rank::Arrivals),
+                waiting: Ranked::default_with(Rank::Waiting),
+                ready: Ranked::default_with(Rank::Ready),
                 next_handed: std::sync::atomic::AtomicU64::new(1 << 62),
-                retired: Mutex::default(),
-                orphans: Mutex::default(),
-                pidfds: Mutex::default(),
-                dormant: Mutex::default(),
+                retired: Ranked::default_with(Rank::Retired),
+                orphans: Ranked::default_with(Rank::Orphans),
+                pidfds: Ranked::default_with(Rank::Pidfds),
+                dormant: Ranked::default_with(Rank::Dormant),
             }),
         }
     }
@@ -407,7 +409,8 @@ impl Supervisor {
         lock(&sh.arrivals).clear();
         // Tags of the old channel mean nothing on the new one.
         lock(&sh.retired).clear();
-        for o in std::mem::take(&mut *lock(&sh.orphans)) {
+        let orphans = std::mem::take(&mut *lock(&sh.orphans));
+        for o in orphans {
             lock(&sh.waiting).remove(&o.id);
         }
         arrival::clear_queues(sh);
@@ -539,7 +542,7 @@ impl Shared {
         self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    pub(crate) fn table(&self) -> MutexGuard<'_, VsockTable> {
+    pub(crate) fn table(&self) -> Guard<'_, VsockTable> {
         lock(&self.table)
     }
 
@@ -680,7 +683,10 @@ impl Shared {
         lock(&self.dormant).retain(Listener::alive);
         for conn in dead {
             tracing::debug!(conn, "the program closed a listener");
-            if let Some(l) = lock(&self.listeners).remove(&conn) {
+            // Out of the map first: the guard must be gone before the
+            // queue is orphaned (`park` takes `orphans`, then `listeners`).
+            let removed = lock(&self.listeners).remove(&conn);
+            if let Some(l) = removed {
                 arrival::retire(self, conn, l.addr);
                 arrival::orphan_queue(self, conn, l.addr);
             }

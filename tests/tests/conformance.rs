@@ -1,0 +1,560 @@
+//! Differential conformance (after gVisor's test/syscalls socket tests):
+//! one program of socket scenarios, `tests/conformance/scenarios.py`, runs
+//! natively and under `saps-run` in every mode, and its output must be the
+//! same line for line. A difference SAPS makes on purpose is declared in
+//! [`DEPARTURES`], with the line it prints instead and why.
+//!
+//! Every run happens in a network namespace of its own (one per test, so
+//! the tests of this binary can run in parallel threads) with `lo` up and
+//! an interface `d0` holding 192.0.2.1/24 and 2001:db8::1/64: a dummy
+//! interface, or where the kernel has no dummy driver a veth pair with both
+//! ends in the namespace and a permanent neighbour entry for 192.0.2.2, so
+//! that a SYN to it is dropped without an answer either way.
+//!
+//! See tests/conformance/README.md.
+
+use saps_tests::*;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// One run of the scenario program, natively or in one mode, may take this
+/// long; then its process group is killed and the mode fails.
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+
+const ADDR4: &str = "192.0.2.1";
+const ADDR6: &str = "2001:db8::1";
+/// On d0's subnet, answers nothing: connections to it stay in SYN_SENT.
+const BLACKHOLE4: &str = "192.0.2.2";
+/// The fabric port of the `tcp-fabric` mode's io-server, inside its own
+/// namespace (below the ephemeral range the scenarios' port-0 binds use).
+const TCP_FABRIC_PORT: u16 = 7700;
+
+/// The suite must not silently shrink.
+const MIN_SCENARIOS: usize = 80;
+
+/// A documented difference: in `modes`, scenario `scenario` prints `saps`
+/// where the native run prints `native` (both whole lines, `name: ` prefix
+/// included). Each line must match exactly, or the scenario fails (so a
+/// departure that is fixed, or changes, must be updated here).
+struct Departure {
+    scenario: &'static str,
+    modes: &'static [&'static str],
+    native: &'static str,
+    saps: &'static str,
+    /// One line, pointing at docs/interceptor.md or docs/architecture.md.
+    reason: &'static str,
+}
+
+/// Declared departures. Empty to begin with: whoever changes the
+/// interceptor decides which differences are deliberate (and documents
+/// them) rather than this suite.
+const DEPARTURES: &[Departure] = &[];
+
+/// The saps-run modes, each a #[test] below.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    /// Embedded io-server, zero-relay (saps-run's default).
+    Embedded,
+    /// Embedded io-server, `--zero-relay off`.
+    Relay,
+    /// A standalone io-server over a `unix:` fabric.
+    UnixFabric,
+    /// A standalone io-server over a `tcp://` fabric (always relayed).
+    TcpFabric,
+    /// Embedded io-server, `--loopback cluster`.
+    LoopbackCluster,
+}
+
+const MODES: [Mode; 5] = [
+    Mode::Embedded,
+    Mode::Relay,
+    Mode::UnixFabric,
+    Mode::TcpFabric,
+    Mode::LoopbackCluster,
+];
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Embedded => "embedded",
+            Mode::Relay => "relay",
+            Mode::UnixFabric => "unix-fabric",
+            Mode::TcpFabric => "tcp-fabric",
+            Mode::LoopbackCluster => "loopback-cluster",
+        }
+    }
+}
+
+fn scenarios_py() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("conformance/scenarios.py")
+}
+
+/// Skips the test with a reason, or fails it on CI (CI=true), where
+/// everything the suite needs is installed and the tests run as root.
+fn skip(reason: &str) {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("conformance cannot run on CI: {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+}
+
+/// Why the suite cannot run here, if it cannot.
+fn missing_prerequisite() -> Option<String> {
+    if !Path::new(PYTHON).exists() {
+        return Some(format!(
+            "{PYTHON} is not installed (Debian package python3)"
+        ));
+    }
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root: network namespaces need CAP_SYS_ADMIN".into());
+    }
+    let ip = Command::new("ip").arg("-V").output();
+    if !ip.is_ok_and(|o| o.status.success()) {
+        return Some("`ip` is not installed (Debian package iproute2)".into());
+    }
+    None
+}
+
+/// A network namespace with `lo` up and `d0` holding ADDR4/24 and
+/// ADDR6/64; deleted when dropped.
+struct ConfNs {
+    name: String,
+}
+
+impl ConfNs {
+    fn new(tag: &str) -> Result<ConfNs, String> {
+        let name = format!("saps-conf-{}-{tag}", std::process::id());
+        // A namespace left over by a killed earlier run of the same pid.
+        let _ = run(Command::new("ip").args(["netns", "del", &name]));
+        let ns = ConfNs { name };
+        ns.ip(&["netns", "add", &ns.name], false)?;
+        ns.ip(&["link", "set", "lo", "up"], true)?;
+        if ns
+            .ip(&["link", "add", "d0", "type", "dummy"], true)
+            .is_err()
+        {
+            // No dummy driver (e.g. CONFIG_DUMMY unset): a veth pair whose
+            // other end has no address; the permanent neighbour entry sends
+            // a SYN to BLACKHOLE4 out without ARP, to be dropped silently.
+            ns.ip(
+                &["link", "add", "d0", "type", "veth", "peer", "name", "d0p"],
+                true,
+            )?;
+            ns.ip(&["link", "set", "d0p", "up"], true)?;
+            ns.ip(&["link", "set", "d0", "up"], true)?;
+            ns.ip(
+                &[
+                    "neigh",
+                    "replace",
+                    BLACKHOLE4,
+                    "lladdr",
+                    "02:00:00:00:00:02",
+                    "dev",
+                    "d0",
+                    "nud",
+                    "permanent",
+                ],
+                true,
+            )?;
+        }
+        ns.ip(&["addr", "add", &format!("{ADDR4}/24"), "dev", "d0"], true)?;
+        ns.ip(
+            &["addr", "add", &format!("{ADDR6}/64"), "dev", "d0", "nodad"],
+            true,
+        )?;
+        ns.ip(&["link", "set", "d0", "up"], true)?;
+        Ok(ns)
+    }
+
+    /// `ip [-n NAME] ARGS…`.
+    fn ip(&self, args: &[&str], inside: bool) -> Result<(), String> {
+        let mut c = Command::new("ip");
+        if inside {
+            c.args(["-n", &self.name]);
+        }
+        let o = run(c.args(args));
+        if o.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip {}{}: {}",
+                if inside {
+                    format!("-n {} ", self.name)
+                } else {
+                    String::new()
+                },
+                args.join(" "),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ))
+        }
+    }
+
+    /// `ip netns exec NAME PROGRAM`.
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for ConfNs {
+    fn drop(&mut self) {
+        let _ = run(Command::new("ip").args(["netns", "del", &self.name]));
+    }
+}
+
+/// What one run of the scenario program left.
+struct Run {
+    stdout: String,
+    stderr: String,
+    /// Exit code, or None when it was killed at RUN_TIMEOUT.
+    code: Option<i32>,
+    elapsed: Duration,
+}
+
+impl Run {
+    /// A readable account of a run that did not finish properly.
+    fn trouble(&self, what: &str) -> Option<String> {
+        let why = match self.code {
+            Some(0) => return None,
+            Some(c) => format!("{what} exited with status {c}"),
+            None => format!("{what} did not finish within {RUN_TIMEOUT:?} (killed)"),
+        };
+        Some(format!(
+            "{why}\n--- last lines of its output:\n{}\n--- last lines of its stderr:\n{}",
+            tail(&self.stdout, 15),
+            tail(&self.stderr, 40)
+        ))
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Runs `PREFIX… /usr/bin/python3 -u scenarios.py` inside `ns`.
+fn run_scenarios(ns: &ConfNs, prefix: &[String]) -> Run {
+    let (program, rest): (&str, &[String]) = match prefix.split_first() {
+        Some((p, r)) => (p, r),
+        None => (PYTHON, &[]),
+    };
+    let mut cmd = ns.command(program);
+    cmd.args(rest);
+    if !prefix.is_empty() {
+        cmd.arg(PYTHON);
+    }
+    cmd.arg("-u")
+        .arg(scenarios_py())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("CONFORMANCE_ADDR4", ADDR4)
+        .env("CONFORMANCE_ADDR6", ADDR6)
+        .env("CONFORMANCE_BLACKHOLE4", BLACKHOLE4);
+    let start = Instant::now();
+    let mut p = Proc::spawn(&mut cmd);
+    let code = p.wait_timeout(RUN_TIMEOUT);
+    let elapsed = start.elapsed();
+    // On a timeout, dropping `p` kills the process group.
+    Run {
+        stdout: p.stdout(),
+        stderr: p.stderr(),
+        code,
+        elapsed,
+    }
+}
+
+/// The native run, shared by the tests of every mode.
+enum Native {
+    Skipped(String),
+    Failed(String),
+    Ran(Run),
+}
+
+fn native() -> &'static Native {
+    static NATIVE: OnceLock<Native> = OnceLock::new();
+    NATIVE.get_or_init(|| {
+        if let Some(why) = missing_prerequisite() {
+            return Native::Skipped(why);
+        }
+        let ns = match ConfNs::new("native") {
+            Ok(ns) => ns,
+            Err(e) => return Native::Skipped(format!("cannot make a network namespace ({e})")),
+        };
+        let r = run_scenarios(&ns, &[]);
+        eprintln!("conformance native: ran in {:.1}s", r.elapsed.as_secs_f64());
+        match r.trouble("the native run") {
+            Some(t) => Native::Failed(t),
+            None => Native::Ran(r),
+        }
+    })
+}
+
+/// The scenario names, from `scenarios.py --list`.
+fn scenario_names() -> Vec<String> {
+    let o = run(Command::new(PYTHON)
+        .arg(scenarios_py())
+        .arg("--list")
+        .env("PYTHONDONTWRITEBYTECODE", "1"));
+    assert!(
+        o.status.success(),
+        "scenarios.py --list failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Output lines grouped by scenario (the text before the first ": ");
+/// lines of no known scenario go under "(other output)".
+fn group(out: &str, names: &[String]) -> HashMap<String, Vec<String>> {
+    let mut m: HashMap<String, Vec<String>> = HashMap::new();
+    for line in out.lines() {
+        let key = match line.split_once(": ") {
+            Some((n, _)) if names.iter().any(|x| x == n) => n.to_owned(),
+            _ => "(other output)".to_owned(),
+        };
+        m.entry(key).or_default().push(line.to_owned());
+    }
+    m
+}
+
+/// Compares one mode's output with the native one; (passed, failure report).
+fn compare(mode: Mode, names: &[String], native: &str, saps: &str) -> (usize, Vec<String>) {
+    let nat = group(native, names);
+    let sap = group(saps, names);
+    let empty = Vec::new();
+    let mut passed = 0;
+    let mut failures = Vec::new();
+    let mut keys: Vec<String> = names.to_vec();
+    keys.push("(other output)".to_owned());
+    for name in &keys {
+        let n = nat.get(name).unwrap_or(&empty);
+        let s = sap.get(name).unwrap_or(&empty);
+        let mut problems = Vec::new();
+        let mut excused = vec![false; n.len().max(s.len())];
+        for d in DEPARTURES
+            .iter()
+            .filter(|d| d.scenario == name && d.modes.contains(&mode.name()))
+        {
+            match n.iter().position(|l| l == d.native) {
+                None => problems.push(format!(
+                    "  departure declared for native line {:?}, which the native run no longer prints",
+                    d.native
+                )),
+                Some(i) if s.get(i).map(String::as_str) == Some(d.saps) => excused[i] = true,
+                Some(i) => problems.push(format!(
+                    "  departure declared: native {:?} -> saps {:?}\n    but saps printed {:?}",
+                    d.native,
+                    d.saps,
+                    s.get(i).map_or("<nothing>", String::as_str)
+                )),
+            }
+        }
+        for i in 0..n.len().max(s.len()) {
+            let (a, b) = (n.get(i), s.get(i));
+            if a != b && !excused[i] {
+                problems.push(format!(
+                    "  native: {}\n  saps:   {}",
+                    a.map_or("<nothing>", String::as_str),
+                    b.map_or("<nothing>", String::as_str)
+                ));
+            }
+        }
+        if problems.is_empty() {
+            if name != "(other output)" {
+                passed += 1;
+            }
+        } else {
+            failures.push(format!("FAIL {name}\n{}", problems.join("\n")));
+        }
+    }
+    (passed, failures)
+}
+
+/// The saps-run command line of a mode (before the program), and the
+/// io-server it needs, if any.
+fn mode_command(mode: Mode, ns: &ConfNs, dir: &Path) -> (Vec<String>, Option<Proc>) {
+    let saps_run = bin("saps-run").to_string_lossy().into_owned();
+    let embedded = |extra: &[&str]| -> Vec<String> {
+        let mut v = vec![saps_run.clone(), "--address".into(), ADDR4.into()];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v.push("--".into());
+        v
+    };
+    match mode {
+        Mode::Embedded => (embedded(&[]), None),
+        Mode::Relay => (embedded(&["--zero-relay", "off"]), None),
+        Mode::LoopbackCluster => (embedded(&["--loopback", "cluster"]), None),
+        Mode::UnixFabric | Mode::TcpFabric => {
+            let token = dir.join("token");
+            std::fs::write(&token, "conformance secret\n").unwrap();
+            let control = dir.join("control.sock");
+            let url = if mode == Mode::UnixFabric {
+                format!("unix:{}", dir.join("saps.sock").display())
+            } else {
+                format!("tcp://127.0.0.1:{TCP_FABRIC_PORT}")
+            };
+            let io = Proc::spawn(ns.command(bin("io-server")).args([
+                "--fabric",
+                &url,
+                "--address",
+                ADDR4,
+                "--token-file",
+                token.to_str().unwrap(),
+                "--control",
+                control.to_str().unwrap(),
+            ]));
+            let up = wait_for(Duration::from_secs(30), || {
+                let o = run(Command::new(bin("io-server")).args([
+                    "status",
+                    "--control",
+                    control.to_str().unwrap(),
+                ]));
+                o.status.success().then_some(())
+            });
+            assert!(up.is_some(), "io-server did not start: {}", io.stderr());
+            let cmd = vec![
+                saps_run,
+                "--io-server".into(),
+                url,
+                "--token-file".into(),
+                token.to_string_lossy().into_owned(),
+                "--".into(),
+            ];
+            (cmd, Some(io))
+        }
+    }
+}
+
+/// Runs the scenarios in `mode` and compares them with the native run.
+fn conformance(mode: Mode) {
+    if let Some(why) = missing_prerequisite() {
+        return skip(&why);
+    }
+    let names = scenario_names();
+    let ns = match ConfNs::new(mode.name()) {
+        Ok(ns) => ns,
+        Err(e) => return skip(&format!("cannot make a network namespace ({e})")),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (prefix, io) = mode_command(mode, &ns, dir.path());
+    // The mode's run and the (shared) native run go on at the same time.
+    let saps = std::thread::scope(|s| {
+        let h = s.spawn(|| run_scenarios(&ns, &prefix));
+        let _ = native();
+        h.join().unwrap()
+    });
+    let native = match native() {
+        Native::Skipped(why) => return skip(why),
+        Native::Failed(t) => panic!("{t}"),
+        Native::Ran(r) => r,
+    };
+    let io_stderr = io.as_ref().map(Proc::stderr);
+    drop(io);
+    eprintln!(
+        "conformance {}: ran in {:.1}s (native {:.1}s)",
+        mode.name(),
+        saps.elapsed.as_secs_f64(),
+        native.elapsed.as_secs_f64()
+    );
+    let (passed, failures) = compare(mode, &names, &native.stdout, &saps.stdout);
+    for f in &failures {
+        eprintln!("[{}] {f}", mode.name());
+    }
+    let summary = format!(
+        "conformance {}: {passed} passed, {} failed",
+        mode.name(),
+        names.len() - passed
+    );
+    eprintln!("{summary}");
+    println!("{summary}");
+    let trouble = saps.trouble(&format!("saps-run ({})", mode.name()));
+    if let Some(t) = &trouble {
+        eprintln!("{t}");
+        if let Some(e) = &io_stderr {
+            eprintln!("--- last lines of the io-server's stderr:\n{}", tail(e, 40));
+        }
+    }
+    assert!(
+        failures.is_empty() && trouble.is_none(),
+        "{summary}{}",
+        trouble.map_or(String::new(), |t| format!("\n{t}"))
+    );
+}
+
+#[test]
+fn embedded_zero_relay() {
+    conformance(Mode::Embedded);
+}
+
+#[test]
+fn embedded_relayed() {
+    conformance(Mode::Relay);
+}
+
+#[test]
+fn standalone_io_server_unix_fabric() {
+    conformance(Mode::UnixFabric);
+}
+
+#[test]
+fn standalone_io_server_tcp_fabric() {
+    conformance(Mode::TcpFabric);
+}
+
+#[test]
+fn embedded_loopback_cluster() {
+    conformance(Mode::LoopbackCluster);
+}
+
+/// The suite keeps its size, and the departures table names scenarios and
+/// modes that exist.
+#[test]
+fn scenario_count_and_departures_table() {
+    if !Path::new(PYTHON).exists() {
+        return skip(&format!(
+            "{PYTHON} is not installed (Debian package python3)"
+        ));
+    }
+    let names = scenario_names();
+    assert!(
+        names.len() >= MIN_SCENARIOS,
+        "scenarios.py lists {} scenarios, fewer than {MIN_SCENARIOS}",
+        names.len()
+    );
+    let mut seen = std::collections::HashSet::new();
+    for n in &names {
+        assert!(seen.insert(n), "scenario {n} is listed twice");
+    }
+    for d in DEPARTURES {
+        assert!(
+            names.iter().any(|n| n == d.scenario),
+            "departure for unknown scenario {}",
+            d.scenario
+        );
+        for m in d.modes {
+            assert!(
+                MODES.iter().any(|x| x.name() == *m),
+                "departure of {} names unknown mode {m}",
+                d.scenario
+            );
+        }
+        let prefix = format!("{}: ", d.scenario);
+        assert!(
+            d.native.starts_with(&prefix) && d.saps.starts_with(&prefix),
+            "departure lines of {} must be whole output lines",
+            d.scenario
+        );
+        assert!(
+            !d.reason.is_empty(),
+            "departure of {} needs a reason",
+            d.scenario
+        );
+    }
+}
