@@ -11,6 +11,9 @@
 //! * `io_uring_setup` → `ENOSYS` (io_uring would bypass the filter);
 //! * `socket()` → `SECCOMP_RET_USER_NOTIF` only for `AF_INET`/`AF_INET6` with
 //!   `(type & 0xf) == SOCK_STREAM`, so AF_UNIX, UDP and netlink never trap;
+//! * `sendto()` → `SECCOMP_RET_USER_NOTIF` only with a destination address
+//!   (a non-NULL `dest_addr`: TCP ignores it, the AF_UNIX end of a relayed
+//!   connection would refuse it); plain sends never trap;
 //! * the rest of [`TRAPPED_SYSCALLS`] → `SECCOMP_RET_USER_NOTIF`;
 //! * everything else → `SECCOMP_RET_ALLOW`.
 
@@ -46,6 +49,7 @@ pub const TRAPPED_SYSCALLS: &[(i64, &str)] = &[
     (libc::SYS_getsockopt, "getsockopt"),
     (libc::SYS_getsockname, "getsockname"),
     (libc::SYS_getpeername, "getpeername"),
+    (libc::SYS_sendto, "sendto"),
 ];
 
 /// 32-bit x86 syscall numbers refused with `ENOSYS` (arch/x86/entry/syscalls/
@@ -98,6 +102,15 @@ const fn off_arg_low(i: u32) -> u32 {
         base + 4
     }
 }
+/// High 32 bits of `args[i]` (the upper half of a pointer).
+const fn off_arg_high(i: u32) -> u32 {
+    let base = 16 + 8 * i;
+    if cfg!(target_endian = "little") {
+        base + 4
+    } else {
+        base
+    }
+}
 
 const RET_ENOSYS: u32 = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
 
@@ -106,6 +119,7 @@ enum Label {
     Native,
     SocketDomain,
     SocketType,
+    SendtoAddr,
     Notify,
     Allow,
     Enosys,
@@ -208,6 +222,8 @@ impl Filter {
         for &(nr, _) in TRAPPED_SYSCALLS {
             let to = if nr == libc::SYS_socket && !options.trap_every_socket {
                 SocketDomain
+            } else if nr == libc::SYS_sendto {
+                SendtoAddr
             } else {
                 Notify
             };
@@ -223,6 +239,14 @@ impl Filter {
         a.load(off_arg_low(1));
         a.stmt(libc::BPF_ALU | libc::BPF_AND | libc::BPF_K, 0xf);
         a.jeq(libc::SOCK_STREAM as u32, Some(Notify), Some(Allow));
+
+        // sendto(fd, buf, len, flags, dest_addr, addrlen): a NULL
+        // dest_addr (both halves zero) runs natively.
+        a.label(SendtoAddr);
+        a.load(off_arg_low(4));
+        a.jeq(0, None, Some(Notify));
+        a.load(off_arg_high(4));
+        a.jeq(0, Some(Allow), Some(Notify));
 
         a.label(Notify);
         a.ret(libc::SECCOMP_RET_USER_NOTIF);
@@ -332,7 +356,9 @@ mod tests {
     fn connection_management_traps_and_data_path_does_not() {
         let p = Filter::build(&FilterOptions::default());
         for &(nr, name) in &TRAPPED_SYSCALLS[1..] {
-            assert_eq!(native(&p, nr, 3, 0), NOTIFY, "{name}");
+            if nr != libc::SYS_sendto {
+                assert_eq!(native(&p, nr, 3, 0), NOTIFY, "{name}");
+            }
         }
         for nr in [
             libc::SYS_read,
@@ -344,6 +370,15 @@ mod tests {
         ] {
             assert_eq!(native(&p, nr, 3, 0), ALLOW, "nr {nr}");
         }
+    }
+
+    #[test]
+    fn sendto_traps_only_with_a_destination_address() {
+        let p = Filter::build(&FilterOptions::default());
+        let sendto = |addr: u64| run(&p, NATIVE_ARCH, libc::SYS_sendto as u32, [3, 0x1000, 5, 0, addr, 16]);
+        assert_eq!(sendto(0), ALLOW, "send(), sendto(…, NULL, 0)");
+        assert_eq!(sendto(0x7ffd_1234), NOTIFY);
+        assert_eq!(sendto(0x7ffd_0000_0000), NOTIFY, "only the high half set");
     }
 
     #[test]

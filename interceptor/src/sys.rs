@@ -318,18 +318,32 @@ fn child_after_fork(plan: &ChildPlan, parent: libc::pid_t, sock: RawFd, err_pipe
             len: plan.filter.len() as u16,
             filter: plan.filter.as_ptr().cast_mut(),
         };
-        let listener = libc::syscall(
+        // SPEC_ALLOW: the filter intercepts, it does not confine, so it
+        // must not switch on the Speculative Store Bypass mitigation that
+        // kernels booted with `spec_store_bypass_disable=seccomp` force
+        // on every filtered task (a program would then run slower under
+        // saps-run than directly for a reason that has nothing to do
+        // with SAPS).
+        let flags = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER | libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW;
+        // WAIT_KILLABLE_RECV (Linux 5.19): once the supervisor has taken a
+        // call, only a fatal signal interrupts it, as natively for calls
+        // that never sleep (bind, listen …); the supervisor answers a call
+        // that sleeps natively (a blocking accept) with ERESTARTSYS when a
+        // signal is pending (`supervisor::signals`). Older kernels: without.
+        let mut listener = libc::syscall(
             libc::SYS_seccomp,
             libc::SECCOMP_SET_MODE_FILTER,
-            // SPEC_ALLOW: the filter intercepts, it does not confine, so it
-            // must not switch on the Speculative Store Bypass mitigation that
-            // kernels booted with `spec_store_bypass_disable=seccomp` force
-            // on every filtered task (a program would then run slower under
-            // saps-run than directly for a reason that has nothing to do
-            // with SAPS).
-            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER | libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW,
+            flags | libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV,
             &prog as *const libc::sock_fprog,
         );
+        if listener < 0 && *libc::__errno_location() == libc::EINVAL {
+            listener = libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                flags,
+                &prog as *const libc::sock_fprog,
+            );
+        }
         if listener < 0 {
             fail(ChildStage::Seccomp);
         }
@@ -390,6 +404,19 @@ unsafe fn send_fd_raw(sock: RawFd, fd: RawFd) -> isize {
 
 /// `setsockopt(2)` with a raw option value, for replaying the options a
 /// program set on a virtual socket onto a real one.
+/// `socket(domain, ty, protocol)` with a protocol number `nix` may not
+/// name (`IPPROTO_MPTCP`).
+pub fn socket_raw(domain: i32, ty: i32, protocol: i32) -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) takes integers only; a non-negative result is a
+    // new fd that nothing else owns.
+    let fd = unsafe { libc::socket(domain, ty, protocol) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned here only.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 pub fn setsockopt_raw(fd: BorrowedFd<'_>, level: i32, name: i32, value: &[u8]) -> io::Result<()> {
     // SAFETY: `value` is a live buffer of exactly the length passed.
     let ret = unsafe {
@@ -419,6 +446,13 @@ pub fn async_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedF
     // SAFETY: the `OwnedFd` moves into the `AsyncFd`, so it stays open and
     // refers to the same file description for the AsyncFd's whole life.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+/// [`async_readable`] for writability.
+pub fn async_writable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: as in `async_readable`.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::WRITABLE) }
         .map_err(|e| e.into_parts().1)
 }
 

@@ -33,6 +33,8 @@ pub enum State {
 pub struct VirtualSocket {
     /// `AF_INET` or `AF_INET6`, as the program asked.
     pub domain: i32,
+    /// `IPPROTO_TCP`, or `IPPROTO_MPTCP` (served as TCP by the io-server).
+    pub protocol: i32,
     /// The SAPS connection tag, once the io-server knows the socket.
     pub conn: Option<ConnId>,
     /// The address bound on the io-server (port 0 resolved).
@@ -42,17 +44,29 @@ pub struct VirtualSocket {
     pub error: i32,
     /// Options the program set, replayed where they apply.
     pub options: Options,
+    /// A connect finished (or failed) while no `connect` call waited for
+    /// it (non-blocking, or interrupted): the kernel's `sock->state` is
+    /// still `SS_CONNECTING`, so the next `connect` reports the outcome
+    /// (0, or the error) instead of `EISCONN`.
+    pub connect_unreported: bool,
 }
 
 impl VirtualSocket {
     pub fn new(domain: i32) -> Self {
+        VirtualSocket::with_protocol(domain, libc::IPPROTO_TCP)
+    }
+
+    /// A new socket of `domain` and `protocol` (TCP or MPTCP).
+    pub fn with_protocol(domain: i32, protocol: i32) -> Self {
         VirtualSocket {
             domain,
+            protocol,
             conn: None,
             bound: None,
             state: State::Fresh,
             error: 0,
             options: Options::default(),
+            connect_unreported: false,
         }
     }
 
@@ -172,6 +186,27 @@ impl VsockTable {
         self.by_inode.get_mut(&ino)
     }
 
+    /// Sockets still in their placeholder (`Fresh`, not listening nor
+    /// connected), bound on `port` if given: the ones whose close the
+    /// supervisor cannot see. At most `max`.
+    pub fn placeholders(&self, port: Option<u16>, max: usize) -> Vec<Inode> {
+        self.by_inode
+            .iter()
+            .filter(|(_, vs)| vs.state == State::Fresh)
+            .filter(|(_, vs)| port.is_none_or(|p| vs.bound.is_some_and(|b| b.port() == p)))
+            .map(|(&ino, _)| ino)
+            .take(max)
+            .collect()
+    }
+
+    /// Forgets socket `ino` if it is still a placeholder.
+    pub fn remove_placeholder(&mut self, ino: Inode) -> Option<VirtualSocket> {
+        if self.by_inode.get(&ino)?.state != State::Fresh {
+            return None;
+        }
+        self.remove(ino)
+    }
+
     /// Forgets the socket of connection `conn`.
     pub fn remove_conn(&mut self, conn: ConnId) -> Option<VirtualSocket> {
         let ino = *self.by_conn.get(&conn)?;
@@ -280,6 +315,27 @@ mod tests {
         assert_eq!(t.get(20).unwrap().error, libc::ECONNRESET);
         assert!(t.remove_conn(9).is_some());
         assert!(t.is_empty() && t.by_conn_mut(9).is_none());
+    }
+
+    #[test]
+    fn placeholders_are_fresh_sockets_and_only_they_are_swept() {
+        let mut t = VsockTable::default();
+        let mut bound = VirtualSocket::new(libc::AF_INET);
+        bound.bound = Some("0.0.0.0:8080".parse().unwrap());
+        t.insert(1, bound);
+        t.insert(2, VirtualSocket::new(libc::AF_INET));
+        let mut l = VirtualSocket::new(libc::AF_INET);
+        l.bound = Some("0.0.0.0:8080".parse().unwrap());
+        l.state = State::Listening;
+        t.insert(3, l);
+        assert_eq!(t.placeholders(Some(8080), 10), vec![1]);
+        let mut all = t.placeholders(None, 10);
+        all.sort();
+        assert_eq!(all, vec![1, 2]);
+        assert_eq!(t.placeholders(None, 1).len(), 1, "bounded");
+        assert!(t.remove_placeholder(3).is_none(), "a listener is not swept");
+        assert!(t.remove_placeholder(1).is_some());
+        assert_eq!(t.len(), 2);
     }
 
     #[test]

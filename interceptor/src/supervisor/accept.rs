@@ -23,10 +23,6 @@ use saps_fabric::ConnId;
 use std::net::{SocketAddr, SocketAddrV6};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::time::Duration;
-
-/// How often a blocked accept checks that its caller is still waiting.
-const LIVENESS_CHECK: Duration = Duration::from_millis(200);
 
 /// `accept(fd, addr, addrlen)` / `accept4(…, flags)`.
 pub(crate) fn accept(sh: &Arc<Shared>, call: &mut Call, flags: i32) -> Outcome {
@@ -71,8 +67,8 @@ async fn wait_and_take(
     flags: i32,
 ) -> Outcome {
     loop {
-        if !sh.notifier.id_valid(call.n.id) {
-            return Outcome::Reply(Reply::Errno(libc::EINTR));
+        if let Some(r) = sh.interrupted(call) {
+            return Outcome::Reply(r);
         }
         // One duplicate of `L` per round, both to take from and to wait on;
         // it is dropped at the end of the round so a close by the program
@@ -90,7 +86,7 @@ async fn wait_and_take(
             return Outcome::Reply(Reply::Errno(libc::EBADF));
         };
         // Readable or not, look again.
-        let _ = tokio::time::timeout(LIVENESS_CHECK, afd.readable()).await;
+        let _ = tokio::time::timeout(super::LIVENESS_CHECK, afd.readable()).await;
     }
 }
 
@@ -140,6 +136,15 @@ fn hand_over(
     let Some((sock, kind)) = lock(&sh.waiting).remove(&id) else {
         return Outcome::Reply(Reply::Errno(libc::ECONNABORTED));
     };
+    // Until the program has it, the io-server keeps the connection for
+    // another node should this node's channel end (issue 17): once it has
+    // ended, the connection is not ours to give. After the install the
+    // io-server is told the program has it (`ep.accepted`).
+    let (ep, handed) = (sh.ep(), kind == Kind::Handed);
+    if !ep.may_accept(id, handed) {
+        lock(&sh.arrivals).remove(&id);
+        return Outcome::Reply(Reply::Errno(libc::ECONNABORTED));
+    }
     let keep = |sock: OwnedFd, errno: i32| {
         lock(&sh.waiting).insert(id, (sock, kind));
         requeue(sh, lconn, id);
@@ -179,6 +184,7 @@ fn hand_over(
     match install(sh, call, sock.as_fd(), flags) {
         Ok(fd) => {
             lock(&sh.arrivals).remove(&id);
+            ep.accepted(id, handed);
             Outcome::Answered(fd as i64)
         }
         Err(e) => {

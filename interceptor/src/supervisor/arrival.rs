@@ -45,6 +45,15 @@ pub(crate) fn deliver(
 pub(crate) fn deliver_handoff(sh: &Arc<Shared>, h: saps_fabric::handoff::HandedOff) {
     use std::sync::atomic::Ordering;
     let id = sh.next_handed.fetch_add(1, Ordering::Relaxed);
+    // One the io-server keeps a copy of for a channel that has ended is
+    // going to another node (issue 17): this copy is closed.
+    if !sh.ep().handed(id, h.conn, h.node) {
+        tracing::debug!(
+            listener = h.listener,
+            "hand-off of an ended channel; closed"
+        );
+        return;
+    }
     lock(&sh.arrivals).insert(
         id,
         Arrival {
@@ -397,6 +406,9 @@ fn give_up(sh: &Shared, id: ConnId, kind: Kind) {
     drop(lock(&sh.waiting).remove(&id));
     if kind == Kind::Relayed {
         sh.ep().close_connection(id, libc::ECONNREFUSED);
+    } else {
+        // The io-server keeps its own copy until told (issue 17).
+        sh.ep().close_handed(id);
     }
 }
 

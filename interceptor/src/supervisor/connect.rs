@@ -2,26 +2,33 @@
 //! established or failed).
 //!
 //! The supervisor makes a socketpair (S, P), puts S over the program's fd
-//! and relays P ⇄ fabric. A non-blocking connect answers `EINPROGRESS` at
-//! once; a 2048-byte filler written through S with the smallest `SO_SNDBUF`
-//! keeps S neither readable nor writable — like a socket in SYN_SENT —
+//! and relays P ⇄ fabric. From the first call on, blocking or not, S is
+//! held back like a socket in SYN_SENT: a 2048-byte filler written through
+//! S with the smallest `SO_SNDBUF` keeps it neither readable nor writable
 //! until the io-server reports the TCP connection established, when the
-//! filler is drained. On failure P is closed (S sees POLLHUP) and the next
-//! `getsockopt(SO_ERROR)` reports the real errno (§2.3).
+//! filler is drained. A non-blocking connect answers `EINPROGRESS` at once;
+//! a blocking one waits for the io-server in a task. Either way the socket
+//! is `Connecting` as in the kernel, so a blocking connect interrupted by a
+//! signal leaves the connection going on, and the next `connect` waits for
+//! it (blocking), says `EALREADY` (non-blocking), then reports its outcome
+//! once: 0 or the error, then `EISCONN`. On failure P is closed (S sees
+//! POLLHUP) and the next `getsockopt(SO_ERROR)` reports the real errno
+//! (§2.3).
 
 use super::socket::{make_native, set_nonblocking};
-use super::{defer, inode_of, Call, Outcome, Shared};
+use super::{defer, inode_of, lock, Call, Outcome, Shared};
 use crate::notify::Reply;
 use crate::vsock::{Inode, State, VirtualSocket};
 use nix::sys::socket::{self as so, sockopt, AddressFamily, SockFlag, SockType};
 use saps_fabric::{ConnId, Request, Response};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 
 /// Bytes written through S so that it does not poll writable.
 const FILLER: usize = 2048;
+
 pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     let Some((ino, mut vs)) = sh.lookup(call) else {
         return Outcome::Reply(Reply::Continue);
@@ -30,9 +37,18 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
         Ok(a) => a,
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
     };
+    let nonblock = sh.nonblocking(call);
     match vs.state {
+        State::Fresh if vs.connect_unreported => return Outcome::Reply(report_failure(sh, ino)),
         State::Fresh => {}
-        State::Connecting { .. } => return Outcome::Reply(Reply::Errno(libc::EALREADY)),
+        State::Connecting { .. } if nonblock => return Outcome::Reply(Reply::Errno(libc::EALREADY)),
+        State::Connecting { .. } => return wait_connected(ino),
+        State::Connected { .. } if vs.connect_unreported => {
+            if let Some(v) = sh.table().get_mut(ino) {
+                v.connect_unreported = false;
+            }
+            return Outcome::Reply(Reply::Value(0));
+        }
         State::Connected { .. } => return Outcome::Reply(Reply::Errno(libc::EISCONN)),
         State::Listening => return Outcome::Reply(Reply::Errno(libc::EINVAL)),
     }
@@ -40,48 +56,153 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
         return Outcome::Reply(Reply::Errno(libc::EAFNOSUPPORT));
     }
     if sh.stays_local(&addr) && vs.bound.is_none() {
-        return Outcome::Reply(make_native(sh, call, ino, &vs));
+        return native_connect(sh, call, ino, &vs, addr, nonblock);
     }
     let conn = match sh.tag(call, &mut vs, "virtual") {
         Ok(c) => c,
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
     };
-    let nonblock = sh.nonblocking(call);
-    let (s, p) = match pair(nonblock) {
+    let (s, p) = match pair(true) {
         Ok(x) => x,
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
     };
-    if !nonblock {
-        return defer(move |sh, call| async move {
-            let reply = match sh.request(Request::Connect { conn, addr }).await {
-                Response::Status {
-                    errno: 0,
-                    addr: local,
-                } => established(&sh, &call, ino, vs, conn, addr, local, s, p),
-                r => {
-                    sh.table().insert(ino, vs);
-                    Reply::Errno(r.errno())
-                }
-            };
-            (call, Outcome::Reply(reply))
-        });
-    }
-    // Non-blocking: S goes in now, held back by the filler.
+    // S goes in now, held back by the filler, in the program's mode.
     let (sndbuf, s_ino) = match hold_back(&s).and_then(|b| Ok((b, inode_of(&s)?))) {
         Ok(x) => x,
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
     };
-    if let Err(e) = sh.replace_fd(call, s.as_fd()) {
-        return Outcome::Reply(Reply::Errno(e));
+    if !nonblock {
+        if let Err(e) = set_nonblocking(&s, false) {
+            return Outcome::Reply(Reply::Errno(e as i32));
+        }
     }
+    let (tx, _) = tokio::sync::watch::channel(false);
+    lock(&sh.connecting).insert(s_ino, tx);
+    // The table knows S before the program holds it.
     vs.state = State::Connecting { peer: addr };
     sh.table().rekey(ino, s_ino, vs.clone());
+    if let Err(e) = sh.replace_fd(call, s.as_fd()) {
+        lock(&sh.connecting).remove(&s_ino);
+        vs.state = State::Fresh;
+        sh.table().rekey(s_ino, ino, vs);
+        return Outcome::Reply(Reply::Errno(e));
+    }
     let task = sh.clone();
     sh.rt.spawn(async move {
         let resp = task.request(Request::Connect { conn, addr }).await;
-        finish_nonblocking(&task, s_ino, vs, conn, addr, resp, (s, sndbuf), p).await;
+        finish(&task, s_ino, conn, addr, resp, (s, sndbuf), p).await;
     });
-    Outcome::Reply(Reply::Errno(libc::EINPROGRESS))
+    if nonblock {
+        return Outcome::Reply(Reply::Errno(libc::EINPROGRESS));
+    }
+    wait_connected(s_ino)
+}
+
+/// A blocking connect waits until the connection of `S` (inode `s_ino`) is
+/// established or has failed, and reports it; if the caller is interrupted
+/// meanwhile, the connection goes on (the kernel's `SS_CONNECTING`).
+fn wait_connected(s_ino: Inode) -> Outcome {
+    defer(move |sh, call| async move {
+        let mut rx = lock(&sh.connecting).get(&s_ino).map(|tx| tx.subscribe());
+        loop {
+            let still = matches!(
+                sh.table().get(s_ino).map(|v| &v.state),
+                Some(State::Connecting { .. })
+            );
+            if !still {
+                break;
+            }
+            if let Some(r) = sh.interrupted(&call) {
+                return (call, Outcome::Reply(r));
+            }
+            match rx.as_mut() {
+                Some(rx) => {
+                    let _ = tokio::time::timeout(super::LIVENESS_CHECK, rx.changed()).await;
+                }
+                None => tokio::time::sleep(super::LIVENESS_CHECK).await,
+            }
+        }
+        let reply = {
+            let mut t = sh.table();
+            match t.get_mut(s_ino) {
+                Some(v) if matches!(v.state, State::Connected { .. }) => {
+                    v.connect_unreported = false;
+                    Reply::Value(0)
+                }
+                Some(v) => {
+                    v.connect_unreported = false;
+                    match std::mem::take(&mut v.error) {
+                        0 => Reply::Errno(libc::ECONNABORTED),
+                        e => Reply::Errno(e),
+                    }
+                }
+                // Ended already (closed by the peer after connecting).
+                None => Reply::Value(0),
+            }
+        };
+        (call, Outcome::Reply(reply))
+    })
+}
+
+/// `connect` after a connect that failed with nobody waiting: the pending
+/// error (or `ECONNABORTED` once `SO_ERROR` took it), and the socket is
+/// unconnected again.
+fn report_failure(sh: &Shared, ino: Inode) -> Reply {
+    let mut t = sh.table();
+    let Some(v) = t.get_mut(ino) else {
+        return Reply::Errno(libc::ECONNABORTED);
+    };
+    v.connect_unreported = false;
+    match std::mem::take(&mut v.error) {
+        0 => Reply::Errno(libc::ECONNABORTED),
+        e => Reply::Errno(e),
+    }
+}
+
+/// A connect to a loopback address that stays on the node: the supervisor
+/// connects the real socket that replaces the placeholder itself, to the
+/// address it read (a blocking connect in a blocking-pool thread).
+fn native_connect(
+    sh: &Arc<Shared>,
+    call: &mut Call,
+    ino: Inode,
+    vs: &VirtualSocket,
+    addr: SocketAddr,
+    nonblock: bool,
+) -> Outcome {
+    let real = match make_native(sh, call, ino, vs) {
+        Ok(r) => r,
+        Err(e) => return Outcome::Reply(Reply::Errno(e)),
+    };
+    let sa = so::SockaddrStorage::from(addr);
+    if nonblock {
+        return Outcome::Reply(match so::connect(real.as_raw_fd(), &sa) {
+            Ok(()) => Reply::Value(0),
+            Err(e) => Reply::Errno(e as i32),
+        });
+    }
+    // The kernel's own blocking connect, in a blocking-pool thread, on the
+    // socket the program now holds. A signal waits for it (a loopback
+    // connect ends within microseconds unless the listener's queue is
+    // full): answered ERESTARTSYS, the program's restarted connect would
+    // find this one done and get EISCONN, where the kernel would let it
+    // wait for the same connection and answer 0.
+    let mut done = sh.rt.spawn_blocking(move || so::connect(real.as_raw_fd(), &sa));
+    defer(move |sh, call| async move {
+        loop {
+            if !sh.notifier.id_valid(call.n.id) {
+                return (call, Outcome::Reply(Reply::Errno(libc::EINTR)));
+            }
+            if let Ok(r) = tokio::time::timeout(super::LIVENESS_CHECK, &mut done).await {
+                let reply = match r {
+                    Ok(Ok(())) => Reply::Value(0),
+                    Ok(Err(e)) => Reply::Errno(e as i32),
+                    Err(_) => Reply::Errno(libc::EIO),
+                };
+                return (call, Outcome::Reply(reply));
+            }
+        }
+    })
 }
 
 /// The socketpair (S, P): S for the program, P for the relay.
@@ -115,72 +236,67 @@ fn hold_back(s: &OwnedFd) -> Result<usize, i32> {
     }
 }
 
-/// Blocking connect succeeded: S goes over the fd and the relay starts.
+/// The io-server answered the connect of `S` (inode `s_ino`): the relay
+/// starts, or P is closed so that S hangs up; a blocking connect waiting
+/// for it is told.
 #[allow(clippy::too_many_arguments)]
-fn established(
-    sh: &Arc<Shared>,
-    call: &Call,
-    ino: Inode,
-    mut vs: VirtualSocket,
-    conn: ConnId,
-    peer: SocketAddr,
-    local: Option<SocketAddr>,
-    s: OwnedFd,
-    p: OwnedFd,
-) -> Reply {
-    let s_ino = match inode_of(&s) {
-        Ok(i) => i,
-        Err(e) => return Reply::Errno(e),
-    };
-    if let Err(e) = sh.replace_fd(call, s.as_fd()) {
-        sh.ep().close_connection(conn, 0);
-        return Reply::Errno(e);
-    }
-    let local = local.unwrap_or_else(|| crate::vsock::unspecified(vs.domain));
-    vs.state = State::Connected { peer, local };
-    sh.table().rekey(ino, s_ino, vs);
-    spawn_relay(sh, conn, p);
-    Reply::Value(0)
-}
-
-/// The io-server answered a non-blocking connect.
-#[allow(clippy::too_many_arguments)]
-async fn finish_nonblocking(
+async fn finish(
     sh: &Arc<Shared>,
     s_ino: Inode,
-    mut vs: VirtualSocket,
     conn: ConnId,
     peer: SocketAddr,
     resp: Response,
     (s, sndbuf): (OwnedFd, usize),
     p: OwnedFd,
 ) {
+    let tell = |sh: &Shared| {
+        let tx = lock(&sh.connecting).remove(&s_ino);
+        if let Some(tx) = tx {
+            tx.send_replace(true);
+        }
+    };
     match resp {
         Response::Status { errno: 0, addr } => {
             // Restore S's send buffer, then let it become writable.
             let _ = so::setsockopt(&s, sockopt::SndBuf, &sndbuf);
             drop(s);
-            let Ok(mut p) = to_tokio(p) else { return };
+            let Ok(mut p) = to_tokio(p) else {
+                tell(sh);
+                return;
+            };
             let mut filler = [0u8; FILLER];
             if p.read_exact(&mut filler).await.is_err() {
                 sh.ep().close_connection(conn, 0);
+                fail(sh, s_ino, libc::ECONNRESET);
+                tell(sh);
                 return;
             }
-            let local = addr.unwrap_or_else(|| crate::vsock::unspecified(vs.domain));
-            vs.state = State::Connected { peer, local };
-            if let Some(e) = sh.table().get_mut(s_ino) {
-                *e = vs;
+            if let Some(v) = sh.table().get_mut(s_ino) {
+                let local = addr.unwrap_or_else(|| crate::vsock::unspecified(v.domain));
+                v.state = State::Connected { peer, local };
+                v.connect_unreported = true;
             }
+            tell(sh);
             relay(sh, conn, p).await;
         }
         r => {
-            vs.state = State::Fresh;
-            vs.error = r.errno();
-            if let Some(e) = sh.table().get_mut(s_ino) {
-                *e = vs;
-            }
+            fail(sh, s_ino, r.errno());
+            tell(sh);
             // Closing P hangs S up: poll reports the failure.
         }
+    }
+}
+
+/// The connect of `S` failed with `errno`.
+/// The socket is unconnected again; a new connect gets a new tag.
+fn fail(sh: &Shared, s_ino: Inode, errno: i32) {
+    let mut t = sh.table();
+    if let Some(mut v) = t.remove(s_ino) {
+        v.state = State::Fresh;
+        v.conn = None;
+        v.error = errno;
+        v.connect_unreported = true;
+        t.insert(s_ino, v);
     }
 }
 

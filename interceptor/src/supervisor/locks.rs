@@ -35,6 +35,12 @@ pub(crate) enum Rank {
     Arrivals,
     /// The virtual-socket table.
     Table,
+    /// Connects in flight.
+    Connecting,
+    /// `bind`/`listen` calls in flight (restarted calls).
+    Ops,
+    /// The `sock_diag` socket.
+    Diag,
     /// Listeners not served after a failed rejoin.
     Dormant,
     /// Cached pidfds.

@@ -21,6 +21,8 @@ mod accept;
 mod arrival;
 mod connect;
 mod locks;
+mod restart;
+mod sendto;
 mod socket;
 mod sockopt;
 
@@ -161,6 +163,16 @@ impl Listener {
     }
 }
 
+/// How often a call waiting in a task (a blocking accept, connect or
+/// sendto) checks that its caller is still waiting and has no signal to
+/// take: the longest a signal waits to interrupt it.
+pub(crate) const LIVENESS_CHECK: Duration = Duration::from_millis(50);
+
+/// `ERESTARTSYS`: the answer of a call that sleeps natively and is
+/// interrupted by a signal. The kernel turns it into `EINTR`, or restarts
+/// the call under `SA_RESTART`, exactly as for its own sleeping calls.
+pub(crate) const ERESTARTSYS: i32 = 512;
+
 /// pidfds kept at most (one per thread of the target seen); beyond, the
 /// cache starts again.
 const MAX_PIDFDS: usize = 4096;
@@ -210,6 +222,15 @@ pub(crate) struct Shared {
     /// until `L` is closed, since `L` would poll readable (hang-up) for
     /// good once `M` was.
     pub dormant: Ranked<Vec<Listener>>,
+    /// Connects in flight, by the inode of their `S`: told when the
+    /// io-server answers, for a blocking `connect` waiting on it.
+    pub connecting: Ranked<HashMap<Inode, tokio::sync::watch::Sender<bool>>>,
+    /// `bind`/`listen` calls waiting for the io-server, by socket, so that
+    /// the same call made again after a signal (the kernel restarts it with
+    /// a new notification) joins the first instead of repeating it.
+    pub ops: Ranked<HashMap<Inode, restart::Op>>,
+    /// Asks the kernel whether a placeholder still exists (`diag`).
+    diag: Ranked<Option<crate::diag::SockDiag>>,
 }
 
 fn lock<T>(m: &Ranked<T>) -> Guard<'_, T> {
@@ -236,6 +257,9 @@ pub(crate) struct Call {
     /// status flags); dropped before the call waits in a task, so a close
     /// by the program is not hidden.
     pub dup: Option<OwnedFd>,
+    /// The socket whose `bind`/`listen` this call is, when it waits for
+    /// the io-server (`restart.rs`): told whether the answer arrived.
+    pub op: Option<Inode>,
 }
 
 impl Call {
@@ -290,6 +314,9 @@ impl Supervisor {
                 orphans: Ranked::default_with(Rank::Orphans),
                 pidfds: Ranked::default_with(Rank::Pidfds),
                 dormant: Ranked::default_with(Rank::Dormant),
+                connecting: Ranked::default_with(Rank::Connecting),
+                ops: Ranked::default_with(Rank::Ops),
+                diag: Ranked::new(Rank::Diag, None),
             }),
         }
     }
@@ -373,6 +400,7 @@ impl Supervisor {
                 },
                 _ = sweep.tick() => {
                     self.shared.reap_listeners(None);
+                    self.shared.sweep_closed(None);
                     arrival::repair_markers(&self.shared);
                     continue;
                 }
@@ -469,6 +497,7 @@ impl Supervisor {
             note: Note::default(),
             flags: std::sync::OnceLock::new(),
             dup: None,
+            op: None,
         };
         let sh = &self.shared;
         let outcome = match call.n.nr as i64 {
@@ -486,6 +515,7 @@ impl Supervisor {
             libc::SYS_getsockopt => sockopt::getsockopt(sh, &mut call),
             libc::SYS_getsockname => sockopt::getname(sh, &mut call, false),
             libc::SYS_getpeername => sockopt::getname(sh, &mut call, true),
+            libc::SYS_sendto => sendto::sendto(sh, &mut call),
             _ => Outcome::Reply(Reply::Continue),
         };
         sh.finish(call, outcome);
@@ -510,6 +540,7 @@ impl Shared {
             Outcome::Reply(r) => (r, Some(r)),
         };
         let id = call.n.id;
+        let op = call.op;
         // Trace before answering, so a process's lines are in call order.
         if let Some(t) = &self.config.tracer {
             let mut call = call;
@@ -527,8 +558,15 @@ impl Shared {
             });
         }
         if let Some(r) = answer {
-            if let Err(e) = self.notifier.respond(id, r) {
-                tracing::debug!(error = %e, "answering a call failed (target interrupted?)");
+            let answered = match self.notifier.respond(id, r) {
+                Ok(d) => d == crate::notify::Delivery::Delivered,
+                Err(e) => {
+                    tracing::debug!(error = %e, "answering a call failed (target interrupted?)");
+                    false
+                }
+            };
+            if let Some(ino) = op {
+                restart::answered(self, ino, id, answered);
             }
         }
     }
@@ -695,6 +733,57 @@ impl Shared {
         }
     }
 
+    /// Whether the caller of `call`, waiting in a task, should be answered
+    /// now: `EINTR` if the call is gone (its process died, or an older
+    /// kernel interrupted it), `ERESTARTSYS` if its thread has a signal to
+    /// take (the filter waits killably: a signal does not end the wait by
+    /// itself, see `sys::fork_filtered`).
+    pub(crate) fn interrupted(&self, call: &Call) -> Option<Reply> {
+        if !self.notifier.id_valid(call.n.id) {
+            return Some(Reply::Errno(libc::EINTR));
+        }
+        signal_pending(call.pid()).then_some(Reply::Errno(ERESTARTSYS))
+    }
+
+    /// Forgets the virtual sockets the program closed while they were still
+    /// placeholders (after `socket` or `bind`, bound on `port` if given),
+    /// and releases what they held at the io-server, so that a port bound
+    /// and closed without `listen` can be bound again, as in the kernel.
+    /// `close` is not trapped: the kernel is asked whether each object
+    /// still exists. Before a bind (of `port`), and on the listener sweep.
+    pub(crate) fn sweep_closed(&self, port: Option<u16>) {
+        /// Placeholders looked at per sweep at most.
+        const MAX_SWEPT: usize = 4096;
+        let candidates = self.table().placeholders(port, MAX_SWEPT);
+        if candidates.is_empty() {
+            return;
+        }
+        let gone: Vec<Inode> = {
+            let mut diag = lock(&self.diag);
+            if diag.is_none() {
+                match crate::diag::SockDiag::new() {
+                    Ok(d) => *diag = Some(d),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot ask the kernel which sockets are closed");
+                        return;
+                    }
+                }
+            }
+            let Some(d) = diag.as_mut() else { return };
+            candidates
+                .into_iter()
+                .filter(|&ino| matches!(d.unix_exists(ino), Ok(false)))
+                .collect()
+        };
+        for ino in gone {
+            let removed = self.table().remove_placeholder(ino);
+            if let Some(conn) = removed.and_then(|vs| vs.conn) {
+                tracing::debug!(conn, ino, "the program closed an unconnected socket");
+                self.ep().close_connection(conn, 0);
+            }
+        }
+    }
+
     /// Writes `addr` into the caller's (addr, addrlen) value-result pair
     /// with the kernel's truncation rules, recording both lengths.
     pub(crate) fn write_addr(
@@ -733,6 +822,22 @@ impl Shared {
             sockaddr::Decoded::Unspec => Err(libc::EAFNOSUPPORT),
         }
     }
+}
+
+/// Whether thread `tid` has a signal pending that it does not block
+/// (`/proc/TID/status`: `SigPnd` and `ShdPnd` against `SigBlk`).
+fn signal_pending(tid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+        return false;
+    };
+    let mask = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    (mask("SigPnd:") | mask("ShdPnd:")) & !mask("SigBlk:") != 0
 }
 
 /// Owned fd helpers shared by the handlers.

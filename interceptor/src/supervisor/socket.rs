@@ -1,7 +1,7 @@
 //! `socket`, `bind`, `listen` and `shutdown` of virtual sockets (Figure 3),
 //! and turning a virtual socket back into a real one for loopback traffic.
 
-use super::{defer, inode_of, Call, Outcome, Shared};
+use super::{defer, inode_of, restart, Call, Outcome, Shared};
 use crate::notify::{AddFd, Reply};
 use crate::vsock::{Inode, State, VirtualSocket};
 use nix::sys::socket::{self as so, AddressFamily, SockFlag, SockType};
@@ -19,16 +19,25 @@ pub(crate) fn unix_socket(nonblock: bool) -> Result<OwnedFd, i32> {
     so::socket(AddressFamily::Unix, SockType::Stream, flags, None).map_err(|e| e as i32)
 }
 
-/// `socket(AF_INET|AF_INET6, SOCK_STREAM, 0|IPPROTO_TCP)`: install an
-/// AF_UNIX placeholder and remember it as a virtual socket.
+/// `socket(AF_INET|AF_INET6, SOCK_STREAM, 0|IPPROTO_TCP|IPPROTO_MPTCP)`:
+/// install an AF_UNIX placeholder and remember it as a virtual socket. An
+/// MPTCP socket is served like a TCP one (the io-server's socket toward
+/// the client is TCP; docs/interceptor.md, "Departures").
 pub(crate) fn socket(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     let domain = call.arg(0) as i32;
     let ty = call.arg(1) as i32;
-    let proto = call.arg(2) as i32;
-    if proto != 0 && proto != libc::IPPROTO_TCP {
-        // MPTCP, SCTP-over-stream …: a real socket.
-        call.note.action = "native (protocol)";
-        return Outcome::Reply(Reply::Continue);
+    let proto = match call.arg(2) as i32 {
+        0 => libc::IPPROTO_TCP,
+        p @ (libc::IPPROTO_TCP | libc::IPPROTO_MPTCP) => p,
+        _ => {
+            // SCTP-over-stream and the like: a real socket (or the
+            // kernel's error), decided on registers only.
+            call.note.action = "native (protocol)";
+            return Outcome::Reply(Reply::Continue);
+        }
+    };
+    if ty & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC | 0xf) != 0 {
+        return Outcome::Reply(Reply::Errno(libc::EINVAL));
     }
     let placeholder = match unix_socket(ty & libc::SOCK_NONBLOCK != 0) {
         Ok(fd) => fd,
@@ -39,7 +48,8 @@ pub(crate) fn socket(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
     };
     // In the table before the program can see the fd.
-    sh.table().insert(ino, VirtualSocket::new(domain));
+    sh.table()
+        .insert(ino, VirtualSocket::with_protocol(domain, proto));
     call.note.inode = Some(ino);
     call.note.action = "virtual";
     let add = AddFd {
@@ -56,9 +66,17 @@ pub(crate) fn socket(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     }
 }
 
-/// Replaces the virtual socket by a real socket of its family carrying the
-/// options set so far, so the call continues natively (loopback stays local).
-pub(crate) fn make_native(sh: &Shared, call: &mut Call, ino: Inode, vs: &VirtualSocket) -> Reply {
+/// Replaces the virtual socket by a real socket of its family and protocol
+/// carrying the options set so far (loopback stays local). The supervisor
+/// then makes the call itself on the returned socket, with the address it
+/// read: answering `CONTINUE` would let the kernel read the address again,
+/// after another thread of the program could have changed it.
+pub(crate) fn make_native(
+    sh: &Shared,
+    call: &mut Call,
+    ino: Inode,
+    vs: &VirtualSocket,
+) -> Result<OwnedFd, i32> {
     let family = if vs.domain == libc::AF_INET6 {
         AddressFamily::Inet6
     } else {
@@ -68,24 +86,20 @@ pub(crate) fn make_native(sh: &Shared, call: &mut Call, ino: Inode, vs: &Virtual
     if sh.nonblocking(call) {
         flags |= SockFlag::SOCK_NONBLOCK;
     }
-    let real = match so::socket(family, SockType::Stream, flags, None) {
-        Ok(fd) => fd,
-        Err(e) => return Reply::Errno(e as i32),
-    };
+    let real = crate::sys::socket_raw(family as i32, SockType::Stream as i32 | flags.bits(), vs.protocol)
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
     for (level, name, value) in vs.options.iter() {
         if let Err(e) = crate::sys::setsockopt_raw(real.as_fd(), level, name, value) {
             tracing::debug!(level, name, error = %e, "replaying an option on the native socket");
         }
     }
-    if let Err(e) = sh.replace_fd(call, real.as_fd()) {
-        return Reply::Errno(e);
-    }
+    sh.replace_fd(call, real.as_fd())?;
     sh.table().remove(ino);
     if let Some(conn) = vs.conn {
         sh.ep().close_connection(conn, 0);
     }
     call.note.action = "native (loopback)";
-    Reply::Continue
+    Ok(real)
 }
 
 /// `bind(fd, addr, len)`: Bind on the io-server, which answers the address
@@ -103,20 +117,35 @@ pub(crate) fn bind(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
         Ok(_) => return Outcome::Reply(Reply::Errno(libc::EINVAL)),
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
     };
+    let flags = vs.options.bind_flags();
+    let mut key = addr.to_string().into_bytes();
+    key.extend_from_slice(&flags.to_ne_bytes());
+    let registered = match restart::begin(sh, call, ino, key) {
+        restart::Begin::New => true,
+        restart::Begin::Unregistered => false,
+        restart::Begin::Done(d) => return Outcome::Reply(done_reply(d)),
+        restart::Begin::Join(rx) => return join(ino, rx),
+    };
     if vs.bound.is_some() || vs.state != State::Fresh {
+        restart::forget(sh, ino);
         return Outcome::Reply(Reply::Errno(libc::EINVAL));
     }
     if sh.stays_local(&addr) {
-        return Outcome::Reply(make_native(sh, call, ino, &vs));
+        restart::forget(sh, ino);
+        return Outcome::Reply(native_bind(sh, call, ino, &vs, addr));
     }
     let conn = match sh.tag(call, &mut vs, "virtual") {
         Ok(c) => c,
-        Err(e) => return Outcome::Reply(Reply::Errno(e)),
+        Err(e) => {
+            restart::forget(sh, ino);
+            return Outcome::Reply(Reply::Errno(e));
+        }
     };
-    // A listener of this port the program closed must not keep it bound.
+    // A listener of this port the program closed, or a socket bound to it
+    // and closed unlistened, must not keep it bound.
     sh.reap_listeners(Some(addr.port()));
-    let flags = vs.options.bind_flags();
-    defer(move |sh, call| async move {
+    sh.sweep_closed(Some(addr.port()));
+    defer(move |sh, mut call| async move {
         let resp = sh.request(Request::Bind { conn, addr, flags }).await;
         let reply = match resp {
             Response::Status { errno: 0, addr } => {
@@ -130,8 +159,63 @@ pub(crate) fn bind(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
                 Reply::Errno(r.errno())
             }
         };
-        (call, Outcome::Reply(reply))
+        if !registered {
+            return (call, Outcome::Reply(reply));
+        }
+        match restart::complete(&sh, ino, call.n.id, restart::Done::Reply(reply)) {
+            Some(d) => {
+                call.op = Some(ino);
+                (call, Outcome::Reply(done_reply(d)))
+            }
+            None => (call, Outcome::Reply(Reply::Errno(libc::EINTR))),
+        }
     })
+}
+
+/// The answer of a finished bind (or of a listen that failed).
+fn done_reply(d: restart::Done) -> Reply {
+    match d {
+        restart::Done::Reply(r) => r,
+        // A bind's op never holds this.
+        restart::Done::Listening { .. } => Reply::Errno(libc::EINVAL),
+    }
+}
+
+/// The same bind again after a signal, while the first still waits for the
+/// io-server: answers what the first gets.
+fn join(ino: Inode, mut rx: tokio::sync::watch::Receiver<bool>) -> Outcome {
+    defer(move |sh, mut call| async move {
+        loop {
+            if let Some(d) = restart::result(&sh, ino) {
+                call.op = Some(ino);
+                return (call, Outcome::Reply(done_reply(d)));
+            }
+            // Never ERESTARTSYS: bind does not sleep natively.
+            if !sh.notifier.id_valid(call.n.id) {
+                return (call, Outcome::Reply(Reply::Errno(libc::EINTR)));
+            }
+            let _ = tokio::time::timeout(super::LIVENESS_CHECK, rx.changed()).await;
+        }
+    })
+}
+
+/// A bind to a loopback address that stays on the node: made by the
+/// supervisor on the socket that replaces the placeholder.
+fn native_bind(
+    sh: &Shared,
+    call: &mut Call,
+    ino: Inode,
+    vs: &VirtualSocket,
+    addr: SocketAddr,
+) -> Reply {
+    let real = match make_native(sh, call, ino, vs) {
+        Ok(r) => r,
+        Err(e) => return Reply::Errno(e),
+    };
+    match so::bind(real.as_raw_fd(), &nix::sys::socket::SockaddrStorage::from(addr)) {
+        Ok(()) => Reply::Value(0),
+        Err(e) => Reply::Errno(e as i32),
+    }
 }
 
 fn addr_ip(vs: &VirtualSocket) -> std::net::IpAddr {
@@ -151,58 +235,134 @@ pub(crate) fn listen(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
         State::Fresh => {}
         _ => return Outcome::Reply(Reply::Errno(libc::EINVAL)),
     }
+    let nonblock = sh.nonblocking(call);
+    let registered = match restart::begin(sh, call, ino, backlog.to_ne_bytes().to_vec()) {
+        restart::Begin::New => true,
+        restart::Begin::Unregistered => false,
+        restart::Begin::Done(d) => return Outcome::Reply(finish_listen(sh, call, ino, d)),
+        restart::Begin::Join(mut rx) => {
+            return defer(move |sh, mut call| async move {
+                loop {
+                    if let Some(d) = restart::result(&sh, ino) {
+                        let reply = finish_listen(&sh, &mut call, ino, d);
+                        return (call, Outcome::Reply(reply));
+                    }
+                    // Never ERESTARTSYS: listen does not sleep natively.
+                    if !sh.notifier.id_valid(call.n.id) {
+                        return (call, Outcome::Reply(Reply::Errno(libc::EINTR)));
+                    }
+                    let _ = tokio::time::timeout(super::LIVENESS_CHECK, rx.changed()).await;
+                }
+            })
+        }
+    };
     // Not bound yet on this channel: bind first, as the kernel would
     // (port 0), or again after the node rejoined the io-server.
     let needs_bind = vs.conn.is_none() || vs.bound.is_none();
     let conn = match sh.tag(call, &mut vs, "virtual listener") {
         Ok(c) => c,
-        Err(e) => return Outcome::Reply(Reply::Errno(e)),
+        Err(e) => {
+            restart::forget(sh, ino);
+            return Outcome::Reply(Reply::Errno(e));
+        }
     };
     call.note.group = vs.bound;
-    let nonblock = sh.nonblocking(call);
-    defer(move |sh, call| async move {
-        if needs_bind {
-            let addr = vs
-                .bound
-                .unwrap_or_else(|| crate::vsock::unspecified(vs.domain));
-            let flags = vs.options.bind_flags();
-            match sh.request(Request::Bind { conn, addr, flags }).await {
-                Response::Status { errno: 0, addr: a } => vs.bound = Some(a.unwrap_or(addr)),
-                r => return (call, Outcome::Reply(Reply::Errno(r.errno()))),
-            }
+    defer(move |sh, mut call| async move {
+        let done = listen_at_io_server(&sh, conn, backlog, nonblock, needs_bind, vs).await;
+        if !registered {
+            let reply = finish_listen(&sh, &mut call, ino, done);
+            return (call, Outcome::Reply(reply));
         }
-        let resp = sh.request(Request::Listen { conn, backlog }).await;
-        if resp.errno() != 0 {
-            return (call, Outcome::Reply(Reply::Errno(resp.errno())));
+        match restart::complete(&sh, ino, call.n.id, done) {
+            Some(d) => {
+                let reply = finish_listen(&sh, &mut call, ino, d);
+                (call, Outcome::Reply(reply))
+            }
+            None => (call, Outcome::Reply(Reply::Errno(libc::EINTR))),
         }
-        let reply = match install_listener(&sh, &call, conn, backlog, nonblock, &vs) {
-            Ok(l_ino) => {
-                vs.state = State::Listening;
-                sh.table().rekey(ino, l_ino, vs);
-                Reply::Value(0)
-            }
-            Err(e) => {
-                sh.ep().close_connection(conn, 0);
-                Reply::Errno(e)
-            }
-        };
-        (call, Outcome::Reply(reply))
     })
 }
 
-/// Makes `L`, one end of a socket pair whose other end `M` the supervisor
-/// keeps for markers, and puts it over the call's fd.
-fn install_listener(
+/// Bind (when needed) and Listen on the io-server.
+async fn listen_at_io_server(
     sh: &Arc<Shared>,
-    call: &Call,
     conn: saps_fabric::ConnId,
     backlog: u32,
     nonblock: bool,
-    vs: &VirtualSocket,
-) -> Result<Inode, i32> {
+    needs_bind: bool,
+    mut vs: VirtualSocket,
+) -> restart::Done {
+    if needs_bind {
+        let addr = vs
+            .bound
+            .unwrap_or_else(|| crate::vsock::unspecified(vs.domain));
+        let flags = vs.options.bind_flags();
+        match sh.request(Request::Bind { conn, addr, flags }).await {
+            Response::Status { errno: 0, addr: a } => vs.bound = Some(a.unwrap_or(addr)),
+            r => return restart::Done::Reply(Reply::Errno(r.errno())),
+        }
+    }
+    let resp = sh.request(Request::Listen { conn, backlog }).await;
+    if resp.errno() != 0 {
+        return restart::Done::Reply(Reply::Errno(resp.errno()));
+    }
+    restart::Done::Listening {
+        conn,
+        backlog,
+        nonblock,
+        vs,
+    }
+}
+
+/// Puts `L` over the program's fd once the io-server listens, with the
+/// notification that answers the call now (the first, or its restart).
+fn finish_listen(sh: &Arc<Shared>, call: &mut Call, ino: Inode, done: restart::Done) -> Reply {
+    let restart::Done::Listening {
+        conn,
+        backlog,
+        nonblock,
+        mut vs,
+    } = done
+    else {
+        call.op = Some(ino);
+        return done_reply(done);
+    };
+    match install_listener(sh, call, ino, conn, backlog, nonblock, &mut vs) {
+        Ok(()) => {
+            restart::forget(sh, ino);
+            Reply::Value(0)
+        }
+        // The caller left (a signal): the restart installs it.
+        Err(libc::EINTR) => Reply::Errno(libc::EINTR),
+        Err(e) => {
+            restart::forget(sh, ino);
+            sh.ep().close_connection(conn, 0);
+            Reply::Errno(e)
+        }
+    }
+}
+
+/// Makes `L`, one end of a socket pair whose other end `M` the supervisor
+/// keeps for markers, and puts it over the call's fd. The table knows `L`
+/// before the program holds it (and the placeholder is gone).
+fn install_listener(
+    sh: &Arc<Shared>,
+    call: &Call,
+    ino: Inode,
+    conn: saps_fabric::ConnId,
+    backlog: u32,
+    nonblock: bool,
+    vs: &mut VirtualSocket,
+) -> Result<(), i32> {
     let (l, marker) = super::connect::pair(nonblock)?;
     let l_ino = inode_of(&l)?;
-    sh.replace_fd(call, l.as_fd())?;
+    vs.state = State::Listening;
+    sh.table().rekey(ino, l_ino, vs.clone());
+    if let Err(e) = sh.replace_fd(call, l.as_fd()) {
+        vs.state = State::Fresh;
+        sh.table().rekey(l_ino, ino, vs.clone());
+        return Err(e);
+    }
     let listener = super::Listener {
         marker: Arc::new(marker),
         addr: vs
@@ -214,7 +374,7 @@ fn install_listener(
     let addr = listener.addr;
     super::lock(&sh.listeners).insert(conn, listener);
     super::arrival::adopt_orphans(sh, conn, addr);
-    Ok(l_ino)
+    Ok(())
 }
 
 /// `shutdown(fd, how)`: on an established connection the kernel object `S`

@@ -156,7 +156,7 @@ fn local_value(
             }
             libc::SO_TYPE => return int(libc::SOCK_STREAM),
             libc::SO_DOMAIN => return int(vs.domain),
-            libc::SO_PROTOCOL => return int(libc::IPPROTO_TCP),
+            libc::SO_PROTOCOL => return int(vs.protocol),
             libc::SO_ACCEPTCONN => return int((vs.state == State::Listening) as i32),
             _ => {}
         }

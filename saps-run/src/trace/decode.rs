@@ -20,6 +20,7 @@ pub(crate) const SYSCALLS: &[(i64, &str)] = &[
     (libc::SYS_socket, "socket"),
     (libc::SYS_connect, "connect"),
     (libc::SYS_accept, "accept"),
+    (libc::SYS_sendto, "sendto"),
     (libc::SYS_shutdown, "shutdown"),
     (libc::SYS_bind, "bind"),
     (libc::SYS_listen, "listen"),
@@ -132,6 +133,14 @@ impl Args<'_> {
                 vec![fd(), self.addr_in(a[1]), (a[2] as u32).to_string()]
             }
             libc::SYS_listen => vec![fd(), (a[1] as i32).to_string()],
+            libc::SYS_sendto => vec![
+                fd(),
+                pointer(a[1]),
+                (a[2] as usize).to_string(),
+                msg_flags(a[3] as i32),
+                self.addr_in(a[4]),
+                (a[5] as u32).to_string(),
+            ],
             libc::SYS_shutdown => vec![fd(), shutdown_how(a[1] as i32)],
             libc::SYS_accept | libc::SYS_getsockname | libc::SYS_getpeername => {
                 vec![fd(), self.addr_out(a[1]), self.len_value_result(a[2])]
@@ -174,7 +183,7 @@ impl Args<'_> {
         }
     }
 
-    /// An address the program passed in (bind, connect).
+    /// An address the program passed in (bind, connect, sendto).
     fn addr_in(&self, ptr: u64) -> String {
         match &self.detail.addr {
             Some(addr) if ptr != 0 => sockaddr(addr),
@@ -361,4 +370,29 @@ fn quoted(v: &[u8]) -> String {
     }
     s.push('"');
     s
+}
+
+/// `send` flags as strace spells them (`MSG_NOSIGNAL|MSG_DONTWAIT`).
+fn msg_flags(flags: i32) -> String {
+    const NAMES: &[(i32, &str)] = &[
+        (libc::MSG_OOB, "MSG_OOB"),
+        (libc::MSG_DONTROUTE, "MSG_DONTROUTE"),
+        (libc::MSG_DONTWAIT, "MSG_DONTWAIT"),
+        (libc::MSG_EOR, "MSG_EOR"),
+        (libc::MSG_MORE, "MSG_MORE"),
+        (libc::MSG_NOSIGNAL, "MSG_NOSIGNAL"),
+    ];
+    if flags == 0 {
+        return "0".into();
+    }
+    let mut parts: Vec<String> = NAMES
+        .iter()
+        .filter(|(f, _)| flags & f != 0)
+        .map(|(_, n)| (*n).to_string())
+        .collect();
+    let rest = NAMES.iter().fold(flags, |r, (f, _)| r & !f);
+    if rest != 0 {
+        parts.push(format!("{rest:#x}"));
+    }
+    parts.join("|")
 }
