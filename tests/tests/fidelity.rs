@@ -78,3 +78,72 @@ fn closing_listeners_with_clients_queued_never_hangs_relayed() {
 fn closing_listeners_with_clients_queued_never_hangs_traced() {
     closing_listeners_with_clients_queued_never_hangs("on", true);
 }
+
+/// One thread binds, again and again, to an address that another thread
+/// flips between `127.0.0.1:P` and `0.0.0.0:P+1`. A loopback bind stays on
+/// the node (a real socket); answered with CONTINUE, the kernel read the
+/// address a second time and could bind that real socket to `0.0.0.0`: a
+/// socket of the program listening on every address of the node, outside
+/// SAPS. The supervisor now makes the bind itself with the address it
+/// read, so a real socket is only ever bound to loopback.
+const FLIP_THE_ADDRESS: &str = r#"
+import ctypes, os, socket, struct, sys, threading
+libc = ctypes.CDLL(None, use_errno=True)
+port, rounds = int(sys.argv[1]), int(sys.argv[2])
+def sin(ip, port):
+    return struct.pack("=H", socket.AF_INET) + struct.pack("!H4s8x", port, socket.inet_aton(ip))
+lo, anyaddr = sin("127.0.0.1", port), sin("0.0.0.0", port + 1)
+buf = ctypes.create_string_buffer(lo, 16)
+stop = False
+def flip():
+    while not stop:
+        ctypes.memmove(buf, anyaddr, 16)
+        ctypes.memmove(buf, lo, 16)
+t = threading.Thread(target=flip)
+t.start()
+def is_unix(ino):
+    with open("/proc/net/unix") as f:
+        return any(line.split()[6] == str(ino) for line in f.readlines()[1:] if len(line.split()) > 6)
+escapes = native = 0
+for i in range(rounds):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if libc.bind(s.fileno(), buf, 16) == 0:
+        if not is_unix(os.stat("/proc/self/fd/%d" % s.fileno()).st_ino):
+            native += 1
+            if s.getsockname()[0] != "127.0.0.1":
+                escapes += 1
+    s.close()
+stop = True
+t.join()
+print("escapes", escapes, "native", native, flush=True)
+"#;
+
+#[test]
+fn a_loopback_bind_never_binds_an_address_read_a_second_time() {
+    let port = free_port();
+    let p = Proc::spawn(&mut saps_run_local(
+        "on",
+        &[PYTHON, "-c", FLIP_THE_ADDRESS, &port.to_string(), "1000"],
+    ));
+    let out = wait_for(Duration::from_secs(120), || {
+        let o = p.stdout();
+        o.contains("escapes").then_some(o)
+    })
+    .unwrap_or_else(|| panic!("no result: {}\n{}", p.stdout(), p.stderr()));
+    let (escapes, native) = parse_counts(&out);
+    assert!(native > 0, "no loopback bind was made native: {out}");
+    assert_eq!(escapes, 0, "real sockets bound outside loopback: {out}");
+}
+
+/// `escapes E native N` → (E, N).
+fn parse_counts(out: &str) -> (u32, u32) {
+    let w: Vec<&str> = out.split_whitespace().collect();
+    let at = |k: &str| {
+        w.iter()
+            .position(|x| *x == k)
+            .and_then(|i| w.get(i + 1)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {out}"))
+    };
+    (at("escapes"), at("native"))
+}
