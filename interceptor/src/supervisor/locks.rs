@@ -67,10 +67,10 @@ impl<T> Ranked<T> {
     /// Takes the lock (a poisoned one is taken anyway: the state is kept
     /// consistent by each method, not by unwinding).
     pub(crate) fn lock(&self) -> Guard<'_, T> {
-        order::enter(self.rank);
+        let held = order::enter(self.rank);
         Guard {
             guard: self.inner.lock().unwrap_or_else(|e| e.into_inner()),
-            _held: order::Held(self.rank),
+            _held: held,
         }
     }
 }
@@ -109,8 +109,9 @@ mod order {
         static HELD: RefCell<Vec<Rank>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// Checks that `rank` may be taken now and records it.
-    pub(super) fn enter(rank: Rank) {
+    /// Checks that `rank` may be taken now and records it until the
+    /// returned [`Held`] goes.
+    pub(super) fn enter(rank: Rank) -> Held {
         HELD.with(|h| {
             let mut h = h.borrow_mut();
             if let Some(&top) = h.iter().max() {
@@ -122,10 +123,11 @@ mod order {
             }
             h.push(rank);
         });
+        Held(rank)
     }
 
     /// Forgets the rank when the guard goes.
-    pub(super) struct Held(pub(super) Rank);
+    pub(super) struct Held(Rank);
 
     impl Drop for Held {
         fn drop(&mut self) {
@@ -143,9 +145,11 @@ mod order {
 mod order {
     use super::Rank;
 
-    pub(super) fn enter(_: Rank) {}
+    pub(super) fn enter(_: Rank) -> Held {
+        Held
+    }
 
-    pub(super) struct Held(pub(super) Rank);
+    pub(super) struct Held;
 }
 
 #[cfg(all(test, debug_assertions))]
