@@ -38,6 +38,10 @@ NOTLOCAL6 = "2001:db8::99"
 MAPPED4 = "::ffff:" + A4
 T = 5.0  # bound of every wait, seconds
 WATCHDOG = 10.0  # per scenario
+# After a TIMEOUT, exit (status 3) instead of going on: a supervisor that
+# hangs would make every later scenario time out too; the harness starts
+# the program again with the scenarios after the one that hung.
+STOP_ON_TIMEOUT = os.environ.get("CONFORMANCE_STOP_ON_TIMEOUT") == "1"
 
 AF_INET, AF_INET6, SOCK_STREAM = socket.AF_INET, socket.AF_INET6, socket.SOCK_STREAM
 SOL_SOCKET, IPPROTO_TCP = socket.SOL_SOCKET, socket.IPPROTO_TCP
@@ -66,13 +70,33 @@ def en(e):
     return type(e).__name__
 
 
-def tr(fn, *a, **kw):
+def tv(fn, *a, **kw):
     """Calls fn: 'ok' for None, the result otherwise, the errno name on OSError."""
     try:
         r = fn(*a, **kw)
     except OSError as e:
         return en(e)
     return "ok" if r is None else r
+
+
+def show(v):
+    """A result of tv() as printed: bytes as repr, an address through fa(),
+    an accepted (socket, address) as 'accepted'."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (bytes, bytearray)):
+        return repr(bytes(v))
+    if isinstance(v, tuple):
+        if v and isinstance(v[0], socket.socket):
+            track(v[0])
+            return "accepted"
+        return fa(v)
+    return str(v)
+
+
+def tr(fn, *a, **kw):
+    """tv() as printed (show())."""
+    return show(tv(fn, *a, **kw))
 
 
 def ecode(n):
@@ -273,6 +297,37 @@ def closed_port(fam=AF_INET, host=None):
     return b, b.getsockname()[1]
 
 
+class Verdict:
+    """True, or False with what differed (printed only when SAPS differs:
+    natively every such check is True)."""
+
+    def __init__(self, ok, detail=""):
+        self.ok, self.detail = ok, detail
+
+    def __bool__(self):
+        return self.ok
+
+    def __str__(self):
+        return "True" if self.ok else "False[%s]" % self.detail
+
+
+def same(peer, client):
+    """Whether an accepted connection's peer address is the client's own
+    address (its getsockname()); a v4-mapped v6 address equals its v4 one."""
+    if isinstance(peer, tuple) and isinstance(client, tuple) and same_peer(peer, client):
+        return Verdict(True)
+    return Verdict(False, "peer=%s client=%s same_port=%s" % (
+        fa(peer), fa(client),
+        isinstance(peer, tuple) and isinstance(client, tuple) and peer[1] == client[1]))
+
+
+def same_port(port, addr):
+    """Whether a port reported by another process is the port of `addr`."""
+    if port == addr[1]:
+        return Verdict(True)
+    return Verdict(False, "reported port is not that of %s" % fa(addr))
+
+
 def same_peer(a, b):
     """Whether two addresses name the same endpoint (a v4-mapped v6 address
     equals its v4 address)."""
@@ -448,7 +503,7 @@ def listen_close_rebind():
     out("rebind=%s" % tr(l2.bind, ("", port)), "listen=%s" % tr(l2.listen, 4))
     c = connect(port)
     s, a = accept(l2)
-    out("accepted peer_is_client=%s" % (a == c.getsockname()))
+    out("accepted peer_is_client=%s" % same(a, c.getsockname()))
 
 
 @sc
@@ -461,7 +516,7 @@ def listen_queued_close_rebind():
     out("rebind=%s" % tr(l2.bind, ("", port)), "listen=%s" % tr(l2.listen, 4))
     c2 = connect(port)
     s, a = accept(l2)
-    out("new_client_accepted peer_is_client=%s" % (a == c2.getsockname()))
+    out("new_client_accepted peer_is_client=%s" % same(a, c2.getsockname()))
 
 
 @sc
@@ -471,7 +526,7 @@ def listen_queued_close_client_sees():
     out("pending=%s" % readable(l))
     l.close()
     out("client_recv=%s" % tr(c.recv, 10))
-    out("client_recv_again=%r" % (tr(c.recv, 10),))
+    out("client_recv_again=%s" % tr(c.recv, 10))
 
 
 @sc
@@ -485,7 +540,7 @@ def close_listener_three_queued_rebind():
     out("clients=%s" % ",".join(str(tr(c.recv, 10)) for c in cs))
     c = connect(port)
     s, a = accept(l2)
-    out("accepted peer_is_client=%s" % (a == c.getsockname()))
+    out("accepted peer_is_client=%s" % same(a, c.getsockname()))
 
 
 @sc
@@ -644,7 +699,7 @@ def reuseport_both_listen():
         l = a if ready[0][0] == a.fileno() else b
         other = b if l is a else a
         s, peer = accept(l)
-        out("peer_is_client=%s" % (peer == c.getsockname()),
+        out("peer_is_client=%s" % same(peer, c.getsockname()),
             "other_readable=%s" % bool(pollmask(other, 0, select.POLLIN)))
 
 
@@ -699,8 +754,8 @@ def v6only_and_v4_share_port():
     c6 = connect(port, A6)
     s4, a4 = accept(l4)
     s6, a6 = accept(l6)
-    out("v4 accepted family=%s peer_is_client=%s" % (s4.family.name, a4 == c4.getsockname()))
-    out("v6 accepted family=%s peer_is_client=%s" % (s6.family.name, a6 == c6.getsockname()))
+    out("v4 accepted family=%s peer_is_client=%s" % (s4.family.name, same(a4, c4.getsockname())))
+    out("v6 accepted family=%s peer_is_client=%s" % (s6.family.name, same(a6, c6.getsockname())))
 
 
 @sc
@@ -709,7 +764,7 @@ def inuse_after_active_close():
     c = connect(port)
     s, _ = accept(l)
     s.close()  # the server closes first: its end lingers (FIN_WAIT2/TIME_WAIT)
-    out("client_eof=%r" % (tr(c.recv, 10),))
+    out("client_eof=%s" % tr(c.recv, 10))
     c.close()
     l.close()
     out("rebind_without_reuseaddr=%s" % bound("", port)[1])
@@ -723,7 +778,7 @@ def rebind_after_passive_close():
     c = connect(port)
     s, _ = accept(l)
     c.close()  # the client closes first
-    out("server_eof=%r" % (tr(s.recv, 10),))
+    out("server_eof=%s" % tr(s.recv, 10))
     s.close()
     l.close()
     res = []
@@ -755,7 +810,7 @@ def v6_echo():
     out("listener=%s" % fa(l.getsockname(), srv=port))
     out("client sock=%s peer=%s" % (fa(c.getsockname(), srv=port), fa(c.getpeername(), srv=port)))
     out("accepted sock=%s peer_is_client=%s" % (fa(s.getsockname(), srv=port),
-                                                 s.getpeername() == c.getsockname()))
+                                                 same(s.getpeername(), c.getsockname())))
     c.sendall(b"v6 ping")
     out("echo=%r" % recv_exact(s, 7))
 
@@ -766,7 +821,7 @@ def dualstack_v4_client():
     c = connect(port, A4)
     s, a = accept(l)
     out("accepted family=%s" % s.family.name)
-    out("peer=%s" % fa(a), "peer_is_client=%s" % same_peer(a, c.getsockname()))
+    out("peer=%s" % fa(a), "peer_is_client=%s" % same(a, c.getsockname()))
     out("sock=%s" % fa(s.getsockname(), srv=port))
     c.sendall(b"dual")
     out("echo=%r" % recv_exact(s, 4))
@@ -796,7 +851,7 @@ def v6only_effect():
     out("v4_client=%s" % tr(c4.connect, (A4, port)))
     c6 = connect(port, A6)
     s, a = accept(l)
-    out("v6_client accepted peer_is_client=%s" % (a == c6.getsockname()))
+    out("v6_client accepted peer_is_client=%s" % same(a, c6.getsockname()))
 
 
 @sc
@@ -825,7 +880,7 @@ def v6_bind_v4mapped():
     l.listen(4)
     c = connect(port, A4)
     s, a = accept(l)
-    out("accepted peer=%s peer_is_client=%s" % (fa(a), same_peer(a, c.getsockname())))
+    out("accepted peer=%s peer_is_client=%s" % (fa(a), same(a, c.getsockname())))
 
 
 @sc
@@ -842,7 +897,7 @@ def v6_connect_v4mapped():
     out("connect=%s" % tr(c.connect, (MAPPED4, port)))
     s, a = accept(l)
     out("client sock=%s peer=%s" % (fa(c.getsockname(), srv=port), fa(c.getpeername(), srv=port)))
-    out("accepted family=%s peer_is_client=%s" % (s.family.name, same_peer(a, c.getsockname())))
+    out("accepted family=%s peer_is_client=%s" % (s.family.name, same(a, c.getsockname())))
 
 
 @sc
@@ -876,7 +931,7 @@ def v6_listener_specific_addr():
     c6 = connect(port, A6)
     s, a = accept(l)
     out("v6 accepted sock=%s peer_is_client=%s" % (fa(s.getsockname(), srv=port),
-                                                   a == c6.getsockname()))
+                                                   same(a, c6.getsockname())))
 
 
 @sc
@@ -886,7 +941,7 @@ def v4_listener_specific_addr():
     c = connect(port, A4)
     s, a = accept(l)
     out("accepted sock=%s peer_is_client=%s" % (fa(s.getsockname(), srv=port),
-                                                a == c.getsockname()))
+                                                same(a, c.getsockname())))
 
 
 # ---- getsockname / getpeername ----------------------------------------------
@@ -927,16 +982,16 @@ def names_connected_and_accepted():
     l, port, c, s = pair()
     out("client sock=%s peer=%s" % (fa(c.getsockname(), srv=port), fa(c.getpeername(), srv=port)))
     out("accepted sock=%s peer_is_client=%s" % (fa(s.getsockname(), srv=port),
-                                                s.getpeername() == c.getsockname()))
-    out("client_peer_is_accepted=%s" % (c.getpeername() == s.getsockname()))
+                                                same(s.getpeername(), c.getsockname())))
+    out("client_peer_is_accepted=%s" % same(c.getpeername(), s.getsockname()))
 
 
 @sc
 def names_after_peer_close():
     l, port, c, s = pair()
     s.close()
-    out("eof=%r" % (tr(c.recv, 10),))
-    out("sock=%s peer=%s" % (fa(c.getsockname(), srv=port), fa(tr(c.getpeername), srv=port)))
+    out("eof=%s" % tr(c.recv, 10))
+    out("sock=%s peer=%s" % (fa(c.getsockname(), srv=port), fa(tv(c.getpeername), srv=port)))
 
 
 @sc
@@ -944,14 +999,14 @@ def names_after_shutdown():
     l, port, c, s = pair()
     me = c.getsockname()
     c.shutdown(socket.SHUT_RDWR)
-    out("client sock_same=%s peer=%s" % (tr(c.getsockname) == me, fa(tr(c.getpeername), srv=port)))
-    out("accepted eof=%r" % (tr(s.recv, 10),))
-    out("accepted sock=%s peer_is_client=%s" % (fa(tr(s.getsockname), srv=port),
-                                                tr(s.getpeername) == me))
+    out("client sock_same=%s peer=%s" % (tv(c.getsockname) == me, fa(tv(c.getpeername), srv=port)))
+    out("accepted eof=%s" % tr(s.recv, 10))
+    out("accepted sock=%s peer_is_client=%s" % (fa(tv(s.getsockname), srv=port),
+                                                same(tv(s.getpeername), me)))
     s.shutdown(socket.SHUT_WR)
     # LAST_ACK until the client acknowledges the FIN, then CLOSE
     out("accepted after shut_wr: state=%s" % wait_state(s, "CLOSE"),
-        "peer=%s" % fa(tr(s.getpeername)))
+        "peer=%s" % fa(tv(s.getpeername)))
 
 
 @sc
@@ -960,7 +1015,7 @@ def names_after_reset():
     s.setsockopt(SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()
     out("recv=%s" % tr(c.recv, 10))
-    out("peer=%s" % fa(tr(c.getpeername), srv=port))
+    out("peer=%s" % fa(tv(c.getpeername), srv=port))
 
 
 @sc
@@ -998,7 +1053,7 @@ def listen_without_bind():
     out("port_nonzero=%s addr=%s" % (port != 0, fa(l.getsockname(), srv=port)))
     c = connect(port)
     s, a = accept(l)
-    out("accepted peer_is_client=%s" % (a == c.getsockname()))
+    out("accepted peer_is_client=%s" % same(a, c.getsockname()))
 
 
 @sc
@@ -1009,7 +1064,7 @@ def listen_without_bind_v6():
     out("port_nonzero=%s addr=%s" % (port != 0, fa(l.getsockname(), srv=port)))
     c = connect(port, A6)
     s, a = accept(l)
-    out("accepted peer_is_client=%s" % (a == c.getsockname()))
+    out("accepted peer_is_client=%s" % same(a, c.getsockname()))
 
 
 @sc
@@ -1018,7 +1073,7 @@ def listen_twice():
     out("again=%s" % tr(l.listen, 32), "port_same=%s" % (l.getsockname()[1] == port))
     c = connect(port)
     s, a = accept(l)
-    out("accepted peer_is_client=%s" % (a == c.getsockname()))
+    out("accepted peer_is_client=%s" % same(a, c.getsockname()))
 
 
 @sc
@@ -1051,7 +1106,7 @@ def shutdown_listener_rdwr():
     l.settimeout(T)
     c2 = connect(p3)
     s, a = accept(l)
-    out("accepted peer_is_client=%s" % (a == c2.getsockname()))
+    out("accepted peer_is_client=%s" % same(a, c2.getsockname()))
 
 
 @sc
@@ -1073,7 +1128,7 @@ def shutdown_listener_rd_bound_port():
     out("port_relisten=%s" % ("same" if p3 == port else "0" if p3 == 0 else "other"))
     c2 = connect(p3)
     s, a = accept(b)
-    out("accepted peer_is_client=%s" % (a == c2.getsockname()))
+    out("accepted peer_is_client=%s" % same(a, c2.getsockname()))
 
 
 @sc
@@ -1082,7 +1137,7 @@ def shutdown_listener_wr():
     out("shutdown_wr=%s" % tr(l.shutdown, socket.SHUT_WR))
     c = connect(port)
     s, a = accept(l)
-    out("still_accepts peer_is_client=%s" % (a == c.getsockname()))
+    out("still_accepts peer_is_client=%s" % same(a, c.getsockname()))
 
 
 # ---- connect ----------------------------------------------------------------
@@ -1096,7 +1151,7 @@ def connect_nonblocking_complete():
     out("second=%s" % ecode(c.connect_ex((A4, port))), "third=%s" % ecode(c.connect_ex((A4, port))))
     out("so_error=%s" % ecode(geti(c, SOL_SOCKET, socket.SO_ERROR)))
     s, a = accept(l)
-    out("accepted peer_is_client=%s" % (a == c.getsockname()))
+    out("accepted peer_is_client=%s" % same(a, c.getsockname()))
 
 
 @sc
@@ -1180,7 +1235,7 @@ def connect_retry_after_refused():
     b.settimeout(T)
     out("second=%s" % tr(c.connect, (A4, port)))
     s, a = accept(b)
-    out("accepted peer_is_client=%s" % (a == c.getsockname()))
+    out("accepted peer_is_client=%s" % same(a, c.getsockname()))
 
 
 @sc
@@ -1200,7 +1255,7 @@ def connect_unspec_disconnect():
     c.settimeout(T)
     out("reconnect=%s" % tr(c.connect, (A4, port)))
     s2, a = accept(l)
-    out("accepted peer_is_client=%s" % (a == c.getsockname()))
+    out("accepted peer_is_client=%s" % same(a, c.getsockname()))
 
 
 @sc
@@ -1286,7 +1341,7 @@ def accept4_bad_flags():
     if fd >= 0:
         adopt(fd)
     s, a = accept(l)
-    out("then_accept peer_is_client=%s" % (a == c.getsockname()))
+    out("then_accept peer_is_client=%s" % same(a, c.getsockname()))
 
 
 @sc
@@ -1319,7 +1374,7 @@ def accept_null_addr():
     out("accept=%s" % ("ok" if fd >= 0 else cerr()))
     if fd >= 0:
         s = adopt(fd)
-        out("peer_is_client=%s" % (s.getpeername() == c.getsockname()))
+        out("peer_is_client=%s" % same(s.getpeername(), c.getsockname()))
 
 
 @sc
@@ -1345,7 +1400,7 @@ def accept_efault_drops_connection():
     out("accept=%s" % r)
     if fd >= 0:
         adopt(fd)
-    out("client_recv=%r" % (tr(c.recv, 10),))
+    out("client_recv=%s" % tr(c.recv, 10))
     l.settimeout(0.0)
     out("accept_again=%s" % tr(l.accept))
 
@@ -1403,11 +1458,11 @@ def half_close():
 def shutdown_rd_local():
     l, port, c, s = pair()
     out("shutdown_rd=%s" % tr(s.shutdown, socket.SHUT_RD))
-    out("recv_after=%r" % (tr(s.recv, 10),))
+    out("recv_after=%s" % tr(s.recv, 10))
     out("poll=%s" % pm(pollmask(s, 0)))
     out("peer_send=%s" % tr(c.send, b"late"))
     out("inq=%s" % wait_inq(s, 4))
-    out("recv_late=%r" % (tr(s.recv, 10),))
+    out("recv_late=%s" % tr(s.recv, 10))
     out("send_still=%s" % tr(s.send, b"back"))
     out("peer_got=%r" % recv_exact(c, 4))
 
@@ -1426,8 +1481,8 @@ def shutdown_wr_send_epipe():
 def shutdown_rdwr():
     l, port, c, s = pair()
     out("shutdown=%s" % tr(c.shutdown, socket.SHUT_RDWR))
-    out("recv=%r" % (tr(c.recv, 10),), "send=%s" % tr(c.send, b"x", socket.MSG_NOSIGNAL))
-    out("peer_recv=%r" % (tr(s.recv, 10),))
+    out("recv=%s" % tr(c.recv, 10), "send=%s" % tr(c.send, b"x", socket.MSG_NOSIGNAL))
+    out("peer_recv=%s" % tr(s.recv, 10))
     out("poll=%s" % pm(pollmask(c, 0)))
 
 
@@ -1435,7 +1490,7 @@ def shutdown_rdwr():
 def shutdown_rdwr_peer_writes():
     l, port, c, s = pair()
     c.shutdown(socket.SHUT_RDWR)
-    out("peer_recv=%r" % (tr(s.recv, 10),))
+    out("peer_recv=%s" % tr(s.recv, 10))
     out("peer_send=%s" % tr(s.send, b"x"))
     m = wait_mask(s, select.POLLERR)
     out("peer_poll=%s" % pm(m), "peer_so_error=%s" % ecode(geti(s, SOL_SOCKET, socket.SO_ERROR)))
@@ -1532,7 +1587,7 @@ def recv_dontwait_empty():
     out("recv=%s" % tr(s.recv, 10, socket.MSG_DONTWAIT))
     c.sendall(b"z")
     wait_inq(s, 1)
-    out("after_data=%r" % (tr(s.recv, 10, socket.MSG_DONTWAIT),))
+    out("after_data=%s" % tr(s.recv, 10, socket.MSG_DONTWAIT))
 
 
 @sc
@@ -1574,7 +1629,7 @@ def recvmsg_data_and_eof():
 @sc
 def send_recv_zero_bytes():
     l, port, c, s = pair()
-    out("send_empty=%s" % tr(c.send, b""), "recv_zero=%r" % (tr(s.recv, 0),))
+    out("send_empty=%s" % tr(c.send, b""), "recv_zero=%s" % tr(s.recv, 0))
 
 
 @sc
@@ -1584,7 +1639,7 @@ def oob_send_recv():
     c.sendall(b"ab")
     out("send_oob=%s" % tr(c.send, b"!", socket.MSG_OOB))
     out("poll=%s" % pm(wait_mask(s, select.POLLPRI)))
-    out("recv_oob=%r" % (tr(s.recv, 1, socket.MSG_OOB),))
+    out("recv_oob=%s" % tr(s.recv, 1, socket.MSG_OOB))
     s.settimeout(T)
     out("normal=%r" % recv_exact(s, 2))
 
@@ -1615,7 +1670,7 @@ def linger_zero_reset():
     c.setsockopt(SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     c.close()
     out("peer_recv=%s" % tr(s.recv, 10))
-    out("peer_recv_again=%r" % (tr(s.recv, 10),), "peer_send=%s" % tr(s.send, b"x"))
+    out("peer_recv_again=%s" % tr(s.recv, 10), "peer_send=%s" % tr(s.send, b"x"))
 
 
 @sc
@@ -1654,7 +1709,7 @@ def send_after_peer_reset():
     s.close()
     m = wait_mask(c, select.POLLERR | select.POLLHUP)
     out("poll=%s" % pm(m))
-    out("send=%s" % tr(c.send, b"y", socket.MSG_NOSIGNAL), "then_recv=%r" % (tr(c.recv, 1),))
+    out("send=%s" % tr(c.send, b"y", socket.MSG_NOSIGNAL), "then_recv=%s" % tr(c.recv, 1))
 
 
 @sc
@@ -1832,8 +1887,8 @@ def sockopt_unknown():
 def sockopt_short_len():
     s = S()
     out("set_2_bytes=%s" % tr(s.setsockopt, SOL_SOCKET, socket.SO_REUSEADDR, b"\x01\x00"))
-    out("get_type_1_byte=%r" % (tr(s.getsockopt, SOL_SOCKET, socket.SO_TYPE, 1),))
-    out("get_linger_4_bytes=%r" % (tr(s.getsockopt, SOL_SOCKET, socket.SO_LINGER, 4),))
+    out("get_type_1_byte=%s" % tr(s.getsockopt, SOL_SOCKET, socket.SO_TYPE, 1))
+    out("get_linger_4_bytes=%s" % tr(s.getsockopt, SOL_SOCKET, socket.SO_LINGER, 4))
 
 
 @sc
@@ -2095,7 +2150,7 @@ def fork_child_accepts():
     rep = read_pipe(r).split()
     os.close(r)
     out("child_got=%s peer_is_client=%s" % (rep[0] if rep else "-",
-                                            len(rep) > 1 and int(rep[1]) == c.getsockname()[1]))
+                                            len(rep) > 1 and same_port(int(rep[1]), c.getsockname())))
     out("child_exit=%s" % reap(pid))
 
 
@@ -2121,7 +2176,7 @@ def fork_parent_closes_listener():
     c = connect(port)
     rep = read_pipe(r)
     os.close(r)
-    out("child_accepted peer_is_client=%s" % (rep.isdigit() and int(rep) == c.getsockname()[1]))
+    out("child_accepted peer_is_client=%s" % (rep.isdigit() and same_port(int(rep), c.getsockname())))
     out("child_exit=%s" % reap(pid))
 
 
@@ -2145,7 +2200,7 @@ def fork_child_connects():
     out("data=%r" % recv_to_eof(s))
     rep = read_pipe(r)
     os.close(r)
-    out("peer_is_child=%s" % (rep.isdigit() and int(rep) == a[1]))
+    out("peer_is_child=%s" % (rep.isdigit() and same_port(int(rep), a)))
     out("child_exit=%s" % reap(pid))
 
 
@@ -2197,7 +2252,7 @@ def exec_inherited_listener():
     out("data=%r" % recv_to_eof(c))
     for line in read_pipe(r).splitlines():
         if line.startswith("PEER "):
-            out("peer_is_client=%s" % (int(line[5:]) == c.getsockname()[1]))
+            out("peer_is_client=%s" % (same_port(int(line[5:]), c.getsockname())))
         else:
             out("child", line)
     os.close(r)
@@ -2243,11 +2298,11 @@ def scm_rights_listener():
     c.sendall(b"ping")
     out("reply=%r" % recv_exact(c, 4))
     a.settimeout(T)
-    rep = tr(a.recv, 200)
+    rep = tv(a.recv, 200)
     rep = rep.decode() if isinstance(rep, bytes) else rep
     if " PEER " in rep:
         rep, p = rep.split(" PEER ")
-        rep += " peer_is_client=%s" % (int(p) == c.getsockname()[1])
+        rep += " peer_is_client=%s" % (same_port(int(p), c.getsockname()))
     out("child", rep)
     out("child_exit=%s" % reap(pid))
 
@@ -2276,11 +2331,11 @@ def scm_rights_connected():
     c.sendall(b"hello")
     out("reply=%r" % recv_exact(c, 5))
     a.settimeout(T)
-    rep = tr(a.recv, 200)
+    rep = tv(a.recv, 200)
     rep = rep.decode() if isinstance(rep, bytes) else rep
     if " PEER " in rep:
         rep, p = rep.split(" PEER ")
-        rep += " peer_is_client=%s" % (int(p) == c.getsockname()[1])
+        rep += " peer_is_client=%s" % (same_port(int(p), c.getsockname()))
     out("child", rep)
     out("child_exit=%s" % reap(pid))
 
@@ -2301,7 +2356,7 @@ def scm_rights_self():
     c = connect(port)
     l2.settimeout(T)
     s, a2 = accept(l2)
-    out("accepted peer_is_client=%s" % (a2 == c.getsockname()))
+    out("accepted peer_is_client=%s" % same(a2, c.getsockname()))
 
 
 @sc
@@ -2313,7 +2368,7 @@ def dup_listener():
     out("dup acceptconn=%d" % geti(d, SOL_SOCKET, socket.SO_ACCEPTCONN))
     c = connect(port)
     s, a = accept(d)
-    out("accepted peer_is_client=%s" % (a == c.getsockname()))
+    out("accepted peer_is_client=%s" % same(a, c.getsockname()))
 
 
 @sc
@@ -2344,7 +2399,7 @@ def signal_accept_raises():
     c = connect(port)
     l.settimeout(T)
     s, a = accept(l)
-    out("accept_after peer_is_client=%s" % (a == c.getsockname()))
+    out("accept_after peer_is_client=%s" % same(a, c.getsockname()))
 
 
 @sc
@@ -2362,7 +2417,7 @@ def signal_accept_retried():
         track(s)
     finally:
         no_timer()
-    out("handler_connected=%s peer_is_client=%s" % ("c" in st, "c" in st and a == st["c"].getsockname()))
+    out("handler_connected=%s peer_is_client=%s" % ("c" in st, "c" in st and same(a, st["c"].getsockname())))
 
 
 @sc
@@ -2492,7 +2547,7 @@ def mptcp(fam, host):
     s, a = accept(l)
     out("client protocol=%d accepted protocol=%d" % (geti(c, SOL_SOCKET, socket.SO_PROTOCOL),
                                                      geti(s, SOL_SOCKET, socket.SO_PROTOCOL)))
-    out("peer_is_client=%s sock=%s" % (a == c.getsockname(), fa(s.getsockname(), srv=port)))
+    out("peer_is_client=%s sock=%s" % (same(a, c.getsockname()), fa(s.getsockname(), srv=port)))
     c.sendall(b"mptcp ping")
     got = recv_exact(s, 10)
     s.sendall(got.upper())
@@ -2522,7 +2577,7 @@ def mptcp_listener_tcp_client():
     c = connect(port)
     s, a = accept(l)
     out("accepted protocol=%d peer_is_client=%s" % (geti(s, SOL_SOCKET, socket.SO_PROTOCOL),
-                                                    a == c.getsockname()))
+                                                    same(a, c.getsockname())))
     c.sendall(b"plain")
     out("data=%r" % recv_exact(s, 5))
 
@@ -2623,7 +2678,7 @@ def loopback4_echo():
     out("listener=%s" % fa(l.getsockname(), srv=port))
     out("client sock=%s peer=%s" % (fa(c.getsockname(), srv=port), fa(c.getpeername(), srv=port)))
     out("accepted sock=%s peer_is_client=%s" % (fa(s.getsockname(), srv=port),
-                                                 s.getpeername() == c.getsockname()))
+                                                 same(s.getpeername(), c.getsockname())))
     c.sendall(b"lo")
     out("echo=%r" % recv_exact(s, 2))
 
@@ -2633,7 +2688,7 @@ def loopback6_echo():
     l, port, c, s = pair(AF_INET6, "::1", "::1")
     out("listener=%s" % fa(l.getsockname(), srv=port))
     out("client sock=%s peer=%s" % (fa(c.getsockname(), srv=port), fa(c.getpeername(), srv=port)))
-    out("accepted peer_is_client=%s" % (s.getpeername() == c.getsockname()))
+    out("accepted peer_is_client=%s" % same(s.getpeername(), c.getsockname()))
     c.sendall(b"lo6")
     out("echo=%r" % recv_exact(s, 3))
 
@@ -2664,7 +2719,7 @@ def wildcard_listener_loopback_client():
     c = connect(port, "127.0.0.1")
     s, a = accept(l)
     out("accepted sock=%s peer=%s peer_is_client=%s" % (fa(s.getsockname(), srv=port), fa(a),
-                                                        a == c.getsockname()))
+                                                        same(a, c.getsockname())))
 
 
 @sc
@@ -2673,7 +2728,7 @@ def dualstack_loopback_v4_client():
     c = connect(port, "127.0.0.1")
     s, a = accept(l)
     out("accepted family=%s peer=%s peer_is_client=%s" % (s.family.name, fa(a),
-                                                          same_peer(a, c.getsockname())))
+                                                          same(a, c.getsockname())))
 
 
 @sc
@@ -2748,7 +2803,7 @@ def close_and_reuse_fd_number():
     l, port = listener()
     c = connect(port)
     s2, a = accept(l)
-    out("accepted peer_is_client=%s" % (a == c.getsockname()))
+    out("accepted peer_is_client=%s" % same(a, c.getsockname()))
 
 
 # ---------------------------------------------------------------- runner
@@ -2760,17 +2815,22 @@ class ScenarioTimeout(BaseException):
 class Watchdog:
     """A thread that interrupts the main thread (SIGUSR2) when a scenario
     runs too long. It blocks every signal, so that process-directed signals
-    (the scenarios' SIGALRM) interrupt the main thread's system calls."""
+    (the scenarios' SIGALRM) interrupt the main thread's system calls.
+    Should the main thread not come back within 6 s more (a call that the
+    signal does not end), the watchdog reports the TIMEOUT itself and
+    exits."""
 
     def __init__(self):
         self.cond = threading.Condition()
         self.deadline = None
+        self.kicks = 0
         self.main = threading.main_thread().ident
         t = threading.Thread(target=self.run, daemon=True)
         t.start()
 
     def arm(self, secs):
         with self.cond:
+            self.kicks = 0
             self.deadline = time.monotonic() + secs
             self.cond.notify()
 
@@ -2790,6 +2850,10 @@ class Watchdog:
                 if left > 0:
                     self.cond.wait(left)
                     continue
+                self.kicks += 1
+                if self.kicks > 3:
+                    os.write(1, ("%s: TIMEOUT\n" % _cur).encode())
+                    os._exit(3)
                 signal.pthread_kill(self.main, signal.SIGUSR2)
                 self.deadline = time.monotonic() + 2.0
 
@@ -2828,6 +2892,8 @@ def run_one(fn, dog):
             cleanup()
     except ScenarioTimeout:
         out("TIMEOUT")
+        if STOP_ON_TIMEOUT:
+            os._exit(3)
         cleanup()
     except Exception as e:
         out("EXC %s %s" % (type(e).__name__, en(e) if isinstance(e, OSError) and e.errno else "-"))

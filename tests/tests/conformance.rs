@@ -127,6 +127,7 @@ struct ConfNs {
 
 impl ConfNs {
     fn new(tag: &str) -> Result<ConfNs, String> {
+        sweep_stale_namespaces();
         let name = format!("saps-conf-{}-{tag}", std::process::id());
         // A namespace left over by a killed earlier run of the same pid.
         let _ = run(Command::new("ip").args(["netns", "del", &name]));
@@ -193,11 +194,45 @@ impl ConfNs {
         }
     }
 
-    /// `ip netns exec NAME PROGRAM`.
+    /// `ip netns exec NAME PROGRAM` (which execs PROGRAM), killed should
+    /// the thread that starts it die: a test binary killed from outside
+    /// (`timeout`, ^C) leaves no io-server or saps-run behind.
     fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        use std::os::unix::process::CommandExt;
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name]).arg(program);
+        // SAFETY: prctl(2) is async-signal-safe; nothing else runs between
+        // fork and exec.
+        unsafe {
+            c.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         c
+    }
+}
+
+/// Deletes the namespaces of earlier runs of this test whose process is
+/// gone (killed before its namespaces were dropped).
+fn sweep_stale_namespaces() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("saps-conf-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = run(Command::new("ip").args(["netns", "del", &name]));
+        }
     }
 }
 
@@ -207,29 +242,42 @@ impl Drop for ConfNs {
     }
 }
 
-/// What one run of the scenario program left.
+/// How one run of the scenario program ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum End {
+    Exited(i32),
+    /// The program printed a TIMEOUT and exited, but saps-run did not exit
+    /// within STUCK_GRACE after it (and was killed).
+    StuckAfterTimeout,
+    /// Killed at RUN_TIMEOUT.
+    Killed,
+}
+
+/// The program's status after a scenario's TIMEOUT
+/// (CONFORMANCE_STOP_ON_TIMEOUT=1).
+const STOPPED_AFTER_TIMEOUT: i32 = 3;
+
+/// How long saps-run may outlive a program that stopped after a TIMEOUT.
+const STUCK_GRACE: Duration = Duration::from_secs(5);
+
+/// At most this many fresh starts after hung scenarios, per mode.
+const MAX_RESTARTS: usize = 40;
+
+/// What the runs of the scenario program of one mode (or the native one)
+/// left: the program stops after a scenario that hangs (TIMEOUT), and is
+/// started again with the scenarios after it, so one hang (of the
+/// supervisor, say) does not turn every later scenario into a TIMEOUT.
 struct Run {
     stdout: String,
     stderr: String,
-    /// Exit code, or None when it was killed at RUN_TIMEOUT.
-    code: Option<i32>,
+    /// The scenarios after which the program was started again.
+    restarts: Vec<String>,
+    /// Runs that ended badly (killed, or a status other than 0 or 3), each
+    /// with the tail of its output.
+    trouble: Vec<String>,
+    /// Runs where saps-run stayed after its program exited.
+    stuck: usize,
     elapsed: Duration,
-}
-
-impl Run {
-    /// A readable account of a run that did not finish properly.
-    fn trouble(&self, what: &str) -> Option<String> {
-        let why = match self.code {
-            Some(0) => return None,
-            Some(c) => format!("{what} exited with status {c}"),
-            None => format!("{what} did not finish within {RUN_TIMEOUT:?} (killed)"),
-        };
-        Some(format!(
-            "{why}\n--- last lines of its output:\n{}\n--- last lines of its stderr:\n{}",
-            tail(&self.stdout, 15),
-            tail(&self.stderr, 40)
-        ))
-    }
 }
 
 fn tail(s: &str, n: usize) -> String {
@@ -237,8 +285,16 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Runs `PREFIX… /usr/bin/python3 -u scenarios.py` inside `ns`.
-fn run_scenarios(ns: &ConfNs, prefix: &[String]) -> Run {
+/// The scenario of the output's last line, if that line is a TIMEOUT.
+fn timed_out(stdout: &str) -> Option<&str> {
+    let last = stdout.lines().last()?;
+    let (name, what) = last.split_once(": ")?;
+    (what == "TIMEOUT").then_some(name)
+}
+
+/// Runs `PREFIX… /usr/bin/python3 -u scenarios.py SCENARIOS…` inside
+/// `ns` once.
+fn run_once(ns: &ConfNs, prefix: &[String], scenarios: &[String]) -> (End, String, String) {
     let (program, rest): (&str, &[String]) = match prefix.split_first() {
         Some((p, r)) => (p, r),
         None => (PYTHON, &[]),
@@ -250,21 +306,90 @@ fn run_scenarios(ns: &ConfNs, prefix: &[String]) -> Run {
     }
     cmd.arg("-u")
         .arg(scenarios_py())
+        .args(scenarios)
         .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("CONFORMANCE_STOP_ON_TIMEOUT", "1")
         .env("CONFORMANCE_ADDR4", ADDR4)
         .env("CONFORMANCE_ADDR6", ADDR6)
         .env("CONFORMANCE_BLACKHOLE4", BLACKHOLE4);
     let start = Instant::now();
     let mut p = Proc::spawn(&mut cmd);
-    let code = p.wait_timeout(RUN_TIMEOUT);
-    let elapsed = start.elapsed();
-    // On a timeout, dropping `p` kills the process group.
-    Run {
-        stdout: p.stdout(),
-        stderr: p.stderr(),
-        code,
-        elapsed,
+    let mut timeout_seen: Option<Instant> = None;
+    let end = loop {
+        if let Some(code) = p.wait_timeout(Duration::from_millis(100)) {
+            break End::Exited(code);
+        }
+        if start.elapsed() > RUN_TIMEOUT {
+            break End::Killed;
+        }
+        if timed_out(&p.stdout()).is_some() {
+            let seen = *timeout_seen.get_or_insert_with(Instant::now);
+            if seen.elapsed() > STUCK_GRACE {
+                break End::StuckAfterTimeout;
+            }
+        }
+    };
+    // Unless it exited, dropping `p` kills the process group.
+    (end, p.stdout(), p.stderr())
+}
+
+/// Runs all scenarios inside `ns`, starting the program again after each
+/// scenario that hangs.
+fn run_scenarios(ns: &ConfNs, prefix: &[String], names: &[String]) -> Run {
+    let start = Instant::now();
+    let mut run = Run {
+        stdout: String::new(),
+        stderr: String::new(),
+        restarts: Vec::new(),
+        trouble: Vec::new(),
+        stuck: 0,
+        elapsed: Duration::ZERO,
+    };
+    let mut todo: Vec<String> = Vec::new(); // empty: all
+    loop {
+        let (end, stdout, stderr) = run_once(ns, prefix, &todo);
+        run.stdout.push_str(&stdout);
+        run.stderr.push_str(&stderr);
+        let hung = timed_out(&stdout).map(str::to_owned);
+        let ok_end = match end {
+            End::Exited(0) => true,
+            End::Exited(STOPPED_AFTER_TIMEOUT) => hung.is_some(),
+            End::StuckAfterTimeout => {
+                run.stuck += 1;
+                true
+            }
+            _ => false,
+        };
+        if !ok_end {
+            let why = match end {
+                End::Killed => format!("did not finish within {RUN_TIMEOUT:?} (killed)"),
+                End::Exited(c) => format!("exited with status {c}"),
+                End::StuckAfterTimeout => unreachable!(),
+            };
+            run.trouble.push(format!(
+                "{why}\n--- last lines of its output:\n{}\n--- last lines of its stderr:\n{}",
+                tail(&stdout, 15),
+                tail(&stderr, 40)
+            ));
+            break;
+        }
+        let Some(hung) = hung else { break };
+        if run.restarts.len() >= MAX_RESTARTS {
+            run.trouble
+                .push(format!("gave up after {MAX_RESTARTS} hung scenarios"));
+            break;
+        }
+        let Some(i) = names.iter().position(|n| *n == hung) else {
+            break;
+        };
+        run.restarts.push(hung);
+        todo = names[i + 1..].to_vec();
+        if todo.is_empty() {
+            break;
+        }
     }
+    run.elapsed = start.elapsed();
+    run
 }
 
 /// The native run, shared by the tests of every mode.
@@ -284,12 +409,16 @@ fn native() -> &'static Native {
             Ok(ns) => ns,
             Err(e) => return Native::Skipped(format!("cannot make a network namespace ({e})")),
         };
-        let r = run_scenarios(&ns, &[]);
+        let r = run_scenarios(&ns, &[], &scenario_names());
         eprintln!("conformance native: ran in {:.1}s", r.elapsed.as_secs_f64());
-        match r.trouble("the native run") {
-            Some(t) => Native::Failed(t),
-            None => Native::Ran(r),
+        if !r.trouble.is_empty() || !r.restarts.is_empty() {
+            return Native::Failed(format!(
+                "the native run did not complete: scenarios that hung: {:?}\n{}",
+                r.restarts,
+                r.trouble.join("\n")
+            ));
         }
+        Native::Ran(r)
     })
 }
 
@@ -356,9 +485,9 @@ fn compare(mode: Mode, names: &[String], native: &str, saps: &str) -> (usize, Ve
                 )),
             }
         }
-        for i in 0..n.len().max(s.len()) {
+        for (i, excused) in excused.iter().enumerate() {
             let (a, b) = (n.get(i), s.get(i));
-            if a != b && !excused[i] {
+            if a != b && !excused {
                 problems.push(format!(
                     "  native: {}\n  saps:   {}",
                     a.map_or("<nothing>", String::as_str),
@@ -446,7 +575,7 @@ fn conformance(mode: Mode) {
     let (prefix, io) = mode_command(mode, &ns, dir.path());
     // The mode's run and the (shared) native run go on at the same time.
     let saps = std::thread::scope(|s| {
-        let h = s.spawn(|| run_scenarios(&ns, &prefix));
+        let h = s.spawn(|| run_scenarios(&ns, &prefix, &names));
         let _ = native();
         h.join().unwrap()
     });
@@ -458,10 +587,19 @@ fn conformance(mode: Mode) {
     let io_stderr = io.as_ref().map(Proc::stderr);
     drop(io);
     eprintln!(
-        "conformance {}: ran in {:.1}s (native {:.1}s)",
+        "conformance {}: ran in {:.1}s (native {:.1}s); hung scenarios, after which the program was started again: {:?}{}",
         mode.name(),
         saps.elapsed.as_secs_f64(),
-        native.elapsed.as_secs_f64()
+        native.elapsed.as_secs_f64(),
+        saps.restarts,
+        if saps.stuck > 0 {
+            format!(
+                " ({} times saps-run did not exit after its program did)",
+                saps.stuck
+            )
+        } else {
+            String::new()
+        }
     );
     let (passed, failures) = compare(mode, &names, &native.stdout, &saps.stdout);
     for f in &failures {
@@ -472,19 +610,22 @@ fn conformance(mode: Mode) {
         mode.name(),
         names.len() - passed
     );
-    eprintln!("{summary}");
     println!("{summary}");
-    let trouble = saps.trouble(&format!("saps-run ({})", mode.name()));
-    if let Some(t) = &trouble {
-        eprintln!("{t}");
+    for t in &saps.trouble {
+        eprintln!("saps-run ({}) {t}", mode.name());
+    }
+    if !saps.trouble.is_empty() {
         if let Some(e) = &io_stderr {
             eprintln!("--- last lines of the io-server's stderr:\n{}", tail(e, 40));
         }
     }
     assert!(
-        failures.is_empty() && trouble.is_none(),
+        failures.is_empty() && saps.trouble.is_empty(),
         "{summary}{}",
-        trouble.map_or(String::new(), |t| format!("\n{t}"))
+        saps.trouble
+            .iter()
+            .map(|t| format!("\nsaps-run {t}"))
+            .collect::<String>()
     );
 }
 

@@ -159,8 +159,13 @@ fn hand_over(
     match kind {
         Kind::Handed => {
             // Zero-relay: the program gets the TCP socket itself, a real
-            // socket the supervisor need not know again.
+            // socket the supervisor need not know again. It carries the
+            // options set on the listener, as an accepted socket inherits
+            // them natively (an option it refuses is the kernel's call).
             call.note.action = "accept (zero-relay)";
+            for (level, name, value) in listener.options.iter() {
+                let _ = crate::sys::setsockopt_raw(sock.as_fd(), level, name, value);
+            }
         }
         Kind::Relayed => {
             // The program's end of the socket pair, a virtual socket.
@@ -168,10 +173,11 @@ fn hand_over(
                 Ok(i) => i,
                 Err(e) => return keep(sock, e),
             };
-            sh.table().insert(
-                ino,
-                VirtualSocket::accepted(listener.domain, id, peer, local),
-            );
+            // It inherits the listener's protocol and options.
+            let mut vs = VirtualSocket::accepted(listener.domain, id, peer, local);
+            vs.protocol = listener.protocol;
+            vs.options = listener.options.clone();
+            sh.table().insert(ino, vs);
             table_entry = Some(ino);
         }
     }

@@ -224,7 +224,7 @@ pub(crate) fn pair(nonblock: bool) -> Result<(OwnedFd, OwnedFd), i32> {
 
 /// Makes S look like a socket in SYN_SENT (see the module docs); returns
 /// the `SO_SNDBUF` to restore once the connection is established.
-fn hold_back(s: &OwnedFd) -> Result<usize, i32> {
+pub(crate) fn hold_back(s: &OwnedFd) -> Result<usize, i32> {
     let sndbuf = so::getsockopt(s, sockopt::SndBuf).map_err(|e| e as i32)?;
     so::setsockopt(s, sockopt::SndBuf, &1).map_err(|e| e as i32)?;
     let n = nix::unistd::write(s, &[0u8; FILLER]).map_err(|e| e as i32)?;
@@ -257,6 +257,13 @@ async fn finish(
     };
     match resp {
         Response::Status { errno: 0, addr } => {
+            // Connected in the table before S can poll writable: a program
+            // woken by POLLOUT asks getsockname/getpeername at once.
+            if let Some(v) = sh.table().get_mut(s_ino) {
+                let local = addr.unwrap_or_else(|| crate::vsock::unspecified(v.domain));
+                v.state = State::Connected { peer, local };
+                v.connect_unreported = true;
+            }
             // Restore S's send buffer, then let it become writable.
             let _ = so::setsockopt(&s, sockopt::SndBuf, &sndbuf);
             drop(s);
@@ -270,11 +277,6 @@ async fn finish(
                 fail(sh, s_ino, libc::ECONNRESET);
                 tell(sh);
                 return;
-            }
-            if let Some(v) = sh.table().get_mut(s_ino) {
-                let local = addr.unwrap_or_else(|| crate::vsock::unspecified(v.domain));
-                v.state = State::Connected { peer, local };
-                v.connect_unreported = true;
             }
             tell(sh);
             relay(sh, conn, p).await;

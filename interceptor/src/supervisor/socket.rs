@@ -355,6 +355,10 @@ fn install_listener(
     vs: &mut VirtualSocket,
 ) -> Result<(), i32> {
     let (l, marker) = super::connect::pair(nonblock)?;
+    // `L` must not poll writable, as a listening socket does not: a filler
+    // sent through it with the smallest send buffer, never read by `M`
+    // (which only writes markers and watches for the hang-up).
+    super::connect::hold_back(&l)?;
     let l_ino = inode_of(&l)?;
     vs.state = State::Listening;
     sh.table().rekey(ino, l_ino, vs.clone());

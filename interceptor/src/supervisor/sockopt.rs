@@ -14,6 +14,7 @@ use crate::notify::Reply;
 use crate::vsock::{State, VirtualSocket};
 use bytes::Bytes;
 use saps_fabric::{Request, Response};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 /// Longest option value read from or written to the program.
@@ -30,6 +31,38 @@ fn on_gateway(level: i32, name: i32) -> bool {
                 name,
                 libc::SO_KEEPALIVE | libc::SO_LINGER | libc::SO_RCVBUF | libc::SO_SNDBUF
             ))
+}
+
+/// Options set on a connection on every response by some servers
+/// (apache corks around each one): answered without a scratch socket.
+fn hot(level: i32, name: i32) -> bool {
+    level == libc::IPPROTO_TCP && matches!(name, libc::TCP_NODELAY | libc::TCP_CORK)
+}
+
+/// Options whose value read back is not what to set again (the kernel
+/// doubles a buffer size): kept as the program set them.
+fn kept_as_set(level: i32, name: i32) -> bool {
+    level == libc::SOL_SOCKET
+        && matches!(
+            name,
+            libc::SO_RCVBUF | libc::SO_SNDBUF | libc::SO_RCVBUFFORCE | libc::SO_SNDBUFFORCE
+        )
+}
+
+/// A fresh real socket of `vs`'s family and protocol carrying the options
+/// set on `vs` so far: the kernel's own answer for an option (whether it
+/// exists at that level, its checks, its default, how it rounds a value)
+/// without keeping a real socket per virtual one. Only the connection's
+/// state differs: it is never connected nor listening.
+fn scratch(vs: &VirtualSocket) -> Result<OwnedFd, i32> {
+    let ty = libc::SOCK_STREAM | libc::SOCK_CLOEXEC;
+    let s = crate::sys::socket_raw(vs.domain, ty, vs.protocol)
+        .or_else(|_| crate::sys::socket_raw(vs.domain, ty, libc::IPPROTO_TCP))
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::ENOBUFS))?;
+    for (level, name, value) in vs.options.iter() {
+        let _ = crate::sys::setsockopt_raw(s.as_fd(), level, name, value);
+    }
+    Ok(s)
 }
 
 pub(crate) fn setsockopt(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
@@ -49,21 +82,32 @@ pub(crate) fn setsockopt(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
         Ok(v) => v,
         Err(_) => return Outcome::Reply(Reply::Errno(libc::EFAULT)),
     };
-    if is_int_option(level, name) && value.len() < 4 {
-        return Outcome::Reply(Reply::Errno(libc::EINVAL));
-    }
-    if (level, name) == (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) && vs.bound.is_some() {
+    if (level, name) == (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
+        && vs.domain == libc::AF_INET6
+        && vs.bound.is_some()
+    {
         // The kernel refuses to change it once bound.
         return Outcome::Reply(Reply::Errno(libc::EINVAL));
     }
     call.detail.value = Some(value.clone());
     call.note.action = "virtual";
-    let conn = vs.conn;
     let established = matches!(vs.state, State::Connected { .. } | State::Connecting { .. });
+    let stored = if established && hot(level, name) {
+        if value.len() < 4 {
+            return Outcome::Reply(Reply::Errno(libc::EINVAL));
+        }
+        let on = value[..4].iter().any(|&b| b != 0);
+        i32::from(on).to_ne_bytes().to_vec()
+    } else {
+        match kernel_set(&vs, level, name, &value) {
+            Ok(v) => v,
+            Err(e) => return Outcome::Reply(Reply::Errno(e)),
+        }
+    };
     if let Some(v) = sh.table().get_mut(ino) {
-        v.options.set(level, name, &value);
+        v.options.set(level, name, &stored);
     }
-    if let (Some(conn), true) = (conn, established && on_gateway(level, name)) {
+    if let (Some(conn), true) = (vs.conn, established && on_gateway(level, name)) {
         let sh2 = sh.clone();
         let value = Bytes::from(value);
         sh.rt.spawn(async move {
@@ -89,11 +133,20 @@ pub(crate) fn setsockopt(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     Outcome::Reply(Reply::Value(0))
 }
 
-/// Options whose value is an `int`.
-fn is_int_option(level: i32, name: i32) -> bool {
-    !matches!(
-        (level, name),
-        (libc::SOL_SOCKET, libc::SO_LINGER) | (libc::IPPROTO_TCP, libc::TCP_CONGESTION)
+/// Sets the option on a scratch socket: the kernel's error, or the value
+/// to remember (as the kernel reads it back, so that `SO_LINGER` with
+/// `l_onoff` 0 keeps the old `l_linger` and a timeout is rounded to
+/// jiffies, as natively).
+fn kernel_set(vs: &VirtualSocket, level: i32, name: i32, value: &[u8]) -> Result<Vec<u8>, i32> {
+    let s = scratch(vs)?;
+    crate::sys::setsockopt_raw(s.as_fd(), level, name, value)
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
+    if kept_as_set(level, name) {
+        return Ok(value.to_vec());
+    }
+    Ok(
+        crate::sys::getsockopt_raw(s.as_fd(), level, name, value.len().max(4))
+            .unwrap_or_else(|_| value.to_vec()),
     )
 }
 
@@ -129,20 +182,28 @@ pub(crate) fn getsockopt(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
             });
         }
     }
-    let value = match local_value(sh, ino, &vs, level, name) {
+    let value = match local_value(sh, ino, &vs, level, name, len) {
         Ok(v) => v,
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
     };
     Outcome::Reply(write_value(call, &value, len))
 }
 
-/// The value of an option answered by the supervisor itself.
+/// `tcpi_state` values (include/net/tcp_states.h).
+const TCP_SYN_SENT: u8 = 2;
+const TCP_LISTEN: u8 = 10;
+
+/// The value of an option answered by the supervisor itself: what the
+/// virtual socket knows (its error, type, family, protocol, whether it
+/// listens, the options set on it), the rest as the kernel answers it for
+/// a socket with those options.
 fn local_value(
     sh: &Shared,
     ino: u64,
     vs: &VirtualSocket,
     level: i32,
     name: i32,
+    len: u32,
 ) -> Result<Vec<u8>, i32> {
     let int = |v: i32| Ok(v.to_ne_bytes().to_vec());
     if level == libc::SOL_SOCKET {
@@ -161,18 +222,20 @@ fn local_value(
             _ => {}
         }
     }
-    if let Some(v) = vs.options.get(level, name) {
+    if let (Some(v), false) = (vs.options.get(level, name), kept_as_set(level, name)) {
         return Ok(v.to_vec());
     }
-    match (level, name) {
-        (libc::SOL_SOCKET, libc::SO_RCVBUF) => int(131_072),
-        (libc::SOL_SOCKET, libc::SO_SNDBUF) => int(16_384),
-        (libc::SOL_SOCKET, libc::SO_LINGER) => Ok(vec![0; 8]),
-        (libc::IPPROTO_TCP, libc::TCP_MAXSEG) => int(1448),
-        (libc::IPPROTO_TCP, libc::TCP_CONGESTION) => Ok(b"cubic\0".to_vec()),
-        (libc::SOL_SOCKET | libc::IPPROTO_TCP | libc::IPPROTO_IP | libc::IPPROTO_IPV6, _) => int(0),
-        _ => Err(libc::ENOPROTOOPT),
+    let s = scratch(vs)?;
+    let mut v = crate::sys::getsockopt_raw(s.as_fd(), level, name, len.min(MAX_OPT) as usize)
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
+    if (level, name) == (libc::IPPROTO_TCP, libc::TCP_INFO) && !v.is_empty() {
+        match vs.state {
+            State::Listening => v[0] = TCP_LISTEN,
+            State::Connecting { .. } => v[0] = TCP_SYN_SENT,
+            _ => {}
+        }
     }
+    Ok(v)
 }
 
 /// Writes `value` (truncated to the caller's `len`) and the length used.
