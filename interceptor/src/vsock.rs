@@ -141,6 +141,27 @@ impl Options {
         f
     }
 
+    /// A `struct timeval` option (`SO_RCVTIMEO`, `SO_SNDTIMEO`): `None`
+    /// when unset or zero (wait for ever).
+    pub fn timeout(&self, name: i32) -> Option<std::time::Duration> {
+        let v = self.get(libc::SOL_SOCKET, name)?;
+        let word = |i: usize| Some(i64::from_ne_bytes(v.get(i..i + 8)?.try_into().ok()?));
+        let (sec, usec) = (word(0)?, word(8)?);
+        let d = std::time::Duration::from_secs(sec.max(0) as u64)
+            + std::time::Duration::from_micros(usec.max(0) as u64);
+        (!d.is_zero()).then_some(d)
+    }
+
+    /// The options that act on the program's own end of a connection, an
+    /// AF_UNIX socket when relayed (timeouts, the receive low-water mark):
+    /// set on it as on the kernel's TCP socket.
+    pub fn on_program_end(&self) -> impl Iterator<Item = (i32, i32, &[u8])> {
+        self.iter().filter(|&(level, name, _)| {
+            level == libc::SOL_SOCKET
+                && matches!(name, libc::SO_RCVTIMEO | libc::SO_SNDTIMEO | libc::SO_RCVLOWAT)
+        })
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (i32, i32, &[u8])> {
         self.0.iter().map(|(&(l, n), v)| (l, n, v.as_slice()))
     }

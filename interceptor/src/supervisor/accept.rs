@@ -66,9 +66,17 @@ async fn wait_and_take(
     vs: &VirtualSocket,
     flags: i32,
 ) -> Outcome {
+    // SO_RCVTIMEO bounds a blocking accept (EAGAIN), as natively.
+    let deadline = vs
+        .options
+        .timeout(libc::SO_RCVTIMEO)
+        .map(|t| tokio::time::Instant::now() + t);
     loop {
         if let Some(r) = sh.interrupted(call) {
             return Outcome::Reply(r);
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return Outcome::Reply(Reply::Errno(libc::EAGAIN));
         }
         // One duplicate of `L` per round, both to take from and to wait on;
         // it is dropped at the end of the round so a close by the program
@@ -86,7 +94,10 @@ async fn wait_and_take(
             return Outcome::Reply(Reply::Errno(libc::EBADF));
         };
         // Readable or not, look again.
-        let _ = tokio::time::timeout(super::LIVENESS_CHECK, afd.readable()).await;
+        let wait = deadline.map_or(super::LIVENESS_CHECK, |d| {
+            super::LIVENESS_CHECK.min(d.saturating_duration_since(tokio::time::Instant::now()))
+        });
+        let _ = tokio::time::timeout(wait, afd.readable()).await;
     }
 }
 
@@ -177,6 +188,9 @@ fn hand_over(
             let mut vs = VirtualSocket::accepted(listener.domain, id, peer, local);
             vs.protocol = listener.protocol;
             vs.options = listener.options.clone();
+            for (level, name, value) in vs.options.on_program_end() {
+                let _ = crate::sys::setsockopt_raw(sock.as_fd(), level, name, value);
+            }
             sh.table().insert(ino, vs);
             table_entry = Some(ino);
         }

@@ -366,14 +366,15 @@ pub(crate) fn requeue(sh: &Arc<Shared>, lconn: ConnId, id: ConnId) {
     }
 }
 
-/// Closes a listener's queue: its connections wait for a new listener on
-/// `addr` (the program closed `L`).
-pub(crate) fn orphan_queue(sh: &Arc<Shared>, lconn: ConnId, addr: SocketAddr) {
+/// Closes a listener's queue (the program closed `L`): like the kernel
+/// with its accept queue, the connections waiting in it are reset. Those
+/// the io-server sends to the closed listener afterwards, before it learns
+/// of the close, wait for a new listener on its address instead (`route`).
+pub(crate) fn orphan_queue(sh: &Arc<Shared>, lconn: ConnId, _addr: SocketAddr) {
     let queued = lock(&sh.ready).remove(&lconn).map(|r| r.queue);
     for id in queued.unwrap_or_default() {
-        let kind = kind_of(sh, id);
-        let awaits = Awaits::Address(addr);
-        park(sh, Orphan { awaits, id, kind });
+        tracing::debug!(listener = lconn, id, "listener closed: resetting a queued connection");
+        give_up(sh, id, kind_of(sh, id));
     }
 }
 
@@ -399,11 +400,20 @@ pub(crate) fn clear_queues(sh: &Shared) {
     }
 }
 
-/// Refuses a connection nobody will accept.
+/// Refuses a connection nobody will accept: the client sees a reset.
 fn give_up(sh: &Shared, id: ConnId, kind: Kind) {
     lock(&sh.arrivals).remove(&id);
+    let waiting = lock(&sh.waiting).remove(&id);
+    if let Some((sock, Kind::Handed)) = &waiting {
+        // A handed-over TCP socket closed with SO_LINGER 0 sends RST.
+        let rst = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        let _ = so::setsockopt(sock, so::sockopt::Linger, &rst);
+    }
     // Dropping the socket closes it.
-    drop(lock(&sh.waiting).remove(&id));
+    drop(waiting);
     if kind == Kind::Relayed {
         sh.ep().close_connection(id, libc::ECONNREFUSED);
     } else {

@@ -42,7 +42,9 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
         State::Fresh if vs.connect_unreported => return Outcome::Reply(report_failure(sh, ino)),
         State::Fresh => {}
         State::Connecting { .. } if nonblock => return Outcome::Reply(Reply::Errno(libc::EALREADY)),
-        State::Connecting { .. } => return wait_connected(ino),
+        State::Connecting { .. } => {
+            return wait_connected(ino, vs.options.timeout(libc::SO_SNDTIMEO))
+        }
         State::Connected { .. } if vs.connect_unreported => {
             if let Some(v) = sh.table().get_mut(ino) {
                 v.connect_unreported = false;
@@ -76,6 +78,10 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
             return Outcome::Reply(Reply::Errno(e as i32));
         }
     }
+    for (level, name, value) in vs.options.on_program_end() {
+        let _ = crate::sys::setsockopt_raw(s.as_fd(), level, name, value);
+    }
+    let timeout = vs.options.timeout(libc::SO_SNDTIMEO);
     let (tx, _) = tokio::sync::watch::channel(false);
     lock(&sh.connecting).insert(s_ino, tx);
     // The table knows S before the program holds it.
@@ -95,16 +101,21 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     if nonblock {
         return Outcome::Reply(Reply::Errno(libc::EINPROGRESS));
     }
-    wait_connected(s_ino)
+    wait_connected(s_ino, timeout)
 }
 
 /// A blocking connect waits until the connection of `S` (inode `s_ino`) is
 /// established or has failed, and reports it; if the caller is interrupted
-/// meanwhile, the connection goes on (the kernel's `SS_CONNECTING`).
-fn wait_connected(s_ino: Inode) -> Outcome {
+/// meanwhile, or `SO_SNDTIMEO` passes (`EINPROGRESS`), the connection goes
+/// on (the kernel's `SS_CONNECTING`).
+fn wait_connected(s_ino: Inode, timeout: Option<std::time::Duration>) -> Outcome {
     defer(move |sh, call| async move {
         let mut rx = lock(&sh.connecting).get(&s_ino).map(|tx| tx.subscribe());
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         loop {
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                return (call, Outcome::Reply(Reply::Errno(libc::EINPROGRESS)));
+            }
             let still = matches!(
                 sh.table().get(s_ino).map(|v| &v.state),
                 Some(State::Connecting { .. })

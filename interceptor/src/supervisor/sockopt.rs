@@ -107,6 +107,15 @@ pub(crate) fn setsockopt(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     if let Some(v) = sh.table().get_mut(ino) {
         v.options.set(level, name, &stored);
     }
+    if established {
+        // Timeouts and the low-water mark act on the program's own end.
+        let mut one = crate::vsock::Options::default();
+        one.set(level, name, &stored);
+        let acts_here = one.on_program_end().next().is_some();
+        if let (Some(d), true) = (&call.dup, acts_here) {
+            let _ = crate::sys::setsockopt_raw(d.as_fd(), level, name, &stored);
+        }
+    }
     if let (Some(conn), true) = (vs.conn, established && on_gateway(level, name)) {
         let sh2 = sh.clone();
         let value = Bytes::from(value);
