@@ -49,6 +49,8 @@ pub struct VirtualSocket {
     /// still `SS_CONNECTING`, so the next `connect` reports the outcome
     /// (0, or the error) instead of `EISCONN`.
     pub connect_unreported: bool,
+    /// A connect was made on it: the kernel will not let it listen.
+    pub tried_connect: bool,
 }
 
 impl VirtualSocket {
@@ -67,6 +69,7 @@ impl VirtualSocket {
             error: 0,
             options: Options::default(),
             connect_unreported: false,
+            tried_connect: false,
         }
     }
 

@@ -43,7 +43,8 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
         State::Fresh => {}
         State::Connecting { .. } if nonblock => return Outcome::Reply(Reply::Errno(libc::EALREADY)),
         State::Connecting { .. } => {
-            return wait_connected(ino, vs.options.timeout(libc::SO_SNDTIMEO))
+            let timeout = vs.options.timeout(libc::SO_SNDTIMEO);
+            return wait_connected(ino, timeout.map(|t| (t, libc::EALREADY)));
         }
         State::Connected { .. } if vs.connect_unreported => {
             if let Some(v) = sh.table().get_mut(ino) {
@@ -52,7 +53,8 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
             return Outcome::Reply(Reply::Value(0));
         }
         State::Connected { .. } => return Outcome::Reply(Reply::Errno(libc::EISCONN)),
-        State::Listening => return Outcome::Reply(Reply::Errno(libc::EINVAL)),
+        // Linux: a listening socket is not SS_UNCONNECTED.
+        State::Listening => return Outcome::Reply(Reply::Errno(libc::EISCONN)),
     }
     if vs.domain == libc::AF_INET && addr.is_ipv6() {
         return Outcome::Reply(Reply::Errno(libc::EAFNOSUPPORT));
@@ -86,6 +88,7 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     lock(&sh.connecting).insert(s_ino, tx);
     // The table knows S before the program holds it.
     vs.state = State::Connecting { peer: addr };
+    vs.tried_connect = true;
     sh.table().rekey(ino, s_ino, vs.clone());
     if let Err(e) = sh.replace_fd(call, s.as_fd()) {
         lock(&sh.connecting).remove(&s_ino);
@@ -101,20 +104,21 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     if nonblock {
         return Outcome::Reply(Reply::Errno(libc::EINPROGRESS));
     }
-    wait_connected(s_ino, timeout)
+    wait_connected(s_ino, timeout.map(|t| (t, libc::EINPROGRESS)))
 }
 
 /// A blocking connect waits until the connection of `S` (inode `s_ino`) is
 /// established or has failed, and reports it; if the caller is interrupted
-/// meanwhile, or `SO_SNDTIMEO` passes (`EINPROGRESS`), the connection goes
-/// on (the kernel's `SS_CONNECTING`).
-fn wait_connected(s_ino: Inode, timeout: Option<std::time::Duration>) -> Outcome {
+/// meanwhile, or `SO_SNDTIMEO` passes (answered with the errno given:
+/// `EINPROGRESS` for the first connect, `EALREADY` for a later one), the
+/// connection goes on (the kernel's `SS_CONNECTING`).
+fn wait_connected(s_ino: Inode, timeout: Option<(std::time::Duration, i32)>) -> Outcome {
     defer(move |sh, call| async move {
         let mut rx = lock(&sh.connecting).get(&s_ino).map(|tx| tx.subscribe());
-        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let deadline = timeout.map(|(t, e)| (tokio::time::Instant::now() + t, e));
         loop {
-            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                return (call, Outcome::Reply(Reply::Errno(libc::EINPROGRESS)));
+            if let Some((_, e)) = deadline.filter(|(d, _)| tokio::time::Instant::now() >= *d) {
+                return (call, Outcome::Reply(Reply::Errno(e)));
             }
             let still = matches!(
                 sh.table().get(s_ino).map(|v| &v.state),

@@ -558,6 +558,7 @@ impl Shared {
             });
         }
         if let Some(r) = answer {
+            let taken = op.and_then(|ino| Some((ino, restart::take(self, ino, id)?)));
             let answered = match self.notifier.respond(id, r) {
                 Ok(d) => d == crate::notify::Delivery::Delivered,
                 Err(e) => {
@@ -565,8 +566,8 @@ impl Shared {
                     false
                 }
             };
-            if let Some(ino) = op {
-                restart::answered(self, ino, id, answered);
+            if let (Some((ino, op)), false) = (taken, answered) {
+                restart::put_back(self, ino, op);
             }
         }
     }

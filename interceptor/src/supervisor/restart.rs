@@ -115,16 +115,21 @@ pub(crate) fn result(sh: &Shared, ino: Inode) -> Option<Done> {
     lock(&sh.ops).get(&ino).and_then(|op| op.done.clone())
 }
 
-/// A call's answer was delivered (`ok`) or its caller had left: the op
-/// ends, or stays for the restart.
-pub(crate) fn answered(sh: &Arc<Shared>, ino: Inode, id: u64, ok: bool) {
-    if !ok {
-        return;
-    }
+/// The op of `ino`, taken out while notification `id` is answered: the
+/// program may make its next call on the socket as soon as the answer
+/// lands, and must not find this one still in flight.
+pub(crate) fn take(sh: &Shared, ino: Inode, id: u64) -> Option<Op> {
     let mut ops = lock(&sh.ops);
     if ops.get(&ino).is_some_and(|op| op.id == id) {
-        ops.remove(&ino);
+        return ops.remove(&ino);
     }
+    None
+}
+
+/// The answer did not reach its caller (a signal came first): the op stays
+/// for the restarted call.
+pub(crate) fn put_back(sh: &Arc<Shared>, ino: Inode, op: Op) {
+    lock(&sh.ops).entry(ino).or_insert(op);
 }
 
 /// Forgets the op of socket `ino` (it changed object, or is gone).

@@ -232,7 +232,7 @@ pub(crate) fn listen(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     let backlog = (call.arg(1) as i32).clamp(1, 4096) as u32;
     match vs.state {
         State::Listening => return Outcome::Reply(Reply::Value(0)),
-        State::Fresh => {}
+        State::Fresh if !vs.tried_connect => {}
         _ => return Outcome::Reply(Reply::Errno(libc::EINVAL)),
     }
     let nonblock = sh.nonblocking(call);
