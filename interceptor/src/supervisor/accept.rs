@@ -184,9 +184,10 @@ fn hand_over(
                 Ok(i) => i,
                 Err(e) => return keep(sock, e),
             };
-            // It inherits the listener's protocol and options.
+            // It inherits the listener's options. Its protocol is TCP, even
+            // under an MPTCP listener: the client's connection ends at the
+            // io-server's TCP socket (docs/interceptor.md, "MPTCP").
             let mut vs = VirtualSocket::accepted(listener.domain, id, peer, local);
-            vs.protocol = listener.protocol;
             vs.options = listener.options.clone();
             for (level, name, value) in vs.options.on_program_end() {
                 let _ = crate::sys::setsockopt_raw(sock.as_fd(), level, name, value);

@@ -59,6 +59,12 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     if vs.domain == libc::AF_INET && addr.is_ipv6() {
         return Outcome::Reply(Reply::Errno(libc::EAFNOSUPPORT));
     }
+    if vs.domain == libc::AF_INET6 && addr.is_ipv4() {
+        return Outcome::Reply(Reply::Errno(super::socket::v4_on_v6(call.arg(2))));
+    }
+    if super::socket::v6only_v4mapped(&vs, &addr) {
+        return Outcome::Reply(Reply::Errno(libc::ENETUNREACH));
+    }
     if sh.stays_local(&addr) && vs.bound.is_none() {
         return native_connect(sh, call, ino, &vs, addr, nonblock);
     }

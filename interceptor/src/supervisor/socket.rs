@@ -114,9 +114,14 @@ pub(crate) fn bind(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
         Ok(_) if vs.domain == libc::AF_INET => {
             return Outcome::Reply(Reply::Errno(libc::EAFNOSUPPORT))
         }
-        Ok(_) => return Outcome::Reply(Reply::Errno(libc::EINVAL)),
+        // An AF_INET address on an AF_INET6 socket: too short for a
+        // sockaddr_in6, or of the wrong family (inet6_bind's checks).
+        Ok(_) => return Outcome::Reply(Reply::Errno(v4_on_v6(call.arg(2)))),
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
     };
+    if v6only_v4mapped(&vs, &addr) {
+        return Outcome::Reply(Reply::Errno(libc::EINVAL));
+    }
     let flags = vs.options.bind_flags();
     let mut key = addr.to_string().into_bytes();
     key.extend_from_slice(&flags.to_ne_bytes());
@@ -170,6 +175,27 @@ pub(crate) fn bind(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
             None => (call, Outcome::Reply(Reply::Errno(libc::EINTR))),
         }
     })
+}
+
+/// The kernel's answer to an AF_INET address given to an AF_INET6 socket
+/// with `len` octets: `EINVAL` when shorter than a sockaddr_in6 (24, the
+/// RFC 2133 size), else `EAFNOSUPPORT`.
+pub(crate) fn v4_on_v6(len: u64) -> i32 {
+    if len < 24 {
+        libc::EINVAL
+    } else {
+        libc::EAFNOSUPPORT
+    }
+}
+
+/// A v4-mapped address on an `IPV6_V6ONLY` socket (bind: `EINVAL`,
+/// connect: `ENETUNREACH`).
+pub(crate) fn v6only_v4mapped(vs: &VirtualSocket, addr: &SocketAddr) -> bool {
+    let mapped = match addr {
+        SocketAddr::V6(a) => a.ip().to_ipv4_mapped().is_some(),
+        SocketAddr::V4(_) => false,
+    };
+    mapped && vs.options.is_on(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
 }
 
 /// The answer of a finished bind (or of a listen that failed).
