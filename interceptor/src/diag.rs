@@ -97,9 +97,9 @@ fn answer(msg: &[u8], seq: u32) -> Option<io::Result<bool>> {
     if ty != NLMSG_ERROR {
         return Some(Ok(true));
     }
-    let errno = msg
-        .get(16..20)
-        .map_or(libc::EPROTO, |e| -i32::from_ne_bytes([e[0], e[1], e[2], e[3]]));
+    let errno = msg.get(16..20).map_or(libc::EPROTO, |e| {
+        -i32::from_ne_bytes([e[0], e[1], e[2], e[3]])
+    });
     Some(match errno {
         0 => Ok(true),
         libc::ENOENT => Ok(false),
@@ -113,7 +113,9 @@ mod tests {
     use std::os::fd::AsFd;
 
     fn inode(fd: impl AsFd) -> u64 {
-        nix::sys::stat::fstat(fd.as_fd().as_raw_fd()).unwrap().st_ino
+        nix::sys::stat::fstat(fd.as_fd().as_raw_fd())
+            .unwrap()
+            .st_ino
     }
 
     #[test]

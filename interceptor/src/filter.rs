@@ -375,7 +375,14 @@ mod tests {
     #[test]
     fn sendto_traps_only_with_a_destination_address() {
         let p = Filter::build(&FilterOptions::default());
-        let sendto = |addr: u64| run(&p, NATIVE_ARCH, libc::SYS_sendto as u32, [3, 0x1000, 5, 0, addr, 16]);
+        let sendto = |addr: u64| {
+            run(
+                &p,
+                NATIVE_ARCH,
+                libc::SYS_sendto as u32,
+                [3, 0x1000, 5, 0, addr, 16],
+            )
+        };
         assert_eq!(sendto(0), ALLOW, "send(), sendto(…, NULL, 0)");
         assert_eq!(sendto(0x7ffd_1234), NOTIFY);
         assert_eq!(sendto(0x7ffd_0000_0000), NOTIFY, "only the high half set");

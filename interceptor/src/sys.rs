@@ -419,13 +419,17 @@ pub fn socket_raw(domain: i32, ty: i32, protocol: i32) -> io::Result<OwnedFd> {
 
 /// `getsockopt(fd, level, name)` into a buffer of `len` octets; the value
 /// the kernel wrote.
-pub fn getsockopt_raw(fd: BorrowedFd<'_>, level: i32, name: i32, len: usize) -> io::Result<Vec<u8>> {
+pub fn getsockopt_raw(
+    fd: BorrowedFd<'_>,
+    level: i32,
+    name: i32,
+    len: usize,
+) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
     let mut n = len as libc::socklen_t;
     // SAFETY: `buf` is a live buffer of `n` octets and `n` a live length.
-    let ret = unsafe {
-        libc::getsockopt(fd.as_raw_fd(), level, name, buf.as_mut_ptr().cast(), &mut n)
-    };
+    let ret =
+        unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, buf.as_mut_ptr().cast(), &mut n) };
     check(ret as libc::c_long)?;
     buf.truncate(n as usize);
     Ok(buf)

@@ -161,7 +161,10 @@ impl Options {
     pub fn on_program_end(&self) -> impl Iterator<Item = (i32, i32, &[u8])> {
         self.iter().filter(|&(level, name, _)| {
             level == libc::SOL_SOCKET
-                && matches!(name, libc::SO_RCVTIMEO | libc::SO_SNDTIMEO | libc::SO_RCVLOWAT)
+                && matches!(
+                    name,
+                    libc::SO_RCVTIMEO | libc::SO_SNDTIMEO | libc::SO_RCVLOWAT
+                )
         })
     }
 

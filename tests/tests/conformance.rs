@@ -477,12 +477,7 @@ fn group(out: &str, names: &[String]) -> HashMap<String, Vec<String>> {
 /// Compares one mode's output with the native one; (passed, failure report).
 /// Compares one mode's output with the native one: (passed, of which as
 /// declared departures, failure report).
-fn compare(
-    mode: Mode,
-    names: &[String],
-    native: &str,
-    saps: &str,
-) -> (usize, usize, Vec<String>) {
+fn compare(mode: Mode, names: &[String], native: &str, saps: &str) -> (usize, usize, Vec<String>) {
     let nat = group(native, names);
     let sap = group(saps, names);
     let empty = Vec::new();
@@ -499,8 +494,8 @@ fn compare(
             .iter()
             .find(|d| d.scenario == name && d.modes.contains(&mode.name()));
         if let Some(d) = departure {
-            let matches = s.len() == d.saps.len()
-                && s.iter().zip(d.saps).all(|(line, p)| glob(p, line));
+            let matches =
+                s.len() == d.saps.len() && s.iter().zip(d.saps).all(|(line, p)| glob(p, line));
             if !matches {
                 problems.push(format!(
                     "  departure declared ({}), expected:\n{}\n  but saps printed:\n{}\n  (native:\n{})",

@@ -373,7 +373,11 @@ pub(crate) fn requeue(sh: &Arc<Shared>, lconn: ConnId, id: ConnId) {
 pub(crate) fn orphan_queue(sh: &Arc<Shared>, lconn: ConnId, _addr: SocketAddr) {
     let queued = lock(&sh.ready).remove(&lconn).map(|r| r.queue);
     for id in queued.unwrap_or_default() {
-        tracing::debug!(listener = lconn, id, "listener closed: resetting a queued connection");
+        tracing::debug!(
+            listener = lconn,
+            id,
+            "listener closed: resetting a queued connection"
+        );
         give_up(sh, id, kind_of(sh, id));
     }
 }

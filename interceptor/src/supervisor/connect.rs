@@ -41,7 +41,9 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     match vs.state {
         State::Fresh if vs.connect_unreported => return Outcome::Reply(report_failure(sh, ino)),
         State::Fresh => {}
-        State::Connecting { .. } if nonblock => return Outcome::Reply(Reply::Errno(libc::EALREADY)),
+        State::Connecting { .. } if nonblock => {
+            return Outcome::Reply(Reply::Errno(libc::EALREADY))
+        }
         State::Connecting { .. } => {
             let timeout = vs.options.timeout(libc::SO_SNDTIMEO);
             return wait_connected(ino, timeout.map(|t| (t, libc::EALREADY)));
@@ -208,7 +210,9 @@ fn native_connect(
     // full): answered ERESTARTSYS, the program's restarted connect would
     // find this one done and get EISCONN, where the kernel would let it
     // wait for the same connection and answer 0.
-    let mut done = sh.rt.spawn_blocking(move || so::connect(real.as_raw_fd(), &sa));
+    let mut done = sh
+        .rt
+        .spawn_blocking(move || so::connect(real.as_raw_fd(), &sa));
     defer(move |sh, call| async move {
         loop {
             if !sh.notifier.id_valid(call.n.id) {

@@ -30,6 +30,7 @@ use crate::memory::TargetMemory;
 use crate::notify::{AddFd, Notification, Notifier, Reply};
 use crate::vsock::{Inode, VirtualSocket, VsockTable};
 use crate::{fds, sockaddr};
+use locks::{Guard, Rank, Ranked};
 use saps_fabric::endpoint::{Endpoint, EndpointEvent};
 use saps_fabric::{ConnId, Request, Response};
 use std::collections::{HashMap, VecDeque};
@@ -37,7 +38,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::Pin;
-use locks::{Guard, Rank, Ranked};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 

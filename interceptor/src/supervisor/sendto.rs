@@ -91,7 +91,11 @@ fn wait_and_send(sock: OwnedFd, buf: u64, len: usize, done: usize, flags: MsgFla
         };
         while done < len {
             if let Some(r) = sh.interrupted(&call) {
-                let r = if done > 0 { Reply::Value(done as i64) } else { r };
+                let r = if done > 0 {
+                    Reply::Value(done as i64)
+                } else {
+                    r
+                };
                 return (call, Outcome::Reply(r));
             }
             let ready = tokio::time::timeout(super::LIVENESS_CHECK, afd.writable()).await;

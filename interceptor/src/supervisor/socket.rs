@@ -86,8 +86,12 @@ pub(crate) fn make_native(
     if sh.nonblocking(call) {
         flags |= SockFlag::SOCK_NONBLOCK;
     }
-    let real = crate::sys::socket_raw(family as i32, SockType::Stream as i32 | flags.bits(), vs.protocol)
-        .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
+    let real = crate::sys::socket_raw(
+        family as i32,
+        SockType::Stream as i32 | flags.bits(),
+        vs.protocol,
+    )
+    .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
     for (level, name, value) in vs.options.iter() {
         if let Err(e) = crate::sys::setsockopt_raw(real.as_fd(), level, name, value) {
             tracing::debug!(level, name, error = %e, "replaying an option on the native socket");
@@ -238,7 +242,10 @@ fn native_bind(
         Ok(r) => r,
         Err(e) => return Reply::Errno(e),
     };
-    match so::bind(real.as_raw_fd(), &nix::sys::socket::SockaddrStorage::from(addr)) {
+    match so::bind(
+        real.as_raw_fd(),
+        &nix::sys::socket::SockaddrStorage::from(addr),
+    ) {
         Ok(()) => Reply::Value(0),
         Err(e) => Reply::Errno(e as i32),
     }
@@ -279,7 +286,7 @@ pub(crate) fn listen(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
                     }
                     let _ = tokio::time::timeout(super::LIVENESS_CHECK, rx.changed()).await;
                 }
-            })
+            });
         }
     };
     // Not bound yet on this channel: bind first, as the kernel would
