@@ -262,16 +262,24 @@ fn family(f: i32) -> String {
 
 /// `SOCK_CLOEXEC|SOCK_NONBLOCK` and any unknown bits, or `None` for 0.
 fn sock_flags(flags: i32) -> Option<String> {
-    let mut parts = Vec::new();
-    for (bit, name) in [
-        (libc::SOCK_CLOEXEC, "SOCK_CLOEXEC"),
-        (libc::SOCK_NONBLOCK, "SOCK_NONBLOCK"),
-    ] {
-        if flags & bit != 0 {
-            parts.push(name.to_owned());
-        }
-    }
-    let rest = flags & !(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK);
+    bit_names(
+        &[
+            (libc::SOCK_CLOEXEC, "SOCK_CLOEXEC"),
+            (libc::SOCK_NONBLOCK, "SOCK_NONBLOCK"),
+        ],
+        flags,
+    )
+}
+
+/// `A|B|0x…`: the names of the bits of `flags` in `table`, then what is
+/// left in hex; `None` for no bits.
+fn bit_names(table: &[(i32, &str)], flags: i32) -> Option<String> {
+    let mut parts: Vec<String> = table
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, name)| (*name).to_owned())
+        .collect();
+    let rest = table.iter().fold(flags, |r, (bit, _)| r & !bit);
     if rest != 0 {
         parts.push(format!("{rest:#x}"));
     }
@@ -382,17 +390,5 @@ fn msg_flags(flags: i32) -> String {
         (libc::MSG_MORE, "MSG_MORE"),
         (libc::MSG_NOSIGNAL, "MSG_NOSIGNAL"),
     ];
-    if flags == 0 {
-        return "0".into();
-    }
-    let mut parts: Vec<String> = NAMES
-        .iter()
-        .filter(|(f, _)| flags & f != 0)
-        .map(|(_, n)| (*n).to_string())
-        .collect();
-    let rest = NAMES.iter().fold(flags, |r, (f, _)| r & !f);
-    if rest != 0 {
-        parts.push(format!("{rest:#x}"));
-    }
-    parts.join("|")
+    bit_names(NAMES, flags).unwrap_or_else(|| "0".into())
 }
