@@ -22,6 +22,11 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 struct Shared {
     channel: Mutex<Channel>,
     wake_writer: Notify,
+    /// A window of [`COALESCE`] opened by [`FabricHandle::with_coalesced`],
+    /// for the flusher.
+    coalesced: Notify,
+    /// Set while such a window is open.
+    window: std::sync::atomic::AtomicBool,
     events: mpsc::UnboundedSender<Event>,
     /// Where spliced payloads wait for the writer (a socket transport).
     pipe: Option<Pipe>,
@@ -58,6 +63,32 @@ impl FabricHandle {
         })
     }
 
+    /// [`FabricHandle::with`] for output that may wait up to
+    /// [`COALESCE`] to go out with more (a notification nothing waits
+    /// for). The first such output in a while goes at once and opens a
+    /// window of [`COALESCE`]; what comes within it waits for the window's
+    /// end, when the flusher task wakes the writer for all of it. A burst
+    /// of such calls from outside the runtime thus costs about two
+    /// wake-ups of it and two writes per window, not one each.
+    pub fn with_coalesced<T>(&self, f: impl FnOnce(&mut Channel) -> T) -> T {
+        let mut ch = self.lock();
+        let r = f(&mut ch);
+        while let Some(e) = ch.poll_event() {
+            let _ = self.shared.events.send(e);
+        }
+        let pending = ch.pending_transmit() > 0;
+        let closed = ch.is_closed();
+        drop(ch);
+        use std::sync::atomic::Ordering;
+        if closed {
+            self.shared.wake_writer.notify_one();
+        } else if pending && !self.shared.window.swap(true, Ordering::AcqRel) {
+            self.shared.wake_writer.notify_one();
+            self.shared.coalesced.notify_one();
+        }
+        r
+    }
+
     /// [`FabricHandle::with`], keeping the events raised in `raised`.
     fn with_raised<T>(&self, raised: &mut Vec<Event>, f: impl FnOnce(&mut Channel) -> T) -> T {
         self.run(f, |e| raised.push(e))
@@ -65,11 +96,15 @@ impl FabricHandle {
 
     fn run<T>(&self, f: impl FnOnce(&mut Channel) -> T, mut raised: impl FnMut(Event)) -> T {
         let mut ch = self.lock();
+        // Output queued earlier has woken the writer already, but for
+        // that of `with_coalesced`, which waits for the flusher or for
+        // more: only a call that queues more wakes the writer.
+        let before = ch.pending_transmit();
         let r = f(&mut ch);
         while let Some(e) = ch.poll_event() {
             raised(e);
         }
-        let wake = ch.pending_transmit() > 0 || ch.is_closed();
+        let wake = ch.pending_transmit() > before || ch.is_closed();
         drop(ch);
         if wake {
             self.shared.wake_writer.notify_one();
@@ -146,6 +181,8 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
         shared: Arc::new(Shared {
             channel: Mutex::new(channel),
             wake_writer: Notify::new(),
+            coalesced: Notify::new(),
+            window: std::sync::atomic::AtomicBool::new(false),
             events,
             pipe,
         }),
@@ -153,7 +190,13 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
     // The node's Hello is already queued.
     handle.shared.wake_writer.notify_one();
     tokio::spawn(read_loop(handle.clone(), reader, sink));
-    tokio::spawn(write_loop(handle.clone(), writer));
+    let h = handle.clone();
+    tokio::spawn(async move {
+        write_loop(h.clone(), writer).await;
+        // The channel is closed: the flusher ends too.
+        h.shared.coalesced.notify_one();
+    });
+    tokio::spawn(flush_loop(handle.clone()));
     tokio::spawn(handshake_deadline(handle.clone()));
     handle
 }
@@ -269,6 +312,31 @@ async fn write_loop<W: TransportWrite>(handle: FabricHandle, mut writer: W) {
                 None => break,
             }
         }
+    }
+}
+
+/// How long output queued with [`FabricHandle::with_coalesced`] may wait
+/// for more before the writer is woken for it.
+pub const COALESCE: Duration = Duration::from_millis(1);
+
+/// Closes each window [`FabricHandle::with_coalesced`] opens after
+/// [`COALESCE`], waking the writer for what was queued in it (which may
+/// have gone out with other output meanwhile); ends once the channel is
+/// closed.
+async fn flush_loop(handle: FabricHandle) {
+    loop {
+        handle.shared.coalesced.notified().await;
+        if handle.lock().is_closed() {
+            return;
+        }
+        tokio::time::sleep(COALESCE).await;
+        // Cleared before the wake: output queued after the wake opens a
+        // window of its own (and goes at once).
+        handle
+            .shared
+            .window
+            .store(false, std::sync::atomic::Ordering::Release);
+        handle.shared.wake_writer.notify_one();
     }
 }
 

@@ -68,6 +68,17 @@ impl HandoffReceiver {
     pub async fn recv(&mut self) -> Option<HandedOff> {
         self.0.recv().await
     }
+
+    /// Takes no more connections (the sender's `send` fails from now);
+    /// those already sent are still received.
+    pub fn close(&mut self) {
+        self.0.close();
+    }
+
+    /// The next connection already sent, if any.
+    pub fn try_recv(&mut self) -> Option<HandedOff> {
+        self.0.try_recv().ok()
+    }
 }
 
 pub mod side;

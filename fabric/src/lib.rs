@@ -34,5 +34,7 @@ pub mod transport;
 pub const RELISTEN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub use channel::{CallError, Channel, ChannelConfig, ChannelError, ChannelStats, Event, Role};
-pub use endpoint::{Endpoint, EndpointError, EndpointEvent, RelayOutcome};
+pub use endpoint::{
+    ClientRelayEnd, Endpoint, EndpointError, EndpointEvent, RelayOutcome, Replay, PRE_ACCEPT_MAX,
+};
 pub use frame::{ConnId, Frame, ReqId, Request, Response, ShutdownHow};

@@ -25,6 +25,7 @@ fn frame() -> impl Strategy<Value = Vec<u8>> {
         (conn.clone(), any::<u64>()).prop_map(|(conn, limit)| Frame::Credit { conn, limit }),
         conn.clone().prop_map(|conn| Frame::Fin { conn }),
         conn.clone().prop_map(|conn| Frame::Close { conn }),
+        conn.clone().prop_map(|conn| Frame::Accepted { conn }),
         (conn, any::<i32>()).prop_map(|(conn, errno)| Frame::ConnectionClosed { conn, errno }),
         any::<u64>().prop_map(|token| Frame::Ping { token }),
         any::<u32>().prop_map(|weight| Frame::Weight { weight }),

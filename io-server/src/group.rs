@@ -356,7 +356,7 @@ pub(crate) fn redispatch(
 pub(crate) fn dispatch(
     shared: &Arc<Shared>,
     key: SocketAddr,
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     replay: Replay,
 ) {
@@ -407,24 +407,33 @@ pub(crate) fn dispatch(
         };
         // Kept for re-dispatch until its program accepts it (issue 17),
         // where the node says so and has room.
-        let track = node.notifies_accepts
-            && crate::unaccepted::room(node.ep.unaccepted(), node.handed.len());
+        let track = node.notifies_accepts && {
+            let handed = crate::state::lock_handed(&node.handed).len();
+            crate::unaccepted::room(node.ep.unaccepted(), handed)
+        };
+        let ep = node.ep.clone();
         if replay.is_empty() {
             if let Some(tx) = node.handoff.clone().filter(|t| t.is_open()) {
-                if !node.ep.is_open() {
+                if !ep.is_open() {
                     // Its channel ended; it is on its way out.
                     expire_orphans(shared, st.groups.unbind(node_id, None));
                     continue;
                 }
-                let at = Dispatched { key, listener, peer };
-                hand_off(st, &tx, at, node_id, track, stream, local);
-                return;
+                let at = Dispatched {
+                    key,
+                    listener,
+                    peer,
+                };
+                match hand_off(st, &tx, at, node_id, track, stream, local) {
+                    Ok(()) => return,
+                    // The node's hand-off just stopped: relayed instead.
+                    Err(back) => stream = back,
+                }
             }
         }
         // The relay writes what the node sends as soon as it comes; a socket
         // handed off above keeps the options the program gave its listener.
         let _ = stream.set_nodelay(true);
-        let ep = node.ep.clone();
         match ep.accept_connection_with(listener, peer, local, &replay, track) {
             Ok(conn) => {
                 let stream = match tokio::net::TcpStream::from_std(stream) {
@@ -436,7 +445,11 @@ pub(crate) fn dispatch(
                     }
                 };
                 tracing::debug!(%key, %peer, node = node_id, conn, track, "client dispatched");
-                let member = Some(Dispatched { key, listener, peer });
+                let member = Some(Dispatched {
+                    key,
+                    listener,
+                    peer,
+                });
                 crate::state::start_relay(shared, st, node_id, member, conn, stream);
                 return;
             }
@@ -456,8 +469,10 @@ pub(crate) struct Dispatched {
 }
 
 /// Zero-relay: gives the accepted socket itself to a same-host node.
-/// `track`: keep a duplicate of it until the node says its program
-/// accepted it, to give it to another member if the node leaves first.
+/// `track`: keep the io-server's descriptor of it (the hand-off task does,
+/// once sent) until the node says its program accepted it, to give it to
+/// another member if the node leaves first. The socket back when the
+/// node's hand-off has stopped.
 fn hand_off(
     st: &mut crate::state::State,
     tx: &saps_fabric::handoff::HandoffSender,
@@ -466,38 +481,39 @@ fn hand_off(
     track: bool,
     stream: TcpStream,
     local: SocketAddr,
-) {
+) -> Result<(), TcpStream> {
     let Dispatched {
         key,
         listener,
         peer,
     } = at;
     let Some(node) = st.nodes.get_mut(&node_id) else {
-        return;
+        return Err(stream);
     };
-    // Kept before it is sent, under the state's lock, so that the
+    // Recorded before it is sent, under the state's lock, so that the
     // hand-off task (which looks for it before sending) and the node's
     // Accepted (which can only follow the send) both find it.
-    let conn = match track {
-        true => keep_copy(node, &stream, key, peer),
-        false => 0,
+    let conn = match track.then(|| node.ep.hand_connection()) {
+        Some(Ok(conn)) => {
+            crate::state::lock_handed(&node.handed).sending(conn, key, peer);
+            conn
+        }
+        _ => 0,
     };
-    let socket = std::os::fd::OwnedFd::from(stream);
     let h = saps_fabric::handoff::HandedOff {
         listener,
         peer,
         local,
-        socket,
+        socket: std::os::fd::OwnedFd::from(stream),
         conn,
         node: node_id,
     };
-    if tx.send(h).is_err() {
+    if let Err(h) = tx.send(h) {
         if conn != 0 {
-            drop(node.handed.settle(conn));
+            crate::state::lock_handed(&node.handed).unsent(conn);
             node.ep.forget_handed(conn);
         }
-        tracing::warn!(%peer, "the node stopped taking connections; client closed");
-        return;
+        return Err(TcpStream::from(h.socket));
     }
     tracing::debug!(%key, %peer, node = node_id, conn, "client handed off (zero-relay)");
     node.traffic.handed_off();
@@ -507,35 +523,7 @@ fn hand_off(
     if let Some(m) = st.groups.member_mut(key, node_id, listener) {
         m.traffic.handed_off();
     }
-}
-
-/// Keeps a duplicate of `stream` for `node` until its program accepts
-/// it; the connection's id, or 0 where none could be kept.
-fn keep_copy(
-    node: &mut crate::state::NodeEntry,
-    stream: &TcpStream,
-    key: SocketAddr,
-    peer: SocketAddr,
-) -> ConnId {
-    let copy = match std::os::fd::AsFd::as_fd(stream).try_clone_to_owned() {
-        Ok(fd) => fd,
-        Err(e) => {
-            tracing::warn!(%peer, error = %e, "no copy of the handed socket kept");
-            return 0;
-        }
-    };
-    match node.ep.hand_connection() {
-        Ok(conn) => {
-            let copy = crate::unaccepted::HandedCopy {
-                socket: copy,
-                key,
-                peer,
-            };
-            node.handed.keep(conn, copy);
-            conn
-        }
-        Err(_) => 0,
-    }
+    Ok(())
 }
 
 /// Dispatches queued clients of `key` while a member is eligible.

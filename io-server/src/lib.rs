@@ -125,16 +125,16 @@ impl Shared {
             let handed = st
                 .nodes
                 .remove(&id)
-                .map(|mut n| n.handed.take_all())
+                .map(|n| state::lock_handed(&n.handed).leave())
                 .unwrap_or_default();
             let orphans = st.groups.unbind(id, None);
             group::expire_orphans(self, orphans);
             (st.groups.map.keys().copied().collect::<Vec<_>>(), handed)
         };
         for copy in handed {
-            let stream = std::net::TcpStream::from(copy.socket);
-            let replay = saps_fabric::endpoint::Replay::default();
-            group::redispatch(self, copy.key, stream, copy.peer, replay);
+            if let Some(socket) = copy.socket {
+                redispatch_handed(self, copy.key, socket, copy.peer);
+            }
         }
         for key in keys {
             group::drain_queue(self, key);
@@ -228,10 +228,14 @@ impl IoServer {
         &self.fabric
     }
 
-    /// Serves one node over any transport (the embedded mode uses
-    /// `memory_pair()`); returns when its channel closes.
+    /// Serves one node of this process (the embedded mode, over
+    /// `memory_pair()`); returns when its channel closes. The channel
+    /// speaks protocol version 1: the node and this io-server live and die
+    /// together, so there is no other member to give its clients to, and
+    /// no `Accepted` per connection is worth its cost.
     pub async fn attach<R: TransportRead, W: TransportWrite>(&self, r: R, w: W) {
-        node::serve(self.shared.clone(), r, w, "embedded".into(), None, None).await
+        let how = node::Joined::InProcess;
+        node::serve(self.shared.clone(), r, w, "embedded".into(), None, how).await
     }
 
     /// Like [`IoServer::attach`] for a node in this process: accepted
@@ -243,15 +247,18 @@ impl IoServer {
         w: W,
         handoff: saps_fabric::handoff::HandoffSender,
     ) {
-        node::serve(
-            self.shared.clone(),
-            r,
-            w,
-            "embedded".into(),
-            Some(handoff),
-            None,
-        )
-        .await
+        let how = node::Joined::InProcess;
+        let peer = "embedded".to_string();
+        node::serve(self.shared.clone(), r, w, peer, Some(handoff), how).await
+    }
+
+    /// Serves a node that reached this io-server over a transport of the
+    /// caller's rather than a `--fabric` listener, as one that joined over
+    /// a listener: clients its program has not accepted when it leaves go
+    /// to another member (tests use it over `memory_pair()`).
+    pub async fn attach_remote<R: TransportRead, W: TransportWrite>(&self, r: R, w: W, peer: &str) {
+        let how = node::Joined::Fabric { pid: None };
+        node::serve(self.shared.clone(), r, w, peer.into(), None, how).await
     }
 
     /// The current `io-server status` report.
@@ -316,7 +323,8 @@ async fn fabric_loop(shared: Arc<Shared>, listener: StreamListener) {
         "fabric",
         || listener.accept_node(),
         |((r, w), peer, pid)| {
-            tokio::spawn(node::serve(shared.clone(), r, w, peer, None, pid));
+            let how = node::Joined::Fabric { pid };
+            tokio::spawn(node::serve(shared.clone(), r, w, peer, None, how));
         },
     )
     .await
@@ -357,7 +365,7 @@ async fn claim_handoff(shared: Arc<Shared>, sock: side::SideSocket, pid: i32) {
             return;
         }
     };
-    let rx = {
+    let (rx, handed, ep) = {
         let mut st = shared.lock();
         let node = state::NodeId::try_from(id).ok();
         match node.and_then(|id| st.nodes.get_mut(&id)) {
@@ -365,7 +373,7 @@ async fn claim_handoff(shared: Arc<Shared>, sock: side::SideSocket, pid: i32) {
                 let (tx, rx) = saps_fabric::handoff::channel();
                 n.handoff = Some(tx);
                 tracing::info!(node = id, name = %n.name, "same-host node: zero-relay");
-                rx
+                (rx, n.handed.clone(), n.ep.clone())
             }
             _ => {
                 tracing::warn!(
@@ -381,35 +389,102 @@ async fn claim_handoff(shared: Arc<Shared>, sock: side::SideSocket, pid: i32) {
         tracing::warn!(node = id, error = %e, "hand-off socket failed; relaying");
         return;
     }
-    forward_handoffs(&shared, id, rx, sock).await;
+    forward_handoffs(&shared, &handed, &ep, rx, sock).await;
 }
 
-/// Sends every socket handed to node `id` over its hand-off socket until
-/// either end closes, like [`side::forward`], but not one whose copy the
-/// io-server no longer keeps for it: the node left meanwhile and the
-/// client went to another member (`remove_node`).
+/// Sends every socket handed to a node over its hand-off socket until
+/// either end closes. The io-server's descriptor of a socket it keeps for
+/// re-dispatch (`conn` not 0) is kept once sent, until the node's program
+/// accepts it (`unaccepted.rs`); any other is closed once sent, as
+/// [`side::forward`] does. One the node can no longer get (it left, or the
+/// socket failed) is dispatched again.
 async fn forward_handoffs(
-    shared: &Shared,
-    id: u64,
+    shared: &Arc<Shared>,
+    handed: &state::SharedHanded,
+    ep: &saps_fabric::Endpoint,
     mut rx: saps_fabric::handoff::HandoffReceiver,
     sock: side::SideSocket,
 ) {
-    let node = NodeId::try_from(id).unwrap_or_default();
+    use unaccepted::Sent;
     while let Some(h) = rx.recv().await {
-        if h.conn != 0 {
-            let kept = {
-                let st = shared.lock();
-                st.nodes.get(&node).is_some_and(|n| n.handed.contains(h.conn))
-            };
-            if !kept {
-                continue;
-            }
+        let tracked = h.conn != 0;
+        let left = tracked
+            .then(|| state::lock_handed(handed).before_send(h.conn))
+            .flatten();
+        if let Some(copy) = left {
+            redispatch_handed(shared, copy.key, h.socket, copy.peer);
+            continue;
         }
-        if let Err(e) = sock.send(h).await {
+        if let Err(e) = sock.send(&h).await {
             tracing::warn!(error = %e, "hand-off socket failed; relaying again");
+            // Nothing more is handed to this node: what it was given and
+            // did not get goes to a member again (relayed, if to it).
+            rx.close();
+            for h in std::iter::once(h).chain(std::iter::from_fn(|| rx.try_recv())) {
+                let copy = state::lock_handed(handed).unsent(h.conn);
+                if tracked {
+                    ep.forget_handed(h.conn);
+                }
+                let key = copy.map(|c| c.key);
+                match key.or_else(|| group_of(shared, h.node, h.listener)) {
+                    Some(key) => redispatch_handed(shared, key, h.socket, h.peer),
+                    None => tracing::warn!(peer = %h.peer, "client of a failed hand-off closed"),
+                }
+            }
             return;
         }
+        if !tracked {
+            continue; // closed here once sent, as before
+        }
+        let sent = state::lock_handed(handed).sent(h.conn, h.socket);
+        match sent {
+            Sent::Kept => {}
+            Sent::Close(socket) => drop(socket),
+            Sent::Redispatch(copy) => {
+                if let Some(socket) = copy.socket {
+                    redispatch_handed(shared, copy.key, socket, copy.peer);
+                }
+            }
+        }
     }
+}
+
+/// The group whose member is `node`'s `listener`.
+fn group_of(
+    shared: &Shared,
+    node: NodeId,
+    listener: saps_fabric::ConnId,
+) -> Option<std::net::SocketAddr> {
+    let st = shared.lock();
+    st.groups
+        .map
+        .iter()
+        .find(|(_, g)| {
+            g.members
+                .iter()
+                .any(|m| m.node == node && m.listener == listener)
+        })
+        .map(|(&key, _)| key)
+}
+
+/// Dispatches a client whose socket was handed to a node again, unless
+/// its program read from it or wrote to it ([`sys::untouched`]); nothing of
+/// it was read by the io-server, so it may be handed over again.
+fn redispatch_handed(
+    shared: &Arc<Shared>,
+    key: std::net::SocketAddr,
+    socket: std::os::fd::OwnedFd,
+    peer: std::net::SocketAddr,
+) {
+    // The node's `Accepted` may have been lost with it: one its program
+    // read from or answered stays closed, as any connection of a dead node.
+    if !sys::untouched(std::os::fd::AsFd::as_fd(&socket)) {
+        tracing::info!(%peer, "client of a node that left was read or answered there: closed");
+        return;
+    }
+    let stream = std::net::TcpStream::from(socket);
+    let replay = saps_fabric::endpoint::Replay::default();
+    group::redispatch(shared, key, stream, peer, replay);
 }
 
 /// Runs `accept` until shutdown starts, handing each success to `each`.

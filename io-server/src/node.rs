@@ -23,6 +23,18 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use tracing::Instrument;
 
+/// How a node reached the io-server.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Joined {
+    /// Over a fabric (or as if): `pid` is the process of a unix fabric's
+    /// peer, the only one that may claim the node's hand-off socket.
+    Fabric { pid: Option<i32> },
+    /// A node of this process (embedded): protocol version 1, since it
+    /// cannot leave without this io-server (no `Accepted` per connection,
+    /// nothing kept for re-dispatch).
+    InProcess,
+}
+
 /// Serves one node over `r`/`w` until its channel closes.
 pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
     shared: Arc<Shared>,
@@ -30,9 +42,16 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
     w: W,
     peer: String,
     handoff: Option<saps_fabric::handoff::HandoffSender>,
-    pid: Option<i32>,
+    joined: Joined,
 ) {
-    let config = ChannelConfig::new(shared.token.clone()).window(shared.config.window);
+    let mut config = ChannelConfig::new(shared.token.clone()).window(shared.config.window);
+    let pid = match joined {
+        Joined::Fabric { pid } => pid,
+        Joined::InProcess => {
+            config.max_version = 1;
+            None
+        }
+    };
     let (ep, mut events) = Endpoint::spawn(Channel::io_server(config), r, w);
     let (name, weight) = match events.recv().await {
         Some(EndpointEvent::NodeAuthenticated { node, weight }) => (node, weight),
@@ -319,9 +338,9 @@ impl Node {
     /// the node's now, and the io-server's copy is closed.
     fn handed_accepted(&self, conn: ConnId) {
         let copy = {
-            let mut st = self.shared.lock();
-            let node = st.nodes.get_mut(&self.id);
-            node.and_then(|n| n.handed.settle(conn))
+            let st = self.shared.lock();
+            let node = st.nodes.get(&self.id);
+            node.and_then(|n| crate::state::lock_handed(&n.handed).settle(conn))
         };
         if copy.is_none() {
             tracing::debug!(conn, "Accepted for a connection not kept");
@@ -337,7 +356,8 @@ impl Node {
         let Some(node) = st.nodes.get_mut(&self.id) else {
             return;
         };
-        if let Some(copy) = node.handed.settle(conn) {
+        let copy = crate::state::lock_handed(&node.handed).settle(conn);
+        if let Some(copy) = copy {
             drop(st);
             drop(copy);
             return;

@@ -79,8 +79,17 @@ pub struct NodeEntry {
     /// version 2): its connections are kept for re-dispatch until then.
     pub notifies_accepts: bool,
     /// Handed-over connections its program has not accepted yet, with the
-    /// io-server's copy of each socket (`unaccepted.rs`).
-    pub handed: crate::unaccepted::Handed,
+    /// io-server's copy of each socket (`unaccepted.rs`); shared with the
+    /// node's hand-off task, which outlives the entry.
+    pub handed: SharedHanded,
+}
+
+/// A node's [`crate::unaccepted::Handed`], taken after the state's lock
+/// when both are.
+pub type SharedHanded = Arc<std::sync::Mutex<crate::unaccepted::Handed>>;
+
+pub fn lock_handed(h: &SharedHanded) -> std::sync::MutexGuard<'_, crate::unaccepted::Handed> {
+    h.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl NodeEntry {

@@ -111,7 +111,7 @@ impl Status {
                 weight: n.weight,
                 counters: counters(&st.nodes, &n.traffic),
                 zero_relay: n.handoff.as_ref().is_some_and(|h| h.is_open()),
-                unaccepted: n.ep.unaccepted() + n.handed.len(),
+                unaccepted: n.ep.unaccepted() + crate::state::lock_handed(&n.handed).len(),
             })
             .collect();
         let mut groups: Vec<GroupStatus> = st

@@ -115,3 +115,149 @@ pub fn register_listener(
     // and names the same socket for the AsyncFd's whole life.
     unsafe { tokio::io::unix::AsyncFd::register(l) }.map_err(|e| e.into_parts().1)
 }
+
+/// Whether nobody has read from or written to the TCP socket `fd` since it
+/// was accepted, nor shut it down: every octet the client sent (and its
+/// FIN, if it came) is still unread in the receive queue, and nothing was
+/// sent or queued. A program that accepted such a socket cannot have acted
+/// on its request, so it may go to another node (issue 17: the safety net
+/// under a node's `Accepted`, should its last one be lost with the node).
+/// `false` where the kernel does not tell.
+pub fn untouched(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: all zeroes is a valid tcp_info.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let mut len = size;
+    // SAFETY: `fd` is live; `info` is writable for `len` octets, and the
+    // kernel writes at most that many and stores how many in `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    // Older kernels fill less (no tcpi_data_segs_out / tcpi_bytes_sent).
+    if r != 0 || len < size {
+        return false;
+    }
+    let (mut inq, mut outq): (libc::c_int, libc::c_int) = (0, 0);
+    // SAFETY: SIOCINQ (FIONREAD) and SIOCOUTQ (TIOCOUTQ) write one int.
+    let ok = unsafe {
+        libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut inq) == 0
+            && libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut outq) == 0
+    };
+    if !ok {
+        return false;
+    }
+    untouched_by(&info, inq as u64, outq as u64)
+}
+
+/// [`untouched`]'s rule on the kernel's figures. `bytes_received` counts a
+/// FIN received as one octet, which `SIOCINQ` leaves out once it came
+/// (CLOSE_WAIT) until it is read.
+fn untouched_by(info: &libc::tcp_info, inq: u64, outq: u64) -> bool {
+    const ESTABLISHED: u8 = 1;
+    const CLOSE_WAIT: u8 = 8;
+    let fin = match info.tcpi_state {
+        ESTABLISHED => 0,
+        CLOSE_WAIT => 1,
+        _ => return false, // shut down or closed by this end
+    };
+    let nothing_written = info.tcpi_data_segs_out == 0
+        && info.tcpi_bytes_sent == 0
+        && info.tcpi_notsent_bytes == 0
+        && outq == 0;
+    nothing_written && info.tcpi_bytes_received == inq + fin
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::os::fd::AsFd;
+    use std::time::{Duration, Instant};
+
+    /// A connected pair: (the client, the accepted socket).
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        (c, s)
+    }
+
+    /// Waits (bounded) until `s` has `n` unread octets, or its peer's FIN
+    /// with `fin`.
+    fn arrived(s: &TcpStream, n: i32, fin: bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut inq: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int.
+            unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut inq) };
+            let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+            // SAFETY: as in `untouched`.
+            unsafe {
+                libc::getsockopt(
+                    s.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_INFO,
+                    (&mut info as *mut libc::tcp_info).cast(),
+                    &mut len,
+                )
+            };
+            if inq == n && (!fin || info.tcpi_state == 8) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the octets never arrived");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_socket_nobody_read_or_wrote_is_untouched() {
+        let (mut c, s) = pair();
+        assert!(untouched(s.as_fd()), "fresh");
+        c.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        arrived(&s, 18, false);
+        assert!(untouched(s.as_fd()), "a request waiting");
+        c.shutdown(Shutdown::Write).unwrap();
+        arrived(&s, 18, true);
+        assert!(untouched(s.as_fd()), "and the client's FIN");
+    }
+
+    #[test]
+    fn a_read_a_write_or_a_shutdown_touches_it() {
+        let (mut c, mut s) = pair();
+        c.write_all(b"request").unwrap();
+        arrived(&s, 7, false);
+        s.read_exact(&mut [0u8; 1]).unwrap();
+        assert!(!untouched(s.as_fd()), "one octet read");
+
+        let (_c, mut s) = pair();
+        s.write_all(b"banner").unwrap();
+        assert!(!untouched(s.as_fd()), "written");
+
+        let (c, mut s) = pair();
+        c.shutdown(Shutdown::Write).unwrap();
+        arrived(&s, 0, true);
+        assert!(untouched(s.as_fd()), "only the FIN came");
+        assert_eq!(s.read(&mut [0u8; 1]).unwrap(), 0);
+        assert!(untouched(s.as_fd()), "reading the end of an empty request");
+
+        let (_c, s) = pair();
+        s.shutdown(Shutdown::Write).unwrap();
+        assert!(!untouched(s.as_fd()), "shut down");
+
+        let (mut c, mut s) = pair();
+        c.write_all(b"ab").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        arrived(&s, 2, true);
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).unwrap();
+        assert!(!untouched(s.as_fd()), "read to the end");
+    }
+}

@@ -12,15 +12,22 @@
 //!   octets read from it before the accept, at most
 //!   [`saps_fabric::endpoint::PRE_ACCEPT_MAX`] (or the node's window),
 //!   which the next node gets first (`Endpoint::relay_client`);
-//! * a handed-over one (zero-relay) is kept here: a duplicate of the
-//!   socket, whose unread octets are all still in its receive queue. It
-//!   is closed at the accept, so a served connection costs the io-server
-//!   no descriptor, and with the node's `Close` of it unaccepted.
+//! * a handed-over one (zero-relay, over the hand-off socket) is kept
+//!   here: the io-server's own descriptor of the socket, which it used to
+//!   close once `sendmsg` had passed it to the node and now closes at the
+//!   accept instead (so a served connection costs it no descriptor, and
+//!   no system call more). The client's unread octets are all still in
+//!   the socket's receive queue.
 //!
 //! At most [`MAX_UNACCEPTED`] connections per node are kept so; past that,
 //! new ones are given as before version 2 (reset if the node dies before
 //! accepting them). A connection the program accepted is never given to
 //! another node: its request may have been processed.
+//!
+//! A handed-over connection's socket is with the hand-off task while it
+//! is sent ([`Handed::sending`] .. [`Handed::sent`]); a node that leaves
+//! meanwhile leaves that one to the task ([`Handed::before_send`],
+//! [`Sent::Redispatch`]).
 
 use saps_fabric::ConnId;
 use std::collections::HashMap;
@@ -42,30 +49,76 @@ pub fn room(relayed: usize, handed: usize) -> bool {
 /// The io-server's copy of a socket handed to a node.
 #[derive(Debug)]
 pub struct HandedCopy {
-    pub socket: OwnedFd,
+    /// `None` while the hand-off task sends it.
+    pub socket: Option<OwnedFd>,
     /// The group (its address) and the client, to dispatch it again.
     pub key: SocketAddr,
     pub peer: SocketAddr,
+}
+
+/// What the hand-off task does with its socket once sent.
+#[derive(Debug)]
+pub enum Sent {
+    /// Kept until the node's program accepts it.
+    Kept,
+    /// The node accepted or closed it meanwhile: close it.
+    Close(OwnedFd),
+    /// The node left meanwhile: dispatch it again.
+    Redispatch(HandedCopy),
 }
 
 /// A node's handed-over connections whose program has not accepted them.
 #[derive(Debug, Default)]
 pub struct Handed {
     copies: HashMap<ConnId, HandedCopy>,
+    /// The node left: what is still being sent goes elsewhere.
+    left: bool,
 }
 
 impl Handed {
-    /// Keeps the copy of the socket handed over as `conn`.
-    pub fn keep(&mut self, conn: ConnId, copy: HandedCopy) {
-        self.copies.insert(conn, copy);
+    /// The socket of `conn` is on its way to the node (with the hand-off
+    /// task).
+    pub fn sending(&mut self, conn: ConnId, key: SocketAddr, peer: SocketAddr) {
+        let socket = None;
+        self.copies.insert(conn, HandedCopy { socket, key, peer });
     }
 
-    pub fn contains(&self, conn: ConnId) -> bool {
-        self.copies.contains_key(&conn)
+    /// The hand-off task, before sending `conn`: `Some` when the node
+    /// left meanwhile: not to be sent but dispatched again (to the copy's
+    /// group and client; the socket is the task's).
+    pub fn before_send(&mut self, conn: ConnId) -> Option<HandedCopy> {
+        match self.left {
+            true => self.copies.remove(&conn),
+            false => None,
+        }
+    }
+
+    /// The hand-off task sent `conn`; `socket` is the io-server's
+    /// descriptor of it.
+    pub fn sent(&mut self, conn: ConnId, socket: OwnedFd) -> Sent {
+        match self.copies.get_mut(&conn) {
+            None => Sent::Close(socket),
+            Some(_) if self.left => {
+                let mut copy = self.copies.remove(&conn).expect("just found");
+                copy.socket = Some(socket);
+                Sent::Redispatch(copy)
+            }
+            Some(copy) => {
+                copy.socket = Some(socket);
+                Sent::Kept
+            }
+        }
+    }
+
+    /// The socket of `conn` could not be sent: forgotten here (the caller
+    /// dispatches it again).
+    pub fn unsent(&mut self, conn: ConnId) -> Option<HandedCopy> {
+        self.copies.remove(&conn)
     }
 
     /// The node accepted `conn`, or closed it unaccepted: the copy, which
-    /// the caller drops (closes).
+    /// the caller drops (closes); one still being sent is closed by the
+    /// hand-off task ([`Sent::Close`]).
     pub fn settle(&mut self, conn: ConnId) -> Option<HandedCopy> {
         self.copies.remove(&conn)
     }
@@ -74,12 +127,19 @@ impl Handed {
         self.copies.len()
     }
 
-    /// The node left: every copy, oldest first (ids grow), to dispatch
-    /// again.
-    pub fn take_all(&mut self) -> Vec<HandedCopy> {
-        let mut all: Vec<_> = self.copies.drain().collect();
-        all.sort_unstable_by_key(|(conn, _)| *conn);
-        all.into_iter().map(|(_, c)| c).collect()
+    /// The node left: every copy held here, oldest first (ids grow), to
+    /// dispatch again; those still being sent the hand-off task gives
+    /// back ([`Sent::Redispatch`]).
+    pub fn leave(&mut self) -> Vec<HandedCopy> {
+        self.left = true;
+        let mut held: Vec<ConnId> = self
+            .copies
+            .iter()
+            .filter(|(_, c)| c.socket.is_some())
+            .map(|(&conn, _)| conn)
+            .collect();
+        held.sort_unstable();
+        held.iter().filter_map(|c| self.copies.remove(c)).collect()
     }
 }
 
@@ -89,49 +149,79 @@ mod tests {
     use std::io::Read;
     use std::os::unix::net::UnixStream;
 
-    fn copy(port: u16) -> (HandedCopy, UnixStream, UnixStream) {
-        let (node_end, client) = UnixStream::pair().unwrap();
-        let dup = node_end.try_clone().unwrap();
-        let c = HandedCopy {
-            socket: dup.into(),
-            key: "127.0.0.1:80".parse().unwrap(),
-            peer: SocketAddr::from(([192, 0, 2, 1], port)),
-        };
-        (c, node_end, client)
+    const KEY: &str = "127.0.0.1:80";
+
+    fn peer(port: u16) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 1], port))
     }
 
-    /// Whether the client end sees its peer closed (no copy left open).
+    /// A socket pair standing for the client's connection: the io-server's
+    /// descriptor and the client's end.
+    fn client() -> (OwnedFd, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        (ours.into(), theirs)
+    }
+
+    /// Whether the client end sees its peer closed (no descriptor left).
     fn closed(client: &mut UnixStream) -> bool {
         client.set_nonblocking(true).unwrap();
         matches!(client.read(&mut [0u8; 1]), Ok(0))
     }
 
     #[test]
-    fn the_copy_keeps_the_connection_open_until_the_accept_closes_it() {
+    fn the_copy_is_kept_once_sent_and_closed_at_the_accept() {
         let mut h = Handed::default();
-        let (c, node_end, mut client) = copy(1);
-        h.keep(5, c);
-        drop(node_end); // the node's copy (it accepted, or died)
-        assert!(!closed(&mut client), "the io-server's copy holds it open");
-        assert!(h.contains(5));
+        let (fd, mut c) = client();
+        h.sending(5, KEY.parse().unwrap(), peer(1));
+        assert!(h.before_send(5).is_none());
+        assert!(matches!(h.sent(5, fd), Sent::Kept));
+        assert!(!closed(&mut c), "the io-server's copy holds it open");
         drop(h.settle(5).expect("kept"));
-        assert!(closed(&mut client), "no descriptor left once accepted");
-        assert!(h.settle(5).is_none(), "a late or repeated settle is a no-op");
+        assert!(closed(&mut c), "no descriptor left once accepted");
+        assert!(h.settle(5).is_none(), "a repeated settle is a no-op");
         assert_eq!(h.len(), 0);
     }
 
     #[test]
-    fn a_node_that_leaves_gives_back_every_copy_oldest_first() {
+    fn an_accept_before_the_send_finished_closes_the_copy_then() {
         let mut h = Handed::default();
-        let mut ends = Vec::new();
+        let (fd, mut c) = client();
+        h.sending(5, KEY.parse().unwrap(), peer(1));
+        assert!(h.before_send(5).is_none());
+        assert!(h.settle(5).is_some(), "the Accepted came first");
+        let Sent::Close(fd) = h.sent(5, fd) else {
+            panic!("not to be kept");
+        };
+        drop(fd);
+        assert!(closed(&mut c));
+    }
+
+    #[test]
+    fn a_node_that_leaves_gives_back_every_copy_even_those_in_flight() {
+        let mut h = Handed::default();
+        let mut clients = Vec::new();
         for (conn, port) in [(9, 3), (3, 1), (7, 2)] {
-            let (c, node_end, client) = copy(port);
-            h.keep(conn, c);
-            ends.push((node_end, client));
+            let (fd, c) = client();
+            h.sending(conn, KEY.parse().unwrap(), peer(port));
+            assert!(h.before_send(conn).is_none());
+            assert!(matches!(h.sent(conn, fd), Sent::Kept));
+            clients.push(c);
         }
-        drop(h.settle(7));
-        let back: Vec<u16> = h.take_all().iter().map(|c| c.peer.port()).collect();
-        assert_eq!(back, vec![1, 3]);
+        drop(h.settle(7)); // accepted: stays with the node
+        h.sending(11, KEY.parse().unwrap(), peer(4)); // being sent
+        h.sending(13, KEY.parse().unwrap(), peer(5)); // not sent yet
+        let back: Vec<u16> = h.leave().iter().map(|c| c.peer.port()).collect();
+        assert_eq!(back, vec![1, 3], "the held ones, oldest first");
+        let (fd, _c) = client();
+        match h.sent(11, fd) {
+            Sent::Redispatch(copy) => {
+                assert_eq!(copy.peer.port(), 4);
+                assert!(copy.socket.is_some());
+            }
+            other => panic!("{other:?}"),
+        }
+        let back = h.before_send(13).expect("not sent to a node that left");
+        assert_eq!(back.peer.port(), 5);
         assert_eq!(h.len(), 0);
     }
 

@@ -122,7 +122,7 @@ fn conns(table: &str, name: &str) -> Option<u64> {
 /// the program's accept (64 KiB), so part of them is replayed and part
 /// read from the socket afresh.
 fn request(i: usize) -> Vec<u8> {
-    let pad = if i % 3 == 0 { 150_000 } else { 20 + i };
+    let pad = if i.is_multiple_of(3) { 150_000 } else { 20 + i };
     let mut r = format!("request {i} ").into_bytes();
     r.extend((0..pad).map(|j| b'a' + ((i + j) % 26) as u8));
     r.push(b'\n');

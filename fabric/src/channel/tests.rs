@@ -87,15 +87,15 @@ fn a_node_that_forges_the_proof_is_refused() {
 #[test]
 fn version_mismatch_closes_with_both_ranges() {
     let mut cfg = ChannelConfig::new("tok").node("n1", 1);
-    cfg.min_version = 2;
-    cfg.max_version = 3;
+    cfg.min_version = 3;
+    cfg.max_version = 4;
     let mut node = Channel::node(cfg);
     let mut srv = Channel::io_server(ChannelConfig::new("tok"));
     pump(&mut node, &mut srv);
     let reason = closed_reason(&events(&mut srv)).unwrap();
     assert_eq!(
         reason,
-        "version mismatch: node speaks 2..=3, io-server speaks 1..=1"
+        "version mismatch: node speaks 3..=4, io-server speaks 1..=2"
     );
     assert!(closed_reason(&events(&mut node))
         .unwrap()
@@ -161,6 +161,101 @@ fn a_node_may_not_send_io_server_frames() {
     ));
     pump(&mut node, &mut srv);
     assert!(node.is_closed());
+}
+
+/// A pair whose node speaks only protocol version 1 (an older build).
+fn open_v1_pair() -> (Channel, Channel) {
+    let mut cfg = ChannelConfig::new("tok").node("old", 1);
+    cfg.max_version = 1;
+    let mut node = Channel::node(cfg);
+    let mut srv = Channel::io_server(ChannelConfig::new("tok"));
+    pump(&mut node, &mut srv);
+    srv.welcome(3);
+    pump(&mut node, &mut srv);
+    assert!(node.is_open() && srv.is_open());
+    events(&mut node);
+    events(&mut srv);
+    (node, srv)
+}
+
+#[test]
+fn the_highest_common_version_is_agreed_on_both_ends() {
+    let (node, srv) = open_pair(1024);
+    assert_eq!((node.version(), srv.version()), (2, 2));
+    assert!(node.notifies_accepts() && srv.notifies_accepts());
+    let (node, srv) = open_v1_pair();
+    assert_eq!((node.version(), srv.version()), (1, 1));
+    assert!(!srv.notifies_accepts());
+}
+
+#[test]
+fn the_programs_accept_reaches_the_io_server_once_for_a_known_connection() {
+    let (mut node, mut srv) = open_pair(1024);
+    let relayed = client(&mut srv, 1);
+    pump(&mut node, &mut srv);
+    events(&mut node);
+    node.accepted(relayed);
+    let handed = srv.hand_connection().unwrap();
+    assert_ne!(handed, relayed, "one sequence of ids");
+    assert_eq!(handed % 2, 1, "allocated by the io-server");
+    node.accepted(handed);
+    // Late ones: a repeated accept of the handed id, an unknown id.
+    node.accepted(handed);
+    node.accepted(99);
+    pump(&mut node, &mut srv);
+    assert_eq!(
+        events(&mut srv),
+        vec![
+            Event::Accepted { conn: relayed },
+            Event::Accepted { conn: handed }
+        ]
+    );
+    assert!(srv.is_open());
+    // A handed id the node closes unaccepted is reported as closed, once.
+    let refused = srv.hand_connection().unwrap();
+    let forgotten = srv.hand_connection().unwrap();
+    srv.forget_handed(forgotten);
+    node.close_connection(refused, 0);
+    node.close_connection(refused, 0);
+    node.accepted(forgotten);
+    pump(&mut node, &mut srv);
+    assert_eq!(
+        events(&mut srv),
+        vec![Event::ConnectionClosed {
+            conn: refused,
+            errno: 0
+        }]
+    );
+}
+
+#[test]
+fn a_version_1_channel_carries_no_accepted_frame() {
+    let (mut node, mut srv) = open_v1_pair();
+    let conn = client(&mut srv, 1);
+    pump(&mut node, &mut srv);
+    events(&mut node);
+    node.accepted(conn);
+    assert!(
+        node.poll_transmit().is_none(),
+        "a version 1 node sends none"
+    );
+    // One sent anyway is a protocol error on that channel.
+    let mut out = BytesMut::new();
+    codec::encode(&Frame::Accepted { conn }, &mut out);
+    let err = srv.handle_input(&out).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "unexpected Accepted frame on a version 1 channel"
+    );
+    // And an io-server never sends one.
+    let (mut node, _srv) = open_pair(1024);
+    assert!(matches!(
+        node.handle_input(&out),
+        Err(ChannelError::Unexpected {
+            frame: "Accepted",
+            ..
+        })
+    ));
 }
 
 #[test]

@@ -240,7 +240,7 @@ mod tests {
 
     #[test]
     fn an_untracked_connection_only_sends_its_replay() {
-        let mut p = PreAccept::new(Replay::default(), false, 16);
+        let p = PreAccept::new(Replay::default(), false, 16);
         assert_eq!(p.next(100), Step::Done);
         let mut p = PreAccept::new(
             Replay {

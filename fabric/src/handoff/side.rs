@@ -260,9 +260,10 @@ impl SideSocket {
         Ok(n == 1 && b[0] == 1)
     }
 
-    /// io-server: sends one handed-off socket (closed here once sent),
-    /// with the version 2 header when the io-server keeps a copy of it.
-    pub async fn send(&self, h: HandedOff) -> io::Result<()> {
+    /// io-server: sends one handed-off socket, with the version 2 header
+    /// when the io-server keeps its descriptor of it until the node's
+    /// `Accepted` (the caller closes or keeps `h.socket`).
+    pub async fn send(&self, h: &HandedOff) -> io::Result<()> {
         let fd = Some(h.socket.as_raw_fd());
         if h.conn == 0 {
             let header = encode(h.listener, h.peer, h.local);
@@ -325,11 +326,13 @@ impl SideSocket {
 }
 
 /// io-server: sends every socket handed to `rx` over `side` until either
-/// end closes; a socket that cannot be sent is closed (its client sees the
-/// connection end).
+/// end closes, closing each once sent; a socket that cannot be sent is
+/// closed (its client sees the connection end). (The io-server itself
+/// keeps the sockets of a version 2 node until it accepts them, and
+/// dispatches again those it cannot send.)
 pub async fn forward(mut rx: HandoffReceiver, side: SideSocket) {
     while let Some(h) = rx.recv().await {
-        if let Err(e) = side.send(h).await {
+        if let Err(e) = side.send(&h).await {
             tracing::warn!(error = %e, "hand-off socket failed; relaying again");
             return;
         }
@@ -408,7 +411,7 @@ mod tests {
         let peer: SocketAddr = "192.0.2.1:4000".parse().unwrap();
         let local: SocketAddr = "198.51.100.1:80".parse().unwrap();
         server
-            .send(HandedOff {
+            .send(&HandedOff {
                 listener: 3,
                 peer,
                 local,
@@ -431,7 +434,7 @@ mod tests {
         // One the io-server keeps a copy of carries its id and the node's.
         let (c, _d) = std::os::unix::net::UnixStream::pair().unwrap();
         server
-            .send(HandedOff {
+            .send(&HandedOff {
                 listener: 3,
                 peer,
                 local,

@@ -48,6 +48,10 @@ pub enum App {
     Close,
     /// Accept and never read (the connection stays open).
     Stall,
+    /// Like saps-run's supervisor before the program's accept: the
+    /// connection is relayed into a socket nobody reads, and the node
+    /// never says its program accepted it.
+    Unaccepted,
 }
 
 /// An application node.
@@ -75,7 +79,9 @@ pub async fn attach(
 ) -> Result<Pending, String> {
     let ((sr, sw), (nr, nw)) = memory_pair();
     let s = server.clone();
-    tokio::spawn(async move { s.attach(sr, sw).await });
+    // As a node of another process: what it has not accepted when it
+    // leaves goes to another member.
+    tokio::spawn(async move { s.attach_remote(sr, sw, "test").await });
     let ch = Channel::node(ChannelConfig::new(token).node(name, weight));
     let (ep, mut events) = Endpoint::spawn(ch, nr, nw);
     match tokio::time::timeout(LIMIT, events.recv()).await {
@@ -138,6 +144,10 @@ impl Pending {
                 // `order` first: tests wait on `accepted`, then read `order`.
                 order.lock().unwrap().push(name.clone());
                 accepted.lock().unwrap().push(conn);
+                // The program accepted it (as saps-run's supervisor says).
+                if app != App::Unaccepted {
+                    ep.accepted(conn, false);
+                }
                 match app {
                     App::Close => ep.close_connection(conn, 0),
                     App::Echo => {
@@ -150,7 +160,7 @@ impl Pending {
                             let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
                         });
                     }
-                    App::Stall => {
+                    App::Stall | App::Unaccepted => {
                         let ep = ep.clone();
                         let (a, b) = tokio::io::duplex(64 * 1024);
                         stalled.insert(conn, b);
