@@ -72,11 +72,8 @@ async fn wait_and_take(
         .timeout(libc::SO_RCVTIMEO)
         .map(|t| tokio::time::Instant::now() + t);
     loop {
-        if let Some(r) = sh.interrupted(call) {
-            return Outcome::Reply(r);
-        }
-        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-            return Outcome::Reply(Reply::Errno(libc::EAGAIN));
+        if !sh.notifier.id_valid(call.n.id) {
+            return Outcome::Reply(Reply::Errno(libc::EINTR));
         }
         // One duplicate of `L` per round, both to take from and to wait on;
         // it is dropped at the end of the round so a close by the program
@@ -85,10 +82,18 @@ async fn wait_and_take(
             Ok(l) => l,
             Err(e) => return Outcome::Reply(Reply::Errno(e)),
         };
+        // A waiting connection is taken even with a signal pending, as the
+        // kernel's accept does; only then does the signal end the wait.
         match take(sh, vs, l.as_fd()) {
             Ok(Some((lconn, id))) => return hand_over(sh, call, vs, lconn, id, flags),
             Ok(None) => {}
             Err(e) => return Outcome::Reply(Reply::Errno(e)),
+        }
+        if let Some(r) = sh.interrupted(call) {
+            return Outcome::Reply(r);
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return Outcome::Reply(Reply::Errno(libc::EAGAIN));
         }
         let Ok(afd) = crate::sys::async_readable(l) else {
             return Outcome::Reply(Reply::Errno(libc::EBADF));
