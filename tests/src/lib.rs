@@ -281,3 +281,58 @@ impl Drop for Netns {
         let _ = run(Command::new("ip").args(["netns", "del", &self.name]));
     }
 }
+
+/// A standalone io-server on the `unix:` fabric `DIR/saps.sock`, control
+/// socket `DIR/control.sock`, address 127.0.0.1, scheduler `rr`, with the
+/// token in `DIR/token` (written if missing); returned once `status`
+/// answers.
+pub fn unix_io_server(d: &Path) -> Proc {
+    if !d.join("token").exists() {
+        std::fs::write(d.join("token"), "cluster secret\n").unwrap();
+    }
+    let io = Proc::spawn(Command::new(bin("io-server")).args([
+        "--fabric",
+        &format!("unix:{}", d.join("saps.sock").display()),
+        "--address",
+        "127.0.0.1",
+        "--scheduler",
+        "rr",
+        "--token-file",
+        d.join("token").to_str().unwrap(),
+        "--control",
+        d.join("control.sock").to_str().unwrap(),
+    ]));
+    let up = wait_for(Duration::from_secs(20), || io_server_status(d));
+    assert!(up.is_some(), "io-server did not start: {}", io.stderr());
+    io
+}
+
+/// `io-server status` of the io-server in `d`, if it answers.
+pub fn io_server_status(d: &Path) -> Option<String> {
+    let o = run(Command::new(bin("io-server")).args([
+        "status",
+        "--control",
+        d.join("control.sock").to_str().unwrap(),
+    ]));
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// `saps-run --node NAME --zero-relay ZR --`, joined to the io-server of
+/// [`unix_io_server`] in `d`; the program and its arguments follow.
+pub fn unix_node(d: &Path, name: &str, zero_relay: &str) -> Command {
+    let mut c = Command::new(bin("saps-run"));
+    c.args([
+        "--io-server",
+        &format!("unix:{}", d.join("saps.sock").display()),
+        "--token-file",
+        d.join("token").to_str().unwrap(),
+        "--node",
+        name,
+        "--zero-relay",
+        zero_relay,
+        "--",
+    ]);
+    c
+}

@@ -6,55 +6,13 @@
 
 use saps_tests::*;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
-
-/// An io-server on `DIR/saps.sock` with control socket `DIR/control.sock`.
-fn io_server(d: &Path) -> Proc {
-    let sock = d.join("saps.sock");
-    if !d.join("token").exists() {
-        std::fs::write(d.join("token"), "cluster secret\n").unwrap();
-    }
-    let io = Proc::spawn(Command::new(bin("io-server")).args([
-        "--fabric",
-        &format!("unix:{}", sock.display()),
-        "--address",
-        "127.0.0.1",
-        "--scheduler",
-        "rr",
-        "--token-file",
-        d.join("token").to_str().unwrap(),
-        "--control",
-        d.join("control.sock").to_str().unwrap(),
-    ]));
-    let up = wait_for(Duration::from_secs(20), || {
-        let o = run(Command::new(bin("io-server")).args([
-            "status",
-            "--control",
-            d.join("control.sock").to_str().unwrap(),
-        ]));
-        o.status.success().then_some(())
-    });
-    assert!(up.is_some(), "io-server did not start: {}", io.stderr());
-    io
-}
 
 /// `saps-run --node NAME --zero-relay ZR -- PROGRAM…` in `cwd`, joined to
 /// the io-server in `d`.
 fn node(d: &Path, name: &str, zero_relay: &str, cwd: &Path, program: &[&str]) -> Proc {
     Proc::spawn(
-        Command::new(bin("saps-run"))
-            .args([
-                "--io-server",
-                &format!("unix:{}", d.join("saps.sock").display()),
-                "--token-file",
-                d.join("token").to_str().unwrap(),
-                "--node",
-                name,
-                "--zero-relay",
-                zero_relay,
-                "--",
-            ])
+        unix_node(d, name, zero_relay)
             .args(program)
             .current_dir(cwd),
     )
@@ -80,7 +38,7 @@ fn python_node(d: &Path, name: &str, zero_relay: &str, port: u16) -> Proc {
 fn two_python_nodes_share_one_port_behind_one_io_server() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let io = io_server(d);
+    let io = unix_io_server(d);
     let port = free_port();
     let nodes: Vec<Proc> = [("a", "on"), ("b", "off")]
         .iter()
@@ -120,17 +78,7 @@ fn two_python_nodes_share_one_port_behind_one_io_server() {
 
 /// `io-server status` of the io-server in `d`.
 fn status(d: &Path) -> String {
-    let status = run(Command::new(bin("io-server")).args([
-        "status",
-        "--control",
-        d.join("control.sock").to_str().unwrap(),
-    ]));
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    String::from_utf8_lossy(&status.stdout).into_owned()
+    io_server_status(d).expect("io-server status failed")
 }
 
 struct NodeRow {
@@ -168,7 +116,7 @@ fn node_row(table: &str, name: &str) -> NodeRow {
 fn a_node_rejoins_a_restarted_io_server_and_serves_again() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut first = io_server(d);
+    let mut first = unix_io_server(d);
     let port = free_port();
     let mut node = python_node(d, "a", "on", port);
     let url = format!("http://127.0.0.1:{port}/who");
@@ -181,7 +129,7 @@ fn a_node_rejoins_a_restarted_io_server_and_serves_again() {
     assert!(first.wait_timeout(Duration::from_secs(10)).is_some());
     let (code, _, _) = curl(&[&url]);
     assert_ne!(code, 0, "nothing listens while the io-server is down");
-    let second = io_server(d);
+    let second = unix_io_server(d);
     assert!(
         wait_http(&url, Duration::from_secs(30)),
         "node did not serve again after the restart\nnode: {}\nio-server: {}",
@@ -240,7 +188,7 @@ fn bulk_streams_through_a_relayed_node_arrive_intact_both_ways() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let _io = io_server(d);
+    let _io = unix_io_server(d);
     let port = free_port();
     let node = node(d, "a", "off", d, &[PYTHON, "-c", ECHO, &port.to_string()]);
     // Random octets: frames out of order would not compare equal.
@@ -274,7 +222,7 @@ fn a_relayed_node_survives_its_io_server_dying_mid_stream() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut first = io_server(d);
+    let mut first = unix_io_server(d);
     let port = free_port();
     let mut node = node(d, "a", "off", d, &[PYTHON, "-c", ECHO, &port.to_string()]);
     let mut c = echo_connection(port, &node);
@@ -314,7 +262,7 @@ fn a_relayed_node_survives_its_io_server_dying_mid_stream() {
         );
     }
     writer.join().unwrap();
-    let _second = io_server(d);
+    let _second = unix_io_server(d);
     let mut c = echo_connection(port, &node);
     c.write_all(b"again").unwrap();
     c.shutdown(std::net::Shutdown::Write).unwrap();

@@ -10,7 +10,6 @@ use saps_tests::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 /// Clients per test; `rr` sends every other one to node a.
@@ -52,51 +51,16 @@ while True:
 
 fn io_server(d: &Path) -> Proc {
     std::fs::write(d.join("token"), "redispatch secret\n").unwrap();
-    let io = Proc::spawn(Command::new(bin("io-server")).args([
-        "--fabric",
-        &format!("unix:{}", d.join("saps.sock").display()),
-        "--address",
-        "127.0.0.1",
-        "--scheduler",
-        "rr",
-        "--token-file",
-        d.join("token").to_str().unwrap(),
-        "--control",
-        d.join("control.sock").to_str().unwrap(),
-    ]));
-    let up = wait_for(Duration::from_secs(20), || status(d));
-    assert!(up.is_some(), "io-server did not start: {}", io.stderr());
-    io
+    unix_io_server(d)
 }
 
 fn node(d: &Path, name: &str, zero_relay: &str, program: &str, port: u16) -> Proc {
-    Proc::spawn(Command::new(bin("saps-run")).args([
-        "--io-server",
-        &format!("unix:{}", d.join("saps.sock").display()),
-        "--token-file",
-        d.join("token").to_str().unwrap(),
-        "--node",
-        name,
-        "--zero-relay",
-        zero_relay,
-        "--",
-        PYTHON,
-        "-c",
-        program,
-        &port.to_string(),
-    ]))
+    Proc::spawn(unix_node(d, name, zero_relay).args([PYTHON, "-c", program, &port.to_string()]))
 }
 
 /// `io-server status`, if it answers.
 fn status(d: &Path) -> Option<String> {
-    let o = run(Command::new(bin("io-server")).args([
-        "status",
-        "--control",
-        d.join("control.sock").to_str().unwrap(),
-    ]));
-    o.status
-        .success()
-        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+    io_server_status(d)
 }
 
 /// Names of the group's members (`  -> NAME (ID/LISTENER) …` lines).
