@@ -159,18 +159,23 @@ impl Options {
     /// AF_UNIX socket when relayed (timeouts, the receive low-water mark):
     /// set on it as on the kernel's TCP socket.
     pub fn on_program_end(&self) -> impl Iterator<Item = (i32, i32, &[u8])> {
-        self.iter().filter(|&(level, name, _)| {
-            level == libc::SOL_SOCKET
-                && matches!(
-                    name,
-                    libc::SO_RCVTIMEO | libc::SO_SNDTIMEO | libc::SO_RCVLOWAT
-                )
-        })
+        self.iter()
+            .filter(|&(level, name, _)| on_program_end(level, name))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (i32, i32, &[u8])> {
         self.0.iter().map(|(&(l, n), v)| (l, n, v.as_slice()))
     }
+}
+
+/// Whether option `name` at `level` acts on the program's own end of a
+/// connection ([`Options::on_program_end`]).
+pub fn on_program_end(level: i32, name: i32) -> bool {
+    level == libc::SOL_SOCKET
+        && matches!(
+            name,
+            libc::SO_RCVTIMEO | libc::SO_SNDTIMEO | libc::SO_RCVLOWAT
+        )
 }
 
 /// The table, keyed by inode.

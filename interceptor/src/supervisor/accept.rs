@@ -179,9 +179,7 @@ fn hand_over(
             // options set on the listener, as an accepted socket inherits
             // them natively (an option it refuses is the kernel's call).
             call.note.action = "accept (zero-relay)";
-            for (level, name, value) in listener.options.iter() {
-                let _ = crate::sys::setsockopt_raw(sock.as_fd(), level, name, value);
-            }
+            super::set_options(sock.as_fd(), listener.options.iter());
         }
         Kind::Relayed => {
             // The program's end of the socket pair, a virtual socket.
@@ -194,9 +192,7 @@ fn hand_over(
             // io-server's TCP socket (docs/interceptor.md, "MPTCP").
             let mut vs = VirtualSocket::accepted(listener.domain, id, peer, local);
             vs.options = listener.options.clone();
-            for (level, name, value) in vs.options.on_program_end() {
-                let _ = crate::sys::setsockopt_raw(sock.as_fd(), level, name, value);
-            }
+            super::set_options(sock.as_fd(), vs.options.on_program_end());
             sh.table().insert(ino, vs);
             table_entry = Some(ino);
         }

@@ -199,7 +199,7 @@ fn markers_for(queued: usize) -> usize {
 /// to one nginx worker in five runs of six). A marker per [`MARKER_STEP`] queued wakes
 /// up to [`MAX_MARKERS`] of them for a burst and none for a lone client.
 /// Renewing one marker on every accept instead woke the sleepers too, but
-/// made bursts slower to accept (docs/benchmarks.md, "The accept burst").
+/// made bursts slower to accept (bench/notes/2026-12-01-sessions-5-to-8.md, "The accept burst").
 #[derive(Default)]
 pub(crate) struct Ready {
     /// Tags (keys of `waiting`), oldest first.
@@ -370,7 +370,7 @@ pub(crate) fn requeue(sh: &Arc<Shared>, lconn: ConnId, id: ConnId) {
 /// with its accept queue, the connections waiting in it are reset. Those
 /// the io-server sends to the closed listener afterwards, before it learns
 /// of the close, wait for a new listener on its address instead (`route`).
-pub(crate) fn orphan_queue(sh: &Arc<Shared>, lconn: ConnId, _addr: SocketAddr) {
+pub(crate) fn orphan_queue(sh: &Arc<Shared>, lconn: ConnId) {
     let queued = lock(&sh.ready).remove(&lconn).map(|r| r.queue);
     for id in queued.unwrap_or_default() {
         tracing::debug!(

@@ -39,7 +39,9 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     };
     let nonblock = sh.nonblocking(call);
     match vs.state {
-        State::Fresh if vs.connect_unreported => return Outcome::Reply(report_failure(sh, ino)),
+        State::Fresh | State::Connected { .. } if vs.connect_unreported => {
+            return Outcome::Reply(sh.table().get_mut(ino).map_or(Reply::Value(0), report))
+        }
         State::Fresh => {}
         State::Connecting { .. } if nonblock => {
             return Outcome::Reply(Reply::Errno(libc::EALREADY))
@@ -47,12 +49,6 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
         State::Connecting { .. } => {
             let timeout = vs.options.timeout(libc::SO_SNDTIMEO);
             return wait_connected(ino, timeout.map(|t| (t, libc::EALREADY)));
-        }
-        State::Connected { .. } if vs.connect_unreported => {
-            if let Some(v) = sh.table().get_mut(ino) {
-                v.connect_unreported = false;
-            }
-            return Outcome::Reply(Reply::Value(0));
         }
         State::Connected { .. } => return Outcome::Reply(Reply::Errno(libc::EISCONN)),
         // Linux: a listening socket is not SS_UNCONNECTED.
@@ -88,9 +84,7 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
             return Outcome::Reply(Reply::Errno(e as i32));
         }
     }
-    for (level, name, value) in vs.options.on_program_end() {
-        let _ = crate::sys::setsockopt_raw(s.as_fd(), level, name, value);
-    }
+    super::set_options(s.as_fd(), vs.options.on_program_end());
     let timeout = vs.options.timeout(libc::SO_SNDTIMEO);
     let (tx, _) = tokio::sync::watch::channel(false);
     lock(&sh.connecting).insert(s_ino, tx);
@@ -145,37 +139,20 @@ fn wait_connected(s_ino: Inode, timeout: Option<(std::time::Duration, i32)>) -> 
                 None => tokio::time::sleep(super::LIVENESS_CHECK).await,
             }
         }
-        let reply = {
-            let mut t = sh.table();
-            match t.get_mut(s_ino) {
-                Some(v) if matches!(v.state, State::Connected { .. }) => {
-                    v.connect_unreported = false;
-                    Reply::Value(0)
-                }
-                Some(v) => {
-                    v.connect_unreported = false;
-                    match std::mem::take(&mut v.error) {
-                        0 => Reply::Errno(libc::ECONNABORTED),
-                        e => Reply::Errno(e),
-                    }
-                }
-                // Ended already (closed by the peer after connecting).
-                None => Reply::Value(0),
-            }
-        };
+        // Gone already: ended (closed by the peer) after connecting.
+        let reply = sh.table().get_mut(s_ino).map_or(Reply::Value(0), report);
         (call, Outcome::Reply(reply))
     })
 }
 
-/// `connect` after a connect that failed with nobody waiting: the pending
-/// error (or `ECONNABORTED` once `SO_ERROR` took it), and the socket is
-/// unconnected again.
-fn report_failure(sh: &Shared, ino: Inode) -> Reply {
-    let mut t = sh.table();
-    let Some(v) = t.get_mut(ino) else {
-        return Reply::Errno(libc::ECONNABORTED);
-    };
+/// The outcome of a finished connect, reported once (the kernel's
+/// `SS_CONNECTING` ends): 0, or the pending error (`ECONNABORTED` once
+/// `SO_ERROR` took it), after which a failed socket is unconnected again.
+fn report(v: &mut VirtualSocket) -> Reply {
     v.connect_unreported = false;
+    if matches!(v.state, State::Connected { .. }) {
+        return Reply::Value(0);
+    }
     match std::mem::take(&mut v.error) {
         0 => Reply::Errno(libc::ECONNABORTED),
         e => Reply::Errno(e),
@@ -314,8 +291,8 @@ async fn finish(
     }
 }
 
-/// The connect of `S` failed with `errno`.
-/// The socket is unconnected again; a new connect gets a new tag.
+/// The connect of `S` failed with `errno`: the socket is unconnected
+/// again, and a new connect gets a new tag.
 fn fail(sh: &Shared, s_ino: Inode, errno: i32) {
     let mut t = sh.table();
     if let Some(mut v) = t.remove(s_ino) {

@@ -722,12 +722,12 @@ impl Shared {
         lock(&self.dormant).retain(Listener::alive);
         for conn in dead {
             tracing::debug!(conn, "the program closed a listener");
-            // Out of the map first: the guard must be gone before the
-            // queue is orphaned (`park` takes `orphans`, then `listeners`).
+            // Out of the map first: no guard may live on while the queue
+            // is reset (that takes other locks, and once took this one).
             let removed = lock(&self.listeners).remove(&conn);
             if let Some(l) = removed {
                 arrival::retire(self, conn, l.addr);
-                arrival::orphan_queue(self, conn, l.addr);
+                arrival::orphan_queue(self, conn);
             }
             self.table().remove_conn(conn);
             self.ep().close_connection(conn, 0);
@@ -821,6 +821,19 @@ impl Shared {
                 Ok(addr)
             }
             sockaddr::Decoded::Unspec => Err(libc::EAFNOSUPPORT),
+        }
+    }
+}
+
+/// Sets `options` on a socket (the supervisor's or the program's): one the
+/// kernel refuses there is its answer, logged, not an error.
+pub(crate) fn set_options<'a>(
+    fd: BorrowedFd<'_>,
+    options: impl Iterator<Item = (i32, i32, &'a [u8])>,
+) {
+    for (level, name, value) in options {
+        if let Err(e) = crate::sys::setsockopt_raw(fd, level, name, value) {
+            tracing::debug!(level, name, error = %e, "an option not taken");
         }
     }
 }

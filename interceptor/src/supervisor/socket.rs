@@ -92,11 +92,7 @@ pub(crate) fn make_native(
         vs.protocol,
     )
     .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
-    for (level, name, value) in vs.options.iter() {
-        if let Err(e) = crate::sys::setsockopt_raw(real.as_fd(), level, name, value) {
-            tracing::debug!(level, name, error = %e, "replaying an option on the native socket");
-        }
-    }
+    super::set_options(real.as_fd(), vs.options.iter());
     sh.replace_fd(call, real.as_fd())?;
     sh.table().remove(ino);
     if let Some(conn) = vs.conn {

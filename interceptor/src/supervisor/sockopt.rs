@@ -59,9 +59,7 @@ fn scratch(vs: &VirtualSocket) -> Result<OwnedFd, i32> {
     let s = crate::sys::socket_raw(vs.domain, ty, vs.protocol)
         .or_else(|_| crate::sys::socket_raw(vs.domain, ty, libc::IPPROTO_TCP))
         .map_err(|e| e.raw_os_error().unwrap_or(libc::ENOBUFS))?;
-    for (level, name, value) in vs.options.iter() {
-        let _ = crate::sys::setsockopt_raw(s.as_fd(), level, name, value);
-    }
+    super::set_options(s.as_fd(), vs.options.iter());
     Ok(s)
 }
 
@@ -109,11 +107,8 @@ pub(crate) fn setsockopt(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     }
     if established {
         // Timeouts and the low-water mark act on the program's own end.
-        let mut one = crate::vsock::Options::default();
-        one.set(level, name, &stored);
-        let acts_here = one.on_program_end().next().is_some();
-        if let (Some(d), true) = (&call.dup, acts_here) {
-            let _ = crate::sys::setsockopt_raw(d.as_fd(), level, name, &stored);
+        if let (Some(d), true) = (&call.dup, crate::vsock::on_program_end(level, name)) {
+            super::set_options(d.as_fd(), std::iter::once((level, name, &stored[..])));
         }
     }
     if let (Some(conn), true) = (vs.conn, established && on_gateway(level, name)) {
