@@ -28,8 +28,9 @@ pub const MAX_VERSION: u8 = 2;
 pub const ACCEPTED_VERSION: u8 = 2;
 /// Default per-connection receive buffer `B_r`. A relayed stream moves at
 /// most `B_r` per credit round trip (two relays and the fabric on the way
-/// back); on the bench machine iperf3 -P 1 through a node gave 8.1, 8.9 and
-/// 10.4 Gbit/s with 256 KiB, 512 KiB and 1 MiB (docs/benchmarks.md). It is
+/// back); one iperf3 stream through a node moved faster with each doubling
+/// up to 1 MiB (bench/notes/2026-12-01-sessions-5-to-8.md, "`B_r` 1 MiB
+/// instead of 256 KiB"). It is
 /// also what a stalled reader may hold in user space per direction; an
 /// idle connection holds none of it.
 pub const DEFAULT_WINDOW: u32 = 1024 * 1024;

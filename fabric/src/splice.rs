@@ -199,11 +199,10 @@ impl Pipe {
 /// transport splices into.
 pub trait ReadySocket: AsFd + AsRawFd + Send + Sync + 'static {
     /// Whether payloads from the fabric are spliced into this kind of
-    /// socket ([`ReceivePipe`]). Not into TCP: on the bench machine,
-    /// `iperf3 -R` through an io-server went from 10.8–12.2 to
-    /// 9.7–11.7 Gbit/s with it, the io-server's CPU per GiB from 0.45–0.52
-    /// to 0.49–0.61 s (three pairs; docs/benchmarks.md): TCP's transmit of
-    /// spliced pages cost more than the copy it saved.
+    /// socket ([`ReceivePipe`]). Not into TCP: measured through an
+    /// io-server, TCP's transmit of spliced pages cost more than the copy
+    /// it saved, in throughput and in CPU per GiB
+    /// (bench/notes/2026-12-01-sessions-5-to-8.md, the eighth session).
     const SPLICE_RECEIVED: bool;
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
