@@ -144,15 +144,25 @@ async fn handed_node(sock: &std::path::Path, name: &str) -> (HandedNode, Pending
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handed_clients_of_a_node_that_dies_unaccepted_are_served_by_another() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, sock) = unix_server(dir.path()).await;
+/// An io-server on a unix fabric with two members on one port: `a`, a
+/// zero-relay node whose program never accepts (it holds the sockets
+/// handed to it), and `b`, a relayed echo node.
+async fn handed_and_echo(
+    dir: &std::path::Path,
+) -> (Arc<IoServer>, HandedNode, TestNode, SocketAddr) {
+    let (server, sock) = unix_server(dir).await;
     let (a, a_pending) = handed_node(&sock, "a").await;
     let (_, addr) = a_pending.listen(0, 0).await.unwrap();
     let b = attach(&server, "b", 1, TOKEN).await.unwrap();
     b.listen(addr.port(), 0).await.unwrap();
     let b = b.run("b", App::Echo, Default::default());
+    (server, a, b, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handed_clients_of_a_node_that_dies_unaccepted_are_served_by_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, a, b, addr) = handed_and_echo(dir.path()).await;
     let mut clients = Vec::new();
     for i in 1..=4 {
         let mut s = TcpStream::connect(addr).await.unwrap();
@@ -178,12 +188,7 @@ async fn handed_clients_of_a_node_that_dies_unaccepted_are_served_by_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_the_program_accepted_stays_with_its_node() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, sock) = unix_server(dir.path()).await;
-    let (a, a_pending) = handed_node(&sock, "a").await;
-    let (_, addr) = a_pending.listen(0, 0).await.unwrap();
-    let b = attach(&server, "b", 1, TOKEN).await.unwrap();
-    b.listen(addr.port(), 0).await.unwrap();
-    let b = b.run("b", App::Echo, Default::default());
+    let (server, a, b, addr) = handed_and_echo(dir.path()).await;
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(b"processed once").await.unwrap();
     wait_until("a to get it", || a.held.lock().unwrap().len() == 1).await;
