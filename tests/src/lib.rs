@@ -56,7 +56,11 @@ pub fn saps_run_local(zero_relay: &str, program: &[&str]) -> Command {
 /// and syscalls are not the program under test.
 pub const PYTHON: &str = "/usr/bin/python3";
 
-/// Whether a program is installed; tests needing it print why they skip.
+/// Whether a program is installed. Where it is not, a test needing it
+/// skips with a printed reason on a developer's machine, and fails under
+/// `CI=true` (where `.ci/run` installs everything), naming the Debian
+/// package to install: a suite that passes because its programs are
+/// missing proves nothing.
 pub fn have(program: &str) -> bool {
     let found = Command::new("sh")
         .args(["-c", &format!("command -v {program}")])
@@ -64,9 +68,31 @@ pub fn have(program: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !found {
-        eprintln!("SKIPPED: `{program}` is not installed (bash .ci/run installs it)");
+        cannot_run(&format!(
+            "`{program}` is not installed (apt-get install {})",
+            debian_package(program)
+        ));
     }
     found
+}
+
+/// The Debian package that installs a program the tests run.
+fn debian_package(program: &str) -> &str {
+    match program {
+        "python3" => "python3",
+        "ip" | "tc" => "iproute2",
+        "killall" | "fuser" => "psmisc",
+        other => other,
+    }
+}
+
+/// Says why a test cannot run here: a printed skip on a developer's
+/// machine, a failure under `CI=true`.
+pub fn cannot_run(reason: &str) {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("cannot run on CI: {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
 }
 
 /// A port free on 127.0.0.1 right now, below the kernel's ephemeral
@@ -233,11 +259,13 @@ impl Netns {
     pub fn new() -> Option<Netns> {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        let (hi, lo) = ((200 + n % 50) as u8, (std::process::id() % 250) as u8);
+        // A /30 of TEST-NET-3 (203.0.113.0/24, RFC 5737) per namespace,
+        // chosen by pid and count so concurrent test processes differ.
+        let base = ((std::process::id() as u8 % 16) * 4 + (n % 4) as u8) * 4;
         let name = format!("saps-t{}-{n}", std::process::id());
         let veth = format!("sv{}x{n}", std::process::id() % 100000);
-        let host_ip = Ipv4Addr::new(10, hi, lo, 1);
-        let ns_ip = Ipv4Addr::new(10, hi, lo, 2);
+        let host_ip = Ipv4Addr::new(203, 0, 113, base + 1);
+        let ns_ip = Ipv4Addr::new(203, 0, 113, base + 2);
         let ns = Netns {
             name: name.clone(),
             host_ip,
@@ -257,10 +285,10 @@ impl Netns {
         for s in &steps {
             let o = run(Command::new("sh").args(["-c", s]));
             if !o.status.success() {
-                eprintln!(
-                    "SKIPPED: cannot make a network namespace ({s}: {})",
+                cannot_run(&format!(
+                    "cannot make a network namespace ({s}: {})",
                     String::from_utf8_lossy(&o.stderr).trim()
-                );
+                ));
                 return None;
             }
         }
