@@ -24,6 +24,9 @@ pub enum Error {
     /// The child died before it could report anything.
     #[error("the target exited before sending its seccomp listener")]
     NoListener,
+    /// libseccomp could not build the target's filter.
+    #[error("cannot build the seccomp filter: {0}")]
+    Filter(#[from] libseccomp::error::SeccompError),
     /// A syscall in the supervisor failed.
     #[error("{context}: {source}")]
     Io {

@@ -129,7 +129,7 @@ impl Target {
             })
             .collect();
         let plan = sys::ChildPlan::new(
-            Filter::build(options),
+            Filter::build(options)?,
             exec_candidates(program)?,
             argv,
             envp,

@@ -1,6 +1,8 @@
 //! The only `unsafe` code of the crate: thin wrappers over the raw syscalls
 //! that neither `nix` nor `libc` wrap safely — `seccomp(2)` with
-//! `SECCOMP_FILTER_FLAG_NEW_LISTENER`, the `SECCOMP_IOCTL_NOTIF_*` ioctls,
+//! `SECCOMP_FILTER_FLAG_NEW_LISTENER`, libseccomp's notification calls
+//! (receive, respond, id-valid) and the two listener ioctls it does not
+//! offer (`SECCOMP_IOCTL_NOTIF_ADDFD`, `SECCOMP_IOCTL_NOTIF_SET_FLAGS`),
 //! `pidfd_open`/`pidfd_getfd`/`pidfd_send_signal`, `waitid(P_PIDFD)` and
 //! `waitid(P_ALL)`, `prctl(PR_SET_CHILD_SUBREAPER)`, and the fork-to-exec
 //! path of the launcher (DESIGN.md "Dependencies": between `fork` and `exec`
@@ -46,23 +48,65 @@ fn notif_ioctl<T>(listener: BorrowedFd<'_>, request: libc::Ioctl, arg: &mut T) -
     check(ret as libc::c_long)
 }
 
-/// `SECCOMP_IOCTL_NOTIF_RECV`. The buffer is zeroed first: the kernel answers
-/// `EINVAL` otherwise.
+/// libseccomp answers the notification calls only once it has probed the
+/// kernel's seccomp API (`seccomp_api_get`), once per process.
+fn notify_api() {
+    static PROBED: std::sync::Once = std::sync::Once::new();
+    PROBED.call_once(|| {
+        // SAFETY: no arguments; libseccomp probes the kernel and caches it.
+        let _level = unsafe { libseccomp_sys::seccomp_api_get() };
+    });
+}
+
+/// A libseccomp notification call's result: it returns `-ECANCELED` when
+/// the ioctl failed, leaving the ioctl's `errno`, and `-errno` otherwise.
+fn seccomp_rc(ret: libc::c_int) -> io::Result<()> {
+    match ret {
+        0.. => Ok(()),
+        r if r == -libc::ECANCELED => Err(io::Error::last_os_error()),
+        r => Err(io::Error::from_raw_os_error(-r)),
+    }
+}
+
+/// Receives a notification (`seccomp_notify_receive`,
+/// `SECCOMP_IOCTL_NOTIF_RECV`). The buffer is zeroed first: the kernel
+/// answers `EINVAL` otherwise.
 pub fn notif_recv(listener: BorrowedFd<'_>) -> io::Result<libc::seccomp_notif> {
+    notify_api();
     // SAFETY: `seccomp_notif` is plain integers, for which all-zero is valid.
     let mut notif: libc::seccomp_notif = unsafe { std::mem::zeroed() };
-    notif_ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_RECV, &mut notif)?;
+    // SAFETY: libc's and libseccomp's `seccomp_notif` both mirror the
+    // kernel's struct field for field (`#[repr(C)]`), and the kernel writes
+    // exactly that struct; `notif` is live and exclusively borrowed.
+    seccomp_rc(unsafe {
+        libseccomp_sys::seccomp_notify_receive(
+            listener.as_raw_fd(),
+            std::ptr::from_mut(&mut notif).cast(),
+        )
+    })?;
     Ok(notif)
 }
 
-/// `SECCOMP_IOCTL_NOTIF_SEND`.
-pub fn notif_send(listener: BorrowedFd<'_>, mut resp: libc::seccomp_notif_resp) -> io::Result<()> {
-    notif_ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_SEND, &mut resp).map(drop)
+/// Answers a notification (`seccomp_notify_respond`,
+/// `SECCOMP_IOCTL_NOTIF_SEND`).
+pub fn notif_send(listener: BorrowedFd<'_>, resp: libc::seccomp_notif_resp) -> io::Result<()> {
+    notify_api();
+    let mut resp = libseccomp_sys::seccomp_notif_resp {
+        id: resp.id,
+        val: resp.val,
+        error: resp.error,
+        flags: resp.flags,
+    };
+    // SAFETY: `resp` is a live, initialised response the kernel only reads.
+    seccomp_rc(unsafe { libseccomp_sys::seccomp_notify_respond(listener.as_raw_fd(), &mut resp) })
 }
 
-/// `SECCOMP_IOCTL_NOTIF_ID_VALID`.
-pub fn notif_id_valid(listener: BorrowedFd<'_>, mut id: u64) -> io::Result<()> {
-    notif_ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &mut id).map(drop)
+/// Whether a notification still waits for its answer
+/// (`seccomp_notify_id_valid`, `SECCOMP_IOCTL_NOTIF_ID_VALID`).
+pub fn notif_id_valid(listener: BorrowedFd<'_>, id: u64) -> io::Result<()> {
+    notify_api();
+    // SAFETY: integer arguments only.
+    seccomp_rc(unsafe { libseccomp_sys::seccomp_notify_id_valid(listener.as_raw_fd(), id) })
 }
 
 /// `SECCOMP_IOCTL_NOTIF_ADDFD`; returns the fd number in the target.
