@@ -28,8 +28,8 @@ pub use error::NodeError;
 pub use program::SignalForwarder;
 
 use crate::launch::{self, ExitStatus, Target, Tree};
-use crate::supervisor::{Supervisor, SupervisorConfig, Tracer};
-use join::{Events, Identity, Welcomed};
+use crate::supervisor::{Loopback, Supervisor, SupervisorConfig, Tracer};
+use join::{Events, Identity};
 use program::KillOnDrop;
 use rejoin::Rejoin;
 use saps_fabric::endpoint::Endpoint;
@@ -41,7 +41,7 @@ use std::sync::Arc;
 /// A node joined to its io-server, its program not started yet.
 pub struct ApplicationNode {
     me: Identity,
-    loopback: crate::supervisor::Loopback,
+    loopback: Loopback,
     io_server: Arc<str>,
     endpoint: Endpoint,
     events: Events,
@@ -62,13 +62,7 @@ impl ApplicationNode {
             weight: config.weight,
         };
         let io_server: Arc<str> = config.io_server.label().into();
-        let (
-            Welcomed {
-                endpoint, events, ..
-            },
-            handoffs,
-            rejoin,
-        ) = match config.io_server {
+        let (joined, handoffs, rejoin) = match config.io_server {
             IoServerLink::Remote(remote) => {
                 let token = remote.read_token()?;
                 let joined = join::join_remote(&remote, &me, token).await?;
@@ -96,8 +90,8 @@ impl ApplicationNode {
             me,
             loopback: config.loopback,
             io_server,
-            endpoint,
-            events,
+            endpoint: joined.endpoint,
+            events: joined.events,
             handoffs,
             rejoin,
         })
