@@ -21,6 +21,7 @@ pub mod fds;
 pub mod filter;
 pub mod launch;
 pub mod memory;
+pub mod node;
 pub mod notify;
 pub mod sockaddr;
 pub mod sockopt;
