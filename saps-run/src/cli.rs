@@ -9,6 +9,10 @@ use std::sync::Arc;
 
 use crate::trace::{TraceFormat, TraceOptions, TraceWriter};
 
+/// The environment variable that may name the token file; saps-run removes
+/// it from the program's environment.
+pub const TOKEN_FILE_ENV: &str = "SAPS_TOKEN_FILE";
+
 /// Run a program with its TCP sockets served by a SAPS io-server.
 ///
 /// saps-run starts PROGRAM under a seccomp filter that traps its
@@ -47,7 +51,7 @@ pub struct Args {
     pub weight: u32,
 
     /// File holding the fabric's shared token (needed with --io-server).
-    #[arg(long, value_name = "PATH", env = "SAPS_TOKEN_FILE")]
+    #[arg(long, value_name = "PATH", env = TOKEN_FILE_ENV)]
     pub token_file: Option<PathBuf>,
 
     /// Loopback binds and connects stay on this node (local) or go through

@@ -21,6 +21,10 @@ use std::time::Duration;
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // The program inherits saps-run's environment; where the fabric's
+    // token lives is none of its business. Removed before any thread
+    // starts.
+    std::env::remove_var(cli::TOKEN_FILE_ENV);
     init_logging();
     match run(args) {
         Ok(code) => ExitCode::from(code),

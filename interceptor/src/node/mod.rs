@@ -113,6 +113,13 @@ impl ApplicationNode {
         tracer: Option<Arc<dyn Tracer>>,
     ) -> Result<RunningProgram, NodeError> {
         launch::become_subreaper().map_err(NodeError::Subreaper)?;
+        // Neither the program nor anything else running as this user may
+        // read the node's memory (it holds the fabric's token) through
+        // ptrace or /proc/PID/mem: the node is not dumpable. The program
+        // is, again, from its `exec` on.
+        if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+            tracing::warn!("cannot make the node undumpable: {e}");
+        }
         let (target, notifier) = match Target::spawn(program, args) {
             Ok(t) => t,
             Err(e @ crate::Error::Exec { .. }) => return Err(NodeError::Exec(e)),
