@@ -473,6 +473,7 @@ class Bench:
         self.perf = perf_counts_syscalls()
         self.token = os.path.join(self.work, "token")
         write(self.token, "bench token\n")
+        os.chmod(self.token, 0o600)
         self.n = 0
 
     def dir(self, name):

@@ -16,6 +16,15 @@ fn scratch(name: &str) -> PathBuf {
     p
 }
 
+/// A private (mode 0600) token file at scratch path `name`.
+fn token_file(name: &str, contents: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = scratch(name);
+    std::fs::write(&p, contents).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
 /// Runs saps-run with `args` before `-- true`; its status and standard
 /// error. `true` would exit 0: any other status is saps-run's.
 fn saps_run(args: &[&str]) -> (Option<i32>, String) {
@@ -44,8 +53,7 @@ fn a_remote_io_server_without_a_token_file_is_refused_in_one_line() {
 
 #[test]
 fn an_io_server_url_without_a_known_scheme_names_the_option() {
-    let token = scratch("scheme.token");
-    std::fs::write(&token, "t\n").unwrap();
+    let token = token_file("scheme.token", "t\n");
     let (code, stderr) = saps_run(&[
         "--io-server",
         "http://gw:80",
@@ -62,8 +70,7 @@ fn an_io_server_url_without_a_known_scheme_names_the_option() {
 
 #[test]
 fn an_empty_token_file_is_refused_before_connecting() {
-    let token = scratch("empty.token");
-    std::fs::write(&token, "\n").unwrap();
+    let token = token_file("empty.token", "\n");
     let (code, stderr) = saps_run(&[
         "--io-server",
         "unix:/nonexistent/saps.sock",
@@ -80,8 +87,7 @@ fn an_empty_token_file_is_refused_before_connecting() {
 
 #[test]
 fn an_io_server_that_is_not_there_is_named_with_the_reason() {
-    let token = scratch("absent.token");
-    std::fs::write(&token, "t\n").unwrap();
+    let token = token_file("absent.token", "t\n");
     let sock = scratch("absent.sock");
     let url = format!("unix:{}", sock.display());
     let (code, stderr) = saps_run(&["--io-server", &url, "--token-file", token.to_str().unwrap()]);
@@ -90,5 +96,27 @@ fn an_io_server_that_is_not_there_is_named_with_the_reason() {
     assert_eq!(
         stderr,
         format!("saps-run: connecting to the io-server at {url}: No such file or directory (os error 2)\n")
+    );
+}
+
+#[test]
+fn a_token_file_other_users_may_read_is_refused_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let token = token_file("open.token", "t\n");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, stderr) = saps_run(&[
+        "--io-server",
+        "unix:/nonexistent/saps.sock",
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(&token).unwrap();
+    assert_eq!(code, Some(OWN_FAILURE), "{stderr}");
+    assert_eq!(
+        stderr,
+        format!(
+            "saps-run: the token file {0} is open to other users (mode 0644); make it private: chmod o-rwx {0}\n",
+            token.display()
+        )
     );
 }

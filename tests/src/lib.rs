@@ -95,6 +95,21 @@ pub fn cannot_run(reason: &str) {
     eprintln!("SKIPPED: {reason}");
 }
 
+/// Writes a token file as an operator must: private to its owner (mode
+/// 0600); io-server and saps-run refuse one other users may read.
+pub fn write_token(path: &Path, token: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(token.as_bytes()))
+        .unwrap_or_else(|e| panic!("writing the token file {}: {e}", path.display()));
+}
+
 /// A port free on 127.0.0.1 right now, below the kernel's ephemeral
 /// range: a port from that range may be taken by an outgoing connection
 /// (the tests make many) before the server under test binds it.
@@ -316,7 +331,7 @@ impl Drop for Netns {
 /// answers.
 pub fn unix_io_server(d: &Path) -> Proc {
     if !d.join("token").exists() {
-        std::fs::write(d.join("token"), "cluster secret\n").unwrap();
+        write_token(&d.join("token"), "cluster secret\n");
     }
     let io = Proc::spawn(Command::new(bin("io-server")).args([
         "--fabric",

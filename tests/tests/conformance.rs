@@ -548,7 +548,7 @@ fn mode_command(mode: Mode, ns: &ConfNs, dir: &Path) -> (Vec<String>, Option<Pro
         Mode::LoopbackCluster => (embedded(&["--loopback", "cluster"]), None),
         Mode::UnixFabric | Mode::TcpFabric => {
             let token = dir.join("token");
-            std::fs::write(&token, "conformance secret\n").unwrap();
+            write_token(&token, "conformance secret\n");
             let control = dir.join("control.sock");
             let url = if mode == Mode::UnixFabric {
                 format!("unix:{}", dir.join("saps.sock").display())

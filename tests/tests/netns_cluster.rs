@@ -65,11 +65,9 @@ impl Cluster {
         std::fs::create_dir(c.d().join("bin")).unwrap();
         std::fs::copy(bin("saps-run"), c.saps_run()).unwrap();
         chmod(&c.saps_run(), 0o755);
-        std::fs::write(c.d().join("token"), "cluster secret\n").unwrap();
-        std::fs::write(c.d().join("node-token"), "cluster secret\n").unwrap();
+        write_token(&c.d().join("token"), "cluster secret\n");
+        write_token(&c.d().join("node-token"), "cluster secret\n");
         std::os::unix::fs::chown(c.d().join("node-token"), Some(NOBODY), Some(NOBODY)).unwrap();
-        chmod(&c.d().join("node-token"), 0o600);
-        chmod(&c.d().join("token"), 0o600);
 
         let d = c.d().to_path_buf();
         c.io = Some(Proc::spawn(c.exec("gw", &bin("io-server")).args([

@@ -12,7 +12,7 @@ use std::time::Duration;
 fn rdma_io_server_url_is_refused_before_the_program_runs() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
-    std::fs::write(&token, "s3cret\n").unwrap();
+    write_token(&token, "s3cret\n");
     let ran = dir.path().join("ran");
     let mut p = Proc::spawn(Command::new(bin("saps-run")).args([
         "--io-server".as_ref(),

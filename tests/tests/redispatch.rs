@@ -50,7 +50,7 @@ while True:
 "#;
 
 fn io_server(d: &Path) -> Proc {
-    std::fs::write(d.join("token"), "redispatch secret\n").unwrap();
+    write_token(&d.join("token"), "redispatch secret\n");
     unix_io_server(d)
 }
 

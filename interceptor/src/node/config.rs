@@ -66,11 +66,22 @@ impl RemoteIoServer {
     /// The token, read now from [`RemoteIoServer::token_file`] without its
     /// surrounding white space.
     pub fn read_token(&self) -> Result<Vec<u8>, NodeError> {
+        use std::os::unix::fs::MetadataExt;
         let path = &self.token_file;
-        let t = std::fs::read(path).map_err(|source| NodeError::Token {
+        let token_error = |source| NodeError::Token {
             path: path.clone(),
             source,
-        })?;
+        };
+        // Like ssh with a private key: a secret every user may read is no
+        // secret, and the operator should hear it before anyone else uses it.
+        let mode = std::fs::metadata(path).map_err(token_error)?.mode() & 0o7777;
+        if mode & 0o007 != 0 {
+            return Err(NodeError::TokenNotPrivate {
+                path: path.clone(),
+                mode,
+            });
+        }
+        let t = std::fs::read(path).map_err(token_error)?;
         let t = t.trim_ascii().to_vec();
         if t.is_empty() {
             return Err(NodeError::EmptyToken { path: path.clone() });

@@ -14,6 +14,12 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the token file {} is open to other users (mode {mode:04o}); make it private: chmod o-rwx {}",
+        path.display(),
+        path.display()
+    )]
+    TokenNotPrivate { path: PathBuf, mode: u32 },
     #[error("the token file {} is empty", path.display())]
     EmptyToken { path: PathBuf },
     #[error("connecting to the io-server at {url}")]

@@ -32,9 +32,12 @@ fn scratch(name: &str) -> PathBuf {
     p
 }
 
+/// A private (mode 0600) token file holding `contents`.
 fn token_file(name: &str, contents: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
     let p = scratch(name);
     std::fs::write(&p, contents).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
 }
 
@@ -144,6 +147,29 @@ fn the_token_is_read_without_surrounding_white_space_each_time() {
     assert_eq!(r.read_token().unwrap(), b"s3cret");
     std::fs::write(&path, "rotated\n").unwrap();
     assert_eq!(r.read_token().unwrap(), b"rotated");
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn a_token_file_open_to_other_users_is_refused_naming_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let path = token_file("token-open", "s3cret\n");
+    let r = RemoteIoServer::new("tcp://gw:7700", &path, true).unwrap();
+    for mode in [0o644, 0o604, 0o601] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let e = r.read_token().unwrap_err();
+        assert!(matches!(e, NodeError::TokenNotPrivate { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the token file {0} is open to other users (mode {mode:04o}); make it private: chmod o-rwx {0}",
+                path.display()
+            )
+        );
+    }
+    // Readable by its group (a `saps` group of operators) is private enough.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    assert_eq!(r.read_token().unwrap(), b"s3cret");
     std::fs::remove_file(&path).unwrap();
 }
 
