@@ -82,6 +82,13 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
 
+    /// Do not confine saps-run's own threads to their allow-list of system
+    /// calls once the program has started (for debugging: a call outside
+    /// the list fails with EPERM and is logged). The program is never
+    /// confined by it either way.
+    #[arg(long)]
+    pub no_sandbox: bool,
+
     /// Print one line per trapped syscall, in strace's notation, with what
     /// SAPS did with it.
     #[arg(long)]

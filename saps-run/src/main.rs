@@ -79,6 +79,21 @@ fn run(args: Args) -> Result<u8> {
         Err(e) => return Err(e.into()),
     };
     signals::forward(rt.handle(), &program.signals());
+    if !args.no_sandbox {
+        // The program runs, under its own filter; from here saps-run's
+        // threads make only the calls of their allow-list (the embedded
+        // io-server's too, when there is one).
+        let embedded: &[i64] = if args.io_server.is_none() {
+            saps_sandbox::IO_SERVER
+        } else {
+            &[]
+        };
+        saps_sandbox::confine(
+            "saps-run",
+            &[saps_sandbox::RUNTIME, saps_sandbox::NODE, embedded],
+        )
+        .context("confining saps-run")?;
+    }
     let status = program.wait()?;
     if let Some(t) = tracer {
         t.finish();
