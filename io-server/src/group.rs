@@ -238,20 +238,24 @@ impl Groups {
         }
     }
 
-    /// Asks the group's scheduler for a member; `load` gives each member's
-    /// weight and bytes in flight.
+    /// Asks the group's scheduler for a member; `weight` gives each
+    /// member's weight and, for a scheduler that
+    /// [needs them](Scheduler::needs_pending), `pending` its bytes in flight.
     pub fn pick(
         &mut self,
         key: SocketAddr,
         client: std::net::IpAddr,
-        load: impl Fn(&Member) -> (u32, u64),
+        weight: impl Fn(&Member) -> u32,
+        pending: impl Fn(&Member) -> u64,
     ) -> Option<(NodeId, ConnId)> {
         let g = self.map.get_mut(&key)?;
+        let needs_pending = g.scheduler.needs_pending();
         let candidates: Vec<Candidate> = g
             .members
             .iter()
             .map(|m| {
-                let (weight, pending) = load(m);
+                let weight = weight(m);
+                let pending = if needs_pending { pending(m) } else { 0 };
                 Candidate {
                     key: (u64::from(m.node) << 40) ^ m.listener,
                     weight,
@@ -372,18 +376,12 @@ pub(crate) fn dispatch(
     } else {
         key
     };
-    // Bytes in flight cost a walk over the member's live connections; only
-    // MWLC looks at them, so only MWLC pays for them.
-    let mwlc = shared.config.scheduler == crate::SchedulerKind::Mwlc;
     loop {
         let picked = {
             let nodes = &st.nodes;
-            st.groups
-                .pick(key, peer.ip(), |m| match nodes.get(&m.node) {
-                    Some(n) if mwlc => (n.weight, n.in_flight(&m.traffic)),
-                    Some(n) => (n.weight, 0),
-                    None => (0, 0),
-                })
+            let weight = |m: &Member| nodes.get(&m.node).map_or(0, |n| n.weight);
+            let pending = |m: &Member| nodes.get(&m.node).map_or(0, |n| n.in_flight(&m.traffic));
+            st.groups.pick(key, peer.ip(), weight, pending)
         };
         let Some((node_id, listener)) = picked else {
             let Some(g) = st.groups.map.get_mut(&key) else {
