@@ -4,7 +4,7 @@
 //! queued ones go to whoever is eligible). `Groups` decides; this does
 //! the socket work it returns.
 
-use crate::dispatch::{drain_queue, release};
+use crate::dispatch::{close_orphans_later, drain_queue};
 use crate::handoff::redispatch_handed;
 use crate::state::{lock_handed, ServerState};
 use crate::traffic::NodeId;
@@ -47,17 +47,17 @@ pub(crate) fn set_weight_by_name(server: &Arc<ServerState>, name: &str, weight: 
 /// other members (issue 17; its relayed ones come back through their
 /// relays, `relay.rs`).
 pub(crate) fn remove_node(server: &Arc<ServerState>, id: NodeId) {
-    let (keys, handed) = {
+    let (keys, handed, orphans) = {
         let mut st = server.lock();
         let handed = st
             .nodes
             .remove(&id)
             .map(|n| lock_handed(&n.handed).leave())
             .unwrap_or_default();
-        let unbound = st.groups.leave(id);
-        release(server, &mut st, unbound);
-        (st.groups.keys(), handed)
+        let orphans = st.leave(id);
+        (st.groups.keys(), handed, orphans)
     };
+    close_orphans_later(server, orphans);
     for copy in handed {
         if let Some(socket) = copy.socket {
             redispatch_handed(server, copy.key, socket, copy.peer);

@@ -7,12 +7,12 @@
 //! left before its program accepted it comes back through [`redispatch`]
 //! (issue 17, `unaccepted.rs`), with what it already sent ([`Replay`]).
 //!
-//! The socket side of what `Groups` decides is here too: ports closed by
-//! an unbind, and orphaned ones closed after the grace ([`release`]).
+//! Orphaned ports (no listener left) are closed here after the grace
+//! unless taken over ([`close_orphans_later`]).
 
-use crate::groups::{Placement, Unbound};
+use crate::groups::{Orphan, Placement};
 use crate::ports::{close_listener, Listening};
-use crate::relay::{start_relay, Dispatched, Relayed};
+use crate::relay::{Dispatched, Relay, Relayed};
 use crate::state::{in_flight, lock_handed, Client, ServerState, Tables};
 use crate::sys;
 use crate::traffic::{MemberId, NodeId};
@@ -49,14 +49,11 @@ async fn accept(l: &Listening) -> std::io::Result<(TcpStream, SocketAddr)> {
     }
 }
 
-/// Closes the ports an unbind left to no group, and those it orphaned
-/// once [`RELISTEN_GRACE`] is over unless a listener took them over (then
-/// with the clients still waiting in their queues).
-pub(crate) fn release(server: &Arc<ServerState>, st: &mut Tables, unbound: Unbound) {
-    for key in unbound.closed {
-        st.ports.close(key);
-    }
-    if unbound.orphaned.is_empty() {
+/// Closes the ports an unbind orphaned once [`RELISTEN_GRACE`] is over,
+/// unless a listener took them over meanwhile; with them the clients
+/// still waiting in their queues.
+pub(crate) fn close_orphans_later(server: &Arc<ServerState>, orphans: Vec<Orphan>) {
+    if orphans.is_empty() {
         return;
     }
     let server = server.clone();
@@ -65,10 +62,9 @@ pub(crate) fn release(server: &Arc<ServerState>, st: &mut Tables, unbound: Unbou
         let mut closed = Vec::new();
         {
             let mut st = server.lock();
-            for orphan in unbound.orphaned {
-                if let Some(waiting) = st.groups.close_orphan(orphan) {
+            for orphan in orphans {
+                if let Some(waiting) = st.close_orphan(orphan) {
                     tracing::debug!(key = %orphan.key, "no listener took the port over: closed");
-                    st.ports.close(orphan.key);
                     closed.extend(waiting);
                 }
             }
@@ -126,17 +122,31 @@ pub(crate) fn dispatch(
 }
 
 /// [`dispatch`]; `again`: counted as dispatched again (once, however many
-/// members it tries).
-fn place(server: &Arc<ServerState>, key: SocketAddr, mut client: Client, mut again: bool) {
-    let mut guard = server.lock();
-    let st = &mut *guard;
+/// members it tries). A relayed client's relay starts once the tables'
+/// lock is released.
+fn place(server: &Arc<ServerState>, key: SocketAddr, client: Client, again: bool) {
+    let relay = place_locked(server, &mut server.lock(), key, client, again);
+    if let Some(relay) = relay {
+        relay.spawn(server);
+    }
+}
+
+/// [`place`] under the tables' lock: the client is handed over or queued,
+/// or recorded as relayed (the relay to run is returned).
+fn place_locked(
+    server: &Arc<ServerState>,
+    st: &mut Tables,
+    key: SocketAddr,
+    mut client: Client,
+    mut again: bool,
+) -> Option<Relay> {
     let peer = client.peer;
     // The group's address is the client's destination unless it is a
     // wildcard one.
     let local = if key.ip().is_unspecified() {
         match client.stream.local_addr() {
             Ok(a) => a,
-            Err(_) => return,
+            Err(_) => return None,
         }
     } else {
         key
@@ -157,13 +167,13 @@ fn place(server: &Arc<ServerState>, key: SocketAddr, mut client: Client, mut aga
             }
             Placement::Queued => {
                 tracing::debug!(%key, %peer, "no eligible member: client queued");
-                return;
+                return None;
             }
             Placement::QueueFull(_) => {
                 tracing::warn!(%key, %peer, "group queue full: client closed");
-                return;
+                return None;
             }
-            Placement::NoGroup(_) => return,
+            Placement::NoGroup(_) => return None,
         };
         let MemberId {
             node: node_id,
@@ -175,8 +185,7 @@ fn place(server: &Arc<ServerState>, key: SocketAddr, mut client: Client, mut aga
             peer,
         };
         let Some(node) = st.nodes.get(&node_id) else {
-            let unbound = st.groups.unbind(node_id, None);
-            release(server, st, unbound);
+            close_orphans_later(server, st.unbind(node_id, None));
             continue;
         };
         // Kept for re-dispatch until its program accepts it (issue 17),
@@ -190,12 +199,11 @@ fn place(server: &Arc<ServerState>, key: SocketAddr, mut client: Client, mut aga
             if let Some(tx) = node.handoff.clone().filter(|t| t.is_open()) {
                 if !ep.is_open() {
                     // Its channel ended; it is on its way out.
-                    let unbound = st.groups.unbind(node_id, None);
-                    release(server, st, unbound);
+                    close_orphans_later(server, st.unbind(node_id, None));
                     continue;
                 }
                 match hand_off(st, &tx, at, node_id, track, client.stream, local) {
-                    Ok(()) => return,
+                    Ok(()) => return None,
                     // The node's hand-off just stopped: relayed instead.
                     Err(back) => client.stream = back,
                 }
@@ -211,7 +219,7 @@ fn place(server: &Arc<ServerState>, key: SocketAddr, mut client: Client, mut aga
                     Err(e) => {
                         tracing::warn!(%peer, error = %e, "cannot relay the connection");
                         ep.close_connection(conn, libc::ECONNABORTED);
-                        return;
+                        return None;
                     }
                 };
                 tracing::debug!(%key, %peer, node = node_id, conn, track, "client dispatched");
@@ -219,14 +227,10 @@ fn place(server: &Arc<ServerState>, key: SocketAddr, mut client: Client, mut aga
                     at,
                     back: give_back,
                 };
-                start_relay(server, st, node_id, relayed, conn, stream);
-                return;
+                return Relay::record(st, node_id, relayed, conn, stream);
             }
             // The node's channel closed; its removal is on the way.
-            Err(_) => {
-                let unbound = st.groups.unbind(node_id, None);
-                release(server, st, unbound);
-            }
+            Err(_) => close_orphans_later(server, st.unbind(node_id, None)),
         }
     }
 }

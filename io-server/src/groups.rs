@@ -5,8 +5,9 @@
 //! the membership, the nodes' weights, each group's scheduler and queue and
 //! the [`Ledger`]; it decides which member gets a client, what a node's
 //! leaving does to its groups and what happens to a group's queue, and
-//! holds no socket, no runtime and no lock: its callers (`node.rs`,
-//! `dispatch.rs`, `cluster.rs`) do the socket work with what it returns.
+//! holds no socket, no runtime and no lock: its callers (`Tables` in
+//! `state.rs` with the ports, `dispatch.rs`, `cluster.rs`) do the socket
+//! work with what it returns.
 //! The queued clients are a type of the caller's (`C`).
 //!
 //! Binds follow the kernel's rules within one node: a second bind of a port

@@ -11,8 +11,7 @@
 
 use crate::cluster;
 use crate::dispatch;
-use crate::groups::Bind;
-use crate::relay::{start_relay, Relayed};
+use crate::relay::{Relay, Relayed};
 use crate::state::{lock_handed, NodeEntry, ServerState, Socket};
 use crate::sys;
 use crate::traffic::NodeId;
@@ -231,15 +230,7 @@ impl Node {
         if node.sockets.get(&conn).is_some_and(|s| s.group.is_some()) {
             return Err(libc::EINVAL);
         }
-        let at = SocketAddr::new(address, addr.port());
-        let real = match st.groups.bind(self.id, conn, at, flags)? {
-            Bind::Joined(real) => real,
-            Bind::OpenPort => {
-                let real = st.ports.open(at)?;
-                st.groups.open(real, self.id, conn, flags);
-                real
-            }
-        };
+        let real = st.bind(self.id, conn, SocketAddr::new(address, addr.port()), flags)?;
         let node = st.nodes.get_mut(&self.id).ok_or(libc::ENOTCONN)?;
         node.sockets.entry(conn).or_default().group = Some(real);
         tracing::info!(port = real.port(), "bound");
@@ -261,15 +252,7 @@ impl Node {
             self.socket_closed(conn);
             return Err(e);
         }
-        let listener = {
-            let mut st = self.server.lock();
-            if !st.groups.contains(key) {
-                return Err(libc::EINVAL);
-            }
-            let listener = st.ports.start_listening(key, backlog)?;
-            st.groups.listen(key, self.id, conn)?;
-            listener
-        };
+        let listener = self.server.lock().listen(key, self.id, conn, backlog)?;
         if let Some(listener) = listener {
             let task = tokio::spawn(dispatch::accept_loop(self.server.clone(), key, listener));
             self.server.lock().ports.set_accept_task(key, task);
@@ -291,22 +274,25 @@ impl Node {
             async move {
                 let result = open(server.config.address, addr, &opts).await;
                 let mut st = server.lock();
-                let response = match result {
+                let (response, relay) = match result {
                     Ok(stream) => match ep.open_connection(conn) {
                         Ok(()) => {
                             let local = stream.local_addr().ok();
                             tracing::info!(%addr, ?local, "connected");
-                            start_relay(&server, &mut st, id, Relayed::Outbound, conn, stream);
-                            status(Ok(local))
+                            let relay = Relay::record(&mut st, id, Relayed::Outbound, conn, stream);
+                            (status(Ok(local)), relay)
                         }
                         Err(_) => return, // the node is gone
                     },
                     Err(e) => {
                         tracing::info!(%addr, error = %e, "connect failed");
-                        status(Err(io_errno(&e)))
+                        (status(Err(io_errno(&e))), None)
                     }
                 };
                 drop(st);
+                if let Some(relay) = relay {
+                    relay.spawn(&server);
+                }
                 ep.respond(req, response);
             }
             .in_current_span(),
@@ -373,8 +359,9 @@ impl Node {
             return; // relayed: the relay handles it
         }
         if node.sockets.remove(&conn).and_then(|s| s.group).is_some() {
-            let unbound = st.groups.unbind(self.id, Some(conn));
-            dispatch::release(&self.server, &mut st, unbound);
+            let orphans = st.unbind(self.id, Some(conn));
+            drop(st);
+            dispatch::close_orphans_later(&self.server, orphans);
         }
     }
 }

@@ -5,9 +5,10 @@
 //! ([`Ports`]).
 
 use crate::config::Config;
-use crate::groups::Groups;
-use crate::ports::Ports;
-use crate::traffic::NodeId;
+use crate::groups::{Bind, Groups, Orphan};
+use crate::ports::{Listening, Ports};
+use crate::sys::Errno;
+use crate::traffic::{MemberId, NodeId};
 use crate::unaccepted::Handed;
 use saps_fabric::endpoint::Replay;
 use saps_fabric::{ConnId, Endpoint};
@@ -84,12 +85,113 @@ impl ServerState {
     }
 }
 
-/// The io-server's tables, under [`ServerState::lock`].
+/// The io-server's tables, under [`ServerState::lock`]. Its methods keep
+/// a group (`Groups`) and its real port (`Ports`) in step.
 pub(crate) struct Tables {
     pub nodes: BTreeMap<NodeId, NodeEntry>,
     pub next_node: NodeId,
     pub groups: Groups<Client>,
     pub ports: Ports,
+}
+
+impl Tables {
+    /// Binds `conn` of `node` at `at` (port 0: a free one): into the group
+    /// holding that port, or a new group on a new real port. The group's
+    /// real address.
+    pub fn bind(
+        &mut self,
+        node: NodeId,
+        conn: ConnId,
+        at: SocketAddr,
+        flags: u32,
+    ) -> Result<SocketAddr, Errno> {
+        match self.groups.bind(node, conn, at, flags)? {
+            Bind::Joined(real) => Ok(real),
+            Bind::OpenPort => {
+                let real = self.ports.open(at)?;
+                self.groups.open(real, node, conn, flags);
+                Ok(real)
+            }
+        }
+    }
+
+    /// Makes the bound `conn` a member of group `key`; its port listens
+    /// from the first member on. The listening socket then, for the caller
+    /// to start its accept task.
+    pub fn listen(
+        &mut self,
+        key: SocketAddr,
+        node: NodeId,
+        conn: ConnId,
+        backlog: u32,
+    ) -> Result<Option<Arc<Listening>>, Errno> {
+        if !self.groups.contains(key) {
+            return Err(libc::EINVAL);
+        }
+        let listening = self.ports.start_listening(key, backlog)?;
+        self.groups.listen(key, node, conn)?;
+        Ok(listening)
+    }
+
+    /// Drops `node`'s socket `conn` (or all of its sockets with `None`):
+    /// ports no group holds any more close now; the orphaned ones, for the
+    /// caller to close after the grace (`dispatch::close_orphans_later`).
+    #[must_use]
+    pub fn unbind(&mut self, node: NodeId, conn: Option<ConnId>) -> Vec<Orphan> {
+        let unbound = self.groups.unbind(node, conn);
+        for key in unbound.closed {
+            self.ports.close(key);
+        }
+        unbound.orphaned
+    }
+
+    /// A node left (its entry is gone): [`Tables::unbind`] of all its
+    /// sockets, and its weight and counters go.
+    #[must_use]
+    pub fn leave(&mut self, node: NodeId) -> Vec<Orphan> {
+        let unbound = self.groups.leave(node);
+        for key in unbound.closed {
+            self.ports.close(key);
+        }
+        unbound.orphaned
+    }
+
+    /// Closes an orphaned port nobody took over: the clients that waited
+    /// in its queue, to close. `None`: taken over.
+    pub fn close_orphan(&mut self, orphan: Orphan) -> Option<Vec<Client>> {
+        let waiting = self.groups.close_orphan(orphan)?;
+        self.ports.close(orphan.key);
+        Some(waiting)
+    }
+
+    /// Records the start of a relayed connection of `node`, for `member`
+    /// of group `key` (an accepted client) or outbound (`None`): the TCP
+    /// socket is kept for the node's SetOpt/GetOpt, the ledger counts it.
+    /// The node's endpoint and the shared socket, to run the relay with;
+    /// `None` if the node is gone.
+    pub fn relay_started(
+        &mut self,
+        node: NodeId,
+        conn: ConnId,
+        member: Option<(SocketAddr, MemberId)>,
+        stream: TcpStream,
+    ) -> Option<(Endpoint, Arc<TcpStream>)> {
+        let entry = self.nodes.get_mut(&node)?;
+        let stream = Arc::new(stream);
+        entry.sockets.entry(conn).or_default().tcp = Some(stream.clone());
+        let ep = entry.ep.clone();
+        self.groups.connection_started(node, conn, member);
+        Some((ep, stream))
+    }
+
+    /// A relayed connection of `node` ended: counted, and its socket
+    /// forgotten.
+    pub fn relay_finished(&mut self, node: NodeId, conn: ConnId, bytes: (u64, u64)) {
+        self.groups.connection_finished(node, conn, bytes);
+        if let Some(entry) = self.nodes.get_mut(&node) {
+            entry.sockets.remove(&conn);
+        }
+    }
 }
 
 /// Bytes still to deliver on `node`'s relayed connection `conn` (MWLC's
