@@ -6,7 +6,10 @@
 //!
 //! Answers start with `ok` / `error:` on failures so scripts can check.
 
-use crate::{Error, Shared, Status};
+use crate::cluster;
+use crate::state::ServerState;
+use crate::status::Status;
+use crate::Error;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -34,16 +37,16 @@ pub(crate) fn bind(path: &Path) -> Result<UnixListener, Error> {
     Ok(l)
 }
 
-pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener) {
-    crate::accept_until_shutdown(
-        &shared,
-        "control",
-        || listener.accept(),
-        |(s, _)| {
-            tokio::spawn(answer(shared.clone(), s));
-        },
-    )
-    .await;
+pub(crate) async fn serve(server: Arc<ServerState>, listener: UnixListener) {
+    server
+        .accept_until_shutdown(
+            "control",
+            || listener.accept(),
+            |(s, _)| {
+                tokio::spawn(answer(server.clone(), s));
+            },
+        )
+        .await;
     // Shut down: leave no stale socket file behind.
     if let Some(path) = listener
         .local_addr()
@@ -54,7 +57,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener) {
     }
 }
 
-async fn answer(shared: Arc<Shared>, s: UnixStream) {
+async fn answer(server: Arc<ServerState>, s: UnixStream) {
     let (r, mut w) = s.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(r.take(MAX_LINE));
@@ -65,17 +68,19 @@ async fn answer(shared: Arc<Shared>, s: UnixStream) {
     {
         return;
     }
-    let reply = execute(&shared, line.trim());
+    let reply = execute(&server, line.trim());
     let _ = w.write_all(reply.as_bytes()).await;
 }
 
 /// Runs one control command and returns the text to send back.
-fn execute(shared: &Arc<Shared>, line: &str) -> String {
+fn execute(server: &Arc<ServerState>, line: &str) -> String {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
-        ["status"] => Status::collect(shared).to_string(),
+        ["status"] => Status::collect(server).to_string(),
         ["weight", node, n] => match n.parse::<u32>() {
-            Ok(w) if set_weight(shared, node, w) => format!("ok: weight of {node} is now {w}\n"),
+            Ok(w) if cluster::set_weight_by_name(server, node, w) => {
+                format!("ok: weight of {node} is now {w}\n")
+            }
             Ok(_) => format!("error: no node named {node} (see `io-server status`)\n"),
             Err(_) => format!(
                 "error: weight must be a number from 0 to {}, not `{n}`\n",
@@ -84,18 +89,6 @@ fn execute(shared: &Arc<Shared>, line: &str) -> String {
         },
         _ => format!("error: unknown command `{line}` (try `status` or `weight NODE N`)\n"),
     }
-}
-
-/// Sets the weight of the node called `name` (or with that id).
-pub(crate) fn set_weight(shared: &Arc<Shared>, name: &str, weight: u32) -> bool {
-    let id = {
-        let st = shared.lock();
-        st.nodes
-            .iter()
-            .find(|(id, n)| n.name == name || id.to_string() == name)
-            .map(|(&id, _)| id)
-    };
-    id.is_some_and(|id| shared.set_weight(id, weight))
 }
 
 /// Client side: sends `command` to the io-server at `path` and returns its answer.

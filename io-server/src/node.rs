@@ -9,10 +9,12 @@
 //! fails (wrong token, garbage, disconnect) is dropped with its reason
 //! logged; its listeners leave their groups and nothing else is touched.
 
-use crate::group;
-use crate::state::{start_relay, NodeEntry, NodeId, Socket};
+use crate::cluster;
+use crate::dispatch;
+use crate::relay::{Relay, Relayed};
+use crate::state::{lock_handed, NodeEntry, ServerState, Socket};
 use crate::sys;
-use crate::Shared;
+use crate::traffic::NodeId;
 use saps_fabric::endpoint::io_errno;
 use saps_fabric::transport::{TransportRead, TransportWrite};
 use saps_fabric::{
@@ -37,14 +39,14 @@ pub(crate) enum Joined {
 
 /// Serves one node over `r`/`w` until its channel closes.
 pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
-    shared: Arc<Shared>,
+    server: Arc<ServerState>,
     r: R,
     w: W,
     peer: String,
     handoff: Option<saps_fabric::handoff::HandoffSender>,
     joined: Joined,
 ) {
-    let mut config = ChannelConfig::new(shared.token.clone()).window(shared.config.window);
+    let mut config = ChannelConfig::new(server.token.clone()).window(server.config.window);
     let pid = match joined {
         Joined::Fabric { pid } => pid,
         Joined::InProcess => {
@@ -65,7 +67,7 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
         }
     };
     let id = {
-        let mut st = shared.lock();
+        let mut st = server.lock();
         st.next_node += 1;
         let id = st.next_node;
         st.nodes.insert(
@@ -74,8 +76,6 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
                 name: name.clone(),
                 peer: peer.clone(),
                 ep: ep.clone(),
-                weight,
-                traffic: Default::default(),
                 sockets: Default::default(),
                 handoff,
                 pid,
@@ -83,6 +83,7 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
                 handed: Default::default(),
             },
         );
+        st.groups.join(id, weight);
         id
     };
     ep.handle().with(|ch| ch.welcome(id));
@@ -90,7 +91,7 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
     async {
         tracing::info!(%peer, weight, "node joined");
         let node = Node {
-            shared: shared.clone(),
+            server: server.clone(),
             ep,
             id,
         };
@@ -98,7 +99,7 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
             match ev {
                 EndpointEvent::Request { req, request } => node.request(req, request),
                 EndpointEvent::WeightChanged { weight } => {
-                    shared.set_weight(id, weight);
+                    cluster::set_weight(&server, id, weight);
                 }
                 EndpointEvent::ConnectionClosed { conn, .. } => node.socket_closed(conn),
                 EndpointEvent::Accepted { conn } => node.handed_accepted(conn),
@@ -109,14 +110,14 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
                 other => tracing::debug!(event = ?other, "ignored"),
             }
         }
-        shared.remove_node(id);
+        cluster::remove_node(&server, id);
     }
     .instrument(span)
     .await
 }
 
 struct Node {
-    shared: Arc<Shared>,
+    server: Arc<ServerState>,
     ep: Endpoint,
     id: NodeId,
 }
@@ -200,13 +201,13 @@ impl Node {
     }
 
     fn with_socket<T>(&self, conn: ConnId, f: impl FnOnce(&mut Socket) -> T) -> Option<T> {
-        let mut st = self.shared.lock();
+        let mut st = self.server.lock();
         st.nodes.get_mut(&self.id)?.sockets.get_mut(&conn).map(f)
     }
 
     /// Checks `--allow-ports`; a refusal is logged and answers EACCES.
     fn allowed(&self, port: u16) -> Result<(), i32> {
-        match &self.shared.config.allow_ports {
+        match &self.server.config.allow_ports {
             Some(allow) if !allow.allows(port) => {
                 tracing::warn!(port, allowed = %allow, "bind refused: port not in --allow-ports (EACCES)");
                 Err(libc::EACCES)
@@ -216,7 +217,7 @@ impl Node {
     }
 
     fn bind(&self, conn: ConnId, addr: SocketAddr, flags: u32) -> Result<SocketAddr, i32> {
-        let address = self.shared.config.address;
+        let address = self.server.config.address;
         let ip = addr.ip();
         if !(ip.is_unspecified() || ip.is_loopback() || ip == address) {
             return Err(libc::EADDRNOTAVAIL);
@@ -224,19 +225,12 @@ impl Node {
         if addr.port() != 0 {
             self.allowed(addr.port())?;
         }
-        let mut st = self.shared.lock();
-        let kind = self.shared.config.scheduler;
+        let mut st = self.server.lock();
         let node = st.nodes.get(&self.id).ok_or(libc::ENOTCONN)?;
         if node.sockets.get(&conn).is_some_and(|s| s.group.is_some()) {
             return Err(libc::EINVAL);
         }
-        let real = st.groups.bind(
-            self.id,
-            conn,
-            SocketAddr::new(address, addr.port()),
-            flags,
-            kind,
-        )?;
+        let real = st.bind(self.id, conn, SocketAddr::new(address, addr.port()), flags)?;
         let node = st.nodes.get_mut(&self.id).ok_or(libc::ENOTCONN)?;
         node.sockets.entry(conn).or_default().group = Some(real);
         tracing::info!(port = real.port(), "bound");
@@ -251,55 +245,54 @@ impl Node {
             None => {
                 let any = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0);
                 let addr = self.bind(conn, any, 0)?;
-                SocketAddr::new(self.shared.config.address, addr.port())
+                SocketAddr::new(self.server.config.address, addr.port())
             }
         };
         if let Err(e) = self.allowed(key.port()) {
             self.socket_closed(conn);
             return Err(e);
         }
-        let listener = self
-            .shared
-            .lock()
-            .groups
-            .listen(key, self.id, conn, backlog)?;
+        let listener = self.server.lock().listen(key, self.id, conn, backlog)?;
         if let Some(listener) = listener {
-            let task = tokio::spawn(group::accept_loop(self.shared.clone(), key, listener));
-            self.shared.lock().groups.set_accept_task(key, task);
+            let task = tokio::spawn(dispatch::accept_loop(self.server.clone(), key, listener));
+            self.server.lock().ports.set_accept_task(key, task);
         }
         tracing::info!(port = key.port(), "listening");
-        group::drain_queue(&self.shared, key);
+        dispatch::drain_queue(&self.server, key);
         Ok(key)
     }
 
     /// Outbound connect from the single address, answered when it is
     /// established or has failed.
     fn connect(&self, req: ReqId, conn: ConnId, addr: SocketAddr) {
-        let shared = self.shared.clone();
+        let server = self.server.clone();
         let (ep, id) = (self.ep.clone(), self.id);
         let opts = self
             .with_socket(conn, |s| std::mem::take(&mut s.opts))
             .unwrap_or_default();
         tokio::spawn(
             async move {
-                let result = open(shared.config.address, addr, &opts).await;
-                let mut st = shared.lock();
-                let response = match result {
+                let result = open(server.config.address, addr, &opts).await;
+                let mut st = server.lock();
+                let (response, relay) = match result {
                     Ok(stream) => match ep.open_connection(conn) {
                         Ok(()) => {
                             let local = stream.local_addr().ok();
                             tracing::info!(%addr, ?local, "connected");
-                            start_relay(&shared, &mut st, id, None, conn, stream);
-                            status(Ok(local))
+                            let relay = Relay::record(&mut st, id, Relayed::Outbound, conn, stream);
+                            (status(Ok(local)), relay)
                         }
                         Err(_) => return, // the node is gone
                     },
                     Err(e) => {
                         tracing::info!(%addr, error = %e, "connect failed");
-                        status(Err(io_errno(&e)))
+                        (status(Err(io_errno(&e))), None)
                     }
                 };
                 drop(st);
+                if let Some(relay) = relay {
+                    relay.spawn(&server);
+                }
                 ep.respond(req, response);
             }
             .in_current_span(),
@@ -307,7 +300,7 @@ impl Node {
     }
 
     fn set_opt(&self, conn: ConnId, level: i32, name: i32, value: bytes::Bytes) -> Result<(), i32> {
-        let mut st = self.shared.lock();
+        let mut st = self.server.lock();
         let node = st.nodes.get_mut(&self.id).ok_or(libc::ENOTCONN)?;
         let s = node.sockets.entry(conn).or_default();
         match &s.tcp {
@@ -338,9 +331,9 @@ impl Node {
     /// the node's now, and the io-server's copy is closed.
     fn handed_accepted(&self, conn: ConnId) {
         let copy = {
-            let st = self.shared.lock();
+            let st = self.server.lock();
             let node = st.nodes.get(&self.id);
-            node.and_then(|n| crate::state::lock_handed(&n.handed).settle(conn))
+            node.and_then(|n| lock_handed(&n.handed).settle(conn))
         };
         if copy.is_none() {
             tracing::debug!(conn, "Accepted for a connection not kept");
@@ -352,11 +345,11 @@ impl Node {
     /// unaccepted: the io-server's copy is closed too (the client sees the
     /// connection end, as it did before copies were kept).
     fn socket_closed(&self, conn: ConnId) {
-        let mut st = self.shared.lock();
+        let mut st = self.server.lock();
         let Some(node) = st.nodes.get_mut(&self.id) else {
             return;
         };
-        let copy = crate::state::lock_handed(&node.handed).settle(conn);
+        let copy = lock_handed(&node.handed).settle(conn);
         if let Some(copy) = copy {
             drop(st);
             drop(copy);
@@ -366,9 +359,9 @@ impl Node {
             return; // relayed: the relay handles it
         }
         if node.sockets.remove(&conn).and_then(|s| s.group).is_some() {
-            let orphans = st.groups.unbind(self.id, Some(conn));
+            let orphans = st.unbind(self.id, Some(conn));
             drop(st);
-            group::expire_orphans(&self.shared, orphans);
+            dispatch::close_orphans_later(&self.server, orphans);
         }
     }
 }

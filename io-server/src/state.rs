@@ -1,52 +1,212 @@
-//! The io-server's shared state: the registered nodes, the listener groups
-//! and the traffic counters behind `io-server status`.
+//! What every task of one io-server shares ([`ServerState`]: its config,
+//! its shutdown signal and the tables behind its one lock), and those
+//! tables ([`Tables`]): the registered nodes with their sockets, the
+//! listener groups ([`Groups`], sans-IO) and the groups' real ports
+//! ([`Ports`]).
 
-use crate::group::{Dispatched, Groups};
-use crate::Shared;
-use saps_fabric::endpoint::ClientRelayEnd;
-use saps_fabric::{ConnId, Endpoint, RelayOutcome};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use crate::config::Config;
+use crate::groups::{Bind, Groups, Orphan};
+use crate::ports::{Listening, Ports};
+use crate::sys::Errno;
+use crate::traffic::{MemberId, NodeId};
+use crate::unaccepted::Handed;
+use saps_fabric::endpoint::Replay;
+use saps_fabric::{ConnId, Endpoint};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
-use tracing::Instrument;
+use tokio::sync::{watch, Notify};
 
-/// A node's id on this io-server (sent in Welcome).
-pub type NodeId = u32;
-
-/// Connection counters of a node, a group or a group member.
-#[derive(Debug, Default)]
-pub struct Traffic {
-    /// Live relayed connections, by (node, connection).
-    pub live: HashSet<(NodeId, ConnId)>,
-    /// Connections ever relayed or handed off.
-    pub total: u64,
-    /// Connections handed to a same-host node (zero-relay): they are in
-    /// `total` but never live here, and their bytes are not counted.
-    pub handed_off: u64,
-    /// Bytes of finished connections; live ones are asked from the endpoint.
-    pub bytes_in: u64,
-    pub bytes_out: u64,
+/// The state of one io-server, shared by all its tasks (the paper's
+/// io-server, as data; [`crate::IoServer`] is its handle).
+pub(crate) struct ServerState {
+    pub config: Config,
+    pub token: Vec<u8>,
+    tables: Mutex<Tables>,
+    /// Becomes true when a graceful shutdown starts.
+    pub shutdown: watch::Sender<bool>,
+    /// Signalled whenever a relayed connection ends.
+    pub conns_changed: Notify,
+    pub started: Instant,
 }
 
-impl Traffic {
-    fn start(&mut self, id: (NodeId, ConnId)) {
-        self.live.insert(id);
-        self.total += 1;
-    }
-
-    /// A connection handed to a same-host node: counted, never relayed.
-    pub fn handed_off(&mut self) {
-        self.total += 1;
-        self.handed_off += 1;
-    }
-
-    fn finish(&mut self, id: (NodeId, ConnId), out: &RelayOutcome) {
-        if self.live.remove(&id) {
-            self.bytes_in += out.bytes_in;
-            self.bytes_out += out.bytes_out;
+impl ServerState {
+    pub fn new(config: Config, token: Vec<u8>) -> ServerState {
+        let tables = Tables {
+            nodes: BTreeMap::new(),
+            next_node: 0,
+            groups: Groups::new(config.scheduler),
+            ports: Ports::default(),
+        };
+        ServerState {
+            config,
+            token,
+            tables: Mutex::new(tables),
+            shutdown: watch::Sender::new(false),
+            conns_changed: Notify::new(),
+            started: Instant::now(),
         }
     }
+
+    pub fn lock(&self) -> MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `accept` until shutdown starts, handing each success to `each`.
+    /// Failures (EMFILE and friends) are logged and retried after a pause
+    /// rather than in a busy loop.
+    pub async fn accept_until_shutdown<T, F, Fut>(
+        &self,
+        what: &str,
+        mut accept: F,
+        mut each: impl FnMut(T),
+    ) where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::io::Result<T>>,
+    {
+        let mut stop = self.shutdown.subscribe();
+        loop {
+            let r = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                r = accept() => r,
+            };
+            match r {
+                Ok(v) => each(v),
+                // The listening socket was shut down (its group is gone).
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return,
+                Err(e) => {
+                    tracing::warn!(what, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The io-server's tables, under [`ServerState::lock`]. Its methods keep
+/// a group (`Groups`) and its real port (`Ports`) in step.
+pub(crate) struct Tables {
+    pub nodes: BTreeMap<NodeId, NodeEntry>,
+    pub next_node: NodeId,
+    pub groups: Groups<Client>,
+    pub ports: Ports,
+}
+
+impl Tables {
+    /// Binds `conn` of `node` at `at` (port 0: a free one): into the group
+    /// holding that port, or a new group on a new real port. The group's
+    /// real address.
+    pub fn bind(
+        &mut self,
+        node: NodeId,
+        conn: ConnId,
+        at: SocketAddr,
+        flags: u32,
+    ) -> Result<SocketAddr, Errno> {
+        match self.groups.bind(node, conn, at, flags)? {
+            Bind::Joined(real) => Ok(real),
+            Bind::OpenPort => {
+                let real = self.ports.open(at)?;
+                self.groups.open(real, node, conn, flags);
+                Ok(real)
+            }
+        }
+    }
+
+    /// Makes the bound `conn` a member of group `key`; its port listens
+    /// from the first member on. The listening socket then, for the caller
+    /// to start its accept task.
+    pub fn listen(
+        &mut self,
+        key: SocketAddr,
+        node: NodeId,
+        conn: ConnId,
+        backlog: u32,
+    ) -> Result<Option<Arc<Listening>>, Errno> {
+        if !self.groups.contains(key) {
+            return Err(libc::EINVAL);
+        }
+        let listening = self.ports.start_listening(key, backlog)?;
+        self.groups.listen(key, node, conn)?;
+        Ok(listening)
+    }
+
+    /// Drops `node`'s socket `conn` (or all of its sockets with `None`):
+    /// ports no group holds any more close now; the orphaned ones, for the
+    /// caller to close after the grace (`dispatch::close_orphans_later`).
+    #[must_use]
+    pub fn unbind(&mut self, node: NodeId, conn: Option<ConnId>) -> Vec<Orphan> {
+        let unbound = self.groups.unbind(node, conn);
+        for key in unbound.closed {
+            self.ports.close(key);
+        }
+        unbound.orphaned
+    }
+
+    /// A node left (its entry is gone): [`Tables::unbind`] of all its
+    /// sockets, and its weight and counters go.
+    #[must_use]
+    pub fn leave(&mut self, node: NodeId) -> Vec<Orphan> {
+        let unbound = self.groups.leave(node);
+        for key in unbound.closed {
+            self.ports.close(key);
+        }
+        unbound.orphaned
+    }
+
+    /// Closes an orphaned port nobody took over: the clients that waited
+    /// in its queue, to close. `None`: taken over.
+    pub fn close_orphan(&mut self, orphan: Orphan) -> Option<Vec<Client>> {
+        let waiting = self.groups.close_orphan(orphan)?;
+        self.ports.close(orphan.key);
+        Some(waiting)
+    }
+
+    /// Records the start of a relayed connection of `node`, for `member`
+    /// of group `key` (an accepted client) or outbound (`None`): the TCP
+    /// socket is kept for the node's SetOpt/GetOpt, the ledger counts it.
+    /// The node's endpoint and the shared socket, to run the relay with;
+    /// `None` if the node is gone.
+    pub fn relay_started(
+        &mut self,
+        node: NodeId,
+        conn: ConnId,
+        member: Option<(SocketAddr, MemberId)>,
+        stream: TcpStream,
+    ) -> Option<(Endpoint, Arc<TcpStream>)> {
+        let entry = self.nodes.get_mut(&node)?;
+        let stream = Arc::new(stream);
+        entry.sockets.entry(conn).or_default().tcp = Some(stream.clone());
+        let ep = entry.ep.clone();
+        self.groups.connection_started(node, conn, member);
+        Some((ep, stream))
+    }
+
+    /// A relayed connection of `node` ended: counted, and its socket
+    /// forgotten.
+    pub fn relay_finished(&mut self, node: NodeId, conn: ConnId, bytes: (u64, u64)) {
+        self.groups.connection_finished(node, conn, bytes);
+        if let Some(entry) = self.nodes.get_mut(&node) {
+            entry.sockets.remove(&conn);
+        }
+    }
+}
+
+/// Bytes still to deliver on `node`'s relayed connection `conn` (MWLC's
+/// `C_i` is their sum over a member's live connections).
+pub(crate) fn in_flight(nodes: &BTreeMap<NodeId, NodeEntry>, node: NodeId, conn: ConnId) -> u64 {
+    nodes.get(&node).map_or(0, |n| n.conn_in_flight(conn))
+}
+
+/// A client accepted on a group's port and not given to a node yet (or
+/// given back by one that left).
+pub(crate) struct Client {
+    pub stream: std::net::TcpStream,
+    pub peer: SocketAddr,
+    /// What it sent to a node that left before accepting it.
+    pub replay: Replay,
 }
 
 /// One node socket the io-server holds state for.
@@ -61,14 +221,11 @@ pub struct Socket {
     pub opts: Vec<(i32, i32, bytes::Bytes)>,
 }
 
-/// A registered node.
+/// A registered node (its weight and traffic are in [`Groups`]).
 pub struct NodeEntry {
     pub name: String,
     pub peer: String,
     pub ep: Endpoint,
-    /// The scheduling weight; 0 drains.
-    pub weight: u32,
-    pub traffic: Traffic,
     pub sockets: HashMap<ConnId, Socket>,
     /// Same-host node: accepted sockets are handed to it, not relayed.
     pub handoff: Option<saps_fabric::handoff::HandoffSender>,
@@ -81,133 +238,21 @@ pub struct NodeEntry {
     /// Handed-over connections its program has not accepted yet, with the
     /// io-server's copy of each socket (`unaccepted.rs`); shared with the
     /// node's hand-off task, which outlives the entry.
-    pub handed: SharedHanded,
+    pub handed: HandedTable,
 }
 
-/// A node's [`crate::unaccepted::Handed`], taken after the state's lock
-/// when both are.
-pub type SharedHanded = Arc<std::sync::Mutex<crate::unaccepted::Handed>>;
+/// A node's [`Handed`], taken after the tables' lock when both are.
+pub type HandedTable = Arc<Mutex<Handed>>;
 
-pub fn lock_handed(h: &SharedHanded) -> std::sync::MutexGuard<'_, crate::unaccepted::Handed> {
+pub fn lock_handed(h: &HandedTable) -> MutexGuard<'_, Handed> {
     h.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl NodeEntry {
-    /// `C_i` of MWLC: bytes still to deliver on `t`'s live connections of
-    /// this node, both ways (client data the node has not consumed, node
-    /// data not yet written to the client).
-    pub fn in_flight(&self, t: &Traffic) -> u64 {
-        t.live.iter().map(|&(_, c)| self.conn_in_flight(c)).sum()
-    }
-
-    /// Bytes still to deliver on one relayed connection.
+    /// Bytes still to deliver on one relayed connection, both ways
+    /// (client data the node has not consumed, node data not yet written
+    /// to the client).
     pub fn conn_in_flight(&self, conn: ConnId) -> u64 {
         self.ep.pending_bytes(conn) + self.ep.handle().with(|ch| ch.buffered(conn))
-    }
-}
-
-#[derive(Default)]
-pub struct State {
-    pub nodes: BTreeMap<NodeId, NodeEntry>,
-    pub next_node: NodeId,
-    pub groups: Groups,
-}
-
-impl State {
-    /// Live connections of every node.
-    pub fn live_connections(&self) -> usize {
-        self.nodes.values().map(|n| n.traffic.live.len()).sum()
-    }
-}
-
-/// Records a relayed connection of `node` (accepted for `member`, or
-/// outbound) and runs its relay; the counters are settled when it ends.
-/// An accepted client whose node leaves before its program accepts it is
-/// dispatched again ([`crate::group::redispatch`]).
-pub(crate) fn start_relay(
-    shared: &Arc<Shared>,
-    st: &mut State,
-    node_id: NodeId,
-    member: Option<Dispatched>,
-    conn: ConnId,
-    stream: TcpStream,
-) {
-    let Some(node) = st.nodes.get_mut(&node_id) else {
-        return;
-    };
-    let id = (node_id, conn);
-    node.traffic.start(id);
-    let sock = node.sockets.entry(conn).or_default();
-    let stream = Arc::new(stream);
-    sock.tcp = Some(stream.clone());
-    let ep = node.ep.clone();
-    if let Some(Dispatched { key, listener, .. }) = member {
-        if let Some(g) = st.groups.map.get_mut(&key) {
-            g.traffic.start(id);
-        }
-        if let Some(m) = st.groups.member_mut(key, node_id, listener) {
-            m.traffic.start(id);
-        }
-    }
-    let shared = shared.clone();
-    let span = tracing::debug_span!("conn", node = node_id, conn);
-    tokio::spawn(
-        async move {
-            // The peer's address is in the "client dispatched" line of
-            // this conn (a getpeername per connection only to log it cost
-            // a system call).
-            let (out, back) = match member {
-                Some(_) => match ep.relay_client(conn, stream).await {
-                    ClientRelayEnd::Finished(out) => (out, None),
-                    ClientRelayEnd::Unaccepted {
-                        stream,
-                        replay,
-                        outcome,
-                    } => (outcome, Some((stream, replay))),
-                },
-                None => (ep.relay_tcp(conn, stream).await, None),
-            };
-            tracing::debug!(
-                bytes_in = out.bytes_in,
-                bytes_out = out.bytes_out,
-                errno = out.errno,
-                "connection finished"
-            );
-            let mut st = shared.lock();
-            if let Some(node) = st.nodes.get_mut(&node_id) {
-                node.traffic.finish(id, &out);
-                node.sockets.remove(&conn);
-            }
-            if let Some(Dispatched { key, listener, .. }) = member {
-                if let Some(g) = st.groups.map.get_mut(&key) {
-                    g.traffic.finish(id, &out);
-                }
-                if let Some(m) = st.groups.member_mut(key, node_id, listener) {
-                    m.traffic.finish(id, &out);
-                }
-            }
-            drop(st);
-            shared.conns_changed.notify_waiters();
-            if let (Some((stream, replay)), Some(m)) = (back, member) {
-                // The node's copy of the socket went with its entry above.
-                match own_stream(stream) {
-                    Ok(stream) => crate::group::redispatch(&shared, m.key, stream, m.peer, replay),
-                    Err(e) => tracing::warn!(peer = %m.peer, error = %e, "cannot dispatch the client again; closed"),
-                }
-            }
-        }
-        .instrument(span),
-    );
-}
-
-/// The client socket a relay gave back, as a socket of its own again
-/// (out of the runtime's reactor); a duplicate if it is still shared.
-fn own_stream(stream: Arc<TcpStream>) -> std::io::Result<std::net::TcpStream> {
-    match Arc::try_unwrap(stream) {
-        Ok(s) => s.into_std(),
-        Err(shared) => {
-            let fd = std::os::fd::AsFd::as_fd(&*shared).try_clone_to_owned()?;
-            Ok(std::net::TcpStream::from(fd))
-        }
     }
 }

@@ -4,8 +4,8 @@
 //! real servers). `--metrics` serves the same report over HTTP.
 
 use crate::config::SchedulerKind;
-use crate::state::{NodeEntry, State, Traffic};
-use crate::Shared;
+use crate::state::{lock_handed, NodeEntry, ServerState};
+use crate::traffic::{NodeId, Scope, Traffic};
 use saps_fabric::ConnId;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -77,17 +77,22 @@ pub struct Status {
     pub groups: Vec<GroupStatus>,
 }
 
-/// Counters of `t`, with the live connections' bytes asked from their endpoints.
-fn counters(nodes: &BTreeMap<u32, NodeEntry>, t: &Traffic) -> Counters {
-    let mut c = Counters {
-        active: t.live.len() as u64,
-        total: t.total,
-        bytes_in: t.bytes_in,
-        bytes_out: t.bytes_out,
-        in_flight: 0,
-        handed_off: t.handed_off,
+/// Counters of `t` (none for a scope not counted), with the live
+/// connections' bytes asked from their endpoints.
+fn counters(nodes: &BTreeMap<NodeId, NodeEntry>, t: Option<&Traffic>) -> Counters {
+    let Some(t) = t else {
+        return Counters::default();
     };
-    for &(node, conn) in &t.live {
+    let (bytes_in, bytes_out) = t.bytes();
+    let mut c = Counters {
+        active: t.active(),
+        total: t.total(),
+        bytes_in,
+        bytes_out,
+        in_flight: 0,
+        handed_off: t.handed_off(),
+    };
+    for (node, conn) in t.live() {
         if let Some(n) = nodes.get(&node) {
             let (i, o) = n.ep.relayed_bytes(conn);
             c.bytes_in += i;
@@ -99,8 +104,9 @@ fn counters(nodes: &BTreeMap<u32, NodeEntry>, t: &Traffic) -> Counters {
 }
 
 impl Status {
-    pub(crate) fn collect(shared: &Arc<Shared>) -> Status {
-        let st: std::sync::MutexGuard<'_, State> = shared.lock();
+    pub(crate) fn collect(server: &ServerState) -> Status {
+        let st = server.lock();
+        let traffic = st.groups.traffic();
         let nodes = st
             .nodes
             .iter()
@@ -108,33 +114,32 @@ impl Status {
                 id,
                 name: n.name.clone(),
                 peer: n.peer.clone(),
-                weight: n.weight,
-                counters: counters(&st.nodes, &n.traffic),
+                weight: st.groups.weight(id),
+                counters: counters(&st.nodes, traffic.get(Scope::Node(id))),
                 zero_relay: n.handoff.as_ref().is_some_and(|h| h.is_open()),
-                unaccepted: n.ep.unaccepted() + crate::state::lock_handed(&n.handed).len(),
+                unaccepted: n.ep.unaccepted() + lock_handed(&n.handed).len(),
             })
             .collect();
         let mut groups: Vec<GroupStatus> = st
             .groups
-            .map
             .iter()
-            .filter(|(_, g)| !g.members.is_empty() || !g.queue.is_empty())
-            .map(|(&addr, g)| GroupStatus {
+            .filter(|(_, g)| !g.members().is_empty() || g.queued() > 0)
+            .map(|(addr, g)| GroupStatus {
                 addr,
-                queued: g.queue.len(),
-                redispatched: g.redispatched,
-                counters: counters(&st.nodes, &g.traffic),
+                queued: g.queued(),
+                redispatched: g.redispatched(),
+                counters: counters(&st.nodes, traffic.get(Scope::Group(addr))),
                 members: g
-                    .members
+                    .members()
                     .iter()
-                    .map(|m| {
+                    .map(|&m| {
                         let node = st.nodes.get(&m.node);
                         MemberStatus {
                             node_id: m.node,
                             node: node.map_or_else(String::new, |n| n.name.clone()),
                             listener: m.listener,
-                            weight: node.map_or(0, |n| n.weight),
-                            counters: counters(&st.nodes, &m.traffic),
+                            weight: st.groups.weight(m.node),
+                            counters: counters(&st.nodes, traffic.get(Scope::Member(addr, m))),
                         }
                     })
                     .collect(),
@@ -142,9 +147,9 @@ impl Status {
             .collect();
         groups.sort_by_key(|g| g.addr);
         Status {
-            address: shared.config.address,
-            scheduler: shared.config.scheduler,
-            uptime_secs: shared.started.elapsed().as_secs(),
+            address: server.config.address,
+            scheduler: server.config.scheduler,
+            uptime_secs: server.started.elapsed().as_secs(),
             nodes,
             groups,
         }
@@ -226,9 +231,9 @@ impl fmt::Display for Status {
 }
 
 /// `--metrics`: answers every HTTP request with the status report.
-pub(crate) async fn serve_metrics(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
-    crate::accept_until_shutdown(&shared, "metrics", || listener.accept(), |(mut s, _)| {
-        let body = Status::collect(&shared).to_string();
+pub(crate) async fn serve_metrics(server: Arc<ServerState>, listener: tokio::net::TcpListener) {
+    let each = |(mut s, _): (tokio::net::TcpStream, _)| {
+        let body = Status::collect(&server).to_string();
         tokio::spawn(async move {
             let mut req = [0u8; 1024];
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut req)).await;
@@ -239,6 +244,8 @@ pub(crate) async fn serve_metrics(shared: Arc<Shared>, listener: tokio::net::Tcp
             let _ = s.write_all(head.as_bytes()).await;
             let _ = s.write_all(body.as_bytes()).await;
         });
-    })
-    .await
+    };
+    server
+        .accept_until_shutdown("metrics", || listener.accept(), each)
+        .await
 }

@@ -35,10 +35,10 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 
 /// Connections kept per node until accepted, relayed and handed-over
-/// together: the bound of a group's queue ([`crate::group::MAX_QUEUED`]),
+/// together: the bound of a group's queue ([`crate::groups::MAX_QUEUED`]),
 /// so a node whose program stopped accepting holds no more clients for
 /// re-dispatch than a group without members holds waiting.
-pub const MAX_UNACCEPTED: usize = crate::group::MAX_QUEUED;
+pub const MAX_UNACCEPTED: usize = crate::groups::MAX_QUEUED;
 
 /// Whether one more connection may be kept for a node that keeps
 /// `relayed` relayed and `handed` handed-over ones now.

@@ -38,6 +38,13 @@ pub trait Scheduler: Send {
     /// Index into `members` of the chosen one; `None` when every member
     /// has weight 0 (or there are none).
     fn pick(&mut self, members: &[Candidate], client: IpAddr) -> Option<usize>;
+
+    /// Whether it looks at [`Candidate::pending`]; computing it walks each
+    /// member's live connections, so only a scheduler that uses it pays
+    /// for it (the others see 0).
+    fn needs_pending(&self) -> bool {
+        false
+    }
 }
 
 /// The scheduler named by `kind`.
@@ -97,5 +104,19 @@ pub(crate) mod testing {
             counts[s.pick(members, CLIENT).expect("a member")] += 1;
         }
         counts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::ValueEnum;
+
+    #[test]
+    fn only_mwlc_needs_bytes_in_flight() {
+        for kind in SchedulerKind::value_variants() {
+            let needs = new(*kind).needs_pending();
+            assert_eq!(needs, *kind == SchedulerKind::Mwlc, "{kind:?}");
+        }
     }
 }

@@ -28,6 +28,10 @@ impl Scheduler for ModifiedWeightedLeastConnection {
             .collect();
         least_per_weight(&tied, |m| m.active)
     }
+
+    fn needs_pending(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

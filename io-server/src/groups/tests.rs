@@ -1,0 +1,266 @@
+//! [`Groups`] driven with no socket and no runtime: clients are numbers.
+
+use super::*;
+use std::cell::Cell;
+
+/// A client: just a number.
+type Client = u32;
+
+const A: NodeId = 1;
+const B: NodeId = 2;
+
+fn port(p: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], p))
+}
+
+fn from() -> IpAddr {
+    IpAddr::from([192, 0, 2, 1])
+}
+
+fn no_pending(_: NodeId, _: ConnId) -> u64 {
+    0
+}
+
+fn member(node: NodeId, listener: ConnId) -> MemberId {
+    MemberId { node, listener }
+}
+
+/// Groups scheduling with `kind`, nodes A and B joined with weight 1.
+fn two_nodes(kind: SchedulerKind) -> Groups<Client> {
+    let mut g = Groups::new(kind);
+    g.join(A, 1);
+    g.join(B, 1);
+    g
+}
+
+/// `node`'s socket `conn` binds `key` and listens, opening the port if new.
+fn listen(g: &mut Groups<Client>, key: SocketAddr, node: NodeId, conn: ConnId) {
+    if g.bind(node, conn, key, 0).unwrap() == Bind::OpenPort {
+        g.open(key, node, conn, 0);
+    }
+    assert!(g.listen(key, node, conn).unwrap());
+}
+
+/// Where client `c` of `key` goes: the member's node, or `None` if queued.
+fn place(g: &mut Groups<Client>, key: SocketAddr, c: Client) -> Option<NodeId> {
+    match g.dispatch(key, c, from(), no_pending) {
+        Placement::Member(m, back) => {
+            assert_eq!(back, c, "the client comes back with its member");
+            Some(m.node)
+        }
+        Placement::Queued => None,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn members_join_and_leave_and_round_robin_alternates_between_them() {
+    let mut g = two_nodes(SchedulerKind::Rr);
+    let key = port(80);
+    listen(&mut g, key, A, 10);
+    assert_eq!(place(&mut g, key, 1), Some(A));
+    listen(&mut g, key, B, 20);
+    let picks: Vec<_> = (0..4).map(|c| place(&mut g, key, c)).collect();
+    assert_eq!(picks, [Some(B), Some(A), Some(B), Some(A)]);
+    let u = g.leave(A);
+    assert_eq!(u, Unbound::default(), "B still holds the port");
+    assert_eq!(g.iter().next().unwrap().1.members(), [member(B, 20)]);
+    assert!((0..3).all(|c| place(&mut g, key, c) == Some(B)));
+    assert_eq!(g.group_of(member(B, 20)), Some(key));
+    assert_eq!(g.group_of(member(A, 10)), None);
+}
+
+#[test]
+fn a_weight_of_0_drains_and_queued_clients_go_when_a_member_is_eligible() {
+    let mut g = two_nodes(SchedulerKind::Wrr);
+    let key = port(80);
+    listen(&mut g, key, A, 10);
+    listen(&mut g, key, B, 20);
+    assert!(g.set_weight(A, 0));
+    assert!((0..5).all(|c| place(&mut g, key, c) == Some(B)));
+    assert!(g.set_weight(B, 0));
+    assert_eq!(place(&mut g, key, 7), None);
+    assert_eq!(place(&mut g, key, 8), None);
+    assert_eq!(g.iter().next().unwrap().1.queued(), 2);
+    assert_eq!(g.next_queued(key), None, "nobody eligible: they stay");
+    assert!(g.set_weight(A, 3));
+    assert_eq!(g.next_queued(key), Some(7), "oldest first");
+    assert_eq!(g.next_queued(key), Some(8));
+    assert_eq!(g.next_queued(key), None);
+    assert!(!g.set_weight(9, 1), "no such node");
+}
+
+#[test]
+fn a_node_leaving_sends_its_clients_to_the_other_members_then_to_the_queue() {
+    let mut g = two_nodes(SchedulerKind::Rr);
+    let key = port(80);
+    listen(&mut g, key, A, 10);
+    listen(&mut g, key, B, 20);
+    let _ = g.leave(A);
+    // The clients A had not accepted come back, one by one.
+    for c in 0..3 {
+        match g.redispatch(key, c, from(), no_pending) {
+            Placement::Member(m, _) => assert_eq!(m, member(B, 20)),
+            other => panic!("{other:?}"),
+        }
+    }
+    let u = g.leave(B);
+    assert_eq!(u.closed, []);
+    assert_eq!(u.orphaned.len(), 1, "the port waits for a listener");
+    assert_eq!(g.redispatch(key, 9, from(), no_pending), Placement::Queued);
+    let (_, group) = g.iter().next().unwrap();
+    assert_eq!(group.redispatched(), 4);
+    assert_eq!(group.queued(), 1);
+}
+
+#[test]
+fn a_port_left_by_its_last_listener_keeps_its_queue_for_whoever_takes_it_over() {
+    let mut g = two_nodes(SchedulerKind::Rr);
+    let key = port(5201);
+    listen(&mut g, key, A, 10);
+    let u = g.unbind(A, Some(10));
+    let [orphan] = u.orphaned[..] else {
+        panic!("{u:?}");
+    };
+    assert_eq!(orphan.key, key);
+    assert_eq!(place(&mut g, key, 1), None, "waits in the queue");
+    // Another node binds the port within the grace: the group is its.
+    assert_eq!(g.bind(B, 30, key, 0), Ok(Bind::Joined(key)));
+    assert_eq!(g.close_orphan(orphan), None, "taken over: stays open");
+    assert!(g.listen(key, B, 30).unwrap());
+    assert_eq!(g.next_queued(key), Some(1));
+    // Left again, and nobody comes: closed with its waiting clients.
+    let orphan = g.unbind(B, None).orphaned[0];
+    assert_eq!(place(&mut g, key, 2), None);
+    assert_eq!(g.close_orphan(orphan), Some(vec![2]));
+    assert!(!g.contains(key));
+    match g.dispatch(key, 3, from(), no_pending) {
+        Placement::NoGroup(3) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_second_bind_of_a_port_by_one_node_needs_reuseport_on_both_and_two_nodes_share_it() {
+    let mut g = two_nodes(SchedulerKind::Rr);
+    let key = port(80);
+    assert_eq!(g.bind(A, 10, key, 0), Ok(Bind::OpenPort));
+    g.open(key, A, 10, 0);
+    assert_eq!(g.bind(A, 11, key, 0), Err(libc::EADDRINUSE));
+    let reuse = bind_flags::REUSEPORT;
+    assert_eq!(
+        g.bind(A, 11, key, reuse),
+        Err(libc::EADDRINUSE),
+        "first lacks it"
+    );
+    assert_eq!(
+        g.bind(B, 20, key, 0),
+        Ok(Bind::Joined(key)),
+        "another node shares it"
+    );
+    assert_eq!(g.bind(B, 21, key, reuse), Err(libc::EADDRINUSE));
+    assert_eq!(
+        g.bind(A, 0, port(0), 0),
+        Ok(Bind::OpenPort),
+        "port 0: a new one"
+    );
+    // Bound, never listening: the port closes with its last bind.
+    assert_eq!(g.unbind(A, Some(10)), Unbound::default());
+    let u = g.unbind(B, Some(20));
+    assert_eq!((u.closed, u.orphaned), (vec![key], vec![]));
+    assert!(!g.contains(key));
+    // Two sockets of one node with SO_REUSEPORT both.
+    let key = port(81);
+    assert_eq!(g.bind(A, 12, key, reuse), Ok(Bind::OpenPort));
+    g.open(key, A, 12, reuse);
+    assert_eq!(g.bind(A, 13, key, reuse), Ok(Bind::Joined(key)));
+}
+
+#[test]
+fn listen_twice_is_one_member_and_listen_on_no_group_is_einval() {
+    let mut g = two_nodes(SchedulerKind::Rr);
+    let key = port(80);
+    listen(&mut g, key, A, 10);
+    assert_eq!(g.listen(key, A, 10), Ok(false));
+    assert_eq!(g.iter().next().unwrap().1.members().len(), 1);
+    assert_eq!(g.listen(port(81), A, 11), Err(libc::EINVAL));
+}
+
+#[test]
+fn the_queue_holds_at_most_max_queued_clients() {
+    let mut g = two_nodes(SchedulerKind::Rr);
+    let key = port(80);
+    g.open(key, A, 10, 0);
+    for c in 0..MAX_QUEUED as Client {
+        assert_eq!(place(&mut g, key, c), None);
+    }
+    match g.dispatch(key, 9999, from(), no_pending) {
+        Placement::QueueFull(9999) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(g.take_queues().len(), MAX_QUEUED);
+    assert_eq!(g.iter().next().unwrap().1.queued(), 0);
+}
+
+#[test]
+fn only_a_scheduler_that_needs_bytes_in_flight_has_them_computed() {
+    let key = port(80);
+    for kind in [SchedulerKind::Rr, SchedulerKind::Wlc, SchedulerKind::Mwlc] {
+        let mut g = two_nodes(kind);
+        listen(&mut g, key, A, 10);
+        listen(&mut g, key, B, 20);
+        // A has two live connections with few bytes in flight, B one
+        // with many.
+        g.connection_started(A, 100, Some((key, member(A, 10))));
+        g.connection_started(A, 101, Some((key, member(A, 10))));
+        g.connection_started(B, 200, Some((key, member(B, 20))));
+        let calls = Cell::new(0);
+        let pending = |node: NodeId, _: ConnId| {
+            calls.set(calls.get() + 1);
+            if node == A {
+                10
+            } else {
+                1 << 20
+            }
+        };
+        let picked = g.pick(key, from(), pending).unwrap();
+        match kind {
+            SchedulerKind::Mwlc => {
+                assert_eq!(calls.get(), 3, "once per live connection");
+                assert_eq!(picked.node, A, "fewer bytes to deliver");
+            }
+            SchedulerKind::Wlc => {
+                assert_eq!(calls.get(), 0);
+                assert_eq!(picked.node, B, "fewer live connections");
+            }
+            _ => assert_eq!(calls.get(), 0),
+        }
+    }
+}
+
+#[test]
+fn traffic_is_counted_for_node_group_and_member_and_forgotten_with_them() {
+    let mut g = two_nodes(SchedulerKind::Wlc);
+    let key = port(80);
+    listen(&mut g, key, A, 10);
+    let m = member(A, 10);
+    g.connection_started(A, 100, Some((key, m)));
+    g.connection_started(A, 101, None);
+    g.handed_off(key, m);
+    let t = g.traffic();
+    assert_eq!(t.get(Scope::Node(A)).unwrap().total(), 3);
+    assert_eq!(t.get(Scope::Group(key)).unwrap().total(), 2);
+    assert_eq!(t.get(Scope::Member(key, m)).unwrap().active(), 1);
+    assert_eq!(t.live_connections(), 2);
+    g.connection_finished(A, 100, (3, 4));
+    assert_eq!(g.traffic().get(Scope::Group(key)).unwrap().bytes(), (3, 4));
+    // wlc sees A's live connections through the ledger.
+    listen(&mut g, key, B, 20);
+    g.connection_started(A, 102, Some((key, m)));
+    assert_eq!(g.pick(key, from(), no_pending), Some(member(B, 20)));
+    let _ = g.leave(A);
+    let t = g.traffic();
+    assert!(t.get(Scope::Node(A)).is_none());
+    assert!(t.get(Scope::Member(key, m)).is_none());
+    assert_eq!(t.get(Scope::Group(key)).unwrap().total(), 3);
+}

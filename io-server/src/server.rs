@@ -1,0 +1,195 @@
+//! The io-server's life (after mini-redis's `server.rs`): [`IoServer::start`]
+//! binds what it serves on (the `--fabric` listeners and their hand-off
+//! sockets, the control socket, the metrics address) and spawns one task
+//! per listener: the fabric listeners' ([`fabric_loop`], a task per node
+//! then, `node.rs`), the hand-off sockets' (`handoff.rs`), the control
+//! socket's (`control.rs`) and the metrics' (`status.rs`); client
+//! listeners and their accept tasks come with the nodes' `listen`s
+//! (`node.rs`, `dispatch.rs`). Every task stops accepting when the
+//! shutdown signal is raised ([`IoServer::shutdown`]): open connections
+//! get until the deadline, then every node channel is closed.
+
+use crate::config::{Config, Stack};
+use crate::state::ServerState;
+use crate::status::Status;
+use crate::{cluster, control, handoff, node, status, Error};
+use saps_fabric::handoff::side;
+use saps_fabric::transport::{FabricUrl, StreamListener, TransportRead, TransportWrite};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A running io-server.
+pub struct IoServer {
+    server: Arc<ServerState>,
+    fabric: Vec<FabricUrl>,
+}
+
+impl IoServer {
+    /// Binds the `--fabric` listeners, the control socket and the metrics
+    /// address, and starts serving on the current tokio runtime.
+    pub async fn start(config: Config) -> Result<IoServer, Error> {
+        if config.stack == Stack::Smoltcp {
+            return Err(Error::SmoltcpNotBuilt);
+        }
+        let token = config.load_token()?;
+        let mut listeners = Vec::new();
+        let mut sides = Vec::new();
+        for url in &config.fabric {
+            let parsed: FabricUrl = url.parse()?;
+            let l = StreamListener::bind(&parsed)
+                .await
+                .map_err(|source| Error::FabricBind {
+                    url: url.clone(),
+                    source,
+                })?;
+            listeners.push(l);
+            // Same-host nodes on a unix fabric may take accepted sockets
+            // themselves (zero-relay) through PATH.handoff.
+            // Without it (a path too long for one more suffix, say) those
+            // nodes are relayed, as over tcp.
+            if let FabricUrl::Unix(path) = &parsed {
+                let side = side::path_for(path);
+                match side::SideListener::bind(&side) {
+                    Ok(l) => sides.push(l),
+                    Err(e) => tracing::warn!(
+                        path = %side.display(),
+                        error = %e,
+                        "no hand-off socket: same-host nodes will be relayed"
+                    ),
+                }
+            }
+        }
+        let control = match &config.control {
+            Some(path) => Some(control::bind(path)?),
+            None => None,
+        };
+        let metrics = match config.metrics {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::MetricsBind { addr, source })?,
+            ),
+            None => None,
+        };
+        let server = Arc::new(ServerState::new(config, token));
+        let mut fabric = Vec::new();
+        for l in listeners {
+            if let Ok(url) = l.local_url() {
+                tracing::info!(%url, "listening for nodes");
+                fabric.push(url);
+            }
+            tokio::spawn(fabric_loop(server.clone(), l));
+        }
+        for l in sides {
+            tokio::spawn(handoff::handoff_loop(server.clone(), l));
+        }
+        if let Some(l) = control {
+            tokio::spawn(control::serve(server.clone(), l));
+        }
+        if let Some(l) = metrics {
+            tokio::spawn(status::serve_metrics(server.clone(), l));
+        }
+        Ok(IoServer { server, fabric })
+    }
+
+    /// The fabric addresses nodes connect to (ports resolved).
+    pub fn fabric_urls(&self) -> &[FabricUrl] {
+        &self.fabric
+    }
+
+    /// Serves one node of this process (the embedded mode, over
+    /// `memory_pair()`); returns when its channel closes. The channel
+    /// speaks protocol version 1: the node and this io-server live and die
+    /// together, so there is no other member to give its clients to, and
+    /// no `Accepted` per connection is worth its cost.
+    pub async fn attach<R: TransportRead, W: TransportWrite>(&self, r: R, w: W) {
+        let how = node::Joined::InProcess;
+        node::serve(self.server.clone(), r, w, "embedded".into(), None, how).await
+    }
+
+    /// Like [`IoServer::attach`] for a node in this process: accepted
+    /// client sockets are handed to it through `handoff` instead of being
+    /// relayed (zero-relay). They are scheduled and counted as usual.
+    pub async fn attach_local<R: TransportRead, W: TransportWrite>(
+        &self,
+        r: R,
+        w: W,
+        handoff: saps_fabric::handoff::HandoffSender,
+    ) {
+        let how = node::Joined::InProcess;
+        let peer = "embedded".to_string();
+        node::serve(self.server.clone(), r, w, peer, Some(handoff), how).await
+    }
+
+    /// Serves a node that reached this io-server over a transport of the
+    /// caller's rather than a `--fabric` listener, as one that joined over
+    /// a listener: clients its program has not accepted when it leaves go
+    /// to another member (tests use it over `memory_pair()`).
+    pub async fn attach_remote<R: TransportRead, W: TransportWrite>(&self, r: R, w: W, peer: &str) {
+        let how = node::Joined::Fabric { pid: None };
+        node::serve(self.server.clone(), r, w, peer.into(), None, how).await
+    }
+
+    /// The current `io-server status` report.
+    pub fn status(&self) -> Status {
+        Status::collect(&self.server)
+    }
+
+    /// Sets the weight of node `name` (0 drains it). False if no such node.
+    pub fn set_weight(&self, name: &str, weight: u32) -> bool {
+        cluster::set_weight_by_name(&self.server, name, weight)
+    }
+
+    /// Graceful shutdown: stop accepting clients and nodes, let open
+    /// connections finish within `deadline`, then close every node channel.
+    /// Returns how many connections were still open at the deadline.
+    pub async fn shutdown(&self, deadline: Duration) -> usize {
+        let server = &self.server;
+        server.shutdown.send_replace(true);
+        let (queued, live) = {
+            let mut st = server.lock();
+            let queued = st.groups.take_queues();
+            (queued, st.groups.traffic().live_connections())
+        };
+        tracing::info!(
+            live,
+            queued = queued.len(),
+            "shutting down: no new connections"
+        );
+        drop(queued);
+        let end = tokio::time::Instant::now() + deadline;
+        let cut = loop {
+            let changed = server.conns_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let live = server.lock().groups.traffic().live_connections();
+            if live == 0 {
+                break 0;
+            }
+            if tokio::time::timeout_at(end, changed).await.is_err() {
+                break live;
+            }
+        };
+        let nodes: Vec<_> = server.lock().nodes.values().map(|n| n.ep.clone()).collect();
+        for ep in nodes {
+            ep.handle()
+                .with(|ch| ch.close("the io-server is shutting down"));
+        }
+        tracing::info!(cut, "shutdown complete");
+        cut
+    }
+}
+
+/// Accepts nodes on one fabric listener until shutdown.
+async fn fabric_loop(server: Arc<ServerState>, listener: StreamListener) {
+    server
+        .accept_until_shutdown(
+            "fabric",
+            || listener.accept_node(),
+            |((r, w), peer, pid)| {
+                let how = node::Joined::Fabric { pid };
+                tokio::spawn(node::serve(server.clone(), r, w, peer, None, how));
+            },
+        )
+        .await
+}
