@@ -19,7 +19,10 @@ use tokio::sync::{mpsc, Notify};
 /// A node that has not authenticated within this time is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-struct Shared {
+/// What the tasks of one channel and its [`FabricHandle`]s share: the
+/// channel under its lock, the writer's wake-ups, the event sender and
+/// the pipe of spliced payloads.
+struct DriverState {
     channel: Mutex<Channel>,
     wake_writer: Notify,
     /// A window of [`COALESCE`] opened by [`FabricHandle::with_coalesced`],
@@ -35,7 +38,7 @@ struct Shared {
 /// A cloneable handle to a running channel.
 #[derive(Clone)]
 pub struct FabricHandle {
-    shared: Arc<Shared>,
+    shared: Arc<DriverState>,
 }
 
 impl FabricHandle {
@@ -178,7 +181,7 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
         None
     };
     let handle = FabricHandle {
-        shared: Arc::new(Shared {
+        shared: Arc::new(DriverState {
             channel: Mutex::new(channel),
             wake_writer: Notify::new(),
             coalesced: Notify::new(),

@@ -12,9 +12,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 
 /// A socket shared behind an `Arc`, read and written through its
 /// readiness (tokio implements the I/O traits only for an owned stream).
-pub(super) struct Shared<T>(pub(super) Arc<T>);
+pub(super) struct SocketAdapter<T>(pub(super) Arc<T>);
 
-impl<T: ReadySocket> AsyncRead for Shared<T> {
+impl<T: ReadySocket> AsyncRead for SocketAdapter<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -53,7 +53,7 @@ impl<T: ReadySocket> AsyncRead for Shared<T> {
     }
 }
 
-impl<T: ReadySocket> Shared<T> {
+impl<T: ReadySocket> SocketAdapter<T> {
     /// Runs `write` once the socket is writable, until it does not block.
     pub(super) fn poll_write_with(
         &self,
@@ -70,7 +70,7 @@ impl<T: ReadySocket> Shared<T> {
     }
 }
 
-impl<T: ReadySocket> AsyncWrite for Shared<T> {
+impl<T: ReadySocket> AsyncWrite for SocketAdapter<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

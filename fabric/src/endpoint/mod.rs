@@ -43,7 +43,7 @@ use crate::driver::{self, FabricHandle};
 use crate::frame::{ConnId, ReqId, Request, Response};
 use crate::splice::ReadySocket;
 use crate::transport::{TransportRead, TransportWrite};
-use io::Shared;
+use io::SocketAdapter;
 use preaccept::PreAccept;
 use relay::{Attachment, End, Pump, Relayed};
 use router::{
@@ -389,7 +389,7 @@ impl Endpoint {
     pub async fn relay_unix(&self, conn: ConnId, stream: UnixStream) -> RelayOutcome {
         let stream = Arc::new(stream);
         let source = stream.clone();
-        self.relay_with(conn, Shared(stream), Some(&*source), |_| {})
+        self.relay_with(conn, SocketAdapter(stream), Some(&*source), |_| {})
             .await
     }
 
@@ -407,7 +407,7 @@ impl Endpoint {
     /// the transport allows (see [`crate::splice`]).
     pub async fn relay_tcp(&self, conn: ConnId, stream: Arc<TcpStream>) -> RelayOutcome {
         let source = stream.clone();
-        self.relay_with(conn, Shared(stream), Some(&*source), |s| {
+        self.relay_with(conn, SocketAdapter(stream), Some(&*source), |s| {
             if let Err(e) = s.0.set_zero_linger() {
                 tracing::debug!(error = %e, "SO_LINGER 0 failed");
             }
@@ -425,39 +425,41 @@ impl Endpoint {
     /// ([`ClientRelayEnd::Unaccepted`]) rather than closed.
     pub async fn relay_client(&self, conn: ConnId, stream: Arc<TcpStream>) -> ClientRelayEnd {
         let source = stream.clone();
-        let (end, stream, counters, pre) =
-            match self.run_relay(conn, Shared(stream), Some(&*source)).await {
-                Relayed::Ran {
-                    end,
-                    stream,
-                    counters,
-                    pre,
-                } => (end, stream, counters, pre),
-                Relayed::NotAttached { stream, start } => {
-                    drop(source);
-                    let outcome = RelayOutcome {
-                        bytes_in: 0,
-                        bytes_out: 0,
-                        errno: errno::ENOTCONN,
-                    };
-                    // The channel closed before the relay began: the node
-                    // cannot have accepted the connection.
-                    if let Some(Start {
-                        replay,
-                        track: Some(track),
-                    }) = start
-                    {
-                        if track.settle() && !self.is_open() {
-                            return ClientRelayEnd::Unaccepted {
-                                stream: stream.0,
-                                replay,
-                                outcome,
-                            };
-                        }
+        let (end, stream, counters, pre) = match self
+            .run_relay(conn, SocketAdapter(stream), Some(&*source))
+            .await
+        {
+            Relayed::Ran {
+                end,
+                stream,
+                counters,
+                pre,
+            } => (end, stream, counters, pre),
+            Relayed::NotAttached { stream, start } => {
+                drop(source);
+                let outcome = RelayOutcome {
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    errno: errno::ENOTCONN,
+                };
+                // The channel closed before the relay began: the node
+                // cannot have accepted the connection.
+                if let Some(Start {
+                    replay,
+                    track: Some(track),
+                }) = start
+                {
+                    if track.settle() && !self.is_open() {
+                        return ClientRelayEnd::Unaccepted {
+                            stream: stream.0,
+                            replay,
+                            outcome,
+                        };
                     }
-                    return ClientRelayEnd::Finished(outcome);
                 }
-            };
+                return ClientRelayEnd::Finished(outcome);
+            }
+        };
         // Settled here at the latest; true: never accepted.
         let unaccepted = counters.track.as_ref().is_some_and(|t| t.settle());
         if unaccepted && self.router().closed.is_some() {
