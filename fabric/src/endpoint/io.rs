@@ -2,13 +2,36 @@
 //! owner keeps setting options on it), read and written through tokio's
 //! readiness, and the vectored write of a batch of Data payloads.
 
+use crate::channel::Reservation;
 use crate::splice::ReadySocket;
+use bytes::BufMut;
 use bytes::Bytes;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+
+/// Reads from `rd` straight into the payload room of `r`, a Data frame in
+/// the channel's output buffer, whose spare room is not initialised
+/// (zeroing up to 256 KiB per read would cost more than the read).
+pub(super) fn poll_read_into<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    cx: &mut Context<'_>,
+    r: &mut Reservation,
+) -> Poll<io::Result<()>> {
+    let mut dst = r.payload_mut();
+    let (n, read) = {
+        // SAFETY: `ReadBuf` only writes into the slice and reports as
+        // filled what it wrote; nothing reads the uninitialised rest.
+        let mut rb = ReadBuf::uninit(unsafe { dst.chunk_mut().as_uninit_slice_mut() });
+        let read = Pin::new(rd).poll_read(cx, &mut rb);
+        (rb.filled().len(), read)
+    };
+    // SAFETY: the reader initialised the first `n` octets of the chunk.
+    unsafe { dst.advance_mut(n) };
+    read
+}
 
 /// A socket shared behind an `Arc`, read and written through its
 /// readiness (tokio implements the I/O traits only for an owned stream).

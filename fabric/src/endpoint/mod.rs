@@ -345,16 +345,16 @@ impl Endpoint {
     }
 
     /// Octets sent on `conn` that the peer has not yet acknowledged as
-    /// consumed (`A_s` minus the consumption implied by the last credit,
-    /// `L_s - B_r`). Appendix A reports credit after half a buffer, so this
-    /// over-counts by less than `B_r / 2`. 0 for a connection not relayed.
+    /// consumed (Appendix A's arithmetic: [`Channel::unacknowledged`]). 0
+    /// for a connection not relayed.
     pub fn pending_bytes(&self, conn: ConnId) -> u64 {
-        let window = match self.router().conns.get(&conn) {
-            Some(Route::Relayed(_, c)) => c.peer_window,
-            _ => return 0,
-        };
-        let available = self.inner.handle.with(|ch| ch.send_window(conn)) as u64;
-        window.saturating_sub(available)
+        let router = self.router();
+        let relayed = matches!(router.conns.get(&conn), Some(Route::Relayed(..)));
+        drop(router);
+        if !relayed {
+            return 0;
+        }
+        self.inner.handle.with(|ch| ch.unacknowledged(conn))
     }
 
     /// Octets relayed on `conn` so far: (read from the stream, written to it).
@@ -607,7 +607,6 @@ impl Endpoint {
             None => (None, None),
         };
         let counters = Arc::new(Counters {
-            peer_window,
             track,
             ..Counters::default()
         });

@@ -5,14 +5,14 @@
 //! on its own credit and never stalls another.
 
 use super::errno::{self, io_errno};
-use super::io::{write_all_vectored, MAX_BATCH};
+use super::io::{poll_read_into, write_all_vectored, MAX_BATCH};
 use super::preaccept::{PreAccept, Step};
 use super::router::{ConnEvent, Counters, Start};
+use crate::channel::CallError;
 use crate::driver::FabricHandle;
 use crate::frame::ConnId;
 use crate::splice::{self, Pipe, ReadySocket, SPLICE_MIN};
 use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
@@ -176,18 +176,7 @@ impl<T: ReadySocket> Pump<'_, T> {
                     }
                 }
                 // Only this task sends on `conn`, so the window still holds.
-                let sent = handle.with(|ch| {
-                    ch.send_message_with(conn, window, |rb| Pin::new(&mut *rd).poll_read(cx, rb))
-                });
-                Poll::Ready(Ok::<_, io::Error>(match sent {
-                    Ok(Some((_, Poll::Pending))) => return Poll::Pending,
-                    Ok(Some((_, Poll::Ready(Err(e))))) => return Poll::Ready(Err(e)),
-                    Ok(Some((0, Poll::Ready(Ok(()))))) => Chunk::Eof,
-                    Ok(Some((n, Poll::Ready(Ok(()))))) => Chunk::Sent(n),
-                    // The window shut meanwhile: wait for credit again.
-                    Ok(None) => Chunk::Sent(0),
-                    Err(_) => Chunk::Refused,
-                }))
+                poll_read_frame(cx, handle, conn, window, &mut *rd, |_| {})
             })
             .await?;
             match chunk {
@@ -276,26 +265,12 @@ impl<T: ReadySocket> Pump<'_, T> {
                 Step::Wait => credit.notified().await,
                 Step::Read(limit) => {
                     let read = std::future::poll_fn(|cx| {
-                        let sent = handle.with(|ch| {
-                            ch.send_message_with(conn, limit, |rb| {
-                                let r = Pin::new(&mut *rd).poll_read(cx, rb);
-                                if let Poll::Ready(Ok(())) = r {
-                                    let mut g = lock_pre(pre);
-                                    if let Some(p) = g.as_mut() {
-                                        p.read(rb.filled());
-                                    }
-                                }
-                                r
-                            })
-                        });
-                        Poll::Ready(Ok::<_, io::Error>(match sent {
-                            Ok(Some((_, Poll::Pending))) => return Poll::Pending,
-                            Ok(Some((_, Poll::Ready(Err(e))))) => return Poll::Ready(Err(e)),
-                            Ok(Some((0, Poll::Ready(Ok(()))))) => Chunk::Eof,
-                            Ok(Some((n, Poll::Ready(Ok(()))))) => Chunk::Sent(n),
-                            Ok(None) => Chunk::Sent(0),
-                            Err(_) => Chunk::Refused,
-                        }))
+                        // Kept in the poll that reads it.
+                        poll_read_frame(cx, handle, conn, limit, &mut *rd, |read| {
+                            if let Some(p) = lock_pre(pre).as_mut() {
+                                p.read(read);
+                            }
+                        })
                     });
                     // An accept while the client is quiet ends the
                     // pre-accept phase (and frees what is kept) at once.
@@ -386,6 +361,43 @@ impl<T: ReadySocket> Pump<'_, T> {
     }
 }
 
+/// One read of `rd` straight into a Data frame on `conn` of at most `max`
+/// octets, in room the channel lends from its output buffer
+/// ([`crate::Channel::reserve`], [`crate::Channel::commit`]): no copy, and
+/// no buffer of the relay's own. `keep` sees what was read. The read runs
+/// under the channel's lock (one non-blocking `recv`): the frame then
+/// rejoins the output buffer where it was lent, with no copy, whatever
+/// other relays queue meanwhile.
+pub(super) fn poll_read_frame<R: AsyncRead + Unpin>(
+    cx: &mut Context<'_>,
+    handle: &FabricHandle,
+    conn: ConnId,
+    max: usize,
+    rd: &mut R,
+    keep: impl FnOnce(&[u8]),
+) -> Poll<io::Result<Chunk>> {
+    let sent = handle.with(|ch| {
+        let Some(mut r) = ch.reserve(conn, max)? else {
+            return Ok(None);
+        };
+        let read = poll_read_into(rd, cx, &mut r);
+        if let Poll::Ready(Ok(())) = read {
+            keep(r.payload());
+        }
+        let n = ch.commit(r)?;
+        Ok::<_, CallError>(Some((n, read)))
+    });
+    Poll::Ready(Ok(match sent {
+        Ok(Some((_, Poll::Pending))) => return Poll::Pending,
+        Ok(Some((_, Poll::Ready(Err(e))))) => return Poll::Ready(Err(e)),
+        Ok(Some((0, Poll::Ready(Ok(()))))) => Chunk::Eof,
+        Ok(Some((n, Poll::Ready(Ok(()))))) => Chunk::Sent(n),
+        // The window shut meanwhile: wait for credit again.
+        Ok(None) => Chunk::Sent(0),
+        Err(_) => Chunk::Refused,
+    }))
+}
+
 /// One read of `socket` spliced into the channel's pipe as a Data
 /// payload (see [`crate::splice`]); `None`: the pipe is full, copy instead.
 pub(super) fn poll_splice(
@@ -398,17 +410,22 @@ pub(super) fn poll_splice(
 ) -> Poll<Option<io::Result<Chunk>>> {
     let fd = socket.as_raw_fd();
     let r = ready!(splice::poll_spliced(cx, socket, || {
-        // Only this task sends on `conn`, so the window still holds.
+        // Only this task sends on `conn`, so the window still holds. The
+        // splice and its commit share one hold of the channel's lock: the
+        // pipe is the channel's, and its octets must be in the order of
+        // the frames that say so.
         let sent = handle.with(|ch| {
-            ch.send_message_spliced(conn, window, |room| match pipe.fill(fd, room) {
-                Ok(n) => (n, Ok(n)),
-                Err(e) => (0, Err(e)),
-            })
+            let Some(r) = ch.reserve(conn, window)? else {
+                return Ok(None);
+            };
+            let filled = pipe.fill(fd, r.room());
+            ch.commit_spliced(r, *filled.as_ref().unwrap_or(&0))?;
+            Ok::<_, CallError>(Some(filled))
         });
         match sent {
-            Ok(Some((_, Ok(0)))) => Ok(Chunk::Eof),
-            Ok(Some((n, Ok(_)))) => Ok(Chunk::Sent(n)),
-            Ok(Some((_, Err(e)))) => Err(e),
+            Ok(Some(Ok(0))) => Ok(Chunk::Eof),
+            Ok(Some(Ok(n))) => Ok(Chunk::Sent(n)),
+            Ok(Some(Err(e))) => Err(e),
             Ok(None) => Ok(Chunk::Sent(0)),
             Err(_) => Ok(Chunk::Refused),
         }

@@ -117,8 +117,6 @@ impl Attached {
 pub(super) struct Counters {
     pub(super) bytes_in: AtomicU64,
     pub(super) bytes_out: AtomicU64,
-    /// The peer's `B_r` for this connection (the send window before any send).
-    pub(super) peer_window: u64,
     /// io-server: kept for re-dispatch until the node's program accepts it.
     pub(super) track: Option<Arc<Track>>,
 }

@@ -2,7 +2,8 @@
 //! back in memory, no sockets, no sleeps.
 
 use super::*;
-use crate::frame::{ConnId, Request, Response};
+use crate::frame::{ConnId, Request, Response, NONCE_LEN};
+use bytes::BufMut;
 
 // The same helpers the integration tests, the benchmark and the fuzz
 // targets use.
@@ -80,7 +81,7 @@ fn a_node_that_forges_the_proof_is_refused() {
     );
     assert_eq!(srv.handle_input(&out), Err(ChannelError::BadToken));
     assert!(srv.is_closed());
-    let goaway = srv.poll_transmit().unwrap();
+    let goaway = srv.poll_transmit().unwrap().bytes;
     assert!(String::from_utf8_lossy(&goaway).contains("did not prove the token"));
 }
 
@@ -357,7 +358,7 @@ fn input_given_up_in_buffers_is_decoded_across_any_split() {
         for m in [&b"first"[..], b"", b"third message"] {
             srv.send_message(conn, m).unwrap();
         }
-        (node, srv.poll_transmit().unwrap())
+        (node, srv.poll_transmit().unwrap().bytes)
     };
     let len = frames().1.len();
     for cut in 0..=len {
@@ -387,11 +388,12 @@ fn owned_transmit_gives_large_buffers_up_and_keeps_their_capacity() {
     let conn = client(&mut srv, 9);
     pump(&mut node, &mut srv);
     events(&mut node);
+    srv.hand_off_buffers(true);
     let big = vec![7; OWNED_MIN + 1000];
     srv.send_message(conn, &big).unwrap();
     let length = srv.pending_transmit();
-    let chunk = srv.poll_transmit_owned().unwrap();
-    assert!(srv.poll_transmit_owned().is_none());
+    let chunk = srv.poll_transmit().unwrap().bytes;
+    assert!(srv.poll_transmit().is_none());
     let mut buf = chunk.try_into_mut().expect("the only view of its buffer");
     let (start, end) = (buf.as_ptr() as usize, buf.as_ptr() as usize + buf.len());
     node.handle_input_buf(&mut buf).unwrap();
@@ -406,14 +408,14 @@ fn owned_transmit_gives_large_buffers_up_and_keeps_their_capacity() {
     let at = data.as_ptr() as usize;
     assert!(start <= at && at + data.len() <= end, "decoded in place");
     srv.send_message(conn, &[8; 10]).unwrap();
-    let small = srv.poll_transmit_owned().unwrap();
+    let small = srv.poll_transmit().unwrap().bytes;
     assert!(small.len() < 100);
     assert!(
         small.try_into_mut().is_err(),
         "a view of the channel's buffer"
     );
     srv.send_message(conn, &big).unwrap();
-    let next = srv.poll_transmit_owned().unwrap();
+    let next = srv.poll_transmit().unwrap().bytes;
     assert!(next.try_into_mut().unwrap().capacity() >= length);
 }
 
@@ -428,15 +430,21 @@ fn a_read_into_the_frame_sends_what_it_read_within_the_window() {
     pump(&mut node, &mut srv);
     events(&mut srv);
     let before = node.pending_transmit();
-    let nothing = node.send_message_with(conn, 5000, |rb| rb.remaining());
-    assert_eq!(nothing.unwrap(), Some((0, 1000)), "room is the window");
+    let nothing = node.reserve(conn, 5000).unwrap().unwrap();
+    assert_eq!(nothing.room(), 1000, "room is the window");
+    assert_eq!(node.commit(nothing).unwrap(), 0);
     assert_eq!(node.pending_transmit(), before);
-    let sent = node.send_message_with(conn, 5000, |rb| rb.put_slice(&[5; 600]));
-    assert_eq!(sent.unwrap().map(|(n, _)| n), Some(600));
-    let rest = node.send_message_with(conn, 5000, |rb| rb.put_slice(&vec![6; rb.remaining()]));
-    assert_eq!(rest.unwrap().map(|(n, _)| n), Some(400));
-    let shut = node.send_message_with(conn, 10, |_| unreachable!("no room to read into"));
-    assert_eq!(shut.unwrap(), None);
+    let mut sent = node.reserve(conn, 5000).unwrap().unwrap();
+    sent.payload_mut().put_slice(&[5; 600]);
+    assert_eq!(node.commit(sent).unwrap(), 600);
+    let mut rest = node.reserve(conn, 5000).unwrap().unwrap();
+    let room = rest.room();
+    rest.payload_mut().put_slice(&vec![6; room]);
+    assert_eq!(node.commit(rest).unwrap(), 400);
+    assert!(
+        node.reserve(conn, 10).unwrap().is_none(),
+        "the window is shut"
+    );
     pump(&mut node, &mut srv);
     let got: Vec<u8> = events(&mut srv)
         .into_iter()
@@ -459,7 +467,7 @@ fn wire_of(window: u32, messages: &[&[u8]]) -> (Channel, ConnId, Bytes) {
     for m in messages {
         assert_eq!(srv.send_message(conn, m).unwrap(), m.len());
     }
-    (node, conn, srv.poll_transmit().unwrap_or_default())
+    (node, conn, srv.poll_transmit().unwrap_or_default().bytes)
 }
 
 /// What the node received: the payloads delivered and the lengths

@@ -3,227 +3,39 @@
 //! Sans-IO in the style of quinn-proto: bytes from the transport go in with
 //! [`Channel::handle_input`], callbacks come out of [`Channel::poll_event`]
 //! (`connection_accepted`, `connection_closed`, `message_received`,
-//! `buffer_available`, plus requests and responses), and bytes for the
-//! transport come out of [`Channel::poll_transmit`]. The Forwarding Protocol
-//! calls are [`Channel::make_connection`], [`Channel::close_connection`] and
-//! [`Channel::send_message`]. Each connection has its own Appendix A credit in
-//! each direction, so a reader that stops stalls only its own connection.
+//! `buffer_available`, plus requests and responses), bytes for the
+//! transport come out of [`Channel::poll_transmit`], and time goes in with
+//! [`Channel::handle_timeout`] when [`Channel::poll_timeout`] says. The
+//! Forwarding Protocol calls are [`Channel::make_connection`],
+//! [`Channel::close_connection`] and [`Channel::send_message`], or, to read
+//! a socket straight into a frame, [`Channel::reserve`] then
+//! [`Channel::commit`] (or [`Channel::commit_spliced`]). Each connection
+//! has its own Appendix A credit in each direction ([`conns`]), so a
+//! reader that stops stalls only its own connection.
 
-use crate::auth::{self, Prover};
-use crate::codec::{self, DecodeError, DEFAULT_MAX_FRAME};
-use crate::credit::{CreditViolation, RecvCredit, SendCredit};
-use crate::frame::{ConnId, Frame, ReqId, Request, Response, NONCE_LEN};
+mod config;
+mod conns;
+mod event;
+mod handshake;
+mod output;
+
+pub use config::{
+    ChannelConfig, Role, ACCEPTED_VERSION, DEFAULT_WINDOW, HANDSHAKE_TIMEOUT, MAX_DATA,
+    MAX_VERSION, MIN_VERSION,
+};
+pub use event::{CallError, ChannelError, Event};
+pub use output::{Reservation, Transmit, OWNED_CAPACITY, OWNED_MIN};
+
+use crate::auth;
+use crate::codec;
+use crate::frame::{ConnId, Frame, ReqId, Request, Response};
 use bytes::{Bytes, BytesMut};
-use std::collections::{HashMap, HashSet, VecDeque};
+use conns::ConnTable;
+use handshake::State;
+use output::Output;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-
-/// Protocol versions this build speaks. Version 2 adds the node's
-/// `Accepted` notification (the io-server re-dispatches a node's
-/// connections its program had not accepted when its channel ends) and
-/// the tracked hand-off header (`handoff::side`); a version 1 peer gets
-/// neither, and its connections are reset with it as before.
-pub const MIN_VERSION: u8 = 1;
-pub const MAX_VERSION: u8 = 2;
-/// The first protocol version with [`Frame::Accepted`].
-pub const ACCEPTED_VERSION: u8 = 2;
-/// Default per-connection receive buffer `B_r`. A relayed stream moves at
-/// most `B_r` per credit round trip (two relays and the fabric on the way
-/// back); one iperf3 stream through a node moved faster with each doubling
-/// up to 1 MiB (bench/notes/2026-12-01-sessions-5-to-8.md, "`B_r` 1 MiB
-/// instead of 256 KiB"). It is
-/// also what a stalled reader may hold in user space per direction; an
-/// idle connection holds none of it.
-pub const DEFAULT_WINDOW: u32 = 1024 * 1024;
-/// Largest payload of one `Data` frame (the decoder's default frame limit,
-/// 256 KiB + 64, holds it). A relay reads at most this much per call:
-/// iperf3 -P 1 through a node over unix gave 8.6–10.3 Gbit/s with 64 KiB
-/// and 9.6–11.4 with 256 KiB, the io-server spending 27 % less CPU per GiB.
-pub const MAX_DATA: usize = 256 * 1024;
-
-/// One piece of a channel's output ([`Channel::poll_transmit_any`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Transmit {
-    /// Whole frames, or the start of one whose payload is spliced next.
-    Bytes(Bytes),
-    /// This many octets of payload, to move from the channel's pipe.
-    Spliced(usize),
-}
-
-/// Which end of the channel this is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// An application node (saps-run's supervisor).
-    Node,
-    /// The io-server.
-    IoServer,
-}
-
-/// Chunks smaller than this are given as views (see
-/// [`Channel::poll_transmit_owned`]).
-pub const OWNED_MIN: usize = 16 * 1024;
-
-/// Most capacity a new output buffer starts with after
-/// [`Channel::poll_transmit_owned`]: room for two full Data frames, so a
-/// buffer that once grew large is not allocated that large for every
-/// chunk after.
-pub const OWNED_CAPACITY: usize = 2 * (MAX_DATA + codec::DATA_OVERHEAD);
-
-/// Settings of one channel end.
-#[derive(Debug, Clone)]
-pub struct ChannelConfig {
-    /// The shared secret both ends prove.
-    pub token: Vec<u8>,
-    /// `B_r` this end grants every connection.
-    pub window: u32,
-    /// Largest frame accepted from the peer.
-    pub max_frame: usize,
-    pub min_version: u8,
-    pub max_version: u8,
-    /// Node only: the name and weight it announces.
-    pub node_name: String,
-    pub weight: u32,
-}
-
-impl ChannelConfig {
-    pub fn new(token: impl Into<Vec<u8>>) -> Self {
-        Self {
-            token: token.into(),
-            window: DEFAULT_WINDOW,
-            max_frame: DEFAULT_MAX_FRAME,
-            min_version: MIN_VERSION,
-            max_version: MAX_VERSION,
-            node_name: String::new(),
-            weight: 1,
-        }
-    }
-
-    pub fn node(mut self, name: impl Into<String>, weight: u32) -> Self {
-        self.node_name = name.into();
-        self.weight = weight;
-        self
-    }
-
-    pub fn window(mut self, window: u32) -> Self {
-        self.window = window;
-        self
-    }
-}
-
-/// Why a channel closed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ChannelError {
-    #[error("{0}")]
-    Decode(#[from] DecodeError),
-    #[error("authentication failed: the node did not prove the token")]
-    BadToken,
-    #[error("authentication failed: the io-server did not prove the token")]
-    BadServerProof,
-    #[error("version mismatch: node speaks {node_min}..={node_max}, io-server speaks {server_min}..={server_max}")]
-    VersionMismatch {
-        node_min: u8,
-        node_max: u8,
-        server_min: u8,
-        server_max: u8,
-    },
-    #[error("unexpected {frame} frame {state}")]
-    Unexpected {
-        frame: &'static str,
-        state: &'static str,
-    },
-    #[error("flow control violated on connection {conn}: {violation}")]
-    Credit {
-        conn: ConnId,
-        violation: CreditViolation,
-    },
-    #[error("peer closed the channel: {0}")]
-    GoAway(String),
-    #[error("closed locally: {0}")]
-    Local(String),
-}
-
-/// Errors of the Forwarding Protocol calls.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CallError {
-    #[error("no such connection {0}")]
-    UnknownConnection(ConnId),
-    #[error("the channel is not open")]
-    NotOpen,
-    #[error("connection {0} already sent FIN")]
-    AfterFin(ConnId),
-}
-
-/// The callbacks of §2.1.1, plus what Figure 3 adds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// io-server end: the node proved the token and is open.
-    NodeAuthenticated { node: String, weight: u32 },
-    /// Node end: the io-server proved the token and welcomed us.
-    Welcome { node_id: u32 },
-    /// io-server end: a Figure 3 request; answer with [`Channel::respond`].
-    Request { req: ReqId, request: Request },
-    /// Node end: the answer to [`Channel::request`].
-    Response { req: ReqId, response: Response },
-    /// `connection_accepted`: a client connection for one of our listeners.
-    ConnectionAccepted {
-        listener: ConnId,
-        conn: ConnId,
-        peer: SocketAddr,
-        local: SocketAddr,
-    },
-    /// `connection_closed`: the peer dropped the connection (`errno` 0: plain close).
-    ConnectionClosed { conn: ConnId, errno: i32 },
-    /// io-server end: the node's program accepted `conn` (a relayed
-    /// connection, or one handed over with [`Channel::hand_connection`]).
-    Accepted { conn: ConnId },
-    /// `message_received`: stream bytes; call [`Channel::consumed`] once delivered.
-    MessageReceived { conn: ConnId, data: Bytes },
-    /// `message_received` for `len` octets the transport's reader spliced
-    /// into the connection's pipe ([`Channel::payload_spliced`]); call
-    /// [`Channel::consumed`] once they are delivered.
-    MessageSpliced { conn: ConnId, len: usize },
-    /// The peer's end of the stream: no more `MessageReceived` for `conn`.
-    Fin { conn: ConnId },
-    /// `buffer_available`: `conn` may send again.
-    BufferAvailable { conn: ConnId },
-    /// io-server end: the node changed its weight.
-    WeightChanged { weight: u32 },
-    /// The channel is closed; nothing more will happen on it.
-    Closed { error: ChannelError },
-}
-
-#[derive(Debug)]
-enum State {
-    /// io-server: waiting for the node's Hello.
-    AwaitHello,
-    /// Node: Hello sent with this nonce.
-    AwaitChallenge {
-        nonce: [u8; NONCE_LEN],
-    },
-    /// io-server: Challenge sent; waiting for the node's proof.
-    AwaitAuth {
-        node_nonce: [u8; NONCE_LEN],
-        server_nonce: [u8; NONCE_LEN],
-        node: String,
-        weight: u32,
-    },
-    /// Node: proof sent; waiting for Welcome.
-    AwaitWelcome,
-    Open,
-    Closed,
-}
-
-impl State {
-    fn describe(&self) -> &'static str {
-        match self {
-            State::AwaitHello => "before Hello",
-            State::AwaitChallenge { .. } => "before Challenge",
-            State::AwaitAuth { .. } => "before Auth",
-            State::AwaitWelcome => "before Welcome",
-            State::Open => "on an open channel",
-            State::Closed => "after close",
-        }
-    }
-}
+use std::time::Instant;
 
 /// A Data frame whose header is in and whose payload is still arriving.
 #[derive(Debug, Clone, Copy)]
@@ -238,14 +50,6 @@ struct Partial {
 /// next read's buffer) until the rest is in, and the transport's reader
 /// may splice the rest ([`Channel::payload_pending`]).
 pub const STREAM_MIN: usize = 16 * 1024;
-
-/// Per-connection state: both directions' credits and the FIN flags.
-#[derive(Debug)]
-struct Conn {
-    send: SendCredit,
-    recv: RecvCredit,
-    fin_sent: bool,
-}
 
 /// Counters of one channel, for status output.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -266,23 +70,16 @@ pub struct Channel {
     role: Role,
     config: ChannelConfig,
     state: State,
-    /// The peer's `B_r`: our initial `L_s` for every connection.
-    peer_window: u64,
-    conns: HashMap<ConnId, Conn>,
-    /// io-server end: ids of connections handed over as sockets whose
-    /// `Accepted` or `Close` has not come yet.
-    handed: HashSet<ConnId>,
+    /// When the handshake must be done by ([`Channel::start`]).
+    deadline: Option<Instant>,
+    conns: ConnTable,
     /// The protocol version agreed in the handshake (0 before).
     version: u8,
-    next_conn: ConnId,
     next_req: ReqId,
     inbuf: BytesMut,
     /// The Data frame being received piece by piece, if any.
     partial: Option<Partial>,
-    out: BytesMut,
-    /// Output finished before a spliced payload, in order, ahead of `out`
-    /// (empty unless payloads are spliced: see [`crate::splice`]).
-    sealed: VecDeque<Transmit>,
+    output: Output,
     events: VecDeque<Event>,
     stats: ChannelStats,
 }
@@ -309,26 +106,58 @@ impl Channel {
     }
 
     fn new(role: Role, config: ChannelConfig, state: State) -> Self {
+        let first = match role {
+            Role::Node => 2,
+            Role::IoServer => 1,
+        };
         Self {
             role,
+            conns: ConnTable::new(first, config.window),
             config,
             state,
-            peer_window: 0,
-            conns: HashMap::new(),
-            handed: HashSet::new(),
+            deadline: None,
             version: 0,
-            next_conn: match role {
-                Role::Node => 2,
-                Role::IoServer => 1,
-            },
             next_req: 1,
             inbuf: BytesMut::new(),
             partial: None,
-            out: BytesMut::new(),
-            sealed: VecDeque::new(),
+            output: Output::default(),
             events: VecDeque::new(),
             stats: ChannelStats::default(),
         }
+    }
+
+    /// Starts the handshake's clock at `now`: a channel not open by
+    /// `now` + [`ChannelConfig::handshake_timeout`] closes at the first
+    /// [`Channel::handle_timeout`] from then on.
+    pub fn start(&mut self, now: Instant) {
+        self.deadline = Some(now + self.config.handshake_timeout);
+    }
+
+    /// When [`Channel::handle_timeout`] is next due: the handshake's
+    /// deadline while it runs, `None` once the channel is open or closed
+    /// (or its clock was never started).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Open | State::Closed => None,
+            _ => self.deadline,
+        }
+    }
+
+    /// The time is `now`: closes a channel whose handshake is past its
+    /// deadline (a `GoAway` with the reason is queued).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.poll_timeout().is_some_and(|deadline| now >= deadline) {
+            let secs = self.config.handshake_timeout.as_secs();
+            self.close(&format!("authentication did not complete within {secs} s"));
+        }
+    }
+
+    /// Whether [`Channel::poll_transmit`] gives chunks of [`OWNED_MIN`]
+    /// octets or more as whole buffers rather than views of one, for a
+    /// transport that hands each chunk on as it is (in memory): its reader
+    /// then owns the buffer and decodes it in place.
+    pub fn hand_off_buffers(&mut self, yes: bool) {
+        self.output.hand_off_buffers(yes);
     }
 
     pub fn role(&self) -> Role {
@@ -426,7 +255,7 @@ impl Channel {
         }
         // `decode` found the frame incomplete, so its payload is not all in.
         bytes::Buf::advance(&mut self.inbuf, codec::DATA_OVERHEAD);
-        if let Some(c) = self.conns.get_mut(&conn) {
+        if let Some(c) = self.conns.get_mut(conn) {
             if let Err(violation) = c.recv.on_received(len as u64) {
                 return Err(self.fail(ChannelError::Credit { conn, violation }));
             }
@@ -449,7 +278,7 @@ impl Channel {
         }
         self.stats.bytes_received += n as u64;
         // Data for a connection we already dropped is discarded.
-        self.conns.contains_key(&conn).then_some(conn)
+        self.conns.contains(conn).then_some(conn)
     }
 
     fn payload_piece(&mut self, data: Bytes) {
@@ -466,7 +295,7 @@ impl Channel {
     /// them with [`Channel::payload_spliced`]).
     pub fn payload_pending(&self) -> Option<(ConnId, usize)> {
         self.partial
-            .filter(|p| !self.is_closed() && self.conns.contains_key(&p.conn))
+            .filter(|p| !self.is_closed() && self.conns.contains(p.conn))
             .map(|p| (p.conn, p.left))
     }
 
@@ -488,62 +317,16 @@ impl Channel {
         self.events.pop_front()
     }
 
-    /// Bytes to write to the transport, if any. Only for a channel whose
-    /// payloads are never spliced (else see [`Channel::poll_transmit_any`]).
-    pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        match self.sealed.pop_front() {
-            Some(Transmit::Bytes(b)) => Some(b),
-            Some(Transmit::Spliced(_)) => {
-                unreachable!("a spliced payload taken with poll_transmit")
-            }
-            None => (!self.out.is_empty()).then(|| self.out.split().freeze()),
-        }
-    }
-
-    /// What to send next: bytes, or the next spliced payload's length (the
-    /// writer moves that many octets from the channel's pipe). `owned` as
-    /// for [`Channel::poll_transmit_owned`].
-    pub fn poll_transmit_any(&mut self, owned: bool) -> Option<Transmit> {
-        if let Some(t) = self.sealed.pop_front() {
-            return Some(t);
-        }
-        let b = if owned {
-            self.poll_transmit_owned()
-        } else {
-            self.poll_transmit()
-        };
-        b.map(Transmit::Bytes)
-    }
-
-    /// [`Channel::poll_transmit`], giving up the whole output buffer rather
-    /// than a view of it, for a transport that hands the chunk on as it is
-    /// (in memory): its reader then owns the buffer and decodes it in
-    /// place. Only for chunks of [`OWNED_MIN`] octets or more: for smaller
-    /// ones a fresh buffer per chunk cost more than the reader's copy (the
-    /// fabric microbenchmark's 1 KiB messages in memory went from about
-    /// 1 400 to 800–1 000 MB/s). The next buffer starts with the same
-    /// capacity (up to [`OWNED_CAPACITY`]), so a busy channel does not grow
-    /// it (and copy what it holds) again for every chunk.
-    pub fn poll_transmit_owned(&mut self) -> Option<Bytes> {
-        if !self.sealed.is_empty() || self.out.len() < OWNED_MIN {
-            // Small: the reader's copy costs less than a new buffer.
-            return self.poll_transmit();
-        }
-        let next = BytesMut::with_capacity(self.out.capacity().min(OWNED_CAPACITY));
-        Some(std::mem::replace(&mut self.out, next).freeze())
+    /// What to write to the transport next, in order: bytes, then (when
+    /// the shell spliced a payload into the channel's pipe) that many
+    /// octets from the pipe.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.output.poll()
     }
 
     /// Bytes queued for the transport (spliced payloads included).
     pub fn pending_transmit(&self) -> usize {
-        self.out.len()
-            + self
-                .sealed
-                .iter()
-                .map(|t| match t {
-                    Transmit::Bytes(b) => b.len(),
-                    Transmit::Spliced(n) => *n,
-                })
-                .sum::<usize>()
+        self.output.pending()
     }
 
     /// Closes the channel locally with `reason` (sent to the peer).
@@ -558,7 +341,6 @@ impl Channel {
         if !self.is_closed() {
             self.state = State::Closed;
             self.conns.clear();
-            self.handed.clear();
             self.events.push_back(Event::Closed {
                 error: ChannelError::Local(reason.to_string()),
             });
@@ -573,7 +355,6 @@ impl Channel {
         }
         self.state = State::Closed;
         self.conns.clear();
-        self.handed.clear();
         self.events.push_back(Event::Closed {
             error: error.clone(),
         });
@@ -581,7 +362,7 @@ impl Channel {
     }
 
     fn emit(&mut self, frame: &Frame) {
-        codec::encode(frame, &mut self.out);
+        self.output.emit(frame);
     }
 
     fn unexpected(&self, frame: &Frame) -> ChannelError {
@@ -595,103 +376,19 @@ impl Channel {
         if let Frame::GoAway { reason } = frame {
             return Err(ChannelError::GoAway(reason));
         }
-        match (&self.state, frame) {
-            (State::Open, frame) => self.handle_open(frame),
-            (
-                State::AwaitHello,
-                Frame::Hello {
-                    min_version,
-                    max_version,
-                    node,
-                    weight,
-                    window,
-                    nonce,
-                },
-            ) => {
-                let version = max_version.min(self.config.max_version);
-                if version < min_version.max(self.config.min_version) {
-                    return Err(ChannelError::VersionMismatch {
-                        node_min: min_version,
-                        node_max: max_version,
-                        server_min: self.config.min_version,
-                        server_max: self.config.max_version,
-                    });
-                }
-                self.peer_window = u64::from(window);
-                self.version = version;
-                let server_nonce = auth::nonce();
-                let proof =
-                    auth::prove(&self.config.token, Prover::IoServer, &nonce, &server_nonce);
-                self.emit(&Frame::Challenge {
-                    version,
-                    window: self.config.window,
-                    nonce: server_nonce,
-                    proof,
-                });
-                self.state = State::AwaitAuth {
-                    node_nonce: nonce,
-                    server_nonce,
-                    node,
-                    weight,
-                };
-                Ok(())
-            }
-            (
-                State::AwaitChallenge { nonce },
-                Frame::Challenge {
-                    version,
-                    window,
-                    nonce: server_nonce,
-                    proof,
-                },
-            ) => {
-                if version < self.config.min_version || version > self.config.max_version {
-                    return Err(ChannelError::VersionMismatch {
-                        node_min: self.config.min_version,
-                        node_max: self.config.max_version,
-                        server_min: version,
-                        server_max: version,
-                    });
-                }
-                let token = &self.config.token;
-                if !auth::verify(token, Prover::IoServer, nonce, &server_nonce, &proof) {
-                    return Err(ChannelError::BadServerProof);
-                }
-                let proof = auth::prove(token, Prover::Node, nonce, &server_nonce);
-                self.peer_window = u64::from(window);
-                self.version = version;
-                self.emit(&Frame::Auth { proof });
-                self.state = State::AwaitWelcome;
-                Ok(())
-            }
-            (
-                State::AwaitAuth {
-                    node_nonce,
-                    server_nonce,
-                    ..
-                },
-                Frame::Auth { proof },
-            ) => {
-                let token = &self.config.token;
-                if !auth::verify(token, Prover::Node, node_nonce, server_nonce, &proof) {
-                    return Err(ChannelError::BadToken);
-                }
-                let State::AwaitAuth { node, weight, .. } =
-                    std::mem::replace(&mut self.state, State::Open)
-                else {
-                    unreachable!("matched above")
-                };
-                self.events
-                    .push_back(Event::NodeAuthenticated { node, weight });
-                Ok(())
-            }
-            (State::AwaitWelcome, Frame::Welcome { node_id }) => {
-                self.state = State::Open;
-                self.events.push_back(Event::Welcome { node_id });
-                Ok(())
-            }
-            (_, frame) => Err(self.unexpected(&frame)),
+        if self.is_open() {
+            return self.handle_open(frame);
         }
+        let step = handshake::step(&mut self.state, &self.config, frame)?;
+        if let Some((version, window)) = step.agreed {
+            self.version = version;
+            self.conns.set_peer_window(window);
+        }
+        if let Some(reply) = step.reply {
+            self.emit(&reply);
+        }
+        self.events.extend(step.event);
+        Ok(())
     }
 
     fn handle_open(&mut self, frame: Frame) -> Result<(), ChannelError> {
@@ -701,7 +398,7 @@ impl Channel {
                 self.stats.bytes_received += data.len() as u64;
                 // Data for a connection we already dropped is discarded: the
                 // peer sent it before it saw our Close.
-                if let Some(c) = self.conns.get_mut(&conn) {
+                if let Some(c) = self.conns.get_mut(conn) {
                     c.recv
                         .on_received(data.len() as u64)
                         .map_err(|violation| ChannelError::Credit { conn, violation })?;
@@ -709,14 +406,14 @@ impl Channel {
                 }
             }
             Frame::Credit { conn, limit } => {
-                if let Some(c) = self.conns.get_mut(&conn) {
+                if let Some(c) = self.conns.get_mut(conn) {
                     if c.send.on_credit(limit) {
                         self.events.push_back(Event::BufferAvailable { conn });
                     }
                 }
             }
             Frame::Fin { conn } => {
-                if self.conns.contains_key(&conn) {
+                if self.conns.contains(conn) {
                     self.events.push_back(Event::Fin { conn });
                 }
             }
@@ -729,14 +426,14 @@ impl Channel {
                 self.events.push_back(Event::WeightChanged { weight });
             }
             Frame::Close { conn } if role == Role::IoServer => {
-                if self.conns.remove(&conn).is_some() || self.handed.remove(&conn) {
+                if self.conns.remove(conn) || self.conns.take_handed(conn) {
                     self.events
                         .push_back(Event::ConnectionClosed { conn, errno: 0 });
                 }
             }
             Frame::Accepted { conn } if role == Role::IoServer && self.notifies_accepts() => {
                 // A late one (the connection is gone already) is dropped.
-                if self.conns.contains_key(&conn) || self.handed.remove(&conn) {
+                if self.conns.contains(conn) || self.conns.take_handed(conn) {
                     self.events.push_back(Event::Accepted { conn });
                 }
             }
@@ -767,7 +464,7 @@ impl Channel {
                 // Kept in the table until the node closes it: an error is
                 // reported at the next call (§2.3), data already received
                 // is still delivered.
-                if self.conns.contains_key(&conn) {
+                if self.conns.contains(conn) {
                     self.events
                         .push_back(Event::ConnectionClosed { conn, errno });
                 }
@@ -778,15 +475,7 @@ impl Channel {
     }
 
     fn insert(&mut self, conn: ConnId) {
-        let window = u64::from(self.config.window);
-        self.conns.insert(
-            conn,
-            Conn {
-                send: SendCredit::new(self.peer_window),
-                recv: RecvCredit::new(window),
-                fin_sent: false,
-            },
-        );
+        self.conns.insert(conn);
     }
 
     fn open_check(&self) -> Result<(), CallError> {
@@ -810,8 +499,7 @@ impl Channel {
     /// [`Channel::accept_connection`].
     pub fn make_connection(&mut self) -> Result<ConnId, CallError> {
         self.open_check()?;
-        let conn = self.next_conn;
-        self.next_conn += 2;
+        let conn = self.conns.allocate();
         self.insert(conn);
         Ok(conn)
     }
@@ -820,7 +508,7 @@ impl Channel {
     /// successful Connect) so data may flow on it.
     pub fn open_connection(&mut self, conn: ConnId) -> Result<(), CallError> {
         self.open_check()?;
-        if !self.conns.contains_key(&conn) {
+        if !self.conns.contains(conn) {
             self.insert(conn);
         }
         Ok(())
@@ -850,15 +538,12 @@ impl Channel {
     /// every connection's, so they are never reused on the channel.
     pub fn hand_connection(&mut self) -> Result<ConnId, CallError> {
         self.open_check()?;
-        let conn = self.next_conn;
-        self.next_conn += 2;
-        self.handed.insert(conn);
-        Ok(conn)
+        Ok(self.conns.hand())
     }
 
     /// io-server end: forgets a handed-over id whose socket never left.
     pub fn forget_handed(&mut self, conn: ConnId) {
-        self.handed.remove(&conn);
+        self.conns.take_handed(conn);
     }
 
     /// Node end: the program accepted `conn` (a relayed connection's tag,
@@ -877,7 +562,7 @@ impl Channel {
         if !self.is_open() {
             return;
         }
-        let known = self.conns.remove(&conn).is_some();
+        let known = self.conns.remove(conn);
         match self.role {
             Role::Node => self.emit(&Frame::Close { conn }),
             Role::IoServer if known => self.emit(&Frame::ConnectionClosed { conn, errno }),
@@ -888,14 +573,14 @@ impl Channel {
     /// io-server end: report an error on a connection the node still holds
     /// (§2.3) without forgetting it.
     pub fn report_error(&mut self, conn: ConnId, errno: i32) {
-        if self.is_open() && self.conns.contains_key(&conn) {
+        if self.is_open() && self.conns.contains(conn) {
             self.emit(&Frame::ConnectionClosed { conn, errno });
         }
     }
 
     /// Whether `conn` is in the table.
     pub fn has_connection(&self, conn: ConnId) -> bool {
-        self.conns.contains_key(&conn)
+        self.conns.contains(conn)
     }
 
     /// `send_message`: queues as much of `data` as the peer's credit allows
@@ -909,7 +594,7 @@ impl Channel {
             return Ok(0);
         }
         for chunk in data[..n].chunks(MAX_DATA) {
-            codec::encode_data(conn, chunk, &mut self.out);
+            self.output.encode_data(conn, chunk);
         }
         self.sent(conn, n);
         Ok(n)
@@ -918,90 +603,95 @@ impl Channel {
     /// Octets `conn` may send now; an error if it may not send at all.
     fn send_room(&self, conn: ConnId) -> Result<usize, CallError> {
         self.open_check()?;
-        let c = self
-            .conns
-            .get(&conn)
-            .ok_or(CallError::UnknownConnection(conn))?;
-        if c.fin_sent {
-            return Err(CallError::AfterFin(conn));
-        }
-        Ok(c.send.available() as usize)
+        Ok(self.conns.send_room(conn)? as usize)
     }
 
     /// Counts `n` octets queued on `conn` against its credit.
     fn sent(&mut self, conn: ConnId, n: usize) {
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.send.on_sent(n as u64);
-        }
+        self.conns.sent(conn, n as u64);
         self.stats.bytes_sent += n as u64;
     }
 
-    /// [`Channel::send_message`] with the payload written straight into
-    /// the channel's output by `fill` (a socket's read): at most `limit`
-    /// octets, the send window and [`MAX_DATA`]. `None`: the window is
-    /// shut, and `fill` was not called.
-    pub fn send_message_with<T>(
-        &mut self,
-        conn: ConnId,
-        limit: usize,
-        fill: impl FnOnce(&mut tokio::io::ReadBuf<'_>) -> T,
-    ) -> Result<Option<(usize, T)>, CallError> {
-        let Some(room) = self.frame_room(conn, limit)? else {
-            return Ok(None);
-        };
-        let (n, t) = codec::encode_data_with(conn, room, &mut self.out, fill);
-        self.sent(conn, n);
-        Ok(Some((n, t)))
-    }
-
-    /// [`Channel::send_message_with`] for a payload that `fill` splices
-    /// into the channel's pipe, at most `limit` octets, the window and
-    /// [`MAX_DATA`]: the frame's header is queued with what came before it,
-    /// then a [`Transmit::Spliced`] of the octets `fill` moved. `None`: the
-    /// window is shut, and `fill` was not called.
-    pub fn send_message_spliced<T>(
-        &mut self,
-        conn: ConnId,
-        limit: usize,
-        fill: impl FnOnce(usize) -> (usize, T),
-    ) -> Result<Option<(usize, T)>, CallError> {
-        let Some(room) = self.frame_room(conn, limit)? else {
-            return Ok(None);
-        };
-        let (n, t) = fill(room);
-        if n > 0 {
-            codec::encode_data_header(conn, n, &mut self.out);
-            self.sealed
-                .push_back(Transmit::Bytes(self.out.split().freeze()));
-            self.sealed.push_back(Transmit::Spliced(n));
-            self.sent(conn, n);
-            self.stats.bytes_spliced += n as u64;
-        }
-        Ok(Some((n, t)))
-    }
-
-    /// The most one Data frame on `conn` may carry now: `limit`, the
-    /// window and [`MAX_DATA`]; `None` (a credit stall, counted) when the
-    /// window is shut.
-    fn frame_room(&mut self, conn: ConnId, limit: usize) -> Result<Option<usize>, CallError> {
-        let room = limit.min(self.send_room(conn)?).min(MAX_DATA);
+    /// Lends room for one Data frame's payload on `conn` in the channel's
+    /// output buffer: at most `max` octets, the send window (less what is
+    /// lent already) and [`MAX_DATA`]. The shell writes the payload into
+    /// it (a socket's read, with no copy) and gives it back with
+    /// [`Channel::commit`], or splices the payload into the channel's
+    /// pipe and gives it back with [`Channel::commit_spliced`]. `None`:
+    /// the window is shut (a credit stall, counted).
+    pub fn reserve(&mut self, conn: ConnId, max: usize) -> Result<Option<Reservation>, CallError> {
+        let room = max.min(self.send_room(conn)?).min(MAX_DATA);
         if room == 0 {
             self.stats.credit_stalls += 1;
             return Ok(None);
         }
-        Ok(Some(room))
+        let r = self.output.lend(conn, room);
+        self.conns.lend(conn, r.room as u64, true);
+        Ok(Some(r))
+    }
+
+    /// Queues the payload written into `r` as one Data frame, after what
+    /// was queued before it, and counts it against the credit; the room
+    /// left goes back to the window. Returns the payload's length (0: no
+    /// frame). An error, and nothing sent, when the connection or the
+    /// channel closed since [`Channel::reserve`].
+    pub fn commit(&mut self, r: Reservation) -> Result<usize, CallError> {
+        let n = r.len();
+        self.settle(r, n, false)
+    }
+
+    /// [`Channel::commit`] for a payload of `n` octets (at most the room
+    /// of `r`, in which nothing was written) that the shell spliced into
+    /// the channel's pipe: the frame's header goes out with what was
+    /// queued before it, then a [`Transmit`] of `n` spliced octets.
+    pub fn commit_spliced(&mut self, r: Reservation, n: usize) -> Result<usize, CallError> {
+        assert!(
+            r.is_empty() && n <= r.room,
+            "a spliced payload fits its reservation"
+        );
+        self.settle(r, n, true)
+    }
+
+    fn settle(&mut self, r: Reservation, n: usize, spliced: bool) -> Result<usize, CallError> {
+        let Reservation { conn, frame, room } = r;
+        self.conns.lend(conn, room as u64, false);
+        let live = match (self.is_open(), self.conns.contains(conn)) {
+            (false, _) => Err(CallError::NotOpen),
+            (true, false) => Err(CallError::UnknownConnection(conn)),
+            (true, true) => Ok(n),
+        };
+        match live {
+            Ok(n) if n > 0 => {
+                if spliced {
+                    self.output.take_back_spliced(frame, n);
+                    self.stats.bytes_spliced += n as u64;
+                } else {
+                    self.output.take_back(frame, n);
+                }
+                self.sent(conn, n);
+            }
+            _ => self.output.take_back(frame, 0),
+        }
+        live
     }
 
     /// Octets `conn` may send now (`L_s - A_s`).
     pub fn send_window(&self, conn: ConnId) -> usize {
         self.conns
-            .get(&conn)
+            .get(conn)
             .map_or(0, |c| c.send.available() as usize)
+    }
+
+    /// Octets sent on `conn` that the peer has not yet reported consumed
+    /// ([`crate::credit::SendCredit::unacknowledged`]); 0 for an unknown
+    /// connection.
+    pub fn unacknowledged(&self, conn: ConnId) -> u64 {
+        self.conns.get(conn).map_or(0, |c| c.send.unacknowledged())
     }
 
     /// Octets received on `conn` and not yet consumed.
     pub fn buffered(&self, conn: ConnId) -> u64 {
-        self.conns.get(&conn).map_or(0, |c| c.recv.buffered())
+        self.conns.get(conn).map_or(0, |c| c.recv.buffered())
     }
 
     /// Ends our direction of `conn` after the data queued so far.
@@ -1009,7 +699,7 @@ impl Channel {
         self.open_check()?;
         let c = self
             .conns
-            .get_mut(&conn)
+            .get_mut(conn)
             .ok_or(CallError::UnknownConnection(conn))?;
         if !c.fin_sent {
             c.fin_sent = true;
@@ -1026,7 +716,7 @@ impl Channel {
         }
         if let Some(limit) = self
             .conns
-            .get_mut(&conn)
+            .get_mut(conn)
             .and_then(|c| c.recv.on_consumed(n as u64))
         {
             self.emit(&Frame::Credit { conn, limit });
