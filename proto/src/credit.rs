@@ -162,6 +162,23 @@ mod tests {
     }
 
     #[test]
+    fn unacknowledged_is_what_was_sent_past_the_receivers_last_report() {
+        // B_r = 100: L_s starts at 100.
+        let mut s = SendCredit::new(100);
+        assert_eq!(s.unacknowledged(), 0);
+        s.on_sent(60);
+        assert_eq!(s.unacknowledged(), 60);
+        // The receiver consumed 50: it reports L_r = 50 + 100.
+        s.on_credit(150);
+        assert_eq!(s.unacknowledged(), 10);
+        s.on_sent(90);
+        assert_eq!(s.unacknowledged(), 100, "never more than B_r");
+        // A late, smaller limit changes nothing.
+        s.on_credit(120);
+        assert_eq!(s.unacknowledged(), 100);
+    }
+
+    #[test]
     fn receiver_reports_after_half_a_buffer_is_consumed() {
         let mut r = RecvCredit::new(100);
         r.on_received(100).unwrap();
