@@ -23,10 +23,10 @@
 //! the channel ends first; a handed-over one is the io-server's business
 //! (its duplicate of the socket), told by [`EndpointEvent::Accepted`].
 //!
-//! Files: this one (the endpoint and its protocol calls), [`router`] (the
-//! per-connection route table), [`relay`] (the pumps and splicing), [`io`]
+//! Files: this one (the endpoint and its protocol calls), `router.rs` (the
+//! per-connection route table), `relay.rs` (the pumps and splicing), `io.rs`
 //! (the socket adapter and vectored writes), [`errno`] (the errno table)
-//! and [`preaccept`] (a client kept until its program accepts it).
+//! and `preaccept.rs` (a client kept until its program accepts it).
 
 pub mod errno;
 mod io;
