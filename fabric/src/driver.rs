@@ -481,4 +481,27 @@ mod tests {
             "{SENDERS} frames queued together took {batches} writes"
         );
     }
+
+    /// The driver sleeps until the channel's deadline and tells it the
+    /// time: an io-server channel whose node never speaks is closed then,
+    /// with the channel's reason (time is paused: no real wait).
+    #[tokio::test(start_paused = true)]
+    async fn a_channel_not_open_by_its_deadline_is_closed_by_the_timer() {
+        let ((sr, sw), (_nr, _nw)) = memory_pair();
+        let start = tokio::time::Instant::now();
+        let (server, mut events) = spawn(Channel::io_server(ChannelConfig::new("t")), sr, sw);
+        match events.recv().await.expect("the driver runs") {
+            Event::Closed { error } => assert_eq!(
+                error.to_string(),
+                "closed locally: authentication did not complete within 10 s"
+            ),
+            other => panic!("expected Closed, got {other:?}"),
+        }
+        assert_eq!(
+            start.elapsed(),
+            HANDSHAKE_TIMEOUT,
+            "at the deadline, not before"
+        );
+        assert!(server.with(|ch| ch.is_closed()));
+    }
 }

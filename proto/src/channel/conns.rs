@@ -120,14 +120,17 @@ impl ConnTable {
         Ok(c.send.available() - c.reserved)
     }
 
-    /// Lends `room` octets of `conn`'s send room, or gives them back.
-    pub(super) fn lend(&mut self, conn: ConnId, room: u64, lent: bool) {
+    /// Lends `room` octets of `conn`'s send room to a reservation.
+    pub(super) fn lend(&mut self, conn: ConnId, room: u64) {
         if let Some(c) = self.get_mut(conn) {
-            if lent {
-                c.reserved += room;
-            } else {
-                c.reserved -= room;
-            }
+            c.reserved += room;
+        }
+    }
+
+    /// Takes back the room of a reservation that is committed.
+    pub(super) fn take_back(&mut self, conn: ConnId, room: u64) {
+        if let Some(c) = self.get_mut(conn) {
+            c.reserved -= room;
         }
     }
 

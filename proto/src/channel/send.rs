@@ -51,7 +51,7 @@ impl Channel {
             return Ok(None);
         }
         let r = self.output.lend(conn, room);
-        self.conns.lend(conn, r.room as u64, true);
+        self.conns.lend(conn, r.room as u64);
         Ok(Some(r))
     }
 
@@ -79,7 +79,7 @@ impl Channel {
 
     fn settle(&mut self, r: Reservation, n: usize, spliced: bool) -> Result<usize, CallError> {
         let Reservation { conn, frame, room } = r;
-        self.conns.lend(conn, room as u64, false);
+        self.conns.take_back(conn, room as u64);
         let live = match (self.is_open(), self.conns.contains(conn)) {
             (false, _) => Err(CallError::NotOpen),
             (true, false) => Err(CallError::UnknownConnection(conn)),
