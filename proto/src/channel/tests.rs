@@ -753,3 +753,36 @@ fn one_poll_transmit_drains_frames_and_spliced_payloads_in_order() {
         ]
     );
 }
+
+/// The zero-copy shape of the relay's reads: once the output buffer has
+/// room ([`codec::READ_FLOOR`]), each payload is written where it goes
+/// out, and frames committed one after another leave in one buffer, with
+/// no copy and no new buffer.
+#[test]
+fn committed_reads_go_out_in_one_buffer_where_they_were_written() {
+    let (mut node, mut srv) = open_pair(1 << 20);
+    let conn = node.make_connection().unwrap();
+    srv.open_connection(conn).unwrap();
+    pump(&mut node, &mut srv);
+    // A first large read that found nothing leaves its room behind.
+    let r = node.reserve(conn, 64 * 1024).unwrap().unwrap();
+    assert_eq!(node.commit(r).unwrap(), 0);
+    let mut at = Vec::new();
+    for payload in [&b"first read"[..], b"second read"] {
+        let mut r = node.reserve(conn, 100).unwrap().unwrap();
+        r.payload_mut().put_slice(payload);
+        at.push(r.payload().as_ptr() as usize);
+        node.commit(r).unwrap();
+    }
+    let t = node.poll_transmit().unwrap();
+    assert_eq!(node.poll_transmit(), None, "one buffer");
+    let start = t.bytes.as_ptr() as usize;
+    assert_eq!(
+        at,
+        [
+            start + codec::DATA_OVERHEAD,
+            start + 2 * codec::DATA_OVERHEAD + b"first read".len()
+        ],
+        "each payload lies where it was written"
+    );
+}
