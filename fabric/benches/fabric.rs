@@ -11,7 +11,7 @@
 
 #[path = "../tests/common/driver.rs"]
 mod driver;
-#[path = "../tests/common/sans_io.rs"]
+#[path = "../../proto/tests/common/sans_io.rs"]
 mod sans_io;
 
 use driver::Kind;
@@ -45,7 +45,7 @@ fn sans_io_case(size: usize) -> Figures {
     let start = Instant::now();
     while start.elapsed() < CASE {
         while srv.send_message(conn, &msg).unwrap() == size {}
-        let data = srv.poll_transmit().expect("the window was open");
+        let data = srv.poll_transmit().expect("the window was open").bytes;
         node.handle_input(&data).unwrap();
         while let Some(e) = node.poll_event() {
             if let Event::MessageReceived { data, .. } = e {
@@ -54,7 +54,7 @@ fn sans_io_case(size: usize) -> Figures {
             }
         }
         if let Some(credit) = node.poll_transmit() {
-            srv.handle_input(&credit).unwrap();
+            srv.handle_input(&credit.bytes).unwrap();
         }
         sans_io::drain(&mut srv);
     }

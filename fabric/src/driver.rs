@@ -1,11 +1,14 @@
-//! The async shell around a [`Channel`]: one reader task and one writer task
-//! per channel, over any [`TransportRead`]/[`TransportWrite`] pair.
+//! The async shell around a [`Channel`]: a reader, a writer and a timer
+//! task per channel, over any [`TransportRead`]/[`TransportWrite`] pair.
+//! The channel decides everything (it is sans-IO, `saps-proto`); the tasks
+//! move its bytes, splice its payloads and tell it the time.
 //!
 //! The channel sits behind a mutex in a [`FabricHandle`]; callers make the
 //! Forwarding Protocol calls with [`FabricHandle::with`], which wakes the
 //! writer when bytes are queued. Callbacks arrive on an unbounded event
 //! receiver; its size is bounded by the credits the channel grants.
 
+pub use crate::channel::HANDSHAKE_TIMEOUT;
 use crate::channel::{Channel, Event, Transmit, STREAM_MIN};
 use crate::frame::ConnId;
 use crate::splice::{Pipe, ReceivePipe};
@@ -16,10 +19,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 
-/// A node that has not authenticated within this time is dropped.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-struct Shared {
+/// What the tasks of one channel and its [`FabricHandle`]s share: the
+/// channel under its lock, the writer's wake-ups, the event sender and
+/// the pipe of spliced payloads.
+struct DriverState {
     channel: Mutex<Channel>,
     wake_writer: Notify,
     /// A window of [`COALESCE`] opened by [`FabricHandle::with_coalesced`],
@@ -35,12 +38,13 @@ struct Shared {
 /// A cloneable handle to a running channel.
 #[derive(Clone)]
 pub struct FabricHandle {
-    shared: Arc<Shared>,
+    shared: Arc<DriverState>,
 }
 
 impl FabricHandle {
     /// The channel's pipe, when its transport takes spliced payloads
-    /// ([`Channel::send_message_spliced`] fills it).
+    /// (a relay splices into it, then says so with
+    /// [`Channel::commit_spliced`]).
     pub fn pipe(&self) -> Option<&Pipe> {
         self.shared.pipe.as_ref()
     }
@@ -164,7 +168,7 @@ pub fn spawn_with_sink<R: TransportRead, W: TransportWrite>(
 }
 
 fn spawn_inner<R: TransportRead, W: TransportWrite>(
-    channel: Channel,
+    mut channel: Channel,
     reader: R,
     writer: W,
     events: mpsc::UnboundedSender<Event>,
@@ -177,8 +181,12 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
     } else {
         None
     };
+    // A transport that hands chunks on as they are (in memory) gets whole
+    // buffers, which its reader decodes in place.
+    channel.hand_off_buffers(writer.hands_chunks_on());
+    channel.start(tokio::time::Instant::now().into_std());
     let handle = FabricHandle {
-        shared: Arc::new(Shared {
+        shared: Arc::new(DriverState {
             channel: Mutex::new(channel),
             wake_writer: Notify::new(),
             coalesced: Notify::new(),
@@ -197,7 +205,7 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
         h.shared.coalesced.notify_one();
     });
     tokio::spawn(flush_loop(handle.clone()));
-    tokio::spawn(handshake_deadline(handle.clone()));
+    tokio::spawn(timer_loop(handle.clone()));
     handle
 }
 
@@ -280,7 +288,6 @@ fn feed(
 }
 
 async fn write_loop<W: TransportWrite>(handle: FabricHandle, mut writer: W) {
-    let owned = writer.hands_chunks_on();
     loop {
         handle.shared.wake_writer.notified().await;
         // Let every task already woken in this pass of the event loop add
@@ -289,13 +296,9 @@ async fn write_loop<W: TransportWrite>(handle: FabricHandle, mut writer: W) {
         // own): one write, and one wake-up of the peer, per batch.
         to_the_back_of_the_run_queue().await;
         loop {
-            let (next, closed) = handle.with(|ch| (ch.poll_transmit_any(owned), ch.is_closed()));
+            let (next, closed) = handle.with(|ch| (ch.poll_transmit(), ch.is_closed()));
             let written = match next {
-                Some(Transmit::Bytes(b)) => Some(writer.write(b).await),
-                Some(Transmit::Spliced(n)) => Some(match handle.pipe() {
-                    Some(pipe) => writer.splice(pipe, n).await,
-                    None => Err(io::ErrorKind::Unsupported.into()),
-                }),
+                Some(t) => Some(write_transmit(&handle, &mut writer, t).await),
                 None => None,
             };
             match written {
@@ -313,6 +316,23 @@ async fn write_loop<W: TransportWrite>(handle: FabricHandle, mut writer: W) {
             }
         }
     }
+}
+
+/// Writes one piece of the channel's output: its bytes, then the payload
+/// it says is waiting in the channel's pipe.
+async fn write_transmit<W: TransportWrite>(
+    handle: &FabricHandle,
+    writer: &mut W,
+    t: Transmit,
+) -> io::Result<()> {
+    if !t.bytes.is_empty() {
+        writer.write(t.bytes).await?;
+    }
+    if t.spliced > 0 {
+        let pipe = handle.pipe().ok_or(io::ErrorKind::Unsupported)?;
+        writer.splice(pipe, t.spliced).await?;
+    }
+    Ok(())
 }
 
 /// How long output queued with [`FabricHandle::with_coalesced`] may wait
@@ -357,13 +377,14 @@ async fn to_the_back_of_the_run_queue() {
     .await
 }
 
-async fn handshake_deadline(handle: FabricHandle) {
-    tokio::time::sleep(HANDSHAKE_TIMEOUT).await;
-    handle.with(|ch| {
-        if !ch.is_open() && !ch.is_closed() {
-            ch.close("authentication did not complete within 10 s");
-        }
-    });
+/// Tells the channel the time whenever it asks to be told
+/// ([`Channel::poll_timeout`]: the handshake's deadline); ends once it
+/// asks no more (it is open, or closed).
+async fn timer_loop(handle: FabricHandle) {
+    while let Some(deadline) = handle.with(|ch| ch.poll_timeout()) {
+        tokio::time::sleep_until(deadline.into()).await;
+        handle.with(|ch| ch.handle_timeout(tokio::time::Instant::now().into_std()));
+    }
 }
 
 #[cfg(test)]
@@ -459,5 +480,28 @@ mod tests {
             batches <= 2,
             "{SENDERS} frames queued together took {batches} writes"
         );
+    }
+
+    /// The driver sleeps until the channel's deadline and tells it the
+    /// time: an io-server channel whose node never speaks is closed then,
+    /// with the channel's reason (time is paused: no real wait).
+    #[tokio::test(start_paused = true)]
+    async fn a_channel_not_open_by_its_deadline_is_closed_by_the_timer() {
+        let ((sr, sw), (_nr, _nw)) = memory_pair();
+        let start = tokio::time::Instant::now();
+        let (server, mut events) = spawn(Channel::io_server(ChannelConfig::new("t")), sr, sw);
+        match events.recv().await.expect("the driver runs") {
+            Event::Closed { error } => assert_eq!(
+                error.to_string(),
+                "closed locally: authentication did not complete within 10 s"
+            ),
+            other => panic!("expected Closed, got {other:?}"),
+        }
+        assert_eq!(
+            start.elapsed(),
+            HANDSHAKE_TIMEOUT,
+            "at the deadline, not before"
+        );
+        assert!(server.with(|ch| ch.is_closed()));
     }
 }

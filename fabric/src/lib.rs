@@ -1,27 +1,21 @@
-//! `saps-fabric`: the Forwarding Protocol of SAPS (paper §2.1.1) between the
-//! io-server and its application nodes.
+//! `saps-fabric`: the async shell of the Forwarding Protocol of SAPS (paper
+//! §2.1.1) between the io-server and its application nodes. The protocol
+//! itself — frames, codec, Appendix A credits, authentication, the channel
+//! state machine — is the sans-IO crate `saps-proto`, re-exported here
+//! under the same paths ([`frame`], [`codec`], [`credit`], [`auth`],
+//! [`channel`]).
 //!
-//! * [`frame`] — one type per row of Figure 3, plus channel frames.
-//! * [`codec`] — the length-prefixed, versioned binary encoding.
-//! * [`credit`] — Appendix A flow control, per connection and direction.
-//! * [`auth`] — token challenge-response.
-//! * [`channel`] — the sans-IO state machine of one node channel.
-//! * [`transport`] — the byte transports under it (unix, tcp, in-memory,
-//!   rdma behind the `rdma` feature) and the async [`driver`].
+//! * [`transport`] — the byte transports under a channel (unix, tcp,
+//!   in-memory, rdma behind the `rdma` feature).
+//! * [`driver`] — a channel's reader, writer and timer tasks.
 //! * [`endpoint`] — per-connection routing and stream relays over the driver.
 //! * [`splice`] — bulk reads relayed kernel to kernel, with no copy.
+//! * [`handoff`] — same-host zero-relay hand-off of a client's socket.
 
-// Unit tests share helpers written against the public API (`saps_fabric::…`).
-#[cfg(test)]
-extern crate self as saps_fabric;
+pub use saps_proto::{auth, channel, codec, credit, frame};
 
-pub mod auth;
-pub mod channel;
-pub mod codec;
-pub mod credit;
 pub mod driver;
 pub mod endpoint;
-pub mod frame;
 pub mod handoff;
 pub mod splice;
 pub mod transport;
@@ -34,7 +28,5 @@ pub mod transport;
 pub const RELISTEN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub use channel::{CallError, Channel, ChannelConfig, ChannelError, ChannelStats, Event, Role};
-pub use endpoint::{
-    ClientRelayEnd, Endpoint, EndpointError, EndpointEvent, RelayOutcome, Replay, PRE_ACCEPT_MAX,
-};
+pub use endpoint::{ClientRelayEnd, Endpoint, EndpointEvent, RelayOutcome, Replay, PRE_ACCEPT_MAX};
 pub use frame::{ConnId, Frame, ReqId, Request, Response, ShutdownHow};

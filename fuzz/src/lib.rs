@@ -2,16 +2,16 @@
 //! frames close that channel with a logged reason and touch nothing else").
 //!
 //! The functions here are the whole targets; `fuzz_targets/*.rs` are
-//! one-line libFuzzer entry points, and `fabric/tests/fuzz_smoke.rs` runs the
+//! one-line libFuzzer entry points, and `proto/tests/fuzz_smoke.rs` runs the
 //! same functions on stable over generated inputs. Each panics only when an
 //! invariant breaks, never because the input is bad.
 
-#[path = "../../fabric/tests/common/sans_io.rs"]
+#[path = "../../proto/tests/common/sans_io.rs"]
 mod sans_io;
 
 use bytes::BytesMut;
-use saps_fabric::codec::{self, DEFAULT_MAX_FRAME};
-use saps_fabric::{Channel, ChannelConfig, ConnId, Event};
+use saps_proto::codec::{self, DEFAULT_MAX_FRAME};
+use saps_proto::{Channel, ChannelConfig, ConnId, Event};
 
 /// `B_r` of the fuzzed channels: small, so credit limits are reached.
 const WINDOW: u32 = 1024;
@@ -126,7 +126,7 @@ pub fn channel(data: &[u8]) {
                 "{c} buffers past B_r"
             );
         }
-        if let Some(bytes) = target.poll_transmit() {
+        if let Some(bytes) = target.poll_transmit().map(|t| t.bytes) {
             let mut buf = BytesMut::from(&bytes[..]);
             while !buf.is_empty() {
                 match codec::decode(&mut buf, DEFAULT_MAX_FRAME) {

@@ -63,7 +63,7 @@ pub trait TransportWrite: Send + 'static {
     fn shutdown(&mut self) -> impl Future<Output = io::Result<()>> + Send;
     /// Whether `write` hands each chunk on as it is (to a reader in the
     /// same process), so the chunk should own its buffer (see
-    /// `Channel::poll_transmit_owned`).
+    /// `Channel::hand_off_buffers`, which the driver sets from this).
     fn hands_chunks_on(&self) -> bool {
         false
     }

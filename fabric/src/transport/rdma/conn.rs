@@ -86,7 +86,7 @@ struct State {
     error: Option<String>,
 }
 
-struct Shared<V: Verbs> {
+struct QueuePairState<V: Verbs> {
     // Regions before the queue pair: fields drop in order.
     send_mr: V::Mr,
     recv_mr: V::Mr,
@@ -167,7 +167,7 @@ impl<V: Verbs> Local<V> {
         peer_small: u32,
     ) -> (RdmaReader<V>, RdmaWriter<V>) {
         let c = self.config;
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(QueuePairState {
             small_max: (peer_small.min(c.send_buffer_size)) as usize,
             chunk: (c.send_buffer_size.min(peer_ring.len / 4).max(1)) as usize,
             verbs: self.verbs,
@@ -193,7 +193,7 @@ impl<V: Verbs> Local<V> {
 
 /// Held by both halves; when both are gone the poller stops and the queue
 /// pair is destroyed.
-struct Handle<V: Verbs>(Arc<Shared<V>>);
+struct Handle<V: Verbs>(Arc<QueuePairState<V>>);
 
 impl<V: Verbs> Drop for Handle<V> {
     fn drop(&mut self) {
@@ -201,7 +201,7 @@ impl<V: Verbs> Drop for Handle<V> {
     }
 }
 
-impl<V: Verbs> Shared<V> {
+impl<V: Verbs> QueuePairState<V> {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -403,7 +403,7 @@ impl<V: Verbs> TransportRead for RdmaReader<V> {
                 if let Some(n) = s.take(&mut st, buf)? {
                     return Ok(n);
                 }
-                if let Some(e) = Shared::<V>::error(&st) {
+                if let Some(e) = QueuePairState::<V>::error(&st) {
                     return Err(e);
                 }
             }
@@ -419,7 +419,7 @@ impl<V: Verbs> RdmaWriter<V> {
         loop {
             {
                 let mut st = s.lock();
-                if let Some(e) = Shared::<V>::error(&st) {
+                if let Some(e) = QueuePairState::<V>::error(&st) {
                     return Err(e);
                 }
                 if s.try_post(&mut st, msg)? {
@@ -447,7 +447,7 @@ impl<V: Verbs> TransportWrite for RdmaWriter<V> {
         loop {
             {
                 let st = s.lock();
-                if let Some(e) = Shared::<V>::error(&st) {
+                if let Some(e) = QueuePairState::<V>::error(&st) {
                     return Err(e);
                 }
                 if st.free.len() == s.config.send_buffers as usize {
@@ -460,13 +460,13 @@ impl<V: Verbs> TransportWrite for RdmaWriter<V> {
 }
 
 /// The completion poller: bounded busy-poll, then sleep on the channel fd.
-async fn poll_loop<V: Verbs>(shared: Arc<Shared<V>>) {
+async fn poll_loop<V: Verbs>(shared: Arc<QueuePairState<V>>) {
     if let Err(e) = poll_until_stopped(&shared).await {
         shared.fail(&mut shared.lock(), e.to_string());
     }
 }
 
-async fn poll_until_stopped<V: Verbs>(shared: &Shared<V>) -> Result<(), RdmaError> {
+async fn poll_until_stopped<V: Verbs>(shared: &QueuePairState<V>) -> Result<(), RdmaError> {
     let fd = super::hw::watch_fd(shared.verbs.event_fd().try_clone_to_owned()?)?;
     let mut comps = Vec::with_capacity(BATCH);
     let mut idle = 0;

@@ -14,7 +14,7 @@
 //! pair: one byte per armed notification.
 
 use super::verbs::{
-    mr_range, Completion, Endpoint, QpConfig, RemoteBuf, SendOp, SendWr, Verbs, VerbsProvider,
+    mr_range, Completion, QpConfig, RemoteBuf, SendOp, SendWr, Verbs, VerbsEndpoint, VerbsProvider,
     WcOpcode, WcStatus,
 };
 use super::RdmaError;
@@ -354,8 +354,8 @@ impl Verbs for EmuVerbs {
         self.with_region(mr, |d| out.extend_from_slice(&d[r]))
     }
 
-    fn endpoint(&self) -> Endpoint {
-        Endpoint {
+    fn endpoint(&self) -> VerbsEndpoint {
+        VerbsEndpoint {
             qpn: self.qpn,
             lid: 1,
             gid: [0; 16],
@@ -363,7 +363,7 @@ impl Verbs for EmuVerbs {
         }
     }
 
-    fn connect(&self, remote: &Endpoint) -> Result<(), RdmaError> {
+    fn connect(&self, remote: &VerbsEndpoint) -> Result<(), RdmaError> {
         self.with_qp(|q| q.peer = Some(remote.qpn))
     }
 

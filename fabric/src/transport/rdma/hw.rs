@@ -9,7 +9,7 @@
 //! Untested here: this machine has no RDMA device (see docs/rdma.md).
 
 use super::verbs::{
-    mr_range, Completion, Endpoint, QpConfig, RemoteBuf, SendOp, SendWr, Verbs, VerbsProvider,
+    mr_range, Completion, QpConfig, RemoteBuf, SendOp, SendWr, Verbs, VerbsEndpoint, VerbsProvider,
     WcOpcode, WcStatus,
 };
 use super::RdmaError;
@@ -308,10 +308,10 @@ impl Verbs for IbVerbs {
         Ok(())
     }
 
-    fn endpoint(&self) -> Endpoint {
+    fn endpoint(&self) -> VerbsEndpoint {
         // SAFETY: `qp` is live for the life of `self`.
         let qpn = unsafe { (*self.qp).qp_num };
-        Endpoint {
+        VerbsEndpoint {
             qpn,
             lid: self.lid,
             gid: self.gid,
@@ -319,7 +319,7 @@ impl Verbs for IbVerbs {
         }
     }
 
-    fn connect(&self, remote: &Endpoint) -> Result<(), RdmaError> {
+    fn connect(&self, remote: &VerbsEndpoint) -> Result<(), RdmaError> {
         use ffi::ibv_qp_attr_mask as m;
         let mut attr = ffi::ibv_qp_attr {
             qp_state: ffi::ibv_qp_state::IBV_QPS_RTR,

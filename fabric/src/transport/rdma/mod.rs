@@ -10,7 +10,7 @@
 //!   halves the channel driver runs on, like the stream transports'.
 //!
 //! Connection setup runs over a TCP side channel on the URL's host:port: each
-//! side sends its [`Endpoint`] (QPN, LID, GID, PSN), its receive ring
+//! side sends its [`VerbsEndpoint`] (QPN, LID, GID, PSN), its receive ring
 //! ([`RemoteBuf`]: address, rkey, length) and its receive depth, moves its
 //! queue pair to ready-to-send, and then both confirm with one byte so that
 //! neither sends before the other is ready to receive. See `docs/rdma.md`.
@@ -24,7 +24,7 @@ pub use conn::{RdmaReader, RdmaWriter};
 pub use emu::EmuFabric;
 pub use hw::IbDevice;
 pub use verbs::{
-    Completion, Endpoint, QpConfig, RemoteBuf, SendOp, SendWr, Verbs, VerbsProvider, WcOpcode,
+    Completion, QpConfig, RemoteBuf, SendOp, SendWr, Verbs, VerbsEndpoint, VerbsProvider, WcOpcode,
     WcStatus,
 };
 
@@ -107,7 +107,7 @@ impl Default for RdmaConfig {
 /// The setup message each side sends over the TCP side channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Hello {
-    endpoint: Endpoint,
+    endpoint: VerbsEndpoint,
     ring: RemoteBuf,
     recv_buffers: u32,
     small: u32,
@@ -164,7 +164,7 @@ impl Hello {
             ));
         }
         Ok(Hello {
-            endpoint: Endpoint { qpn, lid, gid, psn },
+            endpoint: VerbsEndpoint { qpn, lid, gid, psn },
             ring,
             recv_buffers,
             small,
@@ -277,7 +277,7 @@ mod tests {
     #[test]
     fn setup_message_round_trips_and_rejects_strangers() {
         let h = Hello {
-            endpoint: Endpoint {
+            endpoint: VerbsEndpoint {
                 qpn: 0x11,
                 lid: 3,
                 gid: [7; 16],

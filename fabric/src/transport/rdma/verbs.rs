@@ -26,7 +26,7 @@ pub struct QpConfig {
 
 /// What the peer needs to connect its queue pair to ours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Endpoint {
+pub struct VerbsEndpoint {
     pub qpn: u32,
     pub lid: u16,
     /// All zero when the port has no GID (InfiniBand with LID routing).
@@ -128,9 +128,9 @@ pub trait Verbs: Send + Sync + 'static {
         out: &mut BytesMut,
     ) -> Result<(), RdmaError>;
     /// Our side of the connection, to send to the peer.
-    fn endpoint(&self) -> Endpoint;
+    fn endpoint(&self) -> VerbsEndpoint;
     /// Moves the queue pair to ready-to-send against `remote`.
-    fn connect(&self, remote: &Endpoint) -> Result<(), RdmaError>;
+    fn connect(&self, remote: &VerbsEndpoint) -> Result<(), RdmaError>;
     /// Posts one signalled send; [`RdmaError::SendQueueFull`] when
     /// `max_send_wr` requests are outstanding.
     fn post_send(&self, wr: SendWr<'_, Self::Mr>) -> Result<(), RdmaError>;

@@ -18,7 +18,6 @@
 use crate::frame::{ConnId, Frame, Request, Response, ShutdownHow, NONCE_LEN};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
-use tokio::io::ReadBuf;
 
 /// The one wire-format version this build speaks.
 pub const WIRE_VERSION: u8 = 1;
@@ -192,54 +191,45 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
 }
 
-/// Spare room in the output buffer that [`encode_data_with`] reads into
-/// without asking for more.
-const READ_FLOOR: usize = 16 * 1024;
+/// Spare room in the output buffer that [`split_data_frame`] lends without
+/// asking for more.
+pub const READ_FLOOR: usize = 16 * 1024;
 
-/// Appends a `Data` frame whose payload `fill` writes straight into `out`,
-/// at most `limit` octets (fewer when `out` has [`READ_FLOOR`] octets of
-/// room but not `limit`): a relay reads a socket into the frame itself,
-/// with no copy through a buffer of its own. Returns how many octets
-/// `fill` wrote (nothing is appended for none) and what `fill` returned.
-pub fn encode_data_with<T>(
-    conn: ConnId,
-    limit: usize,
-    out: &mut BytesMut,
-    fill: impl FnOnce(&mut ReadBuf<'_>) -> T,
-) -> (usize, T) {
-    // Read into the room already there when it is ample: reserving a full
-    // `limit` for every read made a new buffer whenever the last chunk was
-    // still on its way to the transport, for reads of a few hundred octets.
+/// Splits the spare room off the end of `out` for one `Data` frame on
+/// `conn` whose payload is written (read from a socket) straight into it,
+/// with no copy through a buffer of its own. Returns the frame's buffer,
+/// holding its header (length to be set by [`seal_data_frame`]), and how
+/// many payload octets it has room for: `limit`, or fewer when `out`
+/// already has [`READ_FLOOR`] octets of room but not `limit` (reserving a
+/// full `limit` for every read made a new buffer whenever the last chunk
+/// was still on its way to the transport, for reads of a few hundred
+/// octets). Give the buffer back with `out.unsplit(frame)`: adjacent
+/// again, it rejoins `out` without a copy.
+pub fn split_data_frame(conn: ConnId, limit: usize, out: &mut BytesMut) -> (BytesMut, usize) {
     let spare = out.capacity() - out.len();
-    let limit = if spare >= DATA_OVERHEAD + READ_FLOOR {
+    let room = if spare >= DATA_OVERHEAD + READ_FLOOR {
         limit.min(spare - DATA_OVERHEAD)
     } else {
         out.reserve(DATA_OVERHEAD + limit);
         limit
     };
-    let start = out.len();
-    out.put_u32(0);
-    out.put_u8(WIRE_VERSION);
-    put_conn(out, tag::DATA, conn);
-    let head = out.len();
-    let (n, t) = {
-        let mut rb = ReadBuf::uninit(&mut out.spare_capacity_mut()[..limit]);
-        let t = fill(&mut rb);
-        (rb.filled().len(), t)
-    };
-    if n == 0 {
-        out.truncate(start);
-        return (0, t);
-    }
-    // SAFETY: a `ReadBuf` only reports as filled octets that were written
-    // (initialised), and its buffer is the start of `out`'s spare capacity.
-    unsafe { out.set_len(head + n) };
-    out[start..start + 4].copy_from_slice(&((2 + 8 + n) as u32).to_be_bytes());
-    (n, t)
+    let mut frame = out.split_off(out.len());
+    frame.put_u32(0);
+    frame.put_u8(WIRE_VERSION);
+    put_conn(&mut frame, tag::DATA, conn);
+    (frame, room)
+}
+
+/// Sets the length of a `Data` frame made by [`split_data_frame`] whose
+/// `payload` octets follow its header: in `frame` itself, or sent after
+/// it by the transport (spliced).
+pub fn seal_data_frame(frame: &mut BytesMut, payload: usize) {
+    let len = (2 + 8 + payload) as u32;
+    frame[..4].copy_from_slice(&len.to_be_bytes());
 }
 
 /// Appends the header of a `Data` frame whose `len` octets of payload
-/// the transport sends after it (spliced: see [`crate::splice`]).
+/// follow it.
 pub fn encode_data_header(conn: ConnId, len: usize, out: &mut BytesMut) {
     out.reserve(DATA_OVERHEAD);
     out.put_u32((2 + 8 + len) as u32);
@@ -578,252 +568,4 @@ impl Reader {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::frame::bind_flags;
-
-    /// A read into a frame uses the room the buffer has when that is ample
-    /// (no new buffer), asks for `limit` when it is not, and frames only
-    /// what was read.
-    #[test]
-    fn a_read_into_a_frame_uses_ample_room_and_frames_what_it_read() {
-        let mut out = BytesMut::with_capacity(DATA_OVERHEAD + READ_FLOOR + 100);
-        let at = out.as_ptr();
-        let (n, room) = encode_data_with(3, 64 * 1024, &mut out, |rb| {
-            let room = rb.remaining();
-            rb.put_slice(b"abc");
-            room
-        });
-        assert_eq!((n, room), (3, READ_FLOOR + 100));
-        assert_eq!(out.as_ptr(), at, "no new buffer");
-        let mut small = BytesMut::new();
-        let (_, room) = encode_data_with(3, 5000, &mut small, |rb| rb.remaining());
-        assert_eq!(room, 5000);
-        assert!(small.is_empty(), "nothing read, nothing framed");
-        match decode(&mut out, 1 << 20).unwrap() {
-            Some(Frame::Data { conn: 3, data }) => assert_eq!(&data[..], b"abc"),
-            f => panic!("{f:?}"),
-        }
-        assert!(out.is_empty());
-    }
-
-    fn samples() -> Vec<Frame> {
-        let v4: SocketAddr = "192.0.2.7:8080".parse().unwrap();
-        let v6: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
-        vec![
-            Frame::Hello {
-                min_version: 1,
-                max_version: 1,
-                node: "web-1".into(),
-                weight: 3,
-                window: 65536,
-                nonce: [7; NONCE_LEN],
-            },
-            Frame::Challenge {
-                version: 1,
-                window: 1 << 20,
-                nonce: [1; NONCE_LEN],
-                proof: [2; NONCE_LEN],
-            },
-            Frame::Auth {
-                proof: [3; NONCE_LEN],
-            },
-            Frame::Welcome { node_id: 9 },
-            Frame::GoAway {
-                reason: "bye".into(),
-            },
-            Frame::Request {
-                req: 1,
-                request: Request::Bind {
-                    conn: 2,
-                    addr: v6,
-                    flags: bind_flags::REUSEPORT,
-                },
-            },
-            Frame::Request {
-                req: 2,
-                request: Request::Listen {
-                    conn: 2,
-                    backlog: 511,
-                },
-            },
-            Frame::Request {
-                req: 3,
-                request: Request::Connect { conn: 4, addr: v4 },
-            },
-            Frame::Request {
-                req: 4,
-                request: Request::Shutdown {
-                    conn: 4,
-                    how: ShutdownHow::Write,
-                },
-            },
-            Frame::Request {
-                req: 5,
-                request: Request::SetOpt {
-                    conn: 4,
-                    level: 6,
-                    name: 1,
-                    value: Bytes::from_static(&[1, 0, 0, 0]),
-                },
-            },
-            Frame::Request {
-                req: 6,
-                request: Request::GetOpt {
-                    conn: 4,
-                    level: 6,
-                    name: 11,
-                    len: 232,
-                },
-            },
-            Frame::Response {
-                req: 1,
-                response: Response::Status {
-                    errno: 0,
-                    addr: Some(v4),
-                },
-            },
-            Frame::Response {
-                req: 3,
-                response: Response::Status {
-                    errno: 111,
-                    addr: None,
-                },
-            },
-            Frame::Response {
-                req: 6,
-                response: Response::OptValue {
-                    errno: 0,
-                    value: Bytes::from_static(b"abcd"),
-                },
-            },
-            Frame::ConnectionAccepted {
-                listener: 2,
-                conn: 1,
-                peer: v4,
-                local: v6,
-            },
-            Frame::ConnectionClosed {
-                conn: 1,
-                errno: 104,
-            },
-            Frame::Close { conn: 1 },
-            Frame::Accepted { conn: 3 },
-            Frame::Data {
-                conn: 1,
-                data: Bytes::from_static(b"hello"),
-            },
-            Frame::Fin { conn: 1 },
-            Frame::Credit {
-                conn: 1,
-                limit: u64::MAX,
-            },
-            Frame::Weight { weight: 0 },
-            Frame::Ping { token: 5 },
-            Frame::Pong { token: 5 },
-        ]
-    }
-
-    #[test]
-    fn every_frame_round_trips() {
-        for f in samples() {
-            let mut buf = BytesMut::new();
-            encode(&f, &mut buf);
-            let got = decode(&mut buf, DEFAULT_MAX_FRAME).unwrap().unwrap();
-            assert_eq!(got, f);
-            assert!(buf.is_empty());
-        }
-    }
-
-    #[test]
-    fn every_truncation_asks_for_more_or_fails_cleanly() {
-        for f in samples() {
-            let mut full = BytesMut::new();
-            encode(&f, &mut full);
-            for cut in 0..full.len() {
-                let mut part = BytesMut::from(&full[..cut]);
-                assert_eq!(
-                    decode(&mut part, DEFAULT_MAX_FRAME),
-                    Ok(None),
-                    "{f:?} cut {cut}"
-                );
-                assert_eq!(part.len(), cut);
-            }
-            // A frame whose length field lies (body shortened) is malformed.
-            if full.len() > HEADER_LEN + 1 {
-                let mut lying = BytesMut::from(&full[..full.len() - 1]);
-                let len = (lying.len() - 4) as u32;
-                lying[..4].copy_from_slice(&len.to_be_bytes());
-                if !matches!(f, Frame::Data { .. }) {
-                    assert!(decode(&mut lying, DEFAULT_MAX_FRAME).is_err(), "{f:?}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn oversized_unknown_and_wrong_version_are_errors() {
-        let mut b = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 1, 0x33][..]);
-        assert!(matches!(
-            decode(&mut b, DEFAULT_MAX_FRAME),
-            Err(DecodeError::Oversized { .. })
-        ));
-        let mut b = BytesMut::from(&[0, 0, 0, 2, 1, 0x99][..]);
-        assert_eq!(
-            decode(&mut b, DEFAULT_MAX_FRAME),
-            Err(DecodeError::UnknownTag(0x99))
-        );
-        let mut b = BytesMut::from(&[0, 0, 0, 2, 2, tag::PING][..]);
-        assert_eq!(
-            decode(&mut b, DEFAULT_MAX_FRAME),
-            Err(DecodeError::Version(2))
-        );
-        let mut b = BytesMut::from(&[0, 0, 0, 1, 1][..]);
-        assert_eq!(decode(&mut b, DEFAULT_MAX_FRAME), Err(DecodeError::Runt(1)));
-    }
-
-    /// `Accepted` (protocol version 2) is one small frame: the framing's
-    /// version octet stays 1, the tag is 0x36, the body the connection.
-    #[test]
-    fn accepted_is_fourteen_octets_in_the_version_1_framing() {
-        let mut b = BytesMut::new();
-        encode(&Frame::Accepted { conn: 0x0102 }, &mut b);
-        assert_eq!(
-            &b[..],
-            &[0, 0, 0, 10, WIRE_VERSION, 0x36, 0, 0, 0, 0, 0, 0, 1, 2][..]
-        );
-        assert_eq!(WIRE_VERSION, 1);
-        // A body that is not exactly one u64 is malformed.
-        let mut short = BytesMut::from(&[0, 0, 0, 9, 1, 0x36, 0, 0, 0, 0, 0, 0, 1][..]);
-        assert!(matches!(
-            decode(&mut short, DEFAULT_MAX_FRAME),
-            Err(DecodeError::Malformed {
-                frame: "Accepted",
-                what: "truncated"
-            })
-        ));
-        let mut long = BytesMut::from(&[0, 0, 0, 11, 1, 0x36, 0, 0, 0, 0, 0, 0, 0, 1, 9][..]);
-        assert!(matches!(
-            decode(&mut long, DEFAULT_MAX_FRAME),
-            Err(DecodeError::Malformed {
-                frame: "Accepted",
-                what: "trailing bytes"
-            })
-        ));
-    }
-
-    #[test]
-    fn encode_data_matches_generic_encoding() {
-        let mut a = BytesMut::new();
-        let mut b = BytesMut::new();
-        encode_data(42, b"xyz", &mut a);
-        encode(
-            &Frame::Data {
-                conn: 42,
-                data: Bytes::from_static(b"xyz"),
-            },
-            &mut b,
-        );
-        assert_eq!(a, b);
-    }
-}
+mod tests;

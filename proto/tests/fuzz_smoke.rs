@@ -8,8 +8,8 @@ mod targets;
 
 use bytes::BytesMut;
 use proptest::prelude::*;
-use saps_fabric::codec;
-use saps_fabric::Frame;
+use saps_proto::codec;
+use saps_proto::Frame;
 
 /// Well-formed frames to splice into the generated inputs, so that the
 /// decoder and the channel get past the first length check.

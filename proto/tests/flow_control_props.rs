@@ -17,8 +17,8 @@ mod sans_io;
 
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
-use saps_fabric::codec;
-use saps_fabric::{CallError, Channel, ConnId, Event, Frame};
+use saps_proto::codec;
+use saps_proto::{CallError, Channel, ConnId, Event, Frame};
 use std::collections::VecDeque;
 
 /// Index of each end in the arrays below.
@@ -234,7 +234,7 @@ impl Model {
 
     fn collect_transmits(&mut self) {
         for from in [NODE, SRV] {
-            if let Some(bytes) = self.chans[from].poll_transmit() {
+            if let Some(bytes) = self.chans[from].poll_transmit().map(|t| t.bytes) {
                 self.wires[1 - from].push(bytes);
             }
         }

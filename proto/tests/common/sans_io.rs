@@ -2,7 +2,7 @@
 //! benchmark: two [`Channel`] ends authenticated through the real handshake
 //! and wired back to back in memory (no sockets, no sleeps).
 
-use saps_fabric::{Channel, ChannelConfig, Event};
+use saps_proto::{Channel, ChannelConfig, Event};
 
 /// The shared secret both ends prove.
 pub const TOKEN: &str = "fabric-test-token";
@@ -13,12 +13,12 @@ pub const TOKEN: &str = "fabric-test-token";
 pub fn pump(a: &mut Channel, b: &mut Channel) {
     loop {
         let mut moved = false;
-        if let Some(bytes) = a.poll_transmit() {
-            let _ = b.handle_input(&bytes);
+        if let Some(t) = a.poll_transmit() {
+            let _ = b.handle_input(&t.bytes);
             moved = true;
         }
-        if let Some(bytes) = b.poll_transmit() {
-            let _ = a.handle_input(&bytes);
+        if let Some(t) = b.poll_transmit() {
+            let _ = a.handle_input(&t.bytes);
             moved = true;
         }
         if !moved {

@@ -193,7 +193,7 @@ pub enum Frame {
     /// io-server's to give to another node if this node's channel ends;
     /// from then on it is the node's. `conn` is a relayed connection's
     /// tag, or the io-server's id of a handed-over one
-    /// ([`crate::handoff::HandedOff::conn`]).
+    /// (`saps_fabric::handoff::HandedOff::conn`).
     Accepted {
         conn: ConnId,
     },

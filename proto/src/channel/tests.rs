@@ -2,7 +2,9 @@
 //! back in memory, no sockets, no sleeps.
 
 use super::*;
-use crate::frame::{ConnId, Request, Response};
+use crate::frame::{ConnId, Request, Response, NONCE_LEN};
+use bytes::BufMut;
+use std::time::{Duration, Instant};
 
 // The same helpers the integration tests, the benchmark and the fuzz
 // targets use.
@@ -80,7 +82,7 @@ fn a_node_that_forges_the_proof_is_refused() {
     );
     assert_eq!(srv.handle_input(&out), Err(ChannelError::BadToken));
     assert!(srv.is_closed());
-    let goaway = srv.poll_transmit().unwrap();
+    let goaway = srv.poll_transmit().unwrap().bytes;
     assert!(String::from_utf8_lossy(&goaway).contains("did not prove the token"));
 }
 
@@ -357,7 +359,7 @@ fn input_given_up_in_buffers_is_decoded_across_any_split() {
         for m in [&b"first"[..], b"", b"third message"] {
             srv.send_message(conn, m).unwrap();
         }
-        (node, srv.poll_transmit().unwrap())
+        (node, srv.poll_transmit().unwrap().bytes)
     };
     let len = frames().1.len();
     for cut in 0..=len {
@@ -387,11 +389,12 @@ fn owned_transmit_gives_large_buffers_up_and_keeps_their_capacity() {
     let conn = client(&mut srv, 9);
     pump(&mut node, &mut srv);
     events(&mut node);
+    srv.hand_off_buffers(true);
     let big = vec![7; OWNED_MIN + 1000];
     srv.send_message(conn, &big).unwrap();
     let length = srv.pending_transmit();
-    let chunk = srv.poll_transmit_owned().unwrap();
-    assert!(srv.poll_transmit_owned().is_none());
+    let chunk = srv.poll_transmit().unwrap().bytes;
+    assert!(srv.poll_transmit().is_none());
     let mut buf = chunk.try_into_mut().expect("the only view of its buffer");
     let (start, end) = (buf.as_ptr() as usize, buf.as_ptr() as usize + buf.len());
     node.handle_input_buf(&mut buf).unwrap();
@@ -406,14 +409,14 @@ fn owned_transmit_gives_large_buffers_up_and_keeps_their_capacity() {
     let at = data.as_ptr() as usize;
     assert!(start <= at && at + data.len() <= end, "decoded in place");
     srv.send_message(conn, &[8; 10]).unwrap();
-    let small = srv.poll_transmit_owned().unwrap();
+    let small = srv.poll_transmit().unwrap().bytes;
     assert!(small.len() < 100);
     assert!(
         small.try_into_mut().is_err(),
         "a view of the channel's buffer"
     );
     srv.send_message(conn, &big).unwrap();
-    let next = srv.poll_transmit_owned().unwrap();
+    let next = srv.poll_transmit().unwrap().bytes;
     assert!(next.try_into_mut().unwrap().capacity() >= length);
 }
 
@@ -428,15 +431,21 @@ fn a_read_into_the_frame_sends_what_it_read_within_the_window() {
     pump(&mut node, &mut srv);
     events(&mut srv);
     let before = node.pending_transmit();
-    let nothing = node.send_message_with(conn, 5000, |rb| rb.remaining());
-    assert_eq!(nothing.unwrap(), Some((0, 1000)), "room is the window");
+    let nothing = node.reserve(conn, 5000).unwrap().unwrap();
+    assert_eq!(nothing.room(), 1000, "room is the window");
+    assert_eq!(node.commit(nothing).unwrap(), 0);
     assert_eq!(node.pending_transmit(), before);
-    let sent = node.send_message_with(conn, 5000, |rb| rb.put_slice(&[5; 600]));
-    assert_eq!(sent.unwrap().map(|(n, _)| n), Some(600));
-    let rest = node.send_message_with(conn, 5000, |rb| rb.put_slice(&vec![6; rb.remaining()]));
-    assert_eq!(rest.unwrap().map(|(n, _)| n), Some(400));
-    let shut = node.send_message_with(conn, 10, |_| unreachable!("no room to read into"));
-    assert_eq!(shut.unwrap(), None);
+    let mut sent = node.reserve(conn, 5000).unwrap().unwrap();
+    sent.payload_mut().put_slice(&[5; 600]);
+    assert_eq!(node.commit(sent).unwrap(), 600);
+    let mut rest = node.reserve(conn, 5000).unwrap().unwrap();
+    let room = rest.room();
+    rest.payload_mut().put_slice(&vec![6; room]);
+    assert_eq!(node.commit(rest).unwrap(), 400);
+    assert!(
+        node.reserve(conn, 10).unwrap().is_none(),
+        "the window is shut"
+    );
     pump(&mut node, &mut srv);
     let got: Vec<u8> = events(&mut srv)
         .into_iter()
@@ -459,7 +468,7 @@ fn wire_of(window: u32, messages: &[&[u8]]) -> (Channel, ConnId, Bytes) {
     for m in messages {
         assert_eq!(srv.send_message(conn, m).unwrap(), m.len());
     }
-    (node, conn, srv.poll_transmit().unwrap_or_default())
+    (node, conn, srv.poll_transmit().unwrap_or_default().bytes)
 }
 
 /// What the node received: the payloads delivered and the lengths
@@ -547,4 +556,233 @@ fn large_frames_are_decoded_across_any_three_way_split() {
             node.consumed(conn, got.len());
         }
     }
+}
+
+// The sans-IO calls: time in (`start`, `poll_timeout`, `handle_timeout`),
+// payload room lent and taken back (`reserve`, `commit`,
+// `commit_spliced`), one `poll_transmit`. No runtime, no sockets, and
+// every instant given by the test.
+
+/// Both ends of a node channel whose handshake clocks started at `t0`,
+/// the handshake not run yet.
+fn started_pair(t0: Instant) -> (Channel, Channel) {
+    let mut node = Channel::node(ChannelConfig::new("tok").node("n1", 2).window(1000));
+    let mut srv = Channel::io_server(ChannelConfig::new("tok").window(1000));
+    node.start(t0);
+    srv.start(t0);
+    (node, srv)
+}
+
+/// An open pair with a window of 1000 and one node-made connection on it.
+fn pair_with_a_connection() -> (Channel, Channel, ConnId) {
+    let (mut node, mut srv) = open_pair(1000);
+    let conn = node.make_connection().unwrap();
+    srv.open_connection(conn).unwrap();
+    pump(&mut node, &mut srv);
+    events(&mut srv);
+    (node, srv, conn)
+}
+
+#[test]
+fn the_handshake_times_out_at_exactly_its_deadline_and_not_before() {
+    let t0 = Instant::now();
+    let (mut node, mut srv) = started_pair(t0);
+    let deadline = t0 + HANDSHAKE_TIMEOUT;
+    assert_eq!(srv.poll_timeout(), Some(deadline));
+    assert_eq!(node.poll_timeout(), Some(deadline));
+    // The node's Hello never reaches the io-server.
+    let hello = node.poll_transmit().unwrap();
+    assert_eq!(hello.spliced, 0);
+    srv.handle_timeout(deadline - Duration::from_nanos(1));
+    assert!(!srv.is_closed(), "not a nanosecond early");
+    assert_eq!(srv.poll_timeout(), Some(deadline));
+    srv.handle_timeout(deadline);
+    assert!(srv.is_closed());
+    assert_eq!(
+        closed_reason(&events(&mut srv)).as_deref(),
+        Some("closed locally: authentication did not complete within 10 s")
+    );
+    let goaway = srv.poll_transmit().unwrap().bytes;
+    assert!(String::from_utf8_lossy(&goaway).contains("did not complete within 10 s"));
+    assert_eq!(
+        srv.poll_timeout(),
+        None,
+        "a closed channel asks for no time"
+    );
+}
+
+#[test]
+fn poll_timeout_is_none_once_open_and_time_no_longer_closes_it() {
+    let t0 = Instant::now();
+    let (mut node, mut srv) = started_pair(t0);
+    pump(&mut node, &mut srv);
+    srv.welcome(7);
+    pump(&mut node, &mut srv);
+    assert!(node.is_open() && srv.is_open());
+    assert_eq!(node.poll_timeout(), None);
+    assert_eq!(srv.poll_timeout(), None);
+    node.handle_timeout(t0 + HANDSHAKE_TIMEOUT * 100);
+    srv.handle_timeout(t0 + HANDSHAKE_TIMEOUT * 100);
+    assert!(node.is_open() && srv.is_open());
+}
+
+#[test]
+fn a_channel_whose_clock_never_started_asks_for_no_time() {
+    let mut node = Channel::node(ChannelConfig::new("tok").node("n1", 1));
+    assert_eq!(node.poll_timeout(), None);
+    node.handle_timeout(Instant::now() + HANDSHAKE_TIMEOUT * 2);
+    assert!(!node.is_closed());
+}
+
+#[test]
+fn reserve_never_lends_past_the_window_and_a_short_commit_leaves_the_rest() {
+    let (mut node, _srv, conn) = pair_with_a_connection();
+    let mut first = node.reserve(conn, 5000).unwrap().unwrap();
+    assert_eq!(first.room(), 1000, "the whole window, not the 5000 asked");
+    assert!(
+        node.reserve(conn, 1).unwrap().is_none(),
+        "what is lent is not lent twice"
+    );
+    first.payload_mut().put_slice(&[1; 300]);
+    assert_eq!(node.commit(first).unwrap(), 300);
+    assert_eq!(node.send_window(conn), 700);
+    let second = node.reserve(conn, 5000).unwrap().unwrap();
+    assert_eq!(second.room(), 700, "the 700 not written are the window's");
+    assert_eq!(node.commit(second).unwrap(), 0);
+    assert_eq!(node.send_window(conn), 700);
+    assert_eq!(node.reserve(conn, 200).unwrap().unwrap().room(), 200);
+}
+
+#[test]
+fn a_payload_never_outgrows_its_reservation() {
+    let (mut node, _srv, conn) = pair_with_a_connection();
+    let mut r = node.reserve(conn, 100).unwrap().unwrap();
+    assert_eq!(r.payload_mut().remaining_mut(), 100);
+    r.payload_mut().put_slice(&[2; 60]);
+    assert_eq!(r.payload_mut().remaining_mut(), 40);
+    assert_eq!((r.len(), r.payload()), (60, &[2; 60][..]));
+    assert_eq!(node.commit(r).unwrap(), 60);
+}
+
+#[test]
+fn a_commit_after_the_connection_closed_sends_nothing() {
+    let (mut node, _srv, conn) = pair_with_a_connection();
+    let mut r = node.reserve(conn, 100).unwrap().unwrap();
+    r.payload_mut().put_slice(b"late");
+    node.close_connection(conn, 0);
+    let before = node.pending_transmit();
+    assert_eq!(node.commit(r), Err(CallError::UnknownConnection(conn)));
+    assert_eq!(node.pending_transmit(), before);
+    assert_eq!(node.stats().bytes_sent, 0);
+}
+
+#[test]
+fn commit_spliced_counts_the_payload_and_queues_its_header_before_it() {
+    let (mut node, mut srv, conn) = pair_with_a_connection();
+    let r = node.reserve(conn, 5000).unwrap().unwrap();
+    assert_eq!(node.commit_spliced(r, 600).unwrap(), 600);
+    assert_eq!(node.send_window(conn), 400);
+    let stats = node.stats();
+    assert_eq!((stats.bytes_sent, stats.bytes_spliced), (600, 600));
+    assert_eq!(node.pending_transmit(), codec::DATA_OVERHEAD + 600);
+    let t = node.poll_transmit().unwrap();
+    assert_eq!(t.spliced, 600);
+    assert_eq!(codec::peek_data(&t.bytes), Some((conn, 600)));
+    assert_eq!(t.bytes.len(), codec::DATA_OVERHEAD);
+    assert_eq!(node.poll_transmit(), None);
+    // The header and the payload after it are one Data frame to the peer.
+    let mut wire = t.bytes.to_vec();
+    wire.extend_from_slice(&[3; 600]);
+    srv.handle_input(&wire).unwrap();
+    assert_eq!(
+        events(&mut srv),
+        vec![Event::MessageReceived {
+            conn,
+            data: Bytes::from(vec![3; 600])
+        }]
+    );
+    // Nothing spliced, nothing sent: the room goes back.
+    let r = node.reserve(conn, 5000).unwrap().unwrap();
+    assert_eq!(node.commit_spliced(r, 0).unwrap(), 0);
+    assert_eq!((node.send_window(conn), node.pending_transmit()), (400, 0));
+}
+
+#[test]
+fn one_poll_transmit_drains_frames_and_spliced_payloads_in_order() {
+    let (mut node, _srv, conn) = pair_with_a_connection();
+    node.send_message(conn, b"before").unwrap();
+    let r = node.reserve(conn, 100).unwrap().unwrap();
+    node.commit_spliced(r, 100).unwrap();
+    let mut r = node.reserve(conn, 100).unwrap().unwrap();
+    r.payload_mut().put_slice(b"read");
+    node.commit(r).unwrap();
+    node.send_fin(conn).unwrap();
+    let first = node.poll_transmit().unwrap();
+    let second = node.poll_transmit().unwrap();
+    assert_eq!(node.poll_transmit(), None);
+    assert_eq!(
+        first.spliced, 100,
+        "the spliced payload follows the first bytes"
+    );
+    assert_eq!(second.spliced, 0);
+    let mut head = BytesMut::from(&first.bytes[..]);
+    assert_eq!(
+        codec::decode(&mut head, codec::DEFAULT_MAX_FRAME).unwrap(),
+        Some(Frame::Data {
+            conn,
+            data: Bytes::from_static(b"before")
+        })
+    );
+    assert_eq!(
+        &head[..],
+        &first.bytes[first.bytes.len() - codec::DATA_OVERHEAD..]
+    );
+    assert_eq!(codec::peek_data(&head), Some((conn, 100)));
+    let mut rest = BytesMut::from(&second.bytes[..]);
+    let frames: Vec<Frame> =
+        std::iter::from_fn(|| codec::decode(&mut rest, codec::DEFAULT_MAX_FRAME).unwrap())
+            .collect();
+    assert_eq!(
+        frames,
+        vec![
+            Frame::Data {
+                conn,
+                data: Bytes::from_static(b"read")
+            },
+            Frame::Fin { conn }
+        ]
+    );
+}
+
+/// The zero-copy shape of the relay's reads: once the output buffer has
+/// room ([`codec::READ_FLOOR`]), each payload is written where it goes
+/// out, and frames committed one after another leave in one buffer, with
+/// no copy and no new buffer.
+#[test]
+fn committed_reads_go_out_in_one_buffer_where_they_were_written() {
+    let (mut node, mut srv) = open_pair(1 << 20);
+    let conn = node.make_connection().unwrap();
+    srv.open_connection(conn).unwrap();
+    pump(&mut node, &mut srv);
+    // A first large read that found nothing leaves its room behind.
+    let r = node.reserve(conn, 64 * 1024).unwrap().unwrap();
+    assert_eq!(node.commit(r).unwrap(), 0);
+    let mut at = Vec::new();
+    for payload in [&b"first read"[..], b"second read"] {
+        let mut r = node.reserve(conn, 100).unwrap().unwrap();
+        r.payload_mut().put_slice(payload);
+        at.push(r.payload().as_ptr() as usize);
+        node.commit(r).unwrap();
+    }
+    let t = node.poll_transmit().unwrap();
+    assert_eq!(node.poll_transmit(), None, "one buffer");
+    let start = t.bytes.as_ptr() as usize;
+    assert_eq!(
+        at,
+        [
+            start + codec::DATA_OVERHEAD,
+            start + 2 * codec::DATA_OVERHEAD + b"first read".len()
+        ],
+        "each payload lies where it was written"
+    );
 }

@@ -14,6 +14,8 @@ pub struct SendCredit {
     sent: u64,
     /// `L_s`: the highest limit the receiver has granted.
     limit: u64,
+    /// The receiver's `B_r`, its first `L_r`.
+    window: u64,
 }
 
 impl SendCredit {
@@ -22,6 +24,7 @@ impl SendCredit {
         Self {
             sent: 0,
             limit: initial,
+            window: initial,
         }
     }
 
@@ -33,6 +36,17 @@ impl SendCredit {
     /// `A_s`.
     pub fn sent(&self) -> u64 {
         self.sent
+    }
+
+    /// Octets sent that the receiver has not yet reported consumed. A
+    /// receiver reports `L_r = A_r + E_r`, with `E_r = B_r - (A_r -
+    /// consumed)`: so `L_s - B_r` is what it had consumed when it last
+    /// reported, and `A_s - (L_s - B_r)` is in flight or in its buffer.
+    /// Appendix A reports after half a buffer, so this over-counts by less
+    /// than `B_r / 2`.
+    pub fn unacknowledged(&self) -> u64 {
+        // A_s + B_r - L_s, never below 0.
+        (self.sent + self.window).saturating_sub(self.limit)
     }
 
     /// Records `n` octets sent. The caller must stay within [`available`].
@@ -145,6 +159,23 @@ mod tests {
         assert!(!s.on_credit(120), "a late, smaller limit is ignored");
         assert!(!s.on_credit(150), "a duplicate is ignored");
         assert_eq!(s.available(), 50);
+    }
+
+    #[test]
+    fn unacknowledged_is_what_was_sent_past_the_receivers_last_report() {
+        // B_r = 100: L_s starts at 100.
+        let mut s = SendCredit::new(100);
+        assert_eq!(s.unacknowledged(), 0);
+        s.on_sent(60);
+        assert_eq!(s.unacknowledged(), 60);
+        // The receiver consumed 50: it reports L_r = 50 + 100.
+        s.on_credit(150);
+        assert_eq!(s.unacknowledged(), 10);
+        s.on_sent(90);
+        assert_eq!(s.unacknowledged(), 100, "never more than B_r");
+        // A late, smaller limit changes nothing.
+        s.on_credit(120);
+        assert_eq!(s.unacknowledged(), 100);
     }
 
     #[test]

@@ -1,0 +1,639 @@
+//! The async endpoint over [`driver::spawn`]: routes a channel's callbacks
+//! per SAPS connection and relays byte streams within the Appendix A credits.
+//!
+//! Both ends use it: the io-server relays client TCP sockets, the node's
+//! supervisor relays the application's socket pairs. One router task takes
+//! the channel's events in order and hands each connection's
+//! `message_received`/`Fin`/`connection_closed`/`buffer_available` (§2.1.1)
+//! to that connection's [`Endpoint::relay`], so a connection whose stream
+//! stops reading waits on its own credit and never stalls another (§2.2).
+//! Everything else (authentication, Figure 3 requests and responses, accepted
+//! connections) comes out as an [`EndpointEvent`] or answers
+//! [`Endpoint::request`].
+//!
+//! An idle relay holds no read buffer (a gateway holds tens of thousands of
+//! idle connections; docs/benchmarks.md "Scale"): a read goes straight into
+//! a Data frame in the channel's output buffer.
+//!
+//! Re-dispatch (issue 17): on a protocol version 2 channel the io-server
+//! keeps each client connection it gives a node until the node says its
+//! program accepted it ([`Endpoint::accepted`] on the node). A relayed
+//! one keeps the client's octets sent before that ([`preaccept`]), and
+//! [`Endpoint::relay_client`] gives the socket and those octets back when
+//! the channel ends first; a handed-over one is the io-server's business
+//! (its duplicate of the socket), told by [`EndpointEvent::Accepted`].
+//!
+//! Files: this one (the endpoint and its protocol calls), `router.rs` (the
+//! per-connection route table), `relay.rs` (the pumps and splicing), `io.rs`
+//! (the socket adapter and vectored writes), [`errno`] (the errno table)
+//! and `preaccept.rs` (a client kept until its program accepts it).
+
+pub mod errno;
+mod io;
+mod preaccept;
+mod relay;
+mod router;
+
+pub use errno::io_errno;
+pub use preaccept::{Replay, PRE_ACCEPT_MAX};
+pub use router::EndpointEvent;
+
+use crate::channel::{CallError, Channel};
+use crate::driver::{self, FabricHandle};
+use crate::frame::{ConnId, ReqId, Request, Response};
+use crate::splice::ReadySocket;
+use crate::transport::{TransportRead, TransportWrite};
+use io::SocketAdapter;
+use preaccept::PreAccept;
+use relay::{Attachment, End, Pump, Relayed};
+use router::{
+    lock_router, route, Attached, Counters, Receive, Route, RouteSink, Router, Start, Track,
+};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tracing::Instrument;
+
+/// Errors of [`Endpoint::request`].
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("the fabric channel closed: {0}")]
+    Closed(String),
+    #[error(transparent)]
+    Call(#[from] CallError),
+}
+
+/// How the relay of a client connection the io-server accepted for a node
+/// ended ([`Endpoint::relay_client`]).
+#[derive(Debug)]
+pub enum ClientRelayEnd {
+    /// As [`Endpoint::relay_tcp`]: the socket is closed.
+    Finished(RelayOutcome),
+    /// The node's channel ended before its program accepted the
+    /// connection: the client's socket, open and untouched, and what was
+    /// read from it, to give to another node.
+    Unaccepted {
+        stream: Arc<TcpStream>,
+        replay: Replay,
+        outcome: RelayOutcome,
+    },
+}
+
+/// How a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayOutcome {
+    /// Octets read from the stream and sent on the connection.
+    pub bytes_in: u64,
+    /// Octets received on the connection and written to the stream.
+    pub bytes_out: u64,
+    /// 0: both directions finished cleanly; else the peer's or the local errno.
+    pub errno: i32,
+}
+
+struct Inner {
+    handle: FabricHandle,
+    router: Arc<Mutex<Router>>,
+    /// io-server: tracked connections not yet accepted ([`Track`]).
+    unaccepted: Arc<AtomicUsize>,
+}
+
+/// A running channel with per-connection routing. Cheap to clone.
+#[derive(Clone)]
+pub struct Endpoint {
+    inner: Arc<Inner>,
+}
+
+impl Endpoint {
+    /// Starts the channel's driver and the router on the current runtime.
+    pub fn spawn<R: TransportRead, W: TransportWrite>(
+        channel: Channel,
+        r: R,
+        w: W,
+    ) -> (Endpoint, mpsc::UnboundedReceiver<EndpointEvent>) {
+        let router = Arc::new(Mutex::new(Router::default()));
+        let (tx, rx) = mpsc::unbounded_channel();
+        // The reader task routes what the peer sends itself (no hop through
+        // the router task per frame); the router task gets the rest.
+        let sink = RouteSink {
+            router: router.clone(),
+            tx: tx.clone(),
+        };
+        let (handle, events) = driver::spawn_with_sink(channel, r, w, sink);
+        tokio::spawn(route(router.clone(), events, tx));
+        let ep = Endpoint {
+            inner: Arc::new(Inner {
+                handle,
+                router,
+                unaccepted: Arc::default(),
+            }),
+        };
+        (ep, rx)
+    }
+
+    fn router(&self) -> MutexGuard<'_, Router> {
+        lock_router(&self.inner.router)
+    }
+
+    pub fn handle(&self) -> &FabricHandle {
+        &self.inner.handle
+    }
+
+    /// Node: sends a Figure 3 request and waits for its Response.
+    pub async fn request(&self, request: Request) -> Result<Response, EndpointError> {
+        let rx = {
+            // The router lock is held across the send so the response cannot
+            // be routed before its waiter is registered.
+            let mut router = self.router();
+            if let Some(reason) = &router.closed {
+                return Err(EndpointError::Closed(reason.clone()));
+            }
+            let req = self.inner.handle.with(|ch| ch.request(request))?;
+            let (tx, rx) = oneshot::channel();
+            router.pending.insert(req, tx);
+            rx
+        };
+        rx.await.map_err(|_| {
+            let reason = self.router().closed.clone();
+            EndpointError::Closed(reason.unwrap_or_else(|| "no response".into()))
+        })
+    }
+
+    /// io-server: answers request `req`.
+    pub fn respond(&self, req: ReqId, response: Response) {
+        self.inner.handle.with(|ch| ch.respond(req, response));
+    }
+
+    /// `make_connection`: a new connection whose events are held for a relay.
+    pub fn make_connection(&self) -> Result<ConnId, CallError> {
+        let mut router = self.router();
+        let conn = self.inner.handle.with(|ch| ch.make_connection())?;
+        router.expect(conn);
+        Ok(conn)
+    }
+
+    /// io-server: registers the node's connection `conn` after a successful Connect.
+    pub fn open_connection(&self, conn: ConnId) -> Result<(), CallError> {
+        let mut router = self.router();
+        self.inner.handle.with(|ch| ch.open_connection(conn))?;
+        router.expect(conn);
+        Ok(())
+    }
+
+    /// io-server: announces a client connection to the node's `listener`.
+    pub fn accept_connection(
+        &self,
+        listener: ConnId,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<ConnId, CallError> {
+        self.accept_connection_with(listener, peer, local, &Replay::default(), false)
+    }
+
+    /// io-server: [`Endpoint::accept_connection`] for a client whose
+    /// relay ([`Endpoint::relay_client`]) first sends `replay` (what a
+    /// node that died before accepting it was sent). `track`: keep it for
+    /// re-dispatch until the node's program accepts it, where the node
+    /// says so (protocol version 2; else it is not kept).
+    pub fn accept_connection_with(
+        &self,
+        listener: ConnId,
+        peer: SocketAddr,
+        local: SocketAddr,
+        replay: &Replay,
+        track: bool,
+    ) -> Result<ConnId, CallError> {
+        let mut router = self.router();
+        let (conn, notifies) = self.inner.handle.with(|ch| {
+            let conn = ch.accept_connection(listener, peer, local)?;
+            Ok::<_, CallError>((conn, ch.notifies_accepts()))
+        })?;
+        router.expect(conn);
+        let track = (track && notifies).then(|| Track::new(&self.inner.unaccepted));
+        if track.is_some() || !replay.is_empty() || replay.fin {
+            let replay = replay.clone();
+            router.starts.insert(conn, Start { replay, track });
+        }
+        Ok(conn)
+    }
+
+    /// io-server: connections kept for re-dispatch whose program has not
+    /// accepted them yet (relayed ones; handed-over ones are the caller's).
+    pub fn unaccepted(&self) -> usize {
+        self.inner.unaccepted.load(Ordering::Acquire)
+    }
+
+    /// Whether the channel is open.
+    pub fn is_open(&self) -> bool {
+        self.inner.handle.with(|ch| ch.is_open())
+    }
+
+    /// Whether the peer tells the io-server of each accept (protocol
+    /// version 2).
+    pub fn notifies_accepts(&self) -> bool {
+        self.inner.handle.with(|ch| ch.notifies_accepts())
+    }
+
+    /// io-server: an id for a client handed to the node as a socket,
+    /// whose [`EndpointEvent::Accepted`] (or `ConnectionClosed`, the node
+    /// closed it unaccepted) comes with it; see
+    /// [`Channel::hand_connection`].
+    pub fn hand_connection(&self) -> Result<ConnId, CallError> {
+        self.inner.handle.with(|ch| ch.hand_connection())
+    }
+
+    /// io-server: the socket of `conn` ([`Endpoint::hand_connection`])
+    /// never left; forget the id.
+    pub fn forget_handed(&self, conn: ConnId) {
+        self.inner.handle.with(|ch| ch.forget_handed(conn));
+    }
+
+    /// Node: records a connection handed over as a socket, known here as
+    /// `local`; `server` is the io-server's id of it (0: the io-server does
+    /// not keep it) and `node` the node id it was handed to. False when the
+    /// io-server keeps it for a channel that has ended (this one closed,
+    /// or an earlier one): it gives the connection to another node, and
+    /// the caller must close this copy.
+    pub fn handed(&self, local: ConnId, server: ConnId, node: u32) -> bool {
+        let mut router = self.router();
+        if server != 0 {
+            let ours = router.node_id == Some(node) && self.inner.handle.with(|ch| ch.is_open());
+            if !ours {
+                return false;
+            }
+        }
+        router.handed.insert(local, (server != 0).then_some(server));
+        true
+    }
+
+    /// Node: whether the program may be given the connection `id` (a
+    /// relayed one's tag, or the local id of a `handed` one). Not once the
+    /// channel it came on has ended: the io-server gives it to another
+    /// node (unless it did not keep it, a version 1 io-server's handed
+    /// socket). Ask before installing it, then say [`Endpoint::accepted`].
+    pub fn may_accept(&self, id: ConnId, handed: bool) -> bool {
+        let router = self.router();
+        let open = || self.inner.handle.with(|ch| ch.is_open());
+        match handed {
+            true => match router.handed.get(&id) {
+                Some(None) => true,
+                Some(Some(_)) => open(),
+                // Recorded on an earlier channel (the node rejoined).
+                None => false,
+            },
+            false => open(),
+        }
+    }
+
+    /// Node: the program accepted `id` (as for [`Endpoint::may_accept`]):
+    /// tells the io-server ([`crate::Frame::Accepted`]), which then no
+    /// longer keeps it for another node. One small frame, sent at once for
+    /// a relayed connection, within [`crate::driver::COALESCE`] (with the
+    /// others of that moment) for a handed-over one.
+    pub fn accepted(&self, id: ConnId, handed: bool) {
+        let server = match handed {
+            true => {
+                let entry = self.router().handed.remove(&id);
+                match entry {
+                    Some(Some(server)) => server,
+                    _ => return,
+                }
+            }
+            false => id,
+        };
+        let notify = |ch: &mut Channel| {
+            if handed || ch.has_connection(server) {
+                ch.accepted(server);
+            }
+        };
+        match handed {
+            // Nothing waits for it but the io-server's copy of the socket,
+            // which it checks before giving it to anyone else (a socket the
+            // program read or wrote stays closed): it may wait a moment for
+            // company (`driver::COALESCE`), saving a wake-up per connection.
+            true => self.inner.handle.with_coalesced(notify),
+            // A relayed connection's octets are not the io-server's to
+            // check: the io-server must know at once.
+            false => self.inner.handle.with(notify),
+        }
+    }
+
+    /// Node: the handed-over connection `local` is closed unaccepted
+    /// (nobody will accept it): the io-server closes its copy too.
+    pub fn close_handed(&self, local: ConnId) {
+        let entry = self.router().handed.remove(&local);
+        if let Some(Some(server)) = entry {
+            self.inner.handle.with(|ch| ch.close_connection(server, 0));
+        }
+    }
+
+    /// `close_connection`; also forgets events held for `conn`.
+    pub fn close_connection(&self, conn: ConnId, errno: i32) {
+        let mut router = self.router();
+        router.conns.remove(&conn);
+        router.starts.remove(&conn);
+        self.inner
+            .handle
+            .with(|ch| ch.close_connection(conn, errno));
+    }
+
+    /// io-server: reports an asynchronous error on `conn` (§2.3).
+    pub fn report_error(&self, conn: ConnId, errno: i32) {
+        self.inner.handle.with(|ch| ch.report_error(conn, errno));
+    }
+
+    /// Octets sent on `conn` that the peer has not yet acknowledged as
+    /// consumed (Appendix A's arithmetic: [`Channel::unacknowledged`]). 0
+    /// for a connection not relayed.
+    pub fn pending_bytes(&self, conn: ConnId) -> u64 {
+        let router = self.router();
+        let relayed = matches!(router.conns.get(&conn), Some(Route::Relayed(..)));
+        drop(router);
+        if !relayed {
+            return 0;
+        }
+        self.inner.handle.with(|ch| ch.unacknowledged(conn))
+    }
+
+    /// Octets relayed on `conn` so far: (read from the stream, written to it).
+    pub fn relayed_bytes(&self, conn: ConnId) -> (u64, u64) {
+        match self.router().conns.get(&conn) {
+            Some(Route::Relayed(_, c)) => (
+                c.bytes_in.load(Ordering::Relaxed),
+                c.bytes_out.load(Ordering::Relaxed),
+            ),
+            _ => (0, 0),
+        }
+    }
+
+    /// Copies `stream` <-> `conn` until both directions are finished, the
+    /// peer closes the connection, or the stream fails; then closes `conn`.
+    ///
+    /// Reads from `stream` only within the send window (`L_s - A_s`), writes
+    /// received data fully before crediting it with `consumed`, turns the
+    /// peer's Fin into `shutdown` of the stream and the stream's EOF into
+    /// `send_fin`.
+    pub async fn relay<S>(&self, conn: ConnId, stream: S) -> RelayOutcome
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        self.relay_with(conn, stream, None::<&TcpStream>, |_| {})
+            .await
+    }
+
+    /// [`Endpoint::relay`] for a unix stream socket (a node's end of a
+    /// program's connection), splicing bulk reads as
+    /// [`Endpoint::relay_tcp`] does.
+    pub async fn relay_unix(&self, conn: ConnId, stream: UnixStream) -> RelayOutcome {
+        let stream = Arc::new(stream);
+        let source = stream.clone();
+        self.relay_with(conn, SocketAdapter(stream), Some(&*source), |_| {})
+            .await
+    }
+
+    /// [`Endpoint::relay`] for a TCP socket: when the peer resets the
+    /// connection the socket is closed with `SO_LINGER` 0, so the client
+    /// sees RST rather than FIN.
+    ///
+    /// The socket is shared so its owner can still set and read socket
+    /// options while it is relayed, without a second descriptor (a
+    /// duplicate per connection would halve how many fit under `ulimit -n`).
+    /// It closes when the last `Arc` is dropped.
+    ///
+    /// Once a read brings [`SPLICE_MIN`] octets, and while reads keep doing
+    /// so, payloads go from the socket to the fabric by `splice(2)` where
+    /// the transport allows (see [`crate::splice`]).
+    pub async fn relay_tcp(&self, conn: ConnId, stream: Arc<TcpStream>) -> RelayOutcome {
+        let source = stream.clone();
+        self.relay_with(conn, SocketAdapter(stream), Some(&*source), |s| {
+            if let Err(e) = s.0.set_zero_linger() {
+                tracing::debug!(error = %e, "SO_LINGER 0 failed");
+            }
+        })
+        .await
+    }
+
+    /// io-server: [`Endpoint::relay_tcp`] for a client connection
+    /// announced with [`Endpoint::accept_connection_with`]: its replay
+    /// goes first; while it is kept for re-dispatch (until the node's
+    /// program accepts it) at most [`PRE_ACCEPT_MAX`] octets (or the
+    /// node's window) are read from the client, and kept; and if the
+    /// node's channel ends before the accept, the socket is given back
+    /// open with everything the client sent
+    /// ([`ClientRelayEnd::Unaccepted`]) rather than closed.
+    pub async fn relay_client(&self, conn: ConnId, stream: Arc<TcpStream>) -> ClientRelayEnd {
+        let source = stream.clone();
+        let (end, stream, counters, pre) = match self
+            .run_relay(conn, SocketAdapter(stream), Some(&*source))
+            .await
+        {
+            Relayed::Ran {
+                end,
+                stream,
+                counters,
+                pre,
+            } => (end, stream, counters, pre),
+            Relayed::NotAttached { stream, start } => {
+                drop(source);
+                let outcome = RelayOutcome {
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    errno: errno::ENOTCONN,
+                };
+                // The channel closed before the relay began: the node
+                // cannot have accepted the connection.
+                if let Some(Start {
+                    replay,
+                    track: Some(track),
+                }) = start
+                {
+                    if track.settle() && !self.is_open() {
+                        return ClientRelayEnd::Unaccepted {
+                            stream: stream.0,
+                            replay,
+                            outcome,
+                        };
+                    }
+                }
+                return ClientRelayEnd::Finished(outcome);
+            }
+        };
+        // Settled here at the latest; true: never accepted.
+        let unaccepted = counters.track.as_ref().is_some_and(|t| t.settle());
+        if unaccepted && self.router().closed.is_some() {
+            drop(source);
+            self.close_connection(conn, 0);
+            let outcome = RelayOutcome {
+                bytes_in: counters.bytes_in.load(Ordering::Relaxed),
+                bytes_out: counters.bytes_out.load(Ordering::Relaxed),
+                errno: errno::ECONNABORTED,
+            };
+            tracing::debug!(conn, "the node left before accepting the connection");
+            return ClientRelayEnd::Unaccepted {
+                stream: stream.0,
+                replay: pre.map(PreAccept::into_replay).unwrap_or_default(),
+                outcome,
+            };
+        }
+        ClientRelayEnd::Finished(self.finish_relay(conn, end, stream, &counters, |s| {
+            if let Err(e) = s.0.set_zero_linger() {
+                tracing::debug!(error = %e, "SO_LINGER 0 failed");
+            }
+        }))
+    }
+
+    async fn relay_with<S, F, T>(
+        &self,
+        conn: ConnId,
+        stream: S,
+        socket: Option<&T>,
+        abortive: F,
+    ) -> RelayOutcome
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+        F: FnOnce(&S),
+        T: ReadySocket,
+    {
+        match self.run_relay(conn, stream, socket).await {
+            Relayed::Ran {
+                end,
+                stream,
+                counters,
+                ..
+            } => self.finish_relay(conn, end, stream, &counters, abortive),
+            Relayed::NotAttached { .. } => RelayOutcome {
+                bytes_in: 0,
+                bytes_out: 0,
+                errno: errno::ENOTCONN,
+            },
+        }
+    }
+
+    /// Runs the relay of `conn` until it stops; the stream is given back
+    /// open.
+    async fn run_relay<S, T>(&self, conn: ConnId, stream: S, socket: Option<&T>) -> Relayed<S>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+        T: ReadySocket,
+    {
+        let span = tracing::debug_span!("relay", conn);
+        let a = match self.attach(conn, socket.is_some() && T::SPLICE_RECEIVED) {
+            Ok(a) => a,
+            Err(start) => return Relayed::NotAttached { stream, start },
+        };
+        let pre = a.pre.map(|p| Mutex::new(Some(p)));
+        let (rd, wr) = tokio::io::split(stream);
+        let (end, rd, wr) = Pump {
+            handle: self.handle(),
+            conn,
+            counters: &a.counters,
+            socket,
+            pre: pre.as_ref(),
+        }
+        .run(rd, wr, a.inbound, &a.credit, a.abort)
+        .instrument(span)
+        .await;
+        Relayed::Ran {
+            end,
+            stream: rd.unsplit(wr),
+            counters: a.counters,
+            pre: pre.and_then(|p| p.into_inner().unwrap_or_else(|e| e.into_inner())),
+        }
+    }
+
+    /// Closes the stream of a relay that ran (abortively when the peer
+    /// reset the connection) and the connection.
+    fn finish_relay<S, F: FnOnce(&S)>(
+        &self,
+        conn: ConnId,
+        end: End,
+        stream: S,
+        counters: &Counters,
+        abortive: F,
+    ) -> RelayOutcome {
+        let errno = match end {
+            End::Done => 0,
+            End::Peer(e) | End::Local(e) => e,
+        };
+        if matches!(end, End::Peer(e) if e != 0) {
+            abortive(&stream);
+        }
+        drop(stream);
+        self.close_connection(conn, errno);
+        tracing::debug!(conn, errno, "relay finished");
+        RelayOutcome {
+            bytes_in: counters.bytes_in.load(Ordering::Relaxed),
+            bytes_out: counters.bytes_out.load(Ordering::Relaxed),
+            errno,
+        }
+    }
+
+    /// Attaches a relay to `conn`, replaying the events held for it;
+    /// `splices`: the relay has a socket to splice payloads into. Refused
+    /// (with how the connection was to start, if it was announced so)
+    /// for an unknown connection or a closed channel.
+    fn attach(&self, conn: ConnId, splices: bool) -> Result<Attachment, Option<Start>> {
+        let mut router = self.router();
+        let start = router.starts.remove(&conn);
+        let (known, peer_window) = self
+            .inner
+            .handle
+            .with(|ch| (ch.has_connection(conn), ch.send_window(conn) as u64));
+        let held = match router.conns.remove(&conn) {
+            Some(Route::Held(q)) => q,
+            Some(relayed @ Route::Relayed(..)) => {
+                router.conns.insert(conn, relayed);
+                tracing::warn!(conn, "a relay is already attached to this connection");
+                return Err(None);
+            }
+            None if known => Vec::new(),
+            None => return Err(start),
+        };
+        if router.closed.is_some() || (!known && held.is_empty()) {
+            return Err(start);
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (abort_tx, abort_rx) = oneshot::channel();
+        let credit = Arc::new(Notify::new());
+        let (pre, track) = match start {
+            Some(Start { replay, track }) => {
+                let tracked = track.as_ref().is_some_and(|t| !t.settled());
+                let pre = (tracked || !replay.is_empty() || replay.fin)
+                    .then(|| PreAccept::new(replay, tracked, preaccept::cap(peer_window)));
+                (pre, track)
+            }
+            None => (None, None),
+        };
+        let counters = Arc::new(Counters {
+            track,
+            ..Counters::default()
+        });
+        let mut attached = Attached {
+            inbound: tx,
+            credit: credit.clone(),
+            abort: Some(abort_tx),
+            receive: match splices {
+                true => Receive::Lazy,
+                false => Receive::Copy,
+            },
+        };
+        for ev in held {
+            attached.deliver(ev);
+        }
+        router
+            .conns
+            .insert(conn, Route::Relayed(attached, counters.clone()));
+        Ok(Attachment {
+            inbound: rx,
+            credit,
+            abort: abort_rx,
+            counters,
+            pre,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,443 @@
+//! The pumps of one relay: stream to connection within the peer's credit
+//! (reading straight into a Data frame, or splicing bulk reads into the
+//! channel's pipe), and connection to stream (each Data written fully,
+//! then credited). §2.2: a connection whose stream stops reading waits
+//! on its own credit and never stalls another.
+
+use super::errno::{self, io_errno};
+use super::io::{poll_read_into, write_all_vectored, MAX_BATCH};
+use super::preaccept::{PreAccept, Step};
+use super::router::{ConnEvent, Counters, Start};
+use crate::channel::CallError;
+use crate::driver::FabricHandle;
+use crate::frame::ConnId;
+use crate::splice::{self, Pipe, ReadySocket, SPLICE_MIN};
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+/// A relay attached to its connection.
+pub(super) struct Attachment {
+    pub(super) inbound: mpsc::UnboundedReceiver<ConnEvent>,
+    pub(super) credit: Arc<Notify>,
+    pub(super) abort: oneshot::Receiver<i32>,
+    pub(super) counters: Arc<Counters>,
+    /// io-server: the connection starts with a replay, or is kept until
+    /// the node's program accepts it.
+    pub(super) pre: Option<PreAccept>,
+}
+
+/// What [`Endpoint::run_relay`] did.
+pub(super) enum Relayed<S> {
+    /// The relay ran and stopped; the stream is back, open.
+    Ran {
+        end: End,
+        stream: S,
+        counters: Arc<Counters>,
+        /// What is kept of a connection not accepted yet.
+        pre: Option<PreAccept>,
+    },
+    /// No relay could attach (unknown connection, or a closed channel).
+    NotAttached { stream: S, start: Option<Start> },
+}
+
+/// Why a relay stopped.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum End {
+    Done,
+    Peer(i32),
+    Local(i32),
+}
+
+/// How the peer-to-stream direction stopped.
+pub(super) enum DownEnd {
+    /// Fin written through and the other direction already done.
+    Finished,
+    Closed(i32),
+}
+
+/// What one read of the stream did.
+pub(super) enum Chunk {
+    Eof,
+    /// This many octets were sent on the connection.
+    Sent(usize),
+    /// The channel no longer takes data for the connection.
+    Refused,
+}
+
+/// One relay's two directions.
+pub(super) struct Pump<'a, T> {
+    pub(super) handle: &'a FabricHandle,
+    pub(super) conn: ConnId,
+    pub(super) counters: &'a Counters,
+    /// The stream's socket, when bulk payloads may be spliced from it and
+    /// into it.
+    pub(super) socket: Option<&'a T>,
+    /// io-server: the replay to send first, and the client's octets kept
+    /// until the node's program accepts the connection; `None` inside
+    /// once that is over.
+    pub(super) pre: Option<&'a Mutex<Option<PreAccept>>>,
+}
+
+pub(super) fn lock_pre(pre: &Mutex<Option<PreAccept>>) -> MutexGuard<'_, Option<PreAccept>> {
+    pre.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<T: ReadySocket> Pump<'_, T> {
+    pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &self,
+        mut rd: tokio::io::ReadHalf<S>,
+        mut wr: tokio::io::WriteHalf<S>,
+        mut inbound: mpsc::UnboundedReceiver<ConnEvent>,
+        credit: &Notify,
+        mut abort: oneshot::Receiver<i32>,
+    ) -> (End, tokio::io::ReadHalf<S>, tokio::io::WriteHalf<S>) {
+        let up_done = AtomicBool::new(false);
+        let fin_seen = AtomicBool::new(false);
+        let end = {
+            let up = self.upstream(&mut rd, credit);
+            let down = self.downstream(&mut wr, &mut inbound, &up_done, &fin_seen);
+            tokio::pin!(up, down);
+            let mut abort_live = true;
+            loop {
+                tokio::select! {
+                    r = &mut up, if !up_done.load(Ordering::Relaxed) => match r {
+                        Ok(()) => {
+                            up_done.store(true, Ordering::Relaxed);
+                            if fin_seen.load(Ordering::Relaxed) {
+                                break End::Done;
+                            }
+                        }
+                        Err(e) => break End::Local(io_errno(&e)),
+                    },
+                    r = &mut down => break match r {
+                        Ok(DownEnd::Finished) => End::Done,
+                        Ok(DownEnd::Closed(e)) => End::Peer(e),
+                        Err(e) => End::Local(io_errno(&e)),
+                    },
+                    r = &mut abort, if abort_live => {
+                        abort_live = false;
+                        if let Ok(e) = r {
+                            break End::Peer(e);
+                        }
+                    }
+                }
+            }
+        };
+        (end, rd, wr)
+    }
+
+    /// Stream -> connection, never past the peer's credit.
+    ///
+    /// No buffer is kept across the wait for data (an idle connection costs
+    /// no buffer): each read goes straight into a Data frame in the
+    /// channel's output, in the poll that reads.
+    pub(super) async fn upstream<R: AsyncRead + Unpin>(
+        &self,
+        rd: &mut R,
+        credit: &Notify,
+    ) -> io::Result<()> {
+        if let Some(pre) = self.pre {
+            if self.pre_accept(rd, credit, pre).await? {
+                return Ok(());
+            }
+        }
+        let handle = self.handle;
+        let conn = self.conn;
+        // Whether the last read was a bulk one (worth splicing the next).
+        let mut bulk = false;
+        loop {
+            let window = loop {
+                let (window, known) =
+                    handle.with(|ch| (ch.send_window(conn), ch.has_connection(conn)));
+                if !known {
+                    // The peer dropped the connection (or the channel
+                    // closed): that news is on its way to the other
+                    // direction, which ends the relay.
+                    std::future::pending::<()>().await;
+                }
+                if window > 0 {
+                    break window;
+                }
+                credit.notified().await;
+            };
+            let chunk = std::future::poll_fn(|cx| {
+                if let (true, Some(socket), Some(pipe)) = (bulk, self.socket, handle.pipe()) {
+                    if pipe.room() >= SPLICE_MIN {
+                        match poll_splice(cx, handle, conn, window, socket, pipe) {
+                            Poll::Ready(Some(r)) => return Poll::Ready(r),
+                            Poll::Pending => return Poll::Pending,
+                            // The pipe is full: copy this read.
+                            Poll::Ready(None) => {}
+                        }
+                    }
+                }
+                // Only this task sends on `conn`, so the window still holds.
+                poll_read_frame(cx, handle, conn, window, &mut *rd, |_| {})
+            })
+            .await?;
+            match chunk {
+                Chunk::Eof => {
+                    let _ = handle.with(|ch| ch.send_fin(conn));
+                    return Ok(());
+                }
+                Chunk::Sent(n) => {
+                    bulk = n >= SPLICE_MIN;
+                    self.counters
+                        .bytes_in
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                // The connection is going away; the other direction ends the relay.
+                Chunk::Refused => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    /// Stream -> connection while the connection starts with a replay or
+    /// is kept until the node's program accepts it ([`preaccept`]): the
+    /// replay goes first, then reads, each kept (in the poll that reads
+    /// it, so a relay stopped at any await has lost nothing) and at most
+    /// the pre-accept cap of them. Never spliced. `Ok(true)`: the client's
+    /// FIN went out, nothing more goes this way.
+    pub(super) async fn pre_accept<R: AsyncRead + Unpin>(
+        &self,
+        rd: &mut R,
+        credit: &Notify,
+        pre: &Mutex<Option<PreAccept>>,
+    ) -> io::Result<bool> {
+        let handle = self.handle;
+        let conn = self.conn;
+        loop {
+            let (window, known) = handle.with(|ch| (ch.send_window(conn), ch.has_connection(conn)));
+            if !known {
+                // As in `upstream`: the other direction ends the relay.
+                std::future::pending::<()>().await;
+            }
+            let step = {
+                let mut g = lock_pre(pre);
+                let Some(p) = g.as_mut() else {
+                    return Ok(false);
+                };
+                if self.counters.accepted() {
+                    p.accept();
+                }
+                p.next(window)
+            };
+            match step {
+                Step::Send(n) => {
+                    let sent = {
+                        let mut g = lock_pre(pre);
+                        let p = g.as_mut().expect("pre-accept state");
+                        let r = handle.with(|ch| ch.send_message(conn, &p.unsent()[..n]));
+                        if let Ok(k) = r {
+                            p.sent(k);
+                        }
+                        r
+                    };
+                    match sent {
+                        Ok(k) => {
+                            self.counters
+                                .bytes_in
+                                .fetch_add(k as u64, Ordering::Relaxed);
+                        }
+                        Err(_) => std::future::pending::<()>().await,
+                    }
+                }
+                Step::Fin => {
+                    let mut g = lock_pre(pre);
+                    if let Some(p) = g.as_mut() {
+                        p.fin_sent();
+                    }
+                    drop(g);
+                    let _ = handle.with(|ch| ch.send_fin(conn));
+                    return Ok(true);
+                }
+                Step::Finished => return Ok(true),
+                Step::Done => {
+                    // Accepted and all sent: nothing is kept any more.
+                    *lock_pre(pre) = None;
+                    return Ok(false);
+                }
+                // Credit, or the accept, wakes this.
+                Step::Wait => credit.notified().await,
+                Step::Read(limit) => {
+                    let read = std::future::poll_fn(|cx| {
+                        // Kept in the poll that reads it.
+                        poll_read_frame(cx, handle, conn, limit, &mut *rd, |read| {
+                            if let Some(p) = lock_pre(pre).as_mut() {
+                                p.read(read);
+                            }
+                        })
+                    });
+                    // An accept while the client is quiet ends the
+                    // pre-accept phase (and frees what is kept) at once.
+                    let chunk = tokio::select! {
+                        chunk = read => chunk?,
+                        _ = credit.notified() => continue,
+                    };
+                    match chunk {
+                        Chunk::Eof => {
+                            let mut g = lock_pre(pre);
+                            if let Some(p) = g.as_mut() {
+                                p.eof();
+                            }
+                        }
+                        Chunk::Sent(n) => {
+                            self.counters
+                                .bytes_in
+                                .fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Chunk::Refused => std::future::pending::<()>().await,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Connection -> stream: each Data is written fully, then credited.
+    pub(super) async fn downstream<W: AsyncWrite + Unpin>(
+        &self,
+        wr: &mut W,
+        inbound: &mut mpsc::UnboundedReceiver<ConnEvent>,
+        up_done: &AtomicBool,
+        fin_seen: &AtomicBool,
+    ) -> io::Result<DownEnd> {
+        let handle = self.handle;
+        // Data already queued behind the first goes out in the same write
+        // (one syscall and one wake-up of the reader for a fabric read's
+        // worth of frames); the event that ends a batch waits here.
+        let mut next = None;
+        loop {
+            let ev = match next.take() {
+                Some(ev) => Some(ev),
+                None => inbound.recv().await,
+            };
+            match ev {
+                Some(ConnEvent::Data(data)) => {
+                    // Made per batch: an idle relay keeps no allocation.
+                    let mut batch = vec![data];
+                    while batch.len() < MAX_BATCH {
+                        match inbound.try_recv() {
+                            Ok(ConnEvent::Data(more)) => batch.push(more),
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    // Boxed: this future is large and rare; inline, every
+                    // relay task (idle ones too) would be that much larger.
+                    let n = Box::pin(write_all_vectored(wr, &batch)).await?;
+                    handle.with(|ch| ch.consumed(self.conn, n));
+                    self.counters
+                        .bytes_out
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Some(ConnEvent::Spliced(len, pipe)) => {
+                    let socket = self.socket.ok_or(io::ErrorKind::Unsupported)?;
+                    // Boxed, as the vectored write above.
+                    Box::pin(pipe.drain_into(socket, len)).await?;
+                    handle.with(|ch| ch.consumed(self.conn, len));
+                    self.counters
+                        .bytes_out
+                        .fetch_add(len as u64, Ordering::Relaxed);
+                }
+                Some(ConnEvent::Fin) => {
+                    wr.shutdown().await?;
+                    fin_seen.store(true, Ordering::Relaxed);
+                    if up_done.load(Ordering::Relaxed) {
+                        return Ok(DownEnd::Finished);
+                    }
+                }
+                Some(ConnEvent::Closed(e)) => return Ok(DownEnd::Closed(e)),
+                Some(ConnEvent::Credit) => {}
+                None => return Ok(DownEnd::Closed(errno::ECONNABORTED)),
+            }
+        }
+    }
+}
+
+/// One read of `rd` straight into a Data frame on `conn` of at most `max`
+/// octets, in room the channel lends from its output buffer
+/// ([`crate::Channel::reserve`], [`crate::Channel::commit`]): no copy, and
+/// no buffer of the relay's own. `keep` sees what was read. The read runs
+/// under the channel's lock (one non-blocking `recv`): the frame then
+/// rejoins the output buffer where it was lent, with no copy, whatever
+/// other relays queue meanwhile.
+pub(super) fn poll_read_frame<R: AsyncRead + Unpin>(
+    cx: &mut Context<'_>,
+    handle: &FabricHandle,
+    conn: ConnId,
+    max: usize,
+    rd: &mut R,
+    keep: impl FnOnce(&[u8]),
+) -> Poll<io::Result<Chunk>> {
+    let sent = handle.with(|ch| {
+        let Some(mut r) = ch.reserve(conn, max)? else {
+            return Ok(None);
+        };
+        let read = poll_read_into(rd, cx, &mut r);
+        if let Poll::Ready(Ok(())) = read {
+            keep(r.payload());
+        }
+        let n = ch.commit(r)?;
+        Ok::<_, CallError>(Some((n, read)))
+    });
+    Poll::Ready(Ok(match sent {
+        Ok(Some((_, Poll::Pending))) => return Poll::Pending,
+        Ok(Some((_, Poll::Ready(Err(e))))) => return Poll::Ready(Err(e)),
+        Ok(Some((0, Poll::Ready(Ok(()))))) => Chunk::Eof,
+        Ok(Some((n, Poll::Ready(Ok(()))))) => Chunk::Sent(n),
+        // The window shut meanwhile: wait for credit again.
+        Ok(None) => Chunk::Sent(0),
+        Err(_) => Chunk::Refused,
+    }))
+}
+
+/// One read of `socket` spliced into the channel's pipe as a Data
+/// payload (see [`crate::splice`]); `None`: the pipe is full, copy instead.
+pub(super) fn poll_splice(
+    cx: &mut Context<'_>,
+    handle: &FabricHandle,
+    conn: ConnId,
+    window: usize,
+    socket: &impl ReadySocket,
+    pipe: &Pipe,
+) -> Poll<Option<io::Result<Chunk>>> {
+    let fd = socket.as_raw_fd();
+    let r = ready!(splice::poll_spliced(cx, socket, || {
+        // Only this task sends on `conn`, so the window still holds. The
+        // splice and its commit share one hold of the channel's lock: the
+        // pipe is the channel's, and its octets must be in the order of
+        // the frames that say so.
+        let sent = handle.with(|ch| {
+            let Some(r) = ch.reserve(conn, window)? else {
+                return Ok(None);
+            };
+            let filled = pipe.fill(fd, r.room());
+            ch.commit_spliced(r, *filled.as_ref().unwrap_or(&0))?;
+            Ok::<_, CallError>(Some(filled))
+        });
+        match sent {
+            Ok(Some(Ok(0))) => Ok(Chunk::Eof),
+            Ok(Some(Ok(n))) => Ok(Chunk::Sent(n)),
+            Ok(Some(Err(e))) => Err(e),
+            Ok(None) => Ok(Chunk::Sent(0)),
+            Err(_) => Ok(Chunk::Refused),
+        }
+    }));
+    Poll::Ready(match r {
+        Ok(Some(chunk)) => Some(Ok(chunk)),
+        Ok(None) => None,
+        // A socket splice does not take: copy.
+        Err(e) if splice::unspliceable(&e) => None,
+        Err(e) => Some(Err(e)),
+    })
+}
+
+#[cfg(test)]
+mod tests;

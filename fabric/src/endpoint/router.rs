@@ -1,0 +1,387 @@
+//! The one per-connection route table of an endpoint: which relay each
+//! SAPS connection's stream events go to (§2.1.1's `message_received`,
+//! `Fin`, `connection_closed`, `buffer_available`), the events held for a
+//! connection whose relay has not attached yet, the waiters of Figure 3
+//! requests, and what the io-server keeps of a connection until the
+//! node's program accepts it (issue 17). The reader task routes as it
+//! reads ([`RouteSink`]); the router task routes the rest ([`route`]).
+
+use super::errno;
+use super::preaccept::Replay;
+use crate::channel::{ChannelError, Event};
+use crate::driver;
+use crate::frame::{ConnId, ReqId, Request, Response};
+use crate::splice::ReceivePipe;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+/// What the owner of an [`Endpoint`] hears about; per-connection stream
+/// events go to that connection's relay instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointEvent {
+    /// io-server side: the node proved the token.
+    NodeAuthenticated { node: String, weight: u32 },
+    /// Node side: the io-server welcomed us.
+    Welcome { node_id: u32 },
+    /// io-server side: a Figure 3 request; answer with [`Endpoint::respond`].
+    Request { req: ReqId, request: Request },
+    /// Node side: a client connection for one of our listeners. Its data is
+    /// held until [`Endpoint::relay`] attaches to `conn`.
+    ConnectionAccepted {
+        listener: ConnId,
+        conn: ConnId,
+        peer: SocketAddr,
+        local: SocketAddr,
+    },
+    /// The peer closed (or reported an error on) a connection with no relay
+    /// attached, e.g. a listener or a bound socket.
+    ConnectionClosed { conn: ConnId, errno: i32 },
+    /// io-server side: the node announced a new weight.
+    WeightChanged { weight: u32 },
+    /// io-server side: the node's program accepted `conn`, a connection
+    /// handed over as a socket ([`Endpoint::hand_connection`]). A node
+    /// that closes its copy unaccepted says so with a
+    /// [`EndpointEvent::ConnectionClosed`] of it instead. (For a relayed
+    /// connection the relay itself is told.)
+    Accepted { conn: ConnId },
+    /// The channel closed; the endpoint is finished.
+    Closed { error: ChannelError },
+}
+
+/// A stream event of one connection.
+#[derive(Debug)]
+pub(super) enum ConnEvent {
+    Data(Bytes),
+    /// This many octets are in the connection's receive pipe.
+    Spliced(usize, Arc<ReceivePipe>),
+    Fin,
+    Credit,
+    Closed(i32),
+}
+
+/// The router's side of an attached relay.
+pub(super) struct Attached {
+    pub(super) inbound: mpsc::UnboundedSender<ConnEvent>,
+    pub(super) credit: Arc<Notify>,
+    /// Fired on an abortive close so a relay blocked on its stream ends at once.
+    pub(super) abort: Option<oneshot::Sender<i32>>,
+    pub(super) receive: Receive,
+}
+
+/// How payloads from the fabric reach a relay's socket.
+pub(super) enum Receive {
+    /// Copied (the relay has no socket to splice into, or no pipe was
+    /// to be had).
+    Copy,
+    /// Spliced through a pipe made when the first large payload comes.
+    Lazy,
+    Pipe(Arc<ReceivePipe>),
+}
+
+impl Attached {
+    /// The relay's receive pipe, made now if need be.
+    pub(super) fn receive_pipe(&mut self) -> Option<Arc<ReceivePipe>> {
+        if let Receive::Lazy = self.receive {
+            self.receive = match ReceivePipe::new() {
+                Some(p) => Receive::Pipe(Arc::new(p)),
+                None => Receive::Copy,
+            };
+        }
+        match &self.receive {
+            Receive::Pipe(p) => Some(p.clone()),
+            _ => None,
+        }
+    }
+
+    pub(super) fn deliver(&mut self, ev: ConnEvent) {
+        match ev {
+            ConnEvent::Credit => self.credit.notify_one(),
+            ConnEvent::Closed(e) if e != 0 => {
+                if let Some(abort) = self.abort.take() {
+                    let _ = abort.send(e);
+                }
+            }
+            ev => {
+                let _ = self.inbound.send(ev);
+            }
+        }
+    }
+}
+
+/// Counters of one relayed connection.
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    pub(super) bytes_in: AtomicU64,
+    pub(super) bytes_out: AtomicU64,
+    /// io-server: kept for re-dispatch until the node's program accepts it.
+    pub(super) track: Option<Arc<Track>>,
+}
+
+impl Counters {
+    /// Whether the node's program accepted the connection (always, for
+    /// one not tracked).
+    pub(super) fn accepted(&self) -> bool {
+        self.track.as_ref().is_none_or(|t| t.settled())
+    }
+}
+
+/// io-server: a connection kept for re-dispatch until the node's program
+/// accepts it, counted in [`Endpoint::unaccepted`] until it is settled
+/// (accepted, or its relay ended), at the latest when it is dropped.
+#[derive(Debug)]
+pub(super) struct Track {
+    pub(super) settled: AtomicBool,
+    pub(super) count: Arc<AtomicUsize>,
+}
+
+impl Track {
+    pub(super) fn new(count: &Arc<AtomicUsize>) -> Arc<Track> {
+        count.fetch_add(1, Ordering::AcqRel);
+        Arc::new(Track {
+            settled: AtomicBool::new(false),
+            count: count.clone(),
+        })
+    }
+
+    /// Settles it; true for the first call only (so at the end of a
+    /// relay: true when the program never accepted the connection).
+    pub(super) fn settle(&self) -> bool {
+        let first = !self.settled.swap(true, Ordering::AcqRel);
+        if first {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
+        first
+    }
+
+    pub(super) fn settled(&self) -> bool {
+        self.settled.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Track {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
+
+/// io-server: how a connection announced to the node starts, until its
+/// relay attaches.
+#[derive(Debug)]
+pub(super) struct Start {
+    /// Octets (and FIN) a node that died before accepting it was sent.
+    pub(super) replay: Replay,
+    pub(super) track: Option<Arc<Track>>,
+}
+
+pub(super) enum Route {
+    /// Known connection without a relay yet: events wait here (bounded by
+    /// the credit we granted).
+    Held(Vec<ConnEvent>),
+    Relayed(Attached, Arc<Counters>),
+}
+
+#[derive(Default)]
+pub(super) struct Router {
+    pub(super) pending: HashMap<ReqId, oneshot::Sender<Response>>,
+    pub(super) conns: HashMap<ConnId, Route>,
+    pub(super) closed: Option<String>,
+    /// io-server: connections announced with a replay or kept for
+    /// re-dispatch, until their relay attaches.
+    pub(super) starts: HashMap<ConnId, Start>,
+    /// Node: the id the io-server's Welcome gave us.
+    pub(super) node_id: Option<u32>,
+    /// Node: connections handed over as sockets and not yet accepted, by
+    /// local id: the io-server's id of each (`None`: not kept by it).
+    pub(super) handed: HashMap<ConnId, Option<ConnId>>,
+}
+
+impl Router {
+    pub(super) fn expect(&mut self, conn: ConnId) {
+        self.conns.entry(conn).or_insert(Route::Held(Vec::new()));
+    }
+
+    /// Routes a stream event; returns false when no relay is attached.
+    pub(super) fn deliver(&mut self, conn: ConnId, ev: ConnEvent) -> bool {
+        match self.conns.get_mut(&conn) {
+            Some(Route::Relayed(a, c)) => {
+                if let (Some(t), ConnEvent::Data(_)) = (&c.track, &ev) {
+                    program_wrote(t, a);
+                }
+                a.deliver(ev);
+                true
+            }
+            Some(Route::Held(q)) => {
+                if !matches!(ev, ConnEvent::Credit) {
+                    q.push(ev);
+                }
+                false
+            }
+            // Late events for a connection already finished.
+            None => false,
+        }
+    }
+}
+
+/// io-server: the node sent data on a connection kept until its program
+/// accepts it. Only the program writes to its end (the supervisor never
+/// does), so it has the connection: accepted, whether or not its
+/// `Accepted` came yet (it may trail the program's first reply).
+pub(super) fn program_wrote(track: &Track, a: &Attached) {
+    if !track.settled() && track.settle() {
+        a.credit.notify_one();
+    }
+}
+
+/// The reader task's sink: routes as it reads, and finds the receive
+/// pipes of relays that splice.
+pub(super) struct RouteSink {
+    pub(super) router: Arc<Mutex<Router>>,
+    pub(super) tx: mpsc::UnboundedSender<EndpointEvent>,
+}
+
+impl driver::Sink for RouteSink {
+    fn event(&mut self, ev: Event) {
+        route_one(&self.router, &self.tx, ev);
+    }
+    fn receive_pipe(&mut self, conn: ConnId) -> Option<Arc<ReceivePipe>> {
+        match lock_router(&self.router).conns.get_mut(&conn) {
+            Some(Route::Relayed(a, _)) => a.receive_pipe(),
+            _ => None,
+        }
+    }
+}
+
+pub(super) fn lock_router(r: &Mutex<Router>) -> MutexGuard<'_, Router> {
+    r.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The router task: routes the events the reader task does not (a
+/// `Closed` raised by a local call).
+pub(super) async fn route(
+    router: Arc<Mutex<Router>>,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    tx: mpsc::UnboundedSender<EndpointEvent>,
+) {
+    while let Some(ev) = events.recv().await {
+        if route_one(&router, &tx, ev) {
+            return;
+        }
+    }
+}
+
+/// Routes one channel event: stream events to their connection's relay,
+/// responses to their waiter, the rest to the endpoint's owner. True once
+/// the channel closed.
+pub(super) fn route_one(
+    router: &Mutex<Router>,
+    tx: &mpsc::UnboundedSender<EndpointEvent>,
+    ev: Event,
+) -> bool {
+    let mut router = lock_router(router);
+    let out = match ev {
+        Event::NodeAuthenticated { node, weight } => {
+            Some(EndpointEvent::NodeAuthenticated { node, weight })
+        }
+        Event::Welcome { node_id } => {
+            router.node_id = Some(node_id);
+            Some(EndpointEvent::Welcome { node_id })
+        }
+        Event::Request { req, request } => Some(EndpointEvent::Request { req, request }),
+        Event::WeightChanged { weight } => Some(EndpointEvent::WeightChanged { weight }),
+        Event::Response { req, response } => {
+            match router.pending.remove(&req) {
+                Some(waiter) => {
+                    let _ = waiter.send(response);
+                }
+                None => tracing::debug!(req, "response nobody waits for"),
+            }
+            None
+        }
+        Event::ConnectionAccepted {
+            listener,
+            conn,
+            peer,
+            local,
+        } => {
+            router.expect(conn);
+            Some(EndpointEvent::ConnectionAccepted {
+                listener,
+                conn,
+                peer,
+                local,
+            })
+        }
+        Event::MessageReceived { conn, data } => {
+            router.deliver(conn, ConnEvent::Data(data));
+            None
+        }
+        Event::MessageSpliced { conn, len } => {
+            // Only a relay with a pipe is given spliced payloads.
+            if let Some(Route::Relayed(a, c)) = router.conns.get_mut(&conn) {
+                if let Some(t) = &c.track {
+                    program_wrote(t, a);
+                }
+                if let Some(pipe) = a.receive_pipe() {
+                    a.deliver(ConnEvent::Spliced(len, pipe));
+                }
+            }
+            None
+        }
+        Event::Fin { conn } => {
+            router.deliver(conn, ConnEvent::Fin);
+            None
+        }
+        Event::BufferAvailable { conn } => {
+            router.deliver(conn, ConnEvent::Credit);
+            None
+        }
+        Event::ConnectionClosed { conn, errno } => (!router
+            .deliver(conn, ConnEvent::Closed(errno)))
+        .then_some(EndpointEvent::ConnectionClosed { conn, errno }),
+        Event::Accepted { conn } => {
+            let router = &mut *router;
+            match router.conns.get_mut(&conn) {
+                // A relayed connection: its relay stops keeping it.
+                Some(Route::Relayed(a, c)) => {
+                    if let Some(t) = &c.track {
+                        t.settle();
+                    }
+                    a.credit.notify_one();
+                    None
+                }
+                Some(Route::Held(_)) => {
+                    if let Some(t) = router.starts.get(&conn).and_then(|s| s.track.as_ref()) {
+                        t.settle();
+                    }
+                    None
+                }
+                // Handed over as a socket: the owner keeps that.
+                None => Some(EndpointEvent::Accepted { conn }),
+            }
+        }
+        Event::Closed { error } => {
+            if router.closed.is_some() {
+                return true;
+            }
+            router.closed = Some(error.to_string());
+            router.pending.clear();
+            for (_, route) in router.conns.drain() {
+                if let Route::Relayed(mut a, _) = route {
+                    a.deliver(ConnEvent::Closed(errno::ECONNABORTED));
+                }
+            }
+            drop(router);
+            let _ = tx.send(EndpointEvent::Closed { error });
+            return true;
+        }
+    };
+    drop(router);
+    if let Some(out) = out {
+        let _ = tx.send(out);
+    }
+    false
+}

@@ -1,0 +1,83 @@
+//! The settings of one channel end, and the protocol constants they start
+//! from: the versions this build speaks, the default `B_r`, the largest
+//! Data payload, the handshake's deadline.
+
+use crate::codec::DEFAULT_MAX_FRAME;
+use std::time::Duration;
+
+/// Protocol versions this build speaks. Version 2 adds the node's
+/// `Accepted` notification (the io-server re-dispatches a node's
+/// connections its program had not accepted when its channel ends) and
+/// the tracked hand-off header (`saps_fabric::handoff::side`); a version 1
+/// peer gets neither, and its connections are reset with it as before.
+pub const MIN_VERSION: u8 = 1;
+pub const MAX_VERSION: u8 = 2;
+/// The first protocol version with [`crate::Frame::Accepted`].
+pub const ACCEPTED_VERSION: u8 = 2;
+/// Default per-connection receive buffer `B_r`. A relayed stream moves at
+/// most `B_r` per credit round trip (two relays and the fabric on the way
+/// back); one iperf3 stream through a node moved faster with each doubling
+/// up to 1 MiB (bench/notes/2026-12-01-sessions-5-to-8.md, "`B_r` 1 MiB
+/// instead of 256 KiB"). It is also what a stalled reader may hold in user
+/// space per direction; an idle connection holds none of it.
+pub const DEFAULT_WINDOW: u32 = 1024 * 1024;
+/// Largest payload of one `Data` frame (the decoder's default frame limit,
+/// 256 KiB + 64, holds it). A relay reads at most this much per call: a
+/// larger read costs the io-server less CPU per GiB
+/// (bench/notes/2026-12-01-sessions-5-to-8.md).
+pub const MAX_DATA: usize = 256 * 1024;
+/// A channel not open this long after it started is closed.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which end of the channel this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// An application node (saps-run's supervisor).
+    Node,
+    /// The io-server.
+    IoServer,
+}
+
+/// Settings of one channel end.
+#[derive(Debug, Clone)]
+pub struct ChannelConfig {
+    /// The shared secret both ends prove.
+    pub token: Vec<u8>,
+    /// `B_r` this end grants every connection.
+    pub window: u32,
+    /// Largest frame accepted from the peer.
+    pub max_frame: usize,
+    pub min_version: u8,
+    pub max_version: u8,
+    /// Node only: the name and weight it announces.
+    pub node_name: String,
+    pub weight: u32,
+    /// How long the handshake may take ([`HANDSHAKE_TIMEOUT`]).
+    pub handshake_timeout: Duration,
+}
+
+impl ChannelConfig {
+    pub fn new(token: impl Into<Vec<u8>>) -> Self {
+        Self {
+            token: token.into(),
+            window: DEFAULT_WINDOW,
+            max_frame: DEFAULT_MAX_FRAME,
+            min_version: MIN_VERSION,
+            max_version: MAX_VERSION,
+            node_name: String::new(),
+            weight: 1,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        }
+    }
+
+    pub fn node(mut self, name: impl Into<String>, weight: u32) -> Self {
+        self.node_name = name.into();
+        self.weight = weight;
+        self
+    }
+
+    pub fn window(mut self, window: u32) -> Self {
+        self.window = window;
+        self
+    }
+}
