@@ -82,7 +82,8 @@ pub fn overlay(mut file: Config, cli: Config, m: &ArgMatches) -> Config {
         metrics,
         shutdown_timeout,
         window,
-        threads
+        threads,
+        no_sandbox
     );
     file
 }

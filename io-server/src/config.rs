@@ -109,6 +109,11 @@ pub struct Config {
     /// where the gateway has cores to spare for relaying.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
+    /// Do not confine the io-server's threads to their allow-list of
+    /// system calls once it serves (for debugging: a call outside the list
+    /// fails with EPERM and is logged).
+    #[arg(long)]
+    pub no_sandbox: bool,
 }
 
 impl Default for Config {
@@ -127,6 +132,7 @@ impl Default for Config {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             window: saps_fabric::channel::DEFAULT_WINDOW,
             threads: 1,
+            no_sandbox: false,
         }
     }
 }
@@ -149,10 +155,21 @@ impl Config {
         let token = match (&self.token, &self.token_file) {
             (Some(t), _) => t.clone(),
             (None, Some(path)) => {
-                std::fs::read_to_string(path).map_err(|e| crate::Error::TokenRead {
+                use std::os::unix::fs::MetadataExt;
+                let read_error = |e| crate::Error::TokenRead {
                     path: path.clone(),
                     source: e,
-                })?
+                };
+                // A secret every user may read is no secret (ssh refuses
+                // such a private key for the same reason).
+                let mode = std::fs::metadata(path).map_err(read_error)?.mode() & 0o7777;
+                if mode & 0o007 != 0 {
+                    return Err(crate::Error::TokenNotPrivate {
+                        path: path.clone(),
+                        mode,
+                    });
+                }
+                std::fs::read_to_string(path).map_err(read_error)?
             }
             (None, None) => return Err(crate::Error::NoToken),
         };
@@ -167,6 +184,31 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_file_open_to_other_users_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("saps-config-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let config = Config {
+            token_file: Some(path.clone()),
+            ..Config::default()
+        };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = config.load_token().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the token file {0} is open to other users (mode 0644); make it private: chmod o-rwx {0}",
+                path.display()
+            )
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(config.load_token().unwrap(), b"s3cret");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn config_file_sets_every_field() {

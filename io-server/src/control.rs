@@ -2,7 +2,11 @@
 //! connection, one line each way and then the report.
 //!
 //! * `status` — the [`Status`] report;
-//! * `weight NODE N` — sets node `NODE`'s weight (name or id) to `N`; 0 drains.
+//! * `weight NODE N` — sets node `NODE`'s weight (name or id) to `N`; 0 drains;
+//! * `sandbox` — whether the system-call sandbox is on and how many calls it
+//!   refused; `sandbox probe` makes one call outside the allow-list
+//!   (`mkdir`) and reports what it returned, for tests and operators who
+//!   want to see the sandbox answer.
 //!
 //! Answers start with `ok` / `error:` on failures so scripts can check.
 
@@ -87,6 +91,22 @@ fn execute(server: &Arc<ServerState>, line: &str) -> String {
                 u32::MAX
             ),
         },
+        ["sandbox"] => format!(
+            "ok: {} system calls refused\n",
+            saps_sandbox::denied_calls()
+        ),
+        ["sandbox", "probe"] => {
+            // A call no io-server needs: refused (EPERM) under the sandbox,
+            // ENOENT without it.
+            let r = std::fs::create_dir("/nonexistent/saps-sandbox-probe");
+            format!(
+                "ok: mkdir returned {}\n",
+                r.err()
+                    .and_then(|e| e.raw_os_error())
+                    .map_or("success".into(), |e| nix::errno::Errno::from_raw(e)
+                        .to_string())
+            )
+        }
         _ => format!("error: unknown command `{line}` (try `status` or `weight NODE N`)\n"),
     }
 }

@@ -70,6 +70,8 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the token file {} is open to other users (mode {mode:04o}); make it private: chmod o-rwx {}", path.display(), path.display())]
+    TokenNotPrivate { path: PathBuf, mode: u32 },
     #[error("the token is empty: put the shared secret in the token file")]
     EmptyToken,
     #[error(transparent)]

@@ -74,10 +74,20 @@ fn start(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let grace = Duration::from_secs(config.shutdown_timeout);
+    let sandbox = !config.no_sandbox;
     let server = IoServer::start(config).await?;
-    tracing::info!("io-server ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| anyhow::anyhow!("cannot install the SIGTERM handler: {e}"))?;
+    if sandbox {
+        // Everything is bound and open: from here the io-server's threads
+        // make only the calls of their allow-list (docs/io-server.md,
+        // "The sandbox").
+        saps_sandbox::confine(
+            "io-server",
+            &[saps_sandbox::RUNTIME, saps_sandbox::IO_SERVER],
+        )?;
+    }
+    tracing::info!("io-server ready");
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: graceful shutdown"),
         r = tokio::signal::ctrl_c() => {

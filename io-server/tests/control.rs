@@ -95,6 +95,7 @@ fn cli_help_and_errors_are_clear() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "  s3cret\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let token = token.to_str().unwrap();
     let (ok, err) = io_server(&["--fabric", "unix:/tmp/x.sock"]);
     assert!(!ok && err.contains("no token"), "{err}");

@@ -51,6 +51,7 @@ fn rdma_fabric_url_refuses_to_start_with_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "s3cret\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let control = dir.path().join("ctl");
     let (code, stderr) = io_server(&[
         "--fabric",
