@@ -230,10 +230,13 @@ async fn finish(
         Response::Status { errno: 0, addr } => {
             // Connected in the table before S can poll writable: a program
             // woken by POLLOUT asks getsockname/getpeername at once.
-            if let Some(v) = sh.table().get_mut(s_ino) {
-                let local = addr.unwrap_or_else(|| crate::vsock::unspecified(v.domain));
-                v.state = State::Connected { peer, local };
-                v.connect_unreported = true;
+            {
+                let mut table = sh.table();
+                if let Some(v) = table.get_mut(s_ino) {
+                    let local = addr.unwrap_or_else(|| crate::vsock::unspecified(v.domain));
+                    v.state = State::Connected { peer, local };
+                    v.connect_unreported = true;
+                }
             }
             // Restore S's send buffer, then let it become writable.
             let _ = so::setsockopt(&s, sockopt::SndBuf, &sndbuf);

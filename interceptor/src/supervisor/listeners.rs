@@ -316,17 +316,17 @@ impl ListenerTable {
     }
 
     /// The program listens on `listener`'s address as `conn`: the
-    /// connections waiting for it are returned, to be placed.
+    /// connections waiting for it are returned, to be placed. (Listening
+    /// already, it keeps its queue.)
     pub(crate) fn listen(&self, conn: ConnId, listener: Listener) -> Vec<(ConnId, Kind)> {
         let mut t = self.inner.lock();
         let addr = listener.addr;
-        t.by_tag.insert(
-            conn,
-            ListenerState::Listening {
-                listener,
-                ready: Ready::default(),
-            },
-        );
+        let ready = match t.by_tag.remove(&conn) {
+            Some(ListenerState::Listening { ready, .. }) => ready,
+            _ => Ready::default(),
+        };
+        t.by_tag
+            .insert(conn, ListenerState::Listening { listener, ready });
         let (mine, rest): (Vec<Orphan>, Vec<Orphan>) = std::mem::take(&mut t.orphans)
             .into_iter()
             .partition(|o| o.served_by(conn, addr));

@@ -162,6 +162,16 @@ mod tests {
     }
 
     #[test]
+    fn every_lock_may_be_taken_under_all_those_before_it() {
+        use Rank::*;
+        let order = [Listeners, Table, Connecting, Ops, Diag, Pidfds, Endpoint];
+        assert!(order.windows(2).all(|w| w[0] < w[1]));
+        let locks: Vec<Ranked<()>> = order.iter().map(|&r| Ranked::new(r, ())).collect();
+        let guards: Vec<Guard<'_, ()>> = locks.iter().map(Ranked::lock).collect();
+        assert_eq!(guards.len(), order.len());
+    }
+
+    #[test]
     #[should_panic(expected = "lock order broken: Listeners taken while holding Table")]
     fn a_lock_taken_out_of_order_panics() {
         let a = Ranked::new(Rank::Listeners, ());

@@ -104,9 +104,11 @@ pub(crate) fn setsockopt(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome 
             Err(e) => return Outcome::Reply(Reply::Errno(e)),
         }
     };
-    if let Some(v) = sh.table().get_mut(ino) {
+    let mut table = sh.table();
+    if let Some(v) = table.get_mut(ino) {
         v.options.set(level, name, &stored);
     }
+    drop(table);
     if established {
         // Timeouts and the low-water mark act on the program's own end.
         if let (Some(d), true) = (&call.dup, crate::vsock::on_program_end(level, name)) {
