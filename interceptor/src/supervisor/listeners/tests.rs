@@ -111,6 +111,16 @@ fn a_failed_accept_goes_back_to_the_head_of_the_queue() {
 }
 
 #[test]
+fn a_listener_installed_again_keeps_its_queue() {
+    let t = ListenerTable::new();
+    let (l, lis) = listener(80);
+    t.listen(1, lis.clone());
+    hand_over(&t, 1, 10, Instant::now());
+    assert!(t.listen(1, lis).is_empty());
+    assert_eq!(taken_ids(&t, 1, &l), [10]);
+}
+
+#[test]
 fn a_relayed_connection_asks_for_its_socket_pair_before_it_queues() {
     let t = ListenerTable::new();
     let (l, lis) = listener(80);
