@@ -373,7 +373,8 @@ fn child_after_fork(plan: &ChildPlan, parent: libc::pid_t, sock: RawFd, err_pipe
         // call, only a fatal signal interrupts it, as natively for calls
         // that never sleep (bind, listen …); the supervisor answers a call
         // that sleeps natively (a blocking accept) with ERESTARTSYS when a
-        // signal is pending (`supervisor::signals`). Older kernels: without.
+        // signal is pending (`SupervisorState::interrupted`,
+        // supervisor/call.rs). Older kernels: without.
         let mut listener = libc::syscall(
             libc::SYS_seccomp,
             libc::SECCOMP_SET_MODE_FILTER,

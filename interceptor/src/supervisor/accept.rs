@@ -1,22 +1,25 @@
 //! `accept`/`accept4` on a virtual listener.
 //!
-//! Connections for a listener wait in its ready queue (`arrival.rs`):
+//! Connections for a listener wait in its ready queue (`listeners.rs`):
 //! relayed ones as the program's end of a socket pair, zero-relay ones as
 //! the handed-over TCP socket, behind markers on the listener's `L` (a
 //! few per burst, never more than wait): bytes the supervisor sends on
 //! `M`, the other end of `L`'s socket pair. So `L` polls readable exactly
 //! when a connection waits, and epoll/select-driven servers work
 //! unchanged. The trapped accept takes the next connection from the
-//! queue, writes the client's real address into the caller's buffer and
+//! queue in one pass over the listener table (its socket, its addresses,
+//! the markers it leaves on `L`), writes the client's real address into the caller's buffer and
 //! installs the socket with `ADDFD`; an accept that leaves fewer
 //! connections than markers reads one off `L` (through a duplicate of the
 //! program's fd). A connection whose delivery
 //! fails (bad address buffer, interrupted call) goes back to the head of
 //! the queue, never lost.
 
-use super::arrival::{next_queued, requeue, Kind};
-use super::socket::set_nonblocking;
-use super::{defer, inode_of, lock, Arrival, Call, Outcome, Shared};
+use super::arrival::requeue;
+use super::call::{defer, Call, Outcome, LIVENESS_CHECK};
+use super::listeners::{Arrival, Kind, Taken};
+use super::objects::{inode_of, set_nonblocking, set_options};
+use super::state::SupervisorState;
 use crate::notify::{AddFd, Reply};
 use crate::vsock::{State, VirtualSocket};
 use saps_fabric::ConnId;
@@ -25,7 +28,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 /// `accept(fd, addr, addrlen)` / `accept4(…, flags)`.
-pub(crate) fn accept(sh: &Arc<Shared>, call: &mut Call, flags: i32) -> Outcome {
+pub(crate) fn accept(sh: &Arc<SupervisorState>, call: &mut Call, flags: i32) -> Outcome {
     let Some((_, vs)) = sh.lookup(call) else {
         return Outcome::Reply(Reply::Continue);
     };
@@ -45,7 +48,7 @@ pub(crate) fn accept(sh: &Arc<Shared>, call: &mut Call, flags: i32) -> Outcome {
         None => listener_dup(sh, call).and_then(|l| take(sh, &vs, l.as_fd())),
     };
     match taken {
-        Ok(Some((lconn, id))) => return hand_over(sh, call, &vs, lconn, id, flags),
+        Ok(Some((lconn, t))) => return hand_over(sh, call, &vs, lconn, t, flags),
         Ok(None) => {}
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
     }
@@ -61,7 +64,7 @@ pub(crate) fn accept(sh: &Arc<Shared>, call: &mut Call, flags: i32) -> Outcome {
 /// A blocking accept: waits for `L` to become readable, checking now and
 /// then that the caller was not interrupted.
 async fn wait_and_take(
-    sh: &Arc<Shared>,
+    sh: &Arc<SupervisorState>,
     call: &mut Call,
     vs: &VirtualSocket,
     flags: i32,
@@ -85,7 +88,7 @@ async fn wait_and_take(
         // A waiting connection is taken even with a signal pending, as the
         // kernel's accept does; only then does the signal end the wait.
         match take(sh, vs, l.as_fd()) {
-            Ok(Some((lconn, id))) => return hand_over(sh, call, vs, lconn, id, flags),
+            Ok(Some((lconn, t))) => return hand_over(sh, call, vs, lconn, t, flags),
             Ok(None) => {}
             Err(e) => return Outcome::Reply(Reply::Errno(e)),
         }
@@ -99,45 +102,44 @@ async fn wait_and_take(
             return Outcome::Reply(Reply::Errno(libc::EBADF));
         };
         // Readable or not, look again.
-        let wait = deadline.map_or(super::LIVENESS_CHECK, |d| {
-            super::LIVENESS_CHECK.min(d.saturating_duration_since(tokio::time::Instant::now()))
+        let wait = deadline.map_or(LIVENESS_CHECK, |d| {
+            LIVENESS_CHECK.min(d.saturating_duration_since(tokio::time::Instant::now()))
         });
         let _ = tokio::time::timeout(wait, afd.readable()).await;
     }
 }
 
 /// The program's `L`, duplicated for the time of one call.
-fn listener_dup(sh: &Shared, call: &Call) -> Result<OwnedFd, i32> {
+fn listener_dup(sh: &SupervisorState, call: &Call) -> Result<OwnedFd, i32> {
     sh.target_fd(call)
         .map_err(|e| e.raw_os_error().unwrap_or(libc::EBADF))
 }
 
-/// Takes the next connection queued for the listener `vs` (`L` is `l`):
-/// (the listener's tag, the connection's). `None`: nothing waits.
+/// Takes the next connection queued for the listener `vs` (`L` is `l`),
+/// with the listener's tag. `None`: nothing waits.
 fn take(
-    sh: &Shared,
+    sh: &SupervisorState,
     vs: &VirtualSocket,
     l: BorrowedFd<'_>,
-) -> Result<Option<(ConnId, ConnId)>, i32> {
+) -> Result<Option<(ConnId, Taken)>, i32> {
     let Some(lconn) = vs.conn else {
         return Ok(None);
     };
-    Ok(next_queued(sh, lconn, l)?.map(|id| (lconn, id)))
+    Ok(sh.listeners.take_next(lconn, l)?.map(|t| (lconn, t)))
 }
 
-/// Writes the client's address, installs connection `id` (queued for the
-/// listener `lconn`) in the program and answers the call with its fd; on
-/// failure puts the connection back at the head of the queue.
+/// Writes the client's address, installs the connection taken off the
+/// queue of listener `lconn` in the program and answers the call with its
+/// fd; on failure puts the connection back at the head of the queue.
 fn hand_over(
-    sh: &Arc<Shared>,
+    sh: &Arc<SupervisorState>,
     call: &mut Call,
     listener: &VirtualSocket,
     lconn: ConnId,
-    id: ConnId,
+    taken: Taken,
     flags: i32,
 ) -> Outcome {
-    let arrival = lock(&sh.arrivals).get(&id).copied();
-    let (peer, local) = match arrival {
+    let (peer, local) = match taken.arrival {
         Some(Arrival { peer, local }) => (
             in_family(listener.domain, peer),
             in_family(listener.domain, local),
@@ -147,30 +149,28 @@ fn hand_over(
             (u, u)
         }
     };
+    let (id, kind) = (taken.id, taken.kind);
     call.note.conn = Some(id);
     call.note.group = listener.bound;
-    let Some((sock, kind)) = lock(&sh.waiting).remove(&id) else {
-        return Outcome::Reply(Reply::Errno(libc::ECONNABORTED));
-    };
     // Until the program has it, the io-server keeps the connection for
     // another node should this node's channel end (issue 17): once it has
-    // ended, the connection is not ours to give. After the install the
-    // io-server is told the program has it (`ep.accepted`).
+    // ended, the connection is not ours to give (and its socket is
+    // closed). After the install the io-server is told the program has it
+    // (`ep.accepted`).
     let (ep, handed) = (sh.ep(), kind == Kind::Handed);
     if !ep.may_accept(id, handed) {
-        lock(&sh.arrivals).remove(&id);
         return Outcome::Reply(Reply::Errno(libc::ECONNABORTED));
     }
-    let keep = |sock: OwnedFd, errno: i32| {
-        lock(&sh.waiting).insert(id, (sock, kind));
-        requeue(sh, lconn, id);
+    let keep = |taken: Taken, errno: i32| {
+        requeue(sh, lconn, taken);
         Outcome::Reply(Reply::Errno(errno))
     };
     let (addr_ptr, len_ptr) = (call.arg(1), call.arg(2));
     if addr_ptr != 0 && sh.write_addr(call, addr_ptr, len_ptr, &peer).is_err() {
-        return keep(sock, libc::EFAULT);
+        return keep(taken, libc::EFAULT);
     }
     let nonblock = flags & libc::SOCK_NONBLOCK != 0;
+    let sock = &taken.socket;
     let mut table_entry = None;
     match kind {
         Kind::Handed => {
@@ -179,33 +179,32 @@ fn hand_over(
             // options set on the listener, as an accepted socket inherits
             // them natively (an option it refuses is the kernel's call).
             call.note.action = "accept (zero-relay)";
-            super::set_options(sock.as_fd(), listener.options.iter());
+            set_options(sock.as_fd(), listener.options.iter());
         }
         Kind::Relayed => {
             // The program's end of the socket pair, a virtual socket.
-            let ino = match inode_of(&sock) {
+            let ino = match inode_of(sock) {
                 Ok(i) => i,
-                Err(e) => return keep(sock, e),
+                Err(e) => return keep(taken, e),
             };
             // It inherits the listener's options. Its protocol is TCP, even
             // under an MPTCP listener: the client's connection ends at the
             // io-server's TCP socket (docs/interceptor.md, "MPTCP").
             let mut vs = VirtualSocket::accepted(listener.domain, id, peer, local);
             vs.options = listener.options.clone();
-            super::set_options(sock.as_fd(), vs.options.on_program_end());
+            set_options(sock.as_fd(), vs.options.on_program_end());
             sh.table().insert(ino, vs);
             table_entry = Some(ino);
         }
     }
     // Queued sockets are non-blocking (the io-server's, and the pairs
-    // `arrival::place` makes): a blocking accept clears that, and sets it
+    // `arrival::settle` makes): a blocking accept clears that, and sets it
     // again if the socket goes back to the queue.
     if !nonblock {
-        let _ = set_nonblocking(&sock, false);
+        let _ = set_nonblocking(sock, false);
     }
     match install(sh, call, sock.as_fd(), flags) {
         Ok(fd) => {
-            lock(&sh.arrivals).remove(&id);
             ep.accepted(id, handed);
             Outcome::Answered(fd as i64)
         }
@@ -214,16 +213,16 @@ fn hand_over(
                 sh.table().remove(ino);
             }
             if !nonblock {
-                let _ = set_nonblocking(&sock, true);
+                let _ = set_nonblocking(&taken.socket, true);
             }
-            keep(sock, e)
+            keep(taken, e)
         }
     }
 }
 
 /// Installs `obj` as the result of the accept call (`ADDFD` with `SEND`).
 fn install(
-    sh: &Shared,
+    sh: &SupervisorState,
     call: &Call,
     obj: std::os::fd::BorrowedFd<'_>,
     flags: i32,

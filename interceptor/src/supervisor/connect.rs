@@ -15,21 +15,21 @@
 //! POLLHUP) and the next `getsockopt(SO_ERROR)` reports the real errno
 //! (§2.3).
 
-use super::socket::{make_native, set_nonblocking};
-use super::{defer, inode_of, lock, Call, Outcome, Shared};
+use super::call::{defer, Call, Outcome, LIVENESS_CHECK};
+use super::objects::{hold_back, inode_of, pair, set_nonblocking, set_options, FILLER};
+use super::relay::{relay, to_tokio};
+use super::socket::{make_native, v4_on_v6, v6only_v4mapped};
+use super::state::SupervisorState;
 use crate::notify::Reply;
 use crate::vsock::{Inode, State, VirtualSocket};
-use nix::sys::socket::{self as so, sockopt, AddressFamily, SockFlag, SockType};
+use nix::sys::socket::{self as so, sockopt};
 use saps_fabric::{ConnId, Request, Response};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 
-/// Bytes written through S so that it does not poll writable.
-const FILLER: usize = 2048;
-
-pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
+pub(crate) fn connect(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
     let Some((ino, mut vs)) = sh.lookup(call) else {
         return Outcome::Reply(Reply::Continue);
     };
@@ -58,9 +58,9 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
         return Outcome::Reply(Reply::Errno(libc::EAFNOSUPPORT));
     }
     if vs.domain == libc::AF_INET6 && addr.is_ipv4() {
-        return Outcome::Reply(Reply::Errno(super::socket::v4_on_v6(call.arg(2))));
+        return Outcome::Reply(Reply::Errno(v4_on_v6(call.arg(2))));
     }
-    if super::socket::v6only_v4mapped(&vs, &addr) {
+    if v6only_v4mapped(&vs, &addr) {
         return Outcome::Reply(Reply::Errno(libc::ENETUNREACH));
     }
     if sh.stays_local(&addr) && vs.bound.is_none() {
@@ -84,16 +84,16 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
             return Outcome::Reply(Reply::Errno(e as i32));
         }
     }
-    super::set_options(s.as_fd(), vs.options.on_program_end());
+    set_options(s.as_fd(), vs.options.on_program_end());
     let timeout = vs.options.timeout(libc::SO_SNDTIMEO);
     let (tx, _) = tokio::sync::watch::channel(false);
-    lock(&sh.connecting).insert(s_ino, tx);
+    sh.connecting.lock().insert(s_ino, tx);
     // The table knows S before the program holds it.
     vs.state = State::Connecting { peer: addr };
     vs.tried_connect = true;
     sh.table().rekey(ino, s_ino, vs.clone());
     if let Err(e) = sh.replace_fd(call, s.as_fd()) {
-        lock(&sh.connecting).remove(&s_ino);
+        sh.connecting.lock().remove(&s_ino);
         vs.state = State::Fresh;
         sh.table().rekey(s_ino, ino, vs);
         return Outcome::Reply(Reply::Errno(e));
@@ -116,7 +116,7 @@ pub(crate) fn connect(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
 /// connection goes on (the kernel's `SS_CONNECTING`).
 fn wait_connected(s_ino: Inode, timeout: Option<(std::time::Duration, i32)>) -> Outcome {
     defer(move |sh, call| async move {
-        let mut rx = lock(&sh.connecting).get(&s_ino).map(|tx| tx.subscribe());
+        let mut rx = sh.connecting.lock().get(&s_ino).map(|tx| tx.subscribe());
         let deadline = timeout.map(|(t, e)| (tokio::time::Instant::now() + t, e));
         loop {
             if let Some((_, e)) = deadline.filter(|(d, _)| tokio::time::Instant::now() >= *d) {
@@ -134,9 +134,9 @@ fn wait_connected(s_ino: Inode, timeout: Option<(std::time::Duration, i32)>) -> 
             }
             match rx.as_mut() {
                 Some(rx) => {
-                    let _ = tokio::time::timeout(super::LIVENESS_CHECK, rx.changed()).await;
+                    let _ = tokio::time::timeout(LIVENESS_CHECK, rx.changed()).await;
                 }
-                None => tokio::time::sleep(super::LIVENESS_CHECK).await,
+                None => tokio::time::sleep(LIVENESS_CHECK).await,
             }
         }
         // Gone already: ended (closed by the peer) after connecting.
@@ -163,7 +163,7 @@ fn report(v: &mut VirtualSocket) -> Reply {
 /// connects the real socket that replaces the placeholder itself, to the
 /// address it read (a blocking connect in a blocking-pool thread).
 fn native_connect(
-    sh: &Arc<Shared>,
+    sh: &Arc<SupervisorState>,
     call: &mut Call,
     ino: Inode,
     vs: &VirtualSocket,
@@ -195,7 +195,7 @@ fn native_connect(
             if !sh.notifier.id_valid(call.n.id) {
                 return (call, Outcome::Reply(Reply::Errno(libc::EINTR)));
             }
-            if let Ok(r) = tokio::time::timeout(super::LIVENESS_CHECK, &mut done).await {
+            if let Ok(r) = tokio::time::timeout(LIVENESS_CHECK, &mut done).await {
                 let reply = match r {
                     Ok(Ok(())) => Reply::Value(0),
                     Ok(Err(e)) => Reply::Errno(e as i32),
@@ -207,43 +207,12 @@ fn native_connect(
     })
 }
 
-/// The socketpair (S, P): S for the program, P for the relay.
-pub(crate) fn pair(nonblock: bool) -> Result<(OwnedFd, OwnedFd), i32> {
-    // Both ends non-blocking from the start (P always is, for the relay;
-    // most programs want S so too): no fcntl or ioctl per connection.
-    let (s, p) = so::socketpair(
-        AddressFamily::Unix,
-        SockType::Stream,
-        None,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-    )
-    .map_err(|e| e as i32)?;
-    if !nonblock {
-        set_nonblocking(&s, false).map_err(|e| e as i32)?;
-    }
-    Ok((s, p))
-}
-
-/// Makes S look like a socket in SYN_SENT (see the module docs); returns
-/// the `SO_SNDBUF` to restore once the connection is established.
-pub(crate) fn hold_back(s: &OwnedFd) -> Result<usize, i32> {
-    let sndbuf = so::getsockopt(s, sockopt::SndBuf).map_err(|e| e as i32)?;
-    so::setsockopt(s, sockopt::SndBuf, &1).map_err(|e| e as i32)?;
-    let n = nix::unistd::write(s, &[0u8; FILLER]).map_err(|e| e as i32)?;
-    if n == FILLER {
-        // What to restore: the kernel reports twice what is set.
-        Ok(sndbuf / 2)
-    } else {
-        Err(libc::ENOBUFS)
-    }
-}
-
 /// The io-server answered the connect of `S` (inode `s_ino`): the relay
 /// starts, or P is closed so that S hangs up; a blocking connect waiting
 /// for it is told.
 #[allow(clippy::too_many_arguments)]
 async fn finish(
-    sh: &Arc<Shared>,
+    sh: &Arc<SupervisorState>,
     s_ino: Inode,
     conn: ConnId,
     peer: SocketAddr,
@@ -251,8 +220,8 @@ async fn finish(
     (s, sndbuf): (OwnedFd, usize),
     p: OwnedFd,
 ) {
-    let tell = |sh: &Shared| {
-        let tx = lock(&sh.connecting).remove(&s_ino);
+    let tell = |sh: &SupervisorState| {
+        let tx = sh.connecting.lock().remove(&s_ino);
         if let Some(tx) = tx {
             tx.send_replace(true);
         }
@@ -261,10 +230,13 @@ async fn finish(
         Response::Status { errno: 0, addr } => {
             // Connected in the table before S can poll writable: a program
             // woken by POLLOUT asks getsockname/getpeername at once.
-            if let Some(v) = sh.table().get_mut(s_ino) {
-                let local = addr.unwrap_or_else(|| crate::vsock::unspecified(v.domain));
-                v.state = State::Connected { peer, local };
-                v.connect_unreported = true;
+            {
+                let mut table = sh.table();
+                if let Some(v) = table.get_mut(s_ino) {
+                    let local = addr.unwrap_or_else(|| crate::vsock::unspecified(v.domain));
+                    v.state = State::Connected { peer, local };
+                    v.connect_unreported = true;
+                }
             }
             // Restore S's send buffer, then let it become writable.
             let _ = so::setsockopt(&s, sockopt::SndBuf, &sndbuf);
@@ -293,7 +265,7 @@ async fn finish(
 
 /// The connect of `S` failed with `errno`: the socket is unconnected
 /// again, and a new connect gets a new tag.
-fn fail(sh: &Shared, s_ino: Inode, errno: i32) {
+fn fail(sh: &SupervisorState, s_ino: Inode, errno: i32) {
     let mut t = sh.table();
     if let Some(mut v) = t.remove(s_ino) {
         v.state = State::Fresh;
@@ -301,49 +273,5 @@ fn fail(sh: &Shared, s_ino: Inode, errno: i32) {
         v.error = errno;
         v.connect_unreported = true;
         t.insert(s_ino, v);
-    }
-}
-
-/// `p` is non-blocking already ([`pair`]).
-fn to_tokio(p: OwnedFd) -> std::io::Result<tokio::net::UnixStream> {
-    tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(p))
-}
-
-/// Relays P ⇄ fabric in a task.
-pub(crate) fn spawn_relay(sh: &Arc<Shared>, conn: ConnId, p: OwnedFd) {
-    let sh2 = sh.clone();
-    sh.rt.spawn(async move {
-        match to_tokio(p) {
-            Ok(p) => relay(&sh2, conn, p).await,
-            Err(e) => {
-                tracing::warn!(conn, error = %e, "cannot relay");
-                sh2.ep().close_connection(conn, libc::EIO);
-            }
-        }
-    });
-}
-
-/// Relays until the connection ends, then forgets the virtual socket: the
-/// connection is over, whatever the program still holds.
-async fn relay(sh: &Arc<Shared>, conn: ConnId, p: tokio::net::UnixStream) {
-    let generation = sh.generation();
-    let out = sh.ep().relay_unix(conn, p).await;
-    if sh.generation() != generation {
-        // The node rejoined meanwhile: this tag may be reused already.
-        return;
-    }
-    tracing::debug!(
-        conn,
-        bytes_in = out.bytes_in,
-        bytes_out = out.bytes_out,
-        errno = out.errno,
-        "connection ended"
-    );
-    let mut t = sh.table();
-    if out.errno == 0 {
-        t.remove_conn(conn);
-    } else if let Some(vs) = t.by_conn_mut(conn) {
-        // Reported at the next getsockopt(SO_ERROR) (§2.3).
-        vs.error = out.errno;
     }
 }

@@ -1,7 +1,9 @@
 //! The supervisor's locks, and the one order in which they may nest.
 //!
-//! Every piece of the supervisor's shared state sits behind a [`Ranked`]
-//! mutex with a [`Rank`]. A thread may take a lock while holding others
+//! Every piece of the supervisor's shared state has one owner behind a
+//! [`Ranked`] mutex with a [`Rank`]; the owners' methods release their lock
+//! before calling anything that may take another, so in practice locks do
+//! not nest, and the order below is the guard against a change that would. A thread may take a lock while holding others
 //! only if its rank is higher than every rank it holds: the order of the
 //! enum below. Two threads can then never wait on each other, whatever the
 //! handlers do. In debug builds (every test) each thread keeps the ranks it
@@ -18,21 +20,10 @@ use std::sync::{Mutex, MutexGuard};
 /// is held: a lock may only be taken under locks listed before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Rank {
-    /// Connections waiting for a listener (`arrival::park` looks for the
-    /// listener while holding it, so that a listener made meanwhile either
-    /// is found or adopts the orphan).
-    Orphans,
-    /// Listener tag → its `L` (`arrival::route` looks in `Retired` under it).
+    /// The listener table (`listeners.rs`): every listener, its ready
+    /// queue and the connections waiting for an accept or a listener.
+    /// Its methods take no other lock.
     Listeners,
-    /// Listeners the program closed.
-    Retired,
-    /// Ready queues (`arrival::next_queued` skips sockets gone from
-    /// `Waiting` under it).
-    Ready,
-    /// Sockets queued for an accept.
-    Waiting,
-    /// Peer and local addresses of queued connections.
-    Arrivals,
     /// The virtual-socket table.
     Table,
     /// Connects in flight.
@@ -41,8 +32,6 @@ pub(crate) enum Rank {
     Ops,
     /// The `sock_diag` socket.
     Diag,
-    /// Listeners not served after a failed rejoin.
-    Dormant,
     /// Cached pidfds.
     Pidfds,
     /// The channel to the io-server (cloned out, never held long).
@@ -158,8 +147,8 @@ mod tests {
 
     #[test]
     fn locks_nest_in_rank_order() {
-        let a = Ranked::new(Rank::Orphans, 1);
-        let b = Ranked::new(Rank::Listeners, 2);
+        let a = Ranked::new(Rank::Listeners, 1);
+        let b = Ranked::new(Rank::Table, 2);
         let ga = a.lock();
         let gb = b.lock();
         assert_eq!(*ga + *gb, 3);
@@ -173,18 +162,28 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "lock order broken: Orphans taken while holding Listeners")]
+    fn every_lock_may_be_taken_under_all_those_before_it() {
+        use Rank::*;
+        let order = [Listeners, Table, Connecting, Ops, Diag, Pidfds, Endpoint];
+        assert!(order.windows(2).all(|w| w[0] < w[1]));
+        let locks: Vec<Ranked<()>> = order.iter().map(|&r| Ranked::new(r, ())).collect();
+        let guards: Vec<Guard<'_, ()>> = locks.iter().map(Ranked::lock).collect();
+        assert_eq!(guards.len(), order.len());
+    }
+
+    #[test]
+    #[should_panic(expected = "lock order broken: Listeners taken while holding Table")]
     fn a_lock_taken_out_of_order_panics() {
-        let a = Ranked::new(Rank::Orphans, ());
-        let b = Ranked::new(Rank::Listeners, ());
+        let a = Ranked::new(Rank::Listeners, ());
+        let b = Ranked::new(Rank::Table, ());
         let _gb = b.lock();
         let _ga = a.lock();
     }
 
     #[test]
-    #[should_panic(expected = "Listeners taken while holding Listeners")]
+    #[should_panic(expected = "Table taken while holding Table")]
     fn a_lock_taken_twice_panics_instead_of_deadlocking() {
-        let b = Ranked::new(Rank::Listeners, ());
+        let b = Ranked::new(Rank::Table, ());
         let _g1 = b.lock();
         let _g2 = b.lock();
     }

@@ -15,11 +15,11 @@
 //! `Connecting` from the first call on, and a later `connect` waits for,
 //! or reports, that same connection.)
 
-use super::{lock, Call, Shared};
-use crate::notify::Reply;
+use super::locks::{Rank, Ranked};
+use crate::notify::{Notifier, Reply};
 use crate::vsock::{Inode, VirtualSocket};
 use saps_fabric::ConnId;
-use std::sync::Arc;
+use std::collections::HashMap;
 use tokio::sync::watch;
 
 /// What a `bind` or `listen` came to at the io-server.
@@ -62,77 +62,100 @@ pub(crate) enum Begin {
     Join(watch::Receiver<bool>),
 }
 
-/// Registers call `call` (`nr` with `key`) on socket `ino`, or finds the
-/// call it repeats.
-pub(crate) fn begin(sh: &Shared, call: &Call, ino: Inode, key: Vec<u8>) -> Begin {
-    let nr = call.n.nr as i64;
-    let id = call.n.id;
-    let mut ops = lock(&sh.ops);
-    if let Some(op) = ops.get_mut(&ino) {
-        if op.nr == nr && op.key == key {
-            if op.id != id && sh.notifier.id_valid(op.id) {
-                return Begin::Unregistered;
-            }
-            op.id = id;
-            return match op.done.clone() {
-                Some(d) => Begin::Done(d),
-                None => Begin::Join(op.tx.subscribe()),
-            };
+/// The `bind`/`listen` calls waiting for the io-server, by socket, so
+/// that the same call made again after a signal joins the first instead
+/// of repeating it.
+pub(crate) struct OpTable {
+    by_socket: Ranked<HashMap<Inode, Op>>,
+}
+
+impl OpTable {
+    pub(crate) fn new() -> Self {
+        OpTable {
+            by_socket: Ranked::default_with(Rank::Ops),
         }
     }
-    let (tx, _) = watch::channel(false);
-    ops.insert(
-        ino,
-        Op {
-            nr,
-            key,
-            id,
-            done: None,
-            tx,
-        },
-    );
-    Begin::New
-}
 
-/// The first call on `ino` (notification `id`) finished with `done`.
-/// `Some`: answer it with this; `None`: a restarted call has taken it over
-/// and is told (this caller is gone).
-pub(crate) fn complete(sh: &Shared, ino: Inode, id: u64, done: Done) -> Option<Done> {
-    let mut ops = lock(&sh.ops);
-    let Some(op) = ops.get_mut(&ino) else {
-        return Some(done);
-    };
-    op.done = Some(done.clone());
-    if op.id == id {
-        return Some(done);
+    /// Registers call `id` (syscall `nr` with `key`) on socket `ino`, or
+    /// finds the call it repeats (`notifier` tells whether the first
+    /// call's caller still waits).
+    pub(crate) fn begin(
+        &self,
+        notifier: &Notifier,
+        (nr, id): (i64, u64),
+        ino: Inode,
+        key: Vec<u8>,
+    ) -> Begin {
+        let mut ops = self.by_socket.lock();
+        if let Some(op) = ops.get_mut(&ino) {
+            if op.nr == nr && op.key == key {
+                if op.id != id && notifier.id_valid(op.id) {
+                    return Begin::Unregistered;
+                }
+                op.id = id;
+                return match op.done.clone() {
+                    Some(d) => Begin::Done(d),
+                    None => Begin::Join(op.tx.subscribe()),
+                };
+            }
+        }
+        let (tx, _) = watch::channel(false);
+        ops.insert(
+            ino,
+            Op {
+                nr,
+                key,
+                id,
+                done: None,
+                tx,
+            },
+        );
+        Begin::New
     }
-    op.tx.send_replace(true);
-    None
-}
 
-/// The result a joined call waited for, once its first call finished.
-pub(crate) fn result(sh: &Shared, ino: Inode) -> Option<Done> {
-    lock(&sh.ops).get(&ino).and_then(|op| op.done.clone())
-}
-
-/// The op of `ino`, taken out while notification `id` is answered: the
-/// program may make its next call on the socket as soon as the answer
-/// lands, and must not find this one still in flight.
-pub(crate) fn take(sh: &Shared, ino: Inode, id: u64) -> Option<Op> {
-    let mut ops = lock(&sh.ops);
-    if ops.get(&ino).is_some_and(|op| op.id == id) {
-        return ops.remove(&ino);
+    /// The first call on `ino` (notification `id`) finished with `done`.
+    /// `Some`: answer it with this; `None`: a restarted call has taken it
+    /// over and is told (this caller is gone).
+    pub(crate) fn complete(&self, ino: Inode, id: u64, done: Done) -> Option<Done> {
+        let mut ops = self.by_socket.lock();
+        let Some(op) = ops.get_mut(&ino) else {
+            return Some(done);
+        };
+        op.done = Some(done.clone());
+        if op.id == id {
+            return Some(done);
+        }
+        op.tx.send_replace(true);
+        None
     }
-    None
-}
 
-/// The answer did not reach its caller (a signal came first): the op stays
-/// for the restarted call.
-pub(crate) fn put_back(sh: &Arc<Shared>, ino: Inode, op: Op) {
-    lock(&sh.ops).entry(ino).or_insert(op);
-}
+    /// The result a joined call waited for, once its first call finished.
+    pub(crate) fn result(&self, ino: Inode) -> Option<Done> {
+        self.by_socket
+            .lock()
+            .get(&ino)
+            .and_then(|op| op.done.clone())
+    }
 
-/// Forgets the op of socket `ino` (it changed object, or is gone).
-pub(crate) fn forget(sh: &Shared, ino: Inode) {
-    lock(&sh.ops).remove(&ino);
+    /// The op of `ino`, taken out while notification `id` is answered: the
+    /// program may make its next call on the socket as soon as the answer
+    /// lands, and must not find this one still in flight.
+    pub(crate) fn take(&self, ino: Inode, id: u64) -> Option<Op> {
+        let mut ops = self.by_socket.lock();
+        if ops.get(&ino).is_some_and(|op| op.id == id) {
+            return ops.remove(&ino);
+        }
+        None
+    }
+
+    /// The answer did not reach its caller (a signal came first): the op
+    /// stays for the restarted call.
+    pub(crate) fn put_back(&self, ino: Inode, op: Op) {
+        self.by_socket.lock().entry(ino).or_insert(op);
+    }
+
+    /// Forgets the op of socket `ino` (it changed object, or is gone).
+    pub(crate) fn forget(&self, ino: Inode) {
+        self.by_socket.lock().remove(&ino);
+    }
 }

@@ -9,7 +9,8 @@
 //! own socket; any other continues natively (the kernel's own answer for
 //! UDP, zero-relay TCP sockets and the rest).
 
-use super::{defer, Call, Outcome, Shared};
+use super::call::{defer, Call, Outcome, LIVENESS_CHECK};
+use super::state::SupervisorState;
 use crate::notify::Reply;
 use crate::vsock::State;
 use nix::sys::socket::{self as so, MsgFlags};
@@ -19,7 +20,7 @@ use std::sync::Arc;
 /// Octets read from the program and sent per round.
 const CHUNK: usize = 64 * 1024;
 
-pub(crate) fn sendto(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
+pub(crate) fn sendto(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
     let Some((_, vs)) = sh.lookup(call) else {
         return Outcome::Reply(Reply::Continue);
     };
@@ -98,7 +99,7 @@ fn wait_and_send(sock: OwnedFd, buf: u64, len: usize, done: usize, flags: MsgFla
                 };
                 return (call, Outcome::Reply(r));
             }
-            let ready = tokio::time::timeout(super::LIVENESS_CHECK, afd.writable()).await;
+            let ready = tokio::time::timeout(LIVENESS_CHECK, afd.writable()).await;
             if let Ok(Ok(mut g)) = ready {
                 g.clear_ready();
             }

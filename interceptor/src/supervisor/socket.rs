@@ -1,7 +1,12 @@
 //! `socket`, `bind`, `listen` and `shutdown` of virtual sockets (Figure 3),
 //! and turning a virtual socket back into a real one for loopback traffic.
 
-use super::{defer, inode_of, restart, Call, Outcome, Shared};
+use super::arrival::{listening, reap_listeners};
+use super::call::{defer, Call, Outcome, LIVENESS_CHECK};
+use super::listeners::Listener;
+use super::objects::{hold_back, inode_of, pair, set_options, unix_socket};
+use super::restart;
+use super::state::SupervisorState;
 use crate::notify::{AddFd, Reply};
 use crate::vsock::{Inode, State, VirtualSocket};
 use nix::sys::socket::{self as so, AddressFamily, SockFlag, SockType};
@@ -10,20 +15,11 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 
-/// A new unconnected AF_UNIX stream socket of ours.
-pub(crate) fn unix_socket(nonblock: bool) -> Result<OwnedFd, i32> {
-    let mut flags = SockFlag::SOCK_CLOEXEC;
-    if nonblock {
-        flags |= SockFlag::SOCK_NONBLOCK;
-    }
-    so::socket(AddressFamily::Unix, SockType::Stream, flags, None).map_err(|e| e as i32)
-}
-
 /// `socket(AF_INET|AF_INET6, SOCK_STREAM, 0|IPPROTO_TCP|IPPROTO_MPTCP)`:
 /// install an AF_UNIX placeholder and remember it as a virtual socket. An
 /// MPTCP socket is served like a TCP one (the io-server's socket toward
 /// the client is TCP; docs/interceptor.md, "Departures").
-pub(crate) fn socket(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
+pub(crate) fn socket(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
     let domain = call.arg(0) as i32;
     let ty = call.arg(1) as i32;
     let proto = match call.arg(2) as i32 {
@@ -72,7 +68,7 @@ pub(crate) fn socket(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
 /// read: answering `CONTINUE` would let the kernel read the address again,
 /// after another thread of the program could have changed it.
 pub(crate) fn make_native(
-    sh: &Shared,
+    sh: &SupervisorState,
     call: &mut Call,
     ino: Inode,
     vs: &VirtualSocket,
@@ -92,7 +88,7 @@ pub(crate) fn make_native(
         vs.protocol,
     )
     .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
-    super::set_options(real.as_fd(), vs.options.iter());
+    set_options(real.as_fd(), vs.options.iter());
     sh.replace_fd(call, real.as_fd())?;
     sh.table().remove(ino);
     if let Some(conn) = vs.conn {
@@ -104,7 +100,7 @@ pub(crate) fn make_native(
 
 /// `bind(fd, addr, len)`: Bind on the io-server, which answers the address
 /// bound (port 0 resolved).
-pub(crate) fn bind(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
+pub(crate) fn bind(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
     let Some((ino, mut vs)) = sh.lookup(call) else {
         return Outcome::Reply(Reply::Continue);
     };
@@ -125,30 +121,30 @@ pub(crate) fn bind(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
     let flags = vs.options.bind_flags();
     let mut key = addr.to_string().into_bytes();
     key.extend_from_slice(&flags.to_ne_bytes());
-    let registered = match restart::begin(sh, call, ino, key) {
+    let registered = match sh.ops.begin(&sh.notifier, call.id(), ino, key) {
         restart::Begin::New => true,
         restart::Begin::Unregistered => false,
         restart::Begin::Done(d) => return Outcome::Reply(done_reply(d)),
         restart::Begin::Join(rx) => return join(ino, rx),
     };
     if vs.bound.is_some() || vs.state != State::Fresh {
-        restart::forget(sh, ino);
+        sh.ops.forget(ino);
         return Outcome::Reply(Reply::Errno(libc::EINVAL));
     }
     if sh.stays_local(&addr) {
-        restart::forget(sh, ino);
+        sh.ops.forget(ino);
         return Outcome::Reply(native_bind(sh, call, ino, &vs, addr));
     }
     let conn = match sh.tag(call, &mut vs, "virtual") {
         Ok(c) => c,
         Err(e) => {
-            restart::forget(sh, ino);
+            sh.ops.forget(ino);
             return Outcome::Reply(Reply::Errno(e));
         }
     };
     // A listener of this port the program closed, or a socket bound to it
     // and closed unlistened, must not keep it bound.
-    sh.reap_listeners(Some(addr.port()));
+    reap_listeners(sh, Some(addr.port()));
     sh.sweep_closed(Some(addr.port()));
     defer(move |sh, mut call| async move {
         let resp = sh.request(Request::Bind { conn, addr, flags }).await;
@@ -167,7 +163,7 @@ pub(crate) fn bind(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
         if !registered {
             return (call, Outcome::Reply(reply));
         }
-        match restart::complete(&sh, ino, call.n.id, restart::Done::Reply(reply)) {
+        match sh.ops.complete(ino, call.n.id, restart::Done::Reply(reply)) {
             Some(d) => {
                 call.op = Some(ino);
                 (call, Outcome::Reply(done_reply(d)))
@@ -212,7 +208,7 @@ fn done_reply(d: restart::Done) -> Reply {
 fn join(ino: Inode, mut rx: tokio::sync::watch::Receiver<bool>) -> Outcome {
     defer(move |sh, mut call| async move {
         loop {
-            if let Some(d) = restart::result(&sh, ino) {
+            if let Some(d) = sh.ops.result(ino) {
                 call.op = Some(ino);
                 return (call, Outcome::Reply(done_reply(d)));
             }
@@ -220,7 +216,7 @@ fn join(ino: Inode, mut rx: tokio::sync::watch::Receiver<bool>) -> Outcome {
             if !sh.notifier.id_valid(call.n.id) {
                 return (call, Outcome::Reply(Reply::Errno(libc::EINTR)));
             }
-            let _ = tokio::time::timeout(super::LIVENESS_CHECK, rx.changed()).await;
+            let _ = tokio::time::timeout(LIVENESS_CHECK, rx.changed()).await;
         }
     })
 }
@@ -228,7 +224,7 @@ fn join(ino: Inode, mut rx: tokio::sync::watch::Receiver<bool>) -> Outcome {
 /// A bind to a loopback address that stays on the node: made by the
 /// supervisor on the socket that replaces the placeholder.
 fn native_bind(
-    sh: &Shared,
+    sh: &SupervisorState,
     call: &mut Call,
     ino: Inode,
     vs: &VirtualSocket,
@@ -254,7 +250,7 @@ fn addr_ip(vs: &VirtualSocket) -> std::net::IpAddr {
 /// `listen(fd, backlog)`: Listen on the io-server (binding an ephemeral port
 /// first, as the kernel would), then swap the placeholder for the AF_UNIX
 /// listener `L` the supervisor delivers connections to.
-pub(crate) fn listen(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
+pub(crate) fn listen(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
     let Some((ino, mut vs)) = sh.lookup(call) else {
         return Outcome::Reply(Reply::Continue);
     };
@@ -265,33 +261,37 @@ pub(crate) fn listen(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
         _ => return Outcome::Reply(Reply::Errno(libc::EINVAL)),
     }
     let nonblock = sh.nonblocking(call);
-    let registered = match restart::begin(sh, call, ino, backlog.to_ne_bytes().to_vec()) {
-        restart::Begin::New => true,
-        restart::Begin::Unregistered => false,
-        restart::Begin::Done(d) => return Outcome::Reply(finish_listen(sh, call, ino, d)),
-        restart::Begin::Join(mut rx) => {
-            return defer(move |sh, mut call| async move {
-                loop {
-                    if let Some(d) = restart::result(&sh, ino) {
-                        let reply = finish_listen(&sh, &mut call, ino, d);
-                        return (call, Outcome::Reply(reply));
+    let registered =
+        match sh
+            .ops
+            .begin(&sh.notifier, call.id(), ino, backlog.to_ne_bytes().to_vec())
+        {
+            restart::Begin::New => true,
+            restart::Begin::Unregistered => false,
+            restart::Begin::Done(d) => return Outcome::Reply(finish_listen(sh, call, ino, d)),
+            restart::Begin::Join(mut rx) => {
+                return defer(move |sh, mut call| async move {
+                    loop {
+                        if let Some(d) = sh.ops.result(ino) {
+                            let reply = finish_listen(&sh, &mut call, ino, d);
+                            return (call, Outcome::Reply(reply));
+                        }
+                        // Never ERESTARTSYS: listen does not sleep natively.
+                        if !sh.notifier.id_valid(call.n.id) {
+                            return (call, Outcome::Reply(Reply::Errno(libc::EINTR)));
+                        }
+                        let _ = tokio::time::timeout(LIVENESS_CHECK, rx.changed()).await;
                     }
-                    // Never ERESTARTSYS: listen does not sleep natively.
-                    if !sh.notifier.id_valid(call.n.id) {
-                        return (call, Outcome::Reply(Reply::Errno(libc::EINTR)));
-                    }
-                    let _ = tokio::time::timeout(super::LIVENESS_CHECK, rx.changed()).await;
-                }
-            });
-        }
-    };
+                });
+            }
+        };
     // Not bound yet on this channel: bind first, as the kernel would
     // (port 0), or again after the node rejoined the io-server.
     let needs_bind = vs.conn.is_none() || vs.bound.is_none();
     let conn = match sh.tag(call, &mut vs, "virtual listener") {
         Ok(c) => c,
         Err(e) => {
-            restart::forget(sh, ino);
+            sh.ops.forget(ino);
             return Outcome::Reply(Reply::Errno(e));
         }
     };
@@ -302,7 +302,7 @@ pub(crate) fn listen(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
             let reply = finish_listen(&sh, &mut call, ino, done);
             return (call, Outcome::Reply(reply));
         }
-        match restart::complete(&sh, ino, call.n.id, done) {
+        match sh.ops.complete(ino, call.n.id, done) {
             Some(d) => {
                 let reply = finish_listen(&sh, &mut call, ino, d);
                 (call, Outcome::Reply(reply))
@@ -314,7 +314,7 @@ pub(crate) fn listen(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
 
 /// Bind (when needed) and Listen on the io-server.
 async fn listen_at_io_server(
-    sh: &Arc<Shared>,
+    sh: &Arc<SupervisorState>,
     conn: saps_fabric::ConnId,
     backlog: u32,
     nonblock: bool,
@@ -345,7 +345,12 @@ async fn listen_at_io_server(
 
 /// Puts `L` over the program's fd once the io-server listens, with the
 /// notification that answers the call now (the first, or its restart).
-fn finish_listen(sh: &Arc<Shared>, call: &mut Call, ino: Inode, done: restart::Done) -> Reply {
+fn finish_listen(
+    sh: &Arc<SupervisorState>,
+    call: &mut Call,
+    ino: Inode,
+    done: restart::Done,
+) -> Reply {
     let restart::Done::Listening {
         conn,
         backlog,
@@ -358,13 +363,13 @@ fn finish_listen(sh: &Arc<Shared>, call: &mut Call, ino: Inode, done: restart::D
     };
     match install_listener(sh, call, ino, conn, backlog, nonblock, &mut vs) {
         Ok(()) => {
-            restart::forget(sh, ino);
+            sh.ops.forget(ino);
             Reply::Value(0)
         }
         // The caller left (a signal): the restart installs it.
         Err(libc::EINTR) => Reply::Errno(libc::EINTR),
         Err(e) => {
-            restart::forget(sh, ino);
+            sh.ops.forget(ino);
             sh.ep().close_connection(conn, 0);
             Reply::Errno(e)
         }
@@ -375,7 +380,7 @@ fn finish_listen(sh: &Arc<Shared>, call: &mut Call, ino: Inode, done: restart::D
 /// keeps for markers, and puts it over the call's fd. The table knows `L`
 /// before the program holds it (and the placeholder is gone).
 fn install_listener(
-    sh: &Arc<Shared>,
+    sh: &Arc<SupervisorState>,
     call: &Call,
     ino: Inode,
     conn: saps_fabric::ConnId,
@@ -383,11 +388,11 @@ fn install_listener(
     nonblock: bool,
     vs: &mut VirtualSocket,
 ) -> Result<(), i32> {
-    let (l, marker) = super::connect::pair(nonblock)?;
+    let (l, marker) = pair(nonblock)?;
     // `L` must not poll writable, as a listening socket does not: a filler
     // sent through it with the smallest send buffer, never read by `M`
     // (which only writes markers and watches for the hang-up).
-    super::connect::hold_back(&l)?;
+    hold_back(&l)?;
     let l_ino = inode_of(&l)?;
     vs.state = State::Listening;
     sh.table().rekey(ino, l_ino, vs.clone());
@@ -396,7 +401,7 @@ fn install_listener(
         sh.table().rekey(l_ino, ino, vs.clone());
         return Err(e);
     }
-    let listener = super::Listener {
+    let listener = Listener {
         marker: Arc::new(marker),
         addr: vs
             .bound
@@ -404,16 +409,14 @@ fn install_listener(
         flags: vs.options.bind_flags(),
         backlog,
     };
-    let addr = listener.addr;
-    super::lock(&sh.listeners).insert(conn, listener);
-    super::arrival::adopt_orphans(sh, conn, addr);
+    listening(sh, conn, listener);
     Ok(())
 }
 
 /// `shutdown(fd, how)`: on an established connection the kernel object `S`
 /// does it natively (its EOF reaches the relay, which sends FIN after the
 /// data); elsewhere the kernel's answers.
-pub(crate) fn shutdown(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
+pub(crate) fn shutdown(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
     let Some((_, vs)) = sh.lookup(call) else {
         return Outcome::Reply(Reply::Continue);
     };
@@ -426,13 +429,4 @@ pub(crate) fn shutdown(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
         State::Listening => Reply::Value(0),
         State::Fresh => Reply::Errno(libc::ENOTCONN),
     })
-}
-
-/// Sets or clears `O_NONBLOCK` on an object before the program gets it.
-pub(crate) fn set_nonblocking(fd: &OwnedFd, on: bool) -> nix::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let raw = fd.as_raw_fd();
-    let mut fl = OFlag::from_bits_truncate(fcntl(raw, FcntlArg::F_GETFL)?);
-    fl.set(OFlag::O_NONBLOCK, on);
-    fcntl(raw, FcntlArg::F_SETFL(fl)).map(|_| ())
 }

@@ -9,7 +9,9 @@
 //! and `TCP_INFO` is asked of it. `SO_ERROR` reports the asynchronous error
 //! of §2.3 and clears it.
 
-use super::{defer, Call, Outcome, Shared};
+use super::call::{defer, Call, Outcome};
+use super::objects::set_options;
+use super::state::SupervisorState;
 use crate::notify::Reply;
 use crate::vsock::{State, VirtualSocket};
 use bytes::Bytes;
@@ -59,11 +61,11 @@ fn scratch(vs: &VirtualSocket) -> Result<OwnedFd, i32> {
     let s = crate::sys::socket_raw(vs.domain, ty, vs.protocol)
         .or_else(|_| crate::sys::socket_raw(vs.domain, ty, libc::IPPROTO_TCP))
         .map_err(|e| e.raw_os_error().unwrap_or(libc::ENOBUFS))?;
-    super::set_options(s.as_fd(), vs.options.iter());
+    set_options(s.as_fd(), vs.options.iter());
     Ok(s)
 }
 
-pub(crate) fn setsockopt(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
+pub(crate) fn setsockopt(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
     let Some((ino, vs)) = sh.lookup(call) else {
         return Outcome::Reply(Reply::Continue);
     };
@@ -102,13 +104,15 @@ pub(crate) fn setsockopt(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
             Err(e) => return Outcome::Reply(Reply::Errno(e)),
         }
     };
-    if let Some(v) = sh.table().get_mut(ino) {
+    let mut table = sh.table();
+    if let Some(v) = table.get_mut(ino) {
         v.options.set(level, name, &stored);
     }
+    drop(table);
     if established {
         // Timeouts and the low-water mark act on the program's own end.
         if let (Some(d), true) = (&call.dup, crate::vsock::on_program_end(level, name)) {
-            super::set_options(d.as_fd(), std::iter::once((level, name, &stored[..])));
+            set_options(d.as_fd(), std::iter::once((level, name, &stored[..])));
         }
     }
     if let (Some(conn), true) = (vs.conn, established && on_gateway(level, name)) {
@@ -154,7 +158,7 @@ fn kernel_set(vs: &VirtualSocket, level: i32, name: i32, value: &[u8]) -> Result
     )
 }
 
-pub(crate) fn getsockopt(sh: &Arc<Shared>, call: &mut Call) -> Outcome {
+pub(crate) fn getsockopt(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
     let Some((ino, vs)) = sh.lookup(call) else {
         return Outcome::Reply(Reply::Continue);
     };
@@ -202,7 +206,7 @@ const TCP_LISTEN: u8 = 10;
 /// listens, the options set on it), the rest as the kernel answers it for
 /// a socket with those options.
 fn local_value(
-    sh: &Shared,
+    sh: &SupervisorState,
     ino: u64,
     vs: &VirtualSocket,
     level: i32,
@@ -257,7 +261,7 @@ fn write_value(call: &mut Call, value: &[u8], len: u32) -> Reply {
 
 /// `getsockname(fd, addr, len)` / `getpeername(fd, addr, len)`: the virtual
 /// addresses — the gateway's address and the client's real one.
-pub(crate) fn getname(sh: &Arc<Shared>, call: &mut Call, peer: bool) -> Outcome {
+pub(crate) fn getname(sh: &Arc<SupervisorState>, call: &mut Call, peer: bool) -> Outcome {
     let Some((_, vs)) = sh.lookup(call) else {
         return Outcome::Reply(Reply::Continue);
     };
