@@ -333,11 +333,20 @@ pub fn unix_io_server(d: &Path) -> Proc {
     if !d.join("token").exists() {
         write_token(&d.join("token"), "cluster secret\n");
     }
-    let io = Proc::spawn(Command::new(bin("io-server")).args([
+    let fabric = format!("unix:{}", d.join("saps.sock").display());
+    start_io_server(Command::new(bin("io-server")), d, &fabric, "127.0.0.1")
+}
+
+/// The io-server `cmd` runs (the binary itself, or `ip netns exec NS
+/// io-server`) on `fabric` and `address`, scheduler `rr`, with the token
+/// in `DIR/token` and control socket `DIR/control.sock`; returned once
+/// `status` answers.
+pub fn start_io_server(mut cmd: Command, d: &Path, fabric: &str, address: &str) -> Proc {
+    let io = Proc::spawn(cmd.args([
         "--fabric",
-        &format!("unix:{}", d.join("saps.sock").display()),
+        fabric,
         "--address",
-        "127.0.0.1",
+        address,
         "--scheduler",
         "rr",
         "--token-file",

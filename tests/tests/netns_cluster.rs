@@ -70,20 +70,12 @@ impl Cluster {
         std::os::unix::fs::chown(c.d().join("node-token"), Some(NOBODY), Some(NOBODY)).unwrap();
 
         let d = c.d().to_path_buf();
-        c.io = Some(Proc::spawn(c.exec("gw", &bin("io-server")).args([
-            "--fabric",
+        c.io = Some(start_io_server(
+            c.exec("gw", &bin("io-server")),
+            &d,
             FABRIC,
-            "--address",
             ADDRESS,
-            "--scheduler",
-            "rr",
-            "--token-file",
-            d.join("token").to_str().unwrap(),
-            "--control",
-            d.join("control.sock").to_str().unwrap(),
-        ])));
-        let up = wait_for(Duration::from_secs(20), || io_server_status(&d));
-        assert!(up.is_some(), "io-server did not start: {}", c.io_stderr());
+        ));
         Some(c)
     }
 
