@@ -97,7 +97,6 @@ pub const RUNTIME: &[i64] = &[
     SYS_recvmsg,
     SYS_sendmmsg,
     SYS_recvmmsg,
-    #[cfg(target_arch = "x86_64")]
     SYS_accept,
     #[cfg(target_arch = "x86_64")]
     SYS_epoll_wait,
