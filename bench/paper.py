@@ -183,13 +183,18 @@ def agent_stream(port, sizes, secs, at):
 
 def agent_sample(dev):
     """The "Bandwidth Analyzer": `dev`'s transmitted bytes every 10 ms,
-    one "monotonic bytes" line each."""
+    one "monotonic bytes" line each. A read that took over 1 ms (this
+    process preempted in between) is dropped rather than misdated."""
     path = f"/sys/class/net/{dev}/statistics/tx_bytes"
     t = time.monotonic()
     lines = []
     while True:
         with open(path) as f:
-            lines.append(f"{time.monotonic():.6f} {f.read().strip()}\n")
+            a = time.monotonic()
+            b = f.read().strip()
+            z = time.monotonic()
+        if z - a < 0.001:
+            lines.append(f"{(a + z) / 2:.6f} {b}\n")
         if len(lines) >= 20:
             sys.stdout.write("".join(lines))
             sys.stdout.flush()
@@ -473,18 +478,19 @@ class Cluster:
         return conf
 
     def retrans(self):
-        """TcpRetransSegs and TcpExtTCPTimeouts summed over the gateway and
-        the nodes (nstat)."""
-        tot = {"TcpRetransSegs": 0, "TcpExtTCPTimeouts": 0}
+        """TcpRetransSegs and TcpExtTCPTimeouts of the gateway and each
+        node (nstat), by host."""
+        by = {}
         for h in ["gw"] + [f"n{i}" for i in range(1, 5)]:
-            out = subprocess.run(["ip", "netns", "exec", self.ns(h), "nstat", "-asz"]
-                                 + list(tot), capture_output=True, text=True,
-                                 timeout=20, check=True).stdout
+            out = subprocess.run(["ip", "netns", "exec", self.ns(h), "nstat", "-asz",
+                                  "TcpRetransSegs", "TcpExtTCPTimeouts"],
+                                 capture_output=True, text=True, timeout=20, check=True).stdout
+            by[h] = {"TcpRetransSegs": 0, "TcpExtTCPTimeouts": 0}
             for line in out.splitlines():
                 p = line.split()
-                if p and p[0] in tot:
-                    tot[p[0]] += int(p[1])
-        return tot
+                if p and p[0] in by[h]:
+                    by[h][p[0]] = int(p[1])
+        return by
 
     def qdisc(self):
         """The bottleneck pfifo's (bytes sent, packets dropped)."""
@@ -493,6 +499,14 @@ class Cluster:
                              timeout=20, check=True).stdout
         q = next(q for q in json.loads(out) if q["kind"] == "pfifo")
         return q["bytes"], q["drops"]
+
+    def gateway_sent(self):
+        """Bytes the gateway's NIC has sent (the replies, unless they go
+        straight from the nodes)."""
+        return int(subprocess.run(["ip", "netns", "exec", self.ns("gw"), "cat",
+                                   "/sys/class/net/eth0/statistics/tx_bytes"],
+                                  capture_output=True, text=True, timeout=20,
+                                  check=True).stdout)
 
     def gateway_cpu(self):
         if self.gateway is None:
@@ -573,7 +587,8 @@ class Bench:
         out = {}
         for k in ("user", "tcp"):
             m, s = mean_std(a[k])
-            out[k] = {"mean": m, "std": s, "min": min(a[k]), "max": max(a[k])}
+            out[k] = {"mean": m, "std": s, "min": min(a[k]), "max": max(a[k]),
+                      "median": statistics.median(a[k])}
         return out
 
     def fig6(self, c):
@@ -611,7 +626,9 @@ class Bench:
         m, s = mean_std([v for _, v in series])
         streams = [o[0]["bytes"] * 8 / (o[0]["last"] - o[0]["first"]) / 1e6 for o in out]
         span = max(o[0]["last"] for o in out) - min(o[0]["first"] for o in out)
+        half = rate_bits(self.args.rate) / 2e6
         return {"series": series, "mean": m, "std": s, "streams": streams,
+                "below_half": sum(v < half for _, v in series), "intervals": len(series),
                 "goodput": sum(o[0]["bytes"] for o in out) * 8 / span / 1e6}
 
     def support(self, c):
@@ -634,25 +651,32 @@ class Bench:
         for t in ts:
             t.start()
         time.sleep(max(0, start + self.warmup - time.monotonic()))
-        r0, q0, g0, i0 = c.retrans(), c.qdisc(), c.gateway_cpu(), cpu_times()
+        r0, q0, g0, s0, i0 = (c.retrans(), c.qdisc(), c.gateway_cpu(), c.gateway_sent(),
+                              cpu_times())
         t0 = time.monotonic()
         time.sleep(max(0, start + total - time.monotonic()))
-        r1, q1, g1, idle = c.retrans(), c.qdisc(), c.gateway_cpu(), idle_since(i0)
+        r1, q1, g1, s1, idle = (c.retrans(), c.qdisc(), c.gateway_cpu(), c.gateway_sent(),
+                                idle_since(i0))
         t1 = time.monotonic()
         for t in ts:
             t.join()
         if errs:
             raise RuntimeError("; ".join(errs))
         secs = t1 - t0
+
+        def rate(k, hosts=r1):
+            return sum(r1[h][k] - r0[h][k] for h in hosts) / secs
         times = [x for o in out for x in o["times"]]
         res = {k: sum(o[k] for o in out) for k in ("requests", "good", "tolerable",
                                                    "errors", "bytes")}
         res.update({
             "secs": self.support_secs,
-            "retrans": (r1["TcpRetransSegs"] - r0["TcpRetransSegs"]) / secs,
-            "timeouts": (r1["TcpExtTCPTimeouts"] - r0["TcpExtTCPTimeouts"]) / secs,
+            "retrans": rate("TcpRetransSegs"),
+            "retrans_gw": rate("TcpRetransSegs", ["gw"]),
+            "timeouts": rate("TcpExtTCPTimeouts"),
             "bandwidth": (q1[0] - q0[0]) * 8 / secs / 1e6,
             "drops": q1[1] - q0[1],
+            "gateway_sent": (s1 - s0) * 8 / secs / 1e6,
             "gateway_cpu": None if g0 is None else 100 * (g1 - g0) / secs,
             "load_idle": idle,
             "p50": statistics.median(times) if times else None,
@@ -662,8 +686,9 @@ class Bench:
 
 def summary(what, r):
     if what == "table3":
-        return (f"user {r['user']['mean']:.0f} ± {r['user']['std']:.0f} µs, "
-                f"SYN->SYN-ACK {r['tcp']['mean']:.0f} ± {r['tcp']['std']:.0f} µs")
+        return (f"user {r['user']['mean']:.0f} ± {r['user']['std']:.0f} µs "
+                f"(min {r['user']['min']:.0f}), SYN->SYN-ACK {r['tcp']['mean']:.0f} ± "
+                f"{r['tcp']['std']:.0f} µs (min {r['tcp']['min']:.0f})")
     if what == "fig6":
         return " ".join(f"{p['size']}:{p['goodput']:.1f}" for p in r["points"]) + " Mbit/s"
     if what == "fig7":
@@ -742,19 +767,19 @@ def report(b, results, command, secs, started_at, load):
         o.append("\nErrors in this run:\n" + "\n".join(f"* {e}" for e in b.errors))
 
     o.append("\n### Table 3: round trip time (µs)\n")
-    o.append("| setup | user mean | std-dev | min | max | TCP (SYN→SYN-ACK) mean | std-dev "
-             "| min | max | CPU idle |")
-    o.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    o.append("| setup | user mean | std-dev | min | median | max | TCP (SYN→SYN-ACK) mean "
+             "| std-dev | min | median | max | CPU idle |")
+    o.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in SETUPS:
         t = by.get(s, {}).get("table3")
         if t:
             u, c = t["user"], t["tcp"]
             o.append(f"| {LABEL[s]} | {u['mean']:.0f} | {u['std']:.0f} | {u['min']:.0f} | "
-                     f"{u['max']:.0f} | {c['mean']:.0f} | {c['std']:.0f} | {c['min']:.0f} | "
-                     f"{c['max']:.0f} | {t['idle']:.0f} % |")
+                     f"{u['median']:.0f} | {u['max']:.0f} | {c['mean']:.0f} | {c['std']:.0f} | "
+                     f"{c['min']:.0f} | {c['median']:.0f} | {c['max']:.0f} | {t['idle']:.0f} % |")
     for name, (u, c) in PAPER_T3.items():
-        o.append(f"| *paper: {name}* | *{u[0]}* | | *{u[1]}* | *{u[2]}* | *{c[0]}* | | "
-                 f"*{c[1]}* | *{c[2]}* | |")
+        o.append(f"| *paper: {name}* | *{u[0]}* | | *{u[1]}* | | *{u[2]}* | *{c[0]}* | | "
+                 f"*{c[1]}* | | *{c[2]}* | |")
 
     o.append("\n### Figure 6: one stream, bandwidth against write size (Mbit/s)\n")
     o.append("![Figure 6](paper/fig6-single-stream.png)\n")
@@ -771,12 +796,14 @@ def report(b, results, command, secs, started_at, load):
                 + f" | {f['idle']:.0f} % |")
     o.append("\n### Figure 7: four streams, bottleneck bandwidth every 10 ms (Mbit/s)\n")
     o.append("![Figure 7](paper/fig7-four-streams.png)\n")
-    o.append("| setup | mean | std-dev | payload received, all four | each stream alone | CPU idle |")
-    o.append("|---|---:|---:|---:|---|---:|")
+    o.append("| setup | mean | std-dev | 10-ms intervals below half the rate | payload received, "
+             "all four | each stream alone | CPU idle |")
+    o.append("|---|---:|---:|---:|---:|---|---:|")
     for s in SETUPS:
         f = by.get(s, {}).get("fig7")
         if f:
-            o.append(f"| {LABEL[s]} | {f['mean']:.1f} | {f['std']:.1f} | {f['goodput']:.1f} | "
+            o.append(f"| {LABEL[s]} | {f['mean']:.1f} | {f['std']:.1f} | "
+                     f"{f['below_half']} of {f['intervals']} | {f['goodput']:.1f} | "
                      + " / ".join(f"{x:.1f}" for x in f["streams"]) + f" | {f['idle']:.0f} % |")
 
     o.append("\n### Tables 5-6: Support-like load\n")
@@ -799,18 +826,20 @@ def report(b, results, command, secs, started_at, load):
              "*97.6 %* | *0* | |")
     o.append("| *paper: Virtual Server* | *70,227* | | *73.6 %* | *93.0 %* | *13* | |")
     o.append("")
-    o.append("| setup | retransmissions (segments/s) | of which RTO timeouts (/s) | "
-             "bottleneck bandwidth (Mbit/s) | bottleneck drops | gateway process CPU (% of "
-             "one CPU) | machine CPU idle |")
-    o.append("|---|---:|---:|---:|---:|---:|---:|")
+    o.append("| setup | retransmissions (segments/s) | by the gateway | RTO timeouts (/s) | "
+             "bottleneck bandwidth (Mbit/s) | bottleneck drops | gateway NIC sent (Mbit/s) | "
+             "gateway process CPU (% of one CPU) | machine CPU idle |")
+    o.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in SETUPS:
         t = by.get(s, {}).get("support")
         if t:
-            o.append(f"| {LABEL[s]} | {t['retrans']:.1f} | {t['timeouts']:.1f} | "
-                     f"{t['bandwidth']:.1f} | {t['drops']:,} | {fmt(t['gateway_cpu'], 0)} | "
+            o.append(f"| {LABEL[s]} | {t['retrans']:.1f} | {t['retrans_gw']:.1f} | "
+                     f"{t['timeouts']:.1f} | "
+                     f"{t['bandwidth']:.1f} | {t['drops']:,} | {t['gateway_sent']:.1f} | "
+                     f"{fmt(t['gateway_cpu'], 0)} | "
                      f"{t['load_idle']:.0f} % |")
-    o.append("| *paper: SAPS* | *103* | | *930.0* | | *45* | |")
-    o.append("| *paper: Virtual Server* | *11,984* | | *917.8* | | *6* | |")
+    o.append("| *paper: SAPS* | *103* | *103* | | *930.0* | | | *45* | |")
+    o.append("| *paper: Virtual Server* | *11,984* | | | *917.8* | | | *6* | |")
 
     o.append("\n### The issue's targets, in this run\n")
     sp, hp = by.get("saps", {}), by.get("haproxy", {})
