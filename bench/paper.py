@@ -290,6 +290,12 @@ def agent(argv):
 
 # ---------------------------------------------------------------- the bench
 
+def tree_cpu(pid):
+    """CPU seconds used by `pid` and its descendants."""
+    import bench
+    return bench.cpu_seconds([pid] + list(bench.descendants(pid)))
+
+
 def rate_bits(rate):
     units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1}
     for u, f in units.items():
@@ -355,6 +361,31 @@ class Samples:
         return out
 
 
+class Fanout:
+    """Functions run in threads at once; `join` returns their results or
+    raises their errors."""
+
+    def __init__(self, fns):
+        self.out = [None] * len(fns)
+        self.errs = []
+
+        def one(k, f):
+            try:
+                self.out[k] = f()
+            except (RuntimeError, subprocess.SubprocessError, ValueError) as e:
+                self.errs.append(str(e))
+        self.threads = [threading.Thread(target=one, args=kf) for kf in enumerate(fns)]
+        for t in self.threads:
+            t.start()
+
+    def join(self):
+        for t in self.threads:
+            t.join()
+        if self.errs:
+            raise RuntimeError("; ".join(self.errs))
+        return self.out
+
+
 class Cluster:
     """One setup on a fresh testbed: the namespaces, the gateway, the four
     nodes' servers and the bottleneck sampler; `close` ends it all."""
@@ -366,6 +397,7 @@ class Cluster:
         os.makedirs(self.d)
         os.chmod(self.d, 0o755)
         self.gateway = None
+        self.nodes = {}
         self.procs = []
         argv = [b.script, "up", self.name, "--nodes", "4", "--clients", "4",
                 "--rate", b.args.rate, "--queue", str(b.args.queue)]
@@ -377,6 +409,12 @@ class Cluster:
         subprocess.run(argv, check=True, timeout=120)
         self.sampler = self.spawn("sample", "rt", [sys.executable, b.agent_py, "agent",
                                                   "sample", "cli"])
+
+    def on_clients(self, argv_of, timeout):
+        """Agent `argv_of(i)` in each client ci at once; `.join()` gives
+        their answers."""
+        return Fanout([lambda i=i: self.run(f"c{i}", argv_of(i), timeout)
+                       for i in range(1, 5)])
 
     def ns(self, host):
         return f"{self.name}-{host}"
@@ -458,7 +496,7 @@ class Cluster:
             argv = [os.path.join(b.bin_dir, "saps-run"), "--io-server",
                     f"tcp://192.0.2.2:{FABRIC_PORT}", "--token-file",
                     os.path.join(self.d, "token"), "--node", f"n{i}", "--"] + argv
-        self.spawn(f"n{i}", f"n{i}", ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
+        self.nodes[i] = self.spawn(f"n{i}", f"n{i}", ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
                                       "--clear-groups", "--"] + argv, cwd=w)
 
     def haproxy_conf(self):
@@ -509,10 +547,8 @@ class Cluster:
                                   check=True).stdout)
 
     def gateway_cpu(self):
-        if self.gateway is None:
-            return None
-        import bench
-        return bench.cpu_seconds([self.gateway.pid] + list(bench.descendants(self.gateway.pid)))
+        """CPU seconds of the gateway's process tree (None: no process)."""
+        return None if self.gateway is None else tree_cpu(self.gateway.pid)
 
     def samples(self):
         return Samples(os.path.join(self.b.work, f"{self.setup}-sample.log"))
@@ -592,32 +628,28 @@ class Bench:
         return out
 
     def fig6(self, c):
-        a = c.run("c1", ["stream", str(STREAM_PORT + 1), ",".join(map(str, WRITE_SIZES)),
-                         str(self.stream_secs), "0"], 60 + 4 * len(WRITE_SIZES) * self.stream_secs)
+        """One write size at a time, with the CPU the gateway process and
+        node n1's tree (saps-run included) used meanwhile."""
+        points = []
+        for size in WRITE_SIZES:
+            g0, n0, t0 = c.gateway_cpu(), tree_cpu(c.nodes[1].pid), time.monotonic()
+            p = c.run("c1", ["stream", str(STREAM_PORT + 1), str(size),
+                             str(self.stream_secs), "0"], 60 + 4 * self.stream_secs)[0]
+            g1, n1, t1 = c.gateway_cpu(), tree_cpu(c.nodes[1].pid), time.monotonic()
+            points.append({"size": size, "first": p["first"], "last": p["last"],
+                           "goodput": p["bytes"] * 8 / (p["last"] - p["first"]) / 1e6,
+                           "gateway_cpu": None if g0 is None else 100 * (g1 - g0) / (t1 - t0),
+                           "node_cpu": 100 * (n1 - n0) / (t1 - t0)})
         time.sleep(0.3)
         s = c.samples()
-        return {"points": [{"size": p["size"],
-                            "goodput": p["bytes"] * 8 / (p["last"] - p["first"]) / 1e6,
-                            "wire": s.mbps(p["first"], p["last"])} for p in a]}
+        for p in points:
+            p["wire"] = s.mbps(p["first"], p["last"])
+        return {"points": points}
 
     def fig7(self, c):
         at = time.monotonic() + 1.5
-        out = [None] * 4
-        errs = []
-
-        def one(i):
-            try:
-                out[i] = c.run(f"c{i + 1}", ["stream", str(STREAM_PORT + i + 1), "65536",
-                                             str(self.four_secs), str(at)], 60 + self.four_secs)
-            except (RuntimeError, subprocess.SubprocessError) as e:
-                errs.append(str(e))
-        ts = [threading.Thread(target=one, args=(i,)) for i in range(4)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        if errs:
-            raise RuntimeError("; ".join(errs))
+        out = c.on_clients(lambda i: ["stream", str(STREAM_PORT + i), "65536",
+                                      str(self.four_secs), str(at)], 60 + self.four_secs).join()
         time.sleep(0.3)
         # While all four run, after their first round trips.
         t0 = max(o[0]["first"] for o in out) + 0.2
@@ -635,21 +667,10 @@ class Bench:
         a = self.args
         start = time.monotonic() + 3
         per = a.sessions // 4
-        out = [None] * 4
-        errs = []
         total = self.warmup + self.support_secs
-
-        def one(i):
-            try:
-                out[i] = c.run(f"c{i + 1}", ["support", str(WEB_PORT), str(per),
-                                             str(a.think), json.dumps(self.mix), str(i + 1),
-                                             str(start), str(self.warmup),
-                                             str(self.support_secs)], total + 120)
-            except (RuntimeError, subprocess.SubprocessError) as e:
-                errs.append(str(e))
-        ts = [threading.Thread(target=one, args=(i,)) for i in range(4)]
-        for t in ts:
-            t.start()
+        load = c.on_clients(lambda i: ["support", str(WEB_PORT), str(per), str(a.think),
+                                       json.dumps(self.mix), str(i), str(start),
+                                       str(self.warmup), str(self.support_secs)], total + 120)
         time.sleep(max(0, start + self.warmup - time.monotonic()))
         r0, q0, g0, s0, i0 = (c.retrans(), c.qdisc(), c.gateway_cpu(), c.gateway_sent(),
                               cpu_times())
@@ -658,10 +679,7 @@ class Bench:
         r1, q1, g1, s1, idle = (c.retrans(), c.qdisc(), c.gateway_cpu(), c.gateway_sent(),
                                 idle_since(i0))
         t1 = time.monotonic()
-        for t in ts:
-            t.join()
-        if errs:
-            raise RuntimeError("; ".join(errs))
+        out = load.join()
         secs = t1 - t0
 
         def rate(k, hosts=r1):
@@ -717,6 +735,7 @@ def plots(results, outdir, rate):
                     label=LABEL[r["setup"]])
     ax.axhline(rate_bits(rate) / 1e6, color="grey", ls=":", label="bottleneck rate")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(WRITE_SIZES, [human(x).replace(" ", "\u00a0") for x in WRITE_SIZES])
     ax.set_xlabel("write size (bytes)")
     ax.set_ylabel("bandwidth received (Mbit/s)")
     ax.set_title("Figure 6: one stream, node → client")
@@ -794,6 +813,16 @@ def report(b, results, command, secs, started_at, load):
             o.append(f"| {LABEL[s]} | " + " | ".join(
                 f"{p['goodput']:.1f} ({p['wire']:.1f})" for p in f["points"])
                 + f" | {f['idle']:.0f} % |")
+    o.append("\nCPU meanwhile, % of one CPU: node n1's processes (the stream source, and "
+             "saps-run under SAPS) / the gateway process (io-server, haproxy; — for the "
+             "Virtual Server, whose forwarding is in the kernel).\n")
+    o.append("| setup | " + " | ".join(human(x) for x in sizes) + " |")
+    o.append("|---|" + "---:|" * len(sizes))
+    for s in SETUPS:
+        f = by.get(s, {}).get("fig6")
+        if f:
+            o.append(f"| {LABEL[s]} | " + " | ".join(
+                f"{p['node_cpu']:.0f} / {fmt(p['gateway_cpu'], 0)}" for p in f["points"]) + " |")
     o.append("\n### Figure 7: four streams, bottleneck bandwidth every 10 ms (Mbit/s)\n")
     o.append("![Figure 7](paper/fig7-four-streams.png)\n")
     o.append("| setup | mean | std-dev | 10-ms intervals below half the rate | payload received, "
