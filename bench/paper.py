@@ -530,6 +530,31 @@ class Cluster:
                     by[h][p[0]] = int(p[1])
         return by
 
+    def ss(self):
+        """`ss -tin` of every web connection's server side (the gateway's
+        for SAPS and haproxy, the nodes' for the Virtual Server): how many,
+        how many have retransmitted, how many are retransmitting now, and
+        the median congestion window and RTO."""
+        import re
+        conns = []
+        for h in ["gw"] + [f"n{i}" for i in range(1, 5)]:
+            out = subprocess.run(["ip", "netns", "exec", self.ns(h), "ss", "-tinH", "state",
+                                  "established", f"( sport = :{WEB_PORT} )"],
+                                 capture_output=True, text=True, timeout=20).stdout
+            for line in out.splitlines():
+                cwnd = re.search(r"\bcwnd:(\d+)", line)
+                if cwnd:
+                    rt = re.search(r"\bretrans:(\d+)/(\d+)", line)
+                    rto = re.search(r"\brto:([\d.]+)", line)
+                    conns.append((int(cwnd[1]), int(rt[1]) if rt else 0,
+                                  int(rt[2]) if rt else 0, float(rto[1]) if rto else 0))
+        if not conns:
+            return None
+        return {"conns": len(conns), "retransmitted": sum(c[2] > 0 for c in conns),
+                "in_loss": sum(c[1] > 0 for c in conns),
+                "cwnd": statistics.median(c[0] for c in conns),
+                "rto": statistics.median(c[3] for c in conns)}
+
     def qdisc(self):
         """The bottleneck pfifo's (bytes sent, packets dropped)."""
         out = subprocess.run(["tc", "-n", self.ns("rt"), "-s", "-j", "qdisc", "show",
@@ -675,6 +700,8 @@ class Bench:
         r0, q0, g0, s0, i0 = (c.retrans(), c.qdisc(), c.gateway_cpu(), c.gateway_sent(),
                               cpu_times())
         t0 = time.monotonic()
+        time.sleep(max(0, start + total - 2 - time.monotonic()))
+        ss = c.ss()
         time.sleep(max(0, start + total - time.monotonic()))
         r1, q1, g1, s1, idle = (c.retrans(), c.qdisc(), c.gateway_cpu(), c.gateway_sent(),
                                 idle_since(i0))
@@ -697,6 +724,7 @@ class Bench:
             "gateway_sent": (s1 - s0) * 8 / secs / 1e6,
             "gateway_cpu": None if g0 is None else 100 * (g1 - g0) / secs,
             "load_idle": idle,
+            "ss": ss,
             "p50": statistics.median(times) if times else None,
         })
         return res
@@ -869,6 +897,16 @@ def report(b, results, command, secs, started_at, load):
                      f"{t['load_idle']:.0f} % |")
     o.append("| *paper: SAPS* | *103* | *103* | | *930.0* | | | *45* | |")
     o.append("| *paper: Virtual Server* | *11,984* | | | *917.8* | | | *6* | |")
+    o.append("\nThe web connections' server-side sockets 2 s before the end (`ss -tin`, in "
+             "the gateway for SAPS and haproxy, in the nodes for the Virtual Server):\n")
+    o.append("| setup | connections | have retransmitted | retransmitting now | median cwnd "
+             "(segments) | median RTO (ms) |")
+    o.append("|---|---:|---:|---:|---:|---:|")
+    for s in SETUPS:
+        t = (by.get(s, {}).get("support") or {}).get("ss")
+        if t:
+            o.append(f"| {LABEL[s]} | {t['conns']} | {t['retransmitted']} | {t['in_loss']} | "
+                     f"{t['cwnd']:g} | {t['rto']:g} |")
 
     o.append("\n### The issue's targets, in this run\n")
     sp, hp = by.get("saps", {}), by.get("haproxy", {})
