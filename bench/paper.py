@@ -53,6 +53,7 @@ WRITE_SIZES = [64, 256, 1024, 4096, 16384, 65536, 262144, 1048576]
 MIX_1GBIT = [(10_000, 0.40), (50_000, 0.25), (100_000, 0.15), (500_000, 0.12),
              (2_000_000, 0.055), (10_000_000, 0.02), (30_000_000, 0.005)]
 GOOD, TOLERABLE = 3.0, 5.0  # seconds, as SPECweb's TimeGood / TimeTolerable
+SLICE = 15  # seconds: the Support load's requests are also counted per slice
 # The paper's own figures (§4, Tables 3, 5, 6).
 PAPER_T3 = {"SAPS": ((213, 210, 217), (96.6, 92, 106)),
             "Virtual Server": ((173, 162, 236), (134.8, 105, 187))}
@@ -65,26 +66,29 @@ def agent_serve(echo_port, stream_port):
     """A 4-byte (any size) echo on `echo_port`; on `stream_port` a source
     that reads "SIZE SECONDS\\n" and writes SIZE-byte blocks for SECONDS."""
     def echo(c):
-        with c:
-            while True:
-                d = c.recv(65536)
-                if not d:
-                    return
-                c.sendall(d)
+        while True:
+            d = c.recv(65536)
+            if not d:
+                return
+            c.sendall(d)
 
     def stream(c):
+        size, secs = c.makefile("rb").readline().split()
+        block = b"x" * int(size)
+        end = time.monotonic() + float(secs)
+        while time.monotonic() < end:
+            for _ in range(64):
+                c.sendall(block)
+        c.shutdown(socket.SHUT_WR)
+        c.recv(1)
+
+    def serve(handler, c):
+        # Resets (Table 3's connects end with one) and probes that send
+        # nothing end a connection quietly.
         with c:
-            f = c.makefile("rb")
-            size, secs = f.readline().split()
-            block = b"x" * int(size)
-            end = time.monotonic() + float(secs)
             try:
-                while time.monotonic() < end:
-                    for _ in range(64):
-                        c.sendall(block)
-                c.shutdown(socket.SHUT_WR)
-                c.recv(1)
-            except OSError:
+                handler(c)
+            except (OSError, ValueError):
                 pass
 
     def listen(port, handler):
@@ -94,7 +98,7 @@ def agent_serve(echo_port, stream_port):
         s.listen(128)
         while True:
             c, _ = s.accept()
-            threading.Thread(target=handler, args=(c,), daemon=True).start()
+            threading.Thread(target=serve, args=(handler, c), daemon=True).start()
 
     threading.Thread(target=listen, args=(stream_port, stream), daemon=True).start()
     listen(echo_port, echo)
@@ -211,7 +215,8 @@ def agent_support(port, sessions, think, mix, seed, start, warmup, duration):
     counted_from, end = start + warmup, start + warmup + duration
     sizes = [s for s, _ in mix]
     weights = [w for _, w in mix]
-    res = {"requests": 0, "good": 0, "tolerable": 0, "errors": 0, "bytes": 0, "times": []}
+    res = {"requests": 0, "good": 0, "tolerable": 0, "errors": 0, "bytes": 0, "times": [],
+           "kinds": {}, "slices": {}}
 
     async def get(reader, writer, size):
         writer.write(f"GET /files/{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
@@ -244,15 +249,20 @@ def agent_support(port, sessions, think, mix, seed, start, warmup, duration):
                         asyncio.open_connection(ADDRESS, port), 60)
                 got = await get(reader, writer, size)
                 t1 = time.monotonic()
+                slot = int((t1 - start) // SLICE)
+                res["slices"][slot] = res["slices"].get(slot, 0) + 1
                 if counted_from <= t1 < end:
                     res["requests"] += 1
                     res["bytes"] += got
                     res["good"] += t1 - t0 <= GOOD
                     res["tolerable"] += t1 - t0 <= TOLERABLE
                     res["times"].append(round(t1 - t0, 4))
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, StopIteration):
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+                    StopIteration) as e:
                 if counted_from <= time.monotonic() < end:
                     res["errors"] += 1
+                    kind = type(e).__name__
+                    res["kinds"][kind] = res["kinds"].get(kind, 0) + 1
                 if writer is not None:
                     writer.transport.abort()
                 reader = writer = None
@@ -539,7 +549,7 @@ class Cluster:
         conns = []
         for h in ["gw"] + [f"n{i}" for i in range(1, 5)]:
             out = subprocess.run(["ip", "netns", "exec", self.ns(h), "ss", "-tinH", "state",
-                                  "established", f"( sport = :{WEB_PORT} )"],
+                                  "established", f"( sport = :{WEB_PORT} and dst 198.51.100.0/24 )"],
                                  capture_output=True, text=True, timeout=20).stdout
             for line in out.splitlines():
                 cwnd = re.search(r"\bcwnd:(\d+)", line)
@@ -555,13 +565,14 @@ class Cluster:
                 "cwnd": statistics.median(c[0] for c in conns),
                 "rto": statistics.median(c[3] for c in conns)}
 
-    def qdisc(self):
-        """The bottleneck pfifo's (bytes sent, packets dropped)."""
-        out = subprocess.run(["tc", "-n", self.ns("rt"), "-s", "-j", "qdisc", "show",
-                              "dev", "cli"], capture_output=True, text=True,
+    def qdisc(self, host="rt", dev="cli"):
+        """A shaped NIC's pfifo (the bottleneck's by default): bytes sent,
+        packets dropped, packets queued now."""
+        out = subprocess.run(["tc", "-n", self.ns(host), "-s", "-j", "qdisc", "show",
+                              "dev", dev], capture_output=True, text=True,
                              timeout=20, check=True).stdout
         q = next(q for q in json.loads(out) if q["kind"] == "pfifo")
-        return q["bytes"], q["drops"]
+        return q["bytes"], q["drops"], q["qlen"]
 
     def gateway_sent(self):
         """Bytes the gateway's NIC has sent (the replies, unless they go
@@ -702,6 +713,8 @@ class Bench:
         t0 = time.monotonic()
         time.sleep(max(0, start + total - 2 - time.monotonic()))
         ss = c.ss()
+        if ss:
+            ss["gw_queue"], ss["rt_queue"] = c.qdisc("gw", "eth0")[2], c.qdisc()[2]
         time.sleep(max(0, start + total - time.monotonic()))
         r1, q1, g1, s1, idle = (c.retrans(), c.qdisc(), c.gateway_cpu(), c.gateway_sent(),
                                 idle_since(i0))
@@ -722,10 +735,15 @@ class Bench:
             "bandwidth": (q1[0] - q0[0]) * 8 / secs / 1e6,
             "drops": q1[1] - q0[1],
             "gateway_sent": (s1 - s0) * 8 / secs / 1e6,
+            "payload": res["bytes"] * 8 / self.support_secs / 1e6,
+            "kinds": {k: sum(o["kinds"].get(k, 0) for o in out)
+                      for k in {k for o in out for k in o["kinds"]}},
             "gateway_cpu": None if g0 is None else 100 * (g1 - g0) / secs,
             "load_idle": idle,
             "ss": ss,
             "p50": statistics.median(times) if times else None,
+            "slices": [sum(o["slices"].get(str(k), 0) for o in out)
+                       for k in range(-int(-total // SLICE))],
         })
         return res
 
@@ -869,8 +887,8 @@ def report(b, results, command, secs, started_at, load):
              f"{b.warmup:.0f} s of warm-up; file sizes (bytes, share of requests): "
              + ", ".join(f"{s:,} {w * 100:g} %" for s, w in b.mix) + ".\n")
     o.append("| setup | requests | vs VS | TimeGood (≤ 3 s) | TimeTolerable (≤ 5 s) | errors | "
-             "median time (s) |")
-    o.append("|---|---:|---:|---:|---:|---:|---:|")
+             "median time (s) | payload delivered (Mbit/s) |")
+    o.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     vs = by.get("vs", {}).get("support")
     for s in SETUPS:
         t = by.get(s, {}).get("support")
@@ -878,10 +896,11 @@ def report(b, results, command, secs, started_at, load):
             n = max(1, t["requests"])
             ratio = f"{t['requests'] / vs['requests']:.3f}×" if vs and vs["requests"] else "—"
             o.append(f"| {LABEL[s]} | {t['requests']:,} | {ratio} | {100 * t['good'] / n:.1f} % "
-                     f"| {100 * t['tolerable'] / n:.1f} % | {t['errors']} | {fmt(t['p50'], 2)} |")
+                     f"| {100 * t['tolerable'] / n:.1f} % | {errors(t)} | {fmt(t['p50'], 2)} | "
+                     f"{t['payload']:.1f} |")
     o.append("| *paper: SAPS (2800 sessions, 300 s)* | *75,569* | *1.076×* | *88.5 %* | "
-             "*97.6 %* | *0* | |")
-    o.append("| *paper: Virtual Server* | *70,227* | | *73.6 %* | *93.0 %* | *13* | |")
+             "*97.6 %* | *0* | | |")
+    o.append("| *paper: Virtual Server* | *70,227* | | *73.6 %* | *93.0 %* | *13* | | |")
     o.append("")
     o.append("| setup | retransmissions (segments/s) | by the gateway | RTO timeouts (/s) | "
              "bottleneck bandwidth (Mbit/s) | bottleneck drops | gateway NIC sent (Mbit/s) | "
@@ -897,16 +916,27 @@ def report(b, results, command, secs, started_at, load):
                      f"{t['load_idle']:.0f} % |")
     o.append("| *paper: SAPS* | *103* | *103* | | *930.0* | | | *45* | |")
     o.append("| *paper: Virtual Server* | *11,984* | | | *917.8* | | | *6* | |")
+    o.append(f"\nRequests completed in each {SLICE} s from the start of the load (the "
+             f"first {b.warmup:.0f} s are the warm-up, not counted above):\n")
+    n = max((len(by[s]["support"]["slices"]) for s in SETUPS if by.get(s, {}).get("support")),
+            default=0)
+    o.append("| setup | " + " | ".join(f"{k * SLICE}-{(k + 1) * SLICE} s" for k in range(n))
+             + " |")
+    o.append("|---|" + "---:|" * n)
+    for s in SETUPS:
+        t = by.get(s, {}).get("support")
+        if t:
+            o.append(f"| {LABEL[s]} | " + " | ".join(f"{x:,}" for x in t["slices"]) + " |")
     o.append("\nThe web connections' server-side sockets 2 s before the end (`ss -tin`, in "
              "the gateway for SAPS and haproxy, in the nodes for the Virtual Server):\n")
     o.append("| setup | connections | have retransmitted | retransmitting now | median cwnd "
-             "(segments) | median RTO (ms) |")
-    o.append("|---|---:|---:|---:|---:|---:|")
+             "(segments) | median RTO (ms) | packets queued then: gateway NIC / bottleneck |")
+    o.append("|---|---:|---:|---:|---:|---:|---:|")
     for s in SETUPS:
         t = (by.get(s, {}).get("support") or {}).get("ss")
         if t:
             o.append(f"| {LABEL[s]} | {t['conns']} | {t['retransmitted']} | {t['in_loss']} | "
-                     f"{t['cwnd']:g} | {t['rto']:g} |")
+                     f"{t['cwnd']:g} | {t['rto']:g} | {t['gw_queue']} / {t['rt_queue']} |")
 
     o.append("\n### The issue's targets, in this run\n")
     sp, hp = by.get("saps", {}), by.get("haproxy", {})
@@ -936,6 +966,11 @@ def report(b, results, command, secs, started_at, load):
         check(f7["std"] < v7["std"], f"four-stream std-dev SAPS {f7['std']:.1f} < Virtual "
               f"Server's {v7['std']:.1f} Mbit/s")
     return "\n".join(o) + "\n"
+
+
+def errors(t):
+    kinds = ", ".join(f"{v} {k}" for k, v in sorted(t["kinds"].items()))
+    return f"{t['errors']}" + (f" ({kinds})" if kinds else "")
 
 
 def human(n):
