@@ -1004,7 +1004,7 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bin-dir", required=True, help="where saps-run and io-server are")
-    ap.add_argument("--quick", action="store_true", help="short runs (about 4 minutes)")
+    ap.add_argument("--quick", action="store_true", help="short runs (about 3.5 minutes)")
     ap.add_argument("--only", default=",".join(SETUPS), help="comma-separated from "
                     + ",".join(SETUPS))
     ap.add_argument("--rate", default="100mbit", help="the line rate of every NIC (tc rate)")
