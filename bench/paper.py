@@ -410,7 +410,8 @@ class Cluster:
         self.nodes = {}
         self.procs = []
         argv = [b.script, "up", self.name, "--nodes", "4", "--clients", "4",
-                "--rate", b.args.rate, "--queue", str(b.args.queue)]
+                "--rate", b.args.rate, "--queue", str(b.args.queue),
+                "--host-queue", str(b.args.host_queue)]
         if setup == "vs":
             argv.append("--virtual-server")
             for i in range(1, 5):
@@ -826,7 +827,8 @@ def report(b, results, command, secs, started_at, load):
              f"{os.cpu_count()} vCPUs (Linux `{os.uname().release}`), load average "
              f"before/after {load[0]} / {load[1]}"
              + (" (**--quick**: short runs, noisy)" if a.quick else "") + ".")
-    o.append(f"Bottleneck: {a.rate} with a {a.queue}-packet queue; every NIC at {a.rate}. "
+    o.append(f"Bottleneck: {a.rate} with a {a.queue}-packet queue; every NIC at {a.rate} "
+             f"with a {a.host_queue}-packet queue. "
              "CPU idle is the whole machine's during each measurement, from /proc/stat.")
     if b.errors:
         o.append("\nErrors in this run:\n" + "\n".join(f"* {e}" for e in b.errors))
@@ -1009,6 +1011,8 @@ def main():
                     + ",".join(SETUPS))
     ap.add_argument("--rate", default="100mbit", help="the line rate of every NIC (tc rate)")
     ap.add_argument("--queue", type=int, default=40, help="the bottleneck's queue, packets")
+    ap.add_argument("--host-queue", type=int, default=1000,
+                    help="every other NIC's queue, packets")
     ap.add_argument("--sessions", type=int, default=800, help="Support sessions (all clients)")
     ap.add_argument("--think", type=float, default=2.0, help="mean think time, s")
     ap.add_argument("--support-secs", type=float, default=120.0,
