@@ -32,7 +32,11 @@ struct DriverState {
     window: std::sync::atomic::AtomicBool,
     events: mpsc::UnboundedSender<Event>,
     /// Where spliced payloads wait for the writer (a socket transport).
-    pipe: Option<Pipe>,
+    /// Made at the first use, after the handshake: a stranger's
+    /// connection costs the io-server one descriptor, not three.
+    pipe: std::sync::OnceLock<Option<Pipe>>,
+    /// Whether the transport takes spliced payloads.
+    can_splice: bool,
     /// Set once the channel is closed: the reader stops reading at once
     /// (a peer that sends nothing more cannot keep the socket), the writer
     /// has [`CLOSE_LINGER`] to flush.
@@ -53,7 +57,19 @@ impl FabricHandle {
     /// (a relay splices into it, then says so with
     /// [`Channel::commit_spliced`]).
     pub fn pipe(&self) -> Option<&Pipe> {
-        self.shared.pipe.as_ref()
+        let shared = &self.shared;
+        shared
+            .pipe
+            .get_or_init(|| {
+                shared.can_splice.then(|| {
+                    Pipe::new()
+                        .inspect_err(
+                            |e| tracing::debug!(error = %e, "no pipe: relays copy every read"),
+                        )
+                        .ok()
+                })?
+            })
+            .as_ref()
     }
 
     fn lock(&self) -> MutexGuard<'_, Channel> {
@@ -198,13 +214,7 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
     events: mpsc::UnboundedSender<Event>,
     sink: impl Sink,
 ) -> FabricHandle {
-    let pipe = if writer.can_splice() {
-        Pipe::new()
-            .inspect_err(|e| tracing::debug!(error = %e, "no pipe: relays copy every read"))
-            .ok()
-    } else {
-        None
-    };
+    let can_splice = writer.can_splice();
     // A transport that hands chunks on as they are (in memory) gets whole
     // buffers, which its reader decodes in place.
     channel.hand_off_buffers(writer.hands_chunks_on());
@@ -216,7 +226,8 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
             coalesced: Notify::new(),
             window: std::sync::atomic::AtomicBool::new(false),
             events,
-            pipe,
+            pipe: std::sync::OnceLock::new(),
+            can_splice,
             closed: watch::Sender::new(false),
             timer: Notify::new(),
         }),
