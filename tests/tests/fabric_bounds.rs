@@ -180,11 +180,21 @@ fn handshakes_beyond_a_sources_share_are_closed_at_once() {
     let mut strangers: Vec<TcpStream> = (0..200)
         .map(|i| stranger("127.0.0.2", &fabric, i * 4))
         .collect();
+    // Well before the 10 s deadline, all but 8 are refused and closed.
+    let refused = wait_for(Duration::from_secs(3), || {
+        io_server_status(d)?.contains("refused 192,").then_some(())
+    });
+    assert!(refused.is_some(), "{:?}", io_server_status(d));
+    let start = Instant::now();
     let closed = strangers
         .iter_mut()
-        .filter_map(|s| closed_by_server(s, Duration::from_millis(500)).then_some(()))
+        .filter_map(|s| closed_by_server(s, Duration::from_millis(100)).then_some(()))
         .count();
     assert_eq!(closed, 192, "all but 8 closed at once: {}", io.stderr());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "before the deadline"
+    );
     // A node from another address joins and serves meanwhile.
     let _a = python_node(d, &fabric, "a", port);
     assert!(wait_http(&url, Duration::from_secs(30)), "{}", io.stderr());
