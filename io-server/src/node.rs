@@ -16,6 +16,7 @@ use crate::relay::{Relay, Relayed};
 use crate::state::{lock_handed, NodeEntry, ServerState, Socket};
 use crate::sys;
 use crate::traffic::NodeId;
+use saps_fabric::channel::SILENT_PEER;
 use saps_fabric::endpoint::io_errno;
 use saps_fabric::transport::{TransportRead, TransportWrite};
 use saps_fabric::{
@@ -26,10 +27,6 @@ use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tracing::Instrument;
-
-/// What the reason of a channel closed for its peer's silence says
-/// (`saps_proto`'s liveness).
-const SILENT: &str = "the peer sent nothing within";
 
 /// How a node reached the io-server.
 #[derive(Debug, Clone, Copy)]
@@ -118,7 +115,7 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
                 EndpointEvent::ConnectionClosed { conn, .. } => node.socket_closed(conn),
                 EndpointEvent::Accepted { conn } => node.handed_accepted(conn),
                 EndpointEvent::Closed { error } => {
-                    if error.to_string().contains(SILENT) {
+                    if error.to_string().contains(SILENT_PEER) {
                         server
                             .handshakes
                             .silent_nodes

@@ -34,6 +34,7 @@ use crate::frame::{ConnId, Frame, ReqId, Request, Response};
 use bytes::{Bytes, BytesMut};
 use conns::ConnTable;
 use handshake::State;
+pub use liveness::SILENT_PEER;
 use liveness::{Due, Liveness};
 use output::Output;
 use std::collections::VecDeque;
@@ -181,7 +182,7 @@ impl Channel {
                         .liveness
                         .as_ref()
                         .map_or(0.0, |l| l.timeout().as_secs_f64());
-                    self.close(&format!("the peer sent nothing within {secs} s"));
+                    self.close(&format!("{SILENT_PEER} {secs} s"));
                 }
             }
             return;

@@ -8,6 +8,10 @@
 use super::config::ChannelConfig;
 use std::time::{Duration, Instant};
 
+/// How the reason of a channel closed for its peer's silence begins
+/// (the timeout follows), for a caller that counts such closes.
+pub const SILENT_PEER: &str = "the peer sent nothing within";
+
 /// What the clock asks of the channel.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Due {
