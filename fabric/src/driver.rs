@@ -9,7 +9,7 @@
 //! receiver; its size is bounded by the credits the channel grants.
 
 pub use crate::channel::HANDSHAKE_TIMEOUT;
-use crate::channel::{Channel, Event, Transmit, STREAM_MIN};
+use crate::channel::{Channel, Event, Transmit, HANDSHAKE_MAX_FRAME, STREAM_MIN};
 use crate::frame::ConnId;
 use crate::splice::{Pipe, ReceivePipe};
 use crate::transport::{TransportRead, TransportWrite};
@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 /// What the tasks of one channel and its [`FabricHandle`]s share: the
 /// channel under its lock, the writer's wake-ups, the event sender and
@@ -32,7 +32,18 @@ struct DriverState {
     window: std::sync::atomic::AtomicBool,
     events: mpsc::UnboundedSender<Event>,
     /// Where spliced payloads wait for the writer (a socket transport).
-    pipe: Option<Pipe>,
+    /// Made at the first use, after the handshake: a stranger's
+    /// connection costs the io-server one descriptor, not three.
+    pipe: std::sync::OnceLock<Option<Pipe>>,
+    /// Whether the transport takes spliced payloads.
+    can_splice: bool,
+    /// Set once the channel is closed: the reader stops reading at once
+    /// (a peer that sends nothing more cannot keep the socket), the writer
+    /// has [`CLOSE_LINGER`] to flush.
+    closed: watch::Sender<bool>,
+    /// Wakes the timer when the channel opens or closes (its
+    /// [`Channel::poll_timeout`] changes).
+    timer: Notify,
 }
 
 /// A cloneable handle to a running channel.
@@ -46,7 +57,19 @@ impl FabricHandle {
     /// (a relay splices into it, then says so with
     /// [`Channel::commit_spliced`]).
     pub fn pipe(&self) -> Option<&Pipe> {
-        self.shared.pipe.as_ref()
+        let shared = &self.shared;
+        shared
+            .pipe
+            .get_or_init(|| {
+                shared.can_splice.then(|| {
+                    Pipe::new()
+                        .inspect_err(
+                            |e| tracing::debug!(error = %e, "no pipe: relays copy every read"),
+                        )
+                        .ok()
+                })?
+            })
+            .as_ref()
     }
 
     fn lock(&self) -> MutexGuard<'_, Channel> {
@@ -85,6 +108,7 @@ impl FabricHandle {
         drop(ch);
         use std::sync::atomic::Ordering;
         if closed {
+            self.closed();
             self.shared.wake_writer.notify_one();
         } else if pending && !self.shared.window.swap(true, Ordering::AcqRel) {
             self.shared.wake_writer.notify_one();
@@ -104,16 +128,32 @@ impl FabricHandle {
         // that of `with_coalesced`, which waits for the flusher or for
         // more: only a call that queues more wakes the writer.
         let before = ch.pending_transmit();
+        let was = (ch.is_open(), ch.is_closed());
         let r = f(&mut ch);
         while let Some(e) = ch.poll_event() {
             raised(e);
         }
-        let wake = ch.pending_transmit() > before || ch.is_closed();
+        let closed = ch.is_closed();
+        let wake = ch.pending_transmit() > before || closed;
+        let changed = (ch.is_open(), closed) != was;
         drop(ch);
         if wake {
             self.shared.wake_writer.notify_one();
         }
+        if changed {
+            self.shared.timer.notify_one();
+        }
+        if closed {
+            self.closed();
+        }
         r
+    }
+
+    /// The channel is closed: tells the reader and the writer (once).
+    fn closed(&self) {
+        self.shared
+            .closed
+            .send_if_modified(|c| !std::mem::replace(c, true));
     }
 }
 
@@ -174,13 +214,7 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
     events: mpsc::UnboundedSender<Event>,
     sink: impl Sink,
 ) -> FabricHandle {
-    let pipe = if writer.can_splice() {
-        Pipe::new()
-            .inspect_err(|e| tracing::debug!(error = %e, "no pipe: relays copy every read"))
-            .ok()
-    } else {
-        None
-    };
+    let can_splice = writer.can_splice();
     // A transport that hands chunks on as they are (in memory) gets whole
     // buffers, which its reader decodes in place.
     channel.hand_off_buffers(writer.hands_chunks_on());
@@ -192,7 +226,10 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
             coalesced: Notify::new(),
             window: std::sync::atomic::AtomicBool::new(false),
             events,
-            pipe,
+            pipe: std::sync::OnceLock::new(),
+            can_splice,
+            closed: watch::Sender::new(false),
+            timer: Notify::new(),
         }),
     };
     // The node's Hello is already queued.
@@ -209,17 +246,39 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
     handle
 }
 
+/// Runs `f` until the channel is closed; `None` if it was first.
+async fn or_closed<T>(
+    closed: &mut watch::Receiver<bool>,
+    f: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        r = f => Some(r),
+        _ = closed.wait_for(|c| *c) => None,
+    }
+}
+
 async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut sink: impl Sink) {
     let mut buf = BytesMut::new();
     let mut raised = Vec::new();
     let splices = reader.can_splice();
-    // How much the next read may take, when it should stop short.
-    let mut limit = None;
+    let mut closed = handle.shared.closed.subscribe();
+    // How much the next read may take, when it should stop short: before
+    // the channel is open, no more than a handshake frame (a stranger's
+    // connection holds no Data-sized buffer).
+    let mut limit = Some(HANDSHAKE_MAX_FRAME);
     loop {
-        let r = match limit.take() {
-            Some(max) => reader.read_at_most(&mut buf, max).await,
-            None => reader.read(&mut buf).await,
+        let read = async {
+            match limit.take() {
+                Some(max) => reader.read_at_most(&mut buf, max).await,
+                None => reader.read(&mut buf).await,
+            }
         };
+        // Once the channel is closed the socket goes (with the writer's
+        // half), whether the peer sends more or not.
+        let Some(r) = or_closed(&mut closed, read).await else {
+            return;
+        };
+        let mut open = false;
         let (mut done, mut pending) = feed(&handle, &mut raised, &mut sink, |ch| {
             match r {
                 Ok(0) => ch.transport_closed("the peer closed the fabric connection"),
@@ -231,7 +290,11 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
                 Err(e) => ch.transport_closed(&format!("fabric read failed: {e}")),
             }
             buf.clear();
+            open = ch.is_open();
         });
+        if !open {
+            limit = Some(HANDSHAKE_MAX_FRAME);
+        }
         // The input stopped inside a large Data payload: splice the rest
         // into its connection's pipe, where it has one.
         while splices && !done {
@@ -246,7 +309,10 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
                 limit = Some(left + SHORT_READ);
                 break;
             }
-            let r = reader.splice_into(&pipe, left.min(pipe.room())).await;
+            let splice = reader.splice_into(&pipe, left.min(pipe.room()));
+            let Some(r) = or_closed(&mut closed, splice).await else {
+                return;
+            };
             let mut read_instead = false;
             (done, pending) = feed(&handle, &mut raised, &mut sink, |ch| match r {
                 Ok(Some(0)) => ch.transport_closed("the peer closed the fabric connection"),
@@ -287,7 +353,23 @@ fn feed(
     r
 }
 
-async fn write_loop<W: TransportWrite>(handle: FabricHandle, mut writer: W) {
+/// How long the writer may still take, once the channel is closed, to
+/// flush what is queued (its `GoAway`) to a peer that does not read.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+async fn write_loop<W: TransportWrite>(handle: FabricHandle, writer: W) {
+    let mut closed = handle.shared.closed.subscribe();
+    let linger = async {
+        let _ = closed.wait_for(|c| *c).await;
+        tokio::time::sleep(CLOSE_LINGER).await;
+    };
+    tokio::select! {
+        _ = write_all(&handle, writer) => {}
+        _ = linger => tracing::debug!("fabric peer does not read: output of a closed channel dropped"),
+    }
+}
+
+async fn write_all<W: TransportWrite>(handle: &FabricHandle, mut writer: W) {
     loop {
         handle.shared.wake_writer.notified().await;
         // Let every task already woken in this pass of the event loop add
@@ -298,7 +380,7 @@ async fn write_loop<W: TransportWrite>(handle: FabricHandle, mut writer: W) {
         loop {
             let (next, closed) = handle.with(|ch| (ch.poll_transmit(), ch.is_closed()));
             let written = match next {
-                Some(t) => Some(write_transmit(&handle, &mut writer, t).await),
+                Some(t) => Some(write_transmit(handle, &mut writer, t).await),
                 None => None,
             };
             match written {
@@ -378,12 +460,17 @@ async fn to_the_back_of_the_run_queue() {
 }
 
 /// Tells the channel the time whenever it asks to be told
-/// ([`Channel::poll_timeout`]: the handshake's deadline); ends once it
-/// asks no more (it is open, or closed).
+/// ([`Channel::poll_timeout`]: the handshake's deadline, then its
+/// liveness checks), asking again when it opens or closes; ends once it
+/// asks no more (it is closed, or open without liveness).
 async fn timer_loop(handle: FabricHandle) {
     while let Some(deadline) = handle.with(|ch| ch.poll_timeout()) {
-        tokio::time::sleep_until(deadline.into()).await;
-        handle.with(|ch| ch.handle_timeout(tokio::time::Instant::now().into_std()));
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                handle.with(|ch| ch.handle_timeout(tokio::time::Instant::now().into_std()));
+            }
+            _ = handle.shared.timer.notified() => {}
+        }
     }
 }
 
@@ -503,5 +590,34 @@ mod tests {
             "at the deadline, not before"
         );
         assert!(server.with(|ch| ch.is_closed()));
+    }
+
+    /// A stranger that connects and sends nothing loses the connection at
+    /// the deadline: the reader stops reading (the peer's writes fail)
+    /// and the writer ends the stream after the `GoAway`.
+    #[tokio::test(start_paused = true)]
+    async fn at_the_deadline_both_halves_of_the_transport_are_dropped() {
+        let ((sr, sw), (mut nr, mut nw)) = memory_pair();
+        let (_server, mut events) = spawn(Channel::io_server(ChannelConfig::new("t")), sr, sw);
+        assert!(matches!(
+            events.recv().await.expect("the driver runs"),
+            Event::Closed { .. }
+        ));
+        let mut got = BytesMut::new();
+        loop {
+            got.clear();
+            let n = tokio::time::timeout(Duration::from_secs(1), nr.read(&mut got))
+                .await
+                .expect("the server's half ends at once")
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+        }
+        let write =
+            tokio::time::timeout(Duration::from_secs(1), nw.write(Bytes::from_static(b"x")))
+                .await
+                .expect("no wait");
+        assert!(write.is_err(), "the server's reader is gone");
     }
 }

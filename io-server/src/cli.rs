@@ -83,7 +83,12 @@ pub fn overlay(mut file: Config, cli: Config, m: &ArgMatches) -> Config {
         shutdown_timeout,
         window,
         threads,
-        no_sandbox
+        no_sandbox,
+        handshake_timeout,
+        max_handshakes,
+        max_handshakes_per_source,
+        node_ping_interval,
+        node_timeout
     );
     file
 }

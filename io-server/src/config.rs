@@ -11,6 +11,18 @@ use std::path::PathBuf;
 pub const DEFAULT_CONTROL: &str = "/run/saps-io-server.ctl";
 /// Default grace period of a graceful shutdown, in seconds.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: u64 = 30;
+/// Default `--handshake-timeout`, in seconds: the protocol's own deadline.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: u64 = saps_fabric::channel::HANDSHAKE_TIMEOUT.as_secs();
+/// Default `--max-handshakes`: well above a cluster's nodes (re)joining at
+/// once, well below the descriptors an io-server has.
+pub const DEFAULT_MAX_HANDSHAKES: u32 = 64;
+/// Default `--max-handshakes-per-source`: a host runs a few nodes; one
+/// address cannot take the whole of `--max-handshakes`.
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: u32 = 8;
+/// Default `--node-ping-interval`, in seconds.
+pub const DEFAULT_NODE_PING_INTERVAL: u64 = saps_fabric::channel::DEFAULT_PING_INTERVAL.as_secs();
+/// Default `--node-timeout`, in seconds.
+pub const DEFAULT_NODE_TIMEOUT: u64 = saps_fabric::channel::DEFAULT_PEER_TIMEOUT.as_secs();
 
 /// `--scheduler`: how a listener group picks a member per client connection.
 #[derive(
@@ -114,6 +126,27 @@ pub struct Config {
     /// fails with EPERM and is logged).
     #[arg(long)]
     pub no_sandbox: bool,
+    /// A fabric connection that has not authenticated within this many
+    /// seconds is closed.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_HANDSHAKE_TIMEOUT, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub handshake_timeout: u64,
+    /// Fabric connections that may be authenticating at once; more are
+    /// closed at once.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_HANDSHAKES, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_handshakes: u32,
+    /// Of --max-handshakes, how many may come from one address (one
+    /// process on a unix fabric).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_HANDSHAKES_PER_SOURCE, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_handshakes_per_source: u32,
+    /// Ping a node that has sent nothing for this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_NODE_PING_INTERVAL, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub node_ping_interval: u64,
+    /// Drop a node that has sent nothing, its answer to the ping included,
+    /// for this many seconds: it leaves its groups and its clients go to
+    /// the other members (0: never). Also the TCP_USER_TIMEOUT of tcp://
+    /// fabric connections.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_NODE_TIMEOUT, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub node_timeout: u64,
 }
 
 impl Default for Config {
@@ -133,6 +166,11 @@ impl Default for Config {
             window: saps_fabric::channel::DEFAULT_WINDOW,
             threads: 1,
             no_sandbox: false,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            node_ping_interval: DEFAULT_NODE_PING_INTERVAL,
+            node_timeout: DEFAULT_NODE_TIMEOUT,
         }
     }
 }
@@ -147,6 +185,26 @@ impl Config {
         toml::from_str(&text).map_err(|e| crate::Error::ConfigParse {
             path: path.into(),
             message: e.to_string(),
+        })
+    }
+
+    /// The channel settings of a node joining over a fabric listener:
+    /// the handshake's deadline and, when `node_timeout` is set, liveness.
+    pub fn node_channel(&self, token: Vec<u8>) -> saps_fabric::ChannelConfig {
+        let mut c = saps_fabric::ChannelConfig::new(token).window(self.window);
+        c.handshake_timeout = std::time::Duration::from_secs(self.handshake_timeout);
+        if let Some(l) = self.tcp_liveness() {
+            c = c.liveness(l.interval, l.timeout);
+        }
+        c
+    }
+
+    /// The liveness of node channels, `None` when `node_timeout` is 0.
+    pub fn tcp_liveness(&self) -> Option<saps_fabric::transport::TcpLiveness> {
+        let secs = std::time::Duration::from_secs;
+        (self.node_timeout > 0).then(|| saps_fabric::transport::TcpLiveness {
+            interval: secs(self.node_ping_interval),
+            timeout: secs(self.node_timeout),
         })
     }
 
@@ -223,6 +281,11 @@ mod tests {
             shutdown-timeout = 5
             window = 65536
             threads = 4
+            handshake-timeout = 3
+            max-handshakes = 100
+            max-handshakes-per-source = 4
+            node-ping-interval = 1
+            node-timeout = 5
             "#,
         )
         .unwrap();
@@ -231,6 +294,11 @@ mod tests {
         assert_eq!(c.address.to_string(), "192.0.2.10");
         assert!(c.allow_ports.unwrap().allows(8080));
         assert_eq!((c.shutdown_timeout, c.window, c.threads), (5, 65536, 4));
+        assert_eq!(
+            (c.handshake_timeout, c.node_ping_interval, c.node_timeout),
+            (3, 1, 5)
+        );
+        assert_eq!((c.max_handshakes, c.max_handshakes_per_source), (100, 4));
         let e = toml::from_str::<Config>("schedular = \"rr\"").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
     }

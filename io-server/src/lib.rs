@@ -13,7 +13,8 @@
 //! * `server.rs` — the life of an io-server ([`IoServer`]: start, the
 //!   listener tasks, graceful shutdown);
 //! * `node.rs` — one task per node channel: handshake, Figure 3 requests
-//!   (bind, listen, connect, options);
+//!   (bind, listen, connect, options); `handshakes.rs`, the bounds on
+//!   fabric connections not authenticated yet;
 //! * `groups.rs` — the listener groups, sans-IO: membership, weights,
 //!   schedulers, queues; which member gets a client; `traffic.rs`, the
 //!   ledger counting each connection for its node, group and member;
@@ -35,6 +36,7 @@ pub mod control;
 mod dispatch;
 mod groups;
 mod handoff;
+mod handshakes;
 mod node;
 mod ports;
 mod relay;

@@ -11,10 +11,12 @@
 
 use crate::cluster;
 use crate::dispatch;
+use crate::handshakes::Permit;
 use crate::relay::{Relay, Relayed};
 use crate::state::{lock_handed, NodeEntry, ServerState, Socket};
 use crate::sys;
 use crate::traffic::NodeId;
+use saps_fabric::channel::SILENT_PEER;
 use saps_fabric::endpoint::io_errno;
 use saps_fabric::transport::{TransportRead, TransportWrite};
 use saps_fabric::{
@@ -22,6 +24,7 @@ use saps_fabric::{
 };
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tracing::Instrument;
 
@@ -45,23 +48,31 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
     peer: String,
     handoff: Option<saps_fabric::handoff::HandoffSender>,
     joined: Joined,
+    permit: Option<Permit>,
 ) {
-    let mut config = ChannelConfig::new(server.token.clone()).window(server.config.window);
-    let pid = match joined {
-        Joined::Fabric { pid } => pid,
+    let (config, pid) = match joined {
+        // Over a fabric: the handshake's deadline is the operator's, and
+        // a node that goes silent is pinged, then dropped.
+        Joined::Fabric { pid } => (server.config.node_channel(server.token.clone()), pid),
         Joined::InProcess => {
+            let mut config = ChannelConfig::new(server.token.clone()).window(server.config.window);
             config.max_version = 1;
-            None
+            (config, None)
         }
     };
     let (ep, mut events) = Endpoint::spawn(Channel::io_server(config), r, w);
-    let (name, weight) = match events.recv().await {
+    let first = events.recv().await;
+    // The handshake is over, however it ended: its place is free.
+    drop(permit);
+    let (name, weight) = match first {
         Some(EndpointEvent::NodeAuthenticated { node, weight }) => (node, weight),
         Some(EndpointEvent::Closed { error }) => {
+            server.handshakes.failed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, reason = %error, "node refused");
             return;
         }
         other => {
+            server.handshakes.failed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, event = ?other, "node refused: unexpected first event");
             return;
         }
@@ -104,7 +115,15 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
                 EndpointEvent::ConnectionClosed { conn, .. } => node.socket_closed(conn),
                 EndpointEvent::Accepted { conn } => node.handed_accepted(conn),
                 EndpointEvent::Closed { error } => {
-                    tracing::info!(reason = %error, "node left");
+                    if error.to_string().contains(SILENT_PEER) {
+                        server
+                            .handshakes
+                            .silent_nodes
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%peer, reason = %error, "node dropped: silent");
+                    } else {
+                        tracing::info!(reason = %error, "node left");
+                    }
                     break;
                 }
                 other => tracing::debug!(event = ?other, "ignored"),

@@ -12,7 +12,7 @@
 use crate::config::{Config, Stack};
 use crate::state::ServerState;
 use crate::status::Status;
-use crate::{cluster, control, handoff, node, status, Error};
+use crate::{cluster, control, handoff, handshakes, node, status, Error};
 use saps_fabric::handoff::side;
 use saps_fabric::transport::{FabricUrl, StreamListener, TransportRead, TransportWrite};
 use std::sync::Arc;
@@ -104,7 +104,16 @@ impl IoServer {
     /// no `Accepted` per connection is worth its cost.
     pub async fn attach<R: TransportRead, W: TransportWrite>(&self, r: R, w: W) {
         let how = node::Joined::InProcess;
-        node::serve(self.server.clone(), r, w, "embedded".into(), None, how).await
+        node::serve(
+            self.server.clone(),
+            r,
+            w,
+            "embedded".into(),
+            None,
+            how,
+            None,
+        )
+        .await
     }
 
     /// Like [`IoServer::attach`] for a node in this process: accepted
@@ -118,7 +127,7 @@ impl IoServer {
     ) {
         let how = node::Joined::InProcess;
         let peer = "embedded".to_string();
-        node::serve(self.server.clone(), r, w, peer, Some(handoff), how).await
+        node::serve(self.server.clone(), r, w, peer, Some(handoff), how, None).await
     }
 
     /// Serves a node that reached this io-server over a transport of the
@@ -127,7 +136,7 @@ impl IoServer {
     /// to another member (tests use it over `memory_pair()`).
     pub async fn attach_remote<R: TransportRead, W: TransportWrite>(&self, r: R, w: W, peer: &str) {
         let how = node::Joined::Fabric { pid: None };
-        node::serve(self.server.clone(), r, w, peer.into(), None, how).await
+        node::serve(self.server.clone(), r, w, peer.into(), None, how, None).await
     }
 
     /// The current `io-server status` report.
@@ -182,13 +191,25 @@ impl IoServer {
 
 /// Accepts nodes on one fabric listener until shutdown.
 async fn fabric_loop(server: Arc<ServerState>, listener: StreamListener) {
+    let liveness = server.config.tcp_liveness();
     server
         .accept_until_shutdown(
             "fabric",
-            || listener.accept_node(),
+            || listener.accept_node(liveness),
             |((r, w), peer, pid)| {
+                // Beyond the bounds on handshakes the connection is
+                // closed at once (dropping its halves), its reason logged.
+                let source = handshakes::source(&peer, pid);
+                let permit = match server.handshakes.admit(&source) {
+                    Ok(p) => p,
+                    Err(reason) => {
+                        tracing::warn!(%peer, %reason, "fabric connection refused");
+                        return;
+                    }
+                };
                 let how = node::Joined::Fabric { pid };
-                tokio::spawn(node::serve(server.clone(), r, w, peer, None, how));
+                let serve = node::serve(server.clone(), r, w, peer, None, how, Some(permit));
+                tokio::spawn(serve);
             },
         )
         .await

@@ -6,6 +6,7 @@
 
 use crate::config::Config;
 use crate::groups::{Bind, Groups, Orphan};
+use crate::handshakes::Handshakes;
 use crate::ports::{Listening, Ports};
 use crate::sys::Errno;
 use crate::traffic::{MemberId, NodeId};
@@ -30,6 +31,8 @@ pub(crate) struct ServerState {
     /// Signalled whenever a relayed connection ends.
     pub conns_changed: Notify,
     pub started: Instant,
+    /// Fabric connections in their handshake, and what was refused.
+    pub handshakes: Arc<Handshakes>,
 }
 
 impl ServerState {
@@ -40,6 +43,10 @@ impl ServerState {
             groups: Groups::new(config.scheduler),
             ports: Ports::default(),
         };
+        let handshakes = Arc::new(Handshakes::new(
+            config.max_handshakes as usize,
+            config.max_handshakes_per_source as usize,
+        ));
         ServerState {
             config,
             token,
@@ -47,6 +54,7 @@ impl ServerState {
             shutdown: watch::Sender::new(false),
             conns_changed: Notify::new(),
             started: Instant::now(),
+            handshakes,
         }
     }
 

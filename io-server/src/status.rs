@@ -10,6 +10,7 @@ use saps_fabric::ConnId;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -67,6 +68,26 @@ pub struct GroupStatus {
     pub members: Vec<MemberStatus>,
 }
 
+/// The fabric's bounds before authentication and on node liveness, and
+/// what they refused or dropped (`handshakes.rs`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FabricStatus {
+    /// Connections authenticating now.
+    pub handshakes: usize,
+    pub max_handshakes: u32,
+    pub max_handshakes_per_source: u32,
+    pub handshake_timeout_secs: u64,
+    /// Connections closed at once, beyond a bound.
+    pub refused: u64,
+    /// Handshakes that failed (timed out, wrong token, garbage).
+    pub failed: u64,
+    pub node_ping_interval_secs: u64,
+    /// 0: nodes are never dropped for silence.
+    pub node_timeout_secs: u64,
+    /// Nodes dropped for their silence.
+    pub silent_nodes: u64,
+}
+
 /// A snapshot of the whole io-server.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Status {
@@ -75,6 +96,7 @@ pub struct Status {
     pub uptime_secs: u64,
     pub nodes: Vec<NodeStatus>,
     pub groups: Vec<GroupStatus>,
+    pub fabric: FabricStatus,
 }
 
 /// Counters of `t` (none for a scope not counted), with the live
@@ -146,12 +168,27 @@ impl Status {
             })
             .collect();
         groups.sort_by_key(|g| g.addr);
+        drop(st);
+        let h = &server.handshakes;
+        let c = &server.config;
+        let fabric = FabricStatus {
+            handshakes: h.in_flight(),
+            max_handshakes: c.max_handshakes,
+            max_handshakes_per_source: c.max_handshakes_per_source,
+            handshake_timeout_secs: c.handshake_timeout,
+            refused: h.refused.load(Ordering::Relaxed),
+            failed: h.failed.load(Ordering::Relaxed),
+            node_ping_interval_secs: c.node_ping_interval,
+            node_timeout_secs: c.node_timeout,
+            silent_nodes: h.silent_nodes.load(Ordering::Relaxed),
+        };
         Status {
             address: server.config.address,
             scheduler: server.config.scheduler,
             uptime_secs: server.started.elapsed().as_secs(),
             nodes,
             groups,
+            fabric,
         }
     }
 }
@@ -226,6 +263,22 @@ impl fmt::Display for Status {
                 &n.counters,
             )?;
         }
+        let b = &self.fabric;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "Fabric: handshakes {} (max {}, {} per source, timeout {}s), refused {}, failed {}; \
+             node ping {}s, timeout {}s, dropped silent {}",
+            b.handshakes,
+            b.max_handshakes,
+            b.max_handshakes_per_source,
+            b.handshake_timeout_secs,
+            b.refused,
+            b.failed,
+            b.node_ping_interval_secs,
+            b.node_timeout_secs,
+            b.silent_nodes
+        )?;
         Ok(())
     }
 }

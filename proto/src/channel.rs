@@ -17,12 +17,13 @@ mod config;
 mod conns;
 mod event;
 mod handshake;
+mod liveness;
 mod output;
 mod send;
 
 pub use config::{
-    ChannelConfig, Role, ACCEPTED_VERSION, DEFAULT_WINDOW, HANDSHAKE_TIMEOUT, MAX_DATA,
-    MAX_VERSION, MIN_VERSION,
+    ChannelConfig, Role, ACCEPTED_VERSION, DEFAULT_PEER_TIMEOUT, DEFAULT_PING_INTERVAL,
+    DEFAULT_WINDOW, HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT, MAX_DATA, MAX_VERSION, MIN_VERSION,
 };
 pub use event::{CallError, ChannelError, Event};
 pub use output::{Reservation, Transmit, OWNED_CAPACITY, OWNED_MIN};
@@ -33,6 +34,8 @@ use crate::frame::{ConnId, Frame, ReqId, Request, Response};
 use bytes::{Bytes, BytesMut};
 use conns::ConnTable;
 use handshake::State;
+pub use liveness::SILENT_PEER;
+use liveness::{Due, Liveness};
 use output::Output;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -76,6 +79,8 @@ pub struct Channel {
     conns: ConnTable,
     /// The protocol version agreed in the handshake (0 before).
     version: u8,
+    /// The token of the last liveness `Ping`.
+    next_ping: u64,
     next_req: ReqId,
     inbuf: BytesMut,
     /// The Data frame being received piece by piece, if any.
@@ -83,6 +88,9 @@ pub struct Channel {
     output: Output,
     events: VecDeque<Event>,
     stats: ChannelStats,
+    /// Octets of input so far, frames of every kind (what liveness hears).
+    input: u64,
+    liveness: Option<Liveness>,
 }
 
 impl Channel {
@@ -114,10 +122,13 @@ impl Channel {
         Self {
             role,
             conns: ConnTable::new(first, config.window),
+            liveness: Liveness::new(&config),
+            input: 0,
             config,
             state,
             deadline: None,
             version: 0,
+            next_ping: 0,
             next_req: 1,
             inbuf: BytesMut::new(),
             partial: None,
@@ -132,21 +143,50 @@ impl Channel {
     /// [`Channel::handle_timeout`] from then on.
     pub fn start(&mut self, now: Instant) {
         self.deadline = Some(now + self.config.handshake_timeout);
+        if let Some(l) = self.liveness.as_mut() {
+            l.start(now);
+        }
     }
 
     /// When [`Channel::handle_timeout`] is next due: the handshake's
-    /// deadline while it runs, `None` once the channel is open or closed
-    /// (or its clock was never started).
+    /// deadline while it runs; once open, the next liveness check when
+    /// [`ChannelConfig::peer_timeout`] is set (`liveness.rs`); `None`
+    /// otherwise, once closed, or when the clock was never started.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
-            State::Open | State::Closed => None,
+            State::Closed => None,
+            State::Open => self.liveness.as_ref().and_then(|l| l.due()),
             _ => self.deadline,
         }
     }
 
     /// The time is `now`: closes a channel whose handshake is past its
-    /// deadline (a `GoAway` with the reason is queued).
+    /// deadline, or an open one whose peer has been silent past
+    /// [`ChannelConfig::peer_timeout`] (a `GoAway` with the reason is
+    /// queued); pings a peer silent for [`ChannelConfig::ping_interval`].
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.is_open() {
+            let input = self.input;
+            let due = match self.liveness.as_mut() {
+                Some(l) => l.on_timeout(now, input),
+                None => Due::Nothing,
+            };
+            match due {
+                Due::Nothing => {}
+                Due::Ping => {
+                    self.next_ping = self.next_ping.wrapping_add(1);
+                    self.ping(self.next_ping);
+                }
+                Due::Dead => {
+                    let secs = self
+                        .liveness
+                        .as_ref()
+                        .map_or(0.0, |l| l.timeout().as_secs_f64());
+                    self.close(&format!("{SILENT_PEER} {secs} s"));
+                }
+            }
+            return;
+        }
         if self.poll_timeout().is_some_and(|deadline| now >= deadline) {
             let secs = self.config.handshake_timeout.as_secs();
             self.close(&format!("authentication did not complete within {secs} s"));
@@ -208,6 +248,7 @@ impl Channel {
             buf.clear();
             return Ok(());
         }
+        self.input += buf.len() as u64;
         if let Some(p) = self.partial {
             let piece = buf.split_to(p.left.min(buf.len())).freeze();
             self.payload_piece(piece);
@@ -226,7 +267,14 @@ impl Channel {
 
     fn decode_input(&mut self) -> Result<(), ChannelError> {
         loop {
-            let frame = match codec::decode(&mut self.inbuf, self.config.max_frame) {
+            // Before the channel is open the peer is a stranger: only the
+            // handshake's small frames are awaited (and buffered).
+            let max = if self.is_open() {
+                self.config.max_frame
+            } else {
+                self.config.max_frame.min(HANDSHAKE_MAX_FRAME)
+            };
+            let frame = match codec::decode(&mut self.inbuf, max) {
                 Ok(Some(f)) => f,
                 Ok(None) => return self.begin_partial(),
                 Err(e) => return Err(self.fail(e.into())),
@@ -308,6 +356,7 @@ impl Channel {
             return;
         }
         self.stats.bytes_received_spliced += len as u64;
+        self.input += len as u64;
         if let Some(conn) = self.payload_taken(len) {
             self.events.push_back(Event::MessageSpliced { conn, len });
         }

@@ -18,6 +18,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::net::{TcpStream, UnixStream};
 
@@ -351,13 +352,69 @@ pub fn rdma_unavailable() -> io::Error {
     )
 }
 
+/// How soon the kernel gives up a `tcp://` fabric connection whose peer
+/// is gone (host down, link cut): keepalive probes after `interval` of
+/// silence, and `TCP_USER_TIMEOUT` of `timeout` for unacknowledged data
+/// and for the probes. The channel's own Ping (`ChannelConfig::liveness`)
+/// catches what these do not: a peer whose kernel still answers.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpLiveness {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl TcpLiveness {
+    /// Sets the options on a connected socket.
+    pub fn apply(&self, s: &impl std::os::fd::AsRawFd) -> io::Result<()> {
+        let secs = |d: Duration| d.as_secs().clamp(1, i32::MAX as u64) as libc::c_int;
+        let idle = secs(self.interval);
+        let count = (secs(self.timeout) / idle).max(1);
+        let ms = self.timeout.as_millis().clamp(1, libc::c_int::MAX as u128) as libc::c_int;
+        let fd = s.as_raw_fd();
+        for (level, name, value) in [
+            (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, idle),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, count),
+            (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms),
+        ] {
+            // SAFETY: `fd` is a live socket for the duration of the call
+            // and the value is a c_int of the size given.
+            let r = unsafe {
+                libc::setsockopt(
+                    fd,
+                    level,
+                    name,
+                    (&value as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if r != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Connects a node to an io-server over any fabric URL.
 pub async fn connect_stream(url: &FabricUrl) -> io::Result<(StreamReader, StreamWriter)> {
+    connect_stream_with(url, None).await
+}
+
+/// [`connect_stream`], with `liveness` set on a `tcp://` connection.
+pub async fn connect_stream_with(
+    url: &FabricUrl,
+    liveness: Option<TcpLiveness>,
+) -> io::Result<(StreamReader, StreamWriter)> {
     match url {
         FabricUrl::Unix(path) => Ok(unix_socket(tokio::net::UnixStream::connect(path).await?)),
         FabricUrl::Tcp(addr) => {
             let s = tokio::net::TcpStream::connect(addr.as_str()).await?;
             s.set_nodelay(true)?;
+            if let Some(Err(e)) = liveness.map(|l| l.apply(&s)) {
+                tracing::warn!(%addr, error = %e, "fabric keepalive not set");
+            }
             Ok(tcp_socket(s))
         }
         FabricUrl::Rdma(_) => rdma_url::connect(url).await,
@@ -446,15 +503,17 @@ impl StreamListener {
 
     /// Accepts one node; returns its transport halves and a printable peer.
     pub async fn accept(&self) -> io::Result<((StreamReader, StreamWriter), String)> {
-        self.accept_node()
+        self.accept_node(None)
             .await
             .map(|(halves, peer, _)| (halves, peer))
     }
 
     /// [`StreamListener::accept`], plus the pid of the node's process when
-    /// the fabric is a unix socket (same host: `SO_PEERCRED`).
+    /// the fabric is a unix socket (same host: `SO_PEERCRED`); `liveness`
+    /// is set on a `tcp://` connection.
     pub async fn accept_node(
         &self,
+        liveness: Option<TcpLiveness>,
     ) -> io::Result<((StreamReader, StreamWriter), String, Option<i32>)> {
         match self {
             StreamListener::Unix(l, path) => {
@@ -465,6 +524,9 @@ impl StreamListener {
             StreamListener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 s.set_nodelay(true)?;
+                if let Some(Err(e)) = liveness.map(|l| l.apply(&s)) {
+                    tracing::warn!(%peer, error = %e, "fabric keepalive not set");
+                }
                 Ok((tcp_socket(s), peer.to_string(), None))
             }
             #[cfg(feature = "rdma")]
@@ -582,5 +644,38 @@ mod tests {
         // The other direction is its own.
         drop(bw);
         assert_eq!(ar.read(&mut BytesMut::new()).await.unwrap(), 0);
+    }
+
+    #[test]
+    fn tcp_liveness_sets_keepalive_and_the_user_timeout() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let liveness = TcpLiveness {
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(6),
+        };
+        liveness.apply(&s).unwrap();
+        let get = |level, name| {
+            let mut v: libc::c_int = -1;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            use std::os::fd::AsRawFd;
+            // SAFETY: a live socket and a c_int-sized out value.
+            let r = unsafe {
+                libc::getsockopt(
+                    s.as_raw_fd(),
+                    level,
+                    name,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(r, 0);
+            v
+        };
+        assert_eq!(get(libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 2);
+        assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL), 2);
+        assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 3);
+        assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT), 6000);
     }
 }

@@ -3,6 +3,7 @@
 //! io-server, claim the node's zero-relay sockets on its hand-off socket
 //! (docs/io-server.md, "Zero-relay for same-host nodes").
 
+use saps_fabric::channel::{DEFAULT_PEER_TIMEOUT, DEFAULT_PING_INTERVAL};
 use saps_fabric::endpoint::{Endpoint, EndpointEvent};
 use saps_fabric::handoff::{side, HandoffSender};
 use saps_fabric::transport::{self, FabricUrl, StreamReader, StreamWriter};
@@ -41,11 +42,20 @@ pub(crate) async fn join_remote(
     me: &Identity,
     token: Vec<u8>,
 ) -> Result<Welcomed, NodeError> {
-    handshake(me, token, connect(&remote.url).await?).await
+    // A remote io-server that goes silent (host down, link cut) is given
+    // up like the io-server gives up a silent node, and joined again.
+    let config = ChannelConfig::new(token)
+        .node(me.name.clone(), me.weight)
+        .liveness(DEFAULT_PING_INTERVAL, DEFAULT_PEER_TIMEOUT);
+    open(config, connect(&remote.url).await?).await
 }
 
 async fn connect(url: &FabricUrl) -> Result<(StreamReader, StreamWriter), NodeError> {
-    transport::connect_stream(url)
+    let liveness = transport::TcpLiveness {
+        interval: DEFAULT_PING_INTERVAL,
+        timeout: DEFAULT_PEER_TIMEOUT,
+    };
+    transport::connect_stream_with(url, Some(liveness))
         .await
         .map_err(|source| NodeError::Connect {
             url: url.to_string(),
@@ -57,10 +67,21 @@ async fn connect(url: &FabricUrl) -> Result<(StreamReader, StreamWriter), NodeEr
 pub(crate) async fn handshake(
     me: &Identity,
     token: Vec<u8>,
+    halves: (StreamReader, StreamWriter),
+) -> Result<Welcomed, NodeError> {
+    open(
+        ChannelConfig::new(token).node(me.name.clone(), me.weight),
+        halves,
+    )
+    .await
+}
+
+/// Opens a node channel of `config` over `(r, w)` and waits for the Welcome.
+async fn open(
+    config: ChannelConfig,
     (r, w): (StreamReader, StreamWriter),
 ) -> Result<Welcomed, NodeError> {
-    let channel = Channel::node(ChannelConfig::new(token).node(me.name.clone(), me.weight));
-    let (endpoint, mut events) = Endpoint::spawn(channel, r, w);
+    let (endpoint, mut events) = Endpoint::spawn(Channel::node(config), r, w);
     let welcome = async {
         while let Some(ev) = events.recv().await {
             match ev {

@@ -28,6 +28,18 @@ pub const DEFAULT_WINDOW: u32 = 1024 * 1024;
 pub const MAX_DATA: usize = 256 * 1024;
 /// A channel not open this long after it started is closed.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest frame accepted before the channel is open. The handshake's
+/// frames are small (a `Hello` carries at most a node name of
+/// [`crate::codec::MAX_STRING`]); an unauthenticated peer may not make the
+/// decoder wait for, and buffer, a Data-sized frame.
+pub const HANDSHAKE_MAX_FRAME: usize = 4096;
+/// Default of [`ChannelConfig::ping_interval`] where liveness is on: an
+/// idle channel costs a `Ping` and a `Pong` this often.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(2);
+/// Default of [`ChannelConfig::peer_timeout`] where liveness is on: three
+/// ping intervals, so one lost or late `Pong` is not fatal, and a peer gone
+/// silent is given up within a few seconds more than this.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(6);
 
 /// Which end of the channel this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +66,12 @@ pub struct ChannelConfig {
     pub weight: u32,
     /// How long the handshake may take ([`HANDSHAKE_TIMEOUT`]).
     pub handshake_timeout: Duration,
+    /// Liveness of the open channel (`channel/liveness.rs`): send a `Ping`
+    /// when the peer has sent nothing for this long (`None`: never).
+    pub ping_interval: Option<Duration>,
+    /// ... and close the channel when the peer has sent nothing, `Pong`
+    /// included, for this long (`None`: never).
+    pub peer_timeout: Option<Duration>,
 }
 
 impl ChannelConfig {
@@ -67,6 +85,8 @@ impl ChannelConfig {
             node_name: String::new(),
             weight: 1,
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            ping_interval: None,
+            peer_timeout: None,
         }
     }
 
@@ -78,6 +98,14 @@ impl ChannelConfig {
 
     pub fn window(mut self, window: u32) -> Self {
         self.window = window;
+        self
+    }
+
+    /// Pings the peer after `interval` of silence and closes the channel
+    /// after `timeout` of it.
+    pub fn liveness(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.ping_interval = Some(interval);
+        self.peer_timeout = Some(timeout);
         self
     }
 }
