@@ -31,6 +31,10 @@ struct DriverState {
     /// Set while such a window is open.
     window: std::sync::atomic::AtomicBool,
     events: mpsc::UnboundedSender<Event>,
+    /// Signalled by the writer after each write, and when it ends: a
+    /// reader waiting for the channel's output to drain
+    /// ([`Channel::output_full`]) looks again.
+    drained: Notify,
     /// Where spliced payloads wait for the writer (a socket transport).
     pipe: Option<Pipe>,
 }
@@ -192,6 +196,7 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
             coalesced: Notify::new(),
             window: std::sync::atomic::AtomicBool::new(false),
             events,
+            drained: Notify::new(),
             pipe,
         }),
     };
@@ -201,8 +206,10 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
     let h = handle.clone();
     tokio::spawn(async move {
         write_loop(h.clone(), writer).await;
-        // The channel is closed: the flusher ends too.
+        // The channel is closed: the flusher ends too, and a reader
+        // waiting for room.
         h.shared.coalesced.notify_one();
+        h.shared.drained.notify_one();
     });
     tokio::spawn(flush_loop(handle.clone()));
     tokio::spawn(timer_loop(handle.clone()));
@@ -261,9 +268,36 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
                 break;
             }
         }
-        if done {
+        if done || !wait_for_room(&handle).await {
             return;
         }
+    }
+}
+
+/// Waits while the channel's output is over its limit
+/// ([`Channel::output_full`]): a peer that does not read what its frames
+/// ask for (a Pong per Ping, an answer per request) is not read either,
+/// so what is queued for it stays bounded. False once the channel is
+/// closed.
+async fn wait_for_room(handle: &FabricHandle) -> bool {
+    let mut logged = false;
+    loop {
+        let (full, closed) = {
+            let ch = handle.lock();
+            (ch.output_full(), ch.is_closed())
+        };
+        if closed {
+            return false;
+        }
+        if !full {
+            return true;
+        }
+        if !logged {
+            tracing::debug!("output to the peer over its limit: reading paused until it drains");
+            logged = true;
+        }
+        // A permit stored by a write in between is not lost.
+        handle.shared.drained.notified().await;
     }
 }
 
@@ -301,6 +335,9 @@ async fn write_loop<W: TransportWrite>(handle: FabricHandle, mut writer: W) {
                 Some(t) => Some(write_transmit(&handle, &mut writer, t).await),
                 None => None,
             };
+            if written.is_some() {
+                handle.shared.drained.notify_one();
+            }
             match written {
                 Some(Ok(())) => {}
                 Some(Err(e)) => {

@@ -82,6 +82,10 @@ pub fn overlay(mut file: Config, cli: Config, m: &ArgMatches) -> Config {
         metrics,
         shutdown_timeout,
         window,
+        max_window,
+        max_weight,
+        max_node_output,
+        allow_connect_local,
         threads,
         no_sandbox
     );

@@ -12,6 +12,14 @@ pub const DEFAULT_CONTROL: &str = "/run/saps-io-server.ctl";
 /// Default grace period of a graceful shutdown, in seconds.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: u64 = 30;
 
+/// Default `--max-window`: the largest `B_r` a node may announce.
+pub const DEFAULT_MAX_WINDOW: u32 = 16 * 1024 * 1024;
+/// Default `--max-weight`, the top of LVS's and haproxy's weight range.
+pub const DEFAULT_MAX_WEIGHT: u32 = 256;
+/// Default `--max-node-output`: what may wait to go to one node before
+/// its channel is no longer read.
+pub const DEFAULT_MAX_NODE_OUTPUT: u32 = 16 * 1024 * 1024;
+
 /// `--scheduler`: how a listener group picks a member per client connection.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, serde::Deserialize, serde::Serialize,
@@ -104,6 +112,25 @@ pub struct Config {
     /// Receive buffer (Appendix A's B_r) per connection and direction, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = saps_fabric::channel::DEFAULT_WINDOW)]
     pub window: u32,
+    /// Largest receive buffer (B_r) a node may announce, in bytes: the
+    /// io-server may hold that much per connection on its behalf. A node
+    /// asking more is refused with a GoAway saying so.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_WINDOW)]
+    pub max_window: u32,
+    /// Largest weight a node may announce (in its handshake or later). A
+    /// node asking more is refused with a GoAway saying so.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_WEIGHT)]
+    pub max_weight: u32,
+    /// While more than this many bytes wait to go to one node, its channel
+    /// is not read (a node that sends Pings or requests without reading
+    /// the answers stops being read).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_NODE_OUTPUT)]
+    pub max_node_output: u32,
+    /// Let nodes connect to the gateway's own addresses (its loopback,
+    /// the single address) at ports no listener group serves, and to the
+    /// io-server's metrics and tcp:// fabric addresses.
+    #[arg(long)]
+    pub allow_connect_local: bool,
     /// Event-loop threads. One serves best on a small gateway (threads of
     /// one loop wake each other for every hand-over of work); give more
     /// where the gateway has cores to spare for relaying.
@@ -131,6 +158,10 @@ impl Default for Config {
             metrics: None,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             window: saps_fabric::channel::DEFAULT_WINDOW,
+            max_window: DEFAULT_MAX_WINDOW,
+            max_weight: DEFAULT_MAX_WEIGHT,
+            max_node_output: DEFAULT_MAX_NODE_OUTPUT,
+            allow_connect_local: false,
             threads: 1,
             no_sandbox: false,
         }

@@ -34,6 +34,7 @@ pub mod config;
 pub mod control;
 mod dispatch;
 mod groups;
+mod guard;
 mod handoff;
 mod node;
 mod ports;

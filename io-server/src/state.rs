@@ -30,6 +30,11 @@ pub(crate) struct ServerState {
     /// Signalled whenever a relayed connection ends.
     pub conns_changed: Notify,
     pub started: Instant,
+    /// The io-server's own TCP endpoints (metrics, `tcp://` fabric
+    /// listeners), which nodes may not connect to (`guard::connect`).
+    pub own_addrs: Vec<SocketAddr>,
+    /// Node requests refused by `guard` (options, connects).
+    pub refused: std::sync::atomic::AtomicU64,
 }
 
 impl ServerState {
@@ -47,6 +52,8 @@ impl ServerState {
             shutdown: watch::Sender::new(false),
             conns_changed: Notify::new(),
             started: Instant::now(),
+            own_addrs: Vec::new(),
+            refused: Default::default(),
         }
     }
 

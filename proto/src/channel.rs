@@ -64,6 +64,11 @@ pub struct ChannelStats {
     /// Of `bytes_received`, payload the reader spliced into connections'
     /// receive pipes.
     pub bytes_received_spliced: u64,
+    /// Frames that take no credit and were dropped: a second Fin on a
+    /// connection, a Fin for an unknown one, an empty Data frame.
+    pub creditless_dropped: u64,
+    /// Pings answered.
+    pub pings_received: u64,
 }
 
 /// One end of a node channel.
@@ -330,6 +335,12 @@ impl Channel {
         self.output.pending()
     }
 
+    /// Whether more than [`ChannelConfig::output_limit`] octets wait to go
+    /// to the peer: the driver then stops reading until they drain.
+    pub fn output_full(&self) -> bool {
+        self.output.pending() > self.config.output_limit
+    }
+
     /// Closes the channel locally with `reason` (sent to the peer).
     pub fn close(&mut self, reason: &str) {
         if !self.is_closed() {
@@ -395,6 +406,11 @@ impl Channel {
     fn handle_open(&mut self, frame: Frame) -> Result<(), ChannelError> {
         let role = self.role;
         match frame {
+            Frame::Data { conn, data } if data.is_empty() => {
+                // Takes no credit and carries nothing: counted, not raised.
+                let _ = conn;
+                self.stats.creditless_dropped += 1;
+            }
             Frame::Data { conn, data } => {
                 self.stats.bytes_received += data.len() as u64;
                 // Data for a connection we already dropped is discarded: the
@@ -413,17 +429,25 @@ impl Channel {
                     }
                 }
             }
-            Frame::Fin { conn } => {
-                if self.conns.contains(conn) {
+            Frame::Fin { conn } => match self.conns.get_mut(conn) {
+                Some(c) if !c.fin_received => {
+                    c.fin_received = true;
                     self.events.push_back(Event::Fin { conn });
                 }
+                // A second Fin, or one for a connection not (or no longer)
+                // known: takes no credit, raises nothing.
+                _ => self.stats.creditless_dropped += 1,
+            },
+            Frame::Ping { token } => {
+                self.stats.pings_received += 1;
+                self.emit(&Frame::Pong { token });
             }
-            Frame::Ping { token } => self.emit(&Frame::Pong { token }),
             Frame::Pong { .. } => {}
             Frame::Request { req, request } if role == Role::IoServer => {
                 self.events.push_back(Event::Request { req, request });
             }
             Frame::Weight { weight } if role == Role::IoServer => {
+                handshake::check_weight(&self.config, weight)?;
                 self.events.push_back(Event::WeightChanged { weight });
             }
             Frame::Close { conn } if role == Role::IoServer => {

@@ -54,6 +54,18 @@ pub struct ChannelConfig {
     pub weight: u32,
     /// How long the handshake may take ([`HANDSHAKE_TIMEOUT`]).
     pub handshake_timeout: Duration,
+    /// io-server only: the largest `B_r` a node may announce in its
+    /// Hello; a larger one is refused with a `GoAway` saying so (the
+    /// io-server may hold that much per connection on the node's behalf).
+    pub max_peer_window: u32,
+    /// io-server only: the largest weight a node may announce (Hello or
+    /// Weight); a larger one is refused with a `GoAway` saying so.
+    pub max_weight: u32,
+    /// io-server only: while more than this many octets wait to go to the
+    /// peer, the driver stops reading the channel (frames that take no
+    /// credit, Ping or a request, each queue an answer; a peer that does
+    /// not read its answers is not read either).
+    pub output_limit: usize,
 }
 
 impl ChannelConfig {
@@ -67,6 +79,9 @@ impl ChannelConfig {
             node_name: String::new(),
             weight: 1,
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            max_peer_window: u32::MAX,
+            max_weight: u32::MAX,
+            output_limit: usize::MAX,
         }
     }
 
