@@ -35,6 +35,9 @@ struct DriverState {
     /// reader waiting for the channel's output to drain
     /// ([`Channel::output_full`]) looks again.
     drained: Notify,
+    /// Set while the reader waits on `drained`: a call that answers a
+    /// request ([`FabricHandle::with`]) wakes it too.
+    reader_waiting: std::sync::atomic::AtomicBool,
     /// Where spliced payloads wait for the writer (a socket transport).
     pipe: Option<Pipe>,
 }
@@ -87,6 +90,7 @@ impl FabricHandle {
         let pending = ch.pending_transmit() > 0;
         let closed = ch.is_closed();
         drop(ch);
+        self.wake_waiting_reader();
         use std::sync::atomic::Ordering;
         if closed {
             self.shared.wake_writer.notify_one();
@@ -117,7 +121,18 @@ impl FabricHandle {
         if wake {
             self.shared.wake_writer.notify_one();
         }
+        self.wake_waiting_reader();
         r
+    }
+
+    /// Wakes the reader if it waits for room ([`Channel::input_paused`]):
+    /// the call just made may have answered a request or closed the
+    /// channel.
+    fn wake_waiting_reader(&self) {
+        use std::sync::atomic::Ordering;
+        if self.shared.reader_waiting.load(Ordering::SeqCst) {
+            self.shared.drained.notify_one();
+        }
     }
 }
 
@@ -197,6 +212,7 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
             window: std::sync::atomic::AtomicBool::new(false),
             events,
             drained: Notify::new(),
+            reader_waiting: std::sync::atomic::AtomicBool::new(false),
             pipe,
         }),
     };
@@ -274,26 +290,30 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
     }
 }
 
-/// Waits while the channel's output is over its limit
-/// ([`Channel::output_full`]): a peer that does not read what its frames
-/// ask for (a Pong per Ping, an answer per request) is not read either,
-/// so what is queued for it stays bounded. False once the channel is
-/// closed.
+/// Waits while the channel says so ([`Channel::input_paused`]: its
+/// output is over its limit, or too many requests wait for answers): a
+/// peer that does not read what its frames ask for (a Pong per Ping, an
+/// answer per request) is not read either, so what is queued for and
+/// from it stays bounded. False once the channel is closed.
 async fn wait_for_room(handle: &FabricHandle) -> bool {
+    use std::sync::atomic::Ordering;
+    let waiting = &handle.shared.reader_waiting;
     let mut logged = false;
     loop {
+        // Raised before looking: a call that answers in between wakes us.
+        waiting.store(true, Ordering::SeqCst);
         let (full, closed) = {
             let ch = handle.lock();
-            (ch.output_full(), ch.is_closed())
+            (ch.input_paused(), ch.is_closed())
         };
-        if closed {
-            return false;
-        }
-        if !full {
-            return true;
+        if closed || !full {
+            waiting.store(false, Ordering::SeqCst);
+            return !closed;
         }
         if !logged {
-            tracing::debug!("output to the peer over its limit: reading paused until it drains");
+            tracing::debug!(
+                "output to the peer or its unanswered requests over their limit: reading paused"
+            );
             logged = true;
         }
         // A permit stored by a write in between is not lost.

@@ -41,13 +41,19 @@ mod tests {
         let before = set_umask(0);
         let (during, listener) = bind_private(|| {
             let during = set_umask(PRIVATE_UMASK);
-            (during, std::os::unix::net::UnixListener::bind(&path).unwrap())
+            (
+                during,
+                std::os::unix::net::UnixListener::bind(&path).unwrap(),
+            )
         });
         let after = set_umask(before);
         assert_eq!(during, 0o177, "bound under umask 0177");
         assert_eq!(after, 0, "the process's umask is restored");
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600, "created 0600 with no chmod, under a umask of 0");
+        assert_eq!(
+            mode, 0o600,
+            "created 0600 with no chmod, under a umask of 0"
+        );
         drop(listener);
     }
 }

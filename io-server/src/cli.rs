@@ -85,6 +85,7 @@ pub fn overlay(mut file: Config, cli: Config, m: &ArgMatches) -> Config {
         max_window,
         max_weight,
         max_node_output,
+        max_node_requests,
         allow_connect_local,
         threads,
         no_sandbox

@@ -19,6 +19,9 @@ pub const DEFAULT_MAX_WEIGHT: u32 = 256;
 /// Default `--max-node-output`: what may wait to go to one node before
 /// its channel is no longer read.
 pub const DEFAULT_MAX_NODE_OUTPUT: u32 = 16 * 1024 * 1024;
+/// Default `--max-node-requests`: a node's requests the io-server works
+/// on at once before it stops reading that node.
+pub const DEFAULT_MAX_NODE_REQUESTS: u32 = 1024;
 
 /// `--scheduler`: how a listener group picks a member per client connection.
 #[derive(
@@ -126,6 +129,10 @@ pub struct Config {
     /// the answers stops being read).
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_NODE_OUTPUT)]
     pub max_node_output: u32,
+    /// While more than this many of one node's requests (bind, connect,
+    /// options...) wait for their answer, its channel is not read.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_NODE_REQUESTS)]
+    pub max_node_requests: u32,
     /// Let nodes connect to the gateway's own addresses (its loopback,
     /// the single address) at ports no listener group serves, and to the
     /// io-server's metrics and tcp:// fabric addresses.
@@ -161,6 +168,7 @@ impl Default for Config {
             max_window: DEFAULT_MAX_WINDOW,
             max_weight: DEFAULT_MAX_WEIGHT,
             max_node_output: DEFAULT_MAX_NODE_OUTPUT,
+            max_node_requests: DEFAULT_MAX_NODE_REQUESTS,
             allow_connect_local: false,
             threads: 1,
             no_sandbox: false,

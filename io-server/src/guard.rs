@@ -42,21 +42,27 @@ impl Refusal {
 pub(crate) fn option(level: i32, name: i32, set: bool, value: &[u8]) -> Result<(), Refusal> {
     use libc::*;
     let listed = match level {
-        SOL_SOCKET => matches!(
-            name,
-            SO_KEEPALIVE
-                | SO_LINGER
-                | SO_RCVBUF
-                | SO_SNDBUF
-                | SO_REUSEADDR
-                | SO_REUSEPORT
-                | SO_RCVLOWAT
-                | SO_SNDLOWAT
-                | SO_RCVTIMEO
-                | SO_SNDTIMEO
-                | SO_OOBINLINE
-                | SO_PRIORITY
-        ) || (!set && matches!(name, SO_ERROR | SO_TYPE | SO_DOMAIN | SO_PROTOCOL | SO_ACCEPTCONN)),
+        SOL_SOCKET => {
+            matches!(
+                name,
+                SO_KEEPALIVE
+                    | SO_LINGER
+                    | SO_RCVBUF
+                    | SO_SNDBUF
+                    | SO_REUSEADDR
+                    | SO_REUSEPORT
+                    | SO_RCVLOWAT
+                    | SO_SNDLOWAT
+                    | SO_RCVTIMEO
+                    | SO_SNDTIMEO
+                    | SO_OOBINLINE
+                    | SO_PRIORITY
+            ) || (!set
+                && matches!(
+                    name,
+                    SO_ERROR | SO_TYPE | SO_DOMAIN | SO_PROTOCOL | SO_ACCEPTCONN
+                ))
+        }
         IPPROTO_TCP => {
             matches!(
                 name,
@@ -150,7 +156,10 @@ pub(crate) fn connect(
         o.port() == to.port() && (o.ip() == ip || o.ip().is_unspecified() || ip.is_unspecified())
     });
     if own_endpoint {
-        return Err((libc::EACCES, "the io-server's own metrics or fabric address"));
+        return Err((
+            libc::EACCES,
+            "the io-server's own metrics or fabric address",
+        ));
     }
     if served(to.port()) {
         return Ok(()); // another node's listener: the cluster's own service

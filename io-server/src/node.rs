@@ -51,6 +51,7 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
     config.max_peer_window = server.config.max_window;
     config.max_weight = server.config.max_weight;
     config.output_limit = server.config.max_node_output as usize;
+    config.max_unanswered = server.config.max_node_requests as usize;
     let pid = match joined {
         Joined::Fabric { pid } => pid,
         Joined::InProcess => {

@@ -78,7 +78,9 @@ impl IoServer {
             if let Ok(url) = l.local_url() {
                 tracing::info!(%url, "listening for nodes");
                 if let FabricUrl::Tcp(addr) = &url {
-                    state.own_addrs.extend(addr.parse::<std::net::SocketAddr>().ok());
+                    state
+                        .own_addrs
+                        .extend(addr.parse::<std::net::SocketAddr>().ok());
                 }
                 fabric.push(url);
             }

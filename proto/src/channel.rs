@@ -88,6 +88,8 @@ pub struct Channel {
     output: Output,
     events: VecDeque<Event>,
     stats: ChannelStats,
+    /// io-server end: requests raised and not answered yet.
+    unanswered: usize,
 }
 
 impl Channel {
@@ -129,6 +131,7 @@ impl Channel {
             output: Output::default(),
             events: VecDeque::new(),
             stats: ChannelStats::default(),
+            unanswered: 0,
         }
     }
 
@@ -341,6 +344,15 @@ impl Channel {
         self.output.pending() > self.config.output_limit
     }
 
+    /// Whether the driver should stop reading the peer for now: more than
+    /// [`ChannelConfig::output_limit`] octets wait to go to it, or more
+    /// than [`ChannelConfig::max_unanswered`] of its requests wait for
+    /// their answer. Both fall as the peer reads and requests are
+    /// answered.
+    pub fn input_paused(&self) -> bool {
+        self.output_full() || self.unanswered > self.config.max_unanswered
+    }
+
     /// Closes the channel locally with `reason` (sent to the peer).
     pub fn close(&mut self, reason: &str) {
         if !self.is_closed() {
@@ -444,6 +456,7 @@ impl Channel {
             }
             Frame::Pong { .. } => {}
             Frame::Request { req, request } if role == Role::IoServer => {
+                self.unanswered += 1;
                 self.events.push_back(Event::Request { req, request });
             }
             Frame::Weight { weight } if role == Role::IoServer => {
@@ -640,6 +653,7 @@ impl Channel {
 
     /// io-server end: answers request `req`.
     pub fn respond(&mut self, req: ReqId, response: Response) {
+        self.unanswered = self.unanswered.saturating_sub(1);
         if self.is_open() {
             self.emit(&Frame::Response { req, response });
         }
@@ -663,3 +677,5 @@ impl Channel {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_hostile;

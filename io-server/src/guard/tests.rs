@@ -48,7 +48,10 @@ fn options_that_steer_routing_or_bypass_limits_are_refused() {
             "{level}/{name}"
         );
     }
-    assert_eq!(option(SOL_SOCKET, SO_MARK, false, &[]), Err(Refusal::NotAllowed));
+    assert_eq!(
+        option(SOL_SOCKET, SO_MARK, false, &[]),
+        Err(Refusal::NotAllowed)
+    );
     assert_eq!(
         option(SOL_SOCKET, SO_PRIORITY, true, &int(7)),
         Err(Refusal::Value)

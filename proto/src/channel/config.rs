@@ -66,6 +66,9 @@ pub struct ChannelConfig {
     /// credit, Ping or a request, each queue an answer; a peer that does
     /// not read its answers is not read either).
     pub output_limit: usize,
+    /// io-server only: while more than this many of the peer's requests
+    /// wait for their answer, the driver stops reading the channel.
+    pub max_unanswered: usize,
 }
 
 impl ChannelConfig {
@@ -82,6 +85,7 @@ impl ChannelConfig {
             max_peer_window: u32::MAX,
             max_weight: u32::MAX,
             output_limit: usize::MAX,
+            max_unanswered: usize::MAX,
         }
     }
 
