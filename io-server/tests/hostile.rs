@@ -97,6 +97,15 @@ async fn options_off_the_allow_list_answer_eperm() {
             ..
         }
     ));
+    // Counted, and shown by `io-server status`.
+    let status = server.status();
+    assert_eq!(status.limits.refused_requests, 5);
+    assert!(
+        status.to_string().ends_with(
+            "Limits per node: window 16777216 weight 256 output 16777216 requests 1024; refused requests 5\n"
+        ),
+        "{status}"
+    );
 }
 
 async fn connect(node: &Pending, to: std::net::SocketAddr) -> i32 {
