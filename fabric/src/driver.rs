@@ -243,7 +243,7 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
             Some(max) => reader.read_at_most(&mut buf, max).await,
             None => reader.read(&mut buf).await,
         };
-        let (mut done, mut pending) = feed(&handle, &mut raised, &mut sink, |ch| {
+        let (mut done, mut pending, mut paused) = feed(&handle, &mut raised, &mut sink, |ch| {
             match r {
                 Ok(0) => ch.transport_closed("the peer closed the fabric connection"),
                 Ok(_) => {
@@ -271,7 +271,7 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
             }
             let r = reader.splice_into(&pipe, left.min(pipe.room())).await;
             let mut read_instead = false;
-            (done, pending) = feed(&handle, &mut raised, &mut sink, |ch| match r {
+            (done, pending, paused) = feed(&handle, &mut raised, &mut sink, |ch| match r {
                 Ok(Some(0)) => ch.transport_closed("the peer closed the fabric connection"),
                 Ok(Some(n)) => {
                     ch.payload_spliced(n);
@@ -284,7 +284,7 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
                 break;
             }
         }
-        if done || !wait_for_room(&handle).await {
+        if done || (paused && !wait_for_room(&handle).await) {
             return;
         }
     }
@@ -298,25 +298,21 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
 async fn wait_for_room(handle: &FabricHandle) -> bool {
     use std::sync::atomic::Ordering;
     let waiting = &handle.shared.reader_waiting;
-    let mut logged = false;
+    tracing::debug!(
+        "output to the peer or its unanswered requests over their limit: reading paused"
+    );
     loop {
         // Raised before looking: a call that answers in between wakes us.
         waiting.store(true, Ordering::SeqCst);
-        let (full, closed) = {
+        let (paused, closed) = {
             let ch = handle.lock();
             (ch.input_paused(), ch.is_closed())
         };
-        if closed || !full {
+        if closed || !paused {
             waiting.store(false, Ordering::SeqCst);
             return !closed;
         }
-        if !logged {
-            tracing::debug!(
-                "output to the peer or its unanswered requests over their limit: reading paused"
-            );
-            logged = true;
-        }
-        // A permit stored by a write in between is not lost.
+        // A permit stored by a write or an answer in between is not lost.
         handle.shared.drained.notified().await;
     }
 }
@@ -324,16 +320,17 @@ async fn wait_for_room(handle: &FabricHandle) -> bool {
 /// Runs `f` on the channel and hands the events it raised to `sink`,
 /// outside the channel's lock (the sink may call into the channel).
 /// Returns whether the channel is closed and, asked under the same lock,
-/// the Data payload the input stopped inside ([`Channel::payload_pending`]).
+/// the Data payload the input stopped inside ([`Channel::payload_pending`])
+/// and whether reading should pause ([`Channel::input_paused`]).
 fn feed(
     handle: &FabricHandle,
     raised: &mut Vec<Event>,
     sink: &mut impl Sink,
     f: impl FnOnce(&mut Channel),
-) -> (bool, Option<(ConnId, usize)>) {
+) -> (bool, Option<(ConnId, usize)>, bool) {
     let r = handle.with_raised(raised, |ch| {
         f(ch);
-        (ch.is_closed(), ch.payload_pending())
+        (ch.is_closed(), ch.payload_pending(), ch.input_paused())
     });
     for e in raised.drain(..) {
         sink.event(e);
