@@ -261,6 +261,11 @@ mod tests {
             control = "/run/x.ctl"
             shutdown-timeout = 5
             window = 65536
+            max-window = 1048576
+            max-weight = 100
+            max-node-output = 4194304
+            max-node-requests = 64
+            allow-connect-local = true
             threads = 4
             "#,
         )
@@ -270,6 +275,9 @@ mod tests {
         assert_eq!(c.address.to_string(), "192.0.2.10");
         assert!(c.allow_ports.unwrap().allows(8080));
         assert_eq!((c.shutdown_timeout, c.window, c.threads), (5, 65536, 4));
+        assert_eq!((c.max_window, c.max_weight), (1 << 20, 100));
+        assert_eq!((c.max_node_output, c.max_node_requests), (4 << 20, 64));
+        assert!(c.allow_connect_local);
         let e = toml::from_str::<Config>("schedular = \"rr\"").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
     }
