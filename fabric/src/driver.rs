@@ -31,6 +31,13 @@ struct DriverState {
     /// Set while such a window is open.
     window: std::sync::atomic::AtomicBool,
     events: mpsc::UnboundedSender<Event>,
+    /// Signalled by the writer after each write, and when it ends: a
+    /// reader waiting for the channel's output to drain
+    /// ([`Channel::output_full`]) looks again.
+    drained: Notify,
+    /// Set while the reader waits on `drained`: a call that answers a
+    /// request ([`FabricHandle::with`]) wakes it too.
+    reader_waiting: std::sync::atomic::AtomicBool,
     /// Where spliced payloads wait for the writer (a socket transport).
     /// Made at the first use, after the handshake: a stranger's
     /// connection costs the io-server one descriptor, not three.
@@ -106,6 +113,7 @@ impl FabricHandle {
         let pending = ch.pending_transmit() > 0;
         let closed = ch.is_closed();
         drop(ch);
+        self.wake_waiting_reader();
         use std::sync::atomic::Ordering;
         if closed {
             self.closed();
@@ -146,7 +154,18 @@ impl FabricHandle {
         if closed {
             self.closed();
         }
+        self.wake_waiting_reader();
         r
+    }
+
+    /// Wakes the reader if it waits for room ([`Channel::input_paused`]):
+    /// the call just made may have answered a request or closed the
+    /// channel.
+    fn wake_waiting_reader(&self) {
+        use std::sync::atomic::Ordering;
+        if self.shared.reader_waiting.load(Ordering::SeqCst) {
+            self.shared.drained.notify_one();
+        }
     }
 
     /// The channel is closed: tells the reader and the writer (once).
@@ -230,6 +249,8 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
             can_splice,
             closed: watch::Sender::new(false),
             timer: Notify::new(),
+            drained: Notify::new(),
+            reader_waiting: std::sync::atomic::AtomicBool::new(false),
         }),
     };
     // The node's Hello is already queued.
@@ -238,8 +259,10 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
     let h = handle.clone();
     tokio::spawn(async move {
         write_loop(h.clone(), writer).await;
-        // The channel is closed: the flusher ends too.
+        // The channel is closed: the flusher ends too, and a reader
+        // waiting for room.
         h.shared.coalesced.notify_one();
+        h.shared.drained.notify_one();
     });
     tokio::spawn(flush_loop(handle.clone()));
     tokio::spawn(timer_loop(handle.clone()));
@@ -279,7 +302,7 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
             return;
         };
         let mut open = false;
-        let (mut done, mut pending) = feed(&handle, &mut raised, &mut sink, |ch| {
+        let (mut done, mut pending, mut paused) = feed(&handle, &mut raised, &mut sink, |ch| {
             match r {
                 Ok(0) => ch.transport_closed("the peer closed the fabric connection"),
                 Ok(_) => {
@@ -314,7 +337,7 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
                 return;
             };
             let mut read_instead = false;
-            (done, pending) = feed(&handle, &mut raised, &mut sink, |ch| match r {
+            (done, pending, paused) = feed(&handle, &mut raised, &mut sink, |ch| match r {
                 Ok(Some(0)) => ch.transport_closed("the peer closed the fabric connection"),
                 Ok(Some(n)) => {
                     ch.payload_spliced(n);
@@ -327,25 +350,53 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
                 break;
             }
         }
-        if done {
+        if done || (paused && !wait_for_room(&handle).await) {
             return;
         }
+    }
+}
+
+/// Waits while the channel says so ([`Channel::input_paused`]: its
+/// output is over its limit, or too many requests wait for answers): a
+/// peer that does not read what its frames ask for (a Pong per Ping, an
+/// answer per request) is not read either, so what is queued for and
+/// from it stays bounded. False once the channel is closed.
+async fn wait_for_room(handle: &FabricHandle) -> bool {
+    use std::sync::atomic::Ordering;
+    let waiting = &handle.shared.reader_waiting;
+    tracing::debug!(
+        "output to the peer or its unanswered requests over their limit: reading paused"
+    );
+    loop {
+        // Raised before looking: a call that answers in between wakes us.
+        waiting.store(true, Ordering::SeqCst);
+        let (paused, closed) = {
+            let ch = handle.lock();
+            (ch.input_paused(), ch.is_closed())
+        };
+        if closed || !paused {
+            waiting.store(false, Ordering::SeqCst);
+            return !closed;
+        }
+        // A permit stored by a write or an answer in between is not lost.
+        handle.shared.drained.notified().await;
     }
 }
 
 /// Runs `f` on the channel and hands the events it raised to `sink`,
 /// outside the channel's lock (the sink may call into the channel).
 /// Returns whether the channel is closed and, asked under the same lock,
-/// the Data payload the input stopped inside ([`Channel::payload_pending`]).
+/// the Data payload the input stopped inside ([`Channel::payload_pending`])
+/// and whether reading should pause ([`Channel::input_paused`]).
 fn feed(
     handle: &FabricHandle,
     raised: &mut Vec<Event>,
     sink: &mut impl Sink,
     f: impl FnOnce(&mut Channel),
-) -> (bool, Option<(ConnId, usize)>) {
+) -> (bool, Option<(ConnId, usize)>, bool) {
     let r = handle.with_raised(raised, |ch| {
         f(ch);
-        (ch.is_closed(), ch.payload_pending())
+        (ch.is_closed(), ch.payload_pending(), ch.input_paused())
     });
     for e in raised.drain(..) {
         sink.event(e);
@@ -383,6 +434,9 @@ async fn write_all<W: TransportWrite>(handle: &FabricHandle, mut writer: W) {
                 Some(t) => Some(write_transmit(handle, &mut writer, t).await),
                 None => None,
             };
+            if written.is_some() {
+                handle.shared.drained.notify_one();
+            }
             match written {
                 Some(Ok(())) => {}
                 Some(Err(e)) => {

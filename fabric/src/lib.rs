@@ -17,6 +17,7 @@ pub use saps_proto::{auth, channel, codec, credit, frame};
 pub mod driver;
 pub mod endpoint;
 pub mod handoff;
+pub mod private;
 pub mod splice;
 pub mod transport;
 

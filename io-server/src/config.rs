@@ -24,6 +24,17 @@ pub const DEFAULT_NODE_PING_INTERVAL: u64 = saps_fabric::channel::DEFAULT_PING_I
 /// Default `--node-timeout`, in seconds.
 pub const DEFAULT_NODE_TIMEOUT: u64 = saps_fabric::channel::DEFAULT_PEER_TIMEOUT.as_secs();
 
+/// Default `--max-window`: the largest `B_r` a node may announce.
+pub const DEFAULT_MAX_WINDOW: u32 = 16 * 1024 * 1024;
+/// Default `--max-weight`, the top of LVS's and haproxy's weight range.
+pub const DEFAULT_MAX_WEIGHT: u32 = 256;
+/// Default `--max-node-output`: what may wait to go to one node before
+/// its channel is no longer read.
+pub const DEFAULT_MAX_NODE_OUTPUT: u32 = 16 * 1024 * 1024;
+/// Default `--max-node-requests`: a node's requests the io-server works
+/// on at once before it stops reading that node.
+pub const DEFAULT_MAX_NODE_REQUESTS: u32 = 1024;
+
 /// `--scheduler`: how a listener group picks a member per client connection.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, serde::Deserialize, serde::Serialize,
@@ -116,6 +127,29 @@ pub struct Config {
     /// Receive buffer (Appendix A's B_r) per connection and direction, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = saps_fabric::channel::DEFAULT_WINDOW)]
     pub window: u32,
+    /// Largest receive buffer (B_r) a node may announce, in bytes: the
+    /// io-server may hold that much per connection on its behalf. A node
+    /// asking more is refused with a GoAway saying so.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_WINDOW)]
+    pub max_window: u32,
+    /// Largest weight a node may announce (in its handshake or later). A
+    /// node asking more is refused with a GoAway saying so.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_WEIGHT)]
+    pub max_weight: u32,
+    /// While more than this many bytes wait to go to one node, its channel
+    /// is not read (a node that sends Pings or requests without reading
+    /// the answers stops being read).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_NODE_OUTPUT)]
+    pub max_node_output: u32,
+    /// While more than this many of one node's requests (bind, connect,
+    /// options...) wait for their answer, its channel is not read.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_NODE_REQUESTS)]
+    pub max_node_requests: u32,
+    /// Let nodes connect to the gateway's own addresses (its loopback,
+    /// the single address) at ports no listener group serves, and to the
+    /// io-server's metrics and tcp:// fabric addresses.
+    #[arg(long)]
+    pub allow_connect_local: bool,
     /// Event-loop threads. One serves best on a small gateway (threads of
     /// one loop wake each other for every hand-over of work); give more
     /// where the gateway has cores to spare for relaying.
@@ -164,6 +198,11 @@ impl Default for Config {
             metrics: None,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             window: saps_fabric::channel::DEFAULT_WINDOW,
+            max_window: DEFAULT_MAX_WINDOW,
+            max_weight: DEFAULT_MAX_WEIGHT,
+            max_node_output: DEFAULT_MAX_NODE_OUTPUT,
+            max_node_requests: DEFAULT_MAX_NODE_REQUESTS,
+            allow_connect_local: false,
             threads: 1,
             no_sandbox: false,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
@@ -193,6 +232,11 @@ impl Config {
     pub fn node_channel(&self, token: Vec<u8>) -> saps_fabric::ChannelConfig {
         let mut c = saps_fabric::ChannelConfig::new(token).window(self.window);
         c.handshake_timeout = std::time::Duration::from_secs(self.handshake_timeout);
+        // What a node over a fabric may ask (issue 24).
+        c.max_peer_window = self.max_window;
+        c.max_weight = self.max_weight;
+        c.output_limit = self.max_node_output as usize;
+        c.max_unanswered = self.max_node_requests as usize;
         if let Some(l) = self.tcp_liveness() {
             c = c.liveness(l.interval, l.timeout);
         }
@@ -280,6 +324,11 @@ mod tests {
             control = "/run/x.ctl"
             shutdown-timeout = 5
             window = 65536
+            max-window = 1048576
+            max-weight = 100
+            max-node-output = 4194304
+            max-node-requests = 64
+            allow-connect-local = true
             threads = 4
             handshake-timeout = 3
             max-handshakes = 100
@@ -299,6 +348,9 @@ mod tests {
             (3, 1, 5)
         );
         assert_eq!((c.max_handshakes, c.max_handshakes_per_source), (100, 4));
+        assert_eq!((c.max_window, c.max_weight), (1 << 20, 100));
+        assert_eq!((c.max_node_output, c.max_node_requests), (4 << 20, 64));
+        assert!(c.allow_connect_local);
         let e = toml::from_str::<Config>("schedular = \"rr\"").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
     }

@@ -36,7 +36,9 @@ pub(crate) fn bind(path: &Path) -> Result<UnixListener, Error> {
         )));
     }
     let _ = std::fs::remove_file(path);
-    let l = UnixListener::bind(path).map_err(err)?;
+    // Created 0600 (under a private umask); the chmod below only keeps
+    // it so on a filesystem that ignores the umask for sockets.
+    let l = saps_fabric::private::bind_private(|| UnixListener::bind(path)).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     Ok(l)
 }

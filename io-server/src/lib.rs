@@ -35,6 +35,7 @@ pub mod config;
 pub mod control;
 mod dispatch;
 mod groups;
+mod guard;
 mod handoff;
 mod handshakes;
 mod node;

@@ -11,6 +11,7 @@
 
 use crate::cluster;
 use crate::dispatch;
+use crate::guard;
 use crate::handshakes::Permit;
 use crate::relay::{Relay, Relayed};
 use crate::state::{lock_handed, NodeEntry, ServerState, Socket};
@@ -100,11 +101,14 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
     ep.handle().with(|ch| ch.welcome(id));
     let span = tracing::info_span!("node", id, name = %name);
     async {
-        tracing::info!(%peer, weight, "node joined");
+        tracing::info!(peer = %peer, weight, "node joined");
         let node = Node {
             server: server.clone(),
             ep,
             id,
+            peer,
+            remote: matches!(joined, Joined::Fabric { .. }),
+            refusals: Default::default(),
         };
         while let Some(ev) = events.recv().await {
             match ev {
@@ -120,7 +124,7 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
                             .handshakes
                             .silent_nodes
                             .fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(%peer, reason = %error, "node dropped: silent");
+                        tracing::warn!(peer = %node.peer, reason = %error, "node dropped: silent");
                     } else {
                         tracing::info!(reason = %error, "node left");
                     }
@@ -139,7 +143,17 @@ struct Node {
     server: Arc<ServerState>,
     ep: Endpoint,
     id: NodeId,
+    peer: String,
+    /// Joined over a fabric (not a node of this process): `Connect` to
+    /// the gateway itself is refused (`guard::connect`).
+    remote: bool,
+    /// Requests refused so far: the first [`LOGGED_REFUSALS`] are logged
+    /// as warnings, the rest at debug level (a bounded log per node).
+    refusals: std::sync::atomic::AtomicU64,
 }
+
+/// How many refused requests of one node are logged as warnings.
+const LOGGED_REFUSALS: u64 = 16;
 
 /// Test hook: `SAPS_TEST_LISTEN_REPLY_DELAY_MS` holds back the answer to
 /// every successful Listen that long, while the listening socket already
@@ -219,6 +233,31 @@ impl Node {
         self.ep.respond(req, response);
     }
 
+    /// Logs a refused request (warning for the first few, then debug)
+    /// and counts it; returns `errno`.
+    fn refuse(&self, errno: i32, what: &str, reason: &str) -> i32 {
+        use std::sync::atomic::Ordering;
+        let n = self.refusals.fetch_add(1, Ordering::Relaxed) + 1;
+        self.server.refused.fetch_add(1, Ordering::Relaxed);
+        let peer = &self.peer;
+        if n <= LOGGED_REFUSALS {
+            tracing::warn!(%peer, what, reason, errno, "node request refused");
+        } else {
+            tracing::debug!(%peer, what, reason, errno, "node request refused");
+        }
+        errno
+    }
+
+    fn check_option(&self, level: i32, name: i32, set: bool, value: &[u8]) -> Result<(), i32> {
+        guard::option(level, name, set, value).map_err(|r| {
+            let what = format!(
+                "{} level {level} option {name}",
+                if set { "setsockopt" } else { "getsockopt" }
+            );
+            self.refuse(libc::EPERM, &what, r.reason())
+        })
+    }
+
     fn with_socket<T>(&self, conn: ConnId, f: impl FnOnce(&mut Socket) -> T) -> Option<T> {
         let mut st = self.server.lock();
         st.nodes.get_mut(&self.id)?.sockets.get_mut(&conn).map(f)
@@ -284,6 +323,16 @@ impl Node {
     /// Outbound connect from the single address, answered when it is
     /// established or has failed.
     fn connect(&self, req: ReqId, conn: ConnId, addr: SocketAddr) {
+        if self.remote && !self.server.config.allow_connect_local {
+            let served = |port| self.server.lock().ports.serves_port(port);
+            let own = &self.server.own_addrs;
+            let address = self.server.config.address;
+            if let Err((errno, reason)) = guard::connect(addr, own, address, served) {
+                let errno = self.refuse(errno, &format!("connect to {addr}"), reason);
+                self.ep.respond(req, status(Err(errno)));
+                return;
+            }
+        }
         let server = self.server.clone();
         let (ep, id) = (self.ep.clone(), self.id);
         let opts = self
@@ -319,6 +368,7 @@ impl Node {
     }
 
     fn set_opt(&self, conn: ConnId, level: i32, name: i32, value: bytes::Bytes) -> Result<(), i32> {
+        self.check_option(level, name, true, &value)?;
         let mut st = self.server.lock();
         let node = st.nodes.get_mut(&self.id).ok_or(libc::ENOTCONN)?;
         let s = node.sockets.entry(conn).or_default();
@@ -334,6 +384,7 @@ impl Node {
     }
 
     fn get_opt(&self, conn: ConnId, level: i32, name: i32, len: u32) -> Result<Vec<u8>, i32> {
+        self.check_option(level, name, false, &[])?;
         self.with_socket(conn, |s| match &s.tcp {
             Some(fd) => sys::getsockopt(fd.as_fd(), level, name, len),
             None => s

@@ -59,6 +59,11 @@ impl Ports {
         Ok(real)
     }
 
+    /// Whether a group holds `port` (on any address).
+    pub fn serves_port(&self, port: u16) -> bool {
+        self.0.keys().any(|k| k.port() == port)
+    }
+
     /// Makes port `key` listen, the first time: the listening socket, for
     /// the caller to run its accept task. `None` if it listens already.
     pub fn start_listening(

@@ -71,13 +71,25 @@ impl IoServer {
             ),
             None => None,
         };
-        let server = Arc::new(ServerState::new(config, token));
+        crate::guard::init();
+        let mut state = ServerState::new(config, token);
         let mut fabric = Vec::new();
-        for l in listeners {
+        for l in &listeners {
             if let Ok(url) = l.local_url() {
                 tracing::info!(%url, "listening for nodes");
+                if let FabricUrl::Tcp(addr) = &url {
+                    state
+                        .own_addrs
+                        .extend(addr.parse::<std::net::SocketAddr>().ok());
+                }
                 fabric.push(url);
             }
+        }
+        state
+            .own_addrs
+            .extend(metrics.as_ref().and_then(|m| m.local_addr().ok()));
+        let server = Arc::new(state);
+        for l in listeners {
             tokio::spawn(fabric_loop(server.clone(), l));
         }
         for l in sides {

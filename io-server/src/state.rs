@@ -33,6 +33,11 @@ pub(crate) struct ServerState {
     pub started: Instant,
     /// Fabric connections in their handshake, and what was refused.
     pub handshakes: Arc<Handshakes>,
+    /// The io-server's own TCP endpoints (metrics, `tcp://` fabric
+    /// listeners), which nodes may not connect to (`guard::connect`).
+    pub own_addrs: Vec<SocketAddr>,
+    /// Node requests refused by `guard` (options, connects).
+    pub refused: std::sync::atomic::AtomicU64,
 }
 
 impl ServerState {
@@ -55,6 +60,8 @@ impl ServerState {
             conns_changed: Notify::new(),
             started: Instant::now(),
             handshakes,
+            own_addrs: Vec::new(),
+            refused: Default::default(),
         }
     }
 

@@ -97,6 +97,21 @@ pub struct Status {
     pub nodes: Vec<NodeStatus>,
     pub groups: Vec<GroupStatus>,
     pub fabric: FabricStatus,
+    /// What a node may ask (issue 24), and how many of its requests were
+    /// refused.
+    pub limits: Limits,
+}
+
+/// The caps on what a node may ask (`--max-window`, `--max-weight`,
+/// `--max-node-output`, `--max-node-requests`) and the requests refused
+/// so far (options off the allow-list, connects to the gateway itself).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Limits {
+    pub max_window: u32,
+    pub max_weight: u32,
+    pub max_node_output: u32,
+    pub max_node_requests: u32,
+    pub refused_requests: u64,
 }
 
 /// Counters of `t` (none for a scope not counted), with the live
@@ -189,6 +204,13 @@ impl Status {
             nodes,
             groups,
             fabric,
+            limits: Limits {
+                max_window: server.config.max_window,
+                max_weight: server.config.max_weight,
+                max_node_output: server.config.max_node_output,
+                max_node_requests: server.config.max_node_requests,
+                refused_requests: server.refused.load(std::sync::atomic::Ordering::Relaxed),
+            },
         }
     }
 }
@@ -278,6 +300,12 @@ impl fmt::Display for Status {
             b.node_ping_interval_secs,
             b.node_timeout_secs,
             b.silent_nodes
+        )?;
+        let l = &self.limits;
+        writeln!(
+            f,
+            "Limits per node: window {} weight {} output {} requests {}; refused requests {}",
+            l.max_window, l.max_weight, l.max_node_output, l.max_node_requests, l.refused_requests
         )?;
         Ok(())
     }

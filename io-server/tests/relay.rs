@@ -123,7 +123,13 @@ async fn a_client_that_stops_reading_is_held_to_the_credit_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_connect_leaves_from_the_single_address_with_real_errnos() {
-    let server = server(config(SchedulerKind::Rr)).await;
+    // The target listens on this host's loopback, which a node may reach
+    // only with --allow-connect-local (tests/hostile.rs).
+    let server = server(saps_io_server::Config {
+        allow_connect_local: true,
+        ..config(SchedulerKind::Rr)
+    })
+    .await;
     let node = attach(&server, "n", 1, TOKEN).await.unwrap();
     let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let to = target.local_addr().unwrap();

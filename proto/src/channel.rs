@@ -67,6 +67,11 @@ pub struct ChannelStats {
     /// Of `bytes_received`, payload the reader spliced into connections'
     /// receive pipes.
     pub bytes_received_spliced: u64,
+    /// Frames that take no credit and were dropped: a second Fin on a
+    /// connection, a Fin for an unknown one, an empty Data frame.
+    pub creditless_dropped: u64,
+    /// Pings answered.
+    pub pings_received: u64,
 }
 
 /// One end of a node channel.
@@ -91,6 +96,8 @@ pub struct Channel {
     /// Octets of input so far, frames of every kind (what liveness hears).
     input: u64,
     liveness: Option<Liveness>,
+    /// io-server end: requests raised and not answered yet.
+    unanswered: usize,
 }
 
 impl Channel {
@@ -135,6 +142,7 @@ impl Channel {
             output: Output::default(),
             events: VecDeque::new(),
             stats: ChannelStats::default(),
+            unanswered: 0,
         }
     }
 
@@ -379,6 +387,21 @@ impl Channel {
         self.output.pending()
     }
 
+    /// Whether more than [`ChannelConfig::output_limit`] octets wait to go
+    /// to the peer: the driver then stops reading until they drain.
+    pub fn output_full(&self) -> bool {
+        self.output.pending() > self.config.output_limit
+    }
+
+    /// Whether the driver should stop reading the peer for now: more than
+    /// [`ChannelConfig::output_limit`] octets wait to go to it, or more
+    /// than [`ChannelConfig::max_unanswered`] of its requests wait for
+    /// their answer. Both fall as the peer reads and requests are
+    /// answered.
+    pub fn input_paused(&self) -> bool {
+        self.output_full() || self.unanswered > self.config.max_unanswered
+    }
+
     /// Closes the channel locally with `reason` (sent to the peer).
     pub fn close(&mut self, reason: &str) {
         if !self.is_closed() {
@@ -444,6 +467,11 @@ impl Channel {
     fn handle_open(&mut self, frame: Frame) -> Result<(), ChannelError> {
         let role = self.role;
         match frame {
+            Frame::Data { conn, data } if data.is_empty() => {
+                // Takes no credit and carries nothing: counted, not raised.
+                let _ = conn;
+                self.stats.creditless_dropped += 1;
+            }
             Frame::Data { conn, data } => {
                 self.stats.bytes_received += data.len() as u64;
                 // Data for a connection we already dropped is discarded: the
@@ -462,17 +490,26 @@ impl Channel {
                     }
                 }
             }
-            Frame::Fin { conn } => {
-                if self.conns.contains(conn) {
+            Frame::Fin { conn } => match self.conns.get_mut(conn) {
+                Some(c) if !c.fin_received => {
+                    c.fin_received = true;
                     self.events.push_back(Event::Fin { conn });
                 }
+                // A second Fin, or one for a connection not (or no longer)
+                // known: takes no credit, raises nothing.
+                _ => self.stats.creditless_dropped += 1,
+            },
+            Frame::Ping { token } => {
+                self.stats.pings_received += 1;
+                self.emit(&Frame::Pong { token });
             }
-            Frame::Ping { token } => self.emit(&Frame::Pong { token }),
             Frame::Pong { .. } => {}
             Frame::Request { req, request } if role == Role::IoServer => {
+                self.unanswered += 1;
                 self.events.push_back(Event::Request { req, request });
             }
             Frame::Weight { weight } if role == Role::IoServer => {
+                handshake::check_weight(&self.config, weight)?;
                 self.events.push_back(Event::WeightChanged { weight });
             }
             Frame::Close { conn } if role == Role::IoServer => {
@@ -665,6 +702,7 @@ impl Channel {
 
     /// io-server end: answers request `req`.
     pub fn respond(&mut self, req: ReqId, response: Response) {
+        self.unanswered = self.unanswered.saturating_sub(1);
         if self.is_open() {
             self.emit(&Frame::Response { req, response });
         }
@@ -688,3 +726,5 @@ impl Channel {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_hostile;

@@ -150,11 +150,12 @@ pub struct SideListener {
 }
 
 impl SideListener {
-    /// Listens on `path` (mode 0600), replacing a stale socket file.
+    /// Listens on `path` (mode 0600 from the start, [`crate::private`]), replacing a stale socket file.
     pub fn bind(path: &Path) -> io::Result<Self> {
         let fd = seqpacket()?;
         let _ = std::fs::remove_file(path);
-        so::bind(fd.as_raw_fd(), &UnixAddr::new(path).map_err(errno)?).map_err(errno)?;
+        let addr = UnixAddr::new(path).map_err(errno)?;
+        crate::private::bind_private(|| so::bind(fd.as_raw_fd(), &addr)).map_err(errno)?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         so::listen(&fd, Backlog::new(64).map_err(errno)?).map_err(errno)?;

@@ -478,7 +478,7 @@ pub enum StreamListener {
 
 impl StreamListener {
     /// Binds `url`. A unix socket is created mode 0600 (only its owner may
-    /// connect); a stale socket file left by a dead io-server is replaced.
+    /// connect), under a private umask ([`crate::private`]); a stale socket file left by a dead io-server is replaced.
     pub async fn bind(url: &FabricUrl) -> io::Result<Self> {
         match url {
             FabricUrl::Unix(path) => {
@@ -489,7 +489,7 @@ impl StreamListener {
                     ));
                 }
                 let _ = std::fs::remove_file(path);
-                let l = tokio::net::UnixListener::bind(path)?;
+                let l = crate::private::bind_private(|| tokio::net::UnixListener::bind(path))?;
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
                 Ok(StreamListener::Unix(l, path.clone()))

@@ -72,6 +72,21 @@ pub struct ChannelConfig {
     /// ... and close the channel when the peer has sent nothing, `Pong`
     /// included, for this long (`None`: never).
     pub peer_timeout: Option<Duration>,
+    /// io-server only: the largest `B_r` a node may announce in its
+    /// Hello; a larger one is refused with a `GoAway` saying so (the
+    /// io-server may hold that much per connection on the node's behalf).
+    pub max_peer_window: u32,
+    /// io-server only: the largest weight a node may announce (Hello or
+    /// Weight); a larger one is refused with a `GoAway` saying so.
+    pub max_weight: u32,
+    /// io-server only: while more than this many octets wait to go to the
+    /// peer, the driver stops reading the channel (frames that take no
+    /// credit, Ping or a request, each queue an answer; a peer that does
+    /// not read its answers is not read either).
+    pub output_limit: usize,
+    /// io-server only: while more than this many of the peer's requests
+    /// wait for their answer, the driver stops reading the channel.
+    pub max_unanswered: usize,
 }
 
 impl ChannelConfig {
@@ -87,6 +102,10 @@ impl ChannelConfig {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             ping_interval: None,
             peer_timeout: None,
+            max_peer_window: u32::MAX,
+            max_weight: u32::MAX,
+            output_limit: usize::MAX,
+            max_unanswered: usize::MAX,
         }
     }
 

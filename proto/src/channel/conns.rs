@@ -15,6 +15,8 @@ pub(super) struct Conn {
     pub(super) send: SendCredit,
     pub(super) recv: RecvCredit,
     pub(super) fin_sent: bool,
+    /// The peer's Fin came: another is dropped, not raised again.
+    pub(super) fin_received: bool,
     /// Send room lent out ([`super::Reservation`]) and not yet committed:
     /// not available to another reservation meanwhile.
     pub(super) reserved: u64,
@@ -60,6 +62,7 @@ impl ConnTable {
                 send: SendCredit::new(self.peer_window),
                 recv: RecvCredit::new(self.window),
                 fin_sent: false,
+                fin_received: false,
                 reserved: 0,
             },
         );

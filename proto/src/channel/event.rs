@@ -34,6 +34,13 @@ pub enum ChannelError {
         conn: ConnId,
         violation: CreditViolation,
     },
+    #[error("{what} {asked} is above the io-server's cap of {cap} ({flag})")]
+    AboveCap {
+        what: &'static str,
+        asked: u64,
+        cap: u64,
+        flag: &'static str,
+    },
     #[error("peer closed the channel: {0}")]
     GoAway(String),
     #[error("closed locally: {0}")]

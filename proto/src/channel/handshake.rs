@@ -89,6 +89,8 @@ pub(super) fn step(
                     server_max: config.max_version,
                 });
             }
+            check_window(config, window)?;
+            check_weight(config, weight)?;
             let server_nonce = auth::nonce();
             let proof = auth::prove(&config.token, Prover::IoServer, &nonce, &server_nonce);
             *state = State::AwaitAuth {
@@ -164,4 +166,30 @@ pub(super) fn step(
             state: state.describe(),
         }),
     }
+}
+
+/// A node's `B_r` above [`ChannelConfig::max_peer_window`] is refused.
+fn check_window(config: &ChannelConfig, window: u32) -> Result<(), ChannelError> {
+    if window > config.max_peer_window {
+        return Err(ChannelError::AboveCap {
+            what: "the node's window",
+            asked: window.into(),
+            cap: config.max_peer_window.into(),
+            flag: "--max-window",
+        });
+    }
+    Ok(())
+}
+
+/// A node's weight above [`ChannelConfig::max_weight`] is refused.
+pub(super) fn check_weight(config: &ChannelConfig, weight: u32) -> Result<(), ChannelError> {
+    if weight > config.max_weight {
+        return Err(ChannelError::AboveCap {
+            what: "the node's weight",
+            asked: weight.into(),
+            cap: config.max_weight.into(),
+            flag: "--max-weight",
+        });
+    }
+    Ok(())
 }
