@@ -19,6 +19,7 @@ pub mod endpoint;
 pub mod handoff;
 pub mod private;
 pub mod splice;
+pub mod token;
 pub mod transport;
 
 /// How long a listening port outlives the program's last listener on it,

@@ -254,32 +254,25 @@ impl Config {
 
     /// The token from `token` or `token_file`, trimmed.
     pub fn load_token(&self) -> Result<Vec<u8>, crate::Error> {
+        use saps_fabric::token::{read_token_file, TokenFileError};
         let token = match (&self.token, &self.token_file) {
-            (Some(t), _) => t.clone(),
-            (None, Some(path)) => {
-                use std::os::unix::fs::MetadataExt;
-                let read_error = |e| crate::Error::TokenRead {
+            (Some(t), _) => t.trim().as_bytes().to_vec(),
+            (None, Some(path)) => read_token_file(path).map_err(|e| match e {
+                TokenFileError::Read(source) => crate::Error::TokenRead {
                     path: path.clone(),
-                    source: e,
-                };
-                // A secret every user may read is no secret (ssh refuses
-                // such a private key for the same reason).
-                let mode = std::fs::metadata(path).map_err(read_error)?.mode() & 0o7777;
-                if mode & 0o007 != 0 {
-                    return Err(crate::Error::TokenNotPrivate {
-                        path: path.clone(),
-                        mode,
-                    });
-                }
-                std::fs::read_to_string(path).map_err(read_error)?
-            }
+                    source,
+                },
+                TokenFileError::NotPrivate { mode } => crate::Error::TokenNotPrivate {
+                    path: path.clone(),
+                    mode,
+                },
+            })?,
             (None, None) => return Err(crate::Error::NoToken),
         };
-        let token = token.trim();
         if token.is_empty() {
             return Err(crate::Error::EmptyToken);
         }
-        Ok(token.as_bytes().to_vec())
+        Ok(token)
     }
 }
 

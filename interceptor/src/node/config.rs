@@ -6,6 +6,7 @@
 
 use crate::supervisor::Loopback;
 use saps_fabric::handoff::{side, HandoffReceiver};
+use saps_fabric::token::{read_token_file, TokenFileError};
 use saps_fabric::transport::{FabricUrl, StreamReader, StreamWriter, UrlError};
 use std::path::{Path, PathBuf};
 
@@ -66,23 +67,17 @@ impl RemoteIoServer {
     /// The token, read now from [`RemoteIoServer::token_file`] without its
     /// surrounding white space.
     pub fn read_token(&self) -> Result<Vec<u8>, NodeError> {
-        use std::os::unix::fs::MetadataExt;
         let path = &self.token_file;
-        let token_error = |source| NodeError::Token {
-            path: path.clone(),
-            source,
-        };
-        // Like ssh with a private key: a secret every user may read is no
-        // secret, and the operator should hear it before anyone else uses it.
-        let mode = std::fs::metadata(path).map_err(token_error)?.mode() & 0o7777;
-        if mode & 0o007 != 0 {
-            return Err(NodeError::TokenNotPrivate {
+        let t = read_token_file(path).map_err(|e| match e {
+            TokenFileError::Read(source) => NodeError::Token {
+                path: path.clone(),
+                source,
+            },
+            TokenFileError::NotPrivate { mode } => NodeError::TokenNotPrivate {
                 path: path.clone(),
                 mode,
-            });
-        }
-        let t = std::fs::read(path).map_err(token_error)?;
-        let t = t.trim_ascii().to_vec();
+            },
+        })?;
         if t.is_empty() {
             return Err(NodeError::EmptyToken { path: path.clone() });
         }
