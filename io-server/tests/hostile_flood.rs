@@ -10,7 +10,6 @@ use bytes::BytesMut;
 use common::*;
 use saps_fabric::channel::Event;
 use saps_fabric::{codec, Channel, ChannelConfig, Frame, Request};
-use saps_io_server::SchedulerKind;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -112,12 +111,7 @@ fn flood(mut s: UnixStream, sent: &AtomicU64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_flooding_fin_ping_and_getopt_without_reading_costs_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("fabric.sock");
-    let cfg = saps_io_server::Config {
-        fabric: vec![format!("unix:{}", sock.display())],
-        ..config(SchedulerKind::Rr)
-    };
-    let server = server(cfg).await;
+    let (server, sock) = unix_fabric_server(dir.path()).await;
     let good = attach(&server, "good", 1, TOKEN).await.unwrap();
     let (_, addr) = good.listen(0, 0).await.unwrap();
     let good = good.run("good", App::Echo, Default::default());

@@ -54,12 +54,7 @@ async fn port_outside_allow_ports_gets_eacces() {
 #[tokio::test]
 async fn garbage_from_a_node_closes_only_its_channel_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("fabric.sock");
-    let cfg = saps_io_server::Config {
-        fabric: vec![format!("unix:{}", sock.display())],
-        ..config(SchedulerKind::Rr)
-    };
-    let server = server(cfg).await;
+    let (server, sock) = unix_fabric_server(dir.path()).await;
     assert_eq!(server.fabric_urls(), [FabricUrl::Unix(sock.clone())]);
     let (good, addr) = good_node(&server).await;
     let mut bad = tokio::net::UnixStream::connect(&sock).await.unwrap();

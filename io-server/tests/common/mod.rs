@@ -27,6 +27,17 @@ pub async fn server(config: Config) -> Arc<IoServer> {
     Arc::new(IoServer::start(config).await.expect("io-server starts"))
 }
 
+/// An io-server (`rr`) that also takes nodes over the `unix:` fabric
+/// `DIR/fabric.sock`; the server and that path.
+pub async fn unix_fabric_server(dir: &std::path::Path) -> (Arc<IoServer>, std::path::PathBuf) {
+    let sock = dir.join("fabric.sock");
+    let cfg = Config {
+        fabric: vec![format!("unix:{}", sock.display())],
+        ..config(SchedulerKind::Rr)
+    };
+    (server(cfg).await, sock)
+}
+
 /// Polls `cond` until it holds, failing after [`LIMIT`].
 pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + LIMIT;
