@@ -216,7 +216,7 @@ def agent_support(port, sessions, think, mix, seed, start, warmup, duration):
     sizes = [s for s, _ in mix]
     weights = [w for _, w in mix]
     res = {"requests": 0, "good": 0, "tolerable": 0, "errors": 0, "bytes": 0, "times": [],
-           "kinds": {}, "slices": {}}
+           "kinds": {}, "slices": {}, "sized": {}}
 
     async def get(reader, writer, size):
         writer.write(f"GET /files/{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
@@ -257,6 +257,7 @@ def agent_support(port, sessions, think, mix, seed, start, warmup, duration):
                     res["good"] += t1 - t0 <= GOOD
                     res["tolerable"] += t1 - t0 <= TOLERABLE
                     res["times"].append(round(t1 - t0, 4))
+                    res["sized"].setdefault(str(size), []).append(round(t1 - t0, 4))
             except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
                     StopIteration) as e:
                 if counted_from <= time.monotonic() < end:
@@ -711,6 +712,7 @@ class Bench:
         time.sleep(max(0, start + self.warmup - time.monotonic()))
         r0, q0, g0, s0, i0 = (c.retrans(), c.qdisc(), c.gateway_cpu(), c.gateway_sent(),
                               cpu_times())
+        gq0 = c.qdisc("gw", "eth0")
         t0 = time.monotonic()
         time.sleep(max(0, start + total - 2 - time.monotonic()))
         ss = c.ss()
@@ -719,6 +721,7 @@ class Bench:
         time.sleep(max(0, start + total - time.monotonic()))
         r1, q1, g1, s1, idle = (c.retrans(), c.qdisc(), c.gateway_cpu(), c.gateway_sent(),
                                 idle_since(i0))
+        gq1 = c.qdisc("gw", "eth0")
         t1 = time.monotonic()
         out = load.join()
         secs = t1 - t0
@@ -735,6 +738,7 @@ class Bench:
             "timeouts": rate("TcpExtTCPTimeouts"),
             "bandwidth": (q1[0] - q0[0]) * 8 / secs / 1e6,
             "drops": q1[1] - q0[1],
+            "gateway_drops": gq1[1] - gq0[1],
             "gateway_sent": (s1 - s0) * 8 / secs / 1e6,
             "payload": res["bytes"] * 8 / self.support_secs / 1e6,
             "kinds": {k: sum(o["kinds"].get(k, 0) for o in out)
@@ -743,6 +747,11 @@ class Bench:
             "load_idle": idle,
             "ss": ss,
             "p50": statistics.median(times) if times else None,
+            "mean_time": statistics.fmean(times) if times else None,
+            "sized": {str(z): {"n": len(v), "p50": statistics.median(v),
+                               "mean": statistics.fmean(v), "max": max(v)}
+                      for z, _ in self.mix
+                      for v in [[x for o in out for x in o["sized"].get(str(z), [])]] if v},
             "slices": [sum(o["slices"].get(str(k), 0) for o in out)
                        for k in range(-int(-total // SLICE))],
         })
@@ -889,8 +898,8 @@ def report(b, results, command, secs, started_at, load):
              f"{b.warmup:.0f} s of warm-up; file sizes (bytes, share of requests): "
              + ", ".join(f"{s:,} {w * 100:g} %" for s, w in b.mix) + ".\n")
     o.append("| setup | requests | vs VS | TimeGood (≤ 3 s) | TimeTolerable (≤ 5 s) | errors | "
-             "median time (s) | payload delivered (Mbit/s) |")
-    o.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+             "median time (s) | mean time (s) | payload delivered (Mbit/s) |")
+    o.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     vs = by.get("vs", {}).get("support")
     for s in SETUPS:
         t = by.get(s, {}).get("support")
@@ -899,21 +908,34 @@ def report(b, results, command, secs, started_at, load):
             ratio = f"{t['requests'] / vs['requests']:.3f}×" if vs and vs["requests"] else "—"
             o.append(f"| {LABEL[s]} | {t['requests']:,} | {ratio} | {100 * t['good'] / n:.1f} % "
                      f"| {100 * t['tolerable'] / n:.1f} % | {errors(t)} | {fmt(t['p50'], 2)} | "
-                     f"{t['payload']:.1f} |")
+                     f"{fmt(t.get('mean_time'), 2)} | {t['payload']:.1f} |")
     o.append("| *paper: SAPS (2800 sessions, 300 s)* | *75,569* | *1.076×* | *88.5 %* | "
-             "*97.6 %* | *0* | | |")
-    o.append("| *paper: Virtual Server* | *70,227* | | *73.6 %* | *93.0 %* | *13* | | |")
+             "*97.6 %* | *0* | | | |")
+    o.append("| *paper: Virtual Server* | *70,227* | | *73.6 %* | *93.0 %* | *13* | | | |")
+    o.append("")
+    o.append("Response time by file size, median / mean / max (s):\n")
+    o.append("| setup | " + " | ".join(f"{z:,} B" for z, _ in b.mix) + " |")
+    o.append("|---|" + "---:|" * len(b.mix))
+    for s in SETUPS:
+        t = by.get(s, {}).get("support")
+        if t and t.get("sized"):
+            cells = []
+            for z, _ in b.mix:
+                v = t["sized"].get(str(z))
+                cells.append(f"{v['p50']:.2f} / {v['mean']:.2f} / {v['max']:.1f}" if v else "—")
+            o.append(f"| {LABEL[s]} | " + " | ".join(cells) + " |")
     o.append("")
     o.append("| setup | retransmissions (segments/s) | by the gateway | RTO timeouts (/s) | "
              "bottleneck bandwidth (Mbit/s) | bottleneck drops | gateway NIC sent (Mbit/s) | "
-             "gateway process CPU (% of one CPU) | machine CPU idle |")
-    o.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+             "gateway NIC drops | gateway process CPU (% of one CPU) | machine CPU idle |")
+    o.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in SETUPS:
         t = by.get(s, {}).get("support")
         if t:
             o.append(f"| {LABEL[s]} | {t['retrans']:.1f} | {t['retrans_gw']:.1f} | "
                      f"{t['timeouts']:.1f} | "
                      f"{t['bandwidth']:.1f} | {t['drops']:,} | {t['gateway_sent']:.1f} | "
+                     f"{t.get('gateway_drops', 0):,} | "
                      f"{fmt(t['gateway_cpu'], 0)} | "
                      f"{t['load_idle']:.0f} % |")
     o.append("| *paper: SAPS* | *103* | *103* | | *930.0* | | | *45* | |")
