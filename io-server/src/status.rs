@@ -182,7 +182,7 @@ impl Status {
                     peer: n.peer.clone(),
                     weight: st.groups.weight(id),
                     counters: Counters::default(),
-                    zero_relay: n.handoff.is_some(),
+                    zero_relay: false,
                     unaccepted: 0,
                 };
                 let handoff = n.handoff.clone();
