@@ -176,6 +176,11 @@ fn a_stalled_scraper_holds_one_bounded_slot_and_others_are_served_after_it() {
     let stalled: Vec<TcpStream> = (0..2)
         .map(|_| TcpStream::connect(("127.0.0.1", metrics)).unwrap())
         .collect();
+    let peak = wait_for(Duration::from_secs(10), || {
+        let n = fds(io.pid());
+        (n >= base + 2).then_some(n)
+    })
+    .expect("the io-server accepted both stalled scrapers");
     let started = Instant::now();
     // The control socket answers meanwhile.
     assert!(io_server_status(d).is_some());
@@ -209,4 +214,9 @@ fn a_stalled_scraper_holds_one_bounded_slot_and_others_are_served_after_it() {
         (fds(io.pid()) <= base).then_some(())
     });
     assert!(back.is_some(), "fds {} after, {base} before", fds(io.pid()));
+    eprintln!(
+        "io-server fds: {base} before, {peak} with two stalled scrapers, {} after; \
+         the third scrape waited {waited:?} (--metrics-timeout 2)",
+        fds(io.pid())
+    );
 }
