@@ -20,7 +20,12 @@ use std::path::PathBuf;
 ///
 /// The status and weight commands talk to a running io-server over its
 /// control socket. On SIGTERM or SIGINT the io-server stops accepting and
-/// lets open connections finish (--shutdown-timeout).
+/// lets open connections finish (--shutdown-timeout). SIGHUP (systemctl
+/// reload) changes nothing yet: settings take effect at a restart.
+///
+/// Under systemd (Type=notify) it reports readiness, reloads and shutdown
+/// on $NOTIFY_SOCKET, and pings the watchdog when $WATCHDOG_USEC is set.
+/// --metrics serves Prometheus's text format on GET /metrics.
 ///
 /// Logs go to standard error; set RUST_LOG (e.g. RUST_LOG=debug) for more.
 #[derive(Debug, Parser)]
@@ -80,6 +85,10 @@ pub fn overlay(mut file: Config, cli: Config, m: &ArgMatches) -> Config {
         allow_ports,
         control,
         metrics,
+        metrics_interval,
+        metrics_timeout,
+        metrics_max_connections,
+        metrics_max_request,
         shutdown_timeout,
         window,
         max_window,

@@ -35,6 +35,23 @@ pub const DEFAULT_MAX_NODE_OUTPUT: u32 = 16 * 1024 * 1024;
 /// on at once before it stops reading that node.
 pub const DEFAULT_MAX_NODE_REQUESTS: u32 = 1024;
 
+/// Default `--metrics-interval`, in milliseconds: scrapes within a
+/// second of each other share one snapshot (Prometheus scrapes every 15 s
+/// by default; two HA scrapers, or a dashboard polling, cost one
+/// collection a second at most).
+pub const DEFAULT_METRICS_INTERVAL: u64 = 1000;
+/// Default `--metrics-timeout`, in seconds: Prometheus's own default
+/// `scrape_timeout`, beyond which its scrape has failed anyway.
+pub const DEFAULT_METRICS_TIMEOUT: u64 = 10;
+/// Default `--metrics-max-connections`: a few scrapers (an HA pair, an
+/// operator's curl) with room to spare; each one beyond waits in the
+/// kernel's accept queue.
+pub const DEFAULT_METRICS_MAX_CONNECTIONS: u32 = 16;
+/// Default `--metrics-max-request`, in bytes: a scraper's request line
+/// and headers are a few hundred bytes; haproxy's whole request buffer
+/// (`tune.bufsize`) is 16 KiB.
+pub const DEFAULT_METRICS_MAX_REQUEST: u32 = 8192;
+
 /// `--scheduler`: how a listener group picks a member per client connection.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, serde::Deserialize, serde::Serialize,
@@ -118,9 +135,26 @@ pub struct Config {
     /// [default: /run/saps-io-server.ctl].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
-    /// Serve the status as plain-text metrics over HTTP on this address.
+    /// Serve metrics over HTTP on this address: `GET /metrics` in
+    /// Prometheus's text format, `GET /` the status report.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// A metrics snapshot serves every scrape for this many milliseconds
+    /// before the next scrape takes a new one.
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_METRICS_INTERVAL, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub metrics_interval: u64,
+    /// A metrics connection must send its request, and take the answer,
+    /// each within this many seconds, or it is closed.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_METRICS_TIMEOUT, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub metrics_timeout: u64,
+    /// Metrics connections served at once; more wait in the kernel's
+    /// accept queue.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_METRICS_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub metrics_max_connections: u32,
+    /// Largest metrics request (request line and headers), in bytes;
+    /// a larger one is answered 431 and closed.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_METRICS_MAX_REQUEST, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
+    pub metrics_max_request: u32,
     /// On SIGTERM, how long open connections may take to finish.
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT)]
     pub shutdown_timeout: u64,
@@ -196,6 +230,10 @@ impl Default for Config {
             allow_ports: None,
             control: None,
             metrics: None,
+            metrics_interval: DEFAULT_METRICS_INTERVAL,
+            metrics_timeout: DEFAULT_METRICS_TIMEOUT,
+            metrics_max_connections: DEFAULT_METRICS_MAX_CONNECTIONS,
+            metrics_max_request: DEFAULT_METRICS_MAX_REQUEST,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             window: saps_fabric::channel::DEFAULT_WINDOW,
             max_window: DEFAULT_MAX_WINDOW,
@@ -328,6 +366,10 @@ mod tests {
             max-handshakes-per-source = 4
             node-ping-interval = 1
             node-timeout = 5
+            metrics-interval = 250
+            metrics-timeout = 2
+            metrics-max-connections = 4
+            metrics-max-request = 1024
             "#,
         )
         .unwrap();
@@ -344,6 +386,11 @@ mod tests {
         assert_eq!((c.max_window, c.max_weight), (1 << 20, 100));
         assert_eq!((c.max_node_output, c.max_node_requests), (4 << 20, 64));
         assert!(c.allow_connect_local);
+        assert_eq!((c.metrics_interval, c.metrics_timeout), (250, 2));
+        assert_eq!(
+            (c.metrics_max_connections, c.metrics_max_request),
+            (4, 1024)
+        );
         let e = toml::from_str::<Config>("schedular = \"rr\"").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
     }

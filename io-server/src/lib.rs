@@ -25,7 +25,9 @@
 //! * `unaccepted.rs` — clients given to a node its program has not
 //!   accepted yet (issue 17);
 //! * `state.rs` — what every task shares, and the tables under its lock;
-//! * [`status`] (the `ipvsadm`-like report), [`cli`], [`config`],
+//! * [`status`] (the `ipvsadm`-like report), `metrics.rs` (`--metrics`:
+//!   Prometheus's format from a shared snapshot), [`notify`] (systemd's
+//!   readiness protocol), [`cli`], [`config`],
 //!   [`allow`] (`--allow-ports`), `sys` (the raw socket calls).
 
 pub mod allow;
@@ -38,7 +40,9 @@ mod groups;
 mod guard;
 mod handoff;
 mod handshakes;
+mod metrics;
 mod node;
+pub mod notify;
 mod ports;
 mod relay;
 pub mod scheduler;

@@ -3,10 +3,13 @@
 use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use saps_io_server::cli::{overlay, Cli, Command};
 use saps_io_server::config::DEFAULT_CONTROL;
+use saps_io_server::notify::{self, Notifier, State};
 use saps_io_server::{control, Config, IoServer};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::signal::unix::SignalKind;
 
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
@@ -75,9 +78,27 @@ fn start(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let grace = Duration::from_secs(config.shutdown_timeout);
     let sandbox = !config.no_sandbox;
+    // Made before the sandbox: sending on it is all it needs after.
+    let notifier = match Notifier::from_env() {
+        Some(Ok(n)) => Some(Arc::new(n)),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "NOTIFY_SOCKET unusable: systemd will not hear from the io-server");
+            None
+        }
+        None => None,
+    };
+    let notify = |states: &[State]| {
+        if let Some(n) = &notifier {
+            n.notify(states)
+        }
+    };
     let server = IoServer::start(config).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| anyhow::anyhow!("cannot install the SIGTERM handler: {e}"))?;
+    let signal = |kind: SignalKind, name: &str| {
+        tokio::signal::unix::signal(kind)
+            .map_err(|e| anyhow::anyhow!("cannot install the {name} handler: {e}"))
+    };
+    let mut term = signal(SignalKind::terminate(), "SIGTERM")?;
+    let mut hup = signal(SignalKind::hangup(), "SIGHUP")?;
     if sandbox {
         // Everything is bound and open: from here the io-server's threads
         // make only the calls of their allow-list (docs/io-server.md,
@@ -88,13 +109,55 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         )?;
     }
     tracing::info!("io-server ready");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: graceful shutdown"),
-        r = tokio::signal::ctrl_c() => {
-            r.map_err(|e| anyhow::anyhow!("cannot install the SIGINT handler: {e}"))?;
-            tracing::info!("SIGINT: graceful shutdown");
+    let serving = State::Status(format!(
+        "serving nodes on {}",
+        server
+            .fabric_urls()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    notify(&[State::Ready, serving.clone()]);
+    if let (Some(n), Some(every)) = (&notifier, notify::watchdog_interval()) {
+        let n = n.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                n.notify(&[State::Watchdog]);
+            }
+        });
+    }
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: graceful shutdown");
+                break;
+            }
+            r = tokio::signal::ctrl_c() => {
+                r.map_err(|e| anyhow::anyhow!("cannot install the SIGINT handler: {e}"))?;
+                tracing::info!("SIGINT: graceful shutdown");
+                break;
+            }
+            _ = hup.recv() => {
+                // systemd's reload (`ExecReload`): RELOADING=1 … READY=1.
+                // The io-server has nothing it can change in place yet;
+                // `io-server upgrade` (issue 19) will replace the process
+                // here, its new process sending MAINPID= and READY=1.
+                notify(&[State::Reloading, State::Status("reloading".into())]);
+                tracing::info!("SIGHUP: nothing to reload (settings take effect at a restart)");
+                notify(&[State::Ready, serving.clone()]);
+            }
         }
     }
+    notify(&[
+        State::Stopping,
+        State::Status(format!(
+            "shutting down: open connections get up to {}s",
+            grace.as_secs()
+        )),
+    ]);
     let cut = server.shutdown(grace).await;
     if cut > 0 {
         tracing::warn!(cut, "connections still open at the deadline were closed");

@@ -3,7 +3,7 @@
 //! sockets, the control socket, the metrics address) and spawns one task
 //! per listener: the fabric listeners' ([`fabric_loop`], a task per node
 //! then, `node.rs`), the hand-off sockets' (`handoff.rs`), the control
-//! socket's (`control.rs`) and the metrics' (`status.rs`); client
+//! socket's (`control.rs`) and the metrics' (`metrics.rs`); client
 //! listeners and their accept tasks come with the nodes' `listen`s
 //! (`node.rs`, `dispatch.rs`). Every task stops accepting when the
 //! shutdown signal is raised ([`IoServer::shutdown`]): open connections
@@ -12,7 +12,7 @@
 use crate::config::{Config, Stack};
 use crate::state::ServerState;
 use crate::status::Status;
-use crate::{cluster, control, handoff, handshakes, node, status, Error};
+use crate::{cluster, control, handoff, handshakes, metrics, node, Error};
 use saps_fabric::handoff::side;
 use saps_fabric::transport::{FabricUrl, StreamListener, TransportRead, TransportWrite};
 use std::sync::Arc;
@@ -99,7 +99,7 @@ impl IoServer {
             tokio::spawn(control::serve(server.clone(), l));
         }
         if let Some(l) = metrics {
-            tokio::spawn(status::serve_metrics(server.clone(), l));
+            tokio::spawn(metrics::serve(server.clone(), l));
         }
         Ok(IoServer { server, fabric })
     }

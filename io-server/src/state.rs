@@ -38,6 +38,9 @@ pub(crate) struct ServerState {
     pub own_addrs: Vec<SocketAddr>,
     /// Node requests refused by `guard` (options, connects).
     pub refused: std::sync::atomic::AtomicU64,
+    /// Takeovers from an older process (`io-server upgrade`, issue 19),
+    /// `saps_upgrades_total`: the new process bumps it and carries it on.
+    pub upgrades: std::sync::atomic::AtomicU64,
 }
 
 impl ServerState {
@@ -62,6 +65,7 @@ impl ServerState {
             handshakes,
             own_addrs: Vec::new(),
             refused: Default::default(),
+            upgrades: Default::default(),
         }
     }
 
@@ -268,6 +272,12 @@ impl NodeEntry {
     /// (client data the node has not consumed, node data not yet written
     /// to the client).
     pub fn conn_in_flight(&self, conn: ConnId) -> u64 {
-        self.ep.pending_bytes(conn) + self.ep.handle().with(|ch| ch.buffered(conn))
+        conn_in_flight(&self.ep, conn)
     }
+}
+
+/// [`NodeEntry::conn_in_flight`] from the node's endpoint alone (for the
+/// status report, which asks it once the tables' lock is released).
+pub(crate) fn conn_in_flight(ep: &Endpoint, conn: ConnId) -> u64 {
+    ep.pending_bytes(conn) + ep.handle().with(|ch| ch.buffered(conn))
 }

@@ -1,18 +1,17 @@
 //! The `io-server status` report: nodes, listener groups, weights,
 //! active/total connections and bytes in/out, laid out like
 //! `ipvsadm -L -n --stats` (a group is a virtual service, its members the
-//! real servers). `--metrics` serves the same report over HTTP.
+//! real servers). `--metrics` serves it over HTTP, with its Prometheus
+//! form (`metrics.rs`).
 
 use crate::config::SchedulerKind;
-use crate::state::{lock_handed, NodeEntry, ServerState};
+use crate::state::{conn_in_flight, lock_handed, ServerState};
 use crate::traffic::{NodeId, Scope, Traffic};
-use saps_fabric::ConnId;
+use saps_fabric::{ConnId, Endpoint};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Counters of a node, group or member.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -94,6 +93,11 @@ pub struct Status {
     pub address: IpAddr,
     pub scheduler: SchedulerKind,
     pub uptime_secs: u64,
+    /// Connections relayed or handed off since start.
+    pub connections: u64,
+    /// Times this io-server took over from another process (`io-server
+    /// upgrade`, issue 19), counted across the takeovers.
+    pub upgrades: u64,
     pub nodes: Vec<NodeStatus>,
     pub groups: Vec<GroupStatus>,
     pub fabric: FabricStatus,
@@ -114,76 +118,139 @@ pub struct Limits {
     pub refused_requests: u64,
 }
 
-/// Counters of `t` (none for a scope not counted), with the live
-/// connections' bytes asked from their endpoints.
-fn counters(nodes: &BTreeMap<NodeId, NodeEntry>, t: Option<&Traffic>) -> Counters {
-    let Some(t) = t else {
-        return Counters::default();
-    };
-    let (bytes_in, bytes_out) = t.bytes();
-    let mut c = Counters {
-        active: t.active(),
-        total: t.total(),
-        bytes_in,
-        bytes_out,
-        in_flight: 0,
-        handed_off: t.handed_off(),
-    };
-    for (node, conn) in t.live() {
-        if let Some(n) = nodes.get(&node) {
-            let (i, o) = n.ep.relayed_bytes(conn);
-            c.bytes_in += i;
-            c.bytes_out += o;
-            c.in_flight += n.conn_in_flight(conn);
+/// What the tables' lock yields for one scope: its ledger counters and
+/// its live connections, whose bytes are asked from their endpoints
+/// once the lock is released ([`Raw::counters`]).
+#[derive(Default)]
+struct Raw {
+    counters: Counters,
+    live: Vec<(NodeId, ConnId)>,
+}
+
+impl Raw {
+    /// Copies the counters of `t` (none for a scope not counted).
+    fn of(t: Option<&Traffic>) -> Raw {
+        let Some(t) = t else {
+            return Raw::default();
+        };
+        let (bytes_in, bytes_out) = t.bytes();
+        Raw {
+            counters: Counters {
+                active: t.active(),
+                total: t.total(),
+                bytes_in,
+                bytes_out,
+                in_flight: 0,
+                handed_off: t.handed_off(),
+            },
+            live: t.live().collect(),
         }
     }
-    c
+
+    /// The counters, with the live connections' bytes asked from the
+    /// endpoints relaying them (outside the tables' lock).
+    fn counters(self, eps: &BTreeMap<NodeId, Endpoint>) -> Counters {
+        let mut c = self.counters;
+        for (node, conn) in self.live {
+            if let Some(ep) = eps.get(&node) {
+                let (i, o) = ep.relayed_bytes(conn);
+                c.bytes_in += i;
+                c.bytes_out += o;
+                c.in_flight += conn_in_flight(ep, conn);
+            }
+        }
+        c
+    }
 }
 
 impl Status {
+    /// Takes the report: the tables' lock is held only to copy their
+    /// counters, never while asking an endpoint (another module, with
+    /// locks of its own) for the bytes of live connections.
     pub(crate) fn collect(server: &ServerState) -> Status {
         let st = server.lock();
         let traffic = st.groups.traffic();
-        let nodes = st
+        let eps: BTreeMap<NodeId, Endpoint> =
+            st.nodes.iter().map(|(&id, n)| (id, n.ep.clone())).collect();
+        let raw_nodes: Vec<_> = st
             .nodes
             .iter()
-            .map(|(&id, n)| NodeStatus {
-                id,
-                name: n.name.clone(),
-                peer: n.peer.clone(),
-                weight: st.groups.weight(id),
-                counters: counters(&st.nodes, traffic.get(Scope::Node(id))),
-                zero_relay: n.handoff.as_ref().is_some_and(|h| h.is_open()),
-                unaccepted: n.ep.unaccepted() + lock_handed(&n.handed).len(),
+            .map(|(&id, n)| {
+                let node = NodeStatus {
+                    id,
+                    name: n.name.clone(),
+                    peer: n.peer.clone(),
+                    weight: st.groups.weight(id),
+                    counters: Counters::default(),
+                    zero_relay: false,
+                    unaccepted: 0,
+                };
+                let handoff = n.handoff.clone();
+                (
+                    node,
+                    Raw::of(traffic.get(Scope::Node(id))),
+                    handoff,
+                    n.handed.clone(),
+                )
             })
             .collect();
-        let mut groups: Vec<GroupStatus> = st
+        let raw_groups: Vec<_> = st
             .groups
             .iter()
             .filter(|(_, g)| !g.members().is_empty() || g.queued() > 0)
-            .map(|(addr, g)| GroupStatus {
-                addr,
-                queued: g.queued(),
-                redispatched: g.redispatched(),
-                counters: counters(&st.nodes, traffic.get(Scope::Group(addr))),
-                members: g
+            .map(|(addr, g)| {
+                let group = GroupStatus {
+                    addr,
+                    queued: g.queued(),
+                    redispatched: g.redispatched(),
+                    counters: Counters::default(),
+                    members: Vec::new(),
+                };
+                let members: Vec<_> = g
                     .members()
                     .iter()
                     .map(|&m| {
                         let node = st.nodes.get(&m.node);
-                        MemberStatus {
+                        let member = MemberStatus {
                             node_id: m.node,
                             node: node.map_or_else(String::new, |n| n.name.clone()),
                             listener: m.listener,
                             weight: st.groups.weight(m.node),
-                            counters: counters(&st.nodes, traffic.get(Scope::Member(addr, m))),
-                        }
+                            counters: Counters::default(),
+                        };
+                        (member, Raw::of(traffic.get(Scope::Member(addr, m))))
                     })
-                    .collect(),
+                    .collect();
+                (group, Raw::of(traffic.get(Scope::Group(addr))), members)
+            })
+            .collect();
+        let connections = traffic.connections();
+        drop(st);
+        let nodes = raw_nodes
+            .into_iter()
+            .map(|(mut n, raw, handoff, handed)| {
+                n.counters = raw.counters(&eps);
+                n.zero_relay = handoff.as_ref().is_some_and(|h| h.is_open());
+                let ep = &eps[&n.id];
+                n.unaccepted = ep.unaccepted() + lock_handed(&handed).len();
+                n
+            })
+            .collect();
+        let mut groups: Vec<GroupStatus> = raw_groups
+            .into_iter()
+            .map(|(mut g, raw, members)| {
+                g.counters = raw.counters(&eps);
+                g.members = members
+                    .into_iter()
+                    .map(|(mut m, raw)| {
+                        m.counters = raw.counters(&eps);
+                        m
+                    })
+                    .collect();
+                g
             })
             .collect();
         groups.sort_by_key(|g| g.addr);
-        drop(st);
         let h = &server.handshakes;
         let c = &server.config;
         let fabric = FabricStatus {
@@ -201,6 +268,8 @@ impl Status {
             address: server.config.address,
             scheduler: server.config.scheduler,
             uptime_secs: server.started.elapsed().as_secs(),
+            connections,
+            upgrades: server.upgrades.load(Ordering::Relaxed),
             nodes,
             groups,
             fabric,
@@ -309,24 +378,4 @@ impl fmt::Display for Status {
         )?;
         Ok(())
     }
-}
-
-/// `--metrics`: answers every HTTP request with the status report.
-pub(crate) async fn serve_metrics(server: Arc<ServerState>, listener: tokio::net::TcpListener) {
-    let each = |(mut s, _): (tokio::net::TcpStream, _)| {
-        let body = Status::collect(&server).to_string();
-        tokio::spawn(async move {
-            let mut req = [0u8; 1024];
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut req)).await;
-            let head = format!(
-                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            );
-            let _ = s.write_all(head.as_bytes()).await;
-            let _ = s.write_all(body.as_bytes()).await;
-        });
-    };
-    server
-        .accept_until_shutdown("metrics", || listener.accept(), each)
-        .await
 }

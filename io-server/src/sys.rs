@@ -1,4 +1,5 @@
-//! The io-server's raw socket calls: the one module with `unsafe`.
+//! The io-server's raw socket calls (and the monotonic clock systemd
+//! reads): the one module with `unsafe`.
 //!
 //! Nodes' `setsockopt`/`getsockopt` carry an arbitrary level, name and value
 //! (Figure 3's SetOpt/GetOpt), which no typed wrapper covers; they are passed
@@ -171,6 +172,19 @@ fn untouched_by(info: &libc::tcp_info, inq: u64, outq: u64) -> bool {
         && info.tcpi_notsent_bytes == 0
         && outq == 0;
     nothing_written && info.tcpi_bytes_received == inq + fin
+}
+
+/// `CLOCK_MONOTONIC` in microseconds: the clock systemd reads
+/// `MONOTONIC_USEC=` against (`notify.rs`).
+pub fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime(2) writes one timespec into the one we pass.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    debug_assert_eq!(r, 0, "CLOCK_MONOTONIC is always there");
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
 #[cfg(test)]

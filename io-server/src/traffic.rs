@@ -85,6 +85,9 @@ pub struct Ledger {
     /// Live relayed connections: the group and member each was given to
     /// (`None`: an outbound connection).
     conns: HashMap<(NodeId, ConnId), Option<(SocketAddr, MemberId)>>,
+    /// Connections ever relayed or handed off, whatever their scopes
+    /// (`saps_connections_total`: it outlives every node and group).
+    connections: u64,
 }
 
 /// The scopes one connection counts in.
@@ -116,6 +119,7 @@ impl Ledger {
     /// group at the address (an accepted client), or outbound (`None`).
     pub fn started(&mut self, node: NodeId, conn: ConnId, member: Option<(SocketAddr, MemberId)>) {
         self.conns.insert((node, conn), member);
+        self.connections += 1;
         for scope in scopes(node, member).into_iter().flatten() {
             if let Some(t) = self.scopes.get_mut(&scope) {
                 t.live.insert((node, conn));
@@ -127,6 +131,7 @@ impl Ledger {
     /// A client was handed to `member` as its socket (zero-relay): counted,
     /// never live.
     pub fn handed_off(&mut self, key: SocketAddr, member: MemberId) {
+        self.connections += 1;
         for scope in scopes(member.node, Some((key, member)))
             .into_iter()
             .flatten()
@@ -152,6 +157,11 @@ impl Ledger {
                 }
             }
         }
+    }
+
+    /// Connections ever relayed or handed off, since start.
+    pub fn connections(&self) -> u64 {
+        self.connections
     }
 
     /// Live connections of every node still here.
@@ -192,6 +202,7 @@ mod tests {
         assert_eq!(l.get(Scope::Node(1)).unwrap().total(), 3);
         assert_eq!(l.get(Scope::Group(key)).unwrap().total(), 2);
         assert_eq!(l.live_connections(), 2);
+        assert_eq!(l.connections(), 3);
         l.finished(1, 40, 5, 6);
         l.finished(1, 40, 5, 6); // once only
         for s in [Scope::Node(1), Scope::Group(key), Scope::Member(key, m)] {
@@ -215,5 +226,7 @@ mod tests {
         assert_eq!(l.get(Scope::Group(key)).unwrap().bytes(), (0, 0));
         assert_eq!(l.get(Scope::Node(1)).unwrap().bytes(), (5, 6));
         assert!(l.get(Scope::Member(key, m)).is_none());
+        l.forget(Scope::Node(1));
+        assert_eq!(l.connections(), 1, "outlives its scopes");
     }
 }

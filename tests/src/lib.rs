@@ -82,6 +82,8 @@ fn debian_package(program: &str) -> &str {
         "python3" => "python3",
         "ip" | "tc" => "iproute2",
         "killall" | "fuser" => "psmisc",
+        "promtool" => "prometheus",
+        "systemd-analyze" => "systemd",
         other => other,
     }
 }
