@@ -38,6 +38,10 @@ pub(crate) struct ServerState {
     pub own_addrs: Vec<SocketAddr>,
     /// Node requests refused by `guard` (options, connects).
     pub refused: std::sync::atomic::AtomicU64,
+    /// Connections closed by a timeout (`timeouts.rs`).
+    pub timed_out: crate::timeouts::TimedOut,
+    /// Refusals and drops logged once per reason and interval.
+    pub logs: crate::ratelimit::LogLimit,
 }
 
 impl ServerState {
@@ -45,7 +49,11 @@ impl ServerState {
         let tables = Tables {
             nodes: BTreeMap::new(),
             next_node: 0,
-            groups: Groups::new(config.scheduler),
+            groups: {
+                let mut g = Groups::new(config.scheduler);
+                g.set_slow_start(Duration::from_secs(config.slow_start));
+                g
+            },
             ports: Ports::default(),
         };
         let handshakes = Arc::new(Handshakes::new(
@@ -62,6 +70,8 @@ impl ServerState {
             handshakes,
             own_addrs: Vec::new(),
             refused: Default::default(),
+            timed_out: Default::default(),
+            logs: Default::default(),
         }
     }
 
