@@ -82,6 +82,7 @@ fn debian_package(program: &str) -> &str {
         "python3" => "python3",
         "ip" | "tc" => "iproute2",
         "killall" | "fuser" => "psmisc",
+        "nft" => "nftables",
         other => other,
     }
 }
