@@ -58,7 +58,7 @@ use router::{
     lock_router, route, Attached, Counters, Receive, Route, RouteSink, Router, Start, Track,
 };
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
@@ -70,6 +70,10 @@ use tracing::Instrument;
 pub enum EndpointError {
     #[error("the fabric channel closed: {0}")]
     Closed(String),
+    /// No answer within the endpoint's request timeout
+    /// ([`Endpoint::set_request_timeout`]); the channel stays open.
+    #[error("no answer from the io-server within {0:?}")]
+    TimedOut(std::time::Duration),
     #[error(transparent)]
     Call(#[from] CallError),
 }
@@ -106,6 +110,9 @@ struct Inner {
     router: Arc<Mutex<Router>>,
     /// io-server: tracked connections not yet accepted ([`Track`]).
     unaccepted: Arc<AtomicUsize>,
+    /// Node: how long a request may wait for its answer, in ms (0: for
+    /// ever).
+    request_timeout: AtomicU64,
 }
 
 /// A running channel with per-connection routing. Cheap to clone.
@@ -136,6 +143,7 @@ impl Endpoint {
                 handle,
                 router,
                 unaccepted: Arc::default(),
+                request_timeout: AtomicU64::new(0),
             }),
         };
         (ep, rx)
@@ -149,9 +157,19 @@ impl Endpoint {
         &self.inner.handle
     }
 
-    /// Node: sends a Figure 3 request and waits for its Response.
+    /// Node: how long [`Endpoint::request`] waits for an answer (`None`:
+    /// for ever). The liveness ping gives up a channel that went silent;
+    /// this gives up one request that a live channel does not answer.
+    pub fn set_request_timeout(&self, limit: Option<std::time::Duration>) {
+        let ms = limit.map_or(0, |d| d.as_millis().clamp(1, u64::MAX.into()) as u64);
+        self.inner.request_timeout.store(ms, Ordering::Relaxed);
+    }
+
+    /// Node: sends a Figure 3 request and waits for its Response, at most
+    /// the request timeout ([`EndpointError::TimedOut`]; a late answer is
+    /// then dropped).
     pub async fn request(&self, request: Request) -> Result<Response, EndpointError> {
-        let rx = {
+        let (req, rx) = {
             // The router lock is held across the send so the response cannot
             // be routed before its waiter is registered.
             let mut router = self.router();
@@ -161,9 +179,22 @@ impl Endpoint {
             let req = self.inner.handle.with(|ch| ch.request(request))?;
             let (tx, rx) = oneshot::channel();
             router.pending.insert(req, tx);
-            rx
+            (req, rx)
         };
-        rx.await.map_err(|_| {
+        let answer = match self.inner.request_timeout.load(Ordering::Relaxed) {
+            0 => rx.await,
+            ms => {
+                let limit = std::time::Duration::from_millis(ms);
+                match tokio::time::timeout(limit, rx).await {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        self.router().pending.remove(&req);
+                        return Err(EndpointError::TimedOut(limit));
+                    }
+                }
+            }
+        };
+        answer.map_err(|_| {
             let reason = self.router().closed.clone();
             EndpointError::Closed(reason.unwrap_or_else(|| "no response".into()))
         })
