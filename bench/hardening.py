@@ -34,8 +34,15 @@ def run(r, wrk, quick):
                 url = f"http://127.0.0.1:{s.ports['http']}/1k.bin"
                 for key, close in (("ka", False), ("close", True)):
                     what = f"wrk -c50{' close' if close else ''}"
-                    m = r.attempt(label, what, lambda c=close: wrk(url, 50, r.secs, c), {})
+                    m, cpu, _, calls, _ = r.measured(s, lambda c=close, w=what: r.attempt(
+                        label, w, lambda: wrk(url, 50, r.secs, c), {}), syscalls=True)
                     row[key] = m.get("rps")
+                    if m.get("requests"):
+                        # The io-server's own work per request, which the
+                        # scheduling of a shared machine disturbs less.
+                        row[f"{key}_cpu"] = cpu / m["requests"] * 1e4
+                        if calls is not None:
+                            row[f"{key}_sys"] = calls / m["requests"]
             got[kind] = r.served(kind, label, body, app="nginx")
         pairs.append(got)
     return pairs
@@ -68,4 +75,17 @@ def table(out, pairs, load):
                  f"| {f(on.get('close'))} | {f(off.get('close'))} | {g(rc)} |\n")
     med = lambda v: f"**{statistics.median(v):.3f}×**" if v else "–"  # noqa: E731
     text += f"| median | | | | {med(ka)} | | | {med(close)} |\n"
+    out.append(text)
+    out.append("\nThe io-server's own work per request over the same runs (medians of "
+               "all starts of each arm): CPU seconds (utime+stime) per 10k requests, and "
+               "system calls per request counted by `perf stat` where it can.\n")
+    text = ("| figure | on | off | on / off |\n|---|---:|---:|---:|\n")
+    for key, what in (("ka", "keep-alive"), ("close", "Connection: close")):
+        for suffix, unit, dec in (("cpu", "CPU s / 10k req", 3), ("sys", "syscalls / req", 2)):
+            v = {arm: [p[arm][f"{key}_{suffix}"] for p in pairs
+                       if f"{key}_{suffix}" in p.get(arm, {})] for arm in (ON, OFF)}
+            if not (v[ON] and v[OFF]):
+                continue
+            on, off = statistics.median(v[ON]), statistics.median(v[OFF])
+            text += f"| {what}, {unit} | {on:.{dec}f} | {off:.{dec}f} | {on / off:.3f}× |\n"
     out.append(text)
