@@ -266,7 +266,10 @@ impl Node {
     fn allowed(&self, port: u16) -> Result<(), i32> {
         match &self.server.config.allow_ports {
             Some(allow) if !allow.allows(port) => {
-                tracing::warn!(port, allowed = %allow, "bind refused: port not in --allow-ports (EACCES)");
+                let reason = "bind refused: port not in --allow-ports (EACCES)";
+                if let Some(more) = self.server.logs.allow(reason) {
+                    tracing::warn!(port, allowed = %allow, "{reason}{more}");
+                }
                 Err(libc::EACCES)
             }
             _ => Ok(()),
