@@ -4,7 +4,8 @@
 //! connection); an idle client is closed after the idle timeout and one
 //! that talks is not; a node's connect to a blackholed address fails with
 //! ETIMEDOUT after `--connect-timeout`; a node that joins shows its
-//! ramping weight in `status`.
+//! ramping weight in `status`; a flood of strangers refused before
+//! authentication is logged once, not once or twice each.
 
 use saps_tests::*;
 use std::io::{Read, Write};
@@ -285,4 +286,44 @@ fn a_joining_node_shows_its_weight_ramping_up_in_status() {
     assert!(w2 < 100, "{later}");
     let line = timeouts_line(d);
     assert!(line.ends_with("slow start 20s"), "{line}");
+}
+
+#[test]
+fn a_flood_of_refused_strangers_is_logged_once_not_once_or_twice_each() {
+    use std::os::unix::net::UnixStream;
+    const STRANGERS: usize = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let io = io_server(
+        d,
+        &[
+            "--max-handshakes",
+            "400",
+            "--max-handshakes-per-source",
+            "400",
+        ],
+    );
+    // Each announces a frame far over the pre-authentication limit: the
+    // io-server closes it at once.
+    for i in 0..STRANGERS {
+        let mut s = UnixStream::connect(d.join("saps.sock")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(&200_000u32.to_be_bytes()).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(!rest.is_empty(), "stranger {i} got its GoAway");
+    }
+    let failed = wait_for(Duration::from_secs(20), || {
+        let status = io_server_status(d)?;
+        status
+            .contains(&format!("failed {STRANGERS};"))
+            .then_some(())
+    });
+    assert!(failed.is_some(), "{:?}", io_server_status(d));
+    let log = io.stderr();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("exceeds the limit"))
+        .count();
+    assert_eq!(lines, 1, "one line for {STRANGERS} refusals:\n{log}");
 }
