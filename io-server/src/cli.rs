@@ -97,7 +97,8 @@ pub fn overlay(mut file: Config, cli: Config, m: &ArgMatches) -> Config {
         client_idle_timeout,
         half_closed_timeout,
         connect_timeout,
-        slow_start
+        slow_start,
+        node_request_timeout
     );
     file
 }

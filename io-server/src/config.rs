@@ -47,6 +47,10 @@ pub const DEFAULT_HALF_CLOSED_TIMEOUT: u64 = 60;
 /// kernel gives up after seven, about 127 s); haproxy's usual 5 s is for
 /// a backend on the same LAN, not a destination on the Internet.
 pub const DEFAULT_CONNECT_TIMEOUT: u64 = 30;
+/// Default `--node-request-timeout`, in seconds: longer than
+/// `--node-timeout`, so a node that is only slow is not given up before
+/// one that is dead is dropped.
+pub const DEFAULT_NODE_REQUEST_TIMEOUT: u64 = 10;
 
 /// `--scheduler`: how a listener group picks a member per client connection.
 #[derive(
@@ -215,6 +219,12 @@ pub struct Config {
     /// `slowstart`; 0: its full weight at once).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub slow_start: u64,
+    /// A same-host node that takes no handed-over client socket for this
+    /// many seconds (its hand-off socket full) while its channel lives is
+    /// given no more: its clients are relayed from then on, and those
+    /// waiting go to a member again (0: wait for ever).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_NODE_REQUEST_TIMEOUT)]
+    pub node_request_timeout: u64,
 }
 
 impl Default for Config {
@@ -248,6 +258,7 @@ impl Default for Config {
             half_closed_timeout: DEFAULT_HALF_CLOSED_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             slow_start: 0,
+            node_request_timeout: DEFAULT_NODE_REQUEST_TIMEOUT,
         }
     }
 }
@@ -370,6 +381,7 @@ mod tests {
             half-closed-timeout = 30
             connect-timeout = 10
             slow-start = 20
+            node-request-timeout = 4
             "#,
         )
         .unwrap();
@@ -388,6 +400,7 @@ mod tests {
         assert!(c.allow_connect_local);
         assert_eq!((c.client_idle_timeout, c.half_closed_timeout), (600, 30));
         assert_eq!((c.connect_timeout, c.slow_start), (10, 20));
+        assert_eq!(c.node_request_timeout, 4);
         let e = toml::from_str::<Config>("schedular = \"rr\"").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
     }

@@ -108,14 +108,15 @@ pub struct Status {
     pub timeouts: Timeouts,
 }
 
-/// `--client-idle-timeout`, `--half-closed-timeout`, `--connect-timeout`
-/// and `--slow-start` (seconds, 0: off), and the connections each timeout
+/// `--client-idle-timeout`, `--half-closed-timeout`, `--connect-timeout`,
+/// `--node-request-timeout` and `--slow-start` (seconds, 0: off), and the connections each timeout
 /// closed so far (`timeouts.rs`).
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Timeouts {
     pub client_idle_secs: u64,
     pub half_closed_secs: u64,
     pub connect_secs: u64,
+    pub node_request_secs: u64,
     pub slow_start_secs: u64,
     /// Client connections closed for moving no byte.
     pub idle_closed: u64,
@@ -239,6 +240,7 @@ impl Status {
                 client_idle_secs: c.client_idle_timeout,
                 half_closed_secs: c.half_closed_timeout,
                 connect_secs: c.connect_timeout,
+                node_request_secs: c.node_request_timeout,
                 slow_start_secs: c.slow_start,
                 idle_closed: server.timed_out.idle.load(Ordering::Relaxed),
                 half_closed_closed: server.timed_out.half_closed.load(Ordering::Relaxed),
@@ -340,13 +342,14 @@ impl fmt::Display for Status {
         writeln!(
             f,
             "Timeouts: client idle {}s (closed {}), half-closed {}s (closed {}), \
-             connect {}s (timed out {}); slow start {}s",
+             connect {}s (timed out {}), node request {}s; slow start {}s",
             t.client_idle_secs,
             t.idle_closed,
             t.half_closed_secs,
             t.half_closed_closed,
             t.connect_secs,
             t.connects_timed_out,
+            t.node_request_secs,
             t.slow_start_secs
         )?;
         let l = &self.limits;
