@@ -37,6 +37,8 @@ import threading
 import time
 import urllib.request
 
+import hardening
+
 BEGIN = "<!-- bench/run:begin -->"
 END = "<!-- bench/run:end -->"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -515,7 +517,7 @@ class Bench:
         d = self.dir(f"{kind}-{app}")
         www = os.path.join(d, "www")
         try:
-            if kind in ("unix-1", "unix-2", "tcp-1", "unix-1-zr"):
+            if kind in ("unix-1", "unix-2", "tcp-1", "unix-1-zr", hardening.OFF):
                 p = self.cluster(s, kind, d, app)
             else:
                 make_site(d, "a")
@@ -565,7 +567,8 @@ class Bench:
         control = os.path.join(d, "control.sock")
         io = self.spawn(s, "io-server", [
             self.io_server, "--fabric", fabric, "--address", "127.0.0.1",
-            "--token-file", self.token, "--control", control, "--scheduler", "rr"])
+            "--token-file", self.token, "--control", control, "--scheduler", "rr",
+            *(hardening.OFF_FLAGS if kind == hardening.OFF else ())])
         s.gateway.append(io.pid)
         wait_until("io-server control socket", 30,
                    lambda: os.path.exists(control), self.procs, io)
@@ -938,13 +941,16 @@ class Run:
         if not have("apache2"):
             servers = [t for t in servers if t[1] != "apache"]
         results = {"main": [], "tracing": [], "servers": [], "gateway": [],
-                   "gateway_skipped": None, "interleaved": []}
+                   "gateway_skipped": None, "interleaved": [], "hardening": []}
         for k, label in main:
             log(f"{label} ...")
             results["main"].append((k, label, self.main_setup(k, label)))
         if self.b.zero_relay and (not only or "interleaved" in only):
             results["interleaved"] = self.interleaved(
                 [(k, LABELS[k]) for k in ("direct", "zero-relay", "unix-1-zr")])
+        if not only or "hardening" in only:
+            log("hardening cost: bounds and timeouts on against off, alternating ...")
+            results["hardening"] = hardening.run(self, wrk, self.quick)
         if self.gateway_cpu and (not only or "gateway-bound" in only):
             limit, why = CpuLimit.make(self.gateway_cpu)
             if limit is None:
@@ -1111,6 +1117,8 @@ def report(results, command, quick, zero_relay, load_before, load_after, errors,
         main_tables(out, results["main"])
     if results["interleaved"]:
         interleaved_table(out, results["interleaved"])
+    if results["hardening"]:
+        hardening.table(out, results["hardening"], load_after)
     if results["gateway"]:
         gateway_table(out, results["gateway"], gateway_cpu)
     elif results["gateway_skipped"]:
@@ -1161,7 +1169,7 @@ def main():
     ap.add_argument("--only", default="",
                     help="comma-separated setups (direct,haproxy,haproxy-1,embedded,zero-relay,"
                          "unix-1,unix-1-zr,unix-2,tcp-1,tracing,servers,gateway-bound,"
-                         "interleaved)")
+                         "interleaved,hardening)")
     ap.add_argument("--gateway-cpu", type=float, default=0.25, metavar="SHARE",
                     help="the share of one CPU the gateway gets in the gateway-bound "
                          "runs (0: no such runs)")

@@ -306,8 +306,10 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
             match r {
                 Ok(0) => ch.transport_closed("the peer closed the fabric connection"),
                 Ok(_) => {
+                    // The owner hears the reason in its `Closed` event and
+                    // logs it (the io-server rate-limited): once is enough.
                     if let Err(e) = ch.handle_input_buf(&mut buf) {
-                        tracing::warn!(reason = %e, "closing fabric channel");
+                        tracing::debug!(reason = %e, "closing fabric channel");
                     }
                 }
                 Err(e) => ch.transport_closed(&format!("fabric read failed: {e}")),

@@ -190,8 +190,11 @@ async fn garbage_on_a_listener_closes_that_channel_with_a_logged_reason_and_the_
 ) {
     let logs = Logs::default();
     let writer = logs.clone();
+    // The fabric logs the reason at debug level: its owner hears it in
+    // the `Closed` event and logs it once (the io-server, rate-limited).
     let subscriber = tracing_subscriber::fmt()
         .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
         .with_writer(move || writer.clone())
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);

@@ -102,7 +102,12 @@ pub fn overlay(mut file: Config, cli: Config, m: &ArgMatches) -> Config {
         max_handshakes,
         max_handshakes_per_source,
         node_ping_interval,
-        node_timeout
+        node_timeout,
+        client_idle_timeout,
+        half_closed_timeout,
+        connect_timeout,
+        slow_start,
+        node_request_timeout
     );
     file
 }

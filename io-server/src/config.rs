@@ -34,6 +34,23 @@ pub const DEFAULT_MAX_NODE_OUTPUT: u32 = 16 * 1024 * 1024;
 /// Default `--max-node-requests`: a node's requests the io-server works
 /// on at once before it stops reading that node.
 pub const DEFAULT_MAX_NODE_REQUESTS: u32 = 1024;
+/// Default `--client-idle-timeout`, in seconds: LVS's timeout of an
+/// established TCP connection (`ipvsadm --set 900 …`). A layer-4 gateway
+/// carries ssh, database and long-poll sessions, which an HTTP-sized
+/// `timeout client` (haproxy's example, 50 s) would cut.
+pub const DEFAULT_CLIENT_IDLE_TIMEOUT: u64 = 900;
+/// Default `--half-closed-timeout`, in seconds: the kernel's FIN_WAIT2
+/// bound (`tcp_fin_timeout`), between haproxy's usual `timeout
+/// client-fin` (30 s) and LVS's `tcpfin` (120 s).
+pub const DEFAULT_HALF_CLOSED_TIMEOUT: u64 = 60;
+/// Default `--connect-timeout`, in seconds: room for five SYNs (the
+/// kernel gives up after seven, about 127 s); haproxy's usual 5 s is for
+/// a backend on the same LAN, not a destination on the Internet.
+pub const DEFAULT_CONNECT_TIMEOUT: u64 = 30;
+/// Default `--node-request-timeout`, in seconds: longer than
+/// `--node-timeout`, so a node that is only slow is not given up before
+/// one that is dead is dropped.
+pub const DEFAULT_NODE_REQUEST_TIMEOUT: u64 = 10;
 
 /// Default `--metrics-interval`, in milliseconds: scrapes within a
 /// second of each other share one snapshot (Prometheus scrapes every 15 s
@@ -215,6 +232,33 @@ pub struct Config {
     /// fabric connections.
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_NODE_TIMEOUT, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub node_timeout: u64,
+    /// Close a relayed client connection that moved no byte, either way,
+    /// for this many seconds (haproxy's `timeout client`; 0: never). The
+    /// client gets a reset, the node's program ETIMEDOUT.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_CLIENT_IDLE_TIMEOUT)]
+    pub client_idle_timeout: u64,
+    /// After the node's program closed its side (its FIN went to the
+    /// client), close a relayed client connection that neither sends nor
+    /// closes for this many seconds (FIN_WAIT2-like, haproxy's `timeout
+    /// client-fin`; 0: --client-idle-timeout applies).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_HALF_CLOSED_TIMEOUT)]
+    pub half_closed_timeout: u64,
+    /// A node's outbound connect that is not established within this many
+    /// seconds fails with ETIMEDOUT (haproxy's `timeout connect`; 0: the
+    /// kernel's own, about 127 s).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_CONNECT_TIMEOUT)]
+    pub connect_timeout: u64,
+    /// A node that joins (or rejoins) gets its share of new clients ramped
+    /// up from 1 % to its full weight over this many seconds (haproxy's
+    /// `slowstart`; 0: its full weight at once).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub slow_start: u64,
+    /// A same-host node that takes no handed-over client socket for this
+    /// many seconds (its hand-off socket full) while its channel lives is
+    /// given no more: its clients are relayed from then on, and those
+    /// waiting go to a member again (0: wait for ever).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_NODE_REQUEST_TIMEOUT)]
+    pub node_request_timeout: u64,
 }
 
 impl Default for Config {
@@ -248,6 +292,11 @@ impl Default for Config {
             max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             node_ping_interval: DEFAULT_NODE_PING_INTERVAL,
             node_timeout: DEFAULT_NODE_TIMEOUT,
+            client_idle_timeout: DEFAULT_CLIENT_IDLE_TIMEOUT,
+            half_closed_timeout: DEFAULT_HALF_CLOSED_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            slow_start: 0,
+            node_request_timeout: DEFAULT_NODE_REQUEST_TIMEOUT,
         }
     }
 }
@@ -370,6 +419,11 @@ mod tests {
             metrics-timeout = 2
             metrics-max-connections = 4
             metrics-max-request = 1024
+            client-idle-timeout = 600
+            half-closed-timeout = 30
+            connect-timeout = 10
+            slow-start = 20
+            node-request-timeout = 4
             "#,
         )
         .unwrap();
@@ -391,6 +445,9 @@ mod tests {
             (c.metrics_max_connections, c.metrics_max_request),
             (4, 1024)
         );
+        assert_eq!((c.client_idle_timeout, c.half_closed_timeout), (600, 30));
+        assert_eq!((c.connect_timeout, c.slow_start), (10, 20));
+        assert_eq!(c.node_request_timeout, 4);
         let e = toml::from_str::<Config>("schedular = \"rr\"").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
     }

@@ -27,14 +27,20 @@
 //! is ([`Groups::next_queued`]). A client whose node left before its program
 //! accepted it is dispatched again like a new one ([`Groups::redispatch`],
 //! issue 17).
+//!
+//! A node that joins ramps its weight up over the slow-start period
+//! (`slowstart.rs`): the schedulers see its effective weight, which
+//! [`Groups::ramp`] recomputes at each housekeeping tick.
 
 use crate::config::SchedulerKind;
 use crate::scheduler::{self, Candidate, Scheduler};
+use crate::slowstart::Ramp;
 use crate::traffic::{Ledger, MemberId, NodeId, Scope};
 use saps_fabric::frame::bind_flags;
 use saps_fabric::ConnId;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
 
 #[cfg(test)]
 mod tests;
@@ -132,8 +138,14 @@ pub enum Placement<C> {
 pub struct Groups<C> {
     kind: SchedulerKind,
     map: BTreeMap<SocketAddr, Group<C>>,
-    /// Weights of the nodes that joined and did not leave; 0 drains.
+    /// Weights of the nodes that joined and did not leave, as the
+    /// schedulers see them (during a node's slow start, its effective
+    /// weight); 0 drains.
     weights: BTreeMap<NodeId, u32>,
+    /// The slow start period (zero: none), and the nodes ramping up, with
+    /// their own weight.
+    slow_start: Duration,
+    ramps: BTreeMap<NodeId, (Ramp, u32)>,
     ledger: Ledger,
     orphanings: u64,
 }
@@ -145,28 +157,74 @@ impl<C> Groups<C> {
             kind,
             map: BTreeMap::new(),
             weights: BTreeMap::new(),
+            slow_start: Duration::ZERO,
+            ramps: BTreeMap::new(),
             ledger: Ledger::default(),
             orphanings: 0,
         }
     }
 
-    /// A node joined with `weight`.
-    pub fn join(&mut self, node: NodeId, weight: u32) {
-        self.weights.insert(node, weight);
+    /// Nodes that join from now on ramp their weight up over `period`
+    /// (zero: they get their full weight at once).
+    pub fn set_slow_start(&mut self, period: Duration) {
+        self.slow_start = period;
+    }
+
+    /// A node joined with `weight` at `now`; with a slow start it begins
+    /// at the smallest share ([`Groups::ramp`] raises it).
+    pub fn join(&mut self, node: NodeId, weight: u32, now: Instant) {
+        let ramp = Ramp::new(now);
+        let w = match ramp.effective(weight, self.slow_start, now) {
+            Some(w) => {
+                self.ramps.insert(node, (ramp, weight));
+                w
+            }
+            None => weight,
+        };
+        self.weights.insert(node, w);
         self.ledger.open(Scope::Node(node));
+    }
+
+    /// Recomputes the effective weight of every node in its slow start at
+    /// `now`; those whose ramp is over get their own weight. Whether any
+    /// weight went up (queued clients may go then).
+    pub fn ramp(&mut self, now: Instant) -> bool {
+        let mut raised = false;
+        let period = self.slow_start;
+        self.ramps.retain(|node, (ramp, weight)| {
+            let effective = ramp.effective(*weight, period, now);
+            if let Some(w) = self.weights.get_mut(node) {
+                let next = effective.unwrap_or(*weight);
+                raised |= next > *w;
+                *w = next;
+            }
+            effective.is_some()
+        });
+        raised
+    }
+
+    /// The weight `node` ramps up to, while it is in its slow start.
+    pub fn ramping_to(&self, node: NodeId) -> Option<u32> {
+        self.ramps.get(&node).map(|&(_, w)| w)
     }
 
     /// A node left: its sockets leave their groups. The caller dispatches
     /// the queues ([`Groups::keys`]) and what the node had not accepted.
     pub fn leave(&mut self, node: NodeId) -> Unbound {
         self.weights.remove(&node);
+        self.ramps.remove(&node);
         self.ledger.forget(Scope::Node(node));
         self.unbind(node, None)
     }
 
     /// Sets a node's weight (0 drains). False if it is not here. The
-    /// caller then lets the queues go ([`Groups::next_queued`]).
+    /// caller then lets the queues go ([`Groups::next_queued`]). A node in
+    /// its slow start goes on ramping, to the new weight.
     pub fn set_weight(&mut self, node: NodeId, weight: u32) -> bool {
+        if let Some((_, w)) = self.ramps.get_mut(&node) {
+            *w = weight;
+            return self.weights.contains_key(&node);
+        }
         match self.weights.get_mut(&node) {
             Some(w) => {
                 *w = weight;
@@ -176,7 +234,7 @@ impl<C> Groups<C> {
         }
     }
 
-    /// A node's weight (0 for one not here).
+    /// A node's weight as the schedulers see it (0 for one not here).
     pub fn weight(&self, node: NodeId) -> u32 {
         self.weights.get(&node).copied().unwrap_or(0)
     }

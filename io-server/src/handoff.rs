@@ -13,6 +13,7 @@ use crate::traffic::{MemberId, NodeId};
 use crate::unaccepted::Sent;
 use saps_fabric::handoff::side;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Accepts same-host nodes' hand-off sockets until shutdown.
 pub(crate) async fn handoff_loop(server: Arc<ServerState>, listener: side::SideListener) {
@@ -98,7 +99,14 @@ async fn forward_handoffs(
             redispatch_handed(server, copy.key, h.socket, copy.peer);
             continue;
         }
-        if let Err(e) = sock.send(&h).await {
+        // A sequenced-packet send: cancelled, it sent all or nothing.
+        let sent = match server.config.node_request_timeout {
+            0 => sock.send(&h).await,
+            secs => tokio::time::timeout(Duration::from_secs(secs), sock.send(&h))
+                .await
+                .unwrap_or_else(|_| Err(std::io::Error::from_raw_os_error(libc::ETIMEDOUT))),
+        };
+        if let Err(e) = sent {
             tracing::warn!(error = %e, "hand-off socket failed; relaying again");
             // Nothing more is handed to this node: what it was given and
             // did not get goes to a member again (relayed, if to it).

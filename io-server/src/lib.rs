@@ -21,7 +21,11 @@
 //! * `ports.rs` — the groups' real listening sockets;
 //! * `dispatch.rs` — accept, then give each client to its member (hand it
 //!   over, `handoff.rs`, or relay it, `relay.rs`) or queue it;
-//! * `cluster.rs` — weight changes and a node's leaving;
+//! * `cluster.rs` — weight changes and a node's leaving; `slowstart.rs`,
+//!   a joining node's weight ramping up;
+//! * `timeouts.rs` — idle, half-closed and connect timeouts, and the
+//!   housekeeping tick; `ratelimit.rs`, refusals logged once per reason
+//!   and interval;
 //! * `unaccepted.rs` — clients given to a node its program has not
 //!   accepted yet (issue 17);
 //! * `state.rs` — what every task shares, and the tables under its lock;
@@ -44,12 +48,15 @@ mod metrics;
 mod node;
 pub mod notify;
 mod ports;
+mod ratelimit;
 mod relay;
 pub mod scheduler;
 mod server;
+mod slowstart;
 mod state;
 pub mod status;
 mod sys;
+mod timeouts;
 mod traffic;
 mod unaccepted;
 

@@ -16,6 +16,7 @@ use crate::handshakes::Permit;
 use crate::relay::{Relay, Relayed};
 use crate::state::{lock_handed, NodeEntry, ServerState, Socket};
 use crate::sys;
+use crate::timeouts;
 use crate::traffic::NodeId;
 use saps_fabric::channel::SILENT_PEER;
 use saps_fabric::endpoint::io_errno;
@@ -69,12 +70,16 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
         Some(EndpointEvent::NodeAuthenticated { node, weight }) => (node, weight),
         Some(EndpointEvent::Closed { error }) => {
             server.handshakes.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, reason = %error, "node refused");
+            if let Some(more) = server.logs.allow("node refused") {
+                tracing::warn!(%peer, reason = %error, "node refused{more}");
+            }
             return;
         }
         other => {
             server.handshakes.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, event = ?other, "node refused: unexpected first event");
+            if let Some(more) = server.logs.allow("node refused: unexpected first event") {
+                tracing::warn!(%peer, event = ?other, "node refused: unexpected first event{more}");
+            }
             return;
         }
     };
@@ -95,7 +100,7 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
                 handed: Default::default(),
             },
         );
-        st.groups.join(id, weight);
+        st.groups.join(id, weight, std::time::Instant::now());
         id
     };
     ep.handle().with(|ch| ch.welcome(id));
@@ -108,13 +113,15 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
             id,
             peer,
             remote: matches!(joined, Joined::Fabric { .. }),
-            refusals: Default::default(),
         };
         while let Some(ev) = events.recv().await {
             match ev {
                 EndpointEvent::Request { req, request } => node.request(req, request),
-                EndpointEvent::WeightChanged { weight } => {
-                    cluster::set_weight(&server, id, weight);
+                // Merged: however many Weight frames came, the latest.
+                EndpointEvent::WeightChanged => {
+                    if let Some(weight) = node.ep.take_weight() {
+                        cluster::set_weight(&server, id, weight);
+                    }
                 }
                 EndpointEvent::ConnectionClosed { conn, .. } => node.socket_closed(conn),
                 EndpointEvent::Accepted { conn } => node.handed_accepted(conn),
@@ -147,13 +154,7 @@ struct Node {
     /// Joined over a fabric (not a node of this process): `Connect` to
     /// the gateway itself is refused (`guard::connect`).
     remote: bool,
-    /// Requests refused so far: the first [`LOGGED_REFUSALS`] are logged
-    /// as warnings, the rest at debug level (a bounded log per node).
-    refusals: std::sync::atomic::AtomicU64,
 }
-
-/// How many refused requests of one node are logged as warnings.
-const LOGGED_REFUSALS: u64 = 16;
 
 /// Test hook: `SAPS_TEST_LISTEN_REPLY_DELAY_MS` holds back the answer to
 /// every successful Listen that long, while the listening socket already
@@ -233,17 +234,15 @@ impl Node {
         self.ep.respond(req, response);
     }
 
-    /// Logs a refused request (warning for the first few, then debug)
-    /// and counts it; returns `errno`.
-    fn refuse(&self, errno: i32, what: &str, reason: &str) -> i32 {
-        use std::sync::atomic::Ordering;
-        let n = self.refusals.fetch_add(1, Ordering::Relaxed) + 1;
+    /// Logs a refused request (once per reason and interval, with how
+    /// many more there were: `ratelimit.rs`) and counts it; returns
+    /// `errno`.
+    fn refuse(&self, errno: i32, what: &str, reason: &'static str) -> i32 {
         self.server.refused.fetch_add(1, Ordering::Relaxed);
         let peer = &self.peer;
-        if n <= LOGGED_REFUSALS {
-            tracing::warn!(%peer, what, reason, errno, "node request refused");
-        } else {
-            tracing::debug!(%peer, what, reason, errno, "node request refused");
+        match self.server.logs.allow(reason) {
+            Some(more) => tracing::warn!(%peer, what, reason, errno, "node request refused{more}"),
+            None => tracing::debug!(%peer, what, reason, errno, "node request refused"),
         }
         errno
     }
@@ -267,7 +266,10 @@ impl Node {
     fn allowed(&self, port: u16) -> Result<(), i32> {
         match &self.server.config.allow_ports {
             Some(allow) if !allow.allows(port) => {
-                tracing::warn!(port, allowed = %allow, "bind refused: port not in --allow-ports (EACCES)");
+                let reason = "bind refused: port not in --allow-ports (EACCES)";
+                if let Some(more) = self.server.logs.allow(reason) {
+                    tracing::warn!(port, allowed = %allow, "{reason}{more}");
+                }
                 Err(libc::EACCES)
             }
             _ => Ok(()),
@@ -338,9 +340,13 @@ impl Node {
         let opts = self
             .with_socket(conn, |s| std::mem::take(&mut s.opts))
             .unwrap_or_default();
+        let limit = timeouts::connect_timeout(&server.config);
         tokio::spawn(
             async move {
-                let result = open(server.config.address, addr, &opts).await;
+                let result = open(server.config.address, addr, &opts, limit).await;
+                if result.as_ref().is_err_and(timed_out) {
+                    server.timed_out.connect.fetch_add(1, Ordering::Relaxed);
+                }
                 let mut st = server.lock();
                 let (response, relay) = match result {
                     Ok(stream) => match ep.open_connection(conn) {
@@ -436,12 +442,20 @@ impl Node {
     }
 }
 
+/// Whether a connect failed for `--connect-timeout`.
+fn timed_out(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::TimedOut
+}
+
 /// A TCP connection to `to`, leaving from `from` (unless unspecified),
-/// with the node's pending socket options applied first.
+/// with the node's pending socket options applied first; given up with
+/// `ETIMEDOUT` (what the kernel says when its SYNs go unanswered) after
+/// `limit`.
 async fn open(
     from: IpAddr,
     to: SocketAddr,
     opts: &[(i32, i32, bytes::Bytes)],
+    limit: Option<std::time::Duration>,
 ) -> std::io::Result<tokio::net::TcpStream> {
     let sock = match to {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
@@ -454,7 +468,12 @@ async fn open(
         sys::setsockopt(sock.as_fd(), *level, *name, value)
             .map_err(std::io::Error::from_raw_os_error)?;
     }
-    let stream = sock.connect(to).await?;
+    let stream = match limit {
+        Some(limit) => tokio::time::timeout(limit, sock.connect(to))
+            .await
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::ETIMEDOUT))??,
+        None => sock.connect(to).await?,
+    };
     stream.set_nodelay(true)?;
     Ok(stream)
 }

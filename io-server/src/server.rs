@@ -12,7 +12,7 @@
 use crate::config::{Config, Stack};
 use crate::state::ServerState;
 use crate::status::Status;
-use crate::{cluster, control, handoff, handshakes, metrics, node, Error};
+use crate::{cluster, control, handoff, handshakes, metrics, node, timeouts, Error};
 use saps_fabric::handoff::side;
 use saps_fabric::transport::{FabricUrl, StreamListener, TransportRead, TransportWrite};
 use std::sync::Arc;
@@ -101,6 +101,7 @@ impl IoServer {
         if let Some(l) = metrics {
             tokio::spawn(metrics::serve(server.clone(), l));
         }
+        tokio::spawn(timeouts::housekeeping(server.clone()));
         Ok(IoServer { server, fabric })
     }
 
@@ -215,7 +216,9 @@ async fn fabric_loop(server: Arc<ServerState>, listener: StreamListener) {
                 let permit = match server.handshakes.admit(&source) {
                     Ok(p) => p,
                     Err(reason) => {
-                        tracing::warn!(%peer, %reason, "fabric connection refused");
+                        if let Some(more) = server.logs.allow("fabric connection refused") {
+                            tracing::warn!(%peer, %reason, "fabric connection refused{more}");
+                        }
                         return;
                     }
                 };

@@ -41,6 +41,10 @@ pub(crate) struct ServerState {
     /// Takeovers from an older process (`io-server upgrade`, issue 19),
     /// `saps_upgrades_total`: the new process bumps it and carries it on.
     pub upgrades: std::sync::atomic::AtomicU64,
+    /// Connections closed by a timeout (`timeouts.rs`).
+    pub timed_out: crate::timeouts::TimedOut,
+    /// Refusals and drops logged once per reason and interval.
+    pub logs: crate::ratelimit::LogLimit,
 }
 
 impl ServerState {
@@ -48,7 +52,11 @@ impl ServerState {
         let tables = Tables {
             nodes: BTreeMap::new(),
             next_node: 0,
-            groups: Groups::new(config.scheduler),
+            groups: {
+                let mut g = Groups::new(config.scheduler);
+                g.set_slow_start(Duration::from_secs(config.slow_start));
+                g
+            },
             ports: Ports::default(),
         };
         let handshakes = Arc::new(Handshakes::new(
@@ -66,6 +74,8 @@ impl ServerState {
             own_addrs: Vec::new(),
             refused: Default::default(),
             upgrades: Default::default(),
+            timed_out: Default::default(),
+            logs: Default::default(),
         }
     }
 

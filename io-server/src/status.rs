@@ -44,6 +44,9 @@ pub struct NodeStatus {
     /// Connections given to it that its program has not accepted yet,
     /// kept for re-dispatch should it leave (`unaccepted.rs`).
     pub unaccepted: usize,
+    /// In its slow start: the weight it ramps up to (`weight` is the
+    /// effective one now).
+    pub ramping_to: Option<u32>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -104,6 +107,27 @@ pub struct Status {
     /// What a node may ask (issue 24), and how many of its requests were
     /// refused.
     pub limits: Limits,
+    /// The timeouts of client connections and connects, and what they
+    /// closed.
+    pub timeouts: Timeouts,
+}
+
+/// `--client-idle-timeout`, `--half-closed-timeout`, `--connect-timeout`,
+/// `--node-request-timeout` and `--slow-start` (seconds, 0: off), and the connections each timeout
+/// closed so far (`timeouts.rs`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timeouts {
+    pub client_idle_secs: u64,
+    pub half_closed_secs: u64,
+    pub connect_secs: u64,
+    pub node_request_secs: u64,
+    pub slow_start_secs: u64,
+    /// Client connections closed for moving no byte.
+    pub idle_closed: u64,
+    /// Client connections closed half-closed.
+    pub half_closed_closed: u64,
+    /// Outbound connects that timed out.
+    pub connects_timed_out: u64,
 }
 
 /// The caps on what a node may ask (`--max-window`, `--max-weight`,
@@ -184,6 +208,7 @@ impl Status {
                     counters: Counters::default(),
                     zero_relay: false,
                     unaccepted: 0,
+                    ramping_to: st.groups.ramping_to(id),
                 };
                 let handoff = n.handoff.clone();
                 (
@@ -280,6 +305,16 @@ impl Status {
                 max_node_requests: server.config.max_node_requests,
                 refused_requests: server.refused.load(std::sync::atomic::Ordering::Relaxed),
             },
+            timeouts: Timeouts {
+                client_idle_secs: c.client_idle_timeout,
+                half_closed_secs: c.half_closed_timeout,
+                connect_secs: c.connect_timeout,
+                node_request_secs: c.node_request_timeout,
+                slow_start_secs: c.slow_start,
+                idle_closed: server.timed_out.idle.load(Ordering::Relaxed),
+                half_closed_closed: server.timed_out.half_closed.load(Ordering::Relaxed),
+                connects_timed_out: server.timed_out.connect.load(Ordering::Relaxed),
+            },
         }
     }
 }
@@ -344,11 +379,13 @@ impl fmt::Display for Status {
             row(
                 f,
                 format!(
-                    "  {} ({}) from {}{}",
+                    "  {} ({}) from {}{}{}",
                     n.name,
                     n.id,
                     n.peer,
-                    if n.zero_relay { ", zero-relay" } else { "" }
+                    if n.zero_relay { ", zero-relay" } else { "" },
+                    n.ramping_to
+                        .map_or_else(String::new, |w| format!(", slow start to {w}"))
                 ),
                 n.weight.to_string(),
                 &n.counters,
@@ -369,6 +406,20 @@ impl fmt::Display for Status {
             b.node_ping_interval_secs,
             b.node_timeout_secs,
             b.silent_nodes
+        )?;
+        let t = &self.timeouts;
+        writeln!(
+            f,
+            "Timeouts: client idle {}s (closed {}), half-closed {}s (closed {}), \
+             connect {}s (timed out {}), node request {}s; slow start {}s",
+            t.client_idle_secs,
+            t.idle_closed,
+            t.half_closed_secs,
+            t.half_closed_closed,
+            t.connect_secs,
+            t.connects_timed_out,
+            t.node_request_secs,
+            t.slow_start_secs
         )?;
         let l = &self.limits;
         writeln!(

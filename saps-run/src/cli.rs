@@ -76,6 +76,13 @@ pub struct Args {
     #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
     pub zero_relay: Switch,
 
+    /// With --io-server: a request to the io-server (bind, listen,
+    /// connect, options) not answered within SECS fails the program's
+    /// call with ETIMEDOUT, while the channel stays (0: wait for ever).
+    /// Keep it above the io-server's --connect-timeout.
+    #[arg(long, value_name = "SECS", default_value_t = saps_interceptor::node::DEFAULT_REQUEST_TIMEOUT.as_secs())]
+    pub node_request_timeout: u64,
+
     /// Event-loop threads of the supervisor (and of the embedded
     /// io-server). One serves best unless relaying needs more than a core:
     /// threads of one loop wake each other for every hand-over of work.

@@ -20,8 +20,10 @@ pub async fn io_server(args: &Args) -> Result<(IoServerLink, Option<Arc<IoServer
             .token_file
             .as_deref()
             .ok_or_else(|| anyhow!("--io-server needs --token-file (the fabric's shared token)"))?;
-        let remote = RemoteIoServer::new(url, token_file, zero_relay)
+        let mut remote = RemoteIoServer::new(url, token_file, zero_relay)
             .with_context(|| format!("--io-server {url}"))?;
+        let secs = args.node_request_timeout;
+        remote.request_timeout = (secs > 0).then(|| std::time::Duration::from_secs(secs));
         return Ok((IoServerLink::Remote(remote), None));
     }
     let token = random_token();

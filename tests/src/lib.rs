@@ -84,6 +84,7 @@ fn debian_package(program: &str) -> &str {
         "killall" | "fuser" => "psmisc",
         "promtool" => "prometheus",
         "systemd-analyze" => "systemd",
+        "nft" => "nftables",
         other => other,
     }
 }

@@ -23,19 +23,26 @@
 //! the channel ends first; a handed-over one is the io-server's business
 //! (its duplicate of the socket), told by [`EndpointEvent::Accepted`].
 //!
+//! Timeouts (issue 24): the io-server's client connections are swept for
+//! silence ([`Endpoint::sweep_quiet`], `quiet.rs`); one found past its
+//! limit is aborted with `ETIMEDOUT`.
+//!
 //! Files: this one (the endpoint and its protocol calls), `router.rs` (the
 //! per-connection route table), `relay.rs` (the pumps and splicing), `io.rs`
-//! (the socket adapter and vectored writes), [`errno`] (the errno table)
-//! and `preaccept.rs` (a client kept until its program accepts it).
+//! (the socket adapter and vectored writes), [`errno`] (the errno table),
+//! `preaccept.rs` (a client kept until its program accepts it) and
+//! `quiet.rs` (idle and half-closed timeouts).
 
 pub mod errno;
 mod io;
 mod preaccept;
+mod quiet;
 mod relay;
 mod router;
 
 pub use errno::io_errno;
 pub use preaccept::{Replay, PRE_ACCEPT_MAX};
+pub use quiet::{Expiry, QuietLimits};
 pub use router::EndpointEvent;
 
 use crate::channel::{CallError, Channel};
@@ -45,12 +52,13 @@ use crate::splice::ReadySocket;
 use crate::transport::{TransportRead, TransportWrite};
 use io::SocketAdapter;
 use preaccept::PreAccept;
+use quiet::Quiet;
 use relay::{Attachment, End, Pump, Relayed};
 use router::{
     lock_router, route, Attached, Counters, Receive, Route, RouteSink, Router, Start, Track,
 };
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
@@ -62,6 +70,10 @@ use tracing::Instrument;
 pub enum EndpointError {
     #[error("the fabric channel closed: {0}")]
     Closed(String),
+    /// No answer within the endpoint's request timeout
+    /// ([`Endpoint::set_request_timeout`]); the channel stays open.
+    #[error("no answer from the io-server within {0:?}")]
+    TimedOut(std::time::Duration),
     #[error(transparent)]
     Call(#[from] CallError),
 }
@@ -98,6 +110,9 @@ struct Inner {
     router: Arc<Mutex<Router>>,
     /// io-server: tracked connections not yet accepted ([`Track`]).
     unaccepted: Arc<AtomicUsize>,
+    /// Node: how long a request may wait for its answer, in ms (0: for
+    /// ever).
+    request_timeout: AtomicU64,
 }
 
 /// A running channel with per-connection routing. Cheap to clone.
@@ -128,6 +143,7 @@ impl Endpoint {
                 handle,
                 router,
                 unaccepted: Arc::default(),
+                request_timeout: AtomicU64::new(0),
             }),
         };
         (ep, rx)
@@ -141,9 +157,19 @@ impl Endpoint {
         &self.inner.handle
     }
 
-    /// Node: sends a Figure 3 request and waits for its Response.
+    /// Node: how long [`Endpoint::request`] waits for an answer (`None`:
+    /// for ever). The liveness ping gives up a channel that went silent;
+    /// this gives up one request that a live channel does not answer.
+    pub fn set_request_timeout(&self, limit: Option<std::time::Duration>) {
+        let ms = limit.map_or(0, |d| d.as_millis().clamp(1, u64::MAX.into()) as u64);
+        self.inner.request_timeout.store(ms, Ordering::Relaxed);
+    }
+
+    /// Node: sends a Figure 3 request and waits for its Response, at most
+    /// the request timeout ([`EndpointError::TimedOut`]; a late answer is
+    /// then dropped).
     pub async fn request(&self, request: Request) -> Result<Response, EndpointError> {
-        let rx = {
+        let (req, rx) = {
             // The router lock is held across the send so the response cannot
             // be routed before its waiter is registered.
             let mut router = self.router();
@@ -153,12 +179,31 @@ impl Endpoint {
             let req = self.inner.handle.with(|ch| ch.request(request))?;
             let (tx, rx) = oneshot::channel();
             router.pending.insert(req, tx);
-            rx
+            (req, rx)
         };
-        rx.await.map_err(|_| {
+        let answer = match self.inner.request_timeout.load(Ordering::Relaxed) {
+            0 => rx.await,
+            ms => {
+                let limit = std::time::Duration::from_millis(ms);
+                match tokio::time::timeout(limit, rx).await {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        self.router().pending.remove(&req);
+                        return Err(EndpointError::TimedOut(limit));
+                    }
+                }
+            }
+        };
+        answer.map_err(|_| {
             let reason = self.router().closed.clone();
             EndpointError::Closed(reason.unwrap_or_else(|| "no response".into()))
         })
+    }
+
+    /// io-server: the node's weight announced since the last call (the
+    /// latest of them), after [`EndpointEvent::WeightChanged`].
+    pub fn take_weight(&self) -> Option<u32> {
+        self.router().weight.take()
     }
 
     /// io-server: answers request `req`.
@@ -426,7 +471,7 @@ impl Endpoint {
     pub async fn relay_client(&self, conn: ConnId, stream: Arc<TcpStream>) -> ClientRelayEnd {
         let source = stream.clone();
         let (end, stream, counters, pre) = match self
-            .run_relay(conn, SocketAdapter(stream), Some(&*source))
+            .run_relay(conn, SocketAdapter(stream), Some(&*source), true)
             .await
         {
             Relayed::Ran {
@@ -496,7 +541,7 @@ impl Endpoint {
         F: FnOnce(&S),
         T: ReadySocket,
     {
-        match self.run_relay(conn, stream, socket).await {
+        match self.run_relay(conn, stream, socket, false).await {
             Relayed::Ran {
                 end,
                 stream,
@@ -512,14 +557,21 @@ impl Endpoint {
     }
 
     /// Runs the relay of `conn` until it stops; the stream is given back
-    /// open.
-    async fn run_relay<S, T>(&self, conn: ConnId, stream: S, socket: Option<&T>) -> Relayed<S>
+    /// open. `swept`: an io-server's client connection, which
+    /// [`Endpoint::sweep_quiet`] watches.
+    async fn run_relay<S, T>(
+        &self,
+        conn: ConnId,
+        stream: S,
+        socket: Option<&T>,
+        swept: bool,
+    ) -> Relayed<S>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
         T: ReadySocket,
     {
         let span = tracing::debug_span!("relay", conn);
-        let a = match self.attach(conn, socket.is_some() && T::SPLICE_RECEIVED) {
+        let a = match self.attach(conn, socket.is_some() && T::SPLICE_RECEIVED, swept) {
             Ok(a) => a,
             Err(start) => return Relayed::NotAttached { stream, start },
         };
@@ -573,8 +625,14 @@ impl Endpoint {
     /// Attaches a relay to `conn`, replaying the events held for it;
     /// `splices`: the relay has a socket to splice payloads into. Refused
     /// (with how the connection was to start, if it was announced so)
-    /// for an unknown connection or a closed channel.
-    fn attach(&self, conn: ConnId, splices: bool) -> Result<Attachment, Option<Start>> {
+    /// for an unknown connection or a closed channel. `swept`: see
+    /// [`Endpoint::run_relay`].
+    fn attach(
+        &self,
+        conn: ConnId,
+        splices: bool,
+        swept: bool,
+    ) -> Result<Attachment, Option<Start>> {
         let mut router = self.router();
         let start = router.starts.remove(&conn);
         let (known, peer_window) = self
@@ -618,6 +676,7 @@ impl Endpoint {
                 true => Receive::Lazy,
                 false => Receive::Copy,
             },
+            quiet: swept.then(|| Quiet::new(std::time::Instant::now())),
         };
         for ev in held {
             attached.deliver(ev);

@@ -347,6 +347,9 @@ impl<T: ReadySocket> Pump<'_, T> {
                         .fetch_add(len as u64, Ordering::Relaxed);
                 }
                 Some(ConnEvent::Fin) => {
+                    // Half-closed from here (before the stream can see
+                    // its EOF): the sweeps' half-closed limit applies.
+                    self.counters.fin_written.store(true, Ordering::Relaxed);
                     wr.shutdown().await?;
                     fin_seen.store(true, Ordering::Relaxed);
                     if up_done.load(Ordering::Relaxed) {

@@ -8,6 +8,7 @@
 
 use super::errno;
 use super::preaccept::Replay;
+use super::quiet::Quiet;
 use crate::channel::{ChannelError, Event};
 use crate::driver;
 use crate::frame::{ConnId, ReqId, Request, Response};
@@ -40,8 +41,12 @@ pub enum EndpointEvent {
     /// The peer closed (or reported an error on) a connection with no relay
     /// attached, e.g. a listener or a bound socket.
     ConnectionClosed { conn: ConnId, errno: i32 },
-    /// io-server side: the node announced a new weight.
-    WeightChanged { weight: u32 },
+    /// io-server side: the node announced a new weight; the latest is
+    /// [`Endpoint::take_weight`](super::Endpoint::take_weight). Weight
+    /// frames are merged: while one change waits to be taken, later
+    /// ones replace its weight and raise no event (a node sending
+    /// millions costs one pending update, not a queue).
+    WeightChanged,
     /// io-server side: the node's program accepted `conn`, a connection
     /// handed over as a socket ([`Endpoint::hand_connection`]). A node
     /// that closes its copy unaccepted says so with a
@@ -70,6 +75,9 @@ pub(super) struct Attached {
     /// Fired on an abortive close so a relay blocked on its stream ends at once.
     pub(super) abort: Option<oneshot::Sender<i32>>,
     pub(super) receive: Receive,
+    /// io-server's client connections: what the idle sweeps saw of it
+    /// ([`Endpoint::sweep_quiet`](super::Endpoint::sweep_quiet)).
+    pub(super) quiet: Option<Quiet>,
 }
 
 /// How payloads from the fabric reach a relay's socket.
@@ -117,6 +125,9 @@ impl Attached {
 pub(super) struct Counters {
     pub(super) bytes_in: AtomicU64,
     pub(super) bytes_out: AtomicU64,
+    /// The peer's Fin was written through (the stream's write side is
+    /// shut): the connection is half-closed until the stream's EOF.
+    pub(super) fin_written: AtomicBool,
     /// io-server: kept for re-dispatch until the node's program accepts it.
     pub(super) track: Option<Arc<Track>>,
 }
@@ -197,6 +208,9 @@ pub(super) struct Router {
     /// Node: connections handed over as sockets and not yet accepted, by
     /// local id: the io-server's id of each (`None`: not kept by it).
     pub(super) handed: HashMap<ConnId, Option<ConnId>>,
+    /// io-server: the node's latest weight not taken yet
+    /// ([`EndpointEvent::WeightChanged`]).
+    pub(super) weight: Option<u32>,
 }
 
 impl Router {
@@ -291,7 +305,11 @@ pub(super) fn route_one(
             Some(EndpointEvent::Welcome { node_id })
         }
         Event::Request { req, request } => Some(EndpointEvent::Request { req, request }),
-        Event::WeightChanged { weight } => Some(EndpointEvent::WeightChanged { weight }),
+        Event::WeightChanged { weight } => router
+            .weight
+            .replace(weight)
+            .is_none()
+            .then_some(EndpointEvent::WeightChanged),
         Event::Response { req, response } => {
             match router.pending.remove(&req) {
                 Some(waiter) => {

@@ -289,3 +289,66 @@ async fn handed_accepts_go_at_once_then_together() {
         );
     }
 }
+
+/// Issue 24: Weight frames are merged: however many a node sends, its
+/// io-server has one event to handle and the latest weight to take.
+#[tokio::test]
+async fn many_weight_frames_cost_one_pending_update() {
+    let mut p = pair().await;
+    for w in 0..10_000u32 {
+        p.node.handle().with(|ch| ch.set_weight(w % 200 + 1));
+    }
+    // A request after them: routed once every Weight before it was.
+    let listen = ask_listen(&p);
+    assert_eq!(next(&mut p.server_rx).await, EndpointEvent::WeightChanged);
+    assert!(matches!(
+        next(&mut p.server_rx).await,
+        EndpointEvent::Request { .. }
+    ));
+    assert_eq!(
+        p.server.take_weight(),
+        Some(200),
+        "the last: 9999 % 200 + 1"
+    );
+    assert_eq!(p.server.take_weight(), None, "taken");
+    p.node.handle().with(|ch| ch.set_weight(3));
+    assert_eq!(next(&mut p.server_rx).await, EndpointEvent::WeightChanged);
+    assert_eq!(p.server.take_weight(), Some(3));
+    listen.abort();
+}
+
+/// Issue 24: a request a live channel does not answer fails after the
+/// request timeout, the channel stays open, and the late answer is
+/// dropped (not given to the next request).
+#[tokio::test]
+async fn an_unanswered_request_times_out_and_the_channel_stays() {
+    let mut p = pair().await;
+    p.node.set_request_timeout(Some(Duration::from_millis(200)));
+    let first = ask_listen(&p);
+    let EndpointEvent::Request { req: late, .. } = next(&mut p.server_rx).await else {
+        panic!("the request")
+    };
+    let r = timeout(LIMIT, first).await.unwrap().unwrap();
+    assert!(matches!(r, Err(EndpointError::TimedOut(_))), "{r:?}");
+    assert!(p.node.is_open());
+    p.server.respond(
+        late,
+        Response::Status {
+            errno: 99,
+            addr: None,
+        },
+    );
+    let second = ask_listen(&p);
+    let EndpointEvent::Request { req, .. } = next(&mut p.server_rx).await else {
+        panic!("the request")
+    };
+    p.server.respond(
+        req,
+        Response::Status {
+            errno: 0,
+            addr: None,
+        },
+    );
+    let r = timeout(LIMIT, second).await.unwrap().unwrap().unwrap();
+    assert_eq!(r.errno(), 0, "its own answer");
+}

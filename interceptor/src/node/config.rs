@@ -44,7 +44,17 @@ pub struct RemoteIoServer {
     /// The io-server's hand-off socket, when zero-relay applies (a
     /// same-host io-server over `unix:`): accepted clients come as sockets.
     pub handoff_side: Option<PathBuf>,
+    /// How long a request (bind, listen, connect, options) waits for the
+    /// io-server's answer before the program's call fails with ETIMEDOUT
+    /// (`None`: for ever); [`DEFAULT_REQUEST_TIMEOUT`] unless changed.
+    pub request_timeout: Option<std::time::Duration>,
 }
+
+/// Default of [`RemoteIoServer::request_timeout`] (saps-run
+/// `--node-request-timeout`): above the kernel's own give-up of a connect
+/// (about 127 s), so that the io-server's answer to a connect comes first
+/// whatever its `--connect-timeout`.
+pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(150);
 
 impl RemoteIoServer {
     /// The io-server at `url`, with the token in `token_file`. With
@@ -57,6 +67,7 @@ impl RemoteIoServer {
             _ => None,
         };
         Ok(RemoteIoServer {
+            request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
             url_text: url.to_owned(),
             url: parsed,
             token_file: token_file.to_owned(),

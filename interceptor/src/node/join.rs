@@ -47,7 +47,11 @@ pub(crate) async fn join_remote(
     let config = ChannelConfig::new(token)
         .node(me.name.clone(), me.weight)
         .liveness(DEFAULT_PING_INTERVAL, DEFAULT_PEER_TIMEOUT);
-    open(config, connect(&remote.url).await?).await
+    let welcomed = open(config, connect(&remote.url).await?).await?;
+    welcomed
+        .endpoint
+        .set_request_timeout(remote.request_timeout);
+    Ok(welcomed)
 }
 
 async fn connect(url: &FabricUrl) -> Result<(StreamReader, StreamWriter), NodeError> {

@@ -23,7 +23,9 @@ mod rejoin;
 #[cfg(test)]
 mod tests;
 
-pub use config::{EmbeddedIoServer, IoServerLink, NodeConfig, RemoteIoServer};
+pub use config::{
+    EmbeddedIoServer, IoServerLink, NodeConfig, RemoteIoServer, DEFAULT_REQUEST_TIMEOUT,
+};
 pub use error::NodeError;
 pub use program::SignalForwarder;
 

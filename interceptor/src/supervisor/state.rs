@@ -86,16 +86,18 @@ impl SupervisorState {
     }
 
     /// Sends a Figure 3 request and waits for its answer; a dead channel
-    /// answers `ENETDOWN`.
+    /// answers `ENETDOWN`, no answer within the request timeout
+    /// `ETIMEDOUT`.
     pub(crate) async fn request(&self, req: Request) -> Response {
         match self.ep().request(req).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "io-server request failed");
-                Response::Status {
-                    errno: libc::ENETDOWN,
-                    addr: None,
-                }
+                let errno = match e {
+                    saps_fabric::endpoint::EndpointError::TimedOut(_) => libc::ETIMEDOUT,
+                    _ => libc::ENETDOWN,
+                };
+                Response::Status { errno, addr: None }
             }
         }
     }

@@ -2,6 +2,7 @@
 
 use super::*;
 use std::cell::Cell;
+use std::time::{Duration, Instant};
 
 /// A client: just a number.
 type Client = u32;
@@ -28,8 +29,8 @@ fn member(node: NodeId, listener: ConnId) -> MemberId {
 /// Groups scheduling with `kind`, nodes A and B joined with weight 1.
 fn two_nodes(kind: SchedulerKind) -> Groups<Client> {
     let mut g = Groups::new(kind);
-    g.join(A, 1);
-    g.join(B, 1);
+    g.join(A, 1, Instant::now());
+    g.join(B, 1, Instant::now());
     g
 }
 
@@ -263,4 +264,38 @@ fn traffic_is_counted_for_node_group_and_member_and_forgotten_with_them() {
     assert!(t.get(Scope::Node(A)).is_none());
     assert!(t.get(Scope::Member(key, m)).is_none());
     assert_eq!(t.get(Scope::Group(key)).unwrap().total(), 3);
+}
+
+#[test]
+fn a_node_in_its_slow_start_gets_a_share_that_ramps_up_to_its_weight() {
+    let t0 = Instant::now();
+    let s = Duration::from_secs(1);
+    let mut g = Groups::<Client>::new(SchedulerKind::Wrr);
+    g.set_slow_start(10 * s);
+    g.join(A, 10, t0 - 60 * s); // long warm
+    g.join(B, 10, t0); // just joined
+    let key = port(80);
+    listen(&mut g, key, A, 10);
+    listen(&mut g, key, B, 20);
+    // Of 300 clients, how many B got.
+    let share_of_b = |g: &mut Groups<Client>| {
+        let picks: Vec<_> = (0..300).map(|c| place(g, key, c)).collect();
+        picks.iter().filter(|&&n| n == Some(B)).count()
+    };
+    assert!(g.ramp(t0), "A's ramp is over: its full weight");
+    assert_eq!((g.weight(B), g.ramping_to(B)), (1, Some(10)));
+    let b = share_of_b(&mut g);
+    assert!((25..=30).contains(&b), "1 of 11: {b}");
+    assert!(g.ramp(t0 + 5 * s), "raised");
+    assert_eq!(g.weight(B), 5);
+    let b = share_of_b(&mut g);
+    assert!((98..=102).contains(&b), "5 of 15: {b}");
+    // The operator's weight change holds for the rest of the ramp.
+    assert!(g.set_weight(B, 20));
+    assert!(g.ramp(t0 + 5 * s));
+    assert_eq!((g.weight(B), g.ramping_to(B)), (10, Some(20)));
+    assert!(g.ramp(t0 + 10 * s));
+    assert_eq!((g.weight(B), g.ramping_to(B)), (20, None), "over");
+    assert!(!g.ramp(t0 + 11 * s));
+    assert_eq!(g.weight(A), 10, "A was never ramped (it was warm)");
 }

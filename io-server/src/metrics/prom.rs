@@ -345,5 +345,56 @@ pub fn render(s: &Status) -> String {
     for (name, help, v) in refusals {
         family(o, name, "counter", help).sample(none, v);
     }
+    let t = &s.timeouts;
+    let timeouts: [(&str, &str, u64); 5] = [
+        (
+            "saps_timeout_client_idle_seconds",
+            "--client-idle-timeout: a client connection moving no byte this long is closed (0: never).",
+            t.client_idle_secs,
+        ),
+        (
+            "saps_timeout_half_closed_seconds",
+            "--half-closed-timeout: a client connection half closed this long is closed (0: never).",
+            t.half_closed_secs,
+        ),
+        (
+            "saps_timeout_connect_seconds",
+            "--connect-timeout: a node's outbound connect not established by then fails (0: never).",
+            t.connect_secs,
+        ),
+        (
+            "saps_timeout_node_request_seconds",
+            "--node-request-timeout: a same-host node's hand-off not taken by then is given up.",
+            t.node_request_secs,
+        ),
+        (
+            "saps_slow_start_seconds",
+            "--slow-start: a joining node's weight ramps up over this long (0: at once).",
+            t.slow_start_secs,
+        ),
+    ];
+    for (name, help, v) in timeouts {
+        family(o, name, "gauge", help).sample(none, v);
+    }
+    let closed: [(&str, &str, u64); 3] = [
+        (
+            "saps_client_idle_closed_total",
+            "Client connections closed for moving no byte (--client-idle-timeout).",
+            t.idle_closed,
+        ),
+        (
+            "saps_client_half_closed_closed_total",
+            "Client connections closed half closed (--half-closed-timeout).",
+            t.half_closed_closed,
+        ),
+        (
+            "saps_connects_timed_out_total",
+            "Outbound connects of nodes that timed out (--connect-timeout).",
+            t.connects_timed_out,
+        ),
+    ];
+    for (name, help, v) in closed {
+        family(o, name, "counter", help).sample(none, v);
+    }
     out
 }

@@ -548,3 +548,59 @@ async fn a_reply_from_the_program_counts_as_its_accept() {
     let end = timeout(LIMIT, relay).await.unwrap().unwrap();
     assert!(matches!(end, ClientRelayEnd::Finished(_)), "{end:?}");
 }
+
+/// Issue 24: a sweep closes a client connection that moved no octet for
+/// the idle limit (the relay ends with ETIMEDOUT, the client gets a
+/// reset) and spares one that moved; once the node's Fin went out, the
+/// shorter half-closed limit applies. Time is the sweeps' own.
+#[tokio::test]
+async fn a_sweep_closes_a_silent_client_with_etimedout_and_spares_a_busy_one() {
+    use crate::endpoint::{Expiry, QuietLimits};
+    use std::time::Instant;
+    let mut p = pair().await;
+    let (quiet, mut quiet_client, quiet_relay, _app) = tracked(&mut p, Replay::default()).await;
+    let (busy, mut busy_client, _busy_relay, mut app) = tracked(&mut p, Replay::default()).await;
+    let s = Duration::from_secs(1);
+    let limits = QuietLimits {
+        idle: Some(10 * s),
+        half_closed: Some(2 * s),
+    };
+    let t0 = Instant::now();
+    assert_eq!(p.server.sweep_quiet(t0, &limits), []);
+    busy_client.write_all(b"hello").await.unwrap();
+    until("the busy client's octets to be relayed", || {
+        p.server.relayed_bytes(busy).0 == 5
+    })
+    .await;
+    assert_eq!(p.server.sweep_quiet(t0 + 5 * s, &limits), []);
+    assert_eq!(
+        p.server.sweep_quiet(t0 + 11 * s, &limits),
+        [(quiet, Expiry::Idle)]
+    );
+    let end = timeout(LIMIT, quiet_relay).await.unwrap().unwrap();
+    assert!(
+        matches!(end, ClientRelayEnd::Finished(ref o) if o.errno == crate::endpoint::errno::ETIMEDOUT),
+        "{end:?}"
+    );
+    let mut buf = [0u8; 8];
+    let r = timeout(LIMIT, quiet_client.read(&mut buf)).await.unwrap();
+    assert_eq!(
+        r.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+    // The node's program closes its side: the client sees EOF and keeps
+    // its side open.
+    app.shutdown().await.unwrap();
+    let r = timeout(LIMIT, busy_client.read(&mut buf)).await.unwrap();
+    assert_eq!(r.unwrap(), 0);
+    assert_eq!(
+        p.server.sweep_quiet(t0 + 20 * s, &limits),
+        [],
+        "the Fin moved"
+    );
+    assert_eq!(p.server.sweep_quiet(t0 + 21 * s, &limits), []);
+    assert_eq!(
+        p.server.sweep_quiet(t0 + 22 * s, &limits),
+        [(busy, Expiry::HalfClosed)]
+    );
+}
