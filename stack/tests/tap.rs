@@ -1,0 +1,463 @@
+//! saps-stack on a real TAP device: a namespace holds the TAP (the test's
+//! Stack owns it; the kernel there routes), a client namespace reaches the
+//! single address through a veth. Root and /dev/net/tun are needed: the
+//! tests skip with a reason without them (and fail under CI=true).
+
+use saps_stack::{Config, Connection, Listener, Stack};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The single address, on the TAP's link (TEST-NET-1).
+const SINGLE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+/// The kernel's side of the TAP, the stack's gateway.
+const TAP_GW: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// The client namespace's address (TEST-NET-2) and its router.
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+const ROUTER: &str = "198.51.100.1";
+
+/// Two namespaces: `gw` (the TAP, forwarding) and `client`, joined by a
+/// veth; removed when dropped. The stack is dropped first (field order).
+struct Net {
+    stack: Option<Stack>,
+    gw: String,
+    client: String,
+}
+
+fn sh(cmd: &str) -> Result<(), String> {
+    let o = Command::new("sh")
+        .args(["-c", cmd])
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .output()
+        .map_err(|e| e.to_string())?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))
+    }
+}
+
+/// Runs `f` in a thread that joined namespace `ns`.
+fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("namespace file");
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+}
+
+impl Net {
+    /// The layout and a stack on its TAP, or `None` (reason printed).
+    fn new(config: impl FnOnce(&mut Config)) -> Option<Net> {
+        if !nix::unistd::Uid::effective().is_root() {
+            saps_tests::cannot_run("saps-stack's TAP tests need root");
+            return None;
+        }
+        if !std::path::Path::new("/dev/net/tun").exists() {
+            saps_tests::cannot_run("no /dev/net/tun (TUN/TAP driver)");
+            return None;
+        }
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}x{n}", std::process::id() % 100_000);
+        let mut net = Net {
+            stack: None,
+            gw: format!("sstk-g{id}"),
+            client: format!("sstk-c{id}"),
+        };
+        let (g, c) = (net.gw.clone(), net.client.clone());
+        let veth = format!("ssv{id}");
+        let steps = [
+            format!("ip netns add {g}"),
+            format!("ip netns add {c}"),
+            format!("ip link add {veth} netns {g} type veth peer name {veth}p netns {c}"),
+            format!("ip -n {g} link set lo up"),
+            format!("ip -n {c} link set lo up"),
+            format!("ip -n {g} addr add {ROUTER}/24 dev {veth}"),
+            format!("ip -n {g} link set {veth} up"),
+            format!("ip -n {c} addr add {CLIENT}/24 dev {veth}p"),
+            format!("ip -n {c} link set {veth}p up"),
+            format!("ip -n {c} route add default via {ROUTER}"),
+            format!("ip netns exec {g} sysctl -qw net.ipv4.ip_forward=1"),
+        ];
+        for s in &steps {
+            if let Err(e) = sh(s) {
+                saps_tests::cannot_run(&format!("cannot make the namespaces ({e})"));
+                return None;
+            }
+        }
+        let mut cfg = Config::new(SINGLE, 24, Some(TAP_GW));
+        config(&mut cfg);
+        let tap = format!("stap{id}");
+        let name = tap.clone();
+        // The TAP is made in `gw` by opening it from a thread there.
+        let stack = in_ns(&g, move || Stack::open_tap(&name, cfg))
+            .join()
+            .unwrap();
+        net.stack = Some(stack.expect("open the TAP"));
+        for s in [
+            format!("ip -n {g} addr add {TAP_GW}/24 dev {tap}"),
+            format!("ip -n {g} link set {tap} up"),
+        ] {
+            sh(&s).expect("set the TAP up");
+        }
+        Some(net)
+    }
+
+    fn stack(&self) -> &Stack {
+        self.stack.as_ref().unwrap()
+    }
+
+    /// Runs `f` in the client namespace.
+    fn client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+        in_ns(&self.client, f)
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.stack.take();
+        let _ = sh(&format!("ip netns del {}", self.gw));
+        let _ = sh(&format!("ip netns del {}", self.client));
+    }
+}
+
+/// Waits (poll with a deadline) for `fd` to be readable.
+fn readable(fd: &impl AsFd, deadline: Instant) -> bool {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let mut p = [nix::poll::PollFd::new(
+        fd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+    nix::poll::poll(&mut p, ms).is_ok_and(|n| n > 0)
+}
+
+/// The next connection of `l`, within `within`.
+fn accept(l: &Listener, within: Duration) -> Connection {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(c) = l.try_accept() {
+            return c;
+        }
+        assert!(
+            readable(l, deadline),
+            "no connection accepted in {within:?}"
+        );
+    }
+}
+
+/// A connection's user end as a blocking stream with a timeout.
+fn stream(c: Connection) -> UnixStream {
+    let s = UnixStream::from(c.fd);
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    s
+}
+
+/// [`echo`] over a kernel TCP connection (the baseline).
+fn echo_tcp(mut s: TcpStream) -> std::io::Result<u64> {
+    let mut buf = vec![0; 64 * 1024];
+    let mut total = 0;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            s.shutdown(std::net::Shutdown::Write)?;
+            return Ok(total);
+        }
+        s.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+/// Echoes everything back, then half-closes.
+fn echo(mut s: UnixStream) -> std::io::Result<u64> {
+    let mut buf = vec![0; 64 * 1024];
+    let mut total = 0;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            s.shutdown(std::net::Shutdown::Write)?;
+            return Ok(total);
+        }
+        s.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+/// Deterministic bytes: block `i` of a xorshift stream.
+fn block(i: u64, buf: &mut [u8]) {
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+/// FNV-1a over the bytes.
+fn fnv(h: &mut u64, bytes: &[u8]) {
+    for b in bytes {
+        *h ^= u64::from(*b);
+        *h = h.wrapping_mul(0x100_0000_01b3);
+    }
+}
+
+const FNV0: u64 = 0xcbf2_9ce4_8422_2325;
+
+#[test]
+fn a_client_namespace_gets_100_mib_echoed_intact_through_the_stack() {
+    let Some(net) = Net::new(|_| {}) else { return };
+    let l = net.stack().listen(7, 16).unwrap();
+    let client = net.client(move || echo_client(SocketAddr::from((SINGLE, 7))));
+    let conn = accept(&l, Duration::from_secs(10));
+    assert_eq!(conn.local, SocketAddr::from((SINGLE, 7)));
+    assert_eq!(conn.peer.ip(), CLIENT);
+    let echoed = echo(stream(conn)).unwrap();
+    let (sent, got, total, took) = client.join().unwrap().unwrap();
+    assert_eq!(echoed, BLOCKS * BLOCK as u64);
+    assert_eq!(total, BLOCKS * BLOCK as u64);
+    assert_eq!(got, sent, "the echo differs from what was sent");
+    assert!(took < Duration::from_secs(120), "took {took:?}");
+    let st = net.stack().stats().unwrap();
+    assert_eq!(st.bytes_to_pair, total);
+    assert_eq!(st.bytes_to_net, total);
+    // The same echo by the kernel's TCP in the TAP's namespace, same run:
+    // the ratio is the figure of docs/stack.md.
+    let (bound, is_bound) = std::sync::mpsc::channel();
+    let kernel = in_ns(&net.gw, move || {
+        let l = TcpListener::bind((Ipv4Addr::new(198, 51, 100, 1), 7)).unwrap();
+        bound.send(()).unwrap();
+        echo_tcp(l.accept().unwrap().0)
+    });
+    is_bound.recv_timeout(Duration::from_secs(10)).unwrap();
+    let base = net
+        .client(|| echo_client(SocketAddr::from(([198, 51, 100, 1], 7))))
+        .join()
+        .unwrap();
+    kernel.join().unwrap().unwrap();
+    let (_, _, _, ktook) = base.unwrap();
+    let mbs = |t: Duration| total as f64 / 1e6 / t.as_secs_f64();
+    eprintln!(
+        "100 MiB each way: stack {took:?} ({:.1} MB/s), kernel {ktook:?} ({:.1} MB/s), ratio {:.2}",
+        mbs(took),
+        mbs(ktook),
+        ktook.as_secs_f64() / took.as_secs_f64()
+    );
+}
+
+const BLOCK: usize = 64 * 1024;
+const BLOCKS: u64 = 1600; // 100 MiB
+
+/// Sends [`BLOCKS`] blocks to `to` while reading the echo: (checksum
+/// sent, checksum received, bytes received, time).
+fn echo_client(to: SocketAddr) -> std::io::Result<(u64, u64, u64, Duration)> {
+    {
+        let s = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut w = s.try_clone()?;
+        let writer = std::thread::spawn(move || -> std::io::Result<u64> {
+            let (mut buf, mut h) = (vec![0; BLOCK], FNV0);
+            for i in 0..BLOCKS {
+                block(i, &mut buf);
+                fnv(&mut h, &buf);
+                w.write_all(&buf)?;
+            }
+            w.shutdown(std::net::Shutdown::Write)?;
+            Ok(h)
+        });
+        let (mut r, mut buf, mut h, mut total) = (s, vec![0; BLOCK], FNV0, 0u64);
+        let start = Instant::now();
+        loop {
+            let n = r.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            fnv(&mut h, &buf[..n]);
+            total += n as u64;
+        }
+        let sent = writer.join().unwrap()?;
+        Ok((sent, h, total, start.elapsed()))
+    }
+}
+
+#[test]
+fn a_backlog_of_n_takes_n_clients_connecting_at_once() {
+    let Some(net) = Net::new(|_| {}) else { return };
+    const N: usize = 64;
+    let l = net.stack().listen(80, N as u32).unwrap();
+    let clients: Vec<_> = (0..N)
+        .map(|_| {
+            net.client(|| {
+                TcpStream::connect_timeout(&SocketAddr::from((SINGLE, 80)), Duration::from_secs(10))
+            })
+        })
+        .collect();
+    // Every connect completes while nobody accepts: the pool held them.
+    let streams: Vec<TcpStream> = clients
+        .into_iter()
+        .map(|c| c.join().unwrap().expect("connect within the backlog"))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net.stack().stats().unwrap().accept_queued < N {
+        assert!(Instant::now() < deadline, "not all {N} queued for accept");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut peers = std::collections::HashSet::new();
+    for _ in 0..N {
+        peers.insert(accept(&l, Duration::from_secs(10)).peer);
+    }
+    assert_eq!(peers.len(), N);
+    assert!(l.try_accept().is_none());
+    drop(streams);
+}
+
+#[test]
+fn an_outbound_connect_leaves_from_the_single_address_and_a_closed_port_is_refused() {
+    let Some(net) = Net::new(|_| {}) else { return };
+    let server = net.client(|| {
+        let l = TcpListener::bind((CLIENT, 7000)).unwrap();
+        let (mut s, peer) = l.accept().unwrap();
+        s.write_all(b"from the client namespace").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = String::new();
+        s.read_to_string(&mut got).unwrap();
+        (peer, got)
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let conn = loop {
+        let c = net
+            .stack()
+            .connect(SocketAddr::from((CLIENT, 7000)))
+            .unwrap();
+        assert!(readable(&c, deadline), "connect did not finish");
+        match c.try_result().unwrap() {
+            Ok(conn) => break conn,
+            // The server thread may not listen yet.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                assert!(Instant::now() < deadline, "refused until the deadline");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("connect: {e}"),
+        }
+    };
+    assert_eq!(conn.local.ip(), SINGLE);
+    assert_eq!(conn.peer, SocketAddr::from((CLIENT, 7000)));
+    let mut s = stream(conn);
+    s.write_all(b"from the stack").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = String::new();
+    s.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "from the client namespace");
+    let (peer, theirs) = server.join().unwrap();
+    assert_eq!(
+        peer.ip(),
+        SINGLE,
+        "the connect must come from the single address"
+    );
+    assert_eq!(theirs, "from the stack");
+
+    let c = net
+        .stack()
+        .connect(SocketAddr::from((CLIENT, 7001)))
+        .unwrap();
+    assert!(readable(&c, Instant::now() + Duration::from_secs(10)));
+    let e = c.try_result().unwrap().unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED));
+}
+
+#[test]
+fn a_connect_nobody_answers_times_out_with_etimedout() {
+    let Some(net) = Net::new(|c| c.connect_timeout = Duration::from_millis(500)) else {
+        return;
+    };
+    // The router drops it without a word.
+    sh(&format!(
+        "ip -n {} route add blackhole 203.0.113.9/32",
+        net.gw
+    ))
+    .unwrap();
+    let c = net
+        .stack()
+        .connect(SocketAddr::from(([203, 0, 113, 9], 7002)))
+        .unwrap();
+    let start = Instant::now();
+    assert!(readable(&c, start + Duration::from_secs(10)));
+    let e = c.try_result().unwrap().unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ETIMEDOUT));
+    assert!(start.elapsed() >= Duration::from_millis(400));
+}
+
+#[test]
+fn a_client_reset_mid_stream_is_end_of_file_on_the_pair_and_a_user_close_with_unread_data_resets_the_client(
+) {
+    let Some(net) = Net::new(|_| {}) else { return };
+    let l = net.stack().listen(8080, 4).unwrap();
+    // 1. The client resets: SO_LINGER 0 and close.
+    let client = net.client(|| {
+        let s = TcpStream::connect((SINGLE, 8080)).unwrap();
+        (&s).write_all(b"partial").unwrap();
+        s
+    });
+    let mut s = stream(accept(&l, Duration::from_secs(10)));
+    let c = client.join().unwrap();
+    let mut got = [0; 7];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"partial");
+    socket2_linger_zero(&c);
+    drop(c);
+    let mut rest = Vec::new();
+    let r = s.read_to_end(&mut rest);
+    assert!(
+        matches!(&r, Ok(0))
+            || r.as_ref()
+                .is_err_and(|e| e.raw_os_error() == Some(libc::ECONNRESET)),
+        "after the client's RST: {r:?}"
+    );
+    let e = s.write_all(&[0; 100_000]).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPIPE));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net.stack().stats().unwrap().resets < 1 {
+        assert!(Instant::now() < deadline, "reset not counted");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // 2. The user closes with data unread: the client is reset.
+    let client = net.client(|| {
+        let mut s = TcpStream::connect((SINGLE, 8080)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"never read").unwrap();
+        let mut buf = [0; 16];
+        s.read(&mut buf)
+    });
+    let conn = accept(&l, Duration::from_secs(10));
+    // Wait until the bytes reached the pair, then close it unread.
+    assert!(readable(&conn.fd, Instant::now() + Duration::from_secs(10)));
+    drop(conn);
+    let r = client.join().unwrap();
+    assert_eq!(
+        r.map_err(|e| e.raw_os_error()),
+        Err(Some(libc::ECONNRESET)),
+        "the client must see the reset"
+    );
+}
+
+/// `SO_LINGER` 0: close sends an RST.
+fn socket2_linger_zero(s: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &l).unwrap();
+}
