@@ -8,7 +8,7 @@
 
 use crate::bridge::{Bridge, Moved, Step};
 use crate::mailbox::Mailbox;
-use crate::sys::{self, Errno};
+use crate::sys::{self, Errno, Mapped};
 use crate::tap::Tap;
 use crate::{Config, Connection, Stats};
 use nix::sys::eventfd::EventFd;
@@ -65,7 +65,11 @@ pub(crate) struct Engine {
     config: Config,
     iface: Interface,
     tap: Tap,
+    /// Declared before `buffers`: a socket drops before the memory its
+    /// buffers borrow.
     sockets: SocketSet<'static>,
+    /// Each socket's receive and send buffer (`sys::Mapped`).
+    buffers: HashMap<SocketHandle, [Mapped; 2]>,
     /// How many sockets `sockets` holds (bounded by `max_sockets`).
     count: usize,
     commands: Receiver<Command>,
@@ -114,6 +118,7 @@ impl Engine {
             iface,
             tap,
             sockets: SocketSet::new(vec![]),
+            buffers: HashMap::new(),
             count: 0,
             commands,
             wake,
@@ -206,19 +211,32 @@ impl Engine {
             }
             return None;
         }
-        let mut s = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; self.config.rx_buffer]),
-            tcp::SocketBuffer::new(vec![0; self.config.tx_buffer]),
-        );
+        let mem = match (
+            Mapped::new(self.config.rx_buffer),
+            Mapped::new(self.config.tx_buffer),
+        ) {
+            (Ok(rx), Ok(tx)) => [rx, tx],
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(errno = e, "cannot map a socket's buffers");
+                return None;
+            }
+        };
+        // SAFETY: the slices live in the socket, which `remove_socket`
+        // (or the engine's drop, `sockets` first) drops before `mem`.
+        let (rx, tx) = unsafe { (mem[0].slice(), mem[1].slice()) };
+        let mut s = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
         s.set_timeout(Some(to_smol(self.config.idle_timeout)));
         s.set_keep_alive(Some(to_smol(self.config.keep_alive)));
         s.set_nagle_enabled(false);
         self.count += 1;
-        Some(self.sockets.add(s))
+        let h = self.sockets.add(s);
+        self.buffers.insert(h, mem);
+        Some(h)
     }
 
     fn remove_socket(&mut self, h: SocketHandle) {
-        self.sockets.remove(h);
+        drop(self.sockets.remove(h));
+        self.buffers.remove(&h);
         self.count -= 1;
         if let Some(p) = self.ephemeral.remove(&h) {
             self.used_ephemeral.remove(&p);

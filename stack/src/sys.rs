@@ -143,3 +143,58 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<(), Errno> {
     }
     Ok(())
 }
+
+/// Anonymous private memory, zero-filled and backed by pages only as they
+/// are first touched (a socket's buffer: an idle connection costs the
+/// pages its data passed through, not the buffer's size); unmapped when
+/// dropped.
+pub struct Mapped {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value alone.
+unsafe impl Send for Mapped {}
+
+impl Mapped {
+    pub fn new(len: usize) -> Result<Mapped, Errno> {
+        // SAFETY: a fresh anonymous mapping, no address requested.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len.max(1),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(last());
+        }
+        Ok(Mapped {
+            ptr: ptr.cast(),
+            len: len.max(1),
+        })
+    }
+
+    /// The memory as a slice that outlives this borrow.
+    ///
+    /// # Safety
+    /// The caller must stop using the slice before this `Mapped` drops
+    /// (the engine drops a socket before its buffers).
+    pub unsafe fn slice(&self) -> &'static mut [u8] {
+        // SAFETY: `ptr` is a live mapping of `len` bytes (the caller
+        // keeps the slice no longer than the mapping, see above).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`.
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.len);
+        }
+    }
+}
