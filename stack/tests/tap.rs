@@ -160,6 +160,18 @@ fn a_backlog_of_n_takes_n_clients_connecting_at_once() {
         assert!(Instant::now() < deadline, "not all {N} queued for accept");
         std::thread::sleep(Duration::from_millis(10));
     }
+    // Past the backlog no listening socket is left: smoltcp answers the
+    // SYN with an RST (the kernel would drop it; docs/stack.md).
+    let over = net
+        .client(|| {
+            TcpStream::connect_timeout(&SocketAddr::from((SINGLE, 80)), Duration::from_secs(10))
+        })
+        .join()
+        .unwrap();
+    assert_eq!(
+        over.map(|_| ()).map_err(|e| e.raw_os_error()),
+        Err(Some(libc::ECONNREFUSED))
+    );
     let mut peers = std::collections::HashSet::new();
     for _ in 0..N {
         peers.insert(accept(&l, Duration::from_secs(10)).peer);
