@@ -182,6 +182,9 @@ impl Engine {
         backlog: usize,
         ready: Arc<Mailbox<Connection>>,
     ) -> Result<(), Errno> {
+        if self.ports.get(&port).is_some_and(|p| p.ready.is_closed()) {
+            self.close_port(port);
+        }
         if port == 0 || self.ports.contains_key(&port) || self.used_ephemeral.contains(&port) {
             return Err(libc::EADDRINUSE);
         }
@@ -275,18 +278,11 @@ impl Engine {
         let gone: Vec<u16> = self
             .ports
             .iter()
-            .filter(|(_, p)| Arc::strong_count(&p.ready) == 1)
+            .filter(|(_, p)| p.ready.is_closed())
             .map(|(k, _)| *k)
             .collect();
         for port in gone {
-            if let Some(p) = self.ports.remove(&port) {
-                for h in p.pool {
-                    self.remove_socket(h);
-                }
-                // Accepted by nobody: their pairs close, the bridges end.
-                drop(p.ready.drain());
-                tracing::debug!(port, "listener closed");
-            }
+            self.close_port(port);
         }
         let ports: Vec<u16> = self.ports.keys().copied().collect();
         for port in ports {
@@ -307,6 +303,21 @@ impl Engine {
             }
             self.refill(port);
         }
+    }
+
+    /// Closes port `port` (its [`crate::Listener`] was dropped): the pool
+    /// goes, and the user ends of the connections nobody accepted close
+    /// (their clients see end of file, or a reset if they had sent bytes;
+    /// the kernel resets them all).
+    fn close_port(&mut self, port: u16) {
+        let Some(p) = self.ports.remove(&port) else {
+            return;
+        };
+        for h in p.pool {
+            self.remove_socket(h);
+        }
+        drop(p.ready.drain());
+        tracing::debug!(port, "listener closed");
     }
 
     /// A pool socket that left LISTEN: bridged and queued for accept.
@@ -406,7 +417,7 @@ impl Engine {
             let s = self.sockets.get_mut::<tcp::Socket>(p.handle);
             let result = match s.state() {
                 State::SynSent | State::SynReceived
-                    if now < p.deadline && Arc::strong_count(&p.outcome) > 1 =>
+                    if now < p.deadline && !p.outcome.is_closed() =>
                 {
                     i += 1;
                     continue;

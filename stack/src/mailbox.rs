@@ -7,6 +7,7 @@
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A bounded queue with a readiness fd; `wake` (the stack's own eventfd)
@@ -17,6 +18,8 @@ pub(crate) struct Mailbox<T> {
     capacity: usize,
     ready: EventFd,
     wake: Arc<EventFd>,
+    /// The user side is gone ([`Mailbox::close`]).
+    closed: AtomicBool,
 }
 
 impl<T> Mailbox<T> {
@@ -27,6 +30,7 @@ impl<T> Mailbox<T> {
             capacity,
             ready: EventFd::from_value_and_flags(0, flags)?,
             wake,
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -56,6 +60,18 @@ impl<T> Mailbox<T> {
         let item = self.lock().pop_front();
         let _ = self.wake.write(1);
         item
+    }
+
+    /// The user is done with it: the thread is woken to clean up at once
+    /// (a port closed is free for the next `listen` at once, as with the
+    /// kernel).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let _ = self.wake.write(1);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// Everything still waiting (when the owner goes away).

@@ -136,6 +136,12 @@ impl Listener {
     }
 }
 
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.ready.close();
+    }
+}
+
 impl AsFd for Listener {
     /// Readable while a connection waits.
     fn as_fd(&self) -> BorrowedFd<'_> {
@@ -155,6 +161,12 @@ impl Connecting {
     pub fn try_result(&self) -> Option<Result<Connection, std::io::Error>> {
         let r = self.outcome.pop()?;
         Some(r.map_err(std::io::Error::from_raw_os_error))
+    }
+}
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        self.outcome.close();
     }
 }
 

@@ -172,6 +172,13 @@ fn a_backlog_of_n_takes_n_clients_connecting_at_once() {
         over.map(|_| ()).map_err(|e| e.raw_os_error()),
         Err(Some(libc::ECONNREFUSED))
     );
+    let st = net.stack().stats().unwrap();
+    assert_eq!(st.by_state.get("ESTABLISHED"), Some(&N));
+    assert_eq!(
+        st.by_state.get("LISTEN"),
+        None,
+        "pool and queue exceed the backlog"
+    );
     let mut peers = std::collections::HashSet::new();
     for _ in 0..N {
         peers.insert(accept(&l, Duration::from_secs(10)).peer);
@@ -179,6 +186,68 @@ fn a_backlog_of_n_takes_n_clients_connecting_at_once() {
     assert_eq!(peers.len(), N);
     assert!(l.try_accept().is_none());
     drop(streams);
+    // Each accept gave its place back: the pool takes N more.
+    let again: Vec<_> = (0..N)
+        .map(|_| net.client(|| TcpStream::connect((SINGLE, 80))))
+        .collect();
+    for c in again {
+        c.join()
+            .unwrap()
+            .expect("connect after the pool was refilled");
+    }
+    for _ in 0..N {
+        accept(&l, Duration::from_secs(10));
+    }
+}
+
+/// A client's connect to the single address: Ok or the errno.
+fn connect_errno(net: &Net, port: u16) -> Result<TcpStream, Option<i32>> {
+    net.client(move || {
+        TcpStream::connect_timeout(&SocketAddr::from((SINGLE, port)), Duration::from_secs(10))
+    })
+    .join()
+    .unwrap()
+    .map_err(|e| e.raw_os_error())
+}
+
+#[test]
+fn a_dropped_listener_frees_its_port_at_once() {
+    let Some(net) = Net::new(|_| {}) else { return };
+    let l = net.stack().listen(9000, 4).unwrap();
+    connect_errno(&net, 9000).expect("listening");
+    drop(l);
+    // Bound again at once, as the kernel allows (iperf3 does, per test).
+    let l = net.stack().listen(9000, 4).unwrap();
+    connect_errno(&net, 9000).expect("listening again");
+    drop(l);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net.stack().stats().unwrap().listening_ports > 0 {
+        assert!(Instant::now() < deadline, "port not closed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        connect_errno(&net, 9000).err(),
+        Some(Some(libc::ECONNREFUSED))
+    );
+}
+
+#[test]
+fn the_socket_limit_bounds_the_pool_and_refuses_connects_with_enobufs() {
+    let Some(net) = Net::new(|c| c.max_sockets = 4) else {
+        return;
+    };
+    let _l = net.stack().listen(80, 8).unwrap();
+    let st = net.stack().stats().unwrap();
+    assert_eq!(st.sockets, 4);
+    assert_eq!(st.by_state.get("LISTEN"), Some(&4));
+    assert!(st.refused_max_sockets > 0);
+    let c = net
+        .stack()
+        .connect(SocketAddr::from((CLIENT, 7000)))
+        .unwrap();
+    assert!(readable(&c, Instant::now() + Duration::from_secs(10)));
+    let e = c.try_result().unwrap().unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOBUFS));
 }
 
 #[test]
