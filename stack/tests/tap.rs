@@ -103,6 +103,27 @@ fn a_client_namespace_gets_100_mib_echoed_intact_through_the_stack() {
     );
 }
 
+/// Not a check: the 100 MiB echo with idle listening sockets in the set
+/// (added first, so every segment walks past them), for the notes. Run
+/// with `cargo test --release -p saps-stack --test tap -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn echo_throughput_with_idle_sockets_in_the_set() {
+    for idle in [0u32, 1000, 4000, 0, 1000, 4000] {
+        let Some(net) = Net::new(|c| c.max_sockets = 5000) else {
+            return;
+        };
+        let _idle = (idle > 0).then(|| net.stack().listen(81, idle).unwrap());
+        let l = net.stack().listen(7, 1).unwrap();
+        let client = net.client(move || echo_client(SocketAddr::from((SINGLE, 7))));
+        echo(stream(accept(&l, Duration::from_secs(10)))).unwrap();
+        let (sent, got, total, took) = client.join().unwrap().unwrap();
+        assert_eq!(sent, got);
+        let mbs = total as f64 / 1e6 / took.as_secs_f64();
+        eprintln!("{idle:>5} idle sockets: 100 MiB each way in {took:?}, {mbs:.1} MB/s");
+    }
+}
+
 const BLOCK: usize = 64 * 1024;
 const BLOCKS: u64 = 1600; // 100 MiB
 
