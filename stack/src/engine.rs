@@ -501,6 +501,12 @@ impl Engine {
         if let Err(e) = sys::poll(&mut self.pollfds, ms) {
             tracing::warn!(errno = e, "poll failed");
         }
+        if self.pollfds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            // The device was removed under the stack (or the fd broke):
+            // nothing more can be served; stop rather than spin.
+            tracing::error!("the TAP device failed: the stack stops");
+            self.stop.store(true, Ordering::Release);
+        }
         if self.pollfds[1].revents != 0 {
             let _ = self.wake.read();
         }

@@ -16,6 +16,9 @@ pub struct TapCounters {
     pub tx_frames: u64,
     /// Frames not written (the TAP's queue full, or its link down).
     pub tx_drops: u64,
+    /// A drop was logged; re-armed by the next frame written.
+    #[doc(hidden)]
+    pub dropping: bool,
 }
 
 /// An open TAP device.
@@ -71,8 +74,18 @@ impl phy::TxToken for TxToken<'_> {
         }
         let r = f(&mut self.buf[..len]);
         match sys::write_frame(self.fd, &self.buf[..len]) {
-            Ok(_) => self.counters.tx_frames += 1,
-            Err(_) => self.counters.tx_drops += 1,
+            Ok(_) => {
+                self.counters.tx_frames += 1;
+                self.counters.dropping = false;
+            }
+            Err(e) => {
+                self.counters.tx_drops += 1;
+                if !self.counters.dropping {
+                    self.counters.dropping = true;
+                    let error = std::io::Error::from_raw_os_error(e);
+                    tracing::warn!(%error, "frames dropped: the TAP's link is down or its queue full");
+                }
+            }
         }
         r
     }

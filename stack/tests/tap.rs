@@ -221,6 +221,18 @@ fn a_backlog_of_n_takes_n_clients_connecting_at_once() {
     }
 }
 
+#[test]
+fn the_stack_stops_when_its_tap_device_is_removed() {
+    let Some(net) = Net::new(|_| {}) else { return };
+    net.stack().stats().expect("running");
+    sh(&format!("ip -n {} link del {}", net.gw, net.tap)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net.stack().stats().is_ok() {
+        assert!(Instant::now() < deadline, "still running without its TAP");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A client's connect to the single address: Ok or the errno.
 fn connect_errno(net: &Net, port: u16) -> Result<TcpStream, Option<i32>> {
     net.client(move || {

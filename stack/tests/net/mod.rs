@@ -28,6 +28,7 @@ pub struct Net {
     stack: Option<Stack>,
     pub gw: String,
     pub client: String,
+    pub tap: String,
 }
 
 pub fn sh(cmd: &str) -> Result<(), String> {
@@ -74,6 +75,7 @@ impl Net {
             stack: None,
             gw: format!("sstk-g{id}"),
             client: format!("sstk-c{id}"),
+            tap: format!("stap{id}"),
         };
         let (g, c) = (net.gw.clone(), net.client.clone());
         let veth = format!("ssv{id}");
@@ -98,7 +100,7 @@ impl Net {
         }
         let mut cfg = Config::new(SINGLE, 24, Some(TAP_GW));
         config(&mut cfg);
-        let tap = format!("stap{id}");
+        let tap = net.tap.clone();
         let name = tap.clone();
         // The TAP is made in `gw` by opening it from a thread there.
         let stack = in_ns(&g, move || Stack::open_tap(&name, cfg))
