@@ -9,7 +9,7 @@ use crate::tap::Tap;
 use crate::{os, sys, Config, Connection, Error, Stats};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
@@ -161,6 +161,19 @@ impl Connecting {
     pub fn try_result(&self) -> Option<Result<Connection, std::io::Error>> {
         let r = self.outcome.pop()?;
         Some(r.map_err(std::io::Error::from_raw_os_error))
+    }
+}
+
+/// For tokio's `AsyncFd`, which asks `AsRawFd`.
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
+    }
+}
+
+impl AsRawFd for Connecting {
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
     }
 }
 

@@ -233,6 +233,62 @@ fn the_stack_stops_when_its_tap_device_is_removed() {
     }
 }
 
+/// `fd` under the runtime's reactor.
+fn register<T: std::os::fd::AsRawFd>(fd: T) -> tokio::io::unix::AsyncFd<T> {
+    // SAFETY: `fd` moves into the AsyncFd, so its descriptor stays open
+    // and names the same eventfd for the AsyncFd's whole life.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }
+        .map_err(|e| e.into_parts().1)
+        .unwrap()
+}
+
+#[test]
+fn a_listener_and_a_connect_are_awaited_through_tokio_asyncfd() {
+    let Some(net) = Net::new(|_| {}) else { return };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _in_rt = rt.enter();
+    let l = register(net.stack().listen(80, 8).unwrap());
+    let client = net.client(|| TcpStream::connect((SINGLE, 80)));
+    let accepted = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let mut ready = l.readable().await.unwrap();
+                if let Some(c) = ready.get_inner().try_accept() {
+                    return c;
+                }
+                ready.clear_ready();
+            }
+        })
+        .await
+        .expect("accepted within 10 s")
+    });
+    assert_eq!(accepted.peer.ip(), CLIENT);
+    client.join().unwrap().unwrap();
+    // A refused connect, awaited the same way.
+    let c = register(
+        net.stack()
+            .connect(SocketAddr::from((CLIENT, 7001)))
+            .unwrap(),
+    );
+    let r = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let mut ready = c.readable().await.unwrap();
+                if let Some(r) = ready.get_inner().try_result() {
+                    return r;
+                }
+                ready.clear_ready();
+            }
+        })
+        .await
+        .expect("outcome within 10 s")
+    });
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::ECONNREFUSED));
+}
+
 /// A client's connect to the single address: Ok or the errno.
 fn connect_errno(net: &Net, port: u16) -> Result<TcpStream, Option<i32>> {
     net.client(move || {
