@@ -93,7 +93,11 @@ pub fn overlay(mut file: Config, cli: Config, m: &ArgMatches) -> Config {
         max_handshakes,
         max_handshakes_per_source,
         node_ping_interval,
-        node_timeout
+        node_timeout,
+        max_conn_per_node,
+        max_conn_per_group,
+        max_queue,
+        queue_timeout
     );
     file
 }

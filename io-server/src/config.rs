@@ -35,6 +35,24 @@ pub const DEFAULT_MAX_NODE_OUTPUT: u32 = 16 * 1024 * 1024;
 /// on at once before it stops reading that node.
 pub const DEFAULT_MAX_NODE_REQUESTS: u32 = 1024;
 
+/// Default `--max-conn-per-node`: no limit of its own, as haproxy's
+/// server `maxconn` and LVS's upper threshold (0); what a node holds
+/// unaccepted is bounded by its program's listen backlog.
+pub const DEFAULT_MAX_CONN_PER_NODE: u32 = 0;
+/// Default `--max-conn-per-group`: 0, derived from the io-server's
+/// descriptor limit as haproxy derives its global `maxconn` from
+/// `ulimit -n` ([`Config::group_max_conn`]).
+pub const DEFAULT_MAX_CONN_PER_GROUP: u32 = 0;
+/// Descriptors kept out of [`Config::group_max_conn`]'s derived limit
+/// for everything else (nodes, hand-offs, control, queued clients).
+pub const RESERVED_FDS: u64 = 1024;
+/// Default `--max-queue`: clients one group keeps waiting for a member
+/// (beyond, they wait in the kernel's accept queue).
+pub const DEFAULT_MAX_QUEUE: u32 = 1024;
+/// Default `--queue-timeout`, in seconds: haproxy's `timeout queue` of
+/// the configuration distributions ship (1m).
+pub const DEFAULT_QUEUE_TIMEOUT: u64 = 60;
+
 /// `--scheduler`: how a listener group picks a member per client connection.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, serde::Deserialize, serde::Serialize,
@@ -181,6 +199,24 @@ pub struct Config {
     /// fabric connections.
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_NODE_TIMEOUT, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub node_timeout: u64,
+    /// Connections one node's listener may have from its group at once
+    /// (haproxy's server maxconn): relayed ones until they end, handed-over
+    /// ones until its program accepts them. Beyond, clients go to another
+    /// member or wait in the group's queue. 0: no limit.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONN_PER_NODE)]
+    pub max_conn_per_node: u32,
+    /// Connections one listener group may have at once, counted as for
+    /// --max-conn-per-node. 0: the io-server's descriptor limit less 1024.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONN_PER_GROUP)]
+    pub max_conn_per_group: u32,
+    /// Clients one group keeps waiting for a member below its bounds;
+    /// beyond, new clients are left in the kernel's accept queue.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_QUEUE, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub max_queue: u32,
+    /// A client waiting longer than this many seconds in a group's queue
+    /// is closed (haproxy's `timeout queue`).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_QUEUE_TIMEOUT, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub queue_timeout: u64,
 }
 
 impl Default for Config {
@@ -210,6 +246,10 @@ impl Default for Config {
             max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             node_ping_interval: DEFAULT_NODE_PING_INTERVAL,
             node_timeout: DEFAULT_NODE_TIMEOUT,
+            max_conn_per_node: DEFAULT_MAX_CONN_PER_NODE,
+            max_conn_per_group: DEFAULT_MAX_CONN_PER_GROUP,
+            max_queue: DEFAULT_MAX_QUEUE,
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
         }
     }
 }
@@ -241,6 +281,25 @@ impl Config {
             c = c.liveness(l.interval, l.timeout);
         }
         c
+    }
+
+    /// The admission bounds of every listener group (docs/io-server.md,
+    /// "Admission"); `--max-conn-per-group` 0 is derived from the soft
+    /// descriptor limit less [`RESERVED_FDS`] (at least 64).
+    pub fn admission(&self) -> crate::groups::Limits {
+        let derived = || {
+            let soft = crate::sys::nofile_limit().unwrap_or(4096);
+            usize::try_from(soft.saturating_sub(RESERVED_FDS).max(64)).unwrap_or(usize::MAX)
+        };
+        crate::groups::Limits {
+            per_node: self.max_conn_per_node as usize,
+            per_group: match self.max_conn_per_group {
+                0 => derived(),
+                n => n as usize,
+            },
+            max_queue: self.max_queue as usize,
+            queue_timeout: std::time::Duration::from_secs(self.queue_timeout),
+        }
     }
 
     /// The liveness of node channels, `None` when `node_timeout` is 0.
@@ -328,13 +387,17 @@ mod tests {
             max-handshakes-per-source = 4
             node-ping-interval = 1
             node-timeout = 5
+            max-conn-per-node = 10
+            max-conn-per-group = 100
+            max-queue = 50
+            queue-timeout = 7
             "#,
         )
         .unwrap();
         assert_eq!(c.fabric.len(), 2);
         assert_eq!(c.scheduler, SchedulerKind::Wrr);
         assert_eq!(c.address.to_string(), "192.0.2.10");
-        assert!(c.allow_ports.unwrap().allows(8080));
+        assert!(c.allow_ports.as_ref().unwrap().allows(8080));
         assert_eq!((c.shutdown_timeout, c.window, c.threads), (5, 65536, 4));
         assert_eq!(
             (c.handshake_timeout, c.node_ping_interval, c.node_timeout),
@@ -344,6 +407,10 @@ mod tests {
         assert_eq!((c.max_window, c.max_weight), (1 << 20, 100));
         assert_eq!((c.max_node_output, c.max_node_requests), (4 << 20, 64));
         assert!(c.allow_connect_local);
+        let a = c.admission();
+        assert_eq!((a.per_node, a.per_group, a.max_queue), (10, 100, 50));
+        assert_eq!(a.queue_timeout, std::time::Duration::from_secs(7));
+        assert!(Config::default().admission().per_group >= 64, "derived");
         let e = toml::from_str::<Config>("schedular = \"rr\"").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
     }

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 /// A group's listening socket, watched by the runtime; clients are
@@ -23,6 +24,9 @@ struct Port {
     /// The listening socket, shared with the accept task.
     listening: Option<Arc<Listening>>,
     accept_task: Option<JoinHandle<()>>,
+    /// Wakes the accept task of a paused group (admission,
+    /// `Groups::resume`).
+    resume: Arc<Notify>,
 }
 
 impl Drop for Port {
@@ -54,6 +58,7 @@ impl Ports {
             socket: Some(socket),
             listening: None,
             accept_task: None,
+            resume: Arc::default(),
         };
         self.0.insert(real, port);
         Ok(real)
@@ -83,6 +88,20 @@ impl Ports {
         let l = Arc::new(l);
         port.listening = Some(l.clone());
         Ok(Some(l))
+    }
+
+    /// What wakes the accept task of port `key` once its group admits
+    /// clients again.
+    pub fn resume(&self, key: SocketAddr) -> Option<Arc<Notify>> {
+        self.0.get(&key).map(|p| p.resume.clone())
+    }
+
+    /// The kernel's accept queue of port `key`: clients waiting in it and
+    /// its bound (`TCP_INFO` of a listening socket: `tcpi_unacked`,
+    /// `tcpi_sacked`). `None` while it does not listen.
+    pub fn kernel_queue(&self, key: SocketAddr) -> Option<(u32, u32)> {
+        let l = self.0.get(&key)?.listening.as_ref()?;
+        sys::accept_queue(l.get_ref())
     }
 
     /// Keeps the accept task of port `key` (stopped with the port).

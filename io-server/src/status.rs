@@ -4,7 +4,7 @@
 //! real servers). `--metrics` serves the same report over HTTP.
 
 use crate::config::SchedulerKind;
-use crate::state::{lock_handed, NodeEntry, ServerState};
+use crate::state::{held, lock_handed, NodeEntry, ServerState};
 use crate::traffic::{NodeId, Scope, Traffic};
 use saps_fabric::ConnId;
 use std::collections::BTreeMap;
@@ -54,6 +54,11 @@ pub struct MemberStatus {
     pub listener: ConnId,
     pub weight: u32,
     pub counters: Counters,
+    /// Its program's `listen` backlog.
+    pub backlog: u32,
+    /// Clients given to it that its program has not accepted yet (known
+    /// for a node that tells of accepts; bounded by the backlog).
+    pub unaccepted: usize,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -61,6 +66,15 @@ pub struct GroupStatus {
     pub addr: SocketAddr,
     /// Clients waiting for an eligible member.
     pub queued: usize,
+    /// Clients ever queued, and those closed at the queue timeout.
+    pub queued_total: u64,
+    pub queue_timeouts: u64,
+    /// New clients are left in the kernel's accept queue now.
+    pub paused: bool,
+    /// How many times they were.
+    pub pauses: u64,
+    /// The port's kernel accept queue: clients in it, and its bound.
+    pub kernel_queue: Option<(u32, u32)>,
     /// Clients dispatched again because their node left before its
     /// program accepted them.
     pub redispatched: u64,
@@ -100,6 +114,18 @@ pub struct Status {
     /// What a node may ask (issue 24), and how many of its requests were
     /// refused.
     pub limits: Limits,
+    /// The admission bounds of every group (docs/io-server.md "Admission").
+    pub admission: AdmissionLimits,
+}
+
+/// `--max-conn-per-node` (0: none), `--max-conn-per-group` (as in force),
+/// `--max-queue`, `--queue-timeout`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct AdmissionLimits {
+    pub max_conn_per_node: usize,
+    pub max_conn_per_group: usize,
+    pub max_queue: usize,
+    pub queue_timeout_secs: u64,
 }
 
 /// The caps on what a node may ask (`--max-window`, `--max-weight`,
@@ -164,6 +190,11 @@ impl Status {
             .map(|(addr, g)| GroupStatus {
                 addr,
                 queued: g.queued(),
+                queued_total: g.queue_counts().0,
+                queue_timeouts: g.queue_counts().1,
+                paused: g.paused().0,
+                pauses: g.paused().1,
+                kernel_queue: st.ports.kernel_queue(addr),
                 redispatched: g.redispatched(),
                 counters: counters(&st.nodes, traffic.get(Scope::Group(addr))),
                 members: g
@@ -177,13 +208,25 @@ impl Status {
                             listener: m.listener,
                             weight: st.groups.weight(m.node),
                             counters: counters(&st.nodes, traffic.get(Scope::Member(addr, m))),
+                            backlog: g.backlog(m),
+                            unaccepted: {
+                                let h = held(&st.nodes, m);
+                                h.relayed + h.handed
+                            },
                         }
                     })
                     .collect(),
             })
             .collect();
         groups.sort_by_key(|g| g.addr);
+        let a = st.groups.limits();
         drop(st);
+        let admission = AdmissionLimits {
+            max_conn_per_node: a.per_node,
+            max_conn_per_group: a.per_group,
+            max_queue: a.max_queue,
+            queue_timeout_secs: a.queue_timeout.as_secs(),
+        };
         let h = &server.handshakes;
         let c = &server.config;
         let fabric = FabricStatus {
@@ -211,6 +254,7 @@ impl Status {
                 max_node_requests: server.config.max_node_requests,
                 refused_requests: server.refused.load(std::sync::atomic::Ordering::Relaxed),
             },
+            admission,
         }
     }
 }
@@ -254,6 +298,9 @@ impl fmt::Display for Status {
             if g.redispatched > 0 {
                 queued += &format!(" redispatched {}", g.redispatched);
             }
+            if g.paused {
+                queued += " paused";
+            }
             row(
                 f,
                 format!("TCP  {} {}{queued}", g.addr, self.scheduler.name()),
@@ -268,6 +315,23 @@ impl fmt::Display for Status {
                     &m.counters,
                 )?;
             }
+            let (kq, kmax) = g.kernel_queue.unwrap_or_default();
+            let members: Vec<String> = g
+                .members
+                .iter()
+                .map(|m| format!("{} {}/{}", m.node, m.unaccepted, m.backlog))
+                .collect();
+            writeln!(
+                f,
+                "     admission: queue {}/{}, queued {}, timed out {}, kernel queue {kq}/{kmax}, \
+                 paused {} times; unaccepted/backlog: {}",
+                g.queued,
+                self.admission.max_queue,
+                g.queued_total,
+                g.queue_timeouts,
+                g.pauses,
+                members.join(", ")
+            )?;
         }
         writeln!(f)?;
         writeln!(f, "Nodes")?;
@@ -306,6 +370,18 @@ impl fmt::Display for Status {
             f,
             "Limits per node: window {} weight {} output {} requests {}; refused requests {}",
             l.max_window, l.max_weight, l.max_node_output, l.max_node_requests, l.refused_requests
+        )?;
+        let a = &self.admission;
+        writeln!(
+            f,
+            "Admission: max conn per node {} per group {}, max queue {}, queue timeout {}s",
+            match a.max_conn_per_node {
+                0 => "none".to_string(),
+                n => n.to_string(),
+            },
+            a.max_conn_per_group,
+            a.max_queue,
+            a.queue_timeout_secs
         )?;
         Ok(())
     }

@@ -355,7 +355,7 @@ async fn tracked(
     let (client, server_end) = tcp_client().await;
     let conn = p
         .server
-        .accept_connection_with(2, addr(40000), addr(80), &replay, true)
+        .accept_connection_with(2, addr(40000), addr(80), &replay, true, None)
         .unwrap();
     assert!(matches!(
         next(&mut p.node_rx).await,
