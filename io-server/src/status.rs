@@ -365,12 +365,6 @@ impl fmt::Display for Status {
             b.node_timeout_secs,
             b.silent_nodes
         )?;
-        let l = &self.limits;
-        writeln!(
-            f,
-            "Limits per node: window {} weight {} output {} requests {}; refused requests {}",
-            l.max_window, l.max_weight, l.max_node_output, l.max_node_requests, l.refused_requests
-        )?;
         let a = &self.admission;
         writeln!(
             f,
@@ -382,6 +376,12 @@ impl fmt::Display for Status {
             a.max_conn_per_group,
             a.max_queue,
             a.queue_timeout_secs
+        )?;
+        let l = &self.limits;
+        writeln!(
+            f,
+            "Limits per node: window {} weight {} output {} requests {}; refused requests {}",
+            l.max_window, l.max_weight, l.max_node_output, l.max_node_requests, l.refused_requests
         )?;
         Ok(())
     }

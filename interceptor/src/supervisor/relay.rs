@@ -28,9 +28,11 @@ pub(crate) fn spawn_relay(sh: &Arc<SupervisorState>, conn: ConnId, p: OwnedFd) {
 
 /// Relays until the connection ends, then forgets the virtual socket: the
 /// connection is over, whatever the program still holds.
-pub(crate) async fn relay(sh: &SupervisorState, conn: ConnId, p: tokio::net::UnixStream) {
+pub(crate) async fn relay(sh: &Arc<SupervisorState>, conn: ConnId, p: tokio::net::UnixStream) {
     let generation = sh.generation();
     let out = sh.ep().relay_unix(conn, p).await;
+    // P is closed: a connection short of descriptors may go.
+    super::arrival::descriptors_freed(sh);
     if sh.generation() != generation {
         // The node rejoined meanwhile: this tag may be reused already.
         return;
