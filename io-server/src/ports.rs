@@ -27,6 +27,8 @@ struct Port {
     /// Wakes the accept task of a paused group (admission,
     /// `Groups::resume`).
     resume: Arc<Notify>,
+    /// The backlog it listens with: the largest of its members'.
+    backlog: u32,
 }
 
 impl Drop for Port {
@@ -59,6 +61,7 @@ impl Ports {
             listening: None,
             accept_task: None,
             resume: Arc::default(),
+            backlog: 0,
         };
         self.0.insert(real, port);
         Ok(real)
@@ -70,7 +73,10 @@ impl Ports {
     }
 
     /// Makes port `key` listen, the first time: the listening socket, for
-    /// the caller to run its accept task. `None` if it listens already.
+    /// the caller to run its accept task. `None` if it listens already;
+    /// its kernel accept queue then grows to `backlog` if that is larger
+    /// (clients left there while the group admits no more wait in it,
+    /// `dispatch::accept_loop`: as many as its largest member would hold).
     pub fn start_listening(
         &mut self,
         key: SocketAddr,
@@ -78,12 +84,17 @@ impl Ports {
     ) -> Result<Option<Arc<Listening>>, Errno> {
         let port = self.0.get_mut(&key).ok_or(libc::EINVAL)?;
         let Some(s) = port.socket.take() else {
+            if let Some(l) = port.listening.as_ref().filter(|_| backlog > port.backlog) {
+                sys::listen(l.get_ref(), backlog)?;
+                port.backlog = backlog;
+            }
             return Ok(None);
         };
         if let Err(e) = sys::listen(&s, backlog) {
             port.socket = Some(s);
             return Err(e);
         }
+        port.backlog = backlog;
         let l = sys::register_listener(s).map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
         let l = Arc::new(l);
         port.listening = Some(l.clone());

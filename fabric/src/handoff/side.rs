@@ -313,18 +313,20 @@ impl SideSocket {
     async fn peek_then_take(&self, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
         self.0
             .async_io(Interest::READABLE, |s| {
-                let (n, fd, truncated) = {
+                let (n, fd) = {
                     let mut iov = [IoSliceMut::new(&mut *buf)];
                     let mut space = nix::cmsg_space!([RawFd; 1]);
                     let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_CMSG_CLOEXEC;
                     let msg = so::recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), flags)
                         .map_err(errno)?;
-                    let fd = first_fd(&msg)?;
-                    (msg.bytes, fd, msg.flags.contains(MsgFlags::MSG_CTRUNC))
+                    // Truncated: no room for the descriptor (the message
+                    // carries one; with none installed there is nothing
+                    // to close). It stays queued.
+                    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+                        return Err(io::Error::from_raw_os_error(libc::EMFILE));
+                    }
+                    (msg.bytes, first_fd(&msg)?)
                 };
-                if n > 0 && fd.is_none() && truncated {
-                    return Err(io::Error::from_raw_os_error(libc::EMFILE));
-                }
                 // Off the queue; the kernel closes the descriptors it held
                 // for it (ours is the peeked duplicate).
                 let mut iov = [IoSliceMut::new(&mut *buf)];

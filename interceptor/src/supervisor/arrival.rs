@@ -130,18 +130,15 @@ fn settle(sh: &Arc<SupervisorState>, id: ConnId, kind: Kind, mut placed: Placeme
 /// a task tries again every [`SHORT_RETRY`] while any waits. Logged when
 /// the node first runs short, not once per connection.
 fn short_of_descriptors(sh: &Arc<SupervisorState>, lconn: ConnId, id: ConnId, errno: i32) {
-    let first = !sh.listeners.is_short();
     sh.listeners.short_of_descriptors(lconn, id);
-    if first {
-        tracing::warn!(
-            listener = lconn,
-            errno,
-            "out of descriptors: new connections wait until the program accepts or closes some"
-        );
-    }
     if !sh.listeners.arm_retry() {
         return; // a task tries already
     }
+    tracing::warn!(
+        listener = lconn,
+        errno,
+        "out of descriptors: new connections wait until the program accepts or closes some"
+    );
     let sh2 = sh.clone();
     sh.rt.spawn(async move {
         loop {
@@ -164,6 +161,8 @@ fn short_of_descriptors(sh: &Arc<SupervisorState>, lconn: ConnId, id: ConnId, er
 /// relay ended): the connections waiting for them are placed again, in
 /// order, until one still finds none. One atomic load when none waits.
 pub(crate) fn descriptors_freed(sh: &Arc<SupervisorState>) {
+    // The supervisor's own reserve first: calls must be served.
+    sh.reserve.refill();
     let mut short = sh.listeners.take_short().into_iter();
     for (lconn, id) in short.by_ref() {
         let placed = sh.listeners.place(lconn, id, Kind::Relayed, Instant::now());
