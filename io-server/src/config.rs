@@ -41,11 +41,14 @@ pub const DEFAULT_MAX_NODE_REQUESTS: u32 = 1024;
 pub const DEFAULT_MAX_CONN_PER_NODE: u32 = 0;
 /// Default `--max-conn-per-group`: 0, derived from the io-server's
 /// descriptor limit as haproxy derives its global `maxconn` from
-/// `ulimit -n` ([`Config::group_max_conn`]).
+/// `ulimit -n` ([`Config::admission`]).
 pub const DEFAULT_MAX_CONN_PER_GROUP: u32 = 0;
-/// Descriptors kept out of [`Config::group_max_conn`]'s derived limit
-/// for everything else (nodes, hand-offs, control, queued clients).
-pub const RESERVED_FDS: u64 = 1024;
+/// Descriptors kept out of the derived `--max-conn-per-group`
+/// ([`Config::admission`]) for the io-server's own sockets: fabric and
+/// control listeners, one or two per node, the handshakes in flight (64
+/// by default). A relayed connection costs one descriptor, a handed-over
+/// one none once accepted.
+pub const RESERVED_FDS: u64 = 128;
 /// Default `--max-queue`: clients one group keeps waiting for a member
 /// (beyond, they wait in the kernel's accept queue).
 pub const DEFAULT_MAX_QUEUE: u32 = 1024;
@@ -206,7 +209,7 @@ pub struct Config {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONN_PER_NODE)]
     pub max_conn_per_node: u32,
     /// Connections one listener group may have at once, counted as for
-    /// --max-conn-per-node. 0: the io-server's descriptor limit less 1024.
+    /// --max-conn-per-node. 0: the io-server's descriptor limit less 128.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONN_PER_GROUP)]
     pub max_conn_per_group: u32,
     /// Clients one group keeps waiting for a member below its bounds;
