@@ -43,14 +43,22 @@ pub(crate) async fn accept_loop(
     let resume = server.lock().ports.resume(key).unwrap_or_default();
     let mut stop = server.shutdown.subscribe();
     let mut admits = true;
+    let mut pauses = 0u64;
     loop {
         if !admits {
-            tracing::info!(%key, "admission: every bound reached; new clients wait in the kernel's accept queue");
+            // Logged as a warning the first time, then at debug level (a
+            // burst may pause a group many times; `status` counts them).
+            pauses += 1;
+            if pauses == 1 {
+                tracing::warn!(%key, "admission: every bound reached; new clients wait in the kernel's accept queue (logged once; `status` counts the pauses)");
+            } else {
+                tracing::debug!(%key, pauses, "admission: every bound reached; new clients wait in the kernel's accept queue");
+            }
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
                 _ = resume.notified() => {}
             }
-            tracing::info!(%key, "admission: accepting again");
+            tracing::debug!(%key, "admission: accepting again");
         }
         let r = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
