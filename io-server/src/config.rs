@@ -41,14 +41,8 @@ pub const DEFAULT_MAX_NODE_REQUESTS: u32 = 1024;
 pub const DEFAULT_MAX_CONN_PER_NODE: u32 = 0;
 /// Default `--max-conn-per-group`: 0, derived from the io-server's
 /// descriptor limit as haproxy derives its global `maxconn` from
-/// `ulimit -n` ([`Config::admission`]).
+/// `ulimit -n` (`groups::Limits::new`).
 pub const DEFAULT_MAX_CONN_PER_GROUP: u32 = 0;
-/// Descriptors kept out of the derived `--max-conn-per-group`
-/// ([`Config::admission`]) for the io-server's own sockets: fabric and
-/// control listeners, one or two per node, the handshakes in flight (64
-/// by default). A relayed connection costs one descriptor, a handed-over
-/// one none once accepted.
-pub const RESERVED_FDS: u64 = 128;
 /// Default `--max-queue`: clients one group keeps waiting for a member
 /// (beyond, they wait in the kernel's accept queue).
 pub const DEFAULT_MAX_QUEUE: u32 = 1024;
@@ -286,25 +280,6 @@ impl Config {
         c
     }
 
-    /// The admission bounds of every listener group (docs/io-server.md,
-    /// "Admission"); `--max-conn-per-group` 0 is derived from the soft
-    /// descriptor limit less [`RESERVED_FDS`] (at least 64).
-    pub fn admission(&self) -> crate::groups::Limits {
-        let derived = || {
-            let soft = crate::sys::nofile_limit().unwrap_or(4096);
-            usize::try_from(soft.saturating_sub(RESERVED_FDS).max(64)).unwrap_or(usize::MAX)
-        };
-        crate::groups::Limits {
-            per_node: self.max_conn_per_node as usize,
-            per_group: match self.max_conn_per_group {
-                0 => derived(),
-                n => n as usize,
-            },
-            max_queue: self.max_queue as usize,
-            queue_timeout: std::time::Duration::from_secs(self.queue_timeout),
-        }
-    }
-
     /// The liveness of node channels, `None` when `node_timeout` is 0.
     pub fn tcp_liveness(&self) -> Option<saps_fabric::transport::TcpLiveness> {
         let secs = std::time::Duration::from_secs;
@@ -410,10 +385,8 @@ mod tests {
         assert_eq!((c.max_window, c.max_weight), (1 << 20, 100));
         assert_eq!((c.max_node_output, c.max_node_requests), (4 << 20, 64));
         assert!(c.allow_connect_local);
-        let a = c.admission();
-        assert_eq!((a.per_node, a.per_group, a.max_queue), (10, 100, 50));
-        assert_eq!(a.queue_timeout, std::time::Duration::from_secs(7));
-        assert!(Config::default().admission().per_group >= 64, "derived");
+        assert_eq!((c.max_conn_per_node, c.max_conn_per_group), (10, 100));
+        assert_eq!((c.max_queue, c.queue_timeout), (50, 7));
         let e = toml::from_str::<Config>("schedular = \"rr\"").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
     }

@@ -52,7 +52,14 @@ mod tests;
 /// (`unaccepted.rs`).
 pub const MAX_QUEUED: usize = 1024;
 
-/// The admission bounds of every group (`Config::admission`).
+/// Descriptors kept out of the derived `--max-conn-per-group`
+/// ([`Limits::new`]) for the io-server's own sockets: fabric and control
+/// listeners, one or two per node, the handshakes in flight (64 by
+/// default). A relayed connection costs one descriptor, a handed-over one
+/// none once accepted.
+pub const RESERVED_FDS: u64 = 128;
+
+/// The admission bounds of every group ([`Limits::new`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Connections one member may have at once (0: no limit).
@@ -63,6 +70,25 @@ pub struct Limits {
     pub max_queue: usize,
     /// How long a client may wait in the queue.
     pub queue_timeout: Duration,
+}
+
+impl Limits {
+    /// The bounds `config` asks for; a `--max-conn-per-group` of 0 is
+    /// derived from `nofile`, the io-server's descriptor limit, less
+    /// [`RESERVED_FDS`] (at least 64), as haproxy derives its `maxconn`
+    /// from `ulimit -n`.
+    pub fn new(config: &crate::config::Config, nofile: u64) -> Limits {
+        let derived = nofile.saturating_sub(RESERVED_FDS).max(64);
+        Limits {
+            per_node: config.max_conn_per_node as usize,
+            per_group: match config.max_conn_per_group {
+                0 => usize::try_from(derived).unwrap_or(usize::MAX),
+                n => n as usize,
+            },
+            max_queue: config.max_queue as usize,
+            queue_timeout: Duration::from_secs(config.queue_timeout),
+        }
+    }
 }
 
 impl Default for Limits {

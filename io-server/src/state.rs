@@ -54,7 +54,11 @@ impl ServerState {
         let tables = Tables {
             nodes: BTreeMap::new(),
             next_node: 0,
-            groups: Groups::with_limits(config.scheduler, config.admission()),
+            groups: {
+                let nofile = crate::sys::nofile_limit().unwrap_or(4096);
+                let limits = crate::groups::Limits::new(&config, nofile);
+                Groups::with_limits(config.scheduler, limits)
+            },
             ports: Ports::default(),
         };
         let handshakes = Arc::new(Handshakes::new(

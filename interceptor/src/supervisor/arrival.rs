@@ -89,7 +89,7 @@ fn settle(sh: &Arc<SupervisorState>, id: ConnId, kind: Kind, mut placed: Placeme
                 match pair(true) {
                     Ok((program_end, relay_end)) => {
                         sh.listeners.attach(id, program_end);
-                        spawn_relay(sh, id, relay_end);
+                        spawn_relay(sh, id, relay_end, descriptors_freed);
                     }
                     Err(e) if e == libc::EMFILE || e == libc::ENFILE => {
                         return short_of_descriptors(sh, lconn, id, e);

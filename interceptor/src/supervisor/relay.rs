@@ -12,8 +12,14 @@ pub(crate) fn to_tokio(p: OwnedFd) -> std::io::Result<tokio::net::UnixStream> {
     tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(p))
 }
 
-/// Relays P ⇄ fabric in a task.
-pub(crate) fn spawn_relay(sh: &Arc<SupervisorState>, conn: ConnId, p: OwnedFd) {
+/// Relays P ⇄ fabric in a task; `ended` runs once it is over and P is
+/// closed (a descriptor freed: `arrival::descriptors_freed`).
+pub(crate) fn spawn_relay(
+    sh: &Arc<SupervisorState>,
+    conn: ConnId,
+    p: OwnedFd,
+    ended: fn(&Arc<SupervisorState>),
+) {
     let sh2 = sh.clone();
     sh.rt.spawn(async move {
         match to_tokio(p) {
@@ -23,16 +29,15 @@ pub(crate) fn spawn_relay(sh: &Arc<SupervisorState>, conn: ConnId, p: OwnedFd) {
                 sh2.ep().close_connection(conn, libc::EIO);
             }
         }
+        ended(&sh2);
     });
 }
 
 /// Relays until the connection ends, then forgets the virtual socket: the
 /// connection is over, whatever the program still holds.
-pub(crate) async fn relay(sh: &Arc<SupervisorState>, conn: ConnId, p: tokio::net::UnixStream) {
+pub(crate) async fn relay(sh: &SupervisorState, conn: ConnId, p: tokio::net::UnixStream) {
     let generation = sh.generation();
     let out = sh.ep().relay_unix(conn, p).await;
-    // P is closed: a connection short of descriptors may go.
-    super::arrival::descriptors_freed(sh);
     if sh.generation() != generation {
         // The node rejoined meanwhile: this tag may be reused already.
         return;

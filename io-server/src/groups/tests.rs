@@ -433,3 +433,23 @@ fn clients_queued_past_the_queue_timeout_are_given_back_to_close_and_counted() {
         Placement::Queued { expire: true }
     );
 }
+
+#[test]
+fn the_bounds_come_from_the_flags_and_the_group_bound_from_the_descriptor_limit() {
+    let config = crate::config::Config {
+        max_conn_per_node: 10,
+        max_queue: 50,
+        queue_timeout: 7,
+        ..Default::default()
+    };
+    let l = Limits::new(&config, 20_000);
+    assert_eq!((l.per_node, l.max_queue), (10, 50));
+    assert_eq!(l.queue_timeout, Duration::from_secs(7));
+    assert_eq!(l.per_group, 20_000 - RESERVED_FDS as usize, "derived");
+    assert_eq!(Limits::new(&config, 100).per_group, 64, "at least 64");
+    let set = crate::config::Config {
+        max_conn_per_group: 300,
+        ..config
+    };
+    assert_eq!(Limits::new(&set, 20_000).per_group, 300, "as set");
+}
