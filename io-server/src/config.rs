@@ -69,6 +69,21 @@ pub const DEFAULT_METRICS_MAX_CONNECTIONS: u32 = 16;
 /// (`tune.bufsize`) is 16 KiB.
 pub const DEFAULT_METRICS_MAX_REQUEST: u32 = 8192;
 
+/// Default `--max-conn-per-node`: no limit of its own, as haproxy's
+/// server `maxconn` and LVS's upper threshold (0); what a node holds
+/// unaccepted is bounded by its program's listen backlog.
+pub const DEFAULT_MAX_CONN_PER_NODE: u32 = 0;
+/// Default `--max-conn-per-group`: 0, derived from the io-server's
+/// descriptor limit as haproxy derives its global `maxconn` from
+/// `ulimit -n` (`groups::Limits::new`).
+pub const DEFAULT_MAX_CONN_PER_GROUP: u32 = 0;
+/// Default `--max-queue`: clients one group keeps waiting for a member
+/// (beyond, they wait in the kernel's accept queue).
+pub const DEFAULT_MAX_QUEUE: u32 = 1024;
+/// Default `--queue-timeout`, in seconds: haproxy's `timeout queue` of
+/// the configuration distributions ship (1m).
+pub const DEFAULT_QUEUE_TIMEOUT: u64 = 60;
+
 /// `--scheduler`: how a listener group picks a member per client connection.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, serde::Deserialize, serde::Serialize,
@@ -232,6 +247,24 @@ pub struct Config {
     /// fabric connections.
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_NODE_TIMEOUT, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub node_timeout: u64,
+    /// Connections one node's listener may have from its group at once
+    /// (haproxy's server maxconn): relayed ones until they end, handed-over
+    /// ones until its program accepts them. Beyond, clients go to another
+    /// member or wait in the group's queue. 0: no limit.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONN_PER_NODE)]
+    pub max_conn_per_node: u32,
+    /// Connections one listener group may have at once, counted as for
+    /// --max-conn-per-node. 0: the io-server's descriptor limit less 128.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONN_PER_GROUP)]
+    pub max_conn_per_group: u32,
+    /// Clients one group keeps waiting for a member below its bounds;
+    /// beyond, new clients are left in the kernel's accept queue.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_QUEUE, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub max_queue: u32,
+    /// A client waiting longer than this many seconds in a group's queue
+    /// is closed (haproxy's `timeout queue`).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_QUEUE_TIMEOUT, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub queue_timeout: u64,
     /// Close a relayed client connection that moved no byte, either way,
     /// for this many seconds (haproxy's `timeout client`; 0: never). The
     /// client gets a reset, the node's program ETIMEDOUT.
@@ -292,6 +325,10 @@ impl Default for Config {
             max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             node_ping_interval: DEFAULT_NODE_PING_INTERVAL,
             node_timeout: DEFAULT_NODE_TIMEOUT,
+            max_conn_per_node: DEFAULT_MAX_CONN_PER_NODE,
+            max_conn_per_group: DEFAULT_MAX_CONN_PER_GROUP,
+            max_queue: DEFAULT_MAX_QUEUE,
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
             client_idle_timeout: DEFAULT_CLIENT_IDLE_TIMEOUT,
             half_closed_timeout: DEFAULT_HALF_CLOSED_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -415,6 +452,10 @@ mod tests {
             max-handshakes-per-source = 4
             node-ping-interval = 1
             node-timeout = 5
+            max-conn-per-node = 10
+            max-conn-per-group = 100
+            max-queue = 50
+            queue-timeout = 7
             metrics-interval = 250
             metrics-timeout = 2
             metrics-max-connections = 4
@@ -430,7 +471,7 @@ mod tests {
         assert_eq!(c.fabric.len(), 2);
         assert_eq!(c.scheduler, SchedulerKind::Wrr);
         assert_eq!(c.address.to_string(), "192.0.2.10");
-        assert!(c.allow_ports.unwrap().allows(8080));
+        assert!(c.allow_ports.as_ref().unwrap().allows(8080));
         assert_eq!((c.shutdown_timeout, c.window, c.threads), (5, 65536, 4));
         assert_eq!(
             (c.handshake_timeout, c.node_ping_interval, c.node_timeout),
@@ -440,6 +481,8 @@ mod tests {
         assert_eq!((c.max_window, c.max_weight), (1 << 20, 100));
         assert_eq!((c.max_node_output, c.max_node_requests), (4 << 20, 64));
         assert!(c.allow_connect_local);
+        assert_eq!((c.max_conn_per_node, c.max_conn_per_group), (10, 100));
+        assert_eq!((c.max_queue, c.queue_timeout), (50, 7));
         assert_eq!((c.metrics_interval, c.metrics_timeout), (250, 2));
         assert_eq!(
             (c.metrics_max_connections, c.metrics_max_request),

@@ -22,11 +22,18 @@
 //! still waiting are closed ([`Orphan`], [`Groups::close_orphan`]).
 //!
 //! Weight 0 drains: such a member is never picked and its open connections
-//! finish. When no member is eligible (none yet, or all draining) a client
-//! waits in the group's queue, up to [`MAX_QUEUED`], and goes as soon as one
-//! is ([`Groups::next_queued`]). A client whose node left before its program
-//! accepted it is dispatched again like a new one ([`Groups::redispatch`],
-//! issue 17).
+//! finish. Admission follows haproxy (issue 24, docs/io-server.md
+//! "Admission"): a member is eligible only below its bounds ([`Limits`]:
+//! connections per node and per group, and the program's `listen` backlog
+//! for what its node holds unaccepted, [`Held`]). When no member is
+//! eligible a client waits in the group's queue, up to
+//! [`Limits::max_queue`] for at most [`Limits::queue_timeout`]
+//! ([`Groups::expire`]), and goes as soon as one is
+//! ([`Groups::next_queued`]); with the queue full too the group is
+//! *paused* ([`Groups::admits`]): its accept task leaves new clients in the
+//! kernel's accept queue until [`Groups::resume`]. A client whose node left
+//! before its program accepted it is dispatched again like a new one
+//! ([`Groups::redispatch`], issue 17).
 //!
 //! A node that joins ramps its weight up over the slow-start period
 //! (`slowstart.rs`): the schedulers see its effective weight, which
@@ -45,9 +52,77 @@ use std::time::{Duration, Instant};
 #[cfg(test)]
 mod tests;
 
-/// Clients waiting for an eligible member, per group; beyond this new
-/// clients are closed (like a full listen backlog).
+/// The largest `--max-queue` the default configuration gives a group; a
+/// node keeps at most this many connections for re-dispatch
+/// (`unaccepted.rs`).
 pub const MAX_QUEUED: usize = 1024;
+
+/// Descriptors kept out of the derived `--max-conn-per-group`
+/// ([`Limits::new`]) for the io-server's own sockets: fabric and control
+/// listeners, one or two per node, the handshakes in flight (64 by
+/// default). A relayed connection costs one descriptor, a handed-over one
+/// none once accepted.
+pub const RESERVED_FDS: u64 = 128;
+
+/// The admission bounds of every group ([`Limits::new`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections one member may have at once (0: no limit).
+    pub per_node: usize,
+    /// Connections one group may have at once.
+    pub per_group: usize,
+    /// Clients one group keeps waiting for an eligible member.
+    pub max_queue: usize,
+    /// How long a client may wait in the queue.
+    pub queue_timeout: Duration,
+}
+
+impl Limits {
+    /// The bounds `config` asks for; a `--max-conn-per-group` of 0 is
+    /// derived from `nofile`, the io-server's descriptor limit, less
+    /// [`RESERVED_FDS`] (at least 64), as haproxy derives its `maxconn`
+    /// from `ulimit -n`.
+    pub fn new(config: &crate::config::Config, nofile: u64) -> Limits {
+        let derived = nofile.saturating_sub(RESERVED_FDS).max(64);
+        Limits {
+            per_node: config.max_conn_per_node as usize,
+            per_group: match config.max_conn_per_group {
+                0 => usize::try_from(derived).unwrap_or(usize::MAX),
+                n => n as usize,
+            },
+            max_queue: config.max_queue as usize,
+            queue_timeout: Duration::from_secs(config.queue_timeout),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            per_node: 0,
+            per_group: usize::MAX,
+            max_queue: MAX_QUEUED,
+            queue_timeout: Duration::from_secs(crate::config::DEFAULT_QUEUE_TIMEOUT),
+        }
+    }
+}
+
+/// What a member's node holds of the clients the group gave it, beyond
+/// the ledger's live relayed connections (its callers count these).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Held {
+    /// Relayed clients its program has not accepted yet.
+    pub relayed: usize,
+    /// Clients handed over as sockets its program has not accepted yet
+    /// (the ledger does not count them as active).
+    pub handed: usize,
+    /// The node tells of each accept (protocol version 2): only then are
+    /// the counts above known, and the backlog a bound.
+    pub counts_accepts: bool,
+    /// The node keeps as many unaccepted connections as it may
+    /// (`unaccepted::MAX_UNACCEPTED`): none more until it accepts some.
+    pub node_full: bool,
+}
 
 /// One node socket bound to the port.
 #[derive(Debug)]
@@ -61,8 +136,20 @@ struct Bound {
 pub struct Group<C> {
     binds: Vec<Bound>,
     members: Vec<MemberId>,
+    /// Each member's `listen` backlog, as its program gave it.
+    backlogs: BTreeMap<MemberId, u32>,
     scheduler: Box<dyn Scheduler>,
-    queue: VecDeque<C>,
+    /// Clients waiting for an eligible member, with when they came.
+    queue: VecDeque<(C, Instant)>,
+    /// A timer is set for the queue's oldest client ([`Groups::expire`]).
+    expiring: bool,
+    /// Clients ever queued, and of those closed at the queue timeout.
+    queued_total: u64,
+    timed_out: u64,
+    /// New clients are left in the kernel's accept queue.
+    paused: bool,
+    /// How many times the group was paused.
+    pauses: u64,
     /// Clients dispatched again because their node left before its
     /// program accepted them.
     redispatched: u64,
@@ -87,6 +174,22 @@ impl<C> Group<C> {
     /// Clients dispatched again because their node left first.
     pub fn redispatched(&self) -> u64 {
         self.redispatched
+    }
+
+    /// A member's `listen` backlog (0 for one not here).
+    pub fn backlog(&self, member: MemberId) -> u32 {
+        self.backlogs.get(&member).copied().unwrap_or(0)
+    }
+
+    /// Clients ever queued, and of those closed at the queue timeout.
+    pub fn queue_counts(&self) -> (u64, u64) {
+        (self.queued_total, self.timed_out)
+    }
+
+    /// Whether new clients are left in the kernel's accept queue now, and
+    /// how many times they were.
+    pub fn paused(&self) -> (bool, u64) {
+        (self.paused, self.pauses)
     }
 }
 
@@ -125,8 +228,9 @@ pub enum Placement<C> {
     /// if the member's node turns out gone, it unbinds the node and asks
     /// again).
     Member(MemberId, C),
-    /// Kept in the group's queue until a member is eligible.
-    Queued,
+    /// Kept in the group's queue until a member is eligible; `expire`:
+    /// the caller sets a timer for [`Groups::expire`] (none is set yet).
+    Queued { expire: bool },
     /// The queue is full: the caller closes the client.
     QueueFull(C),
     /// No such group (its port closed): the caller closes the client.
@@ -137,6 +241,7 @@ pub enum Placement<C> {
 /// weights.
 pub struct Groups<C> {
     kind: SchedulerKind,
+    limits: Limits,
     map: BTreeMap<SocketAddr, Group<C>>,
     /// Weights of the nodes that joined and did not leave, as the
     /// schedulers see them (during a node's slow start, its effective
@@ -151,10 +256,19 @@ pub struct Groups<C> {
 }
 
 impl<C> Groups<C> {
-    /// No groups; every group schedules with `kind`.
+    /// No groups; every group schedules with `kind`, admits within
+    /// [`Limits::default`].
+    #[cfg(test)]
     pub fn new(kind: SchedulerKind) -> Self {
+        Groups::with_limits(kind, Limits::default())
+    }
+
+    /// No groups; every group schedules with `kind` and admits within
+    /// `limits`.
+    pub fn with_limits(kind: SchedulerKind, limits: Limits) -> Self {
         Groups {
             kind,
+            limits,
             map: BTreeMap::new(),
             weights: BTreeMap::new(),
             slow_start: Duration::ZERO,
@@ -273,8 +387,14 @@ impl<C> Groups<C> {
         let group = Group {
             binds: vec![Bound { node, conn, flags }],
             members: Vec::new(),
+            backlogs: BTreeMap::new(),
             scheduler: scheduler::new(self.kind),
             queue: VecDeque::new(),
+            expiring: false,
+            queued_total: 0,
+            timed_out: 0,
+            paused: false,
+            pauses: 0,
             redispatched: 0,
             listening: false,
             orphaned: None,
@@ -287,16 +407,23 @@ impl<C> Groups<C> {
         self.map.contains_key(&key)
     }
 
-    /// Makes the bound `conn` a member; the caller has made the port
-    /// listen. False when it was one already (`listen()` again only
-    /// changes the backlog).
-    pub fn listen(&mut self, key: SocketAddr, node: NodeId, conn: ConnId) -> Result<bool, i32> {
+    /// Makes the bound `conn` a member with its program's `backlog`; the
+    /// caller has made the port listen. False when it was one already
+    /// (`listen()` again only changes the backlog).
+    pub fn listen(
+        &mut self,
+        key: SocketAddr,
+        node: NodeId,
+        conn: ConnId,
+        backlog: u32,
+    ) -> Result<bool, i32> {
         let g = self.map.get_mut(&key).ok_or(libc::EINVAL)?;
         g.listening = true;
         let member = MemberId {
             node,
             listener: conn,
         };
+        g.backlogs.insert(member, backlog);
         if g.members.contains(&member) {
             return Ok(false);
         }
@@ -315,10 +442,12 @@ impl<C> Groups<C> {
         for (&key, g) in self.map.iter_mut() {
             let had = !g.binds.is_empty();
             g.binds.retain(|b| !hit(b.node, b.conn));
+            let backlogs = &mut g.backlogs;
             g.members.retain(|&m| {
                 let gone = hit(m.node, m.listener);
                 if gone {
                     ledger.forget(Scope::Member(key, m));
+                    backlogs.remove(&m);
                 }
                 !gone
             });
@@ -351,7 +480,8 @@ impl<C> Groups<C> {
         if !(g.binds.is_empty() && g.orphaned == Some(orphan.orphaning)) {
             return None;
         }
-        self.remove(orphan.key).map(|g| g.queue.into())
+        let g = self.remove(orphan.key)?;
+        Some(g.queue.into_iter().map(|(c, _)| c).collect())
     }
 
     fn remove(&mut self, key: SocketAddr) -> Option<Group<C>> {
@@ -363,27 +493,42 @@ impl<C> Groups<C> {
         Some(g)
     }
 
-    /// Asks the group's scheduler for a member for a client from
-    /// `client`. Each candidate carries its weight and live connections;
-    /// for a scheduler that [needs them](Scheduler::needs_pending), also
-    /// the bytes still to deliver on them, `pending` per connection.
+    /// Asks the group's scheduler for an eligible member for a client
+    /// from `client`. Each candidate carries its weight and live
+    /// connections; for a scheduler that [needs
+    /// them](Scheduler::needs_pending), also the bytes still to deliver on
+    /// them, `pending` per connection. A member at one of its bounds
+    /// (`held`, [`Limits`]) is offered with weight 0, never picked; none at
+    /// all while the group is at its own bound.
     pub fn pick(
         &mut self,
         key: SocketAddr,
         client: IpAddr,
         pending: impl Fn(NodeId, ConnId) -> u64,
+        held: impl Fn(MemberId) -> Held,
     ) -> Option<MemberId> {
         let g = self.map.get_mut(&key)?;
         let needs_pending = g.scheduler.needs_pending();
+        let limits = &self.limits;
+        let mut group_conns = self
+            .ledger
+            .get(Scope::Group(key))
+            .map_or(0, |t| t.active() as usize);
         let candidates: Vec<Candidate> = g
             .members
             .iter()
             .map(|&m| {
                 let t = self.ledger.get(Scope::Member(key, m));
+                let active = t.map_or(0, |t| t.active());
+                let h = held(m);
+                group_conns += h.handed;
+                let backlog = g.backlogs.get(&m).copied().unwrap_or(0) as usize;
+                let eligible = admits_one(limits, active as usize, backlog, &h);
+                let weight = self.weights.get(&m.node).copied().unwrap_or(0);
                 Candidate {
                     key: (u64::from(m.node) << 40) ^ m.listener,
-                    weight: self.weights.get(&m.node).copied().unwrap_or(0),
-                    active: t.map_or(0, |t| t.active()),
+                    weight: if eligible { weight } else { 0 },
+                    active,
                     pending: match t {
                         Some(t) if needs_pending => t.live().map(|(n, c)| pending(n, c)).sum(),
                         _ => 0,
@@ -391,27 +536,35 @@ impl<C> Groups<C> {
                 }
             })
             .collect();
+        if group_conns >= limits.per_group {
+            return None;
+        }
         let i = g.scheduler.pick(&candidates, client)?;
         Some(g.members[i])
     }
 
-    /// Places a new client of group `key` (see [`Groups::pick`]): with a
-    /// member, or in the queue.
+    /// Places a new client of group `key`, come at `now` (see
+    /// [`Groups::pick`]): with a member, or in the queue.
     pub fn dispatch(
         &mut self,
         key: SocketAddr,
         client: C,
         from: IpAddr,
+        now: Instant,
         pending: impl Fn(NodeId, ConnId) -> u64,
+        held: impl Fn(MemberId) -> Held,
     ) -> Placement<C> {
-        if let Some(member) = self.pick(key, from, pending) {
+        if let Some(member) = self.pick(key, from, pending, held) {
             return Placement::Member(member, client);
         }
+        let max_queue = self.limits.max_queue;
         match self.map.get_mut(&key) {
             None => Placement::NoGroup(client),
-            Some(g) if g.queue.len() < MAX_QUEUED => {
-                g.queue.push_back(client);
-                Placement::Queued
+            Some(g) if g.queue.len() < max_queue => {
+                g.queue.push_back((client, now));
+                g.queued_total += 1;
+                let expire = !std::mem::replace(&mut g.expiring, true);
+                Placement::Queued { expire }
             }
             Some(_) => Placement::QueueFull(client),
         }
@@ -424,33 +577,120 @@ impl<C> Groups<C> {
         key: SocketAddr,
         client: C,
         from: IpAddr,
+        now: Instant,
         pending: impl Fn(NodeId, ConnId) -> u64,
+        held: impl Fn(MemberId) -> Held,
     ) -> Placement<C> {
         if let Some(g) = self.map.get_mut(&key) {
             g.redispatched += 1;
         }
-        self.dispatch(key, client, from, pending)
+        self.dispatch(key, client, from, now, pending, held)
+    }
+
+    /// Whether group `key` takes another client now (a member may be
+    /// eligible, or its queue has room); if not it is paused from now on:
+    /// its accept task leaves new clients in the kernel's accept queue
+    /// until [`Groups::resume`] says otherwise. Called after a client was
+    /// queued or refused, so a client given to a member costs nothing more.
+    pub fn admits(&mut self, key: SocketAddr, held: impl Fn(MemberId) -> Held) -> bool {
+        let limits = self.limits;
+        let eligible = self.eligible(key, &held);
+        let Some(g) = self.map.get_mut(&key) else {
+            return false;
+        };
+        let admits = eligible || g.queue.len() < limits.max_queue;
+        if !admits && !g.paused {
+            g.paused = true;
+            g.pauses += 1;
+        }
+        admits
+    }
+
+    /// Whether group `key`, paused, admits clients again (a member became
+    /// eligible, or its queue has room): if so it is no longer paused and
+    /// the caller wakes its accept task.
+    pub fn resume(&mut self, key: SocketAddr, held: impl Fn(MemberId) -> Held) -> bool {
+        let limits = self.limits;
+        let eligible = self.eligible(key, &held);
+        let Some(g) = self.map.get_mut(&key) else {
+            return false;
+        };
+        if !g.paused || !(eligible || g.queue.len() < limits.max_queue) {
+            return false;
+        }
+        g.paused = false;
+        true
+    }
+
+    /// The groups that wait for room: paused, or with clients queued.
+    pub fn waiting(&self) -> Vec<SocketAddr> {
+        let waiting = self
+            .map
+            .iter()
+            .filter(|(_, g)| g.paused || !g.queue.is_empty());
+        waiting.map(|(&k, _)| k).collect()
+    }
+
+    /// Whether some member of group `key` may take a client now (the
+    /// group below its bound, one member with weight and below its own).
+    fn eligible(&self, key: SocketAddr, held: &impl Fn(MemberId) -> Held) -> bool {
+        let Some(g) = self.map.get(&key) else {
+            return false;
+        };
+        let active = |scope| self.ledger.get(scope).map_or(0, |t| t.active() as usize);
+        let mut group_conns = active(Scope::Group(key));
+        let mut any = false;
+        for &m in &g.members {
+            let h = held(m);
+            group_conns += h.handed;
+            let backlog = g.backlogs.get(&m).copied().unwrap_or(0) as usize;
+            let weighted = self.weights.get(&m.node).is_some_and(|&w| w > 0);
+            any |= weighted && admits_one(&self.limits, active(Scope::Member(key, m)), backlog, &h);
+        }
+        any && group_conns < self.limits.per_group
     }
 
     /// The next queued client of group `key`, if a member is eligible to
     /// take it (the caller dispatches it).
-    pub fn next_queued(&mut self, key: SocketAddr) -> Option<C> {
-        let g = self.map.get_mut(&key)?;
-        let weights = &self.weights;
-        let eligible = g
-            .members
-            .iter()
-            .any(|m| weights.get(&m.node).is_some_and(|&w| w > 0));
-        if !eligible {
+    pub fn next_queued(&mut self, key: SocketAddr, held: impl Fn(MemberId) -> Held) -> Option<C> {
+        if !self.eligible(key, &held) {
             return None;
         }
-        g.queue.pop_front()
+        let g = self.map.get_mut(&key)?;
+        g.queue.pop_front().map(|(c, _)| c)
+    }
+
+    /// The clients of group `key` that waited in its queue past the queue
+    /// timeout at `now`, to close (counted), and when the next one's time
+    /// is up; `None` then: the queue is empty and its timer ends (the next
+    /// client queued sets one again, [`Placement::Queued`]).
+    pub fn expire(&mut self, key: SocketAddr, now: Instant) -> (Vec<C>, Option<Instant>) {
+        let timeout = self.limits.queue_timeout;
+        let Some(g) = self.map.get_mut(&key) else {
+            return (Vec::new(), None);
+        };
+        let mut out = Vec::new();
+        while let Some((_, since)) = g.queue.front() {
+            if now.saturating_duration_since(*since) < timeout {
+                break;
+            }
+            out.extend(g.queue.pop_front().map(|(c, _)| c));
+        }
+        g.timed_out += out.len() as u64;
+        let next = g.queue.front().map(|(_, since)| *since + timeout);
+        g.expiring = next.is_some();
+        (out, next)
+    }
+
+    /// The admission bounds.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// Empties every queue (shutdown): the clients, to close.
     pub fn take_queues(&mut self) -> Vec<C> {
         let queues = self.map.values_mut().map(|g| std::mem::take(&mut g.queue));
-        queues.flatten().collect()
+        queues.flatten().map(|(c, _)| c).collect()
     }
 
     /// The address of every group.
@@ -496,4 +736,17 @@ impl<C> Groups<C> {
     pub fn connection_finished(&mut self, node: NodeId, conn: ConnId, bytes: (u64, u64)) {
         self.ledger.finished(node, conn, bytes.0, bytes.1);
     }
+}
+
+/// Whether one member with `active` live relayed connections, `backlog`
+/// and `held` may take a client within `limits`: below the per-node
+/// bound, and, where its node tells of accepts, with fewer unaccepted
+/// than a kernel listener of that backlog holds (backlog + 1) and room to
+/// keep one more.
+fn admits_one(limits: &Limits, active: usize, backlog: usize, held: &Held) -> bool {
+    let conns = active + held.handed;
+    if limits.per_node > 0 && conns >= limits.per_node {
+        return false;
+    }
+    !held.counts_accepts || (!held.node_full && held.relayed + held.handed <= backlog)
 }

@@ -98,6 +98,7 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
                 pid,
                 notifies_accepts: ep.notifies_accepts(),
                 handed: Default::default(),
+                listeners: Default::default(),
             },
         );
         st.groups.join(id, weight, std::time::Instant::now());
@@ -312,7 +313,11 @@ impl Node {
             self.socket_closed(conn);
             return Err(e);
         }
-        let listener = self.server.lock().listen(key, self.id, conn, backlog)?;
+        let freed = &self.server.freed;
+        let listener = self
+            .server
+            .lock()
+            .listen(key, self.id, conn, backlog, freed)?;
         if let Some(listener) = listener {
             let task = tokio::spawn(dispatch::accept_loop(self.server.clone(), key, listener));
             self.server.lock().ports.set_accept_task(key, task);

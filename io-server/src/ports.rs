@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 /// A group's listening socket, watched by the runtime; clients are
@@ -23,6 +24,11 @@ struct Port {
     /// The listening socket, shared with the accept task.
     listening: Option<Arc<Listening>>,
     accept_task: Option<JoinHandle<()>>,
+    /// Wakes the accept task of a paused group (admission,
+    /// `Groups::resume`).
+    resume: Arc<Notify>,
+    /// The backlog it listens with: the largest of its members'.
+    backlog: u32,
 }
 
 impl Drop for Port {
@@ -54,6 +60,8 @@ impl Ports {
             socket: Some(socket),
             listening: None,
             accept_task: None,
+            resume: Arc::default(),
+            backlog: 0,
         };
         self.0.insert(real, port);
         Ok(real)
@@ -65,7 +73,10 @@ impl Ports {
     }
 
     /// Makes port `key` listen, the first time: the listening socket, for
-    /// the caller to run its accept task. `None` if it listens already.
+    /// the caller to run its accept task. `None` if it listens already;
+    /// its kernel accept queue then grows to `backlog` if that is larger
+    /// (clients left there while the group admits no more wait in it,
+    /// `dispatch::accept_loop`: as many as its largest member would hold).
     pub fn start_listening(
         &mut self,
         key: SocketAddr,
@@ -73,16 +84,35 @@ impl Ports {
     ) -> Result<Option<Arc<Listening>>, Errno> {
         let port = self.0.get_mut(&key).ok_or(libc::EINVAL)?;
         let Some(s) = port.socket.take() else {
+            if let Some(l) = port.listening.as_ref().filter(|_| backlog > port.backlog) {
+                sys::listen(l.get_ref(), backlog)?;
+                port.backlog = backlog;
+            }
             return Ok(None);
         };
         if let Err(e) = sys::listen(&s, backlog) {
             port.socket = Some(s);
             return Err(e);
         }
+        port.backlog = backlog;
         let l = sys::register_listener(s).map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
         let l = Arc::new(l);
         port.listening = Some(l.clone());
         Ok(Some(l))
+    }
+
+    /// What wakes the accept task of port `key` once its group admits
+    /// clients again.
+    pub fn resume(&self, key: SocketAddr) -> Option<Arc<Notify>> {
+        self.0.get(&key).map(|p| p.resume.clone())
+    }
+
+    /// The kernel's accept queue of port `key`: clients waiting in it and
+    /// its bound (`TCP_INFO` of a listening socket: `tcpi_unacked`,
+    /// `tcpi_sacked`). `None` while it does not listen.
+    pub fn kernel_queue(&self, key: SocketAddr) -> Option<(u32, u32)> {
+        let l = self.0.get(&key)?.listening.as_ref()?;
+        sys::accept_queue(l.get_ref())
     }
 
     /// Keeps the accept task of port `key` (stopped with the port).

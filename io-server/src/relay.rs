@@ -111,6 +111,7 @@ impl Relay {
                 let bytes = (out.bytes_in, out.bytes_out);
                 server.lock().relay_finished(node, conn, bytes);
                 server.conns_changed.notify_waiters();
+                server.freed.notify_one();
                 if let (Some((stream, replay)), Relayed::Client { at, back }) = (back, relayed) {
                     // The node's copy of the socket went with its entry above.
                     match own_stream(stream) {

@@ -89,6 +89,7 @@ impl IoServer {
             .own_addrs
             .extend(metrics.as_ref().and_then(|m| m.local_addr().ok()));
         let server = Arc::new(state);
+        tokio::spawn(crate::dispatch::admission_task(server.clone()));
         for l in listeners {
             tokio::spawn(fabric_loop(server.clone(), l));
         }

@@ -5,13 +5,13 @@
 //! ([`Ports`]).
 
 use crate::config::Config;
-use crate::groups::{Bind, Groups, Orphan};
+use crate::groups::{Bind, Groups, Held, Orphan};
 use crate::handshakes::Handshakes;
 use crate::ports::{Listening, Ports};
 use crate::sys::Errno;
 use crate::traffic::{MemberId, NodeId};
 use crate::unaccepted::Handed;
-use saps_fabric::endpoint::Replay;
+use saps_fabric::endpoint::{Replay, Waiting};
 use saps_fabric::{ConnId, Endpoint};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -30,6 +30,15 @@ pub(crate) struct ServerState {
     pub shutdown: watch::Sender<bool>,
     /// Signalled whenever a relayed connection ends.
     pub conns_changed: Notify,
+    /// Notified whenever a client given to a node stops counting against
+    /// an admission bound (accepted by its program, or ended): the
+    /// admission task (`dispatch::admission_task`) then lets waiting
+    /// clients in.
+    pub freed: Arc<Notify>,
+    /// Some group may have clients queued or be paused (set under the
+    /// tables' lock when one is, cleared there when none is): the
+    /// admission task looks at the tables only then.
+    pub waiting: std::sync::atomic::AtomicBool,
     pub started: Instant,
     /// Fabric connections in their handshake, and what was refused.
     pub handshakes: Arc<Handshakes>,
@@ -53,7 +62,9 @@ impl ServerState {
             nodes: BTreeMap::new(),
             next_node: 0,
             groups: {
-                let mut g = Groups::new(config.scheduler);
+                let nofile = crate::sys::nofile_limit().unwrap_or(4096);
+                let limits = crate::groups::Limits::new(&config, nofile);
+                let mut g = Groups::with_limits(config.scheduler, limits);
                 g.set_slow_start(Duration::from_secs(config.slow_start));
                 g
             },
@@ -69,6 +80,8 @@ impl ServerState {
             tables: Mutex::new(tables),
             shutdown: watch::Sender::new(false),
             conns_changed: Notify::new(),
+            freed: Arc::new(Notify::new()),
+            waiting: Default::default(),
             started: Instant::now(),
             handshakes,
             own_addrs: Vec::new(),
@@ -153,12 +166,20 @@ impl Tables {
         node: NodeId,
         conn: ConnId,
         backlog: u32,
+        freed: &Arc<Notify>,
     ) -> Result<Option<Arc<Listening>>, Errno> {
         if !self.groups.contains(key) {
             return Err(libc::EINVAL);
         }
         let listening = self.ports.start_listening(key, backlog)?;
-        self.groups.listen(key, node, conn)?;
+        self.groups.listen(key, node, conn, backlog)?;
+        if let Some(entry) = self.nodes.get_mut(&node) {
+            let waits = || Waits {
+                relayed: Waiting::new(freed.clone()),
+                handed: Waiting::new(freed.clone()),
+            };
+            entry.listeners.entry(conn).or_insert_with(waits);
+        }
         Ok(listening)
     }
 
@@ -167,6 +188,12 @@ impl Tables {
     /// caller to close after the grace (`dispatch::close_orphans_later`).
     #[must_use]
     pub fn unbind(&mut self, node: NodeId, conn: Option<ConnId>) -> Vec<Orphan> {
+        let entry = self.nodes.get_mut(&node);
+        match (entry, conn) {
+            (Some(e), Some(c)) => drop(e.listeners.remove(&c)),
+            (Some(e), None) => e.listeners.clear(),
+            (None, _) => {}
+        }
         let unbound = self.groups.unbind(node, conn);
         for key in unbound.closed {
             self.ports.close(key);
@@ -229,6 +256,25 @@ pub(crate) fn in_flight(nodes: &BTreeMap<NodeId, NodeEntry>, node: NodeId, conn:
     nodes.get(&node).map_or(0, |n| n.conn_in_flight(conn))
 }
 
+/// What `member`'s node holds of the clients its group gave it
+/// ([`Held`]): read from atomic counts, no lock taken.
+pub(crate) fn held(nodes: &BTreeMap<NodeId, NodeEntry>, member: MemberId) -> Held {
+    let Some(n) = nodes.get(&member.node) else {
+        return Held::default();
+    };
+    let (relayed, handed) = n
+        .listeners
+        .get(&member.listener)
+        .map_or((0, 0), |w| (w.relayed.get(), w.handed.get()));
+    let handed_all: usize = n.listeners.values().map(|w| w.handed.get()).sum();
+    Held {
+        relayed,
+        handed,
+        counts_accepts: n.notifies_accepts,
+        node_full: !crate::unaccepted::room(n.ep.unaccepted(), handed_all),
+    }
+}
+
 /// A client accepted on a group's port and not given to a node yet (or
 /// given back by one that left).
 pub(crate) struct Client {
@@ -268,6 +314,16 @@ pub struct NodeEntry {
     /// io-server's copy of each socket (`unaccepted.rs`); shared with the
     /// node's hand-off task, which outlives the entry.
     pub handed: HandedTable,
+    /// Per listening socket: its clients not accepted yet (admission).
+    pub listeners: HashMap<ConnId, Waits>,
+}
+
+/// One member's counts of clients its program has not accepted yet, by
+/// how they were given (`groups::Held`).
+#[derive(Debug)]
+pub struct Waits {
+    pub relayed: Waiting,
+    pub handed: Waiting,
 }
 
 /// A node's [`Handed`], taken after the tables' lock when both are.

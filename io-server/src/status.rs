@@ -5,7 +5,7 @@
 //! form (`metrics.rs`).
 
 use crate::config::SchedulerKind;
-use crate::state::{conn_in_flight, lock_handed, ServerState};
+use crate::state::{conn_in_flight, held, lock_handed, ServerState};
 use crate::traffic::{NodeId, Scope, Traffic};
 use saps_fabric::{ConnId, Endpoint};
 use std::collections::BTreeMap;
@@ -56,6 +56,11 @@ pub struct MemberStatus {
     pub listener: ConnId,
     pub weight: u32,
     pub counters: Counters,
+    /// Its program's `listen` backlog.
+    pub backlog: u32,
+    /// Clients given to it that its program has not accepted yet (known
+    /// for a node that tells of accepts; bounded by the backlog).
+    pub unaccepted: usize,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -63,6 +68,15 @@ pub struct GroupStatus {
     pub addr: SocketAddr,
     /// Clients waiting for an eligible member.
     pub queued: usize,
+    /// Clients ever queued, and those closed at the queue timeout.
+    pub queued_total: u64,
+    pub queue_timeouts: u64,
+    /// New clients are left in the kernel's accept queue now.
+    pub paused: bool,
+    /// How many times they were.
+    pub pauses: u64,
+    /// The port's kernel accept queue: clients in it, and its bound.
+    pub kernel_queue: Option<(u32, u32)>,
     /// Clients dispatched again because their node left before its
     /// program accepted them.
     pub redispatched: u64,
@@ -110,6 +124,18 @@ pub struct Status {
     /// The timeouts of client connections and connects, and what they
     /// closed.
     pub timeouts: Timeouts,
+    /// The admission bounds of every group (docs/io-server.md "Admission").
+    pub admission: AdmissionLimits,
+}
+
+/// `--max-conn-per-node` (0: none), `--max-conn-per-group` (as in force),
+/// `--max-queue`, `--queue-timeout`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct AdmissionLimits {
+    pub max_conn_per_node: usize,
+    pub max_conn_per_group: usize,
+    pub max_queue: usize,
+    pub queue_timeout_secs: u64,
 }
 
 /// `--client-idle-timeout`, `--half-closed-timeout`, `--connect-timeout`,
@@ -227,6 +253,11 @@ impl Status {
                 let group = GroupStatus {
                     addr,
                     queued: g.queued(),
+                    queued_total: g.queue_counts().0,
+                    queue_timeouts: g.queue_counts().1,
+                    paused: g.paused().0,
+                    pauses: g.paused().1,
+                    kernel_queue: st.ports.kernel_queue(addr),
                     redispatched: g.redispatched(),
                     counters: Counters::default(),
                     members: Vec::new(),
@@ -242,6 +273,11 @@ impl Status {
                             listener: m.listener,
                             weight: st.groups.weight(m.node),
                             counters: Counters::default(),
+                            backlog: g.backlog(m),
+                            unaccepted: {
+                                let h = held(&st.nodes, m);
+                                h.relayed + h.handed
+                            },
                         };
                         (member, Raw::of(traffic.get(Scope::Member(addr, m))))
                     })
@@ -250,7 +286,14 @@ impl Status {
             })
             .collect();
         let connections = traffic.connections();
+        let a = st.groups.limits();
         drop(st);
+        let admission = AdmissionLimits {
+            max_conn_per_node: a.per_node,
+            max_conn_per_group: a.per_group,
+            max_queue: a.max_queue,
+            queue_timeout_secs: a.queue_timeout.as_secs(),
+        };
         let nodes = raw_nodes
             .into_iter()
             .map(|(mut n, raw, handoff, handed)| {
@@ -315,6 +358,7 @@ impl Status {
                 half_closed_closed: server.timed_out.half_closed.load(Ordering::Relaxed),
                 connects_timed_out: server.timed_out.connect.load(Ordering::Relaxed),
             },
+            admission,
         }
     }
 }
@@ -358,6 +402,9 @@ impl fmt::Display for Status {
             if g.redispatched > 0 {
                 queued += &format!(" redispatched {}", g.redispatched);
             }
+            if g.paused {
+                queued += " paused";
+            }
             row(
                 f,
                 format!("TCP  {} {}{queued}", g.addr, self.scheduler.name()),
@@ -372,6 +419,23 @@ impl fmt::Display for Status {
                     &m.counters,
                 )?;
             }
+            let (kq, kmax) = g.kernel_queue.unwrap_or_default();
+            let members: Vec<String> = g
+                .members
+                .iter()
+                .map(|m| format!("{} {}/{}", m.node, m.unaccepted, m.backlog))
+                .collect();
+            writeln!(
+                f,
+                "     admission: queue {}/{}, queued {}, timed out {}, kernel queue {kq}/{kmax}, \
+                 paused {} times; unaccepted/backlog: {}",
+                g.queued,
+                self.admission.max_queue,
+                g.queued_total,
+                g.queue_timeouts,
+                g.pauses,
+                members.join(", ")
+            )?;
         }
         writeln!(f)?;
         writeln!(f, "Nodes")?;
@@ -406,6 +470,18 @@ impl fmt::Display for Status {
             b.node_ping_interval_secs,
             b.node_timeout_secs,
             b.silent_nodes
+        )?;
+        let a = &self.admission;
+        writeln!(
+            f,
+            "Admission: max conn per node {} per group {}, max queue {}, queue timeout {}s",
+            match a.max_conn_per_node {
+                0 => "none".to_string(),
+                n => n.to_string(),
+            },
+            a.max_conn_per_group,
+            a.max_queue,
+            a.queue_timeout_secs
         )?;
         let t = &self.timeouts;
         writeln!(

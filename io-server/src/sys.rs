@@ -117,14 +117,19 @@ pub fn register_listener(
     unsafe { tokio::io::unix::AsyncFd::register(l) }.map_err(|e| e.into_parts().1)
 }
 
-/// Whether nobody has read from or written to the TCP socket `fd` since it
-/// was accepted, nor shut it down: every octet the client sent (and its
-/// FIN, if it came) is still unread in the receive queue, and nothing was
-/// sent or queued. A program that accepted such a socket cannot have acted
-/// on its request, so it may go to another node (issue 17: the safety net
-/// under a node's `Accepted`, should its last one be lost with the node).
-/// `false` where the kernel does not tell.
-pub fn untouched(fd: BorrowedFd<'_>) -> bool {
+/// The soft limit on this process's descriptors (`RLIMIT_NOFILE`).
+pub fn nofile_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid rlimit the kernel writes.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0;
+    ok.then_some(r.rlim_cur)
+}
+
+/// `TCP_INFO` of a socket; `None` if the kernel does not give it.
+fn tcp_info(fd: BorrowedFd<'_>) -> Option<libc::tcp_info> {
     // SAFETY: all zeroes is a valid tcp_info.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let size = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -141,9 +146,29 @@ pub fn untouched(fd: BorrowedFd<'_>) -> bool {
         )
     };
     // Older kernels fill less (no tcpi_data_segs_out / tcpi_bytes_sent).
-    if r != 0 || len < size {
+    (r == 0 && len == size).then_some(info)
+}
+
+/// The accept queue of a listening socket: connections the kernel holds
+/// for `accept`, and its bound (for a listener the kernel reports them as
+/// `tcpi_unacked` and `tcpi_sacked`).
+pub fn accept_queue(l: &std::net::TcpListener) -> Option<(u32, u32)> {
+    use std::os::fd::AsFd;
+    let info = tcp_info(l.as_fd())?;
+    Some((info.tcpi_unacked, info.tcpi_sacked))
+}
+
+/// Whether nobody has read from or written to the TCP socket `fd` since it
+/// was accepted, nor shut it down: every octet the client sent (and its
+/// FIN, if it came) is still unread in the receive queue, and nothing was
+/// sent or queued. A program that accepted such a socket cannot have acted
+/// on its request, so it may go to another node (issue 17: the safety net
+/// under a node's `Accepted`, should its last one be lost with the node).
+/// `false` where the kernel does not tell.
+pub fn untouched(fd: BorrowedFd<'_>) -> bool {
+    let Some(info) = tcp_info(fd) else {
         return false;
-    }
+    };
     let (mut inq, mut outq): (libc::c_int, libc::c_int) = (0, 0);
     // SAFETY: SIOCINQ (FIONREAD) and SIOCOUTQ (TIOCOUTQ) write one int.
     let ok = unsafe {

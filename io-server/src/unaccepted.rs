@@ -29,6 +29,7 @@
 //! meanwhile leaves that one to the task ([`Handed::before_send`],
 //! [`Sent::Redispatch`]).
 
+use saps_fabric::endpoint::Place;
 use saps_fabric::ConnId;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -54,6 +55,9 @@ pub struct HandedCopy {
     /// The group (its address) and the client, to dispatch it again.
     pub key: SocketAddr,
     pub peer: SocketAddr,
+    /// Its place among its member's clients not accepted yet (admission),
+    /// given back when the copy goes.
+    pub _place: Option<Place>,
 }
 
 /// What the hand-off task does with its socket once sent.
@@ -78,9 +82,22 @@ pub struct Handed {
 impl Handed {
     /// The socket of `conn` is on its way to the node (with the hand-off
     /// task).
-    pub fn sending(&mut self, conn: ConnId, key: SocketAddr, peer: SocketAddr) {
+    /// `place`: its place in its member's count, held as long as the copy.
+    pub fn sending(
+        &mut self,
+        conn: ConnId,
+        key: SocketAddr,
+        peer: SocketAddr,
+        place: Option<Place>,
+    ) {
         let socket = None;
-        self.copies.insert(conn, HandedCopy { socket, key, peer });
+        let copy = HandedCopy {
+            socket,
+            key,
+            peer,
+            _place: place,
+        };
+        self.copies.insert(conn, copy);
     }
 
     /// The hand-off task, before sending `conn`: `Some` when the node
@@ -172,7 +189,7 @@ mod tests {
     fn the_copy_is_kept_once_sent_and_closed_at_the_accept() {
         let mut h = Handed::default();
         let (fd, mut c) = client();
-        h.sending(5, KEY.parse().unwrap(), peer(1));
+        h.sending(5, KEY.parse().unwrap(), peer(1), None);
         assert!(h.before_send(5).is_none());
         assert!(matches!(h.sent(5, fd), Sent::Kept));
         assert!(!closed(&mut c), "the io-server's copy holds it open");
@@ -186,7 +203,7 @@ mod tests {
     fn an_accept_before_the_send_finished_closes_the_copy_then() {
         let mut h = Handed::default();
         let (fd, mut c) = client();
-        h.sending(5, KEY.parse().unwrap(), peer(1));
+        h.sending(5, KEY.parse().unwrap(), peer(1), None);
         assert!(h.before_send(5).is_none());
         assert!(h.settle(5).is_some(), "the Accepted came first");
         let Sent::Close(fd) = h.sent(5, fd) else {
@@ -202,14 +219,14 @@ mod tests {
         let mut clients = Vec::new();
         for (conn, port) in [(9, 3), (3, 1), (7, 2)] {
             let (fd, c) = client();
-            h.sending(conn, KEY.parse().unwrap(), peer(port));
+            h.sending(conn, KEY.parse().unwrap(), peer(port), None);
             assert!(h.before_send(conn).is_none());
             assert!(matches!(h.sent(conn, fd), Sent::Kept));
             clients.push(c);
         }
         drop(h.settle(7)); // accepted: stays with the node
-        h.sending(11, KEY.parse().unwrap(), peer(4)); // being sent
-        h.sending(13, KEY.parse().unwrap(), peer(5)); // not sent yet
+        h.sending(11, KEY.parse().unwrap(), peer(4), None); // being sent
+        h.sending(13, KEY.parse().unwrap(), peer(5), None); // not sent yet
         let back: Vec<u16> = h.leave().iter().map(|c| c.peer.port()).collect();
         assert_eq!(back, vec![1, 3], "the held ones, oldest first");
         let (fd, _c) = client();
@@ -223,6 +240,20 @@ mod tests {
         let back = h.before_send(13).expect("not sent to a node that left");
         assert_eq!(back.peer.port(), 5);
         assert_eq!(h.len(), 0);
+    }
+
+    #[test]
+    fn a_handed_copy_holds_its_members_place_until_it_goes() {
+        let freed = std::sync::Arc::new(tokio::sync::Notify::new());
+        let waiting = saps_fabric::endpoint::Waiting::new(freed);
+        let mut h = Handed::default();
+        let (fd, _c) = client();
+        h.sending(5, KEY.parse().unwrap(), peer(1), Some(waiting.take()));
+        assert_eq!(waiting.get(), 1, "taken while it is sent");
+        assert!(matches!(h.sent(5, fd), Sent::Kept));
+        assert_eq!(waiting.get(), 1, "and while it waits for the accept");
+        drop(h.settle(5));
+        assert_eq!(waiting.get(), 0, "given back at the accept");
     }
 
     #[test]

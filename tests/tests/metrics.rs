@@ -174,8 +174,10 @@ fn a_stalled_scraper_holds_one_bounded_slot_and_others_are_served_after_it() {
     // (it closes its end after answering, a moment after the client read).
     let base = fds(io.pid());
     scrape(metrics);
-    wait_for(Duration::from_secs(10), || (fds(io.pid()) <= base).then_some(()))
-        .expect("the first scrape's connection was closed");
+    wait_for(Duration::from_secs(10), || {
+        (fds(io.pid()) <= base).then_some(())
+    })
+    .expect("the first scrape's connection was closed");
     // Two scrapers that send nothing take both slots.
     let stalled: Vec<TcpStream> = (0..2)
         .map(|_| TcpStream::connect(("127.0.0.1", metrics)).unwrap())

@@ -39,11 +39,13 @@ mod preaccept;
 mod quiet;
 mod relay;
 mod router;
+mod waiting;
 
 pub use errno::io_errno;
 pub use preaccept::{Replay, PRE_ACCEPT_MAX};
 pub use quiet::{Expiry, QuietLimits};
 pub use router::EndpointEvent;
+pub use waiting::{Place, Waiting};
 
 use crate::channel::{CallError, Channel};
 use crate::driver::{self, FabricHandle};
@@ -234,14 +236,17 @@ impl Endpoint {
         peer: SocketAddr,
         local: SocketAddr,
     ) -> Result<ConnId, CallError> {
-        self.accept_connection_with(listener, peer, local, &Replay::default(), false)
+        self.accept_connection_with(listener, peer, local, &Replay::default(), false, None)
     }
 
     /// io-server: [`Endpoint::accept_connection`] for a client whose
     /// relay ([`Endpoint::relay_client`]) first sends `replay` (what a
     /// node that died before accepting it was sent). `track`: keep it for
     /// re-dispatch until the node's program accepts it, where the node
-    /// says so (protocol version 2; else it is not kept).
+    /// says so (protocol version 2; else it is not kept). `waiting`: the
+    /// member's count of connections not accepted yet, which a tracked
+    /// connection takes a place in until its program accepts it (the
+    /// io-server's admission, issue 24).
     pub fn accept_connection_with(
         &self,
         listener: ConnId,
@@ -249,6 +254,7 @@ impl Endpoint {
         local: SocketAddr,
         replay: &Replay,
         track: bool,
+        waiting: Option<&Waiting>,
     ) -> Result<ConnId, CallError> {
         let mut router = self.router();
         let (conn, notifies) = self.inner.handle.with(|ch| {
@@ -256,7 +262,8 @@ impl Endpoint {
             Ok::<_, CallError>((conn, ch.notifies_accepts()))
         })?;
         router.expect(conn);
-        let track = (track && notifies).then(|| Track::new(&self.inner.unaccepted));
+        let track = (track && notifies)
+            .then(|| Track::new(&self.inner.unaccepted, waiting.map(Waiting::take)));
         if track.is_some() || !replay.is_empty() || replay.fin {
             let replay = replay.clone();
             router.starts.insert(conn, Start { replay, track });

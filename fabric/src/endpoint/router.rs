@@ -9,6 +9,7 @@
 use super::errno;
 use super::preaccept::Replay;
 use super::quiet::Quiet;
+use super::waiting::Place;
 use crate::channel::{ChannelError, Event};
 use crate::driver;
 use crate::frame::{ConnId, ReqId, Request, Response};
@@ -147,14 +148,18 @@ impl Counters {
 pub(super) struct Track {
     pub(super) settled: AtomicBool,
     pub(super) count: Arc<AtomicUsize>,
+    /// Its place in its member's count ([`super::Waiting`]), given back when
+    /// settled.
+    place: Mutex<Option<Place>>,
 }
 
 impl Track {
-    pub(super) fn new(count: &Arc<AtomicUsize>) -> Arc<Track> {
+    pub(super) fn new(count: &Arc<AtomicUsize>, place: Option<Place>) -> Arc<Track> {
         count.fetch_add(1, Ordering::AcqRel);
         Arc::new(Track {
             settled: AtomicBool::new(false),
             count: count.clone(),
+            place: Mutex::new(place),
         })
     }
 
@@ -164,6 +169,8 @@ impl Track {
         let first = !self.settled.swap(true, Ordering::AcqRel);
         if first {
             self.count.fetch_sub(1, Ordering::AcqRel);
+            let place = self.place.lock().unwrap_or_else(|e| e.into_inner()).take();
+            drop(place);
         }
         first
     }

@@ -19,6 +19,17 @@
 //! one only to a node that spoke version 2, so either end may be the
 //! older. Either end closing the socket ends the hand-off; the
 //! io-server then relays that node's connections over the fabric again.
+//!
+//! A node out of descriptors must not lose a client: a `recvmsg` that
+//! cannot install the socket (`EMFILE`) would consume the message and
+//! drop the socket (`MSG_CTRUNC`). So the node peeks each message first
+//! (`MSG_PEEK` installs a duplicate of the socket and leaves the message
+//! queued when it cannot), then takes it off with no room for
+//! descriptors (the kernel closes its own). Out of descriptors, the
+//! message waits in the socket and [`recv`](SideSocket::recv) answers
+//! `EMFILE`; [`receive`] tries again after [`NO_ROOM_RETRY`], and the
+//! io-server, whose sends then wait, counts the clients against the
+//! listener's backlog.
 
 use super::{HandedOff, HandoffReceiver, HandoffSender};
 use nix::sys::socket::{
@@ -275,9 +286,11 @@ impl SideSocket {
     }
 
     /// Node: the next handed-off socket; `None` once the io-server closed.
+    /// `EMFILE` (or `ENFILE`): no descriptor was free for it; the message
+    /// is still queued, for a later call.
     pub async fn recv(&self) -> io::Result<Option<HandedOff>> {
         let mut b = [0u8; HEADER_LEN_V2 + 1];
-        let (n, socket) = self.recv_with(&mut b).await?;
+        let (n, socket) = self.peek_then_take(&mut b).await?;
         if n == 0 {
             return Ok(None);
         }
@@ -294,6 +307,36 @@ impl SideSocket {
         }))
     }
 
+    /// One message into `buf`, with the fd it carried, taken without ever
+    /// losing the fd (module docs): peeked with room for it, then taken
+    /// off the queue with none.
+    async fn peek_then_take(&self, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+        self.0
+            .async_io(Interest::READABLE, |s| {
+                let (n, fd) = {
+                    let mut iov = [IoSliceMut::new(&mut *buf)];
+                    let mut space = nix::cmsg_space!([RawFd; 1]);
+                    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_CMSG_CLOEXEC;
+                    let msg = so::recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), flags)
+                        .map_err(errno)?;
+                    // Truncated: no room for the descriptor (the message
+                    // carries one; with none installed there is nothing
+                    // to close). It stays queued.
+                    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+                        return Err(io::Error::from_raw_os_error(libc::EMFILE));
+                    }
+                    (msg.bytes, first_fd(&msg)?)
+                };
+                // Off the queue; the kernel closes the descriptors it held
+                // for it (ours is the peeked duplicate).
+                let mut iov = [IoSliceMut::new(&mut *buf)];
+                so::recvmsg::<()>(s.as_raw_fd(), &mut iov, None, MsgFlags::empty())
+                    .map_err(errno)?;
+                Ok((n, fd))
+            })
+            .await
+    }
+
     /// One message into `buf`: (length, the fd it carried).
     async fn recv_with(&self, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
         self.0
@@ -307,24 +350,32 @@ impl SideSocket {
                     MsgFlags::MSG_CMSG_CLOEXEC,
                 )
                 .map_err(errno)?;
-                let mut fd = None;
-                for c in msg.cmsgs().map_err(errno)? {
-                    if let ControlMessageOwned::ScmRights(fds) = c {
-                        for f in fds {
-                            // SAFETY: the kernel installed `f` in this
-                            // process for this message; nothing else owns
-                            // it. Extra fds (never sent by the io-server)
-                            // are closed by their drop.
-                            let owned = unsafe { OwnedFd::from_raw_fd(f) };
-                            fd.get_or_insert(owned);
-                        }
-                    }
-                }
-                Ok((msg.bytes, fd))
+                Ok((msg.bytes, first_fd(&msg)?))
             })
             .await
     }
 }
+
+/// The first descriptor a received message carried (it is ours now).
+fn first_fd(msg: &so::RecvMsg<'_, '_, ()>) -> io::Result<Option<OwnedFd>> {
+    let mut fd = None;
+    for c in msg.cmsgs().map_err(errno)? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for f in fds {
+                // SAFETY: the kernel installed `f` in this process for
+                // this message; nothing else owns it. Extra fds (never
+                // sent by the io-server) are closed by their drop.
+                let owned = unsafe { OwnedFd::from_raw_fd(f) };
+                fd.get_or_insert(owned);
+            }
+        }
+    }
+    Ok(fd)
+}
+
+/// How long a node out of descriptors waits before it reads its hand-off
+/// socket again.
+pub const NO_ROOM_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// io-server: sends every socket handed to `rx` over `side` until either
 /// end closes, closing each once sent; a socket that cannot be sent is
@@ -342,15 +393,25 @@ pub async fn forward(mut rx: HandoffReceiver, side: SideSocket) {
 
 /// Node: passes every socket received on `side` to `tx` until the
 /// io-server closes it.
+/// Out of descriptors, the sockets wait in `side` (module docs): logged
+/// once per shortage, tried again every [`NO_ROOM_RETRY`].
 pub async fn receive(side: SideSocket, tx: HandoffSender) {
+    let mut short = false;
     loop {
         match side.recv().await {
             Ok(Some(h)) => {
+                short = false;
                 if tx.send(h).is_err() {
                     return;
                 }
             }
             Ok(None) => return,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                if !std::mem::replace(&mut short, true) {
+                    tracing::warn!(error = %e, "out of descriptors: handed-over clients wait in the hand-off socket");
+                }
+                tokio::time::sleep(NO_ROOM_RETRY).await;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "hand-off socket failed");
                 return;

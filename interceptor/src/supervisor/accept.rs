@@ -206,6 +206,9 @@ fn hand_over(
     match install(sh, call, sock.as_fd(), flags) {
         Ok(fd) => {
             ep.accepted(id, handed);
+            // Ours is closed: a connection short of descriptors may go.
+            drop(taken);
+            super::arrival::descriptors_freed(sh);
             Outcome::Answered(fd as i64)
         }
         Err(e) => {

@@ -8,6 +8,14 @@
 //! (a reset for the client), closing a listener the program closed at the
 //! io-server, and refusing connections that waited [`RELISTEN_GRACE`] for
 //! a listener in vain.
+//!
+//! Out of descriptors (`EMFILE`/`ENFILE` making a socket pair), a relayed
+//! connection is neither refused nor lost: it waits short of descriptors
+//! and is placed again as soon as some free up ([`descriptors_freed`],
+//! called after each accept and each relay's end, and every
+//! [`SHORT_RETRY`] while any waits). Meanwhile the io-server counts it
+//! against the listener's backlog, so it sends the node no more than the
+//! program's backlog (docs/interceptor.md, "Out of descriptors").
 
 use super::listeners::{Arrival, Awaits, Kind, Listener, MarkerFailure, Placement, Refused, Taken};
 use super::objects::pair;
@@ -17,7 +25,12 @@ use nix::sys::socket as so;
 use saps_fabric::{ConnId, RELISTEN_GRACE};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// How often connections short of descriptors are tried again when no
+/// accept or relay's end has freed any meanwhile (the program may close
+/// other files).
+pub(crate) const SHORT_RETRY: Duration = Duration::from_millis(100);
 
 /// `ConnectionAccepted(listener, conn, peer, local)` from the io-server.
 pub(crate) fn deliver(
@@ -76,7 +89,10 @@ fn settle(sh: &Arc<SupervisorState>, id: ConnId, kind: Kind, mut placed: Placeme
                 match pair(true) {
                     Ok((program_end, relay_end)) => {
                         sh.listeners.attach(id, program_end);
-                        spawn_relay(sh, id, relay_end);
+                        spawn_relay(sh, id, relay_end, descriptors_freed);
+                    }
+                    Err(e) if e == libc::EMFILE || e == libc::ENFILE => {
+                        return short_of_descriptors(sh, lconn, id, e);
                     }
                     Err(e) => {
                         tracing::warn!(
@@ -107,6 +123,56 @@ fn settle(sh: &Arc<SupervisorState>, id: ConnId, kind: Kind, mut placed: Placeme
             Placement::MarkerFailed(f) => return marker_failed(sh, f),
             Placement::Refused(r) => return give_up(sh, r),
         }
+    }
+}
+
+/// Relayed connection `id` waits for descriptors to make its socket pair;
+/// a task tries again every [`SHORT_RETRY`] while any waits. Logged when
+/// the node first runs short, not once per connection.
+fn short_of_descriptors(sh: &Arc<SupervisorState>, lconn: ConnId, id: ConnId, errno: i32) {
+    sh.listeners.short_of_descriptors(lconn, id);
+    if !sh.listeners.arm_retry() {
+        return; // a task tries already
+    }
+    tracing::warn!(
+        listener = lconn,
+        errno,
+        "out of descriptors: new connections wait until the program accepts or closes some"
+    );
+    let sh2 = sh.clone();
+    sh.rt.spawn(async move {
+        loop {
+            tokio::time::sleep(SHORT_RETRY).await;
+            descriptors_freed(&sh2);
+            if sh2.listeners.is_short() {
+                continue;
+            }
+            sh2.listeners.disarm_retry();
+            // One that came short just now, after the check, finds the
+            // task gone: it stays, or arms another.
+            if !(sh2.listeners.is_short() && sh2.listeners.arm_retry()) {
+                return;
+            }
+        }
+    });
+}
+
+/// Descriptors may have freed up (the program accepted a connection, a
+/// relay ended): the connections waiting for them are placed again, in
+/// order, until one still finds none. One atomic load when none waits.
+pub(crate) fn descriptors_freed(sh: &Arc<SupervisorState>) {
+    // The supervisor's own reserve first: calls must be served.
+    sh.reserve.refill();
+    let mut short = sh.listeners.take_short().into_iter();
+    for (lconn, id) in short.by_ref() {
+        let placed = sh.listeners.place(lconn, id, Kind::Relayed, Instant::now());
+        settle(sh, id, Kind::Relayed, placed);
+        if sh.listeners.is_short() {
+            break;
+        }
+    }
+    for (lconn, id) in short {
+        sh.listeners.short_of_descriptors(lconn, id);
     }
 }
 

@@ -120,15 +120,17 @@ impl Call {
 impl SupervisorState {
     /// A duplicate of the call's fd argument, for the time of the call.
     pub(crate) fn target_fd(&self, call: &Call) -> std::io::Result<OwnedFd> {
-        self.pidfds.with(call.pid(), |p| fds::get_fd(p, call.fd()))
+        let dup = || self.pidfds.with(call.pid(), |p| fds::get_fd(p, call.fd()));
+        super::reserve::with_room(&self.reserve, dup)
     }
 
     /// The virtual socket behind the call's fd argument, if it is one.
     pub(crate) fn lookup(&self, call: &mut Call) -> Option<(Inode, VirtualSocket)> {
-        let (dup, ino) = self
-            .pidfds
-            .with(call.pid(), |p| fds::socket_dup_inode(p, call.fd()))
-            .ok()?;
+        let dup = || {
+            let pidfds = &self.pidfds;
+            pidfds.with(call.pid(), |p| fds::socket_dup_inode(p, call.fd()))
+        };
+        let (dup, ino) = super::reserve::with_room(&self.reserve, dup).ok()?;
         let ino = ino?;
         let vs = self.table().get(ino)?.clone();
         call.dup = Some(dup);

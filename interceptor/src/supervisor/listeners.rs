@@ -19,6 +19,11 @@
 //! the lock is released. The only I/O under the lock is on the markers
 //! (`markers.rs`), whose count must match the queue's at every moment.
 //!
+//! A relayed connection whose socket pair could not be made for want of
+//! descriptors (`EMFILE`, `ENFILE`) waits *short* of them
+//! ([`ListenerTable::short_of_descriptors`]), without a socket, until
+//! descriptors free up (docs/interceptor.md, "Out of descriptors").
+//!
 //! Markers, bytes sent on `M`, keep `L` readable while the queue is not
 //! empty: one for a short queue, one more for every [`MARKER_STEP`]
 //! connections queued (up to [`MAX_MARKERS`]), so a burst of clients costs
@@ -36,6 +41,7 @@ use saps_fabric::{ConnId, RELISTEN_GRACE};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -226,6 +232,12 @@ pub(crate) struct Reaped {
 /// that state (see the module docs).
 pub(crate) struct ListenerTable {
     inner: Ranked<Listeners>,
+    /// Some connection waits short of descriptors (read without the lock
+    /// after every accept).
+    any_short: AtomicBool,
+    /// A task tries the connections short of descriptors again
+    /// (`arrival.rs`).
+    retrying: AtomicBool,
 }
 
 #[derive(Default)]
@@ -239,13 +251,56 @@ struct Listeners {
     /// Addresses of connections not accepted yet, by tag.
     arrivals: HashMap<ConnId, Arrival>,
     orphans: Vec<Orphan>,
+    /// Relayed connections (listener, id) waiting for descriptors to make
+    /// their socket pair, oldest first.
+    short: VecDeque<(ConnId, ConnId)>,
 }
 
 impl ListenerTable {
     pub(crate) fn new() -> Self {
         ListenerTable {
             inner: Ranked::default_with(Rank::Listeners),
+            any_short: AtomicBool::new(false),
+            retrying: AtomicBool::new(false),
         }
+    }
+
+    /// Relayed connection `id` for listener `lconn` could not get its
+    /// socket pair (out of descriptors): it waits, unplaced, for
+    /// [`ListenerTable::take_short`].
+    pub(crate) fn short_of_descriptors(&self, lconn: ConnId, id: ConnId) {
+        let mut t = self.inner.lock();
+        t.short.push_back((lconn, id));
+        self.any_short.store(true, Ordering::Release);
+    }
+
+    /// The connections waiting for descriptors, oldest first, to place
+    /// again; each that still finds none is put back with
+    /// [`ListenerTable::short_of_descriptors`]. Empty at the cost of one
+    /// atomic load when none waits.
+    pub(crate) fn take_short(&self) -> Vec<(ConnId, ConnId)> {
+        if !self.any_short.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let mut t = self.inner.lock();
+        self.any_short.store(false, Ordering::Release);
+        std::mem::take(&mut t.short).into()
+    }
+
+    /// Marks the retry task of connections short of descriptors running;
+    /// false if it was already.
+    pub(crate) fn arm_retry(&self) -> bool {
+        !self.retrying.swap(true, Ordering::AcqRel)
+    }
+
+    /// The retry task ends.
+    pub(crate) fn disarm_retry(&self) {
+        self.retrying.store(false, Ordering::Release);
+    }
+
+    /// Whether connections wait for descriptors.
+    pub(crate) fn is_short(&self) -> bool {
+        self.any_short.load(Ordering::Acquire)
     }
 
     /// A connection arrives for some listener: its addresses, and the
@@ -407,6 +462,8 @@ impl ListenerTable {
         let t = &mut *t;
         t.arrivals.clear();
         t.retired.clear();
+        t.short.clear();
+        self.any_short.store(false, Ordering::Release);
         let mut closed = Vec::new();
         let mut listeners = Vec::new();
         let orphans = std::mem::take(&mut t.orphans).into_iter().map(|o| o.id);

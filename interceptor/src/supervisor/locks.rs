@@ -36,6 +36,8 @@ pub(crate) enum Rank {
     Pidfds,
     /// The channel to the io-server (cloned out, never held long).
     Endpoint,
+    /// The descriptors held back for the supervisor's own calls.
+    Reserve,
 }
 
 /// A mutex that may only be taken in [`Rank`] order.

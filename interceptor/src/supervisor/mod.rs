@@ -46,6 +46,7 @@ mod markers;
 mod objects;
 mod pidfds;
 mod relay;
+mod reserve;
 mod restart;
 mod sendto;
 mod socket;

@@ -12,8 +12,14 @@ pub(crate) fn to_tokio(p: OwnedFd) -> std::io::Result<tokio::net::UnixStream> {
     tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(p))
 }
 
-/// Relays P ⇄ fabric in a task.
-pub(crate) fn spawn_relay(sh: &Arc<SupervisorState>, conn: ConnId, p: OwnedFd) {
+/// Relays P ⇄ fabric in a task; `ended` runs once it is over and P is
+/// closed (a descriptor freed: `arrival::descriptors_freed`).
+pub(crate) fn spawn_relay(
+    sh: &Arc<SupervisorState>,
+    conn: ConnId,
+    p: OwnedFd,
+    ended: fn(&Arc<SupervisorState>),
+) {
     let sh2 = sh.clone();
     sh.rt.spawn(async move {
         match to_tokio(p) {
@@ -23,6 +29,7 @@ pub(crate) fn spawn_relay(sh: &Arc<SupervisorState>, conn: ConnId, p: OwnedFd) {
                 sh2.ep().close_connection(conn, libc::EIO);
             }
         }
+        ended(&sh2);
     });
 }
 

@@ -40,6 +40,8 @@ pub(crate) struct SupervisorState {
     pub ops: OpTable,
     /// Asks the kernel whether a placeholder still exists (`diag`).
     diag: Ranked<Option<crate::diag::SockDiag>>,
+    /// Descriptors held back for the calls' duplicates (`reserve.rs`).
+    pub reserve: super::reserve::Reserve,
 }
 
 impl SupervisorState {
@@ -62,6 +64,7 @@ impl SupervisorState {
             connecting: Ranked::default_with(Rank::Connecting),
             ops: OpTable::new(),
             diag: Ranked::new(Rank::Diag, None),
+            reserve: super::reserve::Reserve::new(),
         }
     }
 

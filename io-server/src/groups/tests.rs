@@ -22,6 +22,14 @@ fn no_pending(_: NodeId, _: ConnId) -> u64 {
     0
 }
 
+fn no_held(_: MemberId) -> Held {
+    Held::default()
+}
+
+fn now() -> Instant {
+    Instant::now()
+}
+
 fn member(node: NodeId, listener: ConnId) -> MemberId {
     MemberId { node, listener }
 }
@@ -39,17 +47,17 @@ fn listen(g: &mut Groups<Client>, key: SocketAddr, node: NodeId, conn: ConnId) {
     if g.bind(node, conn, key, 0).unwrap() == Bind::OpenPort {
         g.open(key, node, conn, 0);
     }
-    assert!(g.listen(key, node, conn).unwrap());
+    assert!(g.listen(key, node, conn, 128).unwrap());
 }
 
 /// Where client `c` of `key` goes: the member's node, or `None` if queued.
 fn place(g: &mut Groups<Client>, key: SocketAddr, c: Client) -> Option<NodeId> {
-    match g.dispatch(key, c, from(), no_pending) {
+    match g.dispatch(key, c, from(), now(), no_pending, no_held) {
         Placement::Member(m, back) => {
             assert_eq!(back, c, "the client comes back with its member");
             Some(m.node)
         }
-        Placement::Queued => None,
+        Placement::Queued { .. } => None,
         other => panic!("{other:?}"),
     }
 }
@@ -83,11 +91,15 @@ fn a_weight_of_0_drains_and_queued_clients_go_when_a_member_is_eligible() {
     assert_eq!(place(&mut g, key, 7), None);
     assert_eq!(place(&mut g, key, 8), None);
     assert_eq!(g.iter().next().unwrap().1.queued(), 2);
-    assert_eq!(g.next_queued(key), None, "nobody eligible: they stay");
+    assert_eq!(
+        g.next_queued(key, no_held),
+        None,
+        "nobody eligible: they stay"
+    );
     assert!(g.set_weight(A, 3));
-    assert_eq!(g.next_queued(key), Some(7), "oldest first");
-    assert_eq!(g.next_queued(key), Some(8));
-    assert_eq!(g.next_queued(key), None);
+    assert_eq!(g.next_queued(key, no_held), Some(7), "oldest first");
+    assert_eq!(g.next_queued(key, no_held), Some(8));
+    assert_eq!(g.next_queued(key, no_held), None);
     assert!(!g.set_weight(9, 1), "no such node");
 }
 
@@ -100,7 +112,7 @@ fn a_node_leaving_sends_its_clients_to_the_other_members_then_to_the_queue() {
     let _ = g.leave(A);
     // The clients A had not accepted come back, one by one.
     for c in 0..3 {
-        match g.redispatch(key, c, from(), no_pending) {
+        match g.redispatch(key, c, from(), now(), no_pending, no_held) {
             Placement::Member(m, _) => assert_eq!(m, member(B, 20)),
             other => panic!("{other:?}"),
         }
@@ -108,7 +120,10 @@ fn a_node_leaving_sends_its_clients_to_the_other_members_then_to_the_queue() {
     let u = g.leave(B);
     assert_eq!(u.closed, []);
     assert_eq!(u.orphaned.len(), 1, "the port waits for a listener");
-    assert_eq!(g.redispatch(key, 9, from(), no_pending), Placement::Queued);
+    assert_eq!(
+        g.redispatch(key, 9, from(), now(), no_pending, no_held),
+        Placement::Queued { expire: true }
+    );
     let (_, group) = g.iter().next().unwrap();
     assert_eq!(group.redispatched(), 4);
     assert_eq!(group.queued(), 1);
@@ -128,14 +143,14 @@ fn a_port_left_by_its_last_listener_keeps_its_queue_for_whoever_takes_it_over() 
     // Another node binds the port within the grace: the group is its.
     assert_eq!(g.bind(B, 30, key, 0), Ok(Bind::Joined(key)));
     assert_eq!(g.close_orphan(orphan), None, "taken over: stays open");
-    assert!(g.listen(key, B, 30).unwrap());
-    assert_eq!(g.next_queued(key), Some(1));
+    assert!(g.listen(key, B, 30, 128).unwrap());
+    assert_eq!(g.next_queued(key, no_held), Some(1));
     // Left again, and nobody comes: closed with its waiting clients.
     let orphan = g.unbind(B, None).orphaned[0];
     assert_eq!(place(&mut g, key, 2), None);
     assert_eq!(g.close_orphan(orphan), Some(vec![2]));
     assert!(!g.contains(key));
-    match g.dispatch(key, 3, from(), no_pending) {
+    match g.dispatch(key, 3, from(), now(), no_pending, no_held) {
         Placement::NoGroup(3) => {}
         other => panic!("{other:?}"),
     }
@@ -182,9 +197,9 @@ fn listen_twice_is_one_member_and_listen_on_no_group_is_einval() {
     let mut g = two_nodes(SchedulerKind::Rr);
     let key = port(80);
     listen(&mut g, key, A, 10);
-    assert_eq!(g.listen(key, A, 10), Ok(false));
+    assert_eq!(g.listen(key, A, 10, 128), Ok(false));
     assert_eq!(g.iter().next().unwrap().1.members().len(), 1);
-    assert_eq!(g.listen(port(81), A, 11), Err(libc::EINVAL));
+    assert_eq!(g.listen(port(81), A, 11, 128), Err(libc::EINVAL));
 }
 
 #[test]
@@ -195,7 +210,7 @@ fn the_queue_holds_at_most_max_queued_clients() {
     for c in 0..MAX_QUEUED as Client {
         assert_eq!(place(&mut g, key, c), None);
     }
-    match g.dispatch(key, 9999, from(), no_pending) {
+    match g.dispatch(key, 9999, from(), now(), no_pending, no_held) {
         Placement::QueueFull(9999) => {}
         other => panic!("{other:?}"),
     }
@@ -224,7 +239,7 @@ fn only_a_scheduler_that_needs_bytes_in_flight_has_them_computed() {
                 1 << 20
             }
         };
-        let picked = g.pick(key, from(), pending).unwrap();
+        let picked = g.pick(key, from(), pending, no_held).unwrap();
         match kind {
             SchedulerKind::Mwlc => {
                 assert_eq!(calls.get(), 3, "once per live connection");
@@ -258,12 +273,186 @@ fn traffic_is_counted_for_node_group_and_member_and_forgotten_with_them() {
     // wlc sees A's live connections through the ledger.
     listen(&mut g, key, B, 20);
     g.connection_started(A, 102, Some((key, m)));
-    assert_eq!(g.pick(key, from(), no_pending), Some(member(B, 20)));
+    assert_eq!(
+        g.pick(key, from(), no_pending, no_held),
+        Some(member(B, 20))
+    );
     let _ = g.leave(A);
     let t = g.traffic();
     assert!(t.get(Scope::Node(A)).is_none());
     assert!(t.get(Scope::Member(key, m)).is_none());
     assert_eq!(t.get(Scope::Group(key)).unwrap().total(), 3);
+}
+
+/// Groups of `kind` admitting within `limits`, nodes A and B joined.
+fn limited(limits: Limits) -> Groups<Client> {
+    let mut g = Groups::with_limits(SchedulerKind::Rr, limits);
+    g.join(A, 1, Instant::now());
+    g.join(B, 1, Instant::now());
+    g
+}
+
+/// A node of protocol version 2 holding `unaccepted` relayed clients.
+fn holding(unaccepted: usize) -> Held {
+    Held {
+        relayed: unaccepted,
+        counts_accepts: true,
+        ..Held::default()
+    }
+}
+
+#[test]
+fn a_member_whose_program_holds_its_backlog_unaccepted_gets_no_more_clients() {
+    let mut g = limited(Limits::default());
+    let key = port(80);
+    for (node, conn) in [(A, 10), (B, 20)] {
+        if g.bind(node, conn, key, 0).unwrap() == Bind::OpenPort {
+            g.open(key, node, conn, 0);
+        }
+        assert!(g.listen(key, node, conn, 8).unwrap());
+    }
+    // A holds 9 unaccepted (a kernel listener of backlog 8 holds 9): only
+    // B is eligible, whatever the round robin's turn.
+    let full_a = |m: MemberId| holding(if m.node == A { 9 } else { 0 });
+    for c in 0..4 {
+        match g.dispatch(key, c, from(), now(), no_pending, full_a) {
+            Placement::Member(m, _) => assert_eq!(m.node, B),
+            other => panic!("{other:?}"),
+        }
+    }
+    // 8 unaccepted: room for one more, as in the kernel.
+    let eight = |_: MemberId| holding(8);
+    assert!(g.pick(key, from(), no_pending, eight).is_some());
+    // Both full: queued, and the queue's room is what admits more.
+    let full = |_: MemberId| holding(9);
+    let placed = g.dispatch(key, 7, from(), now(), no_pending, full);
+    assert_eq!(placed, Placement::Queued { expire: true });
+    assert!(g.admits(key, full), "the queue has room");
+    assert_eq!(g.next_queued(key, full), None, "nobody eligible: it waits");
+    assert_eq!(g.next_queued(key, eight), Some(7), "a place freed: it goes");
+    // A node that does not tell of accepts (version 1) is not bounded so.
+    let v1 = |_: MemberId| Held {
+        relayed: 100,
+        ..Held::default()
+    };
+    assert!(g.pick(key, from(), no_pending, v1).is_some());
+    // Nor one keeping all it may for re-dispatch.
+    let node_full = |_: MemberId| Held {
+        node_full: true,
+        ..holding(0)
+    };
+    assert_eq!(g.pick(key, from(), no_pending, node_full), None);
+}
+
+#[test]
+fn max_conn_per_node_and_per_group_count_live_and_handed_clients() {
+    let limits = Limits {
+        per_node: 2,
+        per_group: 3,
+        ..Limits::default()
+    };
+    let mut g = limited(limits);
+    let key = port(80);
+    listen(&mut g, key, A, 10);
+    listen(&mut g, key, B, 20);
+    let (a, b) = (member(A, 10), member(B, 20));
+    // A has two live relayed connections: at its bound.
+    g.connection_started(A, 100, Some((key, a)));
+    g.connection_started(A, 101, Some((key, a)));
+    for c in 0..3 {
+        assert_eq!(place(&mut g, key, c), Some(B));
+    }
+    // B has one handed over, not accepted yet: the group holds 3, its bound.
+    let handed_b = |m: MemberId| Held {
+        handed: usize::from(m == b),
+        counts_accepts: true,
+        ..Held::default()
+    };
+    let placed = g.dispatch(key, 9, from(), now(), no_pending, handed_b);
+    assert_eq!(placed, Placement::Queued { expire: true });
+    // One of A's ends: A is below both bounds again.
+    g.connection_finished(A, 100, (0, 0));
+    assert_eq!(g.next_queued(key, handed_b), Some(9));
+    assert_eq!(g.pick(key, from(), no_pending, handed_b), Some(a));
+}
+
+#[test]
+fn a_full_queue_pauses_the_group_until_a_place_or_room_frees() {
+    let limits = Limits {
+        max_queue: 2,
+        ..Limits::default()
+    };
+    let mut g = limited(limits);
+    let key = port(80);
+    listen(&mut g, key, A, 10);
+    let full = |_: MemberId| holding(2);
+    let free = |_: MemberId| holding(0);
+    g.listen(key, A, 10, 1).unwrap(); // backlog 1: 2 unaccepted is full
+    let t0 = now();
+    for c in 0..2 {
+        assert!(matches!(
+            g.dispatch(key, c, from(), t0, no_pending, full),
+            Placement::Queued { .. }
+        ));
+    }
+    assert!(!g.admits(key, full), "queue full, nobody eligible");
+    assert_eq!(g.iter().next().unwrap().1.paused(), (true, 1));
+    assert_eq!(g.waiting(), vec![key]);
+    assert!(!g.resume(key, full), "still nothing");
+    assert!(g.resume(key, free), "a member is eligible again");
+    assert_eq!(g.iter().next().unwrap().1.paused(), (false, 1));
+    assert!(!g.resume(key, free), "resumed once");
+}
+
+#[test]
+fn clients_queued_past_the_queue_timeout_are_given_back_to_close_and_counted() {
+    let limits = Limits {
+        queue_timeout: Duration::from_secs(5),
+        ..Limits::default()
+    };
+    let mut g = limited(limits);
+    let key = port(80);
+    g.open(key, A, 10, 0);
+    let t0 = now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    let mut expires = Vec::new();
+    for (c, t) in [(1, 0), (2, 1), (3, 3)] {
+        match g.dispatch(key, c, from(), at(t), no_pending, no_held) {
+            Placement::Queued { expire } => expires.push(expire),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(expires, [true, false, false], "one timer for the queue");
+    assert_eq!(g.expire(key, at(4)), (vec![], Some(at(5))));
+    assert_eq!(g.expire(key, at(6)), (vec![1, 2], Some(at(8))));
+    assert_eq!(g.expire(key, at(8)), (vec![3], None));
+    let (_, group) = g.iter().next().unwrap();
+    assert_eq!(group.queue_counts(), (3, 3));
+    // The timer ended with the queue: the next client sets one again.
+    assert_eq!(
+        g.dispatch(key, 4, from(), at(9), no_pending, no_held),
+        Placement::Queued { expire: true }
+    );
+}
+
+#[test]
+fn the_bounds_come_from_the_flags_and_the_group_bound_from_the_descriptor_limit() {
+    let config = crate::config::Config {
+        max_conn_per_node: 10,
+        max_queue: 50,
+        queue_timeout: 7,
+        ..Default::default()
+    };
+    let l = Limits::new(&config, 20_000);
+    assert_eq!((l.per_node, l.max_queue), (10, 50));
+    assert_eq!(l.queue_timeout, Duration::from_secs(7));
+    assert_eq!(l.per_group, 20_000 - RESERVED_FDS as usize, "derived");
+    assert_eq!(Limits::new(&config, 100).per_group, 64, "at least 64");
+    let set = crate::config::Config {
+        max_conn_per_group: 300,
+        ..config
+    };
+    assert_eq!(Limits::new(&set, 20_000).per_group, 300, "as set");
 }
 
 #[test]

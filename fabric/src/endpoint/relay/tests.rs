@@ -355,7 +355,7 @@ async fn tracked(
     let (client, server_end) = tcp_client().await;
     let conn = p
         .server
-        .accept_connection_with(2, addr(40000), addr(80), &replay, true)
+        .accept_connection_with(2, addr(40000), addr(80), &replay, true, None)
         .unwrap();
     assert!(matches!(
         next(&mut p.node_rx).await,
@@ -547,6 +547,37 @@ async fn a_reply_from_the_program_counts_as_its_accept() {
     p.node.handle().with(|ch| ch.close("node killed"));
     let end = timeout(LIMIT, relay).await.unwrap().unwrap();
     assert!(matches!(end, ClientRelayEnd::Finished(_)), "{end:?}");
+}
+
+/// Admission (issue 24): a tracked connection holds a place in its
+/// member's count (`Waiting`) from its announcement to its program's
+/// accept, and giving it back wakes the io-server's admission task.
+#[tokio::test]
+async fn a_member_s_place_is_held_until_its_program_accepts() {
+    let mut p = pair().await;
+    let freed = Arc::new(tokio::sync::Notify::new());
+    let waiting = crate::endpoint::Waiting::new(freed.clone());
+    let (_client, server_end) = tcp_client().await;
+    let replay = Replay::default();
+    let conn = p
+        .server
+        .accept_connection_with(2, addr(40000), addr(80), &replay, true, Some(&waiting))
+        .unwrap();
+    assert!(matches!(
+        next(&mut p.node_rx).await,
+        EndpointEvent::ConnectionAccepted { conn: c, .. } if c == conn
+    ));
+    assert_eq!(waiting.get(), 1, "taken when announced");
+    let s = p.server.clone();
+    let _relay = tokio::spawn(async move { s.relay_client(conn, server_end).await });
+    let (_app, app_side) = UnixStream::pair().unwrap();
+    let n = p.node.clone();
+    tokio::spawn(async move { n.relay_unix(conn, app_side).await });
+    p.node.accepted(conn, false);
+    timeout(LIMIT, freed.notified())
+        .await
+        .expect("the accept wakes the admission task");
+    assert_eq!(waiting.get(), 0, "given back at the accept");
 }
 
 /// Issue 24: a sweep closes a client connection that moved no octet for

@@ -322,3 +322,38 @@ impl Placement {
         }
     }
 }
+
+/// Out of descriptors: a relayed connection that got no socket pair waits
+/// unplaced, with no marker on `L`, and is handed back in order to be
+/// placed again; one retry task at a time.
+#[test]
+fn connections_short_of_descriptors_wait_unplaced_and_come_back_in_order() {
+    let t = ListenerTable::new();
+    let (l, lst) = listener(80);
+    assert!(t.listen(7, lst).is_empty());
+    for id in [11, 12] {
+        t.arrive(id, arrival(id as u16), None);
+        assert!(matches!(
+            t.place(7, id, Kind::Relayed, Instant::now()),
+            Placement::NeedsSocket(7)
+        ));
+        t.short_of_descriptors(7, id);
+    }
+    assert!(t.is_short());
+    assert_eq!(markers_on(&l), 0, "nothing to accept yet");
+    assert!(t.arm_retry(), "the first arms the retry task");
+    assert!(!t.arm_retry(), "one task at a time");
+    assert_eq!(t.take_short(), vec![(7, 11), (7, 12)], "oldest first");
+    assert!(!t.is_short());
+    assert_eq!(t.take_short(), vec![], "taken once");
+    // Its socket pair made now, the first is queued and `L` polls readable.
+    let (program_end, _relay_end) = pair(true).unwrap();
+    t.attach(11, program_end);
+    assert!(matches!(
+        t.place(7, 11, Kind::Relayed, Instant::now()),
+        Placement::Queued
+    ));
+    assert_eq!(markers_on(&l), 1);
+    t.disarm_retry();
+    assert!(t.arm_retry(), "armed again after the task ended");
+}
