@@ -1031,7 +1031,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="short runs (about 3.5 minutes)")
     ap.add_argument("--only", default=",".join(SETUPS), help="comma-separated from "
                     + ",".join(SETUPS))
-    ap.add_argument("--rate", default="100mbit", help="the line rate of every NIC (tc rate)")
+    ap.add_argument("--rate", default="50mbit", help="the line rate of every NIC (tc rate)")
     ap.add_argument("--queue", type=int, default=40, help="the bottleneck's queue, packets")
     ap.add_argument("--host-queue", type=int, default=1000,
                     help="every other NIC's queue, packets")

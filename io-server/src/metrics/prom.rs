@@ -222,6 +222,41 @@ pub fn render(s: &Status) -> String {
         "Nodes listening in the group.",
     )
     .each(&groups, |g| g.members.len() as u64);
+    family(
+        o,
+        "saps_group_queued_total",
+        "counter",
+        "Clients that waited in the group's queue for an eligible member.",
+    )
+    .each(&groups, |g| g.queued_total);
+    family(
+        o,
+        "saps_group_queue_timeouts_total",
+        "counter",
+        "Clients closed after waiting --queue-timeout in the group's queue.",
+    )
+    .each(&groups, |g| g.queue_timeouts);
+    family(
+        o,
+        "saps_group_paused",
+        "gauge",
+        "1 while new clients are left in the kernel's accept queue (every bound reached).",
+    )
+    .each(&groups, |g| u64::from(g.paused));
+    family(
+        o,
+        "saps_group_pauses_total",
+        "counter",
+        "Times new clients were left in the kernel's accept queue.",
+    )
+    .each(&groups, |g| g.pauses);
+    family(
+        o,
+        "saps_group_kernel_queue_current",
+        "gauge",
+        "Clients in the port's kernel accept queue, not yet accepted by the io-server.",
+    )
+    .each(&groups, |g| g.kernel_queue.map_or(0, |(n, _)| u64::from(n)));
     let rows: Vec<_> = groups
         .iter()
         .map(|(l, g)| (l.clone(), &g.counters))
@@ -344,6 +379,32 @@ pub fn render(s: &Status) -> String {
     ];
     for (name, help, v) in refusals {
         family(o, name, "counter", help).sample(none, v);
+    }
+    let a = &s.admission;
+    let admission: [(&str, &str, u64); 4] = [
+        (
+            "saps_limit_conn_per_node",
+            "--max-conn-per-node: a node's connections in one group at once (0: no limit).",
+            a.max_conn_per_node as u64,
+        ),
+        (
+            "saps_limit_conn_per_group",
+            "--max-conn-per-group: a group's connections at once.",
+            a.max_conn_per_group as u64,
+        ),
+        (
+            "saps_limit_queue",
+            "--max-queue: clients a group keeps waiting for an eligible member.",
+            a.max_queue as u64,
+        ),
+        (
+            "saps_limit_queue_timeout_seconds",
+            "--queue-timeout: how long a client may wait in a group's queue.",
+            a.queue_timeout_secs,
+        ),
+    ];
+    for (name, help, v) in admission {
+        family(o, name, "gauge", help).sample(none, v);
     }
     let t = &s.timeouts;
     let timeouts: [(&str, &str, u64); 5] = [
