@@ -413,6 +413,8 @@ class Cluster:
         argv = [b.script, "up", self.name, "--nodes", "4", "--clients", "4",
                 "--rate", b.args.rate, "--queue", str(b.args.queue),
                 "--host-queue", str(b.args.host_queue)]
+        if setup != "vs" and b.args.fabric_link == "own":
+            argv.append("--cluster-link")
         if setup == "vs":
             argv.append("--virtual-server")
             for i in range(1, 5):
@@ -465,7 +467,7 @@ class Cluster:
             os.chown(token, NOBODY, NOBODY)  # the nodes run as nobody
             self.gateway = self.spawn("io-server", "gw", [
                 os.path.join(b.bin_dir, "io-server"),
-                "--fabric", f"tcp://192.0.2.2:{FABRIC_PORT}", "--address", ADDRESS,
+                "--fabric", f"tcp://{self.gateway_address()}:{FABRIC_PORT}", "--address", ADDRESS,
                 "--scheduler", "rr", "--token-file", token,
                 "--control", os.path.join(self.d, "control.sock")])
             time.sleep(0.5)
@@ -506,14 +508,22 @@ class Cluster:
         argv = ["sh", "-c", script]
         if self.setup == "saps":
             argv = [os.path.join(b.bin_dir, "saps-run"), "--io-server",
-                    f"tcp://192.0.2.2:{FABRIC_PORT}", "--token-file",
+                    f"tcp://{self.gateway_address()}:{FABRIC_PORT}", "--token-file",
                     os.path.join(self.d, "token"), "--node", f"n{i}", "--"] + argv
         self.nodes[i] = self.spawn(f"n{i}", f"n{i}", ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
                                       "--clear-groups", "--"] + argv, cwd=w)
 
+    def gateway_address(self):
+        """Where the nodes reach the gateway: on the fabric's own link
+        (`--fabric-link own`, scripts/netns-cluster --cluster-link) or on
+        the LAN."""
+        return "203.0.113.129" if self.b.args.fabric_link == "own" else "192.0.2.2"
+
     def haproxy_conf(self):
         conf = os.path.join(self.d, "haproxy.cfg")
-        nodes = [(i, f"192.0.2.{10 + i}") for i in range(1, 5)]
+        own = self.b.args.fabric_link == "own"
+        nodes = [(i, f"203.0.113.{130 + i}" if own else f"192.0.2.{10 + i}")
+                 for i in range(1, 5)]
         text = ("global\n  nbthread 1\n  maxconn 8000\n"
                 "defaults\n  mode tcp\n  timeout connect 5s\n"
                 "  timeout client 600s\n  timeout server 600s\n"
@@ -838,7 +848,11 @@ def report(b, results, command, secs, started_at, load):
              + (" (**--quick**: short runs, noisy)" if a.quick else "") + ".")
     o.append(f"Bottleneck: {a.rate} with a {a.queue}-packet queue; every NIC at {a.rate} "
              f"with a {a.host_queue}-packet queue. "
-             "CPU idle is the whole machine's during each measurement, from /proc/stat.")
+             + ("The gateway reaches the nodes (SAPS's fabric, haproxy's backends) on a link "
+                "of its own. " if a.fabric_link == "own" else
+                "The gateway reaches the nodes (SAPS's fabric, haproxy's backends) on the LAN "
+                "it shares with the router. ")
+             + "CPU idle is the whole machine's during each measurement, from /proc/stat.")
     if b.errors:
         o.append("\nErrors in this run:\n" + "\n".join(f"* {e}" for e in b.errors))
 
@@ -1035,6 +1049,9 @@ def main():
     ap.add_argument("--queue", type=int, default=40, help="the bottleneck's queue, packets")
     ap.add_argument("--host-queue", type=int, default=1000,
                     help="every other NIC's queue, packets")
+    ap.add_argument("--fabric-link", choices=("own", "lan"), default="own",
+                    help="where the gateway reaches the nodes under SAPS and haproxy: "
+                    "a cluster link of its own (as the paper's Myrinet) or the LAN")
     ap.add_argument("--sessions", type=int, default=800, help="Support sessions (all clients)")
     ap.add_argument("--think", type=float, default=2.0, help="mean think time, s")
     ap.add_argument("--support-secs", type=float, default=120.0,
