@@ -391,3 +391,49 @@ pub fn unix_node(d: &Path, name: &str, zero_relay: &str) -> Command {
     ]);
     c
 }
+
+/// A python program that listens on port `argv[1]` with backlog `argv[2]`
+/// (default 128) and never accepts: a program stuck before its accept
+/// loop.
+pub const NEVER_ACCEPTS: &str = r#"
+import socket, sys, time
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", int(sys.argv[1])))
+l.listen(int(sys.argv[2]) if len(sys.argv) > 2 else 128)
+while True:
+    time.sleep(3600)
+"#;
+
+/// A python program on port `argv[1]` that answers each connection's
+/// request (up to its newline) with "B " and the request, then closes it;
+/// a thread per connection.
+pub const ANSWERS: &str = r#"
+import socket, sys, threading
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", int(sys.argv[1])))
+l.listen(128)
+def serve(c):
+    data = b""
+    while not data.endswith(b"\n"):
+        d = c.recv(1 << 16)
+        if not d:
+            break
+        data += d
+    c.sendall(b"B " + data)
+    c.close()
+while True:
+    c, _ = l.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// `program` (python source, [`NEVER_ACCEPTS`], [`ANSWERS`] …) run with
+/// `args` under a node of [`unix_node`].
+pub fn python_node(d: &Path, name: &str, zero_relay: &str, program: &str, args: &[&str]) -> Proc {
+    Proc::spawn(
+        unix_node(d, name, zero_relay)
+            .args([PYTHON, "-c", program])
+            .args(args),
+    )
+}

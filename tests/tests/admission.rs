@@ -13,39 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Listens with backlog 8 and never accepts.
-const NEVER_ACCEPTS: &str = r#"
-import socket, sys, time
-l = socket.socket()
-l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.bind(("0.0.0.0", int(sys.argv[1])))
-l.listen(8)
-while True:
-    time.sleep(3600)
-"#;
-
-/// Answers each connection's first line with "B " and the line, then
-/// closes it; one thread per connection.
-const ANSWERS: &str = r#"
-import socket, sys, threading
-l = socket.socket()
-l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.bind(("0.0.0.0", int(sys.argv[1])))
-l.listen(128)
-def serve(c):
-    data = b""
-    while not data.endswith(b"\n"):
-        d = c.recv(4096)
-        if not d:
-            break
-        data += d
-    c.sendall(b"B " + data)
-    c.close()
-while True:
-    c, _ = l.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#;
-
 /// Accepts and holds connections (reading each one's line) until it holds
 /// `HOLD`, until `accept` fails (out of descriptors: EMFILE) or until no
 /// client came for 0.5 s; then answers every held one ("B " and its line)
@@ -89,8 +56,10 @@ while True:
         flush()
 "#;
 
+/// `program` on `port` under node `name`; [`NEVER_ACCEPTS`] with backlog 8.
 fn node(d: &Path, name: &str, zero_relay: &str, program: &str, port: u16) -> Proc {
-    Proc::spawn(unix_node(d, name, zero_relay).args([PYTHON, "-c", program, &port.to_string()]))
+    let port = port.to_string();
+    python_node(d, name, zero_relay, program, &[&port, "8"])
 }
 
 /// An io-server on `DIR/saps.sock` with the admission flags `extra`.

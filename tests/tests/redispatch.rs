@@ -15,47 +15,13 @@ use std::time::Duration;
 /// Clients per test; `rr` sends every other one to node a.
 const CLIENTS: usize = 8;
 
-/// Listens on the port and never accepts (a program stuck before its
-/// accept loop).
-const NEVER_ACCEPTS: &str = r#"
-import socket, sys, time
-l = socket.socket()
-l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.bind(("0.0.0.0", int(sys.argv[1])))
-l.listen(128)
-while True:
-    time.sleep(3600)
-"#;
-
-/// Answers each connection's request (up to its newline) with "B " and
-/// the request, then closes.
-const ANSWERS: &str = r#"
-import socket, sys, threading
-l = socket.socket()
-l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.bind(("0.0.0.0", int(sys.argv[1])))
-l.listen(128)
-def serve(c):
-    data = b""
-    while not data.endswith(b"\n"):
-        d = c.recv(1 << 16)
-        if not d:
-            break
-        data += d
-    c.sendall(b"B " + data)
-    c.close()
-while True:
-    c, _ = l.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#;
-
 fn io_server(d: &Path) -> Proc {
     write_token(&d.join("token"), "redispatch secret\n");
     unix_io_server(d)
 }
 
 fn node(d: &Path, name: &str, zero_relay: &str, program: &str, port: u16) -> Proc {
-    Proc::spawn(unix_node(d, name, zero_relay).args([PYTHON, "-c", program, &port.to_string()]))
+    python_node(d, name, zero_relay, program, &[&port.to_string()])
 }
 
 /// `io-server status`, if it answers.
