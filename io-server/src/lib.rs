@@ -92,8 +92,14 @@ pub enum Error {
     FabricUrl(#[from] saps_fabric::transport::UrlError),
     #[error("cannot listen for nodes on {url}: {source}")]
     FabricBind { url: String, source: std::io::Error },
-    #[error("--stack smoltcp is not built in this version; use --stack kernel (the default)")]
-    SmoltcpNotBuilt,
+    #[error("--stack smoltcp needs the single address as a specific IPv4 address: pass --address IP (got {0})")]
+    StackAddress(std::net::IpAddr),
+    #[error("--stack smoltcp needs a TAP device: pass --tap NAME or --tap-fd N")]
+    StackNoTap,
+    #[error("--tap-fd {fd} is not an open descriptor: {source}")]
+    TapFd { fd: i32, source: std::io::Error },
+    #[error("cannot start the smoltcp stack: {0}")]
+    StackOpen(#[from] saps_stack::Error),
     #[error("cannot create the control socket {path}: {source}")]
     ControlBind {
         path: PathBuf,

@@ -313,6 +313,20 @@ impl Node {
             self.socket_closed(conn);
             return Err(e);
         }
+        if let Some(stack) = &self.server.stack {
+            // The group's first listen opens its port on the stack, which
+            // waits for the stack's thread: with the tables' lock released.
+            let to_open = self.server.lock().ports.stack_port_to_open(key);
+            if let Some(port) = to_open {
+                let l = stack.listen(port, backlog).map_err(|e| {
+                    tracing::warn!(port, error = %e, "cannot listen on the stack");
+                    stack_errno(&e)
+                })?;
+                // Given back (and closed, here) if the port went meanwhile.
+                let back = self.server.lock().ports.stack_opened(key, l);
+                drop(back);
+            }
+        }
         let freed = &self.server.freed;
         let listener = self
             .server
@@ -342,21 +356,32 @@ impl Node {
         }
         let server = self.server.clone();
         let (ep, id) = (self.ep.clone(), self.id);
-        let opts = self
-            .with_socket(conn, |s| std::mem::take(&mut s.opts))
-            .unwrap_or_default();
+        // On the stack the options stay remembered (`set_opt`).
+        let opts = match server.stack {
+            Some(_) => Vec::new(),
+            None => self
+                .with_socket(conn, |s| std::mem::take(&mut s.opts))
+                .unwrap_or_default(),
+        };
         let limit = timeouts::connect_timeout(&server.config);
         tokio::spawn(
             async move {
-                let result = open(server.config.address, addr, &opts, limit).await;
+                let result = match &server.stack {
+                    Some(stack) => open_on_stack(stack, addr, limit).await,
+                    None => open(server.config.address, addr, &opts, limit)
+                        .await
+                        .map(|s| {
+                            let local = s.local_addr().ok();
+                            (s, local)
+                        }),
+                };
                 if result.as_ref().is_err_and(timed_out) {
                     server.timed_out.connect.fetch_add(1, Ordering::Relaxed);
                 }
                 let mut st = server.lock();
                 let (response, relay) = match result {
-                    Ok(stream) => match ep.open_connection(conn) {
+                    Ok((stream, local)) => match ep.open_connection(conn) {
                         Ok(()) => {
-                            let local = stream.local_addr().ok();
                             tracing::info!(%addr, ?local, "connected");
                             let relay = Relay::record(&mut st, id, Relayed::Outbound, conn, stream);
                             (status(Ok(local)), relay)
@@ -380,13 +405,16 @@ impl Node {
 
     fn set_opt(&self, conn: ConnId, level: i32, name: i32, value: bytes::Bytes) -> Result<(), i32> {
         self.check_option(level, name, true, &value)?;
+        let on_stack = self.server.stack.is_some();
         let mut st = self.server.lock();
         let node = st.nodes.get_mut(&self.id).ok_or(libc::ENOTCONN)?;
         let s = node.sockets.entry(conn).or_default();
         match &s.tcp {
-            Some(fd) => sys::setsockopt(fd.as_fd(), level, name, &value),
-            // Not connected yet: remembered and applied by connect.
-            None => {
+            Some(fd) if !on_stack => sys::setsockopt(fd.as_fd(), level, name, &value),
+            // Not connected yet: remembered and applied by connect. On the
+            // smoltcp stack: remembered only (its socket is a socketpair's
+            // end; docs/io-server.md "--stack smoltcp").
+            _ => {
                 s.opts.retain(|(l, n, _)| (*l, *n) != (level, name));
                 s.opts.push((level, name, value));
                 Ok(())
@@ -396,14 +424,10 @@ impl Node {
 
     fn get_opt(&self, conn: ConnId, level: i32, name: i32, len: u32) -> Result<Vec<u8>, i32> {
         self.check_option(level, name, false, &[])?;
+        let on_stack = self.server.stack.is_some();
         self.with_socket(conn, |s| match &s.tcp {
-            Some(fd) => sys::getsockopt(fd.as_fd(), level, name, len),
-            None => s
-                .opts
-                .iter()
-                .find(|(l, n, _)| (*l, *n) == (level, name))
-                .map(|(_, _, v)| v.to_vec())
-                .ok_or(libc::ENOPROTOOPT),
+            Some(fd) if !on_stack => sys::getsockopt(fd.as_fd(), level, name, len),
+            _ => remembered(&s.opts, level, name, len),
         })
         .unwrap_or(Err(libc::ENOTCONN))
     }
@@ -445,6 +469,74 @@ impl Node {
             dispatch::close_orphans_later(&self.server, orphans);
         }
     }
+}
+
+/// A socket option as remembered (`Socket::opts`), truncated to `len`;
+/// what a TCP socket answers for its type and family; else ENOPROTOOPT.
+fn remembered(
+    opts: &[(i32, i32, bytes::Bytes)],
+    level: i32,
+    name: i32,
+    len: u32,
+) -> Result<Vec<u8>, i32> {
+    let fixed = match (level, name) {
+        (libc::SOL_SOCKET, libc::SO_TYPE) => Some(libc::SOCK_STREAM),
+        (libc::SOL_SOCKET, libc::SO_DOMAIN) => Some(libc::AF_INET),
+        (libc::SOL_SOCKET, libc::SO_PROTOCOL) => Some(libc::IPPROTO_TCP),
+        (libc::SOL_SOCKET, libc::SO_ERROR | libc::SO_ACCEPTCONN) => Some(0),
+        _ => None,
+    };
+    let mut v = match fixed {
+        Some(n) => n.to_ne_bytes().to_vec(),
+        None => opts
+            .iter()
+            .find(|(l, n, _)| (*l, *n) == (level, name))
+            .map(|(_, _, v)| v.to_vec())
+            .ok_or(libc::ENOPROTOOPT)?,
+    };
+    v.truncate(len as usize);
+    Ok(v)
+}
+
+/// The errno a node is answered when the stack refuses or fails.
+pub(crate) fn stack_errno(e: &saps_stack::Error) -> i32 {
+    match e {
+        saps_stack::Error::Os(e) => e.raw_os_error().unwrap_or(libc::EIO),
+        saps_stack::Error::Tap { .. } | saps_stack::Error::Stopped => libc::ENETDOWN,
+        saps_stack::Error::Busy => libc::ENOBUFS,
+        saps_stack::Error::NotIpv4(_) => libc::ENETUNREACH,
+    }
+}
+
+/// A connection of the smoltcp stack to `to`, from the single address
+/// (`Stack::connect`, awaited through its fd); its local address. Given
+/// up with `ETIMEDOUT` after `limit` (the stack's own connect timeout,
+/// set from the same flag, answers the same).
+async fn open_on_stack(
+    stack: &saps_stack::Stack,
+    to: SocketAddr,
+    limit: Option<std::time::Duration>,
+) -> std::io::Result<(tokio::net::TcpStream, Option<SocketAddr>)> {
+    let errno = |e: saps_stack::Error| std::io::Error::from_raw_os_error(stack_errno(&e));
+    let pending = stack.connect(to).map_err(errno)?;
+    let pending = sys::register_readable(pending)?;
+    let outcome = async {
+        loop {
+            let mut ready = pending.readable().await?;
+            match ready.get_inner().try_result() {
+                Some(r) => return r,
+                None => ready.clear_ready(),
+            }
+        }
+    };
+    let conn = match limit {
+        Some(limit) => tokio::time::timeout(limit, outcome)
+            .await
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::ETIMEDOUT))??,
+        None => outcome.await?,
+    };
+    let stream = tokio::net::TcpStream::from_std(std::net::TcpStream::from(conn.fd))?;
+    Ok((stream, Some(conn.local)))
 }
 
 /// Whether a connect failed for `--connect-timeout`.
