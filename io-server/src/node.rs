@@ -574,3 +574,33 @@ async fn open(
     stream.set_nodelay(true)?;
     Ok(stream)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::remembered;
+
+    #[test]
+    fn options_on_the_stack_are_answered_as_remembered_or_as_a_tcp_socket_would() {
+        let one = bytes::Bytes::copy_from_slice(&1i32.to_ne_bytes());
+        let opts = vec![(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, one)];
+        let get = |level, name, len| remembered(&opts, level, name, len);
+        let int = |v: Vec<u8>| i32::from_ne_bytes(v.try_into().unwrap());
+        assert_eq!(
+            get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 4).map(int),
+            Ok(1)
+        );
+        assert_eq!(
+            get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 2).map(|v| v.len()),
+            Ok(2)
+        );
+        assert_eq!(
+            get(libc::IPPROTO_TCP, libc::TCP_INFO, 104),
+            Err(libc::ENOPROTOOPT)
+        );
+        let ty = get(libc::SOL_SOCKET, libc::SO_TYPE, 4).map(int);
+        assert_eq!(ty, Ok(libc::SOCK_STREAM));
+        assert_eq!(get(libc::SOL_SOCKET, libc::SO_ERROR, 4).map(int), Ok(0));
+        let proto = get(libc::SOL_SOCKET, libc::SO_PROTOCOL, 4).map(int);
+        assert_eq!(proto, Ok(libc::IPPROTO_TCP));
+    }
+}

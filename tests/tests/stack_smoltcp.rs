@@ -42,8 +42,31 @@ struct Layout {
     client: String,
 }
 
+/// Opens the TAP `argv[1]` (IFF_TAP|IFF_NO_PI) as a privileged helper
+/// would, and runs `argv[2:]` with it as `--tap-fd N`.
+const TAP_HELPER: &str = r#"
+import fcntl, os, struct, sys
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, 0x400454ca, struct.pack("16sH22x", sys.argv[1].encode(), 0x0002 | 0x1000))
+os.set_inheritable(fd, True)
+os.execv(sys.argv[2], sys.argv[2:] + ["--tap-fd", str(fd)])
+"#;
+
+/// How the io-server gets its TAP.
+#[derive(Clone, Copy, PartialEq)]
+enum Tap {
+    /// `--tap NAME`.
+    ByName,
+    /// `--tap-fd N`, opened by a helper.
+    ByFd,
+}
+
 impl Layout {
     fn new() -> Option<Layout> {
+        Layout::with(Tap::ByName)
+    }
+
+    fn with(how: Tap) -> Option<Layout> {
         if !have("ip") || !have("python3") {
             return None;
         }
@@ -94,9 +117,14 @@ impl Layout {
         }
         write_token(&l.dir.path().join("token"), "cluster secret\n");
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &g])
-            .arg(bin("io-server"))
-            .args(["--stack", "smoltcp", "--tap", &tap])
+        cmd.args(["netns", "exec", &g]);
+        match how {
+            Tap::ByName => cmd.arg(bin("io-server")).args(["--tap", &tap]),
+            Tap::ByFd => cmd
+                .args([PYTHON, "-c", TAP_HELPER, &tap])
+                .arg(bin("io-server")),
+        };
+        cmd.args(["--stack", "smoltcp"])
             .args(["--tap-gateway", TAP_GW, "--connect-timeout", "10"]);
         let fabric = format!("unix:{}", l.dir.path().join("saps.sock").display());
         l.io = Some(start_io_server(cmd, l.dir.path(), &fabric, SINGLE));
@@ -112,6 +140,13 @@ impl Layout {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.client, program]);
         c
+    }
+
+    /// The stack's thread runs under the io-server's sandbox too: no call
+    /// of it was refused.
+    fn assert_sandbox_quiet(&self) {
+        let err = self.io_stderr();
+        assert!(!err.contains("sandbox: refused"), "{err}");
     }
 
     fn io_stderr(&self) -> String {
@@ -171,6 +206,7 @@ fn python_http_server_answers_a_client_in_another_namespace_and_sees_its_address
     );
     let status = io_server_status(l.d()).expect("status answers");
     assert!(status.contains("Stack smoltcp: sockets"), "{status}");
+    l.assert_sandbox_quiet();
 }
 
 /// Echoes every connection back (a thread each), half-closing after.
@@ -248,6 +284,7 @@ fn a_hundred_mib_is_echoed_intact_each_way_through_a_program_under_saps_run() {
     );
     assert_eq!(f[2], (100u64 << 20).to_string(), "bytes echoed");
     assert_eq!(f[0], f[1], "the echo differs from what was sent");
+    l.assert_sandbox_quiet();
 }
 
 /// Accepts one connection, writes the peer's address to it and exits.
@@ -338,4 +375,225 @@ fn without_an_address_or_a_tap_the_stack_is_refused_clearly() {
         .args(["--address", SINGLE]));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--tap NAME"), "{err}");
+}
+
+/// GETs `url` from the client namespace into `out`; curl's exit code.
+fn fetch(l: &Layout, url: &str, out: &Path) -> i32 {
+    let o = run(l.in_client("curl").args([
+        "-sS",
+        "--max-time",
+        "60",
+        "-o",
+        out.to_str().unwrap(),
+        url,
+    ]));
+    o.status.code().unwrap_or(-1)
+}
+
+#[test]
+fn nginx_serves_a_small_and_a_large_file_through_the_tap() {
+    if !have("nginx") {
+        return;
+    }
+    let Some(l) = Layout::new() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("www")).unwrap();
+    let small: Vec<u8> = (0..1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    let big: Vec<u8> = (0..10 * 1024 * 1024u32)
+        .map(|i| (i * 13 % 253) as u8)
+        .collect();
+    std::fs::write(d.join("www/1k.bin"), &small).unwrap();
+    std::fs::write(d.join("www/10m.bin"), &big).unwrap();
+    let port = port();
+    let conf = format!(
+        "daemon off; master_process on; worker_processes 2; user root;\n\
+         pid {d}/nginx.pid; error_log {d}/error.log;\n\
+         events {{ worker_connections 1024; use epoll; }}\n\
+         http {{ access_log {d}/access.log; sendfile on;\n\
+           client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;\n\
+           uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+           server {{ listen {port}; root {d}/www; }} }}\n",
+        d = d.display()
+    );
+    std::fs::write(d.join("nginx.conf"), conf).unwrap();
+    let mut cmd = unix_node(l.d(), "nginx", "off");
+    cmd.args(["nginx", "-c", d.join("nginx.conf").to_str().unwrap()])
+        .args(["-e", d.join("error.log").to_str().unwrap()]);
+    let server = Proc::spawn(&mut cmd);
+    let out = d.join("fetched");
+    let url = |f: &str| format!("http://{SINGLE}:{port}/{f}");
+    let up = wait_for(Duration::from_secs(30), || {
+        (fetch(&l, &url("1k.bin"), &out) == 0).then_some(())
+    });
+    assert!(
+        up.is_some(),
+        "nginx never answered: {}\nio-server: {}",
+        server.stderr(),
+        l.io_stderr()
+    );
+    assert!(std::fs::read(&out).unwrap() == small, "1 KiB file differs");
+    assert_eq!(fetch(&l, &url("10m.bin"), &out), 0);
+    assert!(std::fs::read(&out).unwrap() == big, "10 MiB file differs");
+}
+
+/// Connects, checks one echo, then holds the connection open reading
+/// until it ends; prints "echoed" then "ended".
+const HOLD: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
+s.sendall(b"ping")
+assert s.recv(4) == b"ping"
+print("echoed", flush=True)
+try:
+    while s.recv(4096):
+        pass
+except OSError:
+    pass
+print("ended", flush=True)
+"#;
+
+/// One echo through a new connection; prints "ok" if it came back.
+const ONCE: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"pong")
+s.shutdown(socket.SHUT_WR)
+print("ok" if s.recv(4) == b"pong" else "bad", flush=True)
+"#;
+
+#[test]
+fn a_node_killed_mid_stream_leaves_the_other_serving() {
+    let Some(l) = Layout::new() else { return };
+    let port = port();
+    let node = |name: &str| {
+        let mut cmd = unix_node(l.d(), name, "off");
+        cmd.args([PYTHON, "-u", "-c", ECHO_SERVER, &port.to_string()]);
+        let p = Proc::spawn(&mut cmd);
+        let up = wait_for(Duration::from_secs(30), || {
+            p.stdout().contains("listening").then_some(())
+        });
+        assert!(up.is_some(), "{name}: {}", p.stderr());
+        p
+    };
+    let a = node("a");
+    let held = Proc::spawn(
+        l.in_client(PYTHON)
+            .args(["-u", "-c", HOLD, SINGLE, &port.to_string()]),
+    );
+    let echoed = wait_for(Duration::from_secs(20), || {
+        held.stdout().contains("echoed").then_some(())
+    });
+    assert!(echoed.is_some(), "{}\n{}", held.stderr(), l.io_stderr());
+    let b = node("b");
+    // Both members now; `a` (which holds the connection) dies.
+    let members = wait_for(Duration::from_secs(10), || {
+        let s = io_server_status(l.d())?;
+        (s.contains("-> a (") && s.contains("-> b (")).then_some(())
+    });
+    assert!(members.is_some(), "{:?}", io_server_status(l.d()));
+    drop(a);
+    let ended = wait_for(Duration::from_secs(20), || {
+        held.stdout().contains("ended").then_some(())
+    });
+    assert!(
+        ended.is_some(),
+        "the held connection did not end: {}",
+        held.stdout()
+    );
+    for i in 0..5 {
+        let o = run(l
+            .in_client(PYTHON)
+            .args(["-c", ONCE, SINGLE, &port.to_string()]));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            "ok",
+            "connection {i} after the kill: {}\nb: {}\nio-server: {}",
+            String::from_utf8_lossy(&o.stderr),
+            b.stderr(),
+            l.io_stderr()
+        );
+    }
+}
+
+#[test]
+fn a_tap_handed_over_as_a_descriptor_serves() {
+    let Some(l) = Layout::with(Tap::ByFd) else {
+        return;
+    };
+    let port = port();
+    let mut cmd = unix_node(l.d(), "echo", "off");
+    cmd.args([PYTHON, "-u", "-c", ECHO_SERVER, &port.to_string()]);
+    let server = Proc::spawn(&mut cmd);
+    let up = wait_for(Duration::from_secs(30), || {
+        server.stdout().contains("listening").then_some(())
+    });
+    assert!(up.is_some(), "echo server: {}", server.stderr());
+    let o = run(l
+        .in_client(PYTHON)
+        .args(["-c", ONCE, SINGLE, &port.to_string()]));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "ok",
+        "{}\nio-server: {}",
+        String::from_utf8_lossy(&o.stderr),
+        l.io_stderr()
+    );
+}
+
+/// Listens, serves one connection, closes its listener; twice on the
+/// same port (iperf3's pattern), the second time with a larger backlog
+/// asked by a second listen(2).
+const TWICE: &str = r#"
+import socket, sys
+for i in range(2):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(sys.argv[1])))
+    s.listen(1)
+    if i == 1:
+        s.listen(8)
+    print("listening", i, flush=True)
+    c, a = s.accept()
+    c.sendall(b"round %d" % i)
+    c.close()
+    s.close()
+"#;
+
+/// Reads what the server says first.
+const READ: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+print(s.recv(100).decode(), flush=True)
+"#;
+
+#[test]
+fn a_program_that_closes_its_listener_and_listens_again_is_served_both_times() {
+    let Some(l) = Layout::new() else { return };
+    let port = port();
+    let mut cmd = unix_node(l.d(), "twice", "off");
+    cmd.args([PYTHON, "-u", "-c", TWICE, &port.to_string()]);
+    let server = Proc::spawn(&mut cmd);
+    for round in 0..2 {
+        let listening = format!("listening {round}");
+        let up = wait_for(Duration::from_secs(30), || {
+            server.stdout().contains(&listening).then_some(())
+        });
+        assert!(up.is_some(), "round {round}: {}", server.stderr());
+        // The listen's answer may come before the port is open again.
+        let said = wait_for(Duration::from_secs(20), || {
+            let o = run(l
+                .in_client(PYTHON)
+                .args(["-c", READ, SINGLE, &port.to_string()]));
+            let out = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            (!out.is_empty()).then_some(out)
+        });
+        assert_eq!(
+            said.as_deref(),
+            Some(format!("round {round}").as_str()),
+            "{}\nio-server: {}",
+            server.stderr(),
+            l.io_stderr()
+        );
+    }
 }
