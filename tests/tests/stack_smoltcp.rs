@@ -17,6 +17,8 @@ use std::time::Duration;
 const SINGLE: &str = "192.0.2.2";
 /// The kernel's side of the TAP: the stack's gateway.
 const TAP_GW: &str = "192.0.2.1";
+/// The io-server's `--metrics`, on the loopback of `gw`.
+const METRICS: &str = "127.0.0.1:9464";
 /// The client namespace's address (TEST-NET-2) and its router.
 const CLIENT: &str = "198.51.100.2";
 const ROUTER: &str = "198.51.100.1";
@@ -125,7 +127,8 @@ impl Layout {
                 .arg(bin("io-server")),
         };
         cmd.args(["--stack", "smoltcp"])
-            .args(["--tap-gateway", TAP_GW, "--connect-timeout", "10"]);
+            .args(["--tap-gateway", TAP_GW, "--connect-timeout", "10"])
+            .args(["--metrics", METRICS, "--metrics-interval", "0"]);
         let fabric = format!("unix:{}", l.dir.path().join("saps.sock").display());
         l.io = Some(start_io_server(cmd, l.dir.path(), &fabric, SINGLE));
         Some(l)
@@ -140,6 +143,15 @@ impl Layout {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.client, program]);
         c
+    }
+
+    /// `GET /metrics` of the io-server (in `gw`).
+    fn metrics(&self) -> String {
+        let url = format!("http://{METRICS}/metrics");
+        let o = run(Command::new("ip")
+            .args(["netns", "exec", &self.gw, "curl", "-sS", "--max-time", "10"])
+            .arg(url));
+        String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
     /// The stack's thread runs under the io-server's sandbox too: no call
@@ -285,6 +297,25 @@ fn a_hundred_mib_is_echoed_intact_each_way_through_a_program_under_saps_run() {
     assert_eq!(f[2], (100u64 << 20).to_string(), "bytes echoed");
     assert_eq!(f[0], f[1], "the echo differs from what was sent");
     l.assert_sandbox_quiet();
+    // The stack's counters saw the bytes, in Prometheus's format.
+    let metrics = l.metrics();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in:\n{metrics}"))
+    };
+    assert!(value("saps_stack_bytes_total{direction=\"in\"}") >= 100 << 20);
+    assert!(value("saps_stack_bytes_total{direction=\"out\"}") >= 100 << 20);
+    assert_eq!(value("saps_stack_up"), 1);
+    assert!(value("saps_stack_sockets{state=\"LISTEN\"}") >= 1);
+    if have("promtool") {
+        let check = format!(
+            "ip netns exec {} curl -sS http://{METRICS}/metrics | promtool check metrics",
+            l.gw
+        );
+        assert_eq!(sh(&check), Ok(()));
+    }
 }
 
 /// Accepts one connection, writes the peer's address to it and exits.
