@@ -318,13 +318,20 @@ impl Node {
             // waits for the stack's thread: with the tables' lock released.
             let to_open = self.server.lock().ports.stack_port_to_open(key);
             if let Some(port) = to_open {
-                let l = stack.listen(port, backlog).map_err(|e| {
-                    tracing::warn!(port, error = %e, "cannot listen on the stack");
-                    stack_errno(&e)
-                })?;
-                // Given back (and closed, here) if the port went meanwhile.
-                let back = self.server.lock().ports.stack_opened(key, l);
-                drop(back);
+                match stack.listen(port, backlog) {
+                    Ok(l) => {
+                        // Given back (and closed, here) if the port went
+                        // or another member opened it meanwhile.
+                        let back = self.server.lock().ports.stack_opened(key, l);
+                        drop(back);
+                    }
+                    // Another member of the group opened it meanwhile.
+                    Err(_) if self.server.lock().ports.stack_port_to_open(key).is_none() => {}
+                    Err(e) => {
+                        tracing::warn!(port, error = %e, "cannot listen on the stack");
+                        return Err(stack_errno(&e));
+                    }
+                }
             }
         }
         let freed = &self.server.freed;
