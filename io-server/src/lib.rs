@@ -2,8 +2,9 @@
 //! single address (SAPS paper §2, DESIGN.md "The picture").
 //!
 //! Clients connect to one IP address; the io-server runs TCP on the host's
-//! stack and serves any number of application nodes over the fabric, one
-//! channel per node. Ports that nodes listen on form listener groups whose
+//! stack (or, with `--stack smoltcp`, on `saps_stack`'s user-space stack
+//! on a TAP it owns) and serves any number of application nodes over the
+//! fabric, one channel per node. Ports that nodes listen on form listener groups whose
 //! [`scheduler`] picks a node per client; stream data is relayed within the
 //! Appendix A credits by [`saps_fabric::Endpoint::relay`]. [`control`]
 //! serves `io-server status` and `io-server weight`.
@@ -18,7 +19,8 @@
 //! * `groups.rs` — the listener groups, sans-IO: membership, weights,
 //!   schedulers, queues; which member gets a client; `traffic.rs`, the
 //!   ledger counting each connection for its node, group and member;
-//! * `ports.rs` — the groups' real listening sockets;
+//! * `ports.rs` — the groups' real listening sockets (the kernel's, or
+//!   the smoltcp stack's listeners);
 //! * `dispatch.rs` — accept, then give each client to its member (hand it
 //!   over, `handoff.rs`, or relay it, `relay.rs`) or queue it;
 //! * `cluster.rs` — weight changes and a node's leaving; `slowstart.rs`,

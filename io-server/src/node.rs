@@ -5,7 +5,9 @@
 //! `bind`/`listen` reserve and listen on the real port of the single
 //! address (the group's socket); `connect` opens a real outbound TCP
 //! connection from the single address and answers with the real errno;
-//! `setsockopt`/`getsockopt` reach the real TCP socket. A node whose channel
+//! `setsockopt`/`getsockopt` reach the real TCP socket. Under `--stack
+//! smoltcp` the port listens on the stack, the connect leaves from it, and
+//! options on its sockets are remembered only. A node whose channel
 //! fails (wrong token, garbage, disconnect) is dropped with its reason
 //! logged; its listeners leave their groups and nothing else is touched.
 

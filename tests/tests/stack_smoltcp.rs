@@ -364,6 +364,7 @@ fn a_nodes_outbound_connect_arrives_from_the_single_address() {
     let f: Vec<&str> = out.split_whitespace().collect();
     assert_eq!(f.first().copied(), Some(SINGLE), "the peer saw: {out}");
     assert_eq!(f.get(1).copied(), Some(SINGLE), "getsockname: {out}");
+    l.assert_sandbox_quiet();
 }
 
 #[test]
