@@ -629,3 +629,43 @@ fn a_program_that_closes_its_listener_and_listens_again_is_served_both_times() {
         );
     }
 }
+
+/// A connect's outcome: "ok" or the errno.
+const PROBE: &str = r#"
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()
+    print("ok")
+except OSError as e:
+    print(e.errno)
+"#;
+
+#[test]
+fn the_port_of_a_node_that_left_is_closed_on_the_stack_after_the_grace() {
+    let Some(l) = Layout::new() else { return };
+    let port = port();
+    let probe = || {
+        let o = run(l
+            .in_client(PYTHON)
+            .args(["-c", PROBE, SINGLE, &port.to_string()]));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let mut cmd = unix_node(l.d(), "only", "off");
+    cmd.args([PYTHON, "-u", "-c", ECHO_SERVER, &port.to_string()]);
+    let node = Proc::spawn(&mut cmd);
+    let up = wait_for(Duration::from_secs(30), || (probe() == "ok").then_some(()));
+    assert!(up.is_some(), "{}\n{}", node.stderr(), l.io_stderr());
+    drop(node);
+    // Orphaned, then closed once the grace (1 s) is over: the stack
+    // refuses the port as the kernel would, and listens on nothing.
+    let refused = libc::ECONNREFUSED.to_string();
+    let closed = wait_for(Duration::from_secs(20), || {
+        (probe() == refused).then_some(())
+    });
+    assert!(closed.is_some(), "still {}", probe());
+    let none = wait_for(Duration::from_secs(10), || {
+        let s = io_server_status(l.d())?;
+        s.contains("listening ports 0,").then_some(())
+    });
+    assert!(none.is_some(), "{:?}", io_server_status(l.d()));
+}
