@@ -436,7 +436,14 @@ impl Node {
         let on_stack = self.server.stack.is_some();
         self.with_socket(conn, |s| match &s.tcp {
             Some(fd) if !on_stack => sys::getsockopt(fd.as_fd(), level, name, len),
-            _ => remembered(&s.opts, level, name, len),
+            _ if on_stack => remembered(&s.opts, level, name, len),
+            // Not connected yet: what was set, if anything.
+            _ => s
+                .opts
+                .iter()
+                .find(|(l, n, _)| (*l, *n) == (level, name))
+                .map(|(_, _, v)| v.to_vec())
+                .ok_or(libc::ENOPROTOOPT),
         })
         .unwrap_or(Err(libc::ENOTCONN))
     }
@@ -480,8 +487,9 @@ impl Node {
     }
 }
 
-/// A socket option as remembered (`Socket::opts`), truncated to `len`;
-/// what a TCP socket answers for its type and family; else ENOPROTOOPT.
+/// A socket option of a socket on the smoltcp stack: as remembered
+/// (`Socket::opts`), truncated to `len`; what a TCP socket answers for
+/// its type and family; else ENOPROTOOPT.
 fn remembered(
     opts: &[(i32, i32, bytes::Bytes)],
     level: i32,

@@ -178,10 +178,13 @@ impl Ports {
                 match port.listening.as_deref().filter(|_| backlog > port.backlog) {
                     Some(Listening::Kernel(l)) => sys::listen(l.get_ref(), backlog)?,
                     // Never blocks: the stack's thread tops the pool up.
-                    Some(Listening::Stack(l)) => l
-                        .get_ref()
-                        .grow_backlog(backlog)
-                        .map_err(|_| libc::ENOBUFS)?,
+                    // Its command queue full: the backlog stays as it is.
+                    Some(Listening::Stack(l)) => {
+                        if let Err(e) = l.get_ref().grow_backlog(backlog) {
+                            tracing::warn!(%key, error = %e, "stack listener: backlog not grown");
+                            return Ok(None);
+                        }
+                    }
                     None => return Ok(None),
                 }
                 port.backlog = backlog;
