@@ -298,6 +298,7 @@ pub struct Socket {
     /// Dropped when the relay ends, which is when the socket really closes.
     pub tcp: Option<Arc<TcpStream>>,
     /// Options set before there was a TCP socket; applied on connect.
+    /// On the smoltcp stack: every option set, remembered only.
     pub opts: Vec<(i32, i32, bytes::Bytes)>,
 }
 
