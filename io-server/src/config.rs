@@ -84,6 +84,9 @@ pub const DEFAULT_MAX_QUEUE: u32 = 1024;
 /// the configuration distributions ship (1m).
 pub const DEFAULT_QUEUE_TIMEOUT: u64 = 60;
 
+/// Default `--tap-prefix`: a /24 around the single address on the TAP's link.
+pub const DEFAULT_TAP_PREFIX: u8 = 24;
+
 /// `--scheduler`: how a listener group picks a member per client connection.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, serde::Deserialize, serde::Serialize,
@@ -125,7 +128,7 @@ pub enum Stack {
     /// The host's Linux TCP stack.
     #[default]
     Kernel,
-    /// smoltcp on a TAP device (not built in this version).
+    /// smoltcp on a TAP device (--tap or --tap-fd), in user space.
     Smoltcp,
 }
 
@@ -148,9 +151,22 @@ pub struct Config {
     /// The TCP/IP stack that serves clients.
     #[arg(long, value_enum, value_name = "STACK", default_value_t)]
     pub stack: Stack,
-    /// TAP device for `--stack smoltcp`.
-    #[arg(long, value_name = "NAME")]
+    /// TAP device for `--stack smoltcp` (opened, or created, in the
+    /// io-server's network namespace; the operator sets its link up).
+    #[arg(long, value_name = "NAME", conflicts_with = "tap_fd")]
     pub tap: Option<String>,
+    /// An open TAP device for `--stack smoltcp`, inherited as descriptor N
+    /// (opened with IFF_TAP|IFF_NO_PI by a privileged helper, so the
+    /// io-server needs no CAP_NET_ADMIN).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(3..))]
+    pub tap_fd: Option<i32>,
+    /// Prefix length of --address on the TAP's link (`--stack smoltcp`).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_TAP_PREFIX, value_parser = clap::value_parser!(u8).range(1..=32))]
+    pub tap_prefix: u8,
+    /// Next hop for destinations off the TAP's link (`--stack smoltcp`;
+    /// without it only on-link peers are reachable).
+    #[arg(long, value_name = "IP")]
+    pub tap_gateway: Option<Ipv4Addr>,
     /// File holding the shared token nodes must prove (surrounding
     /// whitespace is ignored).
     #[arg(long, value_name = "PATH")]
@@ -302,6 +318,9 @@ impl Default for Config {
             scheduler: SchedulerKind::default(),
             stack: Stack::default(),
             tap: None,
+            tap_fd: None,
+            tap_prefix: DEFAULT_TAP_PREFIX,
+            tap_gateway: None,
             token_file: None,
             token: None,
             allow_ports: None,
@@ -465,6 +484,10 @@ mod tests {
             connect-timeout = 10
             slow-start = 20
             node-request-timeout = 4
+            stack = "smoltcp"
+            tap = "tap0"
+            tap-prefix = 28
+            tap-gateway = "192.0.2.1"
             "#,
         )
         .unwrap();
@@ -491,6 +514,13 @@ mod tests {
         assert_eq!((c.client_idle_timeout, c.half_closed_timeout), (600, 30));
         assert_eq!((c.connect_timeout, c.slow_start), (10, 20));
         assert_eq!(c.node_request_timeout, 4);
+        assert_eq!((c.stack, c.tap.as_deref()), (Stack::Smoltcp, Some("tap0")));
+        assert_eq!(
+            (c.tap_prefix, c.tap_gateway),
+            (28, Some(Ipv4Addr::new(192, 0, 2, 1)))
+        );
+        let c: Config = toml::from_str("tap-fd = 5").unwrap();
+        assert_eq!(c.tap_fd, Some(5));
         let e = toml::from_str::<Config>("schedular = \"rr\"").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
     }

@@ -79,13 +79,29 @@ pub(crate) async fn accept_loop(
     close_listener(&listener);
 }
 
-/// The next client of `l`, once the runtime reports it readable.
+/// The next client of `l`, once the runtime reports it readable. A
+/// client of the stack is its end of the bridge's socketpair, carried as
+/// a `TcpStream` like the kernel's clients (read, write, `splice` and
+/// `shutdown` work on it alike; nothing asks it TCP questions: its
+/// addresses come with it, `ServerState::stack`).
 async fn accept(l: &Listening) -> std::io::Result<(TcpStream, SocketAddr)> {
-    loop {
-        let mut ready = l.readable().await?;
-        if let Ok(r) = ready.try_io(|l| sys::accept(l.get_ref())) {
-            return r;
-        }
+    match l {
+        Listening::Kernel(l) => loop {
+            let mut ready = l.readable().await?;
+            if let Ok(r) = ready.try_io(|l| sys::accept(l.get_ref())) {
+                return r;
+            }
+        },
+        Listening::Stack(l) => loop {
+            if l.get_ref().is_closed() {
+                return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            let mut ready = l.readable().await?;
+            match ready.get_inner().try_accept() {
+                Some(c) => return Ok((TcpStream::from(c.fd), c.peer)),
+                None => ready.clear_ready(),
+            }
+        },
     }
 }
 
@@ -206,9 +222,12 @@ fn place_locked(
     mut again: bool,
 ) -> (Option<Relay>, Queued) {
     let peer = client.peer;
+    // A client of the smoltcp stack is one end of a socketpair: no
+    // hand-off (a program would get an AF_UNIX socket), no TCP option.
+    let on_stack = server.stack.is_some();
     // The group's address is the client's destination unless it is a
-    // wildcard one.
-    let local = if key.ip().is_unspecified() {
+    // wildcard one (never on the stack: its groups are on the address).
+    let local = if key.ip().is_unspecified() && !on_stack {
         match client.stream.local_addr() {
             Ok(a) => a,
             Err(_) => return (None, Queued::No),
@@ -273,7 +292,7 @@ fn place_locked(
             _ => (None, None),
         };
         let ep = node.ep.clone();
-        if client.replay.is_empty() {
+        if client.replay.is_empty() && !on_stack {
             if let Some(tx) = node.handoff.clone().filter(|t| t.is_open()) {
                 if !ep.is_open() {
                     // Its channel ended; it is on its way out.
@@ -290,7 +309,9 @@ fn place_locked(
         }
         // The relay writes what the node sends as soon as it comes; a socket
         // handed off above keeps the options the program gave its listener.
-        let _ = client.stream.set_nodelay(true);
+        if !on_stack {
+            let _ = client.stream.set_nodelay(true);
+        }
         let replay = &client.replay;
         match ep.accept_connection_with(listener, peer, local, replay, track, relayed.as_ref()) {
             Ok(conn) => {

@@ -2,8 +2,9 @@
 //! single address (SAPS paper §2, DESIGN.md "The picture").
 //!
 //! Clients connect to one IP address; the io-server runs TCP on the host's
-//! stack and serves any number of application nodes over the fabric, one
-//! channel per node. Ports that nodes listen on form listener groups whose
+//! stack (or, with `--stack smoltcp`, on `saps_stack`'s user-space stack
+//! on a TAP it owns) and serves any number of application nodes over the
+//! fabric, one channel per node. Ports that nodes listen on form listener groups whose
 //! [`scheduler`] picks a node per client; stream data is relayed within the
 //! Appendix A credits by [`saps_fabric::Endpoint::relay`]. [`control`]
 //! serves `io-server status` and `io-server weight`.
@@ -18,7 +19,8 @@
 //! * `groups.rs` — the listener groups, sans-IO: membership, weights,
 //!   schedulers, queues; which member gets a client; `traffic.rs`, the
 //!   ledger counting each connection for its node, group and member;
-//! * `ports.rs` — the groups' real listening sockets;
+//! * `ports.rs` — the groups' real listening sockets (the kernel's, or
+//!   the smoltcp stack's listeners);
 //! * `dispatch.rs` — accept, then give each client to its member (hand it
 //!   over, `handoff.rs`, or relay it, `relay.rs`) or queue it;
 //! * `cluster.rs` — weight changes and a node's leaving; `slowstart.rs`,
@@ -92,8 +94,14 @@ pub enum Error {
     FabricUrl(#[from] saps_fabric::transport::UrlError),
     #[error("cannot listen for nodes on {url}: {source}")]
     FabricBind { url: String, source: std::io::Error },
-    #[error("--stack smoltcp is not built in this version; use --stack kernel (the default)")]
-    SmoltcpNotBuilt,
+    #[error("--stack smoltcp needs the single address as a specific IPv4 address: pass --address IP (got {0})")]
+    StackAddress(std::net::IpAddr),
+    #[error("--stack smoltcp needs a TAP device: pass --tap NAME or --tap-fd N")]
+    StackNoTap,
+    #[error("--tap-fd {fd} is not an open descriptor: {source}")]
+    TapFd { fd: i32, source: std::io::Error },
+    #[error("cannot start the smoltcp stack: {0}")]
+    StackOpen(#[from] saps_stack::Error),
     #[error("cannot create the control socket {path}: {source}")]
     ControlBind {
         path: PathBuf,

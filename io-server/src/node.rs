@@ -5,7 +5,9 @@
 //! `bind`/`listen` reserve and listen on the real port of the single
 //! address (the group's socket); `connect` opens a real outbound TCP
 //! connection from the single address and answers with the real errno;
-//! `setsockopt`/`getsockopt` reach the real TCP socket. A node whose channel
+//! `setsockopt`/`getsockopt` reach the real TCP socket. Under `--stack
+//! smoltcp` the port listens on the stack, the connect leaves from it, and
+//! options on its sockets are remembered only. A node whose channel
 //! fails (wrong token, garbage, disconnect) is dropped with its reason
 //! logged; its listeners leave their groups and nothing else is touched.
 
@@ -313,6 +315,27 @@ impl Node {
             self.socket_closed(conn);
             return Err(e);
         }
+        if let Some(stack) = &self.server.stack {
+            // The group's first listen opens its port on the stack, which
+            // waits for the stack's thread: with the tables' lock released.
+            let to_open = self.server.lock().ports.stack_port_to_open(key);
+            if let Some(port) = to_open {
+                match stack.listen(port, backlog) {
+                    Ok(l) => {
+                        // Given back (and closed, here) if the port went
+                        // or another member opened it meanwhile.
+                        let back = self.server.lock().ports.stack_opened(key, l);
+                        drop(back);
+                    }
+                    // Another member of the group opened it meanwhile.
+                    Err(_) if self.server.lock().ports.stack_port_to_open(key).is_none() => {}
+                    Err(e) => {
+                        tracing::warn!(port, error = %e, "cannot listen on the stack");
+                        return Err(stack_errno(&e));
+                    }
+                }
+            }
+        }
         let freed = &self.server.freed;
         let listener = self
             .server
@@ -342,21 +365,32 @@ impl Node {
         }
         let server = self.server.clone();
         let (ep, id) = (self.ep.clone(), self.id);
-        let opts = self
-            .with_socket(conn, |s| std::mem::take(&mut s.opts))
-            .unwrap_or_default();
+        // On the stack the options stay remembered (`set_opt`).
+        let opts = match server.stack {
+            Some(_) => Vec::new(),
+            None => self
+                .with_socket(conn, |s| std::mem::take(&mut s.opts))
+                .unwrap_or_default(),
+        };
         let limit = timeouts::connect_timeout(&server.config);
         tokio::spawn(
             async move {
-                let result = open(server.config.address, addr, &opts, limit).await;
+                let result = match &server.stack {
+                    Some(stack) => open_on_stack(stack, addr, limit).await,
+                    None => open(server.config.address, addr, &opts, limit)
+                        .await
+                        .map(|s| {
+                            let local = s.local_addr().ok();
+                            (s, local)
+                        }),
+                };
                 if result.as_ref().is_err_and(timed_out) {
                     server.timed_out.connect.fetch_add(1, Ordering::Relaxed);
                 }
                 let mut st = server.lock();
                 let (response, relay) = match result {
-                    Ok(stream) => match ep.open_connection(conn) {
+                    Ok((stream, local)) => match ep.open_connection(conn) {
                         Ok(()) => {
-                            let local = stream.local_addr().ok();
                             tracing::info!(%addr, ?local, "connected");
                             let relay = Relay::record(&mut st, id, Relayed::Outbound, conn, stream);
                             (status(Ok(local)), relay)
@@ -380,13 +414,16 @@ impl Node {
 
     fn set_opt(&self, conn: ConnId, level: i32, name: i32, value: bytes::Bytes) -> Result<(), i32> {
         self.check_option(level, name, true, &value)?;
+        let on_stack = self.server.stack.is_some();
         let mut st = self.server.lock();
         let node = st.nodes.get_mut(&self.id).ok_or(libc::ENOTCONN)?;
         let s = node.sockets.entry(conn).or_default();
         match &s.tcp {
-            Some(fd) => sys::setsockopt(fd.as_fd(), level, name, &value),
-            // Not connected yet: remembered and applied by connect.
-            None => {
+            Some(fd) if !on_stack => sys::setsockopt(fd.as_fd(), level, name, &value),
+            // Not connected yet: remembered and applied by connect. On the
+            // smoltcp stack: remembered only (its socket is a socketpair's
+            // end; docs/io-server.md "--stack smoltcp").
+            _ => {
                 s.opts.retain(|(l, n, _)| (*l, *n) != (level, name));
                 s.opts.push((level, name, value));
                 Ok(())
@@ -396,9 +433,12 @@ impl Node {
 
     fn get_opt(&self, conn: ConnId, level: i32, name: i32, len: u32) -> Result<Vec<u8>, i32> {
         self.check_option(level, name, false, &[])?;
+        let on_stack = self.server.stack.is_some();
         self.with_socket(conn, |s| match &s.tcp {
-            Some(fd) => sys::getsockopt(fd.as_fd(), level, name, len),
-            None => s
+            Some(fd) if !on_stack => sys::getsockopt(fd.as_fd(), level, name, len),
+            _ if on_stack => remembered(&s.opts, level, name, len),
+            // Not connected yet: what was set, if anything.
+            _ => s
                 .opts
                 .iter()
                 .find(|(l, n, _)| (*l, *n) == (level, name))
@@ -447,6 +487,75 @@ impl Node {
     }
 }
 
+/// A socket option of a socket on the smoltcp stack: as remembered
+/// (`Socket::opts`), truncated to `len`; what a TCP socket answers for
+/// its type and family; else ENOPROTOOPT.
+fn remembered(
+    opts: &[(i32, i32, bytes::Bytes)],
+    level: i32,
+    name: i32,
+    len: u32,
+) -> Result<Vec<u8>, i32> {
+    let fixed = match (level, name) {
+        (libc::SOL_SOCKET, libc::SO_TYPE) => Some(libc::SOCK_STREAM),
+        (libc::SOL_SOCKET, libc::SO_DOMAIN) => Some(libc::AF_INET),
+        (libc::SOL_SOCKET, libc::SO_PROTOCOL) => Some(libc::IPPROTO_TCP),
+        (libc::SOL_SOCKET, libc::SO_ERROR | libc::SO_ACCEPTCONN) => Some(0),
+        _ => None,
+    };
+    let mut v = match fixed {
+        Some(n) => n.to_ne_bytes().to_vec(),
+        None => opts
+            .iter()
+            .find(|(l, n, _)| (*l, *n) == (level, name))
+            .map(|(_, _, v)| v.to_vec())
+            .ok_or(libc::ENOPROTOOPT)?,
+    };
+    v.truncate(len as usize);
+    Ok(v)
+}
+
+/// The errno a node is answered when the stack refuses or fails.
+pub(crate) fn stack_errno(e: &saps_stack::Error) -> i32 {
+    match e {
+        saps_stack::Error::Os(e) => e.raw_os_error().unwrap_or(libc::EIO),
+        saps_stack::Error::Tap { .. } | saps_stack::Error::Stopped => libc::ENETDOWN,
+        saps_stack::Error::Busy => libc::ENOBUFS,
+        saps_stack::Error::NotIpv4(_) => libc::ENETUNREACH,
+    }
+}
+
+/// A connection of the smoltcp stack to `to`, from the single address
+/// (`Stack::connect`, awaited through its fd); its local address. Given
+/// up with `ETIMEDOUT` after `limit` (the stack's own connect timeout,
+/// set from the same flag, answers the same).
+async fn open_on_stack(
+    stack: &saps_stack::Stack,
+    to: SocketAddr,
+    limit: Option<std::time::Duration>,
+) -> std::io::Result<(tokio::net::TcpStream, Option<SocketAddr>)> {
+    let errno = |e: saps_stack::Error| std::io::Error::from_raw_os_error(stack_errno(&e));
+    let pending = stack.connect(to).map_err(errno)?;
+    let pending = sys::register_readable(pending)?;
+    let outcome = async {
+        loop {
+            let mut ready = pending.readable().await?;
+            match ready.get_inner().try_result() {
+                Some(r) => return r,
+                None => ready.clear_ready(),
+            }
+        }
+    };
+    let conn = match limit {
+        Some(limit) => tokio::time::timeout(limit, outcome)
+            .await
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::ETIMEDOUT))??,
+        None => outcome.await?,
+    };
+    let stream = tokio::net::TcpStream::from_std(std::net::TcpStream::from(conn.fd))?;
+    Ok((stream, Some(conn.local)))
+}
+
 /// Whether a connect failed for `--connect-timeout`.
 fn timed_out(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::TimedOut
@@ -481,4 +590,34 @@ async fn open(
     };
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::remembered;
+
+    #[test]
+    fn options_on_the_stack_are_answered_as_remembered_or_as_a_tcp_socket_would() {
+        let one = bytes::Bytes::copy_from_slice(&1i32.to_ne_bytes());
+        let opts = vec![(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, one)];
+        let get = |level, name, len| remembered(&opts, level, name, len);
+        let int = |v: Vec<u8>| i32::from_ne_bytes(v.try_into().unwrap());
+        assert_eq!(
+            get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 4).map(int),
+            Ok(1)
+        );
+        assert_eq!(
+            get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 2).map(|v| v.len()),
+            Ok(2)
+        );
+        assert_eq!(
+            get(libc::IPPROTO_TCP, libc::TCP_INFO, 104),
+            Err(libc::ENOPROTOOPT)
+        );
+        let ty = get(libc::SOL_SOCKET, libc::SO_TYPE, 4).map(int);
+        assert_eq!(ty, Ok(libc::SOCK_STREAM));
+        assert_eq!(get(libc::SOL_SOCKET, libc::SO_ERROR, 4).map(int), Ok(0));
+        let proto = get(libc::SOL_SOCKET, libc::SO_PROTOCOL, 4).map(int);
+        assert_eq!(proto, Ok(libc::IPPROTO_TCP));
+    }
 }

@@ -4,6 +4,13 @@
 //! member's `listen`, with the task that accepts on it. [`Ports`] follows
 //! what `Groups` (`groups.rs`) returns: a port opens with its group and
 //! closes with it.
+//!
+//! Under `--stack smoltcp` a port is reserved here when its group opens
+//! (port 0: one no group holds) and listens on the stack
+//! (`saps_stack::Listener`) from its first member's `listen`; that call
+//! waits for the stack's thread, so the node's task makes it with the
+//! tables' lock released ([`Ports::stack_port_to_open`],
+//! [`Ports::stack_opened`]).
 
 use crate::sys::{self, Errno};
 use std::collections::HashMap;
@@ -13,14 +20,27 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-/// A group's listening socket, watched by the runtime; clients are
-/// accepted with [`sys::accept`].
-pub(crate) type Listening = AsyncFd<std::net::TcpListener>;
+/// A group's listening socket, watched by the runtime: the kernel's
+/// (clients accepted with [`sys::accept`]) or the stack's (its fd polls
+/// readable while a connection waits; `try_accept`).
+pub(crate) enum Listening {
+    Kernel(AsyncFd<std::net::TcpListener>),
+    Stack(AsyncFd<saps_stack::Listener>),
+}
+
+/// A group's port before it listens.
+enum Bound {
+    /// The kernel's socket, bound.
+    Kernel(std::net::TcpListener),
+    /// A port of the stack, reserved here; its listener once the first
+    /// member's `listen` opened it (`Ports::stack_opened`).
+    Stack(Option<saps_stack::Listener>),
+}
 
 /// The real socket of one group.
 struct Port {
     /// The socket while bound but not yet listening.
-    socket: Option<std::net::TcpListener>,
+    socket: Option<Bound>,
     /// The listening socket, shared with the accept task.
     listening: Option<Arc<Listening>>,
     accept_task: Option<JoinHandle<()>>,
@@ -45,17 +65,46 @@ impl Drop for Port {
     }
 }
 
+/// Ports a group may be given for port 0 on the stack: Linux's
+/// `ip_local_port_range`, as `bind(2)` to port 0 picks from.
+const STACK_FREE_PORTS: std::ops::RangeInclusive<u16> = 32768..=60999;
+
 /// Every group's port, by the group's address.
 #[derive(Default)]
-pub(crate) struct Ports(HashMap<SocketAddr, Port>);
+pub(crate) struct Ports {
+    ports: HashMap<SocketAddr, Port>,
+    /// Ports are the smoltcp stack's (`--stack smoltcp`).
+    stack: bool,
+    /// Where the search for a free stack port starts next.
+    next_free: u16,
+}
 
 impl Ports {
+    /// The ports of the kernel's stack, or (`stack`) of the smoltcp one.
+    pub fn new(stack: bool) -> Ports {
+        Ports {
+            ports: HashMap::new(),
+            stack,
+            next_free: *STACK_FREE_PORTS.start(),
+        }
+    }
+
     /// Binds a new port at `addr` (port 0: a free one); its real address.
     pub fn open(&mut self, addr: SocketAddr) -> Result<SocketAddr, Errno> {
-        let socket = sys::bound_socket(addr)?;
-        let real = socket
-            .local_addr()
-            .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
+        let (socket, real) = if self.stack {
+            let port = match addr.port() {
+                0 => self.free_stack_port().ok_or(libc::EADDRINUSE)?,
+                p if self.serves_port(p) => return Err(libc::EADDRINUSE),
+                p => p,
+            };
+            (Bound::Stack(None), SocketAddr::new(addr.ip(), port))
+        } else {
+            let socket = sys::bound_socket(addr)?;
+            let real = socket
+                .local_addr()
+                .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
+            (Bound::Kernel(socket), real)
+        };
         let port = Port {
             socket: Some(socket),
             listening: None,
@@ -63,13 +112,54 @@ impl Ports {
             resume: Arc::default(),
             backlog: 0,
         };
-        self.0.insert(real, port);
+        self.ports.insert(real, port);
         Ok(real)
+    }
+
+    /// A stack port no group holds, round robin over [`STACK_FREE_PORTS`]
+    /// (bounded: one pass).
+    fn free_stack_port(&mut self) -> Option<u16> {
+        let (lo, hi) = (*STACK_FREE_PORTS.start(), *STACK_FREE_PORTS.end());
+        for _ in STACK_FREE_PORTS {
+            let p = self.next_free;
+            self.next_free = if p >= hi { lo } else { p + 1 };
+            if !self.serves_port(p) {
+                return Some(p);
+            }
+        }
+        None
     }
 
     /// Whether a group holds `port` (on any address).
     pub fn serves_port(&self, port: u16) -> bool {
-        self.0.keys().any(|k| k.port() == port)
+        self.ports.keys().any(|k| k.port() == port)
+    }
+
+    /// The stack's port of `key` if it must be opened on the stack before
+    /// it can listen (its group's first `listen`): the caller opens it
+    /// (`Stack::listen`, with the tables' lock released) and gives it to
+    /// [`Ports::stack_opened`].
+    pub fn stack_port_to_open(&self, key: SocketAddr) -> Option<u16> {
+        match self.ports.get(&key)?.socket {
+            Some(Bound::Stack(None)) => Some(key.port()),
+            _ => None,
+        }
+    }
+
+    /// Keeps the stack's listener of port `key`, opened by the caller;
+    /// given back if the port closed (or was opened by another) meanwhile.
+    pub fn stack_opened(
+        &mut self,
+        key: SocketAddr,
+        l: saps_stack::Listener,
+    ) -> Result<(), saps_stack::Listener> {
+        match self.ports.get_mut(&key).map(|p| &mut p.socket) {
+            Some(Some(Bound::Stack(slot @ None))) => {
+                *slot = Some(l);
+                Ok(())
+            }
+            _ => Err(l),
+        }
     }
 
     /// Makes port `key` listen, the first time: the listening socket, for
@@ -82,20 +172,48 @@ impl Ports {
         key: SocketAddr,
         backlog: u32,
     ) -> Result<Option<Arc<Listening>>, Errno> {
-        let port = self.0.get_mut(&key).ok_or(libc::EINVAL)?;
-        let Some(s) = port.socket.take() else {
-            if let Some(l) = port.listening.as_ref().filter(|_| backlog > port.backlog) {
-                sys::listen(l.get_ref(), backlog)?;
+        let port = self.ports.get_mut(&key).ok_or(libc::EINVAL)?;
+        let l = match port.socket.take() {
+            None => {
+                match port.listening.as_deref().filter(|_| backlog > port.backlog) {
+                    Some(Listening::Kernel(l)) => sys::listen(l.get_ref(), backlog)?,
+                    // Never blocks: the stack's thread tops the pool up.
+                    // Its command queue full: the backlog stays as it is.
+                    Some(Listening::Stack(l)) => {
+                        if let Err(e) = l.get_ref().grow_backlog(backlog) {
+                            tracing::warn!(%key, error = %e, "stack listener: backlog not grown");
+                            return Ok(None);
+                        }
+                    }
+                    None => return Ok(None),
+                }
                 port.backlog = backlog;
+                return Ok(None);
             }
-            return Ok(None);
+            Some(Bound::Kernel(s)) => {
+                if let Err(e) = sys::listen(&s, backlog) {
+                    port.socket = Some(Bound::Kernel(s));
+                    return Err(e);
+                }
+                let l = sys::register_listener(s);
+                Listening::Kernel(l.map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?)
+            }
+            // Not opened on the stack (its open failed, or raced a close).
+            Some(Bound::Stack(None)) => {
+                port.socket = Some(Bound::Stack(None));
+                return Err(libc::EADDRINUSE);
+            }
+            Some(Bound::Stack(Some(l))) => {
+                // The stack's backlog is the one it was opened with; a
+                // larger one grows it.
+                if let Err(e) = l.grow_backlog(backlog) {
+                    tracing::debug!(error = %e, "stack listener: backlog not grown");
+                }
+                let l = sys::register_readable(l);
+                Listening::Stack(l.map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?)
+            }
         };
-        if let Err(e) = sys::listen(&s, backlog) {
-            port.socket = Some(s);
-            return Err(e);
-        }
         port.backlog = backlog;
-        let l = sys::register_listener(s).map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
         let l = Arc::new(l);
         port.listening = Some(l.clone());
         Ok(Some(l))
@@ -104,20 +222,23 @@ impl Ports {
     /// What wakes the accept task of port `key` once its group admits
     /// clients again.
     pub fn resume(&self, key: SocketAddr) -> Option<Arc<Notify>> {
-        self.0.get(&key).map(|p| p.resume.clone())
+        self.ports.get(&key).map(|p| p.resume.clone())
     }
 
     /// The kernel's accept queue of port `key`: clients waiting in it and
     /// its bound (`TCP_INFO` of a listening socket: `tcpi_unacked`,
-    /// `tcpi_sacked`). `None` while it does not listen.
+    /// `tcpi_sacked`). `None` while it does not listen, and on the stack
+    /// (its queue is in `Stack::stats`).
     pub fn kernel_queue(&self, key: SocketAddr) -> Option<(u32, u32)> {
-        let l = self.0.get(&key)?.listening.as_ref()?;
-        sys::accept_queue(l.get_ref())
+        match self.ports.get(&key)?.listening.as_deref()? {
+            Listening::Kernel(l) => sys::accept_queue(l.get_ref()),
+            Listening::Stack(_) => None,
+        }
     }
 
     /// Keeps the accept task of port `key` (stopped with the port).
     pub fn set_accept_task(&mut self, key: SocketAddr, task: JoinHandle<()>) {
-        match self.0.get_mut(&key) {
+        match self.ports.get_mut(&key) {
             Some(p) => p.accept_task = Some(task),
             None => task.abort(),
         }
@@ -125,15 +246,21 @@ impl Ports {
 
     /// Closes port `key`: new clients are refused.
     pub fn close(&mut self, key: SocketAddr) {
-        self.0.remove(&key);
+        self.ports.remove(&key);
     }
 }
 
 /// Stops a listening socket at once (the port is free and new clients are
 /// refused) whoever still holds a reference to it.
 pub(crate) fn close_listener(l: &Listening) {
-    let _ = nix::sys::socket::shutdown(
-        std::os::fd::AsRawFd::as_raw_fd(l),
-        nix::sys::socket::Shutdown::Both,
-    );
+    match l {
+        Listening::Kernel(l) => {
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(l),
+                nix::sys::socket::Shutdown::Both,
+            );
+        }
+        // The stack closes the port (and the connections not accepted).
+        Listening::Stack(l) => l.get_ref().close(),
+    }
 }

@@ -28,10 +28,9 @@ impl IoServer {
     /// Binds the `--fabric` listeners, the control socket and the metrics
     /// address, and starts serving on the current tokio runtime.
     pub async fn start(config: Config) -> Result<IoServer, Error> {
-        if config.stack == Stack::Smoltcp {
-            return Err(Error::SmoltcpNotBuilt);
-        }
         let token = config.load_token()?;
+        let stack = open_stack(&config)?;
+        let relay_only = stack.is_some();
         let mut listeners = Vec::new();
         let mut sides = Vec::new();
         for url in &config.fabric {
@@ -47,7 +46,10 @@ impl IoServer {
             // themselves (zero-relay) through PATH.handoff.
             // Without it (a path too long for one more suffix, say) those
             // nodes are relayed, as over tcp.
-            if let FabricUrl::Unix(path) = &parsed {
+            // Under the smoltcp stack a client is one end of a socketpair,
+            // not a TCP socket a program could be given: every node is
+            // relayed (docs/io-server.md "--stack smoltcp").
+            if let (FabricUrl::Unix(path), false) = (&parsed, relay_only) {
                 let side = side::path_for(path);
                 match side::SideListener::bind(&side) {
                     Ok(l) => sides.push(l),
@@ -73,6 +75,7 @@ impl IoServer {
         };
         crate::guard::init();
         let mut state = ServerState::new(config, token);
+        state.stack = stack;
         let mut fabric = Vec::new();
         for l in &listeners {
             if let Ok(url) = l.local_url() {
@@ -201,6 +204,45 @@ impl IoServer {
         tracing::info!(cut, "shutdown complete");
         cut
     }
+}
+
+/// The smoltcp stack of `--stack smoltcp` on its TAP (`--tap` or
+/// `--tap-fd`), started; `None` for the kernel's stack.
+fn open_stack(config: &Config) -> Result<Option<saps_stack::Stack>, Error> {
+    if config.stack == Stack::Kernel {
+        if config.tap.is_some() || config.tap_fd.is_some() {
+            tracing::warn!("--tap and --tap-fd are for --stack smoltcp: ignored");
+        }
+        return Ok(None);
+    }
+    let address = match config.address {
+        std::net::IpAddr::V4(a) if !a.is_unspecified() => a,
+        other => return Err(Error::StackAddress(other)),
+    };
+    let mut cfg = saps_stack::Config::new(address, config.tap_prefix, config.tap_gateway);
+    // The node's connects are bounded by --connect-timeout (0: the
+    // kernel's own SYN retries, about 127 s).
+    cfg.connect_timeout = match config.connect_timeout {
+        0 => Duration::from_secs(127),
+        secs => Duration::from_secs(secs),
+    };
+    let stack = match (&config.tap, config.tap_fd) {
+        (Some(name), _) => saps_stack::Stack::open_tap(name, cfg)?,
+        (None, Some(fd)) => {
+            if let Err(e) = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD) {
+                let source = std::io::Error::from(e);
+                return Err(Error::TapFd { fd, source });
+            }
+            // SAFETY: an open descriptor (checked above), handed to this
+            // process for the stack to own; nothing else here uses it.
+            let owned =
+                unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            saps_stack::Stack::from_tap_fd(owned, cfg)?
+        }
+        (None, None) => return Err(Error::StackNoTap),
+    };
+    tracing::info!(%address, prefix = config.tap_prefix, gateway = ?config.tap_gateway, tap = ?config.tap, tap_fd = ?config.tap_fd, "TCP by the smoltcp stack on the TAP (every node relayed)");
+    Ok(Some(stack))
 }
 
 /// Accepts nodes on one fabric listener until shutdown.

@@ -54,6 +54,10 @@ pub(crate) struct ServerState {
     pub timed_out: crate::timeouts::TimedOut,
     /// Refusals and drops logged once per reason and interval.
     pub logs: crate::ratelimit::LogLimit,
+    /// The smoltcp stack serving clients (`--stack smoltcp`); `None`:
+    /// the kernel's. Never called into under the tables' lock (its
+    /// `listen` and `stats` wait for its thread).
+    pub stack: Option<saps_stack::Stack>,
 }
 
 impl ServerState {
@@ -68,7 +72,7 @@ impl ServerState {
                 g.set_slow_start(Duration::from_secs(config.slow_start));
                 g
             },
-            ports: Ports::default(),
+            ports: Ports::new(config.stack == crate::config::Stack::Smoltcp),
         };
         let handshakes = Arc::new(Handshakes::new(
             config.max_handshakes as usize,
@@ -89,6 +93,7 @@ impl ServerState {
             upgrades: Default::default(),
             timed_out: Default::default(),
             logs: Default::default(),
+            stack: None,
         }
     }
 
@@ -293,6 +298,7 @@ pub struct Socket {
     /// Dropped when the relay ends, which is when the socket really closes.
     pub tcp: Option<Arc<TcpStream>>,
     /// Options set before there was a TCP socket; applied on connect.
+    /// On the smoltcp stack: every option set, remembered only.
     pub opts: Vec<(i32, i32, bytes::Bytes)>,
 }
 

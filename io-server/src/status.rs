@@ -126,6 +126,61 @@ pub struct Status {
     pub timeouts: Timeouts,
     /// The admission bounds of every group (docs/io-server.md "Admission").
     pub admission: AdmissionLimits,
+    /// The smoltcp stack's state (`--stack smoltcp`); `None` on the
+    /// kernel's stack.
+    pub stack: Option<StackStatus>,
+}
+
+/// The smoltcp stack (`Stack::stats`): its sockets, bytes, TAP frames
+/// and refusals; `answered` false if its thread did not answer in time
+/// (the rest is then zero).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StackStatus {
+    pub answered: bool,
+    /// smoltcp sockets held: connections, listening pools, connects.
+    pub sockets: usize,
+    /// Sockets by TCP state (RFC 793 names).
+    pub by_state: BTreeMap<String, usize>,
+    pub listening_ports: usize,
+    /// Established connections waiting to be accepted.
+    pub accept_queued: usize,
+    pub bridges: usize,
+    pub pending_connects: usize,
+    /// Bytes from the network to the io-server, and back.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub tap_rx_frames: u64,
+    pub tap_tx_frames: u64,
+    pub tap_tx_drops: u64,
+    /// Connections ended by a reset (either side) or a timeout.
+    pub resets: u64,
+    /// Sockets not made at the socket limit.
+    pub refused_max_sockets: u64,
+}
+
+impl StackStatus {
+    /// Asks the stack (waits for its thread: never under the tables' lock).
+    fn ask(stack: &saps_stack::Stack) -> StackStatus {
+        let Ok(s) = stack.stats() else {
+            return StackStatus::default();
+        };
+        StackStatus {
+            answered: true,
+            sockets: s.sockets,
+            by_state: s.by_state,
+            listening_ports: s.listening_ports,
+            accept_queued: s.accept_queued,
+            bridges: s.bridges,
+            pending_connects: s.pending_connects,
+            bytes_in: s.bytes_to_pair,
+            bytes_out: s.bytes_to_net,
+            tap_rx_frames: s.tap.rx_frames,
+            tap_tx_frames: s.tap.tx_frames,
+            tap_tx_drops: s.tap.tx_drops,
+            resets: s.resets,
+            refused_max_sockets: s.refused_max_sockets,
+        }
+    }
 }
 
 /// `--max-conn-per-node` (0: none), `--max-conn-per-group` (as in force),
@@ -288,6 +343,7 @@ impl Status {
         let connections = traffic.connections();
         let a = st.groups.limits();
         drop(st);
+        let stack = server.stack.as_ref().map(StackStatus::ask);
         let admission = AdmissionLimits {
             max_conn_per_node: a.per_node,
             max_conn_per_group: a.per_group,
@@ -359,6 +415,7 @@ impl Status {
                 connects_timed_out: server.timed_out.connect.load(Ordering::Relaxed),
             },
             admission,
+            stack,
         }
     }
 }
@@ -503,6 +560,32 @@ impl fmt::Display for Status {
             "Limits per node: window {} weight {} output {} requests {}; refused requests {}",
             l.max_window, l.max_weight, l.max_node_output, l.max_node_requests, l.refused_requests
         )?;
+        if let Some(k) = &self.stack {
+            if !k.answered {
+                writeln!(f, "Stack smoltcp: its thread did not answer")?;
+                return Ok(());
+            }
+            let states: Vec<String> = k.by_state.iter().map(|(s, n)| format!("{s} {n}")).collect();
+            writeln!(
+                f,
+                "Stack smoltcp: sockets {} ({}), listening ports {}, accept queued {}, \
+                 connections {}, connects pending {}; bytes in {} out {}; TAP frames in {} \
+                 out {} dropped {}; resets {}, refused at the socket limit {}",
+                k.sockets,
+                states.join(", "),
+                k.listening_ports,
+                k.accept_queued,
+                k.bridges,
+                k.pending_connects,
+                k.bytes_in,
+                k.bytes_out,
+                k.tap_rx_frames,
+                k.tap_tx_frames,
+                k.tap_tx_drops,
+                k.resets,
+                k.refused_max_sockets
+            )?;
+        }
         Ok(())
     }
 }

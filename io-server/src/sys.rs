@@ -117,6 +117,18 @@ pub fn register_listener(
     unsafe { tokio::io::unix::AsyncFd::register(l) }.map_err(|e| e.into_parts().1)
 }
 
+/// Watches a descriptor of the smoltcp stack (a listener's or a pending
+/// connect's: readable while something waits) with the runtime's reactor.
+pub fn register_readable<T: std::os::fd::AsRawFd>(
+    fd: T,
+) -> std::io::Result<tokio::io::unix::AsyncFd<T>> {
+    let readable = tokio::io::Interest::READABLE;
+    // SAFETY: `fd` moves into the `AsyncFd`, so its descriptor stays open
+    // and names the same eventfd for the AsyncFd's whole life.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, readable) }
+        .map_err(|e| e.into_parts().1)
+}
+
 /// The soft limit on this process's descriptors (`RLIMIT_NOFILE`).
 pub fn nofile_limit() -> Option<u64> {
     let mut r = libc::rlimit {

@@ -107,7 +107,21 @@ fn cli_help_and_errors_are_clear() {
         "--stack",
         "smoltcp",
     ]);
-    assert!(!ok && err.contains("not built in this version"), "{err}");
+    assert!(
+        !ok && err.contains("--stack smoltcp needs the single address"),
+        "{err}"
+    );
+    let (ok, err) = io_server(&[
+        "--fabric",
+        "unix:/tmp/x.sock",
+        "--token-file",
+        token,
+        "--stack",
+        "smoltcp",
+        "--address",
+        "192.0.2.2",
+    ]);
+    assert!(!ok && err.contains("--tap NAME or --tap-fd N"), "{err}");
     let (ok, err) = io_server(&["--token-file", token]);
     assert!(!ok && err.contains("no --fabric given"), "{err}");
     let (ok, err) = io_server(&["--allow-ports", "80-x"]);

@@ -42,6 +42,12 @@ pub(crate) enum Command {
     Stats {
         reply: SyncSender<Stats>,
     },
+    /// A listener's backlog grows (a second `listen` asking more).
+    Backlog {
+        port: u16,
+        backlog: usize,
+        ready: Arc<Mailbox<Connection>>,
+    },
 }
 
 /// A listening port: its pool of listening sockets and the queue of
@@ -172,6 +178,19 @@ impl Engine {
             }
             Command::Stats { reply } => {
                 let _ = reply.try_send(self.stats());
+            }
+            Command::Backlog {
+                port,
+                backlog,
+                ready,
+            } => {
+                if let Some(p) = self.ports.get_mut(&port) {
+                    if Arc::ptr_eq(&p.ready, &ready) && backlog > p.backlog {
+                        p.backlog = backlog;
+                        tracing::debug!(port, backlog, "backlog grown");
+                    }
+                }
+                self.refill(port);
             }
         }
     }

@@ -7,7 +7,7 @@
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A bounded queue with a readiness fd; `wake` (the stack's own eventfd)
@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 /// what the taking freed (a listening socket of the backlog pool).
 pub(crate) struct Mailbox<T> {
     queue: Mutex<VecDeque<T>>,
-    capacity: usize,
+    capacity: AtomicUsize,
     ready: EventFd,
     wake: Arc<EventFd>,
     /// The user side is gone ([`Mailbox::close`]).
@@ -27,11 +27,16 @@ impl<T> Mailbox<T> {
         let flags = EfdFlags::EFD_SEMAPHORE | EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC;
         Ok(Mailbox {
             queue: Mutex::new(VecDeque::with_capacity(capacity)),
-            capacity,
+            capacity: AtomicUsize::new(capacity),
             ready: EventFd::from_value_and_flags(0, flags)?,
             wake,
             closed: AtomicBool::new(false),
         })
+    }
+
+    /// Lets up to `capacity` wait from now on (it only grows).
+    pub fn grow(&self, capacity: usize) {
+        self.capacity.fetch_max(capacity, Ordering::AcqRel);
     }
 
     /// How many wait.
@@ -43,7 +48,7 @@ impl<T> Mailbox<T> {
     pub fn push(&self, item: T) -> Result<(), T> {
         {
             let mut q = self.lock();
-            if q.len() >= self.capacity {
+            if q.len() >= self.capacity.load(Ordering::Acquire) {
                 return Err(item);
             }
             q.push_back(item);

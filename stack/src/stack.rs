@@ -73,7 +73,13 @@ impl Stack {
             .recv_timeout(self.config.command_timeout)
             .map_err(|_| Error::Stopped)?
             .map_err(os)?;
-        Ok(Listener { port, ready })
+        Ok(Listener {
+            port,
+            ready,
+            commands: self.commands.clone(),
+            wake: self.wake.clone(),
+            max_backlog: self.config.max_backlog,
+        })
     }
 
     /// Starts a connect from the single address to `remote`.
@@ -123,6 +129,9 @@ impl Drop for Stack {
 pub struct Listener {
     port: u16,
     ready: Arc<Mailbox<Connection>>,
+    commands: SyncSender<Command>,
+    wake: Arc<EventFd>,
+    max_backlog: u32,
 }
 
 impl Listener {
@@ -133,6 +142,38 @@ impl Listener {
     /// The next established connection, if one waits.
     pub fn try_accept(&self) -> Option<Connection> {
         self.ready.pop()
+    }
+
+    /// Grows the backlog to `backlog` (clamped to `max_backlog`; a
+    /// smaller one changes nothing), as a second `listen(2)` with a larger
+    /// backlog does: the pool is topped up by the thread. Never blocks.
+    pub fn grow_backlog(&self, backlog: u32) -> Result<(), Error> {
+        let backlog = backlog.clamp(1, self.max_backlog) as usize;
+        self.ready.grow(backlog);
+        let c = Command::Backlog {
+            port: self.port,
+            backlog,
+            ready: self.ready.clone(),
+        };
+        self.commands.try_send(c).map_err(|e| match e {
+            std::sync::mpsc::TrySendError::Full(_) => Error::Busy,
+            std::sync::mpsc::TrySendError::Disconnected(_) => Error::Stopped,
+        })?;
+        let _ = self.wake.write(1);
+        Ok(())
+    }
+
+    /// Closes the port now (as dropping the listener does) while others
+    /// may still hold it: no connection is accepted from here on, those
+    /// not yet accepted are closed, and the port is free for a new
+    /// `listen`.
+    pub fn close(&self) {
+        self.ready.close();
+    }
+
+    /// Whether [`Listener::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.ready.is_closed()
     }
 }
 

@@ -321,6 +321,48 @@ fn a_dropped_listener_frees_its_port_at_once() {
 }
 
 #[test]
+fn a_grown_backlog_takes_more_clients_and_a_closed_listener_frees_its_port() {
+    let Some(net) = Net::new(|_| {}) else { return };
+    let l = net.stack().listen(9100, 1).unwrap();
+    let first = connect_errno(&net, 9100).expect("within the backlog");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net.stack().stats().unwrap().accept_queued < 1 {
+        assert!(Instant::now() < deadline, "not queued for accept");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        connect_errno(&net, 9100).err(),
+        Some(Some(libc::ECONNREFUSED))
+    );
+    // A second listen(2) asking more: the pool is topped up to it.
+    l.grow_backlog(3).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net.stack().stats().unwrap().by_state.get("LISTEN") != Some(&2) {
+        assert!(Instant::now() < deadline, "pool not grown");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let more: Vec<_> = (0..2)
+        .map(|_| connect_errno(&net, 9100).expect("within the grown backlog"))
+        .collect();
+    assert_eq!(
+        connect_errno(&net, 9100).err(),
+        Some(Some(libc::ECONNREFUSED))
+    );
+    // Closed while still held (the io-server's accept task holds it).
+    l.close();
+    assert!(l.is_closed());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net.stack().stats().unwrap().listening_ports > 0 {
+        assert!(Instant::now() < deadline, "port not closed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(l.try_accept().is_none());
+    let again = net.stack().listen(9100, 1).unwrap();
+    connect_errno(&net, 9100).expect("listening again");
+    drop((first, more, again, l));
+}
+
+#[test]
 fn the_socket_limit_bounds_the_pool_and_refuses_connects_with_enobufs() {
     let Some(net) = Net::new(|c| c.max_sockets = 4) else {
         return;

@@ -457,5 +457,86 @@ pub fn render(s: &Status) -> String {
     for (name, help, v) in closed {
         family(o, name, "counter", help).sample(none, v);
     }
+    if let Some(k) = &s.stack {
+        stack(o, k);
+    }
     out
+}
+
+/// The `saps_stack_*` families of `--stack smoltcp`.
+fn stack(o: &mut String, k: &crate::status::StackStatus) {
+    let none: &[(&str, String)] = &[];
+    family(
+        o,
+        "saps_stack_up",
+        "gauge",
+        "1 if the smoltcp stack's thread answered this collection, else 0.",
+    )
+    .sample(none, u8::from(k.answered));
+    let mut f = family(
+        o,
+        "saps_stack_sockets",
+        "gauge",
+        "smoltcp sockets by TCP state (connections, listening pools, connects).",
+    );
+    for (state, n) in &k.by_state {
+        f.sample(&[("state", state.clone())], n);
+    }
+    let gauges: [(&str, &str, u64); 4] = [
+        (
+            "saps_stack_listening_ports",
+            "Ports listening on the stack.",
+            k.listening_ports as u64,
+        ),
+        (
+            "saps_stack_accept_queued",
+            "Established connections on the stack waiting to be accepted.",
+            k.accept_queued as u64,
+        ),
+        (
+            "saps_stack_connections",
+            "Connections of the stack bridged to the io-server.",
+            k.bridges as u64,
+        ),
+        (
+            "saps_stack_pending_connects",
+            "Outbound connects under way on the stack.",
+            k.pending_connects as u64,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        family(o, name, "gauge", help).sample(none, v);
+    }
+    family(
+        o,
+        "saps_stack_bytes_total",
+        "counter",
+        "Bytes through the stack: in, from the network; out, to it.",
+    )
+    .sample(&[("direction", "in".into())], k.bytes_in)
+    .sample(&[("direction", "out".into())], k.bytes_out);
+    family(
+        o,
+        "saps_stack_tap_frames_total",
+        "counter",
+        "Ethernet frames on the TAP: read (rx), written (tx), not written (dropped).",
+    )
+    .sample(&[("kind", "rx".into())], k.tap_rx_frames)
+    .sample(&[("kind", "tx".into())], k.tap_tx_frames)
+    .sample(&[("kind", "dropped".into())], k.tap_tx_drops);
+    let counters: [(&str, &str, u64); 2] = [
+        (
+            "saps_stack_resets_total",
+            "Stack connections ended by a reset (either side) or a timeout.",
+            k.resets,
+        ),
+        (
+            "saps_stack_refused_max_sockets_total",
+            "Sockets the stack did not make at its socket limit.",
+            k.refused_max_sockets,
+        ),
+    ];
+    for (name, help, v) in counters {
+        family(o, name, "counter", help).sample(none, v);
+    }
 }
