@@ -419,7 +419,7 @@ def table(out, result, load):
         "namespace of their own behind a veth. `--stack kernel`: the single "
         f"address {KERNEL_ADDR} on the gateway's veth; `--stack smoltcp`: "
         f"{SMOLTCP_ADDR} on a TAP in the gateway namespace. Each arm started afresh "
-        f"{len(pairs)} time(s), in alternating pairs; cells give the median of the "
+        f"{len(pairs)} {'time' if len(pairs) == 1 else 'times'}, in alternating pairs; cells give the median of the "
         "starts and, with more than one, the range. Idle connections are held "
         "to the sink while wrk c50 keep-alive runs on nginx; memory is the "
         "io-server's resident set while holding them less before, per connection "
@@ -441,23 +441,35 @@ def table(out, result, load):
             text += f" ({_num(min(v), dec)}–{_num(max(v), dec)})"
         return text
 
-    rows = [("keep-alive c50 req/s (1 KiB)", lambda r: r.get("ka"), 0),
-            ("`Connection: close` c50 conn/s", lambda r: r.get("close"), 0),
-            ("one stream, 10 MiB curl Gbit/s", lambda r: r.get("gbps"), 2),
-            ("ping-pong p50 µs", lambda r: r.get("rtt_p50"), 1),
-            ("ping-pong mean µs", lambda r: r.get("rtt_mean"), 1)]
+    rows = [("keep-alive c50 req/s (1 KiB)", lambda r: r.get("ka"), 0, None),
+            ("`Connection: close` c50 conn/s", lambda r: r.get("close"), 0, None),
+            ("one stream, 10 MiB curl Gbit/s", lambda r: r.get("gbps"), 2, None),
+            ("ping-pong p50 µs", lambda r: r.get("rtt_p50"), 1, None),
+            ("ping-pong mean µs", lambda r: r.get("rtt_mean"), 1, None)]
     for n in IDLE_STEPS:
         rows.append((f"keep-alive c50 req/s, {_num(n, 0)} idle held",
-                     lambda r, n=n: r.get("idle", {}).get(n, {}).get("rps"), 0))
+                     lambda r, n=n: r.get("idle", {}).get(n, {}).get("rps"), 0, n))
     for n in IDLE_STEPS:
         rows.append((f"io-server KiB per idle connection, {_num(n, 0)} held",
-                     lambda r, n=n: r.get("idle", {}).get(n, {}).get("kib_per_conn"), 2))
+                     lambda r, n=n: r.get("idle", {}).get(n, {}).get("kib_per_conn"), 2, n))
+
+    def short(arm, n):
+        """", only N held" where a start held fewer than `n`."""
+        if n is None:
+            return ""
+        held = values(arm, lambda r: r.get("idle", {}).get(n, {}).get("held"))
+        if not held or min(held) >= n:
+            return ""
+        got = _num(min(held), 0) + (f"–{_num(max(held), 0)}" if max(held) != min(held) else "")
+        return f", only {got} held"
+
     text = "| row | kernel | smoltcp | smoltcp / kernel |\n|---|---:|---:|---:|\n"
-    for what, get, dec in rows:
+    for what, get, dec, n in rows:
         k, s = values("kernel", get), values("smoltcp", get)
         ratio = (f"{statistics.median(s) / statistics.median(k):.2f}×"
                  if k and s and statistics.median(k) else "–")
-        text += f"| {what} | {spread(k, dec)} | {spread(s, dec)} | {ratio} |\n"
+        text += (f"| {what} | {spread(k, dec)}{short('kernel', n)} "
+                 f"| {spread(s, dec)}{short('smoltcp', n)} | {ratio} |\n")
     out.append(text)
     notes = []
     for i, p in enumerate(pairs):
