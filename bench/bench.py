@@ -13,7 +13,10 @@ Table 3 ping-pong). The setups are: direct (no proxy), haproxy in TCP mode
 in front of them, saps-run with its embedded io-server (relayed, and
 zero-relay when saps-run offers `--zero-relay`), and a standalone io-server
 with one node over a unix fabric (relayed, and zero-relay through the
-io-server's hand-off socket), two nodes over unix, and one node over tcp. Every load is bounded in time; every process started here is killed,
+io-server's hand-off socket), two nodes over unix, and one node over tcp. bench/hardening.py and
+bench/stack.py are sections in modules of their own (issue 24's bounds on
+against off; issue 21's `--stack kernel` against `--stack smoltcp`, from a
+client namespace). Every load is bounded in time; every process started here is killed,
 with its whole tree, on exit, error or Ctrl-C.
 """
 
