@@ -13,7 +13,10 @@ Table 3 ping-pong). The setups are: direct (no proxy), haproxy in TCP mode
 in front of them, saps-run with its embedded io-server (relayed, and
 zero-relay when saps-run offers `--zero-relay`), and a standalone io-server
 with one node over a unix fabric (relayed, and zero-relay through the
-io-server's hand-off socket), two nodes over unix, and one node over tcp. Every load is bounded in time; every process started here is killed,
+io-server's hand-off socket), two nodes over unix, and one node over tcp. bench/hardening.py and
+bench/stack.py are sections in modules of their own (issue 24's bounds on
+against off; issue 21's `--stack kernel` against `--stack smoltcp`, from a
+client namespace). Every load is bounded in time; every process started here is killed,
 with its whole tree, on exit, error or Ctrl-C.
 """
 
@@ -38,6 +41,7 @@ import time
 import urllib.request
 
 import hardening
+import stack
 
 BEGIN = "<!-- bench/run:begin -->"
 END = "<!-- bench/run:end -->"
@@ -674,9 +678,9 @@ def iperf3(port, secs, streams):
     return s["bits_per_second"] / 1e9, s["bytes"]
 
 
-def ping_pong(port, n):
+def ping_pong(port, n, host="127.0.0.1"):
     """Round trips of 4 bytes on one connection: (mean µs, p50 µs)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+    with socket.create_connection((host, port), timeout=5) as c:
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         times = []
         for i in range(n + n // 10):
@@ -941,7 +945,8 @@ class Run:
         if not have("apache2"):
             servers = [t for t in servers if t[1] != "apache"]
         results = {"main": [], "tracing": [], "servers": [], "gateway": [],
-                   "gateway_skipped": None, "interleaved": [], "hardening": []}
+                   "gateway_skipped": None, "interleaved": [], "hardening": [],
+                   "stack": None}
         for k, label in main:
             log(f"{label} ...")
             results["main"].append((k, label, self.main_setup(k, label)))
@@ -951,6 +956,9 @@ class Run:
         if not only or "hardening" in only:
             log("hardening cost: bounds and timeouts on against off, alternating ...")
             results["hardening"] = hardening.run(self, wrk, self.quick)
+        if not only or "stack" in only:
+            log("kernel stack against --stack smoltcp, alternating ...")
+            results["stack"] = stack.run(self, self.quick)
         if self.gateway_cpu and (not only or "gateway-bound" in only):
             limit, why = CpuLimit.make(self.gateway_cpu)
             if limit is None:
@@ -1119,6 +1127,8 @@ def report(results, command, quick, zero_relay, load_before, load_after, errors,
         interleaved_table(out, results["interleaved"])
     if results["hardening"]:
         hardening.table(out, results["hardening"], load_after)
+    if results["stack"]:
+        stack.table(out, results["stack"], load_after)
     if results["gateway"]:
         gateway_table(out, results["gateway"], gateway_cpu)
     elif results["gateway_skipped"]:
@@ -1143,18 +1153,18 @@ def report(results, command, quick, zero_relay, load_before, load_after, errors,
     return "\n".join(out).replace("\n\n\n", "\n\n")
 
 
-def write_doc(path, text):
+def write_doc(path, text, begin=BEGIN, end=END, heading="End-to-end"):
     """Replaces what lies between the markers (or appends a new section)."""
     try:
         with open(path) as f:
             doc = f.read()
     except FileNotFoundError:
         doc = "# Benchmarks\n"
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in doc and END in doc:
-        doc = doc[:doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in doc and end in doc:
+        doc = doc[:doc.index(begin)] + block + doc[doc.index(end) + len(end):]
     else:
-        doc = doc.rstrip() + "\n\n## End-to-end\n\n" + block + "\n"
+        doc = doc.rstrip() + f"\n\n## {heading}\n\n" + block + "\n"
     with open(path, "w") as f:
         f.write(doc)
 
@@ -1169,7 +1179,7 @@ def main():
     ap.add_argument("--only", default="",
                     help="comma-separated setups (direct,haproxy,haproxy-1,embedded,zero-relay,"
                          "unix-1,unix-1-zr,unix-2,tcp-1,tracing,servers,gateway-bound,"
-                         "interleaved,hardening)")
+                         "interleaved,hardening,stack)")
     ap.add_argument("--gateway-cpu", type=float, default=0.25, metavar="SHARE",
                     help="the share of one CPU the gateway gets in the gateway-bound "
                          "runs (0: no such runs)")
@@ -1217,7 +1227,17 @@ def main():
     text = report(results, args.command, args.quick, bench.zero_relay_default, load_before,
                   loadavg(), run.errors, run.secs, run.rounds, args.gateway_cpu, plan)
     print(text)
-    if args.doc:
+    only = {o for o in args.only.split(",") if o}
+    if args.doc and only == {"stack"}:
+        # The stack section alone: its own block, the end-to-end one kept.
+        out = [f"Run of {datetime.date.today().isoformat()}{' (--quick)' if args.quick else ''}, "
+               f"`{args.command}`; {machine()}; load average {load_before} before, "
+               f"{loadavg()} after; {plan.describe()}.\n"]
+        stack.table(out, results["stack"], loadavg())
+        write_doc(args.doc, "\n".join(out).replace("\n\n\n", "\n\n"), stack.BEGIN,
+                  stack.END, "Kernel stack and smoltcp (issue 21)")
+        log(f"wrote the stack section of {args.doc}")
+    elif args.doc:
         write_doc(args.doc, text)
         log(f"wrote {args.doc}")
     return 0
