@@ -84,6 +84,7 @@ pub fn overlay(mut file: Config, cli: Config, m: &ArgMatches) -> Config {
         tap_fd,
         tap_prefix,
         tap_gateway,
+        stack_max_sockets,
         token_file,
         allow_ports,
         control,

@@ -86,6 +86,9 @@ pub const DEFAULT_QUEUE_TIMEOUT: u64 = 60;
 
 /// Default `--tap-prefix`: a /24 around the single address on the TAP's link.
 pub const DEFAULT_TAP_PREFIX: u8 = 24;
+/// Default `--stack-max-sockets`: saps-stack's own default, smoltcp
+/// sockets of every kind together (docs/stack.md "Bounds").
+pub const DEFAULT_STACK_MAX_SOCKETS: usize = 4096;
 
 /// `--scheduler`: how a listener group picks a member per client connection.
 #[derive(
@@ -167,6 +170,11 @@ pub struct Config {
     /// without it only on-link peers are reachable).
     #[arg(long, value_name = "IP")]
     pub tap_gateway: Option<Ipv4Addr>,
+    /// Most smoltcp sockets at once (`--stack smoltcp`): connections,
+    /// the listening sockets of every listener's backlog pool and pending
+    /// connects together; past it new clients are refused.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_STACK_MAX_SOCKETS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(16..=1_000_000))]
+    pub stack_max_sockets: usize,
     /// File holding the shared token nodes must prove (surrounding
     /// whitespace is ignored).
     #[arg(long, value_name = "PATH")]
@@ -321,6 +329,7 @@ impl Default for Config {
             tap_fd: None,
             tap_prefix: DEFAULT_TAP_PREFIX,
             tap_gateway: None,
+            stack_max_sockets: DEFAULT_STACK_MAX_SOCKETS,
             token_file: None,
             token: None,
             allow_ports: None,
@@ -519,8 +528,8 @@ mod tests {
             (c.tap_prefix, c.tap_gateway),
             (28, Some(Ipv4Addr::new(192, 0, 2, 1)))
         );
-        let c: Config = toml::from_str("tap-fd = 5").unwrap();
-        assert_eq!(c.tap_fd, Some(5));
+        let c: Config = toml::from_str("tap-fd = 5\nstack-max-sockets = 20000").unwrap();
+        assert_eq!((c.tap_fd, c.stack_max_sockets), (Some(5), 20000));
         let e = toml::from_str::<Config>("schedular = \"rr\"").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
     }

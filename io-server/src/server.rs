@@ -220,6 +220,7 @@ fn open_stack(config: &Config) -> Result<Option<saps_stack::Stack>, Error> {
         other => return Err(Error::StackAddress(other)),
     };
     let mut cfg = saps_stack::Config::new(address, config.tap_prefix, config.tap_gateway);
+    cfg.max_sockets = config.stack_max_sockets;
     // The node's connects are bounded by --connect-timeout (0: the
     // kernel's own SYN retries, about 127 s).
     cfg.connect_timeout = match config.connect_timeout {
@@ -241,7 +242,7 @@ fn open_stack(config: &Config) -> Result<Option<saps_stack::Stack>, Error> {
         }
         (None, None) => return Err(Error::StackNoTap),
     };
-    tracing::info!(%address, prefix = config.tap_prefix, gateway = ?config.tap_gateway, tap = ?config.tap, tap_fd = ?config.tap_fd, "TCP by the smoltcp stack on the TAP (every node relayed)");
+    tracing::info!(%address, prefix = config.tap_prefix, gateway = ?config.tap_gateway, tap = ?config.tap, tap_fd = ?config.tap_fd, max_sockets = config.stack_max_sockets, "TCP by the smoltcp stack on the TAP (every node relayed)");
     Ok(Some(stack))
 }
 
