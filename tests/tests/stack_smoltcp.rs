@@ -242,6 +242,18 @@ while True:
     threading.Thread(target=echo, args=(c,), daemon=True).start()
 "#;
 
+/// [`ECHO_SERVER`] on `port` under a relayed node of `l`, once it listens.
+fn echo_server(l: &Layout, port: u16) -> Proc {
+    let mut cmd = unix_node(l.d(), "echo", "off");
+    cmd.args([PYTHON, "-u", "-c", ECHO_SERVER, &port.to_string()]);
+    let server = Proc::spawn(&mut cmd);
+    let up = wait_for(Duration::from_secs(30), || {
+        server.stdout().contains("listening").then_some(())
+    });
+    assert!(up.is_some(), "echo server: {}", server.stderr());
+    server
+}
+
 /// Sends 100 MiB of deterministic bytes while reading the echo; prints
 /// the digests of both and the count received.
 const ECHO_CLIENT: &str = r#"
@@ -275,13 +287,7 @@ print(sent[0] if sent else "none", h.hexdigest(), n)
 fn a_hundred_mib_is_echoed_intact_each_way_through_a_program_under_saps_run() {
     let Some(l) = Layout::new() else { return };
     let port = port();
-    let mut cmd = unix_node(l.d(), "echo", "off");
-    cmd.args([PYTHON, "-u", "-c", ECHO_SERVER, &port.to_string()]);
-    let server = Proc::spawn(&mut cmd);
-    let up = wait_for(Duration::from_secs(30), || {
-        server.stdout().contains("listening").then_some(())
-    });
-    assert!(up.is_some(), "echo server: {}", server.stderr());
+    let server = echo_server(&l, port);
     let o = run(l
         .in_client(PYTHON)
         .args(["-c", ECHO_CLIENT, SINGLE, &port.to_string()]));
@@ -554,13 +560,7 @@ fn a_tap_handed_over_as_a_descriptor_serves() {
         return;
     };
     let port = port();
-    let mut cmd = unix_node(l.d(), "echo", "off");
-    cmd.args([PYTHON, "-u", "-c", ECHO_SERVER, &port.to_string()]);
-    let server = Proc::spawn(&mut cmd);
-    let up = wait_for(Duration::from_secs(30), || {
-        server.stdout().contains("listening").then_some(())
-    });
-    assert!(up.is_some(), "echo server: {}", server.stderr());
+    let _server = echo_server(&l, port);
     let o = run(l
         .in_client(PYTHON)
         .args(["-c", ONCE, SINGLE, &port.to_string()]));
