@@ -105,13 +105,19 @@ impl Stack {
     }
 
     fn send(&self, c: Command) -> Result<(), Error> {
-        self.commands.try_send(c).map_err(|e| match e {
-            std::sync::mpsc::TrySendError::Full(_) => Error::Busy,
-            std::sync::mpsc::TrySendError::Disconnected(_) => Error::Stopped,
-        })?;
-        let _ = self.wake.write(1);
-        Ok(())
+        send(&self.commands, &self.wake, c)
     }
+}
+
+/// Queues command `c` for the stack's thread and wakes it; never blocks
+/// (`Busy` with the queue full).
+fn send(commands: &SyncSender<Command>, wake: &EventFd, c: Command) -> Result<(), Error> {
+    commands.try_send(c).map_err(|e| match e {
+        std::sync::mpsc::TrySendError::Full(_) => Error::Busy,
+        std::sync::mpsc::TrySendError::Disconnected(_) => Error::Stopped,
+    })?;
+    let _ = wake.write(1);
+    Ok(())
 }
 
 impl Drop for Stack {
@@ -155,12 +161,7 @@ impl Listener {
             backlog,
             ready: self.ready.clone(),
         };
-        self.commands.try_send(c).map_err(|e| match e {
-            std::sync::mpsc::TrySendError::Full(_) => Error::Busy,
-            std::sync::mpsc::TrySendError::Disconnected(_) => Error::Stopped,
-        })?;
-        let _ = self.wake.write(1);
-        Ok(())
+        send(&self.commands, &self.wake, c)
     }
 
     /// Closes the port now (as dropping the listener does) while others

@@ -437,3 +437,60 @@ pub fn python_node(d: &Path, name: &str, zero_relay: &str, program: &str, args: 
             .args(args),
     )
 }
+
+/// Runs `cmd` with `sh -c` (the system's `ip`, `tc`, `sysctl` on PATH):
+/// `Err` with the command and its stderr when it fails.
+pub fn sh(cmd: &str) -> Result<(), String> {
+    let o = Command::new("sh")
+        .args(["-c", cmd])
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .output()
+        .map_err(|e| e.to_string())?;
+    match o.status.success() {
+        true => Ok(()),
+        false => Err(format!(
+            "{cmd}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+    }
+}
+
+/// Two new namespaces: `client` reaches the world through `gw`, which
+/// forwards, over the veth `VETH` (`gw`'s end, `router`/24) and `VETHp`
+/// (`client`'s end, `client_addr`/24, default route via `router`). The
+/// caller removes the namespaces, also on `Err`.
+pub fn client_behind_gateway(
+    gw: &str,
+    client: &str,
+    veth: &str,
+    router: &str,
+    client_addr: &str,
+) -> Result<(), String> {
+    let steps = [
+        format!("ip netns add {gw}"),
+        format!("ip netns add {client}"),
+        format!("ip link add {veth} netns {gw} type veth peer name {veth}p netns {client}"),
+        format!("ip -n {gw} link set lo up"),
+        format!("ip -n {client} link set lo up"),
+        format!("ip -n {gw} addr add {router}/24 dev {veth}"),
+        format!("ip -n {gw} link set {veth} up"),
+        format!("ip -n {client} addr add {client_addr}/24 dev {veth}p"),
+        format!("ip -n {client} link set {veth}p up"),
+        format!("ip -n {client} route add default via {router}"),
+        format!("ip netns exec {gw} sysctl -qw net.ipv4.ip_forward=1"),
+    ];
+    steps.iter().try_for_each(|s| sh(s))
+}
+
+/// The line python's `http.server` (running as `server`) logged for a
+/// request of `path` ("ADDRESS - - [date] "GET PATH HTTP/1.1" 200 -"),
+/// once it has logged it (at most 5 s).
+pub fn http_server_logged(server: &Proc, path: &str) -> Option<String> {
+    let request = format!("GET {path} ");
+    wait_for(Duration::from_secs(5), || {
+        let log = server.stderr();
+        log.lines()
+            .find(|l| l.contains(&request))
+            .map(str::to_owned)
+    })
+}

@@ -59,14 +59,7 @@ fn python_sees_the_clients_real_address(zero_relay: &str) {
         "stderr:\n{}",
         server.stderr()
     );
-    // http.server logs "ADDRESS - - [date] "GET /hello.txt HTTP/1.1" 200 -".
-    let logged = wait_for(Duration::from_secs(5), || {
-        let log = server.stderr();
-        log.lines()
-            .find(|l| l.contains("GET /hello.txt"))
-            .map(str::to_owned)
-    })
-    .expect("python logged the request");
+    let logged = http_server_logged(&server, "/hello.txt").expect("python logged the request");
     assert!(
         logged.starts_with(&format!("{} ", ns.ns_ip)),
         "python should log the client's address {}: {logged}",

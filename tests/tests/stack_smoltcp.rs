@@ -23,17 +23,6 @@ const METRICS: &str = "127.0.0.1:9464";
 const CLIENT: &str = "198.51.100.2";
 const ROUTER: &str = "198.51.100.1";
 
-fn sh(cmd: &str) -> Result<(), String> {
-    let o = run(Command::new("sh").args(["-c", cmd]));
-    match o.status.success() {
-        true => Ok(()),
-        false => Err(format!(
-            "{cmd}: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        )),
-    }
-}
-
 /// The namespaces, the TAP (made persistent, its link up, for the
 /// io-server to open by name) and an io-server on it; removed when
 /// dropped (the io-server first: field order).
@@ -96,26 +85,15 @@ impl Layout {
         let (g, c) = (l.gw.clone(), l.client.clone());
         let (veth, tap) = (format!("ssw{id}"), format!("sswt{id}"));
         let steps = [
-            format!("ip netns add {g}"),
-            format!("ip netns add {c}"),
-            format!("ip link add {veth} netns {g} type veth peer name {veth}p netns {c}"),
-            format!("ip -n {g} link set lo up"),
-            format!("ip -n {c} link set lo up"),
-            format!("ip -n {g} addr add {ROUTER}/24 dev {veth}"),
-            format!("ip -n {g} link set {veth} up"),
-            format!("ip -n {c} addr add {CLIENT}/24 dev {veth}p"),
-            format!("ip -n {c} link set {veth}p up"),
-            format!("ip -n {c} route add default via {ROUTER}"),
-            format!("ip netns exec {g} sysctl -qw net.ipv4.ip_forward=1"),
             format!("ip -n {g} tuntap add dev {tap} mode tap"),
             format!("ip -n {g} addr add {TAP_GW}/24 dev {tap}"),
             format!("ip -n {g} link set {tap} up"),
         ];
-        for s in &steps {
-            if let Err(e) = sh(s) {
-                cannot_run(&format!("cannot make the namespaces ({e})"));
-                return None;
-            }
+        let made = client_behind_gateway(&g, &c, &veth, ROUTER, CLIENT)
+            .and_then(|()| steps.iter().try_for_each(|s| sh(s)));
+        if let Err(e) = made {
+            cannot_run(&format!("cannot make the namespaces ({e})"));
+            return None;
         }
         write_token(&l.dir.path().join("token"), "cluster secret\n");
         let mut cmd = Command::new("ip");
@@ -164,6 +142,16 @@ impl Layout {
     fn io_stderr(&self) -> String {
         self.io.as_ref().map(Proc::stderr).unwrap_or_default()
     }
+
+    /// [`ONCE`] from the client namespace to the single address's
+    /// `port`: what it printed, and its stderr.
+    fn once(&self, port: u16) -> (String, String) {
+        let o = run(self
+            .in_client(PYTHON)
+            .args(["-c", ONCE, SINGLE, &port.to_string()]));
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (text(&o.stdout).trim().to_string(), text(&o.stderr))
+    }
 }
 
 impl Drop for Layout {
@@ -204,14 +192,7 @@ fn python_http_server_answers_a_client_in_another_namespace_and_sees_its_address
         server.stderr(),
         l.io_stderr()
     );
-    // http.server logs "ADDRESS - - [date] "GET /hello.txt HTTP/1.1" 200 -".
-    let logged = wait_for(Duration::from_secs(5), || {
-        let log = server.stderr();
-        log.lines()
-            .find(|l| l.contains("GET /hello.txt"))
-            .map(str::to_owned)
-    })
-    .expect("python logged the request");
+    let logged = http_server_logged(&server, "/hello.txt").expect("python logged the request");
     assert!(
         logged.starts_with(&format!("{CLIENT} ")),
         "python should log the client's address {CLIENT}: {logged}"
@@ -540,14 +521,11 @@ fn a_node_killed_mid_stream_leaves_the_other_serving() {
         held.stdout()
     );
     for i in 0..5 {
-        let o = run(l
-            .in_client(PYTHON)
-            .args(["-c", ONCE, SINGLE, &port.to_string()]));
+        let (said, err) = l.once(port);
         assert_eq!(
-            String::from_utf8_lossy(&o.stdout).trim(),
+            said,
             "ok",
-            "connection {i} after the kill: {}\nb: {}\nio-server: {}",
-            String::from_utf8_lossy(&o.stderr),
+            "connection {i} after the kill: {err}\nb: {}\nio-server: {}",
             b.stderr(),
             l.io_stderr()
         );
@@ -561,16 +539,8 @@ fn a_tap_handed_over_as_a_descriptor_serves() {
     };
     let port = port();
     let _server = echo_server(&l, port);
-    let o = run(l
-        .in_client(PYTHON)
-        .args(["-c", ONCE, SINGLE, &port.to_string()]));
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout).trim(),
-        "ok",
-        "{}\nio-server: {}",
-        String::from_utf8_lossy(&o.stderr),
-        l.io_stderr()
-    );
+    let (said, err) = l.once(port);
+    assert_eq!(said, "ok", "{err}\nio-server: {}", l.io_stderr());
 }
 
 /// Listens, serves one connection, closes its listener; twice on the

@@ -9,7 +9,6 @@ use saps_stack::{Config, Connection, Listener, Stack};
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -31,21 +30,7 @@ pub struct Net {
     pub tap: String,
 }
 
-pub fn sh(cmd: &str) -> Result<(), String> {
-    let o = Command::new("sh")
-        .args(["-c", cmd])
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .output()
-        .map_err(|e| e.to_string())?;
-    if o.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{cmd}: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        ))
-    }
-}
+pub use saps_tests::sh;
 
 /// Runs `f` in a thread that joined namespace `ns`.
 pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
@@ -79,24 +64,10 @@ impl Net {
         };
         let (g, c) = (net.gw.clone(), net.client.clone());
         let veth = format!("ssv{id}");
-        let steps = [
-            format!("ip netns add {g}"),
-            format!("ip netns add {c}"),
-            format!("ip link add {veth} netns {g} type veth peer name {veth}p netns {c}"),
-            format!("ip -n {g} link set lo up"),
-            format!("ip -n {c} link set lo up"),
-            format!("ip -n {g} addr add {ROUTER}/24 dev {veth}"),
-            format!("ip -n {g} link set {veth} up"),
-            format!("ip -n {c} addr add {CLIENT}/24 dev {veth}p"),
-            format!("ip -n {c} link set {veth}p up"),
-            format!("ip -n {c} route add default via {ROUTER}"),
-            format!("ip netns exec {g} sysctl -qw net.ipv4.ip_forward=1"),
-        ];
-        for s in &steps {
-            if let Err(e) = sh(s) {
-                saps_tests::cannot_run(&format!("cannot make the namespaces ({e})"));
-                return None;
-            }
+        let client = CLIENT.to_string();
+        if let Err(e) = saps_tests::client_behind_gateway(&g, &c, &veth, ROUTER, &client) {
+            saps_tests::cannot_run(&format!("cannot make the namespaces ({e})"));
+            return None;
         }
         let mut cfg = Config::new(SINGLE, 24, Some(TAP_GW));
         config(&mut cfg);
