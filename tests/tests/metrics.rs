@@ -150,9 +150,38 @@ fn metrics_pass_promtool_and_a_connection_through_a_node_raises_its_counters() {
     }
 }
 
-/// The io-server's open descriptors.
-fn fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+/// Connections to `port` that process `pid` has accepted (holds a
+/// descriptor for), from its descriptors' socket inodes and the kernel's TCP
+/// tables. A connection still in the listen queue has no inode yet, so it is
+/// not counted; the listening socket itself is not counted either.
+fn accepted_at(pid: i32, port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            l.strip_prefix("socket:[")?
+                .strip_suffix(']')
+                .map(str::to_owned)
+        })
+        .collect();
+    let local = format!(":{port:04X}");
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|t| std::fs::read_to_string(format!("/proc/{pid}/net/{t}")).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        })
+        // Fields: sl local remote st … uid timeout inode.
+        .filter(|f| f.len() > 9 && f[1].ends_with(&local) && f[3] != "0A")
+        .filter(|f| inodes.contains(&f[9]))
+        .count()
 }
 
 #[test]
@@ -170,23 +199,18 @@ fn a_stalled_scraper_holds_one_bounded_slot_and_others_are_served_after_it() {
             "256",
         ],
     );
+    let held = || accepted_at(io.pid(), metrics);
     // At rest: the first scrape's connection closed at the io-server too
     // (it closes its end after answering, a moment after the client read).
-    let base = fds(io.pid());
     scrape(metrics);
-    wait_for(Duration::from_secs(10), || {
-        (fds(io.pid()) <= base).then_some(())
-    })
-    .expect("the first scrape's connection was closed");
+    wait_for(Duration::from_secs(10), || (held() == 0).then_some(()))
+        .expect("the first scrape's connection was closed");
     // Two scrapers that send nothing take both slots.
     let stalled: Vec<TcpStream> = (0..2)
         .map(|_| TcpStream::connect(("127.0.0.1", metrics)).unwrap())
         .collect();
-    let peak = wait_for(Duration::from_secs(10), || {
-        let n = fds(io.pid());
-        (n >= base + 2).then_some(n)
-    })
-    .expect("the io-server accepted both stalled scrapers");
+    wait_for(Duration::from_secs(10), || (held() == 2).then_some(()))
+        .unwrap_or_else(|| panic!("the io-server holds {} of 2 stalled scrapers", held()));
     let started = Instant::now();
     // The control socket answers meanwhile.
     assert!(io_server_status(d).is_some());
@@ -216,13 +240,11 @@ fn a_stalled_scraper_holds_one_bounded_slot_and_others_are_served_after_it() {
         "HTTP/1.0 404 Not Found"
     );
     // Every descriptor of those connections is released.
-    let back = wait_for(Duration::from_secs(10), || {
-        (fds(io.pid()) <= base).then_some(())
-    });
-    assert!(back.is_some(), "fds {} after, {base} before", fds(io.pid()));
-    eprintln!(
-        "io-server fds: {base} before, {peak} with two stalled scrapers, {} after; \
-         the third scrape waited {waited:?} (--metrics-timeout 2)",
-        fds(io.pid())
+    let back = wait_for(Duration::from_secs(10), || (held() == 0).then_some(()));
+    assert!(
+        back.is_some(),
+        "the io-server still holds {} scrapers",
+        held()
     );
+    eprintln!("the third scrape waited {waited:?} (--metrics-timeout 2)");
 }
