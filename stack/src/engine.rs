@@ -2,16 +2,17 @@
 //! the backlog pools of the listening ports, the pending connects and the
 //! bridges, all owned here and touched by no other thread. Users talk to
 //! it through a bounded command queue and an eventfd that wakes its
-//! `poll(2)`; it answers through [`Mailbox`]es. One loop: smoltcp's poll,
-//! the commands, the pools, the connects, the bridges, then `poll(2)` on
-//! the TAP, the wake fd and the pairs, for at most smoltcp's `poll_delay`.
+//! `poll(2)` ([`Wake`]); it answers through [`Mailbox`]es. One loop: the
+//! commands and the pools, the TAP's frames one by one (the commands and
+//! pools again before a frame when a user asked something meanwhile),
+//! smoltcp's egress, the connects, the bridges, then `poll(2)` on the TAP,
+//! the wake fd and the pairs, for at most smoltcp's `poll_delay`.
 
 use crate::bridge::{Bridge, Moved, Step};
-use crate::mailbox::Mailbox;
+use crate::mailbox::{Mailbox, Wake};
 use crate::sys::{self, Errno, Mapped};
 use crate::tap::Tap;
 use crate::{Config, Connection, Stats};
-use nix::sys::eventfd::EventFd;
 use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::{Duration as SDuration, Instant as SInstant};
@@ -79,7 +80,7 @@ pub(crate) struct Engine {
     /// How many sockets `sockets` holds (bounded by `max_sockets`).
     count: usize,
     commands: Receiver<Command>,
-    wake: Arc<EventFd>,
+    wake: Arc<Wake>,
     stop: Arc<AtomicBool>,
     ports: HashMap<u16, Port>,
     pending: Vec<Pending>,
@@ -102,7 +103,7 @@ impl Engine {
         config: Config,
         mut tap: Tap,
         commands: Receiver<Command>,
-        wake: Arc<EventFd>,
+        wake: Arc<Wake>,
         stop: Arc<AtomicBool>,
     ) -> Engine {
         let mut ic =
@@ -148,16 +149,35 @@ impl Engine {
     pub fn run(mut self) {
         while !self.stop.load(Ordering::Acquire) {
             let now = SInstant::now();
-            self.iface.poll(now, &mut self.tap, &mut self.sockets);
-            while let Ok(c) = self.commands.try_recv() {
-                self.command(c);
+            self.wake.take();
+            self.serve_users();
+            // Frame by frame, each after what users asked before it
+            // arrived: an `accept` frees its place in the backlog for the
+            // SYN right behind it, as in the kernel.
+            while self.tap.fetch() {
+                if self.wake.take() {
+                    self.serve_users();
+                }
+                self.iface
+                    .poll_ingress_single(now, &mut self.tap, &mut self.sockets);
             }
+            self.iface
+                .poll_egress(now, &mut self.tap, &mut self.sockets);
             self.service_ports();
             self.service_pending();
             self.service_bridges();
             let delay = self.iface.poll_delay(SInstant::now(), &self.sockets);
             self.wait(delay);
         }
+    }
+
+    /// The commands queued, then the listening ports (accepts handed out,
+    /// pools refilled).
+    fn serve_users(&mut self) {
+        while let Ok(c) = self.commands.try_recv() {
+            self.command(c);
+        }
+        self.service_ports();
     }
 
     fn command(&mut self, c: Command) {
@@ -520,14 +540,14 @@ impl Engine {
         if let Err(e) = sys::poll(&mut self.pollfds, ms) {
             tracing::warn!(errno = e, "poll failed");
         }
+        if self.pollfds[1].revents != 0 {
+            self.wake.drain();
+        }
         if self.pollfds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
             // The device was removed under the stack (or the fd broke):
             // nothing more can be served; stop rather than spin.
             tracing::error!("the TAP device failed: the stack stops");
             self.stop.store(true, Ordering::Release);
-        }
-        if self.pollfds[1].revents != 0 {
-            let _ = self.wake.read();
         }
         for (pfd, h) in self.pollfds[2..].iter().zip(&self.polled) {
             if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {

@@ -17,13 +17,13 @@ pub(crate) struct Mailbox<T> {
     queue: Mutex<VecDeque<T>>,
     capacity: AtomicUsize,
     ready: EventFd,
-    wake: Arc<EventFd>,
+    wake: Arc<Wake>,
     /// The user side is gone ([`Mailbox::close`]).
     closed: AtomicBool,
 }
 
 impl<T> Mailbox<T> {
-    pub fn new(capacity: usize, wake: Arc<EventFd>) -> std::io::Result<Mailbox<T>> {
+    pub fn new(capacity: usize, wake: Arc<Wake>) -> std::io::Result<Mailbox<T>> {
         let flags = EfdFlags::EFD_SEMAPHORE | EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC;
         Ok(Mailbox {
             queue: Mutex::new(VecDeque::with_capacity(capacity)),
@@ -63,7 +63,7 @@ impl<T> Mailbox<T> {
         // EFD_SEMAPHORE: one read takes one; EAGAIN when none waits.
         self.ready.read().ok()?;
         let item = self.lock().pop_front();
-        let _ = self.wake.write(1);
+        self.wake.wake();
         item
     }
 
@@ -72,7 +72,7 @@ impl<T> Mailbox<T> {
     /// kernel).
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        let _ = self.wake.write(1);
+        self.wake.wake();
     }
 
     pub fn is_closed(&self) -> bool {
@@ -96,5 +96,48 @@ impl<T> Mailbox<T> {
 impl<T> AsFd for Mailbox<T> {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.ready.as_fd()
+    }
+}
+
+/// How users wake the stack's thread: an eventfd for its `poll(2)`, and a
+/// flag it can test between two frames without a system call, so that
+/// whatever a user asked before a frame arrived (an `accept` that frees a
+/// place in the backlog, a `listen`) is done before that frame is
+/// processed, as in the kernel.
+pub(crate) struct Wake {
+    fd: EventFd,
+    asked: AtomicBool,
+}
+
+impl Wake {
+    pub fn new() -> std::io::Result<Wake> {
+        let flags = EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC;
+        Ok(Wake {
+            fd: EventFd::from_value_and_flags(0, flags)?,
+            asked: AtomicBool::new(false),
+        })
+    }
+
+    /// Called by a user after it queued a command or took something out.
+    pub fn wake(&self) {
+        self.asked.store(true, Ordering::SeqCst);
+        let _ = self.fd.write(1);
+    }
+
+    /// Whether a user asked something since the last call (the thread's
+    /// side).
+    pub fn take(&self) -> bool {
+        self.asked.swap(false, Ordering::SeqCst)
+    }
+
+    /// Resets the eventfd once `poll(2)` found it readable.
+    pub fn drain(&self) {
+        let _ = self.fd.read();
+    }
+}
+
+impl AsFd for Wake {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }

@@ -4,10 +4,9 @@
 //! connection (or a connect's outcome) waits, for an `AsyncFd`.
 
 use crate::engine::{Command, Engine, Outcome};
-use crate::mailbox::Mailbox;
+use crate::mailbox::{Mailbox, Wake};
 use crate::tap::Tap;
 use crate::{os, sys, Config, Connection, Error, Stats};
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +17,7 @@ use std::thread::JoinHandle;
 /// smoltcp on a TAP device, in a thread of its own; stopped when dropped.
 pub struct Stack {
     commands: SyncSender<Command>,
-    wake: Arc<EventFd>,
+    wake: Arc<Wake>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     config: Config,
@@ -39,8 +38,7 @@ impl Stack {
     /// privileged helper; opened with `IFF_TAP | IFF_NO_PI`).
     pub fn from_tap_fd(fd: OwnedFd, config: Config) -> Result<Stack, Error> {
         let tap = Tap::new(fd, config.mtu).map_err(os)?;
-        let flags = EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC;
-        let wake = Arc::new(EventFd::from_value_and_flags(0, flags).map_err(std::io::Error::from)?);
+        let wake = Arc::new(Wake::new()?);
         let stop = Arc::new(AtomicBool::new(false));
         let (commands, rx) = sync_channel(config.command_queue);
         let engine = Engine::new(config.clone(), tap, rx, wake.clone(), stop.clone());
@@ -111,19 +109,19 @@ impl Stack {
 
 /// Queues command `c` for the stack's thread and wakes it; never blocks
 /// (`Busy` with the queue full).
-fn send(commands: &SyncSender<Command>, wake: &EventFd, c: Command) -> Result<(), Error> {
+fn send(commands: &SyncSender<Command>, wake: &Wake, c: Command) -> Result<(), Error> {
     commands.try_send(c).map_err(|e| match e {
         std::sync::mpsc::TrySendError::Full(_) => Error::Busy,
         std::sync::mpsc::TrySendError::Disconnected(_) => Error::Stopped,
     })?;
-    let _ = wake.write(1);
+    wake.wake();
     Ok(())
 }
 
 impl Drop for Stack {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        let _ = self.wake.write(1);
+        self.wake.wake();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -136,7 +134,7 @@ pub struct Listener {
     port: u16,
     ready: Arc<Mailbox<Connection>>,
     commands: SyncSender<Command>,
-    wake: Arc<EventFd>,
+    wake: Arc<Wake>,
     max_backlog: u32,
 }
 

@@ -27,6 +27,8 @@ pub struct Tap {
     mtu: usize,
     rx: Vec<u8>,
     rx_len: usize,
+    /// `rx` holds a frame read by [`Tap::fetch`] and not yet received.
+    fetched: bool,
     tx: Vec<u8>,
     pub counters: TapCounters,
 }
@@ -41,9 +43,26 @@ impl Tap {
             mtu: frame,
             rx: vec![0; frame],
             rx_len: 0,
+            fetched: false,
             tx: vec![0; frame],
             counters: TapCounters::default(),
         })
+    }
+}
+
+impl Tap {
+    /// Reads the next frame ahead, for the next `receive`; false when none
+    /// waits.
+    pub fn fetch(&mut self) -> bool {
+        if !self.fetched {
+            let Ok(n) = sys::read(self.fd.as_fd(), &mut self.rx) else {
+                return false;
+            };
+            self.rx_len = n;
+            self.fetched = true;
+            self.counters.rx_frames += 1;
+        }
+        true
     }
 }
 
@@ -103,8 +122,10 @@ impl Device for Tap {
     }
 
     fn receive(&mut self, _now: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
-        self.rx_len = sys::read(self.fd.as_fd(), &mut self.rx).ok()?;
-        self.counters.rx_frames += 1;
+        if !self.fetch() {
+            return None;
+        }
+        self.fetched = false;
         let tx = TxToken {
             fd: self.fd.as_fd(),
             buf: &mut self.tx,
