@@ -569,11 +569,7 @@ s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
 print(s.recv(100).decode(), flush=True)
 "#;
 
-// Ignored: in one of three runs of the whole suite the second round's
-// bind was refused with EADDRINUSE (docs/io-server.md, "--stack
-// smoltcp"); run it with `--ignored` while looking for that race.
 #[test]
-#[ignore = "a bind right after a listener's close was once refused with EADDRINUSE on the stack"]
 fn a_program_that_closes_its_listener_and_listens_again_is_served_both_times() {
     let Some(l) = Layout::new() else { return };
     let port = port();

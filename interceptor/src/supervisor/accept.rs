@@ -48,7 +48,11 @@ pub(crate) fn accept(sh: &Arc<SupervisorState>, call: &mut Call, flags: i32) -> 
         None => listener_dup(sh, call).and_then(|l| take(sh, &vs, l.as_fd())),
     };
     match taken {
-        Ok(Some((lconn, t))) => return hand_over(sh, call, &vs, lconn, t, flags),
+        Ok(Some((lconn, t))) => {
+            // `L` is not ours past the answer (see `hand_over`).
+            call.dup = None;
+            return hand_over(sh, call, &vs, lconn, t, flags);
+        }
         Ok(None) => {}
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
     }
@@ -88,7 +92,10 @@ async fn wait_and_take(
         // A waiting connection is taken even with a signal pending, as the
         // kernel's accept does; only then does the signal end the wait.
         match take(sh, vs, l.as_fd()) {
-            Ok(Some((lconn, t))) => return hand_over(sh, call, vs, lconn, t, flags),
+            Ok(Some((lconn, t))) => {
+                drop(l);
+                return hand_over(sh, call, vs, lconn, t, flags);
+            }
             Ok(None) => {}
             Err(e) => return Outcome::Reply(Reply::Errno(e)),
         }
@@ -130,7 +137,11 @@ fn take(
 
 /// Writes the client's address, installs the connection taken off the
 /// queue of listener `lconn` in the program and answers the call with its
-/// fd; on failure puts the connection back at the head of the queue.
+/// fd; on failure puts the connection back at the head of the queue. The
+/// caller holds no duplicate of `L` any more: the install answers the
+/// program, which may close `L` at once and bind its port again, and a
+/// duplicate still open would hide that close from the bind's reap
+/// (`EADDRINUSE`).
 fn hand_over(
     sh: &Arc<SupervisorState>,
     call: &mut Call,

@@ -9,11 +9,15 @@ use std::sync::Arc;
 
 /// Answers a call (unless a task will) and traces it.
 pub(crate) fn finish(sh: &Arc<SupervisorState>, call: Call, outcome: Outcome) {
+    // The duplicate of the fd argument goes before the program can go on:
+    // kept past the answer, it would hide a close the program makes right
+    // after (a listener closed after its accept would still look open to
+    // the reap of the next bind, which then fails with EADDRINUSE).
+    let mut call = call;
+    call.dup = None;
     let (result, answer) = match outcome {
         Outcome::Defer(task) => {
             let me = sh.clone();
-            let mut call = call;
-            call.dup = None;
             sh.rt.spawn(async move {
                 let (call, outcome) = task(me.clone(), call).await;
                 finish(&me, call, outcome);
@@ -27,7 +31,6 @@ pub(crate) fn finish(sh: &Arc<SupervisorState>, call: Call, outcome: Outcome) {
     let op = call.op;
     // Trace before answering, so a process's lines are in call order.
     if let Some(t) = &sh.config.tracer {
-        let mut call = call;
         call.note.io_server = Some(sh.config.io_server.clone());
         call.note.node = Some(sh.config.node.clone());
         t.record(&CallRecord {
