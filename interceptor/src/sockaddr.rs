@@ -25,8 +25,11 @@ pub const SOCKADDR_STORAGE_LEN: usize = 128;
 pub enum Decoded {
     /// An IPv4 or IPv6 address.
     Inet(SocketAddr),
-    /// `AF_UNSPEC`: for `connect`, dissolve the association.
-    Unspec,
+    /// `AF_UNSPEC`: for `connect`, dissolve the association. `any`: the
+    /// port when it is laid out as a whole `sockaddr_in` with
+    /// `INADDR_ANY`, which `bind` on an IPv4 socket takes as `AF_INET`
+    /// (the kernel's compatibility rule in `__inet_bind`).
+    Unspec { any: Option<u16> },
 }
 
 /// Decodes a sockaddr; errors are errnos (`EINVAL` for short lengths,
@@ -38,7 +41,11 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, i32> {
     };
     let port = |b: &[u8]| u16::from_be_bytes([b[2], b[3]]);
     match family {
-        libc::AF_UNSPEC => Ok(Decoded::Unspec),
+        libc::AF_UNSPEC => {
+            let any =
+                (bytes.len() >= SOCKADDR_IN_LEN && bytes[4..8] == [0; 4]).then(|| port(bytes));
+            Ok(Decoded::Unspec { any })
+        }
         libc::AF_INET if bytes.len() >= SOCKADDR_IN_LEN => {
             let ip = Ipv4Addr::new(bytes[4], bytes[5], bytes[6], bytes[7]);
             Ok(Decoded::Inet(SocketAddrV4::new(ip, port(bytes)).into()))
@@ -161,7 +168,12 @@ mod tests {
             decode(&[unix[0], unix[1], b'/', 0]),
             Err(libc::EAFNOSUPPORT)
         );
-        assert_eq!(decode(&[0, 0]), Ok(Decoded::Unspec));
+        assert_eq!(decode(&[0, 0]), Ok(Decoded::Unspec { any: None }));
+        let mut any = encode(&"0.0.0.0:8080".parse().unwrap());
+        any[..2].copy_from_slice(&(libc::AF_UNSPEC as u16).to_ne_bytes());
+        assert_eq!(decode(&any), Ok(Decoded::Unspec { any: Some(8080) }));
+        any[4] = 10;
+        assert_eq!(decode(&any), Ok(Decoded::Unspec { any: None }));
     }
 
     #[test]

@@ -51,6 +51,13 @@ pub struct VirtualSocket {
     pub connect_unreported: bool,
     /// A connect was made on it: the kernel will not let it listen.
     pub tried_connect: bool,
+    /// Where the program was given its end of a relayed connection: the
+    /// thread and the fd number (a hint; the program may move it), for
+    /// passing a peer's reset on to it (`supervisor/relay.rs`).
+    pub holder: Option<(u32, i32)>,
+    /// Its connection ended with an error (a reset): the kernel's socket is
+    /// closed, so it has no peer name any more.
+    pub ended: bool,
 }
 
 impl VirtualSocket {
@@ -70,6 +77,8 @@ impl VirtualSocket {
             options: Options::default(),
             connect_unreported: false,
             tried_connect: false,
+            holder: None,
+            ended: false,
         }
     }
 
@@ -94,7 +103,7 @@ impl VirtualSocket {
     /// What `getpeername()` says; `None` is `ENOTCONN`.
     pub fn peer_addr(&self) -> Option<SocketAddr> {
         match &self.state {
-            State::Connected { peer, .. } => Some(*peer),
+            State::Connected { peer, .. } if !self.ended => Some(*peer),
             _ => None,
         }
     }
@@ -210,6 +219,11 @@ impl VsockTable {
             }
         }
         Some(vs)
+    }
+
+    /// The inode of connection `conn`'s socket.
+    pub fn inode_of_conn(&self, conn: ConnId) -> Option<Inode> {
+        self.by_conn.get(&conn).copied()
     }
 
     /// The socket of connection `conn`.

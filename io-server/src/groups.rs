@@ -12,7 +12,9 @@
 //!
 //! Binds follow the kernel's rules within one node: a second bind of a port
 //! the same node already holds fails with `EADDRINUSE` unless both sockets
-//! set `SO_REUSEPORT`. Different nodes binding one port share it.
+//! set `SO_REUSEPORT`, or both set `SO_REUSEADDR` and the one held does not
+//! listen (and then the second `listen` of the two fails). Different nodes
+//! binding one port share it.
 //!
 //! A port whose last listener closes stays open for
 //! `saps_fabric::RELISTEN_GRACE`: a program that closes its listening socket
@@ -48,6 +50,15 @@ use saps_fabric::ConnId;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
+
+/// Whether a new socket of one node with bind `flags` may share a port
+/// with one it holds (`held`, `listening` or not), by the kernel's rules
+/// (`inet_csk_bind_conflict`): both `SO_REUSEPORT`, or both `SO_REUSEADDR`
+/// while the one held does not listen.
+fn shares(flags: u32, held: u32, listening: bool) -> bool {
+    let both = |f: u32| flags & f != 0 && held & f != 0;
+    both(bind_flags::REUSEPORT) || (both(bind_flags::REUSEADDR) && !listening)
+}
 
 #[cfg(test)]
 mod tests;
@@ -367,11 +378,14 @@ impl<C> Groups<C> {
         let Some(g) = self.map.get_mut(&addr) else {
             return Ok(Bind::OpenPort);
         };
-        let reuseport = flags & bind_flags::REUSEPORT != 0;
-        let clash = g
-            .binds
-            .iter()
-            .any(|b| b.node == node && !(reuseport && b.flags & bind_flags::REUSEPORT != 0));
+        let members = &g.members;
+        let clash = g.binds.iter().any(|b| {
+            let listening = members.contains(&MemberId {
+                node,
+                listener: b.conn,
+            });
+            b.node == node && !shares(flags, b.flags, listening)
+        });
         if clash {
             return Err(libc::EADDRINUSE);
         }
@@ -403,6 +417,7 @@ impl<C> Groups<C> {
     }
 
     /// Whether there is a group at `key`.
+    #[cfg(test)]
     pub fn contains(&self, key: SocketAddr) -> bool {
         self.map.contains_key(&key)
     }
@@ -417,12 +432,13 @@ impl<C> Groups<C> {
         conn: ConnId,
         backlog: u32,
     ) -> Result<bool, i32> {
+        self.may_listen(key, node, conn)?;
         let g = self.map.get_mut(&key).ok_or(libc::EINVAL)?;
-        g.listening = true;
         let member = MemberId {
             node,
             listener: conn,
         };
+        g.listening = true;
         g.backlogs.insert(member, backlog);
         if g.members.contains(&member) {
             return Ok(false);
@@ -430,6 +446,28 @@ impl<C> Groups<C> {
         g.members.push(member);
         self.ledger.open(Scope::Member(key, member));
         Ok(true)
+    }
+
+    /// Whether the bound `conn` of `node` may listen on `key`: the kernel
+    /// checks the port again at `listen`, and another socket of this node
+    /// listening on it conflicts unless both set `SO_REUSEPORT` (two
+    /// `SO_REUSEADDR` sockets share a port only while neither listens).
+    pub fn may_listen(&self, key: SocketAddr, node: NodeId, conn: ConnId) -> Result<(), i32> {
+        let g = self.map.get(&key).ok_or(libc::EINVAL)?;
+        let flags = |c: ConnId| {
+            g.binds
+                .iter()
+                .find(|b| b.node == node && b.conn == c)
+                .map_or(0, |b| b.flags)
+        };
+        let mine = flags(conn);
+        let clash = g.members.iter().any(|m| {
+            m.node == node && m.listener != conn && !shares(mine, flags(m.listener), true)
+        });
+        if clash {
+            return Err(libc::EADDRINUSE);
+        }
+        Ok(())
     }
 
     /// Drops `node`'s socket `conn` (or all of its sockets with `None`).

@@ -61,6 +61,7 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
         Joined::InProcess => {
             let mut config = ChannelConfig::new(server.token.clone()).window(server.config.window);
             config.max_version = 1;
+            config.in_process = true;
             (config, None)
         }
     };
@@ -372,12 +373,18 @@ impl Node {
                 .with_socket(conn, |s| std::mem::take(&mut s.opts))
                 .unwrap_or_default(),
         };
+        // A socket the program bound first connects from its port, as
+        // natively: the group's socket holds it with SO_REUSEADDR, and so
+        // does the outbound one (the stack picks its own ports).
+        let port = self
+            .with_socket(conn, |s| s.group.map(|k| k.port()))
+            .flatten();
         let limit = timeouts::connect_timeout(&server.config);
         tokio::spawn(
             async move {
                 let result = match &server.stack {
                     Some(stack) => open_on_stack(stack, addr, limit).await,
-                    None => open(server.config.address, addr, &opts, limit)
+                    None => open(server.config.address, port, addr, &opts, limit)
                         .await
                         .map(|s| {
                             let local = s.local_addr().ok();
@@ -567,15 +574,41 @@ fn timed_out(e: &std::io::Error) -> bool {
 /// `limit`.
 async fn open(
     from: IpAddr,
+    port: Option<u16>,
     to: SocketAddr,
     opts: &[(i32, i32, bytes::Bytes)],
     limit: Option<std::time::Duration>,
 ) -> std::io::Result<tokio::net::TcpStream> {
-    let sock = match to {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    let new = || match to {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
     };
-    if !from.is_unspecified() && from.is_ipv4() == to.is_ipv4() {
+    let mut sock = new()?;
+    let from = if from.is_ipv4() == to.is_ipv4() {
+        from
+    } else {
+        match to {
+            SocketAddr::V4(_) => IpAddr::from([0u8; 4]),
+            SocketAddr::V6(_) => IpAddr::from([0u16; 8]),
+        }
+    };
+    let kept = match port {
+        Some(port) => {
+            sock.set_reuseaddr(true)?;
+            match sock.bind(SocketAddr::new(from, port)) {
+                Ok(()) => true,
+                // Its group listens (another node's listener on that
+                // port): from a free port instead.
+                Err(e) => {
+                    tracing::debug!(port, error = %e, "cannot connect from the bound port");
+                    sock = new()?;
+                    false
+                }
+            }
+        }
+        None => false,
+    };
+    if !kept && !from.is_unspecified() {
         sock.bind(SocketAddr::new(from, 0))?;
     }
     for (level, name, value) in opts {

@@ -173,9 +173,7 @@ impl Tables {
         backlog: u32,
         freed: &Arc<Notify>,
     ) -> Result<Option<Arc<Listening>>, Errno> {
-        if !self.groups.contains(key) {
-            return Err(libc::EINVAL);
-        }
+        self.groups.may_listen(key, node, conn)?;
         let listening = self.ports.start_listening(key, backlog)?;
         self.groups.listen(key, node, conn, backlog)?;
         if let Some(entry) = self.nodes.get_mut(&node) {

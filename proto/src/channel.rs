@@ -24,6 +24,7 @@ mod send;
 pub use config::{
     ChannelConfig, Role, ACCEPTED_VERSION, DEFAULT_PEER_TIMEOUT, DEFAULT_PING_INTERVAL,
     DEFAULT_WINDOW, HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT, MAX_DATA, MAX_VERSION, MIN_VERSION,
+    RESET_VERSION,
 };
 pub use event::{CallError, ChannelError, Event};
 pub use output::{Reservation, Transmit, OWNED_CAPACITY, OWNED_MIN};
@@ -40,6 +41,10 @@ use output::Output;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Instant;
+
+/// Linux's `ECONNRESET` (the fabric carries Linux errnos): the `errno` of
+/// a [`Frame::Reset`].
+const ECONNRESET: i32 = 104;
 
 /// A Data frame whose header is in and whose payload is still arriving.
 #[derive(Debug, Clone, Copy)]
@@ -234,6 +239,12 @@ impl Channel {
     /// the io-server when its program accepts each connection.
     pub fn notifies_accepts(&self) -> bool {
         self.version >= ACCEPTED_VERSION
+    }
+
+    /// Whether the ends speak [`Frame::Reset`]: version 3, or one build in
+    /// one process ([`ChannelConfig::in_process`]).
+    pub fn speaks_reset(&self) -> bool {
+        self.version >= RESET_VERSION || self.config.in_process
     }
 
     /// Number of live connections in the table.
@@ -518,6 +529,20 @@ impl Channel {
                         .push_back(Event::ConnectionClosed { conn, errno: 0 });
                 }
             }
+            Frame::Reset { conn } if role == Role::IoServer && self.speaks_reset() => {
+                if self.conns.remove(conn) || self.conns.take_handed(conn) {
+                    self.events.push_back(Event::ConnectionClosed {
+                        conn,
+                        errno: ECONNRESET,
+                    });
+                }
+            }
+            frame @ Frame::Reset { .. } if role == Role::IoServer => {
+                return Err(ChannelError::Unexpected {
+                    frame: frame.name(),
+                    state: "on a channel below version 3",
+                });
+            }
             Frame::Accepted { conn } if role == Role::IoServer && self.notifies_accepts() => {
                 // A late one (the connection is gone already) is dropped.
                 if self.conns.contains(conn) || self.conns.take_handed(conn) {
@@ -643,14 +668,19 @@ impl Channel {
         }
     }
 
-    /// `close_connection`: drops `conn`. A node sends `Close`; the
-    /// io-server sends `ConnectionClosed` with `errno` (0 for a plain close).
+    /// `close_connection`: drops `conn`. A node sends `Close`, or `Reset`
+    /// for a connection ended with an error (`errno` not 0: a reset, a
+    /// client its listener refused, an I/O error on the program's end)
+    /// where the io-server speaks it; the
+    /// io-server sends `ConnectionClosed` with `errno` (0 for a plain
+    /// close).
     pub fn close_connection(&mut self, conn: ConnId, errno: i32) {
         if !self.is_open() {
             return;
         }
         let known = self.conns.remove(conn);
         match self.role {
+            Role::Node if errno != 0 && self.speaks_reset() => self.emit(&Frame::Reset { conn }),
             Role::Node => self.emit(&Frame::Close { conn }),
             Role::IoServer if known => self.emit(&Frame::ConnectionClosed { conn, errno }),
             Role::IoServer => {}

@@ -12,7 +12,8 @@
 //! `Hello`/`Challenge` negotiate ([`crate::channel::MAX_VERSION`]): version
 //! 2 adds the `Accepted` frame (tag 0x36), which a channel that settled on
 //! version 1 refuses as unexpected, and which a node never sends on one
-//! (an older decoder would not know the tag). This codec decodes every
+//! (an older decoder would not know the tag); version 3 adds `Reset` (tag
+//! 0x37) the same way. This codec decodes every
 //! tag it knows whatever the channel's version; the channel checks.
 
 use crate::frame::{ConnId, Frame, Request, Response, ShutdownHow, NONCE_LEN};
@@ -52,6 +53,7 @@ mod tag {
     pub const CREDIT: u8 = 0x35;
     /// Protocol version 2.
     pub const ACCEPTED_BY_PROGRAM: u8 = 0x36;
+    pub const RESET: u8 = 0x37;
     pub const WEIGHT: u8 = 0x40;
     pub const PING: u8 = 0x41;
     pub const PONG: u8 = 0x42;
@@ -165,6 +167,7 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
         }
         Frame::Close { conn } => put_conn(out, tag::CLOSE, *conn),
         Frame::Accepted { conn } => put_conn(out, tag::ACCEPTED_BY_PROGRAM, *conn),
+        Frame::Reset { conn } => put_conn(out, tag::RESET, *conn),
         Frame::Data { conn, data } => {
             put_conn(out, tag::DATA, *conn);
             out.put_slice(data);
@@ -451,6 +454,7 @@ fn decode_body(mut b: Bytes) -> Result<Frame, DecodeError> {
         },
         tag::CLOSE => Frame::Close { conn: r.u64()? },
         tag::ACCEPTED_BY_PROGRAM => Frame::Accepted { conn: r.u64()? },
+        tag::RESET => Frame::Reset { conn: r.u64()? },
         tag::DATA => {
             let conn = r.u64()?;
             let data = std::mem::take(&mut r.b);
@@ -485,6 +489,7 @@ fn tag_name(t: u8) -> Option<&'static str> {
         tag::CLOSED => "ConnectionClosed",
         tag::CLOSE => "Close",
         tag::ACCEPTED_BY_PROGRAM => "Accepted",
+        tag::RESET => "Reset",
         tag::DATA => "Data",
         tag::FIN => "Fin",
         tag::CREDIT => "Credit",

@@ -188,6 +188,15 @@ pub enum Frame {
     Close {
         conn: ConnId,
     },
+    /// Node → io-server (protocol version 3): as [`Frame::Close`], but the
+    /// connection ended abortively on the node (the program's
+    /// `SO_LINGER` 0 close or `connect(AF_UNSPEC)`, a queued client its
+    /// listener's close refused, an error on the program's end): the
+    /// io-server resets the TCP connection (RST) instead of closing it
+    /// with a FIN, as the node's kernel would have.
+    Reset {
+        conn: ConnId,
+    },
     /// Node → io-server (protocol version 2): the program accepted `conn`
     /// (its `accept()` returned it). Until then the connection is the
     /// io-server's to give to another node if this node's channel ends;
@@ -239,6 +248,7 @@ impl Frame {
             Frame::ConnectionClosed { .. } => "ConnectionClosed",
             Frame::Close { .. } => "Close",
             Frame::Accepted { .. } => "Accepted",
+            Frame::Reset { .. } => "Reset",
             Frame::Data { .. } => "Data",
             Frame::Fin { .. } => "Fin",
             Frame::Credit { .. } => "Credit",

@@ -44,6 +44,7 @@ mod waiting;
 pub use errno::io_errno;
 pub use preaccept::{Replay, PRE_ACCEPT_MAX};
 pub use quiet::{Expiry, QuietLimits};
+pub use relay::ProgramEnd;
 pub use router::EndpointEvent;
 pub use waiting::{Place, Waiting};
 
@@ -431,7 +432,7 @@ impl Endpoint {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        self.relay_with(conn, stream, None::<&TcpStream>, |_| {})
+        self.relay_with(conn, stream, None::<&TcpStream>, None, |_| {})
             .await
     }
 
@@ -441,8 +442,29 @@ impl Endpoint {
     pub async fn relay_unix(&self, conn: ConnId, stream: UnixStream) -> RelayOutcome {
         let stream = Arc::new(stream);
         let source = stream.clone();
-        self.relay_with(conn, SocketAdapter(stream), Some(&*source), |_| {})
+        self.relay_with(conn, SocketAdapter(stream), Some(&*source), None, |_| {})
             .await
+    }
+
+    /// Node: [`Endpoint::relay_unix`] of a program's connection, whose
+    /// `program` end is told of a peer's reset and asked whether its own
+    /// end of file was an abortive close ([`ProgramEnd`]).
+    pub async fn relay_program(
+        &self,
+        conn: ConnId,
+        stream: UnixStream,
+        program: &dyn ProgramEnd,
+    ) -> RelayOutcome {
+        let stream = Arc::new(stream);
+        let source = stream.clone();
+        self.relay_with(
+            conn,
+            SocketAdapter(stream),
+            Some(&*source),
+            Some(program),
+            |s| program.reset(&s.0),
+        )
+        .await
     }
 
     /// [`Endpoint::relay`] for a TCP socket: when the peer resets the
@@ -459,7 +481,7 @@ impl Endpoint {
     /// the transport allows (see [`crate::splice`]).
     pub async fn relay_tcp(&self, conn: ConnId, stream: Arc<TcpStream>) -> RelayOutcome {
         let source = stream.clone();
-        self.relay_with(conn, SocketAdapter(stream), Some(&*source), |s| {
+        self.relay_with(conn, SocketAdapter(stream), Some(&*source), None, |s| {
             if let Err(e) = s.0.set_zero_linger() {
                 tracing::debug!(error = %e, "SO_LINGER 0 failed");
             }
@@ -478,7 +500,7 @@ impl Endpoint {
     pub async fn relay_client(&self, conn: ConnId, stream: Arc<TcpStream>) -> ClientRelayEnd {
         let source = stream.clone();
         let (end, stream, counters, pre) = match self
-            .run_relay(conn, SocketAdapter(stream), Some(&*source), true)
+            .run_relay(conn, SocketAdapter(stream), Some(&*source), None, true)
             .await
         {
             Relayed::Ran {
@@ -541,6 +563,7 @@ impl Endpoint {
         conn: ConnId,
         stream: S,
         socket: Option<&T>,
+        program: Option<&dyn ProgramEnd>,
         abortive: F,
     ) -> RelayOutcome
     where
@@ -548,7 +571,7 @@ impl Endpoint {
         F: FnOnce(&S),
         T: ReadySocket,
     {
-        match self.run_relay(conn, stream, socket, false).await {
+        match self.run_relay(conn, stream, socket, program, false).await {
             Relayed::Ran {
                 end,
                 stream,
@@ -571,6 +594,7 @@ impl Endpoint {
         conn: ConnId,
         stream: S,
         socket: Option<&T>,
+        program: Option<&dyn ProgramEnd>,
         swept: bool,
     ) -> Relayed<S>
     where
@@ -590,6 +614,7 @@ impl Endpoint {
             counters: &a.counters,
             socket,
             pre: pre.as_ref(),
+            program,
         }
         .run(rd, wr, a.inbound, &a.credit, a.abort)
         .instrument(span)

@@ -80,6 +80,23 @@ pub(super) struct Pump<'a, T> {
     /// until the node's program accepts the connection; `None` inside
     /// once that is over.
     pub(super) pre: Option<&'a Mutex<Option<PreAccept>>>,
+    /// Node: asked at the stream's end of file whether the program's end
+    /// was closed abortively ([`ProgramEnd::closed_abortively`]): then the
+    /// connection ends with a reset instead of a FIN.
+    pub(super) program: Option<&'a dyn ProgramEnd>,
+}
+
+/// A node's relay of a program's connection ([`super::Endpoint::relay_program`])
+/// asks its program's end how it ended, so that resets cross the fabric
+/// both ways as the node's kernel would make them.
+pub trait ProgramEnd: Send + Sync {
+    /// The program's end gave end of file: whether that was an abortive
+    /// close (`SO_LINGER` 0) to pass on as a reset rather than a FIN.
+    fn closed_abortively(&self) -> bool;
+    /// The peer reset the connection: make the program's end see a reset
+    /// (`ECONNRESET`, then end of file) when the relay's end, `relayed`,
+    /// is closed right after this returns.
+    fn reset(&self, relayed: &tokio::net::UnixStream);
 }
 
 pub(super) fn lock_pre(pre: &Mutex<Option<PreAccept>>) -> MutexGuard<'_, Option<PreAccept>> {
@@ -181,6 +198,9 @@ impl<T: ReadySocket> Pump<'_, T> {
             .await?;
             match chunk {
                 Chunk::Eof => {
+                    if self.program.is_some_and(|p| p.closed_abortively()) {
+                        return Err(io::Error::from_raw_os_error(errno::ECONNRESET));
+                    }
                     let _ = handle.with(|ch| ch.send_fin(conn));
                     return Ok(());
                 }

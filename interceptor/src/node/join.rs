@@ -67,17 +67,16 @@ async fn connect(url: &FabricUrl) -> Result<(StreamReader, StreamWriter), NodeEr
         })
 }
 
-/// Opens the node's channel over `(r, w)` and waits for the Welcome.
+/// Opens the node's channel to saps-run's embedded io-server over `(r, w)`
+/// and waits for the Welcome.
 pub(crate) async fn handshake(
     me: &Identity,
     token: Vec<u8>,
     halves: (StreamReader, StreamWriter),
 ) -> Result<Welcomed, NodeError> {
-    open(
-        ChannelConfig::new(token).node(me.name.clone(), me.weight),
-        halves,
-    )
-    .await
+    let mut config = ChannelConfig::new(token).node(me.name.clone(), me.weight);
+    config.in_process = true;
+    open(config, halves).await
 }
 
 /// Opens a node channel of `config` over `(r, w)` and waits for the Welcome.

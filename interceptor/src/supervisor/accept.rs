@@ -216,6 +216,12 @@ fn hand_over(
     }
     match install(sh, call, sock.as_fd(), flags) {
         Ok(fd) => {
+            if let Some(ino) = table_entry {
+                let mut t = sh.table();
+                if let Some(v) = t.get_mut(ino) {
+                    v.holder = Some((call.pid(), fd));
+                }
+            }
             ep.accepted(id, handed);
             // Ours is closed: a connection short of descriptors may go.
             drop(taken);

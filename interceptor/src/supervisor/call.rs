@@ -228,13 +228,25 @@ impl SupervisorState {
         ptr: u64,
         len: u64,
     ) -> Result<SocketAddr, i32> {
-        match sockaddr::read_from_target(&call.mem(), ptr, len)? {
-            sockaddr::Decoded::Inet(addr) => {
-                call.detail.addr = Some(addr);
-                Ok(addr)
-            }
-            sockaddr::Decoded::Unspec => Err(libc::EAFNOSUPPORT),
+        match self.read_any_sockaddr(call, ptr, len)? {
+            sockaddr::Decoded::Inet(addr) => Ok(addr),
+            sockaddr::Decoded::Unspec { .. } => Err(libc::EAFNOSUPPORT),
         }
+    }
+
+    /// The address argument, `AF_UNSPEC` included (`bind`'s compatibility
+    /// rule, `connect`'s disconnect).
+    pub(crate) fn read_any_sockaddr(
+        &self,
+        call: &mut Call,
+        ptr: u64,
+        len: u64,
+    ) -> Result<sockaddr::Decoded, i32> {
+        let d = sockaddr::read_from_target(&call.mem(), ptr, len)?;
+        if let sockaddr::Decoded::Inet(addr) = d {
+            call.detail.addr = Some(addr);
+        }
+        Ok(d)
     }
 }
 

@@ -16,11 +16,14 @@
 //! (§2.3).
 
 use super::call::{defer, Call, Outcome, LIVENESS_CHECK};
-use super::objects::{hold_back, inode_of, pair, set_nonblocking, set_options, FILLER};
+use super::objects::{
+    hold_back, inode_of, pair, set_nonblocking, set_options, unix_socket, FILLER,
+};
 use super::relay::{relay, to_tokio};
 use super::socket::{make_native, v4_on_v6, v6only_v4mapped};
 use super::state::SupervisorState;
 use crate::notify::Reply;
+use crate::sockaddr::Decoded;
 use crate::vsock::{Inode, State, VirtualSocket};
 use nix::sys::socket::{self as so, sockopt};
 use saps_fabric::{ConnId, Request, Response};
@@ -33,8 +36,9 @@ pub(crate) fn connect(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
     let Some((ino, mut vs)) = sh.lookup(call) else {
         return Outcome::Reply(Reply::Continue);
     };
-    let addr = match sh.read_sockaddr(call, call.arg(1), call.arg(2)) {
-        Ok(a) => a,
+    let addr = match sh.read_any_sockaddr(call, call.arg(1), call.arg(2)) {
+        Ok(Decoded::Inet(a)) => a,
+        Ok(Decoded::Unspec { .. }) => return disconnect(sh, call, ino, vs),
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
     };
     let nonblock = sh.nonblocking(call);
@@ -91,6 +95,7 @@ pub(crate) fn connect(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
     // The table knows S before the program holds it.
     vs.state = State::Connecting { peer: addr };
     vs.tried_connect = true;
+    vs.holder = Some((call.pid(), call.fd()));
     sh.table().rekey(ino, s_ino, vs.clone());
     if let Err(e) = sh.replace_fd(call, s.as_fd()) {
         sh.connecting.lock().remove(&s_ino);
@@ -107,6 +112,46 @@ pub(crate) fn connect(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
         return Outcome::Reply(Reply::Errno(libc::EINPROGRESS));
     }
     wait_connected(s_ino, timeout.map(|t| (t, libc::EINPROGRESS)))
+}
+
+/// `connect(fd, {AF_UNSPEC}, …)`: the kernel's `tcp_disconnect`. A
+/// connected socket resets its connection (the peer sees `ECONNRESET`) and
+/// is an unconnected socket again, with its options, that may connect
+/// anew: the supervisor closes the connection with a reset and puts a
+/// fresh placeholder over the program's fd. On a socket never connected it
+/// does nothing. A listening or connecting socket keeps today's refusal
+/// (docs/interceptor.md, "Departures" 9).
+fn disconnect(
+    sh: &Arc<SupervisorState>,
+    call: &mut Call,
+    ino: Inode,
+    vs: VirtualSocket,
+) -> Outcome {
+    call.note.action = "disconnect";
+    match vs.state {
+        State::Fresh => return Outcome::Reply(Reply::Value(0)),
+        State::Connected { .. } => {}
+        State::Connecting { .. } | State::Listening => {
+            return Outcome::Reply(Reply::Errno(libc::EAFNOSUPPORT))
+        }
+    }
+    let placeholder = match unix_socket(sh.nonblocking(call)).and_then(|p| Ok((inode_of(&p)?, p))) {
+        Ok(x) => x,
+        Err(e) => return Outcome::Reply(Reply::Errno(e)),
+    };
+    let (new_ino, placeholder) = placeholder;
+    let mut fresh = VirtualSocket::with_protocol(vs.domain, vs.protocol);
+    fresh.options = vs.options.clone();
+    sh.table().insert(new_ino, fresh);
+    if let Err(e) = sh.replace_fd(call, placeholder.as_fd()) {
+        sh.table().remove(new_ino);
+        return Outcome::Reply(Reply::Errno(e));
+    }
+    sh.table().remove(ino);
+    if let Some(conn) = vs.conn {
+        sh.ep().close_connection(conn, libc::ECONNRESET);
+    }
+    Outcome::Reply(Reply::Value(0))
 }
 
 /// A blocking connect waits until the connection of `S` (inode `s_ino`) is

@@ -320,6 +320,16 @@ impl ListenerTable {
     }
 
     /// The program's end of relayed connection `id`'s socket pair.
+    /// A duplicate of the program's end of relayed connection `id` while it
+    /// waits for the program's accept.
+    pub(crate) fn queued_socket(&self, id: ConnId) -> Option<OwnedFd> {
+        let t = self.inner.lock();
+        let (s, kind) = t.sockets.get(&id)?;
+        (*kind == Kind::Relayed)
+            .then(|| s.try_clone().ok())
+            .flatten()
+    }
+
     pub(crate) fn attach(&self, id: ConnId, socket: OwnedFd) {
         self.inner
             .lock()

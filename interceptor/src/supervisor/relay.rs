@@ -3,8 +3,12 @@
 //! connection ends.
 
 use super::state::SupervisorState;
+use crate::fds;
+use crate::vsock::Options;
+use nix::sys::socket as so;
+use saps_fabric::endpoint::ProgramEnd;
 use saps_fabric::ConnId;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 /// `p` is non-blocking already (`objects::pair`).
@@ -37,7 +41,12 @@ pub(crate) fn spawn_relay(
 /// connection is over, whatever the program still holds.
 pub(crate) async fn relay(sh: &SupervisorState, conn: ConnId, p: tokio::net::UnixStream) {
     let generation = sh.generation();
-    let out = sh.ep().relay_unix(conn, p).await;
+    let side = ProgramSide {
+        sh,
+        conn,
+        relayed: p.as_raw_fd(),
+    };
+    let out = sh.ep().relay_program(conn, p, &side).await;
     if sh.generation() != generation {
         // The node rejoined meanwhile: this tag may be reused already.
         return;
@@ -55,5 +64,122 @@ pub(crate) async fn relay(sh: &SupervisorState, conn: ConnId, p: tokio::net::Uni
     } else if let Some(vs) = t.by_conn_mut(conn) {
         // Reported at the next getsockopt(SO_ERROR) (§2.3).
         vs.error = out.errno;
+        vs.ended = true;
+    }
+}
+
+/// The program's end of a relayed connection, as the relay sees it: resets
+/// cross the fabric both ways as the node's kernel would make them (an
+/// AF_UNIX pair carries no reset of its own).
+struct ProgramSide<'a> {
+    sh: &'a SupervisorState,
+    conn: ConnId,
+    /// The relay's end P (open for as long as the relay runs).
+    relayed: RawFd,
+}
+
+impl ProgramEnd for ProgramSide<'_> {
+    /// The program closed its end (P hangs up: not a `shutdown(SHUT_WR)`)
+    /// with `SO_LINGER` 0 set on it: the kernel would send an RST.
+    fn closed_abortively(&self) -> bool {
+        let linger0 = self
+            .sh
+            .table()
+            .by_conn_mut(self.conn)
+            .is_some_and(|vs| zero_linger(&vs.options));
+        // SAFETY: the relay holds P open while it asks.
+        linger0 && hung_up(unsafe { BorrowedFd::borrow_raw(self.relayed) })
+    }
+
+    /// An AF_UNIX socket whose peer is closed with bytes unread reports
+    /// `ECONNRESET` (then end of file, `EPIPE` on send, `POLLERR`), as a
+    /// TCP socket does after an RST: one byte is sent through the
+    /// program's end into P, which the relay then closes unread.
+    fn reset(&self, relayed: &tokio::net::UnixStream) {
+        // Before the program can see it (P is still open): no peer any more.
+        let mut t = self.sh.table();
+        if let Some(vs) = t.by_conn_mut(self.conn) {
+            vs.ended = true;
+        }
+        drop(t);
+        if unread(relayed.as_fd()) > 0 {
+            return;
+        }
+        let Some(end) = self.program_end() else {
+            tracing::debug!(
+                conn = self.conn,
+                "a reset reaches the program as end of file: its end is not found"
+            );
+            return;
+        };
+        let flags = so::MsgFlags::MSG_DONTWAIT | so::MsgFlags::MSG_NOSIGNAL;
+        let _ = so::send(end.as_raw_fd(), b"r", flags);
+    }
+}
+
+impl ProgramSide<'_> {
+    /// A duplicate of the program's end: still queued for its accept, or
+    /// where it was given to the program (the fd number it got, else
+    /// among that process's descriptors).
+    fn program_end(&self) -> Option<OwnedFd> {
+        if let Some(s) = self.sh.listeners.queued_socket(self.conn) {
+            return Some(s);
+        }
+        let (ino, (tid, fd)) = {
+            let mut t = self.sh.table();
+            let ino = t.inode_of_conn(self.conn)?;
+            (ino, t.by_conn_mut(self.conn)?.holder?)
+        };
+        let at = |fd: RawFd| {
+            self.sh
+                .pidfds
+                .with(tid, |p| fds::socket_dup_inode(p, fd))
+                .ok()
+                .and_then(|(dup, i)| (i == Some(ino)).then_some(dup))
+        };
+        if let Some(dup) = at(fd) {
+            return Some(dup);
+        }
+        let want = format!("socket:[{ino}]");
+        std::fs::read_dir(format!("/proc/{tid}/fd"))
+            .ok()?
+            .flatten()
+            .take(MAX_FDS_SCANNED)
+            .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == want.as_str()))
+            .and_then(|e| e.file_name().to_str()?.parse().ok())
+            .and_then(at)
+    }
+}
+
+/// Descriptors of the program looked through for a moved end, at most.
+const MAX_FDS_SCANNED: usize = 65_536;
+
+/// `SO_LINGER` set on with a zero timeout.
+fn zero_linger(options: &Options) -> bool {
+    options
+        .get(libc::SOL_SOCKET, libc::SO_LINGER)
+        .and_then(|v| v.get(..8))
+        .is_some_and(|v| v[..4] != [0; 4] && v[4..8] == [0; 4])
+}
+
+/// Whether the other end of socket `fd` is closed.
+fn hung_up(fd: BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut pfd = [PollFd::new(fd, PollFlags::empty())];
+    matches!(poll(&mut pfd, PollTimeout::ZERO), Ok(n) if n > 0)
+        && pfd[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLHUP))
+}
+
+/// Octets waiting to be read on socket `fd` (`FIONREAD`).
+fn unread(fd: BorrowedFd<'_>) -> i32 {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which is valid.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if r == 0 {
+        n
+    } else {
+        0
     }
 }

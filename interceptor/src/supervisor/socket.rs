@@ -8,6 +8,7 @@ use super::objects::{hold_back, inode_of, pair, set_options, unix_socket};
 use super::restart;
 use super::state::SupervisorState;
 use crate::notify::{AddFd, Reply};
+use crate::sockaddr::{Decoded, SOCKADDR_IN_LEN};
 use crate::vsock::{Inode, State, VirtualSocket};
 use nix::sys::socket::{self as so, AddressFamily, SockFlag, SockType};
 use saps_fabric::{Request, Response};
@@ -104,9 +105,19 @@ pub(crate) fn bind(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
     let Some((ino, mut vs)) = sh.lookup(call) else {
         return Outcome::Reply(Reply::Continue);
     };
-    let addr = match sh.read_sockaddr(call, call.arg(1), call.arg(2)) {
-        Ok(SocketAddr::V4(a)) if vs.domain == libc::AF_INET => SocketAddr::V4(a),
-        Ok(SocketAddr::V6(a)) if vs.domain == libc::AF_INET6 => SocketAddr::V6(a),
+    let addr = match sh.read_any_sockaddr(call, call.arg(1), call.arg(2)) {
+        Ok(Decoded::Inet(SocketAddr::V4(a))) if vs.domain == libc::AF_INET => SocketAddr::V4(a),
+        Ok(Decoded::Inet(SocketAddr::V6(a))) if vs.domain == libc::AF_INET6 => SocketAddr::V6(a),
+        // AF_UNSPEC with INADDR_ANY binds an IPv4 socket as AF_INET.
+        Ok(Decoded::Unspec { any: Some(port) }) if vs.domain == libc::AF_INET => {
+            let a = SocketAddr::from(([0, 0, 0, 0], port));
+            call.detail.addr = Some(a);
+            a
+        }
+        // Shorter than a sockaddr_in: EINVAL before the family is looked at.
+        Ok(_) if vs.domain == libc::AF_INET && call.arg(2) < SOCKADDR_IN_LEN as u64 => {
+            return Outcome::Reply(Reply::Errno(libc::EINVAL))
+        }
         Ok(_) if vs.domain == libc::AF_INET => {
             return Outcome::Reply(Reply::Errno(libc::EAFNOSUPPORT))
         }

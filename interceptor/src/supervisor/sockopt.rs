@@ -194,6 +194,14 @@ pub(crate) fn getsockopt(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome 
         Ok(v) => v,
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
     };
+    if (level, name) == (libc::SOL_SOCKET, libc::SO_ERROR) {
+        // The error is answered from the table: the program's end's own
+        // (a reset passed on, `relay.rs`) is taken too, so it stops
+        // polling POLLERR, as the kernel's socket does once read.
+        if let Some(d) = &call.dup {
+            let _ = nix::sys::socket::getsockopt(d, nix::sys::socket::sockopt::SocketError);
+        }
+    }
     Outcome::Reply(write_value(call, &value, len))
 }
 

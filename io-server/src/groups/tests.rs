@@ -193,6 +193,40 @@ fn a_second_bind_of_a_port_by_one_node_needs_reuseport_on_both_and_two_nodes_sha
 }
 
 #[test]
+fn two_reuseaddr_binds_of_one_node_share_a_port_until_one_listens() {
+    let mut g = two_nodes(SchedulerKind::Rr);
+    let key = port(80);
+    let addr = bind_flags::REUSEADDR;
+    assert_eq!(g.bind(A, 10, key, addr), Ok(Bind::OpenPort));
+    g.open(key, A, 10, addr);
+    assert_eq!(
+        g.bind(A, 11, key, 0),
+        Err(libc::EADDRINUSE),
+        "one side only"
+    );
+    assert_eq!(g.bind(A, 11, key, addr), Ok(Bind::Joined(key)));
+    assert_eq!(g.listen(key, A, 10, 4), Ok(true));
+    assert_eq!(
+        g.listen(key, A, 11, 4),
+        Err(libc::EADDRINUSE),
+        "the first listens"
+    );
+    assert_eq!(
+        g.bind(A, 12, key, addr),
+        Err(libc::EADDRINUSE),
+        "a listener's port is not shared by SO_REUSEADDR"
+    );
+    // SO_REUSEPORT on both lets two listen.
+    let key = port(81);
+    let both = bind_flags::REUSEADDR | bind_flags::REUSEPORT;
+    assert_eq!(g.bind(A, 20, key, both), Ok(Bind::OpenPort));
+    g.open(key, A, 20, both);
+    assert_eq!(g.bind(A, 21, key, both), Ok(Bind::Joined(key)));
+    assert_eq!(g.listen(key, A, 20, 4), Ok(true));
+    assert_eq!(g.listen(key, A, 21, 4), Ok(true));
+}
+
+#[test]
 fn listen_twice_is_one_member_and_listen_on_no_group_is_einval() {
     let mut g = two_nodes(SchedulerKind::Rr);
     let key = port(80);

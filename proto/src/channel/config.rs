@@ -10,10 +10,15 @@ use std::time::Duration;
 /// connections its program had not accepted when its channel ends) and
 /// the tracked hand-off header (`saps_fabric::handoff::side`); a version 1
 /// peer gets neither, and its connections are reset with it as before.
+/// Version 3 adds the node's [`crate::Frame::Reset`] (a connection the
+/// program's socket ended with a reset, which the io-server passes on as
+/// an RST); to an older io-server such a close is a plain `Close`.
 pub const MIN_VERSION: u8 = 1;
-pub const MAX_VERSION: u8 = 2;
+pub const MAX_VERSION: u8 = 3;
 /// The first protocol version with [`crate::Frame::Accepted`].
 pub const ACCEPTED_VERSION: u8 = 2;
+/// The first protocol version with [`crate::Frame::Reset`].
+pub const RESET_VERSION: u8 = 3;
 /// Default per-connection receive buffer `B_r`. A relayed stream moves at
 /// most `B_r` per credit round trip (two relays and the fabric on the way
 /// back); one iperf3 stream through a node moved faster with each doubling
@@ -87,6 +92,12 @@ pub struct ChannelConfig {
     /// io-server only: while more than this many of the peer's requests
     /// wait for their answer, the driver stops reading the channel.
     pub max_unanswered: usize,
+    /// Both ends are this build in one process (saps-run's embedded
+    /// io-server): frames that need no state of a later version
+    /// ([`crate::Frame::Reset`]) are spoken whatever version was agreed
+    /// (the in-process channel keeps version 1, which has nothing to
+    /// re-dispatch). Set on both ends or neither.
+    pub in_process: bool,
 }
 
 impl ChannelConfig {
@@ -97,6 +108,7 @@ impl ChannelConfig {
             max_frame: DEFAULT_MAX_FRAME,
             min_version: MIN_VERSION,
             max_version: MAX_VERSION,
+            in_process: false,
             node_name: String::new(),
             weight: 1,
             handshake_timeout: HANDSHAKE_TIMEOUT,

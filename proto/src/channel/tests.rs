@@ -89,15 +89,15 @@ fn a_node_that_forges_the_proof_is_refused() {
 #[test]
 fn version_mismatch_closes_with_both_ranges() {
     let mut cfg = ChannelConfig::new("tok").node("n1", 1);
-    cfg.min_version = 3;
-    cfg.max_version = 4;
+    cfg.min_version = 4;
+    cfg.max_version = 5;
     let mut node = Channel::node(cfg);
     let mut srv = Channel::io_server(ChannelConfig::new("tok"));
     pump(&mut node, &mut srv);
     let reason = closed_reason(&events(&mut srv)).unwrap();
     assert_eq!(
         reason,
-        "version mismatch: node speaks 3..=4, io-server speaks 1..=2"
+        "version mismatch: node speaks 4..=5, io-server speaks 1..=3"
     );
     assert!(closed_reason(&events(&mut node))
         .unwrap()
@@ -183,7 +183,7 @@ fn open_v1_pair() -> (Channel, Channel) {
 #[test]
 fn the_highest_common_version_is_agreed_on_both_ends() {
     let (node, srv) = open_pair(1024);
-    assert_eq!((node.version(), srv.version()), (2, 2));
+    assert_eq!((node.version(), srv.version()), (3, 3));
     assert!(node.notifies_accepts() && srv.notifies_accepts());
     let (node, srv) = open_v1_pair();
     assert_eq!((node.version(), srv.version()), (1, 1));
@@ -227,6 +227,53 @@ fn the_programs_accept_reaches_the_io_server_once_for_a_known_connection() {
             conn: refused,
             errno: 0
         }]
+    );
+}
+
+#[test]
+fn a_node_reset_is_a_reset_frame_on_version_3_and_a_close_below() {
+    let (mut node, mut srv) = open_pair(1024);
+    let conn = client(&mut srv, 1);
+    pump(&mut node, &mut srv);
+    events(&mut node);
+    node.close_connection(conn, ECONNRESET);
+    let sent = node.poll_transmit().unwrap().bytes;
+    assert_eq!(sent[5], 0x37, "the Reset tag");
+    srv.handle_input(&sent).unwrap();
+    assert_eq!(
+        events(&mut srv),
+        vec![Event::ConnectionClosed {
+            conn,
+            errno: ECONNRESET
+        }]
+    );
+    // Any errno is a reset; 0 a plain close.
+    for (errno, seen) in [(111, ECONNRESET), (0, 0)] {
+        let conn = client(&mut srv, 2);
+        pump(&mut node, &mut srv);
+        events(&mut node);
+        node.close_connection(conn, errno);
+        pump(&mut node, &mut srv);
+        assert_eq!(
+            events(&mut srv),
+            vec![Event::ConnectionClosed { conn, errno: seen }]
+        );
+    }
+    // Below version 3 a reset goes as a Close, and a Reset frame sent
+    // anyway is refused.
+    let (mut node, mut srv) = open_v1_pair();
+    let conn = client(&mut srv, 1);
+    pump(&mut node, &mut srv);
+    events(&mut node);
+    node.close_connection(conn, ECONNRESET);
+    let sent = node.poll_transmit().unwrap().bytes;
+    assert_eq!(sent[5], 0x32, "the Close tag");
+    let mut out = BytesMut::new();
+    codec::encode(&Frame::Reset { conn }, &mut out);
+    let err = srv.handle_input(&out).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "unexpected Reset frame on a channel below version 3"
     );
 }
 

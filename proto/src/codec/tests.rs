@@ -129,6 +129,7 @@ fn samples() -> Vec<Frame> {
         },
         Frame::Close { conn: 1 },
         Frame::Accepted { conn: 3 },
+        Frame::Reset { conn: 4 },
         Frame::Data {
             conn: 1,
             data: Bytes::from_static(b"hello"),

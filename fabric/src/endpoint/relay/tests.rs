@@ -635,3 +635,89 @@ async fn a_sweep_closes_a_silent_client_with_etimedout_and_spares_a_busy_one() {
         [(busy, Expiry::HalfClosed)]
     );
 }
+
+/// The program's end of a test connection: whether its end of file is an
+/// abortive close, and how often a peer's reset was passed to it.
+struct TestProgram {
+    abortive: bool,
+    resets: std::sync::atomic::AtomicUsize,
+}
+
+impl crate::endpoint::ProgramEnd for TestProgram {
+    fn closed_abortively(&self) -> bool {
+        self.abortive
+    }
+    fn reset(&self, _relayed: &UnixStream) {
+        self.resets
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A node's relay of a program's connection carries resets both ways: the
+/// program's abortive close reaches the client as an RST (a `Reset` frame,
+/// the io-server's TCP socket closed with `SO_LINGER` 0), and the client's
+/// RST reaches the program's end (`ProgramEnd::reset`), where a plain end
+/// of file stays a FIN.
+#[tokio::test]
+async fn resets_cross_a_program_relay_both_ways_and_a_plain_close_stays_a_fin() {
+    let mut p = socket_pair().await;
+    let listener = tokio::net::TcpListener::bind(addr(0)).await.unwrap();
+    for (abortive, want) in [(true, "reset"), (false, "fin")] {
+        let conn = accept(&mut p).await;
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let server_side = Arc::new(listener.accept().await.unwrap().0);
+        let (app, app_side) = UnixStream::pair().unwrap();
+        let program = Arc::new(TestProgram {
+            abortive,
+            resets: Default::default(),
+        });
+        let (s, n, prog) = (p.server.clone(), p.node.clone(), program.clone());
+        let relays = tokio::spawn(async move {
+            tokio::join!(
+                s.relay_tcp(conn, server_side),
+                n.relay_program(conn, app_side, &*prog)
+            )
+        });
+        drop(app);
+        let mut buf = [0u8; 8];
+        let got = timeout(LIMIT, client.read(&mut buf)).await.unwrap();
+        let seen = match got {
+            Ok(0) => "fin",
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset",
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(seen, want, "abortive close {abortive}");
+        drop(client);
+        timeout(LIMIT, relays).await.unwrap().unwrap();
+        assert_eq!(
+            program.resets.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "nothing to pass back"
+        );
+    }
+    // The client resets: the program's end is told.
+    let conn = accept(&mut p).await;
+    let client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let server_side = Arc::new(listener.accept().await.unwrap().0);
+    let (_app, app_side) = UnixStream::pair().unwrap();
+    let program = Arc::new(TestProgram {
+        abortive: false,
+        resets: Default::default(),
+    });
+    let (s, n, prog) = (p.server.clone(), p.node.clone(), program.clone());
+    let relays = tokio::spawn(async move {
+        tokio::join!(
+            s.relay_tcp(conn, server_side),
+            n.relay_program(conn, app_side, &*prog)
+        )
+    });
+    client.set_zero_linger().unwrap();
+    drop(client);
+    let (_, node) = timeout(LIMIT, relays).await.unwrap().unwrap();
+    assert_eq!(node.errno, crate::endpoint::errno::ECONNRESET);
+    assert_eq!(program.resets.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
