@@ -89,6 +89,19 @@ pub const DEFAULT_TAP_PREFIX: u8 = 24;
 /// Default `--stack-max-sockets`: saps-stack's own default, smoltcp
 /// sockets of every kind together (docs/stack.md "Bounds").
 pub const DEFAULT_STACK_MAX_SOCKETS: usize = 4096;
+/// Default `--stack-buffer`: saps-stack's receive and send buffer per
+/// socket (the largest window it advertises), 64 KiB.
+pub const DEFAULT_STACK_BUFFER: usize = 64 * 1024;
+/// Default `--stack-max-backlog`: the largest listen backlog on the stack
+/// (the kernel's `somaxconn`).
+pub const DEFAULT_STACK_MAX_BACKLOG: u32 = 4096;
+/// Default `--stack-idle-timeout`, in seconds: a connection whose peer
+/// stops answering (data unacknowledged, keep-alives unanswered) is reset
+/// after this long.
+pub const DEFAULT_STACK_IDLE_TIMEOUT: u64 = 300;
+/// Default `--stack-keepalive`, in seconds: keep-alive probes on idle
+/// connections this often.
+pub const DEFAULT_STACK_KEEPALIVE: u64 = 60;
 
 /// `--scheduler`: how a listener group picks a member per client connection.
 #[derive(
@@ -175,6 +188,23 @@ pub struct Config {
     /// connects together; past it new clients are refused.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_STACK_MAX_SOCKETS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(16..=1_000_000))]
     pub stack_max_sockets: usize,
+    /// Receive and send buffer of each smoltcp socket, bytes (`--stack
+    /// smoltcp`): the largest window the stack advertises, and what an
+    /// idle connection holds in memory each way.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_STACK_BUFFER, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(4096..=16 << 20))]
+    pub stack_buffer: usize,
+    /// Largest listen backlog on the stack (`--stack smoltcp`; a larger
+    /// one is clamped, as by the kernel's somaxconn).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_STACK_MAX_BACKLOG, value_parser = clap::value_parser!(u32).range(1..=65535))]
+    pub stack_max_backlog: u32,
+    /// A stack connection whose peer stops answering is reset after SECS
+    /// (`--stack smoltcp`).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_STACK_IDLE_TIMEOUT, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stack_idle_timeout: u64,
+    /// Keep-alive probes on idle stack connections every SECS (`--stack
+    /// smoltcp`).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_STACK_KEEPALIVE, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stack_keepalive: u64,
     /// File holding the shared token nodes must prove (surrounding
     /// whitespace is ignored).
     #[arg(long, value_name = "PATH")]
@@ -330,6 +360,10 @@ impl Default for Config {
             tap_prefix: DEFAULT_TAP_PREFIX,
             tap_gateway: None,
             stack_max_sockets: DEFAULT_STACK_MAX_SOCKETS,
+            stack_buffer: DEFAULT_STACK_BUFFER,
+            stack_max_backlog: DEFAULT_STACK_MAX_BACKLOG,
+            stack_idle_timeout: DEFAULT_STACK_IDLE_TIMEOUT,
+            stack_keepalive: DEFAULT_STACK_KEEPALIVE,
             token_file: None,
             token: None,
             allow_ports: None,
@@ -530,6 +564,18 @@ mod tests {
         );
         let c: Config = toml::from_str("tap-fd = 5\nstack-max-sockets = 20000").unwrap();
         assert_eq!((c.tap_fd, c.stack_max_sockets), (Some(5), 20000));
+        let c: Config =
+            toml::from_str("stack-buffer = 262144\nstack-max-backlog = 128\nstack-idle-timeout = 30\nstack-keepalive = 10")
+                .unwrap();
+        assert_eq!(
+            (
+                c.stack_buffer,
+                c.stack_max_backlog,
+                c.stack_idle_timeout,
+                c.stack_keepalive
+            ),
+            (262144, 128, 30, 10)
+        );
         let e = toml::from_str::<Config>("schedular = \"rr\"").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
     }

@@ -127,7 +127,7 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
                         cluster::set_weight(&server, id, weight);
                     }
                 }
-                EndpointEvent::ConnectionClosed { conn, .. } => node.socket_closed(conn),
+                EndpointEvent::ConnectionClosed { conn, errno } => node.socket_closed(conn, errno),
                 EndpointEvent::Accepted { conn } => node.handed_accepted(conn),
                 EndpointEvent::Closed { error } => {
                     if error.to_string().contains(SILENT_PEER) {
@@ -313,7 +313,7 @@ impl Node {
             }
         };
         if let Err(e) = self.allowed(key.port()) {
-            self.socket_closed(conn);
+            self.socket_closed(conn, 0);
             return Err(e);
         }
         if let Some(stack) = &self.server.stack {
@@ -472,7 +472,9 @@ impl Node {
     /// one): it leaves its group. A handed-over connection it closed
     /// unaccepted: the io-server's copy is closed too (the client sees the
     /// connection end, as it did before copies were kept).
-    fn socket_closed(&self, conn: ConnId) {
+    /// The node closed `conn` (`errno` not 0: with a reset) before any
+    /// relay took it.
+    fn socket_closed(&self, conn: ConnId, errno: i32) {
         let mut st = self.server.lock();
         let Some(node) = st.nodes.get_mut(&self.id) else {
             return;
@@ -483,8 +485,15 @@ impl Node {
             drop(copy);
             return;
         }
-        if node.sockets.get(&conn).is_some_and(|s| s.tcp.is_some()) {
-            return; // relayed: the relay handles it
+        if let Some(tcp) = node.sockets.get(&conn).and_then(|s| s.tcp.as_ref()) {
+            // Relayed: its relay, about to start, finds the connection gone
+            // and closes the socket; with an RST if the node reset it.
+            if errno != 0 {
+                if let Err(e) = tcp.set_zero_linger() {
+                    tracing::debug!(error = %e, "SO_LINGER 0 failed");
+                }
+            }
+            return;
         }
         if node.sockets.remove(&conn).and_then(|s| s.group).is_some() {
             let orphans = st.unbind(self.id, Some(conn));

@@ -221,6 +221,11 @@ fn open_stack(config: &Config) -> Result<Option<saps_stack::Stack>, Error> {
     };
     let mut cfg = saps_stack::Config::new(address, config.tap_prefix, config.tap_gateway);
     cfg.max_sockets = config.stack_max_sockets;
+    cfg.rx_buffer = config.stack_buffer;
+    cfg.tx_buffer = config.stack_buffer;
+    cfg.max_backlog = config.stack_max_backlog;
+    cfg.idle_timeout = Duration::from_secs(config.stack_idle_timeout);
+    cfg.keep_alive = Duration::from_secs(config.stack_keepalive);
     // The node's connects are bounded by --connect-timeout (0: the
     // kernel's own SYN retries, about 127 s).
     cfg.connect_timeout = match config.connect_timeout {

@@ -264,11 +264,15 @@ fn give_up(sh: &SupervisorState, r: Refused) {
         };
         let _ = so::setsockopt(sock, so::sockopt::Linger, &rst);
     }
-    // Dropping the socket closes it.
-    drop(r.socket);
     if r.kind == Kind::Relayed {
+        // Reset first: closing the program's end first would let its
+        // relay read end of file and send a FIN ahead of the reset (the
+        // client would then read end of file, not ECONNRESET).
         sh.ep().close_connection(r.id, libc::ECONNREFUSED);
+        drop(r.socket);
     } else {
+        // Dropping the socket closes it.
+        drop(r.socket);
         // The io-server keeps its own copy until told (issue 17).
         sh.ep().close_handed(r.id);
     }

@@ -102,7 +102,9 @@ impl ProgramEnd for ProgramSide<'_> {
             vs.ended = true;
         }
         drop(t);
-        if unread(relayed.as_fd()) > 0 {
+        // Closed everywhere already (nothing to tell), or it will see
+        // ECONNRESET anyway (P holds bytes it sent).
+        if hung_up(relayed.as_fd()) || unread(relayed.as_fd()) > 0 {
             return;
         }
         let Some(end) = self.program_end() else {
