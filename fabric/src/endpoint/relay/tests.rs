@@ -653,6 +653,40 @@ impl crate::endpoint::ProgramEnd for TestProgram {
     }
 }
 
+/// A client of `listener` relayed to a program's end through `p`'s two
+/// relays (`relay_tcp` at the io-server, `relay_program` at the node):
+/// the client, the app's end, the program's hooks, and both relays'
+/// outcomes to come.
+async fn relayed_to_program(
+    p: &mut Pair,
+    listener: &tokio::net::TcpListener,
+    abortive: bool,
+) -> (
+    TcpStream,
+    UnixStream,
+    Arc<TestProgram>,
+    tokio::task::JoinHandle<(RelayOutcome, RelayOutcome)>,
+) {
+    let conn = accept(p).await;
+    let client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let server_side = Arc::new(listener.accept().await.unwrap().0);
+    let (app, app_side) = UnixStream::pair().unwrap();
+    let program = Arc::new(TestProgram {
+        abortive,
+        resets: Default::default(),
+    });
+    let (s, n, prog) = (p.server.clone(), p.node.clone(), program.clone());
+    let relays = tokio::spawn(async move {
+        tokio::join!(
+            s.relay_tcp(conn, server_side),
+            n.relay_program(conn, app_side, &*prog)
+        )
+    });
+    (client, app, program, relays)
+}
+
 /// A node's relay of a program's connection carries resets both ways: the
 /// program's abortive close reaches the client as an RST (a `Reset` frame,
 /// the io-server's TCP socket closed with `SO_LINGER` 0), and the client's
@@ -660,26 +694,12 @@ impl crate::endpoint::ProgramEnd for TestProgram {
 /// of file stays a FIN.
 #[tokio::test]
 async fn resets_cross_a_program_relay_both_ways_and_a_plain_close_stays_a_fin() {
+    use std::sync::atomic::Ordering::Relaxed;
     let mut p = socket_pair().await;
     let listener = tokio::net::TcpListener::bind(addr(0)).await.unwrap();
     for (abortive, want) in [(true, "reset"), (false, "fin")] {
-        let conn = accept(&mut p).await;
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let server_side = Arc::new(listener.accept().await.unwrap().0);
-        let (app, app_side) = UnixStream::pair().unwrap();
-        let program = Arc::new(TestProgram {
-            abortive,
-            resets: Default::default(),
-        });
-        let (s, n, prog) = (p.server.clone(), p.node.clone(), program.clone());
-        let relays = tokio::spawn(async move {
-            tokio::join!(
-                s.relay_tcp(conn, server_side),
-                n.relay_program(conn, app_side, &*prog)
-            )
-        });
+        let (mut client, app, program, relays) =
+            relayed_to_program(&mut p, &listener, abortive).await;
         drop(app);
         let mut buf = [0u8; 8];
         let got = timeout(LIMIT, client.read(&mut buf)).await.unwrap();
@@ -691,33 +711,13 @@ async fn resets_cross_a_program_relay_both_ways_and_a_plain_close_stays_a_fin() 
         assert_eq!(seen, want, "abortive close {abortive}");
         drop(client);
         timeout(LIMIT, relays).await.unwrap().unwrap();
-        assert_eq!(
-            program.resets.load(std::sync::atomic::Ordering::Relaxed),
-            0,
-            "nothing to pass back"
-        );
+        assert_eq!(program.resets.load(Relaxed), 0, "nothing to pass back");
     }
     // The client resets: the program's end is told.
-    let conn = accept(&mut p).await;
-    let client = TcpStream::connect(listener.local_addr().unwrap())
-        .await
-        .unwrap();
-    let server_side = Arc::new(listener.accept().await.unwrap().0);
-    let (_app, app_side) = UnixStream::pair().unwrap();
-    let program = Arc::new(TestProgram {
-        abortive: false,
-        resets: Default::default(),
-    });
-    let (s, n, prog) = (p.server.clone(), p.node.clone(), program.clone());
-    let relays = tokio::spawn(async move {
-        tokio::join!(
-            s.relay_tcp(conn, server_side),
-            n.relay_program(conn, app_side, &*prog)
-        )
-    });
+    let (client, _app, program, relays) = relayed_to_program(&mut p, &listener, false).await;
     client.set_zero_linger().unwrap();
     drop(client);
     let (_, node) = timeout(LIMIT, relays).await.unwrap().unwrap();
     assert_eq!(node.errno, crate::endpoint::errno::ECONNRESET);
-    assert_eq!(program.resets.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(program.resets.load(Relaxed), 1);
 }
