@@ -930,3 +930,7 @@ fn seed() -> u64 {
     h.write_u128(Instant::now().elapsed().as_nanos());
     h.finish()
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;
