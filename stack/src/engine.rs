@@ -32,7 +32,8 @@ use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpAddress, IpCidr,
     IpEndpoint, IpProtocol, Ipv4Packet, TcpPacket,
 };
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -96,14 +97,14 @@ pub(crate) type Key = (Ipv4Addr, u16, u16);
 const LISTEN: usize = 0;
 
 /// Sockets per data shard the shard count is sized for (from
-/// `max_sockets`): small enough that smoltcp's walk of one shard, per
-/// frame and per egress, stays short (docs/stack.md, "The per-packet
-/// walk").
-const PER_SHARD: usize = 64;
+/// `max_sockets`): a polled shard has smoltcp walk all its sockets and
+/// the engine pump all its bridges, so a shard holds few (docs/stack.md,
+/// "The per-packet walk"). Nothing walks every shard per loop: the dirty
+/// ones are listed, the deadlines kept in a heap.
+const PER_SHARD: usize = 8;
 
-/// At most this many data shards (the loop compares every shard's
-/// deadline once per iteration).
-const MAX_SHARDS: usize = 256;
+/// At most this many data shards.
+const MAX_SHARDS: usize = 8192;
 
 /// The epoll keys of the TAP and of the wake fd (the pairs' are their
 /// socket's [`Id`], counted from 0).
@@ -119,7 +120,8 @@ pub(crate) struct Shard {
     /// timeouts), as of its last egress; `None`: never by itself.
     at: Option<SInstant>,
     /// Something happened to it since its last egress (a frame, a bridge
-    /// moved bytes, a command): polled in this loop.
+    /// moved bytes, a command): polled in this loop (and in
+    /// `Engine::dirty`).
     dirty: bool,
 }
 
@@ -157,6 +159,13 @@ pub(crate) struct Engine {
     /// An ARP frame came: a socket waiting for its neighbour may go now,
     /// whatever its shard's deadline said.
     neighbours_changed: bool,
+    /// The shards marked dirty, in the order marked.
+    dirty: Vec<usize>,
+    /// The shards' deadlines, nearest first; an entry whose shard's `at`
+    /// has changed since is stale and skipped.
+    timers: BinaryHeap<Reverse<(SInstant, usize)>>,
+    /// The data shards by their number of sockets (the emptiest first).
+    loads: BTreeSet<(usize, usize)>,
     pending: Vec<Pending>,
     bridges: HashMap<Id, Bridge>,
     /// Bridges to pump in this loop (epoll reported their pair, their
@@ -263,6 +272,9 @@ impl Engine {
             ports: HashMap::new(),
             pools_stale: false,
             neighbours_changed: false,
+            dirty: Vec::new(),
+            timers: BinaryHeap::new(),
+            loads: (1..n).map(|i| (0, i)).collect(),
             pending: Vec::new(),
             bridges: HashMap::new(),
             due: Vec::new(),
@@ -331,8 +343,37 @@ impl Engine {
         if shard == LISTEN {
             self.pools_stale = true;
         }
-        self.shards[shard].dirty = true;
+        self.touch(shard);
         shard
+    }
+
+    /// Shard `i` to be polled for egress in this loop.
+    fn touch(&mut self, i: usize) {
+        let sh = &mut self.shards[i];
+        if !sh.dirty {
+            sh.dirty = true;
+            self.dirty.push(i);
+        }
+    }
+
+    /// Shard `i`'s deadline is now `at`.
+    fn set_deadline(&mut self, i: usize, at: Option<SInstant>) {
+        let sh = &mut self.shards[i];
+        if sh.at != at {
+            sh.at = at;
+            if let Some(t) = at {
+                self.timers.push(Reverse((t, i)));
+            }
+        }
+    }
+
+    /// Shard `i`'s place among the data shards by load, after it held
+    /// `before` sockets.
+    fn reload(&mut self, i: usize, before: usize) {
+        if i != LISTEN {
+            self.loads.remove(&(before, i));
+            self.loads.insert((self.shards[i].ids.len(), i));
+        }
     }
 
     /// smoltcp's egress for the shards due (dirty, or their deadline
@@ -342,28 +383,50 @@ impl Engine {
         if std::mem::take(&mut self.neighbours_changed) {
             // A socket that waited for a neighbour has a deadline a second
             // away; with the neighbour known it may send now.
-            for sh in &mut self.shards {
-                sh.at = self.iface.poll_at(now, &sh.set);
+            for i in 0..self.shards.len() {
+                let at = self.iface.poll_at(now, &self.shards[i].set);
+                self.set_deadline(i, at);
             }
         }
-        for (i, sh) in self.shards.iter_mut().enumerate() {
-            let due = sh.dirty || sh.at.is_some_and(|t| t <= now);
-            if !due {
-                continue;
+        while let Some(&Reverse((t, i))) = self.timers.peek() {
+            if t > now {
+                break;
             }
-            self.iface.poll_egress(now, &mut self.tap, &mut sh.set);
+            self.timers.pop();
+            if self.shards[i].at == Some(t) {
+                // Consumed: the poll below sets the next one.
+                self.shards[i].at = None;
+                self.touch(i);
+            }
+        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for &i in &dirty {
+            let sh = &mut self.shards[i];
             sh.dirty = false;
-            sh.at = self.iface.poll_at(now, &sh.set);
+            self.iface.poll_egress(now, &mut self.tap, &mut sh.set);
+            let at = self.iface.poll_at(now, &sh.set);
             if i == LISTEN {
                 // Its sockets have no bridge yet: the pools are looked at.
                 self.pools_stale = true;
             } else {
                 self.due.extend(sh.ids.values().copied());
             }
+            self.set_deadline(i, at);
             #[cfg(test)]
             {
                 self.egress_passes[i] += 1;
             }
+        }
+        dirty.clear();
+        self.dirty = dirty;
+        if self.timers.len() > 2 * self.shards.len() + 64 {
+            // Stale entries: one per shard is enough.
+            self.timers = self
+                .shards
+                .iter()
+                .enumerate()
+                .filter_map(|(i, sh)| sh.at.map(|t| Reverse((t, i))))
+                .collect();
         }
     }
 
@@ -471,7 +534,9 @@ impl Engine {
         let id = self.next_id;
         self.next_id += 1;
         let handle = self.shards[shard].set.add(s);
+        let before = self.shards[shard].ids.len();
         self.shards[shard].ids.insert(handle, id);
+        self.reload(shard, before);
         self.slots.insert(
             id,
             Slot {
@@ -486,9 +551,7 @@ impl Engine {
 
     /// The data shard with the fewest sockets.
     fn data_shard(&self) -> usize {
-        (1..self.shards.len())
-            .min_by_key(|&i| self.shards[i].ids.len())
-            .unwrap_or(LISTEN)
+        self.loads.first().map_or(LISTEN, |&(_, i)| i)
     }
 
     /// Socket `id` routed by `key` from now on.
@@ -515,8 +578,10 @@ impl Engine {
         let smoltcp::socket::Socket::Tcp(s) = self.shards[from].set.remove(handle);
         self.shards[from].ids.remove(&handle);
         let handle = self.shards[to].set.add(s);
+        let before = self.shards[to].ids.len();
         self.shards[to].ids.insert(handle, id);
-        self.shards[to].dirty = true;
+        self.reload(to, before);
+        self.touch(to);
         if let Some(slot) = self.slots.get_mut(&id) {
             slot.shard = to;
             slot.handle = handle;
@@ -541,7 +606,9 @@ impl Engine {
         };
         let shard = &mut self.shards[slot.shard];
         drop(shard.set.remove(slot.handle));
+        let before = shard.ids.len();
         shard.ids.remove(&slot.handle);
+        self.reload(slot.shard, before);
         if let Some(key) = slot.key {
             if self.index.get(&key) == Some(&id) {
                 self.index.remove(&key);
@@ -698,7 +765,7 @@ impl Engine {
             self.remove_socket(id);
             return Err(libc::ENETUNREACH);
         }
-        self.shards[shard].dirty = true;
+        self.touch(shard);
         self.index(id, (*remote.ip(), remote.port(), port));
         self.ephemeral.insert(id, port);
         self.used_ephemeral.insert(port);
@@ -746,7 +813,6 @@ impl Engine {
                 }
                 State::SynSent | State::SynReceived => {
                     s.abort();
-                    self.shards[shard].dirty = true;
                     Err(libc::ETIMEDOUT)
                 }
                 // An RST to the SYN (smoltcp also ends on its own timeout).
@@ -795,8 +861,9 @@ impl Engine {
             let s = shard.set.get_mut::<tcp::Socket>(slot.handle);
             let (before, state) = (self.moved, s.state());
             let step = b.pump(s, &mut self.moved);
-            if self.moved != before || s.state() != state {
+            if (self.moved != before || s.state() != state) && !shard.dirty {
                 shard.dirty = true;
+                self.dirty.push(slot.shard);
             }
             if let Step::Done { reset } = step {
                 self.resets += u64::from(reset);
@@ -831,21 +898,14 @@ impl Engine {
     fn wait(&mut self) {
         let now = SInstant::now();
         let mut ms: i64 = 1000;
-        if !self.due.is_empty() {
+        if !self.due.is_empty() || !self.dirty.is_empty() {
             ms = 0;
-        }
-        for sh in &self.shards {
-            if sh.dirty {
-                ms = 0;
-                break;
-            }
-            if let Some(t) = sh.at {
-                ms = ms.min(if t > now {
-                    (t - now).total_millis() as i64
-                } else {
-                    0
-                });
-            }
+        } else if let Some(&Reverse((t, _))) = self.timers.peek() {
+            ms = ms.min(if t > now {
+                (t - now).total_millis() as i64
+            } else {
+                0
+            });
         }
         if !self.pending.is_empty() {
             ms = ms.min(50);

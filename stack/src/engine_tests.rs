@@ -263,3 +263,44 @@ fn only_the_shard_a_frame_went_to_is_polled_for_egress() {
     assert_eq!(&buf[..n], b"ping");
     assert!(rig.engine.shards[a].at.is_some());
 }
+
+#[test]
+fn a_shard_whose_deadline_comes_is_polled_without_a_frame() {
+    let mut rig = Rig::new();
+    let seq = rig.connect(40000);
+    let a = rig.shard_of(40000).unwrap();
+    // A delay no slow machine outruns between two turns.
+    let id = rig.engine.index[&(CLIENT, 40000, 80)];
+    rig.engine
+        .socket_mut(id)
+        .set_ack_delay(Some(SDuration::from_millis(300)));
+    rig.engine.turn();
+    rig.replies();
+    rig.send(&rig.segment(40000, TcpControl::Psh, 1001, Some(seq), b"ping"));
+    rig.engine.turn();
+    // The bridge moved the bytes to the pair: one more egress, then
+    // nothing to do but smoltcp's delayed ACK, a deadline in the heap.
+    rig.engine.turn();
+    assert!(rig.replies().is_empty(), "the ACK is delayed");
+    let at = rig.engine.shards[a].at.expect("the delayed ACK's deadline");
+    assert!(rig.engine.dirty.is_empty());
+    let passes = rig.engine.egress_passes[a];
+    while SInstant::now() <= at {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    rig.engine.turn();
+    assert_eq!(rig.engine.egress_passes[a], passes + 1);
+    let acked = rig
+        .replies()
+        .iter()
+        .any(|f| frame_ack(f).is_some_and(|(port, ack)| port == 40000 && ack == 1005));
+    assert!(acked, "the delayed ACK went out at its deadline");
+}
+
+/// The destination port and acknowledgment number of a TCP frame.
+fn frame_ack(f: &[u8]) -> Option<(u16, i32)> {
+    let eth = EthernetFrame::new_checked(f).ok()?;
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    tcp.ack().then(|| (tcp.dst_port(), tcp.ack_number().0))
+}
