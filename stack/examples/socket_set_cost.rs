@@ -5,7 +5,8 @@
 //! incoming segment walks past them); then the same transfer routed as
 //! the engine routes frames (each frame parsed into its key and looked up
 //! in an index holding every socket, the two sockets in a shard of their
-//! own, the idle ones spread over 64-socket shards that nothing polls);
+//! own, the idle ones spread over 8-socket shards that nothing polls, as
+//! the engine sizes them);
 //! then the memory a listening socket of a backlog pool holds with the
 //! default buffers. Run in release:
 //! `cargo run --release -p saps-stack --example socket_set_cost`.
@@ -163,7 +164,7 @@ fn key(frame: &[u8], local: Ipv4Address) -> Option<Key> {
 
 /// [`run`] routed: every frame keyed and looked up in an index of all
 /// `idle + 2` sockets, then given to the shard of the two; the idle
-/// sockets sit in shards of 64 that no frame reaches and nothing polls.
+/// sockets sit in shards of 8 that no frame reaches and nothing polls.
 fn run_routed(idle: usize, bytes: usize) -> (f64, f64) {
     let mut dev = Queue::default();
     let cfg = Config::new(EthernetAddress([2, 0, 0, 0, 0, 1]).into());
@@ -175,7 +176,7 @@ fn run_routed(idle: usize, bytes: usize) -> (f64, f64) {
     let mut idle_shards: Vec<SocketSet> = Vec::new();
     let mut index: HashMap<Key, usize> = HashMap::new();
     for i in 0..idle {
-        if i % 64 == 0 {
+        if i % 8 == 0 {
             idle_shards.push(SocketSet::new(vec![]));
         }
         let shard = idle_shards.last_mut().unwrap();
@@ -183,7 +184,7 @@ fn run_routed(idle: usize, bytes: usize) -> (f64, f64) {
         let port = 10_000 + i as u16;
         shard.get_mut::<tcp::Socket>(h).listen(port).unwrap();
         // As an established connection would be indexed.
-        index.insert((Ipv4Address::new(127, 0, 1, 1), port, 80), 1 + i / 64);
+        index.insert((Ipv4Address::new(127, 0, 1, 1), port, 80), 1 + i / 8);
     }
     let mut sockets = SocketSet::new(vec![]);
     let server = sockets.add(socket(64 * 1024));
@@ -219,7 +220,7 @@ fn run_routed(idle: usize, bytes: usize) -> (f64, f64) {
         }
     }
     let t = start.elapsed();
-    assert!(routed > 0 && idle_shards.len() == idle.div_ceil(64));
+    assert!(routed > 0 && idle_shards.len() == idle.div_ceil(8));
     (
         t.as_nanos() as f64 / dev.sent as f64,
         bytes as f64 / 1e6 / t.as_secs_f64(),
