@@ -57,9 +57,12 @@ pub struct Bridge {
     fin_seen: bool,
     /// The last write to the pair would have blocked.
     pair_full: bool,
-    /// The pair may have bytes to read (set from `poll`, cleared when a
-    /// read would block): idle pairs cost no system call.
+    /// The pair may have bytes to read (set from the engine's epoll,
+    /// cleared when a read would block): idle pairs cost no system call.
     pub readable: bool,
+    /// The events the pair is registered for in the engine's epoll (0:
+    /// not registered).
+    pub armed: u32,
 }
 
 /// Why a copy stopped.
@@ -78,18 +81,21 @@ impl Bridge {
             fin_seen: false,
             pair_full: false,
             readable: true,
+            armed: 0,
         }
     }
 
-    /// The `poll(2)` events to wait for on the pair: readable while the
-    /// send buffer has room, writable while a write to it blocked.
-    pub fn interest(&self, tcp: &tcp::Socket) -> i16 {
+    /// The epoll events to wait for on the pair: readable while the send
+    /// buffer has room, writable while a write to it blocked (0: none, the
+    /// pair is then not registered at all, so that a hang-up does not wake
+    /// the engine for a pair it cannot serve yet).
+    pub fn interest(&self, tcp: &tcp::Socket) -> u32 {
         let mut ev = 0;
         if !self.pair_eof && tcp.can_send() {
-            ev |= libc::POLLIN;
+            ev |= libc::EPOLLIN as u32;
         }
         if self.pair_full {
-            ev |= libc::POLLOUT;
+            ev |= libc::EPOLLOUT as u32;
         }
         ev
     }

@@ -41,7 +41,8 @@ impl Stack {
         let wake = Arc::new(Wake::new()?);
         let stop = Arc::new(AtomicBool::new(false));
         let (commands, rx) = sync_channel(config.command_queue);
-        let engine = Engine::new(config.clone(), tap, rx, wake.clone(), stop.clone());
+        let engine =
+            Engine::new(config.clone(), tap, rx, wake.clone(), stop.clone()).map_err(os)?;
         let thread = std::thread::Builder::new()
             .name("saps-stack".into())
             .spawn(move || engine.run())?;

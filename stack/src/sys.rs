@@ -1,6 +1,7 @@
 //! The crate's raw system calls, each behind a small typed wrapper: opening
 //! a TAP device (`TUNSETIFF`), the bridge's socketpairs, non-blocking
-//! read/write returning an errno, and `poll(2)` over the stack's fds.
+//! read/write returning an errno, the engine's epoll and the buffers'
+//! mappings.
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
@@ -133,15 +134,57 @@ pub fn shutdown_write(fd: BorrowedFd<'_>) {
     let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
 }
 
-/// `poll(2)` over `fds` for at most `timeout_ms` (-1: no limit); EINTR
-/// counts as nothing ready.
-pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<(), Errno> {
-    // SAFETY: `fds` is a valid array of `fds.len()` pollfd.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-    if n < 0 && last() != libc::EINTR {
-        return Err(last());
+/// An epoll instance (level-triggered), its events carrying a `u64` key.
+pub struct Epoll {
+    fd: OwnedFd,
+}
+
+impl Epoll {
+    pub fn new() -> Result<Epoll, Errno> {
+        // SAFETY: no pointer; the fd is owned at once.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(last());
+        }
+        // SAFETY: `fd` was just made and is not owned elsewhere.
+        Ok(Epoll {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
-    Ok(())
+
+    /// `epoll_ctl(op, fd)` for `events`, reported with `key`.
+    pub fn ctl(&self, op: i32, fd: BorrowedFd<'_>, events: u32, key: u64) -> Result<(), Errno> {
+        let mut ev = libc::epoll_event { events, u64: key };
+        // SAFETY: `ev` is a valid epoll_event (ignored by EPOLL_CTL_DEL).
+        let r = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd.as_raw_fd(), &mut ev) };
+        if r < 0 {
+            return Err(last());
+        }
+        Ok(())
+    }
+
+    /// `epoll_wait` for at most `timeout_ms`: the events ready (EINTR:
+    /// none).
+    pub fn wait<'a>(
+        &self,
+        events: &'a mut [libc::epoll_event],
+        timeout_ms: i32,
+    ) -> Result<&'a [libc::epoll_event], Errno> {
+        // SAFETY: `events` is a valid array of `events.len()` entries.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as i32,
+                timeout_ms,
+            )
+        };
+        if n < 0 {
+            let e = last();
+            return if e == libc::EINTR { Ok(&[]) } else { Err(e) };
+        }
+        Ok(&events[..n as usize])
+    }
 }
 
 /// Anonymous private memory, zero-filled and backed by pages only as they

@@ -66,6 +66,14 @@ impl Tap {
     }
 }
 
+impl Tap {
+    /// The frame [`Tap::fetch`] read ahead, if any, before smoltcp takes
+    /// it (the engine routes it to a shard by its addresses).
+    pub fn peek(&self) -> Option<&[u8]> {
+        self.fetched.then(|| &self.rx[..self.rx_len])
+    }
+}
+
 impl AsFd for Tap {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
