@@ -25,8 +25,9 @@ processes it starts inherit it).
 
 Per start: wrk c50 keep-alive and `Connection: close` on the 1 KiB file,
 curl of the 10 MiB file (one stream), the 4-byte ping-pong; then idle
-connections to the sink are opened in steps (100, 1 000, 10 000, or as
-many as the descriptor limit leaves room for), and at each step the
+connections to the sink are opened in steps (100, 1 000, and 10 000 or
+as many as the descriptor limit lets the smoltcp arm hold: it takes two
+descriptors per connection), and at each step the
 io-server's resident memory is read and wrk c50 keep-alive runs again.
 
 smoltcp's socket limit (`--stack-max-sockets`, 4096 by default,
@@ -61,7 +62,17 @@ MAX_SOCKETS = 16384
 # would take every socket smoltcp has for its listening pool.
 NGINX_BACKLOG = 511
 SINK_BACKLOG = 128
-IDLE_STEPS = (100, 1000, 10000)
+def _idle_top():
+    """10 000 idle connections, or as many as the io-server's descriptor
+    limit holds under smoltcp, which takes two per connection (both ends
+    of its socketpair stay in the io-server), with room for the rest."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return 10000
+    return max(1000, min(10000, (hard - 2048) // 2 // 1000 * 1000))
+
+
+IDLE_STEPS = (100, 1000, _idle_top())
 # docs/benchmarks.md's block for `bench/run --only stack`.
 BEGIN = "<!-- bench/run stack:begin -->"
 END = "<!-- bench/run stack:end -->"
@@ -426,7 +437,9 @@ def table(out, result, load):
         "starts and, with more than one, the range. Idle connections are held "
         "to the sink while wrk c50 keep-alive runs on nginx; memory is the "
         "io-server's resident set while holding them less before, per connection "
-        f"(the kernel's socket memory is not in it). Load average {load} at the end.\n")
+        "(the kernel's socket memory is not in it). The largest step is 10 000 or "
+        "as many as the descriptor limit lets the smoltcp arm hold (two descriptors "
+        f"per connection): {_num(IDLE_STEPS[-1], 0)} here. Load average {load} at the end.\n")
 
     def values(arm, get):
         v = []
