@@ -11,7 +11,7 @@
 //! default buffers. Run in release:
 //! `cargo run --release -p saps-stack --example socket_set_cost`.
 
-use smoltcp::iface::{Config, Interface, SocketSet};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Loopback, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
@@ -52,6 +52,32 @@ fn socket(size: usize) -> tcp::Socket<'static> {
 }
 
 /// Nanoseconds per frame moving `bytes` with `idle` other sockets.
+/// The client sends what its buffer takes (at most `left`) and the server
+/// reads what arrived: (sent, read).
+fn move_bytes(
+    sockets: &mut SocketSet<'_>,
+    (client, server): (SocketHandle, SocketHandle),
+    left: usize,
+) -> (usize, usize) {
+    let mut sent = 0;
+    let c = sockets.get_mut::<tcp::Socket>(client);
+    if c.can_send() && left > 0 {
+        sent = c
+            .send(|b| {
+                let n = b.len().min(left);
+                (n, n)
+            })
+            .unwrap();
+    }
+    let s = sockets.get_mut::<tcp::Socket>(server);
+    let got = if s.can_recv() {
+        s.recv(|b| (b.len(), b.len())).unwrap()
+    } else {
+        0
+    };
+    (sent, got)
+}
+
 fn run(idle: usize, bytes: usize) -> (f64, f64) {
     let mut dev = Wire {
         lo: Loopback::new(Medium::Ethernet),
@@ -84,14 +110,9 @@ fn run(idle: usize, bytes: usize) -> (f64, f64) {
     let (mut sent, mut got) = (0, 0);
     while got < bytes {
         iface.poll(Instant::now(), &mut dev, &mut sockets);
-        let c = sockets.get_mut::<tcp::Socket>(client);
-        if c.can_send() && sent < bytes {
-            sent += c.send(|b| (b.len(), b.len())).unwrap();
-        }
-        let s = sockets.get_mut::<tcp::Socket>(server);
-        if s.can_recv() {
-            got += s.recv(|b| (b.len(), b.len())).unwrap();
-        }
+        let (s, g) = move_bytes(&mut sockets, (client, server), bytes - sent);
+        sent += s;
+        got += g;
     }
     let t = start.elapsed();
     (
@@ -210,14 +231,9 @@ fn run_routed(idle: usize, bytes: usize) -> (f64, f64) {
             iface.poll_ingress_single(now, &mut dev, &mut sockets);
         }
         iface.poll_egress(now, &mut dev, &mut sockets);
-        let c = sockets.get_mut::<tcp::Socket>(client);
-        if c.can_send() && sent < bytes {
-            sent += c.send(|b| (b.len(), b.len())).unwrap();
-        }
-        let s = sockets.get_mut::<tcp::Socket>(server);
-        if s.can_recv() {
-            got += s.recv(|b| (b.len(), b.len())).unwrap();
-        }
+        let (s, g) = move_bytes(&mut sockets, (client, server), bytes - sent);
+        sent += s;
+        got += g;
     }
     let t = start.elapsed();
     assert!(routed > 0 && idle_shards.len() == idle.div_ceil(8));
