@@ -52,6 +52,23 @@ fn socket(size: usize) -> tcp::Socket<'static> {
 }
 
 /// Nanoseconds per frame moving `bytes` with `idle` other sockets.
+/// A server listening on port 80 of `addr` and a client connecting to it
+/// (the handshake runs in the caller's loop): (server, client).
+fn connected(
+    sockets: &mut SocketSet<'static>,
+    iface: &mut Interface,
+    addr: Ipv4Address,
+) -> (SocketHandle, SocketHandle) {
+    let server = sockets.add(socket(64 * 1024));
+    let client = sockets.add(socket(64 * 1024));
+    sockets.get_mut::<tcp::Socket>(server).listen(80).unwrap();
+    sockets
+        .get_mut::<tcp::Socket>(client)
+        .connect(iface.context(), (IpAddress::Ipv4(addr), 80), 49152)
+        .unwrap();
+    (server, client)
+}
+
 /// The client sends what its buffer takes (at most `left`) and the server
 /// reads what arrived: (sent, read).
 fn move_bytes(
@@ -97,14 +114,7 @@ fn run(idle: usize, bytes: usize) -> (f64, f64) {
             .listen(10_000 + i as u16)
             .unwrap();
     }
-    let server = sockets.add(socket(64 * 1024));
-    let client = sockets.add(socket(64 * 1024));
-    sockets.get_mut::<tcp::Socket>(server).listen(80).unwrap();
-    let cx = iface.context();
-    sockets
-        .get_mut::<tcp::Socket>(client)
-        .connect(cx, (IpAddress::v4(127, 0, 0, 1), 80), 49152)
-        .unwrap();
+    let (server, client) = connected(&mut sockets, &mut iface, Ipv4Address::new(127, 0, 0, 1));
     let start = std::time::Instant::now();
     dev.frames = 0;
     let (mut sent, mut got) = (0, 0);
@@ -208,14 +218,7 @@ fn run_routed(idle: usize, bytes: usize) -> (f64, f64) {
         index.insert((Ipv4Address::new(127, 0, 1, 1), port, 80), 1 + i / 8);
     }
     let mut sockets = SocketSet::new(vec![]);
-    let server = sockets.add(socket(64 * 1024));
-    let client = sockets.add(socket(64 * 1024));
-    sockets.get_mut::<tcp::Socket>(server).listen(80).unwrap();
-    let cx = iface.context();
-    sockets
-        .get_mut::<tcp::Socket>(client)
-        .connect(cx, (IpAddress::Ipv4(local), 80), 49152)
-        .unwrap();
+    let (server, client) = connected(&mut sockets, &mut iface, local);
     index.insert((local, 49152, 80), 0);
     index.insert((local, 80, 49152), 0);
     let start = std::time::Instant::now();
