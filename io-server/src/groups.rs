@@ -379,12 +379,12 @@ impl<C> Groups<C> {
             return Ok(Bind::OpenPort);
         };
         let members = &g.members;
-        let clash = g.binds.iter().any(|b| {
+        let clash = g.binds.iter().filter(|b| b.node == node).any(|b| {
             let listening = members.contains(&MemberId {
                 node,
                 listener: b.conn,
             });
-            b.node == node && !shares(flags, b.flags, listening)
+            !shares(flags, b.flags, listening)
         });
         if clash {
             return Err(libc::EADDRINUSE);

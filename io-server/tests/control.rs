@@ -99,29 +99,23 @@ fn cli_help_and_errors_are_clear() {
     let token = token.to_str().unwrap();
     let (ok, err) = io_server(&["--fabric", "unix:/tmp/x.sock"]);
     assert!(!ok && err.contains("no token"), "{err}");
-    let (ok, err) = io_server(&[
-        "--fabric",
-        "unix:/tmp/x.sock",
-        "--token-file",
-        token,
-        "--stack",
-        "smoltcp",
-    ]);
-    assert!(
-        !ok && err.contains("--stack smoltcp needs the single address"),
-        "{err}"
-    );
-    let (ok, err) = io_server(&[
-        "--fabric",
-        "unix:/tmp/x.sock",
-        "--token-file",
-        token,
-        "--stack",
-        "smoltcp",
-        "--address",
-        "192.0.2.2",
-    ]);
-    assert!(!ok && err.contains("--tap NAME or --tap-fd N"), "{err}");
+    // --stack smoltcp without a specific address, then without a TAP.
+    for (more, says) in [
+        (&[][..], "--stack smoltcp needs the single address"),
+        (&["--address", "192.0.2.2"][..], "--tap NAME or --tap-fd N"),
+    ] {
+        let mut args = vec![
+            "--fabric",
+            "unix:/tmp/x.sock",
+            "--token-file",
+            token,
+            "--stack",
+            "smoltcp",
+        ];
+        args.extend_from_slice(more);
+        let (ok, err) = io_server(&args);
+        assert!(!ok && err.contains(says), "{err}");
+    }
     let (ok, err) = io_server(&["--token-file", token]);
     assert!(!ok && err.contains("no --fabric given"), "{err}");
     let (ok, err) = io_server(&["--allow-ports", "80-x"]);

@@ -135,11 +135,11 @@ fn disconnect(
             return Outcome::Reply(Reply::Errno(libc::EAFNOSUPPORT))
         }
     }
-    let placeholder = match unix_socket(sh.nonblocking(call)).and_then(|p| Ok((inode_of(&p)?, p))) {
-        Ok(x) => x,
-        Err(e) => return Outcome::Reply(Reply::Errno(e)),
-    };
-    let (new_ino, placeholder) = placeholder;
+    let (new_ino, placeholder) =
+        match unix_socket(sh.nonblocking(call)).and_then(|p| Ok((inode_of(&p)?, p))) {
+            Ok(x) => x,
+            Err(e) => return Outcome::Reply(Reply::Errno(e)),
+        };
     let mut fresh = VirtualSocket::with_protocol(vs.domain, vs.protocol);
     fresh.options = vs.options.clone();
     sh.table().insert(new_ino, fresh);

@@ -319,7 +319,6 @@ impl ListenerTable {
         self.inner.lock().arrivals.remove(&id);
     }
 
-    /// The program's end of relayed connection `id`'s socket pair.
     /// A duplicate of the program's end of relayed connection `id` while it
     /// waits for the program's accept.
     pub(crate) fn queued_socket(&self, id: ConnId) -> Option<OwnedFd> {
@@ -330,6 +329,7 @@ impl ListenerTable {
             .flatten()
     }
 
+    /// The program's end of relayed connection `id`'s socket pair.
     pub(crate) fn attach(&self, id: ConnId, socket: OwnedFd) {
         self.inner
             .lock()

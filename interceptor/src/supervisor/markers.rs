@@ -4,11 +4,11 @@
 //! listener table's business (`listeners.rs`); this is the I/O.
 
 use nix::sys::socket as so;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 /// Whether the program still holds `L` somewhere: until then `m` (its
-/// other end) sees no hang-up.
-pub(crate) fn peer_alive(m: &OwnedFd) -> bool {
+/// other end) sees no hang-up. The same for any socket pair's end.
+pub(crate) fn peer_alive(m: impl AsFd) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut pfd = [PollFd::new(m.as_fd(), PollFlags::empty())];
     match poll(&mut pfd, PollTimeout::ZERO) {

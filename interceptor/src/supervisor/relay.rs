@@ -2,13 +2,14 @@
 //! other end is the program's, to and from the fabric, until the
 //! connection ends.
 
+use super::markers;
 use super::state::SupervisorState;
 use crate::fds;
 use crate::vsock::Options;
 use nix::sys::socket as so;
 use saps_fabric::endpoint::ProgramEnd;
 use saps_fabric::ConnId;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 /// `p` is non-blocking already (`objects::pair`).
@@ -88,7 +89,7 @@ impl ProgramEnd for ProgramSide<'_> {
             .by_conn_mut(self.conn)
             .is_some_and(|vs| zero_linger(&vs.options));
         // SAFETY: the relay holds P open while it asks.
-        linger0 && hung_up(unsafe { BorrowedFd::borrow_raw(self.relayed) })
+        linger0 && !markers::peer_alive(unsafe { BorrowedFd::borrow_raw(self.relayed) })
     }
 
     /// An AF_UNIX socket whose peer is closed with bytes unread reports
@@ -104,7 +105,8 @@ impl ProgramEnd for ProgramSide<'_> {
         drop(t);
         // Closed everywhere already (nothing to tell), or it will see
         // ECONNRESET anyway (P holds bytes it sent).
-        if hung_up(relayed.as_fd()) || unread(relayed.as_fd()) > 0 {
+        let unread = saps_fabric::splice::unread(relayed.as_raw_fd()).unwrap_or(0);
+        if !markers::peer_alive(relayed) || unread > 0 {
             return;
         }
         let Some(end) = self.program_end() else {
@@ -162,26 +164,4 @@ fn zero_linger(options: &Options) -> bool {
         .get(libc::SOL_SOCKET, libc::SO_LINGER)
         .and_then(|v| v.get(..8))
         .is_some_and(|v| v[..4] != [0; 4] && v[4..8] == [0; 4])
-}
-
-/// Whether the other end of socket `fd` is closed.
-fn hung_up(fd: BorrowedFd<'_>) -> bool {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut pfd = [PollFd::new(fd, PollFlags::empty())];
-    matches!(poll(&mut pfd, PollTimeout::ZERO), Ok(n) if n > 0)
-        && pfd[0]
-            .revents()
-            .is_some_and(|r| r.contains(PollFlags::POLLHUP))
-}
-
-/// Octets waiting to be read on socket `fd` (`FIONREAD`).
-fn unread(fd: BorrowedFd<'_>) -> i32 {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int through the pointer, which is valid.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
-    if r == 0 {
-        n
-    } else {
-        0
-    }
 }
