@@ -21,6 +21,11 @@
 //!   connection would refuse it); plain sends never trap;
 //! * the rest of [`TRAPPED_SYSCALLS`] → `SECCOMP_RET_USER_NOTIF`;
 //! * everything else → `SECCOMP_RET_ALLOW`.
+//!
+//! With [`FilterOptions::native_sockets`] (saps-run's embedded zero-relay
+//! mode, where the program's sockets are the host kernel's own) only
+//! `listen` traps, `io_uring_setup` runs natively too, and the foreign-ABI
+//! refusals stay.
 
 use std::io::{Read, Seek};
 
@@ -114,6 +119,10 @@ pub struct FilterOptions {
     /// Trap `socket()` for every family and type, not only TCP (for tests and
     /// for tracing; the supervisor then continues the others natively).
     pub trap_every_socket: bool,
+    /// The program's sockets are the kernel's own (docs/interceptor.md,
+    /// "Native sockets"): trap only `listen`, so that the supervisor sees
+    /// each listener, and nothing per connection or per request.
+    pub native_sockets: bool,
 }
 
 /// Builder of the BPF program.
@@ -155,8 +164,17 @@ impl Filter {
     /// Builds the program (see the module docs for what it does).
     pub fn build(options: &FilterOptions) -> Result<Vec<libc::sock_filter>> {
         let mut ctx = context(SCMP_NATIVE)?;
-        ctx.add_rule(ENOSYS, ScmpSyscall::from_name("io_uring_setup")?)?;
-        for &(nr, _) in TRAPPED_SYSCALLS {
+        if options.native_sockets {
+            ctx.add_rule(ScmpAction::Notify, ScmpSyscall::from(libc::SYS_listen as i32))?;
+        } else {
+            ctx.add_rule(ENOSYS, ScmpSyscall::from_name("io_uring_setup")?)?;
+        }
+        let trapped = if options.native_sockets {
+            &[][..]
+        } else {
+            TRAPPED_SYSCALLS
+        };
+        for &(nr, _) in trapped {
             let call = ScmpSyscall::from(nr as i32);
             if nr == libc::SYS_socket && !options.trap_every_socket {
                 // AF_INET/AF_INET6 streams (TCP and MPTCP) only.
@@ -340,6 +358,7 @@ mod tests {
     fn trap_every_socket_traps_unix_sockets_too() {
         let p = Filter::build(&FilterOptions {
             trap_every_socket: true,
+            ..Default::default()
         })
         .unwrap();
         assert_eq!(
@@ -370,6 +389,35 @@ mod tests {
             libc::SYS_epoll_pwait,
         ] {
             assert_eq!(native(&p, nr, 3, 0), ALLOW, "nr {nr}");
+        }
+    }
+
+    #[test]
+    fn native_sockets_trap_listen_alone() {
+        let p = Filter::build(&FilterOptions {
+            native_sockets: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(native(&p, libc::SYS_listen, 3, 128), NOTIFY);
+        for &(nr, name) in TRAPPED_SYSCALLS {
+            if nr != libc::SYS_listen {
+                assert_eq!(native(&p, nr, INET, STREAM), ALLOW, "{name}");
+            }
+        }
+        let sendto = [3, 0x1000, 5, 0, 0x7ffd_1234, 16];
+        assert_eq!(run(&p, NATIVE_ARCH, libc::SYS_sendto as u32, sendto), ALLOW);
+        assert_eq!(native(&p, libc::SYS_io_uring_setup, 8, 0), ALLOW);
+        // Foreign ABIs are still refused: the supervisor would not see a
+        // 32-bit listen.
+        #[cfg(target_arch = "x86_64")]
+        {
+            let i386 = |nr| run(&p, AUDIT_ARCH_I386, nr, [0; 6]);
+            assert_eq!(i386(363), RET_ENOSYS, "i386 listen");
+            assert_eq!(
+                native(&p, libc::SYS_listen | X32_SYSCALL_BIT as i64, 3, 0),
+                RET_ENOSYS
+            );
         }
     }
 

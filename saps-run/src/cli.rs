@@ -76,6 +76,15 @@ pub struct Args {
     #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
     pub zero_relay: Switch,
 
+    /// Embedded io-server only: where it would answer every call as this
+    /// host's kernel does (zero-relay on, --loopback local, --address the
+    /// wildcard, no --allow-ports), give the program the kernel's own
+    /// sockets and trap only listen: nothing per connection or request
+    /// (on). Off: virtual sockets as with any io-server, every socket call
+    /// served through the embedded one (what --trace then shows).
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
+    pub native_sockets: Switch,
+
     /// With --io-server: a request to the io-server (bind, listen,
     /// connect, options) not answered within SECS fails the program's
     /// call with ETIMEDOUT, while the channel stays (0: wait for ever).
@@ -173,6 +182,19 @@ impl Args {
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_else(|_| "node".into())
         })
+    }
+
+    /// Whether the embedded io-server's node gets the kernel's own
+    /// sockets: asked for, and the embedded io-server's answers would be
+    /// the kernel's (every client handed over, the wildcard address served,
+    /// no port policy, loopback local).
+    pub fn native_sockets(&self) -> bool {
+        self.native_sockets == Switch::On
+            && self.io_server.is_none()
+            && self.zero_relay == Switch::On
+            && self.loopback == LoopbackArg::Local
+            && self.address.is_unspecified()
+            && self.allow_ports.is_none()
     }
 
     /// The configuration of the embedded io-server.

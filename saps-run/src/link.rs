@@ -46,6 +46,7 @@ pub async fn io_server(args: &Args) -> Result<(IoServerLink, Option<Arc<IoServer
         transport: node_end,
         token: token.into_bytes(),
         handoffs,
+        native_sockets: args.native_sockets(),
     };
     Ok((IoServerLink::Embedded(embedded), Some(server)))
 }

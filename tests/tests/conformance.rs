@@ -77,7 +77,11 @@ fn glob(pattern: &str, line: &str) -> bool {
 /// The saps-run modes, each a #[test] below.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
-    /// Embedded io-server, zero-relay (saps-run's default).
+    /// saps-run's defaults: the embedded io-server's node gets the
+    /// kernel's own sockets (`--native-sockets`), so every scenario must
+    /// agree, with no departure declared.
+    Native,
+    /// Embedded io-server, zero-relay, virtual sockets.
     Embedded,
     /// Embedded io-server, `--zero-relay off`.
     Relay,
@@ -89,7 +93,8 @@ enum Mode {
     LoopbackCluster,
 }
 
-const MODES: [Mode; 5] = [
+const MODES: [Mode; 6] = [
+    Mode::Native,
     Mode::Embedded,
     Mode::Relay,
     Mode::UnixFabric,
@@ -100,6 +105,7 @@ const MODES: [Mode; 5] = [
 impl Mode {
     fn name(self) -> &'static str {
         match self {
+            Mode::Native => "native",
             Mode::Embedded => "embedded",
             Mode::Relay => "relay",
             Mode::UnixFabric => "unix-fabric",
@@ -543,7 +549,8 @@ fn mode_command(mode: Mode, ns: &ConfNs, dir: &Path) -> (Vec<String>, Option<Pro
         v
     };
     match mode {
-        Mode::Embedded => (embedded(&[]), None),
+        Mode::Native => (vec![saps_run, "--".into()], None),
+        Mode::Embedded => (embedded(&["--native-sockets", "off"]), None),
         Mode::Relay => (embedded(&["--zero-relay", "off"]), None),
         Mode::LoopbackCluster => (embedded(&["--loopback", "cluster"]), None),
         Mode::UnixFabric | Mode::TcpFabric => {
@@ -681,6 +688,11 @@ fn conformance(mode: Mode) {
             .map(|t| format!("\nsaps-run {t}"))
             .collect::<String>()
     );
+}
+
+#[test]
+fn native_sockets() {
+    conformance(Mode::Native);
 }
 
 #[test]

@@ -14,11 +14,21 @@ fn python_server(dir: &std::path::Path, port: u16, extra: &[&str]) -> Proc {
     Proc::spawn(&mut cmd)
 }
 
+/// The README's quick start, with its flags: none (native sockets).
 #[test]
 fn python_http_server_serves_a_file_through_the_embedded_io_server() {
+    serves_a_file(&[]);
+}
+
+#[test]
+fn python_http_server_serves_a_file_through_virtual_sockets() {
+    serves_a_file(&["--address", "127.0.0.1"]);
+}
+
+fn serves_a_file(flags: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let server = python_server(dir.path(), port, &["--address", "127.0.0.1"]);
+    let server = python_server(dir.path(), port, flags);
     let url = format!("http://127.0.0.1:{port}/hello.txt");
     assert!(
         wait_http(&url, Duration::from_secs(20)),
@@ -32,20 +42,17 @@ fn python_http_server_serves_a_file_through_the_embedded_io_server() {
 
 /// The client is in another network namespace, so its address is not
 /// loopback: python must log exactly that address.
+/// `zero_relay` "native": saps-run's defaults (the kernel's own sockets).
 fn python_sees_the_clients_real_address(zero_relay: &str) {
     let Some(ns) = Netns::new() else { return };
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let server = python_server(
-        dir.path(),
-        port,
-        &[
-            "--address",
-            &ns.host_ip.to_string(),
-            "--zero-relay",
-            zero_relay,
-        ],
-    );
+    let address = ns.host_ip.to_string();
+    let flags = match zero_relay {
+        "native" => vec![],
+        z => vec!["--address", &address, "--zero-relay", z],
+    };
+    let server = python_server(dir.path(), port, &flags);
     let url = format!("http://{}:{port}/hello.txt", ns.host_ip);
     let got = wait_for(Duration::from_secs(20), || {
         let o = run(ns.command("curl").args(["-sS", "--max-time", "5", &url]));
@@ -75,6 +82,11 @@ fn python_sees_the_clients_real_address_relayed() {
 #[test]
 fn python_sees_the_clients_real_address_zero_relay() {
     python_sees_the_clients_real_address("on");
+}
+
+#[test]
+fn python_sees_the_clients_real_address_native_sockets() {
+    python_sees_the_clients_real_address("native");
 }
 
 #[test]

@@ -103,6 +103,12 @@ pub struct EmbeddedIoServer {
     pub transport: (StreamReader, StreamWriter),
     pub token: Vec<u8>,
     pub handoffs: Option<HandoffReceiver>,
+    /// The program's sockets are the host kernel's own, with only `listen`
+    /// trapped (docs/interceptor.md, "Native sockets"): right when this
+    /// io-server would answer every call as the host's kernel does (it
+    /// hands every client over, serves the wildcard address with no port
+    /// policy, and loopback stays local).
+    pub native_sockets: bool,
 }
 
 impl IoServerLink {

@@ -29,6 +29,7 @@ pub use config::{
 pub use error::NodeError;
 pub use program::SignalForwarder;
 
+use crate::filter::FilterOptions;
 use crate::launch::{self, ExitStatus, Target, Tree};
 use crate::supervisor::{Loopback, Supervisor, SupervisorConfig, Tracer};
 use join::{Events, Identity};
@@ -51,6 +52,9 @@ pub struct ApplicationNode {
     handoffs: Option<HandoffReceiver>,
     /// How to join again when the channel is lost (a remote io-server).
     rejoin: Option<Rejoin>,
+    /// The program's sockets are the kernel's own (an embedded io-server
+    /// that allows it).
+    native_sockets: bool,
 }
 
 impl ApplicationNode {
@@ -64,6 +68,7 @@ impl ApplicationNode {
             weight: config.weight,
         };
         let io_server: Arc<str> = config.io_server.label().into();
+        let native_sockets = matches!(&config.io_server, IoServerLink::Embedded(e) if e.native_sockets);
         let (joined, handoffs, rejoin) = match config.io_server {
             IoServerLink::Remote(remote) => {
                 let token = remote.read_token()?;
@@ -96,6 +101,7 @@ impl ApplicationNode {
             events: joined.events,
             handoffs,
             rejoin,
+            native_sockets,
         })
     }
 
@@ -122,7 +128,11 @@ impl ApplicationNode {
         if let Err(e) = nix::sys::prctl::set_dumpable(false) {
             tracing::warn!("cannot make the node undumpable: {e}");
         }
-        let (target, notifier) = match Target::spawn(program, args) {
+        let filter = FilterOptions {
+            native_sockets: self.native_sockets,
+            ..Default::default()
+        };
+        let (target, notifier) = match Target::spawn_with(program, args, &filter) {
             Ok(t) => t,
             Err(e @ crate::Error::Exec { .. }) => return Err(NodeError::Exec(e)),
             Err(e) => return Err(NodeError::Start(e)),
@@ -148,6 +158,7 @@ impl ApplicationNode {
                 tracer,
                 io_server: self.io_server,
                 node: self.me.name.into(),
+                native_sockets: self.native_sockets,
             },
         );
         rt.spawn(rejoin::stay_joined(

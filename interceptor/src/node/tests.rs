@@ -199,6 +199,7 @@ fn the_embedded_io_server_is_labelled_embedded_in_traces() {
         transport: node_end,
         token: b"t".to_vec(),
         handoffs: None,
+        native_sockets: false,
     });
     assert_eq!(link.label(), "embedded");
 }

@@ -22,4 +22,7 @@ pub struct SupervisorConfig {
     /// for the trace annotations.
     pub io_server: Arc<str>,
     pub node: Arc<str>,
+    /// The program's sockets are the kernel's own and only `listen` traps
+    /// (the filter's [`crate::FilterOptions::native_sockets`]).
+    pub native_sockets: bool,
 }

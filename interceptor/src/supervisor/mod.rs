@@ -177,6 +177,7 @@ impl Supervisor {
         let outcome = match call.n.nr as i64 {
             libc::SYS_socket => socket::socket(sh, &mut call),
             libc::SYS_bind => socket::bind(sh, &mut call),
+            libc::SYS_listen if sh.config.native_sockets => socket::listen_native(sh, &mut call),
             libc::SYS_listen => socket::listen(sh, &mut call),
             libc::SYS_shutdown => socket::shutdown(sh, &mut call),
             libc::SYS_connect => connect::connect(sh, &mut call),

@@ -258,6 +258,29 @@ fn addr_ip(vs: &VirtualSocket) -> std::net::IpAddr {
     crate::vsock::unspecified(vs.domain).ip()
 }
 
+/// `listen(fd, backlog)` with native sockets: the kernel's own socket
+/// listens. The answer depends on nothing the supervisor reads from the
+/// program's memory, so `CONTINUE` is exact; the trace notes the address
+/// it listens on.
+pub(crate) fn listen_native(sh: &SupervisorState, call: &mut Call) -> Outcome {
+    call.note.action = "native";
+    if sh.config.tracer.is_some() {
+        let pidfds = &sh.pidfds;
+        let dup = pidfds.with(call.pid(), |p| crate::fds::socket_dup_inode(p, call.fd()));
+        if let Ok((dup, ino)) = dup {
+            call.note.inode = ino;
+            call.note.group = so::getsockname::<so::SockaddrStorage>(dup.as_raw_fd())
+                .ok()
+                .and_then(|a| match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+                    (Some(v4), _) => Some(SocketAddr::V4((*v4).into())),
+                    (_, Some(v6)) => Some(SocketAddr::V6((*v6).into())),
+                    _ => None,
+                });
+        }
+    }
+    Outcome::Reply(Reply::Continue)
+}
+
 /// `listen(fd, backlog)`: Listen on the io-server (binding an ephemeral port
 /// first, as the kernel would), then swap the placeholder for the AF_UNIX
 /// listener `L` the supervisor delivers connections to.
