@@ -422,6 +422,8 @@ def apache_argv(d, port):
         f"User www-data\nGroup www-data\nErrorLog {d}/error.log\n"
         f"Mutex file:{d} default\nTypesConfig /etc/mime.types\n"
         "EnableSendfile On\nMaxKeepAliveRequests 0\n"
+        "StartServers 2\nServerLimit 4\nThreadsPerChild 64\nMaxRequestWorkers 256\n"
+        "MinSpareThreads 32\nMaxSpareThreads 256\n"
         f"DocumentRoot {d}/www\n<Directory {d}/www>\n Require all granted\n"
         "</Directory>\n"))
     return ["apache2", "-f", conf, "-DFOREGROUND"]
@@ -476,6 +478,8 @@ class Bench:
         self.zero_relay = "--zero-relay" in help_text
         m = re.search(r"--zero-relay.*?\[default: (\w+)\]", help_text, re.S)
         self.zero_relay_default = m.group(1) if m else ("unknown" if self.zero_relay else None)
+        # Builds before native sockets had none: their defaults were virtual.
+        self.native_sockets = "--native-sockets" in help_text
         self.perf = perf_counts_syscalls()
         self.token = os.path.join(self.work, "token")
         write(self.token, "bench token\n")
@@ -505,10 +509,17 @@ class Bench:
                            lambda k=k: listening(ports[k]), self.procs, p)
 
     def embedded_flags(self, kind):
-        """saps-run's flags for each embedded setup, or None for others."""
+        """saps-run's flags for each embedded setup, or None for others.
+        An `--address` makes the embedded io-server's sockets virtual
+        whatever the build's default; the rows without one run saps-run's
+        defaults (native sockets, where the build has them)."""
+        local = ("--address", "127.0.0.1")
+        virtual = ("--native-sockets", "off") if self.native_sockets else ()
         return {
-            "embedded": ("--zero-relay", "off") if self.zero_relay else (),
-            "zero-relay": ("--zero-relay", "on"),
+            "embedded": local + (("--zero-relay", "off") if self.zero_relay else ()),
+            "zero-relay": local + virtual + ("--zero-relay", "on"),
+            "virtual": local + virtual,
+            "native": (),
             "default": (),
             "trace": ("--trace", "-o", "/dev/null"),
         }.get(kind)
@@ -531,8 +542,8 @@ class Bench:
                 program = self.program(app, d, ports, 2)
                 flags = self.embedded_flags(kind)
                 if flags is not None:
-                    p = self.spawn(s, "saps-run", [self.saps_run, "--address", "127.0.0.1",
-                                                   *flags, "--", *program], cwd=www)
+                    p = self.spawn(s, "saps-run", [self.saps_run, *flags, "--", *program],
+                                   cwd=www)
                     s.gateway.append(p.pid)
                 elif kind == "strace":
                     p = self.spawn(s, "server", ["strace", "-f", "-e", "trace=network",
@@ -724,8 +735,9 @@ MAIN_SETUPS = [
     ("direct", "direct (no proxy)"),
     ("haproxy", "haproxy, mode tcp, nbthread 2"),
     ("haproxy-1", "haproxy, mode tcp, nbthread 1"),
+    ("native", "SAPS embedded, native sockets (saps-run's defaults)"),
     ("embedded", "SAPS embedded (relayed)"),
-    ("zero-relay", "SAPS embedded, --zero-relay on"),
+    ("zero-relay", "SAPS embedded, --zero-relay on, virtual sockets"),
     ("unix-1", "SAPS io-server + 1 node, unix"),
     ("unix-1-zr", "SAPS io-server + 1 node, unix, --zero-relay on"),
     ("unix-2", "SAPS io-server + 2 nodes, unix"),
@@ -769,14 +781,17 @@ EXTRA_COLS = [
     ("close_rps", "Connection: close c50 req/s", 0, True),
 ]
 
-SERVER_COLS = [
-    ("ka50_rps", "req/s", 0, True),
-    ("ka50_p99", "p99 ms", 2, False),
-]
-
-
 # Rounds of the interleaved zero-relay against direct comparison.
 INTERLEAVED_ROUNDS = 3
+# The servers of the hot-path table: (app, Connection: close, wrk
+# connections, what). python's http.server listens with a backlog of 5:
+# more clients than that measure SYN retransmits, not the server; it
+# speaks HTTP/1.0, so each of its requests is a connection anyway.
+HOT_PATH = [
+    ("apache", False, 50, "apache2 (event), keep-alive c50"),
+    ("python", False, 10, "python3 -m http.server, c10"),
+    ("nginx", True, 50, "nginx, Connection: close c50"),
+]
 
 # The gateway-bound runs: the setups whose gateway is a process of its own.
 LABELS = dict(MAIN_SETUPS)
@@ -919,6 +934,29 @@ class Run:
                         runs[k][key].append(row[key])
         return [(k, label, runs[k]) for k, label in kinds]
 
+    def hot_path(self, kinds):
+        """The servers that trap per request or per connection under
+        virtual sockets (issue 23), each of `kinds` started afresh in turn,
+        round after round: one wrk run per start, at the load of `HOT_PATH`."""
+        apps = [a for a in HOT_PATH if a[0] != "apache" or have("apache2")]
+        runs = {(app, k): [] for app, *_ in apps for k, _ in kinds}
+        for n in range(2 if self.quick else INTERLEAVED_ROUNDS):
+            for app, close, conns, what in apps:
+                for k, label in kinds:
+                    label = f"{what}, {label}"
+                    log(f"{label} (round {n + 1}) ...")
+
+                    def body(s, row, label=label, close=close, conns=conns):
+                        url = f"http://127.0.0.1:{s.ports['http']}/1k.bin"
+                        r = self.attempt(label, f"wrk -c{conns}",
+                                         lambda: wrk(url, conns, self.secs, close), {})
+                        row["rps"] = r.get("rps")
+                    row = self.served(k, label, body, app)
+                    if row.get("rps"):
+                        runs[(app, k)].append(row["rps"])
+        return [(app, what, [(k, label, runs[(app, k)]) for k, label in kinds])
+                for app, _, _, what in apps]
+
     def extra_setup(self, kind, app, label, close):
         def body(s, row):
             # python's http.server listens with a backlog of 5: more
@@ -931,6 +969,7 @@ class Run:
     def all(self, only):
         main = [(k, l) for k, l in MAIN_SETUPS
                 if (k not in ("zero-relay", "unix-1-zr") or self.b.zero_relay)
+                and (k != "native" or self.b.native_sockets)
                 and (not only or k in only)]
         tracing = [("direct", "nginx, direct"),
                    ("strace", "nginx under strace -f -e trace=network"),
@@ -938,12 +977,11 @@ class Run:
                    ("trace", "nginx under saps-run --trace -o /dev/null")]
         if not have("strace"):
             tracing = [t for t in tracing if t[0] != "strace"]
-        servers = [("direct", "python", "python3 -m http.server, direct"),
-                   ("default", "python", "python3 -m http.server, saps-run"),
-                   ("direct", "apache", "apache2 (event), direct"),
-                   ("default", "apache", "apache2 (event), saps-run")]
-        if not have("apache2"):
-            servers = [t for t in servers if t[1] != "apache"]
+        servers = [("direct", "direct"), ("default", "saps-run (its defaults)"),
+                   ("virtual", "saps-run, virtual sockets")]
+        if not self.b.native_sockets:
+            servers = servers[:2]
+
         results = {"main": [], "tracing": [], "servers": [], "gateway": [],
                    "gateway_skipped": None, "interleaved": [], "hardening": [],
                    "stack": None}
@@ -952,7 +990,8 @@ class Run:
             results["main"].append((k, label, self.main_setup(k, label)))
         if self.b.zero_relay and (not only or "interleaved" in only):
             results["interleaved"] = self.interleaved(
-                [(k, LABELS[k]) for k in ("direct", "zero-relay", "unix-1-zr")])
+                [(k, LABELS[k]) for k in ("direct", "native", "zero-relay", "unix-1-zr")
+                 if k != "native" or self.b.native_sockets])
         if not only or "hardening" in only:
             log("hardening cost: bounds and timeouts on against off, alternating ...")
             results["hardening"] = hardening.run(self, wrk, self.quick)
@@ -979,9 +1018,7 @@ class Run:
                 log(f"{label} ...")
                 results["tracing"].append((k, label, self.extra_setup(k, "nginx", label, True)))
         if not only or "servers" in only:
-            for k, app, label in servers:
-                log(f"{label} ...")
-                results["servers"].append((k, label, self.extra_setup(k, app, label, False)))
+            results["servers"] = self.hot_path(servers)
         return results
 
 
@@ -1057,11 +1094,6 @@ def main_tables(out, rows):
 
 def interleaved_table(out, rows):
     """Medians (and ranges) of the interleaved runs, with ratios to direct."""
-    def spread(v, decimals):
-        if not v:
-            return "–"
-        return (f"{cell(statistics.median(v), decimals)} "
-                f"({cell(min(v), decimals)}–{cell(max(v), decimals)})")
     ref = next((r for k, _, r in rows if k == "direct"), {})
     out.append("\n#### Zero-relay against direct, interleaved\n")
     out.append("Each setup started afresh in turn, round after round; per start one "
@@ -1082,6 +1114,35 @@ def interleaved_table(out, rows):
     out.append(text)
 
 
+def spread(v, decimals):
+    """A median and, in brackets, the range."""
+    if not v:
+        return "–"
+    return (f"{cell(statistics.median(v), decimals)} "
+            f"({cell(min(v), decimals)}–{cell(max(v), decimals)})")
+
+
+def hot_path_table(out, apps):
+    """One table per server of the hot-path runs, ratios of medians to
+    the server run directly."""
+    out.append("\n#### Servers that would trap per request (issue 23): 1 KiB file, wrk\n")
+    out.append("apache2 (event MPM) sets `TCP_CORK` on and off around each response; "
+               "python's http.server takes a connection per request and asks "
+               "`getsockname` and `shutdown` of each; nginx with `Connection: close` "
+               "accepts a connection per request. Each setup started afresh in turn, "
+               "round after round, one wrk run per start; cells give the median and, "
+               "in brackets, the range; ratios are of medians to the same server run "
+               "directly.\n")
+    for _, what, rows in apps:
+        ref = next((r for k, _, r in rows if k == "direct"), [])
+        text = f"\n{what}:\n\n| setup | runs | req/s | ratio |\n|---|---:|---:|---:|\n"
+        for k, label, r in rows:
+            ratio = (f"{statistics.median(r) / statistics.median(ref):.2f}×"
+                     if r and ref and k != "direct" else "–")
+            text += f"| {label} | {len(r)} | {spread(r, 0)} | {ratio} |\n"
+        out.append(text)
+
+
 def gateway_table(out, rows, share):
     """The gateway-bound table, with ratios to the faster haproxy row."""
     ref = max((r for r in rows if r[0].startswith("haproxy")),
@@ -1099,7 +1160,7 @@ def gateway_table(out, rows, share):
 
 
 def report(results, command, quick, zero_relay, load_before, load_after, errors, secs,
-           rounds, gateway_cpu, plan):
+           rounds, gateway_cpu, plan, native_sockets=False):
     rounds = f", best of {rounds} runs" if rounds > 1 else ""
     today = datetime.date.today().isoformat()
     out = [f"### Run of {today}{' (--quick)' if quick else ''}\n",
@@ -1121,6 +1182,13 @@ def report(results, command, quick, zero_relay, load_before, load_after, errors,
                    "tracing and other-server rows run saps-run with its defaults.\n")
     else:
         out.append("saps-run had no `--zero-relay` flag in this build: no zero-relay row.\n")
+    if native_sockets:
+        out.append("With saps-run's defaults the embedded io-server's node gets the "
+                   "kernel's own sockets (`--native-sockets`, docs/interceptor.md): the "
+                   "native sockets row, the tracing rows and the other servers' "
+                   "`saps-run` rows run so. Every row with `--address 127.0.0.1` (the "
+                   "other embedded rows, those marked virtual sockets) has virtual "
+                   "sockets, as every node of an io-server does.\n")
     if results["main"]:
         main_tables(out, results["main"])
     if results["interleaved"]:
@@ -1138,15 +1206,7 @@ def report(results, command, quick, zero_relay, load_before, load_after, errors,
         out.append("Ratios are to plain saps-run.\n")
         out.append(table(results["tracing"], EXTRA_COLS, "default"))
     if results["servers"]:
-        out.append("\n#### Other servers (issue 5): 1 KiB file, wrk\n")
-        out.append("apache2 with the event MPM under wrk c50 keep-alive; python's "
-                   "http.server (HTTP/1.0, a connection per request, listen "
-                   "backlog 5) under wrk c10. Ratios are "
-                   "to the same server run directly.\n")
-        for name in ("python3", "apache2"):
-            rows = [r for r in results["servers"] if r[1].startswith(name)]
-            if rows:
-                out.append(table(rows, SERVER_COLS, "direct") + "\n")
+        hot_path_table(out, results["servers"])
     if errors:
         out.append("\nErrors seen by the load generators:\n")
         out.extend(f"* {e}\n" for e in errors)
@@ -1225,7 +1285,8 @@ def main():
         shutil.rmtree(bench.work, ignore_errors=True)
         log(f"done in {time.monotonic() - started:.0f} s")
     text = report(results, args.command, args.quick, bench.zero_relay_default, load_before,
-                  loadavg(), run.errors, run.secs, run.rounds, args.gateway_cpu, plan)
+                  loadavg(), run.errors, run.secs, run.rounds, args.gateway_cpu, plan,
+                  bench.native_sockets)
     print(text)
     only = {o for o in args.only.split(",") if o}
     if args.doc and only == {"stack"}:

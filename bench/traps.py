@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Trapped calls per request (issue 23): a server under
-`saps-run --trace -c` (embedded io-server, default flags) and a short wrk
-load, then the summary's counts divided by the requests served.
+`saps-run --trace -c` (embedded io-server, saps-run's defaults: native
+sockets; with --virtual, `--address 127.0.0.1`: virtual sockets) and a
+short wrk load, then the summary's counts divided by the requests served.
 
-usage: bench/traps.py [--bin-dir DIR] [--secs N] [--close] apache|python|nginx
+usage: bench/traps.py [--bin-dir DIR] [--secs N] [--close] [--virtual] apache|python|nginx
 (docs/benchmarks.md, "Trapped calls per request"). Needs wrk and the server.
 """
 import argparse
@@ -42,13 +43,16 @@ def main():
     ap.add_argument("--bin-dir", default=os.path.join(target, "release"))
     ap.add_argument("--secs", type=int, default=5)
     ap.add_argument("--close", action="store_true", help="wrk sends Connection: close")
+    ap.add_argument("--virtual", action="store_true",
+                    help="virtual sockets (an --address makes them so in every build)")
     args = ap.parse_args()
     d = tempfile.mkdtemp(prefix=f"saps-traps-{args.app}-")
     os.chmod(d, 0o755)
     www = bench.make_site(d, "a")
     port = bench.free_ports(1)[0]
     out = os.path.join(d, "summary")
-    argv = [os.path.join(args.bin_dir, "saps-run"), "--address", "127.0.0.1",
+    virtual = ["--address", "127.0.0.1"] if args.virtual else []
+    argv = [os.path.join(args.bin_dir, "saps-run"), *virtual,
             "--trace", "-c", "-o", out, "--", *program(args.app, d, www, port)]
     p = subprocess.Popen(argv, cwd=www, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)

@@ -12,7 +12,8 @@
 //! tree").
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches};
 use saps_interceptor::node::{ApplicationNode, NodeConfig, NodeError};
 use saps_run::cli::{self, Args};
 use saps_run::{link, signals};
@@ -20,12 +21,20 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // The program inherits saps-run's environment; where the fabric's
     // token lives is none of its business. Removed before any thread
     // starts.
     std::env::remove_var(cli::TOKEN_FILE_ENV);
     init_logging();
+    let asked = matches.value_source("native_sockets") == Some(ValueSource::CommandLine);
+    if asked && args.native_sockets == cli::Switch::On && !args.native_sockets() {
+        eprintln!(
+            "saps-run: --native-sockets on needs the embedded io-server with --zero-relay on, \
+             --loopback local, a wildcard --address and no --allow-ports: virtual sockets instead"
+        );
+    }
     match run(args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
