@@ -13,6 +13,7 @@
 
 use crate::cluster;
 use crate::dispatch;
+use crate::groups;
 use crate::guard;
 use crate::handshakes::Permit;
 use crate::relay::{Relay, Relayed};
@@ -22,6 +23,7 @@ use crate::timeouts;
 use crate::traffic::NodeId;
 use saps_fabric::channel::SILENT_PEER;
 use saps_fabric::endpoint::io_errno;
+use saps_fabric::frame::bind_flags;
 use saps_fabric::transport::{TransportRead, TransportWrite};
 use saps_fabric::{
     Channel, ChannelConfig, ConnId, Endpoint, EndpointEvent, ReqId, Request, Response,
@@ -294,6 +296,9 @@ impl Node {
         if node.sockets.get(&conn).is_some_and(|s| s.group.is_some()) {
             return Err(libc::EINVAL);
         }
+        // The family asked for decides what the socket shares a port with.
+        let family = if addr.is_ipv4() { groups::INET } else { 0 };
+        let flags = flags & bind_flags::ALL | family;
         let real = st.bind(self.id, conn, SocketAddr::new(address, addr.port()), flags)?;
         let node = st.nodes.get_mut(&self.id).ok_or(libc::ENOTCONN)?;
         node.sockets.entry(conn).or_default().group = Some(real);
