@@ -12,7 +12,7 @@ use crate::sockaddr::{Decoded, SOCKADDR_IN_LEN};
 use crate::vsock::{Inode, State, VirtualSocket};
 use nix::sys::socket::{self as so, AddressFamily, SockFlag, SockType};
 use saps_fabric::{Request, Response};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 
@@ -142,7 +142,7 @@ pub(crate) fn bind(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
         sh.ops.forget(ino);
         return Outcome::Reply(Reply::Errno(libc::EINVAL));
     }
-    if sh.stays_local(&addr) {
+    if sh.stays_local(&addr) || no_client_reaches(&addr) {
         sh.ops.forget(ino);
         return Outcome::Reply(native_bind(sh, call, ino, &vs, addr));
     }
@@ -164,6 +164,11 @@ pub(crate) fn bind(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
                 vs.bound = Some(addr.unwrap_or(SocketAddr::from((addr_ip(&vs), 0))));
                 sh.table().insert(ino, vs);
                 Reply::Value(0)
+            }
+            // Not the io-server's address, and the program asked for a
+            // non-local bind: the node's kernel makes it.
+            r if r.errno() == libc::EADDRNOTAVAIL && freebind(&vs) => {
+                native_bind(&sh, &mut call, ino, &vs, addr)
             }
             r => {
                 // Keep the tag: a later bind may succeed.
@@ -203,6 +208,49 @@ pub(crate) fn v6only_v4mapped(vs: &VirtualSocket, addr: &SocketAddr) -> bool {
         SocketAddr::V4(_) => false,
     };
     mapped && vs.options.is_on(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
+}
+
+/// A multicast or broadcast address (as the node's kernel knows its
+/// interfaces' broadcast addresses): the kernel binds a TCP socket to it,
+/// and no client ever reaches it. Bound by the node's kernel, which gives
+/// the kernel's every answer for it; the io-server serves one address.
+fn no_client_reaches(addr: &SocketAddr) -> bool {
+    match addr.ip().to_canonical() {
+        IpAddr::V4(ip) if ip.is_unspecified() || ip.is_loopback() => false,
+        IpAddr::V4(ip) => ip.is_multicast() || ip.is_broadcast() || interface_broadcast(ip),
+        IpAddr::V6(ip) => ip.is_multicast(),
+    }
+}
+
+/// Whether `ip` is a broadcast address of an interface of the node: the
+/// one it was given, or its subnet's last address (the kernel makes that
+/// one a broadcast address for prefixes shorter than /31, given or not).
+fn interface_broadcast(ip: Ipv4Addr) -> bool {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return false;
+    };
+    let v4 = |a: Option<nix::sys::socket::SockaddrStorage>| {
+        a.and_then(|a| a.as_sockaddr_in().map(|a| a.ip()))
+    };
+    addrs.into_iter().any(|a| {
+        let given = v4(a.broadcast) == Some(ip);
+        let subnet = match (v4(a.address), v4(a.netmask)) {
+            (Some(addr), Some(mask)) if mask.to_bits().count_ones() < 31 => {
+                (addr.to_bits() | !mask.to_bits()) == ip.to_bits()
+            }
+            _ => false,
+        };
+        given || subnet
+    })
+}
+
+/// The program set `IP_FREEBIND` (`IPV6_FREEBIND`): the kernel binds an
+/// address that is not local. Not `IP_TRANSPARENT`, which needs a
+/// privilege the program may not have and the supervisor has.
+fn freebind(vs: &VirtualSocket) -> bool {
+    vs.options.is_on(libc::IPPROTO_IP, libc::IP_FREEBIND)
+        || (vs.domain == libc::AF_INET6
+            && vs.options.is_on(libc::IPPROTO_IPV6, libc::IPV6_FREEBIND))
 }
 
 /// The answer of a finished bind (or of a listen that failed).
@@ -440,4 +488,52 @@ pub(crate) fn shutdown(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
         State::Listening => Reply::Value(0),
         State::Fresh => Reply::Errno(libc::ENOTCONN),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ip: &str) -> SocketAddr {
+        SocketAddr::new(ip.parse().unwrap(), 0)
+    }
+
+    #[test]
+    fn multicast_and_broadcast_addresses_are_bound_by_the_node_kernel() {
+        for ip in [
+            "224.0.0.1",
+            "239.1.2.3",
+            "255.255.255.255",
+            "ff02::1",
+            "::ffff:224.0.0.1",
+        ] {
+            assert!(no_client_reaches(&at(ip)), "{ip}");
+        }
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "192.0.2.1",
+            "198.51.100.1",
+            "::",
+            "::1",
+            "2001:db8::1",
+        ] {
+            assert!(!no_client_reaches(&at(ip)), "{ip}");
+        }
+    }
+
+    #[test]
+    fn freebind_is_ip_freebind_or_ipv6_freebind_on_an_inet6_socket() {
+        let one = 1i32.to_ne_bytes();
+        let mut v4 = VirtualSocket::new(libc::AF_INET);
+        assert!(!freebind(&v4));
+        v4.options.set(libc::IPPROTO_IP, libc::IP_TRANSPARENT, &one);
+        assert!(!freebind(&v4), "IP_TRANSPARENT is not enough");
+        v4.options.set(libc::IPPROTO_IP, libc::IP_FREEBIND, &one);
+        assert!(freebind(&v4));
+        let mut v6 = VirtualSocket::new(libc::AF_INET6);
+        v6.options
+            .set(libc::IPPROTO_IPV6, libc::IPV6_FREEBIND, &one);
+        assert!(freebind(&v6));
+    }
 }
