@@ -329,6 +329,26 @@ pub struct Groups<C> {
     ramps: BTreeMap<NodeId, (Ramp, u32)>,
     ledger: Ledger,
     orphanings: u64,
+    /// Listeners that left their group, oldest first, for [`Groups::lingers`].
+    left: VecDeque<Left>,
+}
+
+/// How long after a listener leaves its group the connections it was
+/// given may hold the port still, closed first by its program: up to
+/// `tcp_fin_timeout` (60 s) in FIN_WAIT2, then `TCP_TIMEWAIT_LEN` (60 s)
+/// in TIME_WAIT.
+pub const LINGER: Duration = Duration::from_secs(120);
+
+/// Listeners that left remembered at most ([`Groups::lingers`]).
+const MAX_LEFT: usize = 4096;
+
+/// A listener that left group `key`, with its bind flags.
+#[derive(Debug)]
+struct Left {
+    key: SocketAddr,
+    node: NodeId,
+    flags: u32,
+    at: Instant,
 }
 
 impl<C> Groups<C> {
@@ -351,6 +371,7 @@ impl<C> Groups<C> {
             ramps: BTreeMap::new(),
             ledger: Ledger::default(),
             orphanings: 0,
+            left: VecDeque::new(),
         }
     }
 
@@ -487,6 +508,24 @@ impl<C> Groups<C> {
         self.map.contains_key(&key)
     }
 
+    /// Whether the connections a listener of `node` on `key` was given
+    /// may hold the port against a new bind of it with `flags`, at `now`:
+    /// the listener left within [`LINGER`], and the two would not share
+    /// the port (a connection keeps its listener's `SO_REUSEADDR`, and
+    /// one closed first lingers, not listening). If so the caller asks
+    /// the kernel whether a connection closed first lingers on the port
+    /// (`sys::closed_first_on`): then the bind fails with `EADDRINUSE`,
+    /// as the kernel's TIME_WAIT makes it fail. Which node's connection
+    /// lingers the kernel does not say: any one counts here.
+    pub fn lingers(&mut self, node: NodeId, key: SocketAddr, flags: u32, now: Instant) -> bool {
+        let old = |l: &Left| now.saturating_duration_since(l.at) >= LINGER;
+        while self.left.front().is_some_and(old) {
+            self.left.pop_front();
+        }
+        let held = |l: &Left| l.key == key && l.node == node && !shares(flags, l.flags, false);
+        key.port() != 0 && self.left.iter().any(held)
+    }
+
     /// Makes the bound `conn` a member with its program's `backlog`; the
     /// caller has made the port listen. False when it was one already
     /// (`listen()` again only changes the backlog).
@@ -537,8 +576,22 @@ impl<C> Groups<C> {
         let hit = |n: NodeId, c: ConnId| n == node && conn.is_none_or(|x| x == c);
         let mut out = Unbound::default();
         let ledger = &mut self.ledger;
+        let at = Instant::now();
         for (&key, g) in self.map.iter_mut() {
             let had = !g.binds.is_empty();
+            for m in g.members.iter().filter(|m| hit(m.node, m.listener)) {
+                let flags = g.flags(m.node, m.listener);
+                if self.left.len() >= MAX_LEFT {
+                    self.left.pop_front();
+                }
+                let node = m.node;
+                self.left.push_back(Left {
+                    key,
+                    node,
+                    flags,
+                    at,
+                });
+            }
             g.binds.retain(|b| !hit(b.node, b.conn));
             let backlogs = &mut g.backlogs;
             g.members.retain(|&m| {

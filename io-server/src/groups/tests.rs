@@ -568,3 +568,33 @@ fn a_v6only_socket_and_an_inet_one_of_one_node_share_a_port_and_the_inet_one_get
     assert_eq!(g.listen(key, A, 20, 4), Ok(true), "no conflict at listen");
     assert_eq!(place(&mut g, key, 1), Some(A));
 }
+
+#[test]
+fn a_listener_that_left_lingers_against_binds_it_would_not_share_its_port_with() {
+    let mut g = two_nodes(SchedulerKind::Rr);
+    let key = port(80);
+    let addr = bind_flags::REUSEADDR;
+    assert_eq!(g.bind(A, 10, key, addr), Ok(Bind::OpenPort));
+    g.open(key, A, 10, addr);
+    assert_eq!(g.listen(key, A, 10, 4), Ok(true));
+    let t = now();
+    assert!(
+        !g.lingers(A, key, 0, t),
+        "listening still: the bind rules say"
+    );
+    let _ = g.unbind(A, Some(10));
+    assert!(g.lingers(A, key, 0, t), "without SO_REUSEADDR");
+    assert!(!g.lingers(A, key, addr, t), "SO_REUSEADDR on both");
+    assert!(!g.lingers(B, key, 0, t), "another node");
+    assert!(!g.lingers(A, port(81), 0, t), "another port");
+    assert!(!g.lingers(A, port(0), 0, t), "port 0");
+    assert!(
+        !g.lingers(A, key, 0, now() + LINGER),
+        "forgotten after LINGER"
+    );
+    // A bound socket that never listened was given no connection.
+    assert_eq!(g.bind(A, 11, port(82), 0), Ok(Bind::OpenPort));
+    g.open(port(82), A, 11, 0);
+    let _ = g.unbind(A, Some(11));
+    assert!(!g.lingers(A, port(82), 0, now()));
+}
