@@ -15,8 +15,9 @@
 //! set `SO_REUSEPORT`, or both set `SO_REUSEADDR` and the one held does not
 //! listen (and then the second `listen` of the two fails); an `AF_INET6`
 //! socket with `IPV6_V6ONLY` and an `AF_INET` one bind no address in
-//! common and share it too (the v4 one gets the clients then). Different
-//! nodes binding one port share it.
+//! common and share it too (the v4 one gets the clients then). Connections
+//! a node's program closed first hold the port in TIME_WAIT
+//! ([`Groups::lingers`]). Different nodes binding one port share it.
 //!
 //! A port whose last listener closes stays open for
 //! `saps_fabric::RELISTEN_GRACE`: a program that closes its listening socket
