@@ -289,7 +289,9 @@ fn interface_broadcast(ip: Ipv4Addr) -> bool {
         a.and_then(|a| a.as_sockaddr_in().map(|a| a.ip()))
     };
     addrs.into_iter().any(|a| {
-        let given = v4(a.broadcast) == Some(ip);
+        // Without a broadcast address of its own, an interface's is its
+        // address (glibc's getifaddrs fills it with IFA_ADDRESS).
+        let given = v4(a.broadcast) == Some(ip) && v4(a.address) != Some(ip);
         let subnet = match (v4(a.address), v4(a.netmask)) {
             (Some(addr), Some(mask)) if mask.to_bits().count_ones() < 31 => {
                 (addr.to_bits() | !mask.to_bits()) == ip.to_bits()
@@ -595,6 +597,17 @@ mod tests {
         assert!(!loopback_holds(&v6only, port));
         drop(held);
         assert!(!loopback_holds(&VirtualSocket::new(libc::AF_INET), port));
+    }
+
+    #[test]
+    fn the_node_addresses_are_not_broadcast_ones() {
+        let addrs = nix::ifaddrs::getifaddrs().unwrap();
+        for a in addrs {
+            let Some(ip) = a.address.and_then(|a| a.as_sockaddr_in().map(|a| a.ip())) else {
+                continue;
+            };
+            assert!(!interface_broadcast(ip), "{ip} of {}", a.interface_name);
+        }
     }
 
     #[test]
