@@ -156,7 +156,11 @@ pub(crate) fn bind(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
                 return Outcome::Reply(Reply::Errno(libc::EADDRINUSE));
             }
         }
-        return Outcome::Reply(native_bind(sh, call, ino, &vs, addr));
+        let reply = native_bind(sh, call, ino, &vs, addr);
+        if !sh.stays_local(&addr) {
+            call.note.action = NOT_SERVED;
+        }
+        return Outcome::Reply(reply);
     }
     // Its wildcard takes the node's loopback addresses, where the node's
     // own sockets are (loopback stays local): one of them on this port
@@ -189,9 +193,15 @@ pub(crate) fn bind(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
                 Reply::Value(0)
             }
             // Not the io-server's address, and the program asked for a
-            // non-local bind: the node's kernel makes it.
-            r if r.errno() == libc::EADDRNOTAVAIL && freebind(&vs) => {
-                native_bind(&sh, &mut call, ino, &vs, addr)
+            // non-local bind, or it is a broadcast address of the node's
+            // (asked only now: it costs a netlink dump): the node's kernel
+            // makes it.
+            r if r.errno() == libc::EADDRNOTAVAIL
+                && (freebind(&vs) || interface_broadcast(&addr)) =>
+            {
+                let reply = native_bind(&sh, &mut call, ino, &vs, addr);
+                call.note.action = NOT_SERVED;
+                reply
             }
             r => {
                 // Keep the tag: a later bind may succeed.
@@ -233,6 +243,10 @@ pub(crate) fn v6only_v4mapped(vs: &VirtualSocket, addr: &SocketAddr) -> bool {
     mapped && vs.options.is_on(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
 }
 
+/// What `--trace` says of a socket made real for an address the io-server
+/// does not serve (multicast, broadcast, `IP_FREEBIND`).
+const NOT_SERVED: &str = "native (address not served)";
+
 /// Whether a socket of the node holds `port` on a loopback address that a
 /// wildcard bind of `vs` takes, so that the kernel would refuse that bind:
 /// asked of the kernel by binding a scratch socket with `vs`'s bind options
@@ -266,22 +280,28 @@ fn loopback_holds(vs: &VirtualSocket, port: u16) -> bool {
     })
 }
 
-/// A multicast or broadcast address (as the node's kernel knows its
-/// interfaces' broadcast addresses): the kernel binds a TCP socket to it,
-/// and no client ever reaches it. Bound by the node's kernel, which gives
-/// the kernel's every answer for it; the io-server serves one address.
+/// A multicast address, or the limited broadcast one: the kernel binds a
+/// TCP socket to it, and no client ever reaches it. Bound by the node's
+/// kernel, which gives the kernel's every answer for it; the io-server
+/// serves one address. (A subnet's broadcast address is known only from
+/// the interfaces: [`interface_broadcast`].)
 fn no_client_reaches(addr: &SocketAddr) -> bool {
     match addr.ip().to_canonical() {
-        IpAddr::V4(ip) if ip.is_unspecified() || ip.is_loopback() => false,
-        IpAddr::V4(ip) => ip.is_multicast() || ip.is_broadcast() || interface_broadcast(ip),
+        IpAddr::V4(ip) => ip.is_multicast() || ip.is_broadcast(),
         IpAddr::V6(ip) => ip.is_multicast(),
     }
 }
 
-/// Whether `ip` is a broadcast address of an interface of the node: the
+/// Whether `addr` is a broadcast address of an interface of the node: the
 /// one it was given, or its subnet's last address (the kernel makes that
 /// one a broadcast address for prefixes shorter than /31, given or not).
-fn interface_broadcast(ip: Ipv4Addr) -> bool {
+fn interface_broadcast(addr: &SocketAddr) -> bool {
+    let IpAddr::V4(ip) = addr.ip().to_canonical() else {
+        return false;
+    };
+    if ip.is_unspecified() || ip.is_loopback() {
+        return false;
+    }
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return false;
     };
@@ -572,6 +592,7 @@ mod tests {
             "127.0.0.1",
             "192.0.2.1",
             "198.51.100.1",
+            "192.0.2.255",
             "::",
             "::1",
             "2001:db8::1",
@@ -606,7 +627,8 @@ mod tests {
             let Some(ip) = a.address.and_then(|a| a.as_sockaddr_in().map(|a| a.ip())) else {
                 continue;
             };
-            assert!(!interface_broadcast(ip), "{ip} of {}", a.interface_name);
+            let at = SocketAddr::from((ip, 80));
+            assert!(!interface_broadcast(&at), "{ip} of {}", a.interface_name);
         }
     }
 
