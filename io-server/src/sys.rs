@@ -256,6 +256,9 @@ fn inet_diag_any(addr: SocketAddr, states: u32) -> Result<bool, Errno> {
         SockProtocol::NetlinkSockDiag,
     )
     .map_err(|e| e as i32)?;
+    // Never wait long in a node's task for the kernel's answer.
+    let limit = nix::sys::time::TimeVal::new(1, 0);
+    socket::setsockopt(&fd, sockopt::ReceiveTimeout, &limit).map_err(|e| e as i32)?;
     let family = if addr.is_ipv4() {
         libc::AF_INET
     } else {

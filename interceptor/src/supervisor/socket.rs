@@ -149,10 +149,10 @@ pub(crate) fn bind(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
         if sh.stays_local(&addr) && addr.port() != 0 {
             reap_listeners(sh, Some(addr.port()));
             sh.sweep_closed(Some(addr.port()));
-            if sh
+            let held = sh
                 .table()
-                .wildcard_holds(ino, addr.ip(), addr.port(), flags)
-            {
+                .wildcard_holds(ino, addr.ip(), addr.port(), flags);
+            if held {
                 return Outcome::Reply(Reply::Errno(libc::EADDRINUSE));
             }
         }
