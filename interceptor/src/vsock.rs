@@ -9,7 +9,7 @@
 
 use saps_fabric::ConnId;
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// The inode of a socket object (`socket:[INO]`).
 pub type Inode = u64;
@@ -245,6 +245,40 @@ impl VsockTable {
             .collect()
     }
 
+    /// Whether a virtual socket other than `ino` holds `port` on the
+    /// wildcard address in a way that keeps a new socket with bind `flags`
+    /// (`saps_fabric::frame::bind_flags`) from binding loopback address
+    /// `ip` on it, by the kernel's rules: its wildcard takes `ip` (an
+    /// `AF_INET` one IPv4 addresses, an `AF_INET6` one IPv6 ones and,
+    /// without `IPV6_V6ONLY`, IPv4 ones too), and they do not share the
+    /// port (both `SO_REUSEPORT`, or both `SO_REUSEADDR` while it does not
+    /// listen). The node's kernel knows nothing of virtual binds.
+    pub fn wildcard_holds(&self, ino: Inode, ip: IpAddr, port: u16, flags: u32) -> bool {
+        use saps_fabric::frame::bind_flags::{REUSEADDR, REUSEPORT};
+        let v4 = match ip {
+            IpAddr::V4(_) => true,
+            IpAddr::V6(a) => a.to_ipv4_mapped().is_some(),
+        };
+        self.by_inode.iter().any(|(&other, vs)| {
+            let Some(b) = vs
+                .bound
+                .filter(|b| b.port() == port && b.ip().is_unspecified())
+            else {
+                return false;
+            };
+            let takes = match b {
+                SocketAddr::V4(_) => v4,
+                SocketAddr::V6(_) => {
+                    !v4 || !vs.options.is_on(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
+                }
+            };
+            let held = vs.options.bind_flags();
+            let both = |f: u32| flags & f != 0 && held & f != 0;
+            let shares = both(REUSEPORT) || (both(REUSEADDR) && vs.state != State::Listening);
+            other != ino && takes && !shares
+        })
+    }
+
     /// Forgets socket `ino` if it is still a placeholder.
     pub fn remove_placeholder(&mut self, ino: Inode) -> Option<VirtualSocket> {
         if self.by_inode.get(&ino)?.state != State::Fresh {
@@ -307,6 +341,45 @@ impl VsockTable {
 mod tests {
     use super::*;
     use saps_fabric::frame::bind_flags;
+
+    fn bound(domain: i32, port: u16, opts: &[(i32, i32)]) -> VirtualSocket {
+        let mut vs = VirtualSocket::new(domain);
+        vs.bound = Some(SocketAddr::new(unspecified(domain).ip(), port));
+        for &(level, name) in opts {
+            vs.options.set(level, name, &1i32.to_ne_bytes());
+        }
+        vs
+    }
+
+    #[test]
+    fn a_virtual_wildcard_bind_holds_its_port_on_the_loopback_addresses_it_takes() {
+        let lo4: IpAddr = Ipv4Addr::LOCALHOST.into();
+        let lo6: IpAddr = Ipv6Addr::LOCALHOST.into();
+        let mapped: IpAddr = Ipv4Addr::LOCALHOST.to_ipv6_mapped().into();
+        let reuseaddr = (libc::SOL_SOCKET, libc::SO_REUSEADDR);
+        let v6only = (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY);
+        let mut t = VsockTable::default();
+        t.insert(1, bound(libc::AF_INET, 80, &[reuseaddr]));
+        assert!(t.wildcard_holds(9, lo4, 80, 0));
+        assert!(t.wildcard_holds(9, mapped, 80, 0));
+        assert!(!t.wildcard_holds(9, lo6, 80, 0), "IPv4 only");
+        assert!(!t.wildcard_holds(9, lo4, 81, 0), "another port");
+        assert!(!t.wildcard_holds(1, lo4, 80, 0), "itself");
+        let addr = bind_flags::REUSEADDR;
+        assert!(!t.wildcard_holds(9, lo4, 80, addr), "SO_REUSEADDR on both");
+        t.get_mut(1).unwrap().state = State::Listening;
+        assert!(t.wildcard_holds(9, lo4, 80, addr), "unless it listens");
+        t.insert(2, bound(libc::AF_INET6, 90, &[]));
+        assert!(t.wildcard_holds(9, lo4, 90, 0), "dual stack");
+        assert!(t.wildcard_holds(9, lo6, 90, 0));
+        t.insert(3, bound(libc::AF_INET6, 91, &[v6only]));
+        assert!(!t.wildcard_holds(9, lo4, 91, 0), "IPV6_V6ONLY");
+        assert!(t.wildcard_holds(9, lo6, 91, 0));
+        let mut specific = bound(libc::AF_INET, 92, &[]);
+        specific.bound = Some(SocketAddr::from(([192, 0, 2, 1], 92)));
+        t.insert(4, specific);
+        assert!(!t.wildcard_holds(9, lo4, 92, 0), "not the wildcard");
+    }
 
     #[test]
     fn bind_flags_follow_the_options_set() {

@@ -13,8 +13,11 @@
 //! Binds follow the kernel's rules within one node: a second bind of a port
 //! the same node already holds fails with `EADDRINUSE` unless both sockets
 //! set `SO_REUSEPORT`, or both set `SO_REUSEADDR` and the one held does not
-//! listen (and then the second `listen` of the two fails). Different nodes
-//! binding one port share it.
+//! listen (and then the second `listen` of the two fails); an `AF_INET6`
+//! socket with `IPV6_V6ONLY` and an `AF_INET` one bind no address in
+//! common and share it too (the v4 one gets the clients then). Connections
+//! a node's program closed first hold the port in TIME_WAIT
+//! ([`Groups::lingers`]). Different nodes binding one port share it.
 //!
 //! A port whose last listener closes stays open for
 //! `saps_fabric::RELISTEN_GRACE`: a program that closes its listening socket
@@ -51,13 +54,51 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+/// Set by the io-server in the bind flags of an `AF_INET` socket (the
+/// family of the address it asked for); never one of the flags a node
+/// sends ([`bind_flags::ALL`]).
+pub const INET: u32 = 1 << 31;
+
 /// Whether a new socket of one node with bind `flags` may share a port
 /// with one it holds (`held`, `listening` or not), by the kernel's rules
 /// (`inet_csk_bind_conflict`): both `SO_REUSEPORT`, or both `SO_REUSEADDR`
-/// while the one held does not listen.
+/// while the one held does not listen; or they bind no address in common
+/// ([`overlap`]).
 fn shares(flags: u32, held: u32, listening: bool) -> bool {
     let both = |f: u32| flags & f != 0 && held & f != 0;
-    both(bind_flags::REUSEPORT) || (both(bind_flags::REUSEADDR) && !listening)
+    !overlap(flags, held)
+        || both(bind_flags::REUSEPORT)
+        || (both(bind_flags::REUSEADDR) && !listening)
+}
+
+/// Whether two sockets' binds of one port take an address in common: an
+/// `AF_INET6` socket with `IPV6_V6ONLY` takes no IPv4 address, so it and
+/// an `AF_INET` socket bind the same port side by side, as in the kernel
+/// (`inet_rcv_saddr_equal`). Every other pair does: each bind is of the
+/// wildcard or of the one address.
+fn overlap(a: u32, b: u32) -> bool {
+    !(inet(a) && v6only(b) || v6only(a) && inet(b))
+}
+
+fn inet(flags: u32) -> bool {
+    flags & INET != 0
+}
+
+fn v6only(flags: u32) -> bool {
+    !inet(flags) && flags & bind_flags::V6ONLY != 0
+}
+
+/// Whether a socket bound with `flags` takes clients of group `key`'s
+/// family: an `IPV6_V6ONLY` socket no IPv4 client, an `AF_INET` socket no
+/// IPv6 one. The io-server serves one address, so a group's clients are
+/// all of its family; such a member gets them only while no member of
+/// the group takes them ([`Group::passed_over`]).
+fn takes(key: SocketAddr, flags: u32) -> bool {
+    if key.is_ipv4() {
+        !v6only(flags)
+    } else {
+        !inet(flags)
+    }
 }
 
 #[cfg(test)]
@@ -172,6 +213,31 @@ pub struct Group<C> {
 }
 
 impl<C> Group<C> {
+    /// The bind flags of `node`'s socket `conn` here (0 if not bound).
+    fn flags(&self, node: NodeId, conn: ConnId) -> u32 {
+        let bound = self.binds.iter().find(|b| b.node == node && b.conn == conn);
+        bound.map_or(0, |b| b.flags)
+    }
+
+    /// The members of group `key` passed over for its clients: those that
+    /// do not take clients of the group's family ([`takes`]) while another
+    /// member does (the kernel would give them to that one). Mostly none,
+    /// found in one pass over the binds.
+    fn passed_over(&self, key: SocketAddr) -> Vec<MemberId> {
+        if self.binds.iter().all(|b| takes(key, b.flags)) {
+            return Vec::new();
+        }
+        let (taking, not): (Vec<MemberId>, Vec<MemberId>) = self
+            .members
+            .iter()
+            .partition(|m| takes(key, self.flags(m.node, m.listener)));
+        if taking.is_empty() {
+            Vec::new()
+        } else {
+            not
+        }
+    }
+
     /// The listening members, in the order they listened.
     pub fn members(&self) -> &[MemberId] {
         &self.members
@@ -264,6 +330,26 @@ pub struct Groups<C> {
     ramps: BTreeMap<NodeId, (Ramp, u32)>,
     ledger: Ledger,
     orphanings: u64,
+    /// Listeners that left their group, oldest first, for [`Groups::lingers`].
+    left: VecDeque<Left>,
+}
+
+/// How long after a listener leaves its group the connections it was
+/// given may hold the port still, closed first by its program: up to
+/// `tcp_fin_timeout` (60 s) in FIN_WAIT2, then `TCP_TIMEWAIT_LEN` (60 s)
+/// in TIME_WAIT.
+pub const LINGER: Duration = Duration::from_secs(120);
+
+/// Listeners that left remembered at most ([`Groups::lingers`]).
+const MAX_LEFT: usize = 4096;
+
+/// A listener that left group `key`, with its bind flags.
+#[derive(Debug)]
+struct Left {
+    key: SocketAddr,
+    node: NodeId,
+    flags: u32,
+    at: Instant,
 }
 
 impl<C> Groups<C> {
@@ -286,6 +372,7 @@ impl<C> Groups<C> {
             ramps: BTreeMap::new(),
             ledger: Ledger::default(),
             orphanings: 0,
+            left: VecDeque::new(),
         }
     }
 
@@ -422,6 +509,24 @@ impl<C> Groups<C> {
         self.map.contains_key(&key)
     }
 
+    /// Whether the connections a listener of `node` on `key` was given
+    /// may hold the port against a new bind of it with `flags`, at `now`:
+    /// the listener left within [`LINGER`], and the two would not share
+    /// the port (a connection keeps its listener's `SO_REUSEADDR`, and
+    /// one closed first lingers, not listening). If so the caller asks
+    /// the kernel whether a connection closed first lingers on the port
+    /// (`sys::closed_first_on`): then the bind fails with `EADDRINUSE`,
+    /// as the kernel's TIME_WAIT makes it fail. Which node's connection
+    /// lingers the kernel does not say: any one counts here.
+    pub fn lingers(&mut self, node: NodeId, key: SocketAddr, flags: u32, now: Instant) -> bool {
+        let old = |l: &Left| now.saturating_duration_since(l.at) >= LINGER;
+        while self.left.front().is_some_and(old) {
+            self.left.pop_front();
+        }
+        let held = |l: &Left| l.key == key && l.node == node && !shares(flags, l.flags, false);
+        key.port() != 0 && self.left.iter().any(held)
+    }
+
     /// Makes the bound `conn` a member with its program's `backlog`; the
     /// caller has made the port listen. False when it was one already
     /// (`listen()` again only changes the backlog).
@@ -454,12 +559,7 @@ impl<C> Groups<C> {
     /// `SO_REUSEADDR` sockets share a port only while neither listens).
     pub fn may_listen(&self, key: SocketAddr, node: NodeId, conn: ConnId) -> Result<(), i32> {
         let g = self.map.get(&key).ok_or(libc::EINVAL)?;
-        let flags = |c: ConnId| {
-            g.binds
-                .iter()
-                .find(|b| b.node == node && b.conn == c)
-                .map_or(0, |b| b.flags)
-        };
+        let flags = |c: ConnId| g.flags(node, c);
         let mine = flags(conn);
         let clash = g.members.iter().any(|m| {
             m.node == node && m.listener != conn && !shares(mine, flags(m.listener), true)
@@ -477,8 +577,22 @@ impl<C> Groups<C> {
         let hit = |n: NodeId, c: ConnId| n == node && conn.is_none_or(|x| x == c);
         let mut out = Unbound::default();
         let ledger = &mut self.ledger;
+        let at = Instant::now();
         for (&key, g) in self.map.iter_mut() {
             let had = !g.binds.is_empty();
+            for m in g.members.iter().filter(|m| hit(m.node, m.listener)) {
+                let flags = g.flags(m.node, m.listener);
+                if self.left.len() >= MAX_LEFT {
+                    self.left.pop_front();
+                }
+                let node = m.node;
+                self.left.push_back(Left {
+                    key,
+                    node,
+                    flags,
+                    at,
+                });
+            }
             g.binds.retain(|b| !hit(b.node, b.conn));
             let backlogs = &mut g.backlogs;
             g.members.retain(|&m| {
@@ -547,6 +661,7 @@ impl<C> Groups<C> {
     ) -> Option<MemberId> {
         let g = self.map.get_mut(&key)?;
         let needs_pending = g.scheduler.needs_pending();
+        let over = g.passed_over(key);
         let limits = &self.limits;
         let mut group_conns = self
             .ledger
@@ -561,7 +676,8 @@ impl<C> Groups<C> {
                 let h = held(m);
                 group_conns += h.handed;
                 let backlog = g.backlogs.get(&m).copied().unwrap_or(0) as usize;
-                let eligible = admits_one(limits, active as usize, backlog, &h);
+                let eligible =
+                    admits_one(limits, active as usize, backlog, &h) && !over.contains(&m);
                 let weight = self.weights.get(&m.node).copied().unwrap_or(0);
                 Candidate {
                     key: (u64::from(m.node) << 40) ^ m.listener,
@@ -677,13 +793,16 @@ impl<C> Groups<C> {
         };
         let active = |scope| self.ledger.get(scope).map_or(0, |t| t.active() as usize);
         let mut group_conns = active(Scope::Group(key));
+        let over = g.passed_over(key);
         let mut any = false;
         for &m in &g.members {
             let h = held(m);
             group_conns += h.handed;
             let backlog = g.backlogs.get(&m).copied().unwrap_or(0) as usize;
             let weighted = self.weights.get(&m.node).is_some_and(|&w| w > 0);
-            any |= weighted && admits_one(&self.limits, active(Scope::Member(key, m)), backlog, &h);
+            any |= weighted
+                && admits_one(&self.limits, active(Scope::Member(key, m)), backlog, &h)
+                && !over.contains(&m);
         }
         any && group_conns < self.limits.per_group
     }

@@ -13,6 +13,7 @@
 
 use crate::cluster;
 use crate::dispatch;
+use crate::groups;
 use crate::guard;
 use crate::handshakes::Permit;
 use crate::relay::{Relay, Relayed};
@@ -22,6 +23,7 @@ use crate::timeouts;
 use crate::traffic::NodeId;
 use saps_fabric::channel::SILENT_PEER;
 use saps_fabric::endpoint::io_errno;
+use saps_fabric::frame::bind_flags;
 use saps_fabric::transport::{TransportRead, TransportWrite};
 use saps_fabric::{
     Channel, ChannelConfig, ConnId, Endpoint, EndpointEvent, ReqId, Request, Response,
@@ -289,12 +291,23 @@ impl Node {
         if addr.port() != 0 {
             self.allowed(addr.port())?;
         }
+        // The family asked for decides what the socket shares a port with.
+        let family = if addr.is_ipv4() { groups::INET } else { 0 };
+        let flags = flags & bind_flags::ALL | family;
+        let at = SocketAddr::new(address, addr.port());
+        // Connections of its listeners on this port that its program
+        // closed first hold the port in TIME_WAIT, as in the kernel.
+        let now = std::time::Instant::now();
+        let lingers = self.server.lock().groups.lingers(self.id, at, flags, now);
+        if lingers && sys::closed_first_on(at) {
+            return Err(libc::EADDRINUSE);
+        }
         let mut st = self.server.lock();
         let node = st.nodes.get(&self.id).ok_or(libc::ENOTCONN)?;
         if node.sockets.get(&conn).is_some_and(|s| s.group.is_some()) {
             return Err(libc::EINVAL);
         }
-        let real = st.bind(self.id, conn, SocketAddr::new(address, addr.port()), flags)?;
+        let real = st.bind(self.id, conn, at, flags)?;
         let node = st.nodes.get_mut(&self.id).ok_or(libc::ENOTCONN)?;
         node.sockets.entry(conn).or_default().group = Some(real);
         tracing::info!(port = real.port(), "bound");

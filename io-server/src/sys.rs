@@ -224,6 +224,115 @@ pub fn monotonic_usec() -> u64 {
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
+/// Whether a TCP connection of this host's stack on local address `addr`
+/// was closed first by its end here and lingers (FIN_WAIT1, FIN_WAIT2,
+/// CLOSING, TIME_WAIT), holding the port: asked of the kernel with
+/// `sock_diag` (`inet_diag`, a dump of the sockets in those states, read
+/// here for the address). False when the kernel cannot be asked.
+pub fn closed_first_on(addr: SocketAddr) -> bool {
+    match inet_diag_any(addr, CLOSED_FIRST) {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::debug!(%addr, error = e, "cannot ask the kernel for lingering connections");
+            false
+        }
+    }
+}
+
+/// `TCPF_FIN_WAIT1 | TCPF_FIN_WAIT2 | TCPF_TIME_WAIT | TCPF_CLOSING`.
+const CLOSED_FIRST: u32 = 1 << 4 | 1 << 5 | 1 << 6 | 1 << 11;
+
+/// `SOCK_DIAG_BY_FAMILY` (linux/sock_diag.h).
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+
+/// Whether a TCP socket in one of `states` (a `TCPF_*` mask) has local
+/// address `addr`.
+fn inet_diag_any(addr: SocketAddr, states: u32) -> Result<bool, Errno> {
+    use nix::sys::socket::{NetlinkAddr, SockProtocol};
+    let fd = socket::socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkSockDiag,
+    )
+    .map_err(|e| e as i32)?;
+    // Never wait long in a node's task for the kernel's answer.
+    let limit = nix::sys::time::TimeVal::new(1, 0);
+    socket::setsockopt(&fd, sockopt::ReceiveTimeout, &limit).map_err(|e| e as i32)?;
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // nlmsghdr, then inet_diag_req_v2 with an empty inet_diag_sockid.
+    let mut req = Vec::with_capacity(72);
+    req.extend_from_slice(&72u32.to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    req.extend_from_slice(&flags.to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // nlmsg_seq
+    req.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid
+    req.extend_from_slice(&[family as u8, libc::IPPROTO_TCP as u8, 0, 0]);
+    req.extend_from_slice(&states.to_ne_bytes());
+    req.resize(72, 0);
+    socket::sendto(
+        fd.as_raw_fd(),
+        &req,
+        &NetlinkAddr::new(0, 0),
+        socket::MsgFlags::empty(),
+    )
+    .map_err(|e| e as i32)?;
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut found = false;
+    loop {
+        let n = socket::recv(fd.as_raw_fd(), &mut buf, socket::MsgFlags::empty())
+            .map_err(|e| e as i32)?;
+        match diag_messages(&buf[..n], addr, &mut found) {
+            Some(Ok(())) => return Ok(found),
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+    }
+}
+
+/// Reads one datagram of an `inet_diag` dump, setting `found` for a
+/// socket whose local address is `addr`; `Some` once the dump is done
+/// (or failed), `None` while more follows.
+fn diag_messages(mut msg: &[u8], addr: SocketAddr, found: &mut bool) -> Option<Result<(), Errno>> {
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    while msg.len() >= 16 {
+        let len = u32::from_ne_bytes(msg[0..4].try_into().ok()?) as usize;
+        let ty = u16::from_ne_bytes(msg[4..6].try_into().ok()?);
+        if len < 16 || len > msg.len() {
+            return Some(Err(libc::EPROTO));
+        }
+        let body = &msg[16..len];
+        match ty {
+            NLMSG_DONE => return Some(Ok(())),
+            NLMSG_ERROR => {
+                let e = body.get(..4).map_or(libc::EPROTO, |e| {
+                    -i32::from_ne_bytes(e.try_into().unwrap_or_default())
+                });
+                return Some(if e == 0 { Ok(()) } else { Err(e) });
+            }
+            // inet_diag_msg: family, state, timer, retrans, then the
+            // sockid: sport (big-endian), dport, src[16], …
+            _ if body.len() >= 24 => {
+                let port = u16::from_be_bytes([body[4], body[5]]);
+                let ip: std::net::IpAddr = match addr {
+                    SocketAddr::V4(_) => <[u8; 4]>::try_from(&body[8..12]).ok()?.into(),
+                    SocketAddr::V6(_) => <[u8; 16]>::try_from(&body[8..24]).ok()?.into(),
+                };
+                *found |= port == addr.port() && (ip == addr.ip() || addr.ip().is_unspecified());
+            }
+            _ => {}
+        }
+        msg = msg.get((len + 3) & !3..).unwrap_or_default();
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,6 +340,22 @@ mod tests {
     use std::net::{Shutdown, TcpListener, TcpStream};
     use std::os::fd::AsFd;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_connection_closed_first_here_lingers_on_its_local_address() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = l.local_addr().unwrap();
+        assert!(!closed_first_on(at), "a listener does not linger");
+        let mut c = TcpStream::connect(at).unwrap();
+        let (s, _) = l.accept().unwrap();
+        assert!(!closed_first_on(at), "established");
+        drop(s); // closed first here: FIN_WAIT, then TIME_WAIT
+        let mut buf = [0u8; 1];
+        assert_eq!(c.read(&mut buf).unwrap(), 0);
+        assert!(closed_first_on(at));
+        drop(c);
+        assert!(closed_first_on(at), "TIME_WAIT");
+    }
 
     /// A connected pair: (the client, the accepted socket).
     fn pair() -> (TcpStream, TcpStream) {

@@ -12,7 +12,7 @@ use crate::sockaddr::{Decoded, SOCKADDR_IN_LEN};
 use crate::vsock::{Inode, State, VirtualSocket};
 use nix::sys::socket::{self as so, AddressFamily, SockFlag, SockType};
 use saps_fabric::{Request, Response};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 
@@ -142,9 +142,36 @@ pub(crate) fn bind(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
         sh.ops.forget(ino);
         return Outcome::Reply(Reply::Errno(libc::EINVAL));
     }
-    if sh.stays_local(&addr) {
+    if sh.stays_local(&addr) || no_client_reaches(&addr) {
         sh.ops.forget(ino);
-        return Outcome::Reply(native_bind(sh, call, ino, &vs, addr));
+        // A virtual socket's wildcard bind of this port takes this
+        // address too: the kernel's EADDRINUSE (the socket stays as it is).
+        if sh.stays_local(&addr) && addr.port() != 0 {
+            reap_listeners(sh, Some(addr.port()));
+            sh.sweep_closed(Some(addr.port()));
+            let held = sh
+                .table()
+                .wildcard_holds(ino, addr.ip(), addr.port(), flags);
+            if held {
+                return Outcome::Reply(Reply::Errno(libc::EADDRINUSE));
+            }
+        }
+        let reply = native_bind(sh, call, ino, &vs, addr);
+        if !sh.stays_local(&addr) {
+            call.note.action = NOT_SERVED;
+        }
+        return Outcome::Reply(reply);
+    }
+    // Its wildcard takes the node's loopback addresses, where the node's
+    // own sockets are (loopback stays local): one of them on this port
+    // conflicts as in the kernel.
+    if sh.loopback_local()
+        && addr.ip().is_unspecified()
+        && addr.port() != 0
+        && loopback_holds(&vs, addr.port())
+    {
+        sh.ops.forget(ino);
+        return Outcome::Reply(Reply::Errno(libc::EADDRINUSE));
     }
     let conn = match sh.tag(call, &mut vs, "virtual") {
         Ok(c) => c,
@@ -164,6 +191,17 @@ pub(crate) fn bind(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
                 vs.bound = Some(addr.unwrap_or(SocketAddr::from((addr_ip(&vs), 0))));
                 sh.table().insert(ino, vs);
                 Reply::Value(0)
+            }
+            // Not the io-server's address, and the program asked for a
+            // non-local bind, or it is a broadcast address of the node's
+            // (asked only now: it costs a netlink dump): the node's kernel
+            // makes it.
+            r if r.errno() == libc::EADDRNOTAVAIL
+                && (freebind(&vs) || interface_broadcast(&addr)) =>
+            {
+                let reply = native_bind(&sh, &mut call, ino, &vs, addr);
+                call.note.action = NOT_SERVED;
+                reply
             }
             r => {
                 // Keep the tag: a later bind may succeed.
@@ -203,6 +241,94 @@ pub(crate) fn v6only_v4mapped(vs: &VirtualSocket, addr: &SocketAddr) -> bool {
         SocketAddr::V4(_) => false,
     };
     mapped && vs.options.is_on(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
+}
+
+/// What `--trace` says of a socket made real for an address the io-server
+/// does not serve (multicast, broadcast, `IP_FREEBIND`).
+const NOT_SERVED: &str = "native (address not served)";
+
+/// Whether a socket of the node holds `port` on a loopback address that a
+/// wildcard bind of `vs` takes, so that the kernel would refuse that bind:
+/// asked of the kernel by binding a scratch socket with `vs`'s bind options
+/// there (`127.0.0.1`, `::1`, or both for a dual-stack socket).
+fn loopback_holds(vs: &VirtualSocket, port: u16) -> bool {
+    let v6only = vs.options.is_on(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY);
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+    let mapped = SocketAddr::from((Ipv4Addr::LOCALHOST.to_ipv6_mapped(), port));
+    let probes: &[SocketAddr] = match (vs.domain, v6only) {
+        (libc::AF_INET6, true) => &[v6],
+        (libc::AF_INET6, false) => &[v6, mapped],
+        _ => &[v4],
+    };
+    let bind_options = vs.options.iter().filter(|&(level, name, _)| {
+        matches!(
+            (level, name),
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR | libc::SO_REUSEPORT)
+                | (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
+        )
+    });
+    let bind_options: Vec<_> = bind_options.collect();
+    probes.iter().any(|a| {
+        let ty = libc::SOCK_STREAM | libc::SOCK_CLOEXEC;
+        let Ok(s) = crate::sys::socket_raw(vs.domain, ty, libc::IPPROTO_TCP) else {
+            return false;
+        };
+        set_options(s.as_fd(), bind_options.iter().copied());
+        let at = nix::sys::socket::SockaddrStorage::from(*a);
+        so::bind(s.as_raw_fd(), &at) == Err(nix::errno::Errno::EADDRINUSE)
+    })
+}
+
+/// A multicast address, or the limited broadcast one: the kernel binds a
+/// TCP socket to it, and no client ever reaches it. Bound by the node's
+/// kernel, which gives the kernel's every answer for it; the io-server
+/// serves one address. (A subnet's broadcast address is known only from
+/// the interfaces: [`interface_broadcast`].)
+fn no_client_reaches(addr: &SocketAddr) -> bool {
+    match addr.ip().to_canonical() {
+        IpAddr::V4(ip) => ip.is_multicast() || ip.is_broadcast(),
+        IpAddr::V6(ip) => ip.is_multicast(),
+    }
+}
+
+/// Whether `addr` is a broadcast address of an interface of the node: the
+/// one it was given, or its subnet's last address (the kernel makes that
+/// one a broadcast address for prefixes shorter than /31, given or not).
+fn interface_broadcast(addr: &SocketAddr) -> bool {
+    let IpAddr::V4(ip) = addr.ip().to_canonical() else {
+        return false;
+    };
+    if ip.is_unspecified() || ip.is_loopback() {
+        return false;
+    }
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return false;
+    };
+    let v4 = |a: Option<nix::sys::socket::SockaddrStorage>| {
+        a.and_then(|a| a.as_sockaddr_in().map(|a| a.ip()))
+    };
+    addrs.into_iter().any(|a| {
+        // Without a broadcast address of its own, an interface's is its
+        // address (glibc's getifaddrs fills it with IFA_ADDRESS).
+        let given = v4(a.broadcast) == Some(ip) && v4(a.address) != Some(ip);
+        let subnet = match (v4(a.address), v4(a.netmask)) {
+            (Some(addr), Some(mask)) if mask.to_bits().count_ones() < 31 => {
+                (addr.to_bits() | !mask.to_bits()) == ip.to_bits()
+            }
+            _ => false,
+        };
+        given || subnet
+    })
+}
+
+/// The program set `IP_FREEBIND` (`IPV6_FREEBIND`): the kernel binds an
+/// address that is not local. Not `IP_TRANSPARENT`, which needs a
+/// privilege the program may not have and the supervisor has.
+fn freebind(vs: &VirtualSocket) -> bool {
+    vs.options.is_on(libc::IPPROTO_IP, libc::IP_FREEBIND)
+        || (vs.domain == libc::AF_INET6
+            && vs.options.is_on(libc::IPPROTO_IPV6, libc::IPV6_FREEBIND))
 }
 
 /// The answer of a finished bind (or of a listen that failed).
@@ -463,4 +589,84 @@ pub(crate) fn shutdown(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
         State::Listening => Reply::Value(0),
         State::Fresh => Reply::Errno(libc::ENOTCONN),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ip: &str) -> SocketAddr {
+        SocketAddr::new(ip.parse().unwrap(), 0)
+    }
+
+    #[test]
+    fn multicast_and_broadcast_addresses_are_bound_by_the_node_kernel() {
+        for ip in [
+            "224.0.0.1",
+            "239.1.2.3",
+            "255.255.255.255",
+            "ff02::1",
+            "::ffff:224.0.0.1",
+        ] {
+            assert!(no_client_reaches(&at(ip)), "{ip}");
+        }
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "192.0.2.1",
+            "198.51.100.1",
+            "192.0.2.255",
+            "::",
+            "::1",
+            "2001:db8::1",
+        ] {
+            assert!(!no_client_reaches(&at(ip)), "{ip}");
+        }
+    }
+
+    #[test]
+    fn a_node_socket_on_a_loopback_address_holds_the_port_against_a_wildcard_bind() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let one = 1i32.to_ne_bytes();
+        assert!(loopback_holds(&VirtualSocket::new(libc::AF_INET), port));
+        assert!(
+            loopback_holds(&VirtualSocket::new(libc::AF_INET6), port),
+            "dual stack"
+        );
+        let mut v6only = VirtualSocket::new(libc::AF_INET6);
+        v6only
+            .options
+            .set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &one);
+        assert!(!loopback_holds(&v6only, port));
+        drop(held);
+        assert!(!loopback_holds(&VirtualSocket::new(libc::AF_INET), port));
+    }
+
+    #[test]
+    fn the_node_addresses_are_not_broadcast_ones() {
+        let addrs = nix::ifaddrs::getifaddrs().unwrap();
+        for a in addrs {
+            let Some(ip) = a.address.and_then(|a| a.as_sockaddr_in().map(|a| a.ip())) else {
+                continue;
+            };
+            let at = SocketAddr::from((ip, 80));
+            assert!(!interface_broadcast(&at), "{ip} of {}", a.interface_name);
+        }
+    }
+
+    #[test]
+    fn freebind_is_ip_freebind_or_ipv6_freebind_on_an_inet6_socket() {
+        let one = 1i32.to_ne_bytes();
+        let mut v4 = VirtualSocket::new(libc::AF_INET);
+        assert!(!freebind(&v4));
+        v4.options.set(libc::IPPROTO_IP, libc::IP_TRANSPARENT, &one);
+        assert!(!freebind(&v4), "IP_TRANSPARENT is not enough");
+        v4.options.set(libc::IPPROTO_IP, libc::IP_FREEBIND, &one);
+        assert!(freebind(&v4));
+        let mut v6 = VirtualSocket::new(libc::AF_INET6);
+        v6.options
+            .set(libc::IPPROTO_IPV6, libc::IPV6_FREEBIND, &one);
+        assert!(freebind(&v6));
+    }
 }

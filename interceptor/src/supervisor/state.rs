@@ -117,7 +117,12 @@ impl SupervisorState {
 
     /// Whether a loopback address stays on the node.
     pub(crate) fn stays_local(&self, addr: &SocketAddr) -> bool {
-        self.config.loopback == Loopback::Local && addr.ip().is_loopback()
+        self.loopback_local() && addr.ip().is_loopback()
+    }
+
+    /// Whether loopback addresses stay on the node (`--loopback local`).
+    pub(crate) fn loopback_local(&self) -> bool {
+        self.config.loopback == Loopback::Local
     }
 
     /// Forgets the virtual sockets the program closed while they were still

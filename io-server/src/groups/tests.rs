@@ -522,3 +522,79 @@ fn a_node_in_its_slow_start_gets_a_share_that_ramps_up_to_its_weight() {
     assert!(!g.ramp(t0 + 11 * s));
     assert_eq!(g.weight(A), 10, "A was never ramped (it was warm)");
 }
+
+#[test]
+fn a_v6only_socket_and_an_inet_one_of_one_node_share_a_port_and_the_inet_one_gets_its_clients() {
+    let mut g = two_nodes(SchedulerKind::Rr);
+    let key = port(80);
+    let v6only = bind_flags::V6ONLY;
+    assert_eq!(g.bind(A, 10, key, v6only), Ok(Bind::OpenPort));
+    g.open(key, A, 10, v6only);
+    assert_eq!(g.listen(key, A, 10, 4), Ok(true));
+    assert_eq!(
+        place(&mut g, key, 1),
+        Some(A),
+        "alone, the v6only listener serves the one address"
+    );
+    assert_eq!(
+        g.bind(A, 11, key, 0),
+        Err(libc::EADDRINUSE),
+        "a dual-stack one takes the IPv4 addresses too"
+    );
+    assert_eq!(g.bind(A, 11, key, INET), Ok(Bind::Joined(key)));
+    assert_eq!(g.listen(key, A, 11, 4), Ok(true));
+    assert_eq!(
+        g.bind(A, 12, key, INET),
+        Err(libc::EADDRINUSE),
+        "two AF_INET ones conflict"
+    );
+    // Its clients are IPv4 ones: all for the AF_INET listener now.
+    let picks: Vec<_> = (0..4)
+        .map(
+            |c| match g.dispatch(key, c, from(), now(), no_pending, no_held) {
+                Placement::Member(m, _) => m,
+                other => panic!("{other:?}"),
+            },
+        )
+        .collect();
+    assert_eq!(picks, [member(A, 11); 4]);
+    // Not IPV6_V6ONLY: an AF_INET6 socket takes the IPv4 addresses.
+    let key = port(81);
+    assert_eq!(g.bind(A, 20, key, INET), Ok(Bind::OpenPort));
+    g.open(key, A, 20, INET);
+    assert_eq!(g.bind(A, 21, key, 0), Err(libc::EADDRINUSE));
+    assert_eq!(g.bind(A, 21, key, v6only), Ok(Bind::Joined(key)));
+    assert_eq!(g.listen(key, A, 21, 4), Ok(true));
+    assert_eq!(g.listen(key, A, 20, 4), Ok(true), "no conflict at listen");
+    assert_eq!(place(&mut g, key, 1), Some(A));
+}
+
+#[test]
+fn a_listener_that_left_lingers_against_binds_it_would_not_share_its_port_with() {
+    let mut g = two_nodes(SchedulerKind::Rr);
+    let key = port(80);
+    let addr = bind_flags::REUSEADDR;
+    assert_eq!(g.bind(A, 10, key, addr), Ok(Bind::OpenPort));
+    g.open(key, A, 10, addr);
+    assert_eq!(g.listen(key, A, 10, 4), Ok(true));
+    let t = now();
+    assert!(
+        !g.lingers(A, key, 0, t),
+        "listening still: the bind rules say"
+    );
+    let _ = g.unbind(A, Some(10));
+    assert!(g.lingers(A, key, 0, t), "without SO_REUSEADDR");
+    assert!(!g.lingers(A, key, addr, t), "SO_REUSEADDR on both");
+    assert!(!g.lingers(B, key, 0, t), "another node");
+    assert!(!g.lingers(A, port(81), 0, t), "another port");
+    assert!(!g.lingers(A, port(0), 0, t), "port 0");
+    assert!(
+        !g.lingers(A, key, 0, now() + LINGER),
+        "forgotten after LINGER"
+    );
+    // A bound socket that never listened was given no connection.
+    assert_eq!(g.bind(A, 11, port(82), 0), Ok(Bind::OpenPort));
+    g.open(port(82), A, 11, 0);
+    let _ = g.unbind(A, Some(11));
+    assert!(!g.lingers(A, port(82), 0, now()));
+}
