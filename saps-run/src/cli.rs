@@ -238,3 +238,30 @@ pub fn tracer(args: &Args) -> anyhow::Result<Option<Arc<TraceWriter>>> {
     };
     Ok(Some(Arc::new(TraceWriter::new(opts)?)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn native(flags: &[&str]) -> bool {
+        let argv = ["saps-run"].iter().chain(flags).chain(&["--", "true"]);
+        Args::try_parse_from(argv).unwrap().native_sockets()
+    }
+
+    #[test]
+    fn native_sockets_only_where_the_embedded_io_server_would_be_the_kernel() {
+        assert!(native(&[]), "the defaults");
+        assert!(native(&["--native-sockets", "on", "--address", "::"]));
+        assert!(native(&["--address", "0.0.0.0", "--weight", "3"]));
+        for flags in [
+            &["--native-sockets", "off"][..],
+            &["--address", "127.0.0.1"],
+            &["--allow-ports", "8000"],
+            &["--zero-relay", "off"],
+            &["--loopback", "cluster"],
+            &["--io-server", "unix:/nonexistent", "--token-file", "/dev/null"],
+        ] {
+            assert!(!native(flags), "{flags:?}");
+        }
+    }
+}
