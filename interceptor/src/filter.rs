@@ -165,7 +165,10 @@ impl Filter {
     pub fn build(options: &FilterOptions) -> Result<Vec<libc::sock_filter>> {
         let mut ctx = context(SCMP_NATIVE)?;
         if options.native_sockets {
-            ctx.add_rule(ScmpAction::Notify, ScmpSyscall::from(libc::SYS_listen as i32))?;
+            ctx.add_rule(
+                ScmpAction::Notify,
+                ScmpSyscall::from(libc::SYS_listen as i32),
+            )?;
         } else {
             ctx.add_rule(ENOSYS, ScmpSyscall::from_name("io_uring_setup")?)?;
         }

@@ -259,7 +259,12 @@ mod tests {
             &["--allow-ports", "8000"],
             &["--zero-relay", "off"],
             &["--loopback", "cluster"],
-            &["--io-server", "unix:/nonexistent", "--token-file", "/dev/null"],
+            &[
+                "--io-server",
+                "unix:/nonexistent",
+                "--token-file",
+                "/dev/null",
+            ],
         ] {
             assert!(!native(flags), "{flags:?}");
         }

@@ -139,7 +139,8 @@ fn serve_and_check(name: &str, dir: &Path, port: u16, mut server: Proc, sockets:
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             let (name, calls) = (*f.last()?, f.get(3)?.parse().ok()?);
-            (name != "total" && f[0].ends_with(|c: char| c.is_ascii_digit())).then_some((name, calls))
+            (name != "total" && f[0].ends_with(|c: char| c.is_ascii_digit()))
+                .then_some((name, calls))
         })
         .collect();
     assert!(

@@ -68,7 +68,8 @@ impl ApplicationNode {
             weight: config.weight,
         };
         let io_server: Arc<str> = config.io_server.label().into();
-        let native_sockets = matches!(&config.io_server, IoServerLink::Embedded(e) if e.native_sockets);
+        let native_sockets =
+            matches!(&config.io_server, IoServerLink::Embedded(e) if e.native_sockets);
         let (joined, handoffs, rejoin) = match config.io_server {
             IoServerLink::Remote(remote) => {
                 let token = remote.read_token()?;
