@@ -23,8 +23,9 @@
 //! * everything else → `SECCOMP_RET_ALLOW`.
 //!
 //! With [`FilterOptions::native_sockets`] (saps-run's embedded zero-relay
-//! mode, where the program's sockets are the host kernel's own) only
-//! `listen` traps, `io_uring_setup` runs natively too, and the foreign-ABI
+//! mode, where the program's sockets are the host kernel's own) no socket
+//! call traps (`listen` alone with [`FilterOptions::trap_listen`], for
+//! `--trace`), `io_uring_setup` runs natively too, and the foreign-ABI
 //! refusals stay.
 
 use std::io::{Read, Seek};
@@ -120,9 +121,14 @@ pub struct FilterOptions {
     /// for tracing; the supervisor then continues the others natively).
     pub trap_every_socket: bool,
     /// The program's sockets are the kernel's own (docs/interceptor.md,
-    /// "Native sockets"): trap only `listen`, so that the supervisor sees
-    /// each listener, and nothing per connection or per request.
+    /// "Native sockets"): no socket call traps.
     pub native_sockets: bool,
+    /// With `native_sockets`, `listen` still traps, so that `--trace`
+    /// shows each listener (and nothing per connection or per request).
+    /// Without `--trace` it does not: a trapped call can end with `EINTR`
+    /// where the kernel's would not (docs/interceptor.md, "Signals during
+    /// a trapped call").
+    pub trap_listen: bool,
 }
 
 /// Builder of the BPF program.
@@ -165,10 +171,10 @@ impl Filter {
     pub fn build(options: &FilterOptions) -> Result<Vec<libc::sock_filter>> {
         let mut ctx = context(SCMP_NATIVE)?;
         if options.native_sockets {
-            ctx.add_rule(
-                ScmpAction::Notify,
-                ScmpSyscall::from(libc::SYS_listen as i32),
-            )?;
+            if options.trap_listen {
+                let listen = ScmpSyscall::from(libc::SYS_listen as i32);
+                ctx.add_rule(ScmpAction::Notify, listen)?;
+            }
         } else {
             ctx.add_rule(ENOSYS, ScmpSyscall::from_name("io_uring_setup")?)?;
         }
@@ -396,9 +402,18 @@ mod tests {
     }
 
     #[test]
-    fn native_sockets_trap_listen_alone() {
+    fn native_sockets_trap_nothing_or_listen_alone() {
+        let quiet = Filter::build(&FilterOptions {
+            native_sockets: true,
+            ..Default::default()
+        })
+        .unwrap();
+        for &(nr, name) in TRAPPED_SYSCALLS {
+            assert_eq!(native(&quiet, nr, INET, STREAM), ALLOW, "{name}");
+        }
         let p = Filter::build(&FilterOptions {
             native_sockets: true,
+            trap_listen: true,
             ..Default::default()
         })
         .unwrap();

@@ -285,7 +285,9 @@ impl Node {
     fn bind(&self, conn: ConnId, addr: SocketAddr, flags: u32) -> Result<SocketAddr, i32> {
         let address = self.server.config.address;
         let ip = addr.ip();
-        if !(ip.is_unspecified() || ip.is_loopback() || ip == address) {
+        // An AF_INET6 socket binds the address v4-mapped as the kernel's
+        // does (it then takes the address's IPv4 clients).
+        if !(ip.is_unspecified() || ip.is_loopback() || ip.to_canonical() == address) {
             return Err(libc::EADDRNOTAVAIL);
         }
         if addr.port() != 0 {

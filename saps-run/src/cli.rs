@@ -79,9 +79,10 @@ pub struct Args {
     /// Embedded io-server only: where it would answer every call as this
     /// host's kernel does (zero-relay on, --loopback local, --address the
     /// wildcard, no --allow-ports), give the program the kernel's own
-    /// sockets and trap only listen: nothing per connection or request
-    /// (on). Off: virtual sockets as with any io-server, every socket call
-    /// served through the embedded one (what --trace then shows).
+    /// sockets and trap no socket call (listen alone with --trace, to show
+    /// the listeners): nothing per connection or request (on). Off:
+    /// virtual sockets as with any io-server, every socket call served
+    /// through the embedded one (what --trace then shows).
     #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
     pub native_sockets: Switch,
 

@@ -105,7 +105,7 @@ const MODES: [Mode; 6] = [
 impl Mode {
     fn name(self) -> &'static str {
         match self {
-            Mode::Native => "native",
+            Mode::Native => "native-sockets",
             Mode::Embedded => "embedded",
             Mode::Relay => "relay",
             Mode::UnixFabric => "unix-fabric",

@@ -103,8 +103,9 @@ pub struct EmbeddedIoServer {
     pub transport: (StreamReader, StreamWriter),
     pub token: Vec<u8>,
     pub handoffs: Option<HandoffReceiver>,
-    /// The program's sockets are the host kernel's own, with only `listen`
-    /// trapped (docs/interceptor.md, "Native sockets"): right when this
+    /// The program's sockets are the host kernel's own, with no socket call
+    /// trapped (`listen` alone for `--trace`; docs/interceptor.md, "Native
+    /// sockets"): right when this
     /// io-server would answer every call as the host's kernel does (it
     /// hands every client over, serves the wildcard address with no port
     /// policy, and loopback stays local).

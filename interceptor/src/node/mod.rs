@@ -129,8 +129,11 @@ impl ApplicationNode {
         if let Err(e) = nix::sys::prctl::set_dumpable(false) {
             tracing::warn!("cannot make the node undumpable: {e}");
         }
+        // With native sockets, `listen` traps only for the trace: a
+        // trapped call can end with EINTR where the kernel's would not.
         let filter = FilterOptions {
             native_sockets: self.native_sockets,
+            trap_listen: tracer.is_some(),
             ..Default::default()
         };
         let (target, notifier) = match Target::spawn_with(program, args, &filter) {

@@ -22,7 +22,8 @@ pub struct SupervisorConfig {
     /// for the trace annotations.
     pub io_server: Arc<str>,
     pub node: Arc<str>,
-    /// The program's sockets are the kernel's own and only `listen` traps
-    /// (the filter's [`crate::FilterOptions::native_sockets`]).
+    /// The program's sockets are the kernel's own: no socket call traps
+    /// but `listen`, and that only for the trace (the filter's
+    /// [`crate::FilterOptions::native_sockets`]).
     pub native_sockets: bool,
 }

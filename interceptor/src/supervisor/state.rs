@@ -117,12 +117,7 @@ impl SupervisorState {
 
     /// Whether a loopback address stays on the node.
     pub(crate) fn stays_local(&self, addr: &SocketAddr) -> bool {
-        self.loopback_local() && addr.ip().is_loopback()
-    }
-
-    /// Whether loopback addresses stay on the node (`--loopback local`).
-    pub(crate) fn loopback_local(&self) -> bool {
-        self.config.loopback == Loopback::Local
+        self.config.loopback == Loopback::Local && addr.ip().is_loopback()
     }
 
     /// Forgets the virtual sockets the program closed while they were still
