@@ -1179,7 +1179,8 @@ def report(results, command, quick, zero_relay, load_before, load_after, errors,
                    "the relayed embedded row and the io-server rows pass `--zero-relay "
                    "off` (but for the one marked `--zero-relay on`, where the node takes "
                    "its clients' sockets through the io-server's hand-off socket), the "
-                   "tracing and other-server rows run saps-run with its defaults.\n")
+                   "tracing rows and the hot-path table's saps-run rows run saps-run with its "
+                   "defaults.\n")
     else:
         out.append("saps-run had no `--zero-relay` flag in this build: no zero-relay row.\n")
     if native_sockets:
