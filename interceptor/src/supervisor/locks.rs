@@ -38,6 +38,8 @@ pub(crate) enum Rank {
     Endpoint,
     /// The descriptors held back for the supervisor's own calls.
     Reserve,
+    /// The node's own loopback sockets (`loopback.rs`).
+    Loopback,
 }
 
 /// A mutex that may only be taken in [`Rank`] order.

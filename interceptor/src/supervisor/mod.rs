@@ -42,6 +42,7 @@ mod connect;
 mod events;
 mod listeners;
 mod locks;
+mod loopback;
 mod markers;
 mod objects;
 mod pidfds;

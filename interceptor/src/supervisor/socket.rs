@@ -3,6 +3,7 @@
 
 use super::arrival::{listening, reap_listeners};
 use super::call::{defer, Call, Outcome, LIVENESS_CHECK};
+use super::config::Loopback;
 use super::listeners::Listener;
 use super::objects::{hold_back, inode_of, pair, set_options, unix_socket};
 use super::restart;
@@ -12,7 +13,7 @@ use crate::sockaddr::{Decoded, SOCKADDR_IN_LEN};
 use crate::vsock::{Inode, State, VirtualSocket};
 use nix::sys::socket::{self as so, AddressFamily, SockFlag, SockType};
 use saps_fabric::{Request, Response};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 
@@ -162,6 +163,17 @@ pub(crate) fn bind(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
         }
         return Outcome::Reply(reply);
     }
+    // Its wildcard takes the node's loopback addresses, where the node's
+    // own sockets are (loopback stays local): one of them on this port
+    // conflicts as in the kernel.
+    let wildcard = addr.ip().is_unspecified() && addr.port() != 0;
+    if wildcard && sh.config.loopback == Loopback::Local {
+        let own = sh.loopback.lock().holds(addr.port());
+        if own && loopback_holds(&vs, addr.port()) {
+            sh.ops.forget(ino);
+            return Outcome::Reply(Reply::Errno(libc::EADDRINUSE));
+        }
+    }
     let conn = match sh.tag(call, &mut vs, "virtual") {
         Ok(c) => c,
         Err(e) => {
@@ -235,6 +247,41 @@ pub(crate) fn v6only_v4mapped(vs: &VirtualSocket, addr: &SocketAddr) -> bool {
 /// What `--trace` says of a socket made real for an address the io-server
 /// does not serve (multicast, broadcast, `IP_FREEBIND`).
 const NOT_SERVED: &str = "native (address not served)";
+
+/// Whether a socket of the node holds `port` on a loopback address that a
+/// wildcard bind of `vs` takes, so that the kernel would refuse that bind:
+/// asked of the kernel by binding a scratch socket with `vs`'s bind options
+/// there (`127.0.0.1`, `::1`, or both for a dual-stack socket). Asked only
+/// while one of the program's own loopback sockets holds the port
+/// (`loopback.rs`): an io-server on this host holds it too.
+fn loopback_holds(vs: &VirtualSocket, port: u16) -> bool {
+    let v6only = vs.options.is_on(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY);
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+    let mapped = SocketAddr::from((Ipv4Addr::LOCALHOST.to_ipv6_mapped(), port));
+    let probes: &[SocketAddr] = match (vs.domain, v6only) {
+        (libc::AF_INET6, true) => &[v6],
+        (libc::AF_INET6, false) => &[v6, mapped],
+        _ => &[v4],
+    };
+    let bind_options = vs.options.iter().filter(|&(level, name, _)| {
+        matches!(
+            (level, name),
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR | libc::SO_REUSEPORT)
+                | (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
+        )
+    });
+    let bind_options: Vec<_> = bind_options.collect();
+    probes.iter().any(|a| {
+        let ty = libc::SOCK_STREAM | libc::SOCK_CLOEXEC;
+        let Ok(s) = crate::sys::socket_raw(vs.domain, ty, libc::IPPROTO_TCP) else {
+            return false;
+        };
+        set_options(s.as_fd(), bind_options.iter().copied());
+        let at = nix::sys::socket::SockaddrStorage::from(*a);
+        so::bind(s.as_raw_fd(), &at) == Err(nix::errno::Errno::EADDRINUSE)
+    })
+}
 
 /// A multicast address, or the limited broadcast one: the kernel binds a
 /// TCP socket to it, and no client ever reaches it. Bound by the node's
@@ -331,7 +378,23 @@ fn native_bind(
         real.as_raw_fd(),
         &nix::sys::socket::SockaddrStorage::from(addr),
     ) {
-        Ok(()) => Reply::Value(0),
+        Ok(()) => {
+            if sh.stays_local(&addr) {
+                // The port it got (port 0 resolved).
+                let port = so::getsockname::<so::SockaddrStorage>(real.as_raw_fd())
+                    .ok()
+                    .and_then(|a| {
+                        a.as_sockaddr_in()
+                            .map(|a| a.port())
+                            .or_else(|| a.as_sockaddr_in6().map(|a| a.port()))
+                    })
+                    .unwrap_or(addr.port());
+                if let Ok(real_ino) = inode_of(&real) {
+                    sh.loopback.lock().add(real.as_fd(), real_ino, port);
+                }
+            }
+            Reply::Value(0)
+        }
         Err(e) => Reply::Errno(e as i32),
     }
 }
@@ -578,6 +641,25 @@ mod tests {
         ] {
             assert!(!no_client_reaches(&at(ip)), "{ip}");
         }
+    }
+
+    #[test]
+    fn a_node_socket_on_a_loopback_address_holds_the_port_against_a_wildcard_bind() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let one = 1i32.to_ne_bytes();
+        assert!(loopback_holds(&VirtualSocket::new(libc::AF_INET), port));
+        assert!(
+            loopback_holds(&VirtualSocket::new(libc::AF_INET6), port),
+            "dual stack"
+        );
+        let mut v6only = VirtualSocket::new(libc::AF_INET6);
+        v6only
+            .options
+            .set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &one);
+        assert!(!loopback_holds(&v6only, port));
+        drop(held);
+        assert!(!loopback_holds(&VirtualSocket::new(libc::AF_INET), port));
     }
 
     #[test]

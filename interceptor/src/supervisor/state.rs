@@ -42,6 +42,8 @@ pub(crate) struct SupervisorState {
     diag: Ranked<Option<crate::diag::SockDiag>>,
     /// Descriptors held back for the calls' duplicates (`reserve.rs`).
     pub reserve: super::reserve::Reserve,
+    /// The loopback sockets the supervisor made real (`loopback.rs`).
+    pub loopback: Ranked<super::loopback::LoopbackBinds>,
 }
 
 impl SupervisorState {
@@ -65,6 +67,7 @@ impl SupervisorState {
             ops: OpTable::new(),
             diag: Ranked::new(Rank::Diag, None),
             reserve: super::reserve::Reserve::new(),
+            loopback: Ranked::new(Rank::Loopback, super::loopback::LoopbackBinds::new()),
         }
     }
 
