@@ -957,14 +957,12 @@ class Run:
         return [(app, what, [(k, label, runs[(app, k)]) for k, label in kinds])
                 for app, _, _, what in apps]
 
-    def extra_setup(self, kind, app, label, close):
+    def tracing_setup(self, kind, label):
+        """nginx under setup `kind`: wrk c50 keep-alive and Connection: close."""
         def body(s, row):
-            # python's http.server listens with a backlog of 5: more
-            # clients than that measure SYN retransmits, not the server.
-            self.http(label, s, row, 10 if app == "python" else 50, False, "ka50")
-            if close:
-                self.http(label, s, row, 50, True, "close")
-        return self.served(kind, label, body, app)
+            self.http(label, s, row, 50, False, "ka50")
+            self.http(label, s, row, 50, True, "close")
+        return self.served(kind, label, body, "nginx")
 
     def all(self, only):
         main = [(k, l) for k, l in MAIN_SETUPS
@@ -981,7 +979,6 @@ class Run:
                    ("virtual", "saps-run, virtual sockets")]
         if not self.b.native_sockets:
             servers = servers[:2]
-
         results = {"main": [], "tracing": [], "servers": [], "gateway": [],
                    "gateway_skipped": None, "interleaved": [], "hardening": [],
                    "stack": None}
@@ -1016,7 +1013,7 @@ class Run:
         if not only or "tracing" in only:
             for k, label in tracing:
                 log(f"{label} ...")
-                results["tracing"].append((k, label, self.extra_setup(k, "nginx", label, True)))
+                results["tracing"].append((k, label, self.tracing_setup(k, label)))
         if not only or "servers" in only:
             results["servers"] = self.hot_path(servers)
         return results
@@ -1186,7 +1183,7 @@ def report(results, command, quick, zero_relay, load_before, load_after, errors,
     if native_sockets:
         out.append("With saps-run's defaults the embedded io-server's node gets the "
                    "kernel's own sockets (`--native-sockets`, docs/interceptor.md): the "
-                   "native sockets row, the tracing rows and the other servers' "
+                   "native sockets row, the tracing rows and the hot-path table's "
                    "`saps-run` rows run so. Every row with `--address 127.0.0.1` (the "
                    "other embedded rows, those marked virtual sockets) has virtual "
                    "sockets, as every node of an io-server does.\n")

@@ -170,17 +170,14 @@ impl Filter {
     /// Builds the program (see the module docs for what it does).
     pub fn build(options: &FilterOptions) -> Result<Vec<libc::sock_filter>> {
         let mut ctx = context(SCMP_NATIVE)?;
-        if options.native_sockets {
+        let trapped = if options.native_sockets {
             if options.trap_listen {
                 let listen = ScmpSyscall::from(libc::SYS_listen as i32);
                 ctx.add_rule(ScmpAction::Notify, listen)?;
             }
-        } else {
-            ctx.add_rule(ENOSYS, ScmpSyscall::from_name("io_uring_setup")?)?;
-        }
-        let trapped = if options.native_sockets {
             &[][..]
         } else {
+            ctx.add_rule(ENOSYS, ScmpSyscall::from_name("io_uring_setup")?)?;
             TRAPPED_SYSCALLS
         };
         for &(nr, _) in trapped {

@@ -254,7 +254,6 @@ impl VsockTable {
     /// port (both `SO_REUSEPORT`, or both `SO_REUSEADDR` while it does not
     /// listen). The node's kernel knows nothing of virtual binds.
     pub fn wildcard_holds(&self, ino: Inode, ip: IpAddr, port: u16, flags: u32) -> bool {
-        use saps_fabric::frame::bind_flags::{REUSEADDR, REUSEPORT};
         let v4 = match ip {
             IpAddr::V4(_) => true,
             IpAddr::V6(a) => a.to_ipv4_mapped().is_some(),
@@ -272,9 +271,9 @@ impl VsockTable {
                     !v4 || !vs.options.is_on(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
                 }
             };
-            let held = vs.options.bind_flags();
-            let both = |f: u32| flags & f != 0 && held & f != 0;
-            let shares = both(REUSEPORT) || (both(REUSEADDR) && vs.state != State::Listening);
+            let listening = vs.state == State::Listening;
+            let shares =
+                saps_fabric::frame::bind_flags::reuse(flags, vs.options.bind_flags(), listening);
             other != ino && takes && !shares
         })
     }

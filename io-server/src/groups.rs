@@ -65,10 +65,7 @@ pub const INET: u32 = 1 << 31;
 /// while the one held does not listen; or they bind no address in common
 /// ([`overlap`]).
 fn shares(flags: u32, held: u32, listening: bool) -> bool {
-    let both = |f: u32| flags & f != 0 && held & f != 0;
-    !overlap(flags, held)
-        || both(bind_flags::REUSEPORT)
-        || (both(bind_flags::REUSEADDR) && !listening)
+    !overlap(flags, held) || bind_flags::reuse(flags, held, listening)
 }
 
 /// Whether two sockets' binds of one port take an address in common: an

@@ -46,6 +46,15 @@ pub mod bind_flags {
     pub const REUSEPORT: u32 = 2;
     pub const V6ONLY: u32 = 4;
     pub const ALL: u32 = REUSEADDR | REUSEPORT | V6ONLY;
+
+    /// Whether a new socket with bind flags `flags` may bind a port (and
+    /// address) a socket with `held` holds, by the kernel's reuse rules
+    /// (`inet_csk_bind_conflict`): both `SO_REUSEPORT`, or both
+    /// `SO_REUSEADDR` while the one held does not listen.
+    pub fn reuse(flags: u32, held: u32, listening: bool) -> bool {
+        let both = |f: u32| flags & f != 0 && held & f != 0;
+        both(REUSEPORT) || (both(REUSEADDR) && !listening)
+    }
 }
 
 /// A node's request to the io-server (Figure 3, "node → io-server").

@@ -80,3 +80,13 @@ pub(crate) fn inode_of(fd: impl AsFd) -> Result<Inode, i32> {
         .map(|st| st.st_ino)
         .map_err(|e| e as i32)
 }
+
+/// The address an IPv4 or IPv6 socket of ours is bound to.
+pub(crate) fn local_addr(fd: impl AsFd) -> Option<std::net::SocketAddr> {
+    let a = so::getsockname::<so::SockaddrStorage>(fd.as_fd().as_raw_fd()).ok()?;
+    match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+        (Some(v4), _) => Some(std::net::SocketAddrV4::from(*v4).into()),
+        (_, Some(v6)) => Some(std::net::SocketAddrV6::from(*v6).into()),
+        _ => None,
+    }
+}

@@ -5,7 +5,7 @@ use super::arrival::{listening, reap_listeners};
 use super::call::{defer, Call, Outcome, LIVENESS_CHECK};
 use super::config::Loopback;
 use super::listeners::Listener;
-use super::objects::{hold_back, inode_of, pair, set_options, unix_socket};
+use super::objects::{hold_back, inode_of, local_addr, pair, set_options, unix_socket};
 use super::restart;
 use super::state::SupervisorState;
 use crate::notify::{AddFd, Reply};
@@ -143,11 +143,12 @@ pub(crate) fn bind(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
         sh.ops.forget(ino);
         return Outcome::Reply(Reply::Errno(libc::EINVAL));
     }
-    if sh.stays_local(&addr) || no_client_reaches(&addr) {
+    let local = sh.stays_local(&addr);
+    if local || no_client_reaches(&addr) {
         sh.ops.forget(ino);
         // A virtual socket's wildcard bind of this port takes this
         // address too: the kernel's EADDRINUSE (the socket stays as it is).
-        if sh.stays_local(&addr) && addr.port() != 0 {
+        if local && addr.port() != 0 {
             reap_listeners(sh, Some(addr.port()));
             sh.sweep_closed(Some(addr.port()));
             let held = sh
@@ -158,7 +159,7 @@ pub(crate) fn bind(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
             }
         }
         let reply = native_bind(sh, call, ino, &vs, addr);
-        if !sh.stays_local(&addr) {
+        if !local {
             call.note.action = NOT_SERVED;
         }
         return Outcome::Reply(reply);
@@ -381,14 +382,7 @@ fn native_bind(
         Ok(()) => {
             if sh.stays_local(&addr) {
                 // The port it got (port 0 resolved).
-                let port = so::getsockname::<so::SockaddrStorage>(real.as_raw_fd())
-                    .ok()
-                    .and_then(|a| {
-                        a.as_sockaddr_in()
-                            .map(|a| a.port())
-                            .or_else(|| a.as_sockaddr_in6().map(|a| a.port()))
-                    })
-                    .unwrap_or(addr.port());
+                let port = local_addr(&real).map_or(addr.port(), |a| a.port());
                 if let Ok(real_ino) = inode_of(&real) {
                     sh.loopback.lock().add(real.as_fd(), real_ino, port);
                 }
@@ -403,25 +397,17 @@ fn addr_ip(vs: &VirtualSocket) -> std::net::IpAddr {
     crate::vsock::unspecified(vs.domain).ip()
 }
 
-/// `listen(fd, backlog)` with native sockets: the kernel's own socket
-/// listens. The answer depends on nothing the supervisor reads from the
-/// program's memory, so `CONTINUE` is exact; the trace notes the address
-/// it listens on.
+/// `listen(fd, backlog)` with native sockets, trapped only for `--trace`:
+/// the kernel's own socket listens. The answer depends on nothing the
+/// supervisor reads from the program's memory, so `CONTINUE` is exact; the
+/// trace notes the address it listens on.
 pub(crate) fn listen_native(sh: &SupervisorState, call: &mut Call) -> Outcome {
     call.note.action = "native";
-    if sh.config.tracer.is_some() {
-        let pidfds = &sh.pidfds;
-        let dup = pidfds.with(call.pid(), |p| crate::fds::socket_dup_inode(p, call.fd()));
-        if let Ok((dup, ino)) = dup {
-            call.note.inode = ino;
-            call.note.group = so::getsockname::<so::SockaddrStorage>(dup.as_raw_fd())
-                .ok()
-                .and_then(|a| match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
-                    (Some(v4), _) => Some(SocketAddr::V4((*v4).into())),
-                    (_, Some(v6)) => Some(SocketAddr::V6((*v6).into())),
-                    _ => None,
-                });
-        }
+    let pidfds = &sh.pidfds;
+    let dup = pidfds.with(call.pid(), |p| crate::fds::socket_dup_inode(p, call.fd()));
+    if let Ok((dup, ino)) = dup {
+        call.note.inode = ino;
+        call.note.group = local_addr(&dup);
     }
     Outcome::Reply(Reply::Continue)
 }
