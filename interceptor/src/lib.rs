@@ -14,18 +14,18 @@
 //! * [`notify`] — the listener: receive, answer, `ADDFD`.
 //! * [`memory`] — `process_vm_readv/writev` with faults as values.
 //! * [`fds`] — socket inodes, fd flags, `pidfd_getfd`.
-//! * [`diag`] — whether a socket object still exists (`sock_diag`).
+//! * [`maker`] — TCP placeholders made in a network namespace of their own.
 //! * [`sockaddr`], [`sockopt`] — argument formats and names.
 //! * [`vsock`] — the virtual-socket table, keyed by inode.
 //! * [`supervisor`] — Figure 3: servicing the trapped calls against the io-server.
 //! * `sys` — the only `unsafe` code: raw syscalls, libseccomp's
 //!   notification calls and the ioctls it lacks.
 
-pub mod diag;
 pub mod error;
 pub mod fds;
 pub mod filter;
 pub mod launch;
+pub mod maker;
 pub mod memory;
 pub mod node;
 pub mod notify;

@@ -555,3 +555,149 @@ pub fn wake_thread(thread: libc::pthread_t) {
         libc::pthread_kill(thread, wakeup_signal());
     }
 }
+
+/// A request to the socket maker: `[domain, protocol, count]`, native-endian
+/// `i32`s; its answer carries up to `count` sockets and one `i32`, the errno
+/// of the `socket` call that stopped it short (0 when none did), and is
+/// followed by a one-octet message once the maker has closed its copies.
+pub const MAKER_MAX: usize = 32;
+
+/// Starts the socket maker (`crate::maker`): a process that is not a child
+/// of this one (a child would keep [`wait_any`] from ever seeing the
+/// program's tree gone), in a network namespace of its own with no
+/// interface up, that answers requests on `sock` (its end of a
+/// `SOCK_SEQPACKET` pair) until the other end closes. Its first message is
+/// the errno of its `unshare` (0: isolated). Returns once the intermediate
+/// child is reaped.
+pub fn fork_socket_maker(sock: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fork in a possibly multi-threaded process: both children only
+    // make raw async-signal-safe syscalls on stack data, and never return.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        0 => {
+            // SAFETY: as above; the intermediate child forks once more and
+            // exits, so that the maker is reparented away from us.
+            unsafe {
+                match libc::fork() {
+                    0 => socket_maker_main(sock.as_raw_fd()),
+                    -1 => libc::_exit(1),
+                    _ => libc::_exit(0),
+                }
+            }
+        }
+        pid => {
+            let mut status = 0;
+            loop {
+                // SAFETY: `status` lives across the call.
+                let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+                if r == pid {
+                    break;
+                }
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    return Err(e);
+                }
+            }
+            if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::other("the socket maker could not be forked"))
+            }
+        }
+    }
+}
+
+fn socket_maker_main(sock: RawFd) -> ! {
+    // SAFETY: raw async-signal-safe syscalls on stack data only.
+    unsafe {
+        // No signal of saps-run's process group or handler of its runtime:
+        // the maker ends when its socket's other end closes.
+        libc::setsid();
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+        // Nothing of saps-run's but the socket: a pipe or a socket held
+        // here would never see its end of file.
+        let last = libc::c_uint::MAX;
+        if sock > 0 {
+            libc::syscall(
+                libc::SYS_close_range,
+                0 as libc::c_uint,
+                (sock - 1) as libc::c_uint,
+                0,
+            );
+        }
+        libc::syscall(libc::SYS_close_range, (sock + 1) as libc::c_uint, last, 0);
+        let mut errno: i32 = 0;
+        if libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) != 0
+            && libc::unshare(libc::CLONE_NEWNET) != 0
+        {
+            errno = *libc::__errno_location();
+        }
+        let first = errno.to_ne_bytes();
+        libc::send(sock, first.as_ptr().cast(), first.len(), libc::MSG_NOSIGNAL);
+        if errno != 0 {
+            libc::_exit(1);
+        }
+        loop {
+            let mut req = [0u8; 12];
+            let n = libc::recv(sock, req.as_mut_ptr().cast(), req.len(), 0);
+            if n < 0 && *libc::__errno_location() == libc::EINTR {
+                continue;
+            }
+            if n != req.len() as isize {
+                libc::_exit(0);
+            }
+            let word = |i: usize| i32::from_ne_bytes([req[i], req[i + 1], req[i + 2], req[i + 3]]);
+            let (domain, protocol) = (word(0), word(4));
+            let count = (word(8).max(0) as usize).min(MAKER_MAX);
+            let mut fds = [-1 as RawFd; MAKER_MAX];
+            let mut made = 0;
+            let mut failed: i32 = 0;
+            while made < count {
+                let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, protocol);
+                if fd < 0 {
+                    failed = *libc::__errno_location();
+                    break;
+                }
+                fds[made] = fd;
+                made += 1;
+            }
+            let body = failed.to_ne_bytes();
+            let mut iov = libc::iovec {
+                iov_base: body.as_ptr() as *mut libc::c_void,
+                iov_len: body.len(),
+            };
+            // Room for MAKER_MAX descriptors, aligned for cmsghdr.
+            let mut control = [0u64; (MAKER_MAX * 4 + 32) / 8];
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            if made > 0 {
+                let payload = (made * std::mem::size_of::<RawFd>()) as u32;
+                msg.msg_control = control.as_mut_ptr().cast();
+                msg.msg_controllen = libc::CMSG_SPACE(payload) as usize;
+                let c = libc::CMSG_FIRSTHDR(&msg);
+                (*c).cmsg_level = libc::SOL_SOCKET;
+                (*c).cmsg_type = libc::SCM_RIGHTS;
+                (*c).cmsg_len = libc::CMSG_LEN(payload) as usize;
+                std::ptr::copy_nonoverlapping(
+                    fds.as_ptr(),
+                    libc::CMSG_DATA(c).cast::<RawFd>(),
+                    made,
+                );
+            }
+            let sent = libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL);
+            for &fd in &fds[..made] {
+                libc::close(fd);
+            }
+            // Then a second message: the maker's copies are closed, so a
+            // socket the supervisor closes is closed everywhere.
+            let closed = [0u8; 1];
+            if sent < 0 || libc::send(sock, closed.as_ptr().cast(), 1, libc::MSG_NOSIGNAL) < 0 {
+                libc::_exit(0);
+            }
+        }
+    }
+}

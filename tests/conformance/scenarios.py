@@ -1259,6 +1259,33 @@ def connect_unspec_disconnect():
 
 
 @sc
+def connect_unspec_connecting():
+    c = S(timeout=0.0)
+    out("connect=%s" % ecode(c.connect_ex((BH4, 80))))
+    out("disconnect=%s" % c_connect(c.fileno(), sa_in("0.0.0.0", 0, family=0)),
+        "state=%s" % tcp_state(c))
+    out("peer=%s" % tr(c.getpeername))
+    l, port = listener()
+    c.settimeout(T)
+    out("reconnect=%s" % tr(c.connect, (A4, port)))
+    s, a = accept(l)
+    out("accepted peer_is_client=%s" % same(a, c.getsockname()))
+
+
+@sc
+def shutdown_connecting_reconnect():
+    c = S(timeout=0.0)
+    out("connect=%s" % ecode(c.connect_ex((BH4, 80))))
+    out("shutdown=%s" % tr(c.shutdown, socket.SHUT_WR), "state=%s" % tcp_state(c))
+    l, port = listener()
+    c.settimeout(T)
+    out("reconnect=%s" % tr(c.connect, (A4, port)))
+    s, a = accept(l)
+    c.sendall(b"after")
+    out("accepted got=%r" % recv_exact(s, 5))
+
+
+@sc
 def connect_efault():
     l, port = listener()
     c = S(timeout=None)

@@ -121,6 +121,18 @@ impl ApplicationNode {
         args: &[OsString],
         tracer: Option<Arc<dyn Tracer>>,
     ) -> Result<RunningProgram, NodeError> {
+        // Before the subreaper: the maker must not be reparented to us.
+        let maker = if self.native_sockets {
+            None
+        } else {
+            match crate::maker::SocketMaker::start() {
+                Ok(m) => Some(Arc::new(m)),
+                Err(e) => {
+                    tracing::info!(error = %e, "no network namespace for TCP placeholders: AF_UNIX ones");
+                    None
+                }
+            }
+        };
         launch::become_subreaper().map_err(NodeError::Subreaper)?;
         // Neither the program nor anything else running as this user may
         // read the node's memory (it holds the fabric's token) through
@@ -163,6 +175,7 @@ impl ApplicationNode {
                 io_server: self.io_server,
                 node: self.me.name.into(),
                 native_sockets: self.native_sockets,
+                maker,
             },
         );
         rt.spawn(rejoin::stay_joined(

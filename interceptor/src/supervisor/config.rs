@@ -1,6 +1,7 @@
 //! The supervisor's options (`saps-run`'s flags that reach it).
 
 use super::trace::Tracer;
+use crate::maker::SocketMaker;
 use std::sync::Arc;
 
 /// How loopback addresses are treated (`--loopback`).
@@ -26,4 +27,6 @@ pub struct SupervisorConfig {
     /// but `listen`, and that only for the trace (the filter's
     /// [`crate::FilterOptions::native_sockets`]).
     pub native_sockets: bool,
+    /// Where TCP placeholders come from (`None`: AF_UNIX ones).
+    pub maker: Option<Arc<SocketMaker>>,
 }

@@ -16,9 +16,7 @@
 //! (§2.3).
 
 use super::call::{defer, Call, Outcome, LIVENESS_CHECK};
-use super::objects::{
-    hold_back, inode_of, pair, set_nonblocking, set_options, unix_socket, FILLER,
-};
+use super::objects::{hold_back, inode_of, pair, set_nonblocking, set_options, FILLER};
 use super::relay::{relay, to_tokio};
 use super::socket::{make_native, v4_on_v6, v6only_v4mapped};
 use super::state::SupervisorState;
@@ -115,12 +113,11 @@ pub(crate) fn connect(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
 }
 
 /// `connect(fd, {AF_UNSPEC}, …)`: the kernel's `tcp_disconnect`. A
-/// connected socket resets its connection (the peer sees `ECONNRESET`) and
-/// is an unconnected socket again, with its options, that may connect
-/// anew: the supervisor closes the connection with a reset and puts a
-/// fresh placeholder over the program's fd. On a socket never connected it
-/// does nothing. A listening or connecting socket keeps today's refusal
-/// (docs/interceptor.md, "Departures" 9).
+/// connected socket resets its connection (the peer sees `ECONNRESET`), a
+/// connecting one abandons its connect, and either is an unconnected
+/// socket again, with its options, that may connect anew ([`unconnect`]).
+/// On a socket never connected it does nothing. A listening socket keeps
+/// today's refusal (docs/interceptor.md, "Departures" 9).
 fn disconnect(
     sh: &Arc<SupervisorState>,
     call: &mut Call,
@@ -129,29 +126,55 @@ fn disconnect(
 ) -> Outcome {
     call.note.action = "disconnect";
     match vs.state {
-        State::Fresh => return Outcome::Reply(Reply::Value(0)),
-        State::Connected { .. } => {}
-        State::Connecting { .. } | State::Listening => {
-            return Outcome::Reply(Reply::Errno(libc::EAFNOSUPPORT))
+        State::Fresh => Outcome::Reply(Reply::Value(0)),
+        State::Connected { .. } | State::Connecting { .. } => {
+            Outcome::Reply(match unconnect(sh, call, ino, vs) {
+                Ok(()) => Reply::Value(0),
+                Err(e) => Reply::Errno(e),
+            })
         }
+        State::Listening => Outcome::Reply(Reply::Errno(libc::EAFNOSUPPORT)),
     }
-    let (new_ino, placeholder) =
-        match unix_socket(sh.nonblocking(call)).and_then(|p| Ok((inode_of(&p)?, p))) {
-            Ok(x) => x,
-            Err(e) => return Outcome::Reply(Reply::Errno(e)),
-        };
+}
+
+/// Makes the connected or connecting socket `ino` (the call's fd) an
+/// unconnected one again, with its options, as the kernel's
+/// `tcp_disconnect` does: a fresh placeholder goes over the program's fd;
+/// an established connection is closed with a reset, a connect in flight
+/// is abandoned (a blocking `connect` waiting for it is woken, and the
+/// io-server's answer, when it comes, finds no socket).
+pub(crate) fn unconnect(
+    sh: &Arc<SupervisorState>,
+    call: &mut Call,
+    ino: Inode,
+    vs: VirtualSocket,
+) -> Result<(), i32> {
+    let nonblock = sh.nonblocking(call);
+    let made = sh
+        .placeholders
+        .lock()
+        .make(vs.domain, vs.protocol, nonblock);
+    let (placeholder, new_ino) = made?;
     let mut fresh = VirtualSocket::with_protocol(vs.domain, vs.protocol);
     fresh.options = vs.options.clone();
     sh.table().insert(new_ino, fresh);
     if let Err(e) = sh.replace_fd(call, placeholder.as_fd()) {
         sh.table().remove(new_ino);
-        return Outcome::Reply(Reply::Errno(e));
+        return Err(e);
     }
     sh.table().remove(ino);
-    if let Some(conn) = vs.conn {
-        sh.ep().close_connection(conn, libc::ECONNRESET);
+    let connecting = matches!(vs.state, State::Connecting { .. });
+    if connecting {
+        let tx = sh.connecting.lock().remove(&ino);
+        if let Some(tx) = tx {
+            tx.send_replace(true);
+        }
     }
-    Outcome::Reply(Reply::Value(0))
+    if let Some(conn) = vs.conn {
+        let errno = if connecting { 0 } else { libc::ECONNRESET };
+        sh.ep().close_connection(conn, errno);
+    }
+    Ok(())
 }
 
 /// A blocking connect waits until the connection of `S` (inode `s_ino`) is
@@ -275,13 +298,21 @@ async fn finish(
         Response::Status { errno: 0, addr } => {
             // Connected in the table before S can poll writable: a program
             // woken by POLLOUT asks getsockname/getpeername at once.
-            {
+            let known = {
                 let mut table = sh.table();
-                if let Some(v) = table.get_mut(s_ino) {
+                let v = table.get_mut(s_ino);
+                let known = v.is_some();
+                if let Some(v) = v {
                     let local = addr.unwrap_or_else(|| crate::vsock::unspecified(v.domain));
                     v.state = State::Connected { peer, local };
                     v.connect_unreported = true;
                 }
+                known
+            };
+            if !known {
+                // Abandoned meanwhile (`unconnect`), which closed it.
+                tell(sh);
+                return;
             }
             // Restore S's send buffer, then let it become writable.
             let _ = so::setsockopt(&s, sockopt::SndBuf, &sndbuf);

@@ -30,8 +30,8 @@ pub(crate) enum Rank {
     Connecting,
     /// `bind`/`listen` calls in flight (restarted calls).
     Ops,
-    /// The `sock_diag` socket.
-    Diag,
+    /// The placeholders' source and watch (`placeholders.rs`).
+    Placeholders,
     /// Cached pidfds.
     Pidfds,
     /// The channel to the io-server (cloned out, never held long).
@@ -168,7 +168,15 @@ mod tests {
     #[test]
     fn every_lock_may_be_taken_under_all_those_before_it() {
         use Rank::*;
-        let order = [Listeners, Table, Connecting, Ops, Diag, Pidfds, Endpoint];
+        let order = [
+            Listeners,
+            Table,
+            Connecting,
+            Ops,
+            Placeholders,
+            Pidfds,
+            Endpoint,
+        ];
         assert!(order.windows(2).all(|w| w[0] < w[1]));
         let locks: Vec<Ranked<()>> = order.iter().map(|&r| Ranked::new(r, ())).collect();
         let guards: Vec<Guard<'_, ()>> = locks.iter().map(Ranked::lock).collect();

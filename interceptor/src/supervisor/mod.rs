@@ -46,6 +46,7 @@ mod loopback;
 mod markers;
 mod objects;
 mod pidfds;
+mod placeholders;
 mod relay;
 mod reserve;
 mod restart;
@@ -54,6 +55,7 @@ mod socket;
 mod sockopt;
 mod state;
 mod trace;
+mod watch;
 
 pub use config::{Loopback, SupervisorConfig};
 pub use trace::{CallRecord, Detail, Note, Tracer};

@@ -5,7 +5,7 @@ use super::arrival::{listening, reap_listeners};
 use super::call::{defer, Call, Outcome, LIVENESS_CHECK};
 use super::config::Loopback;
 use super::listeners::Listener;
-use super::objects::{hold_back, inode_of, local_addr, pair, set_options, unix_socket};
+use super::objects::{hold_back, inode_of, local_addr, pair, set_options};
 use super::restart;
 use super::state::SupervisorState;
 use crate::notify::{AddFd, Reply};
@@ -18,7 +18,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 /// `socket(AF_INET|AF_INET6, SOCK_STREAM, 0|IPPROTO_TCP|IPPROTO_MPTCP)`:
-/// install an AF_UNIX placeholder and remember it as a virtual socket. An
+/// install a placeholder (`placeholders.rs`) and remember it as a virtual
+/// socket. An
 /// MPTCP socket is served like a TCP one (the io-server's socket toward
 /// the client is TCP; docs/interceptor.md, "Departures").
 pub(crate) fn socket(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
@@ -37,12 +38,12 @@ pub(crate) fn socket(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
     if ty & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC | 0xf) != 0 {
         return Outcome::Reply(Reply::Errno(libc::EINVAL));
     }
-    let placeholder = match unix_socket(ty & libc::SOCK_NONBLOCK != 0) {
-        Ok(fd) => fd,
-        Err(e) => return Outcome::Reply(Reply::Errno(e)),
-    };
-    let ino = match inode_of(&placeholder) {
-        Ok(i) => i,
+    let made = sh
+        .placeholders
+        .lock()
+        .make(domain, proto, ty & libc::SOCK_NONBLOCK != 0);
+    let (placeholder, ino) = match made {
+        Ok(x) => x,
         Err(e) => return Outcome::Reply(Reply::Errno(e)),
     };
     // In the table before the program can see the fd.
@@ -580,9 +581,11 @@ fn install_listener(
 
 /// `shutdown(fd, how)`: on an established connection the kernel object `S`
 /// does it natively (its EOF reaches the relay, which sends FIN after the
-/// data); elsewhere the kernel's answers.
+/// data), and so does a TCP placeholder (`ENOTCONN`, and the socket polls
+/// hung up from then on, as the kernel's); a connecting socket abandons its
+/// connect, as the kernel's in SYN_SENT; elsewhere the kernel's answers.
 pub(crate) fn shutdown(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
-    let Some((_, vs)) = sh.lookup(call) else {
+    let Some((ino, vs)) = sh.lookup(call) else {
         return Outcome::Reply(Reply::Continue);
     };
     let how = call.arg(1) as i32;
@@ -590,8 +593,14 @@ pub(crate) fn shutdown(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
         return Outcome::Reply(Reply::Errno(libc::EINVAL));
     }
     Outcome::Reply(match vs.state {
-        State::Connected { .. } | State::Connecting { .. } => Reply::Continue,
+        State::Connected { .. } => Reply::Continue,
+        // The kernel's `inet_shutdown` disconnects a socket in SYN_SENT.
+        State::Connecting { .. } => match super::connect::unconnect(sh, call, ino, vs) {
+            Ok(()) => Reply::Value(0),
+            Err(e) => Reply::Errno(e),
+        },
         State::Listening => Reply::Value(0),
+        State::Fresh if sh.placeholders.lock().is_tcp(ino) => Reply::Continue,
         State::Fresh => Reply::Errno(libc::ENOTCONN),
     })
 }

@@ -38,8 +38,8 @@ pub(crate) struct SupervisorState {
     pub connecting: Ranked<HashMap<Inode, tokio::sync::watch::Sender<bool>>>,
     /// `bind`/`listen` calls waiting for the io-server (`restart.rs`).
     pub ops: OpTable,
-    /// Asks the kernel whether a placeholder still exists (`diag`).
-    diag: Ranked<Option<crate::diag::SockDiag>>,
+    /// The unconnected sockets' placeholders (`placeholders.rs`).
+    pub placeholders: Ranked<super::placeholders::Placeholders>,
     /// Descriptors held back for the calls' duplicates (`reserve.rs`).
     pub reserve: super::reserve::Reserve,
     /// The loopback sockets the supervisor made real (`loopback.rs`).
@@ -53,6 +53,7 @@ impl SupervisorState {
         rt: tokio::runtime::Handle,
         config: SupervisorConfig,
     ) -> Self {
+        let placeholders = super::placeholders::Placeholders::new(config.maker.clone());
         SupervisorState {
             notifier,
             endpoint: Ranked::new(Rank::Endpoint, endpoint),
@@ -65,7 +66,7 @@ impl SupervisorState {
             pidfds: PidfdCache::new(),
             connecting: Ranked::default_with(Rank::Connecting),
             ops: OpTable::new(),
-            diag: Ranked::new(Rank::Diag, None),
+            placeholders: Ranked::new(Rank::Placeholders, placeholders),
             reserve: super::reserve::Reserve::new(),
             loopback: Ranked::new(Rank::Loopback, super::loopback::LoopbackBinds::new()),
         }
@@ -127,8 +128,8 @@ impl SupervisorState {
     /// placeholders (after `socket` or `bind`, bound on `port` if given),
     /// and releases what they held at the io-server, so that a port bound
     /// and closed without `listen` can be bound again, as in the kernel.
-    /// `close` is not trapped: the kernel is asked whether each object
-    /// still exists. Before a bind (of `port`), and on the listener sweep.
+    /// `close` is not trapped: the kernel says which are still open
+    /// (`watch.rs`). Before a bind (of `port`), and on the listener sweep.
     pub(crate) fn sweep_closed(&self, port: Option<u16>) {
         /// Placeholders looked at per sweep at most.
         const MAX_SWEPT: usize = 4096;
@@ -136,23 +137,7 @@ impl SupervisorState {
         if candidates.is_empty() {
             return;
         }
-        let gone: Vec<Inode> = {
-            let mut diag = self.diag.lock();
-            if diag.is_none() {
-                match crate::diag::SockDiag::new() {
-                    Ok(d) => *diag = Some(d),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot ask the kernel which sockets are closed");
-                        return;
-                    }
-                }
-            }
-            let Some(d) = diag.as_mut() else { return };
-            candidates
-                .into_iter()
-                .filter(|&ino| matches!(d.unix_exists(ino), Ok(false)))
-                .collect()
-        };
+        let gone = self.placeholders.lock().closed(&candidates);
         for ino in gone {
             let removed = self.table().remove_placeholder(ino);
             if let Some(conn) = removed.and_then(|vs| vs.conn) {
