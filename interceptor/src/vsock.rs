@@ -1,8 +1,9 @@
 //! The virtual-socket table (DESIGN.md, "Virtual TCP sockets").
 //!
 //! Every AF_INET/AF_INET6 stream socket of the target is a real kernel object
-//! inside it — first an unconnected AF_UNIX placeholder, then the socketpair
-//! end `S` of a connection or the AF_UNIX listener `L` — and is known here by
+//! inside it — first an unconnected placeholder (a TCP socket of a network
+//! namespace with no interface, or AF_UNIX), then the socketpair end `S` of
+//! a connection or the AF_UNIX listener `L` — and is known here by
 //! that object's inode, which survives `dup`, `fork`, `exec` and SCM_RIGHTS.
 //! An fd whose inode is not in the table is a real socket: its syscalls
 //! continue natively.

@@ -85,9 +85,11 @@ fn closing_listeners_with_clients_queued_never_hangs_traced() {
 /// address a second time and could bind that real socket to `0.0.0.0`: a
 /// socket of the program listening on every address of the node, outside
 /// SAPS. The supervisor now makes the bind itself with the address it
-/// read, so a real socket is only ever bound to loopback.
+/// read, so a real socket is only ever bound to loopback. (A virtual
+/// socket is an AF_UNIX placeholder or a TCP one of a network namespace of
+/// its own: `SIOCGSKNS` tells them from the node's real sockets.)
 const FLIP_THE_ADDRESS: &str = r#"
-import ctypes, os, socket, struct, sys, threading
+import ctypes, fcntl, os, socket, struct, sys, threading
 libc = ctypes.CDLL(None, use_errno=True)
 port, rounds = int(sys.argv[1]), int(sys.argv[2])
 def sin(ip, port):
@@ -104,12 +106,24 @@ t.start()
 def is_unix(ino):
     with open("/proc/net/unix") as f:
         return any(line.split()[6] == str(ino) for line in f.readlines()[1:] if len(line.split()) > 6)
+SIOCGSKNS = 0x894C
+own_netns = os.stat("/proc/self/ns/net").st_ino
+def is_native(fd):
+    # A real socket of the node: a TCP socket of the program's own network
+    # namespace (a placeholder is AF_UNIX, or TCP of a namespace of its own).
+    if is_unix(os.stat("/proc/self/fd/%d" % fd).st_ino):
+        return False
+    ns = fcntl.ioctl(fd, SIOCGSKNS)
+    try:
+        return os.fstat(ns).st_ino == own_netns
+    finally:
+        os.close(ns)
 escapes = native = 0
 for i in range(rounds):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if libc.bind(s.fileno(), buf, 16) == 0:
-        if not is_unix(os.stat("/proc/self/fd/%d" % s.fileno()).st_ino):
+        if is_native(s.fileno()):
             native += 1
             if s.getsockname()[0] != "127.0.0.1":
                 escapes += 1
