@@ -21,10 +21,14 @@ const WINDOW: u32 = 24 * 1024;
 const INTERVAL: Duration = Duration::from_secs(2);
 const TIMEOUT: Duration = Duration::from_secs(6);
 
+/// The io-server's settings; every unanswered request pauses its input
+/// (so that the count of them shows in [`Seen::SrvState`]).
 fn srv_config() -> ChannelConfig {
-    ChannelConfig::new("tok")
+    let mut c = ChannelConfig::new("tok")
         .window(WINDOW)
-        .liveness(INTERVAL, TIMEOUT)
+        .liveness(INTERVAL, TIMEOUT);
+    c.max_unanswered = 0;
+    c
 }
 
 fn node_config() -> ChannelConfig {
@@ -61,6 +65,16 @@ enum Seen {
     NodeEvent(Event),
     /// The io-server's `poll_timeout`, after the run's first instant.
     SrvDue(Option<Duration>),
+    /// What the io-server's calls answer.
+    SrvState {
+        stats: ChannelStats,
+        frozen: bool,
+        input_paused: bool,
+        pending: usize,
+        payload_pending: Option<(ConnId, usize)>,
+        /// Per connection: send window, octets buffered, unacknowledged.
+        conns: Vec<(ConnId, usize, u64, u64)>,
+    },
 }
 
 /// What the snapshots of a run held besides the table (to show the cuts
@@ -235,6 +249,23 @@ impl Run {
         }
         let due = self.srv.poll_timeout().map(|at| at - self.t0);
         self.log.push(Seen::SrvDue(due));
+        let srv = &self.srv;
+        // The script's ids are all below 10.
+        let conns = (1..10)
+            .filter(|&c| srv.has_connection(c))
+            .map(|c| {
+                let window = srv.send_window(c);
+                (c, window, srv.buffered(c), srv.unacknowledged(c))
+            })
+            .collect();
+        self.log.push(Seen::SrvState {
+            stats: srv.stats(),
+            frozen: srv.is_frozen(),
+            input_paused: srv.input_paused(),
+            pending: srv.pending_transmit(),
+            payload_pending: srv.payload_pending(),
+            conns,
+        });
     }
 
     fn node_consume(&mut self) {
@@ -288,6 +319,8 @@ fn script(r: &mut Run) {
             backlog: 16,
         })
         .unwrap();
+    // A ping behind the request: cut inside it, the request is unanswered.
+    r.node.ping(7);
     r.settle();
     let ok = Response::Status {
         errno: 0,
@@ -383,6 +416,15 @@ fn script(r: &mut Run) {
     r.tick(INTERVAL);
     r.tick(INTERVAL);
     r.tick(Duration::from_millis(10));
+    // Output the node does not answer: the next tick hears nothing new
+    // and pings again (the next token).
+    r.node_reads = false;
+    r.srv.send_message(c, b"unanswered").unwrap();
+    r.settle();
+    r.tick(INTERVAL);
+    r.node_reads = true;
+    r.node_consume();
+    r.settle();
 
     // The io-server reports an error on c, then closes c and d.
     r.srv.report_error(c, 32);
