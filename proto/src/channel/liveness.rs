@@ -21,6 +21,18 @@ pub(super) enum Due {
     Dead,
 }
 
+/// A [`Liveness`] as plain data: its instant as an age (nanoseconds
+/// before the snapshot's `now`), so that it is made again on another
+/// clock, or after a pause, as that long before the restore's `now`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct LivenessSnap {
+    pub(super) interval: Duration,
+    pub(super) timeout: Duration,
+    pub(super) heard_age: Option<i64>,
+    pub(super) heard: u64,
+    pub(super) pinged: bool,
+}
+
 #[derive(Debug)]
 pub(super) struct Liveness {
     interval: Duration,
@@ -90,6 +102,52 @@ impl Liveness {
         } else {
             Due::Nothing
         }
+    }
+
+    pub(super) fn snapshot(&self, now: Instant) -> LivenessSnap {
+        LivenessSnap {
+            interval: self.interval,
+            timeout: self.timeout,
+            heard_age: self.heard_at.map(|at| age(now, at)),
+            heard: self.heard,
+            pinged: self.pinged,
+        }
+    }
+
+    /// The liveness [`Liveness::snapshot`] gave, its instant made again
+    /// from `now`; `None` when that is out of the clock's range.
+    pub(super) fn restore(snap: &LivenessSnap, now: Instant) -> Option<Self> {
+        let heard_at = match snap.heard_age {
+            Some(a) => Some(at(now, a)?),
+            None => None,
+        };
+        Some(Self {
+            interval: snap.interval,
+            timeout: snap.timeout,
+            heard_at,
+            heard: snap.heard,
+            pinged: snap.pinged,
+        })
+    }
+}
+
+/// How long before `now` `then` is, in nanoseconds (negative: after),
+/// saturated at the range of an `i64` (292 years).
+pub(super) fn age(now: Instant, then: Instant) -> i64 {
+    match now.checked_duration_since(then) {
+        Some(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        None => i64::try_from(then.duration_since(now).as_nanos()).map_or(i64::MIN, |n| -n),
+    }
+}
+
+/// The instant `age` nanoseconds before `now` (after it when negative);
+/// `None` out of the clock's range.
+pub(super) fn at(now: Instant, age: i64) -> Option<Instant> {
+    let d = Duration::from_nanos(age.unsigned_abs());
+    if age >= 0 {
+        now.checked_sub(d)
+    } else {
+        now.checked_add(d)
     }
 }
 
