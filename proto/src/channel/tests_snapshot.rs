@@ -601,6 +601,18 @@ fn deadlines_are_as_far_ahead_after_a_restore_as_at_the_snapshot() {
     assert!(srv.is_open());
 }
 
+#[test]
+fn an_instant_is_its_age_before_now_on_either_side_of_it() {
+    use super::snapshot::{age, at};
+    let now = Instant::now();
+    for nanos in [0, 1, 1_500_000_000] {
+        let d = Duration::from_nanos(nanos);
+        let n = nanos as i64;
+        assert_eq!((age(now, now - d), at(now, n)), (n, Some(now - d)));
+        assert_eq!((age(now, now + d), at(now, -n)), (-n, Some(now + d)));
+    }
+}
+
 /// A node end is restored as well, and goes on with the same ids.
 #[test]
 fn a_node_channel_restores_and_goes_on_with_its_ids() {
