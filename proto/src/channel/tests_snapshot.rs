@@ -36,7 +36,7 @@ fn node_config() -> ChannelConfig {
 }
 
 /// `n` octets that differ from their neighbours, and between seeds
-/// (made once: the main test plays the script some 50 000 times).
+/// (made once: the main test plays the script some 40 000 times).
 fn pattern(n: usize, seed: u8) -> &'static [u8] {
     static OCTETS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     let all = OCTETS.get_or_init(|| (0..64 * 1024).map(|i| (i % 251) as u8).collect());
