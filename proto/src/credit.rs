@@ -166,14 +166,17 @@ impl RecvCredit {
 
     /// The credit [`RecvCredit::parts`] gave; `None` for counts no
     /// receiver reaches (more consumed than received, more buffered than
-    /// `B_r`, more received than `L_r`).
+    /// `B_r`, more received than `L_r`, a next limit past 64 bits).
     pub(crate) fn from_parts(
         received: u64,
         consumed: u64,
         buffer: u64,
         reported: u64,
     ) -> Option<Self> {
-        let sane = consumed <= received && received - consumed <= buffer && received <= reported;
+        let sane = consumed <= received
+            && received - consumed <= buffer
+            && received <= reported
+            && reported.checked_add(buffer).is_some();
         sane.then_some(Self {
             received,
             consumed,

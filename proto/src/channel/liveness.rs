@@ -6,6 +6,7 @@
 //! whether the count moved since the last one.
 
 use super::config::ChannelConfig;
+use super::snapshot::{age, at};
 use std::time::{Duration, Instant};
 
 /// How the reason of a channel closed for its peer's silence begins
@@ -108,7 +109,7 @@ impl Liveness {
         LivenessSnap {
             interval: self.interval,
             timeout: self.timeout,
-            heard_age: self.heard_at.map(|at| age(now, at)),
+            heard_age: self.heard_at.map(|then| age(now, then)),
             heard: self.heard,
             pinged: self.pinged,
         }
@@ -128,26 +129,6 @@ impl Liveness {
             heard: snap.heard,
             pinged: snap.pinged,
         })
-    }
-}
-
-/// How long before `now` `then` is, in nanoseconds (negative: after),
-/// saturated at the range of an `i64` (292 years).
-pub(super) fn age(now: Instant, then: Instant) -> i64 {
-    match now.checked_duration_since(then) {
-        Some(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
-        None => i64::try_from(then.duration_since(now).as_nanos()).map_or(i64::MIN, |n| -n),
-    }
-}
-
-/// The instant `age` nanoseconds before `now` (after it when negative);
-/// `None` out of the clock's range.
-pub(super) fn at(now: Instant, age: i64) -> Option<Instant> {
-    let d = Duration::from_nanos(age.unsigned_abs());
-    if age >= 0 {
-        now.checked_sub(d)
-    } else {
-        now.checked_add(d)
     }
 }
 

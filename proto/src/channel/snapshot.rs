@@ -27,7 +27,7 @@
 use super::config::Role;
 use super::conns::{ConnSnap, ConnTable, ConnsSnap};
 use super::handshake::State;
-use super::liveness::{self, Liveness, LivenessSnap};
+use super::liveness::{Liveness, LivenessSnap};
 use super::output::{Output, OutputSnap};
 use super::{Channel, ChannelConfig, ChannelStats, Event, Partial, Transmit};
 use crate::codec;
@@ -93,7 +93,7 @@ impl Channel {
             role: self.role,
             frozen: self.frozen,
             version: self.version,
-            deadline: self.deadline.map(|d| liveness::age(now, d)),
+            deadline: self.deadline.map(|d| age(now, d)),
             next_ping: self.next_ping,
             next_req: self.next_req,
             unanswered: self.unanswered,
@@ -119,7 +119,7 @@ impl Channel {
         now: Instant,
     ) -> Result<Channel, SnapError> {
         let deadline = match snap.deadline {
-            Some(age) => Some(liveness::at(now, age).ok_or(SnapError::Time)?),
+            Some(a) => Some(at(now, a).ok_or(SnapError::Time)?),
             None => None,
         };
         let liveness = match &snap.liveness {
@@ -516,6 +516,26 @@ fn put_opt<T>(out: &mut BytesMut, v: Option<T>, put: impl FnOnce(&mut BytesMut, 
             put(out, v);
         }
         None => out.put_u8(0),
+    }
+}
+
+/// How long before `now` `then` is, in nanoseconds (negative: after),
+/// saturated at the range of an `i64` (292 years).
+pub(super) fn age(now: Instant, then: Instant) -> i64 {
+    match now.checked_duration_since(then) {
+        Some(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        None => i64::try_from(then.duration_since(now).as_nanos()).map_or(i64::MIN, |n| -n),
+    }
+}
+
+/// The instant `age` nanoseconds before `now` (after it when negative);
+/// `None` out of the clock's range.
+pub(super) fn at(now: Instant, age: i64) -> Option<Instant> {
+    let d = Duration::from_nanos(age.unsigned_abs());
+    if age >= 0 {
+        now.checked_sub(d)
+    } else {
+        now.checked_add(d)
     }
 }
 

@@ -36,7 +36,7 @@ fn node_config() -> ChannelConfig {
 }
 
 /// `n` octets that differ from their neighbours, and between seeds
-/// (made once: the main test plays the script some 50 000 times).
+/// (made once: the main test plays the script some 40 000 times).
 fn pattern(n: usize, seed: u8) -> &'static [u8] {
     static OCTETS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     let all = OCTETS.get_or_init(|| (0..64 * 1024).map(|i| (i % 251) as u8).collect());
@@ -599,6 +599,18 @@ fn deadlines_are_as_far_ahead_after_a_restore_as_at_the_snapshot() {
     srv.handle_timeout(due + pause);
     assert!(srv.pending_transmit() > 0, "the ping is due");
     assert!(srv.is_open());
+}
+
+#[test]
+fn an_instant_is_its_age_before_now_on_either_side_of_it() {
+    use super::snapshot::{age, at};
+    let now = Instant::now();
+    for nanos in [0, 1, 1_500_000_000] {
+        let d = Duration::from_nanos(nanos);
+        let n = nanos as i64;
+        assert_eq!((age(now, now - d), at(now, n)), (n, Some(now - d)));
+        assert_eq!((age(now, now + d), at(now, -n)), (-n, Some(now + d)));
+    }
 }
 
 /// A node end is restored as well, and goes on with the same ids.
