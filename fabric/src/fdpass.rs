@@ -26,6 +26,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{self as so, ControlMessage, MsgFlags};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
 /// Most descriptors one `SCM_RIGHTS` message carries (Linux's
 /// `SCM_MAX_FD`).
@@ -98,12 +99,14 @@ impl Batch {
 }
 
 /// Sends `fds`, in order, with `header` in every message (what they are,
-/// for the receiver to check).
+/// for the receiver to check), within `timeout`.
 pub fn send_fds(
     sock: BorrowedFd<'_>,
     header: &[u8],
     fds: &[BorrowedFd<'_>],
+    timeout: Duration,
 ) -> Result<(), FdPassError> {
+    let deadline = Instant::now() + timeout;
     let total = u32::try_from(fds.len()).map_err(|_| FdPassError::TooMany(fds.len()))?;
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let (mut batch, mut first) = (0, 0);
@@ -120,6 +123,7 @@ pub fn send_fds(
             b,
             header,
             &raw[first as usize..(first + count) as usize],
+            deadline,
         )?;
         first += count;
         if first == total {
@@ -130,7 +134,13 @@ pub fn send_fds(
 }
 
 /// One message: `b`'s prefix and `header`, with `fds`.
-fn send_batch(sock: BorrowedFd<'_>, b: Batch, header: &[u8], fds: &[RawFd]) -> io::Result<()> {
+fn send_batch(
+    sock: BorrowedFd<'_>,
+    b: Batch,
+    header: &[u8],
+    fds: &[RawFd],
+    deadline: Instant,
+) -> io::Result<()> {
     let prefix = b.encode();
     let iov = [IoSlice::new(&prefix), IoSlice::new(header)];
     let rights = [ControlMessage::ScmRights(fds)];
@@ -139,19 +149,21 @@ fn send_batch(sock: BorrowedFd<'_>, b: Batch, header: &[u8], fds: &[RawFd]) -> i
         match so::sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
             Ok(_) => return Ok(()),
             Err(Errno::EINTR) => {}
-            Err(Errno::EAGAIN) => wait(sock, PollFlags::POLLOUT)?,
+            Err(Errno::EAGAIN) => wait(sock, PollFlags::POLLOUT, deadline)?,
             Err(e) => return Err(e.into()),
         }
     }
 }
 
 /// Receives a transfer [`send_fds`] sent: its header (at most
-/// `max_header` octets) and its descriptors, in order (close-on-exec).
+/// `max_header` octets) and its descriptors, in order (close-on-exec),
+/// within `timeout`.
 pub fn recv_fds(
     sock: BorrowedFd<'_>,
     max_header: usize,
+    timeout: Duration,
 ) -> Result<(Vec<u8>, Vec<OwnedFd>), FdPassError> {
-    recv_with_room::<SCM_MAX_FD>(sock, max_header)
+    recv_with_room::<SCM_MAX_FD>(sock, max_header, Instant::now() + timeout)
 }
 
 /// [`recv_fds`] with room for `ROOM` descriptors a message (the tests
@@ -159,6 +171,7 @@ pub fn recv_fds(
 fn recv_with_room<const ROOM: usize>(
     sock: BorrowedFd<'_>,
     max_header: usize,
+    deadline: Instant,
 ) -> Result<(Vec<u8>, Vec<OwnedFd>), FdPassError> {
     // One octet more than the longest message: a longer one is seen.
     let mut buf = vec![0; PREFIX_LEN + max_header + 1];
@@ -166,7 +179,7 @@ fn recv_with_room<const ROOM: usize>(
     let mut first_msg: Option<(u32, Vec<u8>)> = None;
     let mut due = 0;
     loop {
-        let (n, flags, fds) = recv_one::<ROOM>(sock, &mut buf)?;
+        let (n, flags, fds) = recv_one::<ROOM>(sock, &mut buf, deadline)?;
         // The descriptors of a refused message close as `fds` drops.
         if flags.contains(MsgFlags::MSG_CTRUNC) {
             return Err(FdPassError::Truncated { batch: due });
@@ -223,6 +236,7 @@ fn recv_with_room<const ROOM: usize>(
 fn recv_one<const ROOM: usize>(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
+    deadline: Instant,
 ) -> io::Result<(usize, MsgFlags, Vec<OwnedFd>)> {
     let fd_size = std::mem::size_of::<RawFd>();
     // SAFETY: CMSG_SPACE only computes a size.
@@ -248,7 +262,7 @@ fn recv_one<const ROOM: usize>(
             match e.raw_os_error() {
                 Some(libc::EINTR) => continue,
                 Some(libc::EAGAIN) => {
-                    wait(sock, PollFlags::POLLIN)?;
+                    wait(sock, PollFlags::POLLIN, deadline)?;
                     continue;
                 }
                 _ => return Err(e),
@@ -277,10 +291,16 @@ fn recv_one<const ROOM: usize>(
     }
 }
 
-/// Waits until `sock` is ready for `what`.
-fn wait(sock: BorrowedFd<'_>, what: PollFlags) -> io::Result<()> {
+/// Waits until `sock` is ready for `what`, at most until `deadline`.
+fn wait(sock: BorrowedFd<'_>, what: PollFlags, deadline: Instant) -> io::Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let ms = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
     let mut fds = [PollFd::new(sock, what)];
-    match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+    match nix::poll::poll(&mut fds, ms) {
+        Ok(0) if left.is_zero() || Instant::now() >= deadline => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the descriptor transfer's peer did not answer in time",
+        )),
         Ok(_) | Err(Errno::EINTR) => Ok(()),
         Err(e) => Err(e.into()),
     }

@@ -7,6 +7,9 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::stat::fstat;
 use std::os::fd::AsFd;
 
+/// Bound on every transfer of these tests.
+const T: Duration = Duration::from_secs(10);
+
 fn seqpacket_pair(flags: SockFlag) -> (OwnedFd, OwnedFd) {
     socketpair(
         AddressFamily::Unix,
@@ -56,8 +59,8 @@ fn a_thousand_pipe_fds_cross_in_order_as_the_same_files() {
     // Non-blocking ends: both calls wait with poll(2) when they must.
     let (a, b) = seqpacket_pair(SockFlag::SOCK_NONBLOCK);
     let (header, got) = std::thread::scope(|s| {
-        s.spawn(|| send_fds(a.as_fd(), b"state v1", &sent).unwrap());
-        recv_fds(b.as_fd(), 64).unwrap()
+        s.spawn(|| send_fds(a.as_fd(), b"state v1", &sent, T).unwrap());
+        recv_fds(b.as_fd(), 64, T).unwrap()
     });
     assert_eq!(header, b"state v1");
     assert_eq!(got.len(), 1000);
@@ -75,10 +78,10 @@ fn a_thousand_pipe_fds_cross_in_order_as_the_same_files() {
 fn batches_carry_at_most_253_and_say_where_they_start() {
     let (a, b) = seqpacket_pair(SockFlag::empty());
     let null = std::fs::File::open("/dev/null").unwrap();
-    send_fds(a.as_fd(), b"h", &vec![null.as_fd(); 600]).unwrap();
+    send_fds(a.as_fd(), b"h", &vec![null.as_fd(); 600], T).unwrap();
     let mut buf = [0; PREFIX_LEN + 2];
     for (batch, first, count) in [(0, 0, 253), (1, 253, 253), (2, 506, 94)] {
-        let (n, flags, fds) = recv_one::<SCM_MAX_FD>(b.as_fd(), &mut buf).unwrap();
+        let (n, flags, fds) = recv_one::<SCM_MAX_FD>(b.as_fd(), &mut buf, Instant::now() + T).unwrap();
         assert_eq!(n, PREFIX_LEN + 1);
         assert!(!flags.intersects(MsgFlags::MSG_CTRUNC | MsgFlags::MSG_TRUNC));
         let want = Batch {
@@ -91,8 +94,8 @@ fn batches_carry_at_most_253_and_say_where_they_start() {
         assert_eq!(fds.len(), count as usize);
     }
     // None: one message, with nothing attached.
-    send_fds(a.as_fd(), b"none", &[]).unwrap();
-    let (header, got) = recv_fds(b.as_fd(), 4).unwrap();
+    send_fds(a.as_fd(), b"none", &[], T).unwrap();
+    let (header, got) = recv_fds(b.as_fd(), 4, T).unwrap();
     assert_eq!((&header[..], got.len()), (&b"none"[..], 0));
 }
 
@@ -113,9 +116,9 @@ fn a_batch_whose_descriptors_did_not_all_arrive_is_refused_and_closed() {
     let path = dir.path().join("marker");
     let file = std::fs::File::create(&path).unwrap();
     let (a, b) = seqpacket_pair(SockFlag::empty());
-    send_fds(a.as_fd(), b"h", &[file.as_fd(); 30]).unwrap();
+    send_fds(a.as_fd(), b"h", &[file.as_fd(); 30], T).unwrap();
     assert_eq!(open_on(&path), 1);
-    let err = recv_with_room::<10>(b.as_fd(), 1).unwrap_err();
+    let err = recv_with_room::<10>(b.as_fd(), 1, std::time::Instant::now() + T).unwrap_err();
     assert!(matches!(err, FdPassError::Truncated { batch: 0 }), "{err}");
     drop(a);
     assert_eq!(open_on(&path), 1, "none of the installed copies is left");
@@ -134,9 +137,9 @@ fn a_gap_a_false_count_an_early_close_or_a_long_header_is_refused() {
 
     // Batch 1 never came.
     let (a, b) = seqpacket_pair(SockFlag::empty());
-    send_batch(a.as_fd(), batch(0, 0, 253, 600), b"h", &raw).unwrap();
-    send_batch(a.as_fd(), batch(2, 506, 94, 600), b"h", &raw[..94]).unwrap();
-    let err = recv_fds(b.as_fd(), 1).unwrap_err();
+    send_batch(a.as_fd(), batch(0, 0, 253, 600), b"h", &raw, Instant::now() + T).unwrap();
+    send_batch(a.as_fd(), batch(2, 506, 94, 600), b"h", &raw[..94], Instant::now() + T).unwrap();
+    let err = recv_fds(b.as_fd(), 1, T).unwrap_err();
     assert!(
         matches!(
             err,
@@ -156,15 +159,15 @@ fn a_gap_a_false_count_an_early_close_or_a_long_header_is_refused() {
 
     // A batch that says 253 and carries 10.
     let (a, b) = seqpacket_pair(SockFlag::empty());
-    send_batch(a.as_fd(), batch(0, 0, 253, 300), b"h", &raw[..10]).unwrap();
-    let err = recv_fds(b.as_fd(), 1).unwrap_err();
+    send_batch(a.as_fd(), batch(0, 0, 253, 300), b"h", &raw[..10], Instant::now() + T).unwrap();
+    let err = recv_fds(b.as_fd(), 1, T).unwrap_err();
     assert!(matches!(err, FdPassError::Malformed(_)), "{err}");
 
     // The sender closed after its first batch.
     let (a, b) = seqpacket_pair(SockFlag::empty());
-    send_batch(a.as_fd(), batch(0, 0, 253, 300), b"h", &raw).unwrap();
+    send_batch(a.as_fd(), batch(0, 0, 253, 300), b"h", &raw, Instant::now() + T).unwrap();
     drop(a);
-    let err = recv_fds(b.as_fd(), 1).unwrap_err();
+    let err = recv_fds(b.as_fd(), 1, T).unwrap_err();
     assert!(
         matches!(
             err,
@@ -178,14 +181,26 @@ fn a_gap_a_false_count_an_early_close_or_a_long_header_is_refused() {
 
     // A later batch of another transfer (another header).
     let (a, b) = seqpacket_pair(SockFlag::empty());
-    send_batch(a.as_fd(), batch(0, 0, 253, 300), b"h", &raw).unwrap();
-    send_batch(a.as_fd(), batch(1, 253, 47, 300), b"x", &raw[..47]).unwrap();
-    let err = recv_fds(b.as_fd(), 1).unwrap_err();
+    send_batch(a.as_fd(), batch(0, 0, 253, 300), b"h", &raw, Instant::now() + T).unwrap();
+    send_batch(a.as_fd(), batch(1, 253, 47, 300), b"x", &raw[..47], Instant::now() + T).unwrap();
+    let err = recv_fds(b.as_fd(), 1, T).unwrap_err();
     assert!(matches!(err, FdPassError::Malformed(_)), "{err}");
 
     // A header longer than the receiver allows.
     let (a, b) = seqpacket_pair(SockFlag::empty());
-    send_fds(a.as_fd(), b"too long", &[null.as_fd()]).unwrap();
-    let err = recv_fds(b.as_fd(), 4).unwrap_err();
+    send_fds(a.as_fd(), b"too long", &[null.as_fd()], T).unwrap();
+    let err = recv_fds(b.as_fd(), 4, T).unwrap_err();
     assert!(matches!(err, FdPassError::Malformed(_)), "{err}");
+}
+
+#[test]
+fn a_peer_that_sends_nothing_costs_the_timeout_and_no_more() {
+    let (_a, b) = seqpacket_pair(SockFlag::empty());
+    let start = Instant::now();
+    let err = recv_fds(b.as_fd(), 4, Duration::from_millis(50)).unwrap_err();
+    assert!(
+        matches!(&err, FdPassError::Io(e) if e.kind() == io::ErrorKind::TimedOut),
+        "{err}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
 }
