@@ -45,6 +45,37 @@ pub trait Scheduler: Send {
     fn needs_pending(&self) -> bool {
         false
     }
+
+    /// What it remembers between picks, for an upgrade to carry over
+    /// (`upgrade/state.rs`): a restored scheduler picks as this one would.
+    fn state(&self) -> SchedState;
+
+    /// Takes up `state` as its own; a state of another kind of scheduler
+    /// is refused (given back) and nothing changes.
+    fn restore(&mut self, state: SchedState) -> Result<(), SchedState>;
+}
+
+/// A scheduler's memory between picks ([`Scheduler::state`]), as the
+/// upgrade's state carries it. Part of the state format: a change here
+/// bumps `upgrade::state::STATE_VERSION`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum SchedState {
+    /// Keeps nothing: `lc`, `wlc`, `mwlc`, `sh` decide from the candidates
+    /// alone.
+    None,
+    /// `rr`: the index the next turn starts from.
+    Rr { next: u64 },
+    /// `wrr`: each member's credit, by [`Candidate::key`], in key order.
+    Wrr { credit: Vec<(u64, i64)> },
+}
+
+/// [`Scheduler::restore`] of a scheduler that keeps nothing.
+pub(crate) fn restore_none(state: SchedState) -> Result<(), SchedState> {
+    match state {
+        SchedState::None => Ok(()),
+        other => Err(other),
+    }
 }
 
 /// The scheduler named by `kind`.
