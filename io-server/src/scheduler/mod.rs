@@ -150,4 +150,22 @@ mod tests {
             assert_eq!(needs, *kind == SchedulerKind::Mwlc, "{kind:?}");
         }
     }
+
+    #[test]
+    fn only_rr_and_wrr_keep_state_and_each_refuses_another_kinds() {
+        for kind in SchedulerKind::value_variants() {
+            let state = new(*kind).state();
+            let keeps = state != SchedState::None;
+            let stateful = matches!(kind, SchedulerKind::Rr | SchedulerKind::Wrr);
+            assert_eq!(keeps, stateful, "{kind:?}");
+            let mut fresh = new(*kind);
+            assert_eq!(fresh.restore(state), Ok(()), "{kind:?}");
+            let other = match kind {
+                SchedulerKind::Rr => SchedState::Wrr { credit: Vec::new() },
+                _ if keeps => SchedState::None,
+                _ => SchedState::Rr { next: 0 },
+            };
+            assert_eq!(fresh.restore(other.clone()), Err(other), "{kind:?}");
+        }
+    }
 }
