@@ -1,0 +1,450 @@
+//! Listener groups rebuilt from their state decide exactly as the
+//! originals: a differential run on real sockets for every scheduler,
+//! and a property over random runs.
+
+use super::state::*;
+use crate::config::SchedulerKind;
+use crate::groups::{Bind, Groups, Held, Limits, Orphan, Placement};
+use crate::state::Client;
+use crate::traffic::{MemberId, NodeId};
+use clap::ValueEnum;
+use saps_fabric::endpoint::Replay;
+use saps_fabric::frame::bind_flags;
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
+
+const A: NodeId = 1;
+const B: NodeId = 2;
+const C: NodeId = 3;
+const D: NodeId = 4;
+
+/// How long the handover takes in the run: the restored groups live
+/// this much later than the original (their instants are ages).
+const PAUSE: Duration = Duration::from_secs(5);
+
+fn member(node: NodeId, listener: u64) -> MemberId {
+    MemberId { node, listener }
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn web() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 80))
+}
+
+fn api() -> SocketAddr {
+    "[::1]:81".parse().unwrap()
+}
+
+fn queueing() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 82))
+}
+
+fn old_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 83))
+}
+
+fn bound_only() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 84))
+}
+
+fn from(n: u32) -> IpAddr {
+    IpAddr::from([198, 51, 100, (n % 250) as u8])
+}
+
+/// MWLC's bytes in flight, made up but fixed.
+fn pending(node: NodeId, conn: u64) -> u64 {
+    (u64::from(node) * 31 + conn) % 17
+}
+
+fn no_held(_: MemberId) -> Held {
+    Held::default()
+}
+
+/// Real TCP connections on the loopback for the clients; the connecting
+/// ends are kept open here.
+struct Net {
+    listener: TcpListener,
+    ends: Vec<TcpStream>,
+}
+
+impl Net {
+    fn new() -> Net {
+        Net {
+            listener: TcpListener::bind("127.0.0.1:0").unwrap(),
+            ends: Vec::new(),
+        }
+    }
+
+    /// Client `n` (its peer tells it apart) with `replay`, and a second
+    /// handle on the same socket for the restored side of the run.
+    fn client(&mut self, n: u32, replay: &[u8]) -> (Client, Client) {
+        self.ends
+            .push(TcpStream::connect(self.listener.local_addr().unwrap()).unwrap());
+        let (stream, _) = self.listener.accept().unwrap();
+        let peer = SocketAddr::from(([192, 0, 2, (n % 250) as u8], 30000 + n as u16));
+        let make = |stream| Client {
+            stream,
+            peer,
+            replay: Replay {
+                data: bytes::Bytes::copy_from_slice(replay),
+                fin: n.is_multiple_of(2),
+            },
+        };
+        let other = stream.try_clone().unwrap();
+        (make(stream), make(other))
+    }
+}
+
+fn listen(g: &mut Groups<Client>, key: SocketAddr, node: NodeId, conn: u64, flags: u32) {
+    if g.bind(node, conn, key, flags).unwrap() == Bind::OpenPort {
+        g.open(key, node, conn, flags);
+    }
+    assert!(g.listen(key, node, conn, 16).unwrap());
+}
+
+fn placed(p: Placement<Client>) -> String {
+    match p {
+        Placement::Member(m, c) => format!("{} to {m:?}", c.peer),
+        Placement::Queued { expire } => format!("queued, timer {expire}"),
+        Placement::QueueFull(c) => format!("{} refused: queue full", c.peer),
+        Placement::NoGroup(c) => format!("{} refused: no group", c.peer),
+    }
+}
+
+fn peers(clients: impl IntoIterator<Item = Client>) -> Vec<SocketAddr> {
+    clients.into_iter().map(|c| c.peer).collect()
+}
+
+/// Groups of `kind` built through their API before `t0`: three nodes
+/// joined at different times (one still in its slow start), a group
+/// each of three members, two members (IPv6), a queue with clients and
+/// paused, an orphaned port, a port bound and not listened on; traffic
+/// in the ledger; clients dispatched so the schedulers keep state. The
+/// orphaned port, as `unbind` told it.
+fn build(kind: SchedulerKind, t0: Instant, net: &mut Net) -> (Groups<Client>, Orphan) {
+    let limits = Limits {
+        per_node: 0,
+        per_group: usize::MAX,
+        max_queue: 3,
+        queue_timeout: secs(30),
+    };
+    let mut g = Groups::with_limits(kind, limits);
+    g.set_slow_start(secs(60));
+    g.join(A, 3, t0 - secs(100));
+    g.join(B, 2, t0 - secs(30));
+    g.join(C, 1, t0 - secs(10));
+    g.join(D, 0, t0 - secs(100));
+    assert!(g.ramp(t0 - secs(1)));
+    listen(&mut g, web(), A, 10, bind_flags::REUSEPORT);
+    listen(&mut g, web(), B, 20, bind_flags::REUSEPORT);
+    listen(&mut g, web(), C, 30, 0);
+    listen(&mut g, api(), A, 11, 0);
+    listen(&mut g, api(), B, 21, bind_flags::V6ONLY);
+    listen(&mut g, queueing(), D, 32, 0);
+    listen(&mut g, old_port(), D, 33, 0);
+    assert_eq!(g.bind(B, 22, bound_only(), 0), Ok(Bind::OpenPort));
+    g.open(bound_only(), B, 22, 0);
+    let unbound = g.unbind(D, Some(33));
+    assert_eq!(unbound.orphaned.len(), 1);
+    let orphan = unbound.orphaned[0];
+
+    g.connection_started(A, 100, Some((web(), member(A, 10))));
+    g.connection_started(B, 200, Some((web(), member(B, 20))));
+    g.connection_started(C, 300, Some((web(), member(C, 30))));
+    g.connection_started(A, 101, None);
+    g.handed_off(api(), member(B, 21));
+    g.connection_finished(A, 100, (10, 20));
+
+    let mut n = 1000;
+    let mut dispatch = |g: &mut Groups<Client>, key, at| {
+        n += 1;
+        let (c, _) = net.client(n, b"");
+        g.dispatch(key, c, from(n), at, pending, no_held)
+    };
+    for _ in 0..5 {
+        assert!(matches!(
+            dispatch(&mut g, web(), t0 - secs(3)),
+            Placement::Member(..)
+        ));
+    }
+    for _ in 0..2 {
+        dispatch(&mut g, api(), t0 - secs(3));
+    }
+    for age in [40, 20, 5] {
+        let p = dispatch(&mut g, queueing(), t0 - secs(age));
+        assert!(matches!(p, Placement::Queued { .. }), "{}", placed(p));
+    }
+    assert!(matches!(
+        dispatch(&mut g, queueing(), t0 - secs(4)),
+        Placement::QueueFull(_)
+    ));
+    assert!(!g.admits(queueing(), no_held), "paused");
+    (g, orphan)
+}
+
+/// The same calls on the original (times from `base` = `t0`) and on the
+/// restored groups (`base` = `t0 + PAUSE`): what each call answered.
+fn drive(
+    g: &mut Groups<Client>,
+    base: Instant,
+    clients: &mut VecDeque<Client>,
+    orphan: Orphan,
+) -> Vec<String> {
+    let at = |s: u64| base + secs(s);
+    let mut out = Vec::new();
+    let mut conn = 500;
+    let mut dispatch = |g: &mut Groups<Client>, key, t, out: &mut Vec<String>| {
+        let c = clients.pop_front().expect("enough clients");
+        let n = u32::from(c.peer.port());
+        let p = g.dispatch(key, c, from(n), at(t), pending, no_held);
+        if let Placement::Member(m, _) = &p {
+            // Relayed: the least-connection schedulers see it.
+            conn += 1;
+            g.connection_started(m.node, conn, Some((key, *m)));
+        }
+        out.push(format!("{key}: {}", placed(p)));
+    };
+    for _ in 0..6 {
+        dispatch(g, web(), 1, &mut out);
+    }
+    for _ in 0..3 {
+        dispatch(g, api(), 1, &mut out);
+    }
+    let q = queueing();
+    out.push(format!(
+        "next {:?}",
+        g.next_queued(q, no_held).map(|c| c.peer)
+    ));
+    out.push(format!("resume {}", g.resume(q, no_held)));
+    out.push(format!("weight D {}", g.set_weight(D, 2)));
+    out.push(format!("resume {}", g.resume(q, no_held)));
+    out.push(format!("waiting {:?}", g.waiting()));
+    for _ in 0..2 {
+        out.push(format!(
+            "next {:?}",
+            g.next_queued(q, no_held).map(|c| c.peer)
+        ));
+    }
+    dispatch(g, q, 2, &mut out);
+    g.set_weight(D, 0);
+    dispatch(g, q, 2, &mut out);
+    dispatch(g, q, 3, &mut out);
+    let (gone, next) = g.expire(q, at(26));
+    let next = next.map(|n| n.duration_since(base));
+    out.push(format!("expired {:?}, next at {next:?}", peers(gone)));
+    out.push(format!("ramp {} {}", g.ramp(at(20)), g.weight(B)));
+    out.push(format!("ramping {:?}", g.ramping_to(B)));
+    out.push(format!("weight A {}", g.set_weight(A, 0)));
+    for _ in 0..4 {
+        dispatch(g, web(), 21, &mut out);
+    }
+    out.push(format!("leave {:?}", g.leave(B)));
+    for _ in 0..3 {
+        dispatch(g, web(), 22, &mut out);
+    }
+    for _ in 0..2 {
+        dispatch(g, api(), 22, &mut out);
+    }
+    out.push(format!("lingers {}", g.lingers(D, old_port(), 0, at(30))));
+    out.push(format!("lingers {}", g.lingers(D, old_port(), 0, at(200))));
+    let closed = g.close_orphan(orphan).map(peers);
+    out.push(format!("orphan closed {closed:?}"));
+    g.connection_finished(C, 300, (5, 6));
+    g.connection_started(A, 102, Some((web(), member(A, 10))));
+    g.handed_off(web(), member(C, 30));
+    out.push(format!(
+        "members {:?}",
+        g.iter()
+            .map(|(k, g)| (k, g.members().to_vec()))
+            .collect::<Vec<_>>()
+    ));
+    out.push(format!(
+        "queues {:?}",
+        g.iter()
+            .map(|(k, g)| (k, g.queued(), g.paused(), g.queue_counts()))
+            .collect::<Vec<_>>()
+    ));
+    let next = g.expire(api(), at(40)).1.map(|n| n.duration_since(base));
+    out.push(format!("api queue expires at {next:?}"));
+    out.push(format!("left in queues {:?}", peers(g.take_queues())));
+    out
+}
+
+/// A snapshot of `g` at `now` (changed by `tamper`), through the
+/// envelope, restored at `later` on copies of the descriptors. Also the snapshot, and the inode of
+/// each descriptor sent.
+fn hand_over(
+    g: &Groups<Client>,
+    now: Instant,
+    later: Instant,
+    tamper: impl FnOnce(&mut GroupsSnap),
+) -> (Groups<Client>, GroupsSnap, Vec<u64>) {
+    let mut capture = Capture::default();
+    let mut snap = g.snapshot(now, &mut capture);
+    tamper(&mut snap);
+    let inodes: Vec<u64> = capture.fds.iter().map(|&fd| inode(fd)).collect();
+    let copies: Vec<OwnedFd> = (capture.fds.iter())
+        .map(|fd| fd.try_clone_to_owned().unwrap())
+        .collect();
+    let state = StateSnap {
+        server: ServerSnap {
+            uptime_ns: 0,
+            refused: 0,
+            upgrades: 0,
+            timed_out: TimedOutSnap {
+                idle: 0,
+                half_closed: 0,
+                connect: 0,
+            },
+            handshakes: HandshakesSnap {
+                refused: 0,
+                failed: 0,
+                silent_nodes: 0,
+            },
+        },
+        tables: TablesSnap {
+            next_node: 5,
+            groups: snap.clone(),
+        },
+    };
+    let fds = copies.len() as u32;
+    let wire = Envelope::seal(&state, capture.blob, fds).unwrap().encode();
+    let e = Envelope::decode(&wire).unwrap();
+    assert_eq!(e.fds, fds);
+    let mut src = Source::new(copies, e.blob.clone());
+    let restored = Groups::restore(e.state().unwrap().tables.groups, &mut src, later).unwrap();
+    src.finish().unwrap();
+    (restored, snap, inodes)
+}
+
+/// The clients of a run, in pairs: for the original, for the restored.
+fn clients(net: &mut Net) -> (VecDeque<Client>, VecDeque<Client>) {
+    let (mut ours, mut theirs) = (VecDeque::new(), VecDeque::new());
+    for n in 0..30 {
+        let (a, b) = net.client(n, format!("replay {n}").as_bytes());
+        ours.push_back(a);
+        theirs.push_back(b);
+    }
+    (ours, theirs)
+}
+
+fn inode(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
+    let file = std::fs::File::from(fd.try_clone_to_owned().unwrap());
+    file.metadata().unwrap().ino()
+}
+
+/// The groups rebuilt from their state, `PAUSE` later, answer every call
+/// of a run (dispatches to members, queue order and expiry, pauses,
+/// weight changes, slow start, a node's leaving, lingering, an orphan's
+/// closing, the ledger) exactly as the original does, for every
+/// scheduler; the queued clients are the same sockets; and the two
+/// snapshots at the end are equal.
+#[test]
+fn restored_groups_decide_exactly_as_the_original_for_every_scheduler() {
+    for &kind in SchedulerKind::value_variants() {
+        let mut net = Net::new();
+        let t0 = Instant::now();
+        let (mut original, orphan) = build(kind, t0, &mut net);
+        let (mut restored, snap, inodes) = hand_over(&original, t0, t0 + PAUSE, |_| {});
+
+        let mut capture = Capture::default();
+        let again = restored.snapshot(t0 + PAUSE, &mut capture);
+        assert_eq!(again, snap, "{kind:?}: restored state snapshots the same");
+        let restored_inodes: Vec<u64> = capture.fds.iter().map(|&fd| inode(fd)).collect();
+        assert_eq!(
+            restored_inodes, inodes,
+            "{kind:?}: the same sockets, in order"
+        );
+        let q = snap.groups.iter().find(|g| g.key == queueing()).unwrap();
+        assert_eq!(q.queue.len(), 3, "{kind:?}: clients queued");
+        assert!(q.paused);
+        assert!(!snap.ramps.is_empty(), "{kind:?}: a node ramps");
+        drop(capture);
+
+        let (mut ours, mut theirs) = clients(&mut net);
+        let expected = drive(&mut original, t0, &mut ours, orphan);
+        let found = drive(&mut restored, t0 + PAUSE, &mut theirs, orphan);
+        assert_eq!(found, expected, "{kind:?}");
+        let end = secs(300);
+        let mut c1 = Capture::default();
+        let mut c2 = Capture::default();
+        assert_eq!(
+            restored.snapshot(t0 + PAUSE + end, &mut c2),
+            original.snapshot(t0 + end, &mut c1),
+            "{kind:?}: the same state at the end"
+        );
+    }
+}
+
+/// The run has teeth: groups restored with their schedulers' state
+/// forgotten (as if `state()` answered `None`) decide otherwise, for the
+/// two schedulers that keep one.
+#[test]
+fn the_run_tells_a_restore_that_forgets_scheduler_state() {
+    for kind in [SchedulerKind::Rr, SchedulerKind::Wrr] {
+        let mut net = Net::new();
+        let t0 = Instant::now();
+        let (mut original, orphan) = build(kind, t0, &mut net);
+        let forget = |snap: &mut GroupsSnap| {
+            for g in &mut snap.groups {
+                g.scheduler = crate::scheduler::new(kind).state();
+            }
+        };
+        let (mut restored, _, _) = hand_over(&original, t0, t0 + PAUSE, forget);
+        let (mut ours, mut theirs) = clients(&mut net);
+        let expected = drive(&mut original, t0, &mut ours, orphan);
+        let found = drive(&mut restored, t0 + PAUSE, &mut theirs, orphan);
+        assert_ne!(found, expected, "{kind:?}");
+    }
+}
+
+/// A state that does not fit the groups is refused: a scheduler's state
+/// of another kind, a group twice, a queued client's descriptor missing.
+#[test]
+fn a_state_that_does_not_fit_is_refused() {
+    let mut net = Net::new();
+    let t0 = Instant::now();
+    let (g, _) = build(SchedulerKind::Wrr, t0, &mut net);
+    let mut capture = Capture::default();
+    let snap = g.snapshot(t0, &mut capture);
+    let copies = || -> Vec<OwnedFd> {
+        (capture.fds.iter())
+            .map(|fd| fd.try_clone_to_owned().unwrap())
+            .collect()
+    };
+    let restore = |snap: GroupsSnap, fds: Vec<OwnedFd>| {
+        let mut src = Source::new(fds, capture.blob.clone());
+        Groups::<Client>::restore(snap, &mut src, t0).map(|_| ())
+    };
+    assert!(restore(snap.clone(), copies()).is_ok());
+
+    let mut rr = snap.clone();
+    rr.groups[0].scheduler = SchedState::Rr { next: 0 };
+    let e = restore(rr, copies()).unwrap_err();
+    assert!(e.to_string().contains("is no wrr state"), "{e}");
+
+    let mut twice = snap.clone();
+    twice.groups.push(twice.groups[0].clone());
+    let e = restore(twice, copies()).unwrap_err();
+    assert!(e.to_string().contains("twice"), "{e}");
+
+    let mut weights = snap.clone();
+    weights.weights.push(weights.weights[0]);
+    assert!(matches!(
+        restore(weights, copies()),
+        Err(StateError::Invalid(_))
+    ));
+
+    let mut fewer = copies();
+    fewer.pop();
+    assert!(matches!(
+        restore(snap, fewer),
+        Err(StateError::FdIndex { .. })
+    ));
+}
