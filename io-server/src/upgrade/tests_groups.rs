@@ -8,11 +8,12 @@ use crate::groups::{Bind, Groups, Held, Limits, Orphan, Placement};
 use crate::state::Client;
 use crate::traffic::{MemberId, NodeId};
 use clap::ValueEnum;
+use proptest::prelude::*;
 use saps_fabric::endpoint::Replay;
 use saps_fabric::frame::bind_flags;
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
@@ -447,4 +448,273 @@ fn a_state_that_does_not_fit_is_refused() {
         restore(snap, fewer),
         Err(StateError::FdIndex { .. })
     ));
+}
+
+// ---- the property: any run, cut anywhere ---------------------------------
+
+/// A queued client for the property: a descriptor (of `/dev/null`) and a
+/// number, carried in its peer's port and in its replay.
+struct Tagged {
+    fd: OwnedFd,
+    tag: u16,
+}
+
+fn tagged(tag: u16) -> Tagged {
+    let fd = std::fs::File::open("/dev/null").unwrap().into();
+    Tagged { fd, tag }
+}
+
+impl QueuedClient for Tagged {
+    fn capture<'a>(&'a self, into: &mut Capture<'a>) -> ClientSnap {
+        ClientSnap {
+            fd: into.fd(self.fd.as_fd()),
+            peer: SocketAddr::from(([192, 0, 2, 1], self.tag)),
+            replay: into.bytes(&self.tag.to_be_bytes()),
+            replay_fin: false,
+        }
+    }
+
+    fn rebuild(snap: &ClientSnap, from: &mut Source) -> Result<Tagged, StateError> {
+        let replay = from.bytes(snap.replay)?;
+        let tag = u16::from_be_bytes(replay.try_into().unwrap());
+        assert_eq!(tag, snap.peer.port(), "the replay is the client's");
+        Ok(Tagged {
+            fd: from.fd(snap.fd)?,
+            tag,
+        })
+    }
+}
+
+/// One call into [`Groups`]; ports are indices into [`KEYS`], times are
+/// seconds after the run's base.
+#[derive(Debug, Clone)]
+enum Op {
+    Join(NodeId, u32, u64),
+    Bind(NodeId, u64, usize, u32),
+    Listen(NodeId, u64, usize, u32),
+    Unbind(NodeId, Option<u64>),
+    Leave(NodeId),
+    SetWeight(NodeId, u32),
+    Dispatch(usize, u8, u64, bool),
+    NextQueued(usize),
+    Expire(usize, u64),
+    Admits(usize),
+    Resume(usize),
+    Ramp(u64),
+    Started(NodeId, u64, Option<(usize, NodeId, u64)>),
+    Finished(NodeId, u64, u64),
+    HandedOff(usize, NodeId, u64),
+    Lingers(NodeId, usize, u32, u64),
+    CloseOrphan(usize),
+}
+
+const KEYS: [&str; 3] = ["127.0.0.1:80", "127.0.0.1:81", "[::1]:80"];
+
+fn key(i: usize) -> SocketAddr {
+    KEYS[i % KEYS.len()].parse().unwrap()
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let node = 1..4u32;
+    let conn = 1..5u64;
+    let port = 0..KEYS.len();
+    let at = 0..5000u64;
+    let flags = prop::sample::select(vec![
+        0,
+        bind_flags::REUSEADDR,
+        bind_flags::REUSEPORT,
+        bind_flags::V6ONLY,
+        crate::groups::INET,
+    ]);
+    prop_oneof![
+        1 => (node.clone(), 0..5u32, at.clone()).prop_map(|(n, w, t)| Op::Join(n, w, t)),
+        1 => (node.clone(), conn.clone(), port.clone(), flags.clone())
+            .prop_map(|(n, c, p, f)| Op::Bind(n, c, p, f)),
+        1 => (node.clone(), conn.clone(), port.clone(), 0..4u32)
+            .prop_map(|(n, c, p, b)| Op::Listen(n, c, p, b)),
+        1 => (node.clone(), proptest::option::of(conn.clone())).prop_map(|(n, c)| Op::Unbind(n, c)),
+        1 => node.clone().prop_map(Op::Leave),
+        1 => (node.clone(), 0..5u32).prop_map(|(n, w)| Op::SetWeight(n, w)),
+        4 => (port.clone(), any::<u8>(), at.clone(), any::<bool>())
+            .prop_map(|(p, f, t, r)| Op::Dispatch(p, f, t, r)),
+        2 => port.clone().prop_map(Op::NextQueued),
+        1 => (port.clone(), at.clone()).prop_map(|(p, t)| Op::Expire(p, t)),
+        1 => port.clone().prop_map(Op::Admits),
+        1 => port.clone().prop_map(Op::Resume),
+        1 => at.clone().prop_map(Op::Ramp),
+        1 => (
+            node.clone(),
+            10..20u64,
+            proptest::option::of((port.clone(), node.clone(), conn.clone()))
+        )
+            .prop_map(|(n, c, m)| Op::Started(n, c, m)),
+        1 => (node.clone(), 10..20u64, 0..100u64).prop_map(|(n, c, b)| Op::Finished(n, c, b)),
+        1 => (port.clone(), node.clone(), conn.clone()).prop_map(|(p, n, c)| Op::HandedOff(p, n, c)),
+        1 => (node, port, flags, at).prop_map(|(n, p, f, t)| Op::Lingers(n, p, f, t)),
+        1 => any::<usize>().prop_map(Op::CloseOrphan),
+    ]
+}
+
+/// Admission counts that vary by member, so backlogs and the node's
+/// bound matter.
+fn held(m: MemberId) -> Held {
+    Held {
+        relayed: (m.listener % 3) as usize,
+        handed: (m.listener % 2) as usize,
+        counts_accepts: m.node.is_multiple_of(2),
+        node_full: m.node == 3 && m.listener == 4,
+    }
+}
+
+/// A run's state beside its groups: the orphans told so far, the next
+/// client's number.
+struct Run {
+    base: Instant,
+    orphans: Vec<Orphan>,
+    next: u16,
+}
+
+impl Run {
+    fn tags(clients: Vec<Tagged>) -> Vec<u16> {
+        clients.iter().map(|c| c.tag).collect()
+    }
+
+    /// Applies `op` to `g`: what it answered.
+    fn apply(&mut self, g: &mut Groups<Tagged>, op: &Op) -> String {
+        let at = |s: u64| self.base + secs(s);
+        match *op {
+            Op::Join(n, w, t) => {
+                g.join(n, w, at(t));
+                String::new()
+            }
+            Op::Bind(n, c, p, f) => {
+                let r = g.bind(n, c, key(p), f);
+                if r == Ok(Bind::OpenPort) {
+                    g.open(key(p), n, c, f);
+                }
+                format!("{r:?}")
+            }
+            Op::Listen(n, c, p, b) => format!("{:?}", g.listen(key(p), n, c, b)),
+            Op::Unbind(n, c) => {
+                let u = g.unbind(n, c);
+                self.orphans.extend(&u.orphaned);
+                format!("{u:?}")
+            }
+            Op::Leave(n) => {
+                let u = g.leave(n);
+                self.orphans.extend(&u.orphaned);
+                format!("{u:?}")
+            }
+            Op::SetWeight(n, w) => format!("{}", g.set_weight(n, w)),
+            Op::Dispatch(p, from, t, again) => {
+                self.next += 1;
+                let (c, ip) = (tagged(self.next), IpAddr::from([10, 0, 0, from]));
+                let placed = if again {
+                    g.redispatch(key(p), c, ip, at(t), pending, held)
+                } else {
+                    g.dispatch(key(p), c, ip, at(t), pending, held)
+                };
+                match placed {
+                    Placement::Member(m, c) => format!("{} to {m:?}", c.tag),
+                    Placement::Queued { expire } => format!("queued {expire}"),
+                    Placement::QueueFull(c) => format!("{} full", c.tag),
+                    Placement::NoGroup(c) => format!("{} no group", c.tag),
+                }
+            }
+            Op::NextQueued(p) => format!("{:?}", g.next_queued(key(p), held).map(|c| c.tag)),
+            Op::Expire(p, t) => {
+                let (gone, next) = g.expire(key(p), at(t));
+                let next = next.map(|n| n.saturating_duration_since(self.base));
+                format!("{:?} {next:?}", Run::tags(gone))
+            }
+            Op::Admits(p) => format!("{}", g.admits(key(p), held)),
+            Op::Resume(p) => format!("{}", g.resume(key(p), held)),
+            Op::Ramp(t) => format!("{}", g.ramp(at(t))),
+            Op::Started(n, c, m) => {
+                let member = m.map(|(p, node, listener)| (key(p), MemberId { node, listener }));
+                g.connection_started(n, c, member);
+                String::new()
+            }
+            Op::Finished(n, c, b) => {
+                g.connection_finished(n, c, (b, 2 * b));
+                String::new()
+            }
+            Op::HandedOff(p, node, listener) => {
+                g.handed_off(key(p), MemberId { node, listener });
+                String::new()
+            }
+            Op::Lingers(n, p, f, t) => format!("{}", g.lingers(n, key(p), f, at(t))),
+            Op::CloseOrphan(i) => match self.orphans.len() {
+                0 => String::new(),
+                len => format!("{:?}", g.close_orphan(self.orphans[i % len]).map(Run::tags)),
+            },
+        }
+    }
+}
+
+/// The start of every run: three nodes of weights 1 to 3 listening on
+/// every port, so that clients have members to go to.
+fn setup() -> Vec<Op> {
+    let mut ops: Vec<Op> = (1..4).map(|n| Op::Join(n, n, 0)).collect();
+    for p in 0..KEYS.len() {
+        for n in 1..4 {
+            let conn = p as u64 + 1;
+            ops.push(Op::Bind(n, conn, p, bind_flags::REUSEPORT));
+            ops.push(Op::Listen(n, conn, p, 8));
+        }
+    }
+    ops
+}
+
+fn kind() -> impl Strategy<Value = SchedulerKind> {
+    prop::sample::select(SchedulerKind::value_variants().to_vec())
+}
+
+proptest::proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Any run of calls, cut anywhere: the groups restored from a snapshot
+    /// taken at the cut answer the rest of the run as the original does,
+    /// and end in the same state.
+    #[test]
+    fn groups_restored_at_any_point_of_any_run_go_on_as_the_original(
+        kind in kind(),
+        per_node in 0..4usize,
+        per_group in 1..8usize,
+        max_queue in 0..4usize,
+        slow_start in prop::sample::select(vec![0u64, 600]),
+        before in proptest::collection::vec(op(), 0..60),
+        after in proptest::collection::vec(op(), 0..60),
+    ) {
+        let limits = Limits { per_node, per_group, max_queue, queue_timeout: secs(30) };
+        let mut original = Groups::with_limits(kind, limits);
+        original.set_slow_start(secs(slow_start));
+        // Every instant of the run is before the snapshot, so each comes
+        // back exactly from its age.
+        let base = Instant::now() - secs(10_000);
+        let mut run = Run { base, orphans: Vec::new(), next: 0 };
+        for op in setup().iter().chain(&before) {
+            run.apply(&mut original, op);
+        }
+        let now = Instant::now();
+        let mut capture = Capture::default();
+        let snap = original.snapshot(now, &mut capture);
+        let copies = (capture.fds.iter())
+            .map(|fd| fd.try_clone_to_owned().unwrap())
+            .collect();
+        let mut src = Source::new(copies, std::mem::take(&mut capture.blob));
+        drop(capture);
+        let mut restored = Groups::restore(snap, &mut src, now).unwrap();
+        src.finish().unwrap();
+
+        let mut twin = Run { base, orphans: run.orphans.clone(), next: 1000 };
+        run.next = 1000;
+        for op in &after {
+            let expected = run.apply(&mut original, op);
+            prop_assert_eq!(twin.apply(&mut restored, op), expected, "{:?}", op);
+        }
+        let (mut c1, mut c2) = (Capture::default(), Capture::default());
+        prop_assert_eq!(restored.snapshot(now, &mut c2), original.snapshot(now, &mut c1));
+        prop_assert_eq!(c2.blob, c1.blob);
+    }
 }
