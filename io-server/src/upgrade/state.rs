@@ -13,6 +13,9 @@
 //! Every struct here, and [`SchedState`], is the format: a change to one
 //! bumps [`STATE_VERSION`] (the golden test in `tests.rs` fails until it
 //! is bumped and the sample blessed). Unknown JSON fields are refused.
+//! They mirror the in-memory types (`Groups`, `Ledger`, ...) instead of
+//! deriving serde on them, so that those change freely and the format
+//! only with a version.
 
 use crate::config::SchedulerKind;
 pub use crate::scheduler::SchedState;
