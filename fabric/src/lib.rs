@@ -11,11 +11,13 @@
 //! * [`endpoint`] — per-connection routing and stream relays over the driver.
 //! * [`splice`] — bulk reads relayed kernel to kernel, with no copy.
 //! * [`handoff`] — same-host zero-relay hand-off of a client's socket.
+//! * [`fdpass`] — many descriptors in batches, for an upgrade in place.
 
 pub use saps_proto::{auth, channel, codec, credit, frame};
 
 pub mod driver;
 pub mod endpoint;
+pub mod fdpass;
 pub mod handoff;
 pub mod private;
 pub mod splice;

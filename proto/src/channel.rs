@@ -20,6 +20,7 @@ mod handshake;
 mod liveness;
 mod output;
 mod send;
+mod snapshot;
 
 pub use config::{
     ChannelConfig, Role, ACCEPTED_VERSION, DEFAULT_PEER_TIMEOUT, DEFAULT_PING_INTERVAL,
@@ -28,6 +29,7 @@ pub use config::{
 };
 pub use event::{CallError, ChannelError, Event};
 pub use output::{Reservation, Transmit, OWNED_CAPACITY, OWNED_MIN};
+pub use snapshot::{ChannelSnap, SnapError, SNAP_VERSION};
 
 use crate::auth;
 use crate::codec;
@@ -103,6 +105,8 @@ pub struct Channel {
     liveness: Option<Liveness>,
     /// io-server end: requests raised and not answered yet.
     unanswered: usize,
+    /// The sending calls lend nothing ([`Channel::freeze`]).
+    frozen: bool,
 }
 
 impl Channel {
@@ -148,6 +152,7 @@ impl Channel {
             events: VecDeque::new(),
             stats: ChannelStats::default(),
             unanswered: 0,
+            frozen: false,
         }
     }
 
@@ -758,3 +763,5 @@ impl Channel {
 mod tests;
 #[cfg(test)]
 mod tests_hostile;
+#[cfg(test)]
+mod tests_snapshot;

@@ -57,6 +57,21 @@ impl SendCredit {
         self.sent += n;
     }
 
+    /// `(A_s, L_s, B_r)`, for a snapshot of the channel.
+    pub(crate) fn parts(&self) -> (u64, u64, u64) {
+        (self.sent, self.limit, self.window)
+    }
+
+    /// The credit [`SendCredit::parts`] gave; `None` when `A_s > L_s`,
+    /// which no sender reaches.
+    pub(crate) fn from_parts(sent: u64, limit: u64, window: u64) -> Option<Self> {
+        (sent <= limit).then_some(Self {
+            sent,
+            limit,
+            window,
+        })
+    }
+
     /// Applies a credit frame. Returns true when the window grew from
     /// empty, i.e. when a blocked sender should be told `buffer_available`.
     pub fn on_credit(&mut self, limit: u64) -> bool {
@@ -142,6 +157,32 @@ impl RecvCredit {
         } else {
             None
         }
+    }
+
+    /// `(A_r, consumed, B_r, L_r)`, for a snapshot of the channel.
+    pub(crate) fn parts(&self) -> (u64, u64, u64, u64) {
+        (self.received, self.consumed, self.buffer, self.reported)
+    }
+
+    /// The credit [`RecvCredit::parts`] gave; `None` for counts no
+    /// receiver reaches (more consumed than received, more buffered than
+    /// `B_r`, more received than `L_r`, a next limit past 64 bits).
+    pub(crate) fn from_parts(
+        received: u64,
+        consumed: u64,
+        buffer: u64,
+        reported: u64,
+    ) -> Option<Self> {
+        let sane = consumed <= received
+            && received - consumed <= buffer
+            && received <= reported
+            && reported.checked_add(buffer).is_some();
+        sane.then_some(Self {
+            received,
+            consumed,
+            buffer,
+            reported,
+        })
     }
 }
 

@@ -22,5 +22,8 @@ pub mod codec;
 pub mod credit;
 pub mod frame;
 
-pub use channel::{CallError, Channel, ChannelConfig, ChannelError, ChannelStats, Event, Role};
+pub use channel::{
+    CallError, Channel, ChannelConfig, ChannelError, ChannelSnap, ChannelStats, Event, Role,
+    SnapError,
+};
 pub use frame::{ConnId, Frame, ReqId, Request, Response, ShutdownHow};

@@ -161,3 +161,41 @@ fn parse_counts(out: &str) -> (u32, u32) {
     };
     (at("escapes"), at("native"))
 }
+
+/// `recv` and `send` on a socket never connected: not trapped, so they are
+/// the placeholder's answers. A TCP placeholder of a namespace of its own
+/// answers as the kernel; where none can be made (the test hook stands for
+/// a user refused user namespaces), the AF_UNIX one answers as documented
+/// (docs/interceptor.md, "Departures" 2).
+const FRESH_SOCKET_CALLS: &str = r#"
+import errno, socket
+s = socket.socket()
+def e(f, *a):
+    try:
+        f(*a)
+        return "ok"
+    except OSError as x:
+        return errno.errorcode[x.errno]
+print("recv", e(s.recv, 1), "send", e(s.send, b"x"), flush=True)
+"#;
+
+fn fresh_socket_calls(cmd: &mut Command) -> String {
+    let mut p = Proc::spawn(cmd);
+    let status = p.wait_timeout(Duration::from_secs(30));
+    assert_eq!(status, Some(0), "{}", p.stderr());
+    p.stdout().trim().to_string()
+}
+
+#[test]
+fn an_unconnected_socket_answers_as_the_kernel_or_as_documented_without_a_namespace() {
+    let native = fresh_socket_calls(Command::new(PYTHON).args(["-c", FRESH_SOCKET_CALLS]));
+    assert_eq!(native, "recv ENOTCONN send EPIPE");
+    let virtual_tcp = fresh_socket_calls(&mut saps_run_local(
+        "off",
+        &[PYTHON, "-c", FRESH_SOCKET_CALLS],
+    ));
+    assert_eq!(virtual_tcp, native);
+    let mut cmd = saps_run_local("off", &[PYTHON, "-c", FRESH_SOCKET_CALLS]);
+    cmd.env("SAPS_TEST_AF_UNIX_PLACEHOLDERS", "1");
+    assert_eq!(fresh_socket_calls(&mut cmd), "recv EINVAL send ENOTCONN");
+}

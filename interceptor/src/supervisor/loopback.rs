@@ -77,6 +77,7 @@ mod tests {
 
     #[test]
     fn a_socket_is_held_until_its_last_reference_closes() {
+        let _forks = crate::maker::fork_lock();
         let mut b = LoopbackBinds::new();
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();

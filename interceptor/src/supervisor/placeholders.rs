@@ -98,18 +98,27 @@ impl Placeholders {
         pool.pop()
     }
 
-    /// Which of `candidates` the program has closed everywhere; forgets
-    /// every watched placeholder that is gone.
-    pub(crate) fn closed(&mut self, candidates: &[Inode]) -> Vec<Inode> {
+    /// Which of `candidates` the program has closed everywhere, forgotten
+    /// here. With `all` (the candidates are every placeholder the table
+    /// still has), every other one not open either is forgotten too: a
+    /// socket that connected or listened, whose placeholder went.
+    pub(crate) fn closed(&mut self, candidates: &[Inode], all: bool) -> Vec<Inode> {
         let Some(open) = self.watch.open() else {
             return Vec::new();
         };
-        let gone = candidates
+        let gone: Vec<Inode> = candidates
             .iter()
             .copied()
             .filter(|ino| self.watched.contains_key(ino) && !open.contains(ino))
             .collect();
-        self.watched.retain(|ino, _| open.contains(ino));
+        for ino in &gone {
+            self.watched.remove(ino);
+        }
+        if all {
+            let kept: std::collections::HashSet<Inode> = candidates.iter().copied().collect();
+            self.watched
+                .retain(|ino, _| open.contains(ino) || kept.contains(ino));
+        }
         gone
     }
 }
@@ -120,18 +129,42 @@ mod tests {
 
     #[test]
     fn a_closed_placeholder_is_seen_closed_once_every_copy_is() {
+        let _forks = crate::maker::fork_lock();
         let maker = SocketMaker::start().ok().map(Arc::new);
         let mut p = Placeholders::new(maker);
         let (a, ia) = p.make(libc::AF_INET, libc::IPPROTO_TCP, false).unwrap();
         let (b, ib) = p.make(libc::AF_INET6, libc::IPPROTO_TCP, true).unwrap();
-        assert!(p.closed(&[ia, ib]).is_empty());
+        assert!(p.closed(&[ia, ib], true).is_empty());
         let copy = a.try_clone().unwrap();
         drop(a);
-        assert!(p.closed(&[ia, ib]).is_empty(), "a copy still holds it");
+        assert!(
+            p.closed(&[ia, ib], true).is_empty(),
+            "a copy still holds it"
+        );
         drop(copy);
-        assert_eq!(p.closed(&[ia, ib]), vec![ia]);
-        assert!(p.closed(&[ia]).is_empty(), "forgotten once seen closed");
+        assert_eq!(p.closed(&[ia, ib], true), vec![ia]);
+        assert!(
+            p.closed(&[ia], true).is_empty(),
+            "forgotten once seen closed"
+        );
         drop(b);
-        assert_eq!(p.closed(&[ib]), vec![ib]);
+        assert_eq!(p.closed(&[ib], true), vec![ib]);
+    }
+
+    #[test]
+    fn a_sweep_of_some_keeps_the_others_for_their_own_sweep() {
+        let _forks = crate::maker::fork_lock();
+        let mut p = Placeholders::new(None);
+        let (a, ia) = p.make(libc::AF_INET, libc::IPPROTO_TCP, false).unwrap();
+        let (b, ib) = p.make(libc::AF_INET, libc::IPPROTO_TCP, false).unwrap();
+        drop((a, b));
+        // A bind's sweep looks at the sockets of its port only.
+        assert_eq!(p.closed(&[ia], false), vec![ia]);
+        assert_eq!(p.closed(&[ib], false), vec![ib], "not forgotten meanwhile");
+        // One that left the table (it connected) goes at a full sweep.
+        let (c, ic) = p.make(libc::AF_INET, libc::IPPROTO_TCP, false).unwrap();
+        drop(c);
+        assert!(p.closed(&[], true).is_empty());
+        assert!(p.closed(&[ic], false).is_empty(), "forgotten");
     }
 }

@@ -137,7 +137,8 @@ impl SupervisorState {
         if candidates.is_empty() {
             return;
         }
-        let gone = self.placeholders.lock().closed(&candidates);
+        let all = port.is_none() && candidates.len() < MAX_SWEPT;
+        let gone = self.placeholders.lock().closed(&candidates, all);
         for ino in gone {
             let removed = self.table().remove_placeholder(ino);
             if let Some(conn) = removed.and_then(|vs| vs.conn) {

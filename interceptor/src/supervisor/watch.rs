@@ -80,6 +80,7 @@ mod tests {
 
     #[test]
     fn a_socket_is_open_until_its_last_reference_closes() {
+        let _forks = crate::maker::fork_lock();
         let w = Watch::new();
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let ino = inode(&l);

@@ -5,6 +5,7 @@
 //! says who allocated an id; ids are never reused on a channel).
 
 use super::event::CallError;
+use super::snapshot::SnapError;
 use crate::credit::{RecvCredit, SendCredit};
 use crate::frame::ConnId;
 use std::collections::{HashMap, HashSet};
@@ -20,6 +21,27 @@ pub(super) struct Conn {
     /// Send room lent out ([`super::Reservation`]) and not yet committed:
     /// not available to another reservation meanwhile.
     pub(super) reserved: u64,
+}
+
+/// One connection of a [`ConnsSnap`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ConnSnap {
+    pub(super) conn: ConnId,
+    pub(super) send: SendCredit,
+    pub(super) recv: RecvCredit,
+    pub(super) fin_sent: bool,
+    pub(super) fin_received: bool,
+}
+
+/// A [`ConnTable`] as plain data, connections and handed ids in id order
+/// (so that its encoding is the same for the same table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ConnsSnap {
+    pub(super) conns: Vec<ConnSnap>,
+    pub(super) handed: Vec<ConnId>,
+    pub(super) next: ConnId,
+    pub(super) peer_window: u64,
+    pub(super) window: u64,
 }
 
 /// Every connection of one channel.
@@ -141,6 +163,59 @@ impl ConnTable {
     pub(super) fn sent(&mut self, conn: ConnId, n: u64) {
         if let Some(c) = self.get_mut(conn) {
             c.send.on_sent(n);
+        }
+    }
+
+    /// The table as plain data. Refused while send room is lent out: a
+    /// reservation lives in its caller's hands, not in the table.
+    pub(super) fn snapshot(&self) -> Result<ConnsSnap, SnapError> {
+        let mut conns = Vec::with_capacity(self.conns.len());
+        for (&conn, c) in &self.conns {
+            if c.reserved != 0 {
+                return Err(SnapError::Reserved(conn));
+            }
+            conns.push(ConnSnap {
+                conn,
+                send: c.send,
+                recv: c.recv,
+                fin_sent: c.fin_sent,
+                fin_received: c.fin_received,
+            });
+        }
+        conns.sort_unstable_by_key(|c| c.conn);
+        let mut handed: Vec<ConnId> = self.handed.iter().copied().collect();
+        handed.sort_unstable();
+        Ok(ConnsSnap {
+            conns,
+            handed,
+            next: self.next,
+            peer_window: self.peer_window,
+            window: self.window,
+        })
+    }
+
+    /// The table [`ConnTable::snapshot`] gave.
+    pub(super) fn restore(snap: ConnsSnap) -> Self {
+        let conns = snap
+            .conns
+            .into_iter()
+            .map(|c| {
+                let conn = Conn {
+                    send: c.send,
+                    recv: c.recv,
+                    fin_sent: c.fin_sent,
+                    fin_received: c.fin_received,
+                    reserved: 0,
+                };
+                (c.conn, conn)
+            })
+            .collect();
+        Self {
+            conns,
+            handed: snap.handed.into_iter().collect(),
+            next: snap.next,
+            peer_window: snap.peer_window,
+            window: snap.window,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! whether the count moved since the last one.
 
 use super::config::ChannelConfig;
+use super::snapshot::{age, at};
 use std::time::{Duration, Instant};
 
 /// How the reason of a channel closed for its peer's silence begins
@@ -19,6 +20,18 @@ pub(super) enum Due {
     Ping,
     /// The peer is silent past the timeout.
     Dead,
+}
+
+/// A [`Liveness`] as plain data: its instant as an age (nanoseconds
+/// before the snapshot's `now`), so that it is made again on another
+/// clock, or after a pause, as that long before the restore's `now`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct LivenessSnap {
+    pub(super) interval: Duration,
+    pub(super) timeout: Duration,
+    pub(super) heard_age: Option<i64>,
+    pub(super) heard: u64,
+    pub(super) pinged: bool,
 }
 
 #[derive(Debug)]
@@ -90,6 +103,32 @@ impl Liveness {
         } else {
             Due::Nothing
         }
+    }
+
+    pub(super) fn snapshot(&self, now: Instant) -> LivenessSnap {
+        LivenessSnap {
+            interval: self.interval,
+            timeout: self.timeout,
+            heard_age: self.heard_at.map(|then| age(now, then)),
+            heard: self.heard,
+            pinged: self.pinged,
+        }
+    }
+
+    /// The liveness [`Liveness::snapshot`] gave, its instant made again
+    /// from `now`; `None` when that is out of the clock's range.
+    pub(super) fn restore(snap: &LivenessSnap, now: Instant) -> Option<Self> {
+        let heard_at = match snap.heard_age {
+            Some(a) => Some(at(now, a)?),
+            None => None,
+        };
+        Some(Self {
+            interval: snap.interval,
+            timeout: snap.timeout,
+            heard_at,
+            heard: snap.heard,
+            pinged: snap.pinged,
+        })
     }
 }
 

@@ -82,6 +82,15 @@ impl Reservation {
     }
 }
 
+/// An [`Output`] as plain data: the sealed pieces in order, then the
+/// octets of the open buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct OutputSnap {
+    pub(super) sealed: Vec<Transmit>,
+    pub(super) out: Bytes,
+    pub(super) hand_off: bool,
+}
+
 /// A channel's output queue.
 #[derive(Debug, Default)]
 pub(super) struct Output {
@@ -164,5 +173,24 @@ impl Output {
                 .iter()
                 .map(|t| t.bytes.len() + t.spliced)
                 .sum::<usize>()
+    }
+
+    /// The queue as plain data (the open buffer copied: it is written
+    /// into in place).
+    pub(super) fn snapshot(&self) -> OutputSnap {
+        OutputSnap {
+            sealed: self.sealed.iter().cloned().collect(),
+            out: Bytes::copy_from_slice(&self.out),
+            hand_off: self.hand_off,
+        }
+    }
+
+    /// The queue [`Output::snapshot`] gave.
+    pub(super) fn restore(snap: OutputSnap) -> Self {
+        Self {
+            out: BytesMut::from(&snap.out[..]),
+            sealed: snap.sealed.into(),
+            hand_off: snap.hand_off,
+        }
     }
 }

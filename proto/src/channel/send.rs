@@ -13,7 +13,7 @@ impl Channel {
     pub fn send_message(&mut self, conn: ConnId, data: &[u8]) -> Result<usize, CallError> {
         let n = data.len().min(self.send_room(conn)?);
         if n == 0 {
-            if !data.is_empty() {
+            if !data.is_empty() && !self.frozen {
                 self.stats.credit_stalls += 1;
             }
             return Ok(0);
@@ -25,10 +25,12 @@ impl Channel {
         Ok(n)
     }
 
-    /// Octets `conn` may send now; an error if it may not send at all.
+    /// Octets `conn` may send now (none while frozen); an error if it
+    /// may not send at all.
     fn send_room(&self, conn: ConnId) -> Result<usize, CallError> {
         self.open_check()?;
-        Ok(self.conns.send_room(conn)? as usize)
+        let room = self.conns.send_room(conn)? as usize;
+        Ok(if self.frozen { 0 } else { room })
     }
 
     /// Counts `n` octets queued on `conn` against its credit.
@@ -43,11 +45,14 @@ impl Channel {
     /// it (a socket's read, with no copy) and gives it back with
     /// [`Channel::commit`], or splices the payload into the channel's
     /// pipe and gives it back with [`Channel::commit_spliced`]. `None`:
-    /// the window is shut (a credit stall, counted).
+    /// the window is shut (a credit stall, counted), or the channel is
+    /// frozen ([`Channel::freeze`]).
     pub fn reserve(&mut self, conn: ConnId, max: usize) -> Result<Option<Reservation>, CallError> {
         let room = max.min(self.send_room(conn)?).min(MAX_DATA);
         if room == 0 {
-            self.stats.credit_stalls += 1;
+            if !self.frozen {
+                self.stats.credit_stalls += 1;
+            }
             return Ok(None);
         }
         let r = self.output.lend(conn, room);
@@ -100,11 +105,32 @@ impl Channel {
         live
     }
 
-    /// Octets `conn` may send now (`L_s - A_s`).
+    /// Octets `conn` may send now (`L_s - A_s`; 0 while frozen).
     pub fn send_window(&self, conn: ConnId) -> usize {
-        self.conns
-            .get(conn)
-            .map_or(0, |c| c.send.available() as usize)
+        match self.conns.get(conn) {
+            Some(c) if !self.frozen => c.send.available() as usize,
+            _ => 0,
+        }
+    }
+
+    /// Stops the sending calls for an upgrade in place (design note
+    /// 2026-12-03, §2 step 3): while frozen, [`Channel::send_window`]
+    /// answers 0 and [`Channel::reserve`] and [`Channel::send_message`]
+    /// take nothing (no stall is counted), so a shell that reads a client
+    /// only into the room they lend reads nothing more. Everything else
+    /// (input, credits, Fin, close, requests) goes on.
+    pub fn freeze(&mut self) {
+        self.frozen = true;
+    }
+
+    /// Ends [`Channel::freeze`]. Raises nothing: the shell wakes the
+    /// senders it stopped.
+    pub fn unfreeze(&mut self) {
+        self.frozen = false;
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
     }
 
     /// Octets sent on `conn` that the peer has not yet reported consumed
