@@ -153,7 +153,8 @@ fn be_u64(b: &[u8]) -> u64 {
 }
 
 /// How long before `now` `then` was, in nanoseconds (an instant is
-/// carried as this).
+/// carried as this). Everything carried is in the past; an instant a
+/// moment after `now` (taken by another thread) counts as `now`.
 pub fn age(now: Instant, then: Instant) -> u64 {
     u64::try_from(now.saturating_duration_since(then).as_nanos()).unwrap_or(u64::MAX)
 }
