@@ -3,6 +3,7 @@
 //! instants as ages and queued clients' sockets as descriptor indices.
 
 use super::{Bound, Group, Groups, Left, Limits};
+use crate::config::SchedulerKind;
 use crate::scheduler;
 use crate::slowstart::Ramp;
 use crate::traffic::{Ledger, MemberId};
@@ -167,7 +168,7 @@ impl<C: QueuedClient> Group<C> {
 
     fn restore(
         g: GroupSnap,
-        kind: crate::config::SchedulerKind,
+        kind: SchedulerKind,
         from: &mut Source,
         now: Instant,
     ) -> Result<Group<C>, StateError> {

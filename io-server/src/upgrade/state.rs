@@ -106,21 +106,22 @@ impl Envelope {
     /// at), then the lengths against what is there.
     pub fn decode(wire: &[u8]) -> Result<Envelope, StateError> {
         let have = wire.len() as u64;
-        let truncated = |need: usize| StateError::Truncated {
-            need: need as u64,
+        let short = || StateError::Truncated {
+            need: HEADER_LEN as u64,
             have,
         };
-        if wire[..wire.len().min(MAGIC.len())] != MAGIC[..wire.len().min(MAGIC.len())] {
+        let n = wire.len().min(MAGIC.len());
+        if wire[..n] != MAGIC[..n] {
             return Err(StateError::Magic);
         }
-        let version = be_u32(wire.get(8..12).ok_or(truncated(HEADER_LEN))?);
+        let version = be_u32(wire.get(8..12).ok_or_else(short)?);
         if version != STATE_VERSION {
             return Err(StateError::Version {
                 found: version,
                 expected: STATE_VERSION,
             });
         }
-        let header = wire.get(..HEADER_LEN).ok_or(truncated(HEADER_LEN))?;
+        let header = wire.get(..HEADER_LEN).ok_or_else(short)?;
         let meta_len = be_u64(&header[12..20]);
         let blob_len = be_u64(&header[20..28]);
         let fds = be_u32(&header[28..32]);
