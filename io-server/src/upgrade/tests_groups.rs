@@ -122,12 +122,12 @@ fn peers(clients: impl IntoIterator<Item = Client>) -> Vec<SocketAddr> {
     clients.into_iter().map(|c| c.peer).collect()
 }
 
-/// Groups of `kind` built through their API before `t0`: three nodes
-/// joined at different times (one still in its slow start), a group
-/// each of three members, two members (IPv6), a queue with clients and
-/// paused, an orphaned port, a port bound and not listened on; traffic
-/// in the ledger; clients dispatched so the schedulers keep state. The
-/// orphaned port, as `unbind` told it.
+/// Groups of `kind` built through their API before `t0`: four nodes
+/// joined at different times (two still in their slow start, one of
+/// weight 0), a group of three members, one of two (IPv6), a queue with
+/// clients (with replays) and paused, an orphaned port, a port bound and
+/// not listened on; traffic in the ledger; clients dispatched so the
+/// schedulers keep state. The orphaned port, as `unbind` told it.
 fn build(kind: SchedulerKind, t0: Instant, net: &mut Net) -> (Groups<Client>, Orphan) {
     let limits = Limits {
         per_node: 0,
@@ -165,7 +165,7 @@ fn build(kind: SchedulerKind, t0: Instant, net: &mut Net) -> (Groups<Client>, Or
     let mut n = 1000;
     let mut dispatch = |g: &mut Groups<Client>, key, at| {
         n += 1;
-        let (c, _) = net.client(n, b"");
+        let (c, _) = net.client(n, format!("sent before {n}").as_bytes());
         g.dispatch(key, c, from(n), at, pending, no_held)
     };
     for _ in 0..5 {
@@ -366,7 +366,11 @@ fn restored_groups_decide_exactly_as_the_original_for_every_scheduler() {
         assert_eq!(q.queue.len(), 3, "{kind:?}: clients queued");
         assert!(q.paused);
         assert!(!snap.ramps.is_empty(), "{kind:?}: a node ramps");
-        drop(capture);
+        let mut before = Capture::default();
+        original.snapshot(t0, &mut before);
+        assert!(!before.blob.is_empty(), "{kind:?}: replays");
+        assert_eq!(capture.blob, before.blob, "{kind:?}: the same replays");
+        drop((capture, before));
 
         let (mut ours, mut theirs) = clients(&mut net);
         let expected = drive(&mut original, t0, &mut ours, orphan);
@@ -380,6 +384,7 @@ fn restored_groups_decide_exactly_as_the_original_for_every_scheduler() {
             original.snapshot(t0 + end, &mut c1),
             "{kind:?}: the same state at the end"
         );
+        assert_eq!(c2.blob, c1.blob, "{kind:?}: the same replays at the end");
     }
 }
 
