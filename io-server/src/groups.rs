@@ -98,6 +98,7 @@ fn takes(key: SocketAddr, flags: u32) -> bool {
     }
 }
 
+mod snapshot;
 #[cfg(test)]
 mod tests;
 

@@ -34,7 +34,9 @@
 //! * [`status`] (the `ipvsadm`-like report), `metrics.rs` (`--metrics`:
 //!   Prometheus's format from a shared snapshot), [`notify`] (systemd's
 //!   readiness protocol), [`cli`], [`config`],
-//!   [`allow`] (`--allow-ports`), `sys` (the raw socket calls).
+//!   [`allow`] (`--allow-ports`), `sys` (the raw socket calls);
+//! * [`upgrade`] — `io-server upgrade`: the state a new process takes
+//!   over from the old one.
 
 pub mod allow;
 pub mod cli;
@@ -61,6 +63,7 @@ mod sys;
 mod timeouts;
 mod traffic;
 mod unaccepted;
+pub mod upgrade;
 
 pub use config::{Config, SchedulerKind, Stack};
 pub use server::IoServer;

@@ -19,6 +19,11 @@ impl Ramp {
         Ramp { since }
     }
 
+    /// When it began.
+    pub fn since(&self) -> Instant {
+        self.since
+    }
+
     /// The effective weight at `now` of a node whose weight is `weight`,
     /// `period` being `--slow-start`; `None` once the ramp is over (the
     /// weight is the node's own from then on).

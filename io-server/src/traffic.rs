@@ -8,6 +8,9 @@
 //! knows them (`status.rs` adds them); a connection's bytes are booked
 //! when it finishes.
 
+use crate::upgrade::state::{
+    LedgerConnSnap, LedgerSnap, MemberSnap, ScopeSnap, StateError, TrafficSnap,
+};
 use saps_fabric::ConnId;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -22,6 +25,24 @@ pub struct MemberId {
     pub listener: ConnId,
 }
 
+impl From<MemberId> for MemberSnap {
+    fn from(m: MemberId) -> MemberSnap {
+        MemberSnap {
+            node: m.node,
+            listener: m.listener,
+        }
+    }
+}
+
+impl From<MemberSnap> for MemberId {
+    fn from(m: MemberSnap) -> MemberId {
+        MemberId {
+            node: m.node,
+            listener: m.listener,
+        }
+    }
+}
+
 /// What one row of the status report counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {
@@ -31,6 +52,26 @@ pub enum Scope {
     Group(SocketAddr),
     /// The clients one member of a group was given.
     Member(SocketAddr, MemberId),
+}
+
+impl From<Scope> for ScopeSnap {
+    fn from(s: Scope) -> ScopeSnap {
+        match s {
+            Scope::Node(n) => ScopeSnap::Node(n),
+            Scope::Group(key) => ScopeSnap::Group(key),
+            Scope::Member(key, m) => ScopeSnap::Member(key, m.into()),
+        }
+    }
+}
+
+impl From<ScopeSnap> for Scope {
+    fn from(s: ScopeSnap) -> Scope {
+        match s {
+            ScopeSnap::Node(n) => Scope::Node(n),
+            ScopeSnap::Group(key) => Scope::Group(key),
+            ScopeSnap::Member(key, m) => Scope::Member(key, m.into()),
+        }
+    }
 }
 
 /// Connection counters of one [`Scope`].
@@ -171,6 +212,83 @@ impl Ledger {
             .filter(|(s, _)| matches!(s, Scope::Node(_)))
             .map(|(_, t)| t.live.len())
             .sum()
+    }
+}
+
+/// The upgrade's capture and rebuild (`upgrade/state.rs`).
+impl Ledger {
+    /// Every counter, for an upgrade to carry (`upgrade/state.rs`), in a
+    /// fixed order.
+    pub fn snapshot(&self) -> LedgerSnap {
+        let mut scopes: Vec<TrafficSnap> = self
+            .scopes
+            .iter()
+            .map(|(&scope, t)| {
+                let mut live: Vec<(NodeId, ConnId)> = t.live().collect();
+                live.sort_unstable();
+                TrafficSnap {
+                    scope: scope.into(),
+                    live,
+                    total: t.total,
+                    handed_off: t.handed_off,
+                    bytes_in: t.bytes_in,
+                    bytes_out: t.bytes_out,
+                }
+            })
+            .collect();
+        scopes.sort_unstable_by_key(|t| t.scope);
+        let mut conns: Vec<LedgerConnSnap> = self
+            .conns
+            .iter()
+            .map(|(&(node, conn), member)| LedgerConnSnap {
+                node,
+                conn,
+                member: member.map(|(key, m)| (key, m.into())),
+            })
+            .collect();
+        conns.sort_unstable_by_key(|c| (c.node, c.conn));
+        LedgerSnap {
+            scopes,
+            conns,
+            connections: self.connections,
+        }
+    }
+
+    /// The ledger [`Ledger::snapshot`] was taken of; a scope or connection
+    /// listed twice is refused.
+    pub fn restore(snap: LedgerSnap) -> Result<Ledger, StateError> {
+        let invalid = |what: String| StateError::Invalid(format!("traffic ledger: {what}"));
+        let mut scopes = HashMap::with_capacity(snap.scopes.len());
+        for t in snap.scopes {
+            let traffic = Traffic {
+                live: t.live.iter().copied().collect(),
+                total: t.total,
+                handed_off: t.handed_off,
+                bytes_in: t.bytes_in,
+                bytes_out: t.bytes_out,
+            };
+            if traffic.live.len() != t.live.len() {
+                return Err(invalid(format!("{:?} lists a connection twice", t.scope)));
+            }
+            if scopes.insert(Scope::from(t.scope), traffic).is_some() {
+                return Err(invalid(format!("{:?} twice", t.scope)));
+            }
+        }
+        let mut conns = HashMap::with_capacity(snap.conns.len());
+        for c in snap.conns {
+            let member = c.member.map(|(key, m)| (key, MemberId::from(m)));
+            if conns.insert((c.node, c.conn), member).is_some() {
+                return Err(invalid(format!(
+                    "connection {} of node {} twice",
+                    c.conn, c.node
+                )));
+            }
+        }
+        Ok(Ledger {
+            scopes,
+            conns,
+            connections: snap.connections,
+        })
     }
 }
 

@@ -1,7 +1,7 @@
 //! Least connection (LVS `lc`): the member with the fewest live
 //! connections; weights only matter as 0 (draining).
 
-use super::{least_per_weight, Candidate, Scheduler};
+use super::{least_per_weight, restore_none, Candidate, SchedState, Scheduler};
 use std::net::IpAddr;
 
 #[derive(Debug, Default)]
@@ -18,6 +18,14 @@ impl Scheduler for LeastConnection {
             })
             .collect();
         least_per_weight(&unweighted, |m| m.active)
+    }
+
+    fn state(&self) -> SchedState {
+        SchedState::None
+    }
+
+    fn restore(&mut self, state: SchedState) -> Result<(), SchedState> {
+        restore_none(state)
     }
 }
 

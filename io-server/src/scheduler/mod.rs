@@ -45,6 +45,37 @@ pub trait Scheduler: Send {
     fn needs_pending(&self) -> bool {
         false
     }
+
+    /// What it remembers between picks, for an upgrade to carry over
+    /// (`upgrade/state.rs`): a restored scheduler picks as this one would.
+    fn state(&self) -> SchedState;
+
+    /// Takes up `state` as its own; a state of another kind of scheduler
+    /// is refused (given back) and nothing changes.
+    fn restore(&mut self, state: SchedState) -> Result<(), SchedState>;
+}
+
+/// A scheduler's memory between picks ([`Scheduler::state`]), as the
+/// upgrade's state carries it. Part of the state format: a change here
+/// bumps `upgrade::state::STATE_VERSION`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum SchedState {
+    /// Keeps nothing: `lc`, `wlc`, `mwlc`, `sh` decide from the candidates
+    /// alone.
+    None,
+    /// `rr`: the index the next turn starts from.
+    Rr { next: u64 },
+    /// `wrr`: each member's credit, by [`Candidate::key`], in key order.
+    Wrr { credit: Vec<(u64, i64)> },
+}
+
+/// [`Scheduler::restore`] of a scheduler that keeps nothing.
+pub(crate) fn restore_none(state: SchedState) -> Result<(), SchedState> {
+    match state {
+        SchedState::None => Ok(()),
+        other => Err(other),
+    }
 }
 
 /// The scheduler named by `kind`.
@@ -117,6 +148,24 @@ mod tests {
         for kind in SchedulerKind::value_variants() {
             let needs = new(*kind).needs_pending();
             assert_eq!(needs, *kind == SchedulerKind::Mwlc, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn only_rr_and_wrr_keep_state_and_each_refuses_another_kinds() {
+        for kind in SchedulerKind::value_variants() {
+            let state = new(*kind).state();
+            let keeps = state != SchedState::None;
+            let stateful = matches!(kind, SchedulerKind::Rr | SchedulerKind::Wrr);
+            assert_eq!(keeps, stateful, "{kind:?}");
+            let mut fresh = new(*kind);
+            assert_eq!(fresh.restore(state), Ok(()), "{kind:?}");
+            let other = match kind {
+                SchedulerKind::Rr => SchedState::Wrr { credit: Vec::new() },
+                _ if keeps => SchedState::None,
+                _ => SchedState::Rr { next: 0 },
+            };
+            assert_eq!(fresh.restore(other.clone()), Err(other), "{kind:?}");
         }
     }
 }

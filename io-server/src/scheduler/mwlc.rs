@@ -4,7 +4,7 @@
 //! consumed by the node plus node data not yet written to the client).
 //! Ties (e.g. every `C_i` = 0 on an idle cluster) fall back to `wlc`.
 
-use super::{least_per_weight, Candidate, Scheduler};
+use super::{least_per_weight, restore_none, Candidate, SchedState, Scheduler};
 use std::net::IpAddr;
 
 #[derive(Debug, Default)]
@@ -31,6 +31,14 @@ impl Scheduler for ModifiedWeightedLeastConnection {
 
     fn needs_pending(&self) -> bool {
         true
+    }
+
+    fn state(&self) -> SchedState {
+        SchedState::None
+    }
+
+    fn restore(&mut self, state: SchedState) -> Result<(), SchedState> {
+        restore_none(state)
     }
 }
 

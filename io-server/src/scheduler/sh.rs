@@ -4,7 +4,7 @@
 //! only the clients of a member that leaves or drains. Weights other than 0
 //! do not bias it.
 
-use super::{Candidate, Scheduler};
+use super::{restore_none, Candidate, SchedState, Scheduler};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::IpAddr;
 
@@ -27,6 +27,14 @@ impl Scheduler for SourceHash {
             .filter(|(_, m)| m.weight > 0)
             .max_by_key(|(_, m)| score(client, m.key))
             .map(|(i, _)| i)
+    }
+
+    fn state(&self) -> SchedState {
+        SchedState::None
+    }
+
+    fn restore(&mut self, state: SchedState) -> Result<(), SchedState> {
+        restore_none(state)
     }
 }
 

@@ -1,6 +1,6 @@
 //! Weighted least connection (LVS `wlc`): minimal `active_i / W_i`.
 
-use super::{least_per_weight, Candidate, Scheduler};
+use super::{least_per_weight, restore_none, Candidate, SchedState, Scheduler};
 use std::net::IpAddr;
 
 #[derive(Debug, Default)]
@@ -9,6 +9,14 @@ pub struct WeightedLeastConnection;
 impl Scheduler for WeightedLeastConnection {
     fn pick(&mut self, members: &[Candidate], _client: IpAddr) -> Option<usize> {
         least_per_weight(members, |m| m.active)
+    }
+
+    fn state(&self) -> SchedState {
+        SchedState::None
+    }
+
+    fn restore(&mut self, state: SchedState) -> Result<(), SchedState> {
+        restore_none(state)
     }
 }
 

@@ -3,9 +3,13 @@
 //! credit and charges it the total weight. Over any `sum(W)` picks member
 //! `i` gets exactly `W_i` of them, interleaved rather than in bursts.
 
-use super::{Candidate, Scheduler};
+use super::{Candidate, SchedState, Scheduler};
 use std::collections::HashMap;
 use std::net::IpAddr;
+
+/// The largest credit [`Scheduler::restore`] takes: far beyond the sum of
+/// the weights of any group, far below where `pick` would overflow.
+const MAX_CREDIT: u64 = 1 << 61;
 
 #[derive(Debug, Default)]
 pub struct WeightedRoundRobin {
@@ -33,6 +37,26 @@ impl Scheduler for WeightedRoundRobin {
         *self.credit.get_mut(&members[i].key)? -= total;
         Some(i)
     }
+
+    fn state(&self) -> SchedState {
+        let mut credit: Vec<(u64, i64)> = self.credit.iter().map(|(&k, &c)| (k, c)).collect();
+        credit.sort_unstable();
+        SchedState::Wrr { credit }
+    }
+
+    /// Refused: a key twice, or a credit no run of picks reaches (each
+    /// stays within the sum of the weights, and `pick` adds to it).
+    fn restore(&mut self, state: SchedState) -> Result<(), SchedState> {
+        let SchedState::Wrr { credit } = &state else {
+            return Err(state);
+        };
+        let map: HashMap<u64, i64> = credit.iter().copied().collect();
+        if map.len() != credit.len() || credit.iter().any(|(_, c)| c.unsigned_abs() > MAX_CREDIT) {
+            return Err(state);
+        }
+        self.credit = map;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -55,5 +79,28 @@ mod tests {
         assert_eq!(picks, [0, 1, 0, 0, 1, 0]);
         let drained = [member(1, 0, 0, 0), member(2, 1, 0, 0)];
         assert_eq!(tally(&mut s, &drained, 5), [0, 5]);
+    }
+
+    #[test]
+    fn wrr_restored_from_its_state_picks_the_same_sequence() {
+        let members = [member(1, 5, 0, 0), member(2, 2, 0, 0), member(3, 1, 0, 0)];
+        let mut s = WeightedRoundRobin::default();
+        tally(&mut s, &members, 3);
+        let mut copy = WeightedRoundRobin::default();
+        copy.restore(s.state()).unwrap();
+        let picks = |s: &mut WeightedRoundRobin| -> Vec<_> {
+            (0..16).map(|_| s.pick(&members, CLIENT)).collect()
+        };
+        assert_eq!(picks(&mut s), picks(&mut copy));
+        let twice = SchedState::Wrr {
+            credit: vec![(1, 0), (1, 1)],
+        };
+        assert_eq!(copy.restore(twice.clone()), Err(twice));
+        let huge = SchedState::Wrr {
+            credit: vec![(1, i64::MIN)],
+        };
+        assert_eq!(copy.restore(huge.clone()), Err(huge));
+        assert_eq!(copy.restore(SchedState::None), Err(SchedState::None));
+        assert_eq!(copy.state(), s.state(), "a refused state changes nothing");
     }
 }
