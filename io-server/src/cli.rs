@@ -55,6 +55,12 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
     },
+    /// Replace the running io-server with a new process of this binary,
+    /// given the same settings as the running one (`ExecReload=`): the new
+    /// process takes over its listening sockets and its state, and the old
+    /// one exits. Exits 0 once the new process serves; on any failure the
+    /// old one goes on serving and this exits 1, saying why.
+    Upgrade,
     /// Change a node's weight at run time; 0 drains it (no new connections).
     Weight {
         /// The node's name (as given to saps-run --node) or id.
@@ -98,6 +104,7 @@ pub fn overlay(mut file: Config, cli: Config, m: &ArgMatches) -> Config {
         metrics_max_connections,
         metrics_max_request,
         shutdown_timeout,
+        upgrade_timeout,
         window,
         max_window,
         max_weight,

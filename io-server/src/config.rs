@@ -11,6 +11,8 @@ use std::path::PathBuf;
 pub const DEFAULT_CONTROL: &str = "/run/saps-io-server.ctl";
 /// Default grace period of a graceful shutdown, in seconds.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: u64 = 30;
+/// Default bound on an upgrade's handover (`--upgrade-timeout`).
+pub const DEFAULT_UPGRADE_TIMEOUT: u64 = 10;
 /// Default `--handshake-timeout`, in seconds: the protocol's own deadline.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: u64 = saps_fabric::channel::HANDSHAKE_TIMEOUT.as_secs();
 /// Default `--max-handshakes`: well above a cluster's nodes (re)joining at
@@ -244,6 +246,11 @@ pub struct Config {
     /// On SIGTERM, how long open connections may take to finish.
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT)]
     pub shutdown_timeout: u64,
+    /// `io-server upgrade`: how long the old and the new process may each
+    /// wait for the other at each step of the handover; past it the old
+    /// one goes on serving (before the commit) or exits (after it).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_UPGRADE_TIMEOUT, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub upgrade_timeout: u64,
     /// Receive buffer (Appendix A's B_r) per connection and direction, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = saps_fabric::channel::DEFAULT_WINDOW)]
     pub window: u32,
@@ -374,6 +381,7 @@ impl Default for Config {
             metrics_max_connections: DEFAULT_METRICS_MAX_CONNECTIONS,
             metrics_max_request: DEFAULT_METRICS_MAX_REQUEST,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            upgrade_timeout: DEFAULT_UPGRADE_TIMEOUT,
             window: saps_fabric::channel::DEFAULT_WINDOW,
             max_window: DEFAULT_MAX_WINDOW,
             max_weight: DEFAULT_MAX_WEIGHT,

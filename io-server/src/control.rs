@@ -3,6 +3,8 @@
 //!
 //! * `status` — the [`Status`] report;
 //! * `weight NODE N` — sets node `NODE`'s weight (name or id) to `N`; 0 drains;
+//! * `upgrade VERSION PID` — hand this io-server over to process PID (the
+//!   new process of `io-server upgrade`; `upgrade/handover.rs`);
 //! * `sandbox` — whether the system-call sandbox is on and how many calls it
 //!   refused; `sandbox probe` makes one call outside the allow-list
 //!   (`mkdir`) and reports what it returned, for tests and operators who
@@ -74,7 +76,15 @@ async fn answer(server: Arc<ServerState>, s: UnixStream) {
     {
         return;
     }
-    let reply = execute(&server, line.trim());
+    let line = line.trim();
+    if line.starts_with("upgrade ") {
+        // The connection carries the handover: both halves again.
+        if let Ok(s) = reader.into_inner().into_inner().reunite(w) {
+            crate::upgrade::handover::give(server, s, line).await;
+        }
+        return;
+    }
+    let reply = execute(&server, line);
     let _ = w.write_all(reply.as_bytes()).await;
 }
 

@@ -122,4 +122,6 @@ pub enum Error {
     },
     #[error("{0}")]
     Command(String),
+    #[error("upgrade: {0}")]
+    Upgrade(String),
 }

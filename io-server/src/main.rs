@@ -4,7 +4,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use saps_io_server::cli::{overlay, Cli, Command};
 use saps_io_server::config::DEFAULT_CONTROL;
 use saps_io_server::notify::{self, Notifier, State};
-use saps_io_server::{control, Config, IoServer};
+use saps_io_server::{control, upgrade, Config, IoServer};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -57,7 +57,7 @@ fn start(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             weight,
             control,
         }) => Some((control_path(control), format!("weight {node} {weight}"))),
-        None => None,
+        Some(Command::Upgrade) | None => None,
     };
     if let Some((path, cmd)) = command {
         let reply = runtime(1)?.block_on(control::request(&path, &cmd))?;
@@ -72,10 +72,98 @@ fn start(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
         anyhow::bail!("no --fabric given: nodes could not reach this io-server (e.g. --fabric unix:/run/saps.sock or --fabric tcp://0.0.0.0:7700)");
     }
     config.control.get_or_insert_with(|| DEFAULT_CONTROL.into());
-    runtime(config.threads)?.block_on(serve(config))
+    if matches!(cli.command, Some(Command::Upgrade)) {
+        return upgrade(config, runtime);
+    }
+    runtime(config.threads)?.block_on(serve(config, None))
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+/// `io-server [settings] upgrade`: starts the new daemon, a child of this
+/// command in a session of its own (under systemd, `ExecReload=`'s child,
+/// which the old process names the unit's main process), and exits with
+/// its word: 0 once it serves, 1 with the reason the old one goes on.
+fn upgrade(
+    config: Config,
+    runtime: impl Fn(u16) -> anyhow::Result<tokio::runtime::Runtime>,
+) -> anyhow::Result<()> {
+    let (word_r, word_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // Waits this long for the word, at most: each step of the handover is
+    // bounded by --upgrade-timeout.
+    let bound = Duration::from_secs(config.upgrade_timeout * 4 + 5);
+    // SAFETY: no thread has been started yet (the runtime comes after), so
+    // the child may do anything the parent could.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Child => {
+            drop(word_r);
+            let _ = nix::unistd::setsid();
+            // The command's output ends with the command: the daemon keeps
+            // only its standard error, for its log.
+            if let Ok(null) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            {
+                use std::os::fd::AsRawFd;
+                let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
+                let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+            }
+            let result = runtime(config.threads)?.block_on(serve(config, Some(word_w)));
+            if result.is_err() {
+                // Told through the pipe: the command says it.
+                std::process::exit(1);
+            }
+            result
+        }
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(word_w);
+            let word = read_word(word_r, bound);
+            match word.strip_prefix("ok: ") {
+                Some(text) => {
+                    println!("{}", text.trim_end());
+                    Ok(())
+                }
+                None if word.is_empty() => anyhow::bail!(
+                    "upgrade: the new process ended without a word; the old one goes on serving"
+                ),
+                None => anyhow::bail!("{}", word.trim_end().trim_start_matches("error: ")),
+            }
+        }
+    }
+}
+
+/// What the new daemon wrote on `fd` before closing it, or within `bound`.
+fn read_word(fd: std::os::fd::OwnedFd, bound: Duration) -> String {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let deadline = std::time::Instant::now() + bound;
+    let mut file = std::fs::File::from(fd);
+    let mut word = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ms = nix::poll::PollTimeout::try_from(left).unwrap_or(nix::poll::PollTimeout::MAX);
+        let mut fds = [nix::poll::PollFd::new(
+            file.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        match nix::poll::poll(&mut fds, ms) {
+            Ok(0) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+            Ok(_) => {}
+        }
+        let mut buf = [0u8; 4096];
+        match file.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) if word.len() < 64 * 1024 => word.extend_from_slice(&buf[..n]),
+            Ok(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&word).into_owned()
+}
+
+/// The daemon: binds and serves, or (`word`: the `upgrade` command's
+/// pipe) takes a running io-server over and tells the command how it went.
+async fn serve(config: Config, word: Option<std::os::fd::OwnedFd>) -> anyhow::Result<()> {
     let grace = Duration::from_secs(config.shutdown_timeout);
     let sandbox = !config.no_sandbox;
     // Made before the sandbox: sending on it is all it needs after.
@@ -92,7 +180,38 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             n.notify(states)
         }
     };
-    let server = IoServer::start(config).await?;
+    let tell = |word: Option<std::os::fd::OwnedFd>, text: String| {
+        if let Some(fd) = word {
+            use std::io::Write;
+            let _ = std::fs::File::from(fd).write_all(text.as_bytes());
+        }
+    };
+    let (server, word) = match word {
+        None => (IoServer::start(config).await?, None),
+        Some(word) => match upgrade::handover::take(config).await {
+            Ok(t) => {
+                tracing::info!(
+                    old_pid = t.old_pid,
+                    upgrades = t.upgrades,
+                    "took over from the old io-server"
+                );
+                let text = format!(
+                    "ok: pid {} took over from pid {} (upgrade {})\n",
+                    std::process::id(),
+                    t.old_pid,
+                    t.upgrades
+                );
+                (t.io_server, Some((word, text)))
+            }
+            Err(e) => {
+                tell(Some(word), format!("error: {e}\n"));
+                return Err(e.into());
+            }
+        },
+    };
+    if let Some(n) = &notifier {
+        server.set_notifier(n.clone());
+    }
     let signal = |kind: SignalKind, name: &str| {
         tokio::signal::unix::signal(kind)
             .map_err(|e| anyhow::anyhow!("cannot install the {name} handler: {e}"))
@@ -119,6 +238,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .join(", ")
     ));
     notify(&[State::Ready, serving.clone()]);
+    if let Some((word, text)) = word {
+        tell(Some(word), text);
+    }
     if let (Some(n), Some(every)) = (&notifier, notify::watchdog_interval()) {
         let n = n.clone();
         tokio::spawn(async move {
@@ -141,12 +263,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 break;
             }
             _ = hup.recv() => {
-                // systemd's reload (`ExecReload`): RELOADING=1 … READY=1.
-                // The io-server has nothing it can change in place yet;
-                // `io-server upgrade` (issue 19) will replace the process
-                // here, its new process sending MAINPID= and READY=1.
+                // Nothing changes in place: a new process with new settings
+                // takes over with `io-server upgrade` (`ExecReload=`).
                 notify(&[State::Reloading, State::Status("reloading".into())]);
-                tracing::info!("SIGHUP: nothing to reload (settings take effect at a restart)");
+                tracing::info!("SIGHUP: nothing to reload in place (`io-server upgrade` replaces the process)");
                 notify(&[State::Ready, serving.clone()]);
             }
         }

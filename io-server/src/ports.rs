@@ -89,6 +89,11 @@ impl Ports {
         }
     }
 
+    /// Whether no group holds a port.
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+    }
+
     /// Binds a new port at `addr` (port 0: a free one); its real address.
     pub fn open(&mut self, addr: SocketAddr) -> Result<SocketAddr, Errno> {
         let (socket, real) = if self.stack {

@@ -12,9 +12,11 @@
 use crate::config::{Config, Stack};
 use crate::state::ServerState;
 use crate::status::Status;
+use crate::upgrade::state::ListenerKind;
 use crate::{cluster, control, handoff, handshakes, metrics, node, timeouts, Error};
 use saps_fabric::handoff::side;
 use saps_fabric::transport::{FabricUrl, StreamListener, TransportRead, TransportWrite};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,14 +26,20 @@ pub struct IoServer {
     fabric: Vec<FabricUrl>,
 }
 
-impl IoServer {
-    /// Binds the `--fabric` listeners, the control socket and the metrics
-    /// address, and starts serving on the current tokio runtime.
-    pub async fn start(config: Config) -> Result<IoServer, Error> {
-        let token = config.load_token()?;
-        let stack = open_stack(&config)?;
-        let relay_only = stack.is_some();
-        let mut listeners = Vec::new();
+/// What an io-server serves on: bound by [`IoServer::start`], or taken
+/// over from the process it replaces ([`crate::upgrade::handover`]).
+pub(crate) struct Listeners {
+    /// Each `--fabric` listener with its URL as given.
+    pub fabric: Vec<(String, StreamListener)>,
+    pub sides: Vec<side::SideListener>,
+    pub control: Option<tokio::net::UnixListener>,
+    pub metrics: Option<tokio::net::TcpListener>,
+}
+
+impl Listeners {
+    /// Binds every listener `config` names.
+    async fn bind(config: &Config, relay_only: bool) -> Result<Listeners, Error> {
+        let mut fabric = Vec::new();
         let mut sides = Vec::new();
         for url in &config.fabric {
             let parsed: FabricUrl = url.parse()?;
@@ -41,7 +49,7 @@ impl IoServer {
                     url: url.clone(),
                     source,
                 })?;
-            listeners.push(l);
+            fabric.push((url.clone(), l));
             // Same-host nodes on a unix fabric may take accepted sockets
             // themselves (zero-relay) through PATH.handoff.
             // Without it (a path too long for one more suffix, say) those
@@ -73,11 +81,81 @@ impl IoServer {
             ),
             None => None,
         };
+        Ok(Listeners {
+            fabric,
+            sides,
+            control,
+            metrics,
+        })
+    }
+
+    /// Copies of the listening sockets, each with what it is, for an
+    /// upgrade to hand over (an `rdma://` listener cannot move: none).
+    fn copies(&self, config: &Config) -> std::io::Result<Vec<(ListenerKind, OwnedFd)>> {
+        let mut out = Vec::new();
+        for (url, l) in &self.fabric {
+            let fd = match l {
+                StreamListener::Unix(l, _) => l.as_fd().try_clone_to_owned()?,
+                StreamListener::Tcp(l) => l.as_fd().try_clone_to_owned()?,
+                #[cfg(feature = "rdma")]
+                StreamListener::Rdma(_) => continue,
+            };
+            out.push((ListenerKind::Fabric { url: url.clone() }, fd));
+        }
+        for l in &self.sides {
+            let path = l.path().display().to_string();
+            out.push((
+                ListenerKind::Handoff { path },
+                l.as_fd().try_clone_to_owned()?,
+            ));
+        }
+        if let (Some(l), Some(path)) = (&self.control, &config.control) {
+            let path = path.display().to_string();
+            out.push((
+                ListenerKind::Control { path },
+                l.as_fd().try_clone_to_owned()?,
+            ));
+        }
+        if let (Some(l), Some(addr)) = (&self.metrics, config.metrics) {
+            let addr = addr.to_string();
+            out.push((
+                ListenerKind::Metrics { addr },
+                l.as_fd().try_clone_to_owned()?,
+            ));
+        }
+        Ok(out)
+    }
+}
+
+impl IoServer {
+    /// Binds the `--fabric` listeners, the control socket and the metrics
+    /// address, and starts serving on the current tokio runtime.
+    pub async fn start(config: Config) -> Result<IoServer, Error> {
+        let token = config.load_token()?;
+        let stack = open_stack(&config)?;
+        let listeners = Listeners::bind(&config, stack.is_some()).await?;
+        Self::serve_on(config, token, stack, listeners, |_| Ok(()))
+    }
+
+    /// Starts serving on `listeners`; `prepare` may change the state
+    /// (an upgrade's carried counters and tables) before it is shared.
+    pub(crate) fn serve_on(
+        config: Config,
+        token: Vec<u8>,
+        stack: Option<saps_stack::Stack>,
+        listeners: Listeners,
+        prepare: impl FnOnce(&mut ServerState) -> Result<(), Error>,
+    ) -> Result<IoServer, Error> {
         crate::guard::init();
+        let copies = listeners.copies(&config);
         let mut state = ServerState::new(config, token);
         state.stack = stack;
+        match copies {
+            Ok(c) => *state.listening.get_mut().unwrap_or_else(|e| e.into_inner()) = c,
+            Err(e) => tracing::warn!(error = %e, "no copies of the listeners: no upgrade in place"),
+        }
         let mut fabric = Vec::new();
-        for l in &listeners {
+        for (_, l) in &listeners.fabric {
             if let Ok(url) = l.local_url() {
                 tracing::info!(%url, "listening for nodes");
                 if let FabricUrl::Tcp(addr) = &url {
@@ -90,23 +168,30 @@ impl IoServer {
         }
         state
             .own_addrs
-            .extend(metrics.as_ref().and_then(|m| m.local_addr().ok()));
+            .extend(listeners.metrics.as_ref().and_then(|m| m.local_addr().ok()));
+        prepare(&mut state)?;
         let server = Arc::new(state);
         tokio::spawn(crate::dispatch::admission_task(server.clone()));
-        for l in listeners {
+        for (_, l) in listeners.fabric {
             tokio::spawn(fabric_loop(server.clone(), l));
         }
-        for l in sides {
+        for l in listeners.sides {
             tokio::spawn(handoff::handoff_loop(server.clone(), l));
         }
-        if let Some(l) = control {
+        if let Some(l) = listeners.control {
             tokio::spawn(control::serve(server.clone(), l));
         }
-        if let Some(l) = metrics {
+        if let Some(l) = listeners.metrics {
             tokio::spawn(metrics::serve(server.clone(), l));
         }
         tokio::spawn(timeouts::housekeeping(server.clone()));
         Ok(IoServer { server, fabric })
+    }
+
+    /// Where systemd's notifications go, for an upgrade's `RELOADING=1`
+    /// and `MAINPID=` (set once, by the daemon).
+    pub fn set_notifier(&self, n: Arc<crate::notify::Notifier>) {
+        let _ = self.server.notifier.set(n);
     }
 
     /// The fabric addresses nodes connect to (ports resolved).

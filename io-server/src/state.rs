@@ -58,6 +58,18 @@ pub(crate) struct ServerState {
     /// the kernel's. Never called into under the tables' lock (its
     /// `listen` and `stats` wait for its thread).
     pub stack: Option<saps_stack::Stack>,
+    /// While true, no listener accepts (an upgrade's handover): the
+    /// listening sockets stay open and their clients wait in the kernel's
+    /// queues.
+    pub paused: watch::Sender<bool>,
+    /// Copies of the listening sockets of [`crate::IoServer`] (fabric,
+    /// hand-off, control, metrics), for an upgrade to hand over.
+    pub listening: Mutex<Vec<(crate::upgrade::state::ListenerKind, std::os::fd::OwnedFd)>>,
+    /// systemd's notification socket, when the daemon has one: an upgrade
+    /// says `RELOADING=1` and `MAINPID=` on it.
+    pub notifier: std::sync::OnceLock<Arc<crate::notify::Notifier>>,
+    /// Set while an upgrade is under way (one at a time).
+    pub upgrading: std::sync::atomic::AtomicBool,
 }
 
 impl ServerState {
@@ -94,6 +106,10 @@ impl ServerState {
             timed_out: Default::default(),
             logs: Default::default(),
             stack: None,
+            paused: watch::Sender::new(false),
+            listening: Mutex::new(Vec::new()),
+            notifier: std::sync::OnceLock::new(),
+            upgrading: Default::default(),
         }
     }
 
@@ -101,7 +117,8 @@ impl ServerState {
         self.tables.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `accept` until shutdown starts, handing each success to `each`.
+    /// Runs `accept` until shutdown starts, handing each success to `each`;
+    /// accepts nothing while [`ServerState::paused`].
     /// Failures (EMFILE and friends) are logged and retried after a pause
     /// rather than in a busy loop.
     pub async fn accept_until_shutdown<T, F, Fut>(
@@ -114,9 +131,19 @@ impl ServerState {
         Fut: std::future::Future<Output = std::io::Result<T>>,
     {
         let mut stop = self.shutdown.subscribe();
+        let mut paused = self.paused.subscribe();
         loop {
+            if *paused.borrow_and_update() {
+                // An upgrade's handover: accept nothing until it is over
+                // (this process then exits, or goes on serving).
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    _ = paused.wait_for(|p| !*p) => continue,
+                }
+            }
             let r = tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
+                _ = paused.changed() => continue,
                 r = accept() => r,
             };
             match r {

@@ -81,7 +81,8 @@ fn batches_carry_at_most_253_and_say_where_they_start() {
     send_fds(a.as_fd(), b"h", &vec![null.as_fd(); 600], T).unwrap();
     let mut buf = [0; PREFIX_LEN + 2];
     for (batch, first, count) in [(0, 0, 253), (1, 253, 253), (2, 506, 94)] {
-        let (n, flags, fds) = recv_one::<SCM_MAX_FD>(b.as_fd(), &mut buf, Instant::now() + T).unwrap();
+        let (n, flags, fds) =
+            recv_one::<SCM_MAX_FD>(b.as_fd(), &mut buf, Instant::now() + T).unwrap();
         assert_eq!(n, PREFIX_LEN + 1);
         assert!(!flags.intersects(MsgFlags::MSG_CTRUNC | MsgFlags::MSG_TRUNC));
         let want = Batch {
@@ -137,8 +138,22 @@ fn a_gap_a_false_count_an_early_close_or_a_long_header_is_refused() {
 
     // Batch 1 never came.
     let (a, b) = seqpacket_pair(SockFlag::empty());
-    send_batch(a.as_fd(), batch(0, 0, 253, 600), b"h", &raw, Instant::now() + T).unwrap();
-    send_batch(a.as_fd(), batch(2, 506, 94, 600), b"h", &raw[..94], Instant::now() + T).unwrap();
+    send_batch(
+        a.as_fd(),
+        batch(0, 0, 253, 600),
+        b"h",
+        &raw,
+        Instant::now() + T,
+    )
+    .unwrap();
+    send_batch(
+        a.as_fd(),
+        batch(2, 506, 94, 600),
+        b"h",
+        &raw[..94],
+        Instant::now() + T,
+    )
+    .unwrap();
     let err = recv_fds(b.as_fd(), 1, T).unwrap_err();
     assert!(
         matches!(
@@ -159,13 +174,27 @@ fn a_gap_a_false_count_an_early_close_or_a_long_header_is_refused() {
 
     // A batch that says 253 and carries 10.
     let (a, b) = seqpacket_pair(SockFlag::empty());
-    send_batch(a.as_fd(), batch(0, 0, 253, 300), b"h", &raw[..10], Instant::now() + T).unwrap();
+    send_batch(
+        a.as_fd(),
+        batch(0, 0, 253, 300),
+        b"h",
+        &raw[..10],
+        Instant::now() + T,
+    )
+    .unwrap();
     let err = recv_fds(b.as_fd(), 1, T).unwrap_err();
     assert!(matches!(err, FdPassError::Malformed(_)), "{err}");
 
     // The sender closed after its first batch.
     let (a, b) = seqpacket_pair(SockFlag::empty());
-    send_batch(a.as_fd(), batch(0, 0, 253, 300), b"h", &raw, Instant::now() + T).unwrap();
+    send_batch(
+        a.as_fd(),
+        batch(0, 0, 253, 300),
+        b"h",
+        &raw,
+        Instant::now() + T,
+    )
+    .unwrap();
     drop(a);
     let err = recv_fds(b.as_fd(), 1, T).unwrap_err();
     assert!(
@@ -181,8 +210,22 @@ fn a_gap_a_false_count_an_early_close_or_a_long_header_is_refused() {
 
     // A later batch of another transfer (another header).
     let (a, b) = seqpacket_pair(SockFlag::empty());
-    send_batch(a.as_fd(), batch(0, 0, 253, 300), b"h", &raw, Instant::now() + T).unwrap();
-    send_batch(a.as_fd(), batch(1, 253, 47, 300), b"x", &raw[..47], Instant::now() + T).unwrap();
+    send_batch(
+        a.as_fd(),
+        batch(0, 0, 253, 300),
+        b"h",
+        &raw,
+        Instant::now() + T,
+    )
+    .unwrap();
+    send_batch(
+        a.as_fd(),
+        batch(1, 253, 47, 300),
+        b"x",
+        &raw[..47],
+        Instant::now() + T,
+    )
+    .unwrap();
     let err = recv_fds(b.as_fd(), 1, T).unwrap_err();
     assert!(matches!(err, FdPassError::Malformed(_)), "{err}");
 

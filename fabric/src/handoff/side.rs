@@ -176,6 +176,31 @@ impl SideListener {
         })
     }
 
+    /// A hand-off socket listening on `path` already (an upgrade's new
+    /// process takes over its predecessor's); its path is removed when it
+    /// is dropped, as a bound one's.
+    pub fn from_fd(fd: OwnedFd, path: PathBuf) -> io::Result<Self> {
+        let fl = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).map_err(errno)?;
+        let mut fl = nix::fcntl::OFlag::from_bits_truncate(fl);
+        fl.insert(nix::fcntl::OFlag::O_NONBLOCK);
+        nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(fl)).map_err(errno)?;
+        Ok(SideListener {
+            fd: register(fd, Interest::READABLE)?,
+            path,
+        })
+    }
+
+    /// Where it listens.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The listening socket.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.get_ref().as_fd()
+    }
+
     /// Accepts one node's hand-off socket and the pid of its process.
     pub async fn accept(&self) -> io::Result<(SideSocket, i32)> {
         let fd = self

@@ -42,10 +42,6 @@ fn to_usize(n: u64) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX)
 }
 
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "the takeover (design §5 step 5) calls these")
-)]
 impl<C: QueuedClient> Groups<C> {
     /// Everything, as at `now`; the queued clients' sockets and replays go
     /// into `into`.

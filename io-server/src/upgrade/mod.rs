@@ -4,9 +4,12 @@
 //!
 //! Built so far: [`state`], the state's format and its capture and
 //! rebuild for what lives in memory without a task (the listener groups,
-//! their schedulers, queues, ramps and ledger; the server's counters).
-//! The transfer and the daemon's side (§4) come in later steps.
+//! their schedulers, queues, ramps and ledger; the server's counters; the
+//! listening sockets), and [`handover`], the transfer between the two
+//! processes over the control socket. Nodes' channels and relays do not
+//! move yet: an upgrade with a node joined is refused.
 
+pub mod handover;
 pub mod state;
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 pub const MAGIC: [u8; 8] = *b"SAPSUPG\0";
 
 /// The version of the state format this binary writes and reads.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 
 /// Magic, version, metadata length, blob length, descriptor count.
 pub const HEADER_LEN: usize = 8 + 4 + 8 + 8 + 4;
@@ -256,6 +256,32 @@ impl Source {
 pub struct StateSnap {
     pub server: ServerSnap,
     pub tables: TablesSnap,
+    /// What the io-server listens on, each with the index of its
+    /// descriptor: the new process serves on the very same sockets.
+    pub listeners: Vec<ListenerSnap>,
+}
+
+/// One listening socket of the io-server, as its settings name it (the new
+/// process must be given the same settings: these sockets are what moves).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSnap {
+    pub kind: ListenerKind,
+    /// Its descriptor's index.
+    pub fd: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum ListenerKind {
+    /// A `--fabric` listener: the URL as given (`unix:PATH`, `tcp://…`).
+    Fabric { url: String },
+    /// The hand-off socket next to a `unix:` fabric listener.
+    Handoff { path: String },
+    /// The control socket (`--control`).
+    Control { path: String },
+    /// The metrics listener (`--metrics`), as given.
+    Metrics { addr: String },
 }
 
 /// `ServerState`'s counters (§1.1), carried so that `io-server status` and
@@ -291,10 +317,6 @@ pub struct HandshakesSnap {
     pub silent_nodes: u64,
 }
 
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "the takeover (design §5 step 5) calls these")
-)]
 impl ServerSnap {
     /// `state`'s counters at `now`.
     pub(crate) fn capture(state: &ServerState, now: Instant) -> ServerSnap {

@@ -273,6 +273,32 @@ fn sample() -> (StateSnap, Vec<u8>, u32) {
                 }],
             },
         },
+        listeners: vec![
+            ListenerSnap {
+                kind: ListenerKind::Fabric {
+                    url: "unix:/run/saps/fabric.sock".into(),
+                },
+                fd: 2,
+            },
+            ListenerSnap {
+                kind: ListenerKind::Handoff {
+                    path: "/run/saps/fabric.sock.handoff".into(),
+                },
+                fd: 3,
+            },
+            ListenerSnap {
+                kind: ListenerKind::Control {
+                    path: "/run/saps/control.sock".into(),
+                },
+                fd: 4,
+            },
+            ListenerSnap {
+                kind: ListenerKind::Metrics {
+                    addr: "192.0.2.1:9100".into(),
+                },
+                fd: 5,
+            },
+        ],
     };
     (state, blob, 2)
 }

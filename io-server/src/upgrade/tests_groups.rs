@@ -313,6 +313,7 @@ fn hand_over(
             next_node: 5,
             groups: snap.clone(),
         },
+        listeners: Vec::new(),
     };
     let fds = copies.len() as u32;
     let wire = Envelope::seal(&state, capture.blob, fds).unwrap().encode();

@@ -1,0 +1,614 @@
+//! The handover of `io-server upgrade` (design note §4): a new process of
+//! the binary takes the running io-server's listening sockets and its
+//! state over the control socket, and the old one exits.
+//!
+//! 1. The new process connects to `--control` and says
+//!    `upgrade VERSION PID` ([`STATE_VERSION`] of its binary).
+//! 2. The old one refuses at once, before anything stops, what it cannot
+//!    hand over: another state version, nodes joined (their channels and
+//!    relays do not move yet), a port a group holds, the smoltcp stack, an
+//!    `rdma://` listener. Otherwise it answers `ok` with one end of a
+//!    `SOCK_SEQPACKET` pair, says `RELOADING=1` to systemd, and pauses
+//!    every listener (nothing accepts; clients wait in the kernel's
+//!    queues; no socket closes).
+//! 3. Over the pair: the state (an [`Envelope`]), then every descriptor
+//!    in batches (`saps_fabric::fdpass`).
+//! 4. The new process checks that its settings name the same listeners,
+//!    builds its tables and listeners from what came, and says
+//!    `prepared` (or `abort: why`).
+//! 5. The old one says `MAINPID=` of the new one to systemd, then
+//!    `commit`, and from then on touches nothing: on the new process's
+//!    `done` (or at the bound) it leaves with `_exit`, so that no
+//!    destructor shuts a socket down or removes a path the new process
+//!    serves on.
+//! 6. The new process starts serving, says `done`, and the daemon goes on
+//!    (`READY=1`, the sandbox).
+//!
+//! Any failure before the commit leaves the old process serving as before
+//! (its listeners resume, `READY=1`), and the new one exits saying why.
+//! Every wait is bounded by `--upgrade-timeout`.
+
+use super::state::{
+    Capture, Envelope, ListenerKind, ListenerSnap, ServerSnap, Source, StateSnap, TablesSnap,
+    STATE_VERSION,
+};
+use crate::config::Config;
+use crate::groups::Groups;
+use crate::notify::State as Notify;
+use crate::server::Listeners;
+use crate::state::ServerState;
+use crate::{Error, IoServer};
+use nix::sys::socket::{self as so, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType};
+use saps_fabric::fdpass;
+use saps_fabric::transport::{FabricUrl, StreamListener};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+
+/// Most octets of state one handover carries (one `SOCK_SEQPACKET`
+/// message, under the kernel's default `wmem_max`).
+const MAX_STATE: usize = 192 * 1024;
+
+/// Header of the descriptor transfer.
+const FDS_HEADER: &[u8] = b"saps-upgrade";
+
+/// The version a new process announces: its binary's, unless the test
+/// hook `SAPS_TEST_STATE_VERSION` says another.
+fn announced_version() -> u32 {
+    std::env::var("SAPS_TEST_STATE_VERSION")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(STATE_VERSION)
+}
+
+// ---- the old process -------------------------------------------------------
+
+/// Serves `upgrade VERSION PID` on the control connection `stream`: hands
+/// everything over to process PID and exits, or refuses and goes on.
+pub(crate) async fn give(server: Arc<ServerState>, mut stream: UnixStream, line: &str) {
+    let refusal = match check_request(&server, &stream, line) {
+        Ok(pid) => {
+            if server.upgrading.swap(true, Ordering::AcqRel) {
+                Some("another upgrade is under way".to_string())
+            } else {
+                let r = hand_over(&server, &mut stream, pid).await;
+                // Only a failure comes back: success ends the process.
+                server.upgrading.store(false, Ordering::Release);
+                r.err()
+            }
+        }
+        Err(why) => Some(why),
+    };
+    if let Some(why) = refusal {
+        tracing::warn!(reason = %why, "upgrade refused: this io-server goes on serving");
+        let _ = stream
+            .write_all(format!("error: {why}; this io-server goes on serving\n").as_bytes())
+            .await;
+    }
+}
+
+/// The new process's pid, if the request can be served at all.
+fn check_request(server: &ServerState, stream: &UnixStream, line: &str) -> Result<u32, String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (version, pid) = match words.as_slice() {
+        ["upgrade", v, p] => (v.parse::<u32>(), p.parse::<u32>()),
+        _ => return Err(format!("malformed upgrade request `{line}`")),
+    };
+    let (Ok(version), Ok(pid)) = (version, pid) else {
+        return Err(format!("malformed upgrade request `{line}`"));
+    };
+    if version != STATE_VERSION {
+        return Err(format!(
+            "state version {STATE_VERSION} here, the new binary reads {version}"
+        ));
+    }
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("no credentials on the control connection: {e}"))?;
+    if cred.uid() != nix::unistd::geteuid().as_raw() || cred.pid() != Some(pid as i32) {
+        return Err(format!(
+            "the request names pid {pid}, the connection is pid {:?} uid {}",
+            cred.pid(),
+            cred.uid()
+        ));
+    }
+    if server.stack.is_some() {
+        return Err("--stack smoltcp keeps its connections in this process's memory".into());
+    }
+    if server.config.fabric.iter().any(|u| u.starts_with("rdma:")) {
+        return Err("an rdma:// listener cannot move to another process".into());
+    }
+    let (nodes, ports) = {
+        let st = server.lock();
+        (st.nodes.len(), !st.ports.is_empty())
+    };
+    if nodes > 0 {
+        return Err(format!(
+            "{nodes} node(s) joined: this version hands over listeners and groups, not \
+             nodes' channels and relays (restart instead: nodes join again)"
+        ));
+    }
+    if ports {
+        return Err(
+            "a listener group still holds its port (a node left less than a moment ago)".into(),
+        );
+    }
+    Ok(pid)
+}
+
+/// Steps 2 to 5 on the old side. Returns only on a failure before the
+/// commit, with everything resumed; after the commit the process exits.
+async fn hand_over(
+    server: &Arc<ServerState>,
+    stream: &mut UnixStream,
+    pid: u32,
+) -> Result<(), String> {
+    let timeout = Duration::from_secs(server.config.upgrade_timeout);
+    let notify = |states: &[Notify]| {
+        if let Some(n) = server.notifier.get() {
+            n.notify(states);
+        }
+    };
+    let (state, fds) = capture(server)?;
+    let wire = state.encode();
+    if wire.len() > MAX_STATE {
+        return Err(format!(
+            "the state takes {} octets, more than this version hands over ({MAX_STATE})",
+            wire.len()
+        ));
+    }
+    let (ours, theirs) = so::socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+    )
+    .map_err(|e| format!("socketpair: {e}"))?;
+    let hello = format!("ok: handing over from pid {}\n", std::process::id());
+    send_with_fd(stream, hello.as_bytes(), theirs.as_fd()).await?;
+    drop(theirs);
+    notify(&[
+        Notify::Reloading,
+        Notify::Status(format!("upgrading: handing over to pid {pid}")),
+    ]);
+    tracing::info!(
+        pid,
+        fds = fds.len(),
+        state = wire.len(),
+        "upgrade: handing over"
+    );
+    server.paused.send_replace(true);
+    let sent = tokio::task::spawn_blocking(move || -> Result<OwnedFd, String> {
+        send_message(ours.as_fd(), &wire, timeout)?;
+        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+        fdpass::send_fds(ours.as_fd(), FDS_HEADER, &borrowed, timeout)
+            .map_err(|e| e.to_string())?;
+        let answer = recv_message(ours.as_fd(), 256, timeout)?;
+        match answer.as_slice() {
+            b"prepared" => Ok(ours),
+            other => Err(format!(
+                "the new process did not take over: {}",
+                String::from_utf8_lossy(other)
+            )),
+        }
+    })
+    .await
+    .map_err(|e| format!("the handover task failed: {e}"))
+    .and_then(|r| r);
+    let ours = match sent {
+        Ok(s) => s,
+        Err(why) => {
+            // Nothing was consumed: serve on as before.
+            server.paused.send_replace(false);
+            notify(&[
+                Notify::Ready,
+                Notify::Status("serving (an upgrade failed)".into()),
+            ]);
+            return Err(why);
+        }
+    };
+    // The commit: from here this process touches nothing it handed over.
+    notify(&[Notify::MainPid(pid)]);
+    let committed = send_message(ours.as_fd(), b"commit", timeout);
+    let done = committed.and_then(|()| recv_message(ours.as_fd(), 64, timeout));
+    match done {
+        Ok(d) if d == b"done" => {
+            tracing::info!(pid, "upgrade: pid {pid} serves now; this process exits")
+        }
+        Ok(d) => {
+            tracing::warn!(pid, answer = %String::from_utf8_lossy(&d), "upgrade: committed; exiting")
+        }
+        Err(e) => {
+            tracing::warn!(pid, error = %e, "upgrade: committed, the new process did not confirm; exiting")
+        }
+    }
+    // No destructor may run: they would shut shared sockets down and
+    // remove the paths the new process serves on.
+    crate::sys::exit_now(0)
+}
+
+/// The state and the descriptors to hand over: the groups' (queued
+/// clients) first, then the listeners'.
+fn capture(server: &ServerState) -> Result<(Envelope, Vec<OwnedFd>), String> {
+    let now = Instant::now();
+    let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map_err(|e| format!("dup: {e}"));
+    let (tables, mut blob, mut fds) = {
+        let st = server.lock();
+        let mut capture = Capture::default();
+        let groups = st.groups.snapshot(now, &mut capture);
+        let fds = capture
+            .fds
+            .iter()
+            .map(|&f| dup(f))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tables = TablesSnap {
+            next_node: st.next_node,
+            groups,
+        };
+        (tables, std::mem::take(&mut capture.blob), fds)
+    };
+    let mut listeners = Vec::new();
+    {
+        let held = server.listening.lock().unwrap_or_else(|e| e.into_inner());
+        for (kind, fd) in held.iter() {
+            listeners.push(ListenerSnap {
+                kind: kind.clone(),
+                fd: fds.len() as u32,
+            });
+            fds.push(dup(fd.as_fd())?);
+        }
+    }
+    let state = StateSnap {
+        server: ServerSnap::capture(server, now),
+        tables,
+        listeners,
+    };
+    let fd_count = u32::try_from(fds.len()).map_err(|_| "too many descriptors".to_string())?;
+    let envelope =
+        Envelope::seal(&state, std::mem::take(&mut blob), fd_count).map_err(|e| e.to_string())?;
+    Ok((envelope, fds))
+}
+
+/// `text` with `fd` attached, on the control connection.
+async fn send_with_fd(
+    stream: &mut UnixStream,
+    text: &[u8],
+    fd: BorrowedFd<'_>,
+) -> Result<(), String> {
+    let raw = [fd.as_raw_fd()];
+    loop {
+        stream
+            .writable()
+            .await
+            .map_err(|e| format!("control connection: {e}"))?;
+        let iov = [IoSlice::new(text)];
+        let cmsg = [ControlMessage::ScmRights(&raw)];
+        let r = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            so::sendmsg::<()>(
+                stream.as_raw_fd(),
+                &iov,
+                &cmsg,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match r {
+            Ok(n) if n == text.len() => return Ok(()),
+            Ok(_) => return Err("control connection: a short write".into()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(format!("control connection: {e}")),
+        }
+    }
+}
+
+// ---- the new process -------------------------------------------------------
+
+/// What the new process learnt taking over.
+pub struct TakenOver {
+    pub io_server: IoServer,
+    /// The process it replaced.
+    pub old_pid: u32,
+    /// Upgrades so far, this one included.
+    pub upgrades: u64,
+}
+
+/// Steps 1, 3, 4 and 6 on the new side: takes the io-server at
+/// `config.control` over and serves in its place.
+pub async fn take(config: Config) -> Result<TakenOver, Error> {
+    let fail = |why: String| Error::Upgrade(why);
+    let control = config
+        .control
+        .clone()
+        .ok_or_else(|| fail("no --control: nothing to take over from".into()))?;
+    let token = config.load_token()?;
+    if config.stack != crate::config::Stack::Kernel {
+        return Err(fail(
+            "--stack smoltcp cannot take over a running io-server".into(),
+        ));
+    }
+    let timeout = Duration::from_secs(config.upgrade_timeout);
+    let (seq, old_pid) = tokio::task::spawn_blocking(move || ask(&control, timeout))
+        .await
+        .map_err(|e| fail(format!("the request failed: {e}")))??;
+    // The state and the descriptors.
+    let got = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+        let wire = recv_message(seq.as_fd(), MAX_STATE, timeout).map_err(Error::Upgrade)?;
+        let (header, fds) = fdpass::recv_fds(seq.as_fd(), FDS_HEADER.len(), timeout)
+            .map_err(|e| Error::Upgrade(e.to_string()))?;
+        if header != FDS_HEADER {
+            return Err(Error::Upgrade(
+                "a descriptor transfer of another kind".into(),
+            ));
+        }
+        Ok((seq, wire, fds))
+    })
+    .await
+    .map_err(|e| fail(format!("the transfer failed: {e}")))??;
+    let (seq, wire, fds) = got;
+    let prepared = prepare(&config, &wire, fds);
+    let (listeners, state, groups) = match prepared {
+        Ok(p) => p,
+        Err(why) => {
+            let _ = send_message(seq.as_fd(), format!("abort: {why}").as_bytes(), timeout);
+            return Err(fail(why));
+        }
+    };
+    let upgrades = state.server.upgrades + 1;
+    let seq = tokio::task::spawn_blocking(move || -> Result<OwnedFd, String> {
+        send_message(seq.as_fd(), b"prepared", timeout)?;
+        match recv_message(seq.as_fd(), 64, timeout)?.as_slice() {
+            b"commit" => Ok(seq),
+            other => Err(format!("no commit: {}", String::from_utf8_lossy(other))),
+        }
+    })
+    .await
+    .map_err(|e| fail(format!("the commit failed: {e}")))?
+    .map_err(fail)?;
+    let now = Instant::now();
+    let io_server = IoServer::serve_on(config, token, None, listeners, |st| {
+        state
+            .server
+            .apply(st, now)
+            .map_err(|e| Error::Upgrade(e.to_string()))?;
+        st.upgrades.store(upgrades, Ordering::Relaxed);
+        let mut tables = st.lock();
+        tables.next_node = state.tables.next_node;
+        tables.groups = groups;
+        Ok(())
+    })?;
+    let _ = send_message(seq.as_fd(), b"done", timeout);
+    Ok(TakenOver {
+        io_server,
+        old_pid,
+        upgrades,
+    })
+}
+
+/// Step 1: the request, and the pair's end the old process answers with.
+fn ask(control: &std::path::Path, timeout: Duration) -> Result<(OwnedFd, u32), Error> {
+    let fail = |why: String| Error::Upgrade(why);
+    let stream = std::os::unix::net::UnixStream::connect(control).map_err(|source| {
+        Error::ControlConnect {
+            path: control.into(),
+            source,
+        }
+    })?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| fail(format!("control connection: {e}")))?;
+    let line = format!("upgrade {} {}\n", announced_version(), std::process::id());
+    use std::io::Write;
+    (&stream)
+        .write_all(line.as_bytes())
+        .map_err(|e| fail(format!("control connection: {e}")))?;
+    let mut buf = [0u8; 4096];
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = so::recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| fail(format!("no answer from the io-server: {e}")))?;
+    let mut pair = None;
+    for c in msg.cmsgs().map_err(|e| fail(e.to_string()))? {
+        if let so::ControlMessageOwned::ScmRights(fds) = c {
+            for fd in fds {
+                // SAFETY: SCM_RIGHTS installed it in this process just now.
+                pair = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    let n = msg.bytes;
+    let text = String::from_utf8_lossy(&buf[..n]).trim_end().to_string();
+    // (The control socket's peer credentials are those of the process
+    // that first listened on it, not of the one serving it now.)
+    let old_pid = text
+        .strip_prefix("ok: handing over from pid ")
+        .and_then(|p| p.parse::<u32>().ok());
+    match (text.strip_prefix("error: "), pair, old_pid) {
+        (Some(why), _, _) => Err(fail(why.to_string())),
+        (None, Some(p), Some(old_pid)) => Ok((p, old_pid)),
+        _ => Err(fail(format!("unexpected answer `{text}`"))),
+    }
+}
+
+/// Step 4: the new process's listeners and tables from what came, if its
+/// settings name the same listeners.
+fn prepare(
+    config: &Config,
+    wire: &[u8],
+    fds: Vec<OwnedFd>,
+) -> Result<(Listeners, StateSnap, Groups<crate::state::Client>), String> {
+    let envelope = Envelope::decode(wire).map_err(|e| e.to_string())?;
+    if envelope.fds as usize != fds.len() {
+        return Err(format!(
+            "the state names {} descriptors, {} came",
+            envelope.fds,
+            fds.len()
+        ));
+    }
+    let state = envelope.state().map_err(|e| e.to_string())?;
+    same_listeners(config, &state.listeners)?;
+    // Listener descriptors out first; the rest belong to the groups.
+    let mut slots: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+    let mut take = |i: u32| {
+        slots
+            .get_mut(i as usize)
+            .and_then(Option::take)
+            .ok_or_else(|| format!("descriptor {i} missing or given twice"))
+    };
+    let mut listeners = Listeners {
+        fabric: Vec::new(),
+        sides: Vec::new(),
+        control: None,
+        metrics: None,
+    };
+    for l in &state.listeners {
+        let fd = take(l.fd)?;
+        match &l.kind {
+            ListenerKind::Fabric { url } => {
+                let parsed: FabricUrl = url.parse().map_err(|e| format!("{url}: {e}"))?;
+                let listener = match parsed {
+                    FabricUrl::Unix(path) => StreamListener::Unix(unix_listener(fd)?, path),
+                    FabricUrl::Tcp(_) => StreamListener::Tcp(tcp_listener(fd)?),
+                    #[allow(unreachable_patterns)]
+                    _ => return Err(format!("{url} cannot be taken over")),
+                };
+                listeners.fabric.push((url.clone(), listener));
+            }
+            ListenerKind::Handoff { path } => {
+                let l = saps_fabric::handoff::side::SideListener::from_fd(fd, path.into())
+                    .map_err(|e| format!("{path}: {e}"))?;
+                listeners.sides.push(l);
+            }
+            ListenerKind::Control { .. } => listeners.control = Some(unix_listener(fd)?),
+            ListenerKind::Metrics { .. } => listeners.metrics = Some(tcp_listener(fd)?),
+        }
+    }
+    let rest: Vec<OwnedFd> = slots.into_iter().flatten().collect();
+    let mut source = Source::new(rest, envelope.blob.clone());
+    let groups = Groups::restore(state.tables.groups.clone(), &mut source, Instant::now())
+        .map_err(|e| e.to_string())?;
+    source.finish().map_err(|e| e.to_string())?;
+    Ok((listeners, state, groups))
+}
+
+/// Refuses a takeover whose settings would serve on other listeners than
+/// the ones that move.
+fn same_listeners(config: &Config, listeners: &[ListenerSnap]) -> Result<(), String> {
+    let mut fabric: Vec<&str> = listeners
+        .iter()
+        .filter_map(|l| match &l.kind {
+            ListenerKind::Fabric { url } => Some(url.as_str()),
+            _ => None,
+        })
+        .collect();
+    let mut ours: Vec<&str> = config.fabric.iter().map(String::as_str).collect();
+    fabric.sort_unstable();
+    ours.sort_unstable();
+    if fabric != ours {
+        return Err(format!(
+            "--fabric differs: the running io-server serves on {fabric:?}, this one would on {ours:?}"
+        ));
+    }
+    for l in listeners {
+        match &l.kind {
+            ListenerKind::Control { path } if config.control.as_deref() != Some(path.as_ref()) => {
+                return Err(format!(
+                    "--control differs: the running io-server's is {path}"
+                ))
+            }
+            ListenerKind::Metrics { addr }
+                if config.metrics.map(|a| a.to_string()).as_deref() != Some(addr) =>
+            {
+                return Err(format!(
+                    "--metrics differs: the running io-server's is {addr}"
+                ))
+            }
+            _ => {}
+        }
+    }
+    let had_metrics = listeners
+        .iter()
+        .any(|l| matches!(l.kind, ListenerKind::Metrics { .. }));
+    if config.metrics.is_some() && !had_metrics {
+        return Err("--metrics is new: the running io-server serves no metrics".into());
+    }
+    Ok(())
+}
+
+fn unix_listener(fd: OwnedFd) -> Result<tokio::net::UnixListener, String> {
+    let l = std::os::unix::net::UnixListener::from(fd);
+    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    tokio::net::UnixListener::from_std(l).map_err(|e| e.to_string())
+}
+
+fn tcp_listener(fd: OwnedFd) -> Result<tokio::net::TcpListener, String> {
+    let l = std::net::TcpListener::from(fd);
+    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    tokio::net::TcpListener::from_std(l).map_err(|e| e.to_string())
+}
+
+// ---- the pair's messages ---------------------------------------------------
+
+/// One message on a `SOCK_SEQPACKET` socket, within `timeout`.
+fn send_message(sock: BorrowedFd<'_>, msg: &[u8], timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match so::send(
+            sock.as_raw_fd(),
+            msg,
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) => ready(sock, nix::poll::PollFlags::POLLOUT, deadline)?,
+            Err(e) => return Err(format!("the other process is gone ({e})")),
+        }
+    }
+}
+
+/// One message of at most `max` octets, within `timeout`.
+fn recv_message(sock: BorrowedFd<'_>, max: usize, timeout: Duration) -> Result<Vec<u8>, String> {
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; max + 1];
+    loop {
+        match so::recv(sock.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => return Err("the other process is gone".into()),
+            Ok(n) if n > max => return Err(format!("a message longer than {max} octets")),
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) => ready(sock, nix::poll::PollFlags::POLLIN, deadline)?,
+            Err(e) => return Err(format!("the other process is gone ({e})")),
+        }
+    }
+}
+
+fn ready(
+    sock: BorrowedFd<'_>,
+    what: nix::poll::PollFlags,
+    deadline: Instant,
+) -> Result<(), String> {
+    use nix::poll::{poll, PollFd, PollTimeout};
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err("the other process did not answer within --upgrade-timeout".into());
+    }
+    let ms = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+    let mut fds = [PollFd::new(sock, what)];
+    match poll(&mut fds, ms) {
+        Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+        Err(e) => Err(format!("poll: {e}")),
+    }
+}
