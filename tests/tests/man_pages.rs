@@ -172,7 +172,12 @@ fn io_server_8_and_its_commands_match_their_clap_definitions() {
     let pages = io_server_pages();
     assert_eq!(
         pages.keys().collect::<Vec<_>>(),
-        ["io-server-status.8", "io-server-weight.8", "io-server.8"]
+        [
+            "io-server-status.8",
+            "io-server-upgrade.8",
+            "io-server-weight.8",
+            "io-server.8"
+        ]
     );
     let page = &pages["io-server.8"];
     assert!(page.contains(".TH io-server 8 "), "{page}");
