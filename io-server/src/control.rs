@@ -84,8 +84,10 @@ async fn answer(server: Arc<ServerState>, s: UnixStream) {
         }
         return;
     }
+    let answer = server.answering.begin();
     let reply = execute(&server, line);
     let _ = w.write_all(reply.as_bytes()).await;
+    drop(answer);
 }
 
 /// Runs one control command and returns the text to send back.

@@ -134,9 +134,11 @@ pub(crate) async fn serve(server: Arc<ServerState>, listener: TcpListener) {
         .accept_until_shutdown("metrics", accept, |(s, peer, slot)| {
             let (server, snapshots) = (server.clone(), snapshots.clone());
             tokio::spawn(async move {
+                let answer = server.answering.begin();
                 if let Err(reason) = scrape(&server, &snapshots, s).await {
                     tracing::warn!(%peer, reason, "metrics connection closed");
                 }
+                drop(answer);
                 drop(slot);
             });
         })

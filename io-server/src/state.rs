@@ -70,6 +70,56 @@ pub(crate) struct ServerState {
     pub notifier: std::sync::OnceLock<Arc<crate::notify::Notifier>>,
     /// Set while an upgrade is under way (one at a time).
     pub upgrading: std::sync::atomic::AtomicBool,
+    /// Metrics scrapes and control commands being answered: an upgrade's
+    /// old process lets them finish before it exits.
+    pub answering: Answering,
+}
+
+/// A count of answers in progress, and a way to wait for none.
+#[derive(Default)]
+pub(crate) struct Answering {
+    count: std::sync::atomic::AtomicUsize,
+    idle: Notify,
+}
+
+/// One answer in progress, until dropped.
+pub(crate) struct Answer<'a>(&'a Answering);
+
+impl Answering {
+    pub fn begin(&self) -> Answer<'_> {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Answer(self)
+    }
+
+    /// Waits until no answer is in progress, at most `timeout`; whether
+    /// none is.
+    pub async fn idle(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return false;
+            }
+        }
+    }
+}
+
+impl Drop for Answer<'_> {
+    fn drop(&mut self) {
+        if self
+            .0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl ServerState {
@@ -110,6 +160,7 @@ impl ServerState {
             listening: Mutex::new(Vec::new()),
             notifier: std::sync::OnceLock::new(),
             upgrading: Default::default(),
+            answering: Default::default(),
         }
     }
 

@@ -182,6 +182,7 @@ async fn hand_over(
         "upgrade: handing over"
     );
     server.paused.send_replace(true);
+    let paused = Instant::now();
     let sent = tokio::task::spawn_blocking(move || -> Result<OwnedFd, String> {
         send_message(ours.as_fd(), &wire, timeout)?;
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
@@ -214,7 +215,19 @@ async fn hand_over(
     // The commit: from here this process touches nothing it handed over.
     notify(&[Notify::MainPid(pid)]);
     let committed = send_message(ours.as_fd(), b"commit", timeout);
-    let done = committed.and_then(|()| recv_message(ours.as_fd(), 64, timeout));
+    let done = tokio::task::spawn_blocking(move || {
+        committed.and_then(|()| recv_message(ours.as_fd(), 64, timeout))
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    tracing::info!(
+        paused_ms = paused.elapsed().as_millis() as u64,
+        "upgrade: listeners handed over"
+    );
+    // Scrapes and commands accepted before the pause finish here.
+    if !server.answering.idle(timeout).await {
+        tracing::warn!("upgrade: answers still in progress at --upgrade-timeout are cut");
+    }
     match done {
         Ok(d) if d == b"done" => {
             tracing::info!(pid, "upgrade: pid {pid} serves now; this process exits")
