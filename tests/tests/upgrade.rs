@@ -285,6 +285,35 @@ fn a_state_version_the_running_io_server_cannot_read_is_refused_and_it_serves_on
     );
 }
 
+#[test]
+fn a_new_process_that_dies_at_any_step_before_the_commit_leaves_the_old_one_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let s = Settings::new(d);
+    let mut io = Proc::spawn(&mut s.command());
+    assert!(wait_for(Duration::from_secs(20), || io_server_status(d)).is_some());
+    for point in ["request", "state", "fds", "prepared"] {
+        let (code, out, err) = s.upgrade(&[("SAPS_TEST_UPGRADE_FAIL_AT", point)]);
+        assert_eq!(code, Some(1), "{point}: {out}{err}");
+        assert!(err.contains("without a word"), "{point}: {err}");
+        // The old process notices (the pair's end closes) and resumes.
+        let serving = wait_for(Duration::from_secs(20), || {
+            (io_server_status(d).is_some() && scrape(s.metrics).is_ok()).then_some(())
+        });
+        assert!(serving.is_some(), "{point}: {}", io.stderr());
+        assert!(io.running(), "{point}: {}", io.stderr());
+        assert_eq!(s.metric("saps_upgrades_total"), Some(0), "{point}");
+    }
+    // Still able to hand over afterwards.
+    let (code, out, _) = s.upgrade(&[]);
+    assert_eq!(code, Some(0), "{out}");
+    let (new, from, k) = took_over(&out).unwrap();
+    let _daemon = Daemon(std::sync::Mutex::new(new));
+    assert_eq!((from, k), (io.pid(), 1));
+    assert_eq!(io.wait_timeout(Duration::from_secs(20)), Some(0));
+    assert!(d.join("saps.sock").exists());
+}
+
 /// One notification and the pid that sent it (`SO_PASSCRED`).
 fn notification(rx: &UnixDatagram) -> (String, i32) {
     use nix_free::recv_with_pid;

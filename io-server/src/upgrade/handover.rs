@@ -16,11 +16,14 @@
 //! 4. The new process checks that its settings name the same listeners,
 //!    builds its tables and listeners from what came, and says
 //!    `prepared` (or `abort: why`).
-//! 5. The old one says `MAINPID=` of the new one to systemd, then
-//!    `commit`, and from then on touches nothing: on the new process's
+//! 5. The old one says `commit`, then `MAINPID=` of the new one to
+//!    systemd, and from then on touches nothing: on the new process's
 //!    `done` (or at the bound) it leaves with `_exit`, so that no
 //!    destructor shuts a socket down or removes a path the new process
-//!    serves on.
+//!    serves on. Should the new process die before `done` (its end of the
+//!    pair closes), the old one takes its listeners back and goes on, the
+//!    main process again: what moves today (listeners, groups with no
+//!    member) is nothing the new process could have used up.
 //! 6. The new process starts serving, says `done`, and the daemon goes on
 //!    (`READY=1`, the sandbox).
 //!
@@ -53,8 +56,20 @@ use tokio::net::UnixStream;
 /// message, under the kernel's default `wmem_max`).
 const MAX_STATE: usize = 192 * 1024;
 
+/// How a message call says the other process has closed its end.
+const GONE: &str = "the other process is gone";
+
 /// Header of the descriptor transfer.
 const FDS_HEADER: &[u8] = b"saps-upgrade";
+
+/// Test hook: `SAPS_TEST_UPGRADE_FAIL_AT=request|state|fds|prepared`
+/// makes the new process die (exit 3, no word to the command) at that
+/// point of the handover, as a crash or a kill would.
+fn die_at(point: &str) {
+    if std::env::var("SAPS_TEST_UPGRADE_FAIL_AT").is_ok_and(|p| p == point) {
+        std::process::exit(3);
+    }
+}
 
 /// The version a new process announces: its binary's, unless the test
 /// hook `SAPS_TEST_STATE_VERSION` says another.
@@ -212,32 +227,46 @@ async fn hand_over(
             return Err(why);
         }
     };
-    // The commit: from here this process touches nothing it handed over.
-    notify(&[Notify::MainPid(pid)]);
-    let committed = send_message(ours.as_fd(), b"commit", timeout);
-    let done = tokio::task::spawn_blocking(move || {
-        committed.and_then(|()| recv_message(ours.as_fd(), 64, timeout))
-    })
-    .await
-    .unwrap_or_else(|e| Err(e.to_string()));
-    tracing::info!(
-        paused_ms = paused.elapsed().as_millis() as u64,
-        "upgrade: listeners handed over"
-    );
-    // Scrapes and commands accepted before the pause finish here.
-    if !server.answering.idle(timeout).await {
-        tracing::warn!("upgrade: answers still in progress at --upgrade-timeout are cut");
+    // The commit. A new process already gone cannot be committed to.
+    if let Err(why) = send_message(ours.as_fd(), b"commit", timeout) {
+        server.paused.send_replace(false);
+        notify(&[
+            Notify::Ready,
+            Notify::Status("serving (an upgrade failed)".into()),
+        ]);
+        return Err(why);
     }
+    notify(&[Notify::MainPid(pid)]);
+    let done = tokio::task::spawn_blocking(move || recv_message(ours.as_fd(), 64, timeout))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
     match done {
-        Ok(d) if d == b"done" => {
-            tracing::info!(pid, "upgrade: pid {pid} serves now; this process exits")
+        Ok(d) if d == b"done" => {}
+        // It died before it served: nothing was taken from this process
+        // but its listeners' attention, which it takes back.
+        Err(why) if why.starts_with(GONE) => {
+            server.paused.send_replace(false);
+            notify(&[
+                Notify::MainPid(std::process::id()),
+                Notify::Ready,
+                Notify::Status("serving (the new process died)".into()),
+            ]);
+            return Err(format!("the new process died after the commit ({why})"));
         }
         Ok(d) => {
             tracing::warn!(pid, answer = %String::from_utf8_lossy(&d), "upgrade: committed; exiting")
         }
         Err(e) => {
-            tracing::warn!(pid, error = %e, "upgrade: committed, the new process did not confirm; exiting")
+            tracing::warn!(pid, error = %e, "upgrade: committed, the new process did not confirm in time; exiting")
         }
+    }
+    tracing::info!(
+        paused_ms = paused.elapsed().as_millis() as u64,
+        "upgrade: pid {pid} serves now; this process exits"
+    );
+    // Scrapes and commands accepted before the pause finish here.
+    if !server.answering.idle(timeout).await {
+        tracing::warn!("upgrade: answers still in progress at --upgrade-timeout are cut");
     }
     // No destructor may run: they would shut shared sockets down and
     // remove the paths the new process serves on.
@@ -349,8 +378,10 @@ pub async fn take(config: Config) -> Result<TakenOver, Error> {
         .await
         .map_err(|e| fail(format!("the request failed: {e}")))??;
     // The state and the descriptors.
+    die_at("request");
     let got = tokio::task::spawn_blocking(move || -> Result<_, Error> {
         let wire = recv_message(seq.as_fd(), MAX_STATE, timeout).map_err(Error::Upgrade)?;
+        die_at("state");
         let (header, fds) = fdpass::recv_fds(seq.as_fd(), FDS_HEADER.len(), timeout)
             .map_err(|e| Error::Upgrade(e.to_string()))?;
         if header != FDS_HEADER {
@@ -363,6 +394,7 @@ pub async fn take(config: Config) -> Result<TakenOver, Error> {
     .await
     .map_err(|e| fail(format!("the transfer failed: {e}")))??;
     let (seq, wire, fds) = got;
+    die_at("fds");
     let prepared = prepare(&config, &wire, fds);
     let (listeners, state, groups) = match prepared {
         Ok(p) => p,
@@ -374,6 +406,7 @@ pub async fn take(config: Config) -> Result<TakenOver, Error> {
     let upgrades = state.server.upgrades + 1;
     let seq = tokio::task::spawn_blocking(move || -> Result<OwnedFd, String> {
         send_message(seq.as_fd(), b"prepared", timeout)?;
+        die_at("prepared");
         match recv_message(seq.as_fd(), 64, timeout)?.as_slice() {
             b"commit" => Ok(seq),
             other => Err(format!("no commit: {}", String::from_utf8_lossy(other))),
@@ -584,7 +617,7 @@ fn send_message(sock: BorrowedFd<'_>, msg: &[u8], timeout: Duration) -> Result<(
             Ok(_) => return Ok(()),
             Err(nix::errno::Errno::EINTR) => continue,
             Err(nix::errno::Errno::EAGAIN) => ready(sock, nix::poll::PollFlags::POLLOUT, deadline)?,
-            Err(e) => return Err(format!("the other process is gone ({e})")),
+            Err(e) => return Err(format!("{GONE} ({e})")),
         }
     }
 }
@@ -595,7 +628,7 @@ fn recv_message(sock: BorrowedFd<'_>, max: usize, timeout: Duration) -> Result<V
     let mut buf = vec![0u8; max + 1];
     loop {
         match so::recv(sock.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
-            Ok(0) => return Err("the other process is gone".into()),
+            Ok(0) => return Err(GONE.into()),
             Ok(n) if n > max => return Err(format!("a message longer than {max} octets")),
             Ok(n) => {
                 buf.truncate(n);
@@ -603,7 +636,7 @@ fn recv_message(sock: BorrowedFd<'_>, max: usize, timeout: Duration) -> Result<V
             }
             Err(nix::errno::Errno::EINTR) => continue,
             Err(nix::errno::Errno::EAGAIN) => ready(sock, nix::poll::PollFlags::POLLIN, deadline)?,
-            Err(e) => return Err(format!("the other process is gone ({e})")),
+            Err(e) => return Err(format!("{GONE} ({e})")),
         }
     }
 }
