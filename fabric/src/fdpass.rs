@@ -18,7 +18,8 @@
 //! batch out of order or with a gap before it, a count other than the
 //! batch's share, and a total or header other than the first message's.
 //!
-//! Both calls block: on a non-blocking socket they wait with `poll(2)`.
+//! Both calls block, at most for their timeout: whatever the socket's mode,
+//! they wait with `poll(2)` (`MSG_DONTWAIT` on every call).
 //! After an error the transfer is broken: the upgrade fails as a whole.
 
 use nix::errno::Errno;
@@ -146,7 +147,13 @@ fn send_batch(
     let rights = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
     loop {
-        match so::sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+        match so::sendmsg::<()>(
+            sock.as_raw_fd(),
+            &iov,
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+            None,
+        ) {
             Ok(_) => return Ok(()),
             Err(Errno::EINTR) => {}
             Err(Errno::EAGAIN) => wait(sock, PollFlags::POLLOUT, deadline)?,
@@ -256,7 +263,8 @@ fn recv_one<const ROOM: usize>(
         msg.msg_controllen = space as _;
         // SAFETY: `msg` points at `iov` and `control`, live for the call,
         // with their true lengths.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        let flags = libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT;
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags) };
         if n < 0 {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {

@@ -13,7 +13,7 @@
 //! * [`handoff`] — same-host zero-relay hand-off of a client's socket.
 //! * [`fdpass`] — many descriptors in batches, for an upgrade in place.
 
-pub use saps_proto::{auth, channel, codec, credit, frame};
+pub use saps_proto::{auth, channel, codec, credit, frame, golden};
 
 pub mod driver;
 pub mod endpoint;

@@ -21,6 +21,8 @@ pub mod channel;
 pub mod codec;
 pub mod credit;
 pub mod frame;
+#[doc(hidden)]
+pub mod golden;
 
 pub use channel::{
     CallError, Channel, ChannelConfig, ChannelError, ChannelSnap, ChannelStats, Event, Role,

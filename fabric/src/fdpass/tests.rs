@@ -10,6 +10,11 @@ use std::os::fd::AsFd;
 /// Bound on every transfer of these tests.
 const T: Duration = Duration::from_secs(10);
 
+/// One batch of `fds` with `header`, as `send_fds` would send it.
+fn send(a: &OwnedFd, b: Batch, header: &[u8], fds: &[RawFd]) {
+    send_batch(a.as_fd(), b, header, fds, Instant::now() + T).unwrap();
+}
+
 fn seqpacket_pair(flags: SockFlag) -> (OwnedFd, OwnedFd) {
     socketpair(
         AddressFamily::Unix,
@@ -138,22 +143,8 @@ fn a_gap_a_false_count_an_early_close_or_a_long_header_is_refused() {
 
     // Batch 1 never came.
     let (a, b) = seqpacket_pair(SockFlag::empty());
-    send_batch(
-        a.as_fd(),
-        batch(0, 0, 253, 600),
-        b"h",
-        &raw,
-        Instant::now() + T,
-    )
-    .unwrap();
-    send_batch(
-        a.as_fd(),
-        batch(2, 506, 94, 600),
-        b"h",
-        &raw[..94],
-        Instant::now() + T,
-    )
-    .unwrap();
+    send(&a, batch(0, 0, 253, 600), b"h", &raw);
+    send(&a, batch(2, 506, 94, 600), b"h", &raw[..94]);
     let err = recv_fds(b.as_fd(), 1, T).unwrap_err();
     assert!(
         matches!(
@@ -174,27 +165,13 @@ fn a_gap_a_false_count_an_early_close_or_a_long_header_is_refused() {
 
     // A batch that says 253 and carries 10.
     let (a, b) = seqpacket_pair(SockFlag::empty());
-    send_batch(
-        a.as_fd(),
-        batch(0, 0, 253, 300),
-        b"h",
-        &raw[..10],
-        Instant::now() + T,
-    )
-    .unwrap();
+    send(&a, batch(0, 0, 253, 300), b"h", &raw[..10]);
     let err = recv_fds(b.as_fd(), 1, T).unwrap_err();
     assert!(matches!(err, FdPassError::Malformed(_)), "{err}");
 
     // The sender closed after its first batch.
     let (a, b) = seqpacket_pair(SockFlag::empty());
-    send_batch(
-        a.as_fd(),
-        batch(0, 0, 253, 300),
-        b"h",
-        &raw,
-        Instant::now() + T,
-    )
-    .unwrap();
+    send(&a, batch(0, 0, 253, 300), b"h", &raw);
     drop(a);
     let err = recv_fds(b.as_fd(), 1, T).unwrap_err();
     assert!(
@@ -210,22 +187,8 @@ fn a_gap_a_false_count_an_early_close_or_a_long_header_is_refused() {
 
     // A later batch of another transfer (another header).
     let (a, b) = seqpacket_pair(SockFlag::empty());
-    send_batch(
-        a.as_fd(),
-        batch(0, 0, 253, 300),
-        b"h",
-        &raw,
-        Instant::now() + T,
-    )
-    .unwrap();
-    send_batch(
-        a.as_fd(),
-        batch(1, 253, 47, 300),
-        b"x",
-        &raw[..47],
-        Instant::now() + T,
-    )
-    .unwrap();
+    send(&a, batch(0, 0, 253, 300), b"h", &raw);
+    send(&a, batch(1, 253, 47, 300), b"x", &raw[..47]);
     let err = recv_fds(b.as_fd(), 1, T).unwrap_err();
     assert!(matches!(err, FdPassError::Malformed(_)), "{err}");
 

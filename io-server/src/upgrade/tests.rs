@@ -308,22 +308,6 @@ fn sample_wire() -> Vec<u8> {
     Envelope::seal(&state, blob, fds).unwrap().encode()
 }
 
-/// The golden file: a header, `version N`, then the encoding in hex, 32
-/// octets a line.
-fn golden_text(wire: &[u8]) -> String {
-    let mut text = String::from(
-        "# The encoding of sample() in io-server/src/upgrade/tests.rs, in hex.\n\
-         # A change of the format bumps STATE_VERSION; then\n\
-         # SAPS_BLESS_STATE=1 cargo test -p saps-io-server --lib upgrade rewrites this file.\n",
-    );
-    text += &format!("version {STATE_VERSION}\n");
-    for line in wire.chunks(32) {
-        text.extend(line.iter().map(|b| format!("{b:02x}")));
-        text.push('\n');
-    }
-    text
-}
-
 /// The encoding of a fixed sample is the one in `state.golden` for this
 /// [`STATE_VERSION`]: a snapshot struct changed without a bump fails here,
 /// and blessing (`SAPS_BLESS_STATE=1`) refuses to rewrite the file of a
@@ -331,42 +315,19 @@ fn golden_text(wire: &[u8]) -> String {
 #[test]
 fn a_sample_encodes_as_the_golden_file_of_its_version() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/upgrade/state.golden");
-    let text = golden_text(&sample_wire());
-    let golden = std::fs::read_to_string(&path).unwrap_or_default();
-    let version = golden
-        .lines()
-        .find_map(|l| l.strip_prefix("version "))
-        .and_then(|v| v.parse::<u32>().ok());
-    if std::env::var_os("SAPS_BLESS_STATE").is_some() {
-        assert!(
-            golden == text || version != Some(STATE_VERSION),
-            "the encoding of version {STATE_VERSION} changed: bump STATE_VERSION, then bless"
-        );
-        std::fs::write(&path, text).unwrap();
-        return;
+    let golden = saps_fabric::golden::Golden {
+        path: &path,
+        sample: "sample() in io-server/src/upgrade/tests.rs",
+        version_name: "STATE_VERSION",
+        version: STATE_VERSION,
+        bless_var: "SAPS_BLESS_STATE",
+        bless_cmd: "cargo test -p saps-io-server --lib upgrade",
+    };
+    if let Some(octets) = golden.check(&sample_wire()) {
+        let e = Envelope::decode(&octets).unwrap();
+        let (state, blob, fds) = sample();
+        assert_eq!((e.state().unwrap(), e.blob, e.fds), (state, blob, fds));
     }
-    assert_eq!(
-        version,
-        Some(STATE_VERSION),
-        "state.golden is not of this STATE_VERSION: bless it with SAPS_BLESS_STATE=1"
-    );
-    assert!(
-        golden == text,
-        "the encoding of version {STATE_VERSION} changed: bump STATE_VERSION and bless \
-         with SAPS_BLESS_STATE=1\nexpected:\n{golden}\nfound:\n{text}"
-    );
-    let octets: Vec<u8> = golden
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.starts_with("version "))
-        .flat_map(|l| {
-            (0..l.len())
-                .step_by(2)
-                .map(move |i| u8::from_str_radix(&l[i..i + 2], 16).unwrap())
-        })
-        .collect();
-    let e = Envelope::decode(&octets).unwrap();
-    let (state, blob, fds) = sample();
-    assert_eq!((e.state().unwrap(), e.blob, e.fds), (state, blob, fds));
 }
 
 /// The sample's metadata with `"surplus": 1` added to the object at

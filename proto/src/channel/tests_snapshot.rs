@@ -832,22 +832,6 @@ fn sample() -> ChannelSnap {
     }
 }
 
-/// The golden file: a header, `version N`, then the encoding in hex, 32
-/// octets a line.
-fn golden_text(wire: &[u8]) -> String {
-    let mut text = String::from(
-        "# The encoding of sample() in tests_snapshot.rs, in hex.\n\
-         # A change of the format bumps SNAP_VERSION; then\n\
-         # SAPS_BLESS_SNAPSHOT=1 cargo test -p saps-proto rewrites this file.\n",
-    );
-    text += &format!("version {SNAP_VERSION}\n");
-    for line in wire.chunks(32) {
-        text.extend(line.iter().map(|b| format!("{b:02x}")));
-        text.push('\n');
-    }
-    text
-}
-
 /// The encoding of a fixed sample is the one in `snapshot.golden` for
 /// this [`SNAP_VERSION`]: a format changed without a bump fails here, and
 /// blessing (`SAPS_BLESS_SNAPSHOT=1`) refuses to rewrite the file of a
@@ -857,38 +841,15 @@ fn a_sample_encodes_as_the_golden_file_of_its_version() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/channel/snapshot.golden");
     let mut wire = BytesMut::new();
     sample().encode(&mut wire);
-    let text = golden_text(&wire);
-    let golden = std::fs::read_to_string(&path).unwrap_or_default();
-    let version = golden
-        .lines()
-        .find_map(|l| l.strip_prefix("version "))
-        .and_then(|v| v.parse::<u32>().ok());
-    if std::env::var_os("SAPS_BLESS_SNAPSHOT").is_some() {
-        assert!(
-            golden == text || version != Some(SNAP_VERSION),
-            "the encoding of version {SNAP_VERSION} changed: bump SNAP_VERSION, then bless"
-        );
-        std::fs::write(&path, text).unwrap();
-        return;
+    let golden = crate::golden::Golden {
+        path: &path,
+        sample: "sample() in tests_snapshot.rs",
+        version_name: "SNAP_VERSION",
+        version: SNAP_VERSION,
+        bless_var: "SAPS_BLESS_SNAPSHOT",
+        bless_cmd: "cargo test -p saps-proto",
+    };
+    if let Some(octets) = golden.check(&wire) {
+        assert_eq!(ChannelSnap::decode(&octets), Ok(sample()));
     }
-    assert_eq!(
-        version,
-        Some(SNAP_VERSION),
-        "snapshot.golden is not of this SNAP_VERSION: bless it with SAPS_BLESS_SNAPSHOT=1"
-    );
-    assert!(
-        golden == text,
-        "the encoding of version {SNAP_VERSION} changed: bump SNAP_VERSION and bless \
-         with SAPS_BLESS_SNAPSHOT=1\nexpected:\n{golden}\nfound:\n{text}"
-    );
-    let octets: Vec<u8> = golden
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.starts_with("version "))
-        .flat_map(|l| {
-            (0..l.len())
-                .step_by(2)
-                .map(move |i| u8::from_str_radix(&l[i..i + 2], 16).unwrap())
-        })
-        .collect();
-    assert_eq!(ChannelSnap::decode(&octets), Ok(sample()));
 }
