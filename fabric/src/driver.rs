@@ -7,6 +7,16 @@
 //! Forwarding Protocol calls with [`FabricHandle::with`], which wakes the
 //! writer when bytes are queued. Callbacks arrive on an unbounded event
 //! receiver; its size is bounded by the credits the channel grants.
+//!
+//! For the io-server's upgrade in place (bench/notes/2026-12-03-upgrade-design.md,
+//! §2 "Quiesce"), the tasks can be paused at clean points and resumed
+//! ([`Phase`]): the reader at its read await (what it has not fed stays
+//! in the socket, what it fed is in the channel), the writer between two
+//! pieces of output (the rest stays in the channel's output and pipe), the
+//! timer at its sleep (liveness does not fire while paused). Nothing is
+//! closed or dropped: after a pause the tasks go on, or, once the channel
+//! has moved ([`spawn_resumed`] elsewhere), they end without their
+//! transport's destructors ([`Phase::Disowned`]).
 
 pub use crate::channel::HANDSHAKE_TIMEOUT;
 use crate::channel::{Channel, Event, Transmit, HANDSHAKE_MAX_FRAME, STREAM_MIN};
@@ -15,6 +25,7 @@ use crate::splice::{Pipe, ReceivePipe};
 use crate::transport::{TransportRead, TransportWrite};
 use bytes::BytesMut;
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
@@ -51,6 +62,55 @@ struct DriverState {
     /// Wakes the timer when the channel opens or closes (its
     /// [`Channel::poll_timeout`] changes).
     timer: Notify,
+    /// Whether the tasks run, pause, or have let go of the channel.
+    phase: watch::Sender<Phase>,
+    /// Which tasks are at a clean point while paused (or ended).
+    at_rest: watch::Sender<AtRest>,
+    /// The transport's socket ([`TransportWrite::raw_fd`]).
+    transport_fd: Option<RawFd>,
+}
+
+/// Where the tasks of a channel stand in an upgrade in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Running,
+    /// Paused at clean points until [`FabricHandle::set_phase`] says
+    /// `Running` again.
+    Frozen,
+    /// The channel and its transport have moved to another endpoint: the
+    /// tasks end, forgetting the transport's halves (whose destructors
+    /// would shut the socket's write side down), and never touch it again.
+    Disowned,
+}
+
+/// Which tasks are paused at a clean point, or ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct AtRest {
+    reader: bool,
+    writer: bool,
+    timer: bool,
+}
+
+/// One of the tasks [`AtRest`] counts.
+#[derive(Debug, Clone, Copy)]
+enum Task {
+    Reader,
+    Writer,
+    Timer,
+}
+
+impl AtRest {
+    fn set(&mut self, task: Task, yes: bool) {
+        *match task {
+            Task::Reader => &mut self.reader,
+            Task::Writer => &mut self.writer,
+            Task::Timer => &mut self.timer,
+        } = yes;
+    }
+
+    fn all(&self) -> bool {
+        self.reader && self.writer && self.timer
+    }
 }
 
 /// A cloneable handle to a running channel.
@@ -174,6 +234,70 @@ impl FabricHandle {
             .closed
             .send_if_modified(|c| !std::mem::replace(c, true));
     }
+
+    /// Pauses, resumes or disowns the tasks ([`Phase`]). Back to
+    /// `Running`, the writer and the timer look at the channel again (it
+    /// may have queued output, or changed its deadline, meanwhile).
+    pub fn set_phase(&self, phase: Phase) {
+        let changed = self
+            .shared
+            .phase
+            .send_if_modified(|p| std::mem::replace(p, phase) != phase);
+        if changed && phase == Phase::Running {
+            self.shared.wake_writer.notify_one();
+            self.shared.timer.notify_one();
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        *self.shared.phase.borrow()
+    }
+
+    /// Waits until the reader, the writer and the timer are all paused at
+    /// a clean point (or ended) after [`Phase::Frozen`]: the writer first
+    /// finishes the piece of output it is writing.
+    pub async fn at_rest(&self) {
+        let mut rest = self.shared.at_rest.subscribe();
+        let _ = rest.wait_for(AtRest::all).await;
+    }
+
+    /// Whether the tasks are all paused ([`FabricHandle::at_rest`]), now.
+    pub fn is_at_rest(&self) -> bool {
+        self.phase() == Phase::Frozen && self.shared.at_rest.borrow().all()
+    }
+
+    /// The transport's socket, where it has one ([`TransportWrite::raw_fd`]).
+    pub fn transport_fd(&self) -> Option<RawFd> {
+        self.shared.transport_fd
+    }
+
+    /// The channel's pipe, if it was made ([`FabricHandle::pipe`] makes it).
+    pub fn pipe_made(&self) -> Option<&Pipe> {
+        self.shared.pipe.get().and_then(Option::as_ref)
+    }
+
+    fn set_at_rest(&self, task: Task, yes: bool) {
+        self.shared.at_rest.send_modify(|r| r.set(task, yes));
+    }
+
+    /// A task's clean point: returns at once while running; while frozen,
+    /// marks `task` at rest and waits. `false`: disowned, the task ends.
+    async fn rest(&self, phase: &mut watch::Receiver<Phase>, task: Task) -> bool {
+        let now = *phase.borrow_and_update();
+        if now == Phase::Running {
+            return true;
+        }
+        self.set_at_rest(task, true);
+        let after = phase
+            .wait_for(|p| *p != Phase::Frozen)
+            .await
+            .map(|p| *p)
+            .unwrap_or(Phase::Disowned);
+        if after == Phase::Running {
+            self.set_at_rest(task, false);
+        }
+        after == Phase::Running
+    }
 }
 
 /// Where the reader task delivers what the peer sends.
@@ -233,11 +357,46 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
     events: mpsc::UnboundedSender<Event>,
     sink: impl Sink,
 ) -> FabricHandle {
+    channel.start(tokio::time::Instant::now().into_std());
+    // The node's Hello is already queued: the writer is woken for it.
+    start_tasks(channel, reader, writer, events, sink, None, Phase::Running)
+}
+
+/// [`spawn_with_sink`] for a channel restored from a snapshot
+/// ([`Channel::restore`]) over a transport and a pipe that moved from
+/// another endpoint: no handshake, the channel goes on where it was. The
+/// tasks start `Frozen` (attach what must be attached, then
+/// [`FabricHandle::set_phase`] `Running`); the writer then first writes
+/// the output the channel carried, the spliced payloads from `pipe`.
+pub fn spawn_resumed<R: TransportRead, W: TransportWrite>(
+    channel: Channel,
+    reader: R,
+    writer: W,
+    sink: impl Sink,
+    pipe: Option<Pipe>,
+) -> (FabricHandle, mpsc::UnboundedReceiver<Event>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let handle = start_tasks(channel, reader, writer, tx, sink, pipe, Phase::Frozen);
+    (handle, rx)
+}
+
+fn start_tasks<R: TransportRead, W: TransportWrite>(
+    mut channel: Channel,
+    reader: R,
+    writer: W,
+    events: mpsc::UnboundedSender<Event>,
+    sink: impl Sink,
+    pipe: Option<Pipe>,
+    phase: Phase,
+) -> FabricHandle {
     let can_splice = writer.can_splice();
     // A transport that hands chunks on as they are (in memory) gets whole
     // buffers, which its reader decodes in place.
     channel.hand_off_buffers(writer.hands_chunks_on());
-    channel.start(tokio::time::Instant::now().into_std());
+    let made = std::sync::OnceLock::new();
+    if let Some(pipe) = pipe {
+        let _ = made.set(Some(pipe));
+    }
     let handle = FabricHandle {
         shared: Arc::new(DriverState {
             channel: Mutex::new(channel),
@@ -245,15 +404,17 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
             coalesced: Notify::new(),
             window: std::sync::atomic::AtomicBool::new(false),
             events,
-            pipe: std::sync::OnceLock::new(),
+            pipe: made,
             can_splice,
             closed: watch::Sender::new(false),
             timer: Notify::new(),
             drained: Notify::new(),
             reader_waiting: std::sync::atomic::AtomicBool::new(false),
+            phase: watch::Sender::new(phase),
+            at_rest: watch::Sender::new(AtRest::default()),
+            transport_fd: writer.raw_fd(),
         }),
     };
-    // The node's Hello is already queued.
     handle.shared.wake_writer.notify_one();
     tokio::spawn(read_loop(handle.clone(), reader, sink));
     let h = handle.clone();
@@ -280,29 +441,71 @@ async fn or_closed<T>(
     }
 }
 
+/// Runs `f` until the channel is closed or the tasks are paused
+/// ([`Phase`]); `f` must lose nothing when dropped unfinished (a read of
+/// tokio's, a splice).
+async fn or_stopped<T>(
+    closed: &mut watch::Receiver<bool>,
+    phase: &mut watch::Receiver<Phase>,
+    f: impl std::future::Future<Output = T>,
+) -> Stopped<T> {
+    tokio::select! {
+        r = or_closed(closed, f) => r.map_or(Stopped::Closed, Stopped::Done),
+        _ = phase.wait_for(|p| *p != Phase::Running) => Stopped::Paused,
+    }
+}
+
+enum Stopped<T> {
+    Done(T),
+    Closed,
+    Paused,
+}
+
 async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut sink: impl Sink) {
+    read_until_stopped(&handle, &mut reader, &mut sink).await;
+    if handle.phase() == Phase::Disowned {
+        // The socket is another endpoint's now: not closed here.
+        std::mem::forget(reader);
+    }
+    handle.set_at_rest(Task::Reader, true);
+}
+
+async fn read_until_stopped<R: TransportRead>(
+    handle: &FabricHandle,
+    reader: &mut R,
+    sink: &mut impl Sink,
+) {
     let mut buf = BytesMut::new();
     let mut raised = Vec::new();
     let splices = reader.can_splice();
     let mut closed = handle.shared.closed.subscribe();
+    let mut phase = handle.shared.phase.subscribe();
     // How much the next read may take, when it should stop short: before
     // the channel is open, no more than a handshake frame (a stranger's
     // connection holds no Data-sized buffer).
     let mut limit = Some(HANDSHAKE_MAX_FRAME);
     loop {
+        // A clean point: what was read is fed, what was not is in the socket.
+        if !handle.rest(&mut phase, Task::Reader).await {
+            return;
+        }
+        let max = limit;
         let read = async {
-            match limit.take() {
+            match max {
                 Some(max) => reader.read_at_most(&mut buf, max).await,
                 None => reader.read(&mut buf).await,
             }
         };
         // Once the channel is closed the socket goes (with the writer's
         // half), whether the peer sends more or not.
-        let Some(r) = or_closed(&mut closed, read).await else {
-            return;
+        let r = match or_stopped(&mut closed, &mut phase, read).await {
+            Stopped::Done(r) => r,
+            Stopped::Closed => return,
+            Stopped::Paused => continue,
         };
+        limit = None;
         let mut open = false;
-        let (mut done, mut pending, mut paused) = feed(&handle, &mut raised, &mut sink, |ch| {
+        let (mut done, mut pending, mut paused) = feed(handle, &mut raised, sink, |ch| {
             match r {
                 Ok(0) => ch.transport_closed("the peer closed the fabric connection"),
                 Ok(_) => {
@@ -335,11 +538,14 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
                 break;
             }
             let splice = reader.splice_into(&pipe, left.min(pipe.room()));
-            let Some(r) = or_closed(&mut closed, splice).await else {
-                return;
+            let r = match or_stopped(&mut closed, &mut phase, splice).await {
+                Stopped::Done(r) => r,
+                Stopped::Closed => return,
+                // The rest of the payload is read (or spliced) after the pause.
+                Stopped::Paused => break,
             };
             let mut read_instead = false;
-            (done, pending, paused) = feed(&handle, &mut raised, &mut sink, |ch| match r {
+            (done, pending, paused) = feed(handle, &mut raised, sink, |ch| match r {
                 Ok(Some(0)) => ch.transport_closed("the peer closed the fabric connection"),
                 Ok(Some(n)) => {
                     ch.payload_spliced(n);
@@ -352,7 +558,7 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
                 break;
             }
         }
-        if done || (paused && !wait_for_room(&handle).await) {
+        if done || (paused && !wait_for_room(handle, &mut phase).await) {
             return;
         }
     }
@@ -362,8 +568,9 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
 /// output is over its limit, or too many requests wait for answers): a
 /// peer that does not read what its frames ask for (a Pong per Ping, an
 /// answer per request) is not read either, so what is queued for and
-/// from it stays bounded. False once the channel is closed.
-async fn wait_for_room(handle: &FabricHandle) -> bool {
+/// from it stays bounded. False once the channel is closed (or the
+/// channel was disowned while paused).
+async fn wait_for_room(handle: &FabricHandle, phase: &mut watch::Receiver<Phase>) -> bool {
     use std::sync::atomic::Ordering;
     let waiting = &handle.shared.reader_waiting;
     tracing::debug!(
@@ -381,7 +588,14 @@ async fn wait_for_room(handle: &FabricHandle) -> bool {
             return !closed;
         }
         // A permit stored by a write or an answer in between is not lost.
-        handle.shared.drained.notified().await;
+        // Waiting here is a clean point too.
+        let paused = tokio::select! {
+            _ = handle.shared.drained.notified() => false,
+            _ = phase.wait_for(|p| *p != Phase::Running) => true,
+        };
+        if paused && !handle.rest(phase, Task::Reader).await {
+            return false;
+        }
     }
 }
 
@@ -410,30 +624,48 @@ fn feed(
 /// flush what is queued (its `GoAway`) to a peer that does not read.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
-async fn write_loop<W: TransportWrite>(handle: FabricHandle, writer: W) {
+async fn write_loop<W: TransportWrite>(handle: FabricHandle, mut writer: W) {
     let mut closed = handle.shared.closed.subscribe();
     let linger = async {
         let _ = closed.wait_for(|c| *c).await;
         tokio::time::sleep(CLOSE_LINGER).await;
     };
     tokio::select! {
-        _ = write_all(&handle, writer) => {}
+        _ = write_all(&handle, &mut writer) => {}
         _ = linger => tracing::debug!("fabric peer does not read: output of a closed channel dropped"),
     }
+    if handle.phase() == Phase::Disowned {
+        // tokio's write halves shut the socket's write side on drop: the
+        // endpoint it moved to would lose its stream.
+        std::mem::forget(writer);
+    }
+    handle.set_at_rest(Task::Writer, true);
 }
 
-async fn write_all<W: TransportWrite>(handle: &FabricHandle, mut writer: W) {
+async fn write_all<W: TransportWrite>(handle: &FabricHandle, writer: &mut W) {
+    let mut phase = handle.shared.phase.subscribe();
     loop {
-        handle.shared.wake_writer.notified().await;
+        // A clean point: between two pieces of output, the rest of which
+        // is still the channel's.
+        if !handle.rest(&mut phase, Task::Writer).await {
+            return;
+        }
+        tokio::select! {
+            _ = handle.shared.wake_writer.notified() => {}
+            _ = phase.wait_for(|p| *p != Phase::Running) => continue,
+        }
         // Let every task already woken in this pass of the event loop add
         // its frames first (tokio runs a task woken by a running task next,
         // so without this each relay's frame would go out in a write of its
         // own): one write, and one wake-up of the peer, per batch.
         to_the_back_of_the_run_queue().await;
         loop {
+            if handle.phase() != Phase::Running {
+                break;
+            }
             let (next, closed) = handle.with(|ch| (ch.poll_transmit(), ch.is_closed()));
             let written = match next {
-                Some(t) => Some(write_transmit(handle, &mut writer, t).await),
+                Some(t) => Some(write_transmit(handle, writer, t).await),
                 None => None,
             };
             if written.is_some() {
@@ -519,15 +751,25 @@ async fn to_the_back_of_the_run_queue() {
 /// ([`Channel::poll_timeout`]: the handshake's deadline, then its
 /// liveness checks), asking again when it opens or closes; ends once it
 /// asks no more (it is closed, or open without liveness).
+/// Paused, it tells the channel nothing: a channel that heard nothing for
+/// the pause must not be found dead for it.
 async fn timer_loop(handle: FabricHandle) {
-    while let Some(deadline) = handle.with(|ch| ch.poll_timeout()) {
+    let mut phase = handle.shared.phase.subscribe();
+    while handle.rest(&mut phase, Task::Timer).await {
+        let Some(deadline) = handle.with(|ch| ch.poll_timeout()) else {
+            break;
+        };
         tokio::select! {
             _ = tokio::time::sleep_until(deadline.into()) => {
-                handle.with(|ch| ch.handle_timeout(tokio::time::Instant::now().into_std()));
+                if handle.phase() == Phase::Running {
+                    handle.with(|ch| ch.handle_timeout(tokio::time::Instant::now().into_std()));
+                }
             }
             _ = handle.shared.timer.notified() => {}
+            _ = phase.wait_for(|p| *p != Phase::Running) => {}
         }
     }
+    handle.set_at_rest(Task::Timer, true);
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@
 //! reader copies the payload instead.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{ready, Context, Poll};
 use tokio::io::Interest;
@@ -131,6 +131,41 @@ impl Pipe {
             capacity: capacity as usize,
             held: AtomicUsize::new(0),
         })
+    }
+
+    /// A pipe that moved from another endpoint as its two descriptors,
+    /// with `held` octets in it (an upgrade in place: the spliced payloads
+    /// the channel's output still counts on). Refused unless the
+    /// descriptors are a pipe's ends holding exactly `held` octets.
+    pub fn from_fds(read: OwnedFd, write: OwnedFd, held: usize) -> io::Result<Pipe> {
+        // SAFETY: fcntl on a descriptor we own.
+        let capacity = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        if capacity <= 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let inside = unread(read.as_raw_fd())?;
+        if inside != held {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the pipe holds {inside} octets, not the {held} expected"),
+            ));
+        }
+        Ok(Pipe {
+            read,
+            write,
+            capacity: capacity as usize,
+            held: AtomicUsize::new(held),
+        })
+    }
+
+    /// The read end, then the write end.
+    pub fn fds(&self) -> (BorrowedFd<'_>, BorrowedFd<'_>) {
+        (self.read.as_fd(), self.write.as_fd())
+    }
+
+    /// Octets in the pipe.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
     }
 
     /// Octets that still fit (by count; the pipe may run out of page

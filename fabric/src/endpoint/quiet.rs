@@ -53,7 +53,38 @@ pub(super) struct Quiet {
     since: Instant,
 }
 
+/// A relay's [`Quiet`] as plain data, its instant as an age
+/// ([`crate::endpoint::RelaySnap::quiet`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuietSnap {
+    /// Octets moved (both directions) at the last sweep that saw a change.
+    pub moved: u64,
+    /// Whether it was half-closed then.
+    pub half_closed: bool,
+    /// How long before the capture that sweep ran (or the relay began).
+    pub age: Duration,
+}
+
+impl QuietSnap {
+    /// The [`Quiet`] it was taken of, its age counted back from `now`.
+    pub(super) fn restore(&self, now: Instant) -> Quiet {
+        Quiet {
+            moved: self.moved,
+            half_closed: self.half_closed,
+            since: now.checked_sub(self.age).unwrap_or(now),
+        }
+    }
+}
+
 impl Quiet {
+    pub(super) fn snapshot(&self, now: Instant) -> QuietSnap {
+        QuietSnap {
+            moved: self.moved,
+            half_closed: self.half_closed,
+            age: now.saturating_duration_since(self.since),
+        }
+    }
+
     pub(super) fn new(now: Instant) -> Quiet {
         Quiet {
             moved: 0,

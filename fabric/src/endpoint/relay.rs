@@ -24,10 +24,9 @@ pub(super) struct Attachment {
     pub(super) inbound: mpsc::UnboundedReceiver<ConnEvent>,
     pub(super) credit: Arc<Notify>,
     pub(super) abort: oneshot::Receiver<i32>,
+    /// Its counters, with what it keeps before its program accepts it
+    /// ([`Counters::pre`]).
     pub(super) counters: Arc<Counters>,
-    /// io-server: the connection starts with a replay, or is kept until
-    /// the node's program accepts it.
-    pub(super) pre: Option<PreAccept>,
 }
 
 /// What [`Endpoint::run_relay`] did.
@@ -112,8 +111,9 @@ impl<T: ReadySocket> Pump<'_, T> {
         credit: &Notify,
         mut abort: oneshot::Receiver<i32>,
     ) -> (End, tokio::io::ReadHalf<S>, tokio::io::WriteHalf<S>) {
-        let up_done = AtomicBool::new(false);
-        let fin_seen = AtomicBool::new(false);
+        // A relay carried by an upgrade in place goes on from where it was.
+        let up_done = AtomicBool::new(self.counters.fin_sent.load(Ordering::Relaxed));
+        let fin_seen = AtomicBool::new(self.counters.fin_written.load(Ordering::Relaxed));
         let end = {
             let up = self.upstream(&mut rd, credit);
             let down = self.downstream(&mut wr, &mut inbound, &up_done, &fin_seen);
@@ -124,6 +124,7 @@ impl<T: ReadySocket> Pump<'_, T> {
                     r = &mut up, if !up_done.load(Ordering::Relaxed) => match r {
                         Ok(()) => {
                             up_done.store(true, Ordering::Relaxed);
+                            self.counters.fin_sent.store(true, Ordering::Relaxed);
                             if fin_seen.load(Ordering::Relaxed) {
                                 break End::Done;
                             }
@@ -356,6 +357,7 @@ impl<T: ReadySocket> Pump<'_, T> {
                     self.counters
                         .bytes_out
                         .fetch_add(n as u64, Ordering::Relaxed);
+                    self.counters.handled(batch.len());
                 }
                 Some(ConnEvent::Spliced(len, pipe)) => {
                     let socket = self.socket.ok_or(io::ErrorKind::Unsupported)?;
@@ -365,6 +367,7 @@ impl<T: ReadySocket> Pump<'_, T> {
                     self.counters
                         .bytes_out
                         .fetch_add(len as u64, Ordering::Relaxed);
+                    self.counters.handled(1);
                 }
                 Some(ConnEvent::Fin) => {
                     // Half-closed from here (before the stream can see
@@ -372,6 +375,7 @@ impl<T: ReadySocket> Pump<'_, T> {
                     self.counters.fin_written.store(true, Ordering::Relaxed);
                     wr.shutdown().await?;
                     fin_seen.store(true, Ordering::Relaxed);
+                    self.counters.handled(1);
                     if up_done.load(Ordering::Relaxed) {
                         return Ok(DownEnd::Finished);
                     }
