@@ -62,10 +62,10 @@ struct DriverState {
     /// Wakes the timer when the channel opens or closes (its
     /// [`Channel::poll_timeout`] changes).
     timer: Notify,
-    /// Whether the tasks run, pause, or have let go of the channel.
-    phase: watch::Sender<Phase>,
-    /// Which tasks are at a clean point while paused (or ended).
-    at_rest: watch::Sender<AtRest>,
+    /// Whether the tasks run, pause, or have let go of the channel, and
+    /// which are at a clean point: one value, so that a task leaving its
+    /// rest and a freeze looking at the tasks cannot pass each other.
+    tasks: watch::Sender<Tasks>,
     /// The transport's socket ([`TransportWrite::raw_fd`]).
     transport_fd: Option<RawFd>,
 }
@@ -81,6 +81,13 @@ pub enum Phase {
     /// tasks end, forgetting the transport's halves (whose destructors
     /// would shut the socket's write side down), and never touch it again.
     Disowned,
+}
+
+/// The phase the tasks are told, and which of them are at rest in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tasks {
+    phase: Phase,
+    rest: AtRest,
 }
 
 /// Which tasks are paused at a clean point, or ended.
@@ -100,12 +107,14 @@ enum Task {
 }
 
 impl AtRest {
-    fn set(&mut self, task: Task, yes: bool) {
-        *match task {
+    /// Sets `task`'s flag; whether it changed.
+    fn set(&mut self, task: Task, yes: bool) -> bool {
+        let flag = match task {
             Task::Reader => &mut self.reader,
             Task::Writer => &mut self.writer,
             Task::Timer => &mut self.timer,
-        } = yes;
+        };
+        std::mem::replace(flag, yes) != yes
     }
 
     fn all(&self) -> bool {
@@ -241,8 +250,8 @@ impl FabricHandle {
     pub fn set_phase(&self, phase: Phase) {
         let changed = self
             .shared
-            .phase
-            .send_if_modified(|p| std::mem::replace(p, phase) != phase);
+            .tasks
+            .send_if_modified(|t| std::mem::replace(&mut t.phase, phase) != phase);
         if changed && phase == Phase::Running {
             self.shared.wake_writer.notify_one();
             self.shared.timer.notify_one();
@@ -250,20 +259,20 @@ impl FabricHandle {
     }
 
     pub fn phase(&self) -> Phase {
-        *self.shared.phase.borrow()
+        self.shared.tasks.borrow().phase
     }
 
     /// Waits until the reader, the writer and the timer are all paused at
     /// a clean point (or ended) after [`Phase::Frozen`]: the writer first
     /// finishes the piece of output it is writing.
     pub async fn at_rest(&self) {
-        let mut rest = self.shared.at_rest.subscribe();
-        let _ = rest.wait_for(AtRest::all).await;
+        let mut tasks = self.shared.tasks.subscribe();
+        let _ = tasks.wait_for(Tasks::frozen_at_rest).await;
     }
 
     /// Whether the tasks are all paused ([`FabricHandle::at_rest`]), now.
     pub fn is_at_rest(&self) -> bool {
-        self.phase() == Phase::Frozen && self.shared.at_rest.borrow().all()
+        self.shared.tasks.borrow().frozen_at_rest()
     }
 
     /// The transport's socket, where it has one ([`TransportWrite::raw_fd`]).
@@ -276,27 +285,44 @@ impl FabricHandle {
         self.shared.pipe.get().and_then(Option::as_ref)
     }
 
-    fn set_at_rest(&self, task: Task, yes: bool) {
-        self.shared.at_rest.send_modify(|r| r.set(task, yes));
+    /// `task` ended: at rest for good.
+    fn ended(&self, task: Task) {
+        self.shared
+            .tasks
+            .send_if_modified(|t| t.rest.set(task, true));
     }
 
     /// A task's clean point: returns at once while running; while frozen,
     /// marks `task` at rest and waits. `false`: disowned, the task ends.
-    async fn rest(&self, phase: &mut watch::Receiver<Phase>, task: Task) -> bool {
-        let now = *phase.borrow_and_update();
-        if now == Phase::Running {
-            return true;
+    /// The phase is read and the flag set in one step, so a freeze never
+    /// counts a task at rest that has seen `Running` and goes on.
+    async fn rest(&self, tasks: &mut watch::Receiver<Tasks>, task: Task) -> bool {
+        loop {
+            let mut go_on = None;
+            self.shared.tasks.send_if_modified(|t| match t.phase {
+                Phase::Running => {
+                    go_on = Some(true);
+                    t.rest.set(task, false)
+                }
+                Phase::Frozen => t.rest.set(task, true),
+                Phase::Disowned => {
+                    go_on = Some(false);
+                    t.rest.set(task, true)
+                }
+            });
+            if let Some(go_on) = go_on {
+                return go_on;
+            }
+            if tasks.changed().await.is_err() {
+                return false;
+            }
         }
-        self.set_at_rest(task, true);
-        let after = phase
-            .wait_for(|p| *p != Phase::Frozen)
-            .await
-            .map(|p| *p)
-            .unwrap_or(Phase::Disowned);
-        if after == Phase::Running {
-            self.set_at_rest(task, false);
-        }
-        after == Phase::Running
+    }
+}
+
+impl Tasks {
+    fn frozen_at_rest(&self) -> bool {
+        self.phase == Phase::Frozen && self.rest.all()
     }
 }
 
@@ -410,8 +436,10 @@ fn start_tasks<R: TransportRead, W: TransportWrite>(
             timer: Notify::new(),
             drained: Notify::new(),
             reader_waiting: std::sync::atomic::AtomicBool::new(false),
-            phase: watch::Sender::new(phase),
-            at_rest: watch::Sender::new(AtRest::default()),
+            tasks: watch::Sender::new(Tasks {
+                phase,
+                rest: AtRest::default(),
+            }),
             transport_fd: writer.raw_fd(),
         }),
     };
@@ -446,13 +474,18 @@ async fn or_closed<T>(
 /// tokio's, a splice).
 async fn or_stopped<T>(
     closed: &mut watch::Receiver<bool>,
-    phase: &mut watch::Receiver<Phase>,
+    tasks: &mut watch::Receiver<Tasks>,
     f: impl std::future::Future<Output = T>,
 ) -> Stopped<T> {
     tokio::select! {
         r = or_closed(closed, f) => r.map_or(Stopped::Closed, Stopped::Done),
-        _ = phase.wait_for(|p| *p != Phase::Running) => Stopped::Paused,
+        _ = told_to_pause(tasks) => Stopped::Paused,
     }
+}
+
+/// Returns once the tasks are told to stop running.
+async fn told_to_pause(tasks: &mut watch::Receiver<Tasks>) {
+    let _ = tasks.wait_for(|t| t.phase != Phase::Running).await;
 }
 
 enum Stopped<T> {
@@ -467,7 +500,7 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
         // The socket is another endpoint's now: not closed here.
         std::mem::forget(reader);
     }
-    handle.set_at_rest(Task::Reader, true);
+    handle.ended(Task::Reader);
 }
 
 async fn read_until_stopped<R: TransportRead>(
@@ -479,7 +512,7 @@ async fn read_until_stopped<R: TransportRead>(
     let mut raised = Vec::new();
     let splices = reader.can_splice();
     let mut closed = handle.shared.closed.subscribe();
-    let mut phase = handle.shared.phase.subscribe();
+    let mut phase = handle.shared.tasks.subscribe();
     // How much the next read may take, when it should stop short: before
     // the channel is open, no more than a handshake frame (a stranger's
     // connection holds no Data-sized buffer).
@@ -570,7 +603,7 @@ async fn read_until_stopped<R: TransportRead>(
 /// answer per request) is not read either, so what is queued for and
 /// from it stays bounded. False once the channel is closed (or the
 /// channel was disowned while paused).
-async fn wait_for_room(handle: &FabricHandle, phase: &mut watch::Receiver<Phase>) -> bool {
+async fn wait_for_room(handle: &FabricHandle, phase: &mut watch::Receiver<Tasks>) -> bool {
     use std::sync::atomic::Ordering;
     let waiting = &handle.shared.reader_waiting;
     tracing::debug!(
@@ -591,7 +624,7 @@ async fn wait_for_room(handle: &FabricHandle, phase: &mut watch::Receiver<Phase>
         // Waiting here is a clean point too.
         let paused = tokio::select! {
             _ = handle.shared.drained.notified() => false,
-            _ = phase.wait_for(|p| *p != Phase::Running) => true,
+            _ = told_to_pause(phase) => true,
         };
         if paused && !handle.rest(phase, Task::Reader).await {
             return false;
@@ -639,11 +672,11 @@ async fn write_loop<W: TransportWrite>(handle: FabricHandle, mut writer: W) {
         // endpoint it moved to would lose its stream.
         std::mem::forget(writer);
     }
-    handle.set_at_rest(Task::Writer, true);
+    handle.ended(Task::Writer);
 }
 
 async fn write_all<W: TransportWrite>(handle: &FabricHandle, writer: &mut W) {
-    let mut phase = handle.shared.phase.subscribe();
+    let mut phase = handle.shared.tasks.subscribe();
     loop {
         // A clean point: between two pieces of output, the rest of which
         // is still the channel's.
@@ -652,7 +685,7 @@ async fn write_all<W: TransportWrite>(handle: &FabricHandle, writer: &mut W) {
         }
         tokio::select! {
             _ = handle.shared.wake_writer.notified() => {}
-            _ = phase.wait_for(|p| *p != Phase::Running) => continue,
+            _ = told_to_pause(&mut phase) => continue,
         }
         // Let every task already woken in this pass of the event loop add
         // its frames first (tokio runs a task woken by a running task next,
@@ -754,7 +787,7 @@ async fn to_the_back_of_the_run_queue() {
 /// Paused, it tells the channel nothing: a channel that heard nothing for
 /// the pause must not be found dead for it.
 async fn timer_loop(handle: FabricHandle) {
-    let mut phase = handle.shared.phase.subscribe();
+    let mut phase = handle.shared.tasks.subscribe();
     while handle.rest(&mut phase, Task::Timer).await {
         let Some(deadline) = handle.with(|ch| ch.poll_timeout()) else {
             break;
@@ -766,10 +799,10 @@ async fn timer_loop(handle: FabricHandle) {
                 }
             }
             _ = handle.shared.timer.notified() => {}
-            _ = phase.wait_for(|p| *p != Phase::Running) => {}
+            _ = told_to_pause(&mut phase) => {}
         }
     }
-    handle.set_at_rest(Task::Timer, true);
+    handle.ended(Task::Timer);
 }
 
 #[cfg(test)]

@@ -569,3 +569,6 @@ impl Endpoint {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;
