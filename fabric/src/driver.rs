@@ -66,6 +66,8 @@ struct DriverState {
     /// which are at a clean point: one value, so that a task leaving its
     /// rest and a freeze looking at the tasks cannot pass each other.
     tasks: watch::Sender<Tasks>,
+    /// The channel's clock, which stands still while the tasks are paused.
+    clock: Mutex<Clock>,
     /// The transport's socket ([`TransportWrite::raw_fd`]).
     transport_fd: Option<RawFd>,
 }
@@ -81,6 +83,41 @@ pub enum Phase {
     /// tasks end, forgetting the transport's halves (whose destructors
     /// would shut the socket's write side down), and never touch it again.
     Disowned,
+}
+
+/// The time the driver tells its channel: the runtime's, less the time
+/// its tasks spent paused. A pause thus never counts as the peer's
+/// silence: input that came meanwhile is read before the channel's
+/// liveness looks at the clock again.
+#[derive(Debug, Default)]
+struct Clock {
+    /// Paused time before the current pause.
+    paused: Duration,
+    /// Since when the tasks are paused.
+    since: Option<tokio::time::Instant>,
+}
+
+impl Clock {
+    fn pause(&mut self, now: tokio::time::Instant) {
+        self.since.get_or_insert(now);
+    }
+
+    fn go_on(&mut self, now: tokio::time::Instant) {
+        if let Some(since) = self.since.take() {
+            self.paused += now.saturating_duration_since(since);
+        }
+    }
+
+    /// The channel's time at the runtime's `now`.
+    fn channel_time(&self, now: tokio::time::Instant) -> std::time::Instant {
+        let now = self.since.unwrap_or(now);
+        now.checked_sub(self.paused).unwrap_or(now).into_std()
+    }
+
+    /// The runtime's time at the channel's `at` (while running).
+    fn runtime_time(&self, at: std::time::Instant) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(at) + self.paused
+    }
 }
 
 /// The phase the tasks are told, and which of them are at rest in it.
@@ -248,6 +285,14 @@ impl FabricHandle {
     /// `Running`, the writer and the timer look at the channel again (it
     /// may have queued output, or changed its deadline, meanwhile).
     pub fn set_phase(&self, phase: Phase) {
+        let now = tokio::time::Instant::now();
+        {
+            let mut clock = self.clock();
+            match phase {
+                Phase::Running => clock.go_on(now),
+                Phase::Frozen | Phase::Disowned => clock.pause(now),
+            }
+        }
         let changed = self
             .shared
             .tasks
@@ -283,6 +328,17 @@ impl FabricHandle {
     /// The channel's pipe, if it was made ([`FabricHandle::pipe`] makes it).
     pub fn pipe_made(&self) -> Option<&Pipe> {
         self.shared.pipe.get().and_then(Option::as_ref)
+    }
+
+    fn clock(&self) -> MutexGuard<'_, Clock> {
+        self.shared.clock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The time as the channel knows it ([`Clock`]): what a snapshot of
+    /// it is taken at.
+    pub fn channel_time(&self) -> std::time::Instant {
+        let now = tokio::time::Instant::now();
+        self.clock().channel_time(now)
     }
 
     /// `task` ended: at rest for good.
@@ -383,6 +439,7 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
     events: mpsc::UnboundedSender<Event>,
     sink: impl Sink,
 ) -> FabricHandle {
+    // Its clock is the runtime's until a pause.
     channel.start(tokio::time::Instant::now().into_std());
     // The node's Hello is already queued: the writer is woken for it.
     start_tasks(channel, reader, writer, events, sink, None, Phase::Running)
@@ -439,6 +496,10 @@ fn start_tasks<R: TransportRead, W: TransportWrite>(
             tasks: watch::Sender::new(Tasks {
                 phase,
                 rest: AtRest::default(),
+            }),
+            clock: Mutex::new(Clock {
+                paused: Duration::ZERO,
+                since: (phase != Phase::Running).then(tokio::time::Instant::now),
             }),
             transport_fd: writer.raw_fd(),
         }),
@@ -784,18 +845,21 @@ async fn to_the_back_of_the_run_queue() {
 /// ([`Channel::poll_timeout`]: the handshake's deadline, then its
 /// liveness checks), asking again when it opens or closes; ends once it
 /// asks no more (it is closed, or open without liveness).
-/// Paused, it tells the channel nothing: a channel that heard nothing for
-/// the pause must not be found dead for it.
+/// Paused, it tells the channel nothing, and the channel's clock stands
+/// still ([`Clock`]): a channel that heard nothing for the pause is not
+/// found dead for it.
 async fn timer_loop(handle: FabricHandle) {
     let mut phase = handle.shared.tasks.subscribe();
     while handle.rest(&mut phase, Task::Timer).await {
         let Some(deadline) = handle.with(|ch| ch.poll_timeout()) else {
             break;
         };
+        let deadline = handle.clock().runtime_time(deadline);
         tokio::select! {
-            _ = tokio::time::sleep_until(deadline.into()) => {
+            _ = tokio::time::sleep_until(deadline) => {
                 if handle.phase() == Phase::Running {
-                    handle.with(|ch| ch.handle_timeout(tokio::time::Instant::now().into_std()));
+                    let now = handle.channel_time();
+                    handle.with(|ch| ch.handle_timeout(now));
                 }
             }
             _ = handle.shared.timer.notified() => {}
@@ -921,6 +985,51 @@ mod tests {
             "at the deadline, not before"
         );
         assert!(server.with(|ch| ch.is_closed()));
+    }
+
+    /// Paused for ten times its peer timeout, an io-server channel is not
+    /// found dead: the timer does not run, and its clock stands still.
+    /// Running again, it pings the node as before and stays open.
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_channel_does_not_find_its_peer_silent() {
+        let ((sr, sw), (nr, nw)) = memory_pair();
+        let timeout = Duration::from_secs(3);
+        let config = ChannelConfig::new("t").liveness(Duration::from_secs(1), timeout);
+        let (server, mut server_ev) = spawn(Channel::io_server(config), sr, sw);
+        let node_ch = Channel::node(ChannelConfig::new("t").node("n1", 1));
+        let (node, mut node_ev) = spawn(node_ch, nr, nw);
+        assert!(matches!(
+            next(&mut server_ev).await,
+            Event::NodeAuthenticated { .. }
+        ));
+        server.with(|ch| ch.welcome(1));
+        assert!(matches!(next(&mut node_ev).await, Event::Welcome { .. }));
+
+        // Past a check that saw the node's last input (a Pong): the
+        // channel heard nothing since that check when it is paused.
+        tokio::time::sleep(Duration::from_millis(4500)).await;
+        server.set_phase(Phase::Frozen);
+        tokio::time::timeout(Duration::from_secs(1), server.at_rest())
+            .await
+            .expect("paused at once");
+        let before = server.channel_time();
+        // Paused time: the runtime's clock jumps, the channel's does not.
+        tokio::time::sleep(timeout * 10).await;
+        assert_eq!(server.channel_time(), before);
+        assert!(
+            server.with(|ch| ch.is_open()),
+            "not found dead while paused"
+        );
+
+        server.set_phase(Phase::Running);
+        let pings = node.with(|ch| ch.stats().pings_received);
+        tokio::time::sleep(timeout * 3).await;
+        assert!(server.with(|ch| ch.is_open()), "not found dead after");
+        assert!(
+            node.with(|ch| ch.stats().pings_received) > pings,
+            "the liveness pings go on"
+        );
+        assert!(server_ev.try_recv().is_err(), "no Closed");
     }
 
     /// A stranger that connects and sends nothing loses the connection at

@@ -377,8 +377,10 @@ impl Endpoint {
         if !handle.is_at_rest() {
             return Err(CaptureError::NotFrozen);
         }
-        let now = tokio::time::Instant::now().into_std();
-        let RouterCopy { mut snap, sockets } = self.copy_router(now)?;
+        // The channel's instants are on its clock, which stood still
+        // while frozen; the router's are on the runtime's.
+        let now = handle.channel_time();
+        let RouterCopy { mut snap, sockets } = self.copy_router(std::time::Instant::now())?;
         let (channel, buffered, pending) = handle.with(|ch| {
             let buffered: Vec<u64> = snap.relays.iter().map(|r| ch.buffered(r.conn)).collect();
             (ch.snapshot(now), buffered, ch.payload_pending())
