@@ -7,7 +7,7 @@
 use crate::channel::DEFAULT_WINDOW;
 use crate::driver::Phase;
 use crate::endpoint::tests::{accept, addr, pair_over, Pair, LIMIT};
-use crate::endpoint::{Capture, Endpoint, RelayOutcome};
+use crate::endpoint::{Capture, CaptureError, Endpoint, FreezeError, RelayOutcome};
 use crate::frame::ConnId;
 use crate::transport::unix_socket;
 use crate::ChannelConfig;
@@ -452,4 +452,74 @@ async fn a_frozen_endpoint_unfrozen_loses_no_octet() {
         let node = joined(c.node_relay).await;
         outcomes(c.conn, c.up, c.down, server, node);
     }
+}
+
+/// A client that does not read keeps its relay from writing what it
+/// holds: the freeze gives up at its bound, naming the connection, and
+/// the endpoint runs on as before. Once the client reads, every octet
+/// arrives, and what it sends after goes through (its relay reads
+/// again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freeze_gives_up_at_its_bound_on_a_client_that_does_not_read() {
+    const BIG: usize = 32 << 20;
+    let mut p = socket_pair().await;
+    let listener = TcpListener::bind(addr(0)).await.unwrap();
+    let conn = accept(&mut p).await;
+    let (client, accepted) = tokio::join!(
+        TcpStream::connect(listener.local_addr().unwrap()),
+        listener.accept()
+    );
+    let mut client = client.unwrap();
+    let server_side = Arc::new(accepted.unwrap().0);
+    // Small socket buffers: what the client does not read is soon all
+    // in the io-server.
+    socket2::SockRef::from(&client)
+        .set_recv_buffer_size(16 << 10)
+        .unwrap();
+    socket2::SockRef::from(&*server_side)
+        .set_send_buffer_size(16 << 10)
+        .unwrap();
+    let (app, app_side) = UnixStream::pair().unwrap();
+    let s = p.server.clone();
+    let server_relay = tokio::spawn(async move { s.relay_tcp(conn, server_side).await });
+    let n = p.node.clone();
+    let node_relay = tokio::spawn(async move { n.relay_unix(conn, app_side).await });
+    let (down, up) = (octets(11, BIG), octets(12, SMALL));
+    let (mut ar, aw) = app.into_split();
+    let reply = down.clone();
+    let writer = tokio::spawn(async move { write_all(aw, &reply, None).await });
+    // Far more than the sockets' buffers hold waits in the io-server.
+    until("the io-server's relay stuck on its client", || {
+        p.server.handle().with(|ch| ch.buffered(conn)) >= u64::from(DEFAULT_WINDOW / 4)
+    })
+    .await;
+
+    let bound = Duration::from_millis(200);
+    match p.server.freeze(bound).await {
+        Err(FreezeError::Relay { conn: c, bound: b }) => assert_eq!((c, b), (conn, bound)),
+        other => panic!("expected the relay to hold the freeze up, got {other:?}"),
+    }
+    assert_eq!(p.server.handle().phase(), Phase::Running);
+    assert!(!p.server.handle().with(|ch| ch.is_frozen()));
+    assert!(matches!(p.server.capture(), Err(CaptureError::NotFrozen)));
+
+    let (cr, cw) = client.split();
+    let (got, ()) = timeout(LIMIT, async {
+        tokio::join!(
+            read_all(cr, watch::Sender::new((0, false))),
+            write_all(cw, &up, None)
+        )
+    })
+    .await
+    .expect("in time");
+    check("to the client", &got, &down);
+    let mut to_app = Vec::new();
+    timeout(LIMIT, ar.read_to_end(&mut to_app))
+        .await
+        .expect("in time")
+        .unwrap();
+    check("to the program", &to_app, &up);
+    joined(writer).await;
+    let (server, node) = (joined(server_relay).await, joined(node_relay).await);
+    outcomes(conn, SMALL, BIG, server, node);
 }
