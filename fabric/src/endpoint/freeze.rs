@@ -109,6 +109,7 @@ pub struct RouterSnap {
     /// The channel's pipe, where it was made: it holds the spliced
     /// payloads the channel's output counts on.
     pub pipe: Option<PipeSnap>,
+    /// These and the lists below are in the order of connection ids.
     pub relays: Vec<RelaySnap>,
     /// Connections known without a relay yet, with the events held for
     /// them, in order.
@@ -187,25 +188,35 @@ pub struct Resumed {
     pub relays: Vec<(ConnId, OwnedFd)>,
 }
 
-impl RelaySnap {
-    /// The relay's counters, carried on; a tracked connection is counted
-    /// in `unaccepted` again (without its place in its member's count:
-    /// that is the io-server's to make again).
-    pub(super) fn counters(
-        &self,
-        unaccepted: &Arc<AtomicUsize>,
-        progress: Arc<Notify>,
-    ) -> Counters {
+/// A relayed connection carried by [`Endpoint::resume`], until its relay
+/// attaches again.
+pub(super) struct Carried {
+    snap: RelaySnap,
+    /// A tracked connection is counted in [`Endpoint::unaccepted`] from
+    /// the resume on (without its place in its member's count: that is
+    /// the io-server's to make again).
+    track: Option<Arc<Track>>,
+}
+
+impl Carried {
+    /// The relay's counters, carried on.
+    pub(super) fn counters(self, progress: Arc<Notify>) -> Counters {
+        let s = self.snap;
         Counters {
-            bytes_in: AtomicU64::new(self.bytes_in),
-            bytes_out: AtomicU64::new(self.bytes_out),
-            fin_written: AtomicBool::new(self.fin_written),
-            track: self.tracked.then(|| Track::new(unaccepted, None)),
-            fin_sent: AtomicBool::new(self.fin_sent),
+            bytes_in: AtomicU64::new(s.bytes_in),
+            bytes_out: AtomicU64::new(s.bytes_out),
+            fin_written: AtomicBool::new(s.fin_written),
+            track: self.track,
+            fin_sent: AtomicBool::new(s.fin_sent),
             queued: AtomicUsize::new(0),
-            pre: Mutex::new(self.pre.as_ref().map(PreAccept::restore)),
+            pre: Mutex::new(s.pre.as_ref().map(PreAccept::restore)),
             progress,
         }
+    }
+
+    /// What the idle sweeps saw of it.
+    pub(super) fn quiet(&self) -> Option<QuietSnap> {
+        self.snap.quiet
     }
 }
 
@@ -430,47 +441,65 @@ impl Endpoint {
         })
     }
 
-    /// The router as data (descriptor indices left at 0), under its lock
-    /// and calling nothing else.
+    /// The router as data (descriptor indices left at 0): copied under
+    /// its lock, which is held for nothing else; each relay's pre-accept
+    /// state is read after, under its own lock.
     fn copy_router(&self, now: std::time::Instant) -> Result<RouterCopy, CaptureError> {
-        let router = self.router();
-        if !router.pending.is_empty() {
-            return Err(CaptureError::Requests(router.pending.len()));
-        }
-        if let Some(&conn) = router.resumed.keys().next() {
-            return Err(CaptureError::NotAttached(conn));
-        }
         let mut relays = Vec::new();
-        let mut sockets = Vec::new();
         let mut held = Vec::new();
-        for (&conn, route) in &router.conns {
-            match route {
-                Route::Held(events) => {
-                    held.push((conn, events.iter().filter_map(HeldEvent::of).collect()));
-                }
-                Route::Relayed(a, c) => {
-                    sockets.push(a.socket);
-                    relays.push(RelaySnap {
-                        conn,
-                        socket: 0,
-                        bytes_in: c.bytes_in.load(Ordering::Relaxed),
-                        bytes_out: c.bytes_out.load(Ordering::Relaxed),
-                        fin_sent: c.fin_sent.load(Ordering::Relaxed),
-                        fin_written: c.fin_written.load(Ordering::Relaxed),
-                        tracked: c.track.as_ref().is_some_and(|t| !t.settled()),
-                        pre: lock_pre(&c.pre).as_ref().map(PreAccept::snapshot),
-                        quiet: a.quiet.as_ref().map(|q| q.snapshot(now)),
-                    });
+        let (starts, node_id, handed, weight) = {
+            let router = self.router();
+            if !router.pending.is_empty() {
+                return Err(CaptureError::Requests(router.pending.len()));
+            }
+            if let Some(&conn) = router.resumed.keys().next() {
+                return Err(CaptureError::NotAttached(conn));
+            }
+            for (&conn, route) in &router.conns {
+                match route {
+                    Route::Held(events) => {
+                        held.push((conn, events.iter().filter_map(HeldEvent::of).collect()));
+                    }
+                    Route::Relayed(a, c) => relays.push((conn, a.socket, a.quiet, c.clone())),
                 }
             }
-        }
-        let starts = router
-            .starts
-            .iter()
-            .map(|(&conn, s)| StartSnap {
+            let starts: Vec<_> = router
+                .starts
+                .iter()
+                .map(|(&conn, s)| (conn, s.replay.clone(), s.track.clone()))
+                .collect();
+            let handed: Vec<_> = router.handed.iter().map(|(&k, &v)| (k, v)).collect();
+            (starts, router.node_id, handed, router.weight)
+        };
+        // In the order of the connections' ids, whatever the maps' order.
+        relays.sort_unstable_by_key(|r| r.0);
+        held.sort_unstable_by_key(|h| h.0);
+        let mut starts = starts;
+        starts.sort_unstable_by_key(|s| s.0);
+        let mut handed = handed;
+        handed.sort_unstable();
+        let unsettled = |t: &Option<Arc<Track>>| t.as_ref().is_some_and(|t| !t.settled());
+        let starts = starts
+            .into_iter()
+            .map(|(conn, replay, track)| StartSnap {
                 conn,
-                replay: s.replay.clone(),
-                tracked: s.track.as_ref().is_some_and(|t| !t.settled()),
+                replay,
+                tracked: unsettled(&track),
+            })
+            .collect();
+        let sockets = relays.iter().map(|r| r.1).collect();
+        let relays = relays
+            .into_iter()
+            .map(|(conn, _, quiet, c)| RelaySnap {
+                conn,
+                socket: 0,
+                bytes_in: c.bytes_in.load(Ordering::Relaxed),
+                bytes_out: c.bytes_out.load(Ordering::Relaxed),
+                fin_sent: c.fin_sent.load(Ordering::Relaxed),
+                fin_written: c.fin_written.load(Ordering::Relaxed),
+                tracked: unsettled(&c.track),
+                pre: lock_pre(&c.pre).as_ref().map(PreAccept::snapshot),
+                quiet: quiet.map(|q| q.snapshot(now)),
             })
             .collect();
         Ok(RouterCopy {
@@ -480,9 +509,9 @@ impl Endpoint {
                 relays,
                 held,
                 starts,
-                node_id: router.node_id,
-                handed: router.handed.iter().map(|(&k, &v)| (k, v)).collect(),
-                weight: router.weight,
+                node_id,
+                handed,
+                weight,
             },
             sockets,
         })
@@ -559,7 +588,9 @@ impl Endpoint {
         for relay in snap.relays {
             // Events for it wait here until its relay attaches again.
             router.conns.insert(relay.conn, Route::Held(Vec::new()));
-            router.resumed.insert(relay.conn, relay);
+            let track = relay.tracked.then(|| Track::new(&unaccepted, None));
+            let carried = Carried { snap: relay, track };
+            router.resumed.insert(carried.snap.conn, carried);
         }
         let (endpoint, events) = Endpoint::start(router, unaccepted, |sink: RouteSink| {
             driver::spawn_resumed(channel, r, w, sink, pipe)

@@ -735,20 +735,19 @@ impl Endpoint {
             None => (None, None),
         };
         let now = std::time::Instant::now();
-        let counters = match &resumed {
-            Some(r) => r.counters(&self.inner.unaccepted, router.progress.clone()),
+        let quiet = match &resumed {
+            Some(carried) => carried.quiet().map(|q| q.restore(now)),
+            None => swept.then(|| Quiet::new(now)),
+        };
+        let counters = Arc::new(match resumed {
+            Some(carried) => carried.counters(router.progress.clone()),
             None => Counters {
                 track,
                 pre: Mutex::new(pre),
                 progress: router.progress.clone(),
                 ..Counters::default()
             },
-        };
-        let counters = Arc::new(counters);
-        let quiet = match resumed.as_ref().map(|r| &r.quiet) {
-            Some(carried) => carried.as_ref().map(|q| q.restore(now)),
-            None => swept.then(|| Quiet::new(now)),
-        };
+        });
         let mut attached = Attached {
             inbound: tx,
             credit: credit.clone(),

@@ -246,7 +246,7 @@ pub(super) struct Router {
     pub(super) weight: Option<u32>,
     /// Relayed connections carried by an upgrade in place
     /// ([`super::Endpoint::resume`]) whose relay has not attached again.
-    pub(super) resumed: HashMap<ConnId, super::freeze::RelaySnap>,
+    pub(super) resumed: HashMap<ConnId, super::freeze::Carried>,
     /// Told when a relay wrote events through or ended: what a freeze
     /// waits on ([`super::Endpoint::freeze`]).
     pub(super) progress: Arc<Notify>,

@@ -6,8 +6,12 @@
 
 use crate::channel::DEFAULT_WINDOW;
 use crate::driver::Phase;
-use crate::endpoint::tests::{accept, addr, pair_over, Pair, LIMIT};
-use crate::endpoint::{Capture, CaptureError, Endpoint, FreezeError, RelayOutcome};
+use crate::endpoint::router::Route;
+use crate::endpoint::tests::{accept, addr, next, pair_over, Pair, LIMIT};
+use crate::endpoint::{
+    Capture, CaptureError, ClientRelayEnd, Endpoint, EndpointEvent, FreezeError, HeldEvent,
+    RelayOutcome, Replay, StartSnap,
+};
 use crate::frame::ConnId;
 use crate::transport::unix_socket;
 use crate::ChannelConfig;
@@ -522,4 +526,179 @@ async fn a_freeze_gives_up_at_its_bound_on_a_client_that_does_not_read() {
     joined(writer).await;
     let (server, node) = (joined(server_relay).await, joined(node_relay).await);
     outcomes(conn, SMALL, BIG, server, node);
+}
+
+/// The io-server's end of a fresh client connection: (the client, the
+/// io-server's socket).
+async fn client(listener: &TcpListener) -> (TcpStream, Arc<TcpStream>) {
+    let (client, accepted) = tokio::join!(
+        TcpStream::connect(listener.local_addr().unwrap()),
+        listener.accept()
+    );
+    (client.unwrap(), Arc::new(accepted.unwrap().0))
+}
+
+/// The node hears of a connection announced to it.
+async fn announced(p: &mut Pair, conn: ConnId) {
+    match next(&mut p.node_rx).await {
+        EndpointEvent::ConnectionAccepted { conn: c, .. } => assert_eq!(c, conn),
+        other => panic!("expected ConnectionAccepted, got {other:?}"),
+    }
+}
+
+/// Reads exactly `want.len()` octets of `r` and compares them.
+async fn read_exactly(what: &str, r: &mut (impl tokio::io::AsyncRead + Unpin), want: &[u8]) {
+    let mut got = vec![0; want.len()];
+    timeout(LIMIT, r.read_exact(&mut got))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not in time"))
+        .unwrap();
+    check(what, &got, want);
+}
+
+/// What the io-server keeps of connections its node has not taken yet
+/// moves with the capture: events held for a connection whose relay has
+/// not attached (the program's reply and FIN), a connection announced
+/// with a replay and kept for re-dispatch, and a relayed one whose
+/// client's request is kept until the program accepts it. After the
+/// resume the held reply reaches its client, the replay its program,
+/// and when the node leaves both kept connections come back whole,
+/// everything their clients sent in their replays.
+#[tokio::test]
+async fn what_is_kept_for_a_node_moves_with_the_capture() {
+    let mut p = socket_pair().await;
+    let listener = TcpListener::bind(addr(0)).await.unwrap();
+
+    // Held: the program answers before the io-server relays the client.
+    let held = p
+        .server
+        .accept_connection(2, addr(40001), addr(80))
+        .unwrap();
+    announced(&mut p, held).await;
+    let (mut app_held, side) = UnixStream::pair().unwrap();
+    let n = p.node.clone();
+    tokio::spawn(async move { n.relay_unix(held, side).await });
+    app_held.write_all(b"hello").await.unwrap();
+    app_held.shutdown().await.unwrap();
+    until(
+        "the reply and its FIN held",
+        || matches!(p.server.router().conns.get(&held), Some(Route::Held(q)) if q.len() == 2),
+    )
+    .await;
+
+    // Started: announced with a replay, kept, no relay yet.
+    let replay = Replay {
+        data: bytes::Bytes::from_static(b"replayed"),
+        fin: false,
+    };
+    let started = p
+        .server
+        .accept_connection_with(2, addr(40002), addr(80), &replay, true, None)
+        .unwrap();
+    announced(&mut p, started).await;
+
+    // Kept: relayed, its request forwarded and kept until an accept.
+    let kept = p
+        .server
+        .accept_connection_with(2, addr(40003), addr(80), &Replay::default(), true, None)
+        .unwrap();
+    announced(&mut p, kept).await;
+    let (mut kept_client, kept_side) = client(&listener).await;
+    let s = p.server.clone();
+    let old_relay = tokio::spawn(async move { s.relay_client(kept, kept_side).await });
+    let (mut app_kept, side) = UnixStream::pair().unwrap();
+    let n = p.node.clone();
+    tokio::spawn(async move { n.relay_unix(kept, side).await });
+    kept_client.write_all(b"GET /").await.unwrap();
+    read_exactly("the request", &mut app_kept, b"GET /").await;
+
+    p.server.freeze(LIMIT).await.expect("frozen");
+    let cap = p.server.capture().expect("captured");
+    let r = &cap.router;
+    let reply = vec![
+        HeldEvent::Data(bytes::Bytes::from_static(b"hello")),
+        HeldEvent::Fin,
+    ];
+    assert_eq!(r.held, vec![(held, reply), (started, vec![])]);
+    assert_eq!(
+        r.starts,
+        vec![StartSnap {
+            conn: started,
+            replay: replay.clone(),
+            tracked: true
+        }]
+    );
+    assert_eq!(r.relays.len(), 1);
+    let relay = &r.relays[0];
+    assert!(relay.tracked);
+    let pre = relay.pre.as_ref().expect("the kept request");
+    assert_eq!(
+        (&pre.kept[..], pre.sent, pre.accepted),
+        (&b"GET /"[..], 5, false)
+    );
+
+    let resumed = Endpoint::resume(ChannelConfig::new("t"), cap, |fd| {
+        let s = std::os::unix::net::UnixStream::from(fd);
+        s.set_nonblocking(true)?;
+        Ok(unix_socket(UnixStream::from_std(s)?))
+    })
+    .expect("resumed");
+    let new = resumed.endpoint;
+    assert_eq!(new.unaccepted(), 2, "both kept connections are counted");
+    let [(conn, fd)]: [(ConnId, OwnedFd); 1] = resumed.relays.try_into().unwrap();
+    assert_eq!(conn, kept);
+    let s = std::net::TcpStream::from(fd);
+    s.set_nonblocking(true).unwrap();
+    let kept_side = Arc::new(TcpStream::from_std(s).unwrap());
+    let ep = new.clone();
+    let kept_relay = tokio::spawn(async move { ep.relay_client(kept, kept_side).await });
+    new.unfreeze();
+    let old = std::mem::replace(&mut p.server, new);
+    p.server_rx = resumed.events;
+    old.disown();
+
+    // The held reply reaches its client, then the client's answer the program.
+    let (mut held_client, held_side) = client(&listener).await;
+    let ep = p.server.clone();
+    let held_relay = tokio::spawn(async move { ep.relay_tcp(held, held_side).await });
+    let mut got = Vec::new();
+    timeout(LIMIT, held_client.read_to_end(&mut got))
+        .await
+        .expect("in time")
+        .unwrap();
+    check("the held reply", &got, b"hello");
+    held_client.write_all(b"bye").await.unwrap();
+    held_client.shutdown().await.unwrap();
+    read_exactly("the answer", &mut app_held, b"bye").await;
+    assert_eq!(joined(held_relay).await.errno, 0);
+
+    // The replay goes first on the started connection.
+    let (mut started_client, started_side) = client(&listener).await;
+    let ep = p.server.clone();
+    let started_relay = tokio::spawn(async move { ep.relay_client(started, started_side).await });
+    let (mut app_started, side) = UnixStream::pair().unwrap();
+    let n = p.node.clone();
+    tokio::spawn(async move { n.relay_unix(started, side).await });
+    started_client.write_all(b" more").await.unwrap();
+    read_exactly("the replay, then more", &mut app_started, b"replayed more").await;
+
+    // The kept request goes on being kept.
+    kept_client.write_all(b" HTTP/1.0").await.unwrap();
+    read_exactly("the rest of the request", &mut app_kept, b" HTTP/1.0").await;
+
+    // The node leaves before its program accepts either.
+    p.node.handle().with(|ch| ch.close("the node left"));
+    for (relay, want) in [
+        (kept_relay, &b"GET / HTTP/1.0"[..]),
+        (started_relay, &b"replayed more"[..]),
+    ] {
+        match joined(relay).await {
+            ClientRelayEnd::Unaccepted { replay, .. } => {
+                check("given back", &replay.data, want);
+                assert!(!replay.fin);
+            }
+            ClientRelayEnd::Finished(o) => panic!("expected the client back, got {o:?}"),
+        }
+    }
+    assert!(!old_relay.is_finished(), "the old relay stays parked");
 }
