@@ -277,6 +277,13 @@ impl Endpoint {
     /// piece of output it is writing (the rest stays in the channel), and
     /// each relay writes what it was handed to its stream. Nothing is
     /// closed. Then [`Endpoint::capture`], or [`Endpoint::unfreeze`].
+    ///
+    /// Calls made on the endpoint while frozen still work (its owner
+    /// answering a request, accepting a connection): their output waits
+    /// in the channel. The owner stops its own work first (admission,
+    /// the [`EndpointEvent`]s it has not handled; design §2 steps 1 and
+    /// 5); a relay whose stream does not read holds the freeze up until
+    /// the bound.
     pub async fn freeze(&self, bound: Duration) -> Result<(), FreezeError> {
         let deadline = tokio::time::Instant::now() + bound;
         let r = self.quiesce(deadline, bound).await;

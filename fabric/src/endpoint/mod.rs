@@ -27,11 +27,17 @@
 //! silence ([`Endpoint::sweep_quiet`], `quiet.rs`); one found past its
 //! limit is aborted with `ETIMEDOUT`.
 //!
+//! Upgrade in place (issue 19): a running endpoint is frozen at clean
+//! points ([`Endpoint::freeze`]), captured as data and duplicated
+//! descriptors ([`Endpoint::capture`]) and made again from that, in this
+//! process or another ([`Endpoint::resume`]); `freeze.rs`.
+//!
 //! Files: this one (the endpoint and its protocol calls), `router.rs` (the
 //! per-connection route table), `relay.rs` (the pumps and splicing), `io.rs`
 //! (the socket adapter and vectored writes), [`errno`] (the errno table),
-//! `preaccept.rs` (a client kept until its program accepts it) and
-//! `quiet.rs` (idle and half-closed timeouts).
+//! `preaccept.rs` (a client kept until its program accepts it),
+//! `quiet.rs` (idle and half-closed timeouts) and `freeze.rs` (freeze,
+//! capture and resume).
 
 pub mod errno;
 mod freeze;
