@@ -284,7 +284,11 @@ impl FabricHandle {
     /// Pauses, resumes or disowns the tasks ([`Phase`]). Back to
     /// `Running`, the writer and the timer look at the channel again (it
     /// may have queued output, or changed its deadline, meanwhile).
+    /// `Disowned` is for good: later calls change nothing.
     pub fn set_phase(&self, phase: Phase) {
+        if self.phase() == Phase::Disowned {
+            return;
+        }
         let now = tokio::time::Instant::now();
         {
             let mut clock = self.clock();

@@ -360,8 +360,13 @@ impl Endpoint {
 
     /// Ends [`Endpoint::freeze`] (or starts an endpoint made by
     /// [`Endpoint::resume`]): the channel sends again, the driver's tasks
-    /// go on, and every relay looks at its credit again.
+    /// go on, and every relay looks at its credit again. Nothing, once
+    /// disowned: its channel stays frozen for good, so its relays never
+    /// read (or splice into the pipe another endpoint now owns).
     pub fn unfreeze(&self) {
+        if self.handle().phase() == Phase::Disowned {
+            return;
+        }
         let credits: Vec<Arc<Notify>> = {
             let router = self.router();
             router
