@@ -702,3 +702,74 @@ async fn what_is_kept_for_a_node_moves_with_the_capture() {
     }
     assert!(!old_relay.is_finished(), "the old relay stays parked");
 }
+
+/// Freezes `p`'s io-server endpoint, moves it to a new one made from
+/// duplicates of its descriptors and disowns it: the relays of its
+/// connections run again on the new one, their handles replacing those
+/// in `relays`. Returns once they are all attached again (a capture of
+/// the new one may follow at once), with how many moved.
+async fn move_server(p: &mut Pair, relays: &mut [(ConnId, JoinHandle<RelayOutcome>)]) -> usize {
+    p.server.freeze(LIMIT).await.expect("frozen");
+    let cap = p.server.capture().expect("captured");
+    let copies = cap.fds.iter().map(|fd| fd.try_clone().unwrap()).collect();
+    let cap = Capture { fds: copies, ..cap };
+    let resumed = Endpoint::resume(ChannelConfig::new("t"), cap, |fd| {
+        let s = std::os::unix::net::UnixStream::from(fd);
+        s.set_nonblocking(true)?;
+        Ok(unix_socket(UnixStream::from_std(s)?))
+    })
+    .expect("resumed");
+    let new = resumed.endpoint;
+    let moved = resumed.relays.len();
+    for (conn, fd) in resumed.relays {
+        let s = std::net::TcpStream::from(fd);
+        s.set_nonblocking(true).unwrap();
+        let s = Arc::new(TcpStream::from_std(s).unwrap());
+        let ep = new.clone();
+        let relay = tokio::spawn(async move { ep.relay_tcp(conn, s).await });
+        // The old relay stays parked; its handle is dropped.
+        let at = relays.iter().position(|(c, _)| *c == conn).unwrap();
+        relays[at].1 = relay;
+    }
+    new.unfreeze();
+    let old = std::mem::replace(&mut p.server, new);
+    p.server_rx = resumed.events;
+    old.disown();
+    until("the relays attached again", || {
+        p.server.router().resumed.is_empty()
+    })
+    .await;
+    moved
+}
+
+/// An upgrade after an upgrade: the io-server's endpoint is moved ten
+/// times while two bulk connections stream both ways; each move resumes
+/// from the one before. Every octet arrives, in order, and the last
+/// relays count everything their connections carried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_moved_ten_times_while_its_streams_run_loses_no_octet() {
+    let mut p = socket_pair().await;
+    let listener = TcpListener::bind(addr(0)).await.unwrap();
+    let open = watch::Sender::new(true);
+    let mut conns = Vec::new();
+    for seed in 20..22 {
+        conns.push(connect(&mut p, &listener, seed, LEN, LEN, &open).await);
+    }
+    let mut relays = Vec::new();
+    let mut rest = Vec::new();
+    for c in conns {
+        relays.push((c.conn, c.server_relay));
+        rest.push((c.conn, c.ends, c.node_relay));
+    }
+    let mut moved = Vec::new();
+    for _ in 0..10 {
+        moved.push(move_server(&mut p, &mut relays).await);
+    }
+    assert_eq!(moved[0], 2, "moved in the middle of both streams");
+    for (conn, ends, node_relay) in rest {
+        joined(ends).await;
+        let at = relays.iter().position(|(c, _)| *c == conn).unwrap();
+        let server = joined(relays.swap_remove(at).1).await;
+        outcomes(conn, LEN, LEN, server, joined(node_relay).await);
+    }
+}
