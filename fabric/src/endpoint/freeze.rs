@@ -19,7 +19,8 @@
 //! equivalent endpoint of a capture, in this process or another, and
 //! [`Endpoint::disown`] lets go of the old one without running a
 //! destructor: tokio's write halves shut the socket's write side down on
-//! drop, and a relay's end sets `SO_LINGER` on the shared socket.
+//! drop, and a relay ended by its endpoint's drop sets `SO_LINGER` 0 on
+//! the socket it shares with the new endpoint.
 
 use super::preaccept::{PreAccept, PreAcceptSnap, Replay};
 use super::quiet::QuietSnap;

@@ -127,8 +127,15 @@ impl Endpoint {
     /// client gets a reset, the node a close with that errno) and
     /// returned with why. One pass over the route table under its lock;
     /// the relays themselves stamp nothing (`quiet.rs`).
+    ///
+    /// Nothing while the endpoint is frozen ([`Endpoint::freeze`]): its
+    /// relays are not to end then (an abortive end sets `SO_LINGER` on a
+    /// socket that may be moving to another endpoint).
     pub fn sweep_quiet(&self, now: Instant, limits: &QuietLimits) -> Vec<(ConnId, Expiry)> {
         let mut expired = Vec::new();
+        if self.handle().phase() != crate::driver::Phase::Running {
+            return expired;
+        }
         let mut router = self.router();
         for (&conn, route) in router.conns.iter_mut() {
             let Route::Relayed(attached, counters) = route else {
