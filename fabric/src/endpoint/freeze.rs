@@ -25,7 +25,7 @@
 use super::preaccept::{PreAccept, PreAcceptSnap, Replay};
 use super::quiet::QuietSnap;
 use super::relay::lock_pre;
-use super::router::{ConnEvent, Counters, Route, RouteSink, Router, Start, Track};
+use super::router::{ConnEvent, Counters, Progress, Route, RouteSink, Router, Start, Track};
 use super::{Endpoint, EndpointEvent};
 use crate::channel::{Channel, ChannelConfig, ChannelSnap, SnapError};
 use crate::driver::{self, Phase};
@@ -201,7 +201,7 @@ pub(super) struct Carried {
 
 impl Carried {
     /// The relay's counters, carried on.
-    pub(super) fn counters(self, progress: Arc<Notify>) -> Counters {
+    pub(super) fn counters(self, progress: Arc<Progress>) -> Counters {
         let s = self.snap;
         Counters {
             bytes_in: AtomicU64::new(s.bytes_in),
@@ -312,18 +312,25 @@ impl Endpoint {
             .await
             .map_err(|_| FreezeError::Writer(bound))?;
         let progress = self.router().progress.clone();
-        loop {
-            // Registered before looking: progress made in between wakes it.
-            let notified = progress.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let Some(conn) = self.busy_relay() else {
-                break;
-            };
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(FreezeError::Relay { conn, bound });
+        progress.waiting.store(true, Ordering::SeqCst);
+        let drained = async {
+            loop {
+                // Registered before looking: progress made in between
+                // wakes it.
+                let notified = progress.notify.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let Some(conn) = self.busy_relay() else {
+                    return Ok(());
+                };
+                if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                    return Err(FreezeError::Relay { conn, bound });
+                }
             }
         }
+        .await;
+        progress.waiting.store(false, Ordering::SeqCst);
+        drained?;
         match self.is_open() {
             true => Ok(()),
             false => Err(FreezeError::NotOpen),
@@ -351,7 +358,7 @@ impl Endpoint {
                 .find(|(conn, c, aborted)| {
                     *aborted
                         || !ch.has_connection(*conn)
-                        || c.queued.load(Ordering::Acquire) > 0
+                        || c.queued.load(Ordering::SeqCst) > 0
                         || (c.fin_sent.load(Ordering::Relaxed)
                             && c.fin_written.load(Ordering::Relaxed))
                 })

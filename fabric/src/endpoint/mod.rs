@@ -424,7 +424,7 @@ impl Endpoint {
             .with(|ch| ch.close_connection(conn, errno));
         drop(router);
         // A freeze waiting for this relay to end sees it gone.
-        progress.notify_waiters();
+        progress.made();
     }
 
     /// io-server: reports an asynchronous error on `conn` (§2.3).

@@ -150,14 +150,16 @@ pub(super) struct Counters {
     /// than in the relay's task, so that a frozen endpoint can copy it.
     pub(super) pre: Mutex<Option<PreAccept>>,
     /// The router's [`Router::progress`].
-    pub(super) progress: Arc<Notify>,
+    pub(super) progress: Arc<Progress>,
 }
 
 impl Counters {
     /// The relay wrote `n` of its queued events through.
     pub(super) fn handled(&self, n: usize) {
-        self.queued.fetch_sub(n, Ordering::AcqRel);
-        self.progress.notify_waiters();
+        // Sequentially consistent with the freeze's flag and its look at
+        // the counts: one of the two sees the other.
+        self.queued.fetch_sub(n, Ordering::SeqCst);
+        self.progress.made();
     }
 
     /// Whether the node's program accepted the connection (always, for
@@ -247,9 +249,25 @@ pub(super) struct Router {
     /// Relayed connections carried by an upgrade in place
     /// ([`super::Endpoint::resume`]) whose relay has not attached again.
     pub(super) resumed: HashMap<ConnId, super::freeze::Carried>,
-    /// Told when a relay wrote events through or ended: what a freeze
-    /// waits on ([`super::Endpoint::freeze`]).
-    pub(super) progress: Arc<Notify>,
+    /// What a freeze waits on ([`super::Endpoint::freeze`]).
+    pub(super) progress: Arc<Progress>,
+}
+
+/// Relays writing their events through, or ending, while a freeze waits
+/// for them. Told only while one waits: a relay's write costs no lock.
+#[derive(Debug, Default)]
+pub(super) struct Progress {
+    pub(super) waiting: AtomicBool,
+    pub(super) notify: Notify,
+}
+
+impl Progress {
+    /// A relay wrote events through, or ended.
+    pub(super) fn made(&self) {
+        if self.waiting.load(Ordering::SeqCst) {
+            self.notify.notify_waiters();
+        }
+    }
 }
 
 impl Router {
