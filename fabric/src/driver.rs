@@ -154,6 +154,14 @@ impl AtRest {
         std::mem::replace(flag, yes) != yes
     }
 
+    fn get(&self, task: Task) -> bool {
+        match task {
+            Task::Reader => self.reader,
+            Task::Writer => self.writer,
+            Task::Timer => self.timer,
+        }
+    }
+
     fn all(&self) -> bool {
         self.reader && self.writer && self.timer
     }
@@ -357,6 +365,15 @@ impl FabricHandle {
     /// The phase is read and the flag set in one step, so a freeze never
     /// counts a task at rest that has seen `Running` and goes on.
     async fn rest(&self, tasks: &mut watch::Receiver<Tasks>, task: Task) -> bool {
+        // Running and not marked: nothing to write (the common case, once
+        // per read or write, takes only the read side of the lock).
+        let running = {
+            let t = tasks.borrow();
+            t.phase == Phase::Running && !t.rest.get(task)
+        };
+        if running {
+            return true;
+        }
         loop {
             let mut go_on = None;
             self.shared.tasks.send_if_modified(|t| match t.phase {
