@@ -85,6 +85,8 @@ pub enum ResumeError {
     Snap(#[from] SnapError),
     #[error("descriptor {0} of the capture is missing, or named twice")]
     Fd(usize),
+    #[error("descriptor {0} of the capture is not a stream socket")]
+    NotAStream(usize),
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -548,13 +550,17 @@ impl Endpoint {
     }
 
     /// Makes the endpoint a [`Capture`] was taken of, over its
-    /// descriptors (moved from another process, or duplicated): the
+    /// descriptors (moved from another process, or duplicated; each
+    /// checked to be what its index names: a stream socket, a pipe's
+    /// ends holding the octets counted): the
     /// channel restored with `config`'s settings (no handshake: it is
     /// open), the transport made by `transport` from its socket, the
     /// router with its held events and starts, and each relay's state,
     /// which the relay run again on its socket ([`Resumed::relays`])
     /// picks up. The endpoint is frozen: run the relays, then
-    /// [`Endpoint::unfreeze`].
+    /// [`Endpoint::unfreeze`]. A refused capture closes the descriptors it
+    /// was given and shuts nothing down (`transport` is called last, when
+    /// nothing else can fail).
     pub fn resume<R, W>(
         config: ChannelConfig,
         capture: Capture,
@@ -581,11 +587,20 @@ impl Endpoint {
             Some(p) => Some(Pipe::from_fds(take(p.read)?, take(p.write)?, p.held)?),
             None => None,
         };
-        let (r, w) = transport(take(snap.transport)?)?;
+        let mut stream = |i: usize| {
+            let fd = take(i)?;
+            match socket2::SockRef::from(&fd).r#type() {
+                Ok(t) if t == socket2::Type::STREAM => Ok(fd),
+                _ => Err(ResumeError::NotAStream(i)),
+            }
+        };
         let mut relays = Vec::with_capacity(snap.relays.len());
         for relay in &snap.relays {
-            relays.push((relay.conn, take(relay.socket)?));
+            relays.push((relay.conn, stream(relay.socket)?));
         }
+        // Made last: nothing after can fail, so a refused capture never
+        // drops a write half (whose drop would shut the socket down).
+        let (r, w) = transport(stream(snap.transport)?)?;
         let unaccepted = Arc::new(AtomicUsize::new(0));
         let mut router = Router {
             node_id: snap.node_id,

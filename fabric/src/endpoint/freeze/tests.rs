@@ -10,7 +10,7 @@ use crate::endpoint::router::Route;
 use crate::endpoint::tests::{accept, addr, next, pair_over, Pair, LIMIT};
 use crate::endpoint::{
     Capture, CaptureError, ClientRelayEnd, Endpoint, EndpointEvent, FreezeError, HeldEvent,
-    RelayOutcome, Replay, StartSnap,
+    RelayOutcome, Replay, ResumeError, StartSnap,
 };
 use crate::frame::ConnId;
 use crate::transport::unix_socket;
@@ -772,4 +772,45 @@ async fn an_endpoint_moved_ten_times_while_its_streams_run_loses_no_octet() {
         let server = joined(relays.swap_remove(at).1).await;
         outcomes(conn, LEN, LEN, server, joined(node_relay).await);
     }
+}
+
+/// A capture whose descriptors do not match their indices is refused:
+/// the transport's index naming a pipe, a pipe's ends naming a socket,
+/// a descriptor missing. The frozen endpoint, untouched, unfreezes and
+/// serves a connection.
+#[tokio::test]
+async fn a_capture_with_mixed_up_descriptors_is_refused() {
+    let mut p = socket_pair().await;
+    p.server.freeze(LIMIT).await.expect("frozen");
+    let resume = |cap: Capture| {
+        Endpoint::resume(ChannelConfig::new("t"), cap, |fd| {
+            let s = std::os::unix::net::UnixStream::from(fd);
+            s.set_nonblocking(true)?;
+            Ok(unix_socket(UnixStream::from_std(s)?))
+        })
+    };
+    let mut cap = p.server.capture().expect("captured");
+    let pipe = cap.router.pipe.expect("a pipe");
+    cap.fds.swap(cap.router.transport, pipe.read);
+    assert!(
+        matches!(resume(cap), Err(ResumeError::Io(_))),
+        "a socket for a pipe"
+    );
+
+    let mut cap = p.server.capture().expect("captured");
+    cap.router.pipe = None;
+    cap.router.transport = pipe.read;
+    assert!(matches!(resume(cap), Err(ResumeError::NotAStream(i)) if i == pipe.read));
+
+    let mut cap = p.server.capture().expect("captured");
+    cap.fds.truncate(1);
+    assert!(matches!(resume(cap), Err(ResumeError::Fd(i)) if i == pipe.read));
+
+    p.server.unfreeze();
+    let listener = TcpListener::bind(addr(0)).await.unwrap();
+    let open = watch::Sender::new(true);
+    let c = connect(&mut p, &listener, 30, SMALL, SMALL, &open).await;
+    joined(c.ends).await;
+    let server = joined(c.server_relay).await;
+    outcomes(c.conn, SMALL, SMALL, server, joined(c.node_relay).await);
 }
