@@ -7,6 +7,16 @@
 //! Forwarding Protocol calls with [`FabricHandle::with`], which wakes the
 //! writer when bytes are queued. Callbacks arrive on an unbounded event
 //! receiver; its size is bounded by the credits the channel grants.
+//!
+//! For the io-server's upgrade in place (bench/notes/2026-12-03-upgrade-design.md,
+//! §2 "Quiesce"), the tasks can be paused at clean points and resumed
+//! ([`Phase`]): the reader at its read await (what it has not fed stays
+//! in the socket, what it fed is in the channel), the writer between two
+//! pieces of output (the rest stays in the channel's output and pipe), the
+//! timer at its sleep (liveness does not fire while paused). Nothing is
+//! closed or dropped: after a pause the tasks go on, or, once the channel
+//! has moved ([`spawn_resumed`] elsewhere), they end without their
+//! transport's destructors ([`Phase::Disowned`]).
 
 pub use crate::channel::HANDSHAKE_TIMEOUT;
 use crate::channel::{Channel, Event, Transmit, HANDSHAKE_MAX_FRAME, STREAM_MIN};
@@ -15,6 +25,7 @@ use crate::splice::{Pipe, ReceivePipe};
 use crate::transport::{TransportRead, TransportWrite};
 use bytes::BytesMut;
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
@@ -51,6 +62,109 @@ struct DriverState {
     /// Wakes the timer when the channel opens or closes (its
     /// [`Channel::poll_timeout`] changes).
     timer: Notify,
+    /// Whether the tasks run, pause, or have let go of the channel, and
+    /// which are at a clean point: one value, so that a task leaving its
+    /// rest and a freeze looking at the tasks cannot pass each other.
+    tasks: watch::Sender<Tasks>,
+    /// The channel's clock, which stands still while the tasks are paused.
+    clock: Mutex<Clock>,
+    /// The transport's socket ([`TransportWrite::raw_fd`]).
+    transport_fd: Option<RawFd>,
+}
+
+/// Where the tasks of a channel stand in an upgrade in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Running,
+    /// Paused at clean points until [`FabricHandle::set_phase`] says
+    /// `Running` again.
+    Frozen,
+    /// The channel and its transport have moved to another endpoint: the
+    /// tasks end, forgetting the transport's halves (whose destructors
+    /// would shut the socket's write side down), and never touch it again.
+    Disowned,
+}
+
+/// The time the driver tells its channel: the runtime's, less the time
+/// its tasks spent paused. A pause thus never counts as the peer's
+/// silence: input that came meanwhile is read before the channel's
+/// liveness looks at the clock again.
+#[derive(Debug, Default)]
+struct Clock {
+    /// Paused time before the current pause.
+    paused: Duration,
+    /// Since when the tasks are paused.
+    since: Option<tokio::time::Instant>,
+}
+
+impl Clock {
+    fn pause(&mut self, now: tokio::time::Instant) {
+        self.since.get_or_insert(now);
+    }
+
+    fn go_on(&mut self, now: tokio::time::Instant) {
+        if let Some(since) = self.since.take() {
+            self.paused += now.saturating_duration_since(since);
+        }
+    }
+
+    /// The channel's time at the runtime's `now`.
+    fn channel_time(&self, now: tokio::time::Instant) -> std::time::Instant {
+        let now = self.since.unwrap_or(now);
+        now.checked_sub(self.paused).unwrap_or(now).into_std()
+    }
+
+    /// The runtime's time at the channel's `at` (while running).
+    fn runtime_time(&self, at: std::time::Instant) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(at) + self.paused
+    }
+}
+
+/// The phase the tasks are told, and which of them are at rest in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tasks {
+    phase: Phase,
+    rest: AtRest,
+}
+
+/// Which tasks are paused at a clean point, or ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct AtRest {
+    reader: bool,
+    writer: bool,
+    timer: bool,
+}
+
+/// One of the tasks [`AtRest`] counts.
+#[derive(Debug, Clone, Copy)]
+enum Task {
+    Reader,
+    Writer,
+    Timer,
+}
+
+impl AtRest {
+    /// Sets `task`'s flag; whether it changed.
+    fn set(&mut self, task: Task, yes: bool) -> bool {
+        let flag = match task {
+            Task::Reader => &mut self.reader,
+            Task::Writer => &mut self.writer,
+            Task::Timer => &mut self.timer,
+        };
+        std::mem::replace(flag, yes) != yes
+    }
+
+    fn get(&self, task: Task) -> bool {
+        match task {
+            Task::Reader => self.reader,
+            Task::Writer => self.writer,
+            Task::Timer => self.timer,
+        }
+    }
+
+    fn all(&self) -> bool {
+        self.reader && self.writer && self.timer
+    }
 }
 
 /// A cloneable handle to a running channel.
@@ -174,6 +288,119 @@ impl FabricHandle {
             .closed
             .send_if_modified(|c| !std::mem::replace(c, true));
     }
+
+    /// Pauses, resumes or disowns the tasks ([`Phase`]). Back to
+    /// `Running`, the writer and the timer look at the channel again (it
+    /// may have queued output, or changed its deadline, meanwhile).
+    /// `Disowned` is for good: later calls change nothing.
+    pub fn set_phase(&self, phase: Phase) {
+        if self.phase() == Phase::Disowned {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        {
+            let mut clock = self.clock();
+            match phase {
+                Phase::Running => clock.go_on(now),
+                Phase::Frozen | Phase::Disowned => clock.pause(now),
+            }
+        }
+        let changed = self
+            .shared
+            .tasks
+            .send_if_modified(|t| std::mem::replace(&mut t.phase, phase) != phase);
+        if changed && phase == Phase::Running {
+            self.shared.wake_writer.notify_one();
+            self.shared.timer.notify_one();
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.shared.tasks.borrow().phase
+    }
+
+    /// Waits until the reader, the writer and the timer are all paused at
+    /// a clean point (or ended) after [`Phase::Frozen`]: the writer first
+    /// finishes the piece of output it is writing.
+    pub async fn at_rest(&self) {
+        let mut tasks = self.shared.tasks.subscribe();
+        let _ = tasks.wait_for(Tasks::frozen_at_rest).await;
+    }
+
+    /// Whether the tasks are all paused ([`FabricHandle::at_rest`]), now.
+    pub fn is_at_rest(&self) -> bool {
+        self.shared.tasks.borrow().frozen_at_rest()
+    }
+
+    /// The transport's socket, where it has one ([`TransportWrite::raw_fd`]).
+    pub fn transport_fd(&self) -> Option<RawFd> {
+        self.shared.transport_fd
+    }
+
+    /// The channel's pipe, if it was made ([`FabricHandle::pipe`] makes it).
+    pub fn pipe_made(&self) -> Option<&Pipe> {
+        self.shared.pipe.get().and_then(Option::as_ref)
+    }
+
+    fn clock(&self) -> MutexGuard<'_, Clock> {
+        self.shared.clock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The time as the channel knows it ([`Clock`]): what a snapshot of
+    /// it is taken at.
+    pub fn channel_time(&self) -> std::time::Instant {
+        let now = tokio::time::Instant::now();
+        self.clock().channel_time(now)
+    }
+
+    /// `task` ended: at rest for good.
+    fn ended(&self, task: Task) {
+        self.shared
+            .tasks
+            .send_if_modified(|t| t.rest.set(task, true));
+    }
+
+    /// A task's clean point: returns at once while running; while frozen,
+    /// marks `task` at rest and waits. `false`: disowned, the task ends.
+    /// The phase is read and the flag set in one step, so a freeze never
+    /// counts a task at rest that has seen `Running` and goes on.
+    async fn rest(&self, tasks: &mut watch::Receiver<Tasks>, task: Task) -> bool {
+        // Running and not marked: nothing to write (the common case, once
+        // per read or write, takes only the read side of the lock).
+        let running = {
+            let t = tasks.borrow();
+            t.phase == Phase::Running && !t.rest.get(task)
+        };
+        if running {
+            return true;
+        }
+        loop {
+            let mut go_on = None;
+            self.shared.tasks.send_if_modified(|t| match t.phase {
+                Phase::Running => {
+                    go_on = Some(true);
+                    t.rest.set(task, false)
+                }
+                Phase::Frozen => t.rest.set(task, true),
+                Phase::Disowned => {
+                    go_on = Some(false);
+                    t.rest.set(task, true)
+                }
+            });
+            if let Some(go_on) = go_on {
+                return go_on;
+            }
+            if tasks.changed().await.is_err() {
+                return false;
+            }
+        }
+    }
+}
+
+impl Tasks {
+    fn frozen_at_rest(&self) -> bool {
+        self.phase == Phase::Frozen && self.rest.all()
+    }
 }
 
 /// Where the reader task delivers what the peer sends.
@@ -233,11 +460,47 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
     events: mpsc::UnboundedSender<Event>,
     sink: impl Sink,
 ) -> FabricHandle {
+    // Its clock is the runtime's until a pause.
+    channel.start(tokio::time::Instant::now().into_std());
+    // The node's Hello is already queued: the writer is woken for it.
+    start_tasks(channel, reader, writer, events, sink, None, Phase::Running)
+}
+
+/// [`spawn_with_sink`] for a channel restored from a snapshot
+/// ([`Channel::restore`]) over a transport and a pipe that moved from
+/// another endpoint: no handshake, the channel goes on where it was. The
+/// tasks start `Frozen` (attach what must be attached, then
+/// [`FabricHandle::set_phase`] `Running`); the writer then first writes
+/// the output the channel carried, the spliced payloads from `pipe`.
+pub fn spawn_resumed<R: TransportRead, W: TransportWrite>(
+    channel: Channel,
+    reader: R,
+    writer: W,
+    sink: impl Sink,
+    pipe: Option<Pipe>,
+) -> (FabricHandle, mpsc::UnboundedReceiver<Event>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let handle = start_tasks(channel, reader, writer, tx, sink, pipe, Phase::Frozen);
+    (handle, rx)
+}
+
+fn start_tasks<R: TransportRead, W: TransportWrite>(
+    mut channel: Channel,
+    reader: R,
+    writer: W,
+    events: mpsc::UnboundedSender<Event>,
+    sink: impl Sink,
+    pipe: Option<Pipe>,
+    phase: Phase,
+) -> FabricHandle {
     let can_splice = writer.can_splice();
     // A transport that hands chunks on as they are (in memory) gets whole
     // buffers, which its reader decodes in place.
     channel.hand_off_buffers(writer.hands_chunks_on());
-    channel.start(tokio::time::Instant::now().into_std());
+    let made = std::sync::OnceLock::new();
+    if let Some(pipe) = pipe {
+        let _ = made.set(Some(pipe));
+    }
     let handle = FabricHandle {
         shared: Arc::new(DriverState {
             channel: Mutex::new(channel),
@@ -245,15 +508,23 @@ fn spawn_inner<R: TransportRead, W: TransportWrite>(
             coalesced: Notify::new(),
             window: std::sync::atomic::AtomicBool::new(false),
             events,
-            pipe: std::sync::OnceLock::new(),
+            pipe: made,
             can_splice,
             closed: watch::Sender::new(false),
             timer: Notify::new(),
             drained: Notify::new(),
             reader_waiting: std::sync::atomic::AtomicBool::new(false),
+            tasks: watch::Sender::new(Tasks {
+                phase,
+                rest: AtRest::default(),
+            }),
+            clock: Mutex::new(Clock {
+                paused: Duration::ZERO,
+                since: (phase != Phase::Running).then(tokio::time::Instant::now),
+            }),
+            transport_fd: writer.raw_fd(),
         }),
     };
-    // The node's Hello is already queued.
     handle.shared.wake_writer.notify_one();
     tokio::spawn(read_loop(handle.clone(), reader, sink));
     let h = handle.clone();
@@ -280,29 +551,76 @@ async fn or_closed<T>(
     }
 }
 
+/// Runs `f` until the channel is closed or the tasks are paused
+/// ([`Phase`]); `f` must lose nothing when dropped unfinished (a read of
+/// tokio's, a splice).
+async fn or_stopped<T>(
+    closed: &mut watch::Receiver<bool>,
+    tasks: &mut watch::Receiver<Tasks>,
+    f: impl std::future::Future<Output = T>,
+) -> Stopped<T> {
+    tokio::select! {
+        r = or_closed(closed, f) => r.map_or(Stopped::Closed, Stopped::Done),
+        _ = told_to_pause(tasks) => Stopped::Paused,
+    }
+}
+
+/// Returns once the tasks are told to stop running.
+async fn told_to_pause(tasks: &mut watch::Receiver<Tasks>) {
+    let _ = tasks.wait_for(|t| t.phase != Phase::Running).await;
+}
+
+enum Stopped<T> {
+    Done(T),
+    Closed,
+    Paused,
+}
+
 async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut sink: impl Sink) {
+    read_until_stopped(&handle, &mut reader, &mut sink).await;
+    if handle.phase() == Phase::Disowned {
+        // The socket is another endpoint's now: not closed here.
+        std::mem::forget(reader);
+    }
+    handle.ended(Task::Reader);
+}
+
+async fn read_until_stopped<R: TransportRead>(
+    handle: &FabricHandle,
+    reader: &mut R,
+    sink: &mut impl Sink,
+) {
     let mut buf = BytesMut::new();
     let mut raised = Vec::new();
     let splices = reader.can_splice();
     let mut closed = handle.shared.closed.subscribe();
+    let mut phase = handle.shared.tasks.subscribe();
     // How much the next read may take, when it should stop short: before
     // the channel is open, no more than a handshake frame (a stranger's
     // connection holds no Data-sized buffer).
     let mut limit = Some(HANDSHAKE_MAX_FRAME);
     loop {
+        // A clean point: what was read is fed, what was not is in the socket.
+        if !handle.rest(&mut phase, Task::Reader).await {
+            return;
+        }
+        let max = limit;
         let read = async {
-            match limit.take() {
+            match max {
                 Some(max) => reader.read_at_most(&mut buf, max).await,
                 None => reader.read(&mut buf).await,
             }
         };
         // Once the channel is closed the socket goes (with the writer's
         // half), whether the peer sends more or not.
-        let Some(r) = or_closed(&mut closed, read).await else {
-            return;
+        let r = match or_stopped(&mut closed, &mut phase, read).await {
+            Stopped::Done(r) => r,
+            Stopped::Closed => return,
+            Stopped::Paused => continue,
         };
+        limit = None;
         let mut open = false;
-        let (mut done, mut pending, mut paused) = feed(&handle, &mut raised, &mut sink, |ch| {
+        let (mut done, mut pending, mut paused) = feed(handle, &mut raised, sink, |ch| {
             match r {
                 Ok(0) => ch.transport_closed("the peer closed the fabric connection"),
                 Ok(_) => {
@@ -335,11 +653,14 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
                 break;
             }
             let splice = reader.splice_into(&pipe, left.min(pipe.room()));
-            let Some(r) = or_closed(&mut closed, splice).await else {
-                return;
+            let r = match or_stopped(&mut closed, &mut phase, splice).await {
+                Stopped::Done(r) => r,
+                Stopped::Closed => return,
+                // The rest of the payload is read (or spliced) after the pause.
+                Stopped::Paused => break,
             };
             let mut read_instead = false;
-            (done, pending, paused) = feed(&handle, &mut raised, &mut sink, |ch| match r {
+            (done, pending, paused) = feed(handle, &mut raised, sink, |ch| match r {
                 Ok(Some(0)) => ch.transport_closed("the peer closed the fabric connection"),
                 Ok(Some(n)) => {
                     ch.payload_spliced(n);
@@ -352,7 +673,7 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
                 break;
             }
         }
-        if done || (paused && !wait_for_room(&handle).await) {
+        if done || (paused && !wait_for_room(handle, &mut phase).await) {
             return;
         }
     }
@@ -362,8 +683,9 @@ async fn read_loop<R: TransportRead>(handle: FabricHandle, mut reader: R, mut si
 /// output is over its limit, or too many requests wait for answers): a
 /// peer that does not read what its frames ask for (a Pong per Ping, an
 /// answer per request) is not read either, so what is queued for and
-/// from it stays bounded. False once the channel is closed.
-async fn wait_for_room(handle: &FabricHandle) -> bool {
+/// from it stays bounded. False once the channel is closed (or the
+/// channel was disowned while paused).
+async fn wait_for_room(handle: &FabricHandle, phase: &mut watch::Receiver<Tasks>) -> bool {
     use std::sync::atomic::Ordering;
     let waiting = &handle.shared.reader_waiting;
     tracing::debug!(
@@ -381,7 +703,14 @@ async fn wait_for_room(handle: &FabricHandle) -> bool {
             return !closed;
         }
         // A permit stored by a write or an answer in between is not lost.
-        handle.shared.drained.notified().await;
+        // Waiting here is a clean point too.
+        let paused = tokio::select! {
+            _ = handle.shared.drained.notified() => false,
+            _ = told_to_pause(phase) => true,
+        };
+        if paused && !handle.rest(phase, Task::Reader).await {
+            return false;
+        }
     }
 }
 
@@ -410,30 +739,48 @@ fn feed(
 /// flush what is queued (its `GoAway`) to a peer that does not read.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
-async fn write_loop<W: TransportWrite>(handle: FabricHandle, writer: W) {
+async fn write_loop<W: TransportWrite>(handle: FabricHandle, mut writer: W) {
     let mut closed = handle.shared.closed.subscribe();
     let linger = async {
         let _ = closed.wait_for(|c| *c).await;
         tokio::time::sleep(CLOSE_LINGER).await;
     };
     tokio::select! {
-        _ = write_all(&handle, writer) => {}
+        _ = write_all(&handle, &mut writer) => {}
         _ = linger => tracing::debug!("fabric peer does not read: output of a closed channel dropped"),
     }
+    if handle.phase() == Phase::Disowned {
+        // tokio's write halves shut the socket's write side on drop: the
+        // endpoint it moved to would lose its stream.
+        std::mem::forget(writer);
+    }
+    handle.ended(Task::Writer);
 }
 
-async fn write_all<W: TransportWrite>(handle: &FabricHandle, mut writer: W) {
+async fn write_all<W: TransportWrite>(handle: &FabricHandle, writer: &mut W) {
+    let mut phase = handle.shared.tasks.subscribe();
     loop {
-        handle.shared.wake_writer.notified().await;
+        // A clean point: between two pieces of output, the rest of which
+        // is still the channel's.
+        if !handle.rest(&mut phase, Task::Writer).await {
+            return;
+        }
+        tokio::select! {
+            _ = handle.shared.wake_writer.notified() => {}
+            _ = told_to_pause(&mut phase) => continue,
+        }
         // Let every task already woken in this pass of the event loop add
         // its frames first (tokio runs a task woken by a running task next,
         // so without this each relay's frame would go out in a write of its
         // own): one write, and one wake-up of the peer, per batch.
         to_the_back_of_the_run_queue().await;
         loop {
+            if handle.phase() != Phase::Running {
+                break;
+            }
             let (next, closed) = handle.with(|ch| (ch.poll_transmit(), ch.is_closed()));
             let written = match next {
-                Some(t) => Some(write_transmit(handle, &mut writer, t).await),
+                Some(t) => Some(write_transmit(handle, writer, t).await),
                 None => None,
             };
             if written.is_some() {
@@ -519,15 +866,28 @@ async fn to_the_back_of_the_run_queue() {
 /// ([`Channel::poll_timeout`]: the handshake's deadline, then its
 /// liveness checks), asking again when it opens or closes; ends once it
 /// asks no more (it is closed, or open without liveness).
+/// Paused, it tells the channel nothing, and the channel's clock stands
+/// still ([`Clock`]): a channel that heard nothing for the pause is not
+/// found dead for it.
 async fn timer_loop(handle: FabricHandle) {
-    while let Some(deadline) = handle.with(|ch| ch.poll_timeout()) {
+    let mut phase = handle.shared.tasks.subscribe();
+    while handle.rest(&mut phase, Task::Timer).await {
+        let Some(deadline) = handle.with(|ch| ch.poll_timeout()) else {
+            break;
+        };
+        let deadline = handle.clock().runtime_time(deadline);
         tokio::select! {
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                handle.with(|ch| ch.handle_timeout(tokio::time::Instant::now().into_std()));
+            _ = tokio::time::sleep_until(deadline) => {
+                if handle.phase() == Phase::Running {
+                    let now = handle.channel_time();
+                    handle.with(|ch| ch.handle_timeout(now));
+                }
             }
             _ = handle.shared.timer.notified() => {}
+            _ = told_to_pause(&mut phase) => {}
         }
     }
+    handle.ended(Task::Timer);
 }
 
 #[cfg(test)]
@@ -646,6 +1006,51 @@ mod tests {
             "at the deadline, not before"
         );
         assert!(server.with(|ch| ch.is_closed()));
+    }
+
+    /// Paused for ten times its peer timeout, an io-server channel is not
+    /// found dead: the timer does not run, and its clock stands still.
+    /// Running again, it pings the node as before and stays open.
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_channel_does_not_find_its_peer_silent() {
+        let ((sr, sw), (nr, nw)) = memory_pair();
+        let timeout = Duration::from_secs(3);
+        let config = ChannelConfig::new("t").liveness(Duration::from_secs(1), timeout);
+        let (server, mut server_ev) = spawn(Channel::io_server(config), sr, sw);
+        let node_ch = Channel::node(ChannelConfig::new("t").node("n1", 1));
+        let (node, mut node_ev) = spawn(node_ch, nr, nw);
+        assert!(matches!(
+            next(&mut server_ev).await,
+            Event::NodeAuthenticated { .. }
+        ));
+        server.with(|ch| ch.welcome(1));
+        assert!(matches!(next(&mut node_ev).await, Event::Welcome { .. }));
+
+        // Past a check that saw the node's last input (a Pong): the
+        // channel heard nothing since that check when it is paused.
+        tokio::time::sleep(Duration::from_millis(4500)).await;
+        server.set_phase(Phase::Frozen);
+        tokio::time::timeout(Duration::from_secs(1), server.at_rest())
+            .await
+            .expect("paused at once");
+        let before = server.channel_time();
+        // Paused time: the runtime's clock jumps, the channel's does not.
+        tokio::time::sleep(timeout * 10).await;
+        assert_eq!(server.channel_time(), before);
+        assert!(
+            server.with(|ch| ch.is_open()),
+            "not found dead while paused"
+        );
+
+        server.set_phase(Phase::Running);
+        let pings = node.with(|ch| ch.stats().pings_received);
+        tokio::time::sleep(timeout * 3).await;
+        assert!(server.with(|ch| ch.is_open()), "not found dead after");
+        assert!(
+            node.with(|ch| ch.stats().pings_received) > pings,
+            "the liveness pings go on"
+        );
+        assert!(server_ev.try_recv().is_err(), "no Closed");
     }
 
     /// A stranger that connects and sends nothing loses the connection at

@@ -26,7 +26,7 @@
 //! reader copies the payload instead.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{ready, Context, Poll};
 use tokio::io::Interest;
@@ -131,6 +131,49 @@ impl Pipe {
             capacity: capacity as usize,
             held: AtomicUsize::new(0),
         })
+    }
+
+    /// A pipe that moved from another endpoint as its two descriptors,
+    /// with `held` octets in it (an upgrade in place: the spliced payloads
+    /// the channel's output still counts on). Refused unless the
+    /// descriptors are the two ends of one pipe, holding exactly `held`
+    /// octets.
+    pub fn from_fds(read: OwnedFd, write: OwnedFd, held: usize) -> io::Result<Pipe> {
+        let (r, w) = (fifo(&read)?, fifo(&write)?);
+        if r != w {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the descriptors are not the ends of one pipe",
+            ));
+        }
+        // SAFETY: fcntl on a descriptor we own.
+        let capacity = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        if capacity <= 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let inside = unread(read.as_raw_fd())?;
+        if inside != held {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the pipe holds {inside} octets, not the {held} expected"),
+            ));
+        }
+        Ok(Pipe {
+            read,
+            write,
+            capacity: capacity as usize,
+            held: AtomicUsize::new(held),
+        })
+    }
+
+    /// The read end, then the write end.
+    pub fn fds(&self) -> (BorrowedFd<'_>, BorrowedFd<'_>) {
+        (self.read.as_fd(), self.write.as_fd())
+    }
+
+    /// Octets in the pipe.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
     }
 
     /// Octets that still fit (by count; the pipe may run out of page
@@ -297,6 +340,25 @@ pub fn unspliceable(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
     )
+}
+
+/// The identity (device, inode) of the pipe `fd` is an end of; an error
+/// if it is not a pipe's.
+fn fifo(fd: &OwnedFd) -> io::Result<(u64, u64)> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat fills the struct it is given on success.
+    if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstat succeeded, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    if st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a descriptor of the pipe is not a pipe",
+        ));
+    }
+    Ok((st.st_dev, st.st_ino))
 }
 
 /// Octets waiting to be read on socket `fd` (`SIOCINQ`).

@@ -27,13 +27,20 @@
 //! silence ([`Endpoint::sweep_quiet`], `quiet.rs`); one found past its
 //! limit is aborted with `ETIMEDOUT`.
 //!
+//! Upgrade in place (issue 19): a running endpoint is frozen at clean
+//! points ([`Endpoint::freeze`]), captured as data and duplicated
+//! descriptors ([`Endpoint::capture`]) and made again from that, in this
+//! process or another ([`Endpoint::resume`]); `freeze.rs`.
+//!
 //! Files: this one (the endpoint and its protocol calls), `router.rs` (the
 //! per-connection route table), `relay.rs` (the pumps and splicing), `io.rs`
 //! (the socket adapter and vectored writes), [`errno`] (the errno table),
-//! `preaccept.rs` (a client kept until its program accepts it) and
-//! `quiet.rs` (idle and half-closed timeouts).
+//! `preaccept.rs` (a client kept until its program accepts it),
+//! `quiet.rs` (idle and half-closed timeouts) and `freeze.rs` (freeze,
+//! capture and resume).
 
 pub mod errno;
+mod freeze;
 mod io;
 mod preaccept;
 mod quiet;
@@ -42,8 +49,12 @@ mod router;
 mod waiting;
 
 pub use errno::io_errno;
-pub use preaccept::{Replay, PRE_ACCEPT_MAX};
-pub use quiet::{Expiry, QuietLimits};
+pub use freeze::{
+    Capture, CaptureError, FreezeError, HeldEvent, PipeSnap, RelaySnap, ResumeError, Resumed,
+    RouterSnap, StartSnap,
+};
+pub use preaccept::{PreAcceptSnap, Replay, PRE_ACCEPT_MAX};
+pub use quiet::{Expiry, QuietLimits, QuietSnap};
 pub use relay::ProgramEnd;
 pub use router::EndpointEvent;
 pub use waiting::{Place, Waiting};
@@ -61,6 +72,7 @@ use router::{
     lock_router, route, Attached, Counters, Receive, Route, RouteSink, Router, Start, Track,
 };
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -124,6 +136,12 @@ pub struct Endpoint {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint").finish_non_exhaustive()
+    }
+}
+
 impl Endpoint {
     /// Starts the channel's driver and the router on the current runtime.
     pub fn spawn<R: TransportRead, W: TransportWrite>(
@@ -131,7 +149,19 @@ impl Endpoint {
         r: R,
         w: W,
     ) -> (Endpoint, mpsc::UnboundedReceiver<EndpointEvent>) {
-        let router = Arc::new(Mutex::new(Router::default()));
+        Endpoint::start(Router::default(), Arc::default(), |sink| {
+            driver::spawn_with_sink(channel, r, w, sink)
+        })
+    }
+
+    /// Starts the router with `router`'s state over the driver `driver`
+    /// starts; `unaccepted` counts the tracked connections in it.
+    fn start(
+        router: Router,
+        unaccepted: Arc<AtomicUsize>,
+        driver: impl FnOnce(RouteSink) -> (FabricHandle, mpsc::UnboundedReceiver<crate::channel::Event>),
+    ) -> (Endpoint, mpsc::UnboundedReceiver<EndpointEvent>) {
+        let router = Arc::new(Mutex::new(router));
         let (tx, rx) = mpsc::unbounded_channel();
         // The reader task routes what the peer sends itself (no hop through
         // the router task per frame); the router task gets the rest.
@@ -139,13 +169,13 @@ impl Endpoint {
             router: router.clone(),
             tx: tx.clone(),
         };
-        let (handle, events) = driver::spawn_with_sink(channel, r, w, sink);
+        let (handle, events) = driver(sink);
         tokio::spawn(route(router.clone(), events, tx));
         let ep = Endpoint {
             inner: Arc::new(Inner {
                 handle,
                 router,
-                unaccepted: Arc::default(),
+                unaccepted,
                 request_timeout: AtomicU64::new(0),
             }),
         };
@@ -387,9 +417,14 @@ impl Endpoint {
         let mut router = self.router();
         router.conns.remove(&conn);
         router.starts.remove(&conn);
+        router.resumed.remove(&conn);
+        let progress = router.progress.clone();
         self.inner
             .handle
             .with(|ch| ch.close_connection(conn, errno));
+        drop(router);
+        // A freeze waiting for this relay to end sees it gone.
+        progress.made();
     }
 
     /// io-server: reports an asynchronous error on `conn` (§2.3).
@@ -602,28 +637,30 @@ impl Endpoint {
         T: ReadySocket,
     {
         let span = tracing::debug_span!("relay", conn);
-        let a = match self.attach(conn, socket.is_some() && T::SPLICE_RECEIVED, swept) {
+        let fd = socket.map(|s| s.as_raw_fd());
+        let a = match self.attach(conn, fd, socket.is_some() && T::SPLICE_RECEIVED, swept) {
             Ok(a) => a,
             Err(start) => return Relayed::NotAttached { stream, start },
         };
-        let pre = a.pre.map(|p| Mutex::new(Some(p)));
+        let pre = relay::lock_pre(&a.counters.pre).is_some();
         let (rd, wr) = tokio::io::split(stream);
         let (end, rd, wr) = Pump {
             handle: self.handle(),
             conn,
             counters: &a.counters,
             socket,
-            pre: pre.as_ref(),
+            pre: pre.then_some(&a.counters.pre),
             program,
         }
         .run(rd, wr, a.inbound, &a.credit, a.abort)
         .instrument(span)
         .await;
+        let pre = relay::lock_pre(&a.counters.pre).take();
         Relayed::Ran {
             end,
             stream: rd.unsplit(wr),
             counters: a.counters,
-            pre: pre.and_then(|p| p.into_inner().unwrap_or_else(|e| e.into_inner())),
+            pre,
         }
     }
 
@@ -659,14 +696,21 @@ impl Endpoint {
     /// (with how the connection was to start, if it was announced so)
     /// for an unknown connection or a closed channel. `swept`: see
     /// [`Endpoint::run_relay`].
+    ///
+    /// A relay that attaches to a connection an upgrade in place carried
+    /// ([`Endpoint::resume`]) goes on with its counters, half-close and
+    /// pre-accept state; `socket`: the relay's socket, which a capture
+    /// moves.
     fn attach(
         &self,
         conn: ConnId,
+        socket: Option<RawFd>,
         splices: bool,
         swept: bool,
     ) -> Result<Attachment, Option<Start>> {
         let mut router = self.router();
         let start = router.starts.remove(&conn);
+        let resumed = router.resumed.remove(&conn);
         let (known, peer_window) = self
             .inner
             .handle
@@ -696,9 +740,19 @@ impl Endpoint {
             }
             None => (None, None),
         };
-        let counters = Arc::new(Counters {
-            track,
-            ..Counters::default()
+        let now = std::time::Instant::now();
+        let quiet = match &resumed {
+            Some(carried) => carried.quiet().map(|q| q.restore(now)),
+            None => swept.then(|| Quiet::new(now)),
+        };
+        let counters = Arc::new(match resumed {
+            Some(carried) => carried.counters(router.progress.clone()),
+            None => Counters {
+                track,
+                pre: Mutex::new(pre),
+                progress: router.progress.clone(),
+                ..Counters::default()
+            },
         });
         let mut attached = Attached {
             inbound: tx,
@@ -708,10 +762,11 @@ impl Endpoint {
                 true => Receive::Lazy,
                 false => Receive::Copy,
             },
-            quiet: swept.then(|| Quiet::new(std::time::Instant::now())),
+            quiet,
+            socket,
         };
         for ev in held {
-            attached.deliver(ev);
+            attached.deliver(ev, &counters);
         }
         router
             .conns
@@ -721,7 +776,6 @@ impl Endpoint {
             credit,
             abort: abort_rx,
             counters,
-            pre,
         })
     }
 }

@@ -66,6 +66,23 @@ pub enum Step {
     Finished,
 }
 
+/// A [`PreAccept`] as plain data ([`crate::endpoint::RelaySnap::pre`]):
+/// its fields, as they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreAcceptSnap {
+    /// Everything read from the client so far (a replay first).
+    pub kept: Bytes,
+    /// Of `kept`, octets sent on the connection.
+    pub sent: usize,
+    /// The client's FIN came after `kept`.
+    pub fin: bool,
+    pub fin_sent: bool,
+    /// The node's program accepted the connection.
+    pub accepted: bool,
+    /// Most octets kept.
+    pub cap: usize,
+}
+
 /// One connection's client octets, kept until the program accepts it.
 #[derive(Debug)]
 pub struct PreAccept {
@@ -155,6 +172,30 @@ impl PreAccept {
     #[cfg(test)]
     pub fn kept(&self) -> usize {
         self.kept.len()
+    }
+
+    /// A copy as plain data, for an upgrade in place.
+    pub fn snapshot(&self) -> PreAcceptSnap {
+        PreAcceptSnap {
+            kept: Bytes::copy_from_slice(&self.kept),
+            sent: self.sent,
+            fin: self.fin,
+            fin_sent: self.fin_sent,
+            accepted: self.accepted,
+            cap: self.cap,
+        }
+    }
+
+    /// The state `snap` was taken of.
+    pub fn restore(snap: &PreAcceptSnap) -> PreAccept {
+        PreAccept {
+            kept: BytesMut::from(&snap.kept[..]),
+            sent: snap.sent.min(snap.kept.len()),
+            fin: snap.fin,
+            fin_sent: snap.fin_sent,
+            accepted: snap.accepted,
+            cap: snap.cap,
+        }
     }
 
     /// Everything the client sent, for the next node.

@@ -53,7 +53,38 @@ pub(super) struct Quiet {
     since: Instant,
 }
 
+/// A relay's [`Quiet`] as plain data, its instant as an age
+/// ([`crate::endpoint::RelaySnap::quiet`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuietSnap {
+    /// Octets moved (both directions) at the last sweep that saw a change.
+    pub moved: u64,
+    /// Whether it was half-closed then.
+    pub half_closed: bool,
+    /// How long before the capture that sweep ran (or the relay began).
+    pub age: Duration,
+}
+
+impl QuietSnap {
+    /// The [`Quiet`] it was taken of, its age counted back from `now`.
+    pub(super) fn restore(&self, now: Instant) -> Quiet {
+        Quiet {
+            moved: self.moved,
+            half_closed: self.half_closed,
+            since: now.checked_sub(self.age).unwrap_or(now),
+        }
+    }
+}
+
 impl Quiet {
+    pub(super) fn snapshot(&self, now: Instant) -> QuietSnap {
+        QuietSnap {
+            moved: self.moved,
+            half_closed: self.half_closed,
+            age: now.saturating_duration_since(self.since),
+        }
+    }
+
     pub(super) fn new(now: Instant) -> Quiet {
         Quiet {
             moved: 0,
@@ -96,8 +127,15 @@ impl Endpoint {
     /// client gets a reset, the node a close with that errno) and
     /// returned with why. One pass over the route table under its lock;
     /// the relays themselves stamp nothing (`quiet.rs`).
+    ///
+    /// Nothing while the endpoint is frozen ([`Endpoint::freeze`]): its
+    /// relays are not to end then (an abortive end sets `SO_LINGER` on a
+    /// socket that may be moving to another endpoint).
     pub fn sweep_quiet(&self, now: Instant, limits: &QuietLimits) -> Vec<(ConnId, Expiry)> {
         let mut expired = Vec::new();
+        if self.handle().phase() != crate::driver::Phase::Running {
+            return expired;
+        }
         let mut router = self.router();
         for (&conn, route) in router.conns.iter_mut() {
             let Route::Relayed(attached, counters) = route else {

@@ -24,10 +24,9 @@ pub(super) struct Attachment {
     pub(super) inbound: mpsc::UnboundedReceiver<ConnEvent>,
     pub(super) credit: Arc<Notify>,
     pub(super) abort: oneshot::Receiver<i32>,
+    /// Its counters, with what it keeps before its program accepts it
+    /// ([`Counters::pre`]).
     pub(super) counters: Arc<Counters>,
-    /// io-server: the connection starts with a replay, or is kept until
-    /// the node's program accepts it.
-    pub(super) pre: Option<PreAccept>,
 }
 
 /// What [`Endpoint::run_relay`] did.
@@ -112,8 +111,9 @@ impl<T: ReadySocket> Pump<'_, T> {
         credit: &Notify,
         mut abort: oneshot::Receiver<i32>,
     ) -> (End, tokio::io::ReadHalf<S>, tokio::io::WriteHalf<S>) {
-        let up_done = AtomicBool::new(false);
-        let fin_seen = AtomicBool::new(false);
+        // A relay carried by an upgrade in place goes on from where it was.
+        let up_done = AtomicBool::new(self.counters.fin_sent.load(Ordering::Relaxed));
+        let fin_seen = AtomicBool::new(self.counters.fin_written.load(Ordering::Relaxed));
         let end = {
             let up = self.upstream(&mut rd, credit);
             let down = self.downstream(&mut wr, &mut inbound, &up_done, &fin_seen);
@@ -184,7 +184,7 @@ impl<T: ReadySocket> Pump<'_, T> {
             let chunk = std::future::poll_fn(|cx| {
                 if let (true, Some(socket), Some(pipe)) = (bulk, self.socket, handle.pipe()) {
                     if pipe.room() >= SPLICE_MIN {
-                        match poll_splice(cx, handle, conn, window, socket, pipe) {
+                        match poll_splice(cx, handle, self.counters, conn, window, socket, pipe) {
                             Poll::Ready(Some(r)) => return Poll::Ready(r),
                             Poll::Pending => return Poll::Pending,
                             // The pipe is full: copy this read.
@@ -193,7 +193,7 @@ impl<T: ReadySocket> Pump<'_, T> {
                     }
                 }
                 // Only this task sends on `conn`, so the window still holds.
-                poll_read_frame(cx, handle, conn, window, &mut *rd, |_| {})
+                poll_read_frame(cx, handle, self.counters, conn, window, &mut *rd, |_| {})
             })
             .await?;
             match chunk {
@@ -201,15 +201,10 @@ impl<T: ReadySocket> Pump<'_, T> {
                     if self.program.is_some_and(|p| p.closed_abortively()) {
                         return Err(io::Error::from_raw_os_error(errno::ECONNRESET));
                     }
-                    let _ = handle.with(|ch| ch.send_fin(conn));
+                    self.send_fin();
                     return Ok(());
                 }
-                Chunk::Sent(n) => {
-                    bulk = n >= SPLICE_MIN;
-                    self.counters
-                        .bytes_in
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                }
+                Chunk::Sent(n) => bulk = n >= SPLICE_MIN,
                 // The connection is going away; the other direction ends the relay.
                 Chunk::Refused => std::future::pending::<()>().await,
             }
@@ -251,28 +246,35 @@ impl<T: ReadySocket> Pump<'_, T> {
                     let sent = {
                         let mut g = lock_pre(pre);
                         let p = g.as_mut().expect("pre-accept state");
-                        let r = handle.with(|ch| ch.send_message(conn, &p.unsent()[..n]));
+                        // Counted under the channel's lock, and the copy's
+                        // count under its own: a capture sees all of it.
+                        let r = handle.with(|ch| {
+                            let r = ch.send_message(conn, &p.unsent()[..n]);
+                            if let Ok(k) = r {
+                                self.counters
+                                    .bytes_in
+                                    .fetch_add(k as u64, Ordering::Relaxed);
+                            }
+                            r
+                        });
                         if let Ok(k) = r {
                             p.sent(k);
                         }
                         r
                     };
-                    match sent {
-                        Ok(k) => {
-                            self.counters
-                                .bytes_in
-                                .fetch_add(k as u64, Ordering::Relaxed);
-                        }
-                        Err(_) => std::future::pending::<()>().await,
+                    if sent.is_err() {
+                        std::future::pending::<()>().await;
                     }
                 }
                 Step::Fin => {
+                    // Under the copy's lock: a capture sees the FIN sent
+                    // in both or in neither.
                     let mut g = lock_pre(pre);
                     if let Some(p) = g.as_mut() {
                         p.fin_sent();
                     }
+                    self.send_fin();
                     drop(g);
-                    let _ = handle.with(|ch| ch.send_fin(conn));
                     return Ok(true);
                 }
                 Step::Finished => return Ok(true),
@@ -286,7 +288,7 @@ impl<T: ReadySocket> Pump<'_, T> {
                 Step::Read(limit) => {
                     let read = std::future::poll_fn(|cx| {
                         // Kept in the poll that reads it.
-                        poll_read_frame(cx, handle, conn, limit, &mut *rd, |read| {
+                        poll_read_frame(cx, handle, self.counters, conn, limit, &mut *rd, |read| {
                             if let Some(p) = lock_pre(pre).as_mut() {
                                 p.read(read);
                             }
@@ -305,16 +307,22 @@ impl<T: ReadySocket> Pump<'_, T> {
                                 p.eof();
                             }
                         }
-                        Chunk::Sent(n) => {
-                            self.counters
-                                .bytes_in
-                                .fetch_add(n as u64, Ordering::Relaxed);
-                        }
+                        Chunk::Sent(_) => {}
                         Chunk::Refused => std::future::pending::<()>().await,
                     }
                 }
             }
         }
+    }
+
+    /// The stream's end of file goes out as a Fin. Marked in the same
+    /// hold of the channel's lock, so that a relay carried by an upgrade
+    /// in place knows it has nothing more to read.
+    fn send_fin(&self) {
+        self.handle.with(|ch| {
+            let _ = ch.send_fin(self.conn);
+            self.counters.fin_sent.store(true, Ordering::Relaxed);
+        });
     }
 
     /// Connection -> stream: each Data is written fully, then credited.
@@ -356,6 +364,7 @@ impl<T: ReadySocket> Pump<'_, T> {
                     self.counters
                         .bytes_out
                         .fetch_add(n as u64, Ordering::Relaxed);
+                    self.counters.handled(batch.len());
                 }
                 Some(ConnEvent::Spliced(len, pipe)) => {
                     let socket = self.socket.ok_or(io::ErrorKind::Unsupported)?;
@@ -365,6 +374,7 @@ impl<T: ReadySocket> Pump<'_, T> {
                     self.counters
                         .bytes_out
                         .fetch_add(len as u64, Ordering::Relaxed);
+                    self.counters.handled(1);
                 }
                 Some(ConnEvent::Fin) => {
                     // Half-closed from here (before the stream can see
@@ -372,6 +382,7 @@ impl<T: ReadySocket> Pump<'_, T> {
                     self.counters.fin_written.store(true, Ordering::Relaxed);
                     wr.shutdown().await?;
                     fin_seen.store(true, Ordering::Relaxed);
+                    self.counters.handled(1);
                     if up_done.load(Ordering::Relaxed) {
                         return Ok(DownEnd::Finished);
                     }
@@ -390,10 +401,13 @@ impl<T: ReadySocket> Pump<'_, T> {
 /// no buffer of the relay's own. `keep` sees what was read. The read runs
 /// under the channel's lock (one non-blocking `recv`): the frame then
 /// rejoins the output buffer where it was lent, with no copy, whatever
-/// other relays queue meanwhile.
+/// other relays queue meanwhile. What was sent is counted in `counters`
+/// in the same hold of the lock, so a frozen channel's relays are
+/// counted to the octet.
 pub(super) fn poll_read_frame<R: AsyncRead + Unpin>(
     cx: &mut Context<'_>,
     handle: &FabricHandle,
+    counters: &Counters,
     conn: ConnId,
     max: usize,
     rd: &mut R,
@@ -408,6 +422,7 @@ pub(super) fn poll_read_frame<R: AsyncRead + Unpin>(
             keep(r.payload());
         }
         let n = ch.commit(r)?;
+        counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
         Ok::<_, CallError>(Some((n, read)))
     });
     Poll::Ready(Ok(match sent {
@@ -426,6 +441,7 @@ pub(super) fn poll_read_frame<R: AsyncRead + Unpin>(
 pub(super) fn poll_splice(
     cx: &mut Context<'_>,
     handle: &FabricHandle,
+    counters: &Counters,
     conn: ConnId,
     window: usize,
     socket: &impl ReadySocket,
@@ -442,7 +458,8 @@ pub(super) fn poll_splice(
                 return Ok(None);
             };
             let filled = pipe.fill(fd, r.room());
-            ch.commit_spliced(r, *filled.as_ref().unwrap_or(&0))?;
+            let n = ch.commit_spliced(r, *filled.as_ref().unwrap_or(&0))?;
+            counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
             Ok::<_, CallError>(Some(filled))
         });
         match sent {

@@ -7,7 +7,7 @@
 //! reads ([`RouteSink`]); the router task routes the rest ([`route`]).
 
 use super::errno;
-use super::preaccept::Replay;
+use super::preaccept::{PreAccept, Replay};
 use super::quiet::Quiet;
 use super::waiting::Place;
 use crate::channel::{ChannelError, Event};
@@ -17,6 +17,7 @@ use crate::splice::ReceivePipe;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -79,6 +80,9 @@ pub(super) struct Attached {
     /// io-server's client connections: what the idle sweeps saw of it
     /// ([`Endpoint::sweep_quiet`](super::Endpoint::sweep_quiet)).
     pub(super) quiet: Option<Quiet>,
+    /// The relay's socket, where it has one: what an upgrade in place
+    /// moves ([`super::Capture`]).
+    pub(super) socket: Option<RawFd>,
 }
 
 /// How payloads from the fabric reach a relay's socket.
@@ -106,7 +110,9 @@ impl Attached {
         }
     }
 
-    pub(super) fn deliver(&mut self, ev: ConnEvent) {
+    /// Hands `ev` to the relay, counting it in `counters` until the
+    /// relay has written it through ([`Counters::queued`]).
+    pub(super) fn deliver(&mut self, ev: ConnEvent, counters: &Counters) {
         match ev {
             ConnEvent::Credit => self.credit.notify_one(),
             ConnEvent::Closed(e) if e != 0 => {
@@ -115,6 +121,7 @@ impl Attached {
                 }
             }
             ev => {
+                counters.queued.fetch_add(1, Ordering::AcqRel);
                 let _ = self.inbound.send(ev);
             }
         }
@@ -131,9 +138,30 @@ pub(super) struct Counters {
     pub(super) fin_written: AtomicBool,
     /// io-server: kept for re-dispatch until the node's program accepts it.
     pub(super) track: Option<Arc<Track>>,
+    /// The stream's end of file went out as a Fin: nothing more is read
+    /// from it.
+    pub(super) fin_sent: AtomicBool,
+    /// Events handed to the relay and not yet written through (all of
+    /// them once it is 0: the relay's state is all in the router).
+    pub(super) queued: AtomicUsize,
+    /// io-server: the replay to send first, and the client's octets kept
+    /// until the node's program accepts the connection (`None` once that
+    /// is over, or for a connection that never had them). Here rather
+    /// than in the relay's task, so that a frozen endpoint can copy it.
+    pub(super) pre: Mutex<Option<PreAccept>>,
+    /// The router's [`Router::progress`].
+    pub(super) progress: Arc<Progress>,
 }
 
 impl Counters {
+    /// The relay wrote `n` of its queued events through.
+    pub(super) fn handled(&self, n: usize) {
+        // Sequentially consistent with the freeze's flag and its look at
+        // the counts: one of the two sees the other.
+        self.queued.fetch_sub(n, Ordering::SeqCst);
+        self.progress.made();
+    }
+
     /// Whether the node's program accepted the connection (always, for
     /// one not tracked).
     pub(super) fn accepted(&self) -> bool {
@@ -218,6 +246,28 @@ pub(super) struct Router {
     /// io-server: the node's latest weight not taken yet
     /// ([`EndpointEvent::WeightChanged`]).
     pub(super) weight: Option<u32>,
+    /// Relayed connections carried by an upgrade in place
+    /// ([`super::Endpoint::resume`]) whose relay has not attached again.
+    pub(super) resumed: HashMap<ConnId, super::freeze::Carried>,
+    /// What a freeze waits on ([`super::Endpoint::freeze`]).
+    pub(super) progress: Arc<Progress>,
+}
+
+/// Relays writing their events through, or ending, while a freeze waits
+/// for them. Told only while one waits: a relay's write costs no lock.
+#[derive(Debug, Default)]
+pub(super) struct Progress {
+    pub(super) waiting: AtomicBool,
+    pub(super) notify: Notify,
+}
+
+impl Progress {
+    /// A relay wrote events through, or ended.
+    pub(super) fn made(&self) {
+        if self.waiting.load(Ordering::SeqCst) {
+            self.notify.notify_waiters();
+        }
+    }
 }
 
 impl Router {
@@ -232,7 +282,7 @@ impl Router {
                 if let (Some(t), ConnEvent::Data(_)) = (&c.track, &ev) {
                     program_wrote(t, a);
                 }
-                a.deliver(ev);
+                a.deliver(ev, c);
                 true
             }
             Some(Route::Held(q)) => {
@@ -351,7 +401,7 @@ pub(super) fn route_one(
                     program_wrote(t, a);
                 }
                 if let Some(pipe) = a.receive_pipe() {
-                    a.deliver(ConnEvent::Spliced(len, pipe));
+                    a.deliver(ConnEvent::Spliced(len, pipe), c);
                 }
             }
             None
@@ -395,8 +445,8 @@ pub(super) fn route_one(
             router.closed = Some(error.to_string());
             router.pending.clear();
             for (_, route) in router.conns.drain() {
-                if let Route::Relayed(mut a, _) = route {
-                    a.deliver(ConnEvent::Closed(errno::ECONNABORTED));
+                if let Route::Relayed(mut a, c) = route {
+                    a.deliver(ConnEvent::Closed(errno::ECONNABORTED), &c);
                 }
             }
             drop(router);

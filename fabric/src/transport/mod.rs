@@ -17,6 +17,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
@@ -80,6 +81,12 @@ pub trait TransportWrite: Send + 'static {
         _len: usize,
     ) -> impl Future<Output = io::Result<()>> + Send {
         async { Err(io::ErrorKind::Unsupported.into()) }
+    }
+    /// The socket under the transport (a `unix:` or `tcp://` one), which
+    /// an upgrade in place moves to another endpoint
+    /// ([`crate::endpoint::Capture`]); `None`: nothing that can move.
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
     }
 }
 
@@ -238,6 +245,13 @@ impl TransportWrite for StreamWriter {
             Writer::Unix(w) => pipe.drain_into(AsRef::<UnixStream>::as_ref(w), len).await,
             Writer::Tcp(w) => pipe.drain_into(AsRef::<TcpStream>::as_ref(w), len).await,
             _ => Err(io::ErrorKind::Unsupported.into()),
+        }
+    }
+    fn raw_fd(&self) -> Option<RawFd> {
+        match &self.0 {
+            Writer::Unix(w) => Some(AsRef::<UnixStream>::as_ref(w).as_raw_fd()),
+            Writer::Tcp(w) => Some(AsRef::<TcpStream>::as_ref(w).as_raw_fd()),
+            _ => None,
         }
     }
     async fn shutdown(&mut self) -> io::Result<()> {
