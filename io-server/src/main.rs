@@ -131,6 +131,17 @@ fn upgrade(
     }
 }
 
+/// This program's path and its arguments without a trailing `upgrade`
+/// (the subcommand of the process that took over): the daemon's settings.
+fn own_command_line() -> std::io::Result<(PathBuf, Vec<std::ffi::OsString>)> {
+    let program = std::env::current_exe()?;
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if args.last().is_some_and(|a| a == "upgrade") {
+        args.pop();
+    }
+    Ok((program, args))
+}
+
 /// What the new daemon wrote on `fd` before closing it, or within `bound`.
 fn read_word(fd: std::os::fd::OwnedFd, bound: Duration) -> String {
     use std::io::Read;
@@ -180,6 +191,16 @@ async fn serve(config: Config, word: Option<std::os::fd::OwnedFd>) -> anyhow::Re
             n.notify(states)
         }
     };
+    // Handlers first: a signal that comes while the listeners are being
+    // bound or taken over must not find the default action (SIGHUP and
+    // SIGUSR2 would end the process).
+    let signal = |kind: SignalKind, name: &str| {
+        tokio::signal::unix::signal(kind)
+            .map_err(|e| anyhow::anyhow!("cannot install the {name} handler: {e}"))
+    };
+    let mut term = signal(SignalKind::terminate(), "SIGTERM")?;
+    let mut hup = signal(SignalKind::hangup(), "SIGHUP")?;
+    let mut usr2 = signal(SignalKind::user_defined2(), "SIGUSR2")?;
     let tell = |word: Option<std::os::fd::OwnedFd>, text: String| {
         if let Some(fd) = word {
             use std::io::Write;
@@ -212,12 +233,19 @@ async fn serve(config: Config, word: Option<std::os::fd::OwnedFd>) -> anyhow::Re
     if let Some(n) = &notifier {
         server.set_notifier(n.clone());
     }
-    let signal = |kind: SignalKind, name: &str| {
-        tokio::signal::unix::signal(kind)
-            .map_err(|e| anyhow::anyhow!("cannot install the {name} handler: {e}"))
+    // SIGUSR2 runs `io-server [these settings] upgrade` through a launcher
+    // made before the sandbox.
+    let launcher = match own_command_line() {
+        Ok((program, args)) => upgrade::launcher(&program, &args)
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "no upgrade launcher: SIGUSR2 does nothing"),
+            )
+            .ok(),
+        Err(e) => {
+            tracing::warn!(error = %e, "no upgrade launcher: SIGUSR2 does nothing");
+            None
+        }
     };
-    let mut term = signal(SignalKind::terminate(), "SIGTERM")?;
-    let mut hup = signal(SignalKind::hangup(), "SIGHUP")?;
     if sandbox {
         // Everything is bound and open: from here the io-server's threads
         // make only the calls of their allow-list (docs/io-server.md,
@@ -261,6 +289,14 @@ async fn serve(config: Config, word: Option<std::os::fd::OwnedFd>) -> anyhow::Re
                 r.map_err(|e| anyhow::anyhow!("cannot install the SIGINT handler: {e}"))?;
                 tracing::info!("SIGINT: graceful shutdown");
                 break;
+            }
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: starting `io-server upgrade`");
+                if let Some(fd) = &launcher {
+                    if let Err(e) = nix::unistd::write(fd, &[1]) {
+                        tracing::warn!(error = %e, "SIGUSR2: the upgrade launcher is gone");
+                    }
+                }
             }
             _ = hup.recv() => {
                 // Nothing changes in place: a new process with new settings

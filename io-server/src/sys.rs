@@ -341,6 +341,81 @@ pub(crate) fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// Starts the upgrade launcher (`SIGUSR2`): a child forked before the
+/// sandbox, which the sandbox never reaches, that runs `argv` (the
+/// io-server's own command line with `upgrade`) once for each octet
+/// written to the returned pipe, waiting for each run to end, and exits
+/// when the pipe's write end closes (this process is gone). It keeps
+/// nothing of this process but the pipe and the standard descriptors, and
+/// dies with it (`PR_SET_PDEATHSIG`).
+pub(crate) fn spawn_launcher(argv: &[std::ffi::CString]) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both are new descriptors owned here.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: fork in a multi-threaded process: the child makes only raw
+    // async-signal-safe calls on data prepared before the fork (`ptrs`).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: as above; the child never returns.
+        unsafe {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            let rfd = r.as_raw_fd();
+            if libc::dup2(rfd, 3) < 0 {
+                libc::_exit(1);
+            }
+            libc::syscall(
+                libc::SYS_close_range,
+                4 as libc::c_uint,
+                libc::c_uint::MAX,
+                0,
+            );
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            loop {
+                let mut b = [0u8; 1];
+                let n = libc::read(3, b.as_mut_ptr().cast(), 1);
+                if n < 0 && *libc::__errno_location() == libc::EINTR {
+                    continue;
+                }
+                if n <= 0 {
+                    libc::_exit(0);
+                }
+                let child = libc::fork();
+                if child == 0 {
+                    libc::close(3);
+                    libc::execv(ptrs[0], ptrs.as_ptr());
+                    libc::_exit(127);
+                }
+                if child > 0 {
+                    let mut status = 0;
+                    while libc::waitpid(child, &mut status, 0) < 0
+                        && *libc::__errno_location() == libc::EINTR
+                    {}
+                }
+            }
+        }
+    }
+    drop(r);
+    Ok(w)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -314,6 +314,73 @@ fn a_new_process_that_dies_at_any_step_before_the_commit_leaves_the_old_one_serv
     assert!(d.join("saps.sock").exists());
 }
 
+/// The live processes whose command line holds `needle` and ends with
+/// `upgrade` and that lead their own session: the processes that took
+/// over.
+fn taken_over_by(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a.contains(needle)) && args.last().is_some_and(|a| a == "upgrade") {
+            pids.push(pid);
+        }
+    }
+    // Only the daemons, each the leader of its own session (`setsid`): not
+    // the command that forked one, nor a daemon's launcher (forks with the
+    // same command line).
+    let session = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(") ")?.1.split(' ').nth(3)?.parse().ok()
+    };
+    pids.retain(|&p| session(p) == Some(p));
+    pids
+}
+
+#[test]
+fn sigusr2_upgrades_as_the_command_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let s = Settings::new(d);
+    let mut io = Proc::spawn(&mut s.command());
+    assert!(wait_for(Duration::from_secs(20), || io_server_status(d)).is_some());
+    let daemon = Daemon(std::sync::Mutex::new(0));
+    for k in 1..=2u64 {
+        let old = if k == 1 { io.pid() } else { daemon.pid() };
+        // SAFETY: kill(2) on the daemon this test started.
+        unsafe { libc::kill(old, libc::SIGUSR2) };
+        let needle = d.join("control.sock").display().to_string();
+        let new = wait_for(Duration::from_secs(30), || {
+            let pids: Vec<i32> = taken_over_by(&needle)
+                .into_iter()
+                .filter(|&p| p != old)
+                .collect();
+            (s.metric("saps_upgrades_total") == Some(k) && pids.len() == 1).then(|| pids[0])
+        });
+        let new = new.unwrap_or_else(|| panic!("SIGUSR2 {k}: no takeover: {}", io.stderr()));
+        daemon.set(new);
+        let gone = if k == 1 {
+            io.wait_timeout(Duration::from_secs(20)).map(drop)
+        } else {
+            wait_for(Duration::from_secs(20), || (!alive(old)).then_some(()))
+        };
+        assert!(
+            gone.is_some(),
+            "SIGUSR2 {k}: the old process {old} is still there"
+        );
+        assert!(io_server_status(d).is_some());
+    }
+}
+
 /// One notification and the pid that sent it (`SO_PASSCRED`).
 fn notification(rx: &UnixDatagram) -> (String, i32) {
     use nix_free::recv_with_pid;
