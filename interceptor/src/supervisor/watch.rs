@@ -70,20 +70,15 @@ fn parse_fdinfo(text: &str) -> HashSet<Inode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::supervisor::objects::inode_of;
     use std::os::fd::AsFd;
-    use std::os::unix::fs::MetadataExt;
-
-    fn inode(l: &std::net::TcpListener) -> Inode {
-        let path = format!("/proc/self/fd/{}", l.as_raw_fd());
-        std::fs::metadata(path).unwrap().ino()
-    }
 
     #[test]
     fn a_socket_is_open_until_its_last_reference_closes() {
         let _forks = crate::maker::fork_lock();
         let w = Watch::new();
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let ino = inode(&l);
+        let ino = inode_of(&l).unwrap();
         assert!(w.add(l.as_fd(), ino));
         assert!(w.open().unwrap().contains(&ino));
         let other = l.try_clone().unwrap();

@@ -122,6 +122,16 @@ struct Conn {
     node_relay: JoinHandle<RelayOutcome>,
 }
 
+impl Conn {
+    /// Waits for both ends and both relays, and checks every octet.
+    async fn finished(self) {
+        joined(self.ends).await;
+        let server = joined(self.server_relay).await;
+        let node = joined(self.node_relay).await;
+        outcomes(self.conn, self.up, self.down, server, node);
+    }
+}
+
 /// Relays one client connection carrying `up` octets to the program and
 /// `down` back (seeded by `seed`); the writer of a bulk direction waits
 /// for `gate` halfway.
@@ -410,10 +420,7 @@ async fn a_frozen_endpoint_resumed_from_duplicated_descriptors_loses_no_octet() 
     }
 
     let late = connect(&mut p, &listener, 7, SMALL, SMALL, &gate).await;
-    joined(late.ends).await;
-    let server = joined(late.server_relay).await;
-    let node = joined(late.node_relay).await;
-    outcomes(late.conn, late.up, late.down, server, node);
+    late.finished().await;
 }
 
 /// Going back: the same freeze, a capture made and dropped, then
@@ -451,10 +458,7 @@ async fn a_frozen_endpoint_unfrozen_loses_no_octet() {
         .expect("the streams end in time");
     assert!(cycles > 0);
     for c in conns {
-        joined(c.ends).await;
-        let server = joined(c.server_relay).await;
-        let node = joined(c.node_relay).await;
-        outcomes(c.conn, c.up, c.down, server, node);
+        c.finished().await;
     }
 }
 
