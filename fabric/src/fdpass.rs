@@ -21,6 +21,8 @@
 //! Both calls block, at most for their timeout: whatever the socket's mode,
 //! they wait with `poll(2)` (`MSG_DONTWAIT` on every call).
 //! After an error the transfer is broken: the upgrade fails as a whole.
+//! [`send_message`] and [`recv_message`] carry the single messages
+//! around a transfer, bounded the same way.
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
@@ -299,6 +301,51 @@ fn recv_one<const ROOM: usize>(
     }
 }
 
+/// One message on a `SOCK_SEQPACKET` socket, within `timeout`.
+pub fn send_message(sock: BorrowedFd<'_>, msg: &[u8], timeout: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+        match so::send(sock.as_raw_fd(), msg, flags) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => wait(sock, PollFlags::POLLOUT, deadline)?,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// One message of at most `max` octets on a `SOCK_SEQPACKET` socket,
+/// within `timeout`: `UnexpectedEof` once the peer has closed its end,
+/// `InvalidData` for a longer message, `TimedOut` past the timeout.
+pub fn recv_message(sock: BorrowedFd<'_>, max: usize, timeout: Duration) -> io::Result<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; max + 1];
+    loop {
+        match so::recv(sock.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed its end",
+                ))
+            }
+            Ok(n) if n > max => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("a message longer than {max} octets"),
+                ))
+            }
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => wait(sock, PollFlags::POLLIN, deadline)?,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Waits until `sock` is ready for `what`, at most until `deadline`.
 fn wait(sock: BorrowedFd<'_>, what: PollFlags, deadline: Instant) -> io::Result<()> {
     let left = deadline.saturating_duration_since(Instant::now());
@@ -307,7 +354,7 @@ fn wait(sock: BorrowedFd<'_>, what: PollFlags, deadline: Instant) -> io::Result<
     match nix::poll::poll(&mut fds, ms) {
         Ok(0) if left.is_zero() || Instant::now() >= deadline => Err(io::Error::new(
             io::ErrorKind::TimedOut,
-            "the descriptor transfer's peer did not answer in time",
+            "the peer did not answer in time",
         )),
         Ok(_) | Err(Errno::EINTR) => Ok(()),
         Err(e) => Err(e.into()),

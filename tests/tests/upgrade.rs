@@ -52,6 +52,16 @@ impl Settings {
         ]
     }
 
+    /// The daemon with these settings (and `env`), once `status` answers.
+    fn start(&self, env: &[(&str, &str)]) -> Proc {
+        let mut cmd = self.command();
+        cmd.envs(env.iter().copied());
+        let io = Proc::spawn(&mut cmd);
+        let up = wait_for(Duration::from_secs(20), || io_server_status(&self.dir));
+        assert!(up.is_some(), "io-server did not start: {}", io.stderr());
+        io
+    }
+
     fn command(&self) -> Command {
         let mut c = Command::new(bin("io-server"));
         c.args(self.args());
@@ -132,9 +142,7 @@ fn ten_upgrades_keep_every_listener_serving_and_refuse_no_client() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let s = Settings::new(d);
-    let mut first = Proc::spawn(&mut s.command());
-    let up = wait_for(Duration::from_secs(20), || io_server_status(d));
-    assert!(up.is_some(), "io-server did not start: {}", first.stderr());
+    let mut first = s.start(&[]);
     let daemon = Daemon(std::sync::Mutex::new(first.pid()));
 
     // Clients of the metrics listener, one after another, all along.
@@ -251,8 +259,7 @@ fn a_state_version_the_running_io_server_cannot_read_is_refused_and_it_serves_on
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let s = Settings::new(d);
-    let mut io = Proc::spawn(&mut s.command());
-    assert!(wait_for(Duration::from_secs(20), || io_server_status(d)).is_some());
+    let mut io = s.start(&[]);
     let (code, out, err) = s.upgrade(&[("SAPS_TEST_STATE_VERSION", "999")]);
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(
@@ -290,8 +297,7 @@ fn a_new_process_that_dies_at_any_step_before_the_commit_leaves_the_old_one_serv
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let s = Settings::new(d);
-    let mut io = Proc::spawn(&mut s.command());
-    assert!(wait_for(Duration::from_secs(20), || io_server_status(d)).is_some());
+    let mut io = s.start(&[]);
     for point in ["request", "state", "fds", "prepared"] {
         let (code, out, err) = s.upgrade(&[("SAPS_TEST_UPGRADE_FAIL_AT", point)]);
         assert_eq!(code, Some(1), "{point}: {out}{err}");
@@ -351,8 +357,7 @@ fn sigusr2_upgrades_as_the_command_does() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let s = Settings::new(d);
-    let mut io = Proc::spawn(&mut s.command());
-    assert!(wait_for(Duration::from_secs(20), || io_server_status(d)).is_some());
+    let mut io = s.start(&[]);
     let daemon = Daemon(std::sync::Mutex::new(0));
     for k in 1..=2u64 {
         let old = if k == 1 { io.pid() } else { daemon.pid() };
@@ -455,9 +460,7 @@ fn systemd_hears_reloading_and_mainpid_from_the_old_process_then_ready_from_the_
     };
     assert_eq!(r, 0);
     let env = [("NOTIFY_SOCKET", socket.to_str().unwrap())];
-    let mut cmd = s.command();
-    cmd.envs(env);
-    let mut io = Proc::spawn(&mut cmd);
+    let mut io = s.start(&env);
     let (ready, pid) = notification(&rx);
     assert!(ready.starts_with("READY=1\n"), "{ready:?}");
     assert_eq!(pid, io.pid());

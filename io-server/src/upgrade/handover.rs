@@ -278,7 +278,7 @@ async fn hand_over(
 fn capture(server: &ServerState) -> Result<(Envelope, Vec<OwnedFd>), String> {
     let now = Instant::now();
     let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map_err(|e| format!("dup: {e}"));
-    let (tables, mut blob, mut fds) = {
+    let (tables, blob, mut fds) = {
         let st = server.lock();
         let mut capture = Capture::default();
         let groups = st.groups.snapshot(now, &mut capture);
@@ -310,8 +310,7 @@ fn capture(server: &ServerState) -> Result<(Envelope, Vec<OwnedFd>), String> {
         listeners,
     };
     let fd_count = u32::try_from(fds.len()).map_err(|_| "too many descriptors".to_string())?;
-    let envelope =
-        Envelope::seal(&state, std::mem::take(&mut blob), fd_count).map_err(|e| e.to_string())?;
+    let envelope = Envelope::seal(&state, blob, fd_count).map_err(|e| e.to_string())?;
     Ok((envelope, fds))
 }
 
@@ -605,56 +604,24 @@ fn tcp_listener(fd: OwnedFd) -> Result<tokio::net::TcpListener, String> {
 
 // ---- the pair's messages ---------------------------------------------------
 
-/// One message on a `SOCK_SEQPACKET` socket, within `timeout`.
+/// `fdpass::send_message`, its error as text.
 fn send_message(sock: BorrowedFd<'_>, msg: &[u8], timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match so::send(
-            sock.as_raw_fd(),
-            msg,
-            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
-        ) {
-            Ok(_) => return Ok(()),
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(nix::errno::Errno::EAGAIN) => ready(sock, nix::poll::PollFlags::POLLOUT, deadline)?,
-            Err(e) => return Err(format!("{GONE} ({e})")),
-        }
-    }
+    fdpass::send_message(sock, msg, timeout).map_err(|e| said(&e))
 }
 
-/// One message of at most `max` octets, within `timeout`.
+/// `fdpass::recv_message`, its error as text.
 fn recv_message(sock: BorrowedFd<'_>, max: usize, timeout: Duration) -> Result<Vec<u8>, String> {
-    let deadline = Instant::now() + timeout;
-    let mut buf = vec![0u8; max + 1];
-    loop {
-        match so::recv(sock.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
-            Ok(0) => return Err(GONE.into()),
-            Ok(n) if n > max => return Err(format!("a message longer than {max} octets")),
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(buf);
-            }
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(nix::errno::Errno::EAGAIN) => ready(sock, nix::poll::PollFlags::POLLIN, deadline)?,
-            Err(e) => return Err(format!("{GONE} ({e})")),
-        }
-    }
+    fdpass::recv_message(sock, max, timeout).map_err(|e| said(&e))
 }
 
-fn ready(
-    sock: BorrowedFd<'_>,
-    what: nix::poll::PollFlags,
-    deadline: Instant,
-) -> Result<(), String> {
-    use nix::poll::{poll, PollFd, PollTimeout};
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err("the other process did not answer within --upgrade-timeout".into());
-    }
-    let ms = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
-    let mut fds = [PollFd::new(sock, what)];
-    match poll(&mut fds, ms) {
-        Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
-        Err(e) => Err(format!("poll: {e}")),
+/// The other process closed its end or its socket failed ([`GONE`]), or
+/// it did not answer in time, or it said something unexpected.
+fn said(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::TimedOut => {
+            "the other process did not answer within --upgrade-timeout".into()
+        }
+        std::io::ErrorKind::InvalidData => e.to_string(),
+        _ => format!("{GONE} ({e})"),
     }
 }

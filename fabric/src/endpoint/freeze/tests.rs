@@ -353,6 +353,34 @@ fn check_capture(p: &Pair, cap: &Capture, conns: &[Conn]) {
     }
 }
 
+/// Four connections halfway ([`four_connections_halfway`]), the
+/// io-server's endpoint frozen with its output queued
+/// ([`freeze_with_output_queued`]) and captured, the capture checked.
+struct Halfway {
+    p: Pair,
+    listener: TcpListener,
+    gate: watch::Sender<bool>,
+    conns: Vec<Conn>,
+    cap: Capture,
+}
+
+async fn frozen_halfway() -> Halfway {
+    let mut p = socket_pair().await;
+    let listener = TcpListener::bind(addr(0)).await.unwrap();
+    let gate = watch::Sender::new(false);
+    let conns = four_connections_halfway(&mut p, &listener, &gate).await;
+    freeze_with_output_queued(&p, &gate).await;
+    let cap = p.server.capture().expect("captured");
+    check_capture(&p, &cap, &conns);
+    Halfway {
+        p,
+        listener,
+        gate,
+        conns,
+        cap,
+    }
+}
+
 /// The proof of the design's step 4: the io-server's endpoint is frozen
 /// in the middle of four relayed connections (two half-closed, two bulk
 /// both ways, output queued and a program not reading), captured; every
@@ -362,13 +390,13 @@ fn check_capture(p: &Pair, cap: &Capture, conns: &[Conn]) {
 /// from where they were, and a connection opened afterwards works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_endpoint_resumed_from_duplicated_descriptors_loses_no_octet() {
-    let mut p = socket_pair().await;
-    let listener = TcpListener::bind(addr(0)).await.unwrap();
-    let gate = watch::Sender::new(false);
-    let conns = four_connections_halfway(&mut p, &listener, &gate).await;
-    freeze_with_output_queued(&p, &gate).await;
-    let cap = p.server.capture().expect("captured");
-    check_capture(&p, &cap, &conns);
+    let Halfway {
+        mut p,
+        listener,
+        gate,
+        conns,
+        cap,
+    } = frozen_halfway().await;
     // As if sent to another process: a copy of each descriptor, the
     // capture's own closed.
     let Capture {
@@ -430,13 +458,13 @@ async fn a_frozen_endpoint_resumed_from_duplicated_descriptors_loses_no_octet() 
 /// arrives in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_endpoint_unfrozen_loses_no_octet() {
-    let mut p = socket_pair().await;
-    let listener = TcpListener::bind(addr(0)).await.unwrap();
-    let gate = watch::Sender::new(false);
-    let conns = four_connections_halfway(&mut p, &listener, &gate).await;
-    freeze_with_output_queued(&p, &gate).await;
-    let cap = p.server.capture().expect("captured");
-    check_capture(&p, &cap, &conns);
+    let Halfway {
+        p,
+        listener: _listener,
+        gate: _gate,
+        conns,
+        cap,
+    } = frozen_halfway().await;
     drop(cap);
     p.server.unfreeze();
     // Frozen, captured and unfrozen again and again while the rest
