@@ -42,6 +42,7 @@ import urllib.request
 
 import hardening
 import stack
+import upgrade
 
 BEGIN = "<!-- bench/run:begin -->"
 END = "<!-- bench/run:end -->"
@@ -333,6 +334,17 @@ def free_ports(n):
     if len(ports) < n:
         raise RuntimeError(f"found only {len(ports)} free ports below {ephemeral}")
     return ports
+
+
+def recv_exact(sock, n):
+    """`n` octets from `sock`; EOFError if it ends before."""
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        if not chunk:
+            raise EOFError("early EOF")
+        got += chunk
+    return got
 
 
 def wait_until(what, timeout, check, procs=None, p=None):
@@ -697,12 +709,7 @@ def ping_pong(port, n, host="127.0.0.1"):
         for i in range(n + n // 10):
             t0 = time.perf_counter_ns()
             c.sendall(b"ping")
-            got = b""
-            while len(got) < 4:
-                chunk = c.recv(4 - len(got))
-                if not chunk:
-                    raise RuntimeError("echo server closed")
-                got += chunk
+            recv_exact(c, 4)
             if i >= n // 10:  # the first tenth warms up
                 times.append((time.perf_counter_ns() - t0) / 1e3)
     return statistics.mean(times), statistics.median(times)
@@ -981,7 +988,7 @@ class Run:
             servers = servers[:2]
         results = {"main": [], "tracing": [], "servers": [], "gateway": [],
                    "gateway_skipped": None, "interleaved": [], "hardening": [],
-                   "stack": None}
+                   "stack": None, "upgrade": None}
         for k, label in main:
             log(f"{label} ...")
             results["main"].append((k, label, self.main_setup(k, label)))
@@ -995,6 +1002,9 @@ class Run:
         if not only or "stack" in only:
             log("kernel stack against --stack smoltcp, alternating ...")
             results["stack"] = stack.run(self, self.quick)
+        if not only or "upgrade" in only:
+            log("io-server upgrade under load: without, then with upgrades ...")
+            results["upgrade"] = upgrade.run(self, self.quick)
         if self.gateway_cpu and (not only or "gateway-bound" in only):
             limit, why = CpuLimit.make(self.gateway_cpu)
             if limit is None:
@@ -1195,6 +1205,8 @@ def report(results, command, quick, zero_relay, load_before, load_after, errors,
         hardening.table(out, results["hardening"], load_after)
     if results["stack"]:
         stack.table(out, results["stack"], load_after)
+    if results["upgrade"]:
+        upgrade.table(out, results["upgrade"], load_after)
     if results["gateway"]:
         gateway_table(out, results["gateway"], gateway_cpu)
     elif results["gateway_skipped"]:
@@ -1237,7 +1249,7 @@ def main():
     ap.add_argument("--only", default="",
                     help="comma-separated setups (direct,haproxy,haproxy-1,embedded,zero-relay,"
                          "unix-1,unix-1-zr,unix-2,tcp-1,tracing,servers,gateway-bound,"
-                         "interleaved,hardening,stack)")
+                         "interleaved,hardening,stack,upgrade)")
     ap.add_argument("--gateway-cpu", type=float, default=0.25, metavar="SHARE",
                     help="the share of one CPU the gateway gets in the gateway-bound "
                          "runs (0: no such runs)")
@@ -1287,15 +1299,19 @@ def main():
                   bench.native_sockets)
     print(text)
     only = {o for o in args.only.split(",") if o}
-    if args.doc and only == {"stack"}:
-        # The stack section alone: its own block, the end-to-end one kept.
+    sections = {"stack": (stack, "Kernel stack and smoltcp (issue 21)"),
+                "upgrade": (upgrade, "Upgrade in place under load (issue 19)")}
+    if args.doc and len(only) == 1 and next(iter(only)) in sections:
+        # A section alone: its own block, the end-to-end one kept.
+        key = next(iter(only))
+        module, heading = sections[key]
         out = [f"Run of {datetime.date.today().isoformat()}{' (--quick)' if args.quick else ''}, "
                f"`{args.command}`; {machine()}; load average {load_before} before, "
                f"{loadavg()} after; {plan.describe()}.\n"]
-        stack.table(out, results["stack"], loadavg())
-        write_doc(args.doc, "\n".join(out).replace("\n\n\n", "\n\n"), stack.BEGIN,
-                  stack.END, "Kernel stack and smoltcp (issue 21)")
-        log(f"wrote the stack section of {args.doc}")
+        module.table(out, results[key], loadavg())
+        write_doc(args.doc, "\n".join(out).replace("\n\n\n", "\n\n"), module.BEGIN,
+                  module.END, heading)
+        log(f"wrote the {key} section of {args.doc}")
     elif args.doc:
         write_doc(args.doc, text)
         log(f"wrote {args.doc}")

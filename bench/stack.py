@@ -51,6 +51,8 @@ import sys
 import threading
 import time
 
+from fmt import num, spread
+
 CLONE_NEWNET = 0x40000000
 CLIENT, ROUTER = "198.51.100.2", "198.51.100.1"
 KERNEL_ADDR = "203.0.113.2"
@@ -417,10 +419,6 @@ def run(r, quick):
 
 # ---------------------------------------------------------------- report
 
-def _num(v, dec):
-    return "–" if v is None else f"{v:,.{dec}f}".replace(",", " ")
-
-
 def table(out, result, load):
     out.append("\n#### Kernel stack and smoltcp (issue 21)\n")
     if result["skipped"]:
@@ -439,7 +437,7 @@ def table(out, result, load):
         "io-server's resident set while holding them less before, per connection "
         "(the kernel's socket memory is not in it). The largest step is 10 000 or "
         "as many as the descriptor limit lets the smoltcp arm hold (two descriptors "
-        f"per connection): {_num(IDLE_STEPS[-1], 0)} here. Load average {load} at the end.\n")
+        f"per connection): {num(IDLE_STEPS[-1], 0)} here. Load average {load} at the end.\n")
 
     def values(arm, get):
         v = []
@@ -449,13 +447,6 @@ def table(out, result, load):
                 v.append(x)
         return v
 
-    def spread(v, dec):
-        if not v:
-            return "–"
-        text = _num(statistics.median(v), dec)
-        if len(v) > 1:
-            text += f" ({_num(min(v), dec)}–{_num(max(v), dec)})"
-        return text
 
     rows = [("keep-alive c50 req/s (1 KiB)", lambda r: r.get("ka"), 0, None),
             ("`Connection: close` c50 conn/s", lambda r: r.get("close"), 0, None),
@@ -463,10 +454,10 @@ def table(out, result, load):
             ("ping-pong p50 µs", lambda r: r.get("rtt_p50"), 1, None),
             ("ping-pong mean µs", lambda r: r.get("rtt_mean"), 1, None)]
     for n in IDLE_STEPS:
-        rows.append((f"keep-alive c50 req/s, {_num(n, 0)} idle held",
+        rows.append((f"keep-alive c50 req/s, {num(n, 0)} idle held",
                      lambda r, n=n: r.get("idle", {}).get(n, {}).get("rps"), 0, n))
     for n in IDLE_STEPS:
-        rows.append((f"io-server KiB per idle connection, {_num(n, 0)} held",
+        rows.append((f"io-server KiB per idle connection, {num(n, 0)} held",
                      lambda r, n=n: r.get("idle", {}).get(n, {}).get("kib_per_conn"), 2, n))
 
     def short(arm, n):
@@ -476,7 +467,7 @@ def table(out, result, load):
         held = values(arm, lambda r: r.get("idle", {}).get(n, {}).get("held"))
         if not held or min(held) >= n:
             return ""
-        got = _num(min(held), 0) + (f"–{_num(max(held), 0)}" if max(held) != min(held) else "")
+        got = num(min(held), 0) + (f"–{num(max(held), 0)}" if max(held) != min(held) else "")
         return f", only {got} held"
 
     text = "| row | kernel | smoltcp | smoltcp / kernel |\n|---|---:|---:|---:|\n"
@@ -495,7 +486,7 @@ def table(out, result, load):
                     why = st["err"] or f"the descriptor limit leaves room for {st['want']}"
                     notes.append(f"* pair {i + 1}, {arm}: {st['held']} of {n} idle "
                                  f"connections held ({why}); wrk c50 then "
-                                 f"{_num(st['rps'], 0)} req/s, {st['errors']} errors.\n")
+                                 f"{num(st['rps'], 0)} req/s, {st['errors']} errors.\n")
     if notes:
         out.append(f"\nCounts not reached (the smoltcp arm runs with `--stack-max-sockets "
                    f"{MAX_SOCKETS}`, listening pools included):\n")

@@ -11,8 +11,9 @@
 //! For the io-server's upgrade in place (bench/notes/2026-12-03-upgrade-design.md,
 //! §2 "Quiesce"), the tasks can be paused at clean points and resumed
 //! ([`Phase`]): the reader at its read await (what it has not fed stays
-//! in the socket, what it fed is in the channel), the writer between two
-//! pieces of output (the rest stays in the channel's output and pipe), the
+//! in the socket, what it fed is in the channel), the writer at its next
+//! write, in the middle of a piece of output if need be (the rest goes back
+//! to the front of the channel's output, its spliced octets in the pipe), the
 //! timer at its sleep (liveness does not fire while paused). Nothing is
 //! closed or dropped: after a pause the tasks go on, or, once the channel
 //! has moved ([`spawn_resumed`] elsewhere), they end without their
@@ -319,9 +320,15 @@ impl FabricHandle {
         self.shared.tasks.borrow().phase
     }
 
+    /// Follows the phase ([`PhaseWatch`]).
+    pub fn phase_watch(&self) -> PhaseWatch {
+        PhaseWatch(self.shared.tasks.subscribe())
+    }
+
     /// Waits until the reader, the writer and the timer are all paused at
-    /// a clean point (or ended) after [`Phase::Frozen`]: the writer first
-    /// finishes the piece of output it is writing.
+    /// a clean point (or ended) after [`Phase::Frozen`]: the writer stops
+    /// in the middle of a write that waits for its peer (where its
+    /// transport can, [`TransportWrite::stops_anywhere`]).
     pub async fn at_rest(&self) {
         let mut tasks = self.shared.tasks.subscribe();
         let _ = tasks.wait_for(Tasks::frozen_at_rest).await;
@@ -393,6 +400,34 @@ impl FabricHandle {
             if tasks.changed().await.is_err() {
                 return false;
             }
+        }
+    }
+}
+
+/// How a relay of the channel's endpoint follows its [`Phase`]
+/// ([`FabricHandle::phase_watch`]): it stops at a clean point while the
+/// tasks are not running.
+pub struct PhaseWatch(watch::Receiver<Tasks>);
+
+impl PhaseWatch {
+    pub fn is_running(&self) -> bool {
+        self.0.borrow().phase == Phase::Running
+    }
+
+    /// Returns once the tasks are told to pause (at once if they are).
+    pub async fn paused(&mut self) {
+        told_to_pause(&mut self.0).await;
+    }
+
+    /// Returns once the tasks run again: never, once disowned.
+    pub async fn running(&mut self) {
+        if self
+            .0
+            .wait_for(|t| t.phase == Phase::Running)
+            .await
+            .is_err()
+        {
+            std::future::pending::<()>().await;
         }
     }
 }
@@ -760,8 +795,8 @@ async fn write_loop<W: TransportWrite>(handle: FabricHandle, mut writer: W) {
 async fn write_all<W: TransportWrite>(handle: &FabricHandle, writer: &mut W) {
     let mut phase = handle.shared.tasks.subscribe();
     loop {
-        // A clean point: between two pieces of output, the rest of which
-        // is still the channel's.
+        // A clean point: what is not written is the channel's (the rest
+        // of a piece stopped halfway given back to it).
         if !handle.rest(&mut phase, Task::Writer).await {
             return;
         }
@@ -780,14 +815,20 @@ async fn write_all<W: TransportWrite>(handle: &FabricHandle, writer: &mut W) {
             }
             let (next, closed) = handle.with(|ch| (ch.poll_transmit(), ch.is_closed()));
             let written = match next {
-                Some(t) => Some(write_transmit(handle, writer, t).await),
+                Some(t) => Some(write_transmit(handle, writer, t, &mut phase).await),
                 None => None,
             };
             if written.is_some() {
                 handle.shared.drained.notify_one();
             }
             match written {
-                Some(Ok(())) => {}
+                Some(Ok(None)) => {}
+                // Paused in the middle of it: the rest is the channel's
+                // again, first in its output.
+                Some(Ok(Some(rest))) => {
+                    handle.with(|ch| ch.unpoll_transmit(rest));
+                    break;
+                }
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "fabric write failed");
                     handle.with(|ch| ch.transport_closed(&format!("fabric write failed: {e}")));
@@ -804,20 +845,47 @@ async fn write_all<W: TransportWrite>(handle: &FabricHandle, writer: &mut W) {
 }
 
 /// Writes one piece of the channel's output: its bytes, then the payload
-/// it says is waiting in the channel's pipe.
+/// it says is waiting in the channel's pipe. Where the transport can stop
+/// between any two of its writes ([`TransportWrite::stops_anywhere`]),
+/// the tasks told to pause stop it at once: `Some` of what it has not
+/// written (the rest of its bytes, then the spliced octets still in the
+/// pipe), which the caller gives back to the channel. A node that does not
+/// read thus never holds a freeze up.
 async fn write_transmit<W: TransportWrite>(
     handle: &FabricHandle,
     writer: &mut W,
-    t: Transmit,
-) -> io::Result<()> {
-    if !t.bytes.is_empty() {
-        writer.write(t.bytes).await?;
+    mut t: Transmit,
+    phase: &mut watch::Receiver<Tasks>,
+) -> io::Result<Option<Transmit>> {
+    let stops = writer.stops_anywhere();
+    while !t.bytes.is_empty() || t.spliced > 0 {
+        if stops && handle.phase() != Phase::Running {
+            return Ok(Some(t));
+        }
+        let wrote = {
+            let step = async {
+                if !t.bytes.is_empty() {
+                    writer.write_some(&mut t.bytes).await
+                } else {
+                    let pipe = handle.pipe().ok_or(io::ErrorKind::Unsupported)?;
+                    writer.splice_some(pipe, &mut t.spliced).await
+                }
+            };
+            match stops {
+                true => tokio::select! {
+                    r = step => Some(r),
+                    _ = told_to_pause(phase) => None,
+                },
+                false => Some(step.await),
+            }
+        };
+        match wrote {
+            Some(r) => r?,
+            // What each step wrote is stepped past in `t`.
+            None => return Ok(Some(t)),
+        }
     }
-    if t.spliced > 0 {
-        let pipe = handle.pipe().ok_or(io::ErrorKind::Unsupported)?;
-        writer.splice(pipe, t.spliced).await?;
-    }
-    Ok(())
+    Ok(None)
 }
 
 /// How long output queued with [`FabricHandle::with_coalesced`] may wait

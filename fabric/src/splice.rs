@@ -224,16 +224,60 @@ impl Pipe {
     /// room in its send buffer as needed.
     pub async fn drain_into(&self, to: &impl ReadySocket, mut len: usize) -> io::Result<()> {
         while len > 0 {
+            len -= self.drain_some(to, len).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves some of the first `len` octets of the pipe (at least one, if
+    /// `len` is not 0) into `to` once it has room: how many. Dropped
+    /// before it returns, it moved nothing.
+    pub async fn drain_some(&self, to: &impl ReadySocket, len: usize) -> io::Result<usize> {
+        if len == 0 {
+            return Ok(0);
+        }
+        loop {
             std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?;
             match to.try_io(Interest::WRITABLE, || self.drain(to.as_raw_fd(), len)) {
                 // The pipe holds every octet queued, so 0 cannot mean empty.
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => len -= n,
+                Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+    }
+
+    /// Reads the first `len` octets out of the pipe (which holds them):
+    /// what an upgrade in place carries of a connection's receive pipe,
+    /// as plain octets.
+    pub fn take_out(&self, len: usize) -> io::Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            // SAFETY: read(2) into the unfilled rest of `out`.
+            let n = unsafe {
+                libc::read(
+                    self.read.as_raw_fd(),
+                    out[got..].as_mut_ptr().cast(),
+                    len - got,
+                )
+            };
+            match n {
+                n if n > 0 => {
+                    got += n as usize;
+                    self.held.fetch_sub(n as usize, Ordering::AcqRel);
+                }
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -22,7 +22,12 @@ pub enum State {
     Fresh,
     /// Non-blocking `connect()` in flight: `S` is installed, its filler
     /// keeps it from polling writable until the io-server answers.
-    Connecting { peer: SocketAddr },
+    /// `local`: the address the io-server's outbound socket leaves from,
+    /// once it said (`EndpointEvent::Connecting`, protocol version 4).
+    Connecting {
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+    },
     /// An established connection (connected or accepted).
     Connected { peer: SocketAddr, local: SocketAddr },
     /// `listen()` done: the fd is the AF_UNIX listener `L`.
@@ -96,7 +101,10 @@ impl VirtualSocket {
     /// What `getsockname()` says.
     pub fn local_addr(&self) -> SocketAddr {
         match &self.state {
-            State::Connected { local, .. } => *local,
+            State::Connected { local, .. }
+            | State::Connecting {
+                local: Some(local), ..
+            } => *local,
             _ => self.bound.unwrap_or_else(|| unspecified(self.domain)),
         }
     }

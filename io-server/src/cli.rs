@@ -57,8 +57,8 @@ pub enum Command {
     },
     /// Replace the running io-server with a new process of this binary,
     /// given the same settings as the running one (`ExecReload=`): the new
-    /// process takes over its listening sockets and its state, and the old
-    /// one exits. Exits 0 once the new process serves; on any failure the
+    /// process takes over its listening sockets, its state, its nodes'
+    /// channels and every open connection, and the old one exits. Exits 0 once the new process serves; on any failure the
     /// old one goes on serving and this exits 1, saying why.
     Upgrade,
     /// Change a node's weight at run time; 0 drains it (no new connections).

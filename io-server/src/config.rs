@@ -248,7 +248,9 @@ pub struct Config {
     pub shutdown_timeout: u64,
     /// `io-server upgrade`: how long the old and the new process may each
     /// wait for the other at each step of the handover; past it the old
-    /// one goes on serving (before the commit) or exits (after it).
+    /// one goes on serving (before the commit) or exits (after it). The
+    /// nodes' quiesce takes at most half of it and never more than 3 s
+    /// (frozen, the io-server answers no node's pings).
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_UPGRADE_TIMEOUT, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub upgrade_timeout: u64,
     /// Receive buffer (Appendix A's B_r) per connection and direction, in bytes.

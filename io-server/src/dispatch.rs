@@ -42,9 +42,17 @@ pub(crate) async fn accept_loop(
 ) {
     let resume = server.lock().ports.resume(key).unwrap_or_default();
     let mut stop = server.shutdown.subscribe();
+    let mut paused = server.paused.subscribe();
     let mut admits = true;
     let mut pauses = 0u64;
     loop {
+        if *paused.borrow_and_update() {
+            // An upgrade's handover: clients wait in the kernel's queue.
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                _ = paused.wait_for(|p| !*p) => continue,
+            }
+        }
         if !admits {
             // Logged as a warning the first time, then at debug level (a
             // burst may pause a group many times; `status` counts them).
@@ -62,6 +70,7 @@ pub(crate) async fn accept_loop(
         }
         let r = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
+            _ = paused.changed() => continue,
             r = accept(&listener) => r,
         };
         admits = match r {
@@ -154,7 +163,12 @@ pub(crate) fn redispatch(
 }
 
 /// [`redispatch`] for a relay that gave its client back.
-fn give_back(server: &Arc<ServerState>, at: Dispatched, stream: TcpStream, replay: Replay) {
+pub(crate) fn give_back(
+    server: &Arc<ServerState>,
+    at: Dispatched,
+    stream: TcpStream,
+    replay: Replay,
+) {
     redispatch(server, at.key, stream, at.peer, replay);
 }
 
@@ -300,10 +314,21 @@ fn place_locked(
                     continue;
                 }
                 let place = handed.as_ref().map(|w| w.take());
+                // In flight until the daemon's hand-off task takes it
+                // (`handoff.rs`; an embedded node's is its own).
+                let counted = node.handoff_socket.is_some();
+                if counted {
+                    server.in_flight.enter();
+                }
                 match hand_off(st, &tx, at, node_id, place, client.stream, local) {
                     Ok(()) => return (None, Queued::No),
                     // The node's hand-off just stopped: relayed instead.
-                    Err(back) => client.stream = back,
+                    Err(back) => {
+                        if counted {
+                            server.in_flight.end();
+                        }
+                        client.stream = back;
+                    }
                 }
             }
         }
@@ -467,7 +492,7 @@ pub(crate) async fn admission_task(server: Arc<ServerState>) {
 /// Closes the clients of group `key` that waited in its queue past the
 /// queue timeout, from `first` (the oldest's deadline) on, until the
 /// queue is empty; each batch is logged once and counted.
-fn expire_later(server: &Arc<ServerState>, key: SocketAddr, first: Instant) {
+pub(crate) fn expire_later(server: &Arc<ServerState>, key: SocketAddr, first: Instant) {
     let server = server.clone();
     tokio::spawn(async move {
         let mut at = first;

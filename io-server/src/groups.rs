@@ -330,6 +330,9 @@ pub struct Groups<C> {
     orphanings: u64,
     /// Listeners that left their group, oldest first, for [`Groups::lingers`].
     left: VecDeque<Left>,
+    /// While set, no member is picked: every client waits in its group's
+    /// queue (an upgrade's quiesce; not carried, it is the old process's).
+    hold: bool,
 }
 
 /// How long after a listener leaves its group the connections it was
@@ -371,7 +374,20 @@ impl<C> Groups<C> {
             ledger: Ledger::default(),
             orphanings: 0,
             left: VecDeque::new(),
+            hold: false,
         }
+    }
+
+    /// When the oldest client queued in group `key` came, if any queues
+    /// (for a restored group's expiry timer, `dispatch::expire_later`).
+    pub fn oldest_queued(&self, key: SocketAddr) -> Option<Instant> {
+        self.map.get(&key)?.queue.front().map(|(_, at)| *at)
+    }
+
+    /// Holds every client in its group's queue ([`Groups::pick`] picks no
+    /// member) while `hold`.
+    pub fn hold(&mut self, hold: bool) {
+        self.hold = hold;
     }
 
     /// Nodes that join from now on ramp their weight up over `period`
@@ -657,6 +673,9 @@ impl<C> Groups<C> {
         pending: impl Fn(NodeId, ConnId) -> u64,
         held: impl Fn(MemberId) -> Held,
     ) -> Option<MemberId> {
+        if self.hold {
+            return None;
+        }
         let g = self.map.get_mut(&key)?;
         let needs_pending = g.scheduler.needs_pending();
         let over = g.passed_over(key);

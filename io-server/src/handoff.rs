@@ -50,6 +50,14 @@ async fn claim_handoff(server: Arc<ServerState>, sock: side::SideSocket, pid: i3
             return;
         }
     };
+    // Kept with the node, for an upgrade to hand over.
+    let copy = match sock.as_fd().try_clone_to_owned() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(node = id, error = %e, "hand-off claim refused: no copy of its socket");
+            return;
+        }
+    };
     let (rx, handed, ep) = {
         let mut st = server.lock();
         let node = NodeId::try_from(id).ok();
@@ -57,6 +65,7 @@ async fn claim_handoff(server: Arc<ServerState>, sock: side::SideSocket, pid: i3
             Some(n) if n.pid == Some(pid) => {
                 let (tx, rx) = saps_fabric::handoff::channel();
                 n.handoff = Some(tx);
+                n.handoff_socket = Some(copy);
                 tracing::info!(node = id, name = %n.name, "same-host node: zero-relay");
                 (rx, n.handed.clone(), n.ep.clone())
             }
@@ -83,7 +92,7 @@ async fn claim_handoff(server: Arc<ServerState>, sock: side::SideSocket, pid: i3
 /// accepts it (`unaccepted.rs`); any other is closed once sent, as
 /// [`side::forward`] does. One the node can no longer get (it left, or the
 /// socket failed) is dispatched again.
-async fn forward_handoffs(
+pub(crate) async fn forward_handoffs(
     server: &Arc<ServerState>,
     handed: &HandedTable,
     ep: &saps_fabric::Endpoint,
@@ -91,6 +100,8 @@ async fn forward_handoffs(
     sock: side::SideSocket,
 ) {
     while let Some(h) = rx.recv().await {
+        // Each one was counted in flight when queued (`dispatch.rs`).
+        server.in_flight.end();
         let tracked = h.conn != 0;
         let left = tracked
             .then(|| lock_handed(handed).before_send(h.conn))
@@ -111,7 +122,8 @@ async fn forward_handoffs(
             // Nothing more is handed to this node: what it was given and
             // did not get goes to a member again (relayed, if to it).
             rx.close();
-            for h in std::iter::once(h).chain(std::iter::from_fn(|| rx.try_recv())) {
+            let rest = std::iter::from_fn(|| rx.try_recv()).inspect(|_| server.in_flight.end());
+            for h in std::iter::once(h).chain(rest) {
                 let copy = lock_handed(handed).unsent(h.conn);
                 if tracked {
                     ep.forget_handed(h.conn);

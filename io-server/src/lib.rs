@@ -60,6 +60,7 @@ mod slowstart;
 mod state;
 pub mod status;
 mod sys;
+pub use sys::presize_fd_table;
 mod timeouts;
 mod traffic;
 mod unaccepted;

@@ -24,15 +24,25 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log that cannot be written (standard error a closed pipe) is
+        // lost quietly: the fallback report would panic the thread.
+        .log_internal_errors(false)
         .init();
     match start(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Every error message already names its cause: one line.
-            eprintln!("io-server: error: {e}");
+            say_error(&e);
             ExitCode::FAILURE
         }
     }
+}
+
+/// `io-server: error: …` on standard error, if it can be written (a
+/// closed pipe there must not panic a process about to leave).
+fn say_error(e: &dyn std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "io-server: error: {e}");
 }
 
 /// A control command, or the daemon on a runtime of `--threads` workers.
@@ -107,6 +117,8 @@ fn upgrade(
                 let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
                 let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
             }
+            // Before any thread: room for every descriptor it takes over.
+            saps_io_server::presize_fd_table();
             let result = runtime(config.threads)?.block_on(serve(config, Some(word_w)));
             if result.is_err() {
                 // Told through the pipe: the command says it.
@@ -226,7 +238,12 @@ async fn serve(config: Config, word: Option<std::os::fd::OwnedFd>) -> anyhow::Re
             }
             Err(e) => {
                 tell(Some(word), format!("error: {e}\n"));
-                return Err(e.into());
+                // Out at once, past every destructor: dropping the runtime
+                // would drop tasks of what was rebuilt from the old
+                // process's descriptors, and their write halves shut the
+                // old process's sockets down.
+                say_error(&e);
+                upgrade::handover::leave(1)
             }
         },
     };

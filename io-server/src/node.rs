@@ -17,7 +17,7 @@ use crate::groups;
 use crate::guard;
 use crate::handshakes::Permit;
 use crate::relay::{Relay, Relayed};
-use crate::state::{lock_handed, NodeEntry, ServerState, Socket};
+use crate::state::{lock_handed, InFlight, NodeEntry, PendingConnect, ServerState, Socket};
 use crate::sys;
 use crate::timeouts;
 use crate::traffic::NodeId;
@@ -29,7 +29,7 @@ use saps_fabric::{
     Channel, ChannelConfig, ConnId, Endpoint, EndpointEvent, ReqId, Request, Response,
 };
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tracing::Instrument;
@@ -88,6 +88,7 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
             return;
         }
     };
+    let (barrier, barriers) = tokio::sync::mpsc::unbounded_channel();
     let id = {
         let mut st = server.lock();
         st.next_node += 1;
@@ -104,51 +105,71 @@ pub(crate) async fn serve<R: TransportRead, W: TransportWrite>(
                 notifies_accepts: ep.notifies_accepts(),
                 handed: Default::default(),
                 listeners: Default::default(),
+                barrier,
+                handoff_socket: None,
             },
         );
         st.groups.join(id, weight, std::time::Instant::now());
         id
     };
     ep.handle().with(|ch| ch.welcome(id));
-    let span = tracing::info_span!("node", id, name = %name);
+    let remote = matches!(joined, Joined::Fabric { .. });
+    tracing::info!(parent: &node_span(id, &name), peer = %peer, weight, "node joined");
+    run(server, ep, events, barriers, id, name, peer, remote).await
+}
+
+fn node_span(id: NodeId, name: &str) -> tracing::Span {
+    tracing::info_span!("node", id, name = %name)
+}
+
+/// Asks of a node's task: handle every event given so far, then answer.
+pub(crate) type Barriers = tokio::sync::mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<()>>;
+
+/// Serves the requests of node `id`, joined (or carried over by an
+/// upgrade, `upgrade/nodes.rs`), until its channel closes; then it leaves.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run(
+    server: Arc<ServerState>,
+    ep: Endpoint,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<EndpointEvent>,
+    mut barriers: Barriers,
+    id: NodeId,
+    name: String,
+    peer: String,
+    remote: bool,
+) {
     async {
-        tracing::info!(peer = %peer, weight, "node joined");
         let node = Node {
             server: server.clone(),
             ep,
             id,
             peer,
-            remote: matches!(joined, Joined::Fabric { .. }),
+            remote,
         };
-        while let Some(ev) = events.recv().await {
-            match ev {
-                EndpointEvent::Request { req, request } => node.request(req, request),
-                // Merged: however many Weight frames came, the latest.
-                EndpointEvent::WeightChanged => {
-                    if let Some(weight) = node.ep.take_weight() {
-                        cluster::set_weight(&server, id, weight);
+        loop {
+            let ev = tokio::select! {
+                ev = events.recv() => ev,
+                Some(done) = barriers.recv() => {
+                    // Everything given so far (an upgrade froze the
+                    // channel first, so nothing more comes).
+                    while let Ok(ev) = events.try_recv() {
+                        if node.event(ev).is_break() {
+                            cluster::remove_node(&server, id);
+                            return;
+                        }
                     }
+                    let _ = done.send(());
+                    continue;
                 }
-                EndpointEvent::ConnectionClosed { conn, errno } => node.socket_closed(conn, errno),
-                EndpointEvent::Accepted { conn } => node.handed_accepted(conn),
-                EndpointEvent::Closed { error } => {
-                    if error.to_string().contains(SILENT_PEER) {
-                        server
-                            .handshakes
-                            .silent_nodes
-                            .fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(peer = %node.peer, reason = %error, "node dropped: silent");
-                    } else {
-                        tracing::info!(reason = %error, "node left");
-                    }
-                    break;
-                }
-                other => tracing::debug!(event = ?other, "ignored"),
+            };
+            let Some(ev) = ev else { break };
+            if node.event(ev).is_break() {
+                break;
             }
         }
         cluster::remove_node(&server, id);
     }
-    .instrument(span)
+    .instrument(node_span(id, &name))
     .await
 }
 
@@ -182,6 +203,36 @@ fn status(r: Result<Option<SocketAddr>, i32>) -> Response {
 }
 
 impl Node {
+    /// Handles one event of the node's endpoint; `Break` once its channel
+    /// has closed.
+    fn event(&self, ev: EndpointEvent) -> std::ops::ControlFlow<()> {
+        match ev {
+            EndpointEvent::Request { req, request } => self.request(req, request),
+            // Merged: however many Weight frames came, the latest.
+            EndpointEvent::WeightChanged => {
+                if let Some(weight) = self.ep.take_weight() {
+                    cluster::set_weight(&self.server, self.id, weight);
+                }
+            }
+            EndpointEvent::ConnectionClosed { conn, errno } => self.socket_closed(conn, errno),
+            EndpointEvent::Accepted { conn } => self.handed_accepted(conn),
+            EndpointEvent::Closed { error } => {
+                if error.to_string().contains(SILENT_PEER) {
+                    self.server
+                        .handshakes
+                        .silent_nodes
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = %self.peer, reason = %error, "node dropped: silent");
+                } else {
+                    tracing::info!(reason = %error, "node left");
+                }
+                return std::ops::ControlFlow::Break(());
+            }
+            other => tracing::debug!(event = ?other, "ignored"),
+        }
+        std::ops::ControlFlow::Continue(())
+    }
+
     fn request(&self, req: ReqId, request: Request) {
         tracing::debug!(req, ?request, "request");
         let is_listen = matches!(request, Request::Listen { .. });
@@ -395,43 +446,80 @@ impl Node {
             .with_socket(conn, |s| s.group.map(|k| k.port()))
             .flatten();
         let limit = timeouts::connect_timeout(&server.config);
-        tokio::spawn(
-            async move {
-                let result = match &server.stack {
-                    Some(stack) => open_on_stack(stack, addr, limit).await,
-                    None => open(server.config.address, port, addr, &opts, limit)
-                        .await
-                        .map(|s| {
-                            let local = s.local_addr().ok();
-                            (s, local)
-                        }),
-                };
-                if result.as_ref().is_err_and(timed_out) {
-                    server.timed_out.connect.fetch_add(1, Ordering::Relaxed);
+        if server.stack.is_some() {
+            tokio::spawn(
+                async move {
+                    let Some(stack) = &server.stack else { return };
+                    // The stack picks the port on its thread and says it
+                    // only with the connection: the node is told the
+                    // address, port 0.
+                    ep.connecting(conn, SocketAddr::new(server.config.address, 0));
+                    let result = open_on_stack(stack, addr, limit).await;
+                    let c = Connecting {
+                        node: id,
+                        req,
+                        conn,
+                        to: addr,
+                        key: None,
+                    };
+                    connected(&server, &ep, c, result);
                 }
-                let mut st = server.lock();
-                let (response, relay) = match result {
-                    Ok((stream, local)) => match ep.open_connection(conn) {
-                        Ok(()) => {
-                            tracing::info!(%addr, ?local, "connected");
-                            let relay = Relay::record(&mut st, id, Relayed::Outbound, conn, stream);
-                            (status(Ok(local)), relay)
-                        }
-                        Err(_) => return, // the node is gone
-                    },
-                    Err(e) => {
-                        tracing::info!(%addr, error = %e, "connect failed");
-                        (status(Err(io_errno(&e))), None)
-                    }
-                };
-                drop(st);
-                if let Some(relay) = relay {
-                    relay.spawn(&server);
-                }
-                ep.respond(req, response);
+                .in_current_span(),
+            );
+            return;
+        }
+        let sock = match outbound_socket(server.config.address, port, addr, &opts) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(%addr, error = %e, "connect failed");
+                self.ep.respond(req, status(Err(io_errno(&e))));
+                return;
             }
-            .in_current_span(),
-        );
+        };
+        // Started here, then finished as a moved one is: an upgrade under
+        // way finds its outcome still in the socket.
+        let started = start_connect(&sock, addr)
+            .and_then(|in_flight| Ok((in_flight, sock.as_fd().try_clone_to_owned()?)));
+        drop(sock);
+        let socket = match started {
+            Ok((in_flight, s)) => {
+                // In flight: the node hears the local address the kernel
+                // gave it (`Frame::Connecting`, where its channel speaks
+                // it), as a native `getsockname` would answer while the
+                // SYN is out; before the connect's answer, always.
+                let local = in_flight.then(|| sys::local_addr(s.as_raw_fd())).flatten();
+                if let Some(local) = local.filter(|l| l.port() != 0) {
+                    self.ep.connecting(conn, local);
+                }
+                s
+            }
+            Err(e) => {
+                tracing::info!(%addr, error = %e, "connect failed");
+                self.ep.respond(req, status(Err(io_errno(&e))));
+                return;
+            }
+        };
+        // Kept with a copy of its socket while in progress: an upgrade
+        // moves it (design note §4.4).
+        let key = socket.try_clone().ok().map(|copy| {
+            let pending = PendingConnect {
+                node: id,
+                req,
+                conn,
+                to: addr,
+                socket: copy,
+                outcome: None,
+            };
+            server.lock().connects.open(pending)
+        });
+        let c = Connecting {
+            node: id,
+            req,
+            conn,
+            to: addr,
+            key,
+        };
+        tokio::spawn(finish_connect(server, ep, c, socket, None, limit).in_current_span());
     }
 
     fn set_opt(&self, conn: ConnId, level: i32, name: i32, value: bytes::Bytes) -> Result<(), i32> {
@@ -592,17 +680,14 @@ fn timed_out(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::TimedOut
 }
 
-/// A TCP connection to `to`, leaving from `from` (unless unspecified),
-/// with the node's pending socket options applied first; given up with
-/// `ETIMEDOUT` (what the kernel says when its SYNs go unanswered) after
-/// `limit`.
-async fn open(
+/// A TCP socket to connect to `to`, leaving from `from` (unless
+/// unspecified), with the node's pending socket options applied.
+fn outbound_socket(
     from: IpAddr,
     port: Option<u16>,
     to: SocketAddr,
     opts: &[(i32, i32, bytes::Bytes)],
-    limit: Option<std::time::Duration>,
-) -> std::io::Result<tokio::net::TcpStream> {
+) -> std::io::Result<tokio::net::TcpSocket> {
     let new = || match to {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
@@ -639,14 +724,145 @@ async fn open(
         sys::setsockopt(sock.as_fd(), *level, *name, value)
             .map_err(std::io::Error::from_raw_os_error)?;
     }
-    let stream = match limit {
-        Some(limit) => tokio::time::timeout(limit, sock.connect(to))
-            .await
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::ETIMEDOUT))??,
-        None => sock.connect(to).await?,
+    Ok(sock)
+}
+
+/// `connect(2)` of the non-blocking `sock` to `to`: started (`true`: in
+/// flight; `false`: done at once), or refused at once.
+fn start_connect(sock: &tokio::net::TcpSocket, to: SocketAddr) -> std::io::Result<bool> {
+    let addr = nix::sys::socket::SockaddrStorage::from(to);
+    match nix::sys::socket::connect(sock.as_raw_fd(), &addr) {
+        Ok(()) => Ok(false),
+        Err(nix::errno::Errno::EINPROGRESS) => Ok(true),
+        Err(e) => Err(std::io::Error::from_raw_os_error(e as i32)),
+    }
+}
+
+/// An outbound connect of node `node`'s socket `conn`, asked by `req`;
+/// `key`: its entry in `Tables::connects`.
+pub(crate) struct Connecting {
+    pub node: NodeId,
+    pub req: ReqId,
+    pub conn: ConnId,
+    pub to: SocketAddr,
+    pub key: Option<u64>,
+}
+
+/// A node's outbound connect finished: the node is answered and, if
+/// connected, the connection relayed; while an upgrade holds connects,
+/// the outcome is kept for it instead (`Connects::finished`).
+pub(crate) fn connected(
+    server: &Arc<ServerState>,
+    ep: &Endpoint,
+    c: Connecting,
+    result: std::io::Result<(tokio::net::TcpStream, Option<SocketAddr>)>,
+) {
+    let Connecting {
+        node,
+        req,
+        conn,
+        to,
+        key,
+    } = c;
+    if result.as_ref().is_err_and(timed_out) {
+        server.timed_out.connect.fetch_add(1, Ordering::Relaxed);
+    }
+    let mut st = server.lock();
+    if let Some(key) = key {
+        let errno = match &result {
+            Ok(_) => 0,
+            Err(e) => io_errno(e),
+        };
+        if !st.connects.finished(key, errno) {
+            // Held: the upgrade's capture (or its going back) answers.
+            return;
+        }
+    }
+    // Counted until answered: an upgrade's quiesce waits for it.
+    let answering = InFlight::begin(server);
+    let (response, relay) = match result {
+        Ok((stream, local)) => match ep.open_connection(conn) {
+            Ok(()) => {
+                tracing::info!(%to, ?local, "connected");
+                let relay = Relay::record(&mut st, node, Relayed::Outbound, conn, stream);
+                (status(Ok(local)), relay)
+            }
+            Err(_) => return, // the node is gone
+        },
+        Err(e) => {
+            tracing::info!(%to, error = %e, "connect failed");
+            (status(Err(io_errno(&e))), None)
+        }
     };
-    stream.set_nodelay(true)?;
-    Ok(stream)
+    drop(st);
+    if let Some(relay) = relay {
+        relay.spawn(server);
+    }
+    ep.respond(req, response);
+    drop(answering);
+}
+
+/// Finishes a connect started on `socket` (by this process, or by the one
+/// an upgrade took it from): its outcome if it had one, else once the
+/// socket is writable (`SO_ERROR`, given up with `ETIMEDOUT`, what the
+/// kernel says when its SYNs go unanswered, after `limit`).
+pub(crate) async fn finish_connect(
+    server: Arc<ServerState>,
+    ep: Endpoint,
+    c: Connecting,
+    socket: std::os::fd::OwnedFd,
+    outcome: Option<i32>,
+    limit: Option<std::time::Duration>,
+) {
+    // Counted from the reading of `SO_ERROR` until answered.
+    let mut answering = None;
+    let result = async {
+        let stream = std::net::TcpStream::from(socket);
+        stream.set_nonblocking(true)?;
+        let stream = tokio::net::TcpStream::from_std(stream)?;
+        match outcome {
+            Some(0) => {}
+            Some(errno) => return Err(std::io::Error::from_raw_os_error(errno)),
+            None => {
+                let ready = async {
+                    loop {
+                        // Registered before the look: a release between
+                        // them wakes it.
+                        let released = server.connects_released.notified();
+                        tokio::pin!(released);
+                        released.as_mut().enable();
+                        stream.writable().await?;
+                        // While an upgrade holds the connects, `SO_ERROR`
+                        // stays unread: the process that finishes the
+                        // connect reads it.
+                        match server.finishing_connect() {
+                            Some(a) => {
+                                answering = Some(a);
+                                break;
+                            }
+                            None => released.await,
+                        }
+                    }
+                    match stream.take_error()? {
+                        Some(e) => Err(e),
+                        None => stream.peer_addr().map(drop),
+                    }
+                };
+                match limit {
+                    Some(limit) => tokio::time::timeout(limit, ready)
+                        .await
+                        .map_err(|_| std::io::Error::from_raw_os_error(libc::ETIMEDOUT))??,
+                    None => ready.await?,
+                }
+            }
+        }
+        stream.set_nodelay(true)?;
+        let local = stream.local_addr().ok();
+        Ok((stream, local))
+    }
+    .await;
+    connected(&server, &ep, c, result);
+    drop(answering);
 }
 
 #[cfg(test)]

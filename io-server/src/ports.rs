@@ -13,8 +13,10 @@
 //! [`Ports::stack_opened`]).
 
 use crate::sys::{self, Errno};
+use crate::upgrade::state::{Capture, PortSnap, Source, StateError};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
@@ -87,11 +89,6 @@ impl Ports {
             stack,
             next_free: *STACK_FREE_PORTS.start(),
         }
-    }
-
-    /// Whether no group holds a port.
-    pub fn is_empty(&self) -> bool {
-        self.ports.is_empty()
     }
 
     /// Binds a new port at `addr` (port 0: a free one); its real address.
@@ -253,11 +250,99 @@ impl Ports {
     pub fn close(&mut self, key: SocketAddr) {
         self.ports.remove(&key);
     }
+
+    /// Every port with its socket, for an upgrade (the kernel's stack
+    /// only: the caller refuses the smoltcp stack first), by address.
+    pub fn snapshot<'a>(&'a self, capture: &mut Capture<'a>) -> Vec<PortSnap> {
+        let mut keys: Vec<&SocketAddr> = self.ports.keys().collect();
+        keys.sort_unstable();
+        let mut out = Vec::new();
+        for key in keys {
+            let port = &self.ports[key];
+            let (fd, listening) = match (&port.socket, port.listening.as_deref()) {
+                (Some(Bound::Kernel(s)), _) => (s.as_fd(), false),
+                (_, Some(Listening::Kernel(l))) => (l.get_ref().as_fd(), true),
+                _ => continue,
+            };
+            out.push(PortSnap {
+                key: *key,
+                fd: capture.fd(fd),
+                listening,
+                backlog: port.backlog,
+            });
+        }
+        out
+    }
+
+    /// The ports of a snapshot, on the descriptors that came with it; the
+    /// listening ones, for the caller to start their accept tasks
+    /// ([`Ports::set_accept_task`]).
+    pub fn restore(
+        snaps: &[PortSnap],
+        source: &mut Source,
+    ) -> Result<(Ports, Vec<ListeningPort>), StateError> {
+        let mut ports = Ports::new(false);
+        let mut listening = Vec::new();
+        for snap in snaps {
+            let socket = std::net::TcpListener::from(source.fd(snap.fd)?);
+            let local = socket.local_addr().map_err(|e| {
+                StateError::Invalid(format!("the port of {} is not a socket: {e}", snap.key))
+            })?;
+            if local.port() != snap.key.port() {
+                return Err(StateError::Invalid(format!(
+                    "the socket of port {} is bound to {local}",
+                    snap.key
+                )));
+            }
+            let mut port = Port {
+                socket: None,
+                listening: None,
+                accept_task: None,
+                resume: Arc::default(),
+                backlog: snap.backlog,
+            };
+            if snap.listening {
+                let l = sys::register_listener(socket)
+                    .map_err(|e| StateError::Invalid(format!("port {}: {e}", snap.key)))?;
+                let l = Arc::new(Listening::Kernel(l));
+                port.listening = Some(l.clone());
+                listening.push((snap.key, l));
+            } else {
+                port.socket = Some(Bound::Kernel(socket));
+            }
+            ports.ports.insert(snap.key, port);
+        }
+        Ok((ports, listening))
+    }
+}
+
+/// A port that listens, and its socket.
+pub(crate) type ListeningPort = (SocketAddr, Arc<Listening>);
+
+/// Set once an upgrade has committed: every listening socket is the new
+/// process's from then on, and this one, about to exit, shuts none down.
+static DISOWNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// An upgrade committed: no port of this process is ever shut down again
+/// ([`close_listener`] does nothing).
+pub(crate) fn disown() {
+    DISOWNED.store(true, std::sync::atomic::Ordering::Release);
+}
+
+/// This process owns its ports again (an upgrade's new process, once
+/// committed: until then a refused takeover must not shut down the
+/// sockets it was given).
+pub(crate) fn own() {
+    DISOWNED.store(false, std::sync::atomic::Ordering::Release);
 }
 
 /// Stops a listening socket at once (the port is free and new clients are
-/// refused) whoever still holds a reference to it.
+/// refused) whoever still holds a reference to it; nothing once the
+/// process has handed its ports over ([`disown`]).
 pub(crate) fn close_listener(l: &Listening) {
+    if DISOWNED.load(std::sync::atomic::Ordering::Acquire) {
+        return;
+    }
     match l {
         Listening::Kernel(l) => {
             let _ = nix::sys::socket::shutdown(

@@ -66,6 +66,9 @@ impl Relay {
             Relayed::Outbound => None,
         };
         let (ep, stream) = st.relay_started(node, conn, member, stream)?;
+        if let (Relayed::Client { at, .. }, Some(n)) = (relayed, st.nodes.get_mut(&node)) {
+            n.sockets.entry(conn).or_default().client = Some(at);
+        }
         Some(Relay {
             node,
             conn,
@@ -73,6 +76,31 @@ impl Relay {
             ep,
             stream,
         })
+    }
+
+    /// A relay carried over by an upgrade, on its socket: it goes on from
+    /// where the old process's stopped (its start was counted there).
+    pub fn resumed(
+        node: NodeId,
+        conn: ConnId,
+        client: Option<Dispatched>,
+        ep: Endpoint,
+        stream: Arc<TcpStream>,
+    ) -> Relay {
+        let relayed = match client {
+            Some(at) => Relayed::Client {
+                at,
+                back: crate::dispatch::give_back,
+            },
+            None => Relayed::Outbound,
+        };
+        Relay {
+            node,
+            conn,
+            relayed,
+            ep,
+            stream,
+        }
     }
 
     /// Runs the relay; the counters are settled when it ends.

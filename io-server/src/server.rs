@@ -188,6 +188,11 @@ impl IoServer {
         Ok(IoServer { server, fabric })
     }
 
+    /// The state its tasks share.
+    pub(crate) fn state(&self) -> &Arc<ServerState> {
+        &self.server
+    }
+
     /// Where systemd's notifications go, for an upgrade's `RELOADING=1`
     /// and `MAINPID=` (set once, by the daemon).
     pub fn set_notifier(&self, n: Arc<crate::notify::Notifier>) {
@@ -334,6 +339,31 @@ fn open_stack(config: &Config) -> Result<Option<saps_stack::Stack>, Error> {
     };
     tracing::info!(%address, prefix = config.tap_prefix, gateway = ?config.tap_gateway, tap = ?config.tap, tap_fd = ?config.tap_fd, max_sockets = config.stack_max_sockets, "TCP by the smoltcp stack on the TAP (every node relayed)");
     Ok(Some(stack))
+}
+
+/// Binds fabric listener `url` once it is free, trying for at most
+/// `within` (an upgrade's new process: the old one holds an `rdma://`
+/// listener, which cannot move, until it exits), then accepts nodes on it.
+pub(crate) fn bind_when_free(server: Arc<ServerState>, url: String, within: Duration) {
+    tokio::spawn(async move {
+        let parsed: FabricUrl = match url.parse() {
+            Ok(u) => u,
+            Err(e) => return tracing::warn!(%url, error = %e, "fabric listener not bound"),
+        };
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match StreamListener::bind(&parsed).await {
+                Ok(l) => {
+                    tracing::info!(%url, "listening for nodes");
+                    return fabric_loop(server, l).await;
+                }
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return tracing::error!(%url, error = %e, "fabric listener not bound: its nodes cannot join");
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
 }
 
 /// Accepts nodes on one fabric listener until shutdown.

@@ -73,6 +73,12 @@ pub(crate) struct ServerState {
     /// Metrics scrapes and control commands being answered: an upgrade's
     /// old process lets them finish before it exits.
     pub answering: Answering,
+    /// Nodes' outbound connects in progress, and sockets on their way to
+    /// same-host nodes: an upgrade waits for none.
+    pub in_flight: Answering,
+    /// Woken when an upgrade that held the connects lets them go
+    /// ([`ServerState::finishing_connect`]).
+    pub connects_released: tokio::sync::Notify,
 }
 
 /// A count of answers in progress, and a way to wait for none.
@@ -111,14 +117,37 @@ impl Answering {
 
 impl Drop for Answer<'_> {
     fn drop(&mut self) {
-        if self
-            .0
-            .count
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
-            == 1
-        {
-            self.0.idle.notify_waiters();
+        self.0.end();
+    }
+}
+
+impl Answering {
+    /// One more in progress, ended by [`Answering::end`].
+    pub fn enter(&self) {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    pub fn end(&self) {
+        if self.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
         }
+    }
+}
+
+/// One of [`ServerState::in_flight`], until dropped; it may move into a
+/// task of its own.
+pub(crate) struct InFlight(Arc<ServerState>);
+
+impl InFlight {
+    pub fn begin(server: &Arc<ServerState>) -> InFlight {
+        server.in_flight.enter();
+        InFlight(server.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.end();
     }
 }
 
@@ -135,6 +164,7 @@ impl ServerState {
                 g
             },
             ports: Ports::new(config.stack == crate::config::Stack::Smoltcp),
+            connects: Connects::default(),
         };
         let handshakes = Arc::new(Handshakes::new(
             config.max_handshakes as usize,
@@ -161,7 +191,25 @@ impl ServerState {
             notifier: std::sync::OnceLock::new(),
             upgrading: Default::default(),
             answering: Default::default(),
+            in_flight: Default::default(),
+            connects_released: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Whether a connect whose socket is writable may read its outcome
+    /// (`SO_ERROR`, which reading clears) now: `Some` while no upgrade
+    /// holds the connects, counted in [`ServerState::in_flight`] until
+    /// dropped, so that a quiesce begun meanwhile waits for the outcome to
+    /// be answered or kept. `None`: held; the outcome stays in the socket
+    /// for whichever process finishes the connect (wait for
+    /// [`ServerState::connects_released`], then ask again).
+    pub fn finishing_connect(self: &Arc<Self>) -> Option<InFlight> {
+        // Counted first: a quiesce sets `held` before it waits for
+        // `in_flight`, so one that begins after the look below waits for
+        // this connect.
+        let answering = InFlight::begin(self);
+        let held = self.lock().connects.held;
+        (!held).then_some(answering)
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Tables> {
@@ -217,6 +265,75 @@ pub(crate) struct Tables {
     pub next_node: NodeId,
     pub groups: Groups<Client>,
     pub ports: Ports,
+    /// Nodes' outbound connects in progress (`node.rs`).
+    pub connects: Connects,
+}
+
+/// Nodes' outbound connects in progress, each with a copy of its socket,
+/// so that an upgrade can move them (design note §4.4): the new process
+/// waits for the connect to finish and answers the node.
+#[derive(Default)]
+pub(crate) struct Connects {
+    next: u64,
+    /// While set (an upgrade's quiesce), a connect that finishes keeps its
+    /// outcome here instead of answering: the capture carries it, or
+    /// [`Connects::release`] gives it back.
+    pub held: bool,
+    pending: BTreeMap<u64, PendingConnect>,
+}
+
+/// One outbound connect of a node's socket `conn`, asked by request `req`.
+pub(crate) struct PendingConnect {
+    pub node: NodeId,
+    pub req: saps_fabric::ReqId,
+    pub conn: ConnId,
+    pub to: SocketAddr,
+    pub socket: std::os::fd::OwnedFd,
+    /// Finished while held: 0 (connected) or the errno.
+    pub outcome: Option<Errno>,
+}
+
+impl Connects {
+    /// Keeps `p` while its connect is in progress: its key.
+    pub fn open(&mut self, p: PendingConnect) -> u64 {
+        self.next += 1;
+        self.pending.insert(self.next, p);
+        self.next
+    }
+
+    /// The connect `key` finished with `errno` (0: connected): whether
+    /// its task answers the node now (else it was held: kept here).
+    pub fn finished(&mut self, key: u64, errno: Errno) -> bool {
+        if !self.held {
+            self.pending.remove(&key);
+            return true;
+        }
+        match self.pending.get_mut(&key) {
+            Some(p) => {
+                p.outcome = Some(errno);
+                false
+            }
+            None => true,
+        }
+    }
+
+    /// Every connect in progress or held, by key.
+    pub fn iter(&self) -> impl Iterator<Item = &PendingConnect> {
+        self.pending.values()
+    }
+
+    /// No longer held: the connects that finished meanwhile, for their
+    /// answers (the others' tasks answer when they finish).
+    pub fn release(&mut self) -> Vec<PendingConnect> {
+        self.held = false;
+        let done: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.outcome.is_some())
+            .map(|(&k, _)| k)
+            .collect();
+        done.iter().filter_map(|k| self.pending.remove(k)).collect()
+    }
 }
 
 impl Tables {
@@ -376,6 +493,9 @@ pub struct Socket {
     /// Options set before there was a TCP socket; applied on connect.
     /// On the smoltcp stack: every option set, remembered only.
     pub opts: Vec<(i32, i32, bytes::Bytes)>,
+    /// Relayed: where the client came from (`None`: an outbound
+    /// connection), for an upgrade to run its relay again.
+    pub client: Option<crate::relay::Dispatched>,
 }
 
 /// A registered node (its weight and traffic are in [`Groups`]).
@@ -398,6 +518,12 @@ pub struct NodeEntry {
     pub handed: HandedTable,
     /// Per listening socket: its clients not accepted yet (admission).
     pub listeners: HashMap<ConnId, Waits>,
+    /// Asks the node's task to handle every event it has been given and
+    /// say so (an upgrade's quiesce, `node.rs`).
+    pub barrier: tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>,
+    /// A copy of the hand-off socket of a same-host node, for an upgrade
+    /// to hand over (the hand-off task holds the socket itself).
+    pub handoff_socket: Option<std::os::fd::OwnedFd>,
 }
 
 /// One member's counts of clients its program has not accepted yet, by

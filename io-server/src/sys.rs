@@ -28,6 +28,22 @@ pub fn bound_socket(addr: SocketAddr) -> Result<std::net::TcpListener, Errno> {
     Ok(std::net::TcpListener::from(fd))
 }
 
+/// `getsockname(2)` of the socket `fd` as a socket address (`None` if it
+/// fails or is not an IP one).
+pub fn local_addr(fd: std::os::fd::RawFd) -> Option<SocketAddr> {
+    ip_addr(&socket::getsockname::<SockaddrStorage>(fd).ok()?)
+}
+
+/// An IPv4 or IPv6 socket address as the standard library's.
+fn ip_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    a.as_sockaddr_in()
+        .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+        .or_else(|| {
+            a.as_sockaddr_in6()
+                .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+        })
+}
+
 /// `listen(2)` on a socket from [`bound_socket`].
 pub fn listen(sock: &std::net::TcpListener, backlog: u32) -> Result<(), Errno> {
     // The kernel clamps a large backlog to somaxconn; nix refuses values
@@ -96,14 +112,8 @@ pub fn accept(l: &std::net::TcpListener) -> std::io::Result<(std::net::TcpStream
         )
     };
     let peer = peer
-        .and_then(|a| {
-            a.as_sockaddr_in()
-                .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
-                .or_else(|| {
-                    a.as_sockaddr_in6()
-                        .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
-                })
-        })
+        .as_ref()
+        .and_then(ip_addr)
         .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT))?;
     Ok((stream, peer))
 }
@@ -138,6 +148,34 @@ pub fn nofile_limit() -> Option<u64> {
     // SAFETY: `r` is a valid rlimit the kernel writes.
     let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0;
     ok.then_some(r.rlim_cur)
+}
+
+/// The most descriptors an upgrade's new process makes room for at once
+/// ([`presize_fd_table`]).
+const PRESIZE_MAX: u64 = 1 << 20;
+
+/// Grows this process's descriptor table to its `RLIMIT_NOFILE` (at most
+/// [`PRESIZE_MAX`]) while it has one thread: an upgrade's new process,
+/// which is about to receive every descriptor of the running io-server.
+/// The kernel grows a table by doubling it, and in a process of several
+/// threads each growth waits for an RCU grace period; received as they
+/// come, thousands of descriptors cost seconds of pause on a loaded host
+/// (about eight bytes of table per descriptor here instead).
+pub fn presize_fd_table() {
+    let Some(limit) = nofile_limit() else { return };
+    let Ok(top) = i32::try_from(limit.min(PRESIZE_MAX).saturating_sub(1)) else {
+        return;
+    };
+    if top < 1024 {
+        return;
+    }
+    // SAFETY: dup2 onto a descriptor number nothing uses (it is above
+    // every one open: tables grow from the bottom) and closing it again.
+    unsafe {
+        if libc::fcntl(top, libc::F_GETFD) == -1 && libc::dup2(0, top) == top {
+            libc::close(top);
+        }
+    }
 }
 
 /// `TCP_INFO` of a socket; `None` if the kernel does not give it.

@@ -144,6 +144,25 @@ impl Handed {
         self.copies.len()
     }
 
+    /// Every copy, by id (an upgrade's capture).
+    pub fn copies(&self) -> Vec<(ConnId, &HandedCopy)> {
+        let mut all: Vec<_> = self.copies.iter().map(|(&c, copy)| (c, copy)).collect();
+        all.sort_unstable_by_key(|(c, _)| *c);
+        all
+    }
+
+    /// A copy carried over by an upgrade, held until the program accepts
+    /// `conn` (its place in its member's count is not carried).
+    pub fn carried(&mut self, conn: ConnId, key: SocketAddr, peer: SocketAddr, socket: OwnedFd) {
+        let copy = HandedCopy {
+            socket: Some(socket),
+            key,
+            peer,
+            _place: None,
+        };
+        self.copies.insert(conn, copy);
+    }
+
     /// The node left: every copy held here, oldest first (ids grow), to
     /// dispatch again; those still being sent the hand-off task gives
     /// back ([`Sent::Redispatch`]).

@@ -23,9 +23,9 @@ mod send;
 mod snapshot;
 
 pub use config::{
-    ChannelConfig, Role, ACCEPTED_VERSION, DEFAULT_PEER_TIMEOUT, DEFAULT_PING_INTERVAL,
-    DEFAULT_WINDOW, HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT, MAX_DATA, MAX_VERSION, MIN_VERSION,
-    RESET_VERSION,
+    ChannelConfig, Role, ACCEPTED_VERSION, CONNECTING_VERSION, DEFAULT_PEER_TIMEOUT,
+    DEFAULT_PING_INTERVAL, DEFAULT_WINDOW, HANDSHAKE_MAX_FRAME, HANDSHAKE_TIMEOUT, MAX_DATA,
+    MAX_VERSION, MIN_VERSION, RESET_VERSION,
 };
 pub use event::{CallError, ChannelError, Event};
 pub use output::{Reservation, Transmit, OWNED_CAPACITY, OWNED_MIN};
@@ -252,6 +252,12 @@ impl Channel {
         self.version >= RESET_VERSION || self.config.in_process
     }
 
+    /// Whether the ends speak [`Frame::Connecting`]: version 4, or one
+    /// build in one process ([`ChannelConfig::in_process`]).
+    pub fn speaks_connecting(&self) -> bool {
+        self.version >= CONNECTING_VERSION || self.config.in_process
+    }
+
     /// Number of live connections in the table.
     pub fn connection_count(&self) -> usize {
         self.conns.len()
@@ -396,6 +402,16 @@ impl Channel {
     /// octets from the pipe.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.output.poll()
+    }
+
+    /// Gives back the part of a [`Transmit`] the shell did not write (its
+    /// bytes not written, then its spliced octets still in the pipe): it
+    /// goes out first, before anything queued since. For a shell that
+    /// stops in the middle of a write (a freeze of its tasks), so that the
+    /// channel's output, snapshot included, is exactly what the peer has
+    /// not been sent.
+    pub fn unpoll_transmit(&mut self, rest: Transmit) {
+        self.output.unshift(rest);
     }
 
     /// Bytes queued for the transport (spliced payloads included).
@@ -560,6 +576,18 @@ impl Channel {
                     state: "on a version 1 channel",
                 });
             }
+            Frame::Connecting { conn, local } if role == Role::Node && self.speaks_connecting() => {
+                // A late one (the node abandoned the connect) is dropped.
+                if self.conns.contains(conn) {
+                    self.events.push_back(Event::Connecting { conn, local });
+                }
+            }
+            frame @ Frame::Connecting { .. } if role == Role::Node => {
+                return Err(ChannelError::Unexpected {
+                    frame: frame.name(),
+                    state: "on a channel below version 4",
+                });
+            }
             Frame::Response { req, response } if role == Role::Node => {
                 self.events.push_back(Event::Response { req, response });
             }
@@ -690,6 +718,18 @@ impl Channel {
             Role::IoServer if known => self.emit(&Frame::ConnectionClosed { conn, errno }),
             Role::IoServer => {}
         }
+    }
+
+    /// io-server end: the node's outbound connect of `conn` is in flight
+    /// from `local` ([`Frame::Connecting`]), sent before its `Response`
+    /// where the node speaks it; a no-op on a channel below version 4 or
+    /// closed. Whether it was sent.
+    pub fn connecting(&mut self, conn: ConnId, local: SocketAddr) -> bool {
+        let sent = self.role == Role::IoServer && self.is_open() && self.speaks_connecting();
+        if sent {
+            self.emit(&Frame::Connecting { conn, local });
+        }
+        sent
     }
 
     /// io-server end: report an error on a connection the node still holds

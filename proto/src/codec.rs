@@ -13,7 +13,8 @@
 //! 2 adds the `Accepted` frame (tag 0x36), which a channel that settled on
 //! version 1 refuses as unexpected, and which a node never sends on one
 //! (an older decoder would not know the tag); version 3 adds `Reset` (tag
-//! 0x37) the same way. This codec decodes every
+//! 0x37) the same way, and version 4 the io-server's `Connecting` (tag
+//! 0x38). This codec decodes every
 //! tag it knows whatever the channel's version; the channel checks.
 
 use crate::frame::{ConnId, Frame, Request, Response, ShutdownHow, NONCE_LEN};
@@ -53,7 +54,10 @@ mod tag {
     pub const CREDIT: u8 = 0x35;
     /// Protocol version 2.
     pub const ACCEPTED_BY_PROGRAM: u8 = 0x36;
+    /// Protocol version 3.
     pub const RESET: u8 = 0x37;
+    /// Protocol version 4.
+    pub const CONNECTING: u8 = 0x38;
     pub const WEIGHT: u8 = 0x40;
     pub const PING: u8 = 0x41;
     pub const PONG: u8 = 0x42;
@@ -168,6 +172,10 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
         Frame::Close { conn } => put_conn(out, tag::CLOSE, *conn),
         Frame::Accepted { conn } => put_conn(out, tag::ACCEPTED_BY_PROGRAM, *conn),
         Frame::Reset { conn } => put_conn(out, tag::RESET, *conn),
+        Frame::Connecting { conn, local } => {
+            put_conn(out, tag::CONNECTING, *conn);
+            put_addr(out, local);
+        }
         Frame::Data { conn, data } => {
             put_conn(out, tag::DATA, *conn);
             out.put_slice(data);
@@ -455,6 +463,10 @@ fn decode_body(mut b: Bytes) -> Result<Frame, DecodeError> {
         tag::CLOSE => Frame::Close { conn: r.u64()? },
         tag::ACCEPTED_BY_PROGRAM => Frame::Accepted { conn: r.u64()? },
         tag::RESET => Frame::Reset { conn: r.u64()? },
+        tag::CONNECTING => Frame::Connecting {
+            conn: r.u64()?,
+            local: r.addr()?,
+        },
         tag::DATA => {
             let conn = r.u64()?;
             let data = std::mem::take(&mut r.b);
@@ -490,6 +502,7 @@ fn tag_name(t: u8) -> Option<&'static str> {
         tag::CLOSE => "Close",
         tag::ACCEPTED_BY_PROGRAM => "Accepted",
         tag::RESET => "Reset",
+        tag::CONNECTING => "Connecting",
         tag::DATA => "Data",
         tag::FIN => "Fin",
         tag::CREDIT => "Credit",

@@ -215,6 +215,15 @@ pub enum Frame {
     Accepted {
         conn: ConnId,
     },
+    /// io-server → node (protocol version 4): the outbound connect of the
+    /// node's socket `conn` is in flight (its SYN sent), leaving from
+    /// `local`, the address and port the io-server's kernel gave it. Sent
+    /// once, before the Connect's `Response`, so that `getsockname` on the
+    /// node answers while the connect is in flight as the kernel would.
+    Connecting {
+        conn: ConnId,
+        local: SocketAddr,
+    },
     /// Stream bytes, within the receiver's credit.
     Data {
         conn: ConnId,
@@ -258,6 +267,7 @@ impl Frame {
             Frame::Close { .. } => "Close",
             Frame::Accepted { .. } => "Accepted",
             Frame::Reset { .. } => "Reset",
+            Frame::Connecting { .. } => "Connecting",
             Frame::Data { .. } => "Data",
             Frame::Fin { .. } => "Fin",
             Frame::Credit { .. } => "Credit",

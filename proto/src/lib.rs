@@ -7,6 +7,7 @@
 //! * [`frame`] — one type per row of Figure 3, plus channel frames.
 //! * [`codec`] — the length-prefixed, versioned binary encoding.
 //! * [`credit`] — Appendix A flow control, per connection and direction.
+//! * [`cursor`] — the plain encoding of snapshots, and its checked reader.
 //! * [`auth`] — token challenge-response.
 //! * [`channel`] — the state machine of one node channel.
 
@@ -20,6 +21,7 @@ pub mod auth;
 pub mod channel;
 pub mod codec;
 pub mod credit;
+pub mod cursor;
 pub mod frame;
 #[doc(hidden)]
 pub mod golden;

@@ -51,6 +51,9 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log that cannot be written (standard error a closed pipe) is
+        // lost quietly: the fallback report would panic the thread.
+        .log_internal_errors(false)
         .init();
 }
 

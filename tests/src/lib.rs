@@ -27,18 +27,40 @@ fn target_dir() -> PathBuf {
 /// build's binary.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
+    e2e_build(&BUILT, "debug").join(name)
+}
+
+/// The release build of `name` (`saps-run`, `io-server`), built once per
+/// test process in `target/e2e`: for the tests that measure a load a
+/// gateway carries, which a debug build relays at a fraction of the speed
+/// (the upgrade under load: see tests/tests/upgrade_load.rs).
+pub fn release_bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    e2e_build(&BUILT, "release").join(name)
+}
+
+/// saps-run and io-server built in `profile` (`debug` or `release`) in
+/// `TARGET/e2e`, once (`built`): the directory of the binaries.
+fn e2e_build(built: &OnceLock<()>, profile: &str) -> PathBuf {
     let dir = target_dir().join("e2e");
-    BUILT.get_or_init(|| {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "saps-run", "-p", "saps-io-server"])
+    built.get_or_init(|| {
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "-q", "-p", "saps-run", "-p", "saps-io-server"]);
+        if profile == "release" {
+            cargo.arg("--release");
+        }
+        let status = cargo
             .arg("--target-dir")
             .arg(&dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
-            .expect("running cargo build");
-        assert!(status.success(), "building saps-run and io-server failed");
+            .unwrap_or_else(|e| panic!("running cargo build ({profile}): {e}"));
+        assert!(
+            status.success(),
+            "building saps-run and io-server ({profile}) failed"
+        );
     });
-    dir.join("debug").join(name)
+    dir.join(profile)
 }
 
 /// `saps-run --address 127.0.0.1 --zero-relay MODE -- PROGRAM ARGS…` on the
@@ -493,4 +515,268 @@ pub fn http_server_logged(server: &Proc, path: &str) -> Option<String> {
             .find(|l| l.contains(&request))
             .map(str::to_owned)
     })
+}
+
+/// The settings of an io-server daemon that `io-server upgrade` replaces:
+/// the same for the daemon and for every `upgrade`, as the command must
+/// name the listeners the running process serves. A `unix:` fabric
+/// `DIR/saps.sock` (with its `.handoff` socket, for zero-relay nodes), a
+/// `tcp://127.0.0.1:PORT` fabric (relayed nodes), control socket
+/// `DIR/control.sock`, metrics on `127.0.0.1:PORT`, address 127.0.0.1,
+/// scheduler `rr`, the token in `DIR/token`.
+pub struct UpgradeSettings {
+    pub dir: PathBuf,
+    pub metrics: u16,
+    pub tcp_fabric: u16,
+}
+
+impl UpgradeSettings {
+    pub fn new(dir: &Path) -> UpgradeSettings {
+        write_token(&dir.join("token"), "cluster secret\n");
+        UpgradeSettings {
+            dir: dir.to_path_buf(),
+            metrics: free_port(),
+            tcp_fabric: free_port(),
+        }
+    }
+
+    /// The `unix:` fabric's URL.
+    pub fn unix_fabric(&self) -> String {
+        format!("unix:{}", self.dir.join("saps.sock").display())
+    }
+
+    /// The `tcp://` fabric's URL.
+    pub fn tcp_fabric(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.tcp_fabric)
+    }
+
+    pub fn args(&self) -> Vec<String> {
+        let p = |name: &str| self.dir.join(name).display().to_string();
+        [
+            "--fabric",
+            &self.unix_fabric(),
+            "--fabric",
+            &self.tcp_fabric(),
+            "--address",
+            "127.0.0.1",
+            "--scheduler",
+            "rr",
+            "--token-file",
+            &p("token"),
+            "--control",
+            &p("control.sock"),
+            "--metrics",
+            &format!("127.0.0.1:{}", self.metrics),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// The release build's daemon with these settings ([`release_bin`]).
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(release_bin("io-server"));
+        c.args(self.args());
+        c
+    }
+
+    /// The daemon, once `status` answers.
+    pub fn start(&self) -> Proc {
+        let io = Proc::spawn(&mut self.command());
+        let up = wait_for(Duration::from_secs(20), || io_server_status(&self.dir));
+        assert!(up.is_some(), "io-server did not start: {}", io.stderr());
+        io
+    }
+
+    /// `io-server [settings] upgrade` with its standard error (and so the
+    /// log of the process it starts, for that process's whole life) in
+    /// `log`: its exit code (`None` if it did not end within a minute) and
+    /// what it printed.
+    pub fn upgrade(&self, log: &Path) -> (Option<i32>, String) {
+        use std::os::unix::process::CommandExt;
+        let err = std::fs::File::create(log).unwrap();
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let mut child = self
+            .command()
+            .arg("upgrade")
+            .stdin(Stdio::null())
+            .stdout(out.reopen().unwrap())
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning io-server upgrade: {e}"));
+        let code = wait_for(Duration::from_secs(60), || child.try_wait().ok().flatten());
+        if code.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        (code.and_then(|s| s.code()), read_all(out.path()))
+    }
+
+    /// A counter or gauge without labels, as `GET /metrics` shows it now.
+    pub fn metric(&self, name: &str) -> Option<u64> {
+        metric_value(self.metrics, name)
+    }
+}
+
+/// A counter or gauge without labels, as `GET /metrics` on
+/// `127.0.0.1:port` shows it now.
+pub fn metric_value(port: u16, name: &str) -> Option<u64> {
+    let text = scrape_metrics(port).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `GET /metrics` on `127.0.0.1:port`: the body, or why not.
+pub fn scrape_metrics(port: u16) -> Result<String, String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    if !text.lines().next().is_some_and(|l| l.contains(" 200 ")) {
+        return Err(text.lines().next().unwrap_or("").to_string());
+    }
+    Ok(text)
+}
+
+/// Whether process `pid` exists and has not exited (a zombie has).
+pub fn pid_alive(pid: i32) -> bool {
+    // A zombie (exited, not yet waited for) is not alive.
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? == "Z"))
+        .unwrap_or(false);
+    // SAFETY: kill(2) with signal 0 only checks.
+    !zombie && unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// `io-server upgrade`'s answer, `pid N took over from pid M (upgrade K)`,
+/// as (N, M, K).
+pub fn took_over(line: &str) -> Option<(i32, i32, u64)> {
+    let rest = line.trim().strip_prefix("pid ")?;
+    let (new, rest) = rest.split_once(" took over from pid ")?;
+    let (old, rest) = rest.split_once(" (upgrade ")?;
+    let k = rest.strip_suffix(')')?;
+    Some((new.parse().ok()?, old.parse().ok()?, k.parse().ok()?))
+}
+
+/// The io-server daemon serving now, which after an upgrade is no child
+/// of the test: stopped with SIGTERM when the test ends, however it ends;
+/// with [`UpgradedDaemon::in_dir`], so is every io-server whose command
+/// line names the test's directory (one an upgrade started before the
+/// test failed, and never learnt the pid of).
+pub struct UpgradedDaemon(std::sync::Mutex<i32>, Option<PathBuf>);
+
+impl UpgradedDaemon {
+    pub fn new(pid: i32) -> UpgradedDaemon {
+        UpgradedDaemon(std::sync::Mutex::new(pid), None)
+    }
+    /// Also ends, at the end, the io-servers of the test's `dir`.
+    pub fn in_dir(mut self, dir: &Path) -> UpgradedDaemon {
+        self.1 = Some(dir.to_path_buf());
+        self
+    }
+    pub fn set(&self, pid: i32) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = pid;
+    }
+    pub fn pid(&self) -> i32 {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The processes whose arguments (`/proc/PID/cmdline`, the program
+/// first) `matching` holds of.
+pub fn processes(matching: impl Fn(&[String]) -> bool) -> Vec<i32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<String> = c
+                    .split(|&b| b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                matching(&args)
+            })
+        })
+        .collect()
+}
+
+/// The io-server processes whose command line names `dir`.
+fn io_servers_of(dir: &Path) -> Vec<i32> {
+    let needle = dir.display().to_string();
+    processes(|args| {
+        args.first().is_some_and(|p| p.contains("io-server"))
+            && args.iter().any(|a| a.contains(&needle))
+    })
+}
+
+impl Drop for UpgradedDaemon {
+    fn drop(&mut self) {
+        let mut pids = vec![self.pid()];
+        if let Some(dir) = &self.1 {
+            pids.extend(io_servers_of(dir));
+        }
+        pids.retain(|&p| p > 0 && pid_alive(p));
+        for &pid in &pids {
+            // SAFETY: kill(2) on a daemon the test started.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        for pid in pids {
+            wait_for(Duration::from_secs(20), || (!pid_alive(pid)).then_some(()));
+        }
+    }
+}
+
+/// The nodes `io-server status` lists under "Nodes", as (name, id), in
+/// its order.
+pub fn status_nodes(status: &str) -> Vec<(String, u64)> {
+    let Some(nodes) = status.split("\nNodes\n").nth(1) else {
+        return Vec::new();
+    };
+    nodes
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let name = words.next()?;
+            let id = words.next()?.strip_prefix('(')?.strip_suffix(')')?;
+            Some((name.to_string(), id.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Raises this process's descriptor limit (soft and hard) to at least
+/// `want` where it may (`CAP_SYS_RESOURCE`, or a hard limit already that
+/// high); the processes it starts inherit it. Returns the soft limit now.
+pub fn raise_nofile(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) and setrlimit(2) with a live rlimit.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        if lim.rlim_cur < want {
+            let raised = libc::rlimit {
+                rlim_cur: want,
+                rlim_max: lim.rlim_max.max(want),
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                let soft = libc::rlimit {
+                    rlim_cur: want.min(lim.rlim_max),
+                    rlim_max: lim.rlim_max,
+                };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &soft);
+            }
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur
 }

@@ -205,13 +205,14 @@ fn a_stalled_scraper_holds_one_bounded_slot_and_others_are_served_after_it() {
     scrape(metrics);
     wait_for(Duration::from_secs(10), || (held() == 0).then_some(()))
         .expect("the first scrape's connection was closed");
-    // Two scrapers that send nothing take both slots.
+    // Two scrapers that send nothing take both slots; their time starts
+    // when they are accepted, after this.
+    let started = Instant::now();
     let stalled: Vec<TcpStream> = (0..2)
         .map(|_| TcpStream::connect(("127.0.0.1", metrics)).unwrap())
         .collect();
     wait_for(Duration::from_secs(10), || (held() == 2).then_some(()))
         .unwrap_or_else(|| panic!("the io-server holds {} of 2 stalled scrapers", held()));
-    let started = Instant::now();
     // The control socket answers meanwhile.
     assert!(io_server_status(d).is_some());
     // A third waits, unaccepted, until a slot frees, and is then served.

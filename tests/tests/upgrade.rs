@@ -1,8 +1,8 @@
 //! `io-server upgrade` (issue 19): a new process takes the running
 //! io-server's listening sockets and state over, and the old one exits;
 //! while it happens, clients of its listeners are never refused. Refused,
-//! with the old process serving on: a state version it cannot read, a
-//! node joined (channels and relays do not move yet), other settings. And
+//! with the old process serving on: a state version it cannot read,
+//! other settings. Joined nodes move with their open connections. And
 //! systemd hears of it in order: `RELOADING=1` and `MAINPID=` from the old
 //! process, `READY=1` from the new one.
 
@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 struct Settings {
     dir: PathBuf,
     metrics: u16,
+    /// More flags, the same for the daemon and every upgrade.
+    extra: Vec<String>,
 }
 
 impl Settings {
@@ -28,6 +30,7 @@ impl Settings {
         Settings {
             dir: dir.to_path_buf(),
             metrics: free_port(),
+            extra: Vec::new(),
         }
     }
 
@@ -50,6 +53,9 @@ impl Settings {
             "--metrics".into(),
             format!("127.0.0.1:{}", self.metrics),
         ]
+        .into_iter()
+        .chain(self.extra.iter().cloned())
+        .collect()
     }
 
     /// The daemon with these settings (and `env`), once `status` answers.
@@ -79,61 +85,7 @@ impl Settings {
     }
 
     fn metric(&self, name: &str) -> Option<u64> {
-        let text = scrape(self.metrics).ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-    }
-}
-
-/// `GET /metrics` on `port`: the body, or why not.
-fn scrape(port: u16) -> Result<String, String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
-    if !text.lines().next().is_some_and(|l| l.contains(" 200 ")) {
-        return Err(text.lines().next().unwrap_or("").to_string());
-    }
-    Ok(text)
-}
-
-fn alive(pid: i32) -> bool {
-    // SAFETY: kill(2) with signal 0 only checks.
-    unsafe { libc::kill(pid, 0) == 0 }
-}
-
-/// `pid N took over from pid M (upgrade K)` → (N, M, K).
-fn took_over(line: &str) -> Option<(i32, i32, u64)> {
-    let rest = line.trim().strip_prefix("pid ")?;
-    let (new, rest) = rest.split_once(" took over from pid ")?;
-    let (old, rest) = rest.split_once(" (upgrade ")?;
-    let k = rest.strip_suffix(')')?;
-    Some((new.parse().ok()?, old.parse().ok()?, k.parse().ok()?))
-}
-
-/// The daemon running now, which is no child of the test after an
-/// upgrade: stopped with SIGTERM when the test ends, however it ends.
-struct Daemon(std::sync::Mutex<i32>);
-
-impl Daemon {
-    fn set(&self, pid: i32) {
-        *self.0.lock().unwrap() = pid;
-    }
-    fn pid(&self) -> i32 {
-        *self.0.lock().unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let pid = self.pid();
-        if pid > 0 && alive(pid) {
-            // SAFETY: kill(2) on the daemon this test started.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            wait_for(Duration::from_secs(20), || (!alive(pid)).then_some(()));
-        }
+        metric_value(self.metrics, name)
     }
 }
 
@@ -143,7 +95,7 @@ fn ten_upgrades_keep_every_listener_serving_and_refuse_no_client() {
     let d = dir.path();
     let s = Settings::new(d);
     let mut first = s.start(&[]);
-    let daemon = Daemon(std::sync::Mutex::new(first.pid()));
+    let daemon = UpgradedDaemon::new(first.pid()).in_dir(d);
 
     // Clients of the metrics listener, one after another, all along.
     let stop = Arc::new(AtomicBool::new(false));
@@ -157,7 +109,7 @@ fn ten_upgrades_keep_every_listener_serving_and_refuse_no_client() {
             let deadline = Instant::now() + Duration::from_secs(240);
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 let t = Instant::now();
-                let r = scrape(port);
+                let r = scrape_metrics(port);
                 longest = longest.max(t.elapsed());
                 match r {
                     Ok(_) => served.fetch_add(1, Ordering::Relaxed),
@@ -186,14 +138,14 @@ fn ten_upgrades_keep_every_listener_serving_and_refuse_no_client() {
             assert!(code.is_none_or(|c| c == 0), "the first process exits 0");
             code.map(drop)
         } else {
-            wait_for(Duration::from_secs(20), || (!alive(old)).then_some(()))
+            wait_for(Duration::from_secs(20), || (!pid_alive(old)).then_some(()))
         };
         assert!(
             gone.is_some(),
             "upgrade {k}: the old process {old} is still there"
         );
         assert!(
-            alive(new),
+            pid_alive(new),
             "upgrade {k}: the new process {new} is gone: {err}"
         );
         // Everything it serves on is the same socket, still there.
@@ -240,18 +192,286 @@ fn ten_upgrades_keep_every_listener_serving_and_refuse_no_client() {
         node.stderr()
     );
 
-    // With a node joined, the upgrade is refused and nothing changes.
+    // With a node joined, the upgrade carries it over.
     let (code, out, err) = s.upgrade(&[]);
-    assert_eq!(code, Some(1), "{out}{err}");
-    assert!(err.contains("node(s) joined"), "{err}");
-    assert!(alive(old));
-    assert_eq!(s.metric("saps_upgrades_total"), Some(10));
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(s.metric("saps_upgrades_total"), Some(11));
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     c.write_all(b"still\n").unwrap();
     let mut got = String::new();
     c.read_to_string(&mut got).unwrap();
     assert_eq!(got, "B still\n");
+}
+
+/// A python program that echoes every connection on port `argv[1]` until
+/// the client closes it.
+const ECHO: &str = r#"
+import asyncio, sys
+async def echo(r, w):
+    while data := await r.read(65536):
+        w.write(data)
+        await w.drain()
+    w.close()
+async def main():
+    s = await asyncio.start_server(echo, "0.0.0.0", int(sys.argv[1]), backlog=1024)
+    await s.serve_forever()
+asyncio.run(main())
+"#;
+
+/// One echoed exchange of `msg` on `c`.
+fn echoes(c: &mut std::net::TcpStream, msg: &[u8]) -> Result<(), String> {
+    c.write_all(msg).map_err(|e| e.to_string())?;
+    let mut got = vec![0u8; msg.len()];
+    c.read_exact(&mut got).map_err(|e| e.to_string())?;
+    match got == msg {
+        true => Ok(()),
+        false => Err(format!("echoed {:?}", String::from_utf8_lossy(&got))),
+    }
+}
+
+/// `io-server status`'s node lines (`  NAME (ID) from PEER[, zero-relay]`),
+/// sorted, counters cut off.
+fn nodes(dir: &Path) -> Vec<String> {
+    let Some(table) = io_server_status(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<String> = table
+        .lines()
+        .skip_while(|l| *l != "Nodes")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| {
+            l.split("  ")
+                .find(|w| !w.is_empty())
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn joined_nodes_and_their_open_connections_move_to_the_new_process() {
+    if !have("python3") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let s = Settings::new(d);
+    let mut io = s.start(&[]);
+    let daemon = UpgradedDaemon::new(io.pid()).in_dir(d);
+    // One node takes accepted sockets itself (zero-relay), one is relayed.
+    let (handed, relayed) = (free_port(), free_port());
+    let zero = python_node(d, "zero", "on", ECHO, &[&handed.to_string()]);
+    let relay = python_node(d, "relay", "off", ECHO, &[&relayed.to_string()]);
+    let mut conns = Vec::new();
+    for port in [handed, relayed] {
+        for i in 0..20 {
+            let mut c = wait_for(Duration::from_secs(30), || {
+                let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+                c.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+                echoes(&mut c, b"hello\n").ok().map(|_| c)
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "port {port}, connection {i}: no echo: {} {}",
+                    zero.stderr(),
+                    relay.stderr()
+                )
+            });
+            // Half of them with octets the server has not echoed yet.
+            if i % 2 == 0 {
+                c.write_all(b"in flight\n").unwrap();
+            }
+            conns.push((port, i, c));
+        }
+    }
+    // Both joined, the same-host one taking its sockets itself.
+    let before = wait_for(Duration::from_secs(20), || {
+        let n = nodes(d);
+        (n.len() == 2 && n.iter().any(|l| l.ends_with(", zero-relay"))).then_some(n)
+    })
+    .unwrap_or_else(|| panic!("{:?}", nodes(d)));
+    // A new process that dies before the commit: the old one goes on, its
+    // nodes and connections with it.
+    // (At `restore` it refuses what it rebuilt, running its destructors:
+    // none may shut a socket down or remove a path the old one serves on.)
+    for point in ["fds", "prepared", "commit", "restore"] {
+        let (code, out, err) = s.upgrade(&[("SAPS_TEST_UPGRADE_FAIL_AT", point)]);
+        assert_ne!(code, Some(0), "{point}: {out}{err}");
+        assert!(
+            point != "restore" || err.contains("FAIL_AT=restore"),
+            "{err}"
+        );
+        assert!(pid_alive(io.pid()), "{point}: the old process is gone");
+        assert_eq!(
+            nodes(d),
+            before,
+            "{point}: the upgrade said:\n{err}\nthe io-server:\n{}\nthe nodes:\n{}\n{}",
+            io.stderr(),
+            zero.stderr(),
+            relay.stderr()
+        );
+        assert!(d.join("saps.sock").exists() && d.join("saps.sock.handoff").exists());
+        for (port, i, c) in &mut conns {
+            let msg = format!("after a failed upgrade at {point}, conn {i}\n");
+            let want = match (point, *i % 2) {
+                ("fds", 0) => format!("in flight\n{msg}"),
+                _ => msg.clone(),
+            };
+            c.write_all(msg.as_bytes()).unwrap();
+            let mut got = vec![0u8; want.len()];
+            c.read_exact(&mut got)
+                .unwrap_or_else(|e| panic!("{point}: port {port} conn {i}: {e}"));
+            assert_eq!(String::from_utf8_lossy(&got), want);
+        }
+    }
+    for round in 1..=3u64 {
+        let (code, out, err) = s.upgrade(&[]);
+        assert_eq!(code, Some(0), "upgrade {round}: {out}{err}");
+        let (new, old, k) = took_over(&out).unwrap_or_else(|| panic!("{out}"));
+        assert_eq!(k, round);
+        // The first is the test's child, reaped here.
+        let gone = match round {
+            1 => io.wait_timeout(Duration::from_secs(20)).map(drop),
+            _ => wait_for(Duration::from_secs(20), || (!pid_alive(old)).then_some(())),
+        };
+        assert!(gone.is_some(), "the old process {old} is still there");
+        daemon.set(new);
+        assert_eq!(nodes(d), before, "the nodes kept their ids");
+        for (port, i, c) in &mut conns {
+            let msg = format!("round {round} conn {i}\n");
+            echoes(c, msg.as_bytes()).unwrap_or_else(|e| panic!("port {port} conn {i}: {e}"));
+        }
+        for port in [handed, relayed] {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            echoes(&mut c, b"new\n").unwrap_or_else(|e| panic!("new on {port}: {e}"));
+        }
+    }
+    drop((zero, relay, io));
+}
+
+/// A listening socket on 127.0.0.1 whose accept queue is full: the
+/// kernel drops the SYNs of further connects, which stay in progress
+/// (retransmitting) until the queue has room. Its port, the listener and
+/// the clients filling the queue.
+fn full_listener() -> (u16, std::net::TcpListener, Vec<std::net::TcpStream>) {
+    // SAFETY: plain socket calls on a descriptor made here and then owned.
+    let l = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let l = <std::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd);
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(libc::bind(fd, (&raw const addr).cast(), len), 0);
+        assert_eq!(libc::listen(fd, 0), 0);
+        l
+    };
+    let port = l.local_addr().unwrap().port();
+    // A backlog of 0 holds one connection; the second fills nothing but
+    // makes sure.
+    let fillers = (0..2)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(
+                &(std::net::Ipv4Addr::LOCALHOST, port).into(),
+                Duration::from_millis(500),
+            )
+            .ok()
+        })
+        .collect();
+    (port, l, fillers)
+}
+
+/// Whether a TCP socket of this host is in SYN_SENT towards `port`
+/// (`/proc/net/tcp`: state 02, the remote address's port in hex).
+fn syn_sent_to(port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let remote = format!(":{port:04X}");
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && f[2].ends_with(&remote) && f[3] == "02"
+    })
+}
+
+/// Connects to `argv[1]` on 127.0.0.1, says so, and prints what comes back.
+const CONNECTS: &str = r#"
+import socket, sys
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=60)
+c.sendall(b"from node\n")
+print("got", c.recv(100).decode().strip(), flush=True)
+"#;
+
+#[test]
+fn an_outbound_connect_in_progress_moves_and_the_new_process_answers_it() {
+    if !have("python3") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let mut s = Settings::new(d);
+    s.extra.push("--allow-connect-local".into());
+    let mut io = s.start(&[]);
+    let daemon = UpgradedDaemon::new(io.pid()).in_dir(d);
+    let (port, listener, fillers) = full_listener();
+    // Loopback through the io-server, so that its connect is the one in
+    // progress.
+    let node = Proc::spawn(
+        Command::new(bin("saps-run"))
+            .args([
+                "--io-server",
+                &format!("unix:{}", d.join("saps.sock").display()),
+            ])
+            .args(["--token-file", d.join("token").to_str().unwrap()])
+            .args(["--node", "out", "--loopback", "cluster", "--"])
+            .args([PYTHON, "-c", CONNECTS, &port.to_string()]),
+    );
+    let in_progress = wait_for(Duration::from_secs(30), || syn_sent_to(port).then_some(()));
+    assert!(
+        in_progress.is_some(),
+        "no connect in progress: {}",
+        node.stderr()
+    );
+
+    let (code, out, err) = s.upgrade(&[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (new, _, _) = took_over(&out).unwrap_or_else(|| panic!("{out}"));
+    daemon.set(new);
+    assert!(
+        io.wait_timeout(Duration::from_secs(20)).is_some(),
+        "the old process is still there"
+    );
+    assert!(
+        syn_sent_to(port),
+        "the connect is still in progress after the upgrade"
+    );
+
+    // Room in the queue: the next SYN gets through, to the new process.
+    drop(fillers);
+    listener.set_nonblocking(false).unwrap();
+    let answered = wait_for(Duration::from_secs(30), || {
+        let (mut c, _) = listener.accept().ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut line = [0u8; 10];
+        c.read_exact(&mut line).ok()?;
+        (&line == b"from node\n").then_some(c)
+    });
+    let mut c =
+        answered.unwrap_or_else(|| panic!("the node's connection never came: {}", node.stderr()));
+    c.write_all(b"from server\n").unwrap();
+    let got = wait_for(Duration::from_secs(30), || {
+        node.stdout().contains("got from server").then_some(())
+    });
+    assert!(got.is_some(), "{} {}", node.stdout(), node.stderr());
 }
 
 #[test]
@@ -282,7 +502,7 @@ fn a_state_version_the_running_io_server_cannot_read_is_refused_and_it_serves_on
     let (code, out, _) = s.upgrade(&[]);
     assert_eq!(code, Some(0), "{out}");
     let (new, from, _) = took_over(&out).unwrap();
-    let _daemon = Daemon(std::sync::Mutex::new(new));
+    let _daemon = UpgradedDaemon::new(new).in_dir(d);
     assert_eq!(from, io.pid());
     assert_eq!(
         io.wait_timeout(Duration::from_secs(20)),
@@ -298,13 +518,13 @@ fn a_new_process_that_dies_at_any_step_before_the_commit_leaves_the_old_one_serv
     let d = dir.path();
     let s = Settings::new(d);
     let mut io = s.start(&[]);
-    for point in ["request", "state", "fds", "prepared"] {
+    for point in ["request", "state", "fds", "prepared", "commit"] {
         let (code, out, err) = s.upgrade(&[("SAPS_TEST_UPGRADE_FAIL_AT", point)]);
         assert_eq!(code, Some(1), "{point}: {out}{err}");
         assert!(err.contains("without a word"), "{point}: {err}");
         // The old process notices (the pair's end closes) and resumes.
         let serving = wait_for(Duration::from_secs(20), || {
-            (io_server_status(d).is_some() && scrape(s.metrics).is_ok()).then_some(())
+            (io_server_status(d).is_some() && scrape_metrics(s.metrics).is_ok()).then_some(())
         });
         assert!(serving.is_some(), "{point}: {}", io.stderr());
         assert!(io.running(), "{point}: {}", io.stderr());
@@ -314,7 +534,7 @@ fn a_new_process_that_dies_at_any_step_before_the_commit_leaves_the_old_one_serv
     let (code, out, _) = s.upgrade(&[]);
     assert_eq!(code, Some(0), "{out}");
     let (new, from, k) = took_over(&out).unwrap();
-    let _daemon = Daemon(std::sync::Mutex::new(new));
+    let _daemon = UpgradedDaemon::new(new).in_dir(d);
     assert_eq!((from, k), (io.pid(), 1));
     assert_eq!(io.wait_timeout(Duration::from_secs(20)), Some(0));
     assert!(d.join("saps.sock").exists());
@@ -324,23 +544,9 @@ fn a_new_process_that_dies_at_any_step_before_the_commit_leaves_the_old_one_serv
 /// `upgrade` and that lead their own session: the processes that took
 /// over.
 fn taken_over_by(needle: &str) -> Vec<i32> {
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmd
-            .split(|&b| b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if args.iter().any(|a| a.contains(needle)) && args.last().is_some_and(|a| a == "upgrade") {
-            pids.push(pid);
-        }
-    }
+    let mut pids = processes(|args| {
+        args.iter().any(|a| a.contains(needle)) && args.last().is_some_and(|a| a == "upgrade")
+    });
     // Only the daemons, each the leader of its own session (`setsid`): not
     // the command that forked one, nor a daemon's launcher (forks with the
     // same command line).
@@ -358,7 +564,7 @@ fn sigusr2_upgrades_as_the_command_does() {
     let d = dir.path();
     let s = Settings::new(d);
     let mut io = s.start(&[]);
-    let daemon = Daemon(std::sync::Mutex::new(0));
+    let daemon = UpgradedDaemon::new(0).in_dir(d);
     for k in 1..=2u64 {
         let old = if k == 1 { io.pid() } else { daemon.pid() };
         // SAFETY: kill(2) on the daemon this test started.
@@ -376,7 +582,7 @@ fn sigusr2_upgrades_as_the_command_does() {
         let gone = if k == 1 {
             io.wait_timeout(Duration::from_secs(20)).map(drop)
         } else {
-            wait_for(Duration::from_secs(20), || (!alive(old)).then_some(()))
+            wait_for(Duration::from_secs(20), || (!pid_alive(old)).then_some(()))
         };
         assert!(
             gone.is_some(),
@@ -468,7 +674,7 @@ fn systemd_hears_reloading_and_mainpid_from_the_old_process_then_ready_from_the_
     let (code, out, err) = s.upgrade(&env);
     assert_eq!(code, Some(0), "{out}{err}");
     let (new, _, _) = took_over(&out).unwrap();
-    let _daemon = Daemon(std::sync::Mutex::new(new));
+    let _daemon = UpgradedDaemon::new(new).in_dir(d);
     let (reloading, from) = notification(&rx);
     assert!(
         reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
@@ -496,7 +702,7 @@ fn systemd_hears_reloading_and_mainpid_from_the_old_process_then_ready_from_the_
         ("SAPS_TEST_STATE_VERSION", "7"),
     ]);
     assert_eq!(code, Some(1));
-    assert!(alive(new));
+    assert!(pid_alive(new));
     // SAFETY: kill(2) on the daemon this test started.
     unsafe { libc::kill(new, libc::SIGHUP) };
     let (next, from) = notification(&rx);
@@ -505,4 +711,34 @@ fn systemd_hears_reloading_and_mainpid_from_the_old_process_then_ready_from_the_
         "{next:?}"
     );
     assert_eq!(from, new);
+}
+
+#[test]
+fn a_daemon_whose_log_pipe_is_closed_still_serves_and_upgrades() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let s = Settings::new(d);
+    // Its standard error a pipe whose reader goes away once it serves (a
+    // terminal closed, a log reader that died): every later log line
+    // fails to be written.
+    let mut io = s
+        .command()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _daemon = UpgradedDaemon::new(io.id() as i32).in_dir(d);
+    let up = wait_for(Duration::from_secs(20), || io_server_status(d));
+    assert!(up.is_some(), "io-server did not start");
+    drop(io.stderr.take());
+    for k in 1..=2u64 {
+        let (code, out, err) = s.upgrade(&[]);
+        assert_eq!(code, Some(0), "upgrade {k}: {out}{err}");
+        let (_, _, n) = took_over(&out).unwrap_or_else(|| panic!("{out}"));
+        assert_eq!(n, k);
+    }
+    assert!(io_server_status(d).is_some());
+    let status = wait_for(Duration::from_secs(20), || io.try_wait().ok().flatten());
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "the first daemon");
 }

@@ -6,12 +6,14 @@
 //! [`Endpoint::freeze`] stops everything at clean points and closes
 //! nothing: the channel's send side ([`Channel::freeze`]: relays read no
 //! more from their streams), the driver's tasks ([`Phase::Frozen`]: the
-//! reader at its read, the timer, the writer between two pieces of
-//! output), then each relay once what it was handed is written through to
-//! its stream. That last step is the design's first version (drain each
-//! relay's downstream within the bound); the channel's output, its pipe
-//! included, is not drained but captured. [`Endpoint::unfreeze`] goes
-//! back: nothing was consumed, so nothing is put back.
+//! reader at its read, the timer, the writer at its next write, in the
+//! middle of a piece of output if need be), then each relay's writing to
+//! its stream, between two writes. Nothing is drained, everything is
+//! captured (the design's "capture instead of drain", §2): the channel's
+//! output with its pipe, and what each relay has not yet written to its
+//! stream ([`RelaySnap::pending`]). A peer or a client that does not read
+//! therefore never holds a freeze up. [`Endpoint::unfreeze`] goes back:
+//! nothing was consumed, so nothing is put back.
 //!
 //! [`Endpoint::capture`] copies a frozen endpoint as data ([`Capture`]:
 //! the [`ChannelSnap`] and the router's [`RouterSnap`]) and duplicates of
@@ -25,12 +27,12 @@
 use super::preaccept::{PreAccept, PreAcceptSnap, Replay};
 use super::quiet::QuietSnap;
 use super::relay::lock_pre;
-use super::router::{ConnEvent, Counters, Progress, Route, RouteSink, Router, Start, Track};
+use super::router::{ConnEvent, Counters, Inbox, Progress, Route, RouteSink, Router, Start, Track};
 use super::{Endpoint, EndpointEvent};
 use crate::channel::{Channel, ChannelConfig, ChannelSnap, SnapError};
 use crate::driver::{self, Phase};
 use crate::frame::ConnId;
-use crate::splice::{self, Pipe};
+use crate::splice::{self, Pipe, ReceivePipe};
 use crate::transport::{TransportRead, TransportWrite};
 use bytes::Bytes;
 use std::io;
@@ -40,16 +42,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 
+mod snapshot;
+pub use snapshot::{RouterSnapError, ROUTER_SNAP_VERSION};
+
 /// Why [`Endpoint::freeze`] gave up (the endpoint runs on, unfrozen).
 #[derive(Debug, thiserror::Error)]
 pub enum FreezeError {
     #[error("the fabric channel is not open")]
     NotOpen,
-    #[error("the fabric writer did not finish its write within {0:?} (the peer does not read)")]
+    /// The driver's tasks did not all reach a clean point in time (a
+    /// transport that cannot stop in the middle of a write, such as
+    /// `rdma://`, finishes it first).
+    #[error("the fabric's tasks did not pause within {0:?} (a write to the peer did not end)")]
     Writer(Duration),
-    #[error(
-        "the relay of connection {conn} did not write what it holds to its stream within {bound:?}"
-    )]
+    /// A relay did not reach its clean point in time, or did not end (one
+    /// aborted, or done both ways).
+    #[error("the relay of connection {conn} did not pause or end within {bound:?}")]
     Relay { conn: ConnId, bound: Duration },
 }
 
@@ -66,11 +74,21 @@ pub enum CaptureError {
     Requests(usize),
     #[error("connection {0} was carried by an earlier resume and its relay has not attached")]
     NotAttached(ConnId),
+    #[error("the relay of connection {0} is not paused")]
+    RelayNotParked(ConnId),
     #[error("connection {conn}: {buffered} octets received and not written to its stream, {expected} expected")]
     Unsettled {
         conn: ConnId,
         buffered: u64,
         expected: u64,
+    },
+    #[error(
+        "connection {conn}: its receive pipe holds {inside} octets, its relay's payloads {queued}"
+    )]
+    ReceivePipe {
+        conn: ConnId,
+        inside: usize,
+        queued: usize,
     },
     #[error("the channel's pipe holds {inside} octets, its count says {held}")]
     Pipe { inside: usize, held: usize },
@@ -105,6 +123,8 @@ pub struct Capture {
 
 /// The router of a frozen endpoint: everything of it but the waiters of
 /// requests (a capture with any is refused) and the relays' tasks.
+/// As octets: [`RouterSnap::encode`], [`RouterSnap::decode`]
+/// (`freeze/snapshot.rs`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouterSnap {
     /// Index of the transport's socket in [`Capture::fds`].
@@ -139,8 +159,9 @@ pub struct PipeSnap {
 }
 
 /// One relayed connection of a frozen endpoint. Nothing of it is in
-/// flight: what the peer sent is written to the stream (or still in the
-/// channel's input), what the stream sent is in the channel's output.
+/// flight: what the peer sent is written to the stream, in
+/// [`RelaySnap::pending`] or still in the channel's input; what the stream
+/// sent is in the channel's output.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelaySnap {
     pub conn: ConnId,
@@ -160,9 +181,15 @@ pub struct RelaySnap {
     pub pre: Option<PreAcceptSnap>,
     /// io-server: what the idle sweeps saw of it.
     pub quiet: Option<QuietSnap>,
+    /// What the relay was handed and has not written to its stream yet,
+    /// in order: payload octets (the first one's rest; spliced payloads
+    /// read out of its receive pipe), then perhaps the peer's Fin or
+    /// close. The relay run again on the socket writes them first.
+    pub pending: Vec<HeldEvent>,
 }
 
-/// An event held for a connection whose relay has not attached.
+/// An event held for a connection whose relay has not attached (or, in
+/// [`RelaySnap::pending`], handed to a relay and not written yet).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeldEvent {
     Data(Bytes),
@@ -211,7 +238,6 @@ impl Carried {
             fin_written: AtomicBool::new(s.fin_written),
             track: self.track,
             fin_sent: AtomicBool::new(s.fin_sent),
-            queued: AtomicUsize::new(0),
             pre: Mutex::new(s.pre.as_ref().map(PreAccept::restore)),
             progress,
         }
@@ -250,6 +276,48 @@ struct RouterCopy {
     /// Per relay, in the order of `snap.relays` (whose `socket` is set
     /// later): its socket.
     sockets: Vec<Option<RawFd>>,
+    /// Per relay, in the same order (whose `pending` is set later): its
+    /// inbox.
+    inboxes: Vec<Arc<Inbox>>,
+}
+
+/// What the parked relay of `conn` has not written to its stream, from
+/// its inbox. Spliced payloads are read out of the receive pipe into the
+/// inbox as copies (in place, in order): the capture carries octets, not
+/// the pipe. Read under the inbox's lock, which nothing else takes while
+/// the endpoint is frozen but the router handing it more (after these).
+fn pending_of(conn: ConnId, inbox: &Inbox) -> Result<Vec<HeldEvent>, CaptureError> {
+    let mut st = inbox.lock();
+    if !st.parked {
+        return Err(CaptureError::RelayNotParked(conn));
+    }
+    // Each receive pipe must hold exactly the spliced payloads queued.
+    let mut pipes: Vec<(Arc<ReceivePipe>, usize)> = Vec::new();
+    for ev in &st.events {
+        if let ConnEvent::Spliced(len, pipe) = ev {
+            match pipes.iter_mut().find(|(p, _)| Arc::ptr_eq(p, pipe)) {
+                Some((_, n)) => *n += len,
+                None => pipes.push((pipe.clone(), *len)),
+            }
+        }
+    }
+    for (pipe, queued) in &pipes {
+        let inside = splice::unread(pipe.fds().0.as_raw_fd())?;
+        if inside != *queued {
+            return Err(CaptureError::ReceivePipe {
+                conn,
+                inside,
+                queued: *queued,
+            });
+        }
+    }
+    for ev in st.events.iter_mut() {
+        if let ConnEvent::Spliced(len, pipe) = ev {
+            let data = pipe.take_out(*len)?;
+            *ev = ConnEvent::Data(Bytes::from(data));
+        }
+    }
+    Ok(st.events.iter().filter_map(HeldEvent::of).collect())
 }
 
 /// Descriptors of a capture, duplicated in index order.
@@ -276,17 +344,20 @@ impl Endpoint {
     /// back to running and says why): the channel's send side is frozen
     /// (relays read nothing more from their streams), the reader is
     /// paused at its read (undecoded input stays in the channel), the
-    /// timer is paused (liveness cannot fire), the writer stops after the
-    /// piece of output it is writing (the rest stays in the channel), and
-    /// each relay writes what it was handed to its stream. Nothing is
-    /// closed. Then [`Endpoint::capture`], or [`Endpoint::unfreeze`].
+    /// timer is paused (liveness cannot fire), the writer stops at its
+    /// next write (the rest of the piece it was writing goes back to the
+    /// channel's output), and each relay stops writing to its stream
+    /// between two writes (what it holds stays in its inbox). Nothing is
+    /// closed, and nothing waits for a peer or a client to read: every
+    /// step is at once, and the bound is only for tasks to be scheduled
+    /// (and for a transport that cannot stop inside a write, `rdma://`).
+    /// Then [`Endpoint::capture`], or [`Endpoint::unfreeze`].
     ///
     /// Calls made on the endpoint while frozen still work (its owner
     /// answering a request, accepting a connection): their output waits
     /// in the channel. The owner stops its own work first (admission,
     /// the [`EndpointEvent`]s it has not handled; design §2 steps 1 and
-    /// 5); a relay whose stream does not read holds the freeze up until
-    /// the bound.
+    /// 5).
     pub async fn freeze(&self, bound: Duration) -> Result<(), FreezeError> {
         let deadline = tokio::time::Instant::now() + bound;
         let r = self.quiesce(deadline, bound).await;
@@ -315,7 +386,7 @@ impl Endpoint {
             .map_err(|_| FreezeError::Writer(bound))?;
         let progress = self.router().progress.clone();
         progress.waiting.store(true, Ordering::SeqCst);
-        let drained = async {
+        let parked = async {
             loop {
                 // Registered before looking: progress made in between
                 // wakes it.
@@ -332,40 +403,38 @@ impl Endpoint {
         }
         .await;
         progress.waiting.store(false, Ordering::SeqCst);
-        drained?;
+        parked?;
         match self.is_open() {
             true => Ok(()),
             false => Err(FreezeError::NotOpen),
         }
     }
 
-    /// A relay that still holds something, or is ending: events handed
-    /// to it and not written through, an abort fired, a connection the
-    /// channel dropped, or both directions finished.
+    /// A relay not yet at its clean point, or ending: writing to its
+    /// stream, or an abort fired, or both directions finished (such a
+    /// relay ends at once, writing nothing).
     fn busy_relay(&self) -> Option<ConnId> {
-        let relays: Vec<(ConnId, Arc<Counters>, bool)> = {
+        let relays: Vec<(ConnId, Arc<Counters>, Arc<Inbox>, bool)> = {
             let router = self.router();
             router
                 .conns
                 .iter()
                 .filter_map(|(&conn, route)| match route {
-                    Route::Relayed(a, c) => Some((conn, c.clone(), a.abort.is_none())),
+                    Route::Relayed(a, c) => {
+                        Some((conn, c.clone(), a.inbound.0.clone(), a.abort.is_none()))
+                    }
                     Route::Held(_) => None,
                 })
                 .collect()
         };
-        self.handle().with(|ch| {
-            relays
-                .iter()
-                .find(|(conn, c, aborted)| {
-                    *aborted
-                        || !ch.has_connection(*conn)
-                        || c.queued.load(Ordering::SeqCst) > 0
-                        || (c.fin_sent.load(Ordering::Relaxed)
-                            && c.fin_written.load(Ordering::Relaxed))
-                })
-                .map(|(conn, ..)| *conn)
-        })
+        relays
+            .iter()
+            .find(|(_, c, inbox, aborted)| {
+                *aborted
+                    || (c.fin_sent.load(Ordering::Relaxed) && c.fin_written.load(Ordering::Relaxed))
+                    || !inbox.lock().parked
+            })
+            .map(|(conn, ..)| *conn)
     }
 
     /// Ends [`Endpoint::freeze`] (or starts an endpoint made by
@@ -401,9 +470,14 @@ impl Endpoint {
     /// used, [`Endpoint::disown`] it once an endpoint resumed from the
     /// capture has touched the descriptors.
     ///
-    /// Checks, for each relay, that what the channel counts as received
-    /// and not consumed is exactly what its input still holds of a Data
-    /// frame read halfway (nothing is anywhere else), and that the
+    /// Each relay's [`RelaySnap::pending`] is what its inbox holds; the
+    /// spliced payloads among it are read out of its receive pipe then
+    /// (the relay, if unfrozen, writes them as copies: the same octets in
+    /// the same order), so that no receive pipe has to move. Checks, for
+    /// each relay, that what the channel counts as received and not
+    /// consumed is exactly that pending payload plus what its input still
+    /// holds of a Data frame read halfway (nothing is anywhere else), that
+    /// each receive pipe holds what its relay's payloads say, and that the
     /// channel's pipe holds what its count says.
     pub fn capture(&self) -> Result<Capture, CaptureError> {
         let handle = self.handle();
@@ -413,17 +487,42 @@ impl Endpoint {
         // The channel's instants are on its clock, which stood still
         // while frozen; the router's are on the runtime's.
         let now = handle.channel_time();
-        let RouterCopy { mut snap, sockets } = self.copy_router(std::time::Instant::now())?;
-        let (channel, buffered, pending) = handle.with(|ch| {
-            let buffered: Vec<u64> = snap.relays.iter().map(|r| ch.buffered(r.conn)).collect();
-            (ch.snapshot(now), buffered, ch.payload_pending())
+        let RouterCopy {
+            mut snap,
+            sockets,
+            inboxes,
+        } = self.copy_router(std::time::Instant::now())?;
+        for (relay, inbox) in snap.relays.iter_mut().zip(&inboxes) {
+            relay.pending = pending_of(relay.conn, inbox)?;
+        }
+        let (channel, counts, partial) = handle.with(|ch| {
+            let counts: Vec<Option<u64>> = snap
+                .relays
+                .iter()
+                .map(|r| ch.has_connection(r.conn).then(|| ch.buffered(r.conn)))
+                .collect();
+            (ch.snapshot(now), counts, ch.payload_pending())
         });
         let channel = channel?;
-        for (relay, buffered) in snap.relays.iter().zip(buffered) {
-            let expected = match pending {
-                Some((conn, left)) if conn == relay.conn => left as u64,
-                _ => 0,
+        for (relay, count) in snap.relays.iter().zip(counts) {
+            // A connection the channel no longer has counts nothing: its
+            // relay writes what it holds, then ends.
+            let Some(buffered) = count else {
+                continue;
             };
+            let held: u64 = relay
+                .pending
+                .iter()
+                .map(|e| match e {
+                    HeldEvent::Data(b) => b.len() as u64,
+                    _ => 0,
+                })
+                .sum();
+            let expected = held
+                + match partial {
+                    Some((conn, left)) if conn == relay.conn => left as u64,
+                    _ => 0,
+                };
             if buffered != expected {
                 return Err(CaptureError::Unsettled {
                     conn: relay.conn,
@@ -482,7 +581,9 @@ impl Endpoint {
                     Route::Held(events) => {
                         held.push((conn, events.iter().filter_map(HeldEvent::of).collect()));
                     }
-                    Route::Relayed(a, c) => relays.push((conn, a.socket, a.quiet, c.clone())),
+                    Route::Relayed(a, c) => {
+                        relays.push((conn, a.socket, a.quiet, c.clone(), a.inbound.0.clone()))
+                    }
                 }
             }
             let starts: Vec<_> = router
@@ -510,9 +611,10 @@ impl Endpoint {
             })
             .collect();
         let sockets = relays.iter().map(|r| r.1).collect();
+        let inboxes = relays.iter().map(|r| r.4.clone()).collect();
         let relays = relays
             .into_iter()
-            .map(|(conn, _, quiet, c)| RelaySnap {
+            .map(|(conn, _, quiet, c, _)| RelaySnap {
                 conn,
                 socket: 0,
                 bytes_in: c.bytes_in.load(Ordering::Relaxed),
@@ -522,6 +624,7 @@ impl Endpoint {
                 tracked: unsettled(&c.track),
                 pre: lock_pre(&c.pre).as_ref().map(PreAccept::snapshot),
                 quiet: quiet.map(|q| q.snapshot(now)),
+                pending: Vec::new(),
             })
             .collect();
         Ok(RouterCopy {
@@ -536,6 +639,7 @@ impl Endpoint {
                 weight,
             },
             sockets,
+            inboxes,
         })
     }
 
@@ -620,9 +724,12 @@ impl Endpoint {
             };
             router.starts.insert(s.conn, start);
         }
-        for relay in snap.relays {
-            // Events for it wait here until its relay attaches again.
-            router.conns.insert(relay.conn, Route::Held(Vec::new()));
+        for mut relay in snap.relays {
+            // Events for it wait here until its relay attaches again,
+            // behind what it had not written.
+            let pending = std::mem::take(&mut relay.pending);
+            let pending = pending.into_iter().map(HeldEvent::into_event).collect();
+            router.conns.insert(relay.conn, Route::Held(pending));
             let track = relay.tracked.then(|| Track::new(&unaccepted, None));
             let carried = Carried { snap: relay, track };
             router.resumed.insert(carried.snap.conn, carried);
@@ -640,3 +747,5 @@ impl Endpoint {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_snapshot;

@@ -127,38 +127,23 @@ impl<T: ReadySocket> AsyncWrite for SocketAdapter<T> {
 /// is far larger; this bounds what one write holds back from the credit).
 pub(super) const MAX_BATCH: usize = 16;
 
-/// Writes every octet of `bufs` in order, vectored where the stream allows;
-/// returns how many were written.
-pub(super) async fn write_all_vectored<W: AsyncWrite + Unpin>(
+/// One write of the first octets of `bufs`, vectored where the stream
+/// allows: how many it took (at least one). Dropped before it returns, it
+/// wrote nothing.
+pub(super) async fn write_vectored_once<W: AsyncWrite + Unpin>(
     wr: &mut W,
     bufs: &[Bytes],
 ) -> io::Result<usize> {
-    let total = bufs.iter().map(Bytes::len).sum();
-    if bufs.len() == 1 || !wr.is_write_vectored() {
-        for b in bufs {
-            wr.write_all(b).await?;
-        }
-        return Ok(total);
+    let n = if bufs.len() == 1 || !wr.is_write_vectored() {
+        wr.write(&bufs[0]).await?
+    } else {
+        let slices: Vec<io::IoSlice<'_>> = bufs.iter().map(|b| io::IoSlice::new(b)).collect();
+        wr.write_vectored(&slices).await?
+    };
+    if n == 0 {
+        return Err(io::ErrorKind::WriteZero.into());
     }
-    let (mut first, mut skip) = (0, 0);
-    while first < bufs.len() {
-        let slices: Vec<io::IoSlice<'_>> = std::iter::once(&bufs[first][skip..])
-            .chain(bufs[first + 1..].iter().map(|b| &b[..]))
-            .map(io::IoSlice::new)
-            .collect();
-        let mut n = wr.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        // Step past what was written: whole buffers, then into one.
-        n += skip;
-        while first < bufs.len() && n >= bufs[first].len() {
-            n -= bufs[first].len();
-            first += 1;
-        }
-        skip = n;
-    }
-    Ok(total)
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -51,7 +51,7 @@ mod waiting;
 pub use errno::io_errno;
 pub use freeze::{
     Capture, CaptureError, FreezeError, HeldEvent, PipeSnap, RelaySnap, ResumeError, Resumed,
-    RouterSnap, StartSnap,
+    RouterSnap, RouterSnapError, StartSnap, ROUTER_SNAP_VERSION,
 };
 pub use preaccept::{PreAcceptSnap, Replay, PRE_ACCEPT_MAX};
 pub use quiet::{Expiry, QuietLimits, QuietSnap};
@@ -69,7 +69,8 @@ use preaccept::PreAccept;
 use quiet::Quiet;
 use relay::{Attachment, End, Pump, Relayed};
 use router::{
-    lock_router, route, Attached, Counters, Receive, Route, RouteSink, Router, Start, Track,
+    lock_router, route, Attached, Counters, Inbox, InboxSender, Receive, Route, RouteSink, Router,
+    Start, Track,
 };
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -242,6 +243,21 @@ impl Endpoint {
     /// io-server: answers request `req`.
     pub fn respond(&self, req: ReqId, response: Response) {
         self.inner.handle.with(|ch| ch.respond(req, response));
+    }
+
+    /// io-server: the node's outbound connect of `conn` is in flight from
+    /// `local`; the node is told before the Connect's response where its
+    /// channel speaks it (protocol version 4, or in-process), else nothing
+    /// is sent. Whether it was sent.
+    pub fn connecting(&self, conn: ConnId, local: SocketAddr) -> bool {
+        self.inner.handle.with(|ch| ch.connecting(conn, local))
+    }
+
+    /// Whether the channel carries [`EndpointEvent::Connecting`] (protocol
+    /// version 4, or in-process): a node may wait for the local address
+    /// of a connect in flight.
+    pub fn speaks_connecting(&self) -> bool {
+        self.inner.handle.with(|ch| ch.speaks_connecting())
     }
 
     /// `make_connection`: a new connection whose events are held for a relay.
@@ -728,7 +744,7 @@ impl Endpoint {
         if router.closed.is_some() || (!known && held.is_empty()) {
             return Err(start);
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let inbox = Arc::new(Inbox::default());
         let (abort_tx, abort_rx) = oneshot::channel();
         let credit = Arc::new(Notify::new());
         let (pre, track) = match start {
@@ -755,7 +771,7 @@ impl Endpoint {
             },
         });
         let mut attached = Attached {
-            inbound: tx,
+            inbound: InboxSender(inbox.clone()),
             credit: credit.clone(),
             abort: Some(abort_tx),
             receive: match splices {
@@ -766,13 +782,13 @@ impl Endpoint {
             socket,
         };
         for ev in held {
-            attached.deliver(ev, &counters);
+            attached.deliver(ev);
         }
         router
             .conns
             .insert(conn, Route::Relayed(attached, counters.clone()));
         Ok(Attachment {
-            inbound: rx,
+            inbound: inbox,
             credit,
             abort: abort_rx,
             counters,

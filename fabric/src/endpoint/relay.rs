@@ -1,27 +1,30 @@
 //! The pumps of one relay: stream to connection within the peer's credit
 //! (reading straight into a Data frame, or splicing bulk reads into the
-//! channel's pipe), and connection to stream (each Data written fully,
-//! then credited). §2.2: a connection whose stream stops reading waits
-//! on its own credit and never stalls another.
+//! channel's pipe), and connection to stream (each write credited as it
+//! is made, and stepped past in the relay's inbox, where a freeze's
+//! capture finds what is not written yet). §2.2: a connection whose
+//! stream stops reading waits on its own credit and never stalls another.
 
 use super::errno::{self, io_errno};
-use super::io::{poll_read_into, write_all_vectored, MAX_BATCH};
+use super::io::{poll_read_into, write_vectored_once, MAX_BATCH};
 use super::preaccept::{PreAccept, Step};
-use super::router::{ConnEvent, Counters, Start};
+use super::router::{ConnEvent, Counters, Inbox, Start};
 use crate::channel::CallError;
-use crate::driver::FabricHandle;
+use crate::driver::{FabricHandle, PhaseWatch};
 use crate::frame::ConnId;
-use crate::splice::{self, Pipe, ReadySocket, SPLICE_MIN};
+use crate::splice::{self, Pipe, ReadySocket, ReceivePipe, SPLICE_MIN};
+use bytes::{Buf, Bytes};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 
 /// A relay attached to its connection.
 pub(super) struct Attachment {
-    pub(super) inbound: mpsc::UnboundedReceiver<ConnEvent>,
+    /// What the router hands it to write to its stream.
+    pub(super) inbound: Arc<Inbox>,
     pub(super) credit: Arc<Notify>,
     pub(super) abort: oneshot::Receiver<i32>,
     /// Its counters, with what it keeps before its program accepts it
@@ -107,7 +110,7 @@ impl<T: ReadySocket> Pump<'_, T> {
         &self,
         mut rd: tokio::io::ReadHalf<S>,
         mut wr: tokio::io::WriteHalf<S>,
-        mut inbound: mpsc::UnboundedReceiver<ConnEvent>,
+        inbound: Arc<Inbox>,
         credit: &Notify,
         mut abort: oneshot::Receiver<i32>,
     ) -> (End, tokio::io::ReadHalf<S>, tokio::io::WriteHalf<S>) {
@@ -116,7 +119,7 @@ impl<T: ReadySocket> Pump<'_, T> {
         let fin_seen = AtomicBool::new(self.counters.fin_written.load(Ordering::Relaxed));
         let end = {
             let up = self.upstream(&mut rd, credit);
-            let down = self.downstream(&mut wr, &mut inbound, &up_done, &fin_seen);
+            let down = self.downstream(&mut wr, &inbound, &up_done, &fin_seen);
             tokio::pin!(up, down);
             let mut abort_live = true;
             loop {
@@ -325,72 +328,165 @@ impl<T: ReadySocket> Pump<'_, T> {
         });
     }
 
-    /// Connection -> stream: each Data is written fully, then credited.
+    /// Connection -> stream, from the relay's [`Inbox`]: each write steps
+    /// past what it wrote in the inbox and credits it, in the poll that
+    /// wrote it. While the endpoint is frozen it writes nothing: it parks
+    /// at once, between two writes, and what its stream has not been sent
+    /// stays in the inbox, where a capture finds it (design §2, "Capture
+    /// instead of drain"); a stream that does not read never holds a
+    /// freeze up.
     pub(super) async fn downstream<W: AsyncWrite + Unpin>(
         &self,
         wr: &mut W,
-        inbound: &mut mpsc::UnboundedReceiver<ConnEvent>,
+        inbox: &Inbox,
         up_done: &AtomicBool,
         fin_seen: &AtomicBool,
     ) -> io::Result<DownEnd> {
         let handle = self.handle;
-        // Data already queued behind the first goes out in the same write
-        // (one syscall and one wake-up of the reader for a fabric read's
-        // worth of frames); the event that ends a batch waits here.
-        let mut next = None;
+        let mut phase = handle.phase_watch();
         loop {
-            let ev = match next.take() {
-                Some(ev) => Some(ev),
-                None => inbound.recv().await,
-            };
-            match ev {
-                Some(ConnEvent::Data(data)) => {
-                    // Made per batch: an idle relay keeps no allocation.
-                    let mut batch = vec![data];
-                    while batch.len() < MAX_BATCH {
-                        match inbound.try_recv() {
-                            Ok(ConnEvent::Data(more)) => batch.push(more),
-                            Ok(other) => {
-                                next = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    // Boxed: this future is large and rare; inline, every
-                    // relay task (idle ones too) would be that much larger.
-                    let n = Box::pin(write_all_vectored(wr, &batch)).await?;
-                    handle.with(|ch| ch.consumed(self.conn, n));
-                    self.counters
-                        .bytes_out
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                    self.counters.handled(batch.len());
+            // The clean point: what is not written is in the inbox.
+            if !phase.is_running() {
+                self.park(inbox, &mut phase).await;
+                continue;
+            }
+            match front(inbox) {
+                Front::Empty => tokio::select! {
+                    _ = inbox.ready() => {}
+                    _ = phase.paused() => {}
+                },
+                Front::Data(batch) => {
+                    // Data already queued behind the first goes out in the
+                    // same write (one syscall and one wake-up of the
+                    // reader for a fabric read's worth of frames). Boxed:
+                    // this future is large and rare; inline, every relay
+                    // task (idle ones too) would be that much larger.
+                    let n = tokio::select! {
+                        n = Box::pin(write_vectored_once(wr, &batch)) => n?,
+                        _ = phase.paused() => continue,
+                    };
+                    step_past(inbox, n);
+                    self.written(n);
                 }
-                Some(ConnEvent::Spliced(len, pipe)) => {
+                Front::Spliced(left, pipe) => {
                     let socket = self.socket.ok_or(io::ErrorKind::Unsupported)?;
-                    // Boxed, as the vectored write above.
-                    Box::pin(pipe.drain_into(socket, len)).await?;
-                    handle.with(|ch| ch.consumed(self.conn, len));
-                    self.counters
-                        .bytes_out
-                        .fetch_add(len as u64, Ordering::Relaxed);
-                    self.counters.handled(1);
+                    let n = tokio::select! {
+                        n = pipe.drain_some(socket, left) => n?,
+                        _ = phase.paused() => continue,
+                    };
+                    step_past(inbox, n);
+                    self.written(n);
                 }
-                Some(ConnEvent::Fin) => {
+                Front::Fin => {
                     // Half-closed from here (before the stream can see
                     // its EOF): the sweeps' half-closed limit applies.
                     self.counters.fin_written.store(true, Ordering::Relaxed);
+                    // At once on a socket: not a point to stop at.
                     wr.shutdown().await?;
+                    inbox.lock().events.pop_front();
                     fin_seen.store(true, Ordering::Relaxed);
-                    self.counters.handled(1);
                     if up_done.load(Ordering::Relaxed) {
                         return Ok(DownEnd::Finished);
                     }
                 }
-                Some(ConnEvent::Closed(e)) => return Ok(DownEnd::Closed(e)),
-                Some(ConnEvent::Credit) => {}
-                None => return Ok(DownEnd::Closed(errno::ECONNABORTED)),
+                Front::Closed(e) => return Ok(DownEnd::Closed(e)),
+                Front::Gone => return Ok(DownEnd::Closed(errno::ECONNABORTED)),
             }
+        }
+    }
+
+    /// `n` octets were written to the stream: credited and counted.
+    fn written(&self, n: usize) {
+        self.handle.with(|ch| ch.consumed(self.conn, n));
+        self.counters
+            .bytes_out
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Waits at the clean point until the endpoint runs again, marked
+    /// parked in the inbox meanwhile. The mark is cleared before the
+    /// phase is looked at, and the freeze looks at the mark after telling
+    /// the tasks to pause: a relay that goes on, having seen the endpoint
+    /// running, is never counted parked.
+    async fn park(&self, inbox: &Inbox, phase: &mut PhaseWatch) {
+        loop {
+            inbox.lock().parked = false;
+            if phase.is_running() {
+                return;
+            }
+            inbox.lock().parked = true;
+            self.counters.progress.made();
+            phase.running().await;
+        }
+    }
+}
+
+/// What a relay's downstream does next, as its inbox says.
+enum Front {
+    Empty,
+    /// The first Data payloads (the first one's rest), at most
+    /// [`MAX_BATCH`] of them.
+    Data(Vec<Bytes>),
+    /// Octets left of a spliced payload, in the relay's receive pipe.
+    Spliced(usize, Arc<ReceivePipe>),
+    Fin,
+    Closed(i32),
+    /// The router let go, and nothing is left to write.
+    Gone,
+}
+
+/// The front of `inbox` (credits and empty payloads, which ask for no
+/// write, dropped).
+fn front(inbox: &Inbox) -> Front {
+    let mut st = inbox.lock();
+    while let Some(ConnEvent::Credit) | Some(ConnEvent::Spliced(0, _)) = st.events.front() {
+        st.events.pop_front();
+    }
+    while matches!(st.events.front(), Some(ConnEvent::Data(d)) if d.is_empty()) {
+        st.events.pop_front();
+    }
+    match st.events.front() {
+        None if st.closed => Front::Gone,
+        None => Front::Empty,
+        Some(ConnEvent::Data(_)) => Front::Data(
+            st.events
+                .iter()
+                .take(MAX_BATCH)
+                .map_while(|ev| match ev {
+                    ConnEvent::Data(d) if !d.is_empty() => Some(d.clone()),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        Some(ConnEvent::Spliced(left, pipe)) => Front::Spliced(*left, pipe.clone()),
+        Some(ConnEvent::Fin) => Front::Fin,
+        Some(ConnEvent::Closed(e)) => Front::Closed(*e),
+        Some(ConnEvent::Credit) => Front::Empty,
+    }
+}
+
+/// Steps `inbox` past `n` octets written from its front.
+fn step_past(inbox: &Inbox, mut n: usize) {
+    let mut st = inbox.lock();
+    while n > 0 {
+        match st.events.front_mut() {
+            Some(ConnEvent::Data(d)) if d.len() <= n => {
+                n -= d.len();
+                st.events.pop_front();
+            }
+            Some(ConnEvent::Data(d)) => {
+                d.advance(n);
+                n = 0;
+            }
+            Some(ConnEvent::Spliced(left, _)) if *left <= n => {
+                n -= *left;
+                st.events.pop_front();
+            }
+            Some(ConnEvent::Spliced(left, _)) => {
+                *left -= n;
+                n = 0;
+            }
+            _ => break,
         }
     }
 }

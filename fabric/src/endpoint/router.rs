@@ -15,7 +15,7 @@ use crate::driver;
 use crate::frame::{ConnId, ReqId, Request, Response};
 use crate::splice::ReceivePipe;
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -40,6 +40,10 @@ pub enum EndpointEvent {
         peer: SocketAddr,
         local: SocketAddr,
     },
+    /// Node side: the outbound connect of `conn` is in flight from `local`
+    /// (the io-server's address and the port its socket got), before the
+    /// Connect's response (protocol version 4).
+    Connecting { conn: ConnId, local: SocketAddr },
     /// The peer closed (or reported an error on) a connection with no relay
     /// attached, e.g. a listener or a bound socket.
     ConnectionClosed { conn: ConnId, errno: i32 },
@@ -72,7 +76,8 @@ pub(super) enum ConnEvent {
 
 /// The router's side of an attached relay.
 pub(super) struct Attached {
-    pub(super) inbound: mpsc::UnboundedSender<ConnEvent>,
+    /// Where its stream events go; closed when this is dropped.
+    pub(super) inbound: InboxSender,
     pub(super) credit: Arc<Notify>,
     /// Fired on an abortive close so a relay blocked on its stream ends at once.
     pub(super) abort: Option<oneshot::Sender<i32>>,
@@ -110,9 +115,9 @@ impl Attached {
         }
     }
 
-    /// Hands `ev` to the relay, counting it in `counters` until the
-    /// relay has written it through ([`Counters::queued`]).
-    pub(super) fn deliver(&mut self, ev: ConnEvent, counters: &Counters) {
+    /// Hands `ev` to the relay: into its [`Inbox`], where it stays until
+    /// the relay has written it through.
+    pub(super) fn deliver(&mut self, ev: ConnEvent) {
         match ev {
             ConnEvent::Credit => self.credit.notify_one(),
             ConnEvent::Closed(e) if e != 0 => {
@@ -120,11 +125,63 @@ impl Attached {
                     let _ = abort.send(e);
                 }
             }
-            ev => {
-                counters.queued.fetch_add(1, Ordering::AcqRel);
-                let _ = self.inbound.send(ev);
-            }
+            ev => self.inbound.0.push(ev),
         }
+    }
+}
+
+/// What the router hands one relay to write to its stream, and what the
+/// relay has not written yet: the relay steps past each octet in the poll
+/// that writes it, so that a frozen endpoint's capture finds here,
+/// exactly, what its stream has still to be sent (design §2, "Capture
+/// instead of drain").
+#[derive(Debug, Default)]
+pub(super) struct Inbox {
+    state: Mutex<InboxState>,
+    /// Wakes the relay for an event, or the router's letting go.
+    ready: Notify,
+}
+
+/// The inside of an [`Inbox`].
+#[derive(Debug, Default)]
+pub(super) struct InboxState {
+    /// Events not yet written through, in order; the first Data or
+    /// spliced payload holds what is left of it.
+    pub(super) events: VecDeque<ConnEvent>,
+    /// The router let go of the relay: nothing more comes.
+    pub(super) closed: bool,
+    /// The relay is at its clean point, for a freeze: it writes nothing
+    /// until the endpoint runs again ([`Endpoint::freeze`](super::Endpoint::freeze)).
+    pub(super) parked: bool,
+}
+
+impl Inbox {
+    pub(super) fn lock(&self) -> MutexGuard<'_, InboxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, ev: ConnEvent) {
+        self.lock().events.push_back(ev);
+        self.ready.notify_one();
+    }
+
+    /// Waits for an event, or the router's letting go (a permit left by a
+    /// push since the relay last looked is not lost).
+    pub(super) async fn ready(&self) {
+        self.ready.notified().await;
+    }
+}
+
+/// The router's hold on a relay's [`Inbox`]: dropped (the connection is
+/// finished, or the channel closed), the relay hears that nothing more
+/// comes once it has written what it holds.
+#[derive(Debug)]
+pub(super) struct InboxSender(pub(super) Arc<Inbox>);
+
+impl Drop for InboxSender {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.ready.notify_one();
     }
 }
 
@@ -141,9 +198,6 @@ pub(super) struct Counters {
     /// The stream's end of file went out as a Fin: nothing more is read
     /// from it.
     pub(super) fin_sent: AtomicBool,
-    /// Events handed to the relay and not yet written through (all of
-    /// them once it is 0: the relay's state is all in the router).
-    pub(super) queued: AtomicUsize,
     /// io-server: the replay to send first, and the client's octets kept
     /// until the node's program accepts the connection (`None` once that
     /// is over, or for a connection that never had them). Here rather
@@ -154,14 +208,6 @@ pub(super) struct Counters {
 }
 
 impl Counters {
-    /// The relay wrote `n` of its queued events through.
-    pub(super) fn handled(&self, n: usize) {
-        // Sequentially consistent with the freeze's flag and its look at
-        // the counts: one of the two sees the other.
-        self.queued.fetch_sub(n, Ordering::SeqCst);
-        self.progress.made();
-    }
-
     /// Whether the node's program accepted the connection (always, for
     /// one not tracked).
     pub(super) fn accepted(&self) -> bool {
@@ -253,8 +299,8 @@ pub(super) struct Router {
     pub(super) progress: Arc<Progress>,
 }
 
-/// Relays writing their events through, or ending, while a freeze waits
-/// for them. Told only while one waits: a relay's write costs no lock.
+/// Relays reaching their clean points, or ending, while a freeze waits
+/// for them. Told only while one waits.
 #[derive(Debug, Default)]
 pub(super) struct Progress {
     pub(super) waiting: AtomicBool,
@@ -262,7 +308,7 @@ pub(super) struct Progress {
 }
 
 impl Progress {
-    /// A relay wrote events through, or ended.
+    /// A relay parked, or ended.
     pub(super) fn made(&self) {
         if self.waiting.load(Ordering::SeqCst) {
             self.notify.notify_waiters();
@@ -282,7 +328,7 @@ impl Router {
                 if let (Some(t), ConnEvent::Data(_)) = (&c.track, &ev) {
                     program_wrote(t, a);
                 }
-                a.deliver(ev, c);
+                a.deliver(ev);
                 true
             }
             Some(Route::Held(q)) => {
@@ -390,6 +436,7 @@ pub(super) fn route_one(
                 local,
             })
         }
+        Event::Connecting { conn, local } => Some(EndpointEvent::Connecting { conn, local }),
         Event::MessageReceived { conn, data } => {
             router.deliver(conn, ConnEvent::Data(data));
             None
@@ -401,7 +448,7 @@ pub(super) fn route_one(
                     program_wrote(t, a);
                 }
                 if let Some(pipe) = a.receive_pipe() {
-                    a.deliver(ConnEvent::Spliced(len, pipe), c);
+                    a.deliver(ConnEvent::Spliced(len, pipe));
                 }
             }
             None
@@ -445,8 +492,8 @@ pub(super) fn route_one(
             router.closed = Some(error.to_string());
             router.pending.clear();
             for (_, route) in router.conns.drain() {
-                if let Route::Relayed(mut a, c) = route {
-                    a.deliver(ConnEvent::Closed(errno::ECONNABORTED), &c);
+                if let Route::Relayed(mut a, _) = route {
+                    a.deliver(ConnEvent::Closed(errno::ECONNABORTED));
                 }
             }
             drop(router);

@@ -245,6 +245,33 @@ impl SideSocket {
         )?))
     }
 
+    /// A hand-off socket's end made elsewhere (an io-server upgrade's new
+    /// process takes the old one's over): checked to be a sequenced-packet
+    /// socket, made non-blocking.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Self> {
+        let ty = so::getsockopt(&fd, so::sockopt::SockType).map_err(errno)?;
+        if ty != so::SockType::SeqPacket {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a hand-off socket (SOCK_SEQPACKET)",
+            ));
+        }
+        nix::fcntl::fcntl(
+            fd.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .map_err(errno)?;
+        Ok(SideSocket(register(
+            fd,
+            Interest::READABLE | Interest::WRITABLE,
+        )?))
+    }
+
+    /// The socket's descriptor (for a copy to hand over).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(self.0.get_ref())
+    }
+
     async fn send_with(&self, data: &[u8], fd: Option<RawFd>) -> io::Result<()> {
         let iov = [IoSlice::new(data)];
         let fds = fd.map(|f| [f]);

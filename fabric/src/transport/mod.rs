@@ -82,6 +82,33 @@ pub trait TransportWrite: Send + 'static {
     ) -> impl Future<Output = io::Result<()>> + Send {
         async { Err(io::ErrorKind::Unsupported.into()) }
     }
+    /// Writes a first part of `bytes` (some of it, unless it is empty) and
+    /// steps `bytes` past it: the write of a writer that can stop between
+    /// two steps ([`TransportWrite::stops_anywhere`]). The default writes
+    /// all of it ([`TransportWrite::write`]).
+    fn write_some(&mut self, bytes: &mut Bytes) -> impl Future<Output = io::Result<()>> + Send {
+        async move { self.write(std::mem::take(bytes)).await }
+    }
+    /// Moves a first part of the `left` octets [`TransportWrite::splice`]
+    /// would move, and counts `left` down by it. The default moves all.
+    fn splice_some(
+        &mut self,
+        pipe: &crate::splice::Pipe,
+        left: &mut usize,
+    ) -> impl Future<Output = io::Result<()>> + Send {
+        async move {
+            let len = std::mem::take(left);
+            self.splice(pipe, len).await
+        }
+    }
+    /// Whether [`TransportWrite::write_some`] and
+    /// [`TransportWrite::splice_some`] lose nothing when dropped before
+    /// they finish (they wrote nothing, and `bytes` and `left` say so):
+    /// the driver's writer then stops in the middle of a piece of output
+    /// when its tasks are paused, and gives the rest back to the channel.
+    fn stops_anywhere(&self) -> bool {
+        false
+    }
     /// The socket under the transport (a `unix:` or `tcp://` one), which
     /// an upgrade in place moves to another endpoint
     /// ([`crate::endpoint::Capture`]); `None`: nothing that can move.
@@ -232,6 +259,57 @@ impl TransportWrite for StreamWriter {
             },
             #[cfg(feature = "rdma")]
             Writer::Rdma(w) => w.write(bytes).await,
+        }
+    }
+    async fn write_some(&mut self, bytes: &mut Bytes) -> io::Result<()> {
+        use bytes::Buf;
+        // One write each (cancel-safe: dropped while pending, it wrote
+        // nothing), stepped past in the poll that wrote it.
+        let n = match &mut self.0 {
+            Writer::Stream(w) => w.write(bytes).await?,
+            Writer::Unix(w) => w.write(bytes).await?,
+            Writer::Tcp(w) => w.write(bytes).await?,
+            Writer::Memory(_) if bytes.is_empty() => return Ok(()),
+            Writer::Memory(tx) => {
+                let tx = tx.as_ref().ok_or_else(closed)?;
+                // The chunk is taken only once there is room for it.
+                let permit = tx.reserve().await.map_err(|_| closed())?;
+                permit.send(std::mem::take(bytes));
+                return Ok(());
+            }
+            #[cfg(feature = "rdma")]
+            Writer::Rdma(w) => return w.write(std::mem::take(bytes)).await,
+        };
+        if n == 0 && !bytes.is_empty() {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        bytes.advance(n);
+        Ok(())
+    }
+    async fn splice_some(
+        &mut self,
+        pipe: &crate::splice::Pipe,
+        left: &mut usize,
+    ) -> io::Result<()> {
+        let n = match &self.0 {
+            Writer::Unix(w) => {
+                pipe.drain_some(AsRef::<UnixStream>::as_ref(w), *left)
+                    .await?
+            }
+            Writer::Tcp(w) => {
+                pipe.drain_some(AsRef::<TcpStream>::as_ref(w), *left)
+                    .await?
+            }
+            _ => return Err(io::ErrorKind::Unsupported.into()),
+        };
+        *left -= n;
+        Ok(())
+    }
+    fn stops_anywhere(&self) -> bool {
+        match self.0 {
+            Writer::Stream(_) | Writer::Unix(_) | Writer::Tcp(_) | Writer::Memory(_) => true,
+            #[cfg(feature = "rdma")]
+            Writer::Rdma(_) => false,
         }
     }
     fn hands_chunks_on(&self) -> bool {

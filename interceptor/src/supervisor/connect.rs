@@ -91,7 +91,10 @@ pub(crate) fn connect(sh: &Arc<SupervisorState>, call: &mut Call) -> Outcome {
     let (tx, _) = tokio::sync::watch::channel(false);
     sh.connecting.lock().insert(s_ino, tx);
     // The table knows S before the program holds it.
-    vs.state = State::Connecting { peer: addr };
+    vs.state = State::Connecting {
+        peer: addr,
+        local: None,
+    };
     vs.tried_connect = true;
     vs.holder = Some((call.pid(), call.fd()));
     sh.table().rekey(ino, s_ino, vs.clone());
@@ -184,31 +187,129 @@ pub(crate) fn unconnect(
 /// connection goes on (the kernel's `SS_CONNECTING`).
 fn wait_connected(s_ino: Inode, timeout: Option<(std::time::Duration, i32)>) -> Outcome {
     defer(move |sh, call| async move {
-        let mut rx = sh.connecting.lock().get(&s_ino).map(|tx| tx.subscribe());
-        let deadline = timeout.map(|(t, e)| (tokio::time::Instant::now() + t, e));
-        loop {
-            if let Some((_, e)) = deadline.filter(|(d, _)| tokio::time::Instant::now() >= *d) {
-                return (call, Outcome::Reply(Reply::Errno(e)));
+        let deadline = timeout.map(|(t, _)| tokio::time::Instant::now() + t);
+        let connecting = |s: &State| matches!(s, State::Connecting { .. });
+        match wait_while(&sh, &call, s_ino, deadline, connecting).await {
+            Waited::Late => {
+                // Late only with a deadline, which comes with its errno.
+                let e = timeout.map_or(libc::EINPROGRESS, |(_, e)| e);
+                (call, Outcome::Reply(Reply::Errno(e)))
             }
-            let still = matches!(
-                sh.table().get(s_ino).map(|v| &v.state),
-                Some(State::Connecting { .. })
-            );
-            if !still {
-                break;
-            }
-            if let Some(r) = sh.interrupted(&call) {
-                return (call, Outcome::Reply(r));
-            }
-            match rx.as_mut() {
-                Some(rx) => {
-                    let _ = tokio::time::timeout(LIVENESS_CHECK, rx.changed()).await;
-                }
-                None => tokio::time::sleep(LIVENESS_CHECK).await,
+            Waited::Interrupted(r) => (call, Outcome::Reply(r)),
+            Waited::Done => {
+                // Gone already: ended (closed by the peer) after connecting.
+                let reply = sh.table().get_mut(s_ino).map_or(Reply::Value(0), report);
+                (call, Outcome::Reply(reply))
             }
         }
-        // Gone already: ended (closed by the peer) after connecting.
-        let reply = sh.table().get_mut(s_ino).map_or(Reply::Value(0), report);
+    })
+}
+
+/// Why [`wait_while`] returned.
+enum Waited {
+    /// The state no longer waits (or the socket is gone).
+    Done,
+    /// At the deadline.
+    Late,
+    /// The caller was interrupted: its answer.
+    Interrupted(Reply),
+}
+
+/// Waits while the state of the socket `ino` is one `waiting` holds of,
+/// woken by its connect's watch ([`SupervisorState::connecting`], which
+/// ends when the connect does) and looking again every
+/// [`LIVENESS_CHECK`], until `deadline` or the caller's interruption.
+async fn wait_while(
+    sh: &SupervisorState,
+    call: &Call,
+    ino: Inode,
+    deadline: Option<tokio::time::Instant>,
+    waiting: impl Fn(&State) -> bool,
+) -> Waited {
+    let mut rx = sh.connecting.lock().get(&ino).map(|tx| tx.subscribe());
+    loop {
+        let now = tokio::time::Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            return Waited::Late;
+        }
+        let still = sh.table().get(ino).is_some_and(|v| waiting(&v.state));
+        if !still {
+            return Waited::Done;
+        }
+        if let Some(r) = sh.interrupted(call) {
+            return Waited::Interrupted(r);
+        }
+        let nap = deadline.map_or(LIVENESS_CHECK, |d| LIVENESS_CHECK.min(d - now));
+        match rx.as_mut() {
+            Some(r) => {
+                if let Ok(Err(_)) = tokio::time::timeout(nap, r.changed()).await {
+                    // The connect finished (its sender is gone).
+                    rx = None;
+                }
+            }
+            None => tokio::time::sleep(nap).await,
+        }
+    }
+}
+
+/// How long a `getsockname` of a socket whose connect is in flight waits
+/// for the io-server to say the connect's local address
+/// ([`local_known`]). The io-server says it as soon as its `connect()`
+/// returned, so this is a fabric round trip; a channel that does not
+/// carry it is not waited for ([`wait_local`]).
+pub(crate) const LOCAL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The io-server said where the connect of `conn` leaves from
+/// (`EndpointEvent::Connecting`): recorded on its socket while it is still
+/// connecting (a late word, after the connect finished or was abandoned,
+/// is dropped), and a `getsockname` waiting for it ([`wait_local`]) is
+/// woken.
+pub(crate) fn local_known(sh: &SupervisorState, conn: ConnId, local: SocketAddr) {
+    let ino = {
+        let mut table = sh.table();
+        let ino = table.inode_of_conn(conn);
+        let state = table.by_conn_mut(conn).map(|v| &mut v.state);
+        let Some(State::Connecting { local: known, .. }) = state else {
+            return;
+        };
+        *known = Some(local);
+        ino
+    };
+    let Some(ino) = ino else { return };
+    let connecting = sh.connecting.lock();
+    if let Some(tx) = connecting.get(&ino) {
+        // Wakes the watchers without changing the value (still going).
+        tx.send_modify(|_| {});
+    }
+}
+
+/// `getsockname` of the socket `ino`, whose connect is in flight and whose
+/// local address the io-server has not said yet: answered once it has (or
+/// once the connect finished), within [`LOCAL_WAIT`]; after that, or if
+/// the thread is interrupted, with what is known (the bound or unspecified
+/// address, as before protocol version 4). `getsockname` never sleeps in
+/// the kernel, so no signal ends it with an error.
+pub(crate) fn wait_local(ino: Inode) -> Outcome {
+    defer(move |sh, mut call| async move {
+        let deadline = tokio::time::Instant::now() + LOCAL_WAIT;
+        let unsaid = |s: &State| matches!(s, State::Connecting { local: None, .. });
+        // However it ends, the answer is what is known then.
+        let _ = wait_while(&sh, &call, ino, Some(deadline), unsaid).await;
+        let known = sh.table().get(ino).map(VirtualSocket::local_addr);
+        // Gone meanwhile (the connect abandoned): what the fd is now.
+        let addr = match known {
+            Some(a) => a,
+            None => match sh.lookup(&mut call) {
+                Some((_, vs)) => vs.local_addr(),
+                None => return (call, Outcome::Reply(Reply::Continue)),
+            },
+        };
+        call.note.action = "virtual";
+        let (ptr, len_ptr) = (call.arg(1), call.arg(2));
+        let reply = match sh.write_addr(&mut call, ptr, len_ptr, &addr) {
+            Ok(()) => Reply::Value(0),
+            Err(e) => Reply::Errno(e),
+        };
         (call, Outcome::Reply(reply))
     })
 }

@@ -42,6 +42,9 @@ pub(crate) async fn serve(
                 peer,
                 local,
             } => arrival::deliver(&sh, listener, conn, peer, local),
+            EndpointEvent::Connecting { conn, local } => {
+                super::connect::local_known(&sh, conn, local);
+            }
             EndpointEvent::ConnectionClosed { conn, errno } => {
                 tracing::debug!(conn, errno, "connection closed before it was relayed");
                 sh.listeners.forget_arrival(conn);

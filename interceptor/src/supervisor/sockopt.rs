@@ -270,9 +270,15 @@ fn write_value(call: &mut Call, value: &[u8], len: u32) -> Reply {
 /// `getsockname(fd, addr, len)` / `getpeername(fd, addr, len)`: the virtual
 /// addresses — the gateway's address and the client's real one.
 pub(crate) fn getname(sh: &Arc<SupervisorState>, call: &mut Call, peer: bool) -> Outcome {
-    let Some((_, vs)) = sh.lookup(call) else {
+    let Some((ino, vs)) = sh.lookup(call) else {
         return Outcome::Reply(Reply::Continue);
     };
+    // A connect in flight: the io-server says its local address soon after
+    // it sent the SYN, where its channel carries it (protocol version 4).
+    let unsaid = matches!(vs.state, State::Connecting { local: None, .. });
+    if !peer && unsaid && sh.ep().speaks_connecting() {
+        return super::connect::wait_local(ino);
+    }
     let addr = if peer {
         match vs.peer_addr() {
             Some(a) => a,

@@ -127,6 +127,7 @@ impl<C: QueuedClient> Groups<C> {
             ledger: Ledger::restore(snap.ledger)?,
             orphanings: snap.orphanings,
             left: left.collect::<Result<VecDeque<Left>, StateError>>()?,
+            hold: false,
         })
     }
 }

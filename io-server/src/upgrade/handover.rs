@@ -5,32 +5,37 @@
 //! 1. The new process connects to `--control` and says
 //!    `upgrade VERSION PID` ([`STATE_VERSION`] of its binary).
 //! 2. The old one refuses at once, before anything stops, what it cannot
-//!    hand over: another state version, nodes joined (their channels and
-//!    relays do not move yet), a port a group holds, the smoltcp stack, an
-//!    `rdma://` listener. Otherwise it answers `ok` with one end of a
-//!    `SOCK_SEQPACKET` pair, says `RELOADING=1` to systemd, and pauses
-//!    every listener (nothing accepts; clients wait in the kernel's
-//!    queues; no socket closes).
-//! 3. Over the pair: the state (an [`Envelope`]), then every descriptor
-//!    in batches (`saps_fabric::fdpass`).
+//!    hand over: another state version, the smoltcp stack. Otherwise it
+//!    answers `ok` with one end of a `SOCK_SEQPACKET` pair, says
+//!    `RELOADING=1` to systemd, pauses every listener (nothing accepts;
+//!    clients wait in the kernel's queues; no socket closes) and quiesces
+//!    its nodes ([`nodes::quiesce`]).
+//! 3. Over the pair: the state (an [`Envelope`], in pieces), then every
+//!    descriptor in batches (`saps_fabric::fdpass`).
 //! 4. The new process checks that its settings name the same listeners,
 //!    builds its tables and listeners from what came, and says
 //!    `prepared` (or `abort: why`).
-//! 5. The old one says `commit`, then `MAINPID=` of the new one to
-//!    systemd, and from then on touches nothing: on the new process's
+//! 5. The old one says `commit`; the new one answers `committed` before it
+//!    acts on anything it was given (a new process that dies before that
+//!    leaves everything to the old one, nodes included). The old one says
+//!    `MAINPID=` of the new one to systemd, tells the new one it did
+//!    (`main`), and from then on touches
+//!    nothing: on the new process's
 //!    `done` (or at the bound) it leaves with `_exit`, so that no
 //!    destructor shuts a socket down or removes a path the new process
 //!    serves on. Should the new process die before `done` (its end of the
-//!    pair closes), the old one takes its listeners back and goes on, the
-//!    main process again: what moves today (listeners, groups with no
-//!    member) is nothing the new process could have used up.
-//! 6. The new process starts serving, says `done`, and the daemon goes on
-//!    (`READY=1`, the sandbox).
+//!    pair closes), the old one takes its listeners, ports and groups back
+//!    and goes on, the main process again; the nodes' channels, which the
+//!    new process may have moved on already, it ends (their nodes join
+//!    again).
+//! 6. The new process starts serving, says `done`, and once it heard
+//!    `main` (or at the bound) the daemon goes on (`READY=1`, the sandbox).
 //!
 //! Any failure before the commit leaves the old process serving as before
 //! (its listeners resume, `READY=1`), and the new one exits saying why.
 //! Every wait is bounded by `--upgrade-timeout`.
 
+use super::nodes;
 use super::state::{
     Capture, Envelope, ListenerKind, ListenerSnap, ServerSnap, Source, StateSnap, TablesSnap,
     STATE_VERSION,
@@ -38,6 +43,7 @@ use super::state::{
 use crate::config::Config;
 use crate::groups::Groups;
 use crate::notify::State as Notify;
+use crate::ports::{ListeningPort, Ports};
 use crate::server::Listeners;
 use crate::state::ServerState;
 use crate::{Error, IoServer};
@@ -52,23 +58,40 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
-/// Most octets of state one handover carries (one `SOCK_SEQPACKET`
-/// message, under the kernel's default `wmem_max`).
-const MAX_STATE: usize = 192 * 1024;
+/// Most octets of state one handover carries (sent in pieces of
+/// [`PIECE`]): the buffered octets of every connection are in it, each
+/// bounded by the credit windows.
+const MAX_STATE: usize = 256 << 20;
+
+/// The state travels in `SOCK_SEQPACKET` messages of at most this many
+/// octets (under the kernel's default `wmem_max`).
+const PIECE: usize = 64 * 1024;
 
 /// How a message call says the other process has closed its end.
 const GONE: &str = "the other process is gone";
 
+/// The old process's word, after the commit, that it told systemd the new
+/// one is the main process.
+const MAIN: &[u8] = b"main";
+
 /// Header of the descriptor transfer.
 const FDS_HEADER: &[u8] = b"saps-upgrade";
 
-/// Test hook: `SAPS_TEST_UPGRADE_FAIL_AT=request|state|fds|prepared`
+/// Test hook: `SAPS_TEST_UPGRADE_FAIL_AT=request|state|fds|prepared|commit`
 /// makes the new process die (exit 3, no word to the command) at that
-/// point of the handover, as a crash or a kill would.
+/// point of the handover, as a crash or a kill would; `restore`, refuse
+/// what it rebuilt ([`fails_at`]).
 fn die_at(point: &str) {
-    if std::env::var("SAPS_TEST_UPGRADE_FAIL_AT").is_ok_and(|p| p == point) {
+    if fails_at(point) {
         std::process::exit(3);
     }
+}
+
+/// Whether the test hook names `point`; at `restore` the new process
+/// refuses the state it has rebuilt (as a failed check would), running
+/// every destructor of a refused takeover.
+fn fails_at(point: &str) -> bool {
+    std::env::var("SAPS_TEST_UPGRADE_FAIL_AT").is_ok_and(|p| p == point)
 }
 
 /// The version a new process announces: its binary's, unless the test
@@ -134,24 +157,6 @@ fn check_request(server: &ServerState, stream: &UnixStream, line: &str) -> Resul
     if server.stack.is_some() {
         return Err("--stack smoltcp keeps its connections in this process's memory".into());
     }
-    if server.config.fabric.iter().any(|u| u.starts_with("rdma:")) {
-        return Err("an rdma:// listener cannot move to another process".into());
-    }
-    let (nodes, ports) = {
-        let st = server.lock();
-        (st.nodes.len(), !st.ports.is_empty())
-    };
-    if nodes > 0 {
-        return Err(format!(
-            "{nodes} node(s) joined: this version hands over listeners and groups, not \
-             nodes' channels and relays (restart instead: nodes join again)"
-        ));
-    }
-    if ports {
-        return Err(
-            "a listener group still holds its port (a node left less than a moment ago)".into(),
-        );
-    }
     Ok(pid)
 }
 
@@ -168,14 +173,6 @@ async fn hand_over(
             n.notify(states);
         }
     };
-    let (state, fds) = capture(server)?;
-    let wire = state.encode();
-    if wire.len() > MAX_STATE {
-        return Err(format!(
-            "the state takes {} octets, more than this version hands over ({MAX_STATE})",
-            wire.len()
-        ));
-    }
     let (ours, theirs) = so::socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -190,19 +187,39 @@ async fn hand_over(
         Notify::Reloading,
         Notify::Status(format!("upgrading: handing over to pid {pid}")),
     ]);
-    tracing::info!(
-        pid,
-        fds = fds.len(),
-        state = wire.len(),
-        "upgrade: handing over"
-    );
+    tracing::info!(pid, "upgrade: handing over");
     server.paused.send_replace(true);
     let paused = Instant::now();
+    let captured = match nodes::quiesce(server, nodes::quiesce_bound(timeout)).await {
+        Ok(()) => capture(server).inspect_err(|_| nodes::resume(server)),
+        Err(why) => Err(why),
+    };
+    let (wire, fds) = match captured {
+        Ok((state, fds)) => (state.encode(), fds),
+        Err(why) => {
+            server.paused.send_replace(false);
+            notify_serving(server);
+            return Err(why);
+        }
+    };
+    tracing::info!(
+        fds = fds.len(),
+        state = wire.len(),
+        quiesced_ms = paused.elapsed().as_millis() as u64,
+        "upgrade: frozen and captured"
+    );
     let sent = tokio::task::spawn_blocking(move || -> Result<OwnedFd, String> {
-        send_message(ours.as_fd(), &wire, timeout)?;
+        let t = Instant::now();
+        send_state(ours.as_fd(), &wire, timeout)?;
+        let state_ms = t.elapsed().as_millis() as u64;
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
         fdpass::send_fds(ours.as_fd(), FDS_HEADER, &borrowed, timeout)
             .map_err(|e| e.to_string())?;
+        tracing::info!(
+            state_ms,
+            fds_ms = t.elapsed().as_millis() as u64,
+            "upgrade: state and descriptors sent"
+        );
         let answer = recv_message(ours.as_fd(), 256, timeout)?;
         match answer.as_slice() {
             b"prepared" => Ok(ours),
@@ -219,24 +236,51 @@ async fn hand_over(
         Ok(s) => s,
         Err(why) => {
             // Nothing was consumed: serve on as before.
-            server.paused.send_replace(false);
-            notify(&[
-                Notify::Ready,
-                Notify::Status("serving (an upgrade failed)".into()),
-            ]);
-            return Err(why);
+            return Err(serve_on(server, why));
         }
     };
-    // The commit. A new process already gone cannot be committed to.
-    if let Err(why) = send_message(ours.as_fd(), b"commit", timeout) {
-        server.paused.send_replace(false);
-        notify(&[
-            Notify::Ready,
-            Notify::Status("serving (an upgrade failed)".into()),
-        ]);
-        return Err(why);
-    }
+    // The commit. A new process already gone cannot be committed to; one
+    // that dies before it says `committed` has touched nothing it was
+    // given (it acts on nothing before), so all of it comes back.
+    let committed = tokio::task::spawn_blocking(move || -> Result<OwnedFd, (bool, String)> {
+        // (Whether it is late, and why.)
+        let fail = |e: std::io::Error| (e.kind() == std::io::ErrorKind::TimedOut, said(&e));
+        fdpass::send_message(ours.as_fd(), b"commit", timeout).map_err(fail)?;
+        match fdpass::recv_message(ours.as_fd(), 64, timeout)
+            .map_err(fail)?
+            .as_slice()
+        {
+            b"committed" => Ok(ours),
+            other => Err((
+                false,
+                format!(
+                    "the new process did not commit: {}",
+                    String::from_utf8_lossy(other)
+                ),
+            )),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| Err((false, format!("the commit failed: {e}"))));
+    let ours = match committed {
+        Ok(s) => s,
+        // Gone before it committed, or refused: it used nothing.
+        Err((false, why)) => {
+            return Err(serve_on(server, why));
+        }
+        // Late: it may still act on what it was given.
+        Err((true, why)) => {
+            tracing::error!(pid, reason = %why, "upgrade: the new process neither committed nor died in time; its nodes' channels end here");
+            nodes::end_channels(server, "the io-server's upgrade failed at its commit");
+            return Err(serve_on(server, why));
+        }
+    };
     notify(&[Notify::MainPid(pid)]);
+    // The new process says `READY=1` only after this: systemd hears the
+    // main process change before the new one is ready.
+    let _ = send_message(ours.as_fd(), MAIN, timeout);
+    // The ports are the new process's now: none is shut down here.
+    crate::ports::disown();
     let done = tokio::task::spawn_blocking(move || recv_message(ours.as_fd(), 64, timeout))
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
@@ -245,6 +289,12 @@ async fn hand_over(
         // It died before it served: nothing was taken from this process
         // but its listeners' attention, which it takes back.
         Err(why) if why.starts_with(GONE) => {
+            crate::ports::own();
+            // Its nodes' channels may have moved on in the new process
+            // before it died: they end here (and their nodes join again)
+            // rather than go on from a copy that may be stale.
+            nodes::end_channels(server, "the io-server's upgrade failed after its commit");
+            nodes::resume(server);
             server.paused.send_replace(false);
             notify(&[
                 Notify::MainPid(std::process::id()),
@@ -273,8 +323,35 @@ async fn hand_over(
     crate::sys::exit_now(0)
 }
 
+/// Ends a new process whose takeover failed without running a destructor:
+/// what it rebuilt holds the old process's sockets (a refused takeover's
+/// endpoints are disowned, but their tasks may not have seen it yet).
+pub fn leave(code: i32) -> ! {
+    crate::sys::exit_now(code)
+}
+
+/// Goes back after a failure before the commit: nodes and listeners run
+/// again (nothing was consumed), and systemd hears the reload is over;
+/// `why`, to say.
+fn serve_on(server: &Arc<ServerState>, why: String) -> String {
+    nodes::resume(server);
+    server.paused.send_replace(false);
+    notify_serving(server);
+    why
+}
+
+/// `READY=1` with the serving status, after a failed upgrade.
+fn notify_serving(server: &ServerState) {
+    if let Some(n) = server.notifier.get() {
+        n.notify(&[
+            Notify::Ready,
+            Notify::Status("serving (an upgrade failed)".into()),
+        ]);
+    }
+}
+
 /// The state and the descriptors to hand over: the groups' (queued
-/// clients) first, then the listeners'.
+/// clients) and ports' first, then the nodes', then the listeners'.
 fn capture(server: &ServerState) -> Result<(Envelope, Vec<OwnedFd>), String> {
     let now = Instant::now();
     let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().map_err(|e| format!("dup: {e}"));
@@ -282,16 +359,26 @@ fn capture(server: &ServerState) -> Result<(Envelope, Vec<OwnedFd>), String> {
         let st = server.lock();
         let mut capture = Capture::default();
         let groups = st.groups.snapshot(now, &mut capture);
-        let fds = capture
+        let ports = st.ports.snapshot(&mut capture);
+        let mut fds = capture
             .fds
             .iter()
             .map(|&f| dup(f))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut blob = std::mem::take(&mut capture.blob);
+        let mut out = nodes::Gathered {
+            fds: &mut fds,
+            blob: &mut blob,
+        };
+        let (nodes, left_behind) = nodes::capture(&st, &mut out)?;
         let tables = TablesSnap {
             next_node: st.next_node,
             groups,
+            ports,
+            nodes,
+            left_behind,
         };
-        (tables, std::mem::take(&mut capture.blob), fds)
+        (tables, blob, fds)
     };
     let mut listeners = Vec::new();
     {
@@ -373,13 +460,17 @@ pub async fn take(config: Config) -> Result<TakenOver, Error> {
         ));
     }
     let timeout = Duration::from_secs(config.upgrade_timeout);
+    let began = Instant::now();
+    let ms = |since: Instant| since.elapsed().as_millis() as u64;
     let (seq, old_pid) = tokio::task::spawn_blocking(move || ask(&control, timeout))
         .await
         .map_err(|e| fail(format!("the request failed: {e}")))??;
     // The state and the descriptors.
     die_at("request");
+    tracing::info!(ms = ms(began), "upgrade: the old process hands over");
     let got = tokio::task::spawn_blocking(move || -> Result<_, Error> {
-        let wire = recv_message(seq.as_fd(), MAX_STATE, timeout).map_err(Error::Upgrade)?;
+        let wire = recv_state(seq.as_fd(), timeout).map_err(Error::Upgrade)?;
+        tracing::info!(ms = ms(began), "upgrade: state received");
         die_at("state");
         let (header, fds) = fdpass::recv_fds(seq.as_fd(), FDS_HEADER.len(), timeout)
             .map_err(|e| Error::Upgrade(e.to_string()))?;
@@ -393,40 +484,131 @@ pub async fn take(config: Config) -> Result<TakenOver, Error> {
     .await
     .map_err(|e| fail(format!("the transfer failed: {e}")))??;
     let (seq, wire, fds) = got;
+    tracing::info!(
+        state = wire.len(),
+        fds = fds.len(),
+        ms = ms(began),
+        "upgrade: state and descriptors received"
+    );
     die_at("fds");
-    let prepared = prepare(&config, &wire, fds);
-    let (listeners, state, groups) = match prepared {
+    let channel = config.node_channel(token.clone());
+    // Until the commit nothing here may shut a moved socket down.
+    crate::ports::disown();
+    let prepared = match prepare(&config, &channel, &wire, fds) {
         Ok(p) => p,
         Err(why) => {
             let _ = send_message(seq.as_fd(), format!("abort: {why}").as_bytes(), timeout);
             return Err(fail(why));
         }
     };
-    let upgrades = state.server.upgrades + 1;
-    let seq = tokio::task::spawn_blocking(move || -> Result<OwnedFd, String> {
+    let upgrades = prepared.state.server.upgrades + 1;
+    tracing::info!(
+        nodes = prepared.moved.len(),
+        ms = ms(began),
+        "upgrade: rebuilt"
+    );
+    let committed = tokio::task::spawn_blocking(move || -> Result<OwnedFd, String> {
         send_message(seq.as_fd(), b"prepared", timeout)?;
         die_at("prepared");
         match recv_message(seq.as_fd(), 64, timeout)?.as_slice() {
-            b"commit" => Ok(seq),
-            other => Err(format!("no commit: {}", String::from_utf8_lossy(other))),
+            b"commit" => {}
+            other => return Err(format!("no commit: {}", String::from_utf8_lossy(other))),
         }
+        die_at("commit");
+        // From here on it acts on what it was given.
+        send_message(seq.as_fd(), b"committed", timeout)?;
+        Ok(seq)
     })
     .await
-    .map_err(|e| fail(format!("the commit failed: {e}")))?
-    .map_err(fail)?;
+    .map_err(|e| format!("the commit failed: {e}"))
+    .and_then(|r| r);
+    let seq = match committed {
+        Ok(seq) => seq,
+        Err(why) => {
+            // Nothing of it may shut down or remove what the old process
+            // serves on.
+            let Prepared {
+                listeners,
+                ports,
+                moved,
+                ..
+            } = prepared;
+            nodes::disown(moved);
+            std::mem::forget((listeners, ports));
+            return Err(fail(why));
+        }
+    };
+    crate::ports::own();
+    let Prepared {
+        listeners,
+        state,
+        groups,
+        ports,
+        listening,
+        mut moved,
+    } = prepared;
     let now = Instant::now();
+    let mut barriers = Vec::new();
     let io_server = IoServer::serve_on(config, token, None, listeners, |st| {
         state
             .server
             .apply(st, now)
             .map_err(|e| Error::Upgrade(e.to_string()))?;
         st.upgrades.store(upgrades, Ordering::Relaxed);
+        let freed = st.freed.clone();
         let mut tables = st.lock();
         tables.next_node = state.tables.next_node;
         tables.groups = groups;
+        tables.ports = ports;
+        for m in &mut moved {
+            let (entry, b) = m.entry(&freed);
+            tables.nodes.insert(m.id, entry);
+            barriers.push(b);
+        }
         Ok(())
     })?;
+    let server = io_server.state();
+    let mut orphans = Vec::new();
+    {
+        let mut st = server.lock();
+        for &id in &state.tables.left_behind {
+            orphans.extend(st.leave(id));
+        }
+    }
+    crate::dispatch::close_orphans_later(server, orphans);
+    for (key, l) in listening {
+        let task = tokio::spawn(crate::dispatch::accept_loop(server.clone(), key, l));
+        server.lock().ports.set_accept_task(key, task);
+    }
+    for (m, b) in moved.into_iter().zip(barriers) {
+        m.start(server, b);
+    }
+    nodes::restart_queues(server);
+    tracing::info!(ms = ms(began), "upgrade: committed and serving");
+    for url in io_server
+        .state()
+        .config
+        .fabric
+        .iter()
+        .filter(|u| is_rdma(u))
+    {
+        crate::server::bind_when_free(server.clone(), url.clone(), timeout);
+    }
     let _ = send_message(seq.as_fd(), b"done", timeout);
+    // systemd hears `MAINPID=` from the old process before this one says
+    // `READY=1` (the daemon says it when this returns).
+    let main = tokio::task::spawn_blocking(move || recv_message(seq.as_fd(), 64, timeout))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    match main {
+        Ok(m) if m == MAIN => {}
+        Ok(m) => {
+            tracing::warn!(answer = %String::from_utf8_lossy(&m), "upgrade: the old process said something else than that it named this one the main process")
+        }
+        Err(why) => {
+            tracing::warn!(reason = %why, "upgrade: the old process did not say it named this one the main process")
+        }
+    }
     Ok(TakenOver {
         io_server,
         old_pid,
@@ -485,13 +667,29 @@ fn ask(control: &std::path::Path, timeout: Duration) -> Result<(OwnedFd, u32), E
     }
 }
 
+/// What the new process made of the state, before it serves.
+struct Prepared {
+    listeners: Listeners,
+    state: StateSnap,
+    groups: Groups<crate::state::Client>,
+    ports: Ports,
+    /// The ports that listen, for their accept tasks.
+    listening: Vec<ListeningPort>,
+    /// The nodes, their endpoints frozen.
+    moved: Vec<nodes::Moved>,
+}
+
 /// Step 4: the new process's listeners and tables from what came, if its
-/// settings name the same listeners.
+/// settings name the same listeners. Nothing made here shuts a socket
+/// down when dropped (the ports are disowned until the commit, the nodes
+/// are disowned on a failure).
 fn prepare(
     config: &Config,
+    channel: &saps_fabric::ChannelConfig,
     wire: &[u8],
     fds: Vec<OwnedFd>,
-) -> Result<(Listeners, StateSnap, Groups<crate::state::Client>), String> {
+) -> Result<Prepared, String> {
+    let parsing = Instant::now();
     let envelope = Envelope::decode(wire).map_err(|e| e.to_string())?;
     if envelope.fds as usize != fds.len() {
         return Err(format!(
@@ -501,8 +699,12 @@ fn prepare(
         ));
     }
     let state = envelope.state().map_err(|e| e.to_string())?;
+    tracing::info!(
+        ms = parsing.elapsed().as_millis() as u64,
+        "upgrade: state parsed"
+    );
     same_listeners(config, &state.listeners)?;
-    // Listener descriptors out first; the rest belong to the groups.
+    // Listener descriptors out first; the rest belong to the tables.
     let mut slots: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
     let mut take = |i: u32| {
         slots
@@ -510,12 +712,14 @@ fn prepare(
             .and_then(Option::take)
             .ok_or_else(|| format!("descriptor {i} missing or given twice"))
     };
-    let mut listeners = Listeners {
+    // Never dropped here: a listener's destructor removes its path, which
+    // the running io-server serves on (a refused takeover leaks them).
+    let mut listeners = std::mem::ManuallyDrop::new(Listeners {
         fabric: Vec::new(),
         sides: Vec::new(),
         control: None,
         metrics: None,
-    };
+    });
     for l in &state.listeners {
         let fd = take(l.fd)?;
         match &l.kind {
@@ -538,12 +742,38 @@ fn prepare(
             ListenerKind::Metrics { .. } => listeners.metrics = Some(tcp_listener(fd)?),
         }
     }
-    let rest: Vec<OwnedFd> = slots.into_iter().flatten().collect();
-    let mut source = Source::new(rest, envelope.blob.clone());
-    let groups = Groups::restore(state.tables.groups.clone(), &mut source, Instant::now())
+    let rest: Vec<Option<OwnedFd>> = slots.into_iter().collect();
+    let mut source = Source::with_slots(rest, envelope.blob.clone());
+    let now = Instant::now();
+    let groups = Groups::restore(state.tables.groups.clone(), &mut source, now)
         .map_err(|e| e.to_string())?;
-    source.finish().map_err(|e| e.to_string())?;
-    Ok((listeners, state, groups))
+    let groups_ms = now.elapsed().as_millis() as u64;
+    let (ports, listening) =
+        Ports::restore(&state.tables.ports, &mut source).map_err(|e| e.to_string())?;
+    let moved =
+        nodes::restore(channel, &state.tables.nodes, &mut source).map_err(|e| e.to_string())?;
+    tracing::info!(
+        groups_ms,
+        all_ms = now.elapsed().as_millis() as u64,
+        "upgrade: tables rebuilt"
+    );
+    let finished = match fails_at("restore") {
+        true => Err("refused by SAPS_TEST_UPGRADE_FAIL_AT=restore".to_string()),
+        false => source.finish().map_err(|e| e.to_string()),
+    };
+    if let Err(why) = finished {
+        nodes::disown(moved);
+        std::mem::forget(ports);
+        return Err(why);
+    }
+    Ok(Prepared {
+        listeners: std::mem::ManuallyDrop::into_inner(listeners),
+        state,
+        groups,
+        ports,
+        listening,
+        moved,
+    })
 }
 
 /// Refuses a takeover whose settings would serve on other listeners than
@@ -556,7 +786,13 @@ fn same_listeners(config: &Config, listeners: &[ListenerSnap]) -> Result<(), Str
             _ => None,
         })
         .collect();
-    let mut ours: Vec<&str> = config.fabric.iter().map(String::as_str).collect();
+    // An rdma:// listener does not move: the new process binds it again.
+    let mut ours: Vec<&str> = config
+        .fabric
+        .iter()
+        .map(String::as_str)
+        .filter(|u| !is_rdma(u))
+        .collect();
     fabric.sort_unstable();
     ours.sort_unstable();
     if fabric != ours {
@@ -590,6 +826,10 @@ fn same_listeners(config: &Config, listeners: &[ListenerSnap]) -> Result<(), Str
     Ok(())
 }
 
+fn is_rdma(url: &str) -> bool {
+    url.starts_with("rdma:")
+}
+
 fn unix_listener(fd: OwnedFd) -> Result<tokio::net::UnixListener, String> {
     let l = std::os::unix::net::UnixListener::from(fd);
     l.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -603,6 +843,42 @@ fn tcp_listener(fd: OwnedFd) -> Result<tokio::net::TcpListener, String> {
 }
 
 // ---- the pair's messages ---------------------------------------------------
+
+/// The state: its length (8 octets), then its octets in pieces.
+fn send_state(sock: BorrowedFd<'_>, wire: &[u8], timeout: Duration) -> Result<(), String> {
+    if wire.len() > MAX_STATE {
+        return Err(format!(
+            "the state takes {} octets, more than an upgrade carries ({MAX_STATE})",
+            wire.len()
+        ));
+    }
+    send_message(sock, &(wire.len() as u64).to_be_bytes(), timeout)?;
+    for piece in wire.chunks(PIECE) {
+        send_message(sock, piece, timeout)?;
+    }
+    Ok(())
+}
+
+/// [`send_state`]'s state, at most [`MAX_STATE`] octets.
+fn recv_state(sock: BorrowedFd<'_>, timeout: Duration) -> Result<Vec<u8>, String> {
+    let len = recv_message(sock, 8, timeout)?;
+    let len = <[u8; 8]>::try_from(len.as_slice())
+        .map(u64::from_be_bytes)
+        .map_err(|_| "the state's length is malformed".to_string())?;
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&l| l <= MAX_STATE)
+        .ok_or_else(|| format!("a state of {len} octets is more than an upgrade carries"))?;
+    let mut wire = Vec::with_capacity(len);
+    while wire.len() < len {
+        let piece = recv_message(sock, PIECE, timeout)?;
+        if piece.is_empty() || wire.len() + piece.len() > len {
+            return Err("the state's pieces do not add up to its length".into());
+        }
+        wire.extend_from_slice(&piece);
+    }
+    Ok(wire)
+}
 
 /// `fdpass::send_message`, its error as text.
 fn send_message(sock: BorrowedFd<'_>, msg: &[u8], timeout: Duration) -> Result<(), String> {

@@ -2,14 +2,15 @@
 //! descriptors and its state to a new one, which resumes where it stopped
 //! (design note `bench/notes/2026-12-03-upgrade-design.md`).
 //!
-//! Built so far: [`state`], the state's format and its capture and
-//! rebuild for what lives in memory without a task (the listener groups,
-//! their schedulers, queues, ramps and ledger; the server's counters; the
-//! listening sockets), and [`handover`], the transfer between the two
-//! processes over the control socket. Nodes' channels and relays do not
-//! move yet: an upgrade with a node joined is refused.
+//! [`state`] is the state's format and its capture and rebuild for what
+//! lives in memory without a task (the listener groups, their schedulers,
+//! queues, ramps and ledger; the server's counters; the listening
+//! sockets); [`nodes`] quiesces the joined nodes and moves their endpoints,
+//! relays and hand-offs; [`handover`] is the transfer between the two
+//! processes over the control socket.
 
 pub mod handover;
+pub(crate) mod nodes;
 pub mod state;
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 pub const MAGIC: [u8; 8] = *b"SAPSUPG\0";
 
 /// The version of the state format this binary writes and reads.
-pub const STATE_VERSION: u32 = 2;
+pub const STATE_VERSION: u32 = 3;
 
 /// Magic, version, metadata length, blob length, descriptor count.
 pub const HEADER_LEN: usize = 8 + 4 + 8 + 8 + 4;
@@ -216,6 +216,11 @@ impl Source {
         }
     }
 
+    /// [`Source::new`] where some descriptors were taken already (`None`).
+    pub fn with_slots(fds: Vec<Option<OwnedFd>>, blob: Vec<u8>) -> Source {
+        Source { fds, blob }
+    }
+
     /// Descriptor `index`, taken.
     pub fn fd(&mut self, index: u32) -> Result<OwnedFd, StateError> {
         let count = self.fds.len();
@@ -365,6 +370,108 @@ pub struct TablesSnap {
     /// The id the next node to join gets.
     pub next_node: u32,
     pub groups: GroupsSnap,
+    /// The groups' real ports, by address.
+    pub ports: Vec<PortSnap>,
+    /// The nodes whose channels move, by id.
+    pub nodes: Vec<NodeSnap>,
+    /// The nodes whose channels cannot move (`rdma://`): they leave their
+    /// groups in the new process, and join it again.
+    pub left_behind: Vec<u32>,
+}
+
+/// A group's real port (`ports.rs`): its socket, bound or listening.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSnap {
+    pub key: SocketAddr,
+    pub fd: u32,
+    pub listening: bool,
+    /// The backlog it listens with.
+    pub backlog: u32,
+}
+
+/// A joined node (`state.rs` `NodeEntry`) and its fabric endpoint, frozen
+/// (`saps_fabric::Endpoint::capture`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSnap {
+    pub id: u32,
+    pub name: String,
+    pub peer: String,
+    /// The process of a unix fabric's peer (who may claim the hand-off).
+    pub pid: Option<i32>,
+    pub notifies_accepts: bool,
+    /// Its channel's transport: a unix or a TCP stream.
+    pub transport: TransportSnap,
+    /// `saps_proto::ChannelSnap`, in its own encoding.
+    pub channel: BlobRef,
+    /// `saps_fabric::endpoint::RouterSnap`, in its own encoding.
+    pub router: BlobRef,
+    /// The endpoint capture's descriptors, in the capture's order.
+    pub fds: Vec<u32>,
+    /// The sockets the io-server holds state for, by id.
+    pub sockets: Vec<SocketSnap>,
+    /// Its listening sockets (admission counts start again from none).
+    pub listeners: Vec<u64>,
+    /// The hand-off socket of a same-host node (zero-relay).
+    pub handoff: Option<u32>,
+    /// Sockets handed to it that its program has not accepted, by id.
+    pub handed: Vec<HandedSnap>,
+    /// Its outbound connects in progress (or finished and not answered).
+    pub connects: Vec<ConnectSnap>,
+}
+
+/// An outbound connect of a node (`state.rs` `PendingConnect`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectSnap {
+    pub req: u32,
+    pub conn: u64,
+    pub to: SocketAddr,
+    pub fd: u32,
+    /// Finished: 0 (connected) or the errno.
+    pub outcome: Option<i32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum TransportSnap {
+    Unix,
+    Tcp,
+}
+
+/// One socket of a node (`state.rs` `Socket`). Its TCP socket, if
+/// relayed, is the relay's in the endpoint's capture.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketSnap {
+    pub conn: u64,
+    pub group: Option<SocketAddr>,
+    /// Options set before it was connected: `(level, name, value)`.
+    pub opts: Vec<(i32, i32, BlobRef)>,
+    /// Relayed: an outbound connection, or a client of a group.
+    pub relay: Option<RelayedSnap>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum RelayedSnap {
+    Outbound,
+    Client {
+        key: SocketAddr,
+        listener: u64,
+        peer: SocketAddr,
+    },
+}
+
+/// The io-server's copy of a socket handed to a node (`unaccepted.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandedSnap {
+    pub conn: u64,
+    pub key: SocketAddr,
+    pub peer: SocketAddr,
+    pub fd: u32,
 }
 
 /// Every field of `Groups` (§1.6). Lists are in a fixed order (address,

@@ -272,6 +272,72 @@ fn sample() -> (StateSnap, Vec<u8>, u32) {
                     age_ns: 999,
                 }],
             },
+            ports: vec![PortSnap {
+                key: "192.0.2.1:80".parse().unwrap(),
+                fd: 0,
+                listening: true,
+                backlog: 511,
+            }],
+            nodes: vec![NodeSnap {
+                id: 2,
+                name: "web-1".into(),
+                peer: "unix".into(),
+                pid: Some(4242),
+                notifies_accepts: true,
+                transport: TransportSnap::Unix,
+                channel: BlobRef { offset: 0, len: 3 },
+                router: BlobRef { offset: 3, len: 2 },
+                fds: vec![1, 2],
+                sockets: vec![
+                    SocketSnap {
+                        conn: 1,
+                        group: Some("192.0.2.1:80".parse().unwrap()),
+                        opts: vec![(6, 1, BlobRef { offset: 5, len: 4 })],
+                        relay: None,
+                    },
+                    SocketSnap {
+                        conn: 4,
+                        group: None,
+                        opts: Vec::new(),
+                        relay: Some(RelayedSnap::Client {
+                            key: "192.0.2.1:80".parse().unwrap(),
+                            listener: 1,
+                            peer: "198.51.100.7:40000".parse().unwrap(),
+                        }),
+                    },
+                    SocketSnap {
+                        conn: 6,
+                        group: None,
+                        opts: Vec::new(),
+                        relay: Some(RelayedSnap::Outbound),
+                    },
+                ],
+                listeners: vec![1],
+                handoff: Some(3),
+                handed: vec![HandedSnap {
+                    conn: 9,
+                    key: "192.0.2.1:80".parse().unwrap(),
+                    peer: "203.0.113.9:5000".parse().unwrap(),
+                    fd: 4,
+                }],
+                connects: vec![
+                    ConnectSnap {
+                        req: 7,
+                        conn: 12,
+                        to: "198.51.100.80:443".parse().unwrap(),
+                        fd: 5,
+                        outcome: None,
+                    },
+                    ConnectSnap {
+                        req: 8,
+                        conn: 13,
+                        to: "198.51.100.81:443".parse().unwrap(),
+                        fd: 6,
+                        outcome: Some(111),
+                    },
+                ],
+            }],
+            left_behind: vec![5],
         },
         listeners: vec![
             ListenerSnap {

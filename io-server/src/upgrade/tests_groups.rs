@@ -312,6 +312,9 @@ fn hand_over(
         tables: TablesSnap {
             next_node: 5,
             groups: snap.clone(),
+            ports: Vec::new(),
+            nodes: Vec::new(),
+            left_behind: Vec::new(),
         },
         listeners: Vec::new(),
     };

@@ -13,12 +13,17 @@ use std::time::Duration;
 /// Version 3 adds the node's [`crate::Frame::Reset`] (a connection the
 /// program's socket ended with a reset, which the io-server passes on as
 /// an RST); to an older io-server such a close is a plain `Close`.
+/// Version 4 adds the io-server's [`crate::Frame::Connecting`] (the local
+/// address of an outbound connect still in flight); an older node is not
+/// sent it, and answers `getsockname` of such a socket as before.
 pub const MIN_VERSION: u8 = 1;
-pub const MAX_VERSION: u8 = 3;
+pub const MAX_VERSION: u8 = 4;
 /// The first protocol version with [`crate::Frame::Accepted`].
 pub const ACCEPTED_VERSION: u8 = 2;
 /// The first protocol version with [`crate::Frame::Reset`].
 pub const RESET_VERSION: u8 = 3;
+/// The first protocol version with [`crate::Frame::Connecting`].
+pub const CONNECTING_VERSION: u8 = 4;
 /// Default per-connection receive buffer `B_r`. A relayed stream moves at
 /// most `B_r` per credit round trip (two relays and the fabric on the way
 /// back); one iperf3 stream through a node moved faster with each doubling
@@ -94,7 +99,7 @@ pub struct ChannelConfig {
     pub max_unanswered: usize,
     /// Both ends are this build in one process (saps-run's embedded
     /// io-server): frames that need no state of a later version
-    /// ([`crate::Frame::Reset`]) are spoken whatever version was agreed
+    /// ([`crate::Frame::Reset`], [`crate::Frame::Connecting`]) are spoken whatever version was agreed
     /// (the in-process channel keeps version 1, which has nothing to
     /// re-dispatch). Set on both ends or neither.
     pub in_process: bool,

@@ -76,6 +76,10 @@ pub enum Event {
         peer: SocketAddr,
         local: SocketAddr,
     },
+    /// Node end: the outbound connect of `conn` is in flight from `local`
+    /// (the io-server's address and the port its socket got; protocol
+    /// version 4), before its [`Event::Response`].
+    Connecting { conn: ConnId, local: SocketAddr },
     /// `connection_closed`: the peer dropped the connection (`errno` 0: plain close).
     ConnectionClosed { conn: ConnId, errno: i32 },
     /// io-server end: the node's program accepted `conn` (a relayed

@@ -165,6 +165,14 @@ impl Output {
         Some(Transmit { bytes, spliced: 0 })
     }
 
+    /// Puts `rest`, the unwritten part of the piece [`Output::poll`] gave
+    /// last, back in front of everything else (nothing, if it is empty).
+    pub(super) fn unshift(&mut self, rest: Transmit) {
+        if !rest.bytes.is_empty() || rest.spliced > 0 {
+            self.sealed.push_front(rest);
+        }
+    }
+
     /// Octets queued (spliced payloads included).
     pub(super) fn pending(&self) -> usize {
         self.out.len()

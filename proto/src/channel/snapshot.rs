@@ -32,6 +32,7 @@ use super::output::{Output, OutputSnap};
 use super::{Channel, ChannelConfig, ChannelStats, Event, Partial, Transmit};
 use crate::codec;
 use crate::credit::{RecvCredit, SendCredit};
+use crate::cursor::{nanos, put_bytes, put_opt, Cursor, CursorError};
 use crate::frame::{ConnId, Frame, ReqId};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::time::{Duration, Instant};
@@ -165,6 +166,10 @@ mod tag {
     pub const FIN: u8 = 10;
     pub const BUFFER_AVAILABLE: u8 = 11;
     pub const WEIGHT_CHANGED: u8 = 12;
+    /// Raised on a node's channel only (protocol version 4), which an
+    /// io-server's upgrade never captures: a snapshot of an io-server's
+    /// channel never holds it, so the format of those is unchanged.
+    pub const CONNECTING: u8 = 13;
 }
 
 impl ChannelSnap {
@@ -230,7 +235,7 @@ impl ChannelSnap {
 
     /// Decodes what [`ChannelSnap::encode`] wrote, all of `buf`.
     pub fn decode(buf: &[u8]) -> Result<ChannelSnap, SnapError> {
-        let mut r = Reader { buf };
+        let mut r = Reader::new(buf);
         let version = r.u32()?;
         if version != SNAP_VERSION {
             return Err(SnapError::Version(version));
@@ -289,7 +294,7 @@ impl ChannelSnap {
         for _ in 0..r.u32()? {
             events.push(decode_event(&mut r)?);
         }
-        if !r.buf.is_empty() {
+        if !r.rest().is_empty() {
             return Err(SnapError::Malformed("trailing bytes"));
         }
         Ok(ChannelSnap {
@@ -427,6 +432,10 @@ fn encode_event(e: &Event, out: &mut BytesMut) {
             out.put_i32(*errno);
         }
         Event::Accepted { conn } => put_conn(out, tag::ACCEPTED, *conn),
+        &Event::Connecting { conn, local } => {
+            out.put_u8(tag::CONNECTING);
+            codec::encode(&Frame::Connecting { conn, local }, out);
+        }
         Event::MessageReceived { conn, data } => {
             put_conn(out, tag::MESSAGE_RECEIVED, *conn);
             put_bytes(out, data);
@@ -455,15 +464,15 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, SnapError> {
             weight: r.u32()?,
         },
         tag::WELCOME => Event::Welcome { node_id: r.u32()? },
-        tag::REQUEST => match r.frame()? {
+        tag::REQUEST => match frame(r)? {
             Frame::Request { req, request } => Event::Request { req, request },
             _ => return Err(SnapError::Malformed("a Request event of another frame")),
         },
-        tag::RESPONSE => match r.frame()? {
+        tag::RESPONSE => match frame(r)? {
             Frame::Response { req, response } => Event::Response { req, response },
             _ => return Err(SnapError::Malformed("a Response event of another frame")),
         },
-        tag::CONNECTION_ACCEPTED => match r.frame()? {
+        tag::CONNECTION_ACCEPTED => match frame(r)? {
             Frame::ConnectionAccepted {
                 listener,
                 conn,
@@ -482,6 +491,10 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, SnapError> {
             errno: r.i32()?,
         },
         tag::ACCEPTED => Event::Accepted { conn: r.u64()? },
+        tag::CONNECTING => match frame(r)? {
+            Frame::Connecting { conn, local } => Event::Connecting { conn, local },
+            _ => return Err(SnapError::Malformed("a Connecting event of another frame")),
+        },
         tag::MESSAGE_RECEIVED => Event::MessageReceived {
             conn: r.u64()?,
             data: r.bytes()?,
@@ -500,23 +513,6 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, SnapError> {
 fn put_conn(out: &mut BytesMut, t: u8, conn: ConnId) {
     out.put_u8(t);
     out.put_u64(conn);
-}
-
-/// `len: u64`, then the octets.
-fn put_bytes(out: &mut BytesMut, b: &[u8]) {
-    out.put_u64(b.len() as u64);
-    out.put_slice(b);
-}
-
-/// `0`, or `1` then the value.
-fn put_opt<T>(out: &mut BytesMut, v: Option<T>, put: impl FnOnce(&mut BytesMut, T)) {
-    match v {
-        Some(v) => {
-            out.put_u8(1);
-            put(out, v);
-        }
-        None => out.put_u8(0),
-    }
 }
 
 /// How long before `now` `then` is, in nanoseconds (negative: after),
@@ -539,89 +535,27 @@ pub(super) fn at(now: Instant, age: i64) -> Option<Instant> {
     }
 }
 
-/// A duration in nanoseconds, saturated at 584 years.
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
 /// A checked cursor over an encoded snapshot.
-struct Reader<'a> {
-    buf: &'a [u8],
+type Reader<'a> = Cursor<'a, SnapError>;
+
+impl CursorError for SnapError {
+    fn truncated() -> Self {
+        SnapError::Truncated
+    }
+    fn malformed(what: &'static str) -> Self {
+        SnapError::Malformed(what)
+    }
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], SnapError> {
-        if self.buf.len() < n {
-            return Err(SnapError::Truncated);
-        }
-        let (head, rest) = self.buf.split_at(n);
-        self.buf = rest;
-        Ok(head)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], SnapError> {
-        Ok(self.take(N)?.try_into().expect("N octets"))
-    }
-
-    fn u8(&mut self) -> Result<u8, SnapError> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn bool(&mut self) -> Result<bool, SnapError> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            _ => Err(SnapError::Malformed("a flag neither 0 nor 1")),
-        }
-    }
-
-    fn u32(&mut self) -> Result<u32, SnapError> {
-        Ok(u32::from_be_bytes(self.array()?))
-    }
-
-    fn i32(&mut self) -> Result<i32, SnapError> {
-        Ok(i32::from_be_bytes(self.array()?))
-    }
-
-    fn u64(&mut self) -> Result<u64, SnapError> {
-        Ok(u64::from_be_bytes(self.array()?))
-    }
-
-    fn i64(&mut self) -> Result<i64, SnapError> {
-        Ok(i64::from_be_bytes(self.array()?))
-    }
-
-    fn usize(&mut self) -> Result<usize, SnapError> {
-        usize::try_from(self.u64()?).map_err(|_| SnapError::Malformed("a count past usize"))
-    }
-
-    /// `len: u64`, then that many octets (checked before they are copied).
-    fn bytes(&mut self) -> Result<Bytes, SnapError> {
-        let len = self.usize()?;
-        Ok(Bytes::copy_from_slice(self.take(len)?))
-    }
-
-    fn opt<T>(
-        &mut self,
-        get: impl FnOnce(&mut Self) -> Result<T, SnapError>,
-    ) -> Result<Option<T>, SnapError> {
-        if self.bool()? {
-            get(self).map(Some)
-        } else {
-            Ok(None)
-        }
-    }
-
-    /// One frame in the wire codec's encoding, its length first.
-    fn frame(&mut self) -> Result<Frame, SnapError> {
-        let len = u32::from_be_bytes(self.array()?) as usize;
-        let body = self.take(len)?;
-        let mut buf = BytesMut::with_capacity(4 + len);
-        buf.put_u32(len as u32);
-        buf.put_slice(body);
-        match codec::decode(&mut buf, len) {
-            Ok(Some(frame)) => Ok(frame),
-            _ => Err(SnapError::Malformed("a frame the codec refuses")),
-        }
+/// One frame in the wire codec's encoding, its length first.
+fn frame(r: &mut Reader<'_>) -> Result<Frame, SnapError> {
+    let len = r.u32()? as usize;
+    let body = r.take(len)?;
+    let mut buf = BytesMut::with_capacity(4 + len);
+    buf.put_u32(len as u32);
+    buf.put_slice(body);
+    match codec::decode(&mut buf, len) {
+        Ok(Some(frame)) => Ok(frame),
+        _ => Err(SnapError::Malformed("a frame the codec refuses")),
     }
 }

@@ -89,15 +89,15 @@ fn a_node_that_forges_the_proof_is_refused() {
 #[test]
 fn version_mismatch_closes_with_both_ranges() {
     let mut cfg = ChannelConfig::new("tok").node("n1", 1);
-    cfg.min_version = 4;
-    cfg.max_version = 5;
+    cfg.min_version = 5;
+    cfg.max_version = 6;
     let mut node = Channel::node(cfg);
     let mut srv = Channel::io_server(ChannelConfig::new("tok"));
     pump(&mut node, &mut srv);
     let reason = closed_reason(&events(&mut srv)).unwrap();
     assert_eq!(
         reason,
-        "version mismatch: node speaks 4..=5, io-server speaks 1..=3"
+        "version mismatch: node speaks 5..=6, io-server speaks 1..=4"
     );
     assert!(closed_reason(&events(&mut node))
         .unwrap()
@@ -165,25 +165,32 @@ fn a_node_may_not_send_io_server_frames() {
     assert!(node.is_closed());
 }
 
-/// A pair whose node speaks only protocol version 1 (an older build).
-fn open_v1_pair() -> (Channel, Channel) {
+/// A pair whose node speaks protocol versions up to `max` (an older
+/// build), open, its events read.
+fn open_pair_up_to(max: u8) -> (Channel, Channel) {
     let mut cfg = ChannelConfig::new("tok").node("old", 1);
-    cfg.max_version = 1;
+    cfg.max_version = max;
     let mut node = Channel::node(cfg);
     let mut srv = Channel::io_server(ChannelConfig::new("tok"));
     pump(&mut node, &mut srv);
     srv.welcome(3);
     pump(&mut node, &mut srv);
     assert!(node.is_open() && srv.is_open());
+    assert_eq!((node.version(), srv.version()), (max, max));
     events(&mut node);
     events(&mut srv);
     (node, srv)
 }
 
+/// A pair whose node speaks only protocol version 1 (an older build).
+fn open_v1_pair() -> (Channel, Channel) {
+    open_pair_up_to(1)
+}
+
 #[test]
 fn the_highest_common_version_is_agreed_on_both_ends() {
     let (node, srv) = open_pair(1024);
-    assert_eq!((node.version(), srv.version()), (3, 3));
+    assert_eq!((node.version(), srv.version()), (4, 4));
     assert!(node.notifies_accepts() && srv.notifies_accepts());
     let (node, srv) = open_v1_pair();
     assert_eq!((node.version(), srv.version()), (1, 1));
@@ -275,6 +282,80 @@ fn a_node_reset_is_a_reset_frame_on_version_3_and_a_close_below() {
         err.to_string(),
         "unexpected Reset frame on a channel below version 3"
     );
+}
+
+/// A pair whose node speaks up to protocol version 3 (before
+/// `Connecting`).
+fn open_v3_pair() -> (Channel, Channel) {
+    open_pair_up_to(3)
+}
+
+#[test]
+fn connecting_reaches_a_version_4_node_before_the_response() {
+    let (mut node, mut srv) = open_pair(1024);
+    assert!(node.speaks_connecting() && srv.speaks_connecting());
+    let conn = node.make_connection().unwrap();
+    let to = "192.0.2.50:80".parse().unwrap();
+    let req = node.request(Request::Connect { conn, addr: to }).unwrap();
+    pump(&mut node, &mut srv);
+    events(&mut srv);
+    let local: std::net::SocketAddr = "192.0.2.1:40000".parse().unwrap();
+    assert!(srv.connecting(conn, local), "sent on version 4");
+    srv.open_connection(conn).unwrap();
+    let response = Response::Status {
+        errno: 0,
+        addr: Some(local),
+    };
+    srv.respond(req, response.clone());
+    // A late one, for a connection the node no longer has, is dropped.
+    srv.connecting(conn + 2, local);
+    pump(&mut node, &mut srv);
+    assert_eq!(
+        events(&mut node),
+        vec![
+            Event::Connecting { conn, local },
+            Event::Response { req, response }
+        ]
+    );
+    assert!(node.is_open());
+    // A node does not send it.
+    assert!(!node.connecting(conn, local));
+    assert!(node.poll_transmit().is_none());
+}
+
+#[test]
+fn connecting_is_not_sent_below_version_4_and_refused_if_it_comes() {
+    let (mut node, mut srv) = open_v3_pair();
+    assert!(!node.speaks_connecting() && !srv.speaks_connecting());
+    let conn = node.make_connection().unwrap();
+    let local: std::net::SocketAddr = "192.0.2.1:40000".parse().unwrap();
+    assert!(!srv.connecting(conn, local), "not sent below version 4");
+    assert!(srv.poll_transmit().is_none());
+    // An io-server that sends it anyway closes the channel.
+    let mut out = BytesMut::new();
+    codec::encode(&Frame::Connecting { conn, local }, &mut out);
+    let err = node.handle_input(&out).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "unexpected Connecting frame on a channel below version 4"
+    );
+    // One build in one process speaks it on its version 1 channel.
+    let mut cfg = ChannelConfig::new("tok").node("n1", 1);
+    cfg.max_version = 1;
+    cfg.in_process = true;
+    let mut node = Channel::node(cfg);
+    let mut server_cfg = ChannelConfig::new("tok");
+    server_cfg.in_process = true;
+    let mut srv = Channel::io_server(server_cfg);
+    pump(&mut node, &mut srv);
+    srv.welcome(1);
+    pump(&mut node, &mut srv);
+    events(&mut node);
+    assert_eq!(srv.version(), 1);
+    let conn = node.make_connection().unwrap();
+    assert!(srv.connecting(conn, local));
+    pump(&mut node, &mut srv);
+    assert_eq!(events(&mut node), vec![Event::Connecting { conn, local }]);
 }
 
 #[test]
@@ -752,6 +833,69 @@ fn commit_spliced_counts_the_payload_and_queues_its_header_before_it() {
     let r = node.reserve(conn, 5000).unwrap().unwrap();
     assert_eq!(node.commit_spliced(r, 0).unwrap(), 0);
     assert_eq!((node.send_window(conn), node.pending_transmit()), (400, 0));
+}
+
+/// A shell stopped in the middle of a write gives the rest back: it goes
+/// out first, before what was queued since, and counts as pending (and
+/// in a snapshot) until written. The peer sees one unbroken stream.
+#[test]
+fn the_unwritten_rest_of_a_transmit_goes_out_first() {
+    let (mut node, mut srv, conn) = pair_with_a_connection();
+    node.send_message(conn, b"first message").unwrap();
+    let r = node.reserve(conn, 100).unwrap().unwrap();
+    node.commit_spliced(r, 40).unwrap();
+    let t = node.poll_transmit().unwrap();
+    assert_eq!(t.spliced, 40);
+    // Written: all but 5 of its bytes; none of its spliced octets.
+    let cut = t.bytes.len() - 5;
+    let mut wire = t.bytes[..cut].to_vec();
+    node.unpoll_transmit(Transmit {
+        bytes: t.bytes.slice(cut..),
+        spliced: 40,
+    });
+    node.send_message(conn, b"then this").unwrap();
+    assert_eq!(node.pending_transmit(), 5 + 40 + codec::DATA_OVERHEAD + 9);
+    let snap = node.snapshot(Instant::now()).unwrap();
+    let mut node = Channel::restore(
+        ChannelConfig::new("tok").node("n1", 2).window(1000),
+        snap,
+        Instant::now(),
+    )
+    .unwrap();
+    let rest = node.poll_transmit().unwrap();
+    assert_eq!((&rest.bytes[..], rest.spliced), (&t.bytes[cut..], 40));
+    wire.extend_from_slice(&rest.bytes);
+    // Then: the header was written, 30 of the 40 spliced octets.
+    wire.extend_from_slice(&[3; 30]);
+    node.unpoll_transmit(Transmit {
+        bytes: Bytes::new(),
+        spliced: 10,
+    });
+    // Nothing written: nothing given back.
+    node.unpoll_transmit(Transmit::default());
+    let rest = node.poll_transmit().unwrap();
+    assert_eq!((rest.bytes.len(), rest.spliced), (0, 10));
+    wire.extend_from_slice(&[3; 10]);
+    while let Some(t) = node.poll_transmit() {
+        assert_eq!(t.spliced, 0);
+        wire.extend_from_slice(&t.bytes);
+    }
+    srv.handle_input(&wire).unwrap();
+    let got: Vec<Bytes> = events(&mut srv)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::MessageReceived { data, .. } => Some(data),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            Bytes::from_static(b"first message"),
+            Bytes::from(vec![3; 40]),
+            Bytes::from_static(b"then this")
+        ]
+    );
 }
 
 #[test]

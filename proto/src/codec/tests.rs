@@ -130,6 +130,8 @@ fn samples() -> Vec<Frame> {
         Frame::Close { conn: 1 },
         Frame::Accepted { conn: 3 },
         Frame::Reset { conn: 4 },
+        Frame::Connecting { conn: 6, local: v4 },
+        Frame::Connecting { conn: 8, local: v6 },
         Frame::Data {
             conn: 1,
             data: Bytes::from_static(b"hello"),
@@ -246,4 +248,33 @@ fn encode_data_matches_generic_encoding() {
         &mut b,
     );
     assert_eq!(a, b);
+}
+
+/// `Connecting` (protocol version 4): tag 0x38, the node's conn id, then
+/// the local address as every address is carried.
+#[test]
+fn connecting_has_its_tag_and_layout() {
+    let local: std::net::SocketAddr = "192.0.2.1:40000".parse().unwrap();
+    let mut buf = BytesMut::new();
+    encode(&Frame::Connecting { conn: 6, local }, &mut buf);
+    assert_eq!(
+        &buf[..],
+        &[
+            0, 0, 0, 17, // len: version, tag, conn 8, address 7
+            1, 0x38, // framing version, tag
+            0, 0, 0, 0, 0, 0, 0, 6, // conn
+            4, 192, 0, 2, 1, 0x9c, 0x40, // family, ip, port 40000
+        ][..]
+    );
+    assert_eq!(
+        decode(&mut buf, DEFAULT_MAX_FRAME),
+        Ok(Some(Frame::Connecting { conn: 6, local }))
+    );
+    // A bad family in its address is malformed, not a panic.
+    let mut bad = BytesMut::from(
+        &[
+            0, 0, 0, 17, 1, 0x38, 0, 0, 0, 0, 0, 0, 0, 6, 5, 1, 2, 3, 4, 0, 1,
+        ][..],
+    );
+    assert!(decode(&mut bad, DEFAULT_MAX_FRAME).is_err());
 }

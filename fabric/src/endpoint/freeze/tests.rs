@@ -9,8 +9,8 @@ use crate::driver::Phase;
 use crate::endpoint::router::Route;
 use crate::endpoint::tests::{accept, addr, next, pair_over, Pair, LIMIT};
 use crate::endpoint::{
-    Capture, CaptureError, ClientRelayEnd, Endpoint, EndpointEvent, FreezeError, HeldEvent,
-    RelayOutcome, Replay, ResumeError, StartSnap,
+    Capture, ClientRelayEnd, Endpoint, EndpointEvent, HeldEvent, RelayOutcome, Replay, ResumeError,
+    StartSnap,
 };
 use crate::frame::ConnId;
 use crate::transport::unix_socket;
@@ -356,15 +356,15 @@ fn check_capture(p: &Pair, cap: &Capture, conns: &[Conn]) {
 /// Four connections halfway ([`four_connections_halfway`]), the
 /// io-server's endpoint frozen with its output queued
 /// ([`freeze_with_output_queued`]) and captured, the capture checked.
-struct Halfway {
+pub(super) struct Halfway {
     p: Pair,
     listener: TcpListener,
     gate: watch::Sender<bool>,
     conns: Vec<Conn>,
-    cap: Capture,
+    pub(super) cap: Capture,
 }
 
-async fn frozen_halfway() -> Halfway {
+pub(super) async fn frozen_halfway() -> Halfway {
     let mut p = socket_pair().await;
     let listener = TcpListener::bind(addr(0)).await.unwrap();
     let gate = watch::Sender::new(false);
@@ -469,15 +469,28 @@ async fn a_frozen_endpoint_unfrozen_loses_no_octet() {
     p.server.unfreeze();
     // Frozen, captured and unfrozen again and again while the rest
     // flows: wherever the cut falls, the capture's checks hold and
-    // nothing is lost.
+    // nothing is lost. A freeze is at once (nothing is drained), so the
+    // next one waits for the streams to move: else the loop would keep
+    // them frozen.
+    let moved = || {
+        conns
+            .iter()
+            .map(|c| c.client_read.borrow().0 + c.app_read.borrow().0)
+            .sum::<usize>()
+    };
+    let finished = || conns.iter().all(|c| c.ends.is_finished());
     let cycles = async {
         let mut cycles = 0;
-        while !conns.iter().all(|c| c.ends.is_finished()) {
+        while !finished() {
             p.server.freeze(LIMIT).await.expect("frozen again");
             drop(p.server.capture().expect("captured again"));
             p.server.unfreeze();
             cycles += 1;
-            tokio::task::yield_now().await;
+            let before = moved();
+            until("the streams move between two freezes", || {
+                moved() > before || finished()
+            })
+            .await;
         }
         cycles
     };
@@ -490,54 +503,101 @@ async fn a_frozen_endpoint_unfrozen_loses_no_octet() {
     }
 }
 
-/// A client that does not read keeps its relay from writing what it
-/// holds: the freeze gives up at its bound, naming the connection, and
-/// the endpoint runs on as before. Once the client reads, every octet
-/// arrives, and what it sends after goes through (its relay reads
-/// again).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_freeze_gives_up_at_its_bound_on_a_client_that_does_not_read() {
-    const BIG: usize = 32 << 20;
-    let mut p = socket_pair().await;
-    let listener = TcpListener::bind(addr(0)).await.unwrap();
-    let conn = accept(&mut p).await;
-    let (client, accepted) = tokio::join!(
-        TcpStream::connect(listener.local_addr().unwrap()),
-        listener.accept()
-    );
-    let mut client = client.unwrap();
-    let server_side = Arc::new(accepted.unwrap().0);
-    // Small socket buffers: what the client does not read is soon all
-    // in the io-server.
+/// The bound of a freeze that waits for no peer: its tasks only have to
+/// be scheduled.
+const AT_ONCE: Duration = Duration::from_millis(200);
+
+/// Octets the relay of `conn` had not written to its stream, in `cap`.
+fn pending_octets(cap: &Capture, conn: ConnId) -> usize {
+    let relay = cap.router.relays.iter().find(|r| r.conn == conn);
+    let relay = relay.expect("its relay");
+    relay
+        .pending
+        .iter()
+        .map(|e| match e {
+            HeldEvent::Data(b) => b.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Spliced payloads that wait in `ep`'s relay of `conn` for its stream,
+/// and whether that relay copies every payload (it got no receive pipe).
+fn spliced_waiting(ep: &Endpoint, conn: ConnId) -> (usize, bool) {
+    let (inbox, copies) = {
+        let router = ep.router();
+        match router.conns.get(&conn) {
+            Some(Route::Relayed(a, _)) => (
+                a.inbound.0.clone(),
+                matches!(a.receive, crate::endpoint::router::Receive::Copy),
+            ),
+            _ => return (0, false),
+        }
+    };
+    let n = inbox
+        .lock()
+        .events
+        .iter()
+        .filter(|e| matches!(e, crate::endpoint::router::ConnEvent::Spliced(..)))
+        .count();
+    (n, copies)
+}
+
+/// A client with small socket buffers that does not read, relayed by
+/// `p`: what the program sends it soon waits in the io-server.
+async fn a_client_that_does_not_read(
+    p: &mut Pair,
+    listener: &TcpListener,
+) -> (ConnId, TcpStream, JoinHandle<RelayOutcome>) {
+    let conn = accept(p).await;
+    let (client, server_side) = client(listener).await;
     socket2::SockRef::from(&client)
         .set_recv_buffer_size(16 << 10)
         .unwrap();
     socket2::SockRef::from(&*server_side)
         .set_send_buffer_size(16 << 10)
         .unwrap();
-    let (app, app_side) = UnixStream::pair().unwrap();
     let s = p.server.clone();
     let server_relay = tokio::spawn(async move { s.relay_tcp(conn, server_side).await });
+    (conn, client, server_relay)
+}
+
+/// Capture instead of drain (design §2): a client that does not read
+/// holds its relay's writes up, not the freeze. The io-server's endpoint
+/// is frozen at once with most of 4 MiB from the program waiting for the
+/// client, captured (what the relay had not written is in its
+/// `pending`), resumed from duplicated descriptors and the old one
+/// disowned; then the client reads: every octet, in order, and what it
+/// sends after goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_does_not_hold_a_freeze_up() {
+    let mut p = socket_pair().await;
+    let listener = TcpListener::bind(addr(0)).await.unwrap();
+    let (conn, mut client, server_relay) = a_client_that_does_not_read(&mut p, &listener).await;
+    let (app, app_side) = UnixStream::pair().unwrap();
     let n = p.node.clone();
     let node_relay = tokio::spawn(async move { n.relay_unix(conn, app_side).await });
-    let (down, up) = (octets(11, BIG), octets(12, SMALL));
+    let (down, up) = (octets(11, LEN), octets(12, SMALL));
     let (mut ar, aw) = app.into_split();
     let reply = down.clone();
     let writer = tokio::spawn(async move { write_all(aw, &reply, None).await });
-    // Far more than the sockets' buffers hold waits in the io-server.
     until("the io-server's relay stuck on its client", || {
         p.server.handle().with(|ch| ch.buffered(conn)) >= u64::from(DEFAULT_WINDOW / 4)
     })
     .await;
 
-    let bound = Duration::from_millis(200);
-    match p.server.freeze(bound).await {
-        Err(FreezeError::Relay { conn: c, bound: b }) => assert_eq!((c, b), (conn, bound)),
-        other => panic!("expected the relay to hold the freeze up, got {other:?}"),
-    }
-    assert_eq!(p.server.handle().phase(), Phase::Running);
-    assert!(!p.server.handle().with(|ch| ch.is_frozen()));
-    assert!(matches!(p.server.capture(), Err(CaptureError::NotFrozen)));
+    let start = tokio::time::Instant::now();
+    p.server.freeze(AT_ONCE).await.expect("frozen at once");
+    let cap = p.server.capture().expect("captured");
+    assert!(start.elapsed() < AT_ONCE, "{:?}", start.elapsed());
+    let pending = pending_octets(&cap, conn);
+    assert!(
+        pending as u64 >= u64::from(DEFAULT_WINDOW / 4),
+        "what the client has not read is captured ({pending} octets)"
+    );
+    let mut relays = [(conn, server_relay)];
+    assert_eq!(resume_server(&mut p, cap, &mut relays).await, 1);
+    let [(_, server_relay)] = relays;
 
     let (cr, cw) = client.split();
     let (got, ()) = timeout(LIMIT, async {
@@ -557,7 +617,145 @@ async fn a_freeze_gives_up_at_its_bound_on_a_client_that_does_not_read() {
     check("to the program", &to_app, &up);
     joined(writer).await;
     let (server, node) = (joined(server_relay).await, joined(node_relay).await);
-    outcomes(conn, SMALL, BIG, server, node);
+    outcomes(conn, SMALL, LEN, server, node);
+}
+
+/// A node that does not read the fabric holds the io-server's writer in
+/// the middle of its output, not the freeze: the writer stops inside its
+/// write and gives the rest back to the channel. Frozen at once,
+/// captured, resumed from duplicated descriptors, the old one disowned;
+/// then the node reads on: every octet of two bulk clients arrives, in
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_does_not_read_does_not_hold_a_freeze_up() {
+    let mut p = socket_pair().await;
+    let listener = TcpListener::bind(addr(0)).await.unwrap();
+    let open = watch::Sender::new(true);
+    let mut conns = Vec::new();
+    for seed in 40..42 {
+        conns.push(connect(&mut p, &listener, seed, LEN, SMALL, &open).await);
+    }
+    // The node's tasks paused: it reads nothing more from the fabric.
+    p.node.handle().set_phase(Phase::Frozen);
+    timeout(LIMIT, p.node.handle().at_rest())
+        .await
+        .expect("the node's tasks pause");
+    until("output queued at the io-server", || {
+        p.server.handle().with(|ch| ch.pending_transmit()) > 1 << 20
+    })
+    .await;
+
+    let start = tokio::time::Instant::now();
+    p.server.freeze(AT_ONCE).await.expect("frozen at once");
+    let cap = p.server.capture().expect("captured");
+    assert!(start.elapsed() < AT_ONCE, "{:?}", start.elapsed());
+    assert!(
+        p.server.handle().with(|ch| ch.pending_transmit()) > 1 << 20,
+        "the output is captured, not written"
+    );
+    let mut relays = Vec::new();
+    let mut rest = Vec::new();
+    for c in conns {
+        relays.push((c.conn, c.server_relay));
+        rest.push((c.conn, c.ends, c.node_relay));
+    }
+    assert_eq!(resume_server(&mut p, cap, &mut relays).await, 2);
+    p.node.handle().set_phase(Phase::Running);
+    for (conn, ends, node_relay) in rest {
+        joined(ends).await;
+        let at = relays.iter().position(|(c, _)| *c == conn).unwrap();
+        let server = joined(relays.swap_remove(at).1).await;
+        outcomes(conn, LEN, SMALL, server, joined(node_relay).await);
+    }
+}
+
+/// Splice mode: a node's relay into a program's unix socket splices large
+/// payloads through a receive pipe. The program does not read: the
+/// node's endpoint freezes at once all the same; its capture reads the
+/// spliced payloads out of the pipe into the relay's `pending`, and the
+/// node resumed from duplicated descriptors (the old one disowned)
+/// writes them first: the program reads every octet, in order, and its
+/// answer reaches the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_that_does_not_read_does_not_hold_a_node_freeze_up() {
+    let mut p = socket_pair().await;
+    let listener = TcpListener::bind(addr(0)).await.unwrap();
+    let conn = accept(&mut p).await;
+    let (client, server_side) = client(&listener).await;
+    let s = p.server.clone();
+    let server_relay = tokio::spawn(async move { s.relay_tcp(conn, server_side).await });
+    let (mut app, app_side) = UnixStream::pair().unwrap();
+    socket2::SockRef::from(&app)
+        .set_recv_buffer_size(16 << 10)
+        .unwrap();
+    socket2::SockRef::from(&app_side)
+        .set_send_buffer_size(16 << 10)
+        .unwrap();
+    let n = p.node.clone();
+    let node_relay = tokio::spawn(async move { n.relay_unix(conn, app_side).await });
+    let (up, down) = (octets(14, LEN), octets(15, SMALL));
+    let (mut cr, cw) = client.into_split();
+    let request = up.clone();
+    let writer = tokio::spawn(async move { write_all(cw, &request, None).await });
+    // Bulk reads, spliced both ways, until the program stops reading
+    // halfway.
+    read_exactly("the first half", &mut app, &up[..LEN / 2]).await;
+    until("the node's relay stuck on its program", || {
+        p.node.handle().with(|ch| ch.buffered(conn)) >= u64::from(DEFAULT_WINDOW / 4)
+    })
+    .await;
+    let (spliced, copies) = spliced_waiting(&p.node, conn);
+    assert!(
+        spliced > 0 || copies,
+        "spliced payloads wait in the receive pipe (or there was none to be had)"
+    );
+
+    let start = tokio::time::Instant::now();
+    p.node.freeze(AT_ONCE).await.expect("frozen at once");
+    let cap = p.node.capture().expect("captured");
+    assert!(start.elapsed() < AT_ONCE, "{:?}", start.elapsed());
+    assert!(pending_octets(&cap, conn) as u64 >= u64::from(DEFAULT_WINDOW / 4));
+    assert_eq!(
+        spliced_waiting(&p.node, conn).0,
+        0,
+        "read out of the receive pipe"
+    );
+
+    let resumed = Endpoint::resume(
+        ChannelConfig::new("t").node("n1", 1),
+        duplicated(cap),
+        unix_transport,
+    )
+    .expect("resumed");
+    let new = resumed.endpoint;
+    let [(c, fd)]: [(ConnId, OwnedFd); 1] = resumed.relays.try_into().unwrap();
+    assert_eq!(c, conn);
+    let s = std::os::unix::net::UnixStream::from(fd);
+    s.set_nonblocking(true).unwrap();
+    let s = UnixStream::from_std(s).unwrap();
+    let ep = new.clone();
+    let node_relay_again = tokio::spawn(async move { ep.relay_unix(conn, s).await });
+    new.unfreeze();
+    let old = std::mem::replace(&mut p.node, new);
+    p.node_rx = resumed.events;
+    old.disown();
+
+    read_exactly("the second half", &mut app, &up[LEN / 2..]).await;
+    let mut end = [0u8; 1];
+    let eof = timeout(LIMIT, app.read(&mut end)).await.expect("in time");
+    assert_eq!(eof.unwrap(), 0, "the client's FIN after");
+    app.write_all(&down).await.unwrap();
+    app.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    timeout(LIMIT, cr.read_to_end(&mut got))
+        .await
+        .expect("in time")
+        .unwrap();
+    check("to the client", &got, &down);
+    joined(writer).await;
+    let server = joined(server_relay).await;
+    outcomes(conn, LEN, SMALL, server, joined(node_relay_again).await);
+    assert!(!node_relay.is_finished(), "the old relay stays parked");
 }
 
 /// The io-server's end of a fresh client connection: (the client, the
@@ -743,14 +941,17 @@ async fn what_is_kept_for_a_node_moves_with_the_capture() {
 async fn move_server(p: &mut Pair, relays: &mut [(ConnId, JoinHandle<RelayOutcome>)]) -> usize {
     p.server.freeze(LIMIT).await.expect("frozen");
     let cap = p.server.capture().expect("captured");
-    let copies = cap.fds.iter().map(|fd| fd.try_clone().unwrap()).collect();
-    let cap = Capture { fds: copies, ..cap };
-    let resumed = Endpoint::resume(ChannelConfig::new("t"), cap, |fd| {
-        let s = std::os::unix::net::UnixStream::from(fd);
-        s.set_nonblocking(true)?;
-        Ok(unix_socket(UnixStream::from_std(s)?))
-    })
-    .expect("resumed");
+    resume_server(p, cap, relays).await
+}
+
+/// [`move_server`] from `cap`, a capture of `p`'s frozen io-server.
+async fn resume_server(
+    p: &mut Pair,
+    cap: Capture,
+    relays: &mut [(ConnId, JoinHandle<RelayOutcome>)],
+) -> usize {
+    let resumed = Endpoint::resume(ChannelConfig::new("t"), duplicated(cap), unix_transport)
+        .expect("resumed");
     let new = resumed.endpoint;
     let moved = resumed.relays.len();
     for (conn, fd) in resumed.relays {
@@ -772,6 +973,25 @@ async fn move_server(p: &mut Pair, relays: &mut [(ConnId, JoinHandle<RelayOutcom
     })
     .await;
     moved
+}
+
+/// `cap` as if sent to another process: a copy of each descriptor, the
+/// capture's own closed.
+fn duplicated(cap: Capture) -> Capture {
+    let fds = cap.fds.iter().map(|fd| fd.try_clone().unwrap()).collect();
+    Capture { fds, ..cap }
+}
+
+/// The transport of a resumed endpoint: a unix socket.
+fn unix_transport(
+    fd: OwnedFd,
+) -> std::io::Result<(
+    crate::transport::StreamReader,
+    crate::transport::StreamWriter,
+)> {
+    let s = std::os::unix::net::UnixStream::from(fd);
+    s.set_nonblocking(true)?;
+    Ok(unix_socket(UnixStream::from_std(s)?))
 }
 
 /// An upgrade after an upgrade: the io-server's endpoint is moved ten
