@@ -20,8 +20,10 @@ use std::path::PathBuf;
 ///
 /// The status and weight commands talk to a running io-server over its
 /// control socket. On SIGTERM or SIGINT the io-server stops accepting and
-/// lets open connections finish (--shutdown-timeout). SIGHUP (systemctl
-/// reload) changes nothing yet: settings take effect at a restart.
+/// lets open connections finish (--shutdown-timeout). SIGUSR2, like the
+/// upgrade command (the unit's systemctl reload), replaces the process and
+/// keeps every connection; SIGHUP changes nothing in place: settings take
+/// effect at a restart or an upgrade.
 ///
 /// Under systemd (Type=notify) it reports readiness, reloads and shutdown
 /// on $NOTIFY_SOCKET, and pings the watchdog when $WATCHDOG_USEC is set.
