@@ -872,7 +872,10 @@ async fn write_transmit<W: TransportWrite>(
                 }
             };
             match stops {
+                // Biased: a write that does not wait never registers with
+                // the phase's watch (the loop's top looks at the phase).
                 true => tokio::select! {
+                    biased;
                     r = step => Some(r),
                     _ = told_to_pause(phase) => None,
                 },

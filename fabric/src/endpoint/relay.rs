@@ -351,7 +351,12 @@ impl<T: ReadySocket> Pump<'_, T> {
                 continue;
             }
             match front(inbox) {
+                // Biased, here and below: the pause is looked at only when
+                // the inbox or the write has to wait (the loop's top looks
+                // at the phase in any case), so a relay that never waits
+                // never registers with the phase's watch.
                 Front::Empty => tokio::select! {
+                    biased;
                     _ = inbox.ready() => {}
                     _ = phase.paused() => {}
                 },
@@ -362,6 +367,7 @@ impl<T: ReadySocket> Pump<'_, T> {
                     // this future is large and rare; inline, every relay
                     // task (idle ones too) would be that much larger.
                     let n = tokio::select! {
+                        biased;
                         n = Box::pin(write_vectored_once(wr, &batch)) => n?,
                         _ = phase.paused() => continue,
                     };
@@ -371,6 +377,7 @@ impl<T: ReadySocket> Pump<'_, T> {
                 Front::Spliced(left, pipe) => {
                     let socket = self.socket.ok_or(io::ErrorKind::Unsupported)?;
                     let n = tokio::select! {
+                        biased;
                         n = pipe.drain_some(socket, left) => n?,
                         _ = phase.paused() => continue,
                     };
