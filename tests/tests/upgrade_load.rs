@@ -243,10 +243,17 @@ fn idle_message(i: usize, round: u32) -> [u8; 8] {
     m
 }
 
+/// How long a round of [`echo_round`] may take in all: past it, each
+/// connection still to answer gets [`LATE_READ`] (a failure then costs
+/// seconds, not each connection's own read timeout in turn).
+const ROUND_BOUND: Duration = Duration::from_secs(60);
+const LATE_READ: Duration = Duration::from_millis(200);
+
 /// Each connection sends its message of `round`, then each reads it
 /// back, a batch at a time: the errors, by connection.
 fn echo_round(conns: &mut [TcpStream], round: u32) -> Vec<String> {
     let mut errors = Vec::new();
+    let deadline = Instant::now() + ROUND_BOUND;
     for (b, batch) in conns.chunks_mut(250).enumerate() {
         let base = b * 250;
         let mut sent = vec![false; batch.len()];
@@ -257,6 +264,12 @@ fn echo_round(conns: &mut [TcpStream], round: u32) -> Vec<String> {
             }
         }
         for (j, c) in batch.iter_mut().enumerate().filter(|(j, _)| sent[*j]) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let wait = left.min(Duration::from_secs(30)).max(LATE_READ);
+            if let Err(e) = c.set_read_timeout(Some(wait)) {
+                errors.push(format!("idle {}: read timeout: {e}", base + j));
+                continue;
+            }
             let mut got = [0u8; 8];
             match c.read_exact(&mut got) {
                 Ok(()) if got == idle_message(base + j, round) => {}

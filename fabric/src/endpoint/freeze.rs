@@ -443,9 +443,23 @@ impl Endpoint {
     /// disowned: its channel stays frozen for good, so its relays never
     /// read (or splice into the pipe another endpoint now owns).
     pub fn unfreeze(&self) {
+        self.unfreeze_with(|| {});
+    }
+
+    /// [`Endpoint::unfreeze`], calling `midway` between opening the channel
+    /// and waking the relays (a test stands for a thread preempted there).
+    pub(crate) fn unfreeze_with(&self, midway: impl FnOnce()) {
         if self.handle().phase() == Phase::Disowned {
             return;
         }
+        // The channel first, then the relays attached by now: a relay that
+        // attaches after this look finds the channel open when it asks for
+        // its window. (Looking first left a relay attaching in between
+        // waiting for a credit that never came: a frozen channel answers 0,
+        // and an idle connection gets no credit of its own.)
+        self.handle().with(|ch| ch.unfreeze());
+        self.handle().set_phase(Phase::Running);
+        midway();
         let credits: Vec<Arc<Notify>> = {
             let router = self.router();
             router
@@ -457,8 +471,6 @@ impl Endpoint {
                 })
                 .collect()
         };
-        self.handle().with(|ch| ch.unfreeze());
-        self.handle().set_phase(Phase::Running);
         for credit in credits {
             credit.notify_one();
         }

@@ -1066,3 +1066,84 @@ async fn a_capture_with_mixed_up_descriptors_is_refused() {
     let server = joined(c.server_relay).await;
     outcomes(c.conn, SMALL, SMALL, server, joined(c.node_relay).await);
 }
+
+/// Idle relayed connections moved three times; each resumed endpoint is
+/// unfrozen while its relays attach on the other worker, and the thread
+/// unfreezing it stops halfway until every relay has attached (as a
+/// thread preempted there): after each move every client's next octet
+/// reaches its program and the answer comes back. Woken before the
+/// channel opened, a relay that attached in between waited for a credit
+/// that an idle connection never gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_moved_while_their_relays_attach_all_answer() {
+    const IDLE: usize = 100;
+    let mut p = socket_pair().await;
+    let listener = TcpListener::bind(addr(0)).await.unwrap();
+    let mut ends = Vec::new();
+    for _ in 0..IDLE {
+        let conn = accept(&mut p).await;
+        let (client, accepted) = tokio::join!(
+            TcpStream::connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let server_side = Arc::new(accepted.unwrap().0);
+        let (app, app_side) = UnixStream::pair().unwrap();
+        let s = p.server.clone();
+        tokio::spawn(async move { s.relay_tcp(conn, server_side).await });
+        let n = p.node.clone();
+        tokio::spawn(async move { n.relay_unix(conn, app_side).await });
+        ends.push((conn, client.unwrap(), app));
+    }
+    for round in 0..=3u8 {
+        if round > 0 {
+            p.server.freeze(LIMIT).await.expect("frozen");
+            let cap = duplicated(p.server.capture().expect("captured"));
+            let resumed =
+                Endpoint::resume(ChannelConfig::new("t"), cap, unix_transport).expect("resumed");
+            let new = resumed.endpoint;
+            assert_eq!(resumed.relays.len(), IDLE);
+            for (conn, fd) in resumed.relays {
+                let s = std::net::TcpStream::from(fd);
+                s.set_nonblocking(true).unwrap();
+                let s = Arc::new(TcpStream::from_std(s).unwrap());
+                let ep = new.clone();
+                tokio::spawn(async move { ep.relay_tcp(conn, s).await });
+            }
+            let attached = || {
+                let router = new.router();
+                router
+                    .conns
+                    .values()
+                    .filter(|r| matches!(r, Route::Relayed(..)))
+                    .count()
+            };
+            new.unfreeze_with(|| {
+                let bound = std::time::Instant::now() + Duration::from_secs(10);
+                while attached() < IDLE && std::time::Instant::now() < bound {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+            assert_eq!(attached(), IDLE, "move {round}: every relay attached");
+            let old = std::mem::replace(&mut p.server, new);
+            p.server_rx = resumed.events;
+            old.disown();
+        }
+        for (conn, client, app) in &mut ends {
+            client.write_all(&[round]).await.unwrap();
+            let mut got = [0u8; 1];
+            timeout(Duration::from_secs(5), app.read_exact(&mut got))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("move {round}: connection {conn} did not reach its program")
+                })
+                .unwrap();
+            assert_eq!(got, [round]);
+            app.write_all(&[round]).await.unwrap();
+            timeout(Duration::from_secs(5), client.read_exact(&mut got))
+                .await
+                .unwrap_or_else(|_| panic!("move {round}: connection {conn} did not answer"))
+                .unwrap();
+            assert_eq!(got, [round]);
+        }
+    }
+}
