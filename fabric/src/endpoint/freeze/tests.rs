@@ -939,9 +939,19 @@ async fn what_is_kept_for_a_node_moves_with_the_capture() {
 /// in `relays`. Returns once they are all attached again (a capture of
 /// the new one may follow at once), with how many moved.
 async fn move_server(p: &mut Pair, relays: &mut [(ConnId, JoinHandle<RelayOutcome>)]) -> usize {
+    move_server_with(p, relays, |_| {}).await
+}
+
+/// [`move_server`], the new endpoint's `unfreeze` calling `midway` halfway
+/// ([`Endpoint::unfreeze_with`]).
+async fn move_server_with(
+    p: &mut Pair,
+    relays: &mut [(ConnId, JoinHandle<RelayOutcome>)],
+    midway: impl FnOnce(&Endpoint),
+) -> usize {
     p.server.freeze(LIMIT).await.expect("frozen");
     let cap = p.server.capture().expect("captured");
-    resume_server(p, cap, relays).await
+    resume_server_with(p, cap, relays, midway).await
 }
 
 /// [`move_server`] from `cap`, a capture of `p`'s frozen io-server.
@@ -949,6 +959,16 @@ async fn resume_server(
     p: &mut Pair,
     cap: Capture,
     relays: &mut [(ConnId, JoinHandle<RelayOutcome>)],
+) -> usize {
+    resume_server_with(p, cap, relays, |_| {}).await
+}
+
+/// [`resume_server`], with [`move_server_with`]'s `midway`.
+async fn resume_server_with(
+    p: &mut Pair,
+    cap: Capture,
+    relays: &mut [(ConnId, JoinHandle<RelayOutcome>)],
+    midway: impl FnOnce(&Endpoint),
 ) -> usize {
     let resumed = Endpoint::resume(ChannelConfig::new("t"), duplicated(cap), unix_transport)
         .expect("resumed");
@@ -964,7 +984,7 @@ async fn resume_server(
         let at = relays.iter().position(|(c, _)| *c == conn).unwrap();
         relays[at].1 = relay;
     }
-    new.unfreeze();
+    new.unfreeze_with(|| midway(&new));
     let old = std::mem::replace(&mut p.server, new);
     p.server_rx = resumed.events;
     old.disown();
@@ -1079,6 +1099,7 @@ async fn idle_connections_moved_while_their_relays_attach_all_answer() {
     const IDLE: usize = 100;
     let mut p = socket_pair().await;
     let listener = TcpListener::bind(addr(0)).await.unwrap();
+    let mut relays = Vec::new();
     let mut ends = Vec::new();
     for _ in 0..IDLE {
         let conn = accept(&mut p).await;
@@ -1089,44 +1110,38 @@ async fn idle_connections_moved_while_their_relays_attach_all_answer() {
         let server_side = Arc::new(accepted.unwrap().0);
         let (app, app_side) = UnixStream::pair().unwrap();
         let s = p.server.clone();
-        tokio::spawn(async move { s.relay_tcp(conn, server_side).await });
+        relays.push((
+            conn,
+            tokio::spawn(async move { s.relay_tcp(conn, server_side).await }),
+        ));
         let n = p.node.clone();
         tokio::spawn(async move { n.relay_unix(conn, app_side).await });
         ends.push((conn, client.unwrap(), app));
     }
+    let attached = |ep: &Endpoint| {
+        let router = ep.router();
+        router
+            .conns
+            .values()
+            .filter(|r| matches!(r, Route::Relayed(..)))
+            .count()
+    };
     for round in 0..=3u8 {
         if round > 0 {
-            p.server.freeze(LIMIT).await.expect("frozen");
-            let cap = duplicated(p.server.capture().expect("captured"));
-            let resumed =
-                Endpoint::resume(ChannelConfig::new("t"), cap, unix_transport).expect("resumed");
-            let new = resumed.endpoint;
-            assert_eq!(resumed.relays.len(), IDLE);
-            for (conn, fd) in resumed.relays {
-                let s = std::net::TcpStream::from(fd);
-                s.set_nonblocking(true).unwrap();
-                let s = Arc::new(TcpStream::from_std(s).unwrap());
-                let ep = new.clone();
-                tokio::spawn(async move { ep.relay_tcp(conn, s).await });
-            }
-            let attached = || {
-                let router = new.router();
-                router
-                    .conns
-                    .values()
-                    .filter(|r| matches!(r, Route::Relayed(..)))
-                    .count()
-            };
-            new.unfreeze_with(|| {
+            let mut all = false;
+            let moved = move_server_with(&mut p, &mut relays, |new| {
                 let bound = std::time::Instant::now() + Duration::from_secs(10);
-                while attached() < IDLE && std::time::Instant::now() < bound {
+                while attached(new) < IDLE && std::time::Instant::now() < bound {
                     std::thread::sleep(Duration::from_millis(1));
                 }
-            });
-            assert_eq!(attached(), IDLE, "move {round}: every relay attached");
-            let old = std::mem::replace(&mut p.server, new);
-            p.server_rx = resumed.events;
-            old.disown();
+                all = attached(new) == IDLE;
+            })
+            .await;
+            assert_eq!(moved, IDLE);
+            assert!(
+                all,
+                "move {round}: every relay attached halfway through unfreeze"
+            );
         }
         for (conn, client, app) in &mut ends {
             client.write_all(&[round]).await.unwrap();
