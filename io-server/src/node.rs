@@ -478,9 +478,13 @@ impl Node {
         };
         // Started here, then finished as a moved one is: an upgrade under
         // way finds its outcome still in the socket.
-        let started = start_connect(&sock, addr)
-            .and_then(|in_flight| Ok((in_flight, sock.as_fd().try_clone_to_owned()?)));
-        drop(sock);
+        let started = start_connect(&sock, addr).map(|in_flight| {
+            use std::os::fd::{FromRawFd, IntoRawFd};
+            // SAFETY: `into_raw_fd` gives up the socket's one descriptor,
+            // which this takes over.
+            let s = unsafe { std::os::fd::OwnedFd::from_raw_fd(sock.into_raw_fd()) };
+            (in_flight, s)
+        });
         let socket = match started {
             Ok((in_flight, s)) => {
                 // In flight: the node hears the local address the kernel
