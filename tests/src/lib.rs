@@ -523,20 +523,38 @@ pub fn http_server_logged(server: &Proc, path: &str) -> Option<String> {
 /// `DIR/saps.sock` (with its `.handoff` socket, for zero-relay nodes), a
 /// `tcp://127.0.0.1:PORT` fabric (relayed nodes), control socket
 /// `DIR/control.sock`, metrics on `127.0.0.1:PORT`, address 127.0.0.1,
-/// scheduler `rr`, the token in `DIR/token`.
+/// scheduler `rr`, the token in `DIR/token`, then [`UpgradeSettings::extra`].
 pub struct UpgradeSettings {
     pub dir: PathBuf,
     pub metrics: u16,
+    /// The `tcp://` fabric's port (0: whichever the kernel picks).
     pub tcp_fabric: u16,
+    /// More flags, the same for the daemon and every upgrade.
+    pub extra: Vec<String>,
+    /// The build of the binaries: [`bin`] or [`release_bin`].
+    build: fn(&str) -> PathBuf,
 }
 
 impl UpgradeSettings {
+    /// The debug build's daemon, its `tcp://` fabric on any port.
     pub fn new(dir: &Path) -> UpgradeSettings {
+        UpgradeSettings::with(dir, bin, 0)
+    }
+
+    /// The release build's daemon ([`release_bin`]), its `tcp://` fabric
+    /// on a port known beforehand, for nodes to join.
+    pub fn release(dir: &Path) -> UpgradeSettings {
+        UpgradeSettings::with(dir, release_bin, free_port())
+    }
+
+    fn with(dir: &Path, build: fn(&str) -> PathBuf, tcp_fabric: u16) -> UpgradeSettings {
         write_token(&dir.join("token"), "cluster secret\n");
         UpgradeSettings {
             dir: dir.to_path_buf(),
             metrics: free_port(),
-            tcp_fabric: free_port(),
+            tcp_fabric,
+            extra: Vec::new(),
+            build,
         }
     }
 
@@ -569,22 +587,37 @@ impl UpgradeSettings {
             &format!("127.0.0.1:{}", self.metrics),
         ]
         .map(String::from)
-        .to_vec()
+        .into_iter()
+        .chain(self.extra.iter().cloned())
+        .collect()
     }
 
-    /// The release build's daemon with these settings ([`release_bin`]).
+    /// The daemon's command with these settings.
     pub fn command(&self) -> Command {
-        let mut c = Command::new(release_bin("io-server"));
+        let mut c = Command::new((self.build)("io-server"));
         c.args(self.args());
         c
     }
 
-    /// The daemon, once `status` answers.
-    pub fn start(&self) -> Proc {
-        let io = Proc::spawn(&mut self.command());
+    /// The daemon with these settings (and `env`), once `status` answers.
+    pub fn start(&self, env: &[(&str, &str)]) -> Proc {
+        let mut cmd = self.command();
+        cmd.envs(env.iter().copied());
+        let io = Proc::spawn(&mut cmd);
         let up = wait_for(Duration::from_secs(20), || io_server_status(&self.dir));
         assert!(up.is_some(), "io-server did not start: {}", io.stderr());
         io
+    }
+
+    /// `io-server [settings] upgrade` (with `env`): its exit code, what it
+    /// printed, and what its standard error holds (the new daemon's log
+    /// too, for as long as the test reads it).
+    pub fn upgrade_output(&self, env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+        let mut cmd = self.command();
+        cmd.arg("upgrade").envs(env.iter().copied());
+        let mut p = Proc::spawn(&mut cmd);
+        let code = p.wait_timeout(Duration::from_secs(60));
+        (code, p.stdout(), p.stderr())
     }
 
     /// `io-server [settings] upgrade` with its standard error (and so the

@@ -10,90 +10,17 @@ use saps_tests::*;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// An io-server's settings, the same for the daemon and every `upgrade`.
-struct Settings {
-    dir: PathBuf,
-    metrics: u16,
-    /// More flags, the same for the daemon and every upgrade.
-    extra: Vec<String>,
-}
-
-impl Settings {
-    fn new(dir: &Path) -> Settings {
-        write_token(&dir.join("token"), "cluster secret\n");
-        Settings {
-            dir: dir.to_path_buf(),
-            metrics: free_port(),
-            extra: Vec::new(),
-        }
-    }
-
-    fn args(&self) -> Vec<String> {
-        let d = &self.dir;
-        let p = |name: &str| d.join(name).display().to_string();
-        vec![
-            "--fabric".into(),
-            format!("unix:{}", p("saps.sock")),
-            "--fabric".into(),
-            "tcp://127.0.0.1:0".into(),
-            "--address".into(),
-            "127.0.0.1".into(),
-            "--scheduler".into(),
-            "rr".into(),
-            "--token-file".into(),
-            p("token"),
-            "--control".into(),
-            p("control.sock"),
-            "--metrics".into(),
-            format!("127.0.0.1:{}", self.metrics),
-        ]
-        .into_iter()
-        .chain(self.extra.iter().cloned())
-        .collect()
-    }
-
-    /// The daemon with these settings (and `env`), once `status` answers.
-    fn start(&self, env: &[(&str, &str)]) -> Proc {
-        let mut cmd = self.command();
-        cmd.envs(env.iter().copied());
-        let io = Proc::spawn(&mut cmd);
-        let up = wait_for(Duration::from_secs(20), || io_server_status(&self.dir));
-        assert!(up.is_some(), "io-server did not start: {}", io.stderr());
-        io
-    }
-
-    fn command(&self) -> Command {
-        let mut c = Command::new(bin("io-server"));
-        c.args(self.args());
-        c
-    }
-
-    /// `io-server [settings] upgrade`: its exit code, what it printed, and
-    /// what its standard error holds (the new daemon's log too).
-    fn upgrade(&self, env: &[(&str, &str)]) -> (Option<i32>, String, String) {
-        let mut cmd = self.command();
-        cmd.arg("upgrade").envs(env.iter().copied());
-        let mut p = Proc::spawn(&mut cmd);
-        let code = p.wait_timeout(Duration::from_secs(60));
-        (code, p.stdout(), p.stderr())
-    }
-
-    fn metric(&self, name: &str) -> Option<u64> {
-        metric_value(self.metrics, name)
-    }
-}
-
 #[test]
 fn ten_upgrades_keep_every_listener_serving_and_refuse_no_client() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let s = Settings::new(d);
+    let s = UpgradeSettings::new(d);
     let mut first = s.start(&[]);
     let daemon = UpgradedDaemon::new(first.pid()).in_dir(d);
 
@@ -126,7 +53,7 @@ fn ten_upgrades_keep_every_listener_serving_and_refuse_no_client() {
     let mut old = first.pid();
     for k in 1..=10u64 {
         let before = served.load(Ordering::Relaxed);
-        let (code, out, err) = s.upgrade(&[]);
+        let (code, out, err) = s.upgrade_output(&[]);
         assert_eq!(code, Some(0), "upgrade {k}: {out}{err}");
         let (new, from, count) = took_over(&out).unwrap_or_else(|| panic!("{out}"));
         daemon.set(new);
@@ -193,7 +120,7 @@ fn ten_upgrades_keep_every_listener_serving_and_refuse_no_client() {
     );
 
     // With a node joined, the upgrade carries it over.
-    let (code, out, err) = s.upgrade(&[]);
+    let (code, out, err) = s.upgrade_output(&[]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert_eq!(s.metric("saps_upgrades_total"), Some(11));
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -259,7 +186,7 @@ fn joined_nodes_and_their_open_connections_move_to_the_new_process() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let s = Settings::new(d);
+    let s = UpgradeSettings::new(d);
     let mut io = s.start(&[]);
     let daemon = UpgradedDaemon::new(io.pid()).in_dir(d);
     // One node takes accepted sockets itself (zero-relay), one is relayed.
@@ -299,7 +226,7 @@ fn joined_nodes_and_their_open_connections_move_to_the_new_process() {
     // (At `restore` it refuses what it rebuilt, running its destructors:
     // none may shut a socket down or remove a path the old one serves on.)
     for point in ["fds", "prepared", "commit", "restore"] {
-        let (code, out, err) = s.upgrade(&[("SAPS_TEST_UPGRADE_FAIL_AT", point)]);
+        let (code, out, err) = s.upgrade_output(&[("SAPS_TEST_UPGRADE_FAIL_AT", point)]);
         assert_ne!(code, Some(0), "{point}: {out}{err}");
         assert!(
             point != "restore" || err.contains("FAIL_AT=restore"),
@@ -329,7 +256,7 @@ fn joined_nodes_and_their_open_connections_move_to_the_new_process() {
         }
     }
     for round in 1..=3u64 {
-        let (code, out, err) = s.upgrade(&[]);
+        let (code, out, err) = s.upgrade_output(&[]);
         assert_eq!(code, Some(0), "upgrade {round}: {out}{err}");
         let (new, old, k) = took_over(&out).unwrap_or_else(|| panic!("{out}"));
         assert_eq!(k, round);
@@ -418,7 +345,7 @@ fn an_outbound_connect_in_progress_moves_and_the_new_process_answers_it() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let mut s = Settings::new(d);
+    let mut s = UpgradeSettings::new(d);
     s.extra.push("--allow-connect-local".into());
     let mut io = s.start(&[]);
     let daemon = UpgradedDaemon::new(io.pid()).in_dir(d);
@@ -442,7 +369,7 @@ fn an_outbound_connect_in_progress_moves_and_the_new_process_answers_it() {
         node.stderr()
     );
 
-    let (code, out, err) = s.upgrade(&[]);
+    let (code, out, err) = s.upgrade_output(&[]);
     assert_eq!(code, Some(0), "{out}{err}");
     let (new, _, _) = took_over(&out).unwrap_or_else(|| panic!("{out}"));
     daemon.set(new);
@@ -478,9 +405,9 @@ fn an_outbound_connect_in_progress_moves_and_the_new_process_answers_it() {
 fn a_state_version_the_running_io_server_cannot_read_is_refused_and_it_serves_on() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let s = Settings::new(d);
+    let s = UpgradeSettings::new(d);
     let mut io = s.start(&[]);
-    let (code, out, err) = s.upgrade(&[("SAPS_TEST_STATE_VERSION", "999")]);
+    let (code, out, err) = s.upgrade_output(&[("SAPS_TEST_STATE_VERSION", "999")]);
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(
         err.contains("the new binary reads 999") && err.contains("goes on serving"),
@@ -499,7 +426,7 @@ fn a_state_version_the_running_io_server_cannot_read_is_refused_and_it_serves_on
     assert!(p.stderr().contains("--fabric differs"), "{}", p.stderr());
     assert!(io.running());
     // And then an upgrade as it should be goes through.
-    let (code, out, _) = s.upgrade(&[]);
+    let (code, out, _) = s.upgrade_output(&[]);
     assert_eq!(code, Some(0), "{out}");
     let (new, from, _) = took_over(&out).unwrap();
     let _daemon = UpgradedDaemon::new(new).in_dir(d);
@@ -516,10 +443,10 @@ fn a_state_version_the_running_io_server_cannot_read_is_refused_and_it_serves_on
 fn a_new_process_that_dies_at_any_step_before_the_commit_leaves_the_old_one_serving() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let s = Settings::new(d);
+    let s = UpgradeSettings::new(d);
     let mut io = s.start(&[]);
     for point in ["request", "state", "fds", "prepared", "commit"] {
-        let (code, out, err) = s.upgrade(&[("SAPS_TEST_UPGRADE_FAIL_AT", point)]);
+        let (code, out, err) = s.upgrade_output(&[("SAPS_TEST_UPGRADE_FAIL_AT", point)]);
         assert_eq!(code, Some(1), "{point}: {out}{err}");
         assert!(err.contains("without a word"), "{point}: {err}");
         // The old process notices (the pair's end closes) and resumes.
@@ -531,7 +458,7 @@ fn a_new_process_that_dies_at_any_step_before_the_commit_leaves_the_old_one_serv
         assert_eq!(s.metric("saps_upgrades_total"), Some(0), "{point}");
     }
     // Still able to hand over afterwards.
-    let (code, out, _) = s.upgrade(&[]);
+    let (code, out, _) = s.upgrade_output(&[]);
     assert_eq!(code, Some(0), "{out}");
     let (new, from, k) = took_over(&out).unwrap();
     let _daemon = UpgradedDaemon::new(new).in_dir(d);
@@ -562,7 +489,7 @@ fn taken_over_by(needle: &str) -> Vec<i32> {
 fn sigusr2_upgrades_as_the_command_does() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let s = Settings::new(d);
+    let s = UpgradeSettings::new(d);
     let mut io = s.start(&[]);
     let daemon = UpgradedDaemon::new(0).in_dir(d);
     for k in 1..=2u64 {
@@ -650,7 +577,7 @@ mod nix_free {
 fn systemd_hears_reloading_and_mainpid_from_the_old_process_then_ready_from_the_new() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let s = Settings::new(d);
+    let s = UpgradeSettings::new(d);
     let socket = d.join("notify");
     let rx = UnixDatagram::bind(&socket).unwrap();
     let one: libc::c_int = 1;
@@ -671,7 +598,7 @@ fn systemd_hears_reloading_and_mainpid_from_the_old_process_then_ready_from_the_
     assert!(ready.starts_with("READY=1\n"), "{ready:?}");
     assert_eq!(pid, io.pid());
 
-    let (code, out, err) = s.upgrade(&env);
+    let (code, out, err) = s.upgrade_output(&env);
     assert_eq!(code, Some(0), "{out}{err}");
     let (new, _, _) = took_over(&out).unwrap();
     let _daemon = UpgradedDaemon::new(new).in_dir(d);
@@ -697,7 +624,7 @@ fn systemd_hears_reloading_and_mainpid_from_the_old_process_then_ready_from_the_
     // A refused upgrade is refused before anything stops: systemd hears
     // nothing of it. The next notification is the new process's own
     // answer to a SIGHUP.
-    let (code, _, _) = s.upgrade(&[
+    let (code, _, _) = s.upgrade_output(&[
         ("NOTIFY_SOCKET", socket.to_str().unwrap()),
         ("SAPS_TEST_STATE_VERSION", "7"),
     ]);
@@ -717,7 +644,7 @@ fn systemd_hears_reloading_and_mainpid_from_the_old_process_then_ready_from_the_
 fn a_daemon_whose_log_pipe_is_closed_still_serves_and_upgrades() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let s = Settings::new(d);
+    let s = UpgradeSettings::new(d);
     // Its standard error a pipe whose reader goes away once it serves (a
     // terminal closed, a log reader that died): every later log line
     // fails to be written.
@@ -733,7 +660,7 @@ fn a_daemon_whose_log_pipe_is_closed_still_serves_and_upgrades() {
     assert!(up.is_some(), "io-server did not start");
     drop(io.stderr.take());
     for k in 1..=2u64 {
-        let (code, out, err) = s.upgrade(&[]);
+        let (code, out, err) = s.upgrade_output(&[]);
         assert_eq!(code, Some(0), "upgrade {k}: {out}{err}");
         let (_, _, n) = took_over(&out).unwrap_or_else(|| panic!("{out}"));
         assert_eq!(n, k);

@@ -607,8 +607,8 @@ fn ten_upgrades_under_load_lose_no_request_byte_or_connection_of_relayed_and_zer
     let _autogroups = NoAutogroups::new();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let s = UpgradeSettings::new(d);
-    let mut first = s.start();
+    let s = UpgradeSettings::release(d);
+    let mut first = s.start(&[]);
     // The first daemon is `first`'s to end; the ones the upgrades start
     // are this one's.
     let daemon = UpgradedDaemon::new(0).in_dir(d);
