@@ -220,15 +220,6 @@ impl Pipe {
         Ok(n)
     }
 
-    /// Moves exactly `len` octets from the pipe into `to`, waiting for
-    /// room in its send buffer as needed.
-    pub async fn drain_into(&self, to: &impl ReadySocket, mut len: usize) -> io::Result<()> {
-        while len > 0 {
-            len -= self.drain_some(to, len).await?;
-        }
-        Ok(())
-    }
-
     /// Moves some of the first `len` octets of the pipe (at least one, if
     /// `len` is not 0) into `to` once it has room: how many. Dropped
     /// before it returns, it moved nothing.

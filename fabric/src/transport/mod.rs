@@ -69,18 +69,9 @@ pub trait TransportWrite: Send + 'static {
     fn hands_chunks_on(&self) -> bool {
         false
     }
-    /// Whether [`TransportWrite::splice`] works (a socket transport).
+    /// Whether [`TransportWrite::splice_some`] works (a socket transport).
     fn can_splice(&self) -> bool {
         false
-    }
-    /// Sends exactly `len` octets taken from `pipe`, in order after
-    /// earlier writes (see [`crate::splice`]).
-    fn splice(
-        &mut self,
-        _pipe: &crate::splice::Pipe,
-        _len: usize,
-    ) -> impl Future<Output = io::Result<()>> + Send {
-        async { Err(io::ErrorKind::Unsupported.into()) }
     }
     /// Writes a first part of `bytes` (some of it, unless it is empty) and
     /// steps `bytes` past it: the write of a writer that can stop between
@@ -89,17 +80,16 @@ pub trait TransportWrite: Send + 'static {
     fn write_some(&mut self, bytes: &mut Bytes) -> impl Future<Output = io::Result<()>> + Send {
         async move { self.write(std::mem::take(bytes)).await }
     }
-    /// Moves a first part of the `left` octets [`TransportWrite::splice`]
-    /// would move, and counts `left` down by it. The default moves all.
+    /// Sends a first part (some, unless it is 0) of the next `left` octets
+    /// of `pipe`, in order after earlier writes (see [`crate::splice`]),
+    /// and counts `left` down by it. Only where
+    /// [`TransportWrite::can_splice`]; the default cannot.
     fn splice_some(
         &mut self,
-        pipe: &crate::splice::Pipe,
-        left: &mut usize,
+        _pipe: &crate::splice::Pipe,
+        _left: &mut usize,
     ) -> impl Future<Output = io::Result<()>> + Send {
-        async move {
-            let len = std::mem::take(left);
-            self.splice(pipe, len).await
-        }
+        async { Err(io::ErrorKind::Unsupported.into()) }
     }
     /// Whether [`TransportWrite::write_some`] and
     /// [`TransportWrite::splice_some`] lose nothing when dropped before
@@ -317,13 +307,6 @@ impl TransportWrite for StreamWriter {
     }
     fn can_splice(&self) -> bool {
         matches!(self.0, Writer::Unix(_) | Writer::Tcp(_))
-    }
-    async fn splice(&mut self, pipe: &crate::splice::Pipe, len: usize) -> io::Result<()> {
-        match &self.0 {
-            Writer::Unix(w) => pipe.drain_into(AsRef::<UnixStream>::as_ref(w), len).await,
-            Writer::Tcp(w) => pipe.drain_into(AsRef::<TcpStream>::as_ref(w), len).await,
-            _ => Err(io::ErrorKind::Unsupported.into()),
-        }
     }
     fn raw_fd(&self) -> Option<RawFd> {
         match &self.0 {
